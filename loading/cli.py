@@ -1,0 +1,128 @@
+"""`modelfleet doctor` and `modelfleet fetch`: check and prepare a machine before serving."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from .adapters import read_adapter, resolve_base
+from .config import ModelSpec, models_from_serve_config
+from .errors import LoadingError
+from .inspect_model import inspect_model
+from .loader import ensure_demo_model
+from .offline import declared_offline, hub_status
+from .placement import visible_gpus
+from .quantization import bitsandbytes_status
+from .resolve import resolve_source
+from .settings import Settings
+
+DEFAULT_CONFIG = "serve_config.yaml"
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def doctor(config: Path, out=sys.stdout) -> int:
+    settings = Settings.from_env()
+    hub = hub_status(settings)
+    gpus = visible_gpus()
+    bnb = bitsandbytes_status()
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    p("== machine")
+    p(f"python {platform.python_version()}, torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}")
+    p(f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}")
+    for gpu in gpus:
+        p(f"GPU {gpu.index}: {gpu.name}, {_gib(gpu.free_bytes)} free of {_gib(gpu.total_bytes)}")
+    if not gpus:
+        p("GPUs: none visible (models load on CPU)")
+    p(f"bitsandbytes: {bnb.message}")
+    p(f"  native libraries: {', '.join(bnb.native_libraries) or 'none'}")
+    p(f"Hub: {'online' if hub.online else 'OFFLINE'} ({hub.reason})")
+    if not declared_offline() and not hub.online:
+        p("  hint: set HF_HUB_OFFLINE=1 to make huggingface_hub skip its network retries")
+    p(f"LOCAL_MODELS_DIR={settings.local_models_dir} ({'exists' if settings.local_models_dir.is_dir() else 'missing'})")
+    p(f"HF cache: {settings.hf_hub_cache} (HF_HOME={settings.hf_home})")
+    for warning in settings.warnings:
+        p(f"WARNING: {warning}")
+
+    specs = models_from_serve_config(config)
+    p(f"\n== models in {config} ({len(specs)})")
+    failures = 0
+    for spec in specs:
+        result = inspect_model(spec, settings, hub, gpus)
+        mark = "ok  " if result.ok else "FAIL"
+        p(f"[{mark}] {spec.name}: {spec.source}")
+        p(f"       location: {result.location}")
+        if result.adapter_base:
+            p(f"       adapter base: {result.adapter_base}")
+        if result.family:
+            p(f"       family: {result.family} ({result.model_class or 'detected on build'})")
+        if result.parameters:
+            p(f"       size: {result.parameters / 1e6:.2f} M parameters, ~{_gib(result.estimated_bytes)} as loaded")
+        if result.strategy:
+            p(f"       would load: {result.strategy}")
+        for note in result.notes:
+            p(f"       note: {note}")
+        if result.error:
+            failures += 1
+            p("       error: " + result.error.replace("\n", "\n              "))
+    p(f"\n{len(specs) - failures} of {len(specs)} models can load.")
+    return 1 if failures else 0
+
+
+def fetch(config: Path, to_local_dir: bool, out=sys.stdout) -> int:
+    settings = Settings.from_env()
+    hub = hub_status(settings)
+    specs = models_from_serve_config(config)
+    failures = 0
+    for spec in specs:
+        try:
+            _fetch_one(spec, settings, hub, to_local_dir, out)
+        except LoadingError as exc:
+            failures += 1
+            print(f"[FAIL] {spec.name}: {exc}", file=out)
+    print(f"{len(specs) - failures} of {len(specs)} models available locally.", file=out)
+    return 1 if failures else 0
+
+
+def _fetch_one(spec: ModelSpec, settings: Settings, hub, to_local_dir: bool, out) -> None:
+    if spec.build_tiny:
+        ensure_demo_model(spec, settings)
+    local_dir = settings.local_models_dir / spec.source.split("/")[-1] if to_local_dir else None
+    resolved = resolve_source(spec.source, settings, revision=spec.revision, hub=hub, local_dir=local_dir)
+    print(f"[ok  ] {spec.name}: {resolved.path} ({resolved.origin})", file=out)
+    adapter = read_adapter(resolved.path)
+    if adapter is not None:
+        base = resolve_base(adapter, settings, override=spec.base_model, hub=hub)
+        print(f"       adapter base: {base.path} ({base.origin})", file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="modelfleet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("doctor", "check this machine and every configured model"),
+                            ("fetch", "download every configured model so the machine can run offline")):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG), help="Serve config file")
+        if name == "fetch":
+            cmd.add_argument("--local-models-dir", action="store_true",
+                             help="download into LOCAL_MODELS_DIR/<name> instead of the HF cache")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.config.is_file():
+        print(f"config file {args.config} not found (pass --config PATH)", file=sys.stderr)
+        return 2
+    if args.command == "doctor":
+        return doctor(args.config)
+    return fetch(args.config, args.local_models_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The served-model config: one validated `ModelSpec` per model a client can name.
+
+`doctor`, `fetch` and the serving app all read it from the `args.models` list of an application
+in `serve_config.yaml`, so it lives here, next to the code that acts on it.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Family(str, enum.Enum):
+    LLM = "llm"
+    STT = "stt"
+    TTS = "tts"
+    VLM = "vlm"
+
+
+class Quantization(str, enum.Enum):
+    AUTO = "auto"
+    FOUR_BIT = "4bit"
+    EIGHT_BIT = "8bit"
+    NONE = "none"
+
+
+class LoadingMode(str, enum.Enum):
+    BACKGROUND = "background"
+    LAZY = "lazy"
+    EAGER = "eager"
+
+
+class DevicePreference(str, enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class DType(str, enum.Enum):
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
+TINY_KINDS = ("llm", "stt", "tts", "vlm", "llm-lora", "vlm-lora")
+
+
+class ModelSpec(BaseModel):
+    """One served model, as written under `args.models` in serve_config.yaml."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+    name: str = Field(
+        description="The id clients put in the request's `model` field; unique across the app.",
+        min_length=1,
+    )
+    source: str = Field(
+        description=(
+            "Where the weights are: a local directory, a name under LOCAL_MODELS_DIR, or a Hugging "
+            "Face Hub id (looked up in the HF cache first, downloaded only when online). A directory "
+            "holding only a PEFT adapter (adapter_config.json, no config.json) is detected as one."
+        ),
+        min_length=1,
+    )
+    family: Family | None = Field(
+        default=None,
+        description="llm, stt, tts or vlm. Omit to detect it from the model's config.json.",
+    )
+    revision: str | None = Field(
+        default=None, description="Hub revision (branch, tag or commit) to pin; None means main."
+    )
+    base_model: str | None = Field(
+        default=None,
+        description=(
+            "For an adapter: the base model to apply it to, overriding the adapter's own "
+            "base_model_name_or_path. Resolved like `source`."
+        ),
+    )
+    dtype: DType = Field(
+        default=DType.AUTO,
+        description="Weights dtype. auto: bfloat16 (or float16) on GPU, float32 on CPU.",
+    )
+    quantization: Quantization = Field(
+        default=Quantization.AUTO,
+        description=(
+            "auto: on GPU try bitsandbytes 4-bit -> 8-bit -> fp16/bf16 -> CPU; on CPU load full "
+            "precision. 4bit / 8bit: start the chain there. none: no quantization."
+        ),
+    )
+    prefer_4bit: bool = Field(
+        default=True, description="With quantization=auto, try 4-bit before 8-bit (false skips 4-bit)."
+    )
+    device: DevicePreference = Field(
+        default=DevicePreference.AUTO,
+        description=(
+            "auto: the replica's GPU when the weights fit in its free memory, else CPU. cuda: GPU "
+            "only (fails if none). cpu: always CPU. A model is always placed on exactly one device."
+        ),
+    )
+    max_new_tokens: int = Field(
+        default=256, ge=1, le=32768, description="Default and upper bound of generated tokens per request."
+    )
+    loading: LoadingMode = Field(
+        default=LoadingMode.BACKGROUND,
+        description=(
+            "background: start loading when the replica starts, serve 503 + Retry-After until ready. "
+            "lazy: load on the first request. eager: same as background but the replica's health "
+            "check stays unready until loaded."
+        ),
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow the model repo's own Python code to run. Off unless you trust it."
+    )
+    aliases: list[str] = Field(default_factory=list, description="Other names clients may use for this model.")
+    generation_timeout_s: float = Field(
+        default=120.0, gt=0, description="Upper bound on one generate/transcribe/synthesize call."
+    )
+    build_tiny: str | None = Field(
+        default=None,
+        description=(
+            "Demo only: if `source` is missing, build the tiny random-weight model of this kind there "
+            f"first ({', '.join(TINY_KINDS)}). Its output is gibberish, and /health says so."
+        ),
+    )
+    debug_load_delay_s: float = Field(
+        default=0.0, ge=0, description="Testing only: sleep this long in the 'simulated delay' loading phase."
+    )
+
+    @field_validator("build_tiny")
+    @classmethod
+    def _known_tiny_kind(cls, value: str | None) -> str | None:
+        if value is not None and value not in TINY_KINDS:
+            raise ValueError(f"build_tiny={value!r} is not a tiny model kind; use one of {', '.join(TINY_KINDS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _family_for_tiny(self) -> "ModelSpec":
+        if self.build_tiny and self.family is None:
+            self.family = Family(self.build_tiny.split("-")[0])
+        return self
+
+    @property
+    def is_demo(self) -> bool:
+        return self.build_tiny is not None
+
+    @property
+    def all_names(self) -> list[str]:
+        return [self.name, *self.aliases]
+
+
+def validate_unique_names(specs: list[ModelSpec]) -> list[ModelSpec]:
+    """Reject duplicate names/aliases, naming every clash."""
+    seen: dict[str, str] = {}
+    clashes = []
+    for spec in specs:
+        for name in spec.all_names:
+            if name in seen:
+                clashes.append(f"{name!r} (models {seen[name]!r} and {spec.name!r})")
+            seen[name] = spec.name
+    if clashes:
+        raise ValueError("Model names and aliases must be unique; duplicated: " + ", ".join(clashes))
+    return specs
+
+
+def models_from_serve_config(path: str | Path) -> list[ModelSpec]:
+    """The ModelSpecs of every application in a Serve config file (`applications[*].args.models`)."""
+    data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {}
+    specs: list[ModelSpec] = []
+    for app in data.get("applications", []):
+        for raw in (app.get("args") or {}).get("models", []):
+            specs.append(ModelSpec.model_validate(raw))
+    return validate_unique_names(specs)

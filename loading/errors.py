@@ -1,0 +1,82 @@
+"""Exceptions raised while finding and loading a model.
+
+Every message names the bad value and the fix. The serving layer maps these classes (never
+their text) to HTTP status codes, so each carries the facts it needs as attributes.
+"""
+
+from __future__ import annotations
+
+
+class LoadingError(Exception):
+    """Base class: something about a model could not be found or loaded."""
+
+    #: whether retrying the same load can succeed without a change by the operator
+    permanent: bool = True
+
+
+class ModelNotFoundError(LoadingError):
+    """The model is not local, not cached, and cannot be downloaded."""
+
+    def __init__(self, source: str, looked_at: list[str], fix: str, *, offline_reason: str | None = None):
+        self.source = source
+        self.looked_at = list(looked_at)
+        self.fix = fix
+        self.offline_reason = offline_reason
+        where = "\n".join(f"  - {place}" for place in looked_at)
+        offline = f"\nHub access: {offline_reason}" if offline_reason else ""
+        super().__init__(f"Model {source!r} was not found. Looked at:\n{where}{offline}\nFix: {fix}")
+
+
+class AdapterBaseNotFoundError(ModelNotFoundError):
+    """An adapter-only directory whose base model is nowhere to be found."""
+
+    def __init__(self, adapter: str, base: str, looked_at: list[str], fix: str, *, offline_reason: str | None = None):
+        self.adapter = adapter
+        self.base = base
+        super().__init__(base, looked_at, fix, offline_reason=offline_reason)
+        self.args = (f"Adapter {adapter!r} needs base model {base!r}, which was not found. {self.args[0]}",)
+
+
+class UnsupportedModelError(LoadingError):
+    """The model's config does not belong to the family it was asked for, or to any family."""
+
+    def __init__(self, source: str, message: str):
+        self.source = source
+        super().__init__(message)
+
+
+class AllStrategiesFailedError(LoadingError):
+    """Every placement/quantization strategy failed; `attempts` holds (strategy, reason) pairs."""
+
+    def __init__(self, source: str, attempts: list[tuple[str, str]]):
+        self.source = source
+        self.attempts = list(attempts)
+        steps = "\n".join(f"  - {name}: {reason}" for name, reason in attempts)
+        super().__init__(f"Could not load {source!r} with any strategy:\n{steps}")
+
+
+class ModelLoadingInProgress(LoadingError):
+    """The model is still loading; the caller may retry after `retry_after_s`."""
+
+    permanent = False
+
+    def __init__(self, name: str, phase: str, progress: float | None, retry_after_s: float):
+        self.name = name
+        self.phase = phase
+        self.progress = progress
+        self.retry_after_s = retry_after_s
+        pct = f" ({progress:.0%})" if progress is not None else ""
+        super().__init__(f"Model {name!r} is still loading: {phase}{pct}. Retry in {retry_after_s:.0f} s.")
+
+
+class ModelLoadFailed(LoadingError):
+    """The model failed to load earlier; the failure is sticky until the operator fixes it."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        self.reason = reason
+        super().__init__(f"Model {name!r} failed to load and will not be retried: {reason}")
+
+
+class NoDeviceError(LoadingError):
+    """The configured device does not exist in this process (e.g. device: cuda without a GPU)."""

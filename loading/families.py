@@ -1,0 +1,105 @@
+"""Which Auto class and which processor a model needs, decided from its config.
+
+transformers' own Auto mappings (model_type -> class name) are the source of truth, so a
+Qwen2.5-VL config is known to be a vision-language model before any weights are read, and is
+never fed to AutoModelForCausalLM ("Unrecognized configuration class ...").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import transformers
+from transformers.models.auto import modeling_auto, processing_auto
+
+from .config import Family
+from .errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class FamilyLoader:
+    family: Family
+    auto_model: str  # name of the transformers Auto class
+    mapping: Mapping[str, str]  # model_type -> concrete class name, from transformers
+    uses_processor: Callable[[str], bool]  # model_type -> AutoProcessor (True) or AutoTokenizer (False)
+
+    def model_class_name(self, model_type: str) -> str:
+        return self.mapping[model_type]
+
+    def processor_class(self, model_type: str) -> str:
+        return "AutoProcessor" if self.uses_processor(model_type) else "AutoTokenizer"
+
+
+def _has_processor(model_type: str) -> bool:
+    return model_type in processing_auto.PROCESSOR_MAPPING_NAMES
+
+
+# Order matters for detection: a model that can do speech or vision is served as such even if it
+# also appears in the causal-LM mapping (Gemma 3, Mllama).
+FAMILIES: dict[Family, FamilyLoader] = {
+    Family.STT: FamilyLoader(
+        Family.STT, "AutoModelForSpeechSeq2Seq", modeling_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES, lambda _: True
+    ),
+    Family.TTS: FamilyLoader(
+        Family.TTS, "AutoModelForTextToWaveform", modeling_auto.MODEL_FOR_TEXT_TO_WAVEFORM_MAPPING_NAMES, _has_processor
+    ),
+    Family.VLM: FamilyLoader(
+        Family.VLM, "AutoModelForImageTextToText", modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        lambda _: True,
+    ),
+    Family.LLM: FamilyLoader(
+        Family.LLM, "AutoModelForCausalLM", modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, lambda _: False
+    ),
+}
+
+# Known, but served by none of our families yet: say so instead of failing obscurely.
+_UNSERVED: dict[str, Mapping[str, str]] = {
+    "a text-to-spectrogram model, which needs a separate vocoder (not supported yet; use a "
+    "text-to-waveform model such as VITS/MMS-TTS)": modeling_auto.MODEL_FOR_TEXT_TO_SPECTROGRAM_MAPPING_NAMES,
+    "a CTC speech model (not supported yet; use a sequence-to-sequence model such as Whisper)":
+        modeling_auto.MODEL_FOR_CTC_MAPPING_NAMES,
+}
+
+
+def families_of(model_type: str) -> list[Family]:
+    return [family for family, loader in FAMILIES.items() if model_type in loader.mapping]
+
+
+def _describe(config: Any) -> str:
+    archs = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
+    return f"model_type {config.model_type!r} ({archs})"
+
+
+def select_family(config: Any, requested: Family | None, source: str) -> FamilyLoader:
+    """The FamilyLoader for this config, or UnsupportedModelError naming what it is and the fix."""
+    model_type = getattr(config, "model_type", None) or ""
+    candidates = families_of(model_type)
+    if not candidates:
+        for what, mapping in _UNSERVED.items():
+            if model_type in mapping:
+                raise UnsupportedModelError(source, f"{source!r} is {what}: {_describe(config)}.")
+        hint = (
+            " Its config uses custom code (auto_map): set trust_remote_code: true if you trust the repository."
+            if getattr(config, "auto_map", None) else ""
+        )
+        raise UnsupportedModelError(
+            source,
+            f"{source!r} has {_describe(config)}, which transformers {transformers.__version__} maps to none of "
+            f"the served families (llm, stt, tts, vlm).{hint}",
+        )
+    if requested is None:
+        return FAMILIES[candidates[0]]
+    if requested in candidates:
+        return FAMILIES[requested]
+    detected = candidates[0]
+    raise UnsupportedModelError(
+        source,
+        f"{source!r} is configured as family {requested.value!r} but its config is a {detected.value.upper()} "
+        f"({_describe(config)}, loaded with {FAMILIES[detected].auto_model}). Set `family: {detected.value}` "
+        "(or omit `family` to detect it).",
+    )
+
+
+def auto_class(name: str) -> Any:
+    return getattr(transformers, name)

@@ -1,0 +1,119 @@
+"""Exactly one device per model: estimate the weights, compare with free GPU memory, choose.
+
+Never `device_map="auto"`: across GPUs it splits the model and `generate` hangs on inter-GPU
+synchronisation; with too little memory it asks for disk offload. Inside a Ray replica with
+`num_gpus=1`, the one visible GPU is `cuda:0`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import DevicePreference
+from .errors import NoDeviceError
+
+# Bytes per element of safetensors dtypes (header "dtype" field).
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# Activations, KV cache and CUDA context need room beyond the weights.
+HEADROOM = 1.25
+MIN_FREE_AFTER_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    free_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    device: str  # "cuda:0" or "cpu"
+    reason: str
+    visible_devices: str | None  # CUDA_VISIBLE_DEVICES as this process sees it
+
+
+def count_parameters(model_dir: Path) -> int | None:
+    """Number of weight elements, read from safetensors headers only (no tensor data)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with file.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in meta["shape"]:
+                count *= dim
+            total += count
+    return total
+
+
+def stored_bytes(model_dir: Path) -> int:
+    """On-disk size of the weight files (fallback when there are no safetensors)."""
+    return sum(p.stat().st_size for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+
+
+def estimate_weight_bytes(model_dir: Path, bytes_per_param: float) -> int:
+    params = count_parameters(model_dir)
+    if params is None:
+        return stored_bytes(model_dir)
+    return int(params * bytes_per_param)
+
+
+def visible_gpus() -> list[GpuInfo]:
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(index)
+        gpus.append(GpuInfo(index, torch.cuda.get_device_name(index), free, total))
+    return gpus
+
+
+def plan_device(preference: DevicePreference, gpus: list[GpuInfo]) -> DevicePlan:
+    """The device to try first: cuda:0 (this replica's one GPU) or cpu.
+
+    Whether the weights fit is checked per strategy (`gpu_shortfall`): a 4-bit load may fit where
+    fp16 does not, and a model that fits under no GPU strategy ends on CPU, never on disk.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if preference is DevicePreference.CPU:
+        return DevicePlan("cpu", "device: cpu configured", visible)
+    if not gpus and preference is DevicePreference.CUDA:
+        raise NoDeviceError(
+            f"device: cuda is configured but no CUDA device is visible (CUDA_VISIBLE_DEVICES={visible!r}, "
+            f"torch {torch.__version__}). Give the replica a GPU (num_gpus: 1) or set device: auto."
+        )
+    if not gpus:
+        why = "no CUDA device visible" + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+        return DevicePlan("cpu", why, visible)
+    extra = f"; {len(gpus) - 1} more visible GPU(s) left unused by design" if len(gpus) > 1 else ""
+    gpu = gpus[0]
+    return DevicePlan(
+        "cuda:0", f"{gpu.name} with {gpu.free_bytes / 2**30:.2f} of {gpu.total_bytes / 2**30:.2f} GiB free{extra}",
+        visible,
+    )
+
+
+def gpu_shortfall(gpu: GpuInfo, weight_bytes: int) -> str | None:
+    """Why a model of `weight_bytes` does not fit on `gpu`, or None if it fits."""
+    needed = int(weight_bytes * HEADROOM) + MIN_FREE_AFTER_BYTES
+    if needed <= gpu.free_bytes:
+        return None
+    return (
+        f"needs ~{needed / 2**30:.2f} GiB on {gpu.name} but only {gpu.free_bytes / 2**30:.2f} GiB is free "
+        "(skipped rather than offloading to disk)"
+    )

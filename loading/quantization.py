@@ -1,0 +1,116 @@
+"""The load strategies to try, in order, and what bitsandbytes can do on this machine.
+
+On GPU with quantization=auto: bitsandbytes 4-bit -> 8-bit -> fp16/bf16 -> CPU. Each strategy
+is a plain description of `from_pretrained` keyword arguments; the loader tries them in order
+and records why each one that failed was abandoned.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DevicePreference, DType, Quantization
+
+_DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
+# Approximate bytes per parameter under each strategy, for the placement estimate.
+BYTES_PER_PARAM = {"4bit": 0.56, "8bit": 1.06, torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str  # shown in reports and /health, e.g. "4-bit (bitsandbytes nf4) on cuda:0"
+    device: str
+    dtype: torch.dtype
+    bits: int | None = None  # 4 or 8 for bitsandbytes, None for plain weights
+
+    @property
+    def bytes_per_param(self) -> float:
+        return BYTES_PER_PARAM[f"{self.bits}bit"] if self.bits else BYTES_PER_PARAM[self.dtype]
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"dtype": self.dtype, "device_map": self.device}
+        if self.bits:
+            from transformers import BitsAndBytesConfig
+
+            if self.bits == 4:
+                kwargs["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=self.dtype
+                )
+            else:
+                kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        return kwargs
+
+
+def gpu_half_dtype() -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+
+
+def strategy_chain(
+    quantization: Quantization, prefer_4bit: bool, dtype: DType, device: str, preference: DevicePreference
+) -> list[Strategy]:
+    """Strategies in the order to try them on `device` ("cuda:0" or "cpu")."""
+    on_gpu = device.startswith("cuda")
+    half = _DTYPES.get(dtype) or (gpu_half_dtype() if on_gpu else torch.float32)
+    full_cpu = _DTYPES.get(dtype, torch.float32) if dtype is not DType.FLOAT16 else torch.float32
+    four = Strategy(f"4-bit (bitsandbytes nf4) on {device}", device, half if on_gpu else torch.float32, 4)
+    eight = Strategy(f"8-bit (bitsandbytes int8) on {device}", device, half if on_gpu else torch.float32, 8)
+    plain = Strategy(f"{str(half).removeprefix('torch.')} on {device}", device, half)
+    cpu = Strategy(f"{str(full_cpu).removeprefix('torch.')} on cpu", "cpu", full_cpu)
+
+    if quantization is Quantization.AUTO:
+        # On CPU, bitsandbytes is slower than plain weights: quantize only where it saves GPU memory.
+        chain = (([four] if prefer_4bit else []) + [eight, plain]) if on_gpu else []
+    elif quantization is Quantization.FOUR_BIT:
+        chain = [four, eight] + ([plain] if on_gpu else [])
+    elif quantization is Quantization.EIGHT_BIT:
+        chain = [eight] + ([plain] if on_gpu else [])
+    else:
+        chain = [plain] if on_gpu else []
+    if preference is not DevicePreference.CUDA:
+        chain.append(cpu)  # the last resort everywhere but where GPU-only was asked for
+    return chain
+
+
+@dataclass
+class BitsAndBytesStatus:
+    installed: bool
+    version: str | None
+    native_libraries: list[str] = field(default_factory=list)
+    needed_library: str | None = None
+    usable: bool = False
+    message: str = ""
+
+
+def bitsandbytes_status() -> BitsAndBytesStatus:
+    """Which native libraries bitsandbytes ships and whether the one this torch needs is there."""
+    spec = importlib.util.find_spec("bitsandbytes")
+    if spec is None or not spec.submodule_search_locations:
+        return BitsAndBytesStatus(False, None, message="bitsandbytes is not installed: `pip install bitsandbytes`.")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    libs = sorted(p.name for p in package_dir.glob("libbitsandbytes_*"))
+    version = importlib.metadata.version("bitsandbytes")
+    if torch.cuda.is_available() and torch.version.cuda:
+        needed = f"libbitsandbytes_cuda{torch.version.cuda.replace('.', '')}"
+    else:
+        needed = "libbitsandbytes_cpu"
+    found = [lib for lib in libs if lib.startswith(needed + ".")]
+    if found:
+        message = f"bitsandbytes {version}: native library {found[0]} found for this torch."
+    elif libs:
+        message = (
+            f"bitsandbytes {version} ships {', '.join(libs)} but not {needed}.* for this torch "
+            f"({torch.__version__}): 4-/8-bit loading will fail. Reinstall a bitsandbytes build that matches "
+            "(`pip install --force-reinstall bitsandbytes`) or set BNB_CUDA_VERSION to one of the shipped versions."
+        )
+    else:
+        message = (
+            f"bitsandbytes {version} has no native libraries in {package_dir}: 4-/8-bit loading will fail. "
+            "`pip install --force-reinstall bitsandbytes`."
+        )
+    return BitsAndBytesStatus(True, version, libs, needed, bool(found), message)

@@ -1,0 +1,105 @@
+"""Deterministic builders of tiny, real-architecture, random-weight Hugging Face models.
+
+Each builder writes a directory with `save_pretrained` (a few hundred KB to ~2 MB) that loads back
+through the ordinary Auto classes exactly like a Hub model, built fully offline:
+
+    "llm"      Llama causal LM + ChatML BPE tokenizer            (AutoModelForCausalLM, AutoTokenizer)
+    "stt"      Whisper + WhisperProcessor                         (AutoModelForSpeechSeq2Seq, AutoProcessor)
+    "tts"      VITS + VitsTokenizer(phonemize=False)              (AutoModelForTextToWaveform, AutoTokenizer)
+    "vlm"      LLaVA (tiny CLIP + tiny Llama) + LlavaProcessor    (AutoModelForImageTextToText, AutoProcessor)
+    "llm-lora" PEFT LoRA adapter over a built "llm" (base=...)    (PeftModel.from_pretrained)
+    "vlm-lora" PEFT LoRA adapter over a built "vlm" (base=...)    (PeftModel.from_pretrained / AutoPeftModel)
+
+Weights are deterministic for a given `seed` (seeded inside torch.random.fork_rng, so the caller's
+RNG state is untouched).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .adapters import build_llm_lora, build_vlm_lora
+from .hub_cache import stage_in_hf_cache
+from .llm import build_llm
+from .stt import build_stt
+from .tts import build_tts
+from .vlm import build_vlm
+
+__all__ = ["TINY_KINDS", "build_tiny", "ensure_tiny", "is_complete", "stage_in_hf_cache"]
+
+# kind -> builder(dest: Path, *, seed: int[, base]) -> Path
+TINY_KINDS: dict[str, Callable] = {
+    "llm": build_llm,
+    "stt": build_stt,
+    "tts": build_tts,
+    "vlm": build_vlm,
+    "llm-lora": build_llm_lora,
+    "vlm-lora": build_vlm_lora,
+}
+_ADAPTER_KINDS = {"llm-lora", "vlm-lora"}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+
+
+def _check_kind(kind: str, base) -> None:
+    if kind not in TINY_KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; kinds: {', '.join(TINY_KINDS)}")
+    if kind in _ADAPTER_KINDS and base is None:
+        raise ValueError(f"kind {kind!r} needs base= (the directory of the built base model)")
+
+
+def is_complete(dest: str | Path) -> bool:
+    """True if dest holds a config (config.json or adapter_config.json) plus weights."""
+    dest = Path(dest)
+    has_config = (dest / "config.json").is_file() or (dest / "adapter_config.json").is_file()
+    return has_config and any((dest / f).is_file() for f in _WEIGHT_FILES)
+
+
+def build_tiny(kind: str, dest: str | Path, *, base: str | Path | None = None, seed: int = 0) -> Path:
+    """Build the tiny model of `kind` into `dest` (created; overwritten if it exists); return dest.
+
+    For "llm-lora"/"vlm-lora", `base` is the directory of the already-built base model and is
+    recorded verbatim (str(base)) as the adapter's base_model_name_or_path.
+    """
+    _check_kind(kind, base)
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    builder = TINY_KINDS[kind]
+    if kind in _ADAPTER_KINDS:
+        builder(dest, base=base, seed=seed)
+    else:
+        builder(dest, seed=seed)
+    return dest
+
+
+def ensure_tiny(kind: str, dest: str | Path, *, base: str | Path | None = None, seed: int = 0) -> Path:
+    """Build only if dest does not already hold a complete model; return dest.
+
+    Safe under concurrent processes/threads: a FileLock on f"{dest}.lock" serialises builders, the
+    model is built in a temp dir next to dest and renamed into place, so a half-built dir is never
+    visible at dest.
+    """
+    from filelock import FileLock
+
+    _check_kind(kind, base)
+    dest = Path(dest)
+    if is_complete(dest):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{dest}.lock"):
+        if is_complete(dest):  # another process built it while we waited
+            return dest
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        try:
+            build_tiny(kind, tmp, base=base, seed=seed)
+            if dest.exists():  # incomplete leftover from a crashed build
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
