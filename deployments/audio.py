@@ -1,0 +1,180 @@
+"""Audio in and out without ffmpeg or torchaudio: libsndfile (via soundfile) and scipy.
+
+Decoding accepts whatever libsndfile reads (WAV, FLAC, OGG Vorbis/Opus, MP3 since
+libsndfile 1.1, AIFF, ...). Encoding formats are registered only when this libsndfile can
+write them, so `SPEECH_FORMATS` says what this machine can actually produce.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable, Mapping
+from math import gcd
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+DECODABLE = "WAV, FLAC, OGG (Vorbis/Opus), MP3, AIFF"
+
+
+class AudioDecodeError(ValueError):
+    """The uploaded bytes are empty or not audio libsndfile can read."""
+
+
+class UnsupportedAudioFormat(ValueError):
+    """An output format that is not registered in `SPEECH_FORMATS` on this machine."""
+
+
+# --- decoding and resampling ------------------------------------------------------------
+
+
+def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
+    """Decode an audio file to float32 mono samples in [-1, 1] and its sample rate."""
+    if not data:
+        raise AudioDecodeError(f"The audio file is empty. Supported formats: {DECODABLE}.")
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError, TypeError) as exc:
+        raise AudioDecodeError(f"Could not decode the audio file ({exc}). Supported formats: {DECODABLE}.") from exc
+    if samples.shape[0] == 0:
+        raise AudioDecodeError("The audio file contains no samples.")
+    # Mixing down: speech models take one channel.
+    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    return np.ascontiguousarray(mono, dtype=np.float32), int(rate)
+
+
+def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Polyphase resampling (float32); returns the input unchanged when the rates match."""
+    if from_rate <= 0 or to_rate <= 0:
+        raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
+    if from_rate == to_rate:
+        return samples
+    # Imported here so that decoding, encoding and error mapping work without scipy.
+    from scipy.signal import resample_poly
+
+    g = gcd(int(from_rate), int(to_rate))
+    return resample_poly(samples, int(to_rate) // g, int(from_rate) // g).astype(np.float32, copy=False)
+
+
+def chunk(samples: np.ndarray, rate: int, chunk_s: float = 30.0) -> list[tuple[float, np.ndarray]]:
+    """Split audio into consecutive `(start_seconds, samples)` pieces of at most `chunk_s`.
+
+    Whisper-style models see 30 s windows; the pieces cover the whole signal, the last one
+    shorter. Empty input gives an empty list.
+    """
+    if chunk_s <= 0:
+        raise ValueError(f"chunk_s must be positive, got {chunk_s}")
+    size = max(1, int(round(chunk_s * rate)))
+    return [(start / rate, samples[start : start + size]) for start in range(0, len(samples), size)]
+
+
+# --- encoding ---------------------------------------------------------------------------
+
+# Rates the codecs accept; other rates are resampled up to the next one (or the highest).
+_MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+_OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+
+
+def _supported_rate(rate: int, allowed: tuple[int, ...]) -> int:
+    return rate if rate in allowed else next((r for r in allowed if r >= rate), allowed[-1])
+
+
+def _prepare(waveform: np.ndarray) -> np.ndarray:
+    # Models return (n,), (1, n) or (n, 1); NaNs or peaks over 1 would wrap around in PCM_16.
+    samples = np.asarray(waveform, dtype=np.float32).squeeze()
+    if samples.ndim != 1:
+        raise ValueError(f"expected a mono waveform, got shape {np.shape(waveform)}")
+    return np.clip(np.nan_to_num(samples), -1.0, 1.0)
+
+
+def _soundfile_encoder(
+    format: str, subtype: str, rates: tuple[int, ...] | None = None
+) -> Callable[[np.ndarray, int], tuple[bytes, int]]:
+    def encode(samples: np.ndarray, rate: int) -> tuple[bytes, int]:
+        if rates is not None:
+            target = _supported_rate(rate, rates)
+            samples, rate = resample(samples, rate, target), target
+        buffer = io.BytesIO()
+        sf.write(buffer, samples, rate, format=format, subtype=subtype)
+        return buffer.getvalue(), rate
+
+    return encode
+
+
+def _pcm16(samples: np.ndarray, rate: int) -> tuple[bytes, int]:
+    return (np.round(samples * 32767.0).astype("<i2")).tobytes(), rate
+
+
+def _writable(format: str, subtype: str) -> bool:
+    return format in sf.available_formats() and subtype in sf.available_subtypes(format)
+
+
+#: name -> (media type, encoder taking (mono float32 samples, rate) -> (bytes, rate written))
+_CANDIDATES: dict[str, tuple[str, Callable[[np.ndarray, int], tuple[bytes, int]], tuple[str, str] | None]] = {
+    "wav": ("audio/wav", _soundfile_encoder("WAV", "PCM_16"), ("WAV", "PCM_16")),
+    "flac": ("audio/flac", _soundfile_encoder("FLAC", "PCM_16"), ("FLAC", "PCM_16")),
+    "pcm": ("audio/pcm", _pcm16, None),
+    "mp3": ("audio/mpeg", _soundfile_encoder("MP3", "MPEG_LAYER_III", _MP3_RATES), ("MP3", "MPEG_LAYER_III")),
+    "opus": ("audio/ogg", _soundfile_encoder("OGG", "OPUS", _OPUS_RATES), ("OGG", "OPUS")),
+}
+
+SPEECH_FORMATS: Mapping[str, tuple[str, Callable[[np.ndarray, int], tuple[bytes, int]]]] = {
+    name: (media_type, encoder)
+    for name, (media_type, encoder, needs) in _CANDIDATES.items()
+    if needs is None or _writable(*needs)
+}
+
+
+def encode_audio_with_rate(waveform: np.ndarray, rate: int, fmt: str) -> tuple[bytes, str, int]:
+    """Like `encode_audio`, also returning the sample rate actually written.
+
+    mp3 and opus accept only some rates; other rates are resampled up to a supported one.
+    """
+    try:
+        media_type, encoder = SPEECH_FORMATS[fmt]
+    except KeyError:
+        raise UnsupportedAudioFormat(
+            f"Audio format {fmt!r} is not supported here; choose one of: {', '.join(SPEECH_FORMATS)}."
+        ) from None
+    data, written_rate = encoder(_prepare(waveform), int(rate))
+    return data, media_type, written_rate
+
+
+def encode_audio(waveform: np.ndarray, rate: int, fmt: str) -> tuple[bytes, str]:
+    """Encode a mono float waveform as `fmt` (a key of `SPEECH_FORMATS`): (bytes, media type)."""
+    data, media_type, _ = encode_audio_with_rate(waveform, rate, fmt)
+    return data, media_type
+
+
+# --- subtitles --------------------------------------------------------------------------
+
+
+def _field(segment: Any, name: str) -> Any:
+    return segment[name] if isinstance(segment, Mapping) else getattr(segment, name)
+
+
+def _timestamp(seconds: float, separator: str) -> str:
+    ms = max(0, int(round(float(seconds) * 1000)))
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{ms:03d}"
+
+
+def _cues(segments: Iterable[Any], separator: str) -> list[str]:
+    return [
+        f"{_timestamp(_field(s, 'start'), separator)} --> {_timestamp(_field(s, 'end'), separator)}\n"
+        f"{str(_field(s, 'text')).strip()}\n"
+        for s in segments
+    ]
+
+
+def format_srt(segments: Iterable[Any]) -> str:
+    """SubRip subtitles from segments (objects or dicts with start, end, text)."""
+    return "\n".join(f"{i}\n{cue}" for i, cue in enumerate(_cues(segments, ","), start=1))
+
+
+def format_vtt(segments: Iterable[Any]) -> str:
+    """WebVTT subtitles from segments (objects or dicts with start, end, text)."""
+    return "WEBVTT\n\n" + "\n".join(_cues(segments, "."))

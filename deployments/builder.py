@@ -1,0 +1,122 @@
+"""Turn the validated `args:` of serve_config.yaml into the Serve application.
+
+    import_path: deployments.builder:build_app
+
+One deployment per family that has models (named "llm", "stt", "tts", "vlm" so that YAML
+`deployments:` overrides find them) and an ingress that routes to them through handles.
+Resources are chosen here, from `args`, never by YAML `ray_actor_options` overrides: those
+replace the whole dict and silently drop fields such as num_cpus.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve import Application
+
+from loading import Family, detect_family
+
+from .app_config import AppConfig, FamilyOptions
+from .ingress import Ingress
+from .llm import LLMServer
+from .stt import STTServer
+from .tts import TTSServer
+from .vlm import VLMServer
+
+log = logging.getLogger(__name__)
+
+FAMILY_SERVERS: dict[Family, type] = {
+    Family.LLM: LLMServer,
+    Family.STT: STTServer,
+    Family.TTS: TTSServer,
+    Family.VLM: VLMServer,
+}
+BATCHING_FAMILIES = {Family.LLM, Family.VLM, Family.STT}
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+
+
+def plan_gpus(device: str, available: float) -> tuple[int, list[str]]:
+    """GPUs per family replica, and notes for /health when the request cannot be met."""
+    if device == "cpu":
+        return 0, []
+    if device == "auto":
+        return (1, []) if available >= 1 else (0, [])
+    if available < 1:
+        note = (
+            "device: gpu asks 1 GPU per replica but the Ray cluster has no GPU resources; replicas stay PENDING "
+            "until a GPU node joins (set device: auto or cpu to serve on CPU)"
+        )
+        log.warning(note)
+        return 1, [note]
+    return 1, []
+
+
+def deployment_options(family: Family, options: FamilyOptions, num_gpus: int, env: dict[str, str]) -> dict[str, Any]:
+    actor: dict[str, Any] = {"num_cpus": options.num_cpus, "num_gpus": num_gpus}
+    if env:
+        actor["runtime_env"] = {"env_vars": env}
+    out: dict[str, Any] = {
+        "name": family.value,
+        "ray_actor_options": actor,
+        "max_ongoing_requests": options.max_ongoing_requests,
+        "max_queued_requests": options.max_queued_requests,
+        # a load can take minutes on a real model: health checks must not time out meanwhile
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_timeout_s": 30,
+    }
+    if options.autoscaling is None:
+        out["num_replicas"] = 1
+    else:
+        out["autoscaling_config"] = options.autoscaling.model_dump(exclude_none=True)
+    return out
+
+
+def server_kwargs(family: Family, options: FamilyOptions) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"max_loaded_models": options.max_loaded_models}
+    if family in BATCHING_FAMILIES:
+        kwargs.update(max_batch_size=options.max_batch_size, batch_wait_timeout_s=options.batch_wait_timeout_s)
+    return kwargs
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    config = AppConfig.model_validate(args)
+    for spec in config.models:
+        if spec.family is None:
+            spec.family = detect_family(spec)
+    env = {}
+    models_dir = config.local_models_dir or os.environ.get("LOCAL_MODELS_DIR")
+    if models_dir or any(spec.is_demo for spec in config.models):
+        # replicas run in other working directories: hand them an absolute path
+        env["LOCAL_MODELS_DIR"] = str(Path(models_dir or "models").expanduser().resolve())
+        config.local_models_dir = env["LOCAL_MODELS_DIR"]
+    num_gpus, notes = plan_gpus(config.device, cluster_gpus())
+
+    handles = {}
+    for family, server in FAMILY_SERVERS.items():
+        specs = [spec for spec in config.models if spec.family is family]
+        if not specs:
+            continue
+        options = config.family_options(family)
+        deployment = serve.deployment(server, **deployment_options(family, options, num_gpus, env))
+        handles[family.value] = deployment.bind(
+            [spec.model_dump(mode="json") for spec in specs], **server_kwargs(family, options)
+        )
+        log.info("family %s: %d model(s), num_gpus=%d", family.value, len(specs), num_gpus)
+
+    ingress = serve.deployment(
+        serve.ingress()(Ingress),
+        name="ingress",
+        num_replicas=config.ingress.num_replicas,
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+    )
+    return ingress.bind(handles, config.model_dump(mode="json"), notes)

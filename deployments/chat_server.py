@@ -1,0 +1,84 @@
+"""The shared body of the LLM and VLM deployments: batched and streamed chat completions.
+
+Plain classes: the builder turns them into Serve deployments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from loading import LoadedModel, ModelSpec
+
+from .generation import StreamingGeneration, generate_batch
+from .params import ChatParams, ChatResult
+from .family_server import FamilyServer
+
+log = logging.getLogger(__name__)
+
+
+class ChatServer(FamilyServer):
+    def __init__(
+        self,
+        models: list[dict],
+        max_batch_size: int = 8,
+        batch_wait_timeout_s: float = 0.01,
+        max_loaded_models: int = 4,
+    ):
+        super().__init__(models, max_loaded_models)
+        self._chat_batch.set_max_batch_size(max_batch_size)
+        self._chat_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    # -- to be provided by the family --------------------------------------------------------------
+    def encode(self, loaded: LoadedModel, batch: list[ChatParams]) -> Any:
+        raise NotImplementedError
+
+    def validate(self, spec: ModelSpec, loaded: LoadedModel, params: ChatParams) -> None:
+        """Per-request checks that must fail this request alone (400), not its batch."""
+
+    # -- serving ----------------------------------------------------------------------------------
+    async def chat(self, params: ChatParams) -> ChatResult:
+        spec, loaded = await self.pool.get(params.model, params.wait_s)
+        params.model = spec.name
+        self.validate(spec, loaded, params)
+        result = await self._chat_batch(params)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _chat_batch(self, batch: list[ChatParams]) -> list[ChatResult | BaseException]:
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, params in enumerate(batch):
+            groups[(params.model, params.sampling_key())].append(index)
+        results: list[Any] = [None] * len(batch)
+        for (model, _), indices in groups.items():
+            items = [batch[i] for i in indices]
+            try:
+                spec, loaded = await self.pool.get(model)
+                outputs = await self._infer(generate_batch, spec, loaded, items, self.encode)
+            except Exception as exc:  # fails this group only; other groups in the batch go on
+                outputs = [exc] * len(items)
+            for i, output in zip(indices, outputs):
+                results[i] = output
+        return results
+
+    async def chat_stream(self, params: ChatParams) -> AsyncIterator[dict]:
+        """Yields {"delta": text}... then {"finish_reason", "usage"}; errors surface before the first chunk."""
+        spec, loaded = await self.pool.get(params.model, params.wait_s)
+        self.validate(spec, loaded, params)
+        stream = StreamingGeneration(spec, loaded, params, self.encode)
+        done = asyncio.ensure_future(self._infer(stream.run))
+        pieces = stream.deltas()
+        sentinel = object()
+        while (piece := await asyncio.to_thread(next, pieces, sentinel)) is not sentinel:
+            yield {"delta": piece}
+        await done  # re-raises a generate failure
+        yield {
+            "finish_reason": stream.finish_reason,
+            "usage": {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens},
+        }

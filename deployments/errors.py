@@ -1,0 +1,241 @@
+"""The one home for API errors: exception classes, and `to_error`, which maps any exception
+to an HTTP status and OpenAI's `{"error": {message, type, param, code}}` body.
+
+Mapping is by exception type, never by message text. Errors raised inside another
+deployment arrive wrapped in `RayTaskError`; `to_error` unwraps them first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pydantic
+import ray.exceptions as ray_errors
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+
+import loading
+
+from .audio import AudioDecodeError, UnsupportedAudioFormat
+from .protocol import ErrorInfo, ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error with a known HTTP status; raise a subclass from routes and deployments."""
+
+    status: int = 500
+    type: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        status: int | None = None,
+        type: str | None = None,
+    ):
+        super().__init__(message)
+        # Subclasses fix status and type; a bare APIError may set them (e.g. mirroring an HTTPException).
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+
+class InvalidRequestError(APIError):
+    """The request is malformed or names something invalid."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class ModelNotFoundError(APIError):
+    """The `model` in the request is not served here (not about weights on disk)."""
+
+    status = 404
+    type = "invalid_request_error"
+
+    def __init__(self, name: str, available: list[str]):
+        self.name = name
+        self.available = list(available)
+        choices = ", ".join(sorted(self.available)) or "none"
+        super().__init__(
+            f"The model {name!r} does not exist. Available models: {choices}.", param="model", code="model_not_found"
+        )
+
+
+class ServiceUnavailableError(APIError):
+    """Temporarily unable to serve; `retry_after_s` becomes a `Retry-After` header."""
+
+    status = 503
+    type = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, code: str | None = None, param: str | None = None):
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else {}
+        super().__init__(message, param=param, code=code, headers=headers)
+        self.retry_after_s = retry_after_s
+
+
+class NotSupportedError(APIError):
+    """A valid request for something this server does not implement."""
+
+    status = 501
+    type = "not_implemented"
+
+
+# --- mapping ----------------------------------------------------------------------------
+
+# Parts of a pydantic error location that name where the value came from, not a field.
+_SOURCES = {"body", "query", "form", "path", "header", "cookie"}
+# pydantic puts union-member labels in `loc`; they are not fields. Our own discriminator tags
+# are CamelCase class names or "str"/"list"; generated labels look like "list[...]".
+_TYPE_LABELS = {"str", "list", "int", "float", "bool", "bytes", "dict", "none"}
+
+
+def _is_label(part: Any) -> bool:
+    return isinstance(part, str) and (part in _TYPE_LABELS or not part.isidentifier() or not part.islower())
+
+
+def _validation_error(errors: list[dict[str, Any]]) -> APIError:
+    if not errors:
+        return InvalidRequestError("The request is invalid.")
+    first = errors[0]
+    loc = list(first.get("loc", ()))
+    source = loc.pop(0) if loc and loc[0] in _SOURCES else None
+    param = ".".join(str(part) for part in loc if not _is_label(part)) or None
+    ctx = first.get("ctx") or {}
+    # A ValueError raised by our validators: show its text without pydantic's prefix.
+    reason = str(ctx["error"]) if first.get("type") == "value_error" and "error" in ctx else first.get("msg", "invalid")
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError(f"The request body is not valid JSON: {ctx.get('error', reason)}.")
+    where = f"'{param}'" if param else f"the request {source or 'body'}"
+    more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return InvalidRequestError(f"Invalid value for {where}: {reason}{more}", param=param)
+
+
+def _loading_in_progress(exc: loading.ModelLoadingInProgress) -> APIError:
+    pct = f" ({exc.progress:.0%})" if exc.progress is not None else ""
+    return ServiceUnavailableError(
+        f"Model {exc.name!r} is still loading ({exc.phase}{pct}); retry in {exc.retry_after_s:.0f} s.",
+        retry_after_s=exc.retry_after_s,
+        code="model_loading",
+    )
+
+
+def _http_exception(exc: HTTPException) -> APIError:
+    return APIError(
+        str(exc.detail),
+        code={404: "unknown_route", 405: "method_not_allowed"}.get(exc.status_code),
+        headers=dict(exc.headers or {}),
+        status=exc.status_code,
+        type="invalid_request_error" if exc.status_code < 500 else "internal_error",
+    )
+
+
+def _timeout(exc: BaseException) -> APIError:
+    return ServiceUnavailableError(
+        "The model deployment did not answer in time; it may be pending for resources (e.g. a GPU) "
+        "or overloaded. Retry later.",
+        code="timeout",
+    )
+
+
+def _backpressure(exc: BackPressureError) -> APIError:
+    error = ServiceUnavailableError(
+        f"{exc.message} The server is overloaded; retry shortly.", retry_after_s=exc.retry_after_s or 1, code="overloaded"
+    )
+    error.status = exc.status_code  # Serve's backpressure_config may choose 429 instead of 503
+    return error
+
+
+# First match wins, so subclasses come before their bases.
+_MAPPERS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], Callable[[Any], APIError]]] = [
+    (APIError, lambda exc: exc),
+    (pydantic.ValidationError, lambda exc: _validation_error(exc.errors())),
+    (RequestValidationError, lambda exc: _validation_error(list(exc.errors()))),
+    (AudioDecodeError, lambda exc: InvalidRequestError(str(exc), param="file", code="invalid_audio")),
+    (UnsupportedAudioFormat, lambda exc: InvalidRequestError(str(exc), param="response_format")),
+    (HTTPException, _http_exception),
+    (loading.ModelLoadingInProgress, _loading_in_progress),
+    (loading.ModelLoadFailed, lambda exc: ServiceUnavailableError(str(exc), code="model_load_failed")),
+    (loading.LoadingError, lambda exc: ServiceUnavailableError(str(exc), code="model_unavailable")),
+    (ray_errors.RayActorError, lambda exc: ServiceUnavailableError(
+        "The model replica died while handling the request; it is being restarted. Retry shortly.",
+        retry_after_s=1, code="replica_died")),
+    (ray_errors.OutOfMemoryError, lambda exc: ServiceUnavailableError(
+        "The model replica ran out of memory while handling the request.", code="out_of_memory")),
+    (BackPressureError, _backpressure),
+    (DeploymentUnavailableError, lambda exc: ServiceUnavailableError(
+        f"The model deployment is unavailable: {exc}", retry_after_s=1, code="deployment_unavailable")),
+    ((ray_errors.GetTimeoutError, asyncio.TimeoutError, TimeoutError), _timeout),
+]
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    # A RayTaskError (also in its `as_instanceof_cause()` dual-class form) carries the remote
+    # exception as `.cause`; possibly nested when deployments call deployments.
+    while isinstance(exc, ray_errors.RayTaskError) and isinstance(getattr(exc, "cause", None), BaseException):
+        exc = exc.cause
+    return exc
+
+
+def _api_error(exc: BaseException, request_id: str) -> APIError:
+    cause = _unwrap(exc)
+    for types, mapper in _MAPPERS:
+        if isinstance(cause, types):
+            return mapper(cause)
+    logger.error("Unhandled error (request id %s)", request_id, exc_info=exc)
+    return APIError(f"Internal error (request id {request_id}).", code="internal_error")
+
+
+def to_error(exc: BaseException, request_id: str | None = None) -> tuple[int, ErrorResponse, dict[str, str]]:
+    """Map any exception to (HTTP status, OpenAI error body, extra headers)."""
+    error = _api_error(exc, request_id or uuid.uuid4().hex)
+    body = ErrorResponse(error=ErrorInfo(message=error.message, type=error.type, param=error.param, code=error.code))
+    return error.status, body, dict(error.headers)
+
+
+def error_json_response(exc: BaseException, request_id: str | None = None) -> JSONResponse:
+    """`to_error` as a JSON response."""
+    status, body, headers = to_error(exc, request_id)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def error_sse_event(exc: BaseException, request_id: str | None = None) -> str:
+    """`to_error` as a server-sent event, for a stream that fails after its 200 was sent."""
+    _, body, _ = to_error(exc, request_id)
+    return f"data: {json.dumps(body.model_dump())}\n\n"
+
+
+def _request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None) or request.headers.get("x-request-id")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every error the app returns an OpenAI-shaped JSON body."""
+
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, HTTPException) and exc.status_code in (404, 405):
+            # Name the route: clients often miss the /v1 prefix.
+            exc = HTTPException(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", exc.headers)
+        return error_json_response(exc, _request_id(request))
+
+    for exc_type in (APIError, RequestValidationError, HTTPException, Exception):
+        app.add_exception_handler(exc_type, handle)

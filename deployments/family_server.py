@@ -1,0 +1,46 @@
+"""What every family deployment shares: its model pool, one inference thread, health.
+
+All model calls run on a single inference thread per replica so that the replica's event loop
+stays free to accept and batch requests and to answer health checks while a model computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from loading import ModelSpec
+
+from .pool import ModelPool
+
+
+class FamilyServer:
+    def __init__(self, models: list[dict], max_loaded_models: int = 4):
+        self.pool = ModelPool([ModelSpec.model_validate(m) for m in models], max_loaded_models)
+        self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._busy_since: float | None = None
+        self._stuck_after_s = 3 * max((s.generation_timeout_s for s in self.pool.specs.values()), default=60)
+
+    async def _infer(self, fn, *args):
+        """Run a blocking model call on the replica's inference thread."""
+
+        def timed():
+            self._busy_since = time.monotonic()
+            try:
+                return fn(*args)
+            finally:
+                self._busy_since = None
+
+        return await asyncio.get_running_loop().run_in_executor(self._inference, timed)
+
+    async def status(self) -> list[dict]:
+        return self.pool.status()
+
+    def check_health(self) -> None:
+        """Healthy while the replica can serve. A model that is loading or failed to load is no
+        reason for Ray to kill the replica: a restart would only repeat the load."""
+        busy_since = self._busy_since
+        if busy_since is not None and time.monotonic() - busy_since > self._stuck_after_s:
+            # every model call is bounded (generate's max_time); one far past it is stuck
+            raise RuntimeError(f"inference thread stuck for {time.monotonic() - busy_since:.0f} s")

@@ -1,0 +1,28 @@
+"""The LLM deployment: chat completions for text-only causal language models."""
+
+from __future__ import annotations
+
+from loading import LoadedModel, ModelSpec
+
+from .chat_server import ChatServer
+from .errors import InvalidRequestError
+from .params import ChatParams
+
+
+class LLMServer(ChatServer):
+    def encode(self, loaded: LoadedModel, batch: list[ChatParams]):
+        tokenizer = loaded.tokenizer
+        texts = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False) for p in batch]
+        return tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+
+    def validate(self, spec: ModelSpec, loaded: LoadedModel, params: ChatParams) -> None:
+        if params.images:
+            raise InvalidRequestError(
+                f"model {spec.name!r} is a text-only LLM and cannot read images; send them to a VLM model",
+                param="messages",
+            )
+        if loaded.tokenizer.chat_template is None:
+            raise InvalidRequestError(
+                f"model {spec.name!r} has no chat template, so chat messages cannot be formatted for it",
+                param="model",
+            )

@@ -1,0 +1,80 @@
+"""Internal request/result objects passed between the ingress and the family deployments.
+
+The wire models (protocol.py) are converted to these once, in the ingress; the family
+deployments never see HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ChatParams:
+    model: str
+    messages: list[dict]  # role + content (str or [{"type": "text"|"image", ...}])
+    images: list[Any] = field(default_factory=list)  # PIL images, in order of appearance
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    wait_s: float = 0.0  # how long to wait for a model that is still loading
+
+    def sampling_key(self) -> tuple:
+        """Requests with equal keys can share one batched generate call."""
+        return (self.temperature, self.top_p, self.seed, tuple(self.stop))
+
+
+@dataclass
+class ChatResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class TranscribeParams:
+    model: str
+    audio: Any  # float32 mono numpy array
+    sample_rate: int
+    language: str | None = None
+    prompt: str | None = None
+    temperature: float = 0.0
+    wait_s: float = 0.0
+
+    def batch_key(self) -> tuple:
+        return (self.language, self.prompt, self.temperature)
+
+
+@dataclass
+class Segment:
+    id: int
+    start: float
+    end: float
+    text: str
+
+
+@dataclass
+class TranscribeResult:
+    text: str
+    language: str | None
+    duration: float
+    segments: list[Segment]
+
+
+@dataclass
+class SpeechParams:
+    model: str
+    text: str
+    voice: str | None = None
+    speed: float = 1.0
+    wait_s: float = 0.0
+
+
+@dataclass
+class SpeechResult:
+    waveform: Any  # float32 numpy array
+    sample_rate: int

@@ -1,0 +1,89 @@
+"""The models one replica serves: a ModelHandle each, looked up by name or alias.
+
+Background models start loading when the pool is created; lazy ones on first use. At most
+`max_loaded_models` stay in memory: beyond that the least recently used lazy model is unloaded.
+(Ray Serve's `@serve.multiplexed` is also an LRU, but its loads are per-request and invisible;
+ours report their state to /health and keep a failed load sticky instead of retrying it.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import time
+from collections import OrderedDict
+
+from loading import LoadedModel, LoadingMode, ModelHandle, ModelSpec, State, load_model
+
+from .errors import ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+
+class ModelPool:
+    def __init__(self, specs: list[ModelSpec], max_loaded_models: int = 4):
+        self.specs = {spec.name: spec for spec in specs}
+        self.handles = {spec.name: self._handle(spec) for spec in specs}
+        self.aliases = {alias: spec.name for spec in specs for alias in spec.all_names}
+        self.max_loaded_models = max_loaded_models
+        self._last_used: OrderedDict[str, float] = OrderedDict()
+        for spec in specs:
+            if spec.loading is LoadingMode.EAGER:
+                try:  # eager: this replica starts only once the model is in memory (or failed)
+                    self.handles[spec.name].start()
+                    self.handles[spec.name].get()
+                except Exception as exc:  # sticky and visible in /health; never crash the constructor
+                    log.error("eager load of %s failed: %s", spec.name, exc)
+            elif spec.loading is LoadingMode.BACKGROUND:
+                self.handles[spec.name].start()
+
+    @staticmethod
+    def _handle(spec: ModelSpec) -> ModelHandle:
+        return ModelHandle(spec.name, lambda progress: load_model(spec, progress=progress))
+
+    def canonical(self, name: str) -> str:
+        if name not in self.aliases:
+            raise ModelNotFoundError(name, sorted(self.aliases))
+        return self.aliases[name]
+
+    async def get(self, name: str, wait_s: float = 0.0) -> tuple[ModelSpec, LoadedModel]:
+        """The loaded model, or ModelLoadingInProgress / ModelLoadFailed straight away (or after wait_s)."""
+        name = self.canonical(name)
+        handle = self.handles[name]
+        if handle.state is State.READY:
+            loaded = handle.get(0)
+        else:
+            loaded = await asyncio.to_thread(handle.get, wait_s)
+        self._touch(name)
+        return self.specs[name], loaded
+
+    def _touch(self, name: str) -> None:
+        self._last_used[name] = time.monotonic()
+        self._last_used.move_to_end(name)
+        resident = [n for n in self._last_used if self.handles[n].state is State.READY]
+        for victim in resident[: max(0, len(resident) - self.max_loaded_models)]:
+            if self.specs[victim].loading is LoadingMode.LAZY and victim != name:
+                log.info("unloading %s (least recently used; max_loaded_models=%d)", victim, self.max_loaded_models)
+                self.handles[victim].reload()
+                self._last_used.pop(victim, None)
+                gc.collect()
+
+    def status(self) -> list[dict]:
+        replica = {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+        out = []
+        for name, handle in self.handles.items():
+            spec = self.specs[name]
+            info = {
+                "name": name, "family": spec.family.value if spec.family else None, "source": spec.source,
+                "aliases": spec.aliases, "loading": spec.loading.value, "max_new_tokens": spec.max_new_tokens,
+                "demo": spec.is_demo, **handle.status(), "replica": replica,
+            }
+            if handle.loaded is not None:
+                report = handle.loaded.report
+                info.update(family=report.family, model_class=report.model_class, device_reason=report.device_reason,
+                            adapter=report.adapter_path, fallbacks=[a.__dict__ for a in report.attempts
+                                                                      if a.outcome != "loaded"])
+            out.append(info)
+        return out

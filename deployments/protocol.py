@@ -1,0 +1,450 @@
+"""Wire models for the OpenAI-compatible API, plus modelfleet's legacy and vendor routes.
+
+Fields follow the order of the OpenAI API reference; each has a docstring that becomes its
+schema description. Request models ignore fields we do not use (OpenAI clients send many)
+but constrain every field we do use, so bad input fails validation naming that field.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+
+class OpenAIBaseModel(BaseModel):
+    """Shared base: attribute docstrings become field descriptions in the OpenAPI schema."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+
+class RequestModel(OpenAIBaseModel):
+    """Base of request bodies: unknown fields are dropped, not rejected."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return value
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+class ErrorInfo(OpenAIBaseModel):
+    message: str
+    """Human-readable description of what went wrong and, where possible, how to fix it."""
+    type: str
+    """Error class, e.g. `invalid_request_error`, `service_unavailable`, `internal_error`."""
+    param: str | None = None
+    """Dotted path of the request field at fault, if any."""
+    code: str | None = None
+    """Machine-readable code, e.g. `model_not_found`, `timeout`."""
+
+
+class ErrorResponse(OpenAIBaseModel):
+    error: ErrorInfo
+    """The error; OpenAI clients read `error.message`."""
+
+
+# --- chat completions: request ----------------------------------------------------------
+
+
+class TextPart(OpenAIBaseModel):
+    type: Literal["text"]
+    """Always `text`."""
+    text: str
+    """The text."""
+
+
+class ImageUrl(OpenAIBaseModel):
+    url: str
+    """`http(s)://` URL or `data:image/...;base64,` URL of the image."""
+    detail: Literal["auto", "low", "high"] = "auto"
+    """Requested detail level; accepted for compatibility."""
+
+
+class ImageUrlPart(OpenAIBaseModel):
+    type: Literal["image_url"]
+    """Always `image_url`."""
+    image_url: ImageUrl
+    """The image."""
+
+
+def _part_tag(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return {"text": "TextPart", "image_url": "ImageUrlPart"}.get(kind)
+
+
+# Callable discriminators: pydantic then reports one error for the branch that applies,
+# instead of one error per union member.
+ContentPart = Annotated[
+    Union[Annotated[TextPart, Tag("TextPart")], Annotated[ImageUrlPart, Tag("ImageUrlPart")]],
+    Discriminator(
+        _part_tag,
+        custom_error_type="invalid_content_part",
+        custom_error_message="content part 'type' must be 'text' or 'image_url'",
+    ),
+]
+
+
+def _str_or_list_tag(value: Any) -> str | None:
+    return "str" if isinstance(value, str) else "list" if isinstance(value, list) else None
+
+
+MessageContent = Annotated[
+    Union[Annotated[str, Tag("str")], Annotated[list[ContentPart], Tag("list")]],
+    Discriminator(
+        _str_or_list_tag,
+        custom_error_type="invalid_content",
+        custom_error_message="content must be a string or a list of content parts",
+    ),
+]
+
+StopSequence = Annotated[str, Field(min_length=1)]
+Stop = Annotated[
+    Union[Annotated[StopSequence, Tag("str")], Annotated[list[StopSequence], Field(max_length=4), Tag("list")]],
+    Discriminator(
+        _str_or_list_tag,
+        custom_error_type="invalid_stop",
+        custom_error_message="stop must be a string or a list of at most 4 strings",
+    ),
+]
+
+
+class ChatMessage(RequestModel):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    """Author of the message."""
+    content: MessageContent | None = None
+    """A string, or a list of text and image parts."""
+    name: str | None = None
+    """Optional participant name."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The message as HF chat templates expect it (see `ChatCompletionRequest.to_messages`)."""
+        # Chat templates know system/user/assistant/tool; OpenAI's `developer` is the new `system`.
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
+        if self.content is None or isinstance(self.content, str):
+            message["content"] = self.content or ""
+        else:
+            message["content"] = [
+                {"type": "text", "text": part.text}
+                if isinstance(part, TextPart)
+                # HF templates expect {"type": "image"}; the url travels along so the caller can fetch it.
+                else {"type": "image", "url": part.image_url.url}
+                for part in self.content
+            ]
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class StreamOptions(RequestModel):
+    include_usage: bool = False
+    """Send a last chunk with token usage and no choices."""
+
+
+class ChatCompletionRequest(RequestModel):
+    model: str
+    """Model id or alias, as listed by `/v1/models`."""
+    messages: list[ChatMessage] = Field(min_length=1)
+    """The conversation so far."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Deprecated by OpenAI in favour of `max_completion_tokens`; still honoured."""
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    """Upper bound on generated tokens; wins over `max_tokens`."""
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    """Sampling temperature; 0 means greedy decoding."""
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Nucleus sampling probability mass."""
+    stop: Stop | None = None
+    """Up to 4 non-empty sequences at which generation stops."""
+    seed: int | None = None
+    """Seed for reproducible sampling."""
+    stream: bool = False
+    """Stream the reply as server-sent events."""
+    stream_options: StreamOptions | None = None
+    """Options for streaming; only with `stream: true`."""
+    n: int = 1
+    """Number of choices; only 1 is supported."""
+    user: str | None = None
+    """End-user id, for logs."""
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError(f"only n=1 is supported, got {value}")
+        return value
+
+    def requested_max_tokens(self) -> int | None:
+        """The generation limit the client asked for, if any."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def stop_list(self) -> list[str]:
+        """`stop` as a list (empty when not given)."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def has_images(self) -> bool:
+        """Whether any message carries an image part."""
+        return any(
+            isinstance(part, ImageUrlPart)
+            for message in self.messages
+            if isinstance(message.content, list)
+            for part in message.content
+        )
+
+    def to_messages(self) -> list[dict[str, Any]]:
+        """Plain dicts for `tokenizer.apply_chat_template` / `processor.apply_chat_template`.
+
+        Content is a string, or a list of `{"type": "text", "text"}` and
+        `{"type": "image", "url"}` dicts; `developer` becomes `system`.
+        """
+        return [message.to_dict() for message in self.messages]
+
+
+# --- chat completions: response ---------------------------------------------------------
+
+
+def new_completion_id() -> str:
+    """A fresh OpenAI-style completion id."""
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class UsageInfo(OpenAIBaseModel):
+    prompt_tokens: int = 0
+    """Tokens in the prompt (after the chat template)."""
+    completion_tokens: int = 0
+    """Tokens generated."""
+    total_tokens: int = 0
+    """Sum of the two."""
+
+
+class ChatCompletionMessage(OpenAIBaseModel):
+    role: Literal["assistant"] = "assistant"
+    """Always `assistant`."""
+    content: str | None = None
+    """The generated text."""
+
+
+class ChatCompletionChoice(OpenAIBaseModel):
+    index: int = 0
+    """Position of this choice."""
+    message: ChatCompletionMessage
+    """The generated message."""
+    finish_reason: Literal["stop", "length"] | None = None
+    """`stop`: end of turn or a stop sequence; `length`: the token limit was reached."""
+
+
+class ChatCompletionResponse(OpenAIBaseModel):
+    id: str = Field(default_factory=new_completion_id)
+    """Completion id."""
+    object: Literal["chat.completion"] = "chat.completion"
+    """Always `chat.completion`."""
+    created: int = Field(default_factory=_now)
+    """Unix time (seconds) of creation."""
+    model: str
+    """The model that answered."""
+    choices: list[ChatCompletionChoice]
+    """The generated choices (always one)."""
+    usage: UsageInfo
+    """Token counts."""
+
+
+class DeltaMessage(OpenAIBaseModel):
+    role: Literal["assistant"] | None = None
+    """Set on the first chunk only."""
+    content: str | None = None
+    """Newly generated text."""
+
+
+class ChatCompletionChunkChoice(OpenAIBaseModel):
+    index: int = 0
+    """Position of this choice."""
+    delta: DeltaMessage
+    """What changed since the previous chunk."""
+    finish_reason: Literal["stop", "length"] | None = None
+    """Set on the last content chunk."""
+
+
+class ChatCompletionChunk(OpenAIBaseModel):
+    id: str
+    """Completion id, the same in every chunk of one stream."""
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    """Always `chat.completion.chunk`."""
+    created: int = Field(default_factory=_now)
+    """Unix time (seconds) of creation, the same in every chunk."""
+    model: str
+    """The model that answered."""
+    choices: list[ChatCompletionChunkChoice]
+    """Empty in the final usage chunk."""
+    usage: UsageInfo | None = None
+    """Only in the final chunk, with `stream_options.include_usage`."""
+
+
+# --- models -----------------------------------------------------------------------------
+
+
+class ModelCard(OpenAIBaseModel):
+    id: str
+    """Model id to pass as `model`."""
+    object: Literal["model"] = "model"
+    """Always `model`."""
+    created: int = Field(default_factory=_now)
+    """Unix time (seconds) the model was registered."""
+    owned_by: str = "modelfleet"
+    """Owner; always `modelfleet`."""
+
+    # --- modelfleet extensions (not in OpenAI's schema) ---
+    family: str | None = None
+    """`llm`, `stt`, `tts` or `vlm`: which routes accept this model."""
+    state: str | None = None
+    """Loading state, e.g. `loading`, `ready`, `failed`."""
+    device: str | None = None
+    """Where the weights live, e.g. `cpu`, `cuda:0`."""
+    loading_strategy: str | None = None
+    """The placement/quantization strategy that succeeded."""
+    demo: bool = False
+    """Whether this is a tiny random-weight demo model."""
+    aliases: list[str] = Field(default_factory=list)
+    """Other names that route to this model."""
+
+
+class ModelList(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    """Always `list`."""
+    data: list[ModelCard]
+    """The served models."""
+
+
+# --- audio ------------------------------------------------------------------------------
+
+TranscriptionResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
+
+
+class TranscriptionForm(RequestModel):
+    """The multipart form fields of `/v1/audio/transcriptions`, minus the file."""
+
+    model: str
+    """Speech-to-text model id or alias."""
+    language: str | None = None
+    """ISO-639-1 (or -3) code of the spoken language; detected when omitted."""
+    prompt: str | None = None
+    """Text to guide the style or continue a previous segment."""
+    response_format: TranscriptionResponseFormat = "json"
+    """Output format."""
+    temperature: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Sampling temperature; 0 means greedy decoding."""
+    timestamp_granularities: list[Literal["segment", "word"]] = Field(default_factory=lambda: ["segment"])
+    """Timestamp detail for `verbose_json`."""
+
+    @field_validator("language")
+    @classmethod
+    def _language_code(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z]{2,3}", value):
+            raise ValueError(f"must be an ISO-639-1 code such as 'en', got {value!r}")
+        return value.lower() if value is not None else None
+
+
+class TranscriptionSegment(OpenAIBaseModel):
+    id: int
+    """Index of the segment."""
+    start: float
+    """Start time in seconds."""
+    end: float
+    """End time in seconds."""
+    text: str
+    """Text of the segment."""
+
+
+class TranscriptionResponse(OpenAIBaseModel):
+    text: str
+    """The transcript."""
+
+
+class TranscriptionVerboseResponse(OpenAIBaseModel):
+    task: Literal["transcribe"] = "transcribe"
+    """Always `transcribe`."""
+    language: str
+    """Language of the audio."""
+    duration: float
+    """Duration of the audio in seconds."""
+    text: str
+    """The transcript."""
+    segments: list[TranscriptionSegment]
+    """Timed segments of the transcript."""
+
+
+SpeechFormat = Literal["wav", "flac", "pcm", "mp3", "opus"]
+
+
+class SpeechRequest(RequestModel):
+    model: str
+    """Text-to-speech model id or alias."""
+    input: str = Field(min_length=1, max_length=4096)
+    """Text to speak."""
+    voice: str | None = None
+    """Voice name; models with a single voice ignore it."""
+    response_format: SpeechFormat = "wav"
+    """Audio container/encoding; `pcm` is raw 16-bit little-endian mono."""
+    speed: float = Field(default=1.0, ge=0.25, le=4.0)
+    """Playback speed factor."""
+    instructions: str | None = None
+    """Style instructions; models that cannot follow them ignore them."""
+
+    _check_input = field_validator("input")(_not_blank)
+
+
+# --- legacy seed routes -----------------------------------------------------------------
+
+
+class GenerateRequest(RequestModel):
+    query: str = Field(min_length=1)
+    """The user's message."""
+    system_prompt: str | None = None
+    """Optional system prompt."""
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    """Upper bound on generated tokens."""
+
+
+class GenerateResponse(OpenAIBaseModel):
+    response: str
+    """The generated reply."""
+    model: str
+    """The model that answered."""
+
+
+class TtsRequest(RequestModel):
+    text: str = Field(min_length=1)
+    """Text to speak."""
+
+    _check_text = field_validator("text")(_not_blank)
+
+
+# --- voice round trip (STT -> LLM -> TTS) -----------------------------------------------
+
+
+class VoiceChatResponse(OpenAIBaseModel):
+    transcript: str
+    """What the speech-to-text model heard."""
+    reply: str
+    """What the language model answered."""
+    audio: str
+    """The spoken reply, base64-encoded."""
+    audio_format: str
+    """Format of `audio`, e.g. `wav`."""
+    sample_rate: int
+    """Sample rate of `audio` in Hz."""
+    models: dict[str, str]
+    """Model used for each step: keys `stt`, `llm`, `tts`."""

@@ -1,0 +1,135 @@
+"""Audio decode/encode round trips, resampling, chunking and subtitle formats."""
+
+import io
+from types import SimpleNamespace
+from typing import get_args
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from deployments.audio import (
+    SPEECH_FORMATS,
+    AudioDecodeError,
+    UnsupportedAudioFormat,
+    chunk,
+    decode_audio,
+    encode_audio,
+    encode_audio_with_rate,
+    format_srt,
+    format_vtt,
+    resample,
+)
+from deployments.protocol import SpeechFormat
+
+
+def sine(rate: int, seconds: float = 1.0, freq: float = 440.0, amplitude: float = 0.5) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def peak_hz(samples: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(samples))
+    return float(np.fft.rfftfreq(len(samples), 1 / rate)[spectrum.argmax()])
+
+
+def decode_any(data: bytes, fmt: str, rate: int) -> tuple[np.ndarray, int]:
+    if fmt == "pcm":  # headerless: the caller knows the rate
+        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767.0, rate
+    return decode_audio(data)
+
+
+def test_every_format_the_api_accepts_is_registered_here():
+    assert set(SPEECH_FORMATS) == set(get_args(SpeechFormat))
+
+
+@pytest.mark.parametrize("fmt", sorted(SPEECH_FORMATS))
+@pytest.mark.parametrize("rate", [16000, 22050])
+def test_encode_decode_round_trip(fmt, rate):
+    data, media_type, written_rate = encode_audio_with_rate(sine(rate), rate, fmt)
+    assert media_type == SPEECH_FORMATS[fmt][0] and media_type.startswith("audio/")
+    assert encode_audio(sine(rate), rate, fmt)[1] == media_type
+    samples, decoded_rate = decode_any(data, fmt, written_rate)
+    assert decoded_rate == written_rate
+    # opus only takes 8/12/16/24/48 kHz: 22050 goes up to 24000; the others keep the rate
+    expected_rate = 24000 if (fmt, rate) == ("opus", 22050) else rate
+    assert written_rate == expected_rate
+    assert len(samples) / decoded_rate == pytest.approx(1.0, abs=0.03)
+    assert peak_hz(samples, decoded_rate) == pytest.approx(440, abs=5)
+    # RMS, not peak: lossy codecs overshoot where the sine is cut off at the end
+    assert np.sqrt(np.mean(samples**2)) == pytest.approx(0.5 / np.sqrt(2), abs=0.03)
+
+
+def test_pcm_is_raw_little_endian_int16():
+    data, media_type = encode_audio(np.array([0.0, 1.0, -1.0, 0.5], dtype=np.float32), 16000, "pcm")
+    assert media_type == "audio/pcm"
+    assert np.frombuffer(data, dtype="<i2").tolist() == [0, 32767, -32767, 16384]
+
+
+def test_encode_clips_and_accepts_model_shapes():
+    loud = np.full((1, 1600), 2.0, dtype=np.float32)  # (1, n) as TTS models return it, over full scale
+    samples, _ = decode_audio(encode_audio(loud, 16000, "wav")[0])
+    assert samples.min() > 0.99  # clipped, not wrapped around to negative
+
+
+def test_unknown_output_format():
+    with pytest.raises(UnsupportedAudioFormat, match="choose one of: wav"):
+        encode_audio(sine(16000), 16000, "aac")
+
+
+def test_decode_mixes_channels_down():
+    stereo = np.stack([np.full(800, 0.5), np.full(800, 0.25)], axis=1)
+    buffer = io.BytesIO()
+    sf.write(buffer, stereo, 8000, format="FLAC")
+    samples, rate = decode_audio(buffer.getvalue())
+    assert (rate, samples.shape, samples.dtype) == (8000, (800,), np.float32)
+    assert np.allclose(samples, 0.375, atol=1e-3)
+
+
+@pytest.mark.parametrize("data", [b"", b"definitely not audio" * 50, b"RIFF\x00\x00"])
+def test_decode_garbage_raises_naming_formats(data):
+    with pytest.raises(AudioDecodeError, match="Supported formats: WAV, FLAC"):
+        decode_audio(data)
+
+
+def test_resample_length_and_pitch():
+    out = resample(sine(44100), 44100, 16000)
+    assert out.dtype == np.float32 and len(out) == 16000
+    assert peak_hz(out, 16000) == pytest.approx(440, abs=2)
+    same = sine(16000)
+    assert resample(same, 16000, 16000) is same
+
+
+def test_chunk_covers_the_whole_signal():
+    rate = 1000
+    samples = np.arange(65 * rate, dtype=np.float32)
+    pieces = chunk(samples, rate, chunk_s=30.0)
+    assert [start for start, _ in pieces] == [0.0, 30.0, 60.0]
+    assert [len(piece) for _, piece in pieces] == [30000, 30000, 5000]
+    assert np.array_equal(np.concatenate([piece for _, piece in pieces]), samples)
+    ((start, short),) = chunk(samples[:10], rate)
+    assert start == 0.0 and np.array_equal(short, samples[:10])
+    assert chunk(samples[:0], rate) == []
+
+
+SEGMENTS = [
+    {"start": 0.0, "end": 2.5, "text": " Hello there."},
+    SimpleNamespace(start=3661.0456, end=3662.2, text="General Kenobi! "),
+]
+
+
+def test_srt_exact():
+    assert format_srt(SEGMENTS) == (
+        "1\n00:00:00,000 --> 00:00:02,500\nHello there.\n"
+        "\n"
+        "2\n01:01:01,046 --> 01:01:02,200\nGeneral Kenobi!\n"
+    )
+
+
+def test_vtt_exact():
+    assert format_vtt(SEGMENTS) == (
+        "WEBVTT\n\n"
+        "00:00:00.000 --> 00:00:02.500\nHello there.\n"
+        "\n"
+        "01:01:01.046 --> 01:01:02.200\nGeneral Kenobi!\n"
+    )
