@@ -19,7 +19,8 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from loading import Family, detect_family
+import loading
+from loading import Family
 
 from .app_config import AppConfig, FamilyOptions
 from .ingress import Ingress
@@ -91,7 +92,7 @@ def build_app(args: dict[str, Any]) -> Application:
     config = AppConfig.model_validate(args)
     for spec in config.models:
         if spec.family is None:
-            spec.family = detect_family(spec)
+            spec.family = loading.detect_family(spec)
     env = {}
     models_dir = config.local_models_dir or os.environ.get("LOCAL_MODELS_DIR")
     if models_dir or any(spec.is_demo for spec in config.models):

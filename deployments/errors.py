@@ -113,12 +113,14 @@ def _is_label(part: Any) -> bool:
     return isinstance(part, str) and (part in _TYPE_LABELS or not part.isidentifier() or not part.islower())
 
 
-def _validation_error(errors: list[dict[str, Any]]) -> APIError:
+def _validation_error(errors: list[dict[str, Any]], *, fastapi_locations: bool = False) -> APIError:
+    """`fastapi_locations`: FastAPI prefixes `loc` with where the value came from ("body", ...);
+    a model validated by our own code has no such prefix (and may have a field named "query")."""
     if not errors:
         return InvalidRequestError("The request is invalid.")
     first = errors[0]
     loc = list(first.get("loc", ()))
-    source = loc.pop(0) if loc and loc[0] in _SOURCES else None
+    source = loc.pop(0) if fastapi_locations and loc and loc[0] in _SOURCES else None
     param = ".".join(str(part) for part in loc if not _is_label(part)) or None
     ctx = first.get("ctx") or {}
     # A ValueError raised by our validators: show its text without pydantic's prefix.
@@ -169,7 +171,7 @@ def _backpressure(exc: BackPressureError) -> APIError:
 _MAPPERS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], Callable[[Any], APIError]]] = [
     (APIError, lambda exc: exc),
     (pydantic.ValidationError, lambda exc: _validation_error(exc.errors())),
-    (RequestValidationError, lambda exc: _validation_error(list(exc.errors()))),
+    (RequestValidationError, lambda exc: _validation_error(list(exc.errors()), fastapi_locations=True)),
     (AudioDecodeError, lambda exc: InvalidRequestError(str(exc), param="file", code="invalid_audio")),
     (UnsupportedAudioFormat, lambda exc: InvalidRequestError(str(exc), param="response_format")),
     (HTTPException, _http_exception),

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 from loading import ModelSpec
 
@@ -34,6 +36,24 @@ class FamilyServer:
 
         return await asyncio.get_running_loop().run_in_executor(self._inference, timed)
 
+    async def _run_groups(self, batch: list, key: Callable[[Any], tuple], work: Callable) -> list:
+        """Run `work(spec, loaded, items)` once per group of batched requests that share a model and
+        `key(item)`. A group's failure goes back to that group's requests only, as the exception."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, item in enumerate(batch):
+            groups[(item.model, key(item))].append(index)
+        results: list[Any] = [None] * len(batch)
+        for (model, _), indices in groups.items():
+            items = [batch[i] for i in indices]
+            try:
+                spec, loaded = await self.pool.get(model)
+                outputs = await self._infer(work, spec, loaded, items)
+            except Exception as exc:
+                outputs = [exc] * len(items)
+            for i, output in zip(indices, outputs):
+                results[i] = output
+        return results
+
     async def status(self) -> list[dict]:
         return self.pool.status()
 
@@ -44,3 +64,9 @@ class FamilyServer:
         if busy_since is not None and time.monotonic() - busy_since > self._stuck_after_s:
             # every model call is bounded (generate's max_time); one far past it is stuck
             raise RuntimeError(f"inference thread stuck for {time.monotonic() - busy_since:.0f} s")
+
+
+def raise_if_error(result: Any) -> Any:
+    if isinstance(result, BaseException):
+        raise result
+    return result

@@ -15,7 +15,7 @@ import os
 import time
 from collections import OrderedDict
 
-from loading import LoadedModel, LoadingMode, ModelHandle, ModelSpec, State, load_model
+from loading import LoadedModel, LoadingMode, ModelHandle, ModelSpec, State
 
 from .errors import ModelNotFoundError
 
@@ -41,7 +41,12 @@ class ModelPool:
 
     @staticmethod
     def _handle(spec: ModelSpec) -> ModelHandle:
-        return ModelHandle(spec.name, lambda progress: load_model(spec, progress=progress))
+        def load(progress):
+            from loading import load_model  # torch + transformers: imported in the loader thread
+
+            return load_model(spec, progress=progress)
+
+        return ModelHandle(spec.name, load)
 
     def canonical(self, name: str) -> str:
         if name not in self.aliases:

@@ -2,28 +2,44 @@
 
 Knows nothing of Ray or HTTP. The serving layer uses `ModelSpec`, `ModelHandle` and
 `load_model`; `modelfleet doctor` and `modelfleet fetch` use the same pieces.
+
+Names are imported on first use (PEP 562): `from loading import ModelSpec` costs pydantic only,
+while `load_model` brings in torch and transformers (~4 s on 2 cores). The ingress and the
+app builder never pay for what only the model replicas need.
 """
 
-from .config import DevicePreference, DType, Family, LoadingMode, ModelSpec, Quantization, models_from_serve_config
-from .errors import (
-    AdapterBaseNotFoundError,
-    AllStrategiesFailedError,
-    LoadingError,
-    ModelLoadFailed,
-    ModelLoadingInProgress,
-    ModelNotFoundError,
-    NoDeviceError,
-    UnsupportedModelError,
-)
-from .handle import ModelHandle, State
-from .inspect_model import detect_family
-from .loader import load_model
-from .report import LoadedModel, LoadReport
-from .settings import Settings
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "AdapterBaseNotFoundError", "AllStrategiesFailedError", "DType", "DevicePreference", "Family", "LoadReport",
-    "LoadedModel", "LoadingError", "LoadingMode", "ModelHandle", "ModelLoadFailed", "ModelLoadingInProgress",
-    "ModelNotFoundError", "ModelSpec", "NoDeviceError", "Quantization", "Settings", "State",
-    "UnsupportedModelError", "detect_family", "load_model", "models_from_serve_config",
-]
+_EXPORTS = {
+    "config": ["DType", "DevicePreference", "Family", "LoadingMode", "ModelSpec", "Quantization",
+               "models_from_serve_config"],
+    "errors": ["AdapterBaseNotFoundError", "AllStrategiesFailedError", "LoadingError", "ModelLoadFailed",
+               "ModelLoadingInProgress", "ModelNotFoundError", "NoDeviceError", "UnsupportedModelError"],
+    "handle": ["ModelHandle", "State"],
+    "inspect_model": ["detect_family"],
+    "loader": ["load_model"],
+    "report": ["LoadReport", "LoadedModel"],
+    "settings": ["Settings"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'loading' has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the eager view of the same names
+    from .config import DevicePreference, DType, Family, LoadingMode, ModelSpec, Quantization, models_from_serve_config
+    from .errors import (AdapterBaseNotFoundError, AllStrategiesFailedError, LoadingError, ModelLoadFailed,
+                         ModelLoadingInProgress, ModelNotFoundError, NoDeviceError, UnsupportedModelError)
+    from .handle import ModelHandle, State
+    from .inspect_model import detect_family
+    from .loader import load_model
+    from .report import LoadedModel, LoadReport
+    from .settings import Settings

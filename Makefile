@@ -1,0 +1,32 @@
+# Two entry points, both safe on a fresh machine:  `make serve`  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Ray's token auth (on by default for new local clusters) breaks the `serve` CLI; no usage stats.
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+export LOCAL_MODELS_DIR ?= $(CURDIR)/models
+
+.PHONY: install serve test doctor bench-smoke clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# CPU torch first, from the local wheel: the pin in pyproject then matches it and nothing
+	# (no dependency, no torchvision) can pull the multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(VENV)/bin/serve run serve_config.yaml
+
+test: install
+	$(PY) -m pytest
+
+doctor: install
+	$(VENV)/bin/modelfleet doctor
+
+clean:
+	rm -rf $(VENV) models
