@@ -49,7 +49,9 @@ def resolve_base(
     """Find the adapter's base model, never starting an unannounced download."""
     base = override or adapter.base_name
     parent = adapter.path.parent
-    extra = (parent,) if is_model_dir(parent) and (parent / "config.json").is_file() else ()
+    # The parent directory is a guess for the adapter's own base name; an explicit `base_model:` is
+    # the operator's word and must win (and fail if missing) rather than fall back to the parent.
+    extra = (parent,) if not override and is_model_dir(parent) and (parent / "config.json").is_file() else ()
     if not base and not extra:
         raise AdapterBaseNotFoundError(
             str(adapter.path), "<unnamed>", [f"{adapter.path}/adapter_config.json (no base_model_name_or_path)"],

@@ -29,7 +29,8 @@ def _gib(n: int | None) -> str:
     return "?" if n is None else f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-def doctor(config: Path, out=sys.stdout) -> int:
+def doctor(config: Path, out=None) -> int:
+    out = out or sys.stdout  # looked up per call: a default bound at import ignores redirection
     settings = Settings.from_env()
     hub = hub_status(settings)
     gpus = visible_gpus()
@@ -77,7 +78,8 @@ def doctor(config: Path, out=sys.stdout) -> int:
     return 1 if failures else 0
 
 
-def fetch(config: Path, to_local_dir: bool, out=sys.stdout) -> int:
+def fetch(config: Path, to_local_dir: bool, out=None) -> int:
+    out = out or sys.stdout  # looked up per call: a default bound at import ignores redirection
     settings = Settings.from_env()
     hub = hub_status(settings)
     specs = models_from_serve_config(config)

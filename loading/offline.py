@@ -26,6 +26,11 @@ class HubStatus:
     reason: str
 
 
+def reset_probe_cache() -> None:
+    """Forget cached reachability probes (the next hub_status() probes again)."""
+    _probe_cache.clear()
+
+
 def declared_offline(environ: dict[str, str] | None = None) -> str | None:
     """The variable that declares offline mode (e.g. 'HF_HUB_OFFLINE=1'), or None."""
     env = os.environ if environ is None else environ

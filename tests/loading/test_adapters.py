@@ -1,0 +1,124 @@
+"""PEFT adapter-only directories and their base model.
+
+Issue: an adapter whose base_model_name_or_path names a Hub id that is not local started a silent
+multi-GB download (or hung ~47 s offline, then failed); a base path from the training machine
+gave PEFT's confusing "Repo id must be in the form" error; a fine-tune saved as
+models/X/final_model/ next to its base in models/X/ was not found.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from loading import AdapterBaseNotFoundError, ModelSpec, load_model
+from loading_testutil import CLOSED_LOCAL_ENDPOINT, Timer, copy_model, record, set_adapter_base
+
+TOKENS = torch.tensor([[5, 6, 7, 8, 9]])
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def _adapter_with_base(tiny, dest, base: str):
+    adapter = copy_model(tiny["llm-lora"], dest)
+    set_adapter_base(adapter, base)
+    return adapter
+
+
+# -- 6. base missing: fail fast, naming the base ----------------------------------------------------
+def test_adapter_whose_hub_base_is_not_cached_fails_fast_offline(isolated_env, tiny, tmp_path, monkeypatch):
+    adapter = _adapter_with_base(tiny, tmp_path / "adapters" / "my-lora", "Org/Missing-Base-7B")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with Timer() as t, pytest.raises(AdapterBaseNotFoundError) as info:
+        load_model(ModelSpec(name="my-lora", source=str(adapter)))
+    record("fail fast: adapter base Hub id not cached, offline (case 6)", t.seconds)
+    assert t.seconds < 2
+    message = str(info.value)
+    assert info.value.base == "Org/Missing-Base-7B" and "'Org/Missing-Base-7B'" in message
+    assert str(adapter) in message and "HF_HUB_OFFLINE=1" in message
+    assert str(isolated_env["models"] / "Missing-Base-7B") in message and "base_model:" in message
+
+
+def test_adapter_whose_hub_base_is_not_cached_fails_fast_when_hub_unreachable(isolated_env, tiny, tmp_path,
+                                                                              monkeypatch):
+    adapter = _adapter_with_base(tiny, tmp_path / "my-lora", "Org/Missing-Base-7B")
+    monkeypatch.setenv("HF_ENDPOINT", CLOSED_LOCAL_ENDPOINT)
+    with Timer() as t, pytest.raises(AdapterBaseNotFoundError, match="unreachable"):
+        load_model(ModelSpec(name="my-lora", source=str(adapter)))
+    record("fail fast: adapter base not cached, Hub unreachable (case 6)", t.seconds)
+    assert t.seconds < 2
+
+
+def test_adapter_whose_absolute_base_path_is_gone(isolated_env, tiny, tmp_path):
+    gone = tmp_path / "training-machine" / "checkpoints" / "base"
+    adapter = _adapter_with_base(tiny, tmp_path / "my-lora", str(gone))
+
+    # PEFT on its own: a confusing Hub-id validation error about a path.
+    from peft import AutoPeftModelForCausalLM
+
+    with pytest.raises(OSError, match="Repo id must be in the form"):
+        AutoPeftModelForCausalLM.from_pretrained(str(adapter))
+
+    with Timer() as t, pytest.raises(AdapterBaseNotFoundError) as info:
+        load_model(ModelSpec(name="my-lora", source=str(adapter)))
+    record("fail fast: adapter base absolute path gone (case 6)", t.seconds)
+    assert t.seconds < 2
+    assert info.value.base == str(gone)
+    assert f"{gone} (does not exist)" in str(info.value)
+
+
+def test_adapter_base_found_in_local_models_dir_by_last_component(isolated_env, tiny, tmp_path, monkeypatch):
+    adapter = _adapter_with_base(tiny, tmp_path / "my-lora", "Org/Base-7B")
+    copy_model(tiny["llm"], isolated_env["models"] / "Base-7B")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = load_model(ModelSpec(name="my-lora", source=str(adapter)))
+    report = loaded.report
+    assert report.base_resolved_from == "LOCAL_MODELS_DIR"
+    assert report.base_path == str((isolated_env["models"] / "Base-7B").resolve())
+    assert report.adapter_path == str(adapter.resolve())
+
+
+# -- 7. base in the adapter's parent directory ------------------------------------------------------
+def test_adapter_in_final_model_subdir_uses_parent_as_base(isolated_env, tiny, monkeypatch):
+    base_dir = copy_model(tiny["llm"], isolated_env["models"] / "X")
+    adapter = _adapter_with_base(tiny, base_dir / "final_model", "Org/Base-7B")  # that id exists nowhere
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with Timer() as t:
+        loaded = load_model(ModelSpec(name="x-ft", source="X/final_model"))
+    record("load_model tiny llm + LoRA, base in parent dir (case 7)", t.seconds)
+    report = loaded.report
+    assert report.base_resolved_from == "adapter's parent directory"
+    assert report.base_path == str(base_dir.resolve()) and report.adapter_path == str(adapter.resolve())
+    assert type(loaded.model).__name__ == "PeftModelForCausalLM"
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    adapted = _logits(loaded.model)
+    assert (adapted - _logits(base)).abs().max() > 1e-2  # the adapter changes the output
+    with loaded.model.disable_adapter():
+        assert torch.allclose(_logits(loaded.model), _logits(base), atol=1e-5)
+
+
+def test_explicit_base_model_override_wins(isolated_env, tiny, monkeypatch):
+    base_dir = copy_model(tiny["llm"], isolated_env["models"] / "X")
+    adapter = _adapter_with_base(tiny, base_dir / "final_model", "Org/Base-7B")
+    other = copy_model(tiny["llm-seed1"], isolated_env["models"] / "other-base")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    # by name under LOCAL_MODELS_DIR: wins over the parent directory
+    loaded = load_model(ModelSpec(name="x-ft", source=str(adapter), base_model="other-base"))
+    assert loaded.report.base_path == str(other.resolve())
+    assert loaded.report.base_resolved_from == "LOCAL_MODELS_DIR"
+    with loaded.model.disable_adapter():
+        assert torch.allclose(_logits(loaded.model), _logits(AutoModelForCausalLM.from_pretrained(other)))
+
+    # as an absolute path
+    loaded = load_model(ModelSpec(name="x-ft", source=str(adapter), base_model=str(other)))
+    assert loaded.report.base_path == str(other.resolve()) and loaded.report.base_resolved_from == "local path"
+
+    # an override that does not exist fails, naming it (it never silently falls back to the parent)
+    with pytest.raises(AdapterBaseNotFoundError, match="no-such-base"):
+        load_model(ModelSpec(name="x-ft", source=str(adapter), base_model="no-such-base"))

@@ -1,0 +1,127 @@
+"""`modelfleet doctor` and `modelfleet fetch`: check a machine and its serve config in seconds.
+
+Issue: the only way to learn that a model was missing, mis-configured or would not fit was to
+start Ray Serve and wait for a replica to die.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loading.cli import main
+from loading.tiny import stage_in_hf_cache
+from loading_testutil import CLOSED_LOCAL_ENDPOINT, Timer, record
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "modelfleet"
+
+
+def _serve_config(path: Path, models: list[dict]) -> Path:
+    """A serve_config.yaml-shaped file: the models live under applications[0].args.models."""
+    path.write_text(yaml.safe_dump({
+        "applications": [{"name": "modelfleet", "route_prefix": "/", "import_path": "deployments.builder:build_app",
+                          "args": {"device": "cpu", "models": models}}],
+    }))
+    return path
+
+
+@pytest.fixture
+def good_config(isolated_env, tiny, tmp_path) -> Path:
+    return _serve_config(tmp_path / "good.yaml", [
+        {"name": "tiny-llm", "source": str(tiny["llm"]), "aliases": ["llm"]},
+        {"name": "tiny-llm-lora", "source": str(tiny["llm-lora"])},
+        {"name": "tiny-whisper", "source": str(tiny["stt"]), "family": "stt"},
+        {"name": "tiny-vits", "source": str(tiny["tts"])},
+        {"name": "tiny-llava", "source": str(tiny["vlm"]), "family": "vlm"},
+        {"name": "demo", "source": "demo-llm", "build_tiny": "llm"},
+    ])
+
+
+def test_doctor_good_config(good_config, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", CLOSED_LOCAL_ENDPOINT)
+    with Timer() as t:
+        code = main(["doctor", "--config", str(good_config)])
+    record("modelfleet doctor, good config (in process)", t.seconds)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert t.seconds < 5
+    assert "torch " in out and ("GPUs: none visible" in out or "GPU 0:" in out)
+    assert "bitsandbytes: bitsandbytes" in out and "native libraries: " in out
+    assert "Hub: OFFLINE (127.0.0.1:9 unreachable" in out and "hint: set HF_HUB_OFFLINE=1" in out
+    for name in ("tiny-llm", "tiny-llm-lora", "tiny-whisper", "tiny-vits", "tiny-llava"):
+        assert f"[ok  ] {name}:" in out
+    assert out.count("would load: float32 on cpu") == 5
+    assert "family: vlm (LlavaForConditionalGeneration)" in out and "family: tts (VitsModel)" in out
+    assert "adapter base: " in out and "demo model, built on first start" in out
+    assert "6 of 6 models can load." in out
+
+
+def test_doctor_broken_config(isolated_env, qwen_vl, tiny, tmp_path, monkeypatch, capsys):
+    config = _serve_config(tmp_path / "broken.yaml", [
+        {"name": "ok", "source": str(tiny["llm"])},
+        {"name": "missing", "source": "modelfleet-test/not-cached-7B"},
+        {"name": "qwen-vl", "source": str(qwen_vl["qwen2_5_vl"]), "family": "llm"},
+    ])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with Timer() as t:
+        code = main(["doctor", "--config", str(config)])
+    record("modelfleet doctor, broken config (in process)", t.seconds)
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert t.seconds < 5
+    assert "Hub: OFFLINE (offline mode declared by HF_HUB_OFFLINE=1)" in out
+    assert "[ok  ] ok:" in out and "[FAIL] missing:" in out and "[FAIL] qwen-vl:" in out
+    assert "'modelfleet-test/not-cached-7B' was not found" in out and "modelfleet fetch" in out
+    assert "family: vlm" in out and "qwen2_5_vl" in out
+    assert "1 of 3 models can load." in out
+
+
+def test_fetch_offline_missing_fails_fast_and_cached_succeeds(isolated_env, tiny, tmp_path, monkeypatch, capsys):
+    config = _serve_config(tmp_path / "fetch.yaml", [{"name": "tiny", "source": "modelfleet-test/tiny-llm"}])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with Timer() as t:
+        code = main(["fetch", "--config", str(config)])
+    record("modelfleet fetch offline, missing model", t.seconds)
+    out = capsys.readouterr().out
+    assert code == 1 and t.seconds < 5
+    assert "[FAIL] tiny:" in out and "HF_HUB_OFFLINE=1" in out and "0 of 1 models available locally." in out
+
+    snapshot = stage_in_hf_cache(tiny["llm"], "modelfleet-test/tiny-llm", isolated_env["hub_cache"])
+    code = main(["fetch", "--config", str(config)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"[ok  ] tiny: {snapshot.resolve()} (HF cache)" in out and "1 of 1 models available locally." in out
+
+
+def test_fetch_builds_demo_model_and_reports_adapter_base(isolated_env, tmp_path, monkeypatch, capsys):
+    config = _serve_config(tmp_path / "demo.yaml", [
+        {"name": "tiny-llm", "source": "tiny-llm", "build_tiny": "llm"},
+        {"name": "tiny-llm-lora", "source": "tiny-llm-lora", "base_model": "tiny-llm", "build_tiny": "llm-lora"},
+    ])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["fetch", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    models = isolated_env["models"]
+    assert f"adapter base: {(models / 'tiny-llm').resolve()} (LOCAL_MODELS_DIR)" in out
+    assert (models / "tiny-llm-lora" / "adapter_config.json").is_file()
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["doctor", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not CONSOLE_SCRIPT.exists(), reason="modelfleet not installed (pip install -e . --no-deps)")
+def test_installed_console_script(good_config, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with Timer() as t:
+        proc = subprocess.run([str(CONSOLE_SCRIPT), "doctor", "--config", str(good_config)],
+                              capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    record("modelfleet doctor, console script (subprocess)", t.seconds)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "6 of 6 models can load." in proc.stdout and "would load: float32 on cpu" in proc.stdout

@@ -1,0 +1,145 @@
+"""Finding a model: local dir -> LOCAL_MODELS_DIR -> HF cache -> Hub, failing in seconds.
+
+Issue: offline, or where the Hub is unreachable, a model that is not cached made
+huggingface_hub retry for ~47 s (model) / ~141 s (tokenizer) and then print an OSError that did
+not say where it had looked; offline flags set after import were ignored; TRANSFORMERS_CACHE was
+silently not read.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from loading import ModelNotFoundError, ModelSpec, Settings, load_model
+from loading.offline import declared_offline, hub_status, reset_probe_cache
+from loading.resolve import resolve_source
+from loading.tiny import stage_in_hf_cache
+from loading_testutil import CLOSED_LOCAL_ENDPOINT, Timer, copy_model, record
+
+MISSING = "modelfleet-test/not-cached-7B"
+
+
+# -- 4. offline, empty cache: fail fast, say where we looked and what to do -----------------------
+def test_offline_missing_hub_id_fails_fast_with_every_place_looked_at(isolated_env, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with Timer() as t, pytest.raises(ModelNotFoundError) as info:
+        load_model(ModelSpec(name="big", source=MISSING))
+    record("fail fast: offline, Hub id not cached (case 4)", t.seconds)
+    assert t.seconds < 2
+    message = str(info.value)
+    models = isolated_env["models"]
+    for place in (models / MISSING, models / "not-cached-7B", isolated_env["hub_cache"]):
+        assert str(place) in message
+    assert "HF cache" in message and "HF_HUB_OFFLINE=1" in message
+    assert "modelfleet fetch" in message
+    assert info.value.source == MISSING and info.value.offline_reason.startswith("offline mode declared")
+    assert len(info.value.looked_at) == 4  # the id as a path, LOCAL_MODELS_DIR/id, .../last component, cache
+
+
+@pytest.mark.parametrize("variable", ["TRANSFORMERS_OFFLINE", "HF_OFFLINE", "HF_FORCE_OFFLINE", "HF_HUB_OFFLINE"])
+def test_each_offline_variable_is_read_at_call_time(isolated_env, monkeypatch, variable):
+    # loading (and huggingface_hub) were imported long before this variable is set
+    assert declared_offline() is None
+    monkeypatch.setenv(variable, "1")
+    assert declared_offline() == f"{variable}=1"
+    with Timer() as t, pytest.raises(ModelNotFoundError, match=variable):
+        load_model(ModelSpec(name="big", source=MISSING))
+    assert t.seconds < 2
+
+
+def test_offline_false_values_do_not_declare_offline(monkeypatch):
+    for value in ("0", "false", "", "no"):
+        assert declared_offline({"HF_HUB_OFFLINE": value}) is None
+    assert declared_offline({"HF_OFFLINE": "true"}) == "HF_OFFLINE=true"
+
+
+# -- 5. Hub unreachable and no offline flag: one short probe instead of minutes of retries ---------
+def test_unreachable_hub_without_offline_flag_fails_fast(isolated_env, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", CLOSED_LOCAL_ENDPOINT)  # loopback, connection refused
+    with Timer() as t, pytest.raises(ModelNotFoundError) as info:
+        load_model(ModelSpec(name="big", source=MISSING))
+    record("fail fast: Hub unreachable, no offline flag (case 5)", t.seconds)
+    assert t.seconds < 2
+    message = str(info.value)
+    assert "127.0.0.1:9 unreachable" in message and "treating the Hub as offline" in message
+    assert "modelfleet fetch" in message and str(isolated_env["hub_cache"]) in message
+
+
+def test_probe_is_cached_and_resettable(isolated_env, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", CLOSED_LOCAL_ENDPOINT)
+    settings = Settings.from_env()
+    first = hub_status(settings)
+    assert not first.online and "ConnectionRefusedError" in first.reason
+    assert hub_status(settings) is first  # cached for 30 s
+    reset_probe_cache()
+    again = hub_status(settings)
+    assert again is not first and again == first
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a declared flag wins over any probe
+    assert hub_status(settings).reason == "offline mode declared by HF_HUB_OFFLINE=1"
+
+
+# -- 11. TRANSFORMERS_CACHE is not read: say so ------------------------------------------------------
+def test_transformers_cache_without_hf_home_warns(monkeypatch, caplog, tmp_path):
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_CACHE", str(tmp_path / "old-cache"))
+    caplog.set_level(logging.WARNING, logger="loading")
+    settings = Settings.from_env()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "HF_HOME" in warnings[0] and "TRANSFORMERS_CACHE" in warnings[0]
+    assert settings.warnings and "HF_HOME" in settings.warnings[0]
+
+    caplog.clear()
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    settings = Settings.from_env()
+    assert settings.warnings == () and not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert settings.hf_hub_cache == tmp_path / "hf" / "hub"
+
+
+def test_settings_are_read_at_call_time(isolated_env, monkeypatch, tmp_path):
+    assert Settings.from_env().local_models_dir == isolated_env["models"]
+    monkeypatch.setenv("LOCAL_MODELS_DIR", str(tmp_path / "elsewhere"))
+    assert Settings.from_env().local_models_dir == tmp_path / "elsewhere"
+
+
+# -- 12. a Hub id that is cached loads offline, from the cache ----------------------------------------
+def test_cached_hub_id_loads_offline_from_hf_cache(isolated_env, tiny, monkeypatch):
+    snapshot = stage_in_hf_cache(tiny["llm"], "modelfleet-test/tiny-llm", isolated_env["hub_cache"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with Timer() as t:
+        loaded = load_model(ModelSpec(name="tiny", source="modelfleet-test/tiny-llm"))
+    record("load_model cached Hub id offline (case 12)", t.seconds)
+    assert t.seconds < 5
+    assert loaded.report.resolved_from == "HF cache"
+    assert loaded.report.resolved_path == str(snapshot.resolve())
+    assert type(loaded.model).__name__ == "LlamaForCausalLM"
+
+
+def test_local_models_dir_by_id_and_by_last_component(isolated_env, tiny):
+    copy_model(tiny["llm"], isolated_env["models"] / "Org" / "Tiny-LLM")
+    settings = Settings.from_env()
+    by_id = resolve_source("Org/Tiny-LLM", settings, allow_download=False)
+    assert by_id.origin == "LOCAL_MODELS_DIR" and by_id.path == (isolated_env["models"] / "Org" / "Tiny-LLM")
+
+    copy_model(tiny["stt"], isolated_env["models"] / "whisper-tiny")
+    by_name = resolve_source("openai/whisper-tiny", settings, allow_download=False)
+    assert by_name.origin == "LOCAL_MODELS_DIR" and by_name.path.name == "whisper-tiny"
+
+    local = resolve_source(str(tiny["tts"]), settings)
+    assert local.origin == "local path" and local.path == tiny["tts"].resolve()
+
+
+def test_missing_local_path_is_not_treated_as_a_hub_id(isolated_env, tmp_path):
+    with Timer() as t, pytest.raises(ModelNotFoundError, match="not a Hub id") as info:
+        load_model(ModelSpec(name="gone", source=str(tmp_path / "gone" / "model")))
+    assert t.seconds < 2
+    assert str(tmp_path / "gone" / "model") + " (does not exist)" in str(info.value)
+
+
+def test_dir_without_weights_is_not_a_model(isolated_env, tmp_path):
+    half = isolated_env["models"] / "half-copied"
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match="no config.json/adapter_config.json with weights"):
+        resolve_source("half-copied", Settings.from_env(), allow_download=False)
