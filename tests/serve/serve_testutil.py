@@ -1,0 +1,84 @@
+"""Helpers for the Serve tests: deploy an app, talk to it, wait for its health."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_args() -> dict:
+    """The `args:` of the shipped serve_config.yaml: the tests serve exactly what users run."""
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    return config["applications"][0]["args"]
+
+
+class App:
+    """A running Serve application and the ways tests talk to it."""
+
+    def __init__(self, url: str, name: str):
+        self.url, self.name = url, name
+
+    def openai(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key="unused", timeout=60, max_retries=0)
+
+    def get(self, path: str, **kw):
+        return requests.get(self.url + path, timeout=kw.pop("timeout", 30), **kw)
+
+    def post(self, path: str, **kw):
+        return requests.post(self.url + path, timeout=kw.pop("timeout", 60), **kw)
+
+    def wait_for(self, predicate, timeout: float = 60.0, interval: float = 0.25):
+        """Poll /health until predicate(health_json) is true; return that JSON."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = self.get("/health", timeout=10).json()
+                if predicate(last):
+                    return last
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(interval)
+        raise AssertionError(f"health never matched within {timeout} s; last: {last}")
+
+
+def run_app(serve_url: str, name: str, args: dict, *, blocking: bool = True) -> App:
+    """Deploy the builder's application. Non-blocking for apps whose replicas may never be ready
+    (serve.run waits for RUNNING): then it deploys in a thread and returns once HTTP answers."""
+    from ray import serve
+
+    from deployments.builder import build_app
+
+    app = build_app(args)
+    if blocking:
+        serve.run(app, name=name, route_prefix=f"/{name}" if name != "modelfleet" else "/")
+    else:
+        threading.Thread(target=lambda: serve.run(app, name=name, route_prefix=f"/{name}"), daemon=True).start()
+    url = serve_url if name == "modelfleet" else f"{serve_url}/{name}"
+    handle = App(url, name)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/health", timeout=5).status_code == 200:
+                return handle
+        except requests.RequestException:
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"app {name} never answered /health")
+
+

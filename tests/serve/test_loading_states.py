@@ -1,0 +1,118 @@
+"""What clients and operators see while models load, fail, or cannot be placed.
+
+A real app whose models load slowly (debug_load_delay_s), fail permanently (a Hub id that is
+nowhere), load lazily, or ask for a GPU the cluster does not have.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from serve_testutil import run_app
+
+SLOW_S = 8.0
+
+
+@pytest.fixture(scope="module")
+def states_app(serve_url, models_dir):
+    from ray import serve
+
+    args = {
+        "device": "cpu",
+        "request_timeout_s": 30,
+        "local_models_dir": str(models_dir),
+        "models": [
+            {"name": "slow-llm", "source": "tiny-llm", "build_tiny": "llm", "debug_load_delay_s": SLOW_S},
+            {"name": "broken-llm", "source": "acme/no-such-model", "family": "llm"},
+            {"name": "lazy-tts", "source": "tiny-vits", "build_tiny": "tts", "loading": "lazy"},
+        ],
+        "families": {"llm": {"autoscaling": None}, "tts": {"autoscaling": None}},
+    }
+    started = time.monotonic()
+    app = run_app(serve_url, "states", args)
+    app.deployed_in_s = time.monotonic() - started
+    yield app
+    serve.delete("states")
+
+
+def chat(app, model, headers=None):
+    return app.post("/v1/chat/completions", headers=headers or {},
+                    json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+
+
+def test_health_answers_while_models_load_and_shows_each_state(states_app):
+    assert states_app.deployed_in_s < SLOW_S, "the server must be up before the slow model is loaded"
+    health = states_app.wait_for(lambda h: h["models"]["broken-llm"]["state"] == "failed", timeout=30)
+    models = health["models"]
+    assert health["status"] == "degraded"
+    slow = models["slow-llm"]
+    assert slow["state"] == "loading" and slow["phase"] == "simulated delay", slow
+    assert models["lazy-tts"]["state"] == "not_loaded"
+    error = models["broken-llm"]["error"]
+    assert "acme/no-such-model" in error and "modelfleet fetch" in error
+
+
+def test_request_for_a_loading_model_gets_503_with_retry_after_and_phase(states_app):
+    response = chat(states_app, "slow-llm")
+    if states_app.get("/health").json()["models"]["slow-llm"]["state"] == "ready":
+        pytest.skip("the slow model finished loading before this test ran")
+    assert response.status_code == 503, response.text
+    assert int(response.headers["retry-after"]) >= 1
+    error = response.json()["error"]
+    assert error["code"] == "model_loading" and "simulated delay" in error["message"]
+
+
+def test_a_client_may_ask_to_wait_for_the_model(states_app):
+    response = chat(states_app, "slow-llm", headers={"x-wait-for-model": "60"})
+    assert response.status_code == 200, response.text
+    health = states_app.get("/health").json()["models"]["slow-llm"]
+    assert health["state"] == "ready" and health["load_seconds"] >= SLOW_S
+
+
+def test_a_permanent_failure_is_sticky_visible_and_never_restart_loops(states_app):
+    pid = states_app.get("/health").json()["models"]["broken-llm"]["replica"]["pid"]
+    for _ in range(3):
+        response = chat(states_app, "broken-llm")
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "model_load_failed"
+        assert "retry-after" not in response.headers
+    time.sleep(2)
+    info = states_app.get("/health").json()["models"]["broken-llm"]
+    assert info["state"] == "failed" and info["replica"]["pid"] == pid  # same replica: no restart loop
+    # and the healthy model in the same replica keeps serving
+    assert chat(states_app, "slow-llm", headers={"x-wait-for-model": "60"}).status_code == 200
+
+
+def test_a_lazy_model_loads_on_first_use(states_app):
+    assert states_app.get("/health").json()["models"]["lazy-tts"]["state"] == "not_loaded"
+    response = states_app.post("/v1/audio/speech", headers={"x-wait-for-model": "60"},
+                               json={"model": "lazy-tts", "input": "hello"})
+    assert response.status_code == 200 and response.headers["content-type"] == "audio/wav"
+    assert states_app.get("/health").json()["models"]["lazy-tts"]["state"] == "ready"
+
+
+@pytest.fixture(scope="module")
+def gpu_app(serve_url, models_dir):
+    """Asks for a GPU per replica on a cluster that has none: Ray would leave it pending silently."""
+    from ray import serve
+
+    args = {"device": "gpu", "request_timeout_s": 3, "status_timeout_s": 2, "local_models_dir": str(models_dir),
+            "models": [{"name": "gpu-llm", "source": "tiny-llm", "build_tiny": "llm"}],
+            "families": {"llm": {"autoscaling": None}}}
+    app = run_app(serve_url, "gpu", args, blocking=False)
+    yield app
+    serve.delete("gpu", _blocking=False)
+
+
+def test_a_replica_pending_for_a_gpu_is_reported_not_silent(gpu_app):
+    health = gpu_app.get("/health").json()
+    assert health["status"] == "degraded"
+    assert any("GPU" in note for note in health["notes"]), health
+    assert health["models"]["gpu-llm"]["state"] == "unavailable"
+    started = time.monotonic()
+    response = chat(gpu_app, "gpu-llm")
+    assert time.monotonic() - started < 10, "must not hang"
+    assert response.status_code == 503
+    assert "GPU" in response.json()["error"]["message"]
