@@ -13,7 +13,6 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import ValidationError
 
 from loading import Family
 
@@ -164,7 +163,8 @@ def build_api(ingress: Ingress) -> FastAPI:
         audio, rate = _audio(files, "file")
         result = await ingress.transcribe(TranscribeParams(
             model=form.model, audio=audio, sample_rate=rate, language=form.language, prompt=form.prompt,
-            temperature=form.temperature, wait_s=_wait_s(request)))
+            temperature=form.temperature, detect_language=form.response_format == "verbose_json",
+            wait_s=_wait_s(request)))
         segments = [TranscriptionSegment(id=s.id, start=s.start, end=s.end, text=s.text) for s in result.segments]
         renderers = {
             "json": lambda: JSONResponse({"text": result.text}),

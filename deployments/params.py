@@ -43,10 +43,11 @@ class TranscribeParams:
     language: str | None = None
     prompt: str | None = None
     temperature: float = 0.0
+    detect_language: bool = False  # costs one extra encoder pass per request
     wait_s: float = 0.0
 
     def batch_key(self) -> tuple:
-        return (self.language, self.prompt, self.temperature)
+        return (self.language, self.prompt, self.temperature, self.detect_language)
 
 
 @dataclass

@@ -25,8 +25,7 @@ class STTServer(FamilyServer):
     async def transcribe(self, params: TranscribeParams) -> TranscribeResult:
         spec, loaded = await self.pool.get(params.model, params.wait_s)
         params.model = spec.name
-        if params.language is not None:
-            _transcription().language_token(loaded, params.language)  # 400 now rather than failing the whole batch
+        _transcription().validate(spec, loaded, params)  # a 400 for this request, not a failed batch
         return raise_if_error(await self._transcribe_batch(params))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)

@@ -14,6 +14,7 @@ from .errors import InvalidRequestError
 from .params import Segment, TranscribeParams, TranscribeResult
 
 CHUNK_S = 30.0  # Whisper's receptive field
+FORCED_START_TOKENS = 5  # <|startoftranscript|> <|lang|> <|task|> <|notimestamps|> (+ <|startofprev|>)
 
 
 def language_token(loaded: LoadedModel, language: str) -> str:
@@ -28,7 +29,35 @@ def language_token(loaded: LoadedModel, language: str) -> str:
     return language.lower()
 
 
+def prompt_ids(loaded: LoadedModel, prompt: str | None) -> torch.Tensor | None:
+    if not prompt:
+        return None
+    return torch.as_tensor(loaded.processor.get_prompt_ids(prompt, return_tensors="np"))
+
+
+def token_budget(spec: ModelSpec, loaded: LoadedModel, prompt: str | None) -> int:
+    """New tokens per chunk: Whisper counts start tokens and the prompt against max_target_positions."""
+    used = FORCED_START_TOKENS + (len(prompt_ids(loaded, prompt)) if prompt else 0)
+    return min(spec.max_new_tokens, getattr(loaded.model.config, "max_target_positions", 448) - used)
+
+
+def validate(spec: ModelSpec, loaded: LoadedModel, params: TranscribeParams) -> None:
+    """Checks that must fail one request (400), not the batch it would join."""
+    if params.language is not None:
+        language_token(loaded, params.language)
+    if token_budget(spec, loaded, params.prompt) < 1:
+        raise InvalidRequestError("prompt is too long for this model's decoder; shorten it", param="prompt")
+
+
+def detect_languages(loaded: LoadedModel, features: torch.Tensor) -> list[str]:
+    """Whisper's language detection on one chunk per request (costs one encoder pass each)."""
+    ids = loaded.model.detect_language(features)
+    tokens = loaded.processor.tokenizer.convert_ids_to_tokens(ids.reshape(-1).tolist())
+    return [t.strip("<|>") for t in tokens]
+
+
 def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[TranscribeParams]) -> list[TranscribeResult]:
+    """One generate call for requests that share a model, language, prompt and temperature."""
     processor = loaded.processor
     rate = processor.feature_extractor.sampling_rate
     pieces: list[tuple[int, float, np.ndarray]] = []  # (request index, start s, samples)
@@ -41,35 +70,37 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
     features = processor(
         [p[2] for p in pieces], sampling_rate=rate, return_tensors="pt", return_attention_mask=True
     )
-    first = batch[0]
-    kwargs: dict[str, Any] = {"max_new_tokens": min(spec.max_new_tokens, _max_target(loaded)),
-                              "max_time": spec.generation_timeout_s}
-    if first.language:
-        kwargs["language"], kwargs["task"] = first.language, "transcribe"
-    if first.prompt:
-        kwargs["prompt_ids"] = torch.as_tensor(processor.get_prompt_ids(first.prompt, return_tensors="np"))
-    if first.temperature > 0:
-        kwargs.update(do_sample=True, temperature=first.temperature)
     dtype = next(loaded.model.parameters()).dtype
     inputs = {"input_features": features.input_features.to(loaded.model.device, dtype)}
     if "attention_mask" in features:
         inputs["attention_mask"] = features.attention_mask.to(loaded.model.device)
+
+    first = batch[0]
+    kwargs: dict[str, Any] = {"max_new_tokens": token_budget(spec, loaded, first.prompt),
+                              "max_time": spec.generation_timeout_s, "task": "transcribe"}
+    languages = [params.language for params in batch]
+    if first.language:
+        kwargs["language"] = first.language
+    elif first.detect_language:
+        starts = [i for i, piece in enumerate(pieces) if piece[1] == 0.0]
+        with torch.inference_mode():
+            languages = detect_languages(loaded, inputs["input_features"][starts])
+        kwargs["language"] = [languages[index] for index, _, _ in pieces]
+    if first.prompt:
+        kwargs["prompt_ids"] = prompt_ids(loaded, first.prompt)
+    if first.temperature > 0:
+        kwargs.update(do_sample=True, temperature=first.temperature)
     with torch.inference_mode():
         tokens = loaded.model.generate(**inputs, **kwargs)
     texts = processor.batch_decode(tokens, skip_special_tokens=True)
     if first.prompt:  # Whisper returns the prompt in front of the transcript
-        texts = [t.removeprefix(" " + first.prompt).removeprefix(first.prompt) for t in texts]
+        texts = [t.strip().removeprefix(first.prompt.strip()) for t in texts]
 
     segments: list[list[Segment]] = [[] for _ in batch]
     for (index, start, samples), text in zip(pieces, texts):
         seg = segments[index]
         seg.append(Segment(len(seg), round(start, 3), round(start + len(samples) / rate, 3), text.strip()))
     return [
-        TranscribeResult(" ".join(s.text for s in segs if s.text).strip(), params.language, round(duration, 3), segs)
-        for params, segs, duration in zip(batch, segments, durations)
+        TranscribeResult(" ".join(s.text for s in segs if s.text).strip(), language, round(duration, 3), segs)
+        for language, segs, duration in zip(languages, segments, durations)
     ]
-
-
-def _max_target(loaded: LoadedModel) -> int:
-    # Whisper counts the forced start tokens against max_target_positions.
-    return max(1, getattr(loaded.model.config, "max_target_positions", 448) - 8)

@@ -186,6 +186,13 @@ def test_long_stereo_44k_flac_is_resampled_and_chunked(demo_app):
         model="whisper-1", file=("long.flac", audio), response_format="verbose_json")
     assert result.duration == pytest.approx(35.0, abs=0.05)
     assert [(s.start, s.end) for s in result.segments] == [(0.0, 30.0), (30.0, pytest.approx(35.0, abs=0.05))]
+    assert result.language.isalpha() and len(result.language) == 2  # detected, since none was given
+
+
+def test_transcription_with_a_prompt(demo_app):
+    result = demo_app.openai().audio.transcriptions.create(
+        model="tiny-whisper", file=("speech.wav", wav_bytes(1.0)), prompt="Glossary: Ray, Serve")
+    assert isinstance(result.text, str) and not result.text.startswith("Glossary")
 
 
 @pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "opus", "pcm"])
@@ -290,6 +297,11 @@ def test_unknown_model_is_404_listing_the_models_that_exist(demo_app):
     ("/v1/audio/transcriptions", {"files": {"file": ("x.wav", wav_bytes(0.5))},
                                   "data": {"model": "tiny-whisper", "response_format": "docx"}}, 400,
      "response_format"),
+    ("/v1/audio/transcriptions", {"files": {"file": ("x.wav", wav_bytes(0.5))},
+                                  "data": {"model": "tiny-whisper", "prompt": "word " * 300}}, 400, "prompt"),
+    ("/v1/audio/transcriptions", {"files": {"file": ("x.wav", wav_bytes(0.5))},
+                                  "data": {"model": "tiny-whisper", "timestamp_granularities[]": "word"}}, 400,
+     "timestamp_granularities"),
     ("/generate", {"json": {"query": ""}}, 400, "query"),
     ("/tts", {"json": {"text": ""}}, 400, "text"),
     ("/no/such/route", {"json": {}}, 404, None),
