@@ -23,6 +23,7 @@ class FamilyServer:
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._busy_since: float | None = None
         self._stuck_after_s = 3 * max((s.generation_timeout_s for s in self.pool.specs.values()), default=60)
+        self.batch_stats = {"model_calls": 0, "requests": 0, "largest_batch": 0}  # shown in /health
 
     async def _infer(self, fn, *args):
         """Run a blocking model call on the replica's inference thread."""
@@ -45,6 +46,9 @@ class FamilyServer:
         results: list[Any] = [None] * len(batch)
         for (model, _), indices in groups.items():
             items = [batch[i] for i in indices]
+            self.batch_stats["model_calls"] += 1
+            self.batch_stats["requests"] += len(items)
+            self.batch_stats["largest_batch"] = max(self.batch_stats["largest_batch"], len(items))
             try:
                 spec, loaded = await self.pool.get(model)
                 outputs = await self._infer(work, spec, loaded, items)
@@ -55,7 +59,7 @@ class FamilyServer:
         return results
 
     async def status(self) -> list[dict]:
-        return self.pool.status()
+        return self.pool.status(batching=dict(self.batch_stats))
 
     def check_health(self) -> None:
         """Healthy while the replica can serve. A model that is loading or failed to load is no

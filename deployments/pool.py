@@ -75,8 +75,8 @@ class ModelPool:
                 self._last_used.pop(victim, None)
                 gc.collect()
 
-    def status(self) -> list[dict]:
-        replica = {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    def status(self, **replica_facts) -> list[dict]:
+        replica = {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), **replica_facts}
         out = []
         for name, handle in self.handles.items():
             spec = self.specs[name]

@@ -30,7 +30,8 @@ def serve_url(models_dir):
     from ray import serve
 
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    # address="local": always a fresh cluster of our own, even if `ray start` left one running
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"LOCAL_MODELS_DIR": str(models_dir)}})
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
     yield f"http://127.0.0.1:{port}"
@@ -45,6 +46,9 @@ def demo_app(serve_url, models_dir):
 
     args = demo_args()
     args["local_models_dir"] = str(models_dir)
+    # One LLM replica, so that /health's batching counters see every request (autoscaling is
+    # tested on its own in tests/cluster).
+    args["families"]["llm"]["autoscaling"] = None
     app = run_app(serve_url, "modelfleet", args)
     app.wait_for(lambda h: h["status"] == "ok", timeout=120)
     yield app

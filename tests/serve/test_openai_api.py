@@ -137,6 +137,29 @@ def test_stream_wire_format_ends_with_done(demo_app):
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
 
 
+def test_concurrent_chats_are_batched_into_fewer_model_calls(demo_app):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def stats():
+        return demo_app.get("/health").json()["models"]["tiny-llm"]["replica"]["batching"]
+
+    before = stats()
+    client = demo_app.openai()
+    ask = lambda i: client.chat.completions.create(  # noqa: E731
+        model="tiny-llm", messages=[{"role": "user", "content": f"question {i}"}], max_tokens=16, temperature=0)
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(ask, range(32)))
+    after = stats()
+    assert all(r.usage.completion_tokens >= 1 for r in replies)
+    requests_ = after["requests"] - before["requests"]
+    calls = after["model_calls"] - before["model_calls"]
+    assert requests_ == 32 and calls < 32, (before, after)
+    assert after["largest_batch"] > 1
+    # batched answers equal unbatched ones (left padding works)
+    alone = ask(5)
+    assert alone.choices[0].message.content == replies[5].choices[0].message.content
+
+
 def test_vlm_reads_a_data_uri_png(demo_app):
     reply = demo_app.openai().chat.completions.create(
         model="tiny-llava", max_tokens=8, temperature=0,
