@@ -33,7 +33,11 @@ class FamilyOptions(BaseModel):
 
     num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per replica.")
     max_batch_size: int = Field(default=8, ge=1, description="Requests combined into one model call.")
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0, description="How long a batch waits to fill.")
+    batch_wait_timeout_s: float = Field(
+        default=0.0, ge=0,
+        description=("How long a batch that starts on an idle model waits to fill. 0: run at once; requests that "
+                     "arrive while the model is busy are batched anyway (deployments/batching.py)."),
+    )
     max_loaded_models: int = Field(default=4, ge=1, description="Models kept in memory per replica (LRU beyond).")
     max_ongoing_requests: int = Field(default=16, ge=1, description="Requests a replica works on at once.")
     max_queued_requests: int = Field(

@@ -9,10 +9,9 @@ import asyncio
 import logging
 from typing import Any, AsyncIterator
 
-from ray import serve
-
 from loading import LoadedModel, ModelSpec
 
+from .batching import Batcher
 from .params import ChatParams, ChatResult
 from .family_server import FamilyServer, raise_if_error
 
@@ -24,12 +23,11 @@ class ChatServer(FamilyServer):
         self,
         models: list[dict],
         max_batch_size: int = 8,
-        batch_wait_timeout_s: float = 0.01,
+        batch_wait_timeout_s: float = 0.0,
         max_loaded_models: int = 4,
     ):
         super().__init__(models, max_loaded_models)
-        self._chat_batch.set_max_batch_size(max_batch_size)
-        self._chat_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._chat_batch = Batcher(self._chat_batch_call, max_batch_size, batch_wait_timeout_s)
 
     # -- to be provided by the family --------------------------------------------------------------
     def encode(self, loaded: LoadedModel, batch: list[ChatParams]) -> Any:
@@ -45,8 +43,7 @@ class ChatServer(FamilyServer):
         self.validate(spec, loaded, params)
         return raise_if_error(await self._chat_batch(params))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _chat_batch(self, batch: list[ChatParams]) -> list[ChatResult | BaseException]:
+    async def _chat_batch_call(self, batch: list[ChatParams]) -> list[ChatResult | BaseException]:
         return await self._run_groups(
             batch, ChatParams.sampling_key, lambda spec, loaded, items: _generation().generate_batch(
                 spec, loaded, items, self.encode)

@@ -42,7 +42,8 @@ class ModelPool:
     @staticmethod
     def _handle(spec: ModelSpec) -> ModelHandle:
         def load(progress):
-            from loading import load_model  # torch + transformers: imported in the loader thread
+            progress("importing torch and transformers", 0.0)
+            from loading import load_model  # imported here, in the loader thread: seconds on 2 cores
 
             return load_model(spec, progress=progress)
 

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray import serve
-
+from .batching import Batcher
 from .family_server import FamilyServer, raise_if_error
 from .params import TranscribeParams, TranscribeResult
 
 
 class STTServer(FamilyServer):
-    def __init__(self, models: list[dict], max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
+    def __init__(self, models: list[dict], max_batch_size: int = 8, batch_wait_timeout_s: float = 0.0,
                  max_loaded_models: int = 4):
         super().__init__(models, max_loaded_models)
-        self._transcribe_batch.set_max_batch_size(max_batch_size)
-        self._transcribe_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._transcribe_batch = Batcher(self._transcribe_batch_call, max_batch_size, batch_wait_timeout_s)
 
     async def transcribe(self, params: TranscribeParams) -> TranscribeResult:
         spec, loaded = await self.pool.get(params.model, params.wait_s)
@@ -28,8 +26,7 @@ class STTServer(FamilyServer):
         _transcription().validate(spec, loaded, params)  # a 400 for this request, not a failed batch
         return raise_if_error(await self._transcribe_batch(params))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _transcribe_batch(self, batch: list[TranscribeParams]) -> list[Any]:
+    async def _transcribe_batch_call(self, batch: list[TranscribeParams]) -> list[Any]:
         return await self._run_groups(
             batch, TranscribeParams.batch_key,
             lambda spec, loaded, items: _transcription().transcribe_batch(spec, loaded, items),

@@ -7,8 +7,14 @@ import threading
 import time
 from pathlib import Path
 
+import base64
+import io
+
+import numpy as np
 import requests
+import soundfile as sf
 import yaml
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,3 +88,16 @@ def run_app(serve_url: str, name: str, args: dict, *, blocking: bool = True) -> 
     raise AssertionError(f"app {name} never answered /health")
 
 
+def wav_bytes(seconds: float, rate: int = 16000, channels: int = 1, fmt: str = "WAV") -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    data = np.stack([tone] * channels, axis=1) if channels > 1 else tone
+    buf = io.BytesIO()
+    sf.write(buf, data.astype(np.float32), rate, format=fmt)
+    return buf.getvalue()
+
+
+def png_data_uri(color=(200, 30, 30), size=(48, 40)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from serve_testutil import run_app
+from serve_testutil import run_app, wav_bytes
 
-SLOW_S = 8.0
+SLOW_S = 15.0
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,11 @@ def states_app(serve_url, models_dir):
             {"name": "slow-llm", "source": "tiny-llm", "build_tiny": "llm", "debug_load_delay_s": SLOW_S},
             {"name": "broken-llm", "source": "acme/no-such-model", "family": "llm"},
             {"name": "lazy-tts", "source": "tiny-vits", "build_tiny": "tts", "loading": "lazy"},
+            # loads for a minute on first use: a request waiting for it is in flight in the replica
+            {"name": "doomed-stt", "source": "tiny-whisper", "build_tiny": "stt", "loading": "lazy",
+             "debug_load_delay_s": 60},
         ],
-        "families": {"llm": {"autoscaling": None}, "tts": {"autoscaling": None}},
+        "families": {"llm": {"autoscaling": None}, "tts": {"autoscaling": None}, "stt": {"autoscaling": None}},
     }
     started = time.monotonic()
     app = run_app(serve_url, "states", args)
@@ -44,17 +47,18 @@ def chat(app, model, headers=None):
 
 def test_health_answers_while_models_load_and_shows_each_state(states_app):
     assert states_app.deployed_in_s < SLOW_S, "the server must be up before the slow model is loaded"
-    health = states_app.wait_for(lambda h: h["models"]["broken-llm"]["state"] == "failed", timeout=30)
+    health = states_app.wait_for(lambda h: h["models"]["broken-llm"]["state"] == "failed"
+                                 and h["models"]["slow-llm"].get("phase") == "simulated delay", timeout=SLOW_S)
     models = health["models"]
     assert health["status"] == "degraded"
-    slow = models["slow-llm"]
-    assert slow["state"] == "loading" and slow["phase"] == "simulated delay", slow
+    assert models["slow-llm"]["state"] == "loading" and 0 <= models["slow-llm"]["progress"] < 1
     assert models["lazy-tts"]["state"] == "not_loaded"
     error = models["broken-llm"]["error"]
     assert "acme/no-such-model" in error and "modelfleet fetch" in error
 
 
 def test_request_for_a_loading_model_gets_503_with_retry_after_and_phase(states_app):
+    states_app.wait_for(lambda h: h["models"]["slow-llm"].get("phase") == "simulated delay", timeout=SLOW_S)
     response = chat(states_app, "slow-llm")
     if states_app.get("/health").json()["models"]["slow-llm"]["state"] == "ready":
         pytest.skip("the slow model finished loading before this test ran")
@@ -91,6 +95,31 @@ def test_a_lazy_model_loads_on_first_use(states_app):
                                json={"model": "lazy-tts", "input": "hello"})
     assert response.status_code == 200 and response.headers["content-type"] == "audio/wav"
     assert states_app.get("/health").json()["models"]["lazy-tts"]["state"] == "ready"
+
+
+def test_a_replica_that_dies_mid_request_is_a_503_and_is_replaced(states_app):
+    import ray
+    from concurrent.futures import ThreadPoolExecutor
+
+    old_pid = states_app.get("/health").json()["models"]["doomed-stt"]["replica"]["pid"]
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(states_app.post, "/v1/audio/transcriptions", headers={"x-wait-for-model": "120"},
+                              files={"file": ("a.wav", wav_bytes(1.0))}, data={"model": "doomed-stt"}, timeout=60)
+        deadline = time.monotonic() + 20
+        while states_app.get("/health").json()["models"]["doomed-stt"]["state"] != "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                       if a["name"].startswith("SERVE_REPLICA::states#stt#"))
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+        response = pending.result()
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "replica_died"
+    started = time.monotonic()
+    health = states_app.wait_for(
+        lambda h: h["models"]["doomed-stt"].get("replica", {}).get("pid") not in (None, old_pid), timeout=60)
+    print(f"replacement replica answering after {time.monotonic() - started:.1f} s")
+    assert health["models"]["doomed-stt"]["state"] == "not_loaded"
 
 
 @pytest.fixture(scope="module")

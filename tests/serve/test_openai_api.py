@@ -14,24 +14,10 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from PIL import Image
+
+from serve_testutil import png_data_uri, wav_bytes
 
 pytestmark = pytest.mark.usefixtures("demo_app")
-
-
-def wav_bytes(seconds: float, rate: int = 16000, channels: int = 1, fmt: str = "WAV") -> bytes:
-    t = np.arange(int(seconds * rate)) / rate
-    tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    data = np.stack([tone] * channels, axis=1) if channels > 1 else tone
-    buf = io.BytesIO()
-    sf.write(buf, data.astype(np.float32), rate, format=fmt)
-    return buf.getvalue()
-
-
-def png_data_uri(color=(200, 30, 30), size=(48, 40)) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def assert_openai_error(response, status: int, param: str | None = None):

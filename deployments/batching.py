@@ -1,0 +1,59 @@
+"""Request batching that never waits on an idle model.
+
+A request that finds the model idle runs at once; requests that arrive while a batch is running
+queue up and go together, up to `max_batch_size`, in the next model call.
+
+Why not Ray's `@serve.batch`: it waits `batch_wait_timeout_s` for company on every batch, so
+each request on a quiet replica paid the full wait (10 ms of the ~27 ms that Serve added to a
+one-token chat in bench/), and it forms the next batch by arrival window even while the model
+is busy, so a shorter window degenerates to batches of one under load (16 concurrent clients:
+18 req/s with a 0 s window against 44 req/s with 10 ms; this batcher: see bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Awaitable, Callable, Generic, TypeVar
+
+Item = TypeVar("Item")
+Handler = Callable[[list[Any]], Awaitable[list[Any]]]
+
+
+class Batcher(Generic[Item]):
+    def __init__(self, handler: Handler, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.0):
+        """`handler(items)` returns one result (or exception instance) per item, in order.
+        `batch_wait_timeout_s` > 0 makes a batch that starts on an idle model wait that long to fill."""
+        self._handler = handler
+        self.max_batch_size = max_batch_size
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self._queue: deque[tuple[Item, asyncio.Future]] = deque()
+        self._worker: asyncio.Task | None = None
+
+    async def __call__(self, item: Item) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.append((item, future))
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        """Run batches until the queue is empty; callers that arrive meanwhile join the next one."""
+        while self._queue:
+            if self.batch_wait_timeout_s > 0 and len(self._queue) < self.max_batch_size:
+                await asyncio.sleep(self.batch_wait_timeout_s)
+            batch = []
+            while self._queue and len(batch) < self.max_batch_size:
+                item, future = self._queue.popleft()
+                if not future.done():  # a cancelled caller (client went away) is dropped
+                    batch.append((item, future))
+            if not batch:
+                continue
+            try:
+                results = await self._handler([item for item, _ in batch])
+            except Exception as exc:  # the handler should return exceptions per item; never strand callers
+                results = [exc] * len(batch)
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
