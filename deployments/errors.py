@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 import loading
+from loading.errors import PicklableError
 
 from .audio import AudioDecodeError, UnsupportedAudioFormat
 from .protocol import ErrorInfo, ErrorResponse
@@ -31,25 +32,12 @@ from .protocol import ErrorInfo, ErrorResponse
 logger = logging.getLogger(__name__)
 
 
-def _rebuild(cls: type, args: tuple, kwargs: dict) -> "APIError":
-    return cls(*args, **kwargs)
-
-
-class APIError(Exception):
-    """An error with a known HTTP status; raise a subclass from routes and deployments."""
+class APIError(PicklableError):
+    """An error with a known HTTP status; raise a subclass from routes and deployments
+    (raised in a replica, it reaches the ingress through Ray's pickling intact)."""
 
     status: int = 500
     type: str = "internal_error"
-
-    def __new__(cls, *args, **kwargs):
-        # Raised in replicas and re-raised in the ingress: Ray pickles them, and Exception's
-        # default pickling calls __init__ with the message alone (wrong for our signatures).
-        self = super().__new__(cls, *args)
-        self._init = (args, kwargs)
-        return self
-
-    def __reduce__(self):
-        return _rebuild, (type(self), *self._init)
 
     def __init__(
         self,

@@ -7,26 +7,31 @@ their text) to HTTP status codes, so each carries the facts it needs as attribut
 from __future__ import annotations
 
 
-def _rebuild(cls: type, args: tuple, kwargs: dict) -> "LoadingError":
+def _rebuild(cls: type, args: tuple, kwargs: dict) -> Exception:
     return cls(*args, **kwargs)
 
 
-class LoadingError(Exception):
-    """Base class: something about a model could not be found or loaded."""
+class PicklableError(Exception):
+    """An exception that survives pickling whatever its __init__ signature.
 
-    #: whether retrying the same load can succeed without a change by the operator
-    permanent: bool = True
+    Errors cross process boundaries (Ray pickles them from a replica to the ingress), and
+    Exception's default pickling calls __init__ with the message alone.
+    """
 
     def __new__(cls, *args, **kwargs):
-        # Remember the constructor's arguments: these errors cross process boundaries (Ray pickles
-        # them from a replica to the ingress), and Exception's default pickling would call
-        # __init__ with the message alone.
         self = super().__new__(cls, *args)
         self._init = (args, kwargs)
         return self
 
     def __reduce__(self):
         return _rebuild, (type(self), *self._init)
+
+
+class LoadingError(PicklableError):
+    """Base class: something about a model could not be found or loaded."""
+
+    #: whether retrying the same load can succeed without a change by the operator
+    permanent: bool = True
 
 
 class ModelNotFoundError(LoadingError):

@@ -188,3 +188,24 @@ def test_app_errors_are_openai_shaped(client):
 
     error = assert_openai_error(client.get("/boom", headers={"x-request-id": "abc"}), 500, "internal_error")
     assert error["message"] == "Internal error (request id abc)."
+
+
+def test_errors_survive_pickling_as_ray_sends_them_from_replica_to_ingress():
+    import pickle
+
+    import loading
+    from deployments.errors import ModelNotFoundError as UnknownModel
+
+    raised_in_replicas = [
+        InvalidRequestError("bad max_tokens", param="max_tokens"),
+        UnknownModel("gpt-9", ["tiny-llm"]),
+        ServiceUnavailableError("busy", retry_after_s=3),
+        loading.ModelLoadingInProgress("m", "loading weights", 0.5, 4.0),
+        loading.ModelLoadFailed("m", "missing"),
+        loading.AdapterBaseNotFoundError("adapter", "Org/Base", ["here"], "fetch it"),
+    ]
+    for exc in raised_in_replicas:
+        copy = pickle.loads(pickle.dumps(exc))
+        assert type(copy) is type(exc) and str(copy) == str(exc)
+        assert to_error(copy)[:1] == to_error(exc)[:1]
+        assert to_error(copy)[2] == to_error(exc)[2]
