@@ -71,10 +71,10 @@ def generate_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[ChatParams]
     limits = [resolve_max_new_tokens(spec, p.max_new_tokens) for p in batch]
     inputs = encode(loaded, batch).to(loaded.model.device)
     kwargs = generate_kwargs(spec, loaded, batch[0], max(limits))
-    with _SEED_LOCK, torch.inference_mode():
+    with _SEED_LOCK, loaded.active() as model, torch.inference_mode():
         if batch[0].seed is not None:
             torch.manual_seed(batch[0].seed)
-        output = loaded.model.generate(**inputs, **kwargs)
+        output = model.generate(**inputs, **kwargs)
     prompt_len = inputs["input_ids"].shape[1]
     prompt_counts = inputs["attention_mask"].sum(dim=1).tolist()
     end_ids = _end_token_ids(loaded) | {loaded.tokenizer.pad_token_id}
@@ -116,10 +116,10 @@ class StreamingGeneration:
     def run(self) -> None:
         """The blocking part: call from a worker thread."""
         try:
-            with _SEED_LOCK, torch.inference_mode():
+            with _SEED_LOCK, self.loaded.active() as model, torch.inference_mode():
                 if self.params.seed is not None:
                     torch.manual_seed(self.params.seed)
-                output = self.loaded.model.generate(**self.inputs, **self.kwargs, streamer=self.streamer)
+                output = model.generate(**self.inputs, **self.kwargs, streamer=self.streamer)
             new = output[0][self.inputs["input_ids"].shape[1]:].tolist()
             end_ids = _end_token_ids(self.loaded) | {self.loaded.tokenizer.pad_token_id}
             self.completion_tokens = next((i for i, t in enumerate(new) if t in end_ids), len(new))

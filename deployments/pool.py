@@ -22,11 +22,21 @@ from .errors import ModelNotFoundError
 log = logging.getLogger(__name__)
 
 
+def _node_id() -> str | None:
+    """The Ray node this replica runs on (None outside Ray): shows replicas spread over nodes."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
+
+
 class ModelPool:
     def __init__(self, specs: list[ModelSpec], max_loaded_models: int = 4):
         self.specs = {spec.name: spec for spec in specs}
-        self.handles = {spec.name: self._handle(spec) for spec in specs}
         self.aliases = {alias: spec.name for spec in specs for alias in spec.all_names}
+        self.handles = {spec.name: self._handle(spec) for spec in specs}
         self.max_loaded_models = max_loaded_models
         self._last_used: OrderedDict[str, float] = OrderedDict()
         for spec in specs:
@@ -39,13 +49,22 @@ class ModelPool:
             elif spec.loading is LoadingMode.BACKGROUND:
                 self.handles[spec.name].start()
 
-    @staticmethod
-    def _handle(spec: ModelSpec) -> ModelHandle:
+    def shared_base(self, spec: ModelSpec) -> str | None:
+        """The served model whose weights this adapter shares (its `base_model` names one), if any."""
+        base = self.aliases.get(spec.base_model or "")
+        return base if base is not None and base != spec.name else None
+
+    def _handle(self, spec: ModelSpec) -> ModelHandle:
+        base_name = self.shared_base(spec)
+
         def load(progress):
             progress("importing torch and transformers", 0.0)
-            from loading import load_model  # imported here, in the loader thread: seconds on 2 cores
+            import loading  # imported here, in the loader thread: seconds on 2 cores
 
-            return load_model(spec, progress=progress)
+            if base_name is None:
+                return loading.load_model(spec, progress=progress)
+            progress(f"waiting for base model {base_name}", 0.0)
+            return loading.attach_adapter(spec, self.handles[base_name].get(), progress=progress)
 
         return ModelHandle(spec.name, load)
 
@@ -69,15 +88,18 @@ class ModelPool:
         self._last_used[name] = time.monotonic()
         self._last_used.move_to_end(name)
         resident = [n for n in self._last_used if self.handles[n].state is State.READY]
+        shared = {self.shared_base(spec) for spec in self.specs.values()}
         for victim in resident[: max(0, len(resident) - self.max_loaded_models)]:
-            if self.specs[victim].loading is LoadingMode.LAZY and victim != name:
+            # a base shared with adapters stays: they hold its weights anyway
+            if self.specs[victim].loading is LoadingMode.LAZY and victim != name and victim not in shared:
                 log.info("unloading %s (least recently used; max_loaded_models=%d)", victim, self.max_loaded_models)
                 self.handles[victim].reload()
                 self._last_used.pop(victim, None)
                 gc.collect()
 
     def status(self, **replica_facts) -> list[dict]:
-        replica = {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), **replica_facts}
+        replica = {"pid": os.getpid(), "node_id": _node_id(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                   **replica_facts}
         out = []
         for name, handle in self.handles.items():
             spec = self.specs[name]
@@ -89,7 +111,7 @@ class ModelPool:
             if handle.loaded is not None:
                 report = handle.loaded.report
                 info.update(family=report.family, model_class=report.model_class, device_reason=report.device_reason,
-                            adapter=report.adapter_path, fallbacks=[a.__dict__ for a in report.attempts
+                            adapter=report.adapter_path, base=report.base_resolved_from, fallbacks=[a.__dict__ for a in report.attempts
                                                                       if a.outcome != "loaded"])
             out.append(info)
         return out

@@ -28,9 +28,9 @@ def synthesize(spec: ModelSpec, loaded: LoadedModel, params: SpeechParams) -> Sp
         kwargs["speaking_rate"] = params.speed
     elif params.speed != 1.0:
         raise InvalidRequestError(f"model {spec.name!r} does not support speed", param="speed")
-    with torch.inference_mode():
+    with loaded.active() as model, torch.inference_mode():
         torch.manual_seed(SEED)
-        output = loaded.model(**inputs, **kwargs)
+        output = model(**inputs, **kwargs)
     waveform = output.waveform if hasattr(output, "waveform") else output[0]
     samples = waveform[0].float().cpu().numpy().astype(np.float32)
     rate = int(getattr(loaded.model.config, "sampling_rate", 16000))

@@ -83,15 +83,15 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
         kwargs["language"] = first.language
     elif first.detect_language:
         starts = [i for i, piece in enumerate(pieces) if piece[1] == 0.0]
-        with torch.inference_mode():
+        with loaded.active(), torch.inference_mode():
             languages = detect_languages(loaded, inputs["input_features"][starts])
         kwargs["language"] = [languages[index] for index, _, _ in pieces]
     if first.prompt:
         kwargs["prompt_ids"] = prompt_ids(loaded, first.prompt)
     if first.temperature > 0:
         kwargs.update(do_sample=True, temperature=first.temperature)
-    with torch.inference_mode():
-        tokens = loaded.model.generate(**inputs, **kwargs)
+    with loaded.active() as model, torch.inference_mode():
+        tokens = model.generate(**inputs, **kwargs)
     texts = processor.batch_decode(tokens, skip_special_tokens=True)
     if first.prompt:  # Whisper returns the prompt in front of the transcript
         texts = [t.strip().removeprefix(first.prompt.strip()) for t in texts]

@@ -18,7 +18,7 @@ _EXPORTS = {
                "ModelLoadingInProgress", "ModelNotFoundError", "NoDeviceError", "UnsupportedModelError"],
     "handle": ["ModelHandle", "State"],
     "inspect_model": ["detect_family"],
-    "loader": ["load_model"],
+    "loader": ["attach_adapter", "load_model"],
     "report": ["LoadReport", "LoadedModel"],
     "settings": ["Settings"],
 }
@@ -40,6 +40,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager view of the same name
                          ModelLoadingInProgress, ModelNotFoundError, NoDeviceError, UnsupportedModelError)
     from .handle import ModelHandle, State
     from .inspect_model import detect_family
-    from .loader import load_model
+    from .loader import attach_adapter, load_model
     from .report import LoadedModel, LoadReport
     from .settings import Settings

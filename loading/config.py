@@ -78,7 +78,9 @@ class ModelSpec(BaseModel):
         default=None,
         description=(
             "For an adapter: the base model to apply it to, overriding the adapter's own "
-            "base_model_name_or_path. Resolved like `source`."
+            "base_model_name_or_path. The name of another served model of the same family shares "
+            "that model's weights in memory (one base, many adapters); anything else is resolved "
+            "like `source` and loaded on its own."
         ),
     )
     dtype: DType = Field(

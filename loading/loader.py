@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,7 @@ from transformers import AutoConfig
 
 from .adapters import read_adapter, resolve_base
 from .config import ModelSpec
-from .errors import AllStrategiesFailedError
+from .errors import AllStrategiesFailedError, UnsupportedModelError
 from .families import auto_class, select_family
 from .placement import GpuInfo, count_parameters, gpu_shortfall, plan_device, stored_bytes, visible_gpus
 from .quantization import strategy_chain
@@ -166,7 +167,51 @@ def load_model(
     report.load_seconds = round(time.perf_counter() - started, 3)
     progress("ready", 1.0)
     log.info("%s: loaded with %s on %s in %.2f s", spec.name, report.strategy, report.device, report.load_seconds)
-    return LoadedModel(model, processor, config, report)
+    return LoadedModel(model, processor, config, report, adapter_name="default" if adapter is not None else None)
+
+
+def attach_adapter(
+    spec: ModelSpec, base: LoadedModel, *, settings: Settings | None = None, progress: Progress = _no_progress
+) -> LoadedModel:
+    """Serve the adapter `spec.source` on the weights of an already loaded `base`: one copy of the
+    base in memory for the base and all its adapters. Calls go through `LoadedModel.active()`."""
+    settings = settings or Settings.from_env()
+    started = time.perf_counter()
+    if spec.build_tiny:
+        progress("building demo model", 0.05)
+        ensure_demo_model(spec, settings)
+    progress("resolving", 0.1)
+    resolved = resolve_source(spec.source, settings, revision=spec.revision)
+    adapter = read_adapter(resolved.path)
+    if adapter is None:
+        raise UnsupportedModelError(
+            spec.source,
+            f"model {spec.name!r} names served model {base.report.name!r} as its base_model, but {resolved.path} "
+            "is not a PEFT adapter directory (adapter_config.json without config.json)",
+        )
+    progress("applying adapter to the shared base", 0.5)
+    from peft import PeftModel
+
+    with base.lock:  # no call on the base may run while LoRA layers are injected into it
+        if isinstance(base.model, PeftModel):
+            base.model.load_adapter(str(adapter.path), adapter_name=spec.name)
+        else:
+            base.model = PeftModel.from_pretrained(base.model, adapter.path, adapter_name=spec.name)
+        base.model.eval()
+    processor_dir = resolved.path if any((resolved.path / f).is_file() for f in PROCESSOR_FILES) else None
+    processor = base.processor
+    if processor_dir is not None:
+        processor = auto_class(base.report.processor_class).from_pretrained(processor_dir, local_files_only=True)
+        _prepare_for_batching(processor)
+    report = replace(
+        base.report, name=spec.name, source=spec.source, resolved_path=str(resolved.path),
+        resolved_from=resolved.origin, adapter_path=str(adapter.path), base_path=base.report.resolved_path,
+        base_resolved_from=f"shared with served model {base.report.name!r}", demo=spec.is_demo,
+        attempts=[], load_seconds=round(time.perf_counter() - started, 3),
+    )
+    log.info("%s: adapter %s attached to %s in %.2f s", spec.name, adapter.path, base.report.name, report.load_seconds)
+    progress("ready", 1.0)
+    return LoadedModel(base.model, processor, base.config, report, adapter_name=spec.name, lock=base.lock)
 
 
 def _prepare_for_batching(processor) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 
 @dataclass
@@ -47,6 +49,27 @@ class LoadedModel:
     processor: Any  # a tokenizer for text-only models, a processor otherwise
     config: Any
     report: LoadReport
+    #: the PEFT adapter this model answers with; None for a plain model or a base shared with adapters
+    adapter_name: str | None = None
+    #: held around every model call; shared by a base and the adapters attached to it
+    lock: Any = field(default_factory=threading.RLock, repr=False)
+
+    @contextmanager
+    def active(self) -> Iterator[Any]:
+        """Hold the model for one call with the right adapter switched on (or all of them off).
+
+        A base model shared with adapters is a PeftModel after the first attach: calls for the
+        base itself run inside `disable_adapter()`.
+        """
+        with self.lock:
+            if self.adapter_name is not None:
+                self.model.set_adapter(self.adapter_name)
+                yield self.model
+            elif hasattr(self.model, "disable_adapter"):
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                yield self.model
 
     @property
     def tokenizer(self) -> Any:

@@ -49,6 +49,7 @@ def test_health_reports_each_model_and_says_demo_output_is_gibberish(demo_app):
     assert "gibberish" in health["demo"]
     lora = health["models"]["tiny-llm-lora"]
     assert lora["state"] == "ready" and lora["adapter"].endswith("tiny-llm-lora")
+    assert lora["base"] == "shared with served model 'tiny-llm'"  # one copy of the base weights
     for info in health["models"].values():
         assert {"name", "device", "loading_strategy", "state", "max_new_tokens"} <= set(info)
         assert info["loading_strategy"] == "float32 on cpu"
@@ -77,13 +78,28 @@ def test_chat_by_alias_and_greedy_is_deterministic(demo_app):
     assert ask("llm") == ask("tiny-llm")
 
 
-def test_adapter_model_is_selected_by_name_and_answers_differently(demo_app):
+def test_adapter_and_base_interleaved_each_answer_as_themselves(demo_app, models_dir):
+    """tiny-llm-lora shares tiny-llm's weights: concurrent requests to both must not bleed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deployments.generation import generate_batch
+    from deployments.llm import LLMServer
+    from deployments.params import ChatParams
+    from loading import ModelSpec, load_model
+
     client = demo_app.openai()
     messages = [{"role": "user", "content": "The weather today is"}]
-    base = client.chat.completions.create(model="tiny-llm", messages=messages, max_tokens=16, temperature=0)
-    lora = client.chat.completions.create(model="tiny-llm-lora", messages=messages, max_tokens=16, temperature=0)
-    assert lora.model == "tiny-llm-lora"
-    assert base.choices[0].message.content != lora.choices[0].message.content
+    ask = lambda model: client.chat.completions.create(  # noqa: E731
+        model=model, messages=messages, max_tokens=16, temperature=0).choices[0].message.content
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, ["tiny-llm", "tiny-llm-lora"] * 8))
+    base_answers, lora_answers = set(answers[::2]), set(answers[1::2])
+    assert len(base_answers) == 1 and len(lora_answers) == 1 and base_answers != lora_answers
+    # the served base answers exactly like the same directory loaded alone, in-process
+    spec = ModelSpec(name="alone", source=str(models_dir / "tiny-llm"), max_new_tokens=16)
+    alone = generate_batch(spec, load_model(spec), [ChatParams(model="alone", messages=messages, temperature=0)],
+                           lambda loaded, batch: LLMServer.encode(None, loaded, batch))
+    assert base_answers == {alone[0].text}
 
 
 def test_stop_sequence_truncates_the_reply(demo_app):
