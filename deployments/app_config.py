@@ -46,6 +46,12 @@ class FamilyOptions(BaseModel):
     autoscaling: AutoscalingOptions | None = Field(
         default_factory=AutoscalingOptions, description="null pins num_replicas: 1."
     )
+    graceful_shutdown_timeout_s: float = Field(
+        default=30, ge=0, description=(
+            "How long a stopping replica (scale-down, update, delete) may finish its requests. Ray waits this "
+            "long even for a replica still PENDING for resources."
+        ),
+    )
 
 
 FAMILY_DEFAULTS: dict[Family, dict[str, Any]] = {

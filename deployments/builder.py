@@ -60,6 +60,32 @@ def plan_gpus(device: str, available: float) -> tuple[int, list[str]]:
     return 1, []
 
 
+def starting_replicas(options: FamilyOptions) -> int:
+    """Replicas a family deployment asks for when it is deployed."""
+    scaling = options.autoscaling
+    if scaling is None:
+        return 1
+    return scaling.initial_replicas if scaling.initial_replicas is not None else scaling.min_replicas
+
+
+def gpu_shortage_notes(num_gpus: int, demand: dict[str, int], available: float) -> list[str]:
+    """Notes for /health when the families together ask for more GPUs than the cluster has.
+
+    `demand`: family -> replicas at deploy time (one GPU each). Zero GPUs is plan_gpus' note.
+    """
+    total = num_gpus * sum(demand.values())
+    if num_gpus == 0 or available < 1 or total <= available:
+        return []
+    asks = ", ".join(f"{family} {count}" for family, count in demand.items() if count)
+    note = (
+        f"the families ask for {total} GPU(s) at deploy time ({asks}; 1 GPU per replica) but the Ray cluster has "
+        f"{available:g}; {total - int(available)} replica(s) stay PENDING until more GPU nodes join "
+        "(an autoscaling cluster adds them if its GPU worker group allows)"
+    )
+    log.warning(note)
+    return [note]
+
+
 def deployment_options(family: Family, options: FamilyOptions, num_gpus: int, env: dict[str, str]) -> dict[str, Any]:
     actor: dict[str, Any] = {"num_cpus": options.num_cpus, "num_gpus": num_gpus}
     if env:
@@ -72,7 +98,7 @@ def deployment_options(family: Family, options: FamilyOptions, num_gpus: int, en
         # a load can take minutes on a real model: health checks must not time out meanwhile
         "health_check_period_s": 10,
         "health_check_timeout_s": 60,
-        "graceful_shutdown_timeout_s": 30,
+        "graceful_shutdown_timeout_s": options.graceful_shutdown_timeout_s,
     }
     if options.autoscaling is None:
         out["num_replicas"] = 1
@@ -99,19 +125,25 @@ def build_app(args: dict[str, Any]) -> Application:
         # replicas run in other working directories: hand them an absolute path
         env["LOCAL_MODELS_DIR"] = str(Path(models_dir or "models").expanduser().resolve())
         config.local_models_dir = env["LOCAL_MODELS_DIR"]
-    num_gpus, notes = plan_gpus(config.device, cluster_gpus())
+    available = cluster_gpus()
+    num_gpus, notes = plan_gpus(config.device, available)
 
-    handles = {}
+    handles: dict[str, Any] = {}
+    resources: dict[str, dict[str, float]] = {}  # per family replica, for /health's pending reasons
+    demand: dict[str, int] = {}
     for family, server in FAMILY_SERVERS.items():
         specs = [spec for spec in config.models if spec.family is family]
         if not specs:
             continue
         options = config.family_options(family)
+        resources[family.value] = {"CPU": options.num_cpus, "GPU": num_gpus}
+        demand[family.value] = starting_replicas(options)
         deployment = serve.deployment(server, **deployment_options(family, options, num_gpus, env))
         handles[family.value] = deployment.bind(
             [spec.model_dump(mode="json") for spec in specs], **server_kwargs(family, options)
         )
         log.info("family %s: %d model(s), num_gpus=%d", family.value, len(specs), num_gpus)
+    notes += gpu_shortage_notes(num_gpus, demand, available)
 
     ingress = serve.deployment(
         serve.ingress()(Ingress),
@@ -120,4 +152,4 @@ def build_app(args: dict[str, Any]) -> Application:
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
-    return ingress.bind(handles, config.model_dump(mode="json"), notes)
+    return ingress.bind(handles, config.model_dump(mode="json"), notes, resources)

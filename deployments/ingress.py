@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, AsyncIterator
 
 from loading import Family, ModelSpec
@@ -24,12 +25,15 @@ DEMO_NOTE = "random-weight demo model: its output is gibberish by design (see RE
 
 
 class Ingress:
-    def __init__(self, handles: dict[str, Any], config: dict, notes: list[str] | None = None):
+    def __init__(self, handles: dict[str, Any], config: dict, notes: list[str] | None = None,
+                 resources: dict[str, dict[str, float]] | None = None):
         self.config = AppConfig.model_validate(config)
         self.handles = handles  # family name -> DeploymentHandle
         self.streams = {family: handle.options(stream=True) for family, handle in handles.items()}
         self.catalog: dict[str, ModelSpec] = {n: s for s in self.config.models for n in s.all_names}
         self.notes = list(notes or [])  # build-time findings for /health, e.g. GPUs asked for but absent
+        self.resources = dict(resources or {})  # family -> what one replica asks Ray for, e.g. {"CPU": 1, "GPU": 1}
+        self._deployments: tuple[float, dict[str, dict]] | None = None  # (fetched at, Serve's view), cached 1 s
 
     def __serve_build_asgi_app__(self):
         from .api import build_api
@@ -117,23 +121,83 @@ class Ingress:
         return await self._call(Family.TTS, "synthesize", params)
 
     # -- status ------------------------------------------------------------------------------------
+    def _fetch_deployments(self) -> dict[str, dict]:
+        """Serve's view of this application's family deployments, and the cluster's GPUs (blocking calls)."""
+        import ray
+        from ray import serve
+
+        app = serve.get_replica_context().app_name
+        status = serve.status().applications.get(app)
+        total, free = ray.cluster_resources().get("GPU", 0.0), ray.available_resources().get("GPU", 0.0)
+        out = {}
+        for name, deployment in (status.deployments if status else {}).items():
+            if name not in self.handles:
+                continue
+            replicas = {str(getattr(state, "value", state)): count for state, count in deployment.replica_states.items()}
+            out[name] = {"status": str(getattr(deployment.status, "value", deployment.status)), "replicas": replicas,
+                         "message": deployment.message, "replica_resources": self.resources.get(name, {}),
+                         "cluster_gpus": {"total": total, "free": free}}
+        return out
+
+    async def deployment_states(self) -> dict[str, dict]:
+        """Per family: Serve's status, replica counts by state and its message (empty when unknown)."""
+        cached = self._deployments
+        if cached is not None and time.monotonic() - cached[0] < 1.0:
+            return cached[1]
+        try:
+            states = await asyncio.wait_for(asyncio.to_thread(self._fetch_deployments), self.config.status_timeout_s)
+        except Exception as exc:  # /health must answer even when the controller does not
+            log.warning("could not read Serve's deployment status: %s", exc)
+            states = {}
+        self._deployments = (time.monotonic(), states)
+        return states
+
+    @staticmethod
+    def pending_reason(family: str, view: dict) -> str:
+        """Why a family has no replica to answer, from Serve's view: e.g. replicas waiting for GPUs."""
+        if not view:
+            return ""
+        replicas = view["replicas"]
+        running = replicas.get("RUNNING", 0)
+        waiting = replicas.get("STARTING", 0) + replicas.get("RECOVERING", 0)
+        parts = [f"Serve: deployment {family!r} is {view['status']} with {running} replica(s) running"]
+        if waiting:
+            ask = view.get("replica_resources") or {}
+            gpus = view.get("cluster_gpus") or {}
+            wanted = ", ".join(f"{k}: {v:g}" for k, v in ask.items() if v)
+            parts.append(f"{waiting} starting or PENDING until the cluster can place them (each asks {{{wanted}}}"
+                         + (f"; the cluster has {gpus.get('total', 0):g} GPU(s), {gpus.get('free', 0):g} free"
+                            if ask.get("GPU") else "") + ")")
+        if view.get("message"):
+            parts.append(view["message"])
+        return "; ".join(parts)
+
     async def model_status(self) -> dict[str, dict]:
-        """Per model: its replica's view, or why its family did not answer."""
+        """Per model: its replica's view, or why its family did not answer, with Serve's view of the family."""
         families = sorted({s.family for s in self.config.models}, key=lambda f: f.value)
-        answers = await asyncio.gather(
-            *(self._call(f, "status", timeout=self.config.status_timeout_s) for f in families), return_exceptions=True
+        answers, deployments = await asyncio.gather(
+            asyncio.gather(*(self._call(f, "status", timeout=self.config.status_timeout_s) for f in families),
+                           return_exceptions=True),
+            self.deployment_states(),  # never raises
         )
         out: dict[str, dict] = {}
         for family, answer in zip(families, answers):
             specs = [s for s in self.config.models if s.family is family]
+            view = deployments.get(family.value, {})
             if isinstance(answer, BaseException):
                 reason = str(answer) if isinstance(answer, ServiceUnavailableError) else f"{type(answer).__name__}: {answer}"
+                pending = self.pending_reason(family.value, view)
+                if pending:
+                    reason = f"{reason}. {pending}"
                 for spec in specs:
                     out[spec.name] = {"name": spec.name, "family": family.value, "state": "unavailable",
                                       "error": reason, "demo": spec.is_demo, "max_new_tokens": spec.max_new_tokens}
-                continue
-            for info in answer:
-                out[info["name"]] = info
+            else:
+                for info in answer:
+                    out[info["name"]] = info
+            for spec in specs:
+                if view and spec.name in out:
+                    out[spec.name]["deployment"] = view
         for info in out.values():
             if info.get("demo"):
                 info["note"] = DEMO_NOTE

@@ -1,0 +1,140 @@
+"""cluster/: the Ray cluster launcher config and the KubeRay RayService parse, carry the fields their
+tools require, and serve exactly our application (no drift from serve_config.gpu.yaml)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "cluster"
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def render_module():
+    spec = importlib.util.spec_from_file_location("cluster_render", CLUSTER / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- KubeRay RayService ----------------------------------------------------------------------------------
+def test_rayservice_serve_config_is_exactly_serve_config_gpu_yaml():
+    service = load("rayservice.yaml")
+    embedded = service["spec"]["serveConfigV2"]
+    assert isinstance(embedded, str), "KubeRay wants serveConfigV2 as a YAML string"
+    assert yaml.safe_load(embedded) == yaml.safe_load((REPO / "serve_config.gpu.yaml").read_text())
+    assert embedded == (REPO / "serve_config.gpu.yaml").read_text()
+
+
+def test_render_check_passes_now_and_fails_on_drift():
+    done = subprocess.run([sys.executable, "-m", "cluster.render", "--check"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    render = render_module()
+    manifest = (CLUSTER / "rayservice.yaml").read_text()
+    drifted = manifest.replace("import_path: deployments.builder:build_app", "import_path: elsewhere:app")
+    assert render.render(drifted, (REPO / "serve_config.gpu.yaml").read_text()) == manifest
+    assert render.render(manifest, "applications: []\n") != manifest
+
+
+def test_render_check_exits_non_zero_on_drift_and_render_repairs_it(tmp_path, capsys):
+    render = render_module()
+    copy = tmp_path / "rayservice.yaml"
+    copy.write_text((CLUSTER / "rayservice.yaml").read_text().replace("route_prefix: /", "route_prefix: /drifted"))
+    render.MANIFEST = copy
+    assert render.main(["--check"]) == 1
+    assert "drifted" in capsys.readouterr().err
+    assert render.main([]) == 0 and render.main(["--check"]) == 0
+    assert copy.read_text() == (CLUSTER / "rayservice.yaml").read_text()
+
+
+def test_rayservice_carries_what_kuberay_requires():
+    service = load("rayservice.yaml")
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    assert service["metadata"]["name"]
+    cluster = service["spec"]["rayClusterConfig"]
+    # RayClusterSpec: headGroupSpec required; every group has rayStartParams and a pod template.
+    head = cluster["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict)
+    assert all(isinstance(v, str) for v in head["rayStartParams"].values()), "rayStartParams values are strings"
+    head_container = head["template"]["spec"]["containers"][0]
+    assert head_container["image"] and head_container["name"]
+    assert {"gcs-server": 6379, "dashboard": 8265, "serve": 8000} == {
+        p["name"]: p["containerPort"] for p in head_container["ports"] if p["name"] in ("gcs-server", "dashboard", "serve")}
+    assert head_container["resources"]["limits"].get("nvidia.com/gpu") is None  # no replicas on the head
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    groups = cluster["workerGroupSpecs"]
+    gpu = next(g for g in groups if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu"))
+    assert gpu["groupName"] and isinstance(gpu["rayStartParams"], dict)
+    assert 0 <= gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+    limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1", "one GPU per worker pod: one family replica per pod"
+    assert gpu["template"]["spec"]["containers"][0]["image"] == head_container["image"]
+    # The Ray in the image must be the Ray the app is tested with.
+    import ray
+
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["enableInTreeAutoscaling"] is True
+    # The serve config it carries asks for GPUs and listens where KubeRay's serve Service points.
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve_config["http_options"]["host"] == "0.0.0.0" and serve_config["http_options"]["port"] == 8000
+    assert serve_config["applications"][0]["args"]["device"] == "gpu"
+
+
+# -- Ray cluster launcher --------------------------------------------------------------------------------
+def test_cluster_yaml_validates_against_rays_own_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = load("cluster.yaml")
+    schema = json.loads((Path(__import__("ray.autoscaler").autoscaler.__file__).parent / "ray-schema.json").read_text())
+    assert set(schema["required"]) <= set(config)
+    pytest.importorskip("jsonschema")  # ray depends on it; validate_config uses it
+    validate_config(prepare_config(config))  # what `ray up` does first (no cloud calls)
+
+
+def test_cluster_yaml_has_a_cpu_head_and_a_gpu_worker_type():
+    config = load("cluster.yaml")
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    gpu_types = [t for name, t in types.items() if name != config["head_node_type"] and t["resources"].get("GPU", 0) >= 1]
+    assert gpu_types, "a GPU worker node type"
+    for node_type in gpu_types:
+        assert node_type["node_config"]["InstanceType"]
+        assert 0 <= node_type["min_workers"] <= node_type["max_workers"] <= config["max_workers"]
+    assert any("ray start --head" in c for c in config["head_start_ray_commands"])
+    assert any("ray start --address" in c for c in config["worker_start_ray_commands"])
+    assert config["provider"]["type"] in ("aws", "gcp")
+    assert config["docker"]["image"].startswith("rayproject/ray:")
+    import ray
+
+    assert config["docker"]["image"].split(":")[1].startswith(ray.__version__)
+
+
+# -- GPU shortage notes (the builder, no Ray needed) -----------------------------------------------------
+def test_builder_notes_when_families_ask_more_gpus_than_the_cluster_has():
+    from deployments.app_config import AppConfig
+    from deployments.builder import gpu_shortage_notes, plan_gpus, starting_replicas
+
+    assert plan_gpus("gpu", 0)[0] == 1 and "no GPU" in plan_gpus("gpu", 0)[1][0]
+    assert plan_gpus("auto", 0) == (0, []) and plan_gpus("auto", 2) == (1, [])
+    note = gpu_shortage_notes(1, {"llm": 2, "stt": 1, "tts": 0}, 2)
+    assert len(note) == 1 and "3 GPU(s)" in note[0] and "llm 2, stt 1" in note[0] and "has 2" in note[0]
+    assert "1 replica(s) stay PENDING" in note[0]
+    assert gpu_shortage_notes(1, {"llm": 2}, 2) == []  # enough
+    assert gpu_shortage_notes(0, {"llm": 5}, 1) == []  # CPU replicas
+    assert gpu_shortage_notes(1, {"llm": 5}, 0) == []  # plan_gpus' own note covers a cluster with none
+    config = AppConfig.model_validate(yaml.safe_load((REPO / "serve_config.gpu.yaml").read_text())["applications"][0]["args"])
+    from loading import Family
+
+    assert starting_replicas(config.family_options(Family.TTS)) == 0  # scale-to-zero family
+    assert starting_replicas(config.family_options(Family.LLM)) == 1
