@@ -103,7 +103,9 @@ def build_api(ingress: Ingress) -> FastAPI:
     async def health() -> dict:
         models = await ingress.model_status()
         states = {info["state"] for info in models.values()}
-        status = "degraded" if states & {"failed", "unavailable"} else "loading" if states - {"ready"} else "ok"
+        # lazy models not loaded yet and families scaled to zero are fine: they start on first use
+        settled = {"ready", "not_loaded", "scaled_to_zero"}
+        status = "degraded" if states & {"failed", "unavailable"} else "loading" if states - settled else "ok"
         body: dict[str, Any] = {"status": status, "models": models}
         if ingress.notes:
             body["notes"] = ingress.notes

@@ -152,6 +152,12 @@ class Ingress:
         self._deployments = (time.monotonic(), states)
         return states
 
+    def _scaled_to_zero(self, family: Family, view: dict) -> bool:
+        scaling = self.config.family_options(family).autoscaling
+        replicas = view.get("replicas", {}) if view else None
+        return bool(scaling and scaling.min_replicas == 0 and replicas is not None
+                    and not any(replicas.get(state, 0) for state in ("RUNNING", "STARTING", "UPDATING", "RECOVERING")))
+
     @staticmethod
     def pending_reason(family: str, view: dict) -> str:
         """Why a family has no replica to answer, from Serve's view: e.g. replicas waiting for GPUs."""
@@ -174,14 +180,22 @@ class Ingress:
 
     async def model_status(self) -> dict[str, dict]:
         """Per model: its replica's view, or why its family did not answer, with Serve's view of the family."""
+        deployments = await self.deployment_states()  # never raises; cached for 1 s
         families = sorted({s.family for s in self.config.models}, key=lambda f: f.value)
-        answers, deployments = await asyncio.gather(
-            asyncio.gather(*(self._call(f, "status", timeout=self.config.status_timeout_s) for f in families),
-                           return_exceptions=True),
-            self.deployment_states(),  # never raises
+        # A family scaled to zero is not woken up by a health probe: only real requests start it.
+        asleep = {f for f in families if self._scaled_to_zero(f, deployments.get(f.value, {}))}
+        awake = [f for f in families if f not in asleep]
+        answers = await asyncio.gather(
+            *(self._call(f, "status", timeout=self.config.status_timeout_s) for f in awake), return_exceptions=True
         )
         out: dict[str, dict] = {}
-        for family, answer in zip(families, answers):
+        for family in asleep:
+            for spec in (s for s in self.config.models if s.family is family):
+                out[spec.name] = {"name": spec.name, "family": family.value, "state": "scaled_to_zero",
+                                  "note": "no replica running; the next request starts one (cold start)",
+                                  "demo": spec.is_demo, "max_new_tokens": spec.max_new_tokens,
+                                  "deployment": deployments[family.value]}
+        for family, answer in zip(awake, answers):
             specs = [s for s in self.config.models if s.family is family]
             view = deployments.get(family.value, {})
             if isinstance(answer, BaseException):

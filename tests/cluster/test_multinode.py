@@ -339,6 +339,12 @@ def test_a_family_scaled_to_zero_cold_starts_on_the_first_request(fleet):
         warm = time.monotonic() - started
         idle = time.monotonic()
         asleep = wait(lambda: replica_states("sleepy") == {}, 60, "back to zero replicas")
+        # a health probe reports the family as asleep without waking it
+        for _ in range(3):
+            health = requests.get(url + "/health", timeout=10).json()
+            assert health["status"] == "ok" and health["models"]["tiny-llm"]["state"] == "scaled_to_zero", health
+            time.sleep(1)
+        assert replica_states("sleepy") == {}
         print(f"\n[scale-to-zero] first request after zero replicas: {cold:.1f} s (cold start), next one "
               f"{warm:.2f} s; back to zero {asleep - idle:.1f} s after the last request (downscale_delay_s=1)")
     finally:
