@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export LOCAL_MODELS_DIR ?= $(CURDIR)/models
 
-.PHONY: install serve test doctor bench-smoke clean
+.PHONY: install serve test doctor bench bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,3 +30,11 @@ doctor: install
 
 clean:
 	rm -rf $(VENV) models
+
+# Benchmarks (bench/, not part of the test suite): ours vs in-process, vs transformers serve and a
+# hand-written lock server. Full run ~15-20 min, writes bench/RESULTS.md; smoke ~3 min (CI).
+bench: install
+	$(PY) -m bench
+
+bench-smoke: install
+	$(PY) -m bench --smoke

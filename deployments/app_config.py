@@ -55,9 +55,11 @@ class FamilyOptions(BaseModel):
 
 
 FAMILY_DEFAULTS: dict[Family, dict[str, Any]] = {
-    # LLM requests are long and batch well: more in flight per replica, scale on the queue too.
-    Family.LLM: {"max_ongoing_requests": 16, "max_queued_requests": 64,
-                 "autoscaling": {"target_ongoing_requests": 8, "max_replicas": 4}},
+    # LLM requests are long and batch well: many in flight per replica (a request waiting in the
+    # replica's batcher costs nothing, while Ray's router backs off exponentially once every replica is
+    # at max_ongoing_requests), and the autoscaler counts queued requests too.
+    Family.LLM: {"max_ongoing_requests": 64, "max_queued_requests": 128, "max_batch_size": 16,
+                 "autoscaling": {"target_ongoing_requests": 16, "max_replicas": 4}},
     Family.VLM: {"max_ongoing_requests": 8, "max_queued_requests": 32, "max_batch_size": 4,
                  "autoscaling": {"target_ongoing_requests": 4, "max_replicas": 2}},
     # Audio requests are short: scale on ongoing requests with a low target.

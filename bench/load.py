@@ -1,0 +1,170 @@
+"""A bounded closed-loop load client: N concurrent clients, a fixed number of requests in all.
+
+Each client sends its next request as soon as its previous one is answered. Every request is
+timed; chat streams also time their first content token. Nothing here retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import aiohttp
+
+
+@dataclass
+class Request:
+    """One HTTP request: JSON body or multipart form (fields + files)."""
+
+    path: str
+    json: dict | None = None
+    form: dict[str, str] | None = None
+    files: dict[str, tuple[str, bytes, str]] | None = None  # field -> (filename, data, content type)
+    stream: bool = False
+
+    def body(self) -> dict[str, Any]:
+        if self.json is not None:
+            return {"json": self.json}
+        data = aiohttp.FormData()
+        for key, value in (self.form or {}).items():
+            data.add_field(key, value)
+        for key, (name, blob, ctype) in (self.files or {}).items():
+            data.add_field(key, blob, filename=name, content_type=ctype)
+        return {"data": data}
+
+
+@dataclass
+class Sample:
+    latency_s: float
+    ok: bool
+    tokens: int = 0
+    ttft_s: float | None = None
+    error: str = ""
+
+
+@dataclass
+class Stats:
+    concurrency: int
+    requests: int
+    errors: int
+    wall_s: float
+    rps: float
+    tokens_per_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    first_error: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def summarize(samples: list[Sample], concurrency: int, wall_s: float) -> Stats:
+    good = [s for s in samples if s.ok]
+    lat = [s.latency_s * 1000 for s in good]
+    ttft = [s.ttft_s * 1000 for s in good if s.ttft_s is not None]
+    errors = [s for s in samples if not s.ok]
+    return Stats(
+        concurrency=concurrency, requests=len(samples), errors=len(errors), wall_s=wall_s,
+        rps=len(good) / wall_s if wall_s else 0.0,
+        tokens_per_s=sum(s.tokens for s in good) / wall_s if wall_s else 0.0,
+        p50_ms=percentile(lat, 0.5), p99_ms=percentile(lat, 0.99),
+        mean_ms=statistics.fmean(lat) if lat else None,
+        ttft_p50_ms=percentile(ttft, 0.5), ttft_p99_ms=percentile(ttft, 0.99),
+        first_error=errors[0].error[:300] if errors else "",
+    )
+
+
+async def _one(session: aiohttp.ClientSession, base: str, req: Request, timeout_s: float) -> Sample:
+    started = time.perf_counter()
+    try:
+        async with session.post(base + req.path, timeout=aiohttp.ClientTimeout(total=timeout_s),
+                                **req.body()) as resp:
+            if resp.status != 200:
+                text = await resp.text()
+                return Sample(time.perf_counter() - started, False, error=f"HTTP {resp.status}: {text[:200]}")
+            if not req.stream:
+                raw = await resp.read()
+                tokens = 0
+                if resp.content_type == "application/json":
+                    usage = (json.loads(raw) or {}).get("usage") or {}
+                    tokens = int(usage.get("completion_tokens") or 0)
+                return Sample(time.perf_counter() - started, True, tokens)
+            return await _read_stream(resp, started)
+    except Exception as exc:  # a benchmark records failures; it never retries them
+        return Sample(time.perf_counter() - started, False, error=f"{type(exc).__name__}: {exc}")
+
+
+async def _read_stream(resp: aiohttp.ClientResponse, started: float) -> Sample:
+    """OpenAI SSE: TTFT = the first chunk with non-empty delta content; tokens = usage or content chunks."""
+    ttft, chunks, usage_tokens = None, 0, None
+    async for line in resp.content:
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            break
+        event = json.loads(data)
+        if event.get("usage"):
+            usage_tokens = event["usage"].get("completion_tokens")
+        for choice in event.get("choices") or []:
+            if (choice.get("delta") or {}).get("content"):
+                chunks += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - started
+    return Sample(time.perf_counter() - started, True, usage_tokens if usage_tokens is not None else chunks, ttft)
+
+
+async def _run(base: str, make: Callable[[int], Request], concurrency: int, total: int, timeout_s: float,
+               max_wall_s: float) -> Stats:
+    samples: list[Sample] = []
+    counter = iter(range(total))
+    deadline = time.perf_counter() + max_wall_s
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def client() -> None:
+            for i in counter:
+                if time.perf_counter() > deadline:
+                    return
+                samples.append(await _one(session, base, make(i), timeout_s))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return summarize(samples, concurrency, wall)
+
+
+def run_load(base: str, make: Callable[[int], Request], concurrency: int, total: int,
+             timeout_s: float = 120.0, max_wall_s: float = 120.0) -> Stats:
+    """Send `total` requests from `concurrency` clients (stops early past max_wall_s)."""
+    return asyncio.run(_run(base.rstrip("/"), make, concurrency, total, timeout_s, max_wall_s))
+
+
+def sequential(base: str, make: Callable[[int], Request], n: int, timeout_s: float = 60.0,
+               warmup: int = 1) -> list[Sample]:
+    """n requests one after another on one kept-alive connection (after `warmup` untimed ones)."""
+
+    async def go() -> list[Sample]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+            out = [await _one(session, base.rstrip("/"), make(i), timeout_s) for i in range(n + warmup)]
+            return out[warmup:]
+
+    return asyncio.run(go())

@@ -1,0 +1,45 @@
+"""Section 1: what serving adds to a request, per route.
+
+The same request is timed in-process (bench.inprocess: the replica's own functions on the loaded
+model) and over HTTP through `serve run`, one request at a time, in alternating blocks so that
+machine drift hits both sides alike. Added ms = HTTP p50 - in-process p50 (and the same for p99).
+"""
+
+from __future__ import annotations
+
+from .inprocess import InProcess, time_calls
+from .load import percentile, sequential
+from . import workloads
+
+
+def routes(inproc: InProcess, audio: bytes) -> dict[str, tuple]:
+    """route -> (in-process callable, HTTP request factory)."""
+    return {
+        "chat (max_tokens=1)": (inproc.chat(1), lambda i: workloads.chat("tiny-llm", 1)),
+        "transcription (1 s)": (inproc.transcribe(audio), lambda i: workloads.transcription("tiny-whisper", audio)),
+        "speech (short)": (inproc.synthesize(), lambda i: workloads.speech("tiny-vits")),
+    }
+
+
+def measure(url: str, inproc: InProcess, n: int, blocks: int = 5) -> dict[str, dict]:
+    """n requests per route and side (a third of that for the slow transcription)."""
+    audio = workloads.wav_bytes()
+    out = {}
+    for route, (local, make) in routes(inproc, audio).items():
+        per_block = max(1, (n // 3 if route.startswith("transcription") else n) // blocks)
+        local_s, http_s, errors = [], [], []
+        for _ in range(blocks):
+            local_s += time_calls(local, per_block)
+            samples = sequential(url, make, per_block)
+            http_s += [s.latency_s for s in samples if s.ok]
+            errors += [s.error for s in samples if not s.ok]
+        lp50, lp99 = percentile(local_s, 0.5) * 1000, percentile(local_s, 0.99) * 1000
+        hp50 = percentile(http_s, 0.5) * 1000 if http_s else None
+        hp99 = percentile(http_s, 0.99) * 1000 if http_s else None
+        out[route] = {
+            "n": len(local_s), "errors": len(errors), "first_error": errors[0][:300] if errors else "",
+            "inprocess_p50_ms": lp50, "inprocess_p99_ms": lp99, "http_p50_ms": hp50, "http_p99_ms": hp99,
+            "added_p50_ms": hp50 - lp50 if hp50 is not None else None,
+            "added_p99_ms": hp99 - lp99 if hp99 is not None else None,
+        }
+    return out

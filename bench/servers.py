@@ -1,0 +1,197 @@
+"""Start and stop the servers under test as subprocesses, each alone on the machine while measured.
+
+Ours runs through the real CLI (`serve run <config>`), in its own Ray temp dir so it never joins
+another Ray cluster on this machine; peers run as plain processes. Every server listens on
+127.0.0.1, ports 8300-8399.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+HOST = "127.0.0.1"
+
+# Serve knobs tried for the per-request overhead (environment of `serve run`).
+PROXY_MODES: dict[str, dict[str, str]] = {
+    "default": {},
+    # Ray's bundled HAProxy in front of the ingress replica's own HTTP server (no proxy actor hop).
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    # HAProxy plus Ray's "throughput optimized" bundle: user code and router on the replica's main
+    # event loop (no cross-thread hand-offs), gRPC between replicas, buffered request logs.
+    "haproxy+throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+}
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    started_at: float
+    timings: dict = field(default_factory=dict)
+
+
+def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+               HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.update(extra or {})
+    return env
+
+
+def bench_serve_config(port: int, models_dir: Path, llm_dir: Path | None, *, device: str = "cpu",
+                       only_llm: bool = False, max_batch_size: int | None = None,
+                       batch_wait_timeout_s: float | None = None) -> dict:
+    """serve_config.yaml with the bench's port and models dir and one replica per family.
+
+    Replicas are pinned (autoscaling off) so that figures do not move with the autoscaler.
+    `llm_dir` replaces the tiny LLM (for --model-size); `only_llm` keeps just that model.
+    """
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port
+    config["http_options"]["host"] = HOST
+    app = config["applications"][0]
+    args = app["args"]
+    args["device"] = device
+    args["local_models_dir"] = str(models_dir)
+    if llm_dir is not None:
+        for spec in args["models"]:
+            if spec["name"] == "tiny-llm":
+                spec.update(source=str(llm_dir), build_tiny=None)
+                spec.pop("build_tiny")
+    if only_llm:
+        args["models"] = [m for m in args["models"] if m["name"] == "tiny-llm"]
+    families = args.setdefault("families", {})
+    for family in ("llm", "stt", "tts", "vlm"):
+        options = families.setdefault(family, {})
+        options["autoscaling"] = None
+        if family == "llm" and max_batch_size is not None:
+            options["max_batch_size"] = max_batch_size
+        if family == "llm" and batch_wait_timeout_s is not None:
+            options["batch_wait_timeout_s"] = batch_wait_timeout_s
+    return config
+
+
+def _wait_http(url: str, process: subprocess.Popen, timeout_s: float, ok=lambda r: r.status_code == 200) -> float:
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before {url} answered")
+        try:
+            response = requests.get(url, timeout=5)
+            if ok(response):
+                return time.perf_counter()
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
+
+
+def _stop(process: subprocess.Popen, grace_s: float) -> float:
+    """SIGINT the group we started (serve run shuts Serve and its local Ray down), then SIGKILL it."""
+    started = time.perf_counter()
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # leftovers of this group only
+    except ProcessLookupError:
+        pass
+    process.wait()
+    return time.perf_counter() - started
+
+
+def _spawn(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("w")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@contextmanager
+def serve_run(config: dict, run_dir: Path, label: str, env_extra: dict[str, str] | None = None,
+              ready_timeout_s: float = 300.0) -> Iterator[Server]:
+    """`serve run` our app; timings: health_200_s (first 200 on /health), all_ready_s (status ok)."""
+    port = config["http_options"]["port"]
+    config_path = run_dir / f"serve_config.{label}.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    tmp = Path(f"/tmp/mfbench-{port}")  # short: Ray's socket paths have a length limit
+    tmp.mkdir(exist_ok=True)
+    env = base_env({"RAY_TMPDIR": str(tmp), **(env_extra or {})})
+    started = time.perf_counter()
+    process = _spawn([str(VENV_BIN / "serve"), "run", str(config_path)], env, run_dir / f"serve.{label}.log")
+    url = f"http://{HOST}:{port}"
+    server = Server(label, url, process, run_dir / f"serve.{label}.log", started)
+    try:
+        health = _wait_http(url + "/health", process, ready_timeout_s)
+        ready = _wait_http(url + "/health", process, ready_timeout_s,
+                           ok=lambda r: r.status_code == 200 and r.json().get("status") == "ok")
+        server.timings = {"health_200_s": health - started, "all_ready_s": ready - started,
+                          "health": requests.get(url + "/health", timeout=10).json()}
+        yield server
+    finally:
+        server.timings["stop_s"] = _stop(process, 60)
+
+
+@contextmanager
+def lock_server(family: str, model_dir: Path, port: int, run_dir: Path) -> Iterator[Server]:
+    cmd = [sys.executable, "-m", "bench.peers.lock_server", "--family", family, "--model", str(model_dir),
+           "--port", str(port)]
+    yield from _plain(cmd, f"lock-{family}", port, run_dir)
+
+
+@contextmanager
+def transformers_serve(model_dir: Path, port: int, run_dir: Path, continuous_batching: bool) -> Iterator[Server]:
+    cmd = [str(VENV_BIN / "transformers"), "serve", "--host", HOST, "--port", str(port), "--device", "cpu"
+           if not _cuda() else "auto", "--continuous-batching" if continuous_batching else "--no-continuous-batching",
+           str(model_dir)]
+    yield from _plain(cmd, "transformers-serve" + ("-cb" if continuous_batching else ""), port, run_dir)
+
+
+def _plain(cmd: list[str], label: str, port: int, run_dir: Path):
+    started = time.perf_counter()
+    process = _spawn(cmd, base_env(), run_dir / f"{label}.log")
+    server = Server(label, f"http://{HOST}:{port}", process, run_dir / f"{label}.log", started)
+    try:
+        server.timings["health_200_s"] = _wait_http(server.url + "/health", process, 300) - started
+        yield server
+    finally:
+        server.timings["stop_s"] = _stop(process, 20)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def log_tail(server: Server, lines: int = 30) -> str:
+    try:
+        return "\n".join(server.log_path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

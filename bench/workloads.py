@@ -1,0 +1,47 @@
+"""The fixed requests every server gets: the same bodies for ours and for each peer."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from .load import Request
+
+PROMPT = "Summarize the benefits of batching requests for a language model server in one sentence."
+SPEECH_TEXT = "hello world, this is a short benchmark sentence."
+AUDIO_SECONDS = 1.0
+AUDIO_RATE = 16000
+
+
+def chat_body(model: str, max_tokens: int, stream: bool = False) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            "temperature": 0}
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def chat(model: str, max_tokens: int, stream: bool = False) -> Request:
+    return Request("/v1/chat/completions", json=chat_body(model, max_tokens, stream), stream=stream)
+
+
+def wav_bytes(seconds: float = AUDIO_SECONDS, rate: int = AUDIO_RATE) -> bytes:
+    """A deterministic tone with a little noise, as a 16-bit WAV file."""
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    rng = np.random.default_rng(0)
+    audio = (0.3 * np.sin(2 * np.pi * 220 * t) + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def transcription(model: str, audio: bytes) -> Request:
+    return Request("/v1/audio/transcriptions", form={"model": model, "response_format": "json"},
+                   files={"file": ("audio.wav", audio, "audio/wav")})
+
+
+def speech(model: str) -> Request:
+    return Request("/v1/audio/speech", json={"model": model, "input": SPEECH_TEXT, "response_format": "wav"})

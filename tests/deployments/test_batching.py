@@ -1,0 +1,85 @@
+"""The replica's batcher: no wait on an idle model, batches whatever arrives while it is busy."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deployments.batching import Batcher
+
+
+class Recorder:
+    def __init__(self, delay: float = 0.05, fail_on: object = None):
+        self.calls: list[list] = []
+        self.delay, self.fail_on = delay, fail_on
+
+    async def __call__(self, items):
+        self.calls.append(list(items))
+        await asyncio.sleep(self.delay)
+        if self.fail_on in items:
+            raise RuntimeError("model call failed")
+        return [ValueError(f"bad {i}") if i == "bad" else i * 2 for i in items]
+
+
+def test_a_request_on_an_idle_model_runs_at_once():
+    async def main():
+        batcher = Batcher(Recorder(delay=0), max_batch_size=8)
+        started = asyncio.get_running_loop().time()
+        assert await batcher(21) == 42
+        return asyncio.get_running_loop().time() - started
+
+    assert asyncio.run(main()) < 0.005
+
+
+def test_requests_arriving_while_busy_share_the_next_call_up_to_the_limit():
+    async def main():
+        recorder = Recorder(delay=0.05)
+        batcher = Batcher(recorder, max_batch_size=4)
+        first = asyncio.ensure_future(batcher(0))
+        await asyncio.sleep(0.01)  # the first call is running
+        rest = await asyncio.gather(*(batcher(i) for i in range(1, 10)))
+        return recorder.calls, await first, rest
+
+    calls, first, rest = asyncio.run(main())
+    assert first == 0 and rest == [i * 2 for i in range(1, 10)]
+    assert calls == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9]]
+
+
+def test_errors_go_to_their_own_callers_and_a_failed_call_to_its_batch_only():
+    async def main():
+        batcher = Batcher(Recorder(delay=0.02, fail_on=3), max_batch_size=2)
+        return await asyncio.gather(*(batcher(i) for i in ["bad", 1, 3, 4, 5]), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[0], ValueError)  # its own error, returned per item
+    assert results[1] == 2
+    assert all(isinstance(r, RuntimeError) for r in results[2:4])  # 3 and 4 shared the failed call
+    assert results[4] == 10
+
+
+def test_a_caller_that_went_away_is_not_run():
+    async def main():
+        recorder = Recorder(delay=0.05)
+        batcher = Batcher(recorder, max_batch_size=8)
+        busy = asyncio.ensure_future(batcher(1))
+        await asyncio.sleep(0.01)
+        gone = asyncio.ensure_future(batcher(2))
+        await asyncio.sleep(0)
+        gone.cancel()
+        assert await batcher(3) == 6
+        await busy
+        return recorder.calls
+
+    assert asyncio.run(main()) == [[1], [3]]
+
+
+@pytest.mark.parametrize("wait", [0.03])
+def test_a_batch_wait_lets_an_idle_model_collect_company(wait):
+    async def main():
+        recorder = Recorder(delay=0)
+        batcher = Batcher(recorder, max_batch_size=8, batch_wait_timeout_s=wait)
+        await asyncio.gather(*(batcher(i) for i in range(3)))
+        return recorder.calls
+
+    assert asyncio.run(main()) == [[0, 1, 2]]
