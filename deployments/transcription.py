@@ -12,6 +12,9 @@ from loading import LoadedModel, ModelSpec
 from .audio import chunk, resample
 from .errors import InvalidRequestError
 from .params import Segment, TranscribeParams, TranscribeResult
+from .transformers_logs import quiet_generation_warnings
+
+quiet_generation_warnings()
 
 CHUNK_S = 30.0  # Whisper's receptive field
 FORCED_START_TOKENS = 5  # <|startoftranscript|> <|lang|> <|task|> <|notimestamps|> (+ <|startofprev|>)
