@@ -30,6 +30,8 @@ PROXY_MODES: dict[str, dict[str, str]] = {
     "default": {},
     # Ray's bundled HAProxy in front of the ingress replica's own HTTP server (no proxy actor hop).
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    # Ray's "throughput optimized" bundle alone, on the default proxy actor.
+    "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     # HAProxy plus Ray's "throughput optimized" bundle: user code and router on the replica's main
     # event loop (no cross-thread hand-offs), gRPC between replicas, buffered request logs.
     "haproxy+throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
