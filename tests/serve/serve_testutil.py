@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -74,7 +73,11 @@ def run_app(serve_url: str, name: str, args: dict, *, blocking: bool = True) -> 
     if blocking:
         serve.run(app, name=name, route_prefix=f"/{name}" if name != "modelfleet" else "/")
     else:
-        threading.Thread(target=lambda: serve.run(app, name=name, route_prefix=f"/{name}"), daemon=True).start()
+        # serve.run waits for RUNNING; its non-waiting twin deploys and returns (no thread left waiting
+        # on a controller that the module's teardown kills)
+        from ray.serve.api import _run
+
+        _run(app, _blocking=False, name=name, route_prefix=f"/{name}")
     url = serve_url if name == "modelfleet" else f"{serve_url}/{name}"
     handle = App(url, name)
     deadline = time.monotonic() + 90
