@@ -7,7 +7,7 @@ deployments never see HTTP.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -21,6 +21,8 @@ class ChatParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     wait_s: float = 0.0  # how long to wait for a model that is still loading
+    # Set inside the replica for a streamed request: called with each text delta, on the inference thread.
+    sink: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
     def sampling_key(self) -> tuple:
         """Requests with equal keys can share one batched generate call."""

@@ -162,6 +162,48 @@ def test_concurrent_chats_are_batched_into_fewer_model_calls(demo_app):
     assert alone.choices[0].message.content == replies[5].choices[0].message.content
 
 
+def test_concurrent_streams_share_batches_and_each_streams_its_own_reply(demo_app):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def stats():
+        return demo_app.get("/health").json()["models"]["tiny-llm"]["replica"]["batching"]
+
+    client = demo_app.openai()
+    messages = lambda i: [{"role": "user", "content": f"stream number {i}"}]  # noqa: E731
+
+    def stream(i):
+        chunks = list(client.chat.completions.create(
+            model="tiny-llm", messages=messages(i), max_tokens=12, temperature=0, stream=True,
+            stream_options={"include_usage": True}))
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage
+
+    before = stats()
+    with ThreadPoolExecutor(16) as pool:
+        streamed = list(pool.map(stream, range(16)))
+    after = stats()
+    assert after["requests"] - before["requests"] == 16
+    assert after["model_calls"] - before["model_calls"] < 16, (before, after)
+    for i in (0, 7, 15):
+        plain = client.chat.completions.create(model="tiny-llm", messages=messages(i), max_tokens=12, temperature=0)
+        assert streamed[i][0] == plain.choices[0].message.content
+        assert streamed[i][1].completion_tokens == plain.usage.completion_tokens
+
+
+def test_a_bad_request_fails_alone_not_the_batch_it_arrives_with(demo_app):
+    """max_tokens over the model's limit is a 400 for that request; its concurrent neighbours succeed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def post(max_tokens):
+        return demo_app.post("/v1/chat/completions", json={
+            "model": "tiny-llm", "messages": [{"role": "user", "content": "hello"}], "max_tokens": max_tokens})
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(post, [8, 100000] * 6))
+    for good, bad in zip(responses[::2], responses[1::2]):
+        assert good.status_code == 200, good.text
+        assert_openai_error(bad, 400, "max_tokens")
+
+
 def test_vlm_reads_a_data_uri_png(demo_app):
     reply = demo_app.openai().chat.completions.create(
         model="tiny-llava", max_tokens=8, temperature=0,

@@ -1,0 +1,74 @@
+"""Streams share batched generate calls: each row's deltas add up to exactly its own reply."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.generation import generate_batch
+from deployments.llm import LLMServer
+from deployments.params import ChatParams
+from loading import ModelSpec, load_model
+from loading.tiny import build_tiny
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    path = build_tiny("llm", tmp_path_factory.mktemp("models") / "tiny-llm")
+    spec = ModelSpec(name="tiny", source=str(path), device="cpu", max_new_tokens=32)
+    return spec, load_model(spec)
+
+
+def _encode(loaded, batch):
+    return LLMServer.encode(None, loaded, batch)
+
+
+def _chat(prompt: str, max_new_tokens: int, stop: list[str] | None = None) -> ChatParams:
+    return ChatParams(model="tiny", messages=[{"role": "user", "content": prompt}], temperature=0,
+                      max_new_tokens=max_new_tokens, stop=stop or [])
+
+
+def test_each_streamed_row_gets_its_own_deltas_and_they_add_up_to_its_reply(llm):
+    spec, loaded = llm
+    prompts = [("Tell me a story", 24), ("hi", 5), ("A much longer question about the weather", 16), ("ok", 1)]
+    plain = generate_batch(spec, loaded, [_chat(p, n) for p, n in prompts], _encode)
+
+    streamed, received = [_chat(p, n) for p, n in prompts], [[] for _ in prompts]
+    for params, pieces in zip(streamed[:3], received):  # the last row is a plain request in the same batch
+        params.sink = pieces.append
+    results = generate_batch(spec, loaded, streamed, _encode)
+
+    assert [r.text for r in results] == [r.text for r in plain]  # streaming changes nothing in the results
+    assert [r.completion_tokens for r in results] == [r.completion_tokens for r in plain]
+    for pieces, result in zip(received[:3], results):
+        sent = "".join(pieces)
+        assert result.text.startswith(sent)  # the caller sends the held-back rest from the result
+    assert len(received[0]) > 3, received[0]  # tokens arrived one by one, not at the end
+    assert received[3] == []
+    # a row never streams past its own limit though the batch generates up to the longest
+    assert results[1].completion_tokens <= 5 and results[3].completion_tokens <= 1
+
+
+def test_a_streamed_row_never_sends_a_stop_string_or_what_follows_it(llm):
+    spec, loaded = llm
+    full = generate_batch(spec, loaded, [_chat("Count with me", 24)], _encode)[0].text
+    assert len(full) > 6, full
+    stop = full[3:6]
+    pieces: list[str] = []
+    params = _chat("Count with me", 24, stop=[stop])
+    params.sink = pieces.append
+    result = generate_batch(spec, loaded, [params, _chat("Count with me", 24, stop=[stop])], _encode)[0]
+    assert result.text == full[: full.find(stop)] and result.finish_reason == "stop"
+    assert result.text.startswith("".join(pieces)) and stop not in "".join(pieces)
+
+
+def test_a_sink_that_fails_leaves_the_rest_of_the_batch_alone(llm):
+    spec, loaded = llm
+
+    def gone(_text: str) -> None:
+        raise RuntimeError("client went away")
+
+    first, second = _chat("Tell me a story", 12), _chat("Tell me a story", 12)
+    first.sink, pieces = gone, []
+    second.sink = pieces.append
+    results = generate_batch(spec, loaded, [first, second], _encode)
+    assert results[0].text == results[1].text and "".join(pieces) and results[1].text.startswith("".join(pieces))
