@@ -19,10 +19,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import cold_start, models, overhead, report, servers, throughput, workloads
+from . import cold_start, models, overhead, report, routes, servers, throughput, workloads
 from .servers import PROXY_MODES
 
-SECTIONS = ("overhead", "throughput", "cold_start", "peers")
+SECTIONS = ("overhead", "throughput", "cold_start", "peers", "routes")
 HERE = Path(__file__).resolve().parent
 PORT_OURS, PORT_NOBATCH, PORT_LOCK, PORT_TF = 8300, 8301, 8311, 8321
 
@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     setting = {
         "smoke": args.smoke, "sections": only, "model_size": args.model_size, "proxy_modes": modes,
         "concurrency": conc, "max_tokens": args.max_tokens,
-        "overhead_requests": 30 if args.smoke else 150, "requests_per_client": 3 if args.smoke else 6,
+        "overhead_requests": 30 if args.smoke else 150, "route_requests": 5 if args.smoke else 30,
+        "requests_per_client": 3 if args.smoke else 6,
         "min_requests": 8 if args.smoke else 30, "audio_concurrency": [1, 4] if args.smoke else [1, 4, 16],
         "audio_requests_per_client": 2 if args.smoke else 3, "audio_min_requests": 6 if args.smoke else 15,
     }
@@ -118,6 +119,9 @@ def run_ours(result: dict, setting: dict, dirs: dict, run_dir: Path, device: str
             if inproc is not None:
                 section("overhead (%d requests per route)", setting["overhead_requests"])
                 entry["overhead"] = overhead.measure(server.url, inproc, setting["overhead_requests"])
+            if "routes" in only and mode == setting["proxy_modes"][0]:
+                section("every route, one request at a time (%d each)", setting["route_requests"])
+                entry["routes"] = routes.measure(server.url, setting["route_requests"], mt)
             if "throughput" in only or "peers" in only:
                 section("ours (%s): LLM throughput, batching on", mode)
                 entry["llm"] = throughput.llm_sweep(server.url, "tiny-llm", conc, mt, setting["requests_per_client"],

@@ -25,8 +25,11 @@ class Request:
     form: dict[str, str] | None = None
     files: dict[str, tuple[str, bytes, str]] | None = None  # field -> (filename, data, content type)
     stream: bool = False
+    method: str = "POST"
 
     def body(self) -> dict[str, Any]:
+        if self.method == "GET":
+            return {}
         if self.json is not None:
             return {"json": self.json}
         data = aiohttp.FormData()
@@ -94,7 +97,7 @@ def summarize(samples: list[Sample], concurrency: int, wall_s: float) -> Stats:
 async def _one(session: aiohttp.ClientSession, base: str, req: Request, timeout_s: float) -> Sample:
     started = time.perf_counter()
     try:
-        async with session.post(base + req.path, timeout=aiohttp.ClientTimeout(total=timeout_s),
+        async with session.request(req.method, base + req.path, timeout=aiohttp.ClientTimeout(total=timeout_s),
                                 **req.body()) as resp:
             if resp.status != 200:
                 text = await resp.text()

@@ -168,6 +168,15 @@ def markdown(result: dict, json_path: Path | None = None) -> str:
         if audio:
             lines += ["STT (1 s WAV) and TTS (short sentence) figures:", ""]
             lines += _table(["server", "family", "clients", "req/s", "p50", "p99", "errors"], audio)
+    # 5. every route
+    for mode, e in ours.items():
+        if e.get("routes"):
+            lines += [f"## 5. Every route, one request at a time (proxy mode {mode})", "",
+                      "Latency a client sees per route on the demo's tiny models (sequential requests, "
+                      "kept-alive connection); TTFT for the streamed chat.", ""]
+            lines += _table(["route", "requests", "p50", "p99", "TTFT p50", "errors"],
+                            [[name, r["n"], r["p50_ms"], r["p99_ms"], r.get("ttft_p50_ms"), r["errors"]]
+                             for name, r in e["routes"].items()])
     if meta.get("load_average_by_section"):
         lines += ["1-minute load average as each step started (2 CPUs; above ~2 another job shared the machine):", ""]
         lines += _table(["step", "load"], meta["load_average_by_section"])
