@@ -13,7 +13,7 @@ from pathlib import Path
 
 import huggingface_hub
 from filelock import FileLock
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
 from .errors import ModelNotFoundError
@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 MARKER_FILES = ("config.json", "adapter_config.json")
+# The Hub answered: no such repo (or private/gated: GatedRepoError is a subclass) or no such revision.
+NOT_ON_HUB = (RepositoryNotFoundError, RevisionNotFoundError)
 
 
 @dataclass
@@ -82,6 +84,9 @@ def download_size_bytes(repo_id: str, revision: str | None, cache_dir: Path) -> 
     try:
         infos = huggingface_hub.snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, dry_run=True)
     except Exception as exc:  # the size is advice; the download itself reports real errors
+        missing = exc if isinstance(exc, NOT_ON_HUB) else exc.__cause__  # dry run wraps a 404 in DryRunError
+        if isinstance(missing, NOT_ON_HUB):
+            raise missing from None  # not a sizing problem: there is nothing to download
         log.info("could not size %s before download: %s", repo_id, exc)
         return None
     return sum(getattr(i, "file_size", 0) or 0 for i in infos if getattr(i, "will_download", True))
@@ -153,5 +158,15 @@ def resolve_source(
             f"{settings.local_models_dir / source.split('/')[-1]}), then start again.",
             offline_reason=reason,
         )
-    path = download(source, revision, settings, what=what, local_dir=local_dir)
+    try:
+        path = download(source, revision, settings, what=what, local_dir=local_dir)
+    except NOT_ON_HUB as exc:
+        answer = "no such revision" if isinstance(exc, RevisionNotFoundError) else "no such repo, or private/gated"
+        looked_at.append(f"the Hub at {settings.hub_endpoint} ({answer}: {source}@{revision or 'main'})")
+        raise ModelNotFoundError(
+            source,
+            looked_at,
+            "check the id and `revision:` (a private or gated repo also needs HF_TOKEN), or put the model under "
+            f"LOCAL_MODELS_DIR={settings.local_models_dir}.",
+        ) from exc
     return Resolved(path, "Hub download", looked_at)
