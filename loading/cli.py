@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from .loader import ensure_demo_model
 from .offline import declared_offline, hub_status
 from .placement import visible_gpus
 from .quantization import bitsandbytes_status
-from .resolve import resolve_source
+from .resolve import Resolved, resolve_source
 from .settings import Settings
 
 DEFAULT_CONFIG = "serve_config.yaml"
@@ -99,6 +100,11 @@ def _fetch_one(spec: ModelSpec, settings: Settings, hub, to_local_dir: bool, out
         ensure_demo_model(spec, settings)
     local_dir = settings.local_models_dir / spec.source.split("/")[-1] if to_local_dir else None
     resolved = resolve_source(spec.source, settings, revision=spec.revision, hub=hub, local_dir=local_dir)
+    if local_dir is not None and resolved.origin == "HF cache":
+        # Asked for a self-contained copy (e.g. to carry to an offline machine): the cache's
+        # symlinked snapshot is copied as plain files, no Hub needed.
+        shutil.copytree(resolved.path, local_dir, dirs_exist_ok=True)
+        resolved = Resolved(local_dir.resolve(), "copied from the HF cache", resolved.looked_at)
     print(f"[ok  ] {spec.name}: {resolved.path} ({resolved.origin})", file=out)
     adapter = read_adapter(resolved.path)
     if adapter is not None:

@@ -97,6 +97,15 @@ def test_fetch_offline_missing_fails_fast_and_cached_succeeds(isolated_env, tiny
     assert code == 0, out
     assert f"[ok  ] tiny: {snapshot.resolve()} (HF cache)" in out and "1 of 1 models available locally." in out
 
+    # --local-models-dir wants a self-contained copy: a cached snapshot is copied there, offline.
+    code = main(["fetch", "--config", str(config), "--local-models-dir"])
+    out = capsys.readouterr().out
+    copy = isolated_env["models"] / "tiny-llm"
+    assert code == 0, out
+    assert f"[ok  ] tiny: {copy.resolve()} (copied from the HF cache)" in out
+    assert (copy / "config.json").is_file() and not (copy / "config.json").is_symlink()
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in snapshot.iterdir())
+
 
 def test_fetch_builds_demo_model_and_reports_adapter_base(isolated_env, tmp_path, monkeypatch, capsys):
     config = _serve_config(tmp_path / "demo.yaml", [
