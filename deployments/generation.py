@@ -119,6 +119,10 @@ class _RowStream:
         self.stops = [s for s in stops if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.tokens: list[int] = []
+        self.text = ""  # decoded tokens[:read_offset]
+        # Incremental detokenization: each step decodes only a short window, tokens[prefix_offset:],
+        # instead of the whole row (a full re-decode grows with the reply and runs on generate's thread).
+        self.prefix_offset = self.read_offset = 0
         self.sent = ""
         self.done = False
 
@@ -129,11 +133,16 @@ class _RowStream:
             self.done = True
             return
         self.tokens.append(token)
-        text, stopped = _cut_at_stop(self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.stops)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        prefix = decode(self.tokens[self.prefix_offset:self.read_offset])
+        window = decode(self.tokens[self.prefix_offset:])
+        if len(window) <= len(prefix) or window.endswith("\ufffd"):
+            return  # a skipped special token, or an incomplete UTF-8 sequence whose next bytes are to come
+        self.text += window[len(prefix):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        text, stopped = _cut_at_stop(self.text, self.stops)
         if stopped:
             self.done, ready = True, text
-        elif text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: its next bytes are still to come
-            return
         else:
             ready = text[: len(text) - self.hold]
         if len(ready) > len(self.sent) and ready.startswith(self.sent):
