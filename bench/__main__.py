@@ -59,10 +59,8 @@ def main(argv=None) -> int:
     unknown = set(only) - set(SECTIONS)
     if unknown:
         raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
-    modes = (args.proxy_modes.split(",") if args.proxy_modes else ["default"] if args.smoke else list(PROXY_MODES))
-    for mode in modes:
-        if mode not in PROXY_MODES:
-            raise SystemExit(f"unknown proxy mode {mode!r}; choose from {', '.join(PROXY_MODES)}")
+    modes = (servers.parse_proxy_modes(args.proxy_modes) if args.proxy_modes
+             else ["default"] if args.smoke else list(PROXY_MODES))
     conc = [int(c) for c in (args.concurrency or ("1,4" if args.smoke else "1,4,16,64")).split(",")]
     setting = {
         "smoke": args.smoke, "sections": only, "model_size": args.model_size, "proxy_modes": modes,

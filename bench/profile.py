@@ -76,6 +76,12 @@ def category_of(path: str) -> str:
     return next((cat for needle, cat in CATEGORIES if needle in path), "other libraries")
 
 
+def _stat(pid: int | str) -> tuple[str, list[str]]:
+    """/proc/PID/stat as (comm, the fields after it: state is [0], so field N of proc(5) is [N - 3])."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+
+
 def session_processes(sid: int) -> dict[int, str]:
     """pid -> command line of every process in the session `serve run` was started in."""
     out = {}
@@ -83,12 +89,11 @@ def session_processes(sid: int) -> dict[int, str]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[3]) != sid:  # field 6 of /proc/PID/stat: session id
+            comm, fields = _stat(entry.name)
+            if int(fields[3]) != sid:  # field 6: session id
                 continue
             args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            out[int(entry.name)] = args or stat[stat.index("(") + 1:stat.rindex(")")]
+            out[int(entry.name)] = args or comm
         except (OSError, ValueError):
             continue
     return out
@@ -96,11 +101,10 @@ def session_processes(sid: int) -> dict[int, str]:
 
 def cpu_seconds(pid: int) -> float | None:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        _, fields = _stat(pid)
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14, 15: utime + stime
 
 
 def _file(frame: str) -> str:
@@ -165,10 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="length of each measured load window")
     p.add_argument("--results", type=Path, default=HERE / "PROFILE.md")
     args = p.parse_args(argv)
-    modes = args.proxy_modes.split(",")
-    for mode in modes:
-        if mode not in servers.PROXY_MODES:
-            raise SystemExit(f"unknown proxy mode {mode!r}; choose from {', '.join(servers.PROXY_MODES)}")
+    modes = servers.parse_proxy_modes(args.proxy_modes)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     py_spy = py_spy_binary()
 

@@ -6,34 +6,20 @@ slows one route shows up here. Chat routes generate up to `max_tokens` tokens (g
 
 from __future__ import annotations
 
-import base64
-import io
-
 from . import workloads
 from .load import Request, percentile, sequential
-
-
-def png_data_uri(size: tuple[int, int] = (64, 48)) -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def routes(max_tokens: int) -> dict[str, Request]:
     audio = workloads.wav_bytes()
     wav = ("audio.wav", audio, "audio/wav")
-    image_chat = {"model": "tiny-llava", "max_tokens": max_tokens, "temperature": 0, "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "What is in this picture?"},
-        {"type": "image_url", "image_url": {"url": png_data_uri()}}]}]}
     return {
         "GET /health": Request("/health", method="GET"),
         "GET /v1/models": Request("/v1/models", method="GET"),
         f"chat, LLM (max_tokens={max_tokens})": workloads.chat("tiny-llm", max_tokens),
         f"chat, LLM streamed (max_tokens={max_tokens})": workloads.chat("tiny-llm", max_tokens, stream=True),
         f"chat, LLM + LoRA adapter (max_tokens={max_tokens})": workloads.chat("tiny-llm-lora", max_tokens),
-        f"chat, VLM with a PNG (max_tokens={max_tokens})": Request("/v1/chat/completions", json=image_chat),
+        f"chat, VLM with a PNG (max_tokens={max_tokens})": workloads.image_chat("tiny-llava", max_tokens),
         "transcription (1 s WAV)": workloads.transcription("tiny-whisper", audio),
         "speech (short, WAV)": workloads.speech("tiny-vits"),
         f"voice round trip /v1/audio/chat (1 s WAV, max_tokens={max_tokens})": Request(

@@ -38,6 +38,15 @@ PROXY_MODES: dict[str, dict[str, str]] = {
 }
 
 
+def parse_proxy_modes(text: str) -> list[str]:
+    """'default,haproxy' -> ["default", "haproxy"], naming the choices when one is unknown."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in PROXY_MODES]
+    if unknown:
+        raise SystemExit(f"unknown proxy mode {unknown[0]!r}; choose from {', '.join(PROXY_MODES)}")
+    return modes
+
+
 @dataclass
 class Server:
     name: str

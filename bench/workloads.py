@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
@@ -24,6 +25,18 @@ def chat_body(model: str, max_tokens: int, stream: bool = False) -> dict:
 
 def chat(model: str, max_tokens: int, stream: bool = False) -> Request:
     return Request("/v1/chat/completions", json=chat_body(model, max_tokens, stream), stream=stream)
+
+
+def image_chat(model: str, max_tokens: int) -> Request:
+    """A chat about a small PNG sent as a data URI (the server fetches nothing from the network)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    content = [{"type": "text", "text": "What is in this picture?"}, {"type": "image_url", "image_url": {"url": url}}]
+    return Request("/v1/chat/completions", json={"model": model, "max_tokens": max_tokens, "temperature": 0,
+                                                 "messages": [{"role": "user", "content": content}]})
 
 
 def wav_bytes(seconds: float = AUDIO_SECONDS, rate: int = AUDIO_RATE) -> bytes:
