@@ -23,7 +23,6 @@ import pytest
 
 from fake_hub import FakeHub
 from loading import ModelSpec, load_model
-from loading.tiny import ensure_tiny
 from loading_testutil import Timer, record, set_adapter_base
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -76,13 +75,6 @@ def _padded(model_dir: Path, total_bytes: int) -> dict[str, bytes]:
     return files
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hub-download-models")
-    llm = ensure_tiny("llm", root / "llm")
-    return {"llm": llm, "llm-lora": ensure_tiny("llm-lora", root / "llm-lora", base=llm)}
-
-
 @pytest.fixture
 def hub():
     with FakeHub() as server:
@@ -126,9 +118,9 @@ def _snapshot_files(snapshot: Path) -> dict[str, bytes]:
     return {p.relative_to(snapshot).as_posix(): p.read_bytes() for p in snapshot.rglob("*") if p.is_file()}
 
 
-def test_download_announced_with_size_then_loaded_then_cached(built, hub, online, isolated_env):
+def test_download_announced_with_size_then_loaded_then_cached(tiny, hub, online, isolated_env):
     repo = "modelfleet-test/hub-llm"
-    sha = hub.add_repo(repo, _padded(built["llm"], 31_000_000))
+    sha = hub.add_repo(repo, _padded(tiny["llm"], 31_000_000))
     served = hub.files(repo)
     total = hub.total_bytes(repo)
 
@@ -177,9 +169,9 @@ def test_download_announced_with_size_then_loaded_then_cached(built, hub, online
     assert not DOWNLOAD_LOG.search(stderr)
 
 
-def test_concurrent_resolvers_download_once(built, hub, online, isolated_env, tmp_path):
+def test_concurrent_resolvers_download_once(tiny, hub, online, isolated_env, tmp_path):
     repo = "modelfleet-test/race-llm"
-    sha = hub.add_repo(repo, built["llm"])
+    sha = hub.add_repo(repo, tiny["llm"])
     hub.hold_downloads()  # the first file GET waits until every process is resolving
     ready = [tmp_path / f"ready-{i}" for i in range(3)]
     procs = []
@@ -217,9 +209,9 @@ def test_concurrent_resolvers_download_once(built, hub, online, isolated_env, tm
     assert len(hub.log(route="info")) == 2  # the one dry run and the one download
 
 
-def test_revision_is_pinned(built, hub, online, isolated_env):
+def test_revision_is_pinned(tiny, hub, online, isolated_env):
     repo = "modelfleet-test/pinned-llm"
-    files = {p.name: p.read_bytes() for p in built["llm"].iterdir() if p.is_file()}
+    files = {p.name: p.read_bytes() for p in tiny["llm"].iterdir() if p.is_file()}
     main_sha = hub.add_repo(repo, files)
     config = json.loads(files["config.json"])
     v1_files = {**files, "config.json": json.dumps({**config, "modelfleet_commit": "v1"}).encode()}
@@ -269,11 +261,11 @@ def test_revision_is_pinned(built, hub, online, isolated_env):
     assert len(hub.log()) == requests_so_far
 
 
-def test_adapter_base_download_announced(built, hub, online, isolated_env):
+def test_adapter_base_download_announced(tiny, hub, online, isolated_env):
     base_repo = "modelfleet-test/lora-base"
-    sha = hub.add_repo(base_repo, _padded(built["llm"], 12_000_000))
+    sha = hub.add_repo(base_repo, _padded(tiny["llm"], 12_000_000))
     total = hub.total_bytes(base_repo)
-    adapter = shutil.copytree(built["llm-lora"], isolated_env["models"] / "my-lora")
+    adapter = shutil.copytree(tiny["llm-lora"], isolated_env["models"] / "my-lora")
     set_adapter_base(adapter, base_repo)
 
     with Timer() as t:
@@ -295,12 +287,12 @@ def test_adapter_base_download_announced(built, hub, online, isolated_env):
     assert type(loaded.model).__name__.startswith("Peft")
 
 
-def test_unknown_repo_or_revision_is_a_clear_miss(built, hub, online, isolated_env):
+def test_unknown_repo_or_revision_is_a_clear_miss(tiny, hub, online, isolated_env):
     """The Hub answering 404 is a ModelNotFoundError naming where we looked (not huggingface_hub's
     RepositoryNotFoundError, which `modelfleet fetch` does not catch), with no download announced."""
     repo = "modelfleet-test/real-llm"
-    hub.add_repo(repo, built["llm"])
-    adapter = shutil.copytree(built["llm-lora"], isolated_env["models"] / "orphan-lora")
+    hub.add_repo(repo, tiny["llm"])
+    adapter = shutil.copytree(tiny["llm-lora"], isolated_env["models"] / "orphan-lora")
     set_adapter_base(adapter, "modelfleet-test/no-such-base")
 
     (no_repo, no_rev, no_base), stderr = _run(
