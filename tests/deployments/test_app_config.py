@@ -1,0 +1,158 @@
+"""Bad `args:` are refused before anything is built, by a pydantic ValidationError naming the field.
+
+No cluster: `AppConfig.model_validate` and `build_app` (which only binds deployments) both run
+without Ray.
+"""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from deployments.app_config import FAMILY_DEFAULTS, AppConfig
+from loading import Family
+
+LLM = {"name": "chat", "source": "tiny-llm", "family": "llm"}
+TTS = {"name": "voice", "source": "tiny-vits", "family": "tts"}
+
+
+def args(**extra) -> dict:
+    return {"device": "cpu", "models": [LLM, TTS], **extra}
+
+
+def error_locs(exc: ValidationError) -> dict[str, str]:
+    """'families.llm.max_ongoing_requests' -> pydantic's message for it."""
+    return {".".join(map(str, e["loc"])): e["msg"] for e in exc.errors()}
+
+
+BAD_ARGS = [
+    # unknown keys, at every level
+    pytest.param(args(bogus=1), "bogus", "Extra inputs", id="unknown-top-level-key"),
+    pytest.param(args(models=[{**LLM, "max_tokens": 5}]), "models.0.max_tokens", "Extra inputs",
+                 id="unknown-model-key"),
+    pytest.param(args(families={"llm": {"max_batch": 4}}), "families.llm.max_batch", "Extra inputs",
+                 id="unknown-family-option"),
+    pytest.param(args(ingress={"replicas": 2}), "ingress.replicas", "Extra inputs", id="unknown-ingress-option"),
+    # bad family names
+    pytest.param(args(families={"asr": {"num_cpus": 1}}), "families", "asr", id="unknown-family-section"),
+    pytest.param(args(models=[{**LLM, "family": "chat"}]), "models.0.family", "'llm', 'stt', 'tts' or 'vlm'",
+                 id="unknown-model-family"),
+    pytest.param(args(device="tpu"), "device", "'auto', 'cpu' or 'gpu'", id="unknown-device"),
+    # duplicate names, also through an alias
+    pytest.param(args(models=[LLM, {**TTS, "name": "chat"}]), "models", "'chat'", id="duplicate-name"),
+    pytest.param(args(models=[LLM, {**TTS, "aliases": ["tts-1", "chat"]}]), "models", "'chat'",
+                 id="alias-clashes-with-a-name"),
+    pytest.param(args(models=[]), "models", "at least 1", id="no-models"),
+    # negative or zero numbers
+    pytest.param(args(request_timeout_s=-1), "request_timeout_s", "greater than 0", id="negative-request-timeout"),
+    pytest.param(args(status_timeout_s=0), "status_timeout_s", "greater than 0", id="zero-status-timeout"),
+    pytest.param(args(families={"llm": {"max_ongoing_requests": 0}}), "families.llm.max_ongoing_requests",
+                 "greater than or equal to 1", id="zero-max-ongoing"),
+    pytest.param(args(families={"tts": {"max_queued_requests": -2}}), "families.tts.max_queued_requests",
+                 "greater than or equal to -1", id="max-queued-below-minus-one"),
+    pytest.param(args(families={"llm": {"max_loaded_models": -1}}), "families.llm.max_loaded_models",
+                 "greater than or equal to 1", id="negative-max-loaded-models"),
+    pytest.param(args(families={"stt": {"num_cpus": -0.5}}), "families.stt.num_cpus", "greater than 0",
+                 id="negative-num-cpus"),
+    pytest.param(args(families={"llm": {"batch_wait_timeout_s": -0.1}}), "families.llm.batch_wait_timeout_s",
+                 "greater than or equal to 0", id="negative-batch-wait"),
+    pytest.param(args(families={"llm": {"autoscaling": {"max_replicas": 0}}}),
+                 "families.llm.autoscaling.max_replicas", "greater than or equal to 1", id="zero-max-replicas"),
+    pytest.param(args(families={"vlm": {"autoscaling": {"min_replicas": -1}}}),
+                 "families.vlm.autoscaling.min_replicas", "greater than or equal to 0", id="negative-min-replicas"),
+    pytest.param(args(ingress={"num_replicas": 0}), "ingress.num_replicas", "greater than or equal to 1",
+                 id="zero-ingress-replicas"),
+    pytest.param(args(models=[{**LLM, "max_new_tokens": -5}]), "models.0.max_new_tokens",
+                 "greater than or equal to 1", id="negative-max-new-tokens"),
+    pytest.param(args(models=[{**LLM, "generation_timeout_s": 0}]), "models.0.generation_timeout_s",
+                 "greater than 0", id="zero-generation-timeout"),
+    pytest.param(args(models=[LLM, {**TTS, "debug_load_delay_s": -1}]), "models.1.debug_load_delay_s",
+                 "greater than or equal to 0", id="negative-load-delay"),
+]
+
+
+@pytest.mark.parametrize("bad,field,says", BAD_ARGS)
+def test_bad_args_are_a_validation_error_naming_the_field(bad, field, says):
+    with pytest.raises(ValidationError) as caught:
+        AppConfig.model_validate(bad)
+    locs = error_locs(caught.value)
+    assert field in locs, f"expected an error at {field!r}, got {locs}"
+    assert says in locs[field], locs
+
+
+@pytest.mark.parametrize("bad,field,says", BAD_ARGS)
+def test_build_app_refuses_bad_args_before_building_anything(bad, field, says, monkeypatch):
+    """`serve run` calls build_app(args): the same error, before any deployment is bound."""
+    from ray import serve
+
+    from deployments import builder
+
+    def bind_nothing(*args, **kwargs):
+        raise AssertionError("a deployment was built before args were validated")
+
+    monkeypatch.setattr(serve, "deployment", bind_nothing)
+    with pytest.raises(ValidationError) as caught:
+        builder.build_app(bad)
+    assert field in error_locs(caught.value)
+
+
+def bound_deployments(app) -> dict:
+    """Every deployment an Application binds, by name (walks the constructor args it was bound with)."""
+    from ray.serve import Application
+
+    found = {}
+
+    def walk(value):
+        if isinstance(value, Application):
+            deployment = value._bound_deployment
+            found[deployment.name] = deployment
+            walk(list(deployment.init_args) + list(deployment.init_kwargs.values()))
+        elif isinstance(value, dict):
+            walk(list(value.values()))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    walk(app)
+    return found
+
+
+def test_good_args_build_one_deployment_per_family_without_a_cluster():
+    import ray
+
+    from deployments.builder import build_app
+
+    deployments = bound_deployments(build_app(args(families={"llm": {"max_ongoing_requests": 3}})))
+    assert not ray.is_initialized()  # binding needs no cluster
+    assert set(deployments) == {"ingress", "llm", "tts"}
+    assert deployments["llm"].max_ongoing_requests == 3
+    assert deployments["llm"].ray_actor_options["num_gpus"] == 0  # device: cpu
+
+
+def test_a_family_section_given_in_part_keeps_the_other_defaults():
+    config = AppConfig.model_validate(args(families={"llm": {"max_ongoing_requests": 3,
+                                                             "autoscaling": {"max_replicas": 7}}}))
+    llm = config.family_options(Family.LLM)
+    assert llm.max_ongoing_requests == 3
+    assert llm.max_batch_size == FAMILY_DEFAULTS[Family.LLM]["max_batch_size"]
+    assert llm.autoscaling.max_replicas == 7
+    assert llm.autoscaling.target_ongoing_requests == FAMILY_DEFAULTS[Family.LLM]["autoscaling"]["target_ongoing_requests"]
+    assert config.family_options(Family.TTS).max_batch_size == FAMILY_DEFAULTS[Family.TTS]["max_batch_size"]
+    pinned = AppConfig.model_validate(args(families={"llm": {"autoscaling": None}}))
+    assert pinned.family_options(Family.LLM).autoscaling is None
+
+
+@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
+    "issue 18: without a `families:` section the per-family defaults are never merged "
+    "(AppConfig._merge_defaults is a mode='before' validator, which pydantic skips for a default), "
+    "so family_options() raises KeyError: <Family.LLM: 'llm'> and build_app crashes"))
+def test_the_smallest_config_the_readme_allows_gets_every_documented_default():
+    from deployments.builder import build_app
+
+    smallest = {"models": [LLM]}
+    config = AppConfig.model_validate(smallest)
+    for family, defaults in FAMILY_DEFAULTS.items():
+        options = config.family_options(family)
+        assert options.max_ongoing_requests == defaults["max_ongoing_requests"]
+        assert options.max_queued_requests == defaults["max_queued_requests"]
+    assert build_app(smallest) is not None
