@@ -9,13 +9,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 
 import numpy as np
 import openai
 import pytest
 import soundfile as sf
 
-from serve_testutil import png_data_uri, wav_bytes
+from serve_testutil import free_port, png_data_uri, wav_bytes
 
 pytestmark = pytest.mark.usefixtures("demo_app")
 
@@ -41,6 +42,30 @@ def test_models_list_every_served_model_with_family_state_and_demo_flag(demo_app
         assert model.model_extra["state"] == "ready"
         assert model.model_extra["device"] == "cpu"
         assert model.model_extra["demo"] is True
+
+
+@pytest.mark.parametrize("name,model_id,family", [
+    ("tiny-llm", "tiny-llm", "llm"), ("llm", "tiny-llm", "llm"), ("whisper-1", "tiny-whisper", "stt"),
+    ("tts-1", "tiny-vits", "tts"), ("tiny-llava-lora", "tiny-llava-lora", "vlm"),
+])
+def test_one_model_by_name_or_alias_is_its_card_from_the_list(demo_app, name, model_id, family):
+    client = demo_app.openai()
+    model = client.models.retrieve(name)
+    assert model.id == model_id and model.object == "model"  # an alias answers with the model's own id
+    assert model.model_extra["family"] == family and model.model_extra["state"] == "ready"
+    listed = {m.id: m for m in client.models.list().data}[model_id]
+    assert model.model_dump() == listed.model_dump()
+    if name != model_id:
+        assert name in model.model_extra["aliases"]
+
+
+@pytest.mark.parametrize("name", ["gpt-7", "acme/tiny-llm", "tiny-llm-"])
+def test_an_unknown_model_id_is_404_in_openai_shape_listing_the_models(demo_app, name):
+    error = assert_openai_error(demo_app.get(f"/v1/models/{name}"), 404, "model")
+    assert error["code"] == "model_not_found"
+    assert name in error["message"] and "tiny-llm" in error["message"] and "tiny-vits" in error["message"]
+    with pytest.raises(openai.NotFoundError):
+        demo_app.openai().models.retrieve(name)
 
 
 def test_health_reports_each_model_and_says_demo_output_is_gibberish(demo_app):
@@ -97,8 +122,9 @@ def test_adapter_and_base_interleaved_each_answer_as_themselves(demo_app, models
     assert len(base_answers) == 1 and len(lora_answers) == 1 and base_answers != lora_answers
     # the served base answers exactly like the same directory loaded alone, in-process
     spec = ModelSpec(name="alone", source=str(models_dir / "tiny-llm"), max_new_tokens=16)
-    alone = generate_batch(spec, load_model(spec), [ChatParams(model="alone", messages=messages, temperature=0)],
-                           lambda loaded, batch: LLMServer.encode(None, loaded, batch))
+    loaded, params = load_model(spec), ChatParams(model="alone", messages=messages, temperature=0)
+    params.inputs = LLMServer.encode(None, loaded, params)
+    alone = generate_batch(spec, loaded, [params])
     assert base_answers == {alone[0].text}
 
 
@@ -229,13 +255,50 @@ def test_vlm_adapter_and_different_images_change_the_answer(demo_app):
 
 
 # -- audio ------------------------------------------------------------------------------------------------
+TRANSCRIPT_MEDIA_TYPES = {"json": "application/json", "text": "text/plain", "srt": "text/plain", "vtt": "text/vtt",
+                          "verbose_json": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def transcripts(demo_app):
+    """The same 1.5 s of audio transcribed in every response_format over plain HTTP (greedy: same text)."""
+    audio = wav_bytes(1.5)
+    out = {}
+    for fmt in TRANSCRIPT_MEDIA_TYPES:
+        response = demo_app.post("/v1/audio/transcriptions", files={"file": ("speech.wav", audio)},
+                                 data={"model": "tiny-whisper", "response_format": fmt, "language": "en"})
+        assert response.status_code == 200, response.text
+        out[fmt] = response
+    return out
+
+
+@pytest.mark.parametrize("fmt", list(TRANSCRIPT_MEDIA_TYPES))
+def test_transcription_formats_have_their_content_type_and_the_same_text(transcripts, fmt):
+    response = transcripts[fmt]
+    assert response.headers["content-type"].split(";")[0] == TRANSCRIPT_MEDIA_TYPES[fmt]
+    text = transcripts["json"].json()["text"]
+    assert set(transcripts["json"].json()) == {"text"}
+    assert text.strip(), "the tiny Whisper says something (gibberish), so an empty body cannot pass"
+    if fmt == "text":
+        assert response.text == text  # the bare text: no JSON, no quotes, no cue numbers
+    elif fmt == "verbose_json":
+        assert response.json()["text"] == text
+    elif fmt == "srt":
+        assert response.text == f"1\n00:00:00,000 --> 00:00:01,500\n{text.strip()}\n"
+    elif fmt == "vtt":
+        assert response.text == f"WEBVTT\n\n00:00:00.000 --> 00:00:01.500\n{text.strip()}\n"
+
+
 @pytest.mark.parametrize("fmt", ["json", "text", "srt", "vtt", "verbose_json"])
-def test_transcription_in_every_response_format(demo_app, fmt):
+def test_transcription_in_every_response_format(demo_app, transcripts, fmt):
+    """The same through the openai client, which parses each format its own way."""
     result = demo_app.openai().audio.transcriptions.create(
         model="tiny-whisper", file=("speech.wav", wav_bytes(1.5)), response_format=fmt, language="en")
+    text = transcripts["json"].json()["text"]
     if fmt == "json":
-        assert isinstance(result.text, str)
+        assert result.text == text
     elif fmt == "verbose_json":
+        assert result.text == text
         assert result.duration == pytest.approx(1.5, abs=0.01)
         assert result.language == "en"
         assert len(result.segments) == 1 and result.segments[0].end == pytest.approx(1.5, abs=0.01)
@@ -244,7 +307,7 @@ def test_transcription_in_every_response_format(demo_app, fmt):
     elif fmt == "vtt":
         assert result.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:01.500\n"), result
     else:
-        assert isinstance(result, str)
+        assert result == text
 
 
 def test_long_stereo_44k_flac_is_resampled_and_chunked(demo_app):
@@ -262,19 +325,55 @@ def test_transcription_with_a_prompt(demo_app):
     assert isinstance(result.text, str) and not result.text.startswith("Glossary")
 
 
-@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "opus", "pcm"])
-def test_speech_in_every_format_decodes_back(demo_app, fmt):
-    response = demo_app.openai().audio.speech.create(
-        model="tiny-vits", voice="alloy", input="hello world, this is a test", response_format=fmt)
+def is_mpeg_layer3_frame(data: bytes) -> bool:
+    """An MPEG audio frame header: 11 sync bits, then layer bits 01 (Layer III)."""
+    return len(data) >= 4 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0 and (data[1] >> 1) & 0b11 == 0b01
+
+
+SPEECH_CONTAINERS = {
+    # format: (Content-Type, what its first bytes must be)
+    "wav": ("audio/wav", lambda d: d[:4] == b"RIFF" and d[8:12] == b"WAVE"),
+    "flac": ("audio/flac", lambda d: d[:4] == b"fLaC"),
+    "mp3": ("audio/mpeg", lambda d: d[:3] == b"ID3" or is_mpeg_layer3_frame(d)),
+    "opus": ("audio/ogg", lambda d: d[:4] == b"OggS" and b"OpusHead" in d[:80]),
+    "pcm": ("audio/pcm", lambda d: d[:4] not in (b"RIFF", b"fLaC", b"OggS") and d[:3] != b"ID3"),
+}
+SPEECH_TEXT = "hello world, this is a test"
+
+
+@pytest.fixture(scope="module")
+def speech_wav(demo_app):
+    """Reference: the same text as WAV (synthesis is seeded, so every format encodes the same samples)."""
+    response = demo_app.post("/v1/audio/speech", json={"model": "tiny-vits", "input": SPEECH_TEXT, "response_format": "wav"})
+    assert response.status_code == 200, response.text
+    samples, rate = sf.read(io.BytesIO(response.content), dtype="int16")
+    assert rate == 16000 and 0.05 < len(samples) / rate < 30
+    return samples
+
+
+@pytest.mark.parametrize("fmt", list(SPEECH_CONTAINERS))
+def test_speech_in_every_format_decodes_back(demo_app, speech_wav, fmt):
+    response = demo_app.openai().audio.speech.with_raw_response.create(
+        model="tiny-vits", voice="alloy", input=SPEECH_TEXT, response_format=fmt)
+    media_type, has_container = SPEECH_CONTAINERS[fmt]
+    assert response.headers["content-type"] == media_type
     data = response.content
-    if fmt == "pcm":
+    assert has_container(data), f"{fmt}: not a {fmt} container: {data[:16]!r}"
+    if fmt == "pcm":  # raw 16-bit little-endian mono at 16 kHz: exactly the WAV's samples, no header
+        assert len(data) == 2 * len(speech_wav)
         samples = np.frombuffer(data, dtype="<i2")
-        rate = 16000
-    else:
-        samples, rate = sf.read(io.BytesIO(data))
-    expected_rate = {"opus": 16000, "mp3": 16000}.get(fmt, 16000)
-    assert rate == expected_rate
-    assert 0.05 < len(samples) / rate < 30
+        # the same audio, sample for sample (int16 scaling by 32767 or 32768 differs by up to 2 LSB)
+        assert np.abs(samples.astype(np.int32) - speech_wav.astype(np.int32)).max() <= 4
+        return
+    info = sf.info(io.BytesIO(data))
+    assert info.format == {"wav": "WAV", "flac": "FLAC", "mp3": "MP3", "opus": "OGG"}[fmt], info
+    assert info.samplerate == 16000 and info.channels == 1
+    samples, _ = sf.read(io.BytesIO(data), dtype="int16")
+    if fmt in ("wav", "flac"):  # lossless: the same samples (libsndfile's float -> int16 may round apart by 1)
+        assert len(samples) == len(speech_wav)
+        assert np.abs(samples.astype(np.int32) - speech_wav.astype(np.int32)).max() <= 1
+    else:  # lossy codecs add priming/padding frames
+        assert abs(len(samples) - len(speech_wav)) < 0.2 * 16000, (len(samples), len(speech_wav))
 
 
 def test_speech_speed_changes_duration(demo_app):
@@ -320,9 +419,35 @@ def test_client_module_against_the_server(demo_app, tmp_path):
     assert isinstance(client.transcribe(str(wav), base_url=demo_app.url), str)
     out = client.synthesize("hello", str(tmp_path / "out.wav"), base_url=demo_app.url)
     assert sf.info(out).samplerate == 16000
-    with pytest.raises(client.ModelServerError, match="tiny-llm"):
+    with pytest.raises(client.ModelServerError, match="tiny-llm") as caught:
         client.generate_remote_reply("Hi", model="no-such-model", base_url=demo_app.url)
-    assert not client.is_server_available(base_url="http://127.0.0.1:9")
+    assert caught.value.status == 404
+    assert not client.is_server_available(base_url=f"http://127.0.0.1:{free_port()}")
+
+
+def test_client_module_reads_MODELFLEET_URL_at_call_time(demo_app, monkeypatch, tmp_path):
+    from deployments import client  # imported before the variable is set: it must not have cached it
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
+    monkeypatch.setenv("MODELFLEET_URL", dead)
+    assert not client.is_server_available()
+    with pytest.raises(client.ModelServerError, match=re.escape(dead) + ".*MODELFLEET_URL") as caught:
+        client.generate_remote_reply("Hi", model="tiny-llm")
+    assert caught.value.status is None
+    with pytest.raises(client.ModelServerError, match=re.escape(dead)):
+        client.synthesize("hello", str(tmp_path / "never.wav"))
+    assert not (tmp_path / "never.wav").exists()
+    # an explicit base_url wins over the variable
+    assert client.is_server_available(base_url=demo_app.url)
+
+    monkeypatch.setenv("MODELFLEET_URL", demo_app.url + "/")  # a trailing slash is fine
+    assert client.is_server_available()
+    assert isinstance(client.generate_remote_reply("Hi", "Be brief"), str)  # picks the first llm model
+    wav = tmp_path / "in.wav"
+    wav.write_bytes(wav_bytes(1.0))
+    assert isinstance(client.transcribe(wav), str)
+    assert sf.info(client.synthesize("hello", tmp_path / "out.wav")).samplerate == 16000
+    assert not client.is_server_available(base_url=dead)
 
 
 # -- bad input: a clear 4xx in OpenAI's shape, and the server stays healthy -----------------------------
