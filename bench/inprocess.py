@@ -38,7 +38,8 @@ class InProcess:
         def call():
             params = ChatParams(model=spec.name, messages=[{"role": "user", "content": PROMPT}],
                                 max_new_tokens=max_tokens, temperature=0)
-            return generate_batch(spec, loaded, [params], lambda lm, batch: LLMServer.encode(None, lm, batch))
+            params.inputs = LLMServer.encode(None, loaded, params)
+            return generate_batch(spec, loaded, [params])
 
         return call
 

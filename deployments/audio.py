@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from math import gcd
 from typing import Any
 
@@ -29,19 +30,69 @@ class UnsupportedAudioFormat(ValueError):
 # --- decoding and resampling ------------------------------------------------------------
 
 
-def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode an audio file to float32 mono samples in [-1, 1] and its sample rate."""
+@dataclass(frozen=True)
+class AudioBounds:
+    """What an upload may be, checked from its header before decoding (see limits.RequestLimits)."""
+
+    min_rate: int = 8000
+    max_rate: int = 192000
+    max_channels: int = 8
+    max_seconds: float = 1800.0
+    #: decoded audio above this rate is resampled down to it block by block (speech models take 16 kHz)
+    target_rate: int = 16000
+
+
+BLOCK_FRAMES = 1 << 20  # frames decoded at a time: memory stays ~channels x 4 MiB whatever the file
+
+
+class AudioTooLongError(AudioDecodeError):
+    """The audio is longer than the limit that applies (413)."""
+
+
+def decode_audio(data: bytes, bounds: AudioBounds = AudioBounds()) -> tuple[np.ndarray, int]:
+    """Decode an audio file to float32 mono samples in [-1, 1] and its sample rate.
+
+    The header is read first: rates, channels and duration out of bounds are refused before a sample
+    is decoded. Decoding runs block by block, mixing down and resampling each block, so a file that
+    compresses well (a silent 8-channel FLAC is ~4000:1) never expands into gigabytes."""
     if not data:
         raise AudioDecodeError(f"The audio file is empty. Supported formats: {DECODABLE}.")
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (sf.SoundFileError, RuntimeError, TypeError) as exc:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            _check_header(f.samplerate, f.channels, f.frames, bounds)
+            rate = int(f.samplerate)
+            out_rate = min(rate, bounds.target_rate)
+            max_frames = int(bounds.max_seconds * rate)
+            pieces, frames = [], 0
+            for block in f.blocks(blocksize=BLOCK_FRAMES, dtype="float32", always_2d=True):
+                frames += block.shape[0]
+                if frames > max_frames:  # a header that under-states the length (e.g. a stream)
+                    raise AudioTooLongError(_too_long(frames / rate, bounds))
+                mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
+                pieces.append(resample(np.ascontiguousarray(mono), rate, out_rate))
+    except AudioDecodeError:
+        raise
+    except (sf.SoundFileError, sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise AudioDecodeError(f"Could not decode the audio file ({exc}). Supported formats: {DECODABLE}.") from exc
-    if samples.shape[0] == 0:
+    if frames == 0:
         raise AudioDecodeError("The audio file contains no samples.")
-    # Mixing down: speech models take one channel.
-    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
-    return np.ascontiguousarray(mono, dtype=np.float32), int(rate)
+    return np.ascontiguousarray(np.concatenate(pieces), dtype=np.float32), out_rate
+
+
+def _too_long(seconds: float, bounds: AudioBounds) -> str:
+    return f"The audio is {seconds:,.1f} s long; the limit is max_audio_seconds={bounds.max_seconds:g} s."
+
+
+def _check_header(rate: int, channels: int, frames: int, bounds: AudioBounds) -> None:
+    if not bounds.min_rate <= rate <= bounds.max_rate:
+        raise AudioDecodeError(
+            f"The audio's sample rate is {rate} Hz; accepted are {bounds.min_rate}-{bounds.max_rate} Hz "
+            "(limits.min_sample_rate / max_sample_rate).")
+    if channels > bounds.max_channels:
+        raise AudioDecodeError(
+            f"The audio has {channels} channels; at most max_audio_channels={bounds.max_channels} are accepted.")
+    if 0 < frames and frames / rate > bounds.max_seconds:
+        raise AudioTooLongError(_too_long(frames / rate, bounds))
 
 
 def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:

@@ -22,7 +22,10 @@ from ray.serve import Application
 import loading
 from loading import Family
 
-from .app_config import AppConfig, FamilyOptions
+from .app_config import AppConfig
+from .family_server import FamilyServer
+from .options import FamilyOptions
+from .auth import load_keys
 from .ingress import Ingress
 from .llm import LLMServer
 from .stt import STTServer
@@ -31,13 +34,12 @@ from .vlm import VLMServer
 
 log = logging.getLogger(__name__)
 
-FAMILY_SERVERS: dict[Family, type] = {
+FAMILY_SERVERS: dict[Family, type[FamilyServer]] = {
     Family.LLM: LLMServer,
     Family.STT: STTServer,
     Family.TTS: TTSServer,
     Family.VLM: VLMServer,
 }
-BATCHING_FAMILIES = {Family.LLM, Family.VLM, Family.STT}
 
 
 def cluster_gpus() -> float:
@@ -86,34 +88,6 @@ def gpu_shortage_notes(num_gpus: int, demand: dict[str, int], available: float) 
     return [note]
 
 
-def deployment_options(family: Family, options: FamilyOptions, num_gpus: int, env: dict[str, str]) -> dict[str, Any]:
-    actor: dict[str, Any] = {"num_cpus": options.num_cpus, "num_gpus": num_gpus}
-    if env:
-        actor["runtime_env"] = {"env_vars": env}
-    out: dict[str, Any] = {
-        "name": family.value,
-        "ray_actor_options": actor,
-        "max_ongoing_requests": options.max_ongoing_requests,
-        "max_queued_requests": options.max_queued_requests,
-        # a load can take minutes on a real model: health checks must not time out meanwhile
-        "health_check_period_s": 10,
-        "health_check_timeout_s": 60,
-        "graceful_shutdown_timeout_s": options.graceful_shutdown_timeout_s,
-    }
-    if options.autoscaling is None:
-        out["num_replicas"] = 1
-    else:
-        out["autoscaling_config"] = options.autoscaling.model_dump(exclude_none=True)
-    return out
-
-
-def server_kwargs(family: Family, options: FamilyOptions) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"max_loaded_models": options.max_loaded_models}
-    if family in BATCHING_FAMILIES:
-        kwargs.update(max_batch_size=options.max_batch_size, batch_wait_timeout_s=options.batch_wait_timeout_s)
-    return kwargs
-
-
 def build_app(args: dict[str, Any]) -> Application:
     config = AppConfig.model_validate(args)
     for spec in config.models:
@@ -138,18 +112,19 @@ def build_app(args: dict[str, Any]) -> Application:
         options = config.family_options(family)
         resources[family.value] = {"CPU": options.num_cpus, "GPU": num_gpus}
         demand[family.value] = starting_replicas(options)
-        deployment = serve.deployment(server, **deployment_options(family, options, num_gpus, env))
-        handles[family.value] = deployment.bind(
-            [spec.model_dump(mode="json") for spec in specs], **server_kwargs(family, options)
-        )
+        deployment = serve.deployment(server, **server.deployment_options(family.value, options, num_gpus, env))
+        handles[family.value] = deployment.bind(specs, options)
         log.info("family %s: %d model(s), num_gpus=%d", family.value, len(specs), num_gpus)
     notes += gpu_shortage_notes(num_gpus, demand, available)
 
+    if config.auth.required:
+        load_keys(config.auth)  # no key where the app is built: say so now, not as a replica crash loop
     ingress = serve.deployment(
         serve.ingress()(Ingress),
         name="ingress",
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
+        max_queued_requests=config.ingress.max_queued_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
-    return ingress.bind(handles, config.model_dump(mode="json"), notes, resources)
+    return ingress.bind(handles, config, notes, resources)

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse
 import loading
 from loading.errors import PicklableError
 
-from .audio import AudioDecodeError, UnsupportedAudioFormat
+from .audio import AudioDecodeError, AudioTooLongError, UnsupportedAudioFormat
 from .protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -68,8 +68,9 @@ class InvalidRequestError(APIError):
     type = "invalid_request_error"
 
 
-class ModelNotFoundError(APIError):
-    """The `model` in the request is not served here (not about weights on disk)."""
+class UnknownModelError(APIError):
+    """The `model` in the request is not served here. (Weights missing on disk are
+    `loading.ModelNotFoundError`, a 503: the model is configured but cannot load.)"""
 
     status = 404
     type = "invalid_request_error"
@@ -95,11 +96,57 @@ class ServiceUnavailableError(APIError):
         self.retry_after_s = retry_after_s
 
 
-class NotSupportedError(APIError):
-    """A valid request for something this server does not implement."""
+class OverloadedError(ServiceUnavailableError):
+    """More requests than a configured bound allows right now."""
 
-    status = 501
-    type = "not_implemented"
+    def __init__(self, message: str, *, retry_after_s: float = 1):
+        super().__init__(message, retry_after_s=retry_after_s, code="overloaded")
+
+
+class UnauthorizedError(APIError):
+    """No API key, or not one of the configured keys."""
+
+    status = 401
+    type = "invalid_request_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+class BodyTooLargeError(HTTPException):
+    """A request body past its limit. An HTTPException so that FastAPI's body reading lets it
+    through untouched (it wraps other exceptions raised while reading into a vague 400)."""
+
+    def __init__(self, limit_name: str, limit: int, size: int | None = None):
+        self.limit_name, self.limit, self.size = limit_name, limit, size
+        got = f" (it declares {size:,} bytes)" if size is not None else ""
+        super().__init__(413, f"the request body is larger than {limit_name}={limit:,} bytes{got}")
+
+    def __reduce__(self):  # survives Ray's pickling like PicklableError
+        return (type(self), (self.limit_name, self.limit, self.size))
+
+
+class RequestTooLargeError(APIError):
+    """A request whose content (pixels, samples, tokens, memory) passes a configured limit."""
+
+    status = 413
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str = "request_too_large"):
+        super().__init__(message, param=param, code=code)
+
+
+def context_length_exceeded(limit_name: str, limit: int, prompt_tokens: int, new_tokens: int = 0,
+                            *, at_least: bool = False) -> InvalidRequestError:
+    """OpenAI's answer when a prompt (plus its completion) cannot fit: 400 `context_length_exceeded`
+    on `messages`. `at_least`: the prompt was refused from its length before being tokenized."""
+    prompt = f"at least {prompt_tokens}" if at_least else str(prompt_tokens)
+    asked = f"{prompt} tokens in the messages" + (f" and {new_tokens} in the completion" if new_tokens else "")
+    return InvalidRequestError(
+        f"This model's {limit_name} is {limit} tokens, but you requested {asked}. "
+        "Please reduce the length of the messages" + (" or the completion." if new_tokens else "."),
+        param="messages", code="context_length_exceeded",
+    )
 
 
 # --- mapping ----------------------------------------------------------------------------
@@ -174,8 +221,10 @@ _MAPPERS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], Call
     (APIError, lambda exc: exc),
     (pydantic.ValidationError, lambda exc: _validation_error(exc.errors())),
     (RequestValidationError, lambda exc: _validation_error(list(exc.errors()), fastapi_locations=True)),
+    (AudioTooLongError, lambda exc: RequestTooLargeError(str(exc), param="file", code="audio_too_long")),
     (AudioDecodeError, lambda exc: InvalidRequestError(str(exc), param="file", code="invalid_audio")),
     (UnsupportedAudioFormat, lambda exc: InvalidRequestError(str(exc), param="response_format")),
+    (BodyTooLargeError, lambda exc: RequestTooLargeError(str(exc.detail), code="request_too_large")),
     (HTTPException, _http_exception),
     (loading.ModelLoadingInProgress, _loading_in_progress),
     (loading.ModelLoadFailed, lambda exc: ServiceUnavailableError(str(exc), code="model_load_failed")),

@@ -1,4 +1,5 @@
-"""What every family deployment shares: its model pool, one inference thread, health.
+"""What every family deployment shares: its model pool, one inference thread, a memory gate,
+health, and the Serve options it runs with.
 
 All model calls run on a single inference thread per replica so that the replica's event loop
 stays free to accept and batch requests and to answer health checks while a model computes.
@@ -7,23 +8,54 @@ stays free to accept and batch requests and to answer health checks while a mode
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from loading import ModelSpec
 
+from .admission import MB, MemoryGate
+from .options import FamilyOptions
 from .pool import ModelPool
 
 
 class FamilyServer:
-    def __init__(self, models: list[dict], max_loaded_models: int = 4):
-        self.pool = ModelPool([ModelSpec.model_validate(m) for m in models], max_loaded_models)
+    #: the options this family takes (`args.families.<family>`); the builder validates them with it
+    Options: ClassVar[type[FamilyOptions]] = FamilyOptions
+
+    def __init__(self, specs: list[ModelSpec], options: FamilyOptions):
+        self.options = options
+        self.pool = ModelPool(list(specs), options.max_loaded_models)
+        self.memory = MemoryGate(int(options.memory_budget_mb * MB))
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._busy_since: float | None = None
         self._stuck_after_s = 3 * max((s.generation_timeout_s for s in self.pool.specs.values()), default=60)
-        self.batch_stats = {"model_calls": 0, "requests": 0, "largest_batch": 0}  # shown in /health
+        # shown in /health: how requests were batched, and how many were abandoned by their client
+        self.batch_stats = {"model_calls": 0, "requests": 0, "largest_batch": 0, "cancelled": 0}
+
+    @classmethod
+    def deployment_options(cls, name: str, options: FamilyOptions, num_gpus: int, env: dict[str, str]) -> dict[str, Any]:
+        """Serve's options for this family's deployment."""
+        actor: dict[str, Any] = {"num_cpus": options.num_cpus, "num_gpus": num_gpus}
+        if env:
+            actor["runtime_env"] = {"env_vars": env}
+        out: dict[str, Any] = {
+            "name": name,
+            "ray_actor_options": actor,
+            "max_ongoing_requests": options.max_ongoing_requests,
+            "max_queued_requests": options.max_queued_requests,
+            # a load can take minutes on a real model: health checks must not time out meanwhile
+            "health_check_period_s": 10,
+            "health_check_timeout_s": 60,
+            "graceful_shutdown_timeout_s": options.graceful_shutdown_timeout_s,
+        }
+        if options.autoscaling is None:
+            out["num_replicas"] = 1
+        else:
+            out["autoscaling_config"] = options.autoscaling.model_dump(exclude_none=True)
+        return out
 
     async def _infer(self, fn, *args):
         """Run a blocking model call on the replica's inference thread."""
@@ -58,8 +90,19 @@ class FamilyServer:
                 results[i] = output
         return results
 
+    async def _until_cancelled(self, params: Any, work):
+        """Await `work` for a request; if the request is cancelled (client gone, ingress timeout),
+        flag it so the model call drops it at its next step, then let the cancellation through."""
+        params.cancelled = params.cancelled or threading.Event()
+        try:
+            return await work
+        except asyncio.CancelledError:
+            params.cancelled.set()
+            self.batch_stats["cancelled"] += 1
+            raise
+
     async def status(self) -> list[dict]:
-        return self.pool.status(batching=dict(self.batch_stats))
+        return self.pool.status(batching=dict(self.batch_stats), memory=self.memory.status())
 
     def check_health(self) -> None:
         """Healthy while the replica can serve. A model that is loading or failed to load is no

@@ -7,16 +7,18 @@ model inputs (`encode`).
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from loading import LoadedModel, ModelSpec
 
 from .params import ChatParams, ChatResult
 
-Encode = Callable[[LoadedModel, list[ChatParams]], dict[str, torch.Tensor]]
+PADDED_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
 # torch's RNG is process-global: seeded sampling must not interleave with another generate.
 _SEED_LOCK = threading.Lock()
@@ -54,13 +56,46 @@ def _end_token_ids(loaded: LoadedModel) -> set[int]:
     return ids
 
 
-def generate_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[ChatParams], encode: Encode) -> list[ChatResult]:
-    """One generate call for requests that share a model and sampling settings. Requests with a
-    `sink` (streams) get their text deltas as tokens are produced; every request gets its result."""
+def collate(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Per-request inputs (batch dimension 1 each) as one batch: token rows left-padded (decoder-only
+    generate appends on the right), everything else (pixel values, image sizes) concatenated."""
+    width = max(row["input_ids"].shape[-1] for row in rows)
+    out: dict[str, torch.Tensor] = {}
+    for key in rows[0]:
+        values = [row[key] for row in rows]
+        if key in PADDED_KEYS:
+            fill = pad_id if key == "input_ids" else 0
+            out[key] = torch.cat([torch.nn.functional.pad(v, (width - v.shape[-1], 0), value=fill) for v in values])
+        else:
+            out[key] = torch.cat(values)
+    return out
+
+
+class DropCancelled(StoppingCriteria):
+    """Ends a row whose request was cancelled (client gone, ingress timeout) at the next step; generate
+    stops once every row has ended. Also the testing hook `debug_step_delay_s`."""
+
+    def __init__(self, batch: list[ChatParams], step_delay_s: float = 0.0):
+        self.events = [p.cancelled for p in batch]
+        self.step_delay_s = step_delay_s
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+        done = [event is not None and event.is_set() for event in self.events]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def generate_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[ChatParams]) -> list[ChatResult]:
+    """One generate call for requests that share a model and sampling settings, each already encoded
+    on its own (`params.inputs`). Requests with a `sink` (streams) get their text deltas as tokens are
+    produced; a cancelled request's row ends at the next step; every request gets its result."""
     limits = [p.max_new_tokens or spec.max_new_tokens for p in batch]
-    inputs = encode(loaded, batch).to(loaded.model.device)
+    pad_id = loaded.tokenizer.pad_token_id
+    inputs = {k: v.to(loaded.model.device) for k, v in collate([p.inputs for p in batch], pad_id).items()}
     kwargs = generate_kwargs(spec, loaded, batch[0], max(limits))
-    end_ids = _end_token_ids(loaded) | {loaded.tokenizer.pad_token_id}
+    kwargs["stopping_criteria"] = StoppingCriteriaList([DropCancelled(batch, spec.debug_step_delay_s)])
+    end_ids = _end_token_ids(loaded) | {pad_id}
     if any(p.sink for p in batch):
         kwargs["streamer"] = RowStreams(loaded.tokenizer, batch, limits, end_ids)
     with _SEED_LOCK, loaded.active() as model, torch.inference_mode():
@@ -74,6 +109,8 @@ def generate_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[ChatParams]
         new, ended = _own_tokens(row[prompt_len:].tolist(), end_ids, limit)
         text, stopped = _cut_at_stop(loaded.tokenizer.decode(new, skip_special_tokens=True), params.stop)
         finish = "stop" if ended or stopped or len(new) < limit else "length"
+        if params.cancelled is not None and params.cancelled.is_set():
+            finish = "cancelled"  # nobody reads it; the server counts the tokens it did not have to make
         results.append(ChatResult(text, int(prompt_tokens), len(new), finish))
     return results
 

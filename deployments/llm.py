@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from loading import LoadedModel, ModelSpec
 
 from .chat_server import ChatServer
@@ -10,10 +12,10 @@ from .params import ChatParams
 
 
 class LLMServer(ChatServer):
-    def encode(self, loaded: LoadedModel, batch: list[ChatParams]):
+    def encode(self, loaded: LoadedModel, params: ChatParams) -> dict[str, Any]:
         tokenizer = loaded.tokenizer
-        texts = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False) for p in batch]
-        return tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        text = tokenizer.apply_chat_template(params.messages, add_generation_prompt=True, tokenize=False)
+        return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
 
     def validate(self, spec: ModelSpec, loaded: LoadedModel, params: ChatParams) -> None:
         if params.images:

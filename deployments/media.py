@@ -1,7 +1,8 @@
 """Images named in chat messages: data: URIs always, local files only under allowed directories.
 
 Remote URLs are refused: the server must not fetch arbitrary addresses on a client's behalf
-(and here has no outbound network at all).
+(and here has no outbound network at all). Every image is bounded before it is decoded: its
+encoded size, then its pixel count from the header; only then are its pixels read.
 """
 
 from __future__ import annotations
@@ -9,56 +10,90 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
+import warnings
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, RequestTooLargeError
+from .limits import RequestLimits
 
-MAX_IMAGE_BYTES = 20 * 2**20
+
+def take_images(messages: list[dict[str, Any]], limits: RequestLimits, allowed_dirs: list[str]) -> list[Image.Image]:
+    """Decode the image parts of chat messages in order of appearance (blocking: run it off the
+    event loop). Each part keeps `{"type": "image"}` for the chat template; its url is consumed."""
+    parts = [(m, p, part) for m, message in enumerate(messages) if isinstance(message.get("content"), list)
+             for p, part in enumerate(message["content"]) if part.get("type") == "image"]
+    if len(parts) > limits.max_images:
+        raise RequestTooLargeError(
+            f"the request carries {len(parts)} images; at most max_images={limits.max_images} are accepted",
+            param="messages")
+    return [load_image(part.pop("url"), limits, allowed_dirs, f"messages.{m}.content.{p}.image_url")
+            for m, p, part in parts]
 
 
-def load_image(url: str, allowed_dirs: list[str], param: str) -> Image.Image:
+def load_image(url: str, limits: RequestLimits, allowed_dirs: list[str], param: str) -> Image.Image:
     if url.startswith("data:"):
-        data = _from_data_uri(url, param)
+        data = _from_data_uri(url, limits, param)
     elif url.startswith("file://") or url.startswith("/"):
-        data = _from_local_file(unquote(urlparse(url).path) if url.startswith("file://") else url, allowed_dirs, param)
+        data = _from_local_file(url, limits, allowed_dirs, param)
     else:
         raise InvalidRequestError(
             f"image URL {url[:60]!r} is not fetched by this server; send the image inline as a "
             "data:image/...;base64 URI",
             param=param,
         )
+    return _decode(data, limits, param)
+
+
+def _decode(data: bytes, limits: RequestLimits, param: str) -> Image.Image:
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InvalidRequestError(f"the image could not be decoded ({exc})", param=param) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+            width, height = image.size
+            if width * height > limits.max_image_pixels:
+                raise RequestTooLargeError(
+                    f"the image is {width}x{height} = {width * height:,} pixels; at most "
+                    f"max_image_pixels={limits.max_image_pixels:,} are accepted", param=param, code="image_too_large")
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RequestTooLargeError(f"the image was refused as a decompression bomb ({exc})", param=param,
+                                   code="image_too_large") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InvalidRequestError(f"the image could not be decoded ({type(exc).__name__})", param=param) from None
     return image.convert("RGB")
 
 
-def _from_data_uri(url: str, param: str) -> bytes:
+def _from_data_uri(url: str, limits: RequestLimits, param: str) -> bytes:
     header, _, payload = url.partition(",")
     if ";base64" not in header or not payload:
         raise InvalidRequestError("image data URIs must be base64: data:image/png;base64,<data>", param=param)
+    if len(payload) * 3 // 4 > limits.max_image_bytes:
+        raise RequestTooLargeError(
+            f"the image is larger than max_image_bytes={limits.max_image_bytes:,} bytes", param=param,
+            code="image_too_large")
     try:
-        data = base64.b64decode(payload, validate=True)
+        return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequestError("the image data URI is not valid base64", param=param) from None
-    if len(data) > MAX_IMAGE_BYTES:
-        raise InvalidRequestError(f"image is larger than {MAX_IMAGE_BYTES // 2**20} MiB", param=param)
-    return data
 
 
-def _from_local_file(path: str, allowed_dirs: list[str], param: str) -> bytes:
-    target = Path(path).resolve()
-    if not any(target.is_relative_to(Path(d).resolve()) for d in allowed_dirs):
+def _from_local_file(url: str, limits: RequestLimits, allowed_dirs: list[str], param: str) -> bytes:
+    path = unquote(urlparse(url).path) if url.startswith("file://") else url
+    # realpath follows every symlink and `..`: what is checked is what would be read
+    target = Path(os.path.realpath(path))
+    if not any(target.is_relative_to(Path(os.path.realpath(d))) for d in allowed_dirs):
         raise InvalidRequestError(
-            f"local image {path!r} is outside the directories this server may read "
-            "(allowed_media_dirs in serve_config.yaml)",
-            param=param,
-        )
+            "this local image is outside the directories this server may read (allowed_media_dirs in "
+            "serve_config.yaml)", param=param)
     if not target.is_file():
-        raise InvalidRequestError(f"local image {path!r} does not exist", param=param)
+        raise InvalidRequestError("this local image does not exist", param=param)
+    if target.stat().st_size > limits.max_image_bytes:
+        raise RequestTooLargeError(
+            f"the image is larger than max_image_bytes={limits.max_image_bytes:,} bytes", param=param,
+            code="image_too_large")
     return target.read_bytes()

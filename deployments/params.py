@@ -6,8 +6,12 @@ deployments never see HTTP.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+# Fields set inside the replica (never sent over the wire) are excluded from repr and comparison.
+_LOCAL = {"repr": False, "compare": False}
 
 
 @dataclass
@@ -22,7 +26,12 @@ class ChatParams:
     seed: int | None = None
     wait_s: float = 0.0  # how long to wait for a model that is still loading
     # Set inside the replica for a streamed request: called with each text delta, on the inference thread.
-    sink: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+    sink: Callable[[str], None] | None = field(default=None, **_LOCAL)
+    # Set inside the replica: the model inputs of this request alone (template applied, tokenized,
+    # images processed), made before it joins a batch so that a bad request fails alone.
+    inputs: dict[str, Any] | None = field(default=None, **_LOCAL)
+    # Set inside the replica when the caller goes away: generation drops this row at its next step.
+    cancelled: threading.Event | None = field(default=None, **_LOCAL)
 
     def sampling_key(self) -> tuple:
         """Requests with equal keys can share one batched generate call."""
@@ -47,6 +56,7 @@ class TranscribeParams:
     temperature: float = 0.0
     detect_language: bool = False  # costs one extra encoder pass per request
     wait_s: float = 0.0
+    cancelled: threading.Event | None = field(default=None, **_LOCAL)
 
     def batch_key(self) -> tuple:
         return (self.language, self.prompt, self.temperature, self.detect_language)
@@ -75,6 +85,7 @@ class SpeechParams:
     voice: str | None = None
     speed: float = 1.0
     wait_s: float = 0.0
+    cancelled: threading.Event | None = field(default=None, **_LOCAL)
 
 
 @dataclass

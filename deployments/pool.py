@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 from loading import LoadedModel, LoadingMode, ModelHandle, ModelSpec, State
 
-from .errors import ModelNotFoundError
+from .errors import UnknownModelError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class ModelPool:
 
     def canonical(self, name: str) -> str:
         if name not in self.aliases:
-            raise ModelNotFoundError(name, sorted(self.aliases))
+            raise UnknownModelError(name, sorted(self.aliases))
         return self.aliases[name]
 
     async def get(self, name: str, wait_s: float = 0.0) -> tuple[ModelSpec, LoadedModel]:

@@ -12,7 +12,8 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from fastapi import UploadFile
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 
 class OpenAIBaseModel(BaseModel):
@@ -125,6 +126,12 @@ class ChatMessage(RequestModel):
     name: str | None = None
     """Optional participant name."""
 
+    @model_validator(mode="after")
+    def _content_present(self) -> "ChatMessage":
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs 'content' (a string or a list of content parts)")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """The message as HF chat templates expect it (see `ChatCompletionRequest.to_messages`)."""
         # Chat templates know system/user/assistant/tool; OpenAI's `developer` is the new `system`.
@@ -164,7 +171,7 @@ class ChatCompletionRequest(RequestModel):
     """Nucleus sampling probability mass."""
     stop: Stop | None = None
     """Up to 4 non-empty sequences at which generation stops."""
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     """Seed for reproducible sampling."""
     stream: bool = False
     """Stream the reply as server-sent events."""
@@ -333,9 +340,17 @@ class ModelList(OpenAIBaseModel):
 TranscriptionResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
 
 
-class TranscriptionForm(RequestModel):
-    """The multipart form fields of `/v1/audio/transcriptions`, minus the file."""
+class FormModel(OpenAIBaseModel):
+    """Base of multipart forms: only the declared parts are accepted (400 naming any other)."""
 
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class TranscriptionForm(FormModel):
+    """The multipart form of `/v1/audio/transcriptions`."""
+
+    file: UploadFile
+    """The audio file: WAV, FLAC, OGG (Vorbis/Opus), MP3 or AIFF; any rate (8-192 kHz), mixed to mono."""
     model: str
     """Speech-to-text model id or alias."""
     language: str | None = None
@@ -346,8 +361,9 @@ class TranscriptionForm(RequestModel):
     """Output format."""
     temperature: float = Field(default=0.0, ge=0.0, le=1.0)
     """Sampling temperature; 0 means greedy decoding."""
-    timestamp_granularities: list[Literal["segment", "word"]] = Field(default_factory=lambda: ["segment"])
-    """Timestamp detail for `verbose_json`."""
+    timestamp_granularities: list[Literal["segment", "word"]] = Field(
+        default_factory=lambda: ["segment"], alias="timestamp_granularities[]")
+    """Timestamp detail for `verbose_json` (the openai client sends `timestamp_granularities[]`)."""
 
     @field_validator("language")
     @classmethod
@@ -392,8 +408,8 @@ SpeechFormat = Literal["wav", "flac", "pcm", "mp3", "opus"]
 class SpeechRequest(RequestModel):
     model: str
     """Text-to-speech model id or alias."""
-    input: str = Field(min_length=1, max_length=4096)
-    """Text to speak."""
+    input: str = Field(min_length=1)
+    """Text to speak (at most `limits.max_speech_input_chars`, 4096 by default)."""
     voice: str | None = None
     """Voice name; models with a single voice ignore it."""
     response_format: SpeechFormat = "wav"
@@ -427,12 +443,42 @@ class GenerateResponse(OpenAIBaseModel):
 
 class TtsRequest(RequestModel):
     text: str = Field(min_length=1)
-    """Text to speak."""
+    """Text to speak (at most `limits.max_speech_input_chars`)."""
 
     _check_text = field_validator("text")(_not_blank)
 
 
 # --- voice round trip (STT -> LLM -> TTS) -----------------------------------------------
+
+
+class VoiceChatForm(FormModel):
+    """The multipart form of `/v1/audio/chat`."""
+
+    file: UploadFile
+    """What the user said, as an audio file."""
+    stt_model: str | None = None
+    """Speech-to-text model (default: the first configured)."""
+    llm_model: str | None = None
+    """Chat model (default: the first configured LLM)."""
+    tts_model: str | None = None
+    """Text-to-speech model (default: the first configured)."""
+    language: str | None = None
+    """Spoken language, ISO-639-1; detected when omitted."""
+    system_prompt: str | None = None
+    """System prompt for the chat model."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Upper bound on the reply's tokens."""
+    response_format: SpeechFormat = "wav"
+    """Format of the spoken reply."""
+
+    _language = field_validator("language")(TranscriptionForm._language_code.__func__)  # type: ignore[attr-defined]
+
+
+class LegacySttForm(FormModel):
+    """The seed servers' `/stt` form."""
+
+    audio: UploadFile
+    """The audio file."""
 
 
 class VoiceChatResponse(OpenAIBaseModel):

@@ -11,27 +11,35 @@ from loading import LoadedModel, ModelSpec
 
 from .errors import InvalidRequestError
 from .params import SpeechParams, SpeechResult
+from .text_split import split_text
 
-# VITS samples its durations: a fixed seed per request makes the same text give the same audio.
+# VITS samples its durations: a fixed seed per piece makes the same text give the same audio.
 SEED = 0
 
 
-def synthesize(spec: ModelSpec, loaded: LoadedModel, params: SpeechParams) -> SpeechResult:
-    inputs = loaded.processor(text=params.text, return_tensors="pt")
-    if inputs["input_ids"].shape[-1] == 0:  # VITS raises an opaque RuntimeError on empty input
-        raise InvalidRequestError(
-            "input has no characters this voice can pronounce (after normalisation it is empty)", param="input"
-        )
-    inputs = inputs.to(loaded.model.device)
+def synthesize(spec: ModelSpec, loaded: LoadedModel, params: SpeechParams, max_chars_per_call: int = 400) -> SpeechResult:
+    """The text in pieces of at most `max_chars_per_call` (sentence boundaries first), one model call
+    each, joined; stops between pieces once the caller has gone away."""
     kwargs = {}
     if "speaking_rate" in inspect.signature(loaded.model.forward).parameters:
         kwargs["speaking_rate"] = params.speed
     elif params.speed != 1.0:
         raise InvalidRequestError(f"model {spec.name!r} does not support speed", param="speed")
-    with loaded.active() as model, torch.inference_mode():
-        torch.manual_seed(SEED)
-        output = model(**inputs, **kwargs)
-    waveform = output.waveform if hasattr(output, "waveform") else output[0]
-    samples = waveform[0].float().cpu().numpy().astype(np.float32)
     rate = int(getattr(loaded.model.config, "sampling_rate", 16000))
-    return SpeechResult(samples, rate)
+    waves = []
+    for piece in split_text(params.text, max_chars_per_call):
+        if params.cancelled is not None and params.cancelled.is_set():
+            break
+        inputs = loaded.processor(text=piece, return_tensors="pt")
+        if inputs["input_ids"].shape[-1] == 0:  # nothing pronounceable in this piece (e.g. only symbols)
+            continue
+        with loaded.active() as model, torch.inference_mode():
+            torch.manual_seed(SEED)
+            output = model(**inputs.to(loaded.model.device), **kwargs)
+        waveform = output.waveform if hasattr(output, "waveform") else output[0]
+        waves.append(waveform[0].float().cpu().numpy().astype(np.float32))
+    if not waves:  # VITS raises an opaque RuntimeError on empty input
+        raise InvalidRequestError(
+            "input has no characters this voice can pronounce (after normalisation it is empty)", param="input"
+        )
+    return SpeechResult(np.concatenate(waves), rate)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from loading import LoadedModel
 
 from .chat_server import ChatServer
@@ -9,8 +11,7 @@ from .params import ChatParams
 
 
 class VLMServer(ChatServer):
-    def encode(self, loaded: LoadedModel, batch: list[ChatParams]):
+    def encode(self, loaded: LoadedModel, params: ChatParams) -> dict[str, Any]:
         processor = loaded.processor
-        texts = [processor.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False) for p in batch]
-        images = [image for p in batch for image in p.images]
-        return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        text = processor.apply_chat_template(params.messages, add_generation_prompt=True, tokenize=False)
+        return dict(processor(text=[text], images=params.images or None, return_tensors="pt"))

@@ -107,6 +107,15 @@ class ModelSpec(BaseModel):
     max_new_tokens: int = Field(
         default=256, ge=1, le=32768, description="Default and upper bound of generated tokens per request."
     )
+    max_prompt_tokens: int | None = Field(
+        default=None, ge=1, description=(
+            "Upper bound on a request's prompt tokens (after the chat template). None: the model's context "
+            "length; lower it to bound the memory and time one request may take."
+        ),
+    )
+    max_audio_seconds: float | None = Field(
+        default=None, gt=0, description="STT: longest audio one request may send (None: the app's limits.max_audio_seconds).",
+    )
     loading: LoadingMode = Field(
         default=LoadingMode.BACKGROUND,
         description=(
@@ -131,6 +140,9 @@ class ModelSpec(BaseModel):
     )
     debug_load_delay_s: float = Field(
         default=0.0, ge=0, description="Testing only: sleep this long in the 'simulated delay' loading phase."
+    )
+    debug_step_delay_s: float = Field(
+        default=0.0, ge=0, description="Testing only: sleep this long at every generation step (makes a reply slow)."
     )
 
     @field_validator("build_tiny")

@@ -13,6 +13,7 @@ from deployments.audio import (
     AudioDecodeError,
     UnsupportedAudioFormat,
     chunk,
+    AudioBounds,
     decode_audio,
     encode_audio,
     encode_audio_with_rate,
@@ -36,7 +37,14 @@ def peak_hz(samples: np.ndarray, rate: int) -> float:
 def decode_any(data: bytes, fmt: str, rate: int) -> tuple[np.ndarray, int]:
     if fmt == "pcm":  # headerless: the caller knows the rate
         return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767.0, rate
-    return decode_audio(data)
+    return decode_audio(data, AudioBounds(target_rate=48000))  # keep the written rate
+
+
+def test_decoding_resamples_down_to_16k_block_by_block():
+    data, _, _ = encode_audio_with_rate(sine(44100, seconds=2.0), 44100, "wav")
+    samples, rate = decode_audio(data)
+    assert rate == 16000 and len(samples) == pytest.approx(32000, abs=2)
+    assert peak_hz(samples, rate) == pytest.approx(440, abs=5)
 
 
 def test_every_format_the_api_accepts_is_registered_here():

@@ -14,8 +14,9 @@ from deployments.audio import AudioDecodeError, decode_audio
 from deployments.errors import (
     APIError,
     InvalidRequestError,
-    ModelNotFoundError,
-    NotSupportedError,
+    UnknownModelError,
+    RequestTooLargeError,
+    UnauthorizedError,
     ServiceUnavailableError,
     error_json_response,
     error_sse_event,
@@ -46,14 +47,18 @@ def remote(exc):
 def test_api_error_subclasses():
     assert mapped(InvalidRequestError("bad", param="x")) == (
         400, {"message": "bad", "type": "invalid_request_error", "param": "x", "code": None}, {})
-    assert mapped(NotSupportedError("no streaming here"))[:2] == (
-        501, {"message": "no streaming here", "type": "not_implemented", "param": None, "code": None})
+    assert mapped(RequestTooLargeError("too many pixels", param="messages"))[:2] == (
+        413, {"message": "too many pixels", "type": "invalid_request_error", "param": "messages",
+              "code": "request_too_large"})
+    assert mapped(UnauthorizedError("no key")) == (
+        401, {"message": "no key", "type": "invalid_request_error", "param": None, "code": "invalid_api_key"},
+        {"WWW-Authenticate": "Bearer"})
     assert mapped(ServiceUnavailableError("later", retry_after_s=2.2)) == (
         503, {"message": "later", "type": "service_unavailable", "param": None, "code": None}, {"Retry-After": "3"})
 
 
 def test_model_not_found_lists_models():
-    status, error, _ = mapped(ModelNotFoundError("gpt-4", ["tiny-llm", "tiny-tts"]))
+    status, error, _ = mapped(UnknownModelError("gpt-4", ["tiny-llm", "tiny-tts"]))
     assert status == 404
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "model", "model_not_found")
     assert "'gpt-4'" in error["message"] and "tiny-llm, tiny-tts" in error["message"]
@@ -121,7 +126,7 @@ def test_remote_errors_are_unwrapped():
     inner = loading.ModelLoadingInProgress("m", "loading weights", None, retry_after_s=2)
     assert mapped(remote(inner))[0::2] == (503, {"Retry-After": "2"})
     assert mapped(remote(inner).as_instanceof_cause())[1]["code"] == "model_loading"
-    assert mapped(remote(remote(ModelNotFoundError("x", ["y"]))))[0] == 404
+    assert mapped(remote(remote(UnknownModelError("x", ["y"]))))[0] == 404
     assert mapped(remote(TimeoutError()))[1]["code"] == "timeout"
 
 
@@ -147,7 +152,7 @@ def client():
 
     @app.post("/v1/chat/completions")
     async def chat(request: ChatCompletionRequest):
-        raise ModelNotFoundError(request.model, ["tiny-llm"])
+        raise UnknownModelError(request.model, ["tiny-llm"])
 
     @app.get("/boom")
     async def boom():
@@ -194,7 +199,7 @@ def test_errors_survive_pickling_as_ray_sends_them_from_replica_to_ingress():
     import pickle
 
     import loading
-    from deployments.errors import ModelNotFoundError as UnknownModel
+    from deployments.errors import UnknownModelError as UnknownModel
 
     raised_in_replicas = [
         InvalidRequestError("bad max_tokens", param="max_tokens"),

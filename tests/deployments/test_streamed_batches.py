@@ -18,8 +18,10 @@ def llm(tmp_path_factory):
     return spec, load_model(spec)
 
 
-def _encode(loaded, batch):
-    return LLMServer.encode(None, loaded, batch)
+def _generate(spec, loaded, batch):
+    for params in batch:  # each request is encoded on its own, as the server does before batching
+        params.inputs = LLMServer.encode(None, loaded, params)
+    return generate_batch(spec, loaded, batch)
 
 
 def _chat(prompt: str, max_new_tokens: int, stop: list[str] | None = None) -> ChatParams:
@@ -30,12 +32,12 @@ def _chat(prompt: str, max_new_tokens: int, stop: list[str] | None = None) -> Ch
 def test_each_streamed_row_gets_its_own_deltas_and_they_add_up_to_its_reply(llm):
     spec, loaded = llm
     prompts = [("Tell me a story", 24), ("hi", 5), ("A much longer question about the weather", 16), ("ok", 1)]
-    plain = generate_batch(spec, loaded, [_chat(p, n) for p, n in prompts], _encode)
+    plain = _generate(spec, loaded, [_chat(p, n) for p, n in prompts])
 
     streamed, received = [_chat(p, n) for p, n in prompts], [[] for _ in prompts]
     for params, pieces in zip(streamed[:3], received):  # the last row is a plain request in the same batch
         params.sink = pieces.append
-    results = generate_batch(spec, loaded, streamed, _encode)
+    results = _generate(spec, loaded, streamed)
 
     assert [r.text for r in results] == [r.text for r in plain]  # streaming changes nothing in the results
     assert [r.completion_tokens for r in results] == [r.completion_tokens for r in plain]
@@ -50,13 +52,13 @@ def test_each_streamed_row_gets_its_own_deltas_and_they_add_up_to_its_reply(llm)
 
 def test_a_streamed_row_never_sends_a_stop_string_or_what_follows_it(llm):
     spec, loaded = llm
-    full = generate_batch(spec, loaded, [_chat("Count with me", 24)], _encode)[0].text
+    full = _generate(spec, loaded, [_chat("Count with me", 24)])[0].text
     assert len(full) > 6, full
     stop = full[3:6]
     pieces: list[str] = []
     params = _chat("Count with me", 24, stop=[stop])
     params.sink = pieces.append
-    result = generate_batch(spec, loaded, [params, _chat("Count with me", 24, stop=[stop])], _encode)[0]
+    result = _generate(spec, loaded, [params, _chat("Count with me", 24, stop=[stop])])[0]
     assert result.text == full[: full.find(stop)] and result.finish_reason == "stop"
     assert result.text.startswith("".join(pieces)) and stop not in "".join(pieces)
 
@@ -70,5 +72,5 @@ def test_a_sink_that_fails_leaves_the_rest_of_the_batch_alone(llm):
     first, second = _chat("Tell me a story", 12), _chat("Tell me a story", 12)
     first.sink, pieces = gone, []
     second.sink = pieces.append
-    results = generate_batch(spec, loaded, [first, second], _encode)
+    results = _generate(spec, loaded, [first, second])
     assert results[0].text == results[1].text and "".join(pieces) and results[1].text.startswith("".join(pieces))

@@ -1,0 +1,80 @@
+"""Optional bearer-token auth: API keys from an environment variable and/or a file.
+
+Keys are read when the ingress starts (in its own process, so on a cluster the variable or file
+must exist where the ingress runs). Every comparison runs over all keys in constant time, so a
+response's timing says nothing about how much of a key was right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AuthConfig(BaseModel):
+    """`args.auth`: who may call the API. Off unless keys are configured or `required` is set."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    api_keys_env: str = "MODELFLEET_API_KEYS"
+    """Environment variable holding comma-separated keys (read by the ingress at start)."""
+    api_keys_file: str | None = None
+    """File with one key per line (`#` comments and blank lines ignored)."""
+    required: bool = False
+    """Refuse to start without at least one key (the GPU and cluster configs set this)."""
+    min_key_chars: int = Field(default=16, ge=1)
+    """Shortest key accepted; a shorter one is a configuration error, not a weak key."""
+
+
+class AuthConfigError(ValueError):
+    """Auth is required but no usable key is configured, or a key file cannot be read."""
+
+
+def load_keys(config: AuthConfig) -> list[str]:
+    keys = [k.strip() for k in os.environ.get(config.api_keys_env, "").split(",") if k.strip()]
+    if config.api_keys_file:
+        path = Path(config.api_keys_file).expanduser()
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise AuthConfigError(f"auth.api_keys_file {str(path)!r} cannot be read ({exc.strerror})") from None
+        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    short = [k for k in keys if len(k) < config.min_key_chars]
+    if short:
+        raise AuthConfigError(
+            f"{len(short)} API key(s) are shorter than auth.min_key_chars={config.min_key_chars}; use long random keys "
+            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+        )
+    if config.required and not keys:
+        raise AuthConfigError(
+            f"auth.required is set but no API key is configured: set {config.api_keys_env}=<key>[,<key>...] "
+            "or auth.api_keys_file in serve_config.yaml"
+        )
+    return keys
+
+
+class KeyChecker:
+    """Constant-time membership test of a presented key against the configured ones."""
+
+    def __init__(self, keys: list[str]):
+        # Digests have one length, so compare_digest's time does not depend on the key lengths.
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def allows(self, authorization: str | None) -> bool:
+        """Whether an `Authorization: Bearer <key>` header carries a configured key."""
+        if not self.enabled:
+            return True
+        scheme, _, token = (authorization or "").partition(" ")
+        presented = hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).digest()
+        ok = False
+        for digest in self._digests:  # no early exit: every key is compared
+            ok |= hmac.compare_digest(presented, digest)
+        return ok and scheme.lower() == "bearer"

@@ -1,0 +1,185 @@
+"""The ingress's door: what every HTTP request passes before any route runs.
+
+In order: a bound on requests in flight (503 + Retry-After past it), the API key (401), the
+body size (413, from Content-Length before a byte is read, else counted while reading), and
+for JSON bodies a structural check (400): nesting depth, huge integers, lone surrogates. The
+body the routes see is the one checked here, replayed; nothing is read twice from the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .auth import KeyChecker
+from .errors import (
+    BodyTooLargeError,
+    InvalidRequestError,
+    OverloadedError,
+    UnauthorizedError,
+    error_json_response,
+)
+from .limits import RequestLimits
+
+PUBLIC_PATHS = frozenset({"/health"})  # answers without a key, with details only for a caller that has one
+AUTHORIZED = "modelfleet_authorized"  # scope["state"] key the routes read
+
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp, limits: RequestLimits, keys: KeyChecker):
+        self.app = app
+        self.limits = limits
+        self.keys = keys
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limits.max_concurrent_requests:
+            await self._refuse(scope, receive, send, OverloadedError(
+                f"the server is working on max_concurrent_requests={self.limits.max_concurrent_requests} "
+                "requests already; retry shortly", retry_after_s=1))
+            return
+        self.in_flight += 1
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope)
+        authorized = self.keys.allows(headers.get("authorization"))
+        scope.setdefault("state", {})[AUTHORIZED] = authorized
+        if not authorized and scope["path"] not in PUBLIC_PATHS:
+            await self._refuse(scope, receive, send, UnauthorizedError(
+                "a valid API key is required: send 'Authorization: Bearer <key>' (the openai client's api_key)"))
+            return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        content_type = headers.get("content-type", "")
+        is_form = content_type.startswith("multipart/form-data")
+        limit = self.limits.max_upload_bytes if is_form else self.limits.max_json_body_bytes
+        limit_name = "max_upload_bytes" if is_form else "max_json_body_bytes"
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(scope, receive, send, BodyTooLargeError(limit_name, limit, int(declared)))
+            return
+        counted = _CountingReceive(receive, limit, limit_name)
+        if is_form:  # parsed as it streams in (files spool to disk); the count stops it at the limit
+            await self.app(scope, counted, send)
+            return
+        try:
+            body = await counted.read_all()
+            if body and "json" in content_type or (body and not content_type):
+                await asyncio.to_thread(check_json, body, self.limits)
+        except (BodyTooLargeError, InvalidRequestError) as exc:
+            await self._refuse(scope, receive, send, exc)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
+        await error_json_response(exc)(scope, receive, send)
+
+
+class _CountingReceive:
+    """Passes the client's body through, raising BodyTooLargeError once it passes the limit."""
+
+    def __init__(self, receive: Receive, limit: int, limit_name: str):
+        self.receive, self.limit, self.limit_name = receive, limit, limit_name
+        self.total = 0
+
+    async def __call__(self) -> Message:
+        message = await self.receive()
+        if message["type"] == "http.request":
+            self.total += len(message.get("body", b""))
+            if self.total > self.limit:
+                raise BodyTooLargeError(self.limit_name, self.limit)
+        return message
+
+    async def read_all(self) -> bytes:
+        parts = []
+        while True:
+            message = await self()
+            if message["type"] == "http.disconnect":
+                break
+            parts.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        return b"".join(parts)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: wait for the client's disconnect, as Starlette expects
+
+    return replay
+
+
+# --- JSON structure ------------------------------------------------------------------------------
+
+
+def check_json(body: bytes, limits: RequestLimits) -> Any:
+    """Parse a JSON body and check its structure; InvalidRequestError names where it is wrong."""
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        raise InvalidRequestError(
+            f"the JSON body is nested deeper than max_json_depth={limits.max_json_depth}", code="json_too_deep") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"the request body is not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                                  code="invalid_json") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column "
+                                  f"{exc.colno})", code="invalid_json") from None
+    except ValueError as exc:  # e.g. an integer literal past Python's 4300-digit conversion limit
+        raise InvalidRequestError(f"the JSON body holds a value that cannot be read: {exc}", code="invalid_json") from None
+    _check_tree(value, limits)
+    return value
+
+
+def _check_tree(root: Any, limits: RequestLimits) -> None:
+    stack: list[tuple[Any, tuple, int]] = [(root, (), 1)]  # iterative: depth is what we are bounding
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limits.max_json_depth:
+                raise InvalidRequestError(
+                    f"'{_dotted(path)}' is nested deeper than max_json_depth={limits.max_json_depth}",
+                    param=_dotted(path) or None, code="json_too_deep")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_text(key, path + (key,))
+                stack.append((item, path + (key,), depth + 1))
+        elif isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > limits.max_json_integer:
+            raise InvalidRequestError(
+                f"'{_dotted(path)}' is an integer beyond max_json_integer={limits.max_json_integer}",
+                param=_dotted(path) or None, code="integer_out_of_range")
+
+
+def _check_text(text: str, path: tuple) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"'{_dotted(path)}' holds invalid unicode (a lone surrogate at character {exc.start}); send valid UTF-16 "
+            "surrogate pairs or plain UTF-8", param=_dotted(path) or None, code="invalid_unicode") from None
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(part) for part in path)

@@ -1,0 +1,91 @@
+"""Bounds on what one request may ask of the server, checked before any work starts.
+
+Every limit is a field here with its default and why; `args.limits` in serve_config.yaml
+overrides them. Refusals name the limit and the value (413 for sizes, 400 for the rest).
+Per-model bounds (prompt tokens, audio seconds, new tokens) live on `loading.ModelSpec`.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import InvalidRequestError
+
+MiB = 2**20
+
+
+class RequestLimits(BaseModel):
+    """`args.limits`: what the ingress accepts. Defaults suit a server on a shared machine;
+    README ("Sizing the limits") says how to size them."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    max_json_body_bytes: int = Field(default=16 * MiB, ge=1024)
+    """Largest JSON request body (413 past it), counted while it is read. 16 MiB leaves room for
+    a ~12 MB image as a base64 data URI; a chat prompt hits `max_prompt_tokens` long before."""
+    max_upload_bytes: int = Field(default=25 * MiB, ge=1024)
+    """Largest multipart request body (413 past it), counted while it is read. OpenAI's 25 MB."""
+    max_json_depth: int = Field(default=32, ge=4)
+    """Deepest nesting of arrays/objects in a JSON body (a chat with image parts uses 6)."""
+    max_json_integer: int = Field(default=2**63 - 1, ge=2**31)
+    """Largest absolute integer anywhere in a JSON body (seeds and counts are 64-bit)."""
+    max_concurrent_requests: int = Field(default=256, ge=1)
+    """Requests the ingress works on at once; more get 503 + Retry-After instead of piling up."""
+    max_messages: int = Field(default=1024, ge=1)
+    """Messages in one chat request."""
+    max_stop_sequences: int = Field(default=4, ge=0)
+    """Entries of `stop` (OpenAI allows 4)."""
+    max_stop_chars: int = Field(default=256, ge=1)
+    """Characters in one stop sequence."""
+    max_speech_input_chars: int = Field(default=4096, ge=1)
+    """Characters of text to speak (`/v1/audio/speech` `input`, `/tts` `text`; OpenAI's 4096)."""
+    max_form_field_chars: int = Field(default=32768, ge=64)
+    """Characters in one multipart text field (a transcription prompt, a system prompt)."""
+    max_images: int = Field(default=8, ge=0)
+    """Images in one chat request."""
+    max_image_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
+    """Pixels (width x height) of one image, read from its header before it is decoded."""
+    max_image_bytes: int = Field(default=12 * MiB, ge=1024)
+    """Encoded size of one image."""
+    min_sample_rate: int = Field(default=8000, ge=1)
+    """Lowest accepted audio sample rate (Hz), read from the file's header."""
+    max_sample_rate: int = Field(default=192000, ge=8000)
+    """Highest accepted audio sample rate (Hz)."""
+    max_audio_channels: int = Field(default=8, ge=1)
+    """Most channels in an uploaded audio file (they are mixed down to one)."""
+    max_audio_seconds: float = Field(default=1800.0, gt=0)
+    """Longest upload, from its header, before decoding (a model's own `max_audio_seconds` may be lower)."""
+    media_workers: int = Field(default=2, ge=1)
+    """Audio/image decodes the ingress runs at once, off its event loop (more wait their turn)."""
+
+
+# --- checks of parsed requests against the limits (the schema in protocol.py checks the shape) ---
+
+
+def _refuse(message: str, param: str) -> None:
+    raise InvalidRequestError(message, param=param)
+
+
+def check_chat(messages: int, stops: list[str], limits: RequestLimits) -> None:
+    if messages > limits.max_messages:
+        _refuse(f"{messages} messages; at most max_messages={limits.max_messages} are accepted", "messages")
+    if len(stops) > limits.max_stop_sequences:
+        _refuse(f"{len(stops)} stop sequences; at most max_stop_sequences={limits.max_stop_sequences}", "stop")
+    for index, stop in enumerate(stops):
+        if len(stop) > limits.max_stop_chars:
+            _refuse(f"stop sequence {index} has {len(stop)} characters; at most max_stop_chars="
+                    f"{limits.max_stop_chars}", "stop")
+
+
+def check_speech_text(text: str, limits: RequestLimits, param: str) -> None:
+    if len(text) > limits.max_speech_input_chars:
+        _refuse(f"{param} has {len(text)} characters; at most max_speech_input_chars="
+                f"{limits.max_speech_input_chars}", param)
+
+
+def check_form_fields(fields: dict[str, object], limits: RequestLimits) -> None:
+    """Text fields of a multipart form, bounded like JSON strings."""
+    for name, value in fields.items():
+        if isinstance(value, str) and len(value) > limits.max_form_field_chars:
+            _refuse(f"{name} has {len(value)} characters; at most max_form_field_chars="
+                    f"{limits.max_form_field_chars}", name)

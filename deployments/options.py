@@ -1,0 +1,100 @@
+"""How each deployment runs: the typed options of `args.families.<family>` and `args.ingress`.
+
+Each family server class names its options class (`Server.Options`) and turns it into Serve's
+deployment options (`Server.deployment_options`); an option a family does not use is not on its
+class, so `extra="forbid"` rejects it (e.g. `max_batch_size` for TTS).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AutoscalingOptions(BaseModel):
+    """Ray Serve autoscaling, per family. Replicas scale on ongoing + queued requests per replica."""
+
+    model_config = ConfigDict(extra="allow")  # any other Ray Serve autoscaling_config field passes through
+
+    min_replicas: int = Field(default=1, ge=0, description="0 enables scale-to-zero (first request pays a cold start).")
+    initial_replicas: int | None = Field(default=None, ge=0, description="Replicas at deploy time (default min).")
+    max_replicas: int = Field(default=2, ge=1, description="Upper bound on replicas (on GPU nodes: GPUs to use).")
+    target_ongoing_requests: float = Field(default=4, gt=0, description="Requests per replica the autoscaler aims for.")
+    upscale_delay_s: float = Field(default=5.0, ge=0, description="Sustained load needed before adding replicas.")
+    downscale_delay_s: float = Field(default=60.0, ge=0, description="Sustained idleness before removing replicas.")
+    metrics_interval_s: float = Field(
+        default=2.0, gt=0, description="How often replicas report load (deprecated by Ray but still the knob)."
+    )
+
+
+class FamilyOptions(BaseModel):
+    """What every family deployment takes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per replica.")
+    max_loaded_models: int = Field(default=4, ge=1, description="Models kept in memory per replica (LRU beyond).")
+    max_ongoing_requests: int = Field(default=16, ge=1, description="Requests a replica works on at once.")
+    max_queued_requests: int = Field(
+        default=64, ge=-1, description="Requests waiting for a replica before new ones get 503 + Retry-After (-1: no bound)."
+    )
+    autoscaling: AutoscalingOptions | None = Field(
+        default_factory=AutoscalingOptions, description="null pins num_replicas: 1."
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        default=30, ge=0, description=(
+            "How long a stopping replica (scale-down, update, delete) may finish its requests. Ray waits this "
+            "long even for a replica still PENDING for resources."
+        ),
+    )
+    memory_budget_mb: float = Field(
+        default=4096, gt=0, description=(
+            "Working memory (beyond the weights) the requests one replica runs at once may need, by the estimate in "
+            "deployments/admission.py. A request needing more alone is refused (413); others wait their turn."
+        ),
+    )
+
+
+class BatchingOptions(FamilyOptions):
+    """Families whose requests share model calls."""
+
+    max_batch_size: int = Field(default=8, ge=1, description="Requests combined into one model call.")
+    batch_wait_timeout_s: float = Field(
+        default=0.0, ge=0,
+        description=("How long a batch that starts on an idle model waits to fill. 0: run at once; requests that "
+                     "arrive while the model is busy are batched anyway (deployments/batching.py)."),
+    )
+
+
+class ChatOptions(BatchingOptions):
+    """LLM and VLM."""
+
+
+class TranscriptionOptions(BatchingOptions):
+    """STT."""
+
+    max_chunks_per_call: int = Field(
+        default=8, ge=1, description="30 s chunks per encoder/generate call: long audio runs in sub-batches of this many."
+    )
+
+
+class SpeechOptions(FamilyOptions):
+    """TTS: one request at a time on the model, long text in pieces."""
+
+    max_chars_per_call: int = Field(
+        default=400, ge=16, description="Longer text is split at sentence (then clause, then word) boundaries into "
+        "pieces of at most this many characters, synthesized one after another (bounds memory per model call).",
+    )
+
+
+class IngressOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(default=0.25, gt=0, description="CPUs reserved per ingress replica.")
+    num_replicas: int = Field(default=1, ge=1, description="Ingress replicas (it only routes; one is plenty here).")
+    max_ongoing_requests: int = Field(
+        default=512, ge=1, description="Concurrent HTTP requests Serve hands one ingress replica (keep it above "
+        "limits.max_concurrent_requests, so that the ingress answers overload itself, in the OpenAI error shape).",
+    )
+    max_queued_requests: int = Field(
+        default=256, ge=-1, description="Requests Serve's proxy holds for a busy ingress before answering 503 itself.",
+    )

@@ -1,0 +1,5 @@
+"""The HTTP surface, one APIRouter per area; `deployments.api.build_api` mounts them all."""
+
+from . import audio, chat, legacy, models
+
+ROUTERS = (models.router, chat.router, audio.router, legacy.router)
