@@ -73,7 +73,9 @@ def decode_audio(data: bytes, bounds: AudioBounds = AudioBounds()) -> tuple[np.n
     except AudioDecodeError:
         raise
     except (sf.SoundFileError, sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise AudioDecodeError(f"Could not decode the audio file ({exc}). Supported formats: {DECODABLE}.") from exc
+        # libsndfile's own words, not the exception's text (it quotes a Python object repr)
+        reason = getattr(exc, "error_string", None) or type(exc).__name__
+        raise AudioDecodeError(f"Could not decode the audio file ({reason}). Supported formats: {DECODABLE}.") from exc
     if frames == 0:
         raise AudioDecodeError("The audio file contains no samples.")
     return np.ascontiguousarray(np.concatenate(pieces), dtype=np.float32), out_rate

@@ -75,12 +75,12 @@ class UnknownModelError(APIError):
     status = 404
     type = "invalid_request_error"
 
-    def __init__(self, name: str, available: list[str]):
+    def __init__(self, name: str, available: list[str], param: str = "model"):
         self.name = name
         self.available = list(available)
         choices = ", ".join(sorted(self.available)) or "none"
         super().__init__(
-            f"The model {name!r} does not exist. Available models: {choices}.", param="model", code="model_not_found"
+            f"The model {name!r} does not exist. Available models: {choices}.", param=param, code="model_not_found"
         )
 
 

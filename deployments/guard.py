@@ -182,4 +182,5 @@ def _check_text(text: str, path: tuple) -> None:
 
 
 def _dotted(path: tuple) -> str:
-    return ".".join(str(part) for part in path)
+    # a key may itself be the invalid text: escape what UTF-8 cannot carry, or the error cannot be sent
+    return ".".join(str(part) for part in path).encode("utf-8", "backslashreplace").decode("utf-8")

@@ -48,11 +48,11 @@ class Ingress:
         return build_api(self)
 
     # -- lookup -----------------------------------------------------------------------------------
-    def spec(self, name: str, *families: Family) -> ModelSpec:
+    def spec(self, name: str, *families: Family, param: str = "model") -> ModelSpec:
         spec = self.catalog.get(name)
         if spec is None or (families and spec.family not in families):
             fitting = [s.name for s in self.config.models if not families or s.family in families]
-            raise UnknownModelError(name, fitting)
+            raise UnknownModelError(name, fitting, param)
         return spec
 
     def default_model(self, family: Family) -> str:
@@ -148,9 +148,11 @@ class Ingress:
         """The voice-agent round trip: what was said (STT), the answer (LLM), spoken (TTS)."""
         names = {Family.STT: form.stt_model, Family.LLM: form.llm_model, Family.TTS: form.tts_model}
         names = {family: name or self.default_model(family) for family, name in names.items()}
-        self.spec(names[Family.TTS], Family.TTS)  # every model checked before any work starts
-        llm = self.spec(names[Family.LLM], Family.LLM, Family.VLM)
-        audio, rate = await self.decode_audio(upload, self.spec(names[Family.STT], Family.STT).name)
+        # every model checked before any work starts
+        stt = self.spec(names[Family.STT], Family.STT, param="stt_model")
+        llm = self.spec(names[Family.LLM], Family.LLM, Family.VLM, param="llm_model")
+        self.spec(names[Family.TTS], Family.TTS, param="tts_model")
+        audio, rate = await self.decode_audio(upload, stt.name)
         heard = await self.transcribe(TranscribeParams(model=names[Family.STT], audio=audio, sample_rate=rate,
                                                        language=form.language, wait_s=wait_s))
         messages = [{"role": "system", "content": form.system_prompt}] if form.system_prompt else []

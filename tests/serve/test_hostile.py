@@ -1,0 +1,284 @@
+"""Hostile input against a live `serve run serve_config.yaml`: every case a clear 4xx within seconds,
+and afterwards every family still answers and no replica was replaced (same pids).
+
+Before the request guard, one 50 MB chat body or one 2 MB prompt grew the LLM replica to ~20 GB and
+Ray's memory monitor killed every worker on the node (shared/FACTS.md, "Hostile input").
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import requests
+import soundfile as sf
+from PIL import Image
+
+import live_server
+from serve_testutil import png_data_uri, wav_bytes
+
+MB = 2**20
+CHAT = "/v1/chat/completions"
+SPEECH = "/v1/audio/speech"
+STT = "/v1/audio/transcriptions"
+VOICE = "/v1/audio/chat"
+
+
+@dataclass
+class Case:
+    name: str
+    path: str
+    status: int
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    param: str | None = None  # expected error.param (None: not checked)
+    code: str | None = None  # expected error.code (None: not checked)
+    method: str = "POST"
+    mentions: str | None = None  # a word the message must contain (the limit's name, say)
+
+
+def chat(content: Any = "hi", model: str = "tiny-llm", **extra) -> dict:
+    return {"json": {"model": model, "messages": [{"role": "user", "content": content}], **extra}}
+
+
+def image_chat(url: str, model: str = "tiny-llava", count: int = 1) -> dict:
+    parts = [{"type": "text", "text": "what is this?"}] + [
+        {"type": "image_url", "image_url": {"url": url}} for _ in range(count)]
+    return chat(parts, model=model)
+
+
+def raw_json(text: str | bytes) -> dict:
+    return {"data": text, "headers": {"content-type": "application/json"}}
+
+
+def png_uri(width: int, height: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, format="PNG", optimize=True)  # compresses to a few kB
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def audio_bytes(seconds: float, rate: int = 16000, channels: int = 1, fmt: str = "WAV", silent: bool = False) -> bytes:
+    """A tone, or silence written block by block (a long silent multi-channel FLAC is a few kB)."""
+    frames = int(seconds * rate)
+    buffer = io.BytesIO()
+    with sf.SoundFile(buffer, "w", rate, channels, format=fmt, subtype="PCM_16") as f:
+        block = 1 << 16
+        for start in range(0, frames, block):
+            n = min(block, frames - start)
+            t = (start + np.arange(n)) / rate
+            tone = np.zeros(n, np.float32) if silent else (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+            f.write(np.tile(tone[:, None], (1, channels)))
+    return buffer.getvalue()
+
+
+def stt(data: bytes | None = None, model: str = "tiny-whisper", **fields) -> dict:
+    files = {"file": ("a.wav", data)} if data is not None else None
+    return {"files": files, "data": {"model": model, **fields}}
+
+
+def voice(data: bytes | None = None, **fields) -> dict:
+    return {"files": {"file": ("a.wav", data)} if data is not None else None, "data": fields}
+
+
+def big_body(size: int) -> bytes:
+    return b'{"model": "tiny-llm", "messages": [{"role": "user", "content": "' + b"a" * size + b'"}]}'
+
+
+def chunked(data: bytes, piece: int = MB):
+    for i in range(0, len(data), piece):
+        yield data[i:i + piece]
+
+
+def corpus() -> list[Case]:
+    short = wav_bytes(0.5)
+    return [
+        # -- sizes: the two that took the whole node down, and their kin
+        Case("50 MB chat body (Content-Length)", CHAT, 413, {"data": big_body(50 * MB)}, mentions="max_json_body_bytes"),
+        Case("50 MB chat body, chunked", CHAT, 413, {"data": chunked(big_body(50 * MB))}, mentions="max_json_body_bytes"),
+        Case("2 MB prompt", CHAT, 400, chat("hello " * (2 * MB // 6)), "messages", "context_length_exceeded"),
+        Case("prompt over the context, tokenized", CHAT, 400, chat("hello " * 600), "messages", "context_length_exceeded"),
+        Case("prompt plus max_tokens over the context", CHAT, 400, chat("hello " * 220, max_tokens=64),
+             "messages", "context_length_exceeded"),
+        Case("50 MB speech body", SPEECH, 413, {"data": b'{"model": "tiny-vits", "input": "' + b"a" * 50 * MB + b'"}'}),
+        Case("50 MB /generate body", "/generate", 413, {"data": b'{"query": "' + b"a" * 50 * MB + b'"}'}),
+        Case("30 MB upload", STT, 413, stt(b"\0" * 30 * MB), mentions="max_upload_bytes"),
+        Case("30 MB voice upload", VOICE, 413, voice(b"\0" * 30 * MB)),
+        Case("2 MB /generate query", "/generate", 400, {"json": {"query": "hello " * (2 * MB // 6)}},
+             "messages", "context_length_exceeded"),
+        # -- JSON structure
+        Case("100k nested arrays", CHAT, 400, raw_json("[" * 100_000 + "]" * 100_000), code="json_too_deep"),
+        Case("40 nested objects in a field", CHAT, 400, chat(content="hi", metadata=json.loads(
+            "{" + '"a": {' * 40 + "}" * 41)), code="json_too_deep", mentions="max_json_depth"),
+        Case("5000-digit integer", CHAT, 400, raw_json('{"model": "tiny-llm", "max_tokens": ' + "9" * 5000 + "}")),
+        Case("integer past 64 bits", CHAT, 400, chat(max_tokens=10**30), code="integer_out_of_range"),
+        Case("seed past 64 bits", CHAT, 400, chat(seed=2**70), code="integer_out_of_range"),
+        Case("lone surrogate in content", CHAT, 400, raw_json('{"model": "tiny-llm", "messages": [{"role": "user", '
+                                                             '"content": "hi \\ud800 there"}]}'),
+             "messages.0.content", "invalid_unicode"),
+        Case("lone surrogate in a key", CHAT, 400, raw_json('{"\\udfff": 1}'), code="invalid_unicode"),
+        Case("invalid UTF-8", CHAT, 400, raw_json(b'{"model": "\xff\xfe"}'), code="invalid_json"),
+        Case("not JSON", CHAT, 400, raw_json("{not json")),
+        Case("empty body", CHAT, 400, raw_json("")),
+        Case("JSON array body", CHAT, 400, raw_json("[1, 2]")),
+        Case("JSON string body", CHAT, 400, raw_json('"hello"')),
+        # -- chat schema
+        Case("message without content", CHAT, 400, {"json": {"model": "tiny-llm", "messages": [{"role": "user"}]}},
+             "messages.0"),
+        Case("no messages", CHAT, 400, {"json": {"model": "tiny-llm", "messages": []}}, "messages"),
+        Case("messages not a list", CHAT, 400, {"json": {"model": "tiny-llm", "messages": "hi"}}, "messages"),
+        Case("unknown role", CHAT, 400, {"json": {"model": "tiny-llm", "messages": [{"role": "god", "content": "x"}]}}),
+        Case("unknown content part", CHAT, 400, chat([{"type": "video", "video": "x"}])),
+        Case("no model", CHAT, 400, {"json": {"messages": [{"role": "user", "content": "x"}]}}, "model"),
+        Case("unknown model", CHAT, 404, chat(model="gpt-5"), "model", "model_not_found"),
+        Case("an STT model for chat", CHAT, 404, chat(model="tiny-whisper"), "model"),
+        Case("max_tokens 0", CHAT, 400, chat(max_tokens=0), "max_tokens"),
+        Case("max_tokens past the model's limit", CHAT, 400, chat(max_tokens=10_000), "max_tokens"),
+        Case("temperature 5", CHAT, 400, chat(temperature=5), "temperature"),
+        Case("top_p 0", CHAT, 400, chat(top_p=0), "top_p"),
+        Case("5 stop strings", CHAT, 400, chat(stop=["a", "b", "c", "d", "e"]), "stop"),
+        Case("a 1000-char stop string", CHAT, 400, chat(stop=["x" * 1000]), "stop", mentions="max_stop_chars"),
+        Case("an empty stop string", CHAT, 400, chat(stop=[""]), "stop.0"),
+        Case("n=2", CHAT, 400, chat(n=2), "n"),
+        Case("1025 messages", CHAT, 400, {"json": {"model": "tiny-llm", "messages": [
+            {"role": "user", "content": "x"}] * 1025}}, "messages", mentions="max_messages"),
+        Case("stream with a bad request", CHAT, 400, chat(max_tokens=0, stream=True), "max_tokens"),
+        Case("wait header not a number", CHAT, 400, {**chat(), "headers": {"x-wait-for-model": "soon"}},
+             "x-wait-for-model"),
+        # -- images
+        Case("image sent to an LLM", CHAT, 400, image_chat(png_data_uri(), model="tiny-llm"), "messages"),
+        Case("remote image URL", CHAT, 400, image_chat("https://example.com/a.png"), "messages.0.content.1.image_url"),
+        Case("image data URI not base64", CHAT, 400, image_chat("data:image/png,abc"), "messages.0.content.1.image_url"),
+        Case("image of garbage bytes", CHAT, 400, image_chat("data:image/png;base64,"
+                                                              + base64.b64encode(b"garbage" * 100).decode()),
+             "messages.0.content.1.image_url"),
+        Case("10000x10000 image (a few kB)", CHAT, 413, image_chat(png_uri(10_000, 10_000)),
+             "messages.0.content.1.image_url", "image_too_large", mentions="max_image_pixels"),
+        Case("9 images", CHAT, 413, image_chat(png_data_uri(), count=9), "messages", mentions="max_images"),
+        Case("file:// outside allowed dirs", CHAT, 400, image_chat("file:///etc/passwd"),
+             "messages.0.content.1.image_url"),
+        Case("file:// with ..", CHAT, 400, image_chat("file:///tmp/../etc/passwd"), "messages.0.content.1.image_url"),
+        # -- speech
+        Case("speech input of 5000 chars", SPEECH, 400, {"json": {"model": "tiny-vits", "input": "a" * 5000}},
+             "input", mentions="max_speech_input_chars"),
+        Case("speech input blank", SPEECH, 400, {"json": {"model": "tiny-vits", "input": "  "}}, "input"),
+        Case("speech format aac", SPEECH, 400, {"json": {"model": "tiny-vits", "input": "hi",
+                                                         "response_format": "aac"}}, "response_format"),
+        Case("speech speed 10", SPEECH, 400, {"json": {"model": "tiny-vits", "input": "hi", "speed": 10}}, "speed"),
+        Case("speech with an LLM", SPEECH, 404, {"json": {"model": "tiny-llm", "input": "hi"}}, "model"),
+        # -- transcriptions
+        Case("no file", STT, 400, stt(), "file"),
+        Case("file not audio", STT, 400, stt(b"not audio at all"), "file"),
+        Case("empty file", STT, 400, stt(b""), "file"),
+        Case("two files", STT, 400, {"files": [("file", ("a.wav", short)), ("file", ("b.wav", short))],
+                                     "data": {"model": "tiny-whisper"}}),
+        Case("an extra part", STT, 400, stt(short, extra="x"), "extra"),
+        Case("4 kHz audio", STT, 400, stt(audio_bytes(1, rate=4000)), "file", mentions="min_sample_rate"),
+        Case("300 kHz audio", STT, 400, stt(audio_bytes(0.2, rate=300_000)), "file", mentions="max_sample_rate"),
+        Case("16-channel audio", STT, 400, stt(audio_bytes(0.5, channels=16)), "file", mentions="max_audio_channels"),
+        Case("12 min silent 8-channel FLAC (past the model's max_audio_seconds)", STT, 413,
+             stt(audio_bytes(720, rate=16000, channels=8, fmt="FLAC", silent=True)), "file", "audio_too_long",
+             mentions="max_audio_seconds"),
+        Case("31 min of audio by an alias", STT, 413,
+             stt(audio_bytes(1860, rate=8000, fmt="FLAC", silent=True), model="whisper-1"), "file", "audio_too_long"),
+        Case("language not a code", STT, 400, stt(short, language="english"), "language"),
+        Case("response_format docx", STT, 400, stt(short, response_format="docx"), "response_format"),
+        Case("prompt of 40k chars", STT, 400, stt(short, prompt="a" * 40_000), "prompt"),
+        Case("prompt longer than the decoder", STT, 400, stt(short, prompt="word " * 300), "prompt"),
+        Case("temperature 2", STT, 400, stt(short, temperature=2), "temperature"),
+        Case("unknown STT model", STT, 404, stt(short, model="nope"), "model"),
+        Case("JSON to a multipart route", STT, 400, {"json": {"model": "tiny-whisper"}}),
+        # -- voice round trip
+        Case("voice: no file", VOICE, 400, {"data": {"response_format": "wav"}}, "file"),
+        Case("voice: bad response_format", VOICE, 400, voice(short, response_format="aac"), "response_format"),
+        Case("voice: 40k-char system prompt", VOICE, 400, voice(short, system_prompt="a" * 40_000), "system_prompt"),
+        Case("voice: unknown llm_model", VOICE, 404, voice(short, llm_model="gpt-5"), "llm_model"),
+        Case("voice: an LLM as tts_model", VOICE, 404, voice(short, tts_model="tiny-llm"), "tts_model"),
+        Case("voice: max_tokens -1", VOICE, 400, voice(short, max_tokens=-1), "max_tokens"),
+        Case("voice: 16-channel audio", VOICE, 400, voice(audio_bytes(0.5, channels=16)), "file"),
+        Case("voice: an extra part", VOICE, 400, voice(short, model="tiny-llm"), "model"),
+        # -- the seed servers' routes
+        Case("/generate without query", "/generate", 400, {"json": {"system_prompt": "x"}}, "query"),
+        Case("/generate max_new_tokens past the limit", "/generate", 400, {"json": {"query": "hi",
+                                                                                   "max_new_tokens": 10_000}}),
+        Case("/tts text of 5000 chars", "/tts", 400, {"json": {"text": "a" * 5000}}, "text"),
+        Case("/tts empty text", "/tts", 400, {"json": {"text": ""}}, "text"),
+        Case("/stt without audio", "/stt", 400, {"data": {"x": "y"}}),
+        Case("/stt garbage", "/stt", 400, {"files": {"audio": ("a.wav", b"garbage")}}, "file"),
+        Case("/stt 16-channel audio", "/stt", 400, {"files": {"audio": ("a.wav", audio_bytes(0.5, channels=16))}}),
+        # -- routes and methods
+        Case("GET on a POST route", CHAT, 405, method="GET"),
+        Case("unknown route", "/v1/nothing", 404, {"json": {}}),
+    ]
+
+
+def send(url: str, case: Case) -> tuple[requests.Response, float]:
+    started = time.monotonic()
+    response = requests.request(case.method, url + case.path, timeout=60, **case.kwargs)
+    return response, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, models_dir):
+    server = live_server.start(tmp_path_factory.mktemp("live"), models_dir)
+    yield server
+    live_server.stop(server)
+
+
+def answers_of_every_family(url: str) -> dict[str, int]:
+    calls: dict[str, Callable[[], requests.Response]] = {
+        "llm": lambda: requests.post(url + CHAT, timeout=60, **chat(max_tokens=4)),
+        "vlm": lambda: requests.post(url + CHAT, timeout=60, json={
+            "model": "tiny-llava", "max_tokens": 4, **image_chat(png_data_uri())["json"]}),
+        "stt": lambda: requests.post(url + STT, timeout=60, **stt(wav_bytes(1.0))),
+        "tts": lambda: requests.post(url + SPEECH, timeout=60, json={"model": "tiny-vits", "input": "hello"}),
+    }
+    return {family: call().status_code for family, call in calls.items()}
+
+
+def test_every_hostile_request_gets_its_4xx_and_harms_nothing(live):
+    cases = corpus()
+    assert len(cases) >= 60
+    pids_before = live.replica_pids()
+    assert set(pids_before) == {"llm", "vlm", "stt", "tts", "ingress"}
+    failures = []
+    for case in cases:
+        try:
+            response, seconds = send(live.url, case)
+        except requests.RequestException as exc:
+            failures.append(f"{case.name}: no answer ({type(exc).__name__}: {exc})")
+            continue
+        problem = check(case, response, seconds)
+        if problem:
+            failures.append(f"{case.name}: {problem}")
+    assert not failures, "\n".join(failures)
+    assert answers_of_every_family(live.url) == {"llm": 200, "vlm": 200, "stt": 200, "tts": 200}
+    assert live.replica_pids() == pids_before, "a replica was replaced"
+    assert live.health()["status"] == "ok"
+
+
+def check(case: Case, response: requests.Response, seconds: float) -> str | None:
+    if response.status_code != case.status:
+        return f"HTTP {response.status_code} (wanted {case.status}): {response.text[:300]}"
+    if seconds > 15:
+        return f"answered after {seconds:.1f} s"
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return f"not OpenAI's error shape: {response.text[:200]}"
+    if set(error) != {"message", "type", "param", "code"} or not error["message"]:
+        return f"not OpenAI's error shape: {error}"
+    if case.param is not None and error["param"] != case.param:
+        return f"param {error['param']!r} (wanted {case.param!r}): {error['message'][:200]}"
+    if case.code is not None and error["code"] != case.code:
+        return f"code {error['code']!r} (wanted {case.code!r}): {error['message'][:200]}"
+    if case.mentions is not None and case.mentions not in error["message"]:
+        return f"message does not name {case.mentions!r}: {error['message'][:200]}"
+    for leak in ("Traceback", "object at 0x", "/site-packages/", "/tmp/"):
+        if leak in error["message"]:
+            return f"message leaks internals ({leak!r}): {error['message'][:200]}"
+    return None
