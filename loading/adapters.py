@@ -45,8 +45,10 @@ def resolve_base(
     override: str | None = None,
     revision: str | None = None,
     hub: HubStatus | None = None,
+    allow_download: bool = True,
 ) -> Resolved:
-    """Find the adapter's base model, never starting an unannounced download."""
+    """Find the adapter's base model, never starting an unannounced download (nor any, with
+    `allow_download=False`)."""
     base = override or adapter.base_name
     parent = adapter.path.parent
     # The parent directory is a guess for the adapter's own base name; an explicit `base_model:` is
@@ -65,7 +67,10 @@ def resolve_base(
     if is_model_dir(explicit):
         return Resolved(explicit.resolve(), "local path")
     try:
-        return resolve_source(base, settings, revision=revision, extra_dirs=extra, what="base model", hub=hub)
+        return resolve_source(
+            base, settings, revision=revision, extra_dirs=extra, what="base model", hub=hub,
+            allow_download=allow_download,
+        )
     except ModelNotFoundError as exc:
         raise AdapterBaseNotFoundError(
             str(adapter.path), base, exc.looked_at,

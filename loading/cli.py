@@ -6,21 +6,19 @@ import argparse
 import logging
 import os
 import platform
-import shutil
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
-from .adapters import read_adapter, resolve_base
 from .config import ModelSpec, models_from_serve_config
 from .errors import LoadingError
 from .inspect_model import inspect_model
-from .loader import ensure_demo_model
-from .offline import declared_offline, hub_status
+from .model_source import ensure_demo_model, resolve_model
+from .offline import HubStatus, declared_offline, hub_status
 from .placement import visible_gpus
 from .quantization import bitsandbytes_status
-from .resolve import Resolved, resolve_source
 from .settings import Settings
 
 DEFAULT_CONFIG = "serve_config.yaml"
@@ -30,7 +28,7 @@ def _gib(n: int | None) -> str:
     return "?" if n is None else f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-def doctor(config: Path, out=None) -> int:
+def doctor(config: Path, out: TextIO | None = None) -> int:
     out = out or sys.stdout  # looked up per call: a default bound at import ignores redirection
     settings = Settings.from_env()
     hub = hub_status(settings)
@@ -79,7 +77,7 @@ def doctor(config: Path, out=None) -> int:
     return 1 if failures else 0
 
 
-def fetch(config: Path, to_local_dir: bool, out=None) -> int:
+def fetch(config: Path, to_local_dir: bool, out: TextIO | None = None) -> int:
     out = out or sys.stdout  # looked up per call: a default bound at import ignores redirection
     settings = Settings.from_env()
     hub = hub_status(settings)
@@ -95,21 +93,15 @@ def fetch(config: Path, to_local_dir: bool, out=None) -> int:
     return 1 if failures else 0
 
 
-def _fetch_one(spec: ModelSpec, settings: Settings, hub, to_local_dir: bool, out) -> None:
+def _fetch_one(spec: ModelSpec, settings: Settings, hub: HubStatus, to_local_dir: bool, out: TextIO) -> None:
     if spec.build_tiny:
         ensure_demo_model(spec, settings)
     local_dir = settings.local_models_dir / spec.source.split("/")[-1] if to_local_dir else None
-    resolved = resolve_source(spec.source, settings, revision=spec.revision, hub=hub, local_dir=local_dir)
-    if local_dir is not None and resolved.origin == "HF cache":
-        # Asked for a self-contained copy (e.g. to carry to an offline machine): the cache's
-        # symlinked snapshot is copied as plain files, no Hub needed.
-        shutil.copytree(resolved.path, local_dir, dirs_exist_ok=True)
-        resolved = Resolved(local_dir.resolve(), "copied from the HF cache", resolved.looked_at)
-    print(f"[ok  ] {spec.name}: {resolved.path} ({resolved.origin})", file=out)
-    adapter = read_adapter(resolved.path)
-    if adapter is not None:
-        base = resolve_base(adapter, settings, override=spec.base_model, hub=hub)
-        print(f"       adapter base: {base.path} ({base.origin})", file=out)
+    # Files only: downloads the model and an adapter's base where they are missing (config not needed).
+    found = resolve_model(spec, settings, hub=hub, local_dir=local_dir, with_config=False)
+    print(f"[ok  ] {spec.name}: {found.path} ({found.resolved.origin})", file=out)
+    if found.base is not None:
+        print(f"       adapter base: {found.base.path} ({found.base.origin})", file=out)
 
 
 def main(argv: list[str] | None = None) -> int:

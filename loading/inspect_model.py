@@ -7,17 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import AutoConfig
-
-from .adapters import read_adapter, resolve_base
 from .config import Family, ModelSpec
 from .errors import LoadingError, UnsupportedModelError
-from .families import select_family
-from .loader import tiny_target
+from .model_source import ResolvedModel, find_base, read_config, resolve_model, tiny_target
 from .offline import HubStatus
-from .placement import GpuInfo, count_parameters, gpu_shortfall, plan_device, stored_bytes
+from .placement import GpuInfo, count_parameters, device_shortfall, estimate_weight_bytes, plan_device
 from .quantization import strategy_chain
-from .resolve import is_model_dir, resolve_source
+from .resolve import is_model_dir
 from .settings import Settings
 
 
@@ -41,41 +37,47 @@ class Inspection:
 def inspect_model(spec: ModelSpec, settings: Settings, hub: HubStatus, gpus: list[GpuInfo]) -> Inspection:
     """Resolve without downloading, read the config, and plan device and strategy."""
     result = Inspection(spec.name, spec.source)
-    if spec.build_tiny and not is_model_dir(tiny_target(spec.source, settings)):
-        result.ok, result.location = True, f"demo model, built on first start into {tiny_target(spec.source, settings)}"
+    demo_dir = tiny_target(spec.source, settings)
+    if spec.build_tiny and not is_model_dir(demo_dir):
+        result.ok, result.location = True, f"demo model, built on first start into {demo_dir}"
         result.family = spec.family.value if spec.family else None
         result.notes.append("random weights: output is gibberish")
         return result
     try:
-        resolved = resolve_source(spec.source, settings, revision=spec.revision, hub=hub, allow_download=False)
-        result.location = f"{resolved.path} ({resolved.origin})"
-        model_dir = resolved.path
-        adapter = read_adapter(resolved.path)
-        if adapter is not None:
-            base = resolve_base(adapter, settings, override=spec.base_model, hub=hub)
-            result.adapter_base = f"{base.path} ({base.origin})"
-            model_dir = base.path
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.trust_remote_code, local_files_only=True)
-        family = select_family(config, spec.family, spec.source)
-        result.family, result.model_class = family.family.value, family.model_class_name(config.model_type)
-        result.parameters = count_parameters(model_dir)
-        plan = plan_device(spec.device, gpus)
-        for strategy in strategy_chain(spec.quantization, spec.prefer_4bit, spec.dtype, plan.device, spec.device):
-            size = int(result.parameters * strategy.bytes_per_param) if result.parameters else stored_bytes(model_dir)
-            if strategy.device.startswith("cuda") and gpus and gpu_shortfall(gpus[0], size):
-                result.notes.append(f"skip {strategy.name}: {gpu_shortfall(gpus[0], size)}")
-                continue
-            result.device, result.strategy, result.estimated_bytes = strategy.device, strategy.name, size
-            break
+        # Step by step, so that a base or a config that fails still shows what was found before it.
+        found = resolve_model(spec, settings, hub=hub, allow_download=False, with_base=False, with_config=False)
+        result.location = f"{found.path} ({found.resolved.origin})"
+        found = find_base(found, spec, settings, hub=hub, allow_download=False)
+        if found.base is not None:
+            result.adapter_base = f"{found.base.path} ({found.base.origin})"
+        found = read_config(found, spec)
+        assert found.family is not None
+        result.family = found.family.family.value
+        result.model_class = found.family.model_class_name(found.config.model_type)
+        _plan(result, spec, found, gpus)
         if spec.is_demo:
             result.notes.append("random weights: output is gibberish")
         result.ok = True
-    except LoadingError as exc:
+    except LoadingError as exc:  # not found, a config of no served family, no such device
         result.error = str(exc)
         result.location = result.location or "not found"
     except (OSError, ValueError) as exc:  # unreadable config.json and the like
         result.error = f"{type(exc).__name__}: {exc}"
     return result
+
+
+def _plan(result: Inspection, spec: ModelSpec, found: ResolvedModel, gpus: list[GpuInfo]) -> None:
+    """The device and strategy a load would end with: the first strategy that fits, as the loader walks them."""
+    result.parameters = count_parameters(found.model_dir)
+    plan = plan_device(spec.device, gpus)
+    for strategy in strategy_chain(spec.quantization, spec.prefer_4bit, spec.dtype, plan.device, spec.device):
+        size = estimate_weight_bytes(found.model_dir, strategy.bytes_per_param, result.parameters)
+        shortfall = device_shortfall(strategy.device, gpus, size)
+        if shortfall:
+            result.notes.append(f"skip {strategy.name}: {shortfall}")
+            continue
+        result.device, result.strategy, result.estimated_bytes = strategy.device, strategy.name, size
+        break
 
 
 def detect_family(spec: ModelSpec, settings: Settings | None = None) -> Family:
@@ -84,16 +86,14 @@ def detect_family(spec: ModelSpec, settings: Settings | None = None) -> Family:
         return spec.family
     settings = settings or Settings.from_env()
     try:
-        resolved = resolve_source(spec.source, settings, revision=spec.revision, allow_download=False)
-        model_dir = resolved.path
-        adapter = read_adapter(model_dir)
-        if adapter is not None:
-            model_dir = resolve_base(adapter, settings, override=spec.base_model).path
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.trust_remote_code, local_files_only=True)
+        found = resolve_model(spec, settings, allow_download=False)
+    except UnsupportedModelError:  # the config was read: it belongs to no served family, and says so
+        raise
     except (LoadingError, OSError, ValueError) as exc:
         raise UnsupportedModelError(
             spec.source,
             f"cannot detect the family of model {spec.name!r} without its config ({exc}). "
             "Set `family:` (llm, stt, tts or vlm) for it in serve_config.yaml.",
         ) from None
-    return select_family(config, None, spec.source).family
+    assert found.family is not None
+    return found.family.family

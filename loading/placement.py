@@ -17,10 +17,8 @@ import torch
 
 from .config import DevicePreference
 from .errors import NoDeviceError
+from .resolve import WEIGHT_SUFFIXES
 
-# Bytes per element of safetensors dtypes (header "dtype" field).
-_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 # Activations, KV cache and CUDA context need room beyond the weights.
 HEADROOM = 1.25
 MIN_FREE_AFTER_BYTES = 512 * 2**20
@@ -63,14 +61,17 @@ def count_parameters(model_dir: Path) -> int | None:
 
 def stored_bytes(model_dir: Path) -> int:
     """On-disk size of the weight files (fallback when there are no safetensors)."""
-    return sum(p.stat().st_size for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    return sum(p.stat().st_size for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
 
 
-def estimate_weight_bytes(model_dir: Path, bytes_per_param: float) -> int:
-    params = count_parameters(model_dir)
-    if params is None:
-        return stored_bytes(model_dir)
-    return int(params * bytes_per_param)
+def estimate_weight_bytes(model_dir: Path, bytes_per_param: float, parameters: int | None = None) -> int:
+    """The one estimate of a model's weights in memory: parameters x bytes per parameter of the strategy.
+
+    `parameters` saves re-reading the safetensors headers (`count_parameters`); without any
+    safetensors (or with 0 parameters counted), the weight files' size on disk.
+    """
+    params = count_parameters(model_dir) if parameters is None else parameters
+    return int(params * bytes_per_param) if params else stored_bytes(model_dir)
 
 
 def visible_gpus() -> list[GpuInfo]:
@@ -106,6 +107,14 @@ def plan_device(preference: DevicePreference, gpus: list[GpuInfo]) -> DevicePlan
         "cuda:0", f"{gpu.name} with {gpu.free_bytes / 2**30:.2f} of {gpu.total_bytes / 2**30:.2f} GiB free{extra}",
         visible,
     )
+
+
+def device_shortfall(device: str, gpus: list[GpuInfo], weight_bytes: int) -> str | None:
+    """Why weights of `weight_bytes` cannot go on `device`, or None: only the GPU (cuda:0, the first
+    of `gpus`) can be too small; the CPU is the last resort and takes any model."""
+    if not device.startswith("cuda") or not gpus:
+        return None
+    return gpu_shortfall(gpus[0], weight_bytes)
 
 
 def gpu_shortfall(gpu: GpuInfo, weight_bytes: int) -> str | None:

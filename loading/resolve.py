@@ -8,6 +8,7 @@ cache download once, and with their size logged before they start.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: the one list of weight-file suffixes: what makes a directory a model, and what its size on disk counts
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 MARKER_FILES = ("config.json", "adapter_config.json")
 # The Hub answered: no such repo (or private/gated: GatedRepoError is a subclass) or no such revision.
@@ -31,7 +33,9 @@ NOT_ON_HUB = (RepositoryNotFoundError, RevisionNotFoundError)
 @dataclass
 class Resolved:
     path: Path
-    origin: str  # "local path" | "LOCAL_MODELS_DIR" | "HF cache" | "Hub download"
+    # "local path" | "LOCAL_MODELS_DIR" | "adapter's parent directory" | "HF cache" | "copied from the HF cache"
+    # | "Hub download"
+    origin: str
     looked_at: list[str] = field(default_factory=list)
 
 
@@ -122,7 +126,11 @@ def resolve_source(
     allow_download: bool = True,
     local_dir: Path | None = None,
 ) -> Resolved:
-    """Resolve `source` to a local directory or raise ModelNotFoundError listing every place tried."""
+    """Resolve `source` to a local directory or raise ModelNotFoundError listing every place tried.
+
+    With `local_dir`, a model found in the HF cache is copied there as plain files, and a download
+    lands there instead of in the cache (`modelfleet fetch --local-models-dir`).
+    """
     looked_at: list[str] = []
     for candidate in local_candidates(source, settings, extra_dirs):
         if is_model_dir(candidate):
@@ -143,6 +151,12 @@ def resolve_source(
         )
 
     hit = cached_snapshot(source, revision, settings.hf_hub_cache)
+    if hit is not None and local_dir is not None:
+        # Asked for a self-contained copy (e.g. to carry to an offline machine): the cache's
+        # symlinked snapshot is copied as plain files, no Hub needed.
+        shutil.copytree(hit, local_dir, dirs_exist_ok=True)
+        log.info("%s %s copied from cached snapshot %s to %s", what, source, hit, local_dir)
+        return Resolved(local_dir.resolve(), "copied from the HF cache", looked_at)
     if hit is not None:
         log.info("%s %s resolved to cached snapshot %s", what, source, hit)
         return Resolved(hit, "HF cache", looked_at)
