@@ -19,9 +19,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from ..config import TINY_KINDS
+from ..resolve import is_model_dir
 from .adapters import build_llm_lora, build_vlm_lora
 from .hub_cache import stage_in_hf_cache
 from .llm import build_llm
@@ -29,10 +31,11 @@ from .stt import build_stt
 from .tts import build_tts
 from .vlm import build_vlm
 
-__all__ = ["TINY_KINDS", "build_tiny", "ensure_tiny", "is_complete", "stage_in_hf_cache"]
+__all__ = ["BUILDERS", "TINY_KINDS", "build_tiny", "ensure_tiny", "is_complete", "stage_in_hf_cache"]
 
-# kind -> builder(dest: Path, *, seed: int[, base]) -> Path
-TINY_KINDS: dict[str, Callable] = {
+# kind -> builder(dest: Path, *, seed: int[, base]) -> Path, for every kind of TINY_KINDS (loading.config, where
+# `build_tiny:` is validated without importing any of this).
+BUILDERS: dict[str, Callable[..., Path]] = {
     "llm": build_llm,
     "stt": build_stt,
     "tts": build_tts,
@@ -40,22 +43,22 @@ TINY_KINDS: dict[str, Callable] = {
     "llm-lora": build_llm_lora,
     "vlm-lora": build_vlm_lora,
 }
-_ADAPTER_KINDS = {"llm-lora", "vlm-lora"}
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 
 
-def _check_kind(kind: str, base) -> None:
+def _is_adapter(kind: str) -> bool:
+    return kind.endswith("-lora")
+
+
+def _check_kind(kind: str, base: str | Path | None) -> None:
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}; kinds: {', '.join(TINY_KINDS)}")
-    if kind in _ADAPTER_KINDS and base is None:
+    if _is_adapter(kind) and base is None:
         raise ValueError(f"kind {kind!r} needs base= (the directory of the built base model)")
 
 
 def is_complete(dest: str | Path) -> bool:
     """True if dest holds a config (config.json or adapter_config.json) plus weights."""
-    dest = Path(dest)
-    has_config = (dest / "config.json").is_file() or (dest / "adapter_config.json").is_file()
-    return has_config and any((dest / f).is_file() for f in _WEIGHT_FILES)
+    return is_model_dir(Path(dest))
 
 
 def build_tiny(kind: str, dest: str | Path, *, base: str | Path | None = None, seed: int = 0) -> Path:
@@ -69,8 +72,8 @@ def build_tiny(kind: str, dest: str | Path, *, base: str | Path | None = None, s
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    builder = TINY_KINDS[kind]
-    if kind in _ADAPTER_KINDS:
+    builder = BUILDERS[kind]
+    if _is_adapter(kind):
         builder(dest, base=base, seed=seed)
     else:
         builder(dest, seed=seed)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from loading.tiny import TINY_KINDS, build_tiny, ensure_tiny, is_complete, stage_in_hf_cache
+from loading.config import TINY_KINDS as SPEC_TINY_KINDS
+from loading.tiny import BUILDERS, TINY_KINDS, build_tiny, ensure_tiny, is_complete, stage_in_hf_cache
 
 METRICS: dict[str, dict[str, float]] = {}
 
@@ -45,7 +46,10 @@ def built(root) -> dict[str, Path]:
 
 
 def test_registry_and_unknown_kind(tmp_path):
-    assert set(TINY_KINDS) == {"llm", "stt", "tts", "vlm", "llm-lora", "vlm-lora"}
+    # one list of kinds (validated by ModelSpec without importing the builders), a builder for each
+    assert TINY_KINDS is SPEC_TINY_KINDS
+    assert TINY_KINDS == ("llm", "stt", "tts", "vlm", "llm-lora", "vlm-lora")
+    assert tuple(BUILDERS) == TINY_KINDS
     with pytest.raises(ValueError, match="llm.*vlm-lora"):
         build_tiny("gpt5", tmp_path / "x")
     with pytest.raises(ValueError, match="base"):
@@ -285,14 +289,14 @@ def test_ensure_tiny_idempotent(built, tmp_path):
 
 def test_ensure_tiny_concurrent(tmp_path, monkeypatch):
     calls = []
-    real = TINY_KINDS["tts"]
+    real = BUILDERS["tts"]
 
     def counting(dest, **kw):  # the real builder, counted
         calls.append(dest)
         time.sleep(0.2)  # widen the race window
         return real(dest, **kw)
 
-    monkeypatch.setitem(TINY_KINDS, "tts", counting)
+    monkeypatch.setitem(BUILDERS, "tts", counting)
     dest = tmp_path / "tts"
     results, errors = [], []
 
