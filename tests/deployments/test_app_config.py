@@ -12,6 +12,10 @@ from pydantic import ValidationError
 from deployments.app_config import FAMILY_DEFAULTS, AppConfig
 from loading import Family
 
+
+def defaults(family: Family) -> dict:
+    return FAMILY_DEFAULTS.get(family.value) or FAMILY_DEFAULTS[family]
+
 LLM = {"name": "chat", "source": "tiny-llm", "family": "llm"}
 TTS = {"name": "voice", "source": "tiny-vits", "family": "tts"}
 
@@ -33,6 +37,10 @@ BAD_ARGS = [
     pytest.param(args(families={"llm": {"max_batch": 4}}), "families.llm.max_batch", "Extra inputs",
                  id="unknown-family-option"),
     pytest.param(args(ingress={"replicas": 2}), "ingress.replicas", "Extra inputs", id="unknown-ingress-option"),
+    pytest.param(args(limits={"max_body_bytes": 2}), "limits.max_body_bytes", "Extra inputs", id="unknown-limit"),
+    # an option the family would ignore (TTS does not batch) is refused, not silently dropped
+    pytest.param(args(families={"tts": {"max_batch_size": 4}}), "families.tts.max_batch_size", "Extra inputs",
+                 id="option-the-family-ignores"),
     # bad family names
     pytest.param(args(families={"asr": {"num_cpus": 1}}), "families", "asr", id="unknown-family-section"),
     pytest.param(args(models=[{**LLM, "family": "chat"}]), "models.0.family", "'llm', 'stt', 'tts' or 'vlm'",
@@ -62,6 +70,8 @@ BAD_ARGS = [
                  "families.vlm.autoscaling.min_replicas", "greater than or equal to 0", id="negative-min-replicas"),
     pytest.param(args(ingress={"num_replicas": 0}), "ingress.num_replicas", "greater than or equal to 1",
                  id="zero-ingress-replicas"),
+    pytest.param(args(limits={"max_concurrent_requests": 0}), "limits.max_concurrent_requests",
+                 "greater than or equal to 1", id="zero-max-concurrent-requests"),
     pytest.param(args(models=[{**LLM, "max_new_tokens": -5}]), "models.0.max_new_tokens",
                  "greater than or equal to 1", id="negative-max-new-tokens"),
     pytest.param(args(models=[{**LLM, "generation_timeout_s": 0}]), "models.0.generation_timeout_s",
@@ -131,25 +141,25 @@ def test_a_family_section_given_in_part_keeps_the_other_defaults():
                                                              "autoscaling": {"max_replicas": 7}}}))
     llm = config.family_options(Family.LLM)
     assert llm.max_ongoing_requests == 3
-    assert llm.max_batch_size == FAMILY_DEFAULTS[Family.LLM]["max_batch_size"]
+    assert llm.max_batch_size == defaults(Family.LLM)["max_batch_size"]
     assert llm.autoscaling.max_replicas == 7
-    assert llm.autoscaling.target_ongoing_requests == FAMILY_DEFAULTS[Family.LLM]["autoscaling"]["target_ongoing_requests"]
-    assert config.family_options(Family.TTS).max_batch_size == FAMILY_DEFAULTS[Family.TTS]["max_batch_size"]
+    assert llm.autoscaling.target_ongoing_requests == defaults(Family.LLM)["autoscaling"]["target_ongoing_requests"]
+    tts = config.family_options(Family.TTS)
+    assert tts.max_ongoing_requests == defaults(Family.TTS)["max_ongoing_requests"]
+    assert tts.autoscaling.target_ongoing_requests == defaults(Family.TTS)["autoscaling"]["target_ongoing_requests"]
     pinned = AppConfig.model_validate(args(families={"llm": {"autoscaling": None}}))
     assert pinned.family_options(Family.LLM).autoscaling is None
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "issue 18: without a `families:` section the per-family defaults are never merged "
-    "(AppConfig._merge_defaults is a mode='before' validator, which pydantic skips for a default), "
-    "so family_options() raises KeyError: <Family.LLM: 'llm'> and build_app crashes"))
 def test_the_smallest_config_the_readme_allows_gets_every_documented_default():
+    """Issue 18: `args` with only `models:` crashed the build (KeyError: <Family.LLM: 'llm'>)."""
     from deployments.builder import build_app
 
     smallest = {"models": [LLM]}
     config = AppConfig.model_validate(smallest)
-    for family, defaults in FAMILY_DEFAULTS.items():
+    for family in Family:
         options = config.family_options(family)
-        assert options.max_ongoing_requests == defaults["max_ongoing_requests"]
-        assert options.max_queued_requests == defaults["max_queued_requests"]
-    assert build_app(smallest) is not None
+        assert options.max_ongoing_requests == defaults(family)["max_ongoing_requests"]
+        assert options.max_queued_requests == defaults(family)["max_queued_requests"]
+        assert options.autoscaling.max_replicas == defaults(family)["autoscaling"]["max_replicas"]
+    assert set(bound_deployments(build_app(smallest))) == {"ingress", "llm"}
