@@ -55,7 +55,7 @@ class RequestGuard:
         headers = Headers(scope=scope)
         authorized = self.keys.allows(headers.get("authorization"))
         scope.setdefault("state", {})[AUTHORIZED] = authorized
-        if not authorized and scope["path"] not in PUBLIC_PATHS:
+        if not authorized and _route_path(scope) not in PUBLIC_PATHS:
             await self._refuse(scope, receive, send, UnauthorizedError(
                 "a valid API key is required: send 'Authorization: Bearer <key>' (the openai client's api_key)"))
             return
@@ -86,6 +86,12 @@ class RequestGuard:
     @staticmethod
     async def _refuse(scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
         await error_json_response(exc)(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path below the app's route prefix (Serve puts the prefix in root_path and in path)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 class _CountingReceive:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from loading import Family
@@ -22,7 +22,7 @@ from ..protocol import (
     VoiceChatForm,
     VoiceChatResponse,
 )
-from .common import ERRORS, UPLOAD_LIMITS, IngressDep, WaitDep
+from .common import ERRORS, MULTIPART, UPLOAD_LIMITS, IngressDep, WaitDep
 
 router = APIRouter(tags=["audio"], responses=ERRORS)
 
@@ -35,7 +35,7 @@ _AUDIO_TYPES = {"audio/wav": {}, "audio/flac": {}, "audio/pcm": {}, "audio/mpeg"
                      "content": {"text/plain": {}, "text/vtt": {}},
                      "description": "json: {text}; verbose_json: with language, duration, segments; text/srt/vtt: text"}},
 )
-async def create_transcription(form: Annotated[TranscriptionForm, Form()], ingress: IngressDep, wait_s: WaitDep):
+async def create_transcription(form: Annotated[TranscriptionForm, MULTIPART], ingress: IngressDep, wait_s: WaitDep):
     check_form_fields({"prompt": form.prompt}, ingress.limits)
     if "word" in form.timestamp_granularities:
         raise InvalidRequestError("word timestamps are not supported; use segment", param="timestamp_granularities")
@@ -67,7 +67,7 @@ async def create_speech(body: SpeechRequest, ingress: IngressDep, wait_s: WaitDe
 
 
 @router.post("/v1/audio/chat", form_limits=UPLOAD_LIMITS)
-async def voice_chat(form: Annotated[VoiceChatForm, Form()], ingress: IngressDep, wait_s: WaitDep) -> VoiceChatResponse:
+async def voice_chat(form: Annotated[VoiceChatForm, MULTIPART], ingress: IngressDep, wait_s: WaitDep) -> VoiceChatResponse:
     """The voice-agent round trip: audio -> STT -> LLM -> TTS -> audio, in one request."""
     check_form_fields({"system_prompt": form.system_prompt}, ingress.limits)
     return await ingress.voice_chat(form, await form.file.read(), wait_s)

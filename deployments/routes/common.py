@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Form, Header, Request
 
 from ..errors import InvalidRequestError
 from ..guard import AUTHORIZED
@@ -54,4 +54,5 @@ ERRORS: dict[int | str, dict] = {
     413: _error("Request body, upload, image, audio or working memory past a configured limit."),
     503: _error("Model loading (with Retry-After), failed, overloaded, or its deployment did not answer in time."),
 }
+MULTIPART = Form(media_type="multipart/form-data")  # a Form model with a file: documented as multipart
 UPLOAD_LIMITS = {"max_files": 1, "max_fields": 16}  # one file and a handful of fields per multipart form

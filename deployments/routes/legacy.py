@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form
+from fastapi import APIRouter
 from fastapi.responses import Response
 
 from loading import Family
@@ -13,7 +13,7 @@ from ..audio import encode_audio_with_rate
 from ..limits import check_speech_text
 from ..params import SpeechParams, TranscribeParams
 from ..protocol import GenerateRequest, GenerateResponse, LegacySttForm, TtsRequest
-from .common import ERRORS, UPLOAD_LIMITS, IngressDep, WaitDep
+from .common import ERRORS, MULTIPART, UPLOAD_LIMITS, IngressDep, WaitDep
 
 router = APIRouter(tags=["legacy"], responses=ERRORS)
 
@@ -28,7 +28,7 @@ async def generate(body: GenerateRequest, ingress: IngressDep, wait_s: WaitDep) 
 
 
 @router.post("/stt", form_limits=UPLOAD_LIMITS)
-async def stt(form: Annotated[LegacySttForm, Form()], ingress: IngressDep, wait_s: WaitDep) -> dict:
+async def stt(form: Annotated[LegacySttForm, MULTIPART], ingress: IngressDep, wait_s: WaitDep) -> dict:
     model = ingress.default_model(Family.STT)
     audio, rate = await ingress.decode_audio(await form.audio.read(), model)
     result = await ingress.transcribe(TranscribeParams(model=model, audio=audio, sample_rate=rate, wait_s=wait_s))
