@@ -138,3 +138,38 @@ def test_builder_notes_when_families_ask_more_gpus_than_the_cluster_has():
 
     assert starting_replicas(config.family_options(Family.TTS)) == 0  # scale-to-zero family
     assert starting_replicas(config.family_options(Family.LLM)) == 1
+
+
+# -- what a network-facing deployment must not leave open ---------------------------------------------------
+def test_the_gpu_config_requires_api_keys_and_says_how_to_give_them(monkeypatch):
+    from deployments.auth import AuthConfigError
+    from deployments.builder import build_app
+
+    args = yaml.safe_load((REPO / "serve_config.gpu.yaml").read_text())["applications"][0]["args"]
+    assert args["auth"]["required"] is True
+    monkeypatch.delenv("MODELFLEET_API_KEYS", raising=False)
+    with pytest.raises(AuthConfigError, match="MODELFLEET_API_KEYS"):
+        build_app(args)
+    monkeypatch.setenv("MODELFLEET_API_KEYS", "short")
+    with pytest.raises(AuthConfigError, match="min_key_chars"):
+        build_app(args)
+    monkeypatch.setenv("MODELFLEET_API_KEYS", "a-long-enough-key-0123456789")
+    build_app(args)  # binds every deployment; nothing is deployed without a cluster
+
+
+def test_rays_dashboard_is_never_opened_to_the_network():
+    head = " ".join(load("cluster.yaml")["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    policy = load("networkpolicy.yaml")
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    open_to_all = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
+    assert [port["port"] for rule in open_to_all for port in rule["ports"]] == [8000]  # Serve only
+    operator = [rule for rule in policy["spec"]["ingress"] if {8265, 52365} <= {p["port"] for p in rule.get("ports", [])}]
+    assert operator and operator[0]["from"][0]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "kuberay-operator"}
+    service = load("rayservice.yaml")
+    for template in [service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"],
+                     *(group["template"] for group in service["spec"]["rayClusterConfig"]["workerGroupSpecs"])]:
+        assert template["metadata"]["labels"] == policy["spec"]["podSelector"]["matchLabels"]
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        assert env["MODELFLEET_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "modelfleet-api-keys"
