@@ -20,7 +20,8 @@ import soundfile as sf
 
 from serve_testutil import run_app
 
-CUT_S = 0.25  # generation_timeout_s of cut-llm
+CUT_S = 0.05  # generation_timeout_s of cut-llm
+LONG_REPLY = 480  # tokens: the tiny Llama's context is 512; at >= 1 ms a token this takes 10x CUT_S
 WAIT_S = 3  # x-wait-for-model of the requests that overload stuck-vlm
 LONG_TEXT = ("the quick brown fox jumps over the lazy dog. " * 40)[:1500]
 
@@ -36,9 +37,9 @@ def bounds_app(serve_url, models_dir):
         "local_models_dir": str(models_dir),
         "models": [
             {"name": "stuck-vlm", "source": "tiny-llava", "build_tiny": "vlm", "debug_load_delay_s": 3600},
-            {"name": "cut-llm", "source": "tiny-llm", "build_tiny": "llm", "max_new_tokens": 4096,
+            {"name": "cut-llm", "source": "tiny-llm", "build_tiny": "llm", "max_new_tokens": 512,
              "generation_timeout_s": CUT_S},
-            {"name": "uncut-llm", "source": "tiny-llm", "build_tiny": "llm", "max_new_tokens": 4096},
+            {"name": "uncut-llm", "source": "tiny-llm", "build_tiny": "llm", "max_new_tokens": 512},
             {"name": "tts-bg", "source": "tiny-vits", "build_tiny": "tts"},
             {"name": "cut-tts", "source": "tiny-vits", "build_tiny": "tts", "generation_timeout_s": 0.01},
             {"name": "lazy-a", "source": "tiny-vits", "build_tiny": "tts", "loading": "lazy"},
@@ -142,8 +143,8 @@ def chat(app, model: str, max_tokens: int):
 
 @pytest.fixture(scope="module")
 def cut_reply(bounds_app):
-    """4000 tokens asked of a model bounded to CUT_S per generate call (4000 tokens take many seconds)."""
-    response, seconds = chat(bounds_app, "cut-llm", 4000)
+    """LONG_REPLY tokens asked of a model bounded to CUT_S per generate call."""
+    response, seconds = chat(bounds_app, "cut-llm", LONG_REPLY)
     print(f"cut-llm answered in {seconds:.2f} s: {response.text[:300]}")
     return response, seconds
 
@@ -153,8 +154,8 @@ def test_generation_timeout_s_bounds_a_generate_call(bounds_app, cut_reply):
     assert response.status_code == 200, response.text
     cut = response.json()
     tokens = cut["usage"]["completion_tokens"]
-    assert 1 <= tokens < 4000
-    assert seconds < 30, "ended far past generation_timeout_s"  # a hang guard; uncut it takes minutes here
+    assert 1 <= tokens < LONG_REPLY
+    assert seconds < 30, "ended far past generation_timeout_s"  # a hang guard only
     # It stopped for the time bound, not on an end token: the same greedy generation without the
     # bound goes past that point, and the bounded text is its beginning.
     uncut_response, _ = chat(bounds_app, "uncut-llm", tokens + 8)
