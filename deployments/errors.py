@@ -249,6 +249,16 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+# Serve installs its own handlers for these on the ingress's app (plain-text 503, no Retry-After):
+# the ingress turns them into APIErrors before they can reach a route.
+SERVE_UNAVAILABLE = (BackPressureError, DeploymentUnavailableError)
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    """The APIError that `to_error` would render for `exc`, to raise in its place."""
+    return _api_error(exc, uuid.uuid4().hex)
+
+
 def _api_error(exc: BaseException, request_id: str) -> APIError:
     cause = _unwrap(exc)
     for types, mapper in _MAPPERS:

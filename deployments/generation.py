@@ -108,7 +108,9 @@ def generate_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[ChatParams]
     for row, params, limit, prompt_tokens in zip(output, batch, limits, prompt_counts):
         new, ended = _own_tokens(row[prompt_len:].tolist(), end_ids, limit)
         text, stopped = _cut_at_stop(loaded.tokenizer.decode(new, skip_special_tokens=True), params.stop)
-        finish = "stop" if ended or stopped or len(new) < limit else "length"
+        # "stop" only when the model ended its reply or a stop string cut it; a row cut short by
+        # generation_timeout_s (generate's max_time) hit a limit, like max_tokens: "length"
+        finish = "stop" if ended or stopped else "length"
         if params.cancelled is not None and params.cancelled.is_set():
             finish = "cancelled"  # nobody reads it; the server counts the tokens it did not have to make
         results.append(ChatResult(text, int(prompt_tokens), len(new), finish))

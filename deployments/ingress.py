@@ -17,7 +17,7 @@ from loading import Family, ModelSpec
 from .app_config import AppConfig
 from .audio import AudioBounds, decode_audio, encode_audio_with_rate
 from .auth import KeyChecker, load_keys
-from .errors import InvalidRequestError, ServiceUnavailableError, UnknownModelError
+from .errors import SERVE_UNAVAILABLE, InvalidRequestError, ServiceUnavailableError, UnknownModelError, as_api_error
 from .health import HealthMonitor
 from .media import take_images
 from .params import ChatParams, ChatResult, SpeechParams, SpeechResult, TranscribeParams, TranscribeResult
@@ -107,6 +107,8 @@ class Ingress:
         except asyncio.CancelledError:
             response.cancel()  # the client went away: the family drops the work at its next step
             raise
+        except SERVE_UNAVAILABLE as exc:  # in our error shape, with Retry-After (see errors.py)
+            raise as_api_error(exc) from None
 
     def _resource_hint(self) -> str:
         return f" ({'; '.join(self.notes)})" if self.notes else ""
@@ -122,6 +124,8 @@ class Ingress:
         limit = self.config.request_timeout_s
         try:
             first = await asyncio.wait_for(generator.__anext__(), limit)
+        except SERVE_UNAVAILABLE as exc:
+            raise as_api_error(exc) from None
         except asyncio.TimeoutError:
             generator.cancel()
             raise ServiceUnavailableError(

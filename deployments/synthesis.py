@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import time
 
 import numpy as np
 import torch
 
 from loading import LoadedModel, ModelSpec
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, ServiceUnavailableError
 from .params import SpeechParams, SpeechResult
 from .text_split import split_text
 
@@ -19,7 +20,8 @@ SEED = 0
 
 def synthesize(spec: ModelSpec, loaded: LoadedModel, params: SpeechParams, max_chars_per_call: int = 400) -> SpeechResult:
     """The text in pieces of at most `max_chars_per_call` (sentence boundaries first), one model call
-    each, joined; stops between pieces once the caller has gone away."""
+    each, joined; stops between pieces once the caller has gone away, and fails (503 naming the
+    bound) once generation_timeout_s has passed."""
     kwargs = {}
     if "speaking_rate" in inspect.signature(loaded.model.forward).parameters:
         kwargs["speaking_rate"] = params.speed
@@ -27,9 +29,14 @@ def synthesize(spec: ModelSpec, loaded: LoadedModel, params: SpeechParams, max_c
         raise InvalidRequestError(f"model {spec.name!r} does not support speed", param="speed")
     rate = int(getattr(loaded.model.config, "sampling_rate", 16000))
     waves = []
+    started = time.monotonic()
     for piece in split_text(params.text, max_chars_per_call):
         if params.cancelled is not None and params.cancelled.is_set():
             break
+        if waves and time.monotonic() - started > spec.generation_timeout_s:
+            raise ServiceUnavailableError(
+                f"synthesis took longer than generation_timeout_s={spec.generation_timeout_s:g} s of model {spec.name!r}; "
+                "send shorter text (or raise generation_timeout_s)", code="timeout")
         inputs = loaded.processor(text=piece, return_tensors="pt")
         if inputs["input_ids"].shape[-1] == 0:  # nothing pronounceable in this piece (e.g. only symbols)
             continue

@@ -117,12 +117,6 @@ def test_overload_is_a_503_at_once_and_the_replica_serves_again(bounds_app, over
     assert is_model_loading(response), response.text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Ray Serve's replica registers its own FastAPI exception handlers for BackPressureError and "
-    "DeploymentUnavailableError after __serve_build_asgi_app__ returns (ray/serve/_private/replica.py, "
-    "initialize_callable), replacing errors.install_error_handlers' ones: an overloaded family answers "
-    "503 'Request dropped due to backpressure (...)' as text/plain, without Retry-After or OpenAI's error "
-    "shape; errors._backpressure never runs in a server"))
 def test_overload_503_is_in_openai_shape_with_retry_after(overload):
     refused, _ = overload
     assert refused, "nothing was refused: the family was not overloaded"
@@ -164,10 +158,6 @@ def test_generation_timeout_s_bounds_a_generate_call(bounds_app, cut_reply):
     assert uncut["choices"][0]["message"]["content"].startswith(cut["choices"][0]["message"]["content"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "generation cut by generation_timeout_s (generate's max_time) is reported as finish_reason 'stop', "
-    "as if the model had ended its reply: deployments/generation.py sets finish = 'stop' whenever fewer "
-    "tokens than the limit came back, without asking whether an end token or stop string did it"))
 def test_a_generation_cut_by_the_time_bound_says_so(cut_reply):
     response, _ = cut_reply
     if response.status_code == 200:
@@ -177,10 +167,6 @@ def test_a_generation_cut_by_the_time_bound_says_so(cut_reply):
         assert "generation_timeout_s" in error["message"], error
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "README: generation_timeout_s bounds 'one generate/transcribe/synthesize call', but synthesis "
-    "(deployments/synthesis.py) never reads it: a TTS model with generation_timeout_s=0.01 speaks 1500 "
-    "characters in full"))
 def test_generation_timeout_s_bounds_a_synthesize_call(bounds_app):
     response = bounds_app.post("/v1/audio/speech", json={"model": "cut-tts", "input": LONG_TEXT})
     if response.status_code != 200:  # a clear error is a bound
