@@ -1,0 +1,97 @@
+"""The memory gate and the estimates behind it; text splitting for synthesis; sub-batched audio."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from transformers import LlamaConfig, WhisperConfig
+
+from deployments.admission import MB, MemoryGate, chat_request_bytes, transcription_request_bytes
+from deployments.errors import RequestTooLargeError, to_error
+from deployments.text_split import split_text
+
+
+def test_a_request_that_could_never_fit_is_a_413_naming_the_budget():
+    gate = MemoryGate(100 * MB)
+    with pytest.raises(RequestTooLargeError) as info:
+        gate.check(300 * MB, "this chat request", param="messages")
+    status, body, _ = to_error(info.value)
+    assert status == 413 and body.error.param == "messages" and body.error.code == "request_too_large"
+    assert "memory_budget_mb=100" in body.error.message and "300 MiB" in body.error.message
+
+
+def test_requests_wait_their_turn_while_the_budget_is_in_use():
+    async def scenario():
+        gate, order = MemoryGate(100 * MB), []
+
+        async def job(name: str, need: int, hold_s: float):
+            async with gate.hold(need * MB, name):
+                order.append(f"{name} in ({gate.in_use // MB} MB)")
+                await asyncio.sleep(hold_s)
+            order.append(f"{name} out")
+
+        await asyncio.gather(job("a", 60, 0.05), job("b", 60, 0.0), job("c", 30, 0.0))
+        return gate, order
+
+    gate, order = asyncio.run(scenario())
+    assert order[:2] == ["a in (60 MB)", "c in (90 MB)"]  # b (60) does not fit beside a; c (30) does
+    assert order.index("b in (60 MB)") > order.index("a out")
+    assert gate.in_use == 0 and gate.peak == 90 * MB
+
+
+def test_the_chat_estimate_grows_with_tokens_and_is_dominated_by_attention_at_long_prompts():
+    config = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30,
+                         intermediate_size=1536, vocab_size=49152)
+    short = chat_request_bytes(config, 100, 100)
+    long = chat_request_bytes(config, 8000, 100)
+    assert short < 20 * MB < long
+    assert long > 9 * 8000 * 8000 * 4  # the heads x prompt x prompt score matrix alone
+    assert chat_request_bytes(config, 100, 100, batch=4) > 3 * short
+
+
+def test_the_audio_estimate_is_bounded_by_chunks_per_call_not_by_the_audio_length():
+    config = WhisperConfig(d_model=768, encoder_attention_heads=12)
+    ten_minutes = transcription_request_bytes(config, 600 * 16000, 8)
+    assert ten_minutes - transcription_request_bytes(config, 300 * 16000, 8) == 300 * 16000 * 4 * 2  # only the samples
+    assert transcription_request_bytes(config, 16000, 16) > transcription_request_bytes(config, 16000, 8)
+
+
+@pytest.mark.parametrize("limit", [16, 40, 400])
+def test_text_is_split_at_sentences_then_clauses_then_words_never_past_the_limit(limit):
+    text = ("The first sentence is short. The second one, which has a clause, is a little longer! "
+            "Is the third a question? " + "Averyveryverylongwordwithoutanyspacesatall " * 2).strip()
+    pieces = split_text(text, limit)
+    assert all(0 < len(p) <= limit for p in pieces), pieces
+    assert "".join(pieces).replace(" ", "") == text.replace(" ", "")  # nothing lost or reordered
+    if limit == 40:
+        assert pieces[0] == "The first sentence is short."  # a sentence end, not a word boundary
+
+
+def test_split_text_edge_cases():
+    assert split_text("", 10) == [] and split_text("   ", 10) == []
+    assert split_text("Hello.", 10) == ["Hello."]
+    assert split_text("abcdefghij" * 3, 10) == ["abcdefghij"] * 3
+
+
+def test_long_audio_in_sub_batches_gives_the_same_transcript(tmp_path):
+    from deployments.params import TranscribeParams
+    from deployments.transcription import transcribe_batch
+    from loading import ModelSpec, load_model
+    from loading.tiny import build_tiny
+
+    path = build_tiny("stt", tmp_path / "tiny-whisper")
+    spec = ModelSpec(name="w", source=str(path), max_new_tokens=8)
+    loaded = load_model(spec)
+    rng = np.random.default_rng(0)
+    audio = [rng.normal(0, 0.1, int(s * 16000)).astype(np.float32) for s in (95, 40)]  # 4 + 2 chunks
+
+    def run(chunks_per_call: int):
+        batch = [TranscribeParams(model="w", audio=a, sample_rate=16000, language="en") for a in audio]
+        return transcribe_batch(spec, loaded, batch, chunks_per_call)
+
+    whole, pieces = run(8), run(2)
+    assert [len(r.segments) for r in whole] == [4, 2]
+    assert [r.text for r in pieces] == [r.text for r in whole]
+    assert [[s.start for s in r.segments] for r in pieces] == [[0.0, 30.0, 60.0, 90.0], [0.0, 30.0]]
