@@ -8,6 +8,8 @@ stays free to accept and batch requests and to answer health checks while a mode
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -27,7 +29,8 @@ class FamilyServer:
 
     def __init__(self, specs: list[ModelSpec], options: FamilyOptions):
         self.options = options
-        self.pool = ModelPool(list(specs), options.max_loaded_models)
+        self.torch_threads = use_threads(options)  # before the pool: its loads import torch
+        self.pool = ModelPool(list(specs), options.max_loaded_models, self.torch_threads)
         self.memory = MemoryGate(int(options.memory_budget_mb * MB))
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._busy_since: float | None = None
@@ -102,7 +105,9 @@ class FamilyServer:
             raise
 
     async def status(self) -> list[dict]:
-        return self.pool.status(batching=dict(self.batch_stats), memory=self.memory.status())
+        torch = sys.modules.get("torch")  # what torch really uses, once a load has imported it
+        return self.pool.status(batching=dict(self.batch_stats), memory=self.memory.status(),
+                                torch_threads=torch.get_num_threads() if torch else self.torch_threads)
 
     def check_health(self) -> None:
         """Healthy while the replica can serve. A model that is loading or failed to load is no
@@ -111,6 +116,25 @@ class FamilyServer:
         if busy_since is not None and time.monotonic() - busy_since > self._stuck_after_s:
             # every model call is bounded (generate's max_time); one far past it is stuck
             raise RuntimeError(f"inference thread stuck for {time.monotonic() - busy_since:.0f} s")
+
+
+def use_threads(options: FamilyOptions) -> int:
+    """Set the threads torch will use in this replica (it is imported later, by the first load), and
+    return how many. Ray sets OMP_NUM_THREADS to the replica's whole CPUs, 1 for a fraction."""
+    threads = options.torch_threads or (int(options.num_cpus) if options.num_cpus >= 1 else node_cores())
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+    if "torch" in sys.modules:  # already imported (in tests, or by another model family in-process)
+        sys.modules["torch"].set_num_threads(threads)
+    return threads
+
+
+def node_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container's cpuset narrows)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def raise_if_error(result: Any) -> Any:

@@ -46,6 +46,13 @@ class FamilyOptions(BaseModel):
             "long even for a replica still PENDING for resources."
         ),
     )
+    torch_threads: int | None = Field(
+        default=None, ge=1, description=(
+            "Threads torch computes with in one replica. None: the CPUs the replica reserves when num_cpus >= 1, "
+            "else the node's cores (replicas with a fraction of a CPU share the node and take turns on it). "
+            "Ray alone would set OMP_NUM_THREADS=1 for them: one core of many."
+        ),
+    )
     memory_budget_mb: float = Field(
         default=4096, gt=0, description=(
             "Working memory (beyond the weights) the requests one replica runs at once may need, by the estimate in "

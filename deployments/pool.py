@@ -33,7 +33,8 @@ def _node_id() -> str | None:
 
 
 class ModelPool:
-    def __init__(self, specs: list[ModelSpec], max_loaded_models: int = 4):
+    def __init__(self, specs: list[ModelSpec], max_loaded_models: int = 4, torch_threads: int | None = None):
+        self.torch_threads = torch_threads
         self.specs = {spec.name: spec for spec in specs}
         self.aliases = {alias: spec.name for spec in specs for alias in spec.all_names}
         self.handles = {spec.name: self._handle(spec) for spec in specs}
@@ -60,6 +61,11 @@ class ModelPool:
         def load(progress):
             progress("importing torch and transformers", 0.0)
             import loading  # imported here, in the loader thread: seconds on 2 cores
+
+            if self.torch_threads:
+                import torch
+
+                torch.set_num_threads(self.torch_threads)  # process-wide; the env var is read only at import
 
             if base_name is None:
                 return loading.load_model(spec, progress=progress)

@@ -170,3 +170,12 @@ def test_openapi_documents_every_route_its_body_and_its_errors(app):
     assert schemas["ChatCompletionRequest"]["properties"]["messages"]["description"] == "The conversation so far."
     upload = paths["/v1/audio/transcriptions"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in upload
+
+
+def test_a_replica_with_a_fraction_of_a_cpu_computes_on_every_core_of_the_node(app):
+    """Ray sets OMP_NUM_THREADS=1 for num_cpus < 1; the family's torch_threads default undoes that."""
+    import os
+
+    health = requests.get(app.url + "/health", headers=with_key(KEYS[0]), timeout=30).json()
+    threads = {info["family"]: info["replica"]["torch_threads"] for info in health["models"].values()}
+    assert threads == {family: len(os.sched_getaffinity(0)) for family in ("llm", "vlm", "stt", "tts")}
