@@ -7,7 +7,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export LOCAL_MODELS_DIR ?= $(CURDIR)/models
 
-.PHONY: install serve test doctor bench bench-smoke clean
+.PHONY: install serve test lint doctor bench bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,11 @@ serve: install
 
 test: install
 	$(PY) -m pytest
+
+# Lint and type-check (config in pyproject.toml); loading/ and its tests for now, deployments/ later.
+lint: install
+	$(VENV)/bin/ruff check loading tests/loading
+	$(VENV)/bin/mypy loading
 
 doctor: install
 	$(VENV)/bin/modelfleet doctor

@@ -36,8 +36,16 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager view of the same names
     from .config import DevicePreference, DType, Family, LoadingMode, ModelSpec, Quantization, models_from_serve_config
-    from .errors import (AdapterBaseNotFoundError, AllStrategiesFailedError, LoadingError, ModelLoadFailed,
-                         ModelLoadingInProgress, ModelNotFoundError, NoDeviceError, UnsupportedModelError)
+    from .errors import (
+        AdapterBaseNotFoundError,
+        AllStrategiesFailedError,
+        LoadingError,
+        ModelLoadFailed,
+        ModelLoadingInProgress,
+        ModelNotFoundError,
+        NoDeviceError,
+        UnsupportedModelError,
+    )
     from .handle import ModelHandle, State
     from .inspect_model import detect_family
     from .loader import attach_adapter, load_model

@@ -114,7 +114,8 @@ class ModelSpec(BaseModel):
         ),
     )
     max_audio_seconds: float | None = Field(
-        default=None, gt=0, description="STT: longest audio one request may send (None: the app's limits.max_audio_seconds).",
+        default=None, gt=0,
+        description="STT: longest audio one request may send (None: the app's limits.max_audio_seconds).",
     )
     loading: LoadingMode = Field(
         default=LoadingMode.BACKGROUND,
@@ -153,7 +154,7 @@ class ModelSpec(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _family_for_tiny(self) -> "ModelSpec":
+    def _family_for_tiny(self) -> ModelSpec:
         if self.build_tiny and self.family is None:
             self.family = Family(self.build_tiny.split("-")[0])
         return self

@@ -18,6 +18,8 @@ class PicklableError(Exception):
     Exception's default pickling calls __init__ with the message alone.
     """
 
+    _init: tuple[tuple, dict]  # the constructor's arguments, for __reduce__
+
     def __new__(cls, *args, **kwargs):
         self = super().__new__(cls, *args)
         self._init = (args, kwargs)

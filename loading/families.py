@@ -7,8 +7,9 @@ never fed to AutoModelForCausalLM ("Unrecognized configuration class ...").
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import transformers
 from transformers.models.auto import modeling_auto, processing_auto

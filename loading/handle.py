@@ -11,7 +11,7 @@ import enum
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import LoadingError, ModelLoadFailed, ModelLoadingInProgress
 from .report import LoadedModel

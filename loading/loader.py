@@ -13,6 +13,7 @@ import gc
 import logging
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -98,7 +99,7 @@ def _report_resolution(spec: ModelSpec, found: ResolvedModel, report: LoadReport
     log.info("%s: %s -> family %s, %s", spec.name, model_type, report.family, report.model_class)
 
 
-def _load_processor(processor_class: str, directory: Any, trust_remote_code: bool = False) -> Any:
+def _load_processor(processor_class: str, directory: Path, trust_remote_code: bool = False) -> Any:
     processor = auto_class(processor_class).from_pretrained(
         directory, trust_remote_code=trust_remote_code, local_files_only=True
     )

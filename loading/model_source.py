@@ -77,9 +77,11 @@ def resolve_model(
     `allow_download=False` never downloads, neither the model nor an adapter's base. `with_base=False`
     stops after reading the adapter (for an adapter attached to a base that is already loaded);
     `with_config=False` stops before the config (for `modelfleet fetch`, which only needs the files).
-    `find_base` and `read_config` are the later steps, for a caller that reports between them. Raises ModelNotFoundError / AdapterBaseNotFoundError (nothing found),
-    OSError or ValueError (an unreadable config.json) and UnsupportedModelError (a config of no served
-    family, or of another one than `spec.family`).
+    `find_base` and `read_config` are the later steps, for a caller that reports between them.
+
+    Raises ModelNotFoundError / AdapterBaseNotFoundError (nothing found), OSError or ValueError (an
+    unreadable config.json) and UnsupportedModelError (a config of no served family, or of another one
+    than `spec.family`).
     """
     if with_config and not with_base:
         raise ValueError("with_config=True needs with_base=True: an adapter's config is its base's")
@@ -117,7 +119,9 @@ def read_config(found: ResolvedModel, spec: ModelSpec, progress: Progress = no_p
     if found.adapter is not None and found.base is None:
         raise ValueError(f"{found.path} is an adapter whose base was not resolved: its config is the base's")
     progress("reading config", 0.2)
-    config = AutoConfig.from_pretrained(found.model_dir, trust_remote_code=spec.trust_remote_code, local_files_only=True)
+    config = AutoConfig.from_pretrained(
+        found.model_dir, trust_remote_code=spec.trust_remote_code, local_files_only=True
+    )
     return replace(found, config=config, family=select_family(config, spec.family, spec.source))
 
 

@@ -17,7 +17,7 @@ from .settings import OFFLINE_VARIABLES, Settings
 
 _TRUTHY = {"1", "true", "yes", "on"}
 _PROBE_TTL_S = 30.0
-_probe_cache: dict[str, tuple[float, "HubStatus"]] = {}
+_probe_cache: dict[str, tuple[float, HubStatus]] = {}
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ class Settings:
     warnings: tuple[str, ...] = ()
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         warnings = []
         if env.get("TRANSFORMERS_CACHE") and not env.get("HF_HOME"):

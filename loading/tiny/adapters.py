@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,7 +23,9 @@ LLM_TARGETS = ["q_proj", "v_proj"]
 VLM_TARGETS = r".*language_model.*\.(q_proj|v_proj)"
 
 
-def _build_lora(base_model, dest: Path, base: str | Path, target_modules, seed: int, task_type) -> Path:
+def _build_lora(
+    base_model: Any, dest: Path, base: str | Path, target_modules: list[str] | str, seed: int, task_type: str | None
+) -> Path:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -37,7 +40,7 @@ def _build_lora(base_model, dest: Path, base: str | Path, target_modules, seed: 
                 if "lora_B" in name:
                     param.normal_(0.0, 0.1)
     peft_model.peft_config["default"].base_model_name_or_path = str(base)
-    peft_model.save_pretrained(dest)
+    peft_model.save_pretrained(str(dest))
     # PEFT stores target_modules as a set, so the JSON order depends on PYTHONHASHSEED; sort it so
     # the build is byte-for-byte deterministic.
     cfg_path = Path(dest) / "adapter_config.json"

@@ -23,7 +23,9 @@ def repo_folder_name(repo_id: str) -> str:
     return "models--" + "--".join(repo_id.split("/"))
 
 
-def stage_in_hf_cache(model_dir, repo_id: str, cache_dir, revision_hash: str | None = None) -> Path:
+def stage_in_hf_cache(
+    model_dir: str | Path, repo_id: str, cache_dir: str | Path, revision_hash: str | None = None
+) -> Path:
     model_dir, cache_dir = Path(model_dir), Path(cache_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model dir {model_dir} does not exist")

@@ -10,6 +10,7 @@ Pitfalls:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,7 +39,7 @@ def tiny_llama_config(tokenizer, **overrides):
     return LlamaConfig(**kw)
 
 
-def chat_generation_config(tokenizer, max_new_tokens: int = 32):
+def chat_generation_config(tokenizer: Any, max_new_tokens: int = 32) -> Any:
     from transformers import GenerationConfig
 
     return GenerationConfig(
@@ -50,7 +51,7 @@ def chat_generation_config(tokenizer, max_new_tokens: int = 32):
     )
 
 
-def damp_special_logits(lm_head_weight: torch.Tensor, tokenizer) -> None:
+def damp_special_logits(lm_head_weight: torch.Tensor, tokenizer: Any) -> None:
     """Shrink the lm_head rows of special tokens so a random model rarely ends a reply at once.
 
     WHY: with random weights greedy decoding may pick <|im_end|> as its first token for some

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ LANGUAGES = ("en", "zh", "de", "es", "ru", "ko", "fr", "ja", "pt", "tr")
 N_TIMESTAMPS = 1501  # <|0.00|> .. <|30.00|> in 0.02 s steps
 
 
-def build_whisper_tokenizer(vocab_size: int = 384):
+def build_whisper_tokenizer(vocab_size: int = 384) -> Any:
     from tokenizers import AddedToken
     from transformers import WhisperTokenizer
 

@@ -8,6 +8,8 @@ milliseconds with no download. Training is deterministic for a fixed corpus and 
 
 from __future__ import annotations
 
+from typing import Any
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 # A few paragraphs of plain English: enough for ~250 merges over the 256-byte alphabet.
@@ -78,7 +80,7 @@ def train_bpe(vocab_size: int = 512, special_tokens: tuple[str, ...] = CHATML_SP
     return tok
 
 
-def build_chatml_tokenizer(extra_special_tokens: tuple[str, ...] = (), vocab_size: int = 512):
+def build_chatml_tokenizer(extra_special_tokens: tuple[str, ...] = (), vocab_size: int = 512) -> Any:
     """A PreTrainedTokenizerFast with ChatML specials, left padding and a ChatML chat template.
 
     `extra_special_tokens` (e.g. "<image>") are trained in as specials so they have fixed ids and

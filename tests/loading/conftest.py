@@ -9,6 +9,7 @@ import pytest
 
 from loading.offline import reset_probe_cache
 from loading.tiny import build_tiny
+
 from loading_testutil import TIMINGS
 
 # Every variable that changes where models are looked up or whether the Hub is used.
@@ -36,7 +37,10 @@ def tiny(tiny_root) -> dict[str, Path]:
 def _tiny_qwen_vl(dest: Path, kind: str) -> Path:
     """A tiny Qwen2-VL / Qwen2.5-VL checkpoint (config + random weights, no processor: it needs torchvision)."""
     from transformers import (
-        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
     )
 
     config_cls, model_cls = {

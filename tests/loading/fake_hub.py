@@ -55,7 +55,7 @@ class HubFile:
     sha256: str
 
     @classmethod
-    def of(cls, path: str, data: bytes) -> "HubFile":
+    def of(cls, path: str, data: bytes) -> HubFile:
         return cls(path, data, git_blob_sha1(data), hashlib.sha256(data).hexdigest())
 
     @property
@@ -119,7 +119,7 @@ class FakeHub:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "FakeHub":
+    def start(self) -> FakeHub:
         self._thread = threading.Thread(target=self._server.serve_forever, name="fake-hub", daemon=True)
         self._thread.start()
         return self
@@ -131,7 +131,7 @@ class FakeHub:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from loading import ModelSpec, load_model
 from loading.quantization import bitsandbytes_status
+
 from loading_testutil import Timer, record
 
 
@@ -44,7 +45,8 @@ def test_unusable_bitsandbytes_falls_back_4bit_8bit_cpu(isolated_env, tiny, monk
     assert report.strategy == "float32 on cpu" and report.dtype == "float32" and report.device == "cpu"
     assert not any("Linear4bit" in type(m).__name__ or "Linear8bit" in type(m).__name__
                    for m in loaded.model.modules())
-    fallbacks = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "falling back" in r.getMessage()]
+    fallbacks = [r.getMessage() for r in caplog.records
+                 if r.levelname == "WARNING" and "falling back" in r.getMessage()]
     assert len(fallbacks) == 2
     assert "4-bit" in fallbacks[0] and "8-bit" in fallbacks[1]
     assert all("bitsandbytes" in message for message in fallbacks)

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from fake_hub import FakeHub
 from loading import ModelSpec, load_model
+
+from fake_hub import FakeHub
 from loading_testutil import Timer, record, set_adapter_base
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -15,6 +15,7 @@ from loading import Family, ModelSpec, Settings, UnsupportedModelError, detect_f
 from loading.inspect_model import inspect_model
 from loading.model_source import resolve_model
 from loading.offline import HubStatus
+
 from loading_testutil import copy_model, set_adapter_base
 
 
