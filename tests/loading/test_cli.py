@@ -16,7 +16,8 @@ import yaml
 
 from loading.cli import main
 from loading.tiny import stage_in_hf_cache
-from loading_testutil import CLOSED_LOCAL_ENDPOINT, Timer, record
+
+from loading_testutil import CLOSED_LOCAL_ENDPOINT, FAIL_FAST_S, Timer, record
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "modelfleet"
 
@@ -49,7 +50,7 @@ def test_doctor_good_config(good_config, monkeypatch, capsys):
     record("modelfleet doctor, good config (in process)", t.seconds)
     out = capsys.readouterr().out
     assert code == 0, out
-    assert t.seconds < 5
+    assert t.seconds < FAIL_FAST_S  # no weights loaded, no Hub retries
     assert "torch " in out and ("GPUs: none visible" in out or "GPU 0:" in out)
     assert "bitsandbytes: bitsandbytes" in out and "native libraries: " in out
     assert "Hub: OFFLINE (127.0.0.1:9 unreachable" in out and "hint: set HF_HUB_OFFLINE=1" in out
@@ -73,7 +74,7 @@ def test_doctor_broken_config(isolated_env, qwen_vl, tiny, tmp_path, monkeypatch
     record("modelfleet doctor, broken config (in process)", t.seconds)
     out = capsys.readouterr().out
     assert code == 1, out
-    assert t.seconds < 5
+    assert t.seconds < FAIL_FAST_S  # no weights loaded, no Hub retries
     assert "Hub: OFFLINE (offline mode declared by HF_HUB_OFFLINE=1)" in out
     assert "[ok  ] ok:" in out and "[FAIL] missing:" in out and "[FAIL] qwen-vl:" in out
     assert "'modelfleet-test/not-cached-7B' was not found" in out and "modelfleet fetch" in out
@@ -88,7 +89,7 @@ def test_fetch_offline_missing_fails_fast_and_cached_succeeds(isolated_env, tiny
         code = main(["fetch", "--config", str(config)])
     record("modelfleet fetch offline, missing model", t.seconds)
     out = capsys.readouterr().out
-    assert code == 1 and t.seconds < 5
+    assert code == 1 and t.seconds < FAIL_FAST_S
     assert "[FAIL] tiny:" in out and "HF_HUB_OFFLINE=1" in out and "0 of 1 models available locally." in out
 
     snapshot = stage_in_hf_cache(tiny["llm"], "modelfleet-test/tiny-llm", isolated_env["hub_cache"])
@@ -130,7 +131,7 @@ def test_installed_console_script(good_config, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with Timer() as t:
         proc = subprocess.run([str(CONSOLE_SCRIPT), "doctor", "--config", str(good_config)],
-                              capture_output=True, text=True, timeout=60, env=dict(os.environ))
+                              capture_output=True, text=True, timeout=300, env=dict(os.environ))
     record("modelfleet doctor, console script (subprocess)", t.seconds)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "6 of 6 models can load." in proc.stdout and "would load: float32 on cpu" in proc.stdout

@@ -13,7 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from loading import Family, ModelSpec, UnsupportedModelError, load_model
 from loading.families import select_family
-from loading_testutil import Timer, record
+
+from loading_testutil import FAIL_FAST_S, Timer, record
 
 
 # -- 1. a VLM config never reaches AutoModelForCausalLM ------------------------------------------
@@ -53,10 +54,17 @@ def test_qwen25_vl_loads_with_the_detected_class(qwen_vl):
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
 
 
-def test_load_model_rejects_vlm_as_llm_before_reading_weights(isolated_env, qwen_vl):
+def test_load_model_rejects_vlm_as_llm_before_reading_weights(isolated_env, qwen_vl, monkeypatch):
+    import transformers
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    for name in ("AutoModelForCausalLM", "AutoModelForImageTextToText"):
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", no_weights)
     with Timer() as t, pytest.raises(UnsupportedModelError, match="family: vlm"):
         load_model(ModelSpec(name="qwen-vl", source=str(qwen_vl["qwen2_5_vl"]), family="llm"))
-    assert t.seconds < 2
+    assert t.seconds < FAIL_FAST_S
 
 
 def test_llm_config_is_llm_and_unknown_is_explained(tiny):

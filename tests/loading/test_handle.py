@@ -8,7 +8,6 @@ by every request.
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -51,21 +50,33 @@ def test_ten_concurrent_first_callers_load_once(isolated_env, tiny):
 
 
 def test_waiters_time_out_with_loading_in_progress(isolated_env, tiny):
-    handle = _handle(ModelSpec(name="tiny-llm", source=str(tiny["llm"]), debug_load_delay_s=1.0))
-    t0 = time.perf_counter()
-    results = _call_get_concurrently(handle, 10, timeout=0.2)
-    assert time.perf_counter() - t0 < 1.0  # nobody waited for the load itself
-    assert all(isinstance(r, ModelLoadingInProgress) for r in results), results
-    err = results[0]
-    assert err.phase == "simulated delay" and err.retry_after_s >= 2 and not err.permanent
-    assert err.name == "tiny-llm" and "still loading" in str(err)
+    # The load is held until the waiters are back: that they all came back with "still loading"
+    # while it was held proves that none of them waited for the load itself (no wall-time bound).
+    spec = ModelSpec(name="tiny-llm", source=str(tiny["llm"]), debug_load_delay_s=0.2)
+    release = threading.Event()
 
-    status = handle.status()
-    assert status["state"] == "loading" and status["phase"] == "simulated delay"
-    assert handle.state is State.LOADING
-    loaded = handle.get(timeout=30)
+    def held_load(progress):
+        progress("simulated delay", 0.0)
+        if not release.wait(60):
+            raise TimeoutError("the test never released the load")
+        return load_model(spec, progress=progress)
+
+    handle = ModelHandle(spec.name, held_load)
+    try:
+        results = _call_get_concurrently(handle, 10, timeout=0.2)
+        assert all(isinstance(r, ModelLoadingInProgress) for r in results), results
+        err = results[0]
+        assert err.phase == "simulated delay" and err.retry_after_s >= 2 and not err.permanent
+        assert err.name == "tiny-llm" and "still loading" in str(err)
+
+        status = handle.status()
+        assert status["state"] == "loading" and status["phase"] == "simulated delay"
+        assert handle.state is State.LOADING
+    finally:
+        release.set()
+    loaded = handle.get(timeout=60)
     assert handle.status()["state"] == "ready" and handle.load_count == 1
-    assert loaded.report.load_seconds >= 1.0
+    assert loaded.report.load_seconds >= 0.2  # the load that ran is load_model's, with its own delay
 
 
 def test_status_goes_through_the_phases(isolated_env, tiny):

@@ -16,7 +16,15 @@ from loading import ModelNotFoundError, ModelSpec, Settings, load_model
 from loading.offline import declared_offline, hub_status, reset_probe_cache
 from loading.resolve import resolve_source
 from loading.tiny import stage_in_hf_cache
-from loading_testutil import CLOSED_LOCAL_ENDPOINT, Timer, copy_model, record
+
+from loading_testutil import (
+    CLOSED_LOCAL_ENDPOINT,
+    FAIL_FAST_S,
+    Timer,
+    copy_model,
+    record,
+    unanswering_endpoint,
+)
 
 MISSING = "modelfleet-test/not-cached-7B"
 
@@ -27,7 +35,7 @@ def test_offline_missing_hub_id_fails_fast_with_every_place_looked_at(isolated_e
     with Timer() as t, pytest.raises(ModelNotFoundError) as info:
         load_model(ModelSpec(name="big", source=MISSING))
     record("fail fast: offline, Hub id not cached (case 4)", t.seconds)
-    assert t.seconds < 2
+    assert t.seconds < FAIL_FAST_S
     message = str(info.value)
     models = isolated_env["models"]
     for place in (models / MISSING, models / "not-cached-7B", isolated_env["hub_cache"]):
@@ -46,7 +54,7 @@ def test_each_offline_variable_is_read_at_call_time(isolated_env, monkeypatch, v
     assert declared_offline() == f"{variable}=1"
     with Timer() as t, pytest.raises(ModelNotFoundError, match=variable):
         load_model(ModelSpec(name="big", source=MISSING))
-    assert t.seconds < 2
+    assert t.seconds < FAIL_FAST_S
 
 
 def test_offline_false_values_do_not_declare_offline(monkeypatch):
@@ -61,9 +69,35 @@ def test_unreachable_hub_without_offline_flag_fails_fast(isolated_env, monkeypat
     with Timer() as t, pytest.raises(ModelNotFoundError) as info:
         load_model(ModelSpec(name="big", source=MISSING))
     record("fail fast: Hub unreachable, no offline flag (case 5)", t.seconds)
-    assert t.seconds < 2
+    assert t.seconds < FAIL_FAST_S
     message = str(info.value)
     assert "127.0.0.1:9 unreachable" in message and "treating the Hub as offline" in message
+    assert "modelfleet fetch" in message and str(isolated_env["hub_cache"]) in message
+
+
+def test_probe_of_a_hub_that_does_not_answer_gives_up_after_its_timeout(isolated_env, monkeypatch):
+    # A firewalled or blackholed Hub: the connect is never answered (not refused), so only the
+    # probe's own timeout ends it.
+    monkeypatch.setenv("MODELFLEET_HUB_PROBE_TIMEOUT_S", "0.5")
+    with unanswering_endpoint() as endpoint:
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        with Timer() as t:
+            status = hub_status(Settings.from_env())
+    record("hub probe: endpoint that does not answer, 0.5 s timeout", t.seconds)
+    assert not status.online
+    assert "unreachable within 0.5 s (TimeoutError" in status.reason and "treating the Hub as offline" in status.reason
+    assert t.seconds < 10 * 0.5
+
+
+def test_hub_that_does_not_answer_fails_fast(isolated_env, monkeypatch):
+    with unanswering_endpoint() as endpoint:
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)  # the default probe timeout, 1.5 s
+        with Timer() as t, pytest.raises(ModelNotFoundError) as info:
+            load_model(ModelSpec(name="big", source=MISSING))
+    record("fail fast: Hub does not answer, no offline flag", t.seconds)
+    assert t.seconds < FAIL_FAST_S
+    message = str(info.value)
+    assert f"{endpoint.removeprefix('http://')} unreachable within 1.5 s (TimeoutError" in message
     assert "modelfleet fetch" in message and str(isolated_env["hub_cache"]) in message
 
 
@@ -110,7 +144,7 @@ def test_cached_hub_id_loads_offline_from_hf_cache(isolated_env, tiny, monkeypat
     with Timer() as t:
         loaded = load_model(ModelSpec(name="tiny", source="modelfleet-test/tiny-llm"))
     record("load_model cached Hub id offline (case 12)", t.seconds)
-    assert t.seconds < 5
+    assert t.seconds < FAIL_FAST_S  # from the cache, without Hub retries
     assert loaded.report.resolved_from == "HF cache"
     assert loaded.report.resolved_path == str(snapshot.resolve())
     assert type(loaded.model).__name__ == "LlamaForCausalLM"
@@ -133,7 +167,7 @@ def test_local_models_dir_by_id_and_by_last_component(isolated_env, tiny):
 def test_missing_local_path_is_not_treated_as_a_hub_id(isolated_env, tmp_path):
     with Timer() as t, pytest.raises(ModelNotFoundError, match="not a Hub id") as info:
         load_model(ModelSpec(name="gone", source=str(tmp_path / "gone" / "model")))
-    assert t.seconds < 2
+    assert t.seconds < FAIL_FAST_S
     assert str(tmp_path / "gone" / "model") + " (does not exist)" in str(info.value)
 
 
