@@ -13,7 +13,13 @@ from transformers import AutoModelForCausalLM
 
 from loading import DevicePreference, ModelSpec, NoDeviceError, load_model
 from loading.placement import (
-    HEADROOM, MIN_FREE_AFTER_BYTES, GpuInfo, count_parameters, estimate_weight_bytes, gpu_shortfall, plan_device,
+    HEADROOM,
+    MIN_FREE_AFTER_BYTES,
+    GpuInfo,
+    count_parameters,
+    estimate_weight_bytes,
+    gpu_shortfall,
+    plan_device,
 )
 
 GiB = 2**30
@@ -38,6 +44,65 @@ def test_device_map_auto_with_little_memory_offloads_to_disk_but_load_model_does
     assert "disk" not in set(map(str, device_map.values())) and "meta" not in set(map(str, device_map.values()))
     with torch.no_grad():
         assert torch.isfinite(loaded.model(torch.tensor([[5, 6, 7]])).logits).all()
+
+
+AUTO_MODEL_CLASSES = ("AutoModelForCausalLM", "AutoModelForSpeechSeq2Seq", "AutoModelForTextToWaveform",
+                      "AutoModelForImageTextToText")
+# from_pretrained arguments that split a model across devices or send part of it to disk
+OFFLOADING_KWARGS = {"offload_folder", "offload_state_dict", "offload_buffers", "max_memory"}
+
+
+@pytest.fixture
+def from_pretrained_calls(monkeypatch) -> list[tuple[str, dict]]:
+    """(Auto class, keyword arguments) of every from_pretrained the loader makes; the real one runs.
+
+    On a CPU machine device_map="auto" puts a tiny model on the CPU, whole, so the loaded model alone
+    cannot tell whether the loader asked for "auto" (which offloads to disk or splits across GPUs
+    where memory is short): what it asked for can.
+    """
+    import transformers
+
+    calls: list[tuple[str, dict]] = []
+    for name in AUTO_MODEL_CLASSES:
+        real = getattr(transformers, name).from_pretrained
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append((_name, dict(kwargs)))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", spy)
+    return calls
+
+
+def _assert_one_device_each(calls: list[tuple[str, dict]], devices: list[str]) -> None:
+    assert [kwargs.get("device_map") for _, kwargs in calls] == devices
+    for name, kwargs in calls:
+        assert isinstance(kwargs["device_map"], str) and kwargs["device_map"] in ("cpu", "cuda:0"), (name, kwargs)
+        assert not OFFLOADING_KWARGS & set(kwargs), (name, kwargs)
+
+
+@pytest.mark.parametrize("kind, auto_class", [
+    ("llm", "AutoModelForCausalLM"), ("stt", "AutoModelForSpeechSeq2Seq"), ("tts", "AutoModelForTextToWaveform"),
+    ("vlm", "AutoModelForImageTextToText"), ("llm-lora", "AutoModelForCausalLM"),
+])
+def test_load_model_asks_from_pretrained_for_one_device_never_auto_or_offload(isolated_env, tiny, kind, auto_class,
+                                                                               from_pretrained_calls):
+    loaded = load_model(ModelSpec(name=f"tiny-{kind}", source=str(tiny[kind])))
+    assert [name for name, _ in from_pretrained_calls] == [auto_class]
+    _assert_one_device_each(from_pretrained_calls, ["cpu"])
+    assert {str(p.device) for p in loaded.model.parameters()} == {"cpu"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="simulates a GPU on a machine without one")
+def test_every_strategy_of_the_gpu_chain_asks_for_one_device(isolated_env, tiny, from_pretrained_calls):
+    # A GPU with room for anything (simulated: here each cuda:0 attempt fails, and the chain falls
+    # back): 4-bit, 8-bit and half precision on cuda:0, then float32 on cpu.
+    gpu = GpuInfo(0, "Simulated GPU", free_bytes=80 * GiB, total_bytes=80 * GiB)
+    loaded = load_model(ModelSpec(name="tiny-llm", source=str(tiny["llm"])), gpus=[gpu])
+    _assert_one_device_each(from_pretrained_calls, ["cuda:0", "cuda:0", "cuda:0", "cpu"])
+    quantized = [kwargs.get("quantization_config") for _, kwargs in from_pretrained_calls]
+    assert quantized[0].load_in_4bit and quantized[1].load_in_8bit and quantized[2:] == [None, None]
+    assert [a.outcome for a in loaded.report.attempts] == ["failed", "failed", "failed", "loaded"]
 
 
 # -- 8. too big for the (simulated) GPU -> CPU ------------------------------------------------------
