@@ -27,6 +27,10 @@ class ChatServer(FamilyServer):
 
     def __init__(self, specs: list[ModelSpec], options: ChatOptions):
         super().__init__(specs, options)
+        # Continuous batching (decode_loop.py) for models whose positions are plain token counts;
+        # whole-request batches through generate() for the others (e.g. Qwen2-VL's 3-D rotary positions).
+        self._decoder: Any = None  # the DecodeLoop, made on first use (it imports torch)
+        self._decoding: asyncio.Future | None = None  # the inference thread's run of the loop
         self._chat_batch = Batcher(self._chat_batch_call, options.max_batch_size, options.batch_wait_timeout_s)
         self._longest_token: dict[int, int] = {}  # id(tokenizer) -> most characters one token decodes to
 
@@ -70,7 +74,30 @@ class ChatServer(FamilyServer):
     async def chat(self, params: ChatParams) -> ChatResult:
         need = await self._admit(params)
         async with self.memory.hold(need, "this chat request", param="messages"):
-            return raise_if_error(await self._until_cancelled(params, self._chat_batch(params)))
+            return raise_if_error(await self._until_cancelled(params, self._generate(params)))
+
+    async def _generate(self, params: ChatParams) -> ChatResult | BaseException:
+        spec, loaded = await self.pool.get(params.model)
+        if not uses_decode_loop(loaded):
+            return await self._chat_batch(params)
+        event_loop = asyncio.get_running_loop()
+        outcome: asyncio.Future = event_loop.create_future()
+
+        def done(result: ChatResult | BaseException) -> None:  # on the inference thread
+            event_loop.call_soon_threadsafe(lambda: outcome.done() or outcome.set_result(result))
+
+        if self._decoder is None:
+            self._decoder = _decode_loop().DecodeLoop(self.options.max_batch_size, self.batch_stats)
+        self._decoder.submit(spec, loaded, params, done)
+        self._keep_decoding()
+        return await outcome
+
+    def _keep_decoding(self) -> None:
+        """Run the decode loop on the inference thread while it has rows; restart it for a request that
+        arrived just as it was finishing (its done-callback runs on this event loop, after any submit)."""
+        if self._decoding is None or self._decoding.done():
+            self._decoding = asyncio.ensure_future(self._infer(self._decoder.run))
+            self._decoding.add_done_callback(lambda _: self._decoder.busy() and self._keep_decoding())
 
     async def _chat_batch_call(self, batch: list[ChatParams]) -> list[ChatResult | BaseException]:
         results = await self._run_groups(
@@ -93,7 +120,7 @@ class ChatServer(FamilyServer):
             loop = asyncio.get_running_loop()
             deltas: asyncio.Queue = asyncio.Queue()
             params.sink = lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)
-            done = asyncio.ensure_future(self._until_cancelled(params, self._chat_batch(params)))
+            done = asyncio.ensure_future(self._until_cancelled(params, self._generate(params)))
             # Runs after every delta the generate call queued: they were scheduled before its result.
             done.add_done_callback(lambda _: deltas.put_nowait(_END))
             sent = ""
@@ -110,6 +137,14 @@ class ChatServer(FamilyServer):
             "finish_reason": result.finish_reason,
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
         }
+
+
+def uses_decode_loop(loaded: LoadedModel) -> bool:
+    """Whether the decode loop can run this model: its rotary positions must be plain token counts
+    (multimodal 3-D positions, as Qwen2-VL's, need generate()'s own bookkeeping)."""
+    text = getattr(loaded.config, "text_config", None) or loaded.config
+    rope = getattr(text, "rope_scaling", None) or getattr(text, "rope_parameters", None) or {}
+    return not (isinstance(rope, dict) and "mrope_section" in rope)
 
 
 def message_texts(messages: list[dict]) -> list[str]:
@@ -163,6 +198,12 @@ def resolve_max_new_tokens(spec: ModelSpec, requested: int | None, prompt_tokens
 
 
 _END = object()  # closes a stream's queue of deltas
+
+
+def _decode_loop():
+    from . import decode_loop  # torch side, imported on first use
+
+    return decode_loop
 
 
 def _generation():

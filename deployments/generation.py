@@ -42,12 +42,12 @@ def generate_kwargs(spec: ModelSpec, loaded: LoadedModel, params: ChatParams, ma
     return kwargs
 
 
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     hits = [text.find(s) for s in stops if s and s in text]
     return (text[: min(hits)], True) if hits else (text, False)
 
 
-def _end_token_ids(loaded: LoadedModel) -> set[int]:
+def end_token_ids(loaded: LoadedModel) -> set[int]:
     ids = set()
     eos = loaded.model.generation_config.eos_token_id
     ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -95,7 +95,7 @@ def generate_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[ChatParams]
     inputs = {k: v.to(loaded.model.device) for k, v in collate([p.inputs for p in batch], pad_id).items()}
     kwargs = generate_kwargs(spec, loaded, batch[0], max(limits))
     kwargs["stopping_criteria"] = StoppingCriteriaList([DropCancelled(batch, spec.debug_step_delay_s)])
-    end_ids = _end_token_ids(loaded) | {pad_id}
+    end_ids = end_token_ids(loaded) | {pad_id}
     if any(p.sink for p in batch):
         kwargs["streamer"] = RowStreams(loaded.tokenizer, batch, limits, end_ids)
     with _SEED_LOCK, loaded.active() as model, torch.inference_mode():
@@ -107,7 +107,7 @@ def generate_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[ChatParams]
     results = []
     for row, params, limit, prompt_tokens in zip(output, batch, limits, prompt_counts):
         new, ended = _own_tokens(row[prompt_len:].tolist(), end_ids, limit)
-        text, stopped = _cut_at_stop(loaded.tokenizer.decode(new, skip_special_tokens=True), params.stop)
+        text, stopped = cut_at_stop(loaded.tokenizer.decode(new, skip_special_tokens=True), params.stop)
         # "stop" only when the model ended its reply or a stop string cut it; a row cut short by
         # generation_timeout_s (generate's max_time) hit a limit, like max_tokens: "length"
         finish = "stop" if ended or stopped else "length"
@@ -135,7 +135,7 @@ class RowStreams(BaseStreamer):
     """
 
     def __init__(self, tokenizer: Any, batch: list[ChatParams], limits: list[int], end_ids: set[int]):
-        self.rows = [_RowStream(tokenizer, p.sink, p.stop, limit, end_ids) if p.sink else None
+        self.rows = [RowStream(tokenizer, p.sink, p.stop, limit, end_ids) if p.sink else None
                      for p, limit in zip(batch, limits)]
 
     def put(self, value: torch.Tensor) -> None:
@@ -149,7 +149,7 @@ class RowStreams(BaseStreamer):
         """Nothing to flush: the caller sends what is held back from the final text."""
 
 
-class _RowStream:
+class RowStream:
     """One request's text so far; sends only what can no longer change: nothing past an end token or
     the request's own limit, no half of a multi-byte character, no prefix of a stop string."""
 
@@ -179,7 +179,7 @@ class _RowStream:
             return  # a skipped special token, or an incomplete UTF-8 sequence whose next bytes are to come
         self.text += window[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
-        text, stopped = _cut_at_stop(self.text, self.stops)
+        text, stopped = cut_at_stop(self.text, self.stops)
         if stopped:
             self.done, ready = True, text
         else:

@@ -180,9 +180,10 @@ def test_concurrent_chats_are_batched_into_fewer_model_calls(demo_app):
     after = stats()
     assert all(r.usage.completion_tokens >= 1 for r in replies)
     requests_ = after["requests"] - before["requests"]
-    calls = after["model_calls"] - before["model_calls"]
-    assert requests_ == 32 and calls < 32, (before, after)
-    assert after["largest_batch"] > 1
+    calls = after["model_calls"] - before["model_calls"]  # prefills and decode steps (continuous batching)
+    tokens = sum(r.usage.completion_tokens for r in replies)
+    assert requests_ == 32 and calls < tokens / 4, (tokens, before, after)  # 4+ rows per forward on average
+    assert after["largest_batch"] > 4
     # batched answers equal unbatched ones (left padding works)
     alone = ask(5)
     assert alone.choices[0].message.content == replies[5].choices[0].message.content
@@ -208,7 +209,8 @@ def test_concurrent_streams_share_batches_and_each_streams_its_own_reply(demo_ap
         streamed = list(pool.map(stream, range(16)))
     after = stats()
     assert after["requests"] - before["requests"] == 16
-    assert after["model_calls"] - before["model_calls"] < 16, (before, after)
+    tokens = sum(usage.completion_tokens for _, usage in streamed)
+    assert after["model_calls"] - before["model_calls"] < tokens / 4, (tokens, before, after)  # rows share steps
     for i in (0, 7, 15):
         plain = client.chat.completions.create(model="tiny-llm", messages=messages(i), max_tokens=12, temperature=0)
         assert streamed[i][0] == plain.choices[0].message.content

@@ -1,0 +1,298 @@
+"""Continuous batching: one decode loop per replica, rows joining and leaving at every step.
+
+A request is prefilled (with whoever else arrived since the last step, as one padded batch) and
+its KV cache joins the running batch's cache, left-padded to a common length; from then on every
+step is one forward over all running rows of that model. A row leaves as soon as it ends (end token,
+stop string, its own max_tokens or time bound, or its caller gone), and the columns that became
+padding for every row are trimmed. Rows for different LoRA adapters of one base share steps (PEFT's
+`adapter_names`); sampling settings and seeds are per row. Runs on the replica's inference thread.
+
+Why ours and not transformers' ContinuousBatchingManager: it serves neither mixed LoRA adapters,
+nor image inputs, nor stop strings per request, and it sizes a paged cache up front (its
+`transformers serve --continuous-batching` took 14 GB here); bench/RESULTS.md compares the two.
+"""
+
+from __future__ import annotations
+
+import inspect
+import queue
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from transformers import DynamicCache
+
+from loading import LoadedModel, ModelSpec
+
+from .generation import PADDED_KEYS, RowStream, collate, cut_at_stop, end_token_ids
+from .params import ChatParams, ChatResult
+
+Done = Callable[[ChatResult | BaseException], None]  # called on the loop's thread with the row's outcome
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+
+
+@dataclass
+class Row:
+    spec: ModelSpec
+    params: ChatParams
+    done: Done
+    adapter: str | None
+    sampling: dict[str, Any]
+    end_ids: set[int]
+    stream: RowStream
+    generator: torch.Generator | None
+    started: float = field(default_factory=time.monotonic)
+    prompt_tokens: int = 0
+    tokens: list[int] = field(default_factory=list)
+    finish: str | None = None
+
+    @property
+    def limit(self) -> int:
+        return self.params.max_new_tokens or self.spec.max_new_tokens
+
+
+class Group:
+    """The running rows of one model (a base and its adapters count as one) and their KV cache."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.rows: list[Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [rows, cache length]: 1 where a row has a real token
+        self.next_tokens: torch.Tensor | None = None  # [rows, 1]: each row's last sampled token
+
+    def forward(self, inputs: dict[str, torch.Tensor], cache: DynamicCache, rows: list[Row]) -> torch.Tensor:
+        model = self.loaded.model
+        kwargs: dict[str, Any] = {self.cache_argument(): cache}
+        if hasattr(model, "peft_config"):
+            kwargs["adapter_names"] = [row.adapter or BASE_ADAPTER for row in rows]
+        with self.loaded.lock, torch.inference_mode():
+            out = model(**inputs, use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1, :].float()
+
+    def cache_argument(self) -> str:
+        """transformers 5.x renames `past_key_values` to `cache` model by model."""
+        model = self.loaded.model
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+class DecodeLoop:
+    """Rows of every model this replica serves; `submit` from any thread, `run` on the inference thread."""
+
+    def __init__(self, max_rows: int, stats: dict[str, int]):
+        self.max_rows = max_rows
+        self.stats = stats  # shown in /health: model_calls (prefills + steps), decode_steps, requests, ...
+        self.pending: queue.SimpleQueue[tuple[ModelSpec, LoadedModel, ChatParams, Done]] = queue.SimpleQueue()
+        self.groups: dict[int, Group] = {}
+
+    def submit(self, spec: ModelSpec, loaded: LoadedModel, params: ChatParams, done: Done) -> None:
+        self.pending.put((spec, loaded, params, done))
+
+    def busy(self) -> bool:
+        return not self.pending.empty() or any(group.rows for group in self.groups.values())
+
+    def run(self) -> None:
+        """Step every model's rows until no row is left and nothing waits."""
+        while self.busy():
+            self._admit()
+            for key, group in list(self.groups.items()):
+                if group.rows:
+                    try:
+                        self._step(group)
+                    except Exception as exc:  # a failed step fails the rows in it, not the loop
+                        for row in group.rows:
+                            row.done(exc)
+                        group.rows = []
+                if not group.rows:
+                    del self.groups[key]
+
+    # -- joining ------------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        arrivals: dict[int, list[Row]] = {}
+        held: list[tuple] = []
+        while not self.pending.empty():
+            spec, loaded, params, done = self.pending.get()
+            key = id(loaded.model)
+            group = self.groups.setdefault(key, Group(loaded))
+            if len(group.rows) + len(arrivals.get(key, [])) >= self.max_rows:
+                held.append((spec, loaded, params, done))  # a full batch: it joins when a row leaves
+                continue
+            arrivals.setdefault(key, []).append(new_row(spec, loaded, params, done))
+        for item in held:
+            self.pending.put(item)
+        for key, rows in arrivals.items():
+            try:
+                self._prefill(self.groups[key], rows)
+            except Exception as exc:  # a failed prefill fails its own rows only
+                for row in rows:
+                    row.done(exc)
+
+    def _prefill(self, group: Group, rows: list[Row]) -> None:
+        loaded = group.loaded
+        pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+        inputs = {k: v.to(loaded.model.device) for k, v in collate([r.params.inputs for r in rows], pad_id).items()}
+        for row, mask in zip(rows, inputs["attention_mask"]):
+            row.prompt_tokens = int(mask.sum())
+        # positions count real tokens only: left padding must not shift a row's rotary positions
+        inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = group.forward(inputs, cache, rows)
+        self.stats["model_calls"] += 1
+        self.stats["requests"] += len(rows)
+        first = self._sample(rows, logits)
+        mask = inputs["attention_mask"].to(torch.long)
+        group.cache, group.mask, group.next_tokens = _join(group.cache, group.mask, group.next_tokens,
+                                                            cache, mask, first)
+        start = len(group.rows)
+        group.rows.extend(rows)
+        self._settle(group, first, start)
+
+    # -- stepping ------------------------------------------------------------------------------------
+    def _step(self, group: Group) -> None:
+        assert group.cache is not None and group.mask is not None and group.next_tokens is not None
+        if any(row.spec.debug_step_delay_s for row in group.rows):
+            time.sleep(max(row.spec.debug_step_delay_s for row in group.rows))
+        mask = torch.cat([group.mask, torch.ones_like(group.mask[:, :1])], dim=1)
+        positions = (mask.sum(dim=1, keepdim=True) - 1).to(group.next_tokens.device)
+        inputs = {"input_ids": group.next_tokens, "attention_mask": mask.to(group.next_tokens.device),
+                  "position_ids": positions}
+        logits = group.forward(inputs, group.cache, group.rows)
+        group.mask = mask
+        self.stats["model_calls"] += 1
+        self.stats["decode_steps"] = self.stats.get("decode_steps", 0) + 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(group.rows))
+        tokens = self._sample(group.rows, logits)
+        group.next_tokens = tokens
+        self._settle(group, tokens)
+
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+        """One token per row, each with its own settings and random generator."""
+        out = torch.empty((len(rows), 1), dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, 0] = sample_token(logits[i], row.sampling, row.generator)
+        return out.to(logits.device)
+
+    def _settle(self, group: Group, tokens: torch.Tensor, start: int = 0) -> None:
+        """Record the new token of each row from `start` on (all rows after a step, the joining ones
+        after a prefill); finish and remove the rows that ended."""
+        keep = list(range(start))
+        now = time.monotonic()
+        for i, token in enumerate(tokens[:, 0].tolist(), start=start):
+            row = group.rows[i]
+            row.finish = row.finish or self._advance(row, token, now)
+            if row.finish is None:
+                keep.append(i)
+            else:
+                self._finish(row)
+        if len(keep) < len(group.rows):
+            index = torch.tensor(keep, dtype=torch.long)
+            group.rows = [group.rows[i] for i in keep]
+            if not keep:
+                group.cache = group.mask = group.next_tokens = None
+                return
+            assert group.cache is not None and group.mask is not None and group.next_tokens is not None
+            group.cache.batch_select_indices(index.to(group.next_tokens.device))
+            group.mask, group.next_tokens = group.mask[index], group.next_tokens[index]
+            _trim(group)
+
+    @staticmethod
+    def _advance(row: Row, token: int, now: float) -> str | None:
+        cancelled = row.params.cancelled
+        if cancelled is not None and cancelled.is_set():
+            return "cancelled"
+        if token in row.end_ids:
+            return "stop"
+        row.tokens.append(token)
+        row.stream.push(token)
+        text, stopped = cut_at_stop(row.stream.text, row.params.stop) if row.params.stop else ("", False)
+        if stopped:
+            return "stop"
+        if len(row.tokens) >= row.limit or now - row.started > row.spec.generation_timeout_s:
+            return "length"  # its own max_tokens, or generation_timeout_s: a limit, not the model's end
+        return None
+
+    def _finish(self, row: Row) -> None:
+        if row.finish == "cancelled":  # tokens made for a caller that left: shows how soon its row left
+            self.stats["cancelled_tokens"] = self.stats.get("cancelled_tokens", 0) + len(row.tokens)
+        tokenizer = row.stream.tokenizer
+        text, _ = cut_at_stop(tokenizer.decode(row.tokens, skip_special_tokens=True), row.params.stop)
+        try:
+            row.done(ChatResult(text, row.prompt_tokens, len(row.tokens), row.finish or "stop"))
+        except Exception:  # the caller's future is gone: nothing to tell
+            pass
+
+
+def new_row(spec: ModelSpec, loaded: LoadedModel, params: ChatParams, done: Done) -> Row:
+    end_ids = end_token_ids(loaded)
+    limit = params.max_new_tokens or spec.max_new_tokens
+    stream = RowStream(loaded.tokenizer, params.sink or (lambda _text: None), params.stop, limit, end_ids)
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(params.seed % 2**63)
+    return Row(spec, params, done, loaded.adapter_name, sampling_settings(loaded, params), end_ids, stream, generator)
+
+
+def sampling_settings(loaded: LoadedModel, params: ChatParams) -> dict[str, Any]:
+    """The request's sampling, with the model's generation_config for what the request leaves open."""
+    config = loaded.model.generation_config
+    temperature = params.temperature if params.temperature is not None else (
+        (config.temperature or 1.0) if config.do_sample else 0.0)
+    top_p = params.top_p if params.top_p is not None else (config.top_p or 1.0) if config.do_sample else 1.0
+    top_k = (config.top_k or 0) if config.do_sample and params.temperature is None else 0
+    return {"temperature": float(temperature), "top_p": float(top_p), "top_k": int(top_k)}
+
+
+def sample_token(logits: torch.Tensor, sampling: dict[str, Any], generator: torch.Generator | None) -> int:
+    temperature = sampling["temperature"]
+    if temperature <= 0:
+        return int(logits.argmax())
+    scores = logits / temperature
+    if sampling["top_k"] > 0:
+        kth = torch.topk(scores, min(sampling["top_k"], scores.shape[-1])).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling["top_p"] < 1.0:
+        ordered, index = torch.sort(scores, descending=True)
+        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(ordered, dim=-1) > sampling["top_p"]  # keep the first past top_p
+        scores = scores.scatter(0, index, ordered.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(scores, dim=-1).cpu()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _join(cache: DynamicCache | None, mask: torch.Tensor | None, tokens: torch.Tensor | None,
+          new_cache: DynamicCache, new_mask: torch.Tensor, new_tokens: torch.Tensor):
+    """The running batch plus newly prefilled rows: caches and masks left-padded to one length."""
+    if cache is None or mask is None or tokens is None:
+        return new_cache, new_mask, new_tokens
+    length = max(mask.shape[1], new_mask.shape[1])
+    for old, new in zip(cache.layers, new_cache.layers):
+        old.keys = torch.cat([_pad_left(old.keys, length), _pad_left(new.keys, length)], dim=0)
+        old.values = torch.cat([_pad_left(old.values, length), _pad_left(new.values, length)], dim=0)
+    mask = torch.cat([_pad_left(mask, length, dim=1), _pad_left(new_mask, length, dim=1)], dim=0)
+    return cache, mask, torch.cat([tokens, new_tokens], dim=0)
+
+
+def _pad_left(tensor: torch.Tensor, length: int, dim: int = -2) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _trim(group: Group) -> None:
+    """Drop the leading columns that are padding for every remaining row."""
+    assert group.mask is not None and group.cache is not None
+    used = group.mask.any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else 0
+    if start > 0:
+        group.mask = group.mask[:, start:]
+        for layer in group.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, start:, :], layer.values[:, :, start:, :]
+
+
+__all__ = ["DecodeLoop", "PADDED_KEYS"]

@@ -1,0 +1,123 @@
+"""Continuous batching: rows that join a running batch, leave it early, use different adapters or
+sampling settings each get exactly what they would get alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from deployments.decode_loop import DecodeLoop
+from deployments.generation import generate_batch
+from deployments.llm import LLMServer
+from deployments.params import ChatParams
+from loading import ModelSpec, attach_adapter, load_model
+from loading.tiny import build_tiny
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    base_dir = build_tiny("llm", root / "tiny-llm")
+    lora_dir = build_tiny("llm-lora", root / "tiny-llm-lora", base=base_dir)
+    spec = ModelSpec(name="tiny", source=str(base_dir), max_new_tokens=48)
+    base = load_model(spec)
+    lora_spec = ModelSpec(name="lora", source=str(lora_dir), base_model="tiny", max_new_tokens=48)
+    lora = attach_adapter(lora_spec, base)
+    return {"tiny": (spec, base), "lora": (lora_spec, lora)}
+
+
+def chat(prompt: str, max_new_tokens: int, **kw) -> ChatParams:
+    return ChatParams(model="tiny", messages=[{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens,
+                      temperature=kw.pop("temperature", 0), **kw)
+
+
+def alone(models, name: str, params: ChatParams):
+    spec, loaded = models[name]
+    params.inputs = LLMServer.encode(None, loaded, params)
+    return generate_batch(spec, loaded, [params])[0]
+
+
+def run_loop(models, jobs: list[tuple[str, ChatParams]], join_after_steps: dict[int, int] | None = None):
+    """Submit jobs (some only after the loop made a number of steps) and run it to the end."""
+    stats = {"model_calls": 0, "requests": 0, "largest_batch": 0}
+    loop = DecodeLoop(max_rows=8, stats=stats)
+    results: dict[int, object] = {}
+    late = dict(join_after_steps or {})
+
+    def submit(i: int) -> None:
+        name, params = jobs[i]
+        spec, loaded = models[name]
+        params.inputs = LLMServer.encode(None, loaded, params)
+        loop.submit(spec, loaded, params, lambda outcome, i=i: results.__setitem__(i, outcome))
+
+    for i in range(len(jobs)):
+        if i not in late:
+            submit(i)
+    original_step = loop._step
+
+    def step(group):  # the late rows join once the loop has made their number of steps
+        original_step(group)
+        for i, steps in list(late.items()):
+            if stats.get("decode_steps", 0) >= steps:
+                submit(i)
+                del late[i]
+
+    loop._step = step
+    loop.run()
+    assert not late, "a late job never joined"
+    return [results[i] for i in range(len(jobs))], stats
+
+
+def test_rows_joining_and_leaving_a_running_batch_get_their_greedy_answers(models):
+    prompts = [("Tell me a story", 40), ("hi", 3), ("What is the weather like today in the city", 24),
+               ("Count with me", 12), ("ok", 1), ("Another long question about many things", 30)]
+    expected = [alone(models, "tiny", chat(p, n)) for p, n in prompts]
+    jobs = [("tiny", chat(p, n)) for p, n in prompts]
+    results, stats = run_loop(models, jobs, join_after_steps={3: 2, 4: 5, 5: 9})
+    assert [r.text for r in results] == [e.text for e in expected]
+    assert [r.completion_tokens for r in results] == [e.completion_tokens for e in expected]
+    assert [r.finish_reason for r in results] == [e.finish_reason for e in expected]
+    assert [r.prompt_tokens for r in results] == [e.prompt_tokens for e in expected]
+    assert stats["requests"] == 6 and stats["largest_batch"] >= 3
+    assert stats["model_calls"] < 6 + sum(n for _, n in prompts)  # prefills were shared, steps too
+
+
+def test_base_and_adapter_rows_share_steps_and_answer_as_themselves(models):
+    expected = [alone(models, "tiny", chat("The weather today is", 16)),
+                alone(models, "lora", chat("The weather today is", 16))]
+    assert expected[0].text != expected[1].text
+    jobs = [("tiny", chat("The weather today is", 16)), ("lora", chat("The weather today is", 16))] * 2
+    results, stats = run_loop(models, jobs, join_after_steps={2: 3})
+    assert [r.text for r in results] == [e.text for e in expected] * 2
+    assert stats["largest_batch"] >= 3
+
+
+def test_seeded_sampling_is_per_row_and_a_stop_string_cuts_one_row(models):
+    sampled = [chat("Tell me a story", 20, temperature=0.9, seed=7) for _ in range(2)]
+    full = alone(models, "tiny", chat("Count with me", 24)).text
+    stop = full[4:7]
+    jobs = [("tiny", sampled[0]), ("tiny", chat("Count with me", 24, stop=[stop])), ("tiny", sampled[1])]
+    results, _ = run_loop(models, jobs, join_after_steps={2: 4})
+    assert results[0].text == results[2].text  # same seed, same tokens, though they joined apart
+    assert results[1].text == full[: full.find(stop)] and results[1].finish_reason == "stop"
+
+
+def test_a_cancelled_row_leaves_at_the_next_step(models):
+    cancelled = threading.Event()
+    doomed = chat("Tell me a story", 40, cancelled=cancelled)
+    jobs = [("tiny", doomed), ("tiny", chat("Tell me a story", 40))]
+    original = DecodeLoop._advance
+
+    def advance(row, token, now):
+        if row.params is doomed and len(row.tokens) == 5:
+            cancelled.set()
+        return original(row, token, now)
+
+    DecodeLoop._advance = staticmethod(advance)
+    try:
+        results, _ = run_loop(models, jobs)
+    finally:
+        DecodeLoop._advance = staticmethod(original)
+    assert results[0].finish_reason == "cancelled" and results[0].completion_tokens <= 6
+    assert results[1].completion_tokens == alone(models, "tiny", chat("Tell me a story", 40)).completion_tokens
