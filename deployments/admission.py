@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from .errors import RequestTooLargeError
 
@@ -36,7 +37,7 @@ def chat_request_bytes(config: Any, prompt_tokens: int, new_tokens: int, images:
     kv_cache = 2 * layers * kv_heads * head_dim * total * FLOAT_BYTES
     # one layer's prefill at a time: hidden states, MLP, and (worst case, the math attention kernel)
     # a full heads x prompt x prompt score matrix
-    prefill = prompt_tokens * (4 * hidden + 2 * inner) * FLOAT_BYTES + heads * prompt_tokens * prompt_tokens * FLOAT_BYTES
+    prefill = (prompt_tokens * (4 * hidden + 2 * inner) + heads * prompt_tokens * prompt_tokens) * FLOAT_BYTES
     logits = 4 * vocab * FLOAT_BYTES
     vision = images * _vision_bytes(config)
     return batch * (kv_cache + prefill + logits) + vision

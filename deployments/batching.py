@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any, Awaitable, Callable, Generic, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
 Handler = Callable[[list[Any]], Awaitable[list[Any]]]
@@ -43,7 +44,7 @@ class Batcher(Generic[Item]):
         while self._queue:
             if self.batch_wait_timeout_s > 0 and len(self._queue) < self.max_batch_size:
                 await asyncio.sleep(self.batch_wait_timeout_s)
-            batch = []
+            batch: list[tuple[Item, asyncio.Future]] = []
             while self._queue and len(batch) < self.max_batch_size:
                 item, future = self._queue.popleft()
                 if not future.done():  # a cancelled caller (client went away) is dropped
@@ -54,6 +55,7 @@ class Batcher(Generic[Item]):
                 results = await self._handler([item for item, _ in batch])
             except Exception as exc:  # the handler should return exceptions per item; never strand callers
                 results = [exc] * len(batch)
-            for (_, future), result in zip(batch, results):
+            # strict=False: a short list must not strand the callers it does answer
+            for (_, future), result in zip(batch, results, strict=False):
                 if not future.done():
                     future.set_result(result)

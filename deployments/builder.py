@@ -23,11 +23,11 @@ import loading
 from loading import Family
 
 from .app_config import AppConfig
-from .family_server import FamilyServer
-from .options import FamilyOptions
 from .auth import load_keys
+from .family_server import FamilyServer
 from .ingress import Ingress
 from .llm import LLMServer
+from .options import FamilyOptions
 from .stt import STTServer
 from .tts import TTSServer
 from .vlm import VLMServer
@@ -112,7 +112,7 @@ def build_app(args: dict[str, Any]) -> Application:
         options = config.family_options(family)
         resources[family.value] = {"CPU": options.num_cpus, "GPU": num_gpus}
         demand[family.value] = starting_replicas(options)
-        deployment = serve.deployment(server, **server.deployment_options(family.value, options, num_gpus, env))
+        deployment = serve.deployment(**server.deployment_options(family.value, options, num_gpus, env))(server)
         handles[family.value] = deployment.bind(specs, options)
         log.info("family %s: %d model(s), num_gpus=%d", family.value, len(specs), num_gpus)
     notes += gpu_shortage_notes(num_gpus, demand, available)
@@ -120,11 +120,10 @@ def build_app(args: dict[str, Any]) -> Application:
     if config.auth.required:
         load_keys(config.auth)  # no key where the app is built: say so now, not as a replica crash loop
     ingress = serve.deployment(
-        serve.ingress()(Ingress),
         name="ingress",
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         max_queued_requests=config.ingress.max_queued_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
-    )
+    )(serve.ingress()(Ingress))
     return ingress.bind(handles, config, notes, resources)

@@ -27,7 +27,7 @@ import loading
 from loading.errors import PicklableError
 
 from .audio import AudioDecodeError, AudioTooLongError, UnsupportedAudioFormat
-from .protocol import ErrorInfo, ErrorResponse
+from .protocol import FORM_ALIASES, ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ class ServiceUnavailableError(APIError):
     status = 503
     type = "service_unavailable"
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None, code: str | None = None, param: str | None = None):
+    def __init__(self, message: str, *, retry_after_s: float | None = None, code: str | None = None,
+                 param: str | None = None):
         headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else {}
         super().__init__(message, param=param, code=code, headers=headers)
         self.retry_after_s = retry_after_s
@@ -159,6 +160,8 @@ _TYPE_LABELS = {"str", "list", "int", "float", "bool", "bytes", "dict", "none"}
 
 
 def _is_label(part: Any) -> bool:
+    if part in FORM_ALIASES:  # a multipart field such as chunking_strategy[threshold]
+        return False
     return isinstance(part, str) and (part in _TYPE_LABELS or not part.isidentifier() or not part.islower())
 
 
@@ -210,7 +213,8 @@ def _timeout(exc: BaseException) -> APIError:
 
 def _backpressure(exc: BackPressureError) -> APIError:
     error = ServiceUnavailableError(
-        f"{exc.message} The server is overloaded; retry shortly.", retry_after_s=exc.retry_after_s or 1, code="overloaded"
+        f"{exc.message} The server is overloaded; retry shortly.", retry_after_s=exc.retry_after_s or 1,
+        code="overloaded",
     )
     error.status = exc.status_code  # Serve's backpressure_config may choose 429 instead of 503
     return error

@@ -13,14 +13,18 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from loading import ModelSpec
 
 from .admission import MB, MemoryGate
 from .options import FamilyOptions
 from .pool import ModelPool
+
+
+T = TypeVar("T")
 
 
 class FamilyServer:
@@ -39,7 +43,8 @@ class FamilyServer:
         self.batch_stats = {"model_calls": 0, "requests": 0, "largest_batch": 0, "cancelled": 0}
 
     @classmethod
-    def deployment_options(cls, name: str, options: FamilyOptions, num_gpus: int, env: dict[str, str]) -> dict[str, Any]:
+    def deployment_options(cls, name: str, options: FamilyOptions, num_gpus: int,
+                           env: dict[str, str]) -> dict[str, Any]:
         """Serve's options for this family's deployment."""
         actor: dict[str, Any] = {"num_cpus": options.num_cpus, "num_gpus": num_gpus}
         if env:
@@ -89,11 +94,11 @@ class FamilyServer:
                 outputs = await self._infer(work, spec, loaded, items)
             except Exception as exc:
                 outputs = [exc] * len(items)
-            for i, output in zip(indices, outputs):
+            for i, output in zip(indices, outputs, strict=True):
                 results[i] = output
         return results
 
-    async def _until_cancelled(self, params: Any, work):
+    async def _until_cancelled(self, params: Any, work: Awaitable[T]) -> T:
         """Await `work` for a request; if the request is cancelled (client gone, ingress timeout),
         flag it so the model call drops it at its next step, then let the cancellation through."""
         params.cancelled = params.cancelled or threading.Event()

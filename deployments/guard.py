@@ -143,7 +143,8 @@ def check_json(body: bytes, limits: RequestLimits) -> Any:
         value = json.loads(body)
     except RecursionError:
         raise InvalidRequestError(
-            f"the JSON body is nested deeper than max_json_depth={limits.max_json_depth}", code="json_too_deep") from None
+            f"the JSON body is nested deeper than max_json_depth={limits.max_json_depth}", code="json_too_deep",
+        ) from None
     except UnicodeDecodeError as exc:
         raise InvalidRequestError(f"the request body is not valid UTF-8 ({exc.reason} at byte {exc.start})",
                                   code="invalid_json") from None
@@ -151,7 +152,8 @@ def check_json(body: bytes, limits: RequestLimits) -> Any:
         raise InvalidRequestError(f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column "
                                   f"{exc.colno})", code="invalid_json") from None
     except ValueError as exc:  # e.g. an integer literal past Python's 4300-digit conversion limit
-        raise InvalidRequestError(f"the JSON body holds a value that cannot be read: {exc}", code="invalid_json") from None
+        raise InvalidRequestError(f"the JSON body holds a value that cannot be read: {exc}",
+                                  code="invalid_json") from None
     _check_tree(value, limits)
     return value
 

@@ -8,7 +8,8 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from loading import Family
 
@@ -40,7 +41,8 @@ class HealthMonitor:
         settled = {"ready", "not_loaded", "scaled_to_zero"}
         status = "degraded" if states & {"failed", "unavailable"} else "loading" if states - settled else "ok"
         if not authorized:
-            models = {name: {k: v for k, v in info.items() if k in PUBLIC_MODEL_FIELDS} for name, info in models.items()}
+            models = {name: {k: v for k, v in info.items() if k in PUBLIC_MODEL_FIELDS}
+                      for name, info in models.items()}
             return {"status": status, "models": models}
         body: dict[str, Any] = {"status": status, "models": models, "ingress": {"pid": os.getpid()}}
         if self.notes:
@@ -61,7 +63,8 @@ class HealthMonitor:
         for name, deployment in (status.deployments if status else {}).items():
             if name not in self.families:
                 continue
-            replicas = {str(getattr(state, "value", state)): count for state, count in deployment.replica_states.items()}
+            replicas = {str(getattr(state, "value", state)): count
+                        for state, count in deployment.replica_states.items()}
             out[name] = {"status": str(getattr(deployment.status, "value", deployment.status)), "replicas": replicas,
                          "message": deployment.message, "replica_resources": self.resources.get(name, {}),
                          "cluster_gpus": {"total": total, "free": free}}
@@ -125,12 +128,14 @@ class HealthMonitor:
         for family in asleep:
             out.update(self._placeholder(family, "scaled_to_zero", deployment=deployments[family.value],
                                          note="no replica running; the next request starts one (cold start)"))
-        for family, answer in zip(awake, answers):
+        for family, answer in zip(awake, answers, strict=True):
             view = deployments.get(family.value, {})
             if isinstance(answer, BaseException):
-                reason = str(answer) if isinstance(answer, ServiceUnavailableError) else f"{type(answer).__name__}: {answer}"
+                known = isinstance(answer, ServiceUnavailableError)
+                reason = str(answer) if known else f"{type(answer).__name__}: {answer}"
                 pending = self.pending_reason(family.value, view)
-                out.update(self._placeholder(family, "unavailable", error=f"{reason}. {pending}" if pending else reason))
+                error = f"{reason}. {pending}" if pending else reason
+                out.update(self._placeholder(family, "unavailable", error=error))
             else:
                 out.update({info["name"]: info for info in answer})
             for spec in self.config.models:

@@ -35,7 +35,8 @@ class FamilyOptions(BaseModel):
     max_loaded_models: int = Field(default=4, ge=1, description="Models kept in memory per replica (LRU beyond).")
     max_ongoing_requests: int = Field(default=16, ge=1, description="Requests a replica works on at once.")
     max_queued_requests: int = Field(
-        default=64, ge=-1, description="Requests waiting for a replica before new ones get 503 + Retry-After (-1: no bound)."
+        default=64, ge=-1,
+        description="Requests waiting for a replica before new ones get 503 + Retry-After (-1: no bound).",
     )
     autoscaling: AutoscalingOptions | None = Field(
         default_factory=AutoscalingOptions, description="null pins num_replicas: 1."
@@ -80,7 +81,8 @@ class TranscriptionOptions(BatchingOptions):
     """STT."""
 
     max_chunks_per_call: int = Field(
-        default=8, ge=1, description="30 s chunks per encoder/generate call: long audio runs in sub-batches of this many."
+        default=8, ge=1,
+        description="30 s chunks per encoder/generate call: long audio runs in sub-batches of this many.",
     )
 
 

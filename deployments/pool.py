@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import time
+from typing import Any
 from collections import OrderedDict
 
 from loading import LoadedModel, LoadingMode, ModelHandle, ModelSpec, State
@@ -103,9 +104,9 @@ class ModelPool:
                 self._last_used.pop(victim, None)
                 gc.collect()
 
-    def status(self, **replica_facts) -> list[dict]:
-        replica = {"pid": os.getpid(), "node_id": _node_id(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                   **replica_facts}
+    def status(self, **replica_facts: Any) -> list[dict]:
+        replica = {"pid": os.getpid(), "node_id": _node_id(),
+                   "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), **replica_facts}
         out = []
         for name, handle in self.handles.items():
             spec = self.specs[name]
@@ -116,8 +117,8 @@ class ModelPool:
             }
             if handle.loaded is not None:
                 report = handle.loaded.report
+                fallbacks = [a.__dict__ for a in report.attempts if a.outcome != "loaded"]
                 info.update(family=report.family, model_class=report.model_class, device_reason=report.device_reason,
-                            adapter=report.adapter_path, base=report.base_resolved_from, fallbacks=[a.__dict__ for a in report.attempts
-                                                                      if a.outcome != "loaded"])
+                            adapter=report.adapter_path, base=report.base_resolved_from, fallbacks=fallbacks)
             out.append(info)
         return out

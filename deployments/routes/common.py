@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Form, Header, Request
 
@@ -55,4 +55,4 @@ ERRORS: dict[int | str, dict] = {
     503: _error("Model loading (with Retry-After), failed, overloaded, or its deployment did not answer in time."),
 }
 MULTIPART = Form(media_type="multipart/form-data")  # a Form model with a file: documented as multipart
-UPLOAD_LIMITS = {"max_files": 1, "max_fields": 16}  # one file and a handful of fields per multipart form
+UPLOAD_LIMITS: Any = {"max_files": 1, "max_fields": 16}  # FastAPI's private _FormLimits TypedDict  # one file and a handful of fields per multipart form

@@ -6,6 +6,7 @@ import time
 
 from fastapi import APIRouter, Request
 
+from ..ingress import Ingress
 from ..protocol import ModelCard, ModelList
 from .common import ERRORS, IngressDep, is_authorized
 
@@ -18,9 +19,10 @@ async def health(request: Request, ingress: IngressDep) -> dict:
     return await ingress.health.health(is_authorized(request))
 
 
-def _card(ingress, name: str, info: dict) -> ModelCard:
+def _card(ingress: Ingress, name: str, info: dict) -> ModelCard:
     spec = ingress.spec(name)
-    return ModelCard(id=spec.name, created=CREATED, family=spec.family.value, state=info.get("state"),
+    return ModelCard(id=spec.name, created=CREATED, family=spec.family.value if spec.family else None,
+                     state=info.get("state"),
                      device=info.get("device"), loading_strategy=info.get("loading_strategy"),
                      demo=spec.is_demo, aliases=spec.aliases)
 
