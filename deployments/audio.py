@@ -8,6 +8,7 @@ write them, so `SPEECH_FORMATS` says what this machine can actually produce.
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from math import gcd
@@ -198,6 +199,76 @@ def encode_audio(waveform: np.ndarray, rate: int, fmt: str) -> tuple[bytes, str]
     """Encode a mono float waveform as `fmt` (a key of `SPEECH_FORMATS`): (bytes, media type)."""
     data, media_type, _ = encode_audio_with_rate(waveform, rate, fmt)
     return data, media_type
+
+
+# --- streaming encoding -------------------------------------------------------------------
+
+#: formats whose bytes can be sent while later audio is still being made; the others (flac, mp3) are
+#: written once the audio is complete (libsndfile rewrites their headers when it closes them)
+STREAMED_FORMATS = ("pcm", "wav", "opus")
+
+
+def streaming_wav_header(rate: int) -> bytes:
+    """A 16-bit mono WAV header for audio of unknown length (RIFF and data sizes 0xFFFFFFFF, as
+    streaming servers send it; libsndfile, Python's wave and scipy read such a file to its end)."""
+    unknown = 0xFFFFFFFF
+    return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE"
+            + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+            + b"data" + struct.pack("<I", unknown))
+
+
+class StreamEncoder:
+    """Encodes audio that arrives piece by piece into one `fmt` byte stream: `write(piece)` returns the
+    bytes that piece adds (pcm and wav at once, opus page by page), `close()` the rest (all of it for
+    flac and mp3). The source rate must stay the same across pieces."""
+
+    def __init__(self, fmt: str, rate: int):
+        if fmt not in SPEECH_FORMATS:
+            raise UnsupportedAudioFormat(
+                f"Audio format {fmt!r} is not supported here; choose one of: {', '.join(SPEECH_FORMATS)}.")
+        self.fmt, self.rate = fmt, int(rate)
+        self.media_type = SPEECH_FORMATS[fmt][0]
+        self.streamed = fmt in STREAMED_FORMATS
+        self.written_rate = _supported_rate(self.rate, _OPUS_RATES) if fmt == "opus" else self.rate
+        self._held: list[np.ndarray] = []  # flac/mp3: the whole audio, encoded at close
+        self._file: Any = None
+        self._buffer = io.BytesIO()
+        self._sent = 0
+        self._started = False
+
+    def write(self, waveform: np.ndarray) -> bytes:
+        samples = _prepare(waveform)
+        if self.fmt in ("pcm", "wav"):
+            head = b""
+            if self.fmt == "wav" and not self._started:
+                head = streaming_wav_header(self.rate)
+            self._started = True
+            return head + _pcm16(samples, self.rate)[0]
+        if self.fmt == "opus":
+            if self._file is None:
+                self._file = sf.SoundFile(self._buffer, "w", samplerate=self.written_rate, channels=1,
+                                          format="OGG", subtype="OPUS")
+            self._file.write(resample(samples, self.rate, self.written_rate))
+            return self._take()
+        self._held.append(samples)
+        return b""
+
+    def close(self) -> bytes:
+        if self.fmt in ("pcm", "wav"):
+            return b"" if self._started else self.write(np.zeros(0, dtype=np.float32))
+        if self.fmt == "opus":
+            if self._file is None:
+                return b""
+            self._file.close()
+            return self._take()
+        data, _, self.written_rate = encode_audio_with_rate(
+            np.concatenate(self._held) if self._held else np.zeros(0, dtype=np.float32), self.rate, self.fmt)
+        return data
+
+    def _take(self) -> bytes:
+        data = self._buffer.getvalue()[self._sent:]
+        self._sent += len(data)
+        return data
 
 
 # --- subtitles --------------------------------------------------------------------------

@@ -9,19 +9,32 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 from loading import Family, ModelSpec
 
 from .app_config import AppConfig
-from .audio import AudioBounds, decode_audio, encode_audio_with_rate
+import numpy as np
+
+from .audio import AudioBounds, StreamEncoder, decode_audio, encode_audio_with_rate
 from .auth import KeyChecker, load_keys
 from .errors import SERVE_UNAVAILABLE, InvalidRequestError, ServiceUnavailableError, UnknownModelError, as_api_error
 from .health import HealthMonitor
 from .media import take_images
 from .params import ChatParams, ChatResult, SpeechParams, SpeechResult, TranscribeParams, TranscribeResult
-from .protocol import VoiceChatForm, VoiceChatResponse
+from .protocol import (
+    VoiceAudioDelta,
+    VoiceChatForm,
+    VoiceChatResponse,
+    VoiceDone,
+    VoiceReplyDelta,
+    VoiceTranscriptEvent,
+    VoiceUsage,
+)
+from .sse import event, guarded
+from .voice import AudioPiece, TextDelta, drain, spoken_reply
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -117,10 +130,19 @@ class Ingress:
         spec = self.spec(params.model, Family.LLM, Family.VLM)
         return await self._call(spec.family, "chat", params)
 
-    async def chat_stream(self, params: ChatParams) -> AsyncIterator[dict]:
+    def chat_stream(self, params: ChatParams) -> AsyncIterator[dict]:
         """Chunks from the family; the first is awaited under the timeout so errors come before headers."""
         spec = self.spec(params.model, Family.LLM, Family.VLM)
-        generator = self.streams[spec.family.value].chat_stream.remote(params)
+        return self._stream(spec.family, "chat_stream", params)
+
+    async def _stream(self, family: Family, method: str, params: Any) -> AsyncIterator[Any]:
+        """A family's streaming method through its stream handle. The first item is awaited under
+        request_timeout_s, so that errors come before a response's headers; closing the iterator (the
+        client left, a barge-in) cancels the family's work."""
+        handle = self.streams.get(family.value)
+        if handle is None:
+            raise ServiceUnavailableError(f"no {family.value} deployment is configured")
+        generator = getattr(handle, method).remote(params)
         limit = self.config.request_timeout_s
         try:
             first = await asyncio.wait_for(generator.__anext__(), limit)
@@ -129,16 +151,29 @@ class Ingress:
         except asyncio.TimeoutError:
             generator.cancel()
             raise ServiceUnavailableError(
-                f"the {spec.family.value} deployment did not start streaming within {limit:g} s", retry_after_s=5
+                f"the {family.value} deployment did not start streaming within {limit:g} s", retry_after_s=5
             ) from None
         except StopAsyncIteration:
             return
+        except BaseException:
+            generator.cancel()
+            raise
         try:
             yield first
             async for chunk in generator:
                 yield chunk
         finally:
             generator.cancel()  # a no-op once it has finished; stops the family's work if the client left
+
+    def synthesize_stream(self, params: SpeechParams) -> AsyncIterator[SpeechResult]:
+        """The speech piece by piece (sentence, or clause), as the TTS family makes it."""
+        self.spec(params.model, Family.TTS)
+        return self._stream(Family.TTS, "synthesize_stream", params)
+
+    def transcribe_stream(self, params: TranscribeParams) -> AsyncIterator[dict]:
+        """{"segment", "words"} per piece of the audio (cut at silences), then {"result"}."""
+        self.spec(params.model, Family.STT)
+        return self._stream(Family.STT, "transcribe_stream", params)
 
     async def transcribe(self, params: TranscribeParams) -> TranscribeResult:
         self.spec(params.model, Family.STT)
@@ -148,11 +183,12 @@ class Ingress:
         self.spec(params.model, Family.TTS)
         return await self._call(Family.TTS, "synthesize", params)
 
-    async def voice_chat(self, form: VoiceChatForm, upload: bytes, wait_s: float) -> VoiceChatResponse:
-        """The voice-agent round trip: what was said (STT), the answer (LLM), spoken (TTS)."""
+    # -- the voice round trip ----------------------------------------------------------------------
+    async def _voice_turn(self, form: VoiceChatForm, upload: bytes, wait_s: float
+                          ) -> tuple[dict[Family, str], TranscribeResult, ChatParams]:
+        """What was said (STT) and the chat request answering it; every model checked first."""
         names = {Family.STT: form.stt_model, Family.LLM: form.llm_model, Family.TTS: form.tts_model}
         names = {family: name or self.default_model(family) for family, name in names.items()}
-        # every model checked before any work starts
         stt = self.spec(names[Family.STT], Family.STT, param="stt_model")
         llm = self.spec(names[Family.LLM], Family.LLM, Family.VLM, param="llm_model")
         self.spec(names[Family.TTS], Family.TTS, param="tts_model")
@@ -161,10 +197,60 @@ class Ingress:
                                                        language=form.language, wait_s=wait_s))
         messages = [{"role": "system", "content": form.system_prompt}] if form.system_prompt else []
         messages.append({"role": "user", "content": heard.text or "(silence)"})
-        reply = await self.chat(await self.chat_params(llm, messages, wait_s, max_new_tokens=form.max_tokens))
-        spoken = await self.synthesize(SpeechParams(model=names[Family.TTS], text=reply.text or "...", wait_s=wait_s))
+        chat = await self.chat_params(llm, messages, wait_s, max_new_tokens=form.max_tokens)
+        return names, heard, chat
+
+    def _speech_template(self, model: str, wait_s: float) -> SpeechParams:
+        return SpeechParams(model=model, text="", wait_s=wait_s)
+
+    async def voice_chat(self, form: VoiceChatForm, upload: bytes, wait_s: float) -> VoiceChatResponse:
+        """The voice-agent round trip: what was said (STT), the answer (LLM), spoken (TTS) sentence by
+        sentence while the LLM writes the next (voice.spoken_reply)."""
+        names, heard, chat = await self._voice_turn(form, upload, wait_s)
+        done, pieces = await drain(spoken_reply(self, chat, self._speech_template(names[Family.TTS], wait_s),
+                                                self._tts_chars()))
+        if not pieces:  # nothing speakable in the reply: a short pause of speech, as before
+            pieces = [await self.synthesize(SpeechParams(model=names[Family.TTS], text="...", wait_s=wait_s))]
+        waveform = np.concatenate([p.waveform for p in pieces])
         data, _, written_rate = await self._off_loop(
-            encode_audio_with_rate, spoken.waveform, spoken.sample_rate, form.response_format)
-        return VoiceChatResponse(transcript=heard.text, reply=reply.text, audio=base64.b64encode(data).decode(),
+            encode_audio_with_rate, waveform, pieces[0].sample_rate, form.response_format)
+        return VoiceChatResponse(transcript=heard.text, reply=done.text, audio=base64.b64encode(data).decode(),
                                  audio_format=form.response_format, sample_rate=written_rate,
                                  models={family.value: name for family, name in names.items()})
+
+    async def voice_chat_stream(self, form: VoiceChatForm, upload: bytes, wait_s: float) -> AsyncIterator[str]:
+        """The round trip as server-sent events. Speech-to-text and the checks run before the first
+        event (their errors are plain HTTP errors); later failures are in-band error events."""
+        names, heard, chat = await self._voice_turn(form, upload, wait_s)
+        models = {family.value: name for family, name in names.items()}
+        return guarded(self._voice_events(form, names, heard, chat, models, wait_s))
+
+    async def _voice_events(self, form: VoiceChatForm, names: dict[Family, str], heard: TranscribeResult,
+                            chat: ChatParams, models: dict[str, str], wait_s: float) -> AsyncIterator[str]:
+        yield event(VoiceTranscriptEvent(text=heard.text))
+        encoder: StreamEncoder | None = None
+        async with contextlib.aclosing(spoken_reply(
+                self, chat, self._speech_template(names[Family.TTS], wait_s), self._tts_chars())) as reply:
+            async for item in reply:
+                if isinstance(item, TextDelta):
+                    yield event(VoiceReplyDelta(delta=item.text))
+                elif isinstance(item, AudioPiece):
+                    encoder = encoder or StreamEncoder(form.response_format, item.speech.sample_rate)
+                    data = await self._off_loop(encoder.write, item.speech.waveform)
+                    if data:
+                        yield event(VoiceAudioDelta(audio=base64.b64encode(data).decode()))
+                else:
+                    if encoder is not None and (data := await self._off_loop(encoder.close)):
+                        yield event(VoiceAudioDelta(audio=base64.b64encode(data).decode()))
+                    usage = VoiceUsage(prompt_tokens=item.usage.get("prompt_tokens", 0),
+                                       completion_tokens=item.usage.get("completion_tokens", 0),
+                                       transcription_tokens=heard.tokens,
+                                       speech_input_tokens=item.usage.get("tts_tokens", 0))
+                    yield event(VoiceDone(transcript=heard.text, reply=item.text, finish_reason=item.finish_reason,
+                                          audio_format=form.response_format,
+                                          sample_rate=encoder.written_rate if encoder else 0,
+                                          models=models, usage=usage))
+
+    def _tts_chars(self) -> int:
+        """Longest piece of a reply sent to the TTS at once (its family's max_chars_per_call)."""
+        return int(self.config.family_options(Family.TTS).max_chars_per_call)

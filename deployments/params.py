@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 # Fields set inside the replica (never sent over the wire) are excluded from repr and comparison.
-_LOCAL = {"repr": False, "compare": False}
 
 
 @dataclass
@@ -26,12 +25,12 @@ class ChatParams:
     seed: int | None = None
     wait_s: float = 0.0  # how long to wait for a model that is still loading
     # Set inside the replica for a streamed request: called with each text delta, on the inference thread.
-    sink: Callable[[str], None] | None = field(default=None, **_LOCAL)
+    sink: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
     # Set inside the replica: the model inputs of this request alone (template applied, tokenized,
     # images processed), made before it joins a batch so that a bad request fails alone.
-    inputs: dict[str, Any] | None = field(default=None, **_LOCAL)
+    inputs: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     # Set inside the replica when the caller goes away: generation drops this row at its next step.
-    cancelled: threading.Event | None = field(default=None, **_LOCAL)
+    cancelled: threading.Event | None = field(default=None, repr=False, compare=False)
 
     def sampling_key(self) -> tuple:
         """Requests with equal keys can share one batched generate call."""
@@ -56,10 +55,24 @@ class TranscribeParams:
     temperature: float = 0.0
     detect_language: bool = False  # costs one extra encoder pass per request
     wait_s: float = 0.0
-    cancelled: threading.Event | None = field(default=None, **_LOCAL)
+    task: str = "transcribe"  # or "translate" (Whisper's task: into English)
+    word_timestamps: bool = False  # words with start/end from the cross-attention alignment heads
+    vad: Any = None  # vad.VadOptions: how long audio is cut at silences (None: the defaults)
+    # Set inside the replica: (start, end) sample ranges the audio is transcribed in (VAD cuts), and the
+    # offset in seconds of this audio in a longer one (a streamed request's pieces)
+    cuts: list[tuple[int, int]] | None = field(default=None, repr=False, compare=False)
+    offset_s: float = field(default=0.0, repr=False, compare=False)
+    cancelled: threading.Event | None = field(default=None, repr=False, compare=False)
 
     def batch_key(self) -> tuple:
-        return (self.language, self.prompt, self.temperature, self.detect_language)
+        return (self.language, self.prompt, self.temperature, self.detect_language, self.task, self.word_timestamps)
+
+
+@dataclass
+class Word:
+    word: str
+    start: float
+    end: float
 
 
 @dataclass
@@ -68,6 +81,7 @@ class Segment:
     start: float
     end: float
     text: str
+    tokens: int = 0  # tokens the model generated for it
 
 
 @dataclass
@@ -76,6 +90,11 @@ class TranscribeResult:
     language: str | None
     duration: float
     segments: list[Segment]
+    words: list[Word] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.segments)
 
 
 @dataclass
@@ -85,10 +104,11 @@ class SpeechParams:
     voice: str | None = None
     speed: float = 1.0
     wait_s: float = 0.0
-    cancelled: threading.Event | None = field(default=None, **_LOCAL)
+    cancelled: threading.Event | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
 class SpeechResult:
     waveform: Any  # float32 numpy array
     sample_rate: int
+    tokens: int = 0  # the model's input tokens

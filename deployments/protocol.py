@@ -363,7 +363,24 @@ class TranscriptionForm(FormModel):
     """Sampling temperature; 0 means greedy decoding."""
     timestamp_granularities: list[Literal["segment", "word"]] = Field(
         default_factory=lambda: ["segment"], alias="timestamp_granularities[]")
-    """Timestamp detail for `verbose_json` (the openai client sends `timestamp_granularities[]`)."""
+    """Timestamp detail for `verbose_json` (the openai client sends `timestamp_granularities[]`): `segment`
+    (one per piece the audio is cut into), `word` (Whisper's cross-attention alignment: `words` with start/end)."""
+    stream: bool = False
+    """Answer with server-sent events: `transcript.text.delta` per piece of the audio as it is
+    transcribed, then `transcript.text.done` with the whole text and usage."""
+    chunking_strategy: str | None = None
+    """`auto` (the default: long audio cut at silences found by voice-activity detection), or a
+    `server_vad` object as JSON. The openai client sends an object as the `chunking_strategy[...]` fields."""
+    chunking_strategy_type: Literal["server_vad"] | None = Field(default=None, alias="chunking_strategy[type]")
+    """`server_vad`: cut long audio at the silences the voice-activity detector finds, tuned by the fields below."""
+    chunking_strategy_threshold: float | None = Field(default=None, ge=0.0, le=1.0, alias="chunking_strategy[threshold]")
+    """Speech probability above which a 32 ms frame counts as speech (default 0.5)."""
+    chunking_strategy_prefix_padding_ms: int | None = Field(
+        default=None, ge=0, le=10000, alias="chunking_strategy[prefix_padding_ms]")
+    """Silence kept before the speech that follows a cut (default 300 ms)."""
+    chunking_strategy_silence_duration_ms: int | None = Field(
+        default=None, ge=0, le=10000, alias="chunking_strategy[silence_duration_ms]")
+    """A pause at least this long is preferred for a cut (default 500 ms)."""
 
     @field_validator("language")
     @classmethod
@@ -371,6 +388,68 @@ class TranscriptionForm(FormModel):
         if value is not None and not re.fullmatch(r"[A-Za-z]{2,3}", value):
             raise ValueError(f"must be an ISO-639-1 code such as 'en', got {value!r}")
         return value.lower() if value is not None else None
+
+    @field_validator("chunking_strategy")
+    @classmethod
+    def _chunking(cls, value: str | None) -> str | None:
+        if value is None or value == "auto":
+            return value
+        try:
+            ServerVadChunking.model_validate_json(value)
+        except ValueError:
+            raise ValueError("must be 'auto' or a JSON object {\"type\": \"server_vad\", \"threshold\", "
+                             "\"prefix_padding_ms\", \"silence_duration_ms\"}") from None
+        return value
+
+    def vad_options(self) -> ServerVadChunking | None:
+        """The detector's settings asked for (None: the defaults)."""
+        if self.chunking_strategy not in (None, "auto"):
+            return ServerVadChunking.model_validate_json(self.chunking_strategy)
+        fields = {"threshold": self.chunking_strategy_threshold,
+                  "prefix_padding_ms": self.chunking_strategy_prefix_padding_ms,
+                  "silence_duration_ms": self.chunking_strategy_silence_duration_ms}
+        if self.chunking_strategy_type is None and all(v is None for v in fields.values()):
+            return None
+        return ServerVadChunking(**{k: v for k, v in fields.items() if v is not None})
+
+
+class ServerVadChunking(RequestModel):
+    """OpenAI's `server_vad` chunking strategy (and the Realtime session's turn detection knobs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["server_vad"] = "server_vad"
+    """Always `server_vad`."""
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Speech probability above which a 32 ms frame counts as speech."""
+    prefix_padding_ms: int = Field(default=300, ge=0, le=10000)
+    """Audio kept before detected speech."""
+    silence_duration_ms: int = Field(default=500, ge=0, le=10000)
+    """Pause that ends a turn, or that a cut prefers to fall in."""
+
+
+class TranslationForm(FormModel):
+    """The multipart form of `/v1/audio/translations` (Whisper's translate task: speech in any language to English text)."""
+
+    file: UploadFile
+    """The audio file: WAV, FLAC, OGG (Vorbis/Opus), MP3 or AIFF; any rate (8-192 kHz), mixed to mono."""
+    model: str
+    """Speech-to-text model id or alias (a multilingual Whisper)."""
+    prompt: str | None = None
+    """Text to guide the style, in English."""
+    response_format: TranscriptionResponseFormat = "json"
+    """Output format."""
+    temperature: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Sampling temperature; 0 means greedy decoding."""
+
+
+class TranscriptionWord(OpenAIBaseModel):
+    word: str
+    """The word."""
+    start: float
+    """Start time in seconds."""
+    end: float
+    """End time in seconds."""
 
 
 class TranscriptionSegment(OpenAIBaseModel):
@@ -390,16 +469,43 @@ class TranscriptionResponse(OpenAIBaseModel):
 
 
 class TranscriptionVerboseResponse(OpenAIBaseModel):
-    task: Literal["transcribe"] = "transcribe"
-    """Always `transcribe`."""
+    task: Literal["transcribe", "translate"] = "transcribe"
+    """`transcribe`, or `translate` from /v1/audio/translations."""
     language: str
-    """Language of the audio."""
+    """Language of the audio (of the output, `english`, for a translation)."""
     duration: float
     """Duration of the audio in seconds."""
     text: str
     """The transcript."""
-    segments: list[TranscriptionSegment]
-    """Timed segments of the transcript."""
+    segments: list[TranscriptionSegment] | None = None
+    """Timed segments of the transcript (with `timestamp_granularities[]=segment`, the default)."""
+    words: list[TranscriptionWord] | None = None
+    """Timed words (with `timestamp_granularities[]=word`)."""
+
+
+class TranscriptionUsage(OpenAIBaseModel):
+    type: Literal["tokens"] = "tokens"
+    """Always `tokens`."""
+    input_tokens: int
+    """Audio tokens: the encoder positions the audio took (Whisper: 50 per second)."""
+    output_tokens: int
+    """Text tokens generated."""
+    total_tokens: int
+    """Sum of the two."""
+
+
+class TranscriptTextDelta(OpenAIBaseModel):
+    type: Literal["transcript.text.delta"] = "transcript.text.delta"
+    delta: str
+    """The text of the next piece of the audio (with a leading space after the first)."""
+
+
+class TranscriptTextDone(OpenAIBaseModel):
+    type: Literal["transcript.text.done"] = "transcript.text.done"
+    text: str
+    """The whole transcript."""
+    usage: TranscriptionUsage
+    """Token counts."""
 
 
 SpeechFormat = Literal["wav", "flac", "pcm", "mp3", "opus"]
@@ -418,8 +524,33 @@ class SpeechRequest(RequestModel):
     """Playback speed factor."""
     instructions: str | None = None
     """Style instructions; models that cannot follow them ignore them."""
+    stream_format: Literal["audio", "sse"] = "audio"
+    """`audio`: the audio itself, sent as it is synthesized (sentence by sentence) for `pcm`, `wav` (a
+    streaming header) and `opus`, at once for `flac` and `mp3`; `sse`: server-sent events
+    `speech.audio.delta` (base64 audio) then `speech.audio.done` (usage)."""
 
     _check_input = field_validator("input")(_not_blank)
+
+
+class SpeechUsage(OpenAIBaseModel):
+    input_tokens: int
+    """The speech model's input tokens (characters or phonemes, by its tokenizer)."""
+    output_tokens: int = 0
+    """Audio tokens; 0: waveform models make samples, not tokens."""
+    total_tokens: int
+    """Sum of the two."""
+
+
+class SpeechAudioDelta(OpenAIBaseModel):
+    type: Literal["speech.audio.delta"] = "speech.audio.delta"
+    audio: str
+    """The next bytes of the audio, in `response_format`, base64-encoded."""
+
+
+class SpeechAudioDone(OpenAIBaseModel):
+    type: Literal["speech.audio.done"] = "speech.audio.done"
+    usage: SpeechUsage
+    """Token counts."""
 
 
 # --- legacy seed routes -----------------------------------------------------------------
@@ -470,6 +601,10 @@ class VoiceChatForm(FormModel):
     """Upper bound on the reply's tokens."""
     response_format: SpeechFormat = "wav"
     """Format of the spoken reply."""
+    stream: bool = False
+    """Answer with server-sent events as the reply is made: `transcript` (what was heard), `reply.delta`
+    (the LLM's text), `audio.delta` (base64 audio in `response_format`, each sentence synthesized while the
+    LLM writes the next), then `done` with the whole reply and token usage."""
 
     _language = field_validator("language")(TranscriptionForm._language_code.__func__)  # type: ignore[attr-defined]
 
@@ -494,3 +629,63 @@ class VoiceChatResponse(OpenAIBaseModel):
     """Sample rate of `audio` in Hz."""
     models: dict[str, str]
     """Model used for each step: keys `stt`, `llm`, `tts`."""
+
+
+# --- /v1/audio/chat with stream=true: server-sent events ----------------------------------------
+
+
+class VoiceTranscriptEvent(OpenAIBaseModel):
+    type: Literal["transcript"] = "transcript"
+    text: str
+    """What the speech-to-text model heard."""
+
+
+class VoiceReplyDelta(OpenAIBaseModel):
+    type: Literal["reply.delta"] = "reply.delta"
+    delta: str
+    """The next text of the LLM's reply."""
+
+
+class VoiceAudioDelta(OpenAIBaseModel):
+    type: Literal["audio.delta"] = "audio.delta"
+    audio: str
+    """The next bytes of the spoken reply in `response_format`, base64-encoded."""
+
+
+class VoiceUsage(OpenAIBaseModel):
+    prompt_tokens: int = 0
+    """The LLM's prompt tokens."""
+    completion_tokens: int = 0
+    """The LLM's reply tokens."""
+    transcription_tokens: int = 0
+    """Tokens the speech-to-text model generated."""
+    speech_input_tokens: int = 0
+    """The speech model's input tokens."""
+
+
+class VoiceDone(OpenAIBaseModel):
+    type: Literal["done"] = "done"
+    transcript: str
+    """What was heard."""
+    reply: str
+    """The whole reply."""
+    finish_reason: str
+    """`stop` or `length`, as a chat completion's."""
+    audio_format: str
+    """Format of the audio deltas."""
+    sample_rate: int
+    """Sample rate of the audio."""
+    models: dict[str, str]
+    """Model used for each step: keys `stt`, `llm`, `tts`."""
+    usage: VoiceUsage
+    """Token counts."""
+
+
+def _form_aliases() -> frozenset[str]:
+    """Multipart field names that are not Python identifiers (`timestamp_granularities[]`,
+    `chunking_strategy[threshold]`): errors.py names them as the field at fault, not as a type label."""
+    return frozenset(field.alias for form in (TranscriptionForm, TranslationForm, VoiceChatForm)
+                     for field in form.model_fields.values() if field.alias)
+
+
+FORM_ALIASES = _form_aliases()

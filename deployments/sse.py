@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import AsyncIterator
 
+from pydantic import BaseModel
+
 from .errors import error_sse_event
 from .protocol import ChatCompletionChunk, ChatCompletionChunkChoice, DeltaMessage, UsageInfo, new_completion_id
 
@@ -39,3 +41,17 @@ async def prepend(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[dict]
     yield first
     async for item in rest:
         yield item
+
+
+def event(model: BaseModel) -> str:
+    """One server-sent event carrying a model as JSON (OpenAI's audio events: `data:` lines only)."""
+    return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
+
+
+async def guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Events from `events`, and a failure after the 200 was sent as an in-band error event."""
+    try:
+        async for item in events:
+            yield item
+    except Exception as exc:  # headers are sent: report the failure in-band, then end the stream
+        yield error_sse_event(exc)

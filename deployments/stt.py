@@ -1,17 +1,25 @@
 """The STT deployment: speech-to-text with sequence-to-sequence models (Whisper and kin).
 
-Requests are batched: each request's audio is cut into 30 s chunks, and the chunks of every
-request in the batch go through the model a bounded number at a time; each request gets its text
-back with one segment per chunk.
+Long audio is cut at silences (deployments/vad.py: pieces of at most 30 s, so no word is split at a
+cut). Requests are batched: the pieces of every request in the batch go through the model a bounded
+number at a time; each request gets its text back with one segment per piece. A streamed request
+sends its pieces through the same batches one window at a time and yields each piece's text as soon
+as it and those before it are done.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import asyncio
+import dataclasses
+from collections import deque
+from typing import Any, AsyncIterator, ClassVar
+
+import numpy as np
 
 from loading import ModelSpec
 
 from .admission import transcription_request_bytes
+from .audio import resample
 from .batching import Batcher
 from .family_server import FamilyServer, raise_if_error
 from .options import TranscriptionOptions
@@ -25,13 +33,71 @@ class STTServer(FamilyServer):
         super().__init__(specs, options)
         self._transcribe_batch = Batcher(self._transcribe_batch_call, options.max_batch_size, options.batch_wait_timeout_s)
 
-    async def transcribe(self, params: TranscribeParams) -> TranscribeResult:
+    async def _admit(self, params: TranscribeParams) -> tuple[Any, int]:
         spec, loaded = await self.pool.get(params.model, params.wait_s)
         params.model = spec.name
         _transcription().validate(spec, loaded, params)  # a 400 for this request, not a failed batch
+        rate = loaded.processor.feature_extractor.sampling_rate
+        if params.sample_rate != rate:
+            params.audio = await asyncio.to_thread(resample, np.asarray(params.audio, dtype=np.float32), params.sample_rate, rate)
+            params.sample_rate = rate
         need = transcription_request_bytes(loaded.config, len(params.audio), self.options.max_chunks_per_call)
+        return loaded, need
+
+    async def transcribe(self, params: TranscribeParams) -> TranscribeResult:
+        _, need = await self._admit(params)
         async with self.memory.hold(need, "this audio", param="file"):
+            # the cuts are found off the inference thread (onnxruntime releases the GIL)
+            params.cuts = await asyncio.to_thread(_transcription().plan, np.asarray(params.audio, dtype=np.float32),
+                                                  params.sample_rate, params.vad)
             return raise_if_error(await self._until_cancelled(params, self._transcribe_batch(params)))
+
+    async def transcribe_stream(self, params: TranscribeParams) -> AsyncIterator[dict]:
+        """Yields {"segment": Segment, "words": [Word]} per piece of the audio, in order, then
+        {"result": TranscribeResult}. The cuts are found as the scan goes, the first piece goes alone
+        (the first text comes after one model call), the rest up to max_chunks_per_call at a time."""
+        loaded, need = await self._admit(params)
+        transcription = _transcription()
+        audio = np.asarray(params.audio, dtype=np.float32)
+        rate = params.sample_rate
+        async with self.memory.hold(need, "this audio", param="file"):
+            planner = transcription.ChunkPlanner(resample(audio, rate, 16000) if rate != 16000 else audio,
+                                                 params.vad, transcription.CHUNK_S)
+            cuts = planner.cuts()
+            scale = rate / 16000
+            language = params.language
+            window: deque[asyncio.Future] = deque()
+            segments, words, texts, index = [], [], [], 0
+
+            async def next_cut() -> tuple[int, int] | None:
+                cut = await asyncio.to_thread(next, cuts, None)
+                return None if cut is None else (int(cut[0] * scale), int(cut[1] * scale))
+
+            def submit(begin: int, end: int) -> asyncio.Future:
+                piece = dataclasses.replace(params, audio=audio[begin:end], language=language, detect_language=False)
+                piece.cuts, piece.offset_s, piece.cancelled = [(0, end - begin)], begin / rate, params.cancelled
+                return asyncio.ensure_future(self._until_cancelled(piece, self._transcribe_batch(piece)))
+
+            try:
+                cut = await next_cut()
+                while cut is not None or window:
+                    while cut is not None and len(window) < (1 if index == 0 else self.options.max_chunks_per_call):
+                        window.append(submit(*cut))
+                        cut = await next_cut()
+                    piece_result: TranscribeResult = raise_if_error(await window.popleft())
+                    for segment in piece_result.segments:
+                        segment.id = index
+                        index += 1
+                        segments.append(segment)
+                        texts.append(segment.text)
+                        yield {"segment": segment, "words": piece_result.words}
+                    words += piece_result.words
+                    language = language or piece_result.language
+            finally:
+                for future in window:
+                    future.cancel()
+        yield {"result": TranscribeResult(" ".join(t for t in texts if t).strip(), language,
+                                          round(len(audio) / rate, 3), segments, words)}
 
     async def _transcribe_batch_call(self, batch: list[TranscribeParams]) -> list[Any]:
         chunks = self.options.max_chunks_per_call

@@ -39,3 +39,60 @@ def _split(text: str, max_chars: int, level: int) -> list[str]:
     if current:
         pieces.append(current)
     return pieces
+
+
+def stream_pieces(text: str, max_chars: int, first_chars: int = 120) -> list[str]:
+    """Pieces to synthesize one after another while streaming: every sentence on its own (one longer
+    than `max_chars` cut at clauses, then words), and a first sentence longer than `first_chars` cut
+    at its clauses, so the first audio comes after the first sentence (or clause), not the last."""
+    text = text.strip()
+    if not text:
+        return []
+    pieces: list[str] = []
+    for sentence in _BOUNDARIES[0].split(text):
+        if sentence:
+            pieces.extend(_split(sentence, max_chars, 1))
+    if pieces and len(pieces[0]) > first_chars:
+        pieces[:1] = _split(pieces[0], first_chars, 1)
+    return [piece for piece in pieces if piece]
+
+
+class SentenceStream:
+    """Text that arrives in deltas (an LLM's reply), cut into speakable pieces as soon as they end: at
+    a sentence end followed by whitespace, at a clause end once `clause_chars` have gathered, or at a
+    word break once `max_chars` have. `flush()` returns the rest at the end of the reply."""
+
+    _SENTENCE_END = re.compile(r"[.!?…。！？]+[\"')\]]*\s")
+    _CLAUSE_END = re.compile(r"[,;:—–，；：]\s")
+
+    def __init__(self, max_chars: int = 400, clause_chars: int = 80):
+        self.max_chars, self.clause_chars = max_chars, clause_chars
+        self.buffer = ""
+
+    def feed(self, delta: str) -> list[str]:
+        self.buffer += delta
+        out = []
+        while True:
+            cut = self._cut()
+            if cut is None:
+                return out
+            piece, self.buffer = self.buffer[:cut].strip(), self.buffer[cut:].lstrip()
+            if piece:
+                out.append(piece)
+
+    def _cut(self) -> int | None:
+        match = self._SENTENCE_END.search(self.buffer)
+        if match is not None and match.end() <= self.max_chars:
+            return match.end()
+        if len(self.buffer) >= self.clause_chars:
+            clauses = [m.end() for m in self._CLAUSE_END.finditer(self.buffer) if m.end() <= self.max_chars]
+            if clauses:
+                return clauses[-1]
+        if len(self.buffer) >= self.max_chars:
+            space = self.buffer.rfind(" ", 0, self.max_chars)
+            return space + 1 if space > 0 else self.max_chars
+        return None
+
+    def flush(self) -> str | None:
+        piece, self.buffer = self.buffer.strip(), ""
+        return piece or None

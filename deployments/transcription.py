@@ -10,14 +10,16 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from loading import LoadedModel, ModelSpec
 
-from .audio import chunk, resample
+from .audio import resample
 from .errors import InvalidRequestError
-from .params import Segment, TranscribeParams, TranscribeResult
+from .params import Segment, TranscribeParams, TranscribeResult, Word
+from .vad import ChunkPlanner, VadOptions
 from .transformers_logs import quiet_generation_warnings
 
 quiet_generation_warnings()
 
 CHUNK_S = 30.0  # Whisper's receptive field
+TIME_PRECISION = 0.02  # seconds per encoder position (1500 of them in 30 s)
 FORCED_START_TOKENS = 5  # <|startoftranscript|> <|lang|> <|task|> <|notimestamps|> (+ <|startofprev|>)
 
 
@@ -51,6 +53,22 @@ def validate(spec: ModelSpec, loaded: LoadedModel, params: TranscribeParams) -> 
         language_token(loaded, params.language)
     if token_budget(spec, loaded, params.prompt) < 1:
         raise InvalidRequestError("prompt is too long for this model's decoder; shorten it", param="prompt")
+    generation = loaded.model.generation_config
+    if params.task == "translate" and "translate" not in (getattr(generation, "task_to_id", None) or {}):
+        raise InvalidRequestError(f"model {spec.name!r} cannot translate (its generation config has no translate "
+                                  "task; an English-only Whisper only transcribes)", param="model")
+    if params.word_timestamps and not getattr(generation, "alignment_heads", None):
+        raise InvalidRequestError(
+            f"model {spec.name!r} has no alignment_heads in its generation_config, so word timestamps are "
+            "not available for it; ask for segment timestamps", param="timestamp_granularities")
+
+
+def plan(audio: np.ndarray, rate: int, vad: VadOptions | None) -> list[tuple[int, int]]:
+    """Where audio at the model's rate (16 kHz) is cut: at silences, pieces of at most 30 s."""
+    if rate != 16000:  # the detector's rate; cut positions are mapped back
+        scale = rate / 16000
+        return [(int(a * scale), int(b * scale)) for a, b in plan(resample(audio, rate, 16000), 16000, vad)]
+    return list(ChunkPlanner(audio, vad, CHUNK_S).cuts())
 
 
 def detect_languages(loaded: LoadedModel, features: torch.Tensor) -> list[str]:
@@ -71,8 +89,9 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
     for index, params in enumerate(batch):
         audio = resample(np.asarray(params.audio, dtype=np.float32), params.sample_rate, rate)
         durations.append(len(audio) / rate)
-        for start, samples in chunk(audio, rate, CHUNK_S):
-            pieces.append((index, start, samples))
+        cuts = params.cuts if params.cuts is not None else plan(audio, rate, params.vad)
+        for begin, end in cuts:
+            pieces.append((index, begin / rate, audio[begin:end]))
     first = batch[0]
     languages: list[str | None] = [params.language for params in batch]
     if not first.language and first.detect_language:
@@ -82,22 +101,33 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
             inputs = _features(loaded, [pieces[i][2] for i in group], rate)
             with loaded.active(), torch.inference_mode():
                 languages += detect_languages(loaded, inputs["input_features"])
-    texts: list[str] = [""] * len(pieces)
+    outputs: list[_Output] = [_Output("", 0, [])] * len(pieces)
     cancelled = [params.cancelled for params in batch]
     for group in _groups(list(range(len(pieces))), chunks_per_call):
         group = [i for i in group if not _is_set(cancelled[pieces[i][0]])]
         if group:
-            for i, text in zip(group, _generate(spec, loaded, first, [pieces[i] for i in group], languages, cancelled, rate)):
-                texts[i] = text
+            for i, output in zip(group, _generate(spec, loaded, first, [pieces[i] for i in group], languages, cancelled, rate)):
+                outputs[i] = output
 
     segments: list[list[Segment]] = [[] for _ in batch]
-    for (index, start, samples), text in zip(pieces, texts):
-        seg = segments[index]
-        seg.append(Segment(len(seg), round(start, 3), round(start + len(samples) / rate, 3), text.strip()))
+    words: list[list[Word]] = [[] for _ in batch]
+    for (index, start, samples), output in zip(pieces, outputs):
+        seg, offset = segments[index], batch[index].offset_s
+        end = start + len(samples) / rate
+        seg.append(Segment(len(seg), round(offset + start, 3), round(offset + end, 3), output.text.strip(), output.tokens))
+        words[index] += [Word(w.word, round(offset + min(start + w.start, end), 3), round(offset + min(start + w.end, end), 3))
+                         for w in output.words]
     return [
-        TranscribeResult(" ".join(s.text for s in segs if s.text).strip(), language, round(duration, 3), segs)
-        for language, segs, duration in zip(languages, segments, durations)
+        TranscribeResult(" ".join(s.text for s in segs if s.text).strip(), language, round(duration, 3), segs, w)
+        for language, segs, duration, w in zip(languages, segments, durations, words)
     ]
+
+
+class _Output:
+    """What one chunk gave: its text, how many tokens, and its words (times within the chunk)."""
+
+    def __init__(self, text: str, tokens: int, words: list[Word]):
+        self.text, self.tokens, self.words = text, tokens, words
 
 
 def _groups(items: list[int], size: int) -> list[list[int]]:
@@ -126,11 +156,11 @@ class _DropCancelledRows(StoppingCriteria):
 
 
 def _generate(spec: ModelSpec, loaded: LoadedModel, first: TranscribeParams, pieces: list[tuple[int, float, np.ndarray]],
-              languages: list[str | None], cancelled: list[Any], rate: int) -> list[str]:
+              languages: list[str | None], cancelled: list[Any], rate: int) -> list[_Output]:
     """One generate call over some chunks (each of request `pieces[i][0]`)."""
     inputs = _features(loaded, [p[2] for p in pieces], rate)
     kwargs: dict[str, Any] = {"max_new_tokens": token_budget(spec, loaded, first.prompt),
-                              "max_time": spec.generation_timeout_s, "task": "transcribe",
+                              "max_time": spec.generation_timeout_s, "task": first.task,
                               "stopping_criteria": StoppingCriteriaList([_DropCancelledRows([cancelled[p[0]] for p in pieces])])}
     if first.language:
         kwargs["language"] = first.language
@@ -140,9 +170,70 @@ def _generate(spec: ModelSpec, loaded: LoadedModel, first: TranscribeParams, pie
         kwargs["prompt_ids"] = prompt_ids(loaded, first.prompt)
     if first.temperature > 0:
         kwargs.update(do_sample=True, temperature=first.temperature)
+    if first.word_timestamps:
+        kwargs["return_token_timestamps"] = True
     with loaded.active() as model, torch.inference_mode():
-        tokens = model.generate(**inputs, **kwargs)
-    texts = loaded.processor.batch_decode(tokens, skip_special_tokens=True)
-    if first.prompt:  # Whisper returns the prompt in front of the transcript
-        texts = [t.strip().removeprefix(first.prompt.strip()) for t in texts]
-    return texts
+        output = model.generate(**inputs, **kwargs)
+    tokenizer = loaded.processor.tokenizer
+    if first.word_timestamps:
+        sequences, times = output["sequences"], output["token_timestamps"]
+    else:
+        sequences, times = output, None
+    results = []
+    for row, sequence in enumerate(sequences.tolist()):
+        tokens = _transcript_tokens(tokenizer, sequence, first.prompt)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if first.prompt:  # Whisper may return the prompt in front of the transcript
+            text = text.strip().removeprefix(first.prompt.strip())
+        words: list[Word] = []
+        if times is not None:
+            words = _words(tokenizer, sequence, times[row].tolist(), first.language, len(pieces[row][2]) / rate)
+        results.append(_Output(text, len(tokens), words))
+    return results
+
+
+def _text_span(tokenizer: Any, sequence: list[int]) -> list[int]:
+    """Indices of the generated text tokens: after the forced start tokens (and a prompt's tokens), up
+    to the end of text; special and timestamp tokens (ids above end-of-text) left out."""
+    eos = tokenizer.eos_token_id
+    start = 0
+    prev = tokenizer.convert_tokens_to_ids("<|startofprev|>")
+    if sequence and sequence[0] == prev:  # a prompt: its text runs up to <|startoftranscript|>
+        sot = tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+        start = sequence.index(sot) if sot in sequence else 0
+    while start < len(sequence) and sequence[start] > eos:
+        start += 1
+    end = sequence.index(eos, start) if eos in sequence[start:] else len(sequence)
+    return [i for i in range(start, end) if sequence[i] < eos]
+
+
+def _transcript_tokens(tokenizer: Any, sequence: list[int], prompt: str | None) -> list[int]:
+    return [sequence[i] for i in _text_span(tokenizer, sequence)]
+
+
+def _words(tokenizer: Any, sequence: list[int], times: list[float], language: str | None, duration: float) -> list[Word]:
+    """Words of one chunk from its token timestamps (Whisper's cross-attention alignment heads with DTW):
+    tokens grouped into words as transformers' Whisper pipeline does, each word from its first token's
+    time to the time of the token after its last."""
+    from transformers.models.whisper.tokenization_whisper import _combine_tokens_into_words
+
+    indices = _text_span(tokenizer, sequence)
+    if not indices:
+        return []
+    tokens = [sequence[i] for i in indices]
+    words, _, groups = _combine_tokens_into_words(tokenizer, tokens, _language_name(tokenizer, language))
+    out = []
+    for word, group in zip(words, groups):
+        last = indices[group[-1]]
+        start = times[indices[group[0]]]
+        stop = times[last + 1] if last + 1 < len(times) else duration
+        if word.strip():
+            out.append(Word(word.strip(), round(min(start, duration), 3), round(min(max(stop, start), duration), 3)))
+    return out
+
+
+def _language_name(tokenizer: Any, language: str | None) -> str:
+    """The language's English name, as the word grouping wants it (spaceless scripts group by character)."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    return LANGUAGES.get((language or "en").lower(), "english")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+import time
+from typing import AsyncIterator, ClassVar
 
 from loading import ModelSpec
 
@@ -10,6 +11,7 @@ from .admission import speech_request_bytes
 from .family_server import FamilyServer
 from .options import SpeechOptions
 from .params import SpeechParams, SpeechResult
+from .text_split import stream_pieces
 
 
 class TTSServer(FamilyServer):
@@ -26,3 +28,27 @@ class TTSServer(FamilyServer):
         async with self.memory.hold(need, "this text", param="input"):
             return await self._until_cancelled(params, self._infer(
                 synthesis.synthesize, spec, loaded, params, self.options.max_chars_per_call))
+
+    async def synthesize_stream(self, params: SpeechParams) -> AsyncIterator[SpeechResult]:
+        """The text sentence by sentence (the first cut at a clause if long), one model call each, each
+        piece's audio yielded as soon as it is made. The inference thread is released between pieces,
+        so concurrent streams take turns instead of one long text holding the model. Errors (speed,
+        nothing pronounceable) come before the first piece; a cancelled stream (client gone, barge-in)
+        stops before its next piece."""
+        spec, loaded = await self.pool.get(params.model, params.wait_s)
+        from . import synthesis
+
+        kwargs = synthesis.model_kwargs(spec, loaded, params)
+        pieces = stream_pieces(params.text, self.options.max_chars_per_call)
+        need = speech_request_bytes(loaded.config, max((len(p) for p in pieces), default=1))
+        async with self.memory.hold(need, "this text", param="input"):
+            started, spoken = time.monotonic(), 0
+            for piece in pieces:
+                if spoken and (error := synthesis.past_timeout(spec, started)) is not None:
+                    raise error
+                result = await self._until_cancelled(params, self._infer(synthesis.synthesize_piece, loaded, piece, kwargs))
+                if result is not None:
+                    spoken += 1
+                    yield result
+            if not spoken:
+                raise synthesis.nothing_to_say()

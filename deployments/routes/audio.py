@@ -1,73 +1,196 @@
-"""Audio routes: transcriptions, speech, and the voice round trip (STT -> LLM -> TTS)."""
+"""Audio routes: transcriptions, translations, speech, and the voice round trip (STT -> LLM -> TTS)."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import math
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from loading import Family
 
-from ..audio import encode_audio_with_rate, format_srt, format_vtt
+from ..audio import STREAMED_FORMATS, StreamEncoder, encode_audio_with_rate, format_srt, format_vtt
 from ..errors import InvalidRequestError
+from ..ingress import Ingress
 from ..limits import check_form_fields, check_speech_text
-from ..params import SpeechParams, TranscribeParams
+from ..params import SpeechParams, SpeechResult, TranscribeParams, TranscribeResult
 from ..protocol import (
+    SpeechAudioDelta,
+    SpeechAudioDone,
     SpeechRequest,
+    SpeechUsage,
     TranscriptionForm,
     TranscriptionResponse,
     TranscriptionSegment,
+    TranscriptionUsage,
     TranscriptionVerboseResponse,
+    TranscriptionWord,
+    TranscriptTextDelta,
+    TranscriptTextDone,
+    TranslationForm,
     VoiceChatForm,
     VoiceChatResponse,
 )
+from ..sse import event, guarded, prepend
+from ..vad import VadOptions
 from .common import ERRORS, MULTIPART, UPLOAD_LIMITS, IngressDep, WaitDep
 
 router = APIRouter(tags=["audio"], responses=ERRORS)
 
 _AUDIO_TYPES = {"audio/wav": {}, "audio/flac": {}, "audio/pcm": {}, "audio/mpeg": {}, "audio/ogg": {}}
+_TRANSCRIPT_RESPONSES = {200: {
+    "model": TranscriptionResponse | TranscriptionVerboseResponse,
+    "content": {"text/plain": {}, "text/vtt": {}, "text/event-stream": {}},
+    "description": "json: {text}; verbose_json: with language, duration, segments and/or words; text/srt/vtt: "
+                   "text; with `stream=true`: transcript.text.delta events, then transcript.text.done"}}
+AUDIO_TOKENS_PER_S = 50  # Whisper's encoder positions: 1500 per 30 s window
 
 
-@router.post(
-    "/v1/audio/transcriptions", form_limits=UPLOAD_LIMITS, response_model=None,
-    responses={200: {"model": TranscriptionResponse | TranscriptionVerboseResponse,
-                     "content": {"text/plain": {}, "text/vtt": {}},
-                     "description": "json: {text}; verbose_json: with language, duration, segments; text/srt/vtt: text"}},
-)
+def _usage(result: TranscribeResult) -> TranscriptionUsage:
+    audio = math.ceil(result.duration * AUDIO_TOKENS_PER_S)
+    return TranscriptionUsage(input_tokens=audio, output_tokens=result.tokens, total_tokens=audio + result.tokens)
+
+
+def _render(result: TranscribeResult, fmt: str, granularities: list[str], task: str) -> Response:
+    segments = [TranscriptionSegment(id=s.id, start=s.start, end=s.end, text=s.text) for s in result.segments]
+    if fmt == "json":
+        return JSONResponse({"text": result.text})
+    if fmt == "text":
+        return PlainTextResponse(result.text)
+    if fmt == "srt":
+        return PlainTextResponse(format_srt(segments))
+    if fmt == "vtt":
+        return PlainTextResponse(format_vtt(segments), media_type="text/vtt")
+    verbose = TranscriptionVerboseResponse(
+        task=task, language="english" if task == "translate" else result.language or "unknown",
+        duration=result.duration, text=result.text,
+        segments=segments if "segment" in granularities else None,
+        words=[TranscriptionWord(word=w.word, start=w.start, end=w.end) for w in result.words]
+        if "word" in granularities else None)
+    return JSONResponse(verbose.model_dump(exclude_none=True))
+
+
+async def _transcript_events(items: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """OpenAI's streamed transcription: a delta per piece of the audio, then the whole text with usage."""
+    said = False
+    async for item in items:
+        if "segment" in item:
+            text = item["segment"].text
+            if text:
+                yield event(TranscriptTextDelta(delta=(" " if said else "") + text))
+                said = True
+        else:
+            result: TranscribeResult = item["result"]
+            yield event(TranscriptTextDone(text=result.text, usage=_usage(result)))
+
+
+async def _transcribe(ingress: Ingress, params: TranscribeParams, fmt: str, granularities: list[str],
+                      stream: bool) -> Response:
+    if stream:
+        if fmt not in ("json", "text"):
+            raise InvalidRequestError(f"stream=true answers with server-sent events; response_format={fmt!r} cannot "
+                                      "be streamed (use json or text)", param="stream")
+        items = ingress.transcribe_stream(params)
+        first = await items.__anext__()  # errors before the first event are plain HTTP errors
+        return StreamingResponse(guarded(_transcript_events(prepend(first, items))), media_type="text/event-stream")
+    result = await ingress.transcribe(params)
+    return _render(result, fmt, granularities, params.task)
+
+
+@router.post("/v1/audio/transcriptions", form_limits=UPLOAD_LIMITS, response_model=None,
+             responses=_TRANSCRIPT_RESPONSES)
 async def create_transcription(form: Annotated[TranscriptionForm, MULTIPART], ingress: IngressDep, wait_s: WaitDep):
-    check_form_fields({"prompt": form.prompt}, ingress.limits)
-    if "word" in form.timestamp_granularities:
-        raise InvalidRequestError("word timestamps are not supported; use segment", param="timestamp_granularities")
+    check_form_fields({"prompt": form.prompt, "chunking_strategy": form.chunking_strategy}, ingress.limits)
+    words = "word" in form.timestamp_granularities
+    if words and form.response_format != "verbose_json":
+        raise InvalidRequestError("word timestamps need response_format=verbose_json",
+                                  param="timestamp_granularities")
+    chunking = form.vad_options()
+    vad = None if chunking is None else VadOptions(chunking.threshold, chunking.prefix_padding_ms,
+                                                   chunking.silence_duration_ms)
     spec = ingress.spec(form.model, Family.STT)
     audio, rate = await ingress.decode_audio(await form.file.read(), spec.name)
-    result = await ingress.transcribe(TranscribeParams(
+    params = TranscribeParams(
         model=form.model, audio=audio, sample_rate=rate, language=form.language, prompt=form.prompt,
-        temperature=form.temperature, detect_language=form.response_format == "verbose_json", wait_s=wait_s))
-    segments = [TranscriptionSegment(id=s.id, start=s.start, end=s.end, text=s.text) for s in result.segments]
-    renderers = {
-        "json": lambda: JSONResponse({"text": result.text}),
-        "text": lambda: PlainTextResponse(result.text),
-        "srt": lambda: PlainTextResponse(format_srt(segments)),
-        "vtt": lambda: PlainTextResponse(format_vtt(segments), media_type="text/vtt"),
-        "verbose_json": lambda: TranscriptionVerboseResponse(
-            language=result.language or "unknown", duration=result.duration, text=result.text, segments=segments),
-    }
-    return renderers[form.response_format]()
+        temperature=form.temperature, detect_language=form.response_format == "verbose_json" and not form.stream,
+        wait_s=wait_s, word_timestamps=words, vad=vad)
+    return await _transcribe(ingress, params, form.response_format, form.timestamp_granularities, form.stream)
+
+
+@router.post("/v1/audio/translations", form_limits=UPLOAD_LIMITS, response_model=None,
+             responses=_TRANSCRIPT_RESPONSES)
+async def create_translation(form: Annotated[TranslationForm, MULTIPART], ingress: IngressDep, wait_s: WaitDep):
+    """Speech in any language Whisper knows, as English text (Whisper's translate task)."""
+    check_form_fields({"prompt": form.prompt}, ingress.limits)
+    spec = ingress.spec(form.model, Family.STT)
+    audio, rate = await ingress.decode_audio(await form.file.read(), spec.name)
+    params = TranscribeParams(model=form.model, audio=audio, sample_rate=rate, prompt=form.prompt,
+                              temperature=form.temperature, wait_s=wait_s, task="translate")
+    return await _transcribe(ingress, params, form.response_format, ["segment"], False)
+
+
+async def _speech_bytes(encoder: StreamEncoder, pieces: AsyncIterator[SpeechResult]) -> AsyncIterator[bytes]:
+    async for piece in pieces:
+        data = await _encode(encoder, encoder.write, piece.waveform)
+        if data:
+            yield data
+    if data := await _encode(encoder, encoder.close):
+        yield data
+
+
+async def _speech_events(encoder: StreamEncoder, pieces: AsyncIterator[SpeechResult]) -> AsyncIterator[str]:
+    tokens = 0
+    async for piece in pieces:
+        tokens += piece.tokens
+        if data := await _encode(encoder, encoder.write, piece.waveform):
+            yield event(SpeechAudioDelta(audio=base64.b64encode(data).decode()))
+    if data := await _encode(encoder, encoder.close):
+        yield event(SpeechAudioDelta(audio=base64.b64encode(data).decode()))
+    yield event(SpeechAudioDone(usage=SpeechUsage(input_tokens=tokens, total_tokens=tokens)))
+
+
+async def _encode(encoder: StreamEncoder, fn, *args) -> bytes:
+    """pcm and wav are a cast of the samples; codecs run off the event loop."""
+    return fn(*args) if encoder.fmt in ("pcm", "wav") else await asyncio.to_thread(fn, *args)
 
 
 @router.post("/v1/audio/speech", response_class=Response,
-             responses={200: {"content": _AUDIO_TYPES, "description": "The audio, in `response_format`"}})
+             responses={200: {"content": {**_AUDIO_TYPES, "text/event-stream": {}},
+                              "description": "The audio in `response_format`, sent as it is synthesized (pcm, wav, "
+                                             "opus); with `stream_format: sse`, speech.audio.delta events"}})
 async def create_speech(body: SpeechRequest, ingress: IngressDep, wait_s: WaitDep) -> Response:
     check_speech_text(body.input, ingress.limits, "input")
-    result = await ingress.synthesize(SpeechParams(model=body.model, text=body.input, voice=body.voice,
-                                                   speed=body.speed, wait_s=wait_s))
-    data, media_type, _ = encode_audio_with_rate(result.waveform, result.sample_rate, body.response_format)
-    return Response(data, media_type=media_type)
+    params = SpeechParams(model=body.model, text=body.input, voice=body.voice, speed=body.speed, wait_s=wait_s)
+    if body.stream_format == "audio" and body.response_format not in STREAMED_FORMATS:
+        result = await ingress.synthesize(params)  # flac, mp3: one body, with its length
+        data, media_type, _ = encode_audio_with_rate(result.waveform, result.sample_rate, body.response_format)
+        return Response(data, media_type=media_type)
+    pieces = ingress.synthesize_stream(params)
+    first = await pieces.__anext__()  # errors before the first piece are plain HTTP errors
+    try:
+        encoder = StreamEncoder(body.response_format, first.sample_rate)
+    except Exception:
+        await pieces.aclose()
+        raise
+    if body.stream_format == "sse":
+        return StreamingResponse(guarded(_speech_events(encoder, prepend(first, pieces))),
+                                 media_type="text/event-stream")
+    return StreamingResponse(_speech_bytes(encoder, prepend(first, pieces)), media_type=encoder.media_type)
 
 
-@router.post("/v1/audio/chat", form_limits=UPLOAD_LIMITS)
-async def voice_chat(form: Annotated[VoiceChatForm, MULTIPART], ingress: IngressDep, wait_s: WaitDep) -> VoiceChatResponse:
-    """The voice-agent round trip: audio -> STT -> LLM -> TTS -> audio, in one request."""
+@router.post("/v1/audio/chat", form_limits=UPLOAD_LIMITS, response_model=VoiceChatResponse,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "The round trip's result, or with `stream=true` its events: transcript, "
+                                             "reply.delta, audio.delta, done"}})
+async def voice_chat(form: Annotated[VoiceChatForm, MULTIPART], ingress: IngressDep, wait_s: WaitDep):
+    """The voice-agent round trip: audio -> STT -> LLM -> TTS -> audio, in one request; each sentence of
+    the reply is synthesized while the LLM writes the next."""
     check_form_fields({"system_prompt": form.system_prompt}, ingress.limits)
-    return await ingress.voice_chat(form, await form.file.read(), wait_s)
+    upload = await form.file.read()
+    if form.stream:
+        return StreamingResponse(await ingress.voice_chat_stream(form, upload, wait_s), media_type="text/event-stream")
+    return await ingress.voice_chat(form, upload, wait_s)

@@ -12,6 +12,10 @@ Pitfalls:
 - A random Whisper emits timestamp tokens, and the generate seek loop then keeps going far past
   max_new_tokens; all timestamp tokens are in suppress_tokens, so generate stops at max_new_tokens.
 - Batched generate needs a pad token: pad = <|endoftext|> as in real Whisper.
+- Word timestamps (`return_token_timestamps`) need `alignment_heads` in the generation config: the
+  (layer, head) pairs whose cross-attention follows the audio. Real checkpoints list the heads found to
+  align; the tiny model names every head of its last decoder layer, as Whisper does for a checkpoint
+  without a list, so DTW over their averaged cross-attention gives each token a time, for real.
 """
 
 from __future__ import annotations
@@ -116,6 +120,7 @@ def build_stt(dest: Path, *, seed: int = 0) -> Path:
         prev_sot_token_id=ids("<|startofprev|>"),
         max_initial_timestamp_index=50,
         return_timestamps=False,
+        alignment_heads=[[config.decoder_layers - 1, head] for head in range(config.decoder_attention_heads)],
     )
     model.generation_config = gen
     model.save_pretrained(dest)
