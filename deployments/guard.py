@@ -1,4 +1,5 @@
-"""The ingress's door: what every HTTP request passes before any route runs.
+"""The ingress's door: what every HTTP request passes before any route runs (a WebSocket passes the
+API key check only: see `_websocket`).
 
 In order: a bound on requests in flight (503 + Retry-After past it), the API key (401), the
 body size (413, from Content-Length before a byte is read, else counted while reading), and
@@ -22,10 +23,12 @@ from .errors import (
     OverloadedError,
     UnauthorizedError,
     error_json_response,
+    to_error,
 )
 from .limits import RequestLimits
 
 PUBLIC_PATHS = frozenset({"/health"})  # answers without a key, with details only for a caller that has one
+INSECURE_KEY_PROTOCOL = "openai-insecure-api-key."  # a browser's WebSocket cannot set Authorization
 AUTHORIZED = "modelfleet_authorized"  # scope["state"] key the routes read
 
 
@@ -37,6 +40,9 @@ class RequestGuard:
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -86,6 +92,30 @@ class RequestGuard:
     @staticmethod
     async def _refuse(scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
         await error_json_response(exc)(scope, receive, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The API key of a WebSocket (the Realtime endpoint): `Authorization: Bearer <key>` as the openai
+        client sends it, or the `openai-insecure-api-key.<key>` subprotocol browsers use. Without a valid
+        one the socket is accepted, told why in an `error` event (401's body, OpenAI's Realtime shape),
+        and closed with 1008 (policy violation): a client sees the reason, not a failed handshake."""
+        headers = Headers(scope=scope)
+        offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
+        keys = [headers.get("authorization")] + [
+            f"Bearer {p[len(INSECURE_KEY_PROTOCOL):]}" for p in offered if p.startswith(INSECURE_KEY_PROTOCOL)]
+        authorized = any(self.keys.allows(key) for key in keys) or not self.keys.enabled
+        scope.setdefault("state", {})[AUTHORIZED] = authorized
+        if authorized:
+            await self.app(scope, receive, send)
+            return
+        message = await receive()  # websocket.connect
+        if message["type"] != "websocket.connect":
+            return
+        _, body, _ = to_error(UnauthorizedError(
+            "a valid API key is required: send 'Authorization: Bearer <key>' (the openai client's api_key)"))
+        event = {"type": "error", "event_id": None, "error": body.error.model_dump()}
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": json.dumps(event)})
+        await send({"type": "websocket.close", "code": 1008, "reason": "invalid_api_key"})
 
 
 def _route_path(scope: Scope) -> str:

@@ -57,6 +57,20 @@ class RequestLimits(BaseModel):
     """Longest upload, from its header, before decoding (a model's own `max_audio_seconds` may be lower)."""
     media_workers: int = Field(default=2, ge=1)
     """Audio/image decodes the ingress runs at once, off its event loop (more wait their turn)."""
+    max_realtime_sessions: int = Field(default=64, ge=1)
+    """Realtime WebSocket sessions the ingress holds at once; one more gets an `error` event
+    (`max_realtime_sessions`) and is closed (1013, try again later). Each holds at most its audio buffer."""
+    max_realtime_event_bytes: int = Field(default=4 * MiB, ge=1024)
+    """Largest client event of a Realtime session (an `input_audio_buffer.append` of 4 MiB of base64 is
+    ~65 s of 24 kHz pcm16); a larger one is refused with an `error` event, the session goes on."""
+    max_realtime_buffer_seconds: float = Field(default=60.0, gt=0)
+    """Audio a Realtime session's input buffer holds before a commit (with server VAD, audio before speech
+    is dropped as it goes, so only a turn this long fills it); appends past it get an `error` event."""
+    max_realtime_items: int = Field(default=64, ge=2)
+    """Conversation items a Realtime session keeps for the LLM's context; older ones are dropped first."""
+    max_realtime_session_s: float = Field(default=1800.0, gt=0)
+    """Longest Realtime session; then an `error` event (`session_expired`) and a close. Ray's proxy also
+    ends every request, WebSockets included, after `http_options.request_timeout_s`: keep that above this."""
 
 
 # --- checks of parsed requests against the limits (the schema in protocol.py checks the shape) ---

@@ -1,0 +1,598 @@
+"""A Realtime session: the subset of OpenAI's Realtime protocol (beta, `OpenAI-Beta: realtime=v1`) that
+a voice agent needs, over one WebSocket, on top of the same deployments as the HTTP routes.
+
+    client audio (pcm16, 24 kHz) --> input buffer --server VAD (vad.TurnDetector)--> committed turn
+      --> STT (ingress.transcribe) --> conversation --> LLM + TTS (voice.spoken_reply) --> deltas back
+
+The session holds no replica: every turn is an ordinary call through the ingress's handles, so many
+sessions share the families' batches. Everything it holds is bounded (limits.RequestLimits: the
+buffer's seconds, one event's bytes, the conversation's items, the session's length). Every failure
+is an `error` event in OpenAI's shape (errors.to_error), never a dropped socket. Barge-in: speech
+that starts while a response is being made, or `response.cancel`, cancels the response task at once,
+which cancels the LLM's stream (its row leaves the batch at the next step) and the TTS (it stops
+before its next piece), and ends the response with status `cancelled`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from loading import Family
+
+from .audio import resample
+from .errors import to_error
+from .params import SpeechParams, TranscribeParams
+from .vad import TurnDetector, VadOptions
+from .voice import AudioPiece, ReplyDone, TextDelta, spoken_reply
+
+if TYPE_CHECKING:
+    from .ingress import Ingress
+
+log = logging.getLogger(__name__)
+
+RATE = 24000  # pcm16 in and out, as OpenAI's Realtime API
+MIN_COMMIT_MS = 100  # OpenAI refuses to commit less than this
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+# --- what the client may set ---------------------------------------------------------------------
+
+
+class TurnDetection(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["server_vad"] = "server_vad"
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    prefix_padding_ms: int = Field(default=300, ge=0, le=10000)
+    silence_duration_ms: int = Field(default=500, ge=0, le=10000)
+    create_response: bool = True
+    interrupt_response: bool = True
+
+    def vad(self) -> VadOptions:
+        return VadOptions(self.threshold, self.prefix_padding_ms, self.silence_duration_ms)
+
+
+class InputTranscription(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    language: str | None = Field(default=None, pattern=r"^[A-Za-z]{2,3}$")
+    prompt: str | None = None
+
+
+class SessionFields(BaseModel):
+    """`session.update`'s session (beta names); fields left out keep their values."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    modalities: list[Literal["text", "audio"]] | None = Field(default=None, min_length=1)
+    instructions: str | None = None
+    voice: str | None = Field(default=None, max_length=64)
+    input_audio_format: Literal["pcm16"] | None = None
+    output_audio_format: Literal["pcm16"] | None = None
+    input_audio_transcription: InputTranscription | None = None
+    turn_detection: TurnDetection | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_response_output_tokens: int | Literal["inf"] | None = None
+    tools: list[Any] | None = None
+
+
+class ResponseFields(BaseModel):
+    """`response.create`'s response: per-response overrides."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    modalities: list[Literal["text", "audio"]] | None = Field(default=None, min_length=1)
+    instructions: str | None = None
+    voice: str | None = Field(default=None, max_length=64)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_output_tokens: int | Literal["inf"] | None = None
+    max_response_output_tokens: int | Literal["inf"] | None = None
+
+
+class ItemContent(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["input_text", "text", "output_text"]
+    text: str
+
+
+class ConversationItem(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = Field(default=None, max_length=64)
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system"]
+    content: list[ItemContent] = Field(min_length=1, max_length=16)
+
+
+@dataclass
+class Session:
+    modalities: list[str] = field(default_factory=lambda: ["text", "audio"])
+    instructions: str = ""
+    voice: str = "alloy"
+    transcription: InputTranscription | None = None
+    turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
+    temperature: float | None = None
+    max_output_tokens: int | str = "inf"
+
+    def render(self, session_id: str, model: str) -> dict:
+        return {
+            "id": session_id, "object": "realtime.session", "model": model, "modalities": self.modalities,
+            "instructions": self.instructions, "voice": self.voice,
+            "input_audio_format": "pcm16", "output_audio_format": "pcm16",
+            "input_audio_transcription": self.transcription.model_dump() if self.transcription else None,
+            "turn_detection": self.turn_detection.model_dump() if self.turn_detection else None,
+            "tools": [], "tool_choice": "none",
+            "temperature": self.temperature if self.temperature is not None else 0.8,
+            "max_response_output_tokens": self.max_output_tokens,
+        }
+
+
+@dataclass
+class Item:
+    id: str
+    role: str
+    text: str
+    audio: bool = False  # an input_audio user item, or an assistant item that was spoken
+
+    def render(self, status: str = "completed") -> dict:
+        if self.role == "user" and self.audio:
+            content = [{"type": "input_audio", "transcript": self.text or None}]
+        elif self.role == "assistant":
+            content = [{"type": "audio", "transcript": self.text} if self.audio
+                       else {"type": "text", "text": self.text}]
+        else:
+            content = [{"type": "input_text", "text": self.text}]
+        return {"id": self.id, "object": "realtime.item", "type": "message", "status": status, "role": self.role,
+                "content": content}
+
+
+def _parse(model: type[BaseModel], value: Any, where: str) -> Any:
+    """A client event's payload validated; the error names the field as `where.field`."""
+    try:
+        return model.model_validate(value if value is not None else {})
+    except ValidationError as exc:
+        _, body, _ = to_error(exc)
+        param = f"{where}.{body.error.param}" if body.error.param else where
+        raise SessionError(body.error.message.replace(f"'{body.error.param}'", f"'{param}'"), "invalid_value",
+                           param) from None
+
+
+class SessionError(Exception):
+    """A client event that cannot be served: becomes an `error` event; the session goes on."""
+
+    def __init__(self, message: str, code: str, param: str | None = None):
+        super().__init__(message)
+        self.message, self.code, self.param = message, code, param
+
+
+class RealtimeSession:
+    def __init__(self, websocket: WebSocket, ingress: Ingress, model: str | None):
+        self.ws, self.ingress, self.limits = websocket, ingress, ingress.limits
+        self.id = _id("sess")
+        self.llm = ingress.default_model(Family.LLM)
+        self.requested_model = model
+        self.config = Session()
+        self.items: list[Item] = []
+        # the input buffer: pcm16 samples at 24 kHz, and where its first sample is in the session's stream
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+        self.buffer_start = 0
+        self.streamed = 0  # samples appended in the whole session
+        self.detector: TurnDetector | None = TurnDetector(self.config.turn_detection.vad())
+        self.speech_start: int | None = None  # stream sample where the current speech began
+        self.speech_item: str | None = None
+        self.response: asyncio.Task | None = None
+        self.cancel_reason = "client_cancelled"
+        self.transcriptions: set[asyncio.Task] = set()
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+
+    # -- sending -------------------------------------------------------------------------------------
+    async def send(self, type_: str, **fields: Any) -> None:
+        if self._closed:
+            return
+        message = json.dumps({"type": type_, "event_id": _id("event"), **fields})
+        async with self._send_lock:
+            try:
+                await self.ws.send_text(message)
+            except (WebSocketDisconnect, RuntimeError):  # the client is gone: stop sending
+                self._closed = True
+
+    async def send_error(self, message: str, code: str | None, param: str | None = None,
+                         kind: str = "invalid_request_error", event_id: str | None = None) -> None:
+        await self.send("error", error={"type": kind, "code": code, "message": message, "param": param,
+                                        "event_id": event_id})
+
+    async def send_exception(self, exc: BaseException, event_id: str | None = None) -> None:
+        """Any exception in OpenAI's error shape (errors.to_error), as an `error` event."""
+        _, body, _ = to_error(exc)
+        error = body.error
+        await self.send_error(error.message, error.code, error.param, error.type, event_id)
+
+    # -- the session -------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        model = self.requested_model
+        await self.send("session.created", session=self.config.render(self.id, self.llm))
+        await self.send("conversation.created", conversation={"id": _id("conv"), "object": "realtime.conversation"})
+        if model and model not in (self.llm,):
+            try:
+                self.llm = self.ingress.spec(model, Family.LLM, Family.VLM).name
+                await self.send("session.updated", session=self.config.render(self.id, self.llm))
+            except Exception as exc:  # an OpenAI model name: say which model answers instead
+                await self.send_exception(exc)
+        deadline = time.monotonic() + self.limits.max_realtime_session_s
+        try:
+            while not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    await self.send_error(
+                        f"the session reached max_realtime_session_s={self.limits.max_realtime_session_s:g} s; "
+                        "open a new one", "session_expired")
+                    break
+                try:
+                    message = await asyncio.wait_for(self.ws.receive(), remaining)
+                except asyncio.TimeoutError:
+                    continue
+                if message["type"] == "websocket.disconnect":
+                    self._closed = True
+                    break
+                await self.handle(message.get("text") if message.get("text") is not None
+                                  else (message.get("bytes") or b"").decode("utf-8", "replace"))
+        finally:
+            await self.stop()
+            if self.ws.application_state == WebSocketState.CONNECTED and not self._closed:
+                with contextlib.suppress(Exception):
+                    await self.ws.close(1000)
+
+    async def stop(self) -> None:
+        tasks = [t for t in [self.response, *self.transcriptions] if t is not None and not t.done()]
+        self._closed = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def handle(self, text: str) -> None:
+        if len(text) > self.limits.max_realtime_event_bytes:
+            await self.send_error(
+                f"the event has {len(text):,} bytes; at most max_realtime_event_bytes="
+                f"{self.limits.max_realtime_event_bytes:,} are accepted (send audio in smaller appends)",
+                "event_too_large")
+            return
+        event_id = None
+        try:
+            try:
+                event = json.loads(text)
+            except ValueError:
+                raise SessionError("the event is not valid JSON", "invalid_json") from None
+            if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                raise SessionError("an event is a JSON object with a string 'type'", "invalid_event", "type")
+            event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+            handler = HANDLERS.get(event["type"])
+            if handler is None:
+                raise SessionError(f"unsupported event type {event['type'][:64]!r}; supported: "
+                                   f"{', '.join(sorted(HANDLERS))}", "unknown_event", "type")
+            await handler(self, event)
+        except SessionError as exc:
+            await self.send_error(exc.message, exc.code, exc.param, event_id=event_id)
+        except ValidationError as exc:
+            await self.send_exception(exc, event_id)
+        except Exception as exc:
+            await self.send_exception(exc, event_id)
+
+    # -- client events ---------------------------------------------------------------------------------
+    async def session_update(self, event: dict) -> None:
+        fields = _parse(SessionFields, event.get("session"), "session")
+        config = self.config
+        if fields.instructions is not None:
+            if len(fields.instructions) > self.limits.max_form_field_chars:
+                raise SessionError(f"instructions have {len(fields.instructions)} characters; at most "
+                                   f"max_form_field_chars={self.limits.max_form_field_chars}",
+                                   "string_above_max_length", "session.instructions")
+            config.instructions = fields.instructions
+        if fields.tools:
+            raise SessionError("tools (function calling) are not supported by this server", "unsupported",
+                               "session.tools")
+        if fields.input_audio_transcription is not None and fields.input_audio_transcription.model:
+            self.ingress.spec(fields.input_audio_transcription.model, Family.STT,
+                              param="session.input_audio_transcription.model")
+        sent = event.get("session") or {}
+        for name in ("modalities", "voice", "temperature"):
+            if getattr(fields, name) is not None:
+                setattr(config, name, getattr(fields, name))
+        if fields.max_response_output_tokens is not None:
+            config.max_output_tokens = fields.max_response_output_tokens
+        if "input_audio_transcription" in sent:
+            config.transcription = fields.input_audio_transcription
+        if "turn_detection" in sent:
+            config.turn_detection = fields.turn_detection
+            self.detector = TurnDetector(fields.turn_detection.vad()) if fields.turn_detection else None
+            self.speech_start = None
+        await self.send("session.updated", session=config.render(self.id, self.llm))
+
+    async def append(self, event: dict) -> None:
+        audio = event.get("audio")
+        if not isinstance(audio, str):
+            raise SessionError("input_audio_buffer.append needs 'audio': base64 pcm16 (24 kHz mono)",
+                               "invalid_value", "audio")
+        try:
+            data = base64.b64decode(audio, validate=True)
+        except (binascii.Error, ValueError):
+            raise SessionError("'audio' is not valid base64", "invalid_value", "audio") from None
+        if len(data) % 2:
+            raise SessionError("'audio' must be 16-bit samples (an even number of bytes)", "invalid_value", "audio")
+        samples = np.frombuffer(data, dtype="<i2")
+        limit = int(self.limits.max_realtime_buffer_seconds * RATE)
+        if self.buffered + len(samples) > limit:
+            raise SessionError(
+                f"the input audio buffer would hold {(self.buffered + len(samples)) / RATE:.1f} s; at most "
+                f"max_realtime_buffer_seconds={self.limits.max_realtime_buffer_seconds:g} s (commit or clear it)",
+                "input_audio_buffer_full", "audio")
+        self.buffer.append(samples)
+        self.buffered += len(samples)
+        first = self.streamed
+        self.streamed += len(samples)
+        if self.detector is not None:
+            await self._detect(samples, first)
+
+    async def _detect(self, samples: np.ndarray, first: int) -> None:
+        audio16 = resample(samples.astype(np.float32) / 32768.0, RATE, 16000)
+        for turn in self.detector.feed(audio16):
+            at = turn.sample * RATE // 16000  # stream sample, 24 kHz
+            if turn.kind == "started":
+                self.speech_start, self.speech_item = at, _id("item")
+                await self.send("input_audio_buffer.speech_started", audio_start_ms=at * 1000 // RATE,
+                                item_id=self.speech_item)
+                detection = self.config.turn_detection
+                active = self.response is not None and not self.response.done()
+                if active and detection and detection.interrupt_response:
+                    await self.cancel_response("turn_detected")
+            elif self.speech_start is not None:
+                await self.send("input_audio_buffer.speech_stopped", audio_end_ms=at * 1000 // RATE,
+                                item_id=self.speech_item)
+                detection = self.config.turn_detection
+                pad = (detection.prefix_padding_ms if detection else 300) * RATE // 1000
+                await self._commit(max(self.buffer_start, self.speech_start - pad), at, self.speech_item or _id("item"),
+                                   auto_respond=bool(detection and detection.create_response))
+                self.speech_start = None
+        if self.speech_start is None and self.detector is not None:
+            # not speaking: keep only the padding that goes in front of the next speech
+            pad = (self.config.turn_detection.prefix_padding_ms if self.config.turn_detection else 300) * RATE // 1000
+            self._drop_before(self.streamed - pad - RATE // 10)
+
+    def _take(self, begin: int, end: int) -> np.ndarray:
+        audio = np.concatenate(self.buffer) if self.buffer else np.zeros(0, dtype=np.int16)
+        return audio[max(0, begin - self.buffer_start):max(0, end - self.buffer_start)]
+
+    def _drop_before(self, sample: int) -> None:
+        if sample <= self.buffer_start:
+            return
+        audio = np.concatenate(self.buffer) if self.buffer else np.zeros(0, dtype=np.int16)
+        cut = min(len(audio), sample - self.buffer_start)
+        audio = audio[cut:]
+        self.buffer = [audio] if len(audio) else []
+        self.buffered, self.buffer_start = len(audio), self.buffer_start + cut
+
+    async def commit(self, event: dict) -> None:
+        if self.buffered * 1000 // RATE < MIN_COMMIT_MS:
+            raise SessionError(f"the input audio buffer holds {self.buffered * 1000 // RATE} ms; a commit needs at "
+                               f"least {MIN_COMMIT_MS} ms", "input_audio_buffer_commit_empty")
+        await self._commit(self.buffer_start, self.streamed, self.speech_item or _id("item"), auto_respond=False)
+        self.speech_start = None
+        if self.detector is not None:
+            self.detector.reset()
+
+    async def _commit(self, begin: int, end: int, item_id: str, auto_respond: bool) -> None:
+        audio = self._take(begin, end)
+        self._drop_before(end)
+        if end >= self.streamed:
+            self.buffer, self.buffered, self.buffer_start = [], 0, self.streamed
+        previous = self.items[-1].id if self.items else None
+        item = Item(item_id, "user", "", audio=True)
+        self._add(item)
+        self.speech_item = None
+        await self.send("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
+        await self.send("conversation.item.created", previous_item_id=previous, item=item.render())
+        task = asyncio.ensure_future(self._transcribe(item, audio, auto_respond))
+        self.transcriptions.add(task)
+        task.add_done_callback(self.transcriptions.discard)
+
+    async def _transcribe(self, item: Item, audio: np.ndarray, auto_respond: bool) -> None:
+        config = self.config.transcription
+        model = (config.model if config and config.model else None) or self.ingress.default_model(Family.STT)
+        try:
+            samples = resample(audio.astype(np.float32) / 32768.0, RATE, 16000)
+            result = await self.ingress.transcribe(TranscribeParams(
+                model=self.ingress.spec(model, Family.STT).name, audio=samples, sample_rate=16000,
+                language=config.language if config else None, prompt=config.prompt if config else None))
+            item.text = result.text
+            if config is not None:
+                await self.send("conversation.item.input_audio_transcription.delta", item_id=item.id,
+                                content_index=0, delta=result.text)
+                await self.send("conversation.item.input_audio_transcription.completed", item_id=item.id,
+                                content_index=0, transcript=result.text,
+                                usage={"type": "duration", "seconds": round(len(samples) / 16000, 3)})
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _, body, _ = to_error(exc)
+            await self.send("conversation.item.input_audio_transcription.failed", item_id=item.id, content_index=0,
+                            error=body.error.model_dump())
+            return
+        if auto_respond and (self.response is None or self.response.done()):
+            self._start_response(ResponseFields())
+
+    async def clear(self, event: dict) -> None:
+        self.buffer, self.buffered, self.buffer_start = [], 0, self.streamed
+        self.speech_start = None
+        if self.detector is not None:
+            self.detector.reset()
+        await self.send("input_audio_buffer.cleared")
+
+    async def item_create(self, event: dict) -> None:
+        raw = event.get("item")
+        if not isinstance(raw, dict):
+            raise SessionError("conversation.item.create needs an 'item'", "invalid_value", "item")
+        parsed = _parse(ConversationItem, raw, "item")
+        text = "".join(part.text for part in parsed.content)
+        if len(text) > self.limits.max_form_field_chars:
+            raise SessionError(f"the item has {len(text)} characters; at most max_form_field_chars="
+                               f"{self.limits.max_form_field_chars}", "string_above_max_length", "item.content")
+        previous = self.items[-1].id if self.items else None
+        item = Item(parsed.id or _id("item"), parsed.role, text)
+        self._add(item)
+        await self.send("conversation.item.created", previous_item_id=previous, item=item.render())
+
+    def _add(self, item: Item) -> None:
+        self.items.append(item)
+        del self.items[:-self.limits.max_realtime_items]  # the oldest go first
+
+    async def response_create(self, event: dict) -> None:
+        if self.response is not None and not self.response.done():
+            raise SessionError("a response is in progress; cancel it (response.cancel) or wait for response.done",
+                               "conversation_already_has_active_response")
+        self._start_response(_parse(ResponseFields, event.get("response"), "response"))
+
+    async def response_cancel(self, event: dict) -> None:
+        if self.response is None or self.response.done():
+            raise SessionError("no response is in progress", "response_cancel_not_active")
+        await self.cancel_response("client_cancelled")
+
+    async def cancel_response(self, reason: str) -> None:
+        """Stop the response at once (LLM and TTS); it ends with response.done, status cancelled."""
+        task = self.response
+        if task is None or task.done():
+            return
+        self.cancel_reason = reason
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    # -- a response ----------------------------------------------------------------------------------------
+    def _start_response(self, fields: ResponseFields) -> None:
+        self.response = asyncio.ensure_future(self._respond(fields))
+
+    async def _respond(self, fields: ResponseFields) -> None:
+        config = self.config
+        modalities = fields.modalities or config.modalities
+        spoken = "audio" in modalities
+        voice = fields.voice or config.voice
+        limit = fields.max_output_tokens or fields.max_response_output_tokens or config.max_output_tokens
+        response_id, item = _id("resp"), Item(_id("item"), "assistant", "", audio=spoken)
+        output_index = content_index = 0
+        base = {"response_id": response_id}
+        status, details, usage, text = "completed", None, {}, ""
+
+        def response(status_: str, output: list, usage_: dict | None = None, details_: Any = None) -> dict:
+            return {"id": response_id, "object": "realtime.response", "status": status_, "status_details": details_,
+                    "output": output, "modalities": modalities, "voice": voice, "output_audio_format": "pcm16",
+                    "usage": usage_}
+
+        await self.send("response.created", response=response("in_progress", []))
+        try:
+            if self.transcriptions:  # the user's last words are still being transcribed
+                await asyncio.gather(*list(self.transcriptions), return_exceptions=True)
+            instructions = fields.instructions if fields.instructions is not None else config.instructions
+            messages = [{"role": "system", "content": instructions}] if instructions else []
+            messages += [{"role": i.role, "content": i.text or "(silence)"} for i in self.items]
+            if not any(m["role"] == "user" for m in messages):
+                messages.append({"role": "user", "content": "(silence)"})
+            chat = await self.ingress.chat_params(
+                self.ingress.spec(self.llm), messages, 0.0,
+                max_new_tokens=None if limit == "inf" else int(limit),
+                temperature=fields.temperature if fields.temperature is not None else config.temperature)
+            previous = self.items[-1].id if self.items else None
+            self._add(item)
+            await self.send("response.output_item.added", output_index=output_index,
+                            item=item.render("in_progress"), **base)
+            await self.send("conversation.item.created", previous_item_id=previous, item=item.render("in_progress"))
+            part = {"type": "audio", "transcript": ""} if spoken else {"type": "text", "text": ""}
+            where = {**base, "item_id": item.id, "output_index": output_index, "content_index": content_index}
+            await self.send("response.content_part.added", part=part, **where)
+            tts = self.ingress.default_model(Family.TTS)
+            speech = SpeechParams(model=tts, text="", voice=voice) if spoken else None
+            reply_events = spoken_reply(self.ingress, chat, speech, self.ingress._tts_chars())
+            async with contextlib.aclosing(reply_events) as reply:
+                async for piece in reply:
+                    if isinstance(piece, TextDelta):
+                        text += piece.text
+                        item.text = text
+                        kind = "response.audio_transcript.delta" if spoken else "response.text.delta"
+                        await self.send(kind, delta=piece.text, **where)
+                    elif isinstance(piece, AudioPiece):
+                        pcm = _pcm24(piece.speech.waveform, piece.speech.sample_rate)
+                        await self.send("response.audio.delta", delta=base64.b64encode(pcm).decode(), **where)
+                    elif isinstance(piece, ReplyDone):
+                        usage = _usage(piece)
+                        if piece.finish_reason == "length":
+                            status, details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
+        except asyncio.CancelledError:
+            status, details = "cancelled", {"type": "cancelled", "reason": self.cancel_reason}
+        except Exception as exc:
+            _, body, _ = to_error(exc)
+            status, details = "failed", {"type": "failed", "error": body.error.model_dump()}
+            await self.send_exception(exc)
+        item.text = text
+        if status in ("completed", "incomplete") and item in self.items:
+            where = {**base, "item_id": item.id, "output_index": output_index, "content_index": content_index}
+            if spoken:
+                await self.send("response.audio.done", **where)
+                await self.send("response.audio_transcript.done", transcript=text, **where)
+                await self.send("response.content_part.done", part={"type": "audio", "transcript": text}, **where)
+            else:
+                await self.send("response.text.done", text=text, **where)
+                await self.send("response.content_part.done", part={"type": "text", "text": text}, **where)
+            await self.send("response.output_item.done", output_index=output_index, item=item.render(), **base)
+        output = [item.render("completed" if status == "completed" else "incomplete")] if item in self.items else []
+        await self.send("response.done", response=response(status, output, usage, details))
+        self.cancel_reason = "client_cancelled"
+
+
+def _pcm24(waveform: Any, rate: int) -> bytes:
+    samples = resample(np.asarray(waveform, dtype=np.float32), rate, RATE)
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+
+
+def _usage(done: ReplyDone) -> dict:
+    prompt, completion = done.usage.get("prompt_tokens", 0), done.usage.get("completion_tokens", 0)
+    return {"total_tokens": prompt + completion, "input_tokens": prompt, "output_tokens": completion,
+            "input_token_details": {"text_tokens": prompt, "audio_tokens": 0, "cached_tokens": 0},
+            "output_token_details": {"text_tokens": completion, "audio_tokens": 0}}
+
+
+HANDLERS = {
+    "session.update": RealtimeSession.session_update,
+    "input_audio_buffer.append": RealtimeSession.append,
+    "input_audio_buffer.commit": RealtimeSession.commit,
+    "input_audio_buffer.clear": RealtimeSession.clear,
+    "conversation.item.create": RealtimeSession.item_create,
+    "response.create": RealtimeSession.response_create,
+    "response.cancel": RealtimeSession.response_cancel,
+}
+
+
+async def refuse(websocket: WebSocket, exc: Exception, close_code: int) -> None:
+    """Accept, say why in an `error` event, close: a client sees the reason, not a failed handshake."""
+    _, body, _ = to_error(exc)
+    await websocket.accept()
+    error = body.error
+    await websocket.send_text(json.dumps({"type": "error", "event_id": _id("event"), "error": {
+        "type": error.type, "code": error.code, "message": error.message, "param": error.param, "event_id": None}}))
+    await websocket.close(close_code)
+

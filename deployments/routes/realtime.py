@@ -1,0 +1,31 @@
+"""WebSocket /v1/realtime: OpenAI's Realtime protocol (the subset in README, "Realtime"), one session
+per connection (deployments/realtime.py). The guard has checked the API key before this runs."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, WebSocket
+
+from ..errors import OverloadedError
+from ..realtime import RealtimeSession, refuse
+
+router = APIRouter(tags=["realtime"])
+
+
+@router.websocket("/v1/realtime")
+async def realtime(websocket: WebSocket, model: str | None = None) -> None:
+    """`model`: the LLM that answers (a served LLM or VLM; another name, such as an OpenAI model's, gets an
+    `error` event and the default LLM). Audio in and out is pcm16, 24 kHz, mono."""
+    state, ingress = websocket.app.state, websocket.app.state.ingress
+    limit = ingress.limits.max_realtime_sessions
+    active = getattr(state, "realtime_sessions", 0)
+    if active >= limit:
+        await refuse(websocket, OverloadedError(
+            f"the server holds max_realtime_sessions={limit} Realtime sessions already; retry shortly"), 1013)
+        return
+    state.realtime_sessions = active + 1
+    try:
+        offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",")]
+        await websocket.accept(subprotocol="realtime" if "realtime" in offered else None)
+        await RealtimeSession(websocket, ingress, model).run()
+    finally:
+        state.realtime_sessions -= 1

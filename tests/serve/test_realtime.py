@@ -1,0 +1,256 @@
+"""The Realtime WebSocket endpoint through the official `openai` client's realtime connection, against
+the shipped demo app (and an app with API keys): server VAD on real speech, input transcription,
+text and audio responses, barge-in, errors as `error` events, the key on the socket.
+
+The models are random-weight: the tests check the protocol's events, their order and their payloads
+(pcm16 audio, transcripts that match their deltas, usage), never the words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import requests
+import soundfile as sf
+
+from serve_testutil import demo_args, run_app
+
+SPEECH = Path(__file__).parent / "data" / "speech.flac"
+RATE = 24000
+
+
+def speech_pcm24(seconds: tuple[float, float] = (0.0, 2.0)) -> bytes:
+    """A stretch of the real-speech fixture as pcm16 at 24 kHz (the Realtime API's format)."""
+    from deployments.audio import resample
+
+    samples, rate = sf.read(SPEECH, dtype="float32")
+    piece = samples[int(seconds[0] * rate):int(seconds[1] * rate)]
+    return (resample(piece, rate, RATE) * 32767).astype("<i2").tobytes()
+
+
+def silence_pcm24(seconds: float) -> bytes:
+    return np.zeros(int(seconds * RATE), dtype="<i2").tobytes()
+
+
+def async_client(url: str, key: str = "unused") -> openai.AsyncOpenAI:
+    # the beta realtime client dials wss:// unless told the WebSocket base (the server is plain HTTP here)
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", websocket_base_url=url.replace("http://", "ws://") + "/v1",
+                              api_key=key, max_retries=0)
+
+
+async def events_until(connection, last: str, timeout: float = 60.0, stop_on_error: bool = False) -> list:
+    """Events received up to and including the first of type `last`."""
+    out = []
+
+    async def collect():
+        async for event in connection:
+            out.append(event)
+            if event.type == last or (stop_on_error and event.type == "error"):
+                return
+
+    await asyncio.wait_for(collect(), timeout)
+    return out
+
+
+async def append_audio(connection, pcm: bytes, chunk_s: float = 0.1) -> None:
+    step = int(chunk_s * RATE) * 2
+    for i in range(0, len(pcm), step):
+        await connection.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + step]).decode())
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# -- a spoken turn, end to end ---------------------------------------------------------------------------
+def test_a_spoken_turn_is_detected_transcribed_answered_in_text_and_audio(demo_app):
+    async def scenario():
+        async with async_client(demo_app.url).beta.realtime.connect(model="tiny-llm") as conn:
+            created = await events_until(conn, "session.created")
+            assert created[-1].session.model == "tiny-llm"
+            await conn.session.update(session={
+                "modalities": ["text", "audio"], "voice": "alloy", "instructions": "Be brief.",
+                "input_audio_format": "pcm16", "output_audio_format": "pcm16",
+                "input_audio_transcription": {"model": "whisper-1"},
+                "turn_detection": {"type": "server_vad", "silence_duration_ms": 400, "prefix_padding_ms": 300},
+                "max_response_output_tokens": 40})
+            updated = await events_until(conn, "session.updated")
+            assert updated[-1].session.turn_detection.silence_duration_ms == 400
+            # "Hello there." then silence: one turn
+            await append_audio(conn, speech_pcm24((0.0, 1.4)) + silence_pcm24(0.8))
+            return await events_until(conn, "response.done", timeout=90)
+
+    events = run(scenario())
+    kinds = [e.type for e in events]
+    order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+             "conversation.item.input_audio_transcription.completed", "response.created",
+             "response.output_item.added", "response.content_part.added", "response.audio.done",
+             "response.audio_transcript.done", "response.output_item.done", "response.done"]
+    positions = [kinds.index(kind) for kind in order]
+    assert positions == sorted(positions), kinds
+    started = events[kinds.index("input_audio_buffer.speech_started")]
+    stopped = events[kinds.index("input_audio_buffer.speech_stopped")]
+    assert 150 <= started.audio_start_ms <= 450 and 800 <= stopped.audio_end_ms <= 1300  # speech at 0.26-0.99 s
+    transcription = events[kinds.index("conversation.item.input_audio_transcription.completed")]
+    assert transcription.item_id == started.item_id and isinstance(transcription.transcript, str)
+    deltas = [e.delta for e in events if e.type == "response.audio_transcript.delta"]
+    done_transcript = events[kinds.index("response.audio_transcript.done")].transcript
+    assert "".join(deltas) == done_transcript and deltas
+    audio = b"".join(base64.b64decode(e.delta) for e in events if e.type == "response.audio.delta")
+    if any(c.isalnum() for c in done_transcript):
+        assert len(audio) > 0.05 * RATE * 2 and len(audio) % 2 == 0  # pcm16 at 24 kHz
+    done = events[-1].response
+    assert done.status in ("completed", "incomplete") and done.output[0].role == "assistant"
+    assert done.usage.output_tokens > 0 and done.usage.input_tokens > 0
+    assert done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
+
+
+def test_text_turns_without_turn_detection_and_protocol_errors_keep_the_session(demo_app):
+    async def scenario():
+        async with async_client(demo_app.url).beta.realtime.connect(model="tiny-llm") as conn:
+            await events_until(conn, "session.created")
+            await conn.session.update(session={"modalities": ["text"], "turn_detection": None})
+            await events_until(conn, "session.updated")
+            errors = []
+            # bad events: each an error event naming the problem, the session goes on
+            await conn.input_audio_buffer.commit()  # nothing buffered
+            errors += await events_until(conn, "error")
+            await conn.send({"type": "input_audio_buffer.append", "audio": "***not base64***"})
+            errors += await events_until(conn, "error")
+            await conn.send({"type": "no.such.event"})
+            errors += await events_until(conn, "error")
+            await conn.response.cancel()  # nothing to cancel
+            errors += await events_until(conn, "error")
+            await conn.send({"type": "session.update", "session": {"temperature": 9}})
+            errors += await events_until(conn, "error")
+            await conn._connection.send("x" * (4 * 2**20 + 1))  # past max_realtime_event_bytes
+            errors += await events_until(conn, "error")
+            # a text turn still works
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "Hello"}]})
+            await events_until(conn, "conversation.item.created")
+            await conn.response.create(response={"max_output_tokens": 12})
+            answer = await events_until(conn, "response.done")
+            return errors, answer
+
+    errors, answer = run(scenario())
+    codes = [(e.error.code, e.error.param) for e in errors]
+    assert codes == [("input_audio_buffer_commit_empty", None), ("invalid_value", "audio"), ("unknown_event", "type"),
+                     ("response_cancel_not_active", None), (codes[4][0], "session.temperature"),
+                     ("event_too_large", None)], codes
+    assert "max_realtime_event_bytes" in errors[-1].error.message
+    kinds = [e.type for e in answer]
+    assert "response.text.delta" in kinds and "response.audio.delta" not in kinds
+    text = "".join(e.delta for e in answer if e.type == "response.text.delta")
+    assert answer[kinds.index("response.text.done")].text == text
+    assert answer[-1].response.status in ("completed", "incomplete")
+    assert 0 < answer[-1].response.usage.output_tokens <= 12
+
+
+def test_barge_in_and_response_cancel_stop_the_response_at_once(demo_app):
+    async def scenario():
+        async with async_client(demo_app.url).beta.realtime.connect(model="tiny-llm") as conn:
+            await events_until(conn, "session.created")
+            await conn.session.update(session={"turn_detection": {"type": "server_vad", "create_response": False}})
+            await events_until(conn, "session.updated")
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "Tell me a story"}]})
+            # response.cancel right behind response.create
+            await conn.response.create()
+            await conn.response.cancel()
+            cancelled = await events_until(conn, "response.done")
+            # new speech while a response is being made: barge-in
+            await conn.response.create()
+            await append_audio(conn, speech_pcm24((0.0, 0.8)))
+            barged = await events_until(conn, "response.done")
+            # and the session answers the next request normally
+            await conn.input_audio_buffer.clear()
+            await events_until(conn, "input_audio_buffer.cleared")
+            await conn.response.create(response={"modalities": ["text"], "max_output_tokens": 4})
+            after = await events_until(conn, "response.done")
+            return cancelled, barged, after
+
+    cancelled, barged, after = run(scenario())
+    assert cancelled[-1].response.status == "cancelled"
+    assert cancelled[-1].response.status_details.reason == "client_cancelled"
+    kinds = [e.type for e in barged]
+    assert "input_audio_buffer.speech_started" in kinds
+    assert barged[-1].response.status == "cancelled" and barged[-1].response.status_details.reason == "turn_detected"
+    assert kinds.index("input_audio_buffer.speech_started") < len(kinds) - 1
+    assert after[-1].response.status in ("completed", "incomplete")
+
+
+def test_an_unknown_model_gets_an_error_event_and_the_default_llm(demo_app):
+    async def scenario():
+        async with async_client(demo_app.url).beta.realtime.connect(model="gpt-4o-realtime-preview") as conn:
+            return await events_until(conn, "error")
+
+    events = run(scenario())
+    assert events[-1].error.code == "model_not_found" and "tiny-llm" in events[-1].error.message
+
+
+# -- the API key on the socket ---------------------------------------------------------------------------
+KEY = "sk-realtime-test-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_app(serve_url, models_dir, tmp_path_factory):
+    from ray import serve
+
+    key_file = tmp_path_factory.mktemp("auth") / "keys"
+    key_file.write_text(KEY + "\n")
+    args = demo_args()
+    args["local_models_dir"] = str(models_dir)
+    args["models"] = [m for m in args["models"] if m["name"] == "tiny-llm"]
+    args["families"] = {"llm": {**args["families"]["llm"], "autoscaling": None}}
+    args["auth"] = {"api_keys_file": str(key_file), "required": True}
+    app = run_app(serve_url, "realtimekeys", args)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for _ in range(240):
+        if requests.get(app.url + "/health", headers=auth, timeout=10).json()["status"] == "ok":
+            break
+        import time
+
+        time.sleep(0.25)
+    yield app
+    serve.delete("realtimekeys")
+
+
+def test_the_socket_needs_the_api_key_like_every_route(keyed_app):
+    async def connect(key: str):
+        async with async_client(keyed_app.url, key).beta.realtime.connect(model="tiny-llm") as conn:
+            first = await conn.recv()
+            rest = []
+            with pytest.raises(Exception):
+                rest.append(await asyncio.wait_for(conn.recv(), 10))  # the server closes after the error
+            return first, rest, conn._connection.close_code
+
+    first, rest, code = run(connect("sk-wrong"))
+    assert first.type == "error" and first.error.code == "invalid_api_key" and not rest
+    assert code == 1008
+
+    async def good():
+        async with async_client(keyed_app.url, KEY).beta.realtime.connect(model="tiny-llm") as conn:
+            return await conn.recv()
+
+    assert run(good()).type == "session.created"
+
+
+def test_the_browser_subprotocol_carries_the_key_too(keyed_app):
+    import websockets
+
+    async def scenario(protocols):
+        url = keyed_app.url.replace("http://", "ws://") + "/v1/realtime?model=tiny-llm"
+        async with websockets.connect(url, subprotocols=protocols) as ws:
+            return json.loads(await ws.recv()), ws.subprotocol
+
+    first, chosen = run(scenario(["realtime", f"openai-insecure-api-key.{KEY}", "openai-beta.realtime-v1"]))
+    assert first["type"] == "session.created" and chosen == "realtime"
+    first, _ = run(scenario(["realtime", "openai-insecure-api-key.sk-nope"]))
+    assert first["type"] == "error" and first["error"]["code"] == "invalid_api_key"
