@@ -23,8 +23,10 @@ def _text_config(config: Any) -> Any:
     return getattr(config, "text_config", None) or config
 
 
-def chat_request_bytes(config: Any, prompt_tokens: int, new_tokens: int, images: int = 0, batch: int = 1) -> int:
-    """KV cache for the whole sequence, the prefill's activations and attention scores, the logits."""
+def chat_request_bytes(config: Any, prompt_tokens: int, new_tokens: int, images: int = 0,
+                       image_bytes: int = 0, batch: int = 1) -> int:
+    """KV cache for the whole sequence, the prefill's activations and attention scores, the logits,
+    and (`image_bytes`) the request's images as decoded pixels and processor tensors."""
     text = _text_config(config)
     hidden = int(getattr(text, "hidden_size", 1024))
     heads = int(getattr(text, "num_attention_heads", 16))
@@ -40,7 +42,15 @@ def chat_request_bytes(config: Any, prompt_tokens: int, new_tokens: int, images:
     prefill = (prompt_tokens * (4 * hidden + 2 * inner) + heads * prompt_tokens * prompt_tokens) * FLOAT_BYTES
     logits = 4 * vocab * FLOAT_BYTES
     vision = images * _vision_bytes(config)
-    return batch * (kv_cache + prefill + logits) + vision
+    return batch * (kv_cache + prefill + logits) + vision + image_bytes
+
+
+def decoded_image_bytes(images: list[bytes]) -> int:
+    """Decoded RGB pixels of encoded images (sizes from their headers), as bytes, a float copy and the
+    processor's output: what decoding them costs before any resizing."""
+    from .media import image_size
+
+    return sum(width * height * 3 * (1 + 2 * FLOAT_BYTES) for width, height in map(image_size, images))
 
 
 def _vision_bytes(config: Any) -> int:

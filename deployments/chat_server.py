@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, ClassVar
 
 from loading import LoadedModel, ModelSpec
 
-from .admission import chat_request_bytes
+from .admission import chat_request_bytes, decoded_image_bytes
 from .batching import Batcher
 from .errors import InvalidRequestError, context_length_exceeded
 from .family_server import FamilyServer, raise_if_error
@@ -52,12 +52,15 @@ class ChatServer(FamilyServer):
         context = context_length(loaded)
         prompt_limit, limit_name = prompt_token_limit(spec, context)
         self._refuse_overlong_text(loaded, params, prompt_limit, limit_name)
-        params.inputs = await asyncio.to_thread(self.encode, loaded, params)
+        # images arrive encoded; decoding them (in encode) is held to the memory budget like generation
+        decoded = decoded_image_bytes(params.images)
+        async with self.memory.hold(decoded, "the images of this request", param="messages"):
+            params.inputs = await asyncio.to_thread(self.encode, loaded, params)
         prompt_tokens = int(params.inputs["input_ids"].shape[-1])
         if prompt_tokens > prompt_limit:
             raise context_length_exceeded(limit_name, prompt_limit, prompt_tokens)
         params.max_new_tokens = resolve_max_new_tokens(spec, params.max_new_tokens, prompt_tokens, context)
-        return chat_request_bytes(loaded.config, prompt_tokens, params.max_new_tokens, len(params.images))
+        return chat_request_bytes(loaded.config, prompt_tokens, params.max_new_tokens, len(params.images), decoded)
 
     def _refuse_overlong_text(self, loaded: LoadedModel, params: ChatParams, limit: int, limit_name: str) -> None:
         """A prompt whose characters cannot fit in `limit` tokens is refused before it is tokenized (no

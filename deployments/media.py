@@ -22,9 +22,11 @@ from .errors import InvalidRequestError, RequestTooLargeError
 from .limits import RequestLimits
 
 
-def take_images(messages: list[dict[str, Any]], limits: RequestLimits, allowed_dirs: list[str]) -> list[Image.Image]:
-    """Decode the image parts of chat messages in order of appearance (blocking: run it off the
-    event loop). Each part keeps `{"type": "image"}` for the chat template; its url is consumed."""
+def take_images(messages: list[dict[str, Any]], limits: RequestLimits, allowed_dirs: list[str]) -> list[bytes]:
+    """The image parts of chat messages, in order of appearance, as encoded bytes whose header (format,
+    pixels) has been checked; each part keeps `{"type": "image"}` for the chat template, its url is
+    consumed. Pixels are decoded by the model's replica, under its memory budget (`decode_image`):
+    the ingress never holds decoded images (a 4096x4096 one is ~170 MB once decoded and converted)."""
     parts = [(m, p, part) for m, message in enumerate(messages) if isinstance(message.get("content"), list)
              for p, part in enumerate(message["content"]) if part.get("type") == "image"]
     if len(parts) > limits.max_images:
@@ -35,7 +37,7 @@ def take_images(messages: list[dict[str, Any]], limits: RequestLimits, allowed_d
             for m, p, part in parts]
 
 
-def load_image(url: str, limits: RequestLimits, allowed_dirs: list[str], param: str) -> Image.Image:
+def load_image(url: str, limits: RequestLimits, allowed_dirs: list[str], param: str) -> bytes:
     if url.startswith("data:"):
         data = _from_data_uri(url, limits, param)
     elif url.startswith("file://") or url.startswith("/"):
@@ -46,20 +48,14 @@ def load_image(url: str, limits: RequestLimits, allowed_dirs: list[str], param: 
             "data:image/...;base64 URI",
             param=param,
         )
-    return _decode(data, limits, param)
+    _check_header(data, limits, param)
+    return data
 
 
-def _decode(data: bytes, limits: RequestLimits, param: str) -> Image.Image:
+def _check_header(data: bytes, limits: RequestLimits, param: str) -> None:
+    """Format and size from the header alone; no pixel is decoded."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # reads the header only
-            width, height = image.size
-            if width * height > limits.max_image_pixels:
-                raise RequestTooLargeError(
-                    f"the image is {width}x{height} = {width * height:,} pixels; at most "
-                    f"max_image_pixels={limits.max_image_pixels:,} are accepted", param=param, code="image_too_large")
-            image.load()
+        width, height = image_size(data)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # Pillow's own guard fires in Image.open for huge headers, before our check could
         raise RequestTooLargeError(
@@ -67,6 +63,30 @@ def _decode(data: bytes, limits: RequestLimits, param: str) -> Image.Image:
             f"{limits.max_image_pixels:,} are accepted", param=param, code="image_too_large") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InvalidRequestError(f"the image could not be decoded ({type(exc).__name__})", param=param) from None
+    if width * height > limits.max_image_pixels:
+        raise RequestTooLargeError(
+            f"the image is {width}x{height} = {width * height:,} pixels; at most "
+            f"max_image_pixels={limits.max_image_pixels:,} are accepted", param=param, code="image_too_large")
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from an encoded image's header."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+
+
+def decode_image(data: bytes, what: str = "the image") -> Image.Image:
+    """An encoded image (header checked by the ingress) as RGB pixels; in the model's replica."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise InvalidRequestError(f"{what} could not be decoded ({type(exc).__name__})", param="messages") from None
     return image.convert("RGB")
 
 

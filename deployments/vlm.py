@@ -7,6 +7,7 @@ from typing import Any
 from loading import LoadedModel
 
 from .chat_server import ChatServer
+from .media import decode_image
 from .params import ChatParams
 
 
@@ -14,4 +15,5 @@ class VLMServer(ChatServer):
     def encode(self, loaded: LoadedModel, params: ChatParams) -> dict[str, Any]:
         processor = loaded.processor
         text = processor.apply_chat_template(params.messages, add_generation_prompt=True, tokenize=False)
-        return dict(processor(text=[text], images=params.images or None, return_tensors="pt"))
+        images = [decode_image(data, f"image {i}") for i, data in enumerate(params.images)]
+        return dict(processor(text=[text], images=images or None, return_tensors="pt"))
