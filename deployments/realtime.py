@@ -186,6 +186,8 @@ class SessionError(Exception):
 class RealtimeSession:
     def __init__(self, websocket: WebSocket, ingress: Ingress, model: str | None):
         self.ws, self.ingress, self.limits = websocket, ingress, ingress.limits
+        # the beta protocol (OpenAI-Beta: realtime=v1) is the one spoken; the GA one is translated at the edges
+        self.ga = "realtime=v1" not in websocket.headers.get("openai-beta", "")
         self.id = _id("sess")
         self.llm = ingress.default_model(Family.LLM)
         self.requested_model = model
@@ -209,6 +211,8 @@ class RealtimeSession:
     async def send(self, type_: str, **fields: Any) -> None:
         if self._closed:
             return
+        if self.ga:
+            type_, fields = GA_NAMES.get(type_, type_), _to_ga(fields)
         message = json.dumps({"type": type_, "event_id": _id("event"), **fields})
         async with self._send_lock:
             try:
@@ -285,6 +289,8 @@ class RealtimeSession:
             if not isinstance(event, dict) or not isinstance(event.get("type"), str):
                 raise SessionError("an event is a JSON object with a string 'type'", "invalid_event", "type")
             event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+            if self.ga:
+                event = _from_ga(event)
             handler = HANDLERS.get(event["type"])
             if handler is None:
                 raise SessionError(f"unsupported event type {event['type'][:64]!r}; supported: "
@@ -574,6 +580,77 @@ def _usage(done: ReplyDone) -> dict:
     return {"total_tokens": prompt + completion, "input_tokens": prompt, "output_tokens": completion,
             "input_token_details": {"text_tokens": prompt, "audio_tokens": 0, "cached_tokens": 0},
             "output_token_details": {"text_tokens": completion, "audio_tokens": 0}}
+
+
+# --- the GA protocol (client.realtime.connect), translated to and from the beta one at the edges ---------
+
+GA_NAMES = {
+    "response.text.delta": "response.output_text.delta", "response.text.done": "response.output_text.done",
+    "response.audio.delta": "response.output_audio.delta", "response.audio.done": "response.output_audio.done",
+    "response.audio_transcript.delta": "response.output_audio_transcript.delta",
+    "response.audio_transcript.done": "response.output_audio_transcript.done",
+    "conversation.item.created": "conversation.item.added",
+}
+_PCM = {"type": "audio/pcm", "rate": RATE}
+
+
+def _to_ga(value: Any) -> Any:
+    """Server event payloads in GA shape: sessions, output content types, output_modalities."""
+    if isinstance(value, list):
+        return [_to_ga(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if value.get("object") == "realtime.session":
+        return {"type": "realtime", "object": "realtime.session", "id": value["id"], "model": value["model"],
+                "output_modalities": ["audio"] if "audio" in value["modalities"] else ["text"],
+                "instructions": value["instructions"], "max_output_tokens": value["max_response_output_tokens"],
+                "tools": [], "tool_choice": "auto",
+                "audio": {"input": {"format": _PCM, "transcription": value["input_audio_transcription"],
+                                    "turn_detection": value["turn_detection"]},
+                          "output": {"format": _PCM, "voice": value["voice"]}}}
+    out = {key: _to_ga(v) for key, v in value.items()}
+    if out.get("type") == "audio" and "transcript" in out:
+        out["type"] = "output_audio"
+    elif out.get("type") == "text" and "text" in out:
+        out["type"] = "output_text"
+    if out.get("object") == "realtime.response":
+        out["output_modalities"] = out.pop("modalities", None)
+    return out
+
+
+def _from_ga(event: dict) -> dict:
+    """A GA client event as its beta twin (session and response shapes)."""
+    if event.get("type") == "session.update" and isinstance(event.get("session"), dict):
+        ga, beta = event["session"], {}
+        if "output_modalities" in ga:
+            beta["modalities"] = ga["output_modalities"]
+        for key in ("instructions", "tools"):
+            if key in ga:
+                beta[key] = ga[key]
+        if "max_output_tokens" in ga:
+            beta["max_response_output_tokens"] = ga["max_output_tokens"]
+        audio = ga.get("audio") if isinstance(ga.get("audio"), dict) else {}
+        given, output = audio.get("input") or {}, audio.get("output") or {}
+        for key, beta_key in (("transcription", "input_audio_transcription"), ("turn_detection", "turn_detection")):
+            if key in given:
+                beta[beta_key] = given[key]
+        for side, fmt_key in ((given, "input_audio_format"), (output, "output_audio_format")):
+            fmt = side.get("format")
+            if isinstance(fmt, dict):
+                beta[fmt_key] = "pcm16" if fmt.get("type") == "audio/pcm" and fmt.get("rate", RATE) == RATE else fmt
+        if "voice" in output:
+            beta["voice"] = output["voice"]
+        return {**event, "session": beta}
+    if event.get("type") == "response.create" and isinstance(event.get("response"), dict):
+        ga = dict(event["response"])
+        if "output_modalities" in ga:
+            ga["modalities"] = ga.pop("output_modalities")
+        audio = ga.get("audio") if isinstance(ga.get("audio"), dict) else {}
+        voice = (audio.get("output") or {}).get("voice") if isinstance(audio.get("output"), dict) else None
+        if voice is not None:
+            ga["voice"] = voice
+        return {**event, "response": ga}
+    return event
 
 
 HANDLERS = {

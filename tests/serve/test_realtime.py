@@ -195,6 +195,34 @@ def test_an_unknown_model_gets_an_error_event_and_the_default_llm(demo_app):
     assert events[-1].error.code == "model_not_found" and "tiny-llm" in events[-1].error.message
 
 
+def test_the_ga_client_speaks_the_same_session_with_ga_names(demo_app):
+    async def scenario():
+        async with async_client(demo_app.url).realtime.connect(model="tiny-llm") as conn:
+            created = await events_until(conn, "session.created")
+            await conn.session.update(session={
+                "type": "realtime", "output_modalities": ["audio"], "instructions": "Be brief.",
+                "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": None},
+                          "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "alloy"}}})
+            updated = await events_until(conn, "session.updated")
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "Hello"}]})
+            await events_until(conn, "conversation.item.added")
+            await conn.response.create(response={"max_output_tokens": 12})
+            return created, updated, await events_until(conn, "response.done")
+
+    created, updated, answer = run(scenario())
+    assert created[-1].session.audio.output.format.rate == 24000
+    assert updated[-1].session.output_modalities == ["audio"] and updated[-1].session.audio.input.turn_detection is None
+    kinds = [e.type for e in answer]
+    assert "response.output_audio_transcript.delta" in kinds and "response.audio_transcript.delta" not in kinds
+    transcript = "".join(e.delta for e in answer if e.type == "response.output_audio_transcript.delta")
+    assert answer[kinds.index("response.output_audio_transcript.done")].transcript == transcript
+    if any(c.isalnum() for c in transcript):
+        assert "response.output_audio.delta" in kinds
+    assert answer[-1].response.status in ("completed", "incomplete")
+    assert answer[-1].response.output[0].content[0].type == "output_audio"
+
+
 # -- the API key on the socket ---------------------------------------------------------------------------
 KEY = "sk-realtime-test-key"
 
@@ -227,7 +255,9 @@ def test_the_socket_needs_the_api_key_like_every_route(keyed_app):
         async with async_client(keyed_app.url, key).beta.realtime.connect(model="tiny-llm") as conn:
             first = await conn.recv()
             rest = []
-            with pytest.raises(Exception):
+            import websockets
+
+            with pytest.raises(websockets.ConnectionClosed):
                 rest.append(await asyncio.wait_for(conn.recv(), 10))  # the server closes after the error
             return first, rest, conn._connection.close_code
 
