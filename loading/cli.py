@@ -14,6 +14,7 @@ import torch
 
 from .config import ModelSpec, models_from_serve_config
 from .errors import LoadingError
+from .gguf import is_gguf_source
 from .inspect_model import inspect_model
 from .model_source import ensure_demo_model, resolve_model
 from .offline import HubStatus, declared_offline, hub_status
@@ -60,6 +61,8 @@ def doctor(config: Path, out: TextIO | None = None) -> int:
         mark = "ok  " if result.ok else "FAIL"
         p(f"[{mark}] {spec.name}: {spec.source}")
         p(f"       location: {result.location}")
+        if result.gguf:
+            p(f"       gguf: {result.gguf}")
         if result.adapter_base:
             p(f"       adapter base: {result.adapter_base}")
         if result.family:
@@ -78,6 +81,7 @@ def doctor(config: Path, out: TextIO | None = None) -> int:
 
 
 def fetch(config: Path, to_local_dir: bool, out: TextIO | None = None) -> int:
+    """Download every configured model (and convert every GGUF source) so that serving needs nothing more."""
     out = out or sys.stdout  # looked up per call: a default bound at import ignores redirection
     settings = Settings.from_env()
     hub = hub_status(settings)
@@ -96,8 +100,10 @@ def fetch(config: Path, to_local_dir: bool, out: TextIO | None = None) -> int:
 def _fetch_one(spec: ModelSpec, settings: Settings, hub: HubStatus, to_local_dir: bool, out: TextIO) -> None:
     if spec.build_tiny:
         ensure_demo_model(spec, settings)
-    local_dir = settings.local_models_dir / spec.source.split("/")[-1] if to_local_dir else None
-    # Files only: downloads the model and an adapter's base where they are missing (config not needed).
+    local_dir = settings.local_models_dir / spec.source.split("/")[-1] if to_local_dir and not is_gguf_source(
+        spec.source) else None  # a GGUF is converted into LOCAL_MODELS_DIR anyway
+    # Files only: downloads the model and an adapter's base where they are missing (config not needed);
+    # converts a GGUF file that has no current conversion.
     found = resolve_model(spec, settings, hub=hub, local_dir=local_dir, with_config=False)
     print(f"[ok  ] {spec.name}: {found.path} ({found.resolved.origin})", file=out)
     if found.base is not None:
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="modelfleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("doctor", "check this machine and every configured model"),
-                            ("fetch", "download every configured model so the machine can run offline")):
+                            ("fetch", "download every configured model (convert each GGUF file) to run offline")):
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG), help="Serve config file")
         if name == "fetch":

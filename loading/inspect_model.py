@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from .config import Family, ModelSpec
 from .errors import LoadingError, UnsupportedModelError
+from .gguf import check_supported, conversion_state, is_gguf_source, locate, read_info
 from .model_source import ResolvedModel, find_base, read_config, resolve_model, tiny_target
 from .offline import HubStatus
 from .placement import GpuInfo, count_parameters, device_shortfall, estimate_weight_bytes, plan_device
@@ -30,6 +31,7 @@ class Inspection:
     estimated_bytes: int | None = None
     device: str | None = None
     strategy: str | None = None
+    gguf: str | None = None  # a GGUF source: its file, architecture, quantization, size and conversion state
     notes: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -44,6 +46,8 @@ def inspect_model(spec: ModelSpec, settings: Settings, hub: HubStatus, gpus: lis
         result.notes.append("random weights: output is gibberish")
         return result
     try:
+        if is_gguf_source(spec.source) and not _inspect_gguf(result, spec, settings):
+            return result  # not converted yet: nothing more to read without converting
         # Step by step, so that a base or a config that fails still shows what was found before it.
         found = resolve_model(spec, settings, hub=hub, allow_download=False, with_base=False, with_config=False)
         result.location = f"{found.path} ({found.resolved.origin})"
@@ -66,6 +70,24 @@ def inspect_model(spec: ModelSpec, settings: Settings, hub: HubStatus, gpus: lis
     return result
 
 
+def _inspect_gguf(result: Inspection, spec: ModelSpec, settings: Settings) -> bool:
+    """The GGUF file's facts into `result`; whether its conversion is current (then inspected like any model)."""
+    gguf = locate(spec.source, settings)
+    info = read_info(gguf.path)
+    state = conversion_state(gguf, settings)
+    target = gguf.target(settings)
+    converted = {"current": f"converted into {target}", "stale": f"conversion in {target} is of another file",
+                 "missing": "not converted yet"}[state]
+    result.gguf = (f"{gguf.path} ({gguf.origin}): architecture {info.architecture}, {info.quantization}, "
+                   f"{info.size_bytes / 2**20:.1f} MiB, {converted}")
+    check_supported(gguf, info)
+    if state == "current":
+        return True
+    result.ok, result.location = True, f"GGUF file, converted on first load (or by `modelfleet fetch`) into {target}"
+    result.family = Family.LLM.value
+    return False
+
+
 def _plan(result: Inspection, spec: ModelSpec, found: ResolvedModel, gpus: list[GpuInfo]) -> None:
     """The device and strategy a load would end with: the first strategy that fits, as the loader walks them."""
     result.parameters = count_parameters(found.model_dir)
@@ -85,6 +107,10 @@ def detect_family(spec: ModelSpec, settings: Settings | None = None) -> Family:
     if spec.family is not None:
         return spec.family
     settings = settings or Settings.from_env()
+    if is_gguf_source(spec.source):  # read from the file's header: no conversion at build time
+        gguf = locate(spec.source, settings)
+        check_supported(gguf, read_info(gguf.path))
+        return Family.LLM
     try:
         found = resolve_model(spec, settings, allow_download=False)
     except UnsupportedModelError:  # the config was read: it belongs to no served family, and says so

@@ -87,7 +87,8 @@ def resolve_model(
         raise ValueError("with_config=True needs with_base=True: an adapter's config is its base's")
     progress("resolving", 0.1)
     resolved = resolve_source(
-        spec.source, settings, revision=spec.revision, hub=hub, allow_download=allow_download, local_dir=local_dir
+        spec.source, settings, revision=spec.revision, hub=hub, allow_download=allow_download, local_dir=local_dir,
+        progress=progress,
     )
     found = ResolvedModel(resolved, read_adapter(resolved.path))
     if with_base:

@@ -1,5 +1,8 @@
 """Find a model's directory: explicit path -> LOCAL_MODELS_DIR -> HF cache -> Hub download.
 
+A GGUF file (`*.gguf`, `pkg://<package>/<file>.gguf`) resolves to its converted directory under
+LOCAL_MODELS_DIR, converted first where needed (`loading/gguf.py`).
+
 Every place looked at is recorded, so a miss can say exactly where we looked and what to do.
 Downloads happen only when the Hub is reachable, under a file lock so that replicas sharing a
 cache download once, and with their size logged before they start.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +38,7 @@ NOT_ON_HUB = (RepositoryNotFoundError, RevisionNotFoundError)
 class Resolved:
     path: Path
     # "local path" | "LOCAL_MODELS_DIR" | "adapter's parent directory" | "HF cache" | "copied from the HF cache"
-    # | "Hub download"
+    # | "Hub download" | "GGUF <file> (<where>), converted now|earlier"
     origin: str
     looked_at: list[str] = field(default_factory=list)
 
@@ -125,12 +129,22 @@ def resolve_source(
     hub: HubStatus | None = None,
     allow_download: bool = True,
     local_dir: Path | None = None,
+    progress: Callable[[str, float | None], None] | None = None,
 ) -> Resolved:
     """Resolve `source` to a local directory or raise ModelNotFoundError listing every place tried.
 
     With `local_dir`, a model found in the HF cache is copied there as plain files, and a download
-    lands there instead of in the cache (`modelfleet fetch --local-models-dir`).
+    lands there instead of in the cache (`modelfleet fetch --local-models-dir`). A GGUF file is
+    converted into LOCAL_MODELS_DIR where allowed (`allow_download`), reporting to `progress`.
     """
+    from .gguf import is_gguf_source
+
+    if is_gguf_source(source):
+        from .gguf import resolve_gguf
+
+        if progress is None:
+            return resolve_gguf(source, settings, convert=allow_download)
+        return resolve_gguf(source, settings, convert=allow_download, progress=progress)
     looked_at: list[str] = []
     for candidate in local_candidates(source, settings, extra_dirs):
         if is_model_dir(candidate):
