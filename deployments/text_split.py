@@ -42,18 +42,30 @@ def _split(text: str, max_chars: int, level: int) -> list[str]:
 
 
 def stream_pieces(text: str, max_chars: int, first_chars: int = 120) -> list[str]:
-    """Pieces to synthesize one after another while streaming: every sentence on its own (one longer
-    than `max_chars` cut at clauses, then words), and a first sentence longer than `first_chars` cut
-    at its clauses, so the first audio comes after the first sentence (or clause), not the last."""
+    """Pieces to synthesize one after another while streaming. The first is the first sentence (cut at
+    its clauses when longer than `first_chars`), so the first audio comes after it, not after the whole
+    text. Each later piece packs whole sentences up to twice the previous piece's length (at most
+    `max_chars`): while one piece plays the next, longer one is made, and long text takes few model calls
+    (each has a fixed cost) instead of one per sentence."""
     text = text.strip()
     if not text:
         return []
-    pieces: list[str] = []
+    sentences: list[str] = []
     for sentence in _BOUNDARIES[0].split(text):
         if sentence:
-            pieces.extend(_split(sentence, max_chars, 1))
-    if pieces and len(pieces[0]) > first_chars:
-        pieces[:1] = _split(pieces[0], first_chars, 1)
+            sentences.extend(_split(sentence, max_chars, 1))
+    if len(sentences[0]) > first_chars:
+        sentences[:1] = _split(sentences[0], first_chars, 1)
+    pieces, current = [sentences[0]], ""
+    for sentence in sentences[1:]:
+        joined = f"{current} {sentence}" if current else sentence
+        if current and len(joined) > min(2 * len(pieces[-1]) + 1, max_chars):
+            pieces.append(current)
+            current = sentence
+        else:
+            current = joined
+    if current:
+        pieces.append(current)
     return [piece for piece in pieces if piece]
 
 
