@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import deque
-from typing import Any, AsyncIterator, ClassVar
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -39,7 +40,8 @@ class STTServer(FamilyServer):
         _transcription().validate(spec, loaded, params)  # a 400 for this request, not a failed batch
         rate = loaded.processor.feature_extractor.sampling_rate
         if params.sample_rate != rate:
-            params.audio = await asyncio.to_thread(resample, np.asarray(params.audio, dtype=np.float32), params.sample_rate, rate)
+            audio = np.asarray(params.audio, dtype=np.float32)
+            params.audio = await asyncio.to_thread(resample, audio, params.sample_rate, rate)
             params.sample_rate = rate
         need = transcription_request_bytes(loaded.config, len(params.audio), self.options.max_chunks_per_call)
         return loaded, need

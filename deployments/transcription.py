@@ -13,8 +13,8 @@ from loading import LoadedModel, ModelSpec
 from .audio import resample
 from .errors import InvalidRequestError
 from .params import Segment, TranscribeParams, TranscribeResult, Word
-from .vad import ChunkPlanner, VadOptions
 from .transformers_logs import quiet_generation_warnings
+from .vad import ChunkPlanner, VadOptions
 
 quiet_generation_warnings()
 
@@ -106,20 +106,22 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
     for group in _groups(list(range(len(pieces))), chunks_per_call):
         group = [i for i in group if not _is_set(cancelled[pieces[i][0]])]
         if group:
-            for i, output in zip(group, _generate(spec, loaded, first, [pieces[i] for i in group], languages, cancelled, rate)):
+            made = _generate(spec, loaded, first, [pieces[i] for i in group], languages, cancelled, rate)
+            for i, output in zip(group, made, strict=True):
                 outputs[i] = output
 
     segments: list[list[Segment]] = [[] for _ in batch]
     words: list[list[Word]] = [[] for _ in batch]
-    for (index, start, samples), output in zip(pieces, outputs):
+    for (index, start, samples), output in zip(pieces, outputs, strict=True):
         seg, offset = segments[index], batch[index].offset_s
         end = start + len(samples) / rate
-        seg.append(Segment(len(seg), round(offset + start, 3), round(offset + end, 3), output.text.strip(), output.tokens))
-        words[index] += [Word(w.word, round(offset + min(start + w.start, end), 3), round(offset + min(start + w.end, end), 3))
-                         for w in output.words]
+        seg.append(Segment(len(seg), round(offset + start, 3), round(offset + end, 3), output.text.strip(),
+                           output.tokens))
+        words[index] += [Word(w.word, round(offset + min(start + w.start, end), 3),
+                              round(offset + min(start + w.end, end), 3)) for w in output.words]
     return [
         TranscribeResult(" ".join(s.text for s in segs if s.text).strip(), language, round(duration, 3), segs, w)
-        for language, segs, duration, w in zip(languages, segments, durations, words)
+        for language, segs, duration, w in zip(languages, segments, durations, words, strict=True)
     ]
 
 
@@ -211,7 +213,8 @@ def _transcript_tokens(tokenizer: Any, sequence: list[int], prompt: str | None) 
     return [sequence[i] for i in _text_span(tokenizer, sequence)]
 
 
-def _words(tokenizer: Any, sequence: list[int], times: list[float], language: str | None, duration: float) -> list[Word]:
+def _words(tokenizer: Any, sequence: list[int], times: list[float], language: str | None,
+           duration: float) -> list[Word]:
     """Words of one chunk from its token timestamps (Whisper's cross-attention alignment heads with DTW):
     tokens grouped into words as transformers' Whisper pipeline does, each word from its first token's
     time to the time of the token after its last."""
@@ -223,7 +226,7 @@ def _words(tokenizer: Any, sequence: list[int], times: list[float], language: st
     tokens = [sequence[i] for i in indices]
     words, _, groups = _combine_tokens_into_words(tokenizer, tokens, _language_name(tokenizer, language))
     out = []
-    for word, group in zip(words, groups):
+    for word, group in zip(words, groups, strict=True):
         last = indices[group[-1]]
         start = times[indices[group[0]]]
         stop = times[last + 1] if last + 1 < len(times) else duration

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator, ClassVar
+from collections.abc import AsyncIterator
+from typing import ClassVar
 
 from loading import ModelSpec
 
@@ -46,7 +47,8 @@ class TTSServer(FamilyServer):
             for piece in pieces:
                 if spoken and (error := synthesis.past_timeout(spec, started)) is not None:
                     raise error
-                result = await self._until_cancelled(params, self._infer(synthesis.synthesize_piece, loaded, piece, kwargs))
+                work = self._infer(synthesis.synthesize_piece, loaded, piece, kwargs)
+                result = await self._until_cancelled(params, work)
                 if result is not None:
                     spoken += 1
                     yield result

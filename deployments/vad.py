@@ -184,7 +184,7 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """[begin, end) of each run of True."""
     padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
     edges = np.flatnonzero(np.diff(padded))
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 def plan_cuts(audio: np.ndarray, options: VadOptions | None = None, max_s: float = 30.0) -> list[tuple[int, int]]:
