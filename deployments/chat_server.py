@@ -42,6 +42,29 @@ class ChatServer(FamilyServer):
     def validate(self, spec: ModelSpec, loaded: LoadedModel, params: ChatParams) -> None:
         """Per-request checks that must fail this request alone (400), not its batch."""
 
+    # -- shared by the families' encode -------------------------------------------------------------
+    @staticmethod
+    def template_inputs(template: str | None, params: ChatParams) -> tuple[list[dict], list[dict] | None]:
+        """The messages and `tools` to render: through the model's own template when it takes tools,
+        else the documented fallback (tools.py). `tool_choice: none` renders no tools."""
+        offered = params.tools if params.tools and params.tool_choice != "none" else None
+        has_tool_history = any(m.get("tool_calls") or m.get("role") == "tool" for m in params.messages)
+        if not offered and not has_tool_history:
+            return params.messages, None
+        if tools_module().template_takes_tools(template):
+            return params.messages, tools_module().template_tools(offered) if offered else None
+        return tools_module().fallback_messages(params.messages, offered), None
+
+    @staticmethod
+    def encode_prompt(tokenizer: Any, params: ChatParams) -> dict[str, Any]:
+        """/v1/completions: the prompt as it is (text with the tokenizer's own special tokens, or ids)."""
+        import torch
+
+        if isinstance(params.prompt, list):
+            ids = torch.tensor([params.prompt], dtype=torch.long)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return dict(tokenizer(params.prompt, return_tensors="pt"))
+
     # -- admission ----------------------------------------------------------------------------------
     async def _admit(self, params: ChatParams) -> int:
         """Checks that fail this request alone (4xx) before it can join a batch; returns the bytes
@@ -49,6 +72,17 @@ class ChatServer(FamilyServer):
         spec, loaded = await self.pool.get(params.model, params.wait_s)
         params.model = spec.name
         self.validate(spec, loaded, params)
+        features = params.loop_features()
+        if features and not uses_decode_loop(loaded):
+            raise InvalidRequestError(
+                f"model {spec.name!r} generates through transformers' generate() (its rotary positions are 3-D, "
+                f"as Qwen2-VL's), which does not serve {', '.join(features)} here; send the request without "
+                "it, or to a model served by the decode loop", param=features[0])
+        width = logits_width(loaded)
+        for token in params.logit_bias or {}:
+            if token >= width:
+                raise InvalidRequestError(f"logit_bias names token {token}, but model {spec.name!r} has "
+                                          f"{width} tokens (0-{width - 1})", param="logit_bias")
         context = context_length(loaded)
         prompt_limit, limit_name = prompt_token_limit(spec, context)
         self._refuse_overlong_text(loaded, params, prompt_limit, limit_name)
@@ -60,7 +94,24 @@ class ChatServer(FamilyServer):
         if prompt_tokens > prompt_limit:
             raise context_length_exceeded(limit_name, prompt_limit, prompt_tokens)
         params.max_new_tokens = resolve_max_new_tokens(spec, params.max_new_tokens, prompt_tokens, context)
+        if params.constraint is not None:
+            params.grammar = await asyncio.to_thread(self._compile, loaded, params, width)
         return chat_request_bytes(loaded.config, prompt_tokens, params.max_new_tokens, len(params.images), decoded)
+
+    def _compile(self, loaded: LoadedModel, params: ChatParams, width: int) -> Any:
+        """The request's grammar for its row (cached per grammar and tokenizer); 400 if it cannot be
+        enforced or cannot close within max_tokens."""
+        from . import structured
+
+        end_ids = _generation().end_token_ids(loaded)
+        try:
+            return structured.compile_row(params.constraint, loaded.tokenizer, width, end_ids,
+                                          params.max_new_tokens or 1)
+        finally:  # shown in /health with the batching counters
+            stats = structured.CACHE.stats
+            self.batch_stats["grammars_compiled"] = stats["compiled"]
+            self.batch_stats["grammar_cache_hits"] = stats["cache_hits"]
+            self.batch_stats["grammar_compile_ms_total"] = round(stats["compile_ms_total"], 1)
 
     def _refuse_overlong_text(self, loaded: LoadedModel, params: ChatParams, limit: int, limit_name: str) -> None:
         """A prompt whose characters cannot fit in `limit` tokens is refused before it is tokenized (no
@@ -70,6 +121,8 @@ class ChatServer(FamilyServer):
         if longest is None:
             longest = self._longest_token[id(tokenizer)] = max((len(t) for t in tokenizer.get_vocab()), default=1)
         chars = sum(len(text) for text in message_texts(params.messages))
+        if isinstance(params.prompt, str):
+            chars += len(params.prompt)
         if chars > limit * longest:
             raise context_length_exceeded(limit_name, limit, chars // longest, at_least=True)
 
@@ -77,7 +130,42 @@ class ChatServer(FamilyServer):
     async def chat(self, params: ChatParams) -> ChatResult:
         need = await self._admit(params)
         async with self.memory.hold(need, "this chat request", param="messages"):
-            return raise_if_error(await self._until_cancelled(params, self._generate(params)))
+            result = raise_if_error(await self._until_cancelled(params, self._generate(params)))
+        return await self._finish_result(params, result)
+
+    async def _finish_result(self, params: ChatParams, result: ChatResult) -> ChatResult:
+        """Logprobs as OpenAI writes them, and tool calls parsed out of the reply."""
+        _, loaded = await self.pool.get(params.model)
+        if result.logprobs is not None:
+            from .row_logits import as_openai
+
+            result.logprobs = as_openai(loaded.tokenizer, result.logprobs)  # type: ignore[arg-type]
+        if params.tools and params.tool_choice != "none":
+            content, calls = tools_module().parse_calls(result.text, params.tools, params.parallel_tool_calls)
+            if calls:
+                result.tool_calls, result.content, result.finish_reason = calls, content, "tool_calls"
+        if params.echo:
+            text, entries = self._echo(loaded, params)
+            result.text = text + result.text
+            if result.logprobs is not None:
+                result.logprobs = entries + result.logprobs
+        return result
+
+    @staticmethod
+    def _echo(loaded: LoadedModel, params: ChatParams) -> tuple[str, list[dict]]:
+        """/v1/completions `echo`: the prompt's text, and its tokens as logprob entries (logprob None)."""
+        from .row_logits import token_bytes
+
+        tokenizer = loaded.tokenizer
+        assert params.inputs is not None
+        ids = params.inputs["input_ids"][0].tolist()
+        text = params.prompt if isinstance(params.prompt, str) else tokenizer.decode(ids)
+        entries = []
+        for token in ids if params.logprobs else []:
+            data = token_bytes(tokenizer, token)
+            entries.append({"token": data.decode("utf-8", errors="replace"), "logprob": None, "bytes": list(data),
+                            "top_logprobs": []})
+        return text, entries
 
     async def _generate(self, params: ChatParams) -> ChatResult | BaseException:
         spec, loaded = await self.pool.get(params.model)
@@ -113,33 +201,74 @@ class ChatServer(FamilyServer):
         return results
 
     async def chat_stream(self, params: ChatParams) -> AsyncIterator[dict]:
-        """Yields {"delta": text}... then {"finish_reason", "usage"}; errors surface before the first chunk.
+        """Yields {"delta": text, ...}... then {"finish_reason", "usage"}; errors surface before the first
+        chunk. A delta item may also carry "logprobs" (of its tokens) and "tool_calls" (call deltas).
 
         A stream joins the same batches as plain requests: its deltas come from the batch's generate
         call through `params.sink`, and its final text from the batch's result for it."""
         need = await self._admit(params)
+        _, loaded = await self.pool.get(params.model)
+        calls = None
+        if params.tools and params.tool_choice != "none":
+            calls = tools_module().CallStream(params.tools, params.parallel_tool_calls)
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self.memory.hold(need, "this chat request", param="messages"))
             loop = asyncio.get_running_loop()
             deltas: asyncio.Queue = asyncio.Queue()
             params.sink = lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)
+            if params.logprobs:
+                params.logprob_sink = lambda entry: loop.call_soon_threadsafe(deltas.put_nowait, entry)
             done = asyncio.ensure_future(self._until_cancelled(params, self._generate(params)))
             # Runs after every delta the generate call queued: they were scheduled before its result.
             done.add_done_callback(lambda _: deltas.put_nowait(_END))
-            sent = ""
+            sent, entries = "", []
+            if params.echo:
+                text, echoed = self._echo(loaded, params)
+                yield {"delta": text, "logprobs": echoed or None}
             try:
                 while (piece := await deltas.get()) is not _END:
+                    if not isinstance(piece, str):
+                        entries.append(piece)
+                        continue
                     sent += piece
-                    yield {"delta": piece}
+                    for item in _stream_items(piece, entries, calls, loaded.tokenizer):
+                        yield item
+                    entries = []
                 result: ChatResult = raise_if_error(done.result())
             finally:
                 done.cancel()  # the client went away: the row is dropped at generate's next step
-        if len(result.text) > len(sent) and result.text.startswith(sent):
-            yield {"delta": result.text[len(sent):]}  # what was held back for a possible stop string
+        tail = result.text[len(sent):] if len(result.text) > len(sent) and result.text.startswith(sent) else ""
+        for item in _stream_items(tail, entries, calls, loaded.tokenizer, final=True):
+            yield item
+        finish = "tool_calls" if calls is not None and calls.calls else result.finish_reason
         yield {
-            "finish_reason": result.finish_reason,
+            "finish_reason": finish,
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
         }
+
+
+def _stream_items(text: str, entries: list, calls: Any, tokenizer: Any, final: bool = False) -> list[dict]:
+    """One streamed piece of text as chunk items: content and/or tool-call deltas, with its logprobs."""
+    logprobs = None
+    if entries:
+        from .row_logits import as_openai
+
+        logprobs = as_openai(tokenizer, entries)
+    if calls is None:
+        return [{"delta": text, "logprobs": logprobs}] if text or logprobs else []
+    pieces = calls.feed(text) + (calls.finish() if final else [])
+    items: list[dict] = []
+    for piece in pieces:
+        if "content" in piece:
+            items.append({"delta": piece["content"]})
+        else:
+            items.append({"delta": "", "tool_calls": [piece["tool_call"]]})
+    if logprobs:
+        if items:
+            items[0]["logprobs"] = logprobs
+        else:
+            items.append({"delta": "", "logprobs": logprobs})
+    return items
 
 
 def uses_decode_loop(loaded: LoadedModel) -> bool:
@@ -160,6 +289,12 @@ def message_texts(messages: list[dict]) -> list[str]:
         elif isinstance(content, list):
             texts.extend(part.get("text", "") for part in content if isinstance(part, dict))
     return texts
+
+
+def logits_width(loaded: LoadedModel) -> int:
+    """Tokens the model scores at each step (its output layer may be wider than the tokenizer)."""
+    config = getattr(loaded.config, "text_config", None) or loaded.config
+    return max(int(getattr(config, "vocab_size", 0) or 0), len(loaded.tokenizer))
 
 
 def context_length(loaded: LoadedModel) -> int | None:
@@ -201,6 +336,12 @@ def resolve_max_new_tokens(spec: ModelSpec, requested: int | None, prompt_tokens
 
 
 _END = object()  # closes a stream's queue of deltas
+
+
+def tools_module():
+    from . import tools
+
+    return tools
 
 
 def _decode_loop():

@@ -27,6 +27,7 @@ from loading import LoadedModel, ModelSpec
 
 from .generation import PADDED_KEYS, RowStream, collate, cut_at_stop, end_token_ids
 from .params import ChatParams, ChatResult
+from .row_logits import Entry, RowLogits
 
 Done = Callable[[ChatResult | BaseException], None]  # called on the loop's thread with the row's outcome
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
@@ -46,10 +47,34 @@ class Row:
     prompt_tokens: int = 0
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
+    hooks: RowLogits | None = None  # logit_bias, penalties, grammar, logprobs: None when none is asked for
+    logprobs: list[Entry] = field(default_factory=list)
+    pending: Entry | None = None  # the logprob entry of the token just sampled
+    error: BaseException | None = None  # a row that failed on its own (finish "error")
 
     @property
     def limit(self) -> int:
         return self.params.max_new_tokens or self.spec.max_new_tokens
+
+    @property
+    def grammar(self) -> Any:
+        return self.hooks.grammar if self.hooks is not None else None
+
+    def take(self, token: int, sampled: bool = True) -> None:
+        """`token` joins the output (`sampled`: the model chose it; else the server closed a constrained
+        reply with it, which has no logprob)."""
+        self.tokens.append(token)
+        if self.hooks is not None:
+            self.hooks.taken(token)
+            if sampled and self.pending is not None:
+                self.logprobs.append(self.pending)
+                if self.params.logprob_sink is not None:
+                    try:
+                        self.params.logprob_sink(self.pending)
+                    except Exception:
+                        pass
+        self.pending = None
+        self.stream.push(token)
 
 
 class Group:
@@ -168,10 +193,19 @@ class DecodeLoop:
         self._settle(group, tokens)
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
-        """One token per row, each with its own settings and random generator."""
+        """One token per row, each with its own settings, random generator and logits processing."""
         out = torch.empty((len(rows), 1), dtype=torch.long)
         for i, row in enumerate(rows):
-            out[i, 0] = sample_token(logits[i], row.sampling, row.generator)
+            hooks = row.hooks
+            if hooks is None:
+                out[i, 0] = sample_token(logits[i], row.sampling, row.generator)
+                continue
+            try:
+                token = sample_token(hooks.process(logits[i]), row.sampling, row.generator)
+                row.pending = hooks.entry(logits[i], token)
+            except Exception as exc:  # this row's grammar or bias failed: it ends alone
+                row.error, token = exc, next(iter(row.end_ids), 0)
+            out[i, 0] = token
         return out.to(logits.device)
 
     def _settle(self, group: Group, tokens: torch.Tensor, start: int = 0) -> None:
@@ -202,10 +236,13 @@ class DecodeLoop:
         cancelled = row.params.cancelled
         if cancelled is not None and cancelled.is_set():
             return "cancelled"
+        if row.error is not None:
+            return "error"
         if token in row.end_ids:
             return "stop"
-        row.tokens.append(token)
-        row.stream.push(token)
+        if row.grammar is not None:
+            return _advance_constrained(row, token, now)
+        row.take(token)
         text, stopped = cut_at_stop(row.stream.text, row.params.stop) if row.params.stop else ("", False)
         if stopped:
             return "stop"
@@ -216,10 +253,15 @@ class DecodeLoop:
     def _finish(self, row: Row) -> None:
         if row.finish == "cancelled":  # tokens made for a caller that left: shows how soon its row left
             self.stats["cancelled_tokens"] = self.stats.get("cancelled_tokens", 0) + len(row.tokens)
+        grammar = row.grammar
+        if grammar is not None and grammar.forced_closes:
+            self.stats["grammar_forced_closes"] = self.stats.get("grammar_forced_closes", 0) + 1
         tokenizer = row.stream.tokenizer
         text, _ = cut_at_stop(tokenizer.decode(row.tokens, skip_special_tokens=True), row.params.stop)
+        result = ChatResult(text, row.prompt_tokens, len(row.tokens), row.finish or "stop",
+                            logprobs=row.logprobs if row.params.logprobs else None)  # type: ignore[arg-type]
         try:
-            row.done(ChatResult(text, row.prompt_tokens, len(row.tokens), row.finish or "stop"))
+            row.done(row.error if row.finish == "error" and row.error is not None else result)
         except Exception:  # the caller's future is gone: nothing to tell
             pass
 
@@ -232,7 +274,34 @@ def new_row(spec: ModelSpec, loaded: LoadedModel, params: ChatParams, done: Done
     if params.seed is not None:
         generator = torch.Generator(device="cpu")
         generator.manual_seed(params.seed % 2**63)
-    return Row(spec, params, done, loaded.adapter_name, sampling_settings(loaded, params), end_ids, stream, generator)
+    row = Row(spec, params, done, loaded.adapter_name, sampling_settings(loaded, params), end_ids, stream, generator)
+    if RowLogits.needed(params):
+        row.hooks = RowLogits(params, params.grammar)
+    return row
+
+
+def _advance_constrained(row: Row, token: int, now: float) -> str | None:
+    """A row with a grammar: the token is kept only if the reply can still be closed within max_tokens
+    after it; otherwise, and when max_tokens or generation_timeout_s is reached, the row ends with the
+    grammar's closing (structured.py), so its output always parses."""
+    grammar = row.grammar
+    try:
+        forced = grammar.advance(token, row.limit - len(row.tokens) - 1)
+    except Exception as exc:
+        row.error = exc
+        return "error"
+    if forced is not None:
+        for closing in forced:
+            row.take(closing, sampled=False)
+        return "length"
+    row.take(token)
+    if grammar.stopped:
+        return "stop"  # nothing but the end token could follow
+    if len(row.tokens) >= row.limit or now - row.started > row.spec.generation_timeout_s:
+        for closing in grammar.close():
+            row.take(closing, sampled=False)
+        return "length"
+    return None
 
 
 def sampling_settings(loaded: LoadedModel, params: ChatParams) -> dict[str, Any]:

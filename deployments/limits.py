@@ -7,6 +7,8 @@ Per-model bounds (prompt tokens, audio seconds, new tokens) live on `loading.Mod
 
 from __future__ import annotations
 
+import json
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import InvalidRequestError
@@ -55,6 +57,20 @@ class RequestLimits(BaseModel):
     """Most channels in an uploaded audio file (they are mixed down to one)."""
     max_audio_seconds: float = Field(default=1800.0, gt=0)
     """Longest upload, from its header, before decoding (a model's own `max_audio_seconds` may be lower)."""
+    max_choices: int = Field(default=8, ge=1)
+    """Choices one request may ask for: chat `n`; completions `n` times the prompts (each is a row of
+    the decode loop, so this bounds what one request takes of a batch)."""
+    max_tools: int = Field(default=128, ge=0)
+    """Functions in one request's `tools` (OpenAI's 128)."""
+    max_schema_chars: int = Field(default=65536, ge=256)
+    """Characters of a request's JSON schemas together (response_format's, tools' parameters), as
+    compact JSON: each is compiled into a grammar (ms per KB, cached) and searched for its shortest
+    completion, so size is what costs."""
+    max_schema_depth: int = Field(default=16, ge=2)
+    """Nesting of one schema: objects and arrays inside each other (a schema's own keywords count, so
+    `{"type": "object", "properties": {"a": {...}}}` is 2 deep at `a`)."""
+    max_logit_bias: int = Field(default=300, ge=0)
+    """Entries of `logit_bias` (OpenAI's 300)."""
     media_workers: int = Field(default=2, ge=1)
     """Audio/image decodes the ingress runs at once, off its event loop (more wait their turn)."""
     max_realtime_sessions: int = Field(default=64, ge=1)
@@ -89,6 +105,45 @@ def check_chat(messages: int, stops: list[str], limits: RequestLimits) -> None:
         if len(stop) > limits.max_stop_chars:
             _refuse(f"stop sequence {index} has {len(stop)} characters; at most max_stop_chars="
                     f"{limits.max_stop_chars}", "stop")
+
+
+def check_choices(choices: int, limits: RequestLimits, param: str = "n") -> None:
+    if choices > limits.max_choices:
+        _refuse(f"{choices} choices asked for; at most max_choices={limits.max_choices}", param)
+
+
+def check_generation_features(tools: int, logit_bias: int, schemas: list[tuple[str, object]],
+                              limits: RequestLimits) -> None:
+    """Tools, logit_bias and JSON schemas (each with the request field it came from)."""
+    if tools > limits.max_tools:
+        _refuse(f"{tools} tools; at most max_tools={limits.max_tools}", "tools")
+    if logit_bias > limits.max_logit_bias:
+        _refuse(f"{logit_bias} logit_bias entries; at most max_logit_bias={limits.max_logit_bias}", "logit_bias")
+    total = 0
+    for param, schema in schemas:
+        total += len(json.dumps(schema, separators=(",", ":")))
+        if total > limits.max_schema_chars:
+            _refuse(f"the request's JSON schemas take more than max_schema_chars={limits.max_schema_chars} "
+                    "characters (compact JSON)", param)
+        depth = _depth(schema)
+        if depth > limits.max_schema_depth:
+            _refuse(f"the schema nests {depth} deep; at most max_schema_depth={limits.max_schema_depth}", param)
+
+
+def _depth(value: object) -> int:
+    """Nesting of JSON containers, without recursion (the body's depth is bounded, but be safe)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = list(node.values())
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def check_speech_text(text: str, limits: RequestLimits, param: str) -> None:

@@ -14,7 +14,10 @@ from .params import ChatParams
 class LLMServer(ChatServer):
     def encode(self, loaded: LoadedModel, params: ChatParams) -> dict[str, Any]:
         tokenizer = loaded.tokenizer
-        text = tokenizer.apply_chat_template(params.messages, add_generation_prompt=True, tokenize=False)
+        if params.prompt is not None:
+            return ChatServer.encode_prompt(tokenizer, params)
+        messages, tools = ChatServer.template_inputs(tokenizer.chat_template, params)
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
 
     def validate(self, spec: ModelSpec, loaded: LoadedModel, params: ChatParams) -> None:
@@ -23,7 +26,7 @@ class LLMServer(ChatServer):
                 f"model {spec.name!r} is a text-only LLM and cannot read images; send them to a VLM model",
                 param="messages",
             )
-        if loaded.tokenizer.chat_template is None:
+        if loaded.tokenizer.chat_template is None and params.prompt is None:
             raise InvalidRequestError(
                 f"model {spec.name!r} has no chat template, so chat messages cannot be formatted for it",
                 param="model",

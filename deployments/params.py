@@ -24,8 +24,24 @@ class ChatParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     wait_s: float = 0.0  # how long to wait for a model that is still loading
+    # Per-row generation features (decode loop only; generate()-fallback models refuse them by name)
+    constraint: Any = None  # structured.Constraint: a JSON schema or grammar the output must follow
+    tools: list[dict] | None = None  # OpenAI function tools: {"name", "description", "parameters"}
+    tool_choice: Any = "auto"  # "auto" | "none" | "required" | {"name": ...}
+    parallel_tool_calls: bool = True
+    logprobs: bool = False
+    top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    prompt: str | list[int] | None = None  # /v1/completions: raw text (or token ids), no chat template
+    echo: bool = False  # /v1/completions: the prompt is part of the returned text
     # Set inside the replica for a streamed request: called with each text delta, on the inference thread.
     sink: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+    # ... and with each sampled token's logprob entry (with `logprobs`), before the delta holding its text
+    logprob_sink: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
+    # Set inside the replica: the compiled grammar of `constraint` for this request's row
+    grammar: Any = field(default=None, repr=False, compare=False)
     # Set inside the replica: the model inputs of this request alone (template applied, tokenized,
     # images processed), made before it joins a batch so that a bad request fails alone.
     inputs: dict[str, Any] | None = field(default=None, repr=False, compare=False)
@@ -36,13 +52,25 @@ class ChatParams:
         """Requests with equal keys can share one batched generate call."""
         return (self.temperature, self.top_p, self.seed, tuple(self.stop))
 
+    def loop_features(self) -> list[str]:
+        """The request fields only the decode loop serves (per-row logits processing)."""
+        features = {"response_format": self.constraint is not None and not self.tools,
+                    "tool_choice": self.constraint is not None and bool(self.tools),
+                    "logprobs": self.logprobs, "presence_penalty": bool(self.presence_penalty),
+                    "frequency_penalty": bool(self.frequency_penalty), "logit_bias": bool(self.logit_bias)}
+        return [name for name, used in features.items() if used]
+
 
 @dataclass
 class ChatResult:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "tool_calls"
+    # [{"token", "logprob", "bytes", "top_logprobs": [...]}] per sampled token, with `logprobs`
+    logprobs: list[dict] | None = None
+    tool_calls: list[dict] | None = None  # [{"id", "type": "function", "function": {"name", "arguments"}}]
+    content: str | None = None  # with tool calls: the text outside them (None: `text` is all content)
 
 
 @dataclass

@@ -7,6 +7,7 @@ but constrain every field we do use, so bad input fails validation naming that f
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -118,6 +119,25 @@ Stop = Annotated[
 ]
 
 
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionCallIn(RequestModel):
+    name: str
+    """The function called."""
+    arguments: str
+    """Its arguments, as the JSON text the model wrote."""
+
+
+class ToolCallIn(RequestModel):
+    id: str = Field(max_length=256)
+    """The call's id; the `tool` message answering it repeats it as `tool_call_id`."""
+    type: Literal["function"] = "function"
+    """Always `function`."""
+    function: FunctionCallIn
+    """The call."""
+
+
 class ChatMessage(RequestModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     """Author of the message."""
@@ -125,11 +145,19 @@ class ChatMessage(RequestModel):
     """A string, or a list of text and image parts."""
     name: str | None = None
     """Optional participant name."""
+    tool_calls: list[ToolCallIn] | None = None
+    """An assistant message's calls of tools (what an earlier reply asked for)."""
+    tool_call_id: str | None = Field(default=None, max_length=256)
+    """A `tool` message's answer to this call."""
 
     @model_validator(mode="after")
     def _content_present(self) -> "ChatMessage":
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs 'content' (a string or a list of content parts)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has 'tool_calls'")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs 'tool_call_id', the id of the call it answers")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,12 +176,105 @@ class ChatMessage(RequestModel):
             ]
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            # HF templates take the arguments as a mapping (they write it back as JSON themselves)
+            message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                "name": call.function.name, "arguments": _arguments(call.function.arguments)}}
+                for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
+
+
+def _arguments(text: str) -> Any:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text  # not JSON: the template gets the text as it was
+    return value if isinstance(value, dict) else text
+
+
+class JsonSchemaFormat(RequestModel):
+    name: str = Field(default="response", pattern=FUNCTION_NAME)
+    """Name of the format (letters, digits, `_`, `-`; at most 64)."""
+    description: str | None = None
+    """What the output is for; the model does not see it."""
+    schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
+    """The JSON Schema the output must validate against (enforced token by token)."""
+    strict: bool | None = None
+    """Accepted; the schema is always enforced, strict or not."""
+
+
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    """`text` (no constraint), `json_object` (any JSON object) or `json_schema` (the schema given)."""
+    json_schema: JsonSchemaFormat | None = None
+    """The schema; required with `type: json_schema`."""
+
+    @model_validator(mode="after")
+    def _schema_present(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object with its 'schema'")
+        return self
+
+
+class FunctionDefinition(RequestModel):
+    name: str = Field(pattern=FUNCTION_NAME)
+    """The function's name (letters, digits, `_`, `-`; at most 64)."""
+    description: str | None = None
+    """What it does; shown to the model."""
+    parameters: dict[str, Any] | None = None
+    """JSON Schema of its arguments (an object); calls made with `tool_choice` required or named are
+    enforced to validate against it."""
+    strict: bool | None = None
+    """Accepted; constrained calls always follow `parameters`."""
+
+
+class Tool(RequestModel):
+    type: Literal["function"]
+    """Only `function` tools are served (custom grammar tools are not)."""
+    function: FunctionDefinition
+    """The function."""
+
+
+class NamedFunction(RequestModel):
+    name: str
+    """The function that must be called."""
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    """Always `function`."""
+    function: NamedFunction
+    """The function that must be called."""
+
+
+ToolChoice = Annotated[
+    Union[Annotated[Literal["none", "auto", "required"], Tag("str")], Annotated[NamedToolChoice, Tag("dict")]],
+    Discriminator(
+        lambda value: "str" if isinstance(value, str) else "dict" if isinstance(value, (dict, BaseModel)) else None,
+        custom_error_type="invalid_tool_choice",
+        custom_error_message="tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", "
+                             "\"function\": {\"name\": ...}}",
+    ),
+]
 
 
 class StreamOptions(RequestModel):
     include_usage: bool = False
     """Send a last chunk with token usage and no choices."""
+
+
+REFUSED_CHAT_FIELDS = {
+    "audio": "audio output is not served by chat; use /v1/audio/speech or /v1/audio/chat",
+    "prediction": "predicted outputs are not served",
+    "web_search_options": "web search is not served",
+    "reasoning_effort": "the served models have no reasoning-effort control",
+    "verbosity": "the served models have no verbosity control",
+    "functions": "'functions' is deprecated by OpenAI; send 'tools' instead",
+    "function_call": "'function_call' is deprecated by OpenAI; send 'tool_choice' instead",
+    "moderation": "moderation is not served",
+}
 
 
 class ChatCompletionRequest(RequestModel):
@@ -177,16 +298,97 @@ class ChatCompletionRequest(RequestModel):
     """Stream the reply as server-sent events."""
     stream_options: StreamOptions | None = None
     """Options for streaming; only with `stream: true`."""
-    n: int = 1
-    """Number of choices; only 1 is supported."""
+    n: int = Field(default=1, ge=1)
+    """Number of choices, each sampled on its own (at most `limits.max_choices`)."""
     user: str | None = None
     """End-user id, for logs."""
+    response_format: ResponseFormat | None = None
+    """`json_object` or `json_schema`: the output is constrained token by token to parse (and validate)."""
+    tools: list[Tool] | None = None
+    """Functions the model may call."""
+    tool_choice: ToolChoice | None = None
+    """`auto` (default with tools), `none`, `required` or a named function; required and named calls are
+    constrained to the functions' parameters."""
+    parallel_tool_calls: bool | None = None
+    """Whether one reply may call several tools (default true)."""
+    logprobs: bool | None = None
+    """Return the log probability of each output token."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """With `logprobs`, also the most likely tokens at each position (0-20)."""
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    """Subtracted from the logit of every token already generated."""
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    """Subtracted from the logit of every token once per time it was generated."""
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string) -> bias from -100 to 100, added to its logit before sampling."""
+    # -- OpenAI fields accepted for compatibility: they change nothing here, honestly so --
+    store: bool | None = None
+    """Accepted only as false/absent: completions are never stored."""
+    metadata: dict[str, str] | None = None
+    """Accepted; not stored (nothing is)."""
+    service_tier: Literal["auto", "default"] | None = None
+    """`auto`/`default`: there is one tier."""
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
+    """Accepted; there is no prompt cache to steer."""
+    safety_identifier: str | None = Field(default=None, max_length=1024)
+    """End-user id, for logs."""
+    # -- OpenAI fields refused with a 400 when set: not served here --
+    audio: Any = None
+    """Refused: no audio output from chat (use /v1/audio/speech or /v1/audio/chat)."""
+    modalities: list[str] | None = None
+    """Only `["text"]`."""
+    prediction: Any = None
+    """Refused: predicted outputs are not served."""
+    web_search_options: Any = None
+    """Refused: no web search."""
+    reasoning_effort: Any = None
+    """Refused: the served models have no reasoning-effort control."""
+    verbosity: Any = None
+    """Refused: the served models have no verbosity control."""
+    functions: Any = None
+    """Refused: deprecated by OpenAI; use `tools`."""
+    function_call: Any = None
+    """Refused: deprecated by OpenAI; use `tool_choice`."""
+    moderation: Any = None
+    """Refused: no moderation here."""
 
-    @field_validator("n")
+    @field_validator("logit_bias")
     @classmethod
-    def _only_one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError(f"only n=1 is supported, got {value}")
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit() or len(key) > 9:
+                raise ValueError(f"keys must be token ids as strings, got {key[:20]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias for token {key} must be within [-100, 100], got {bias}")
+        return value
+
+    @field_validator("audio", "prediction", "web_search_options", "reasoning_effort", "verbosity", "functions",
+                     "function_call", "moderation")
+    @classmethod
+    def _refused(cls, value: Any, info: Any) -> Any:
+        if value is not None:
+            raise ValueError(REFUSED_CHAT_FIELDS[info.field_name])
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and value != ["text"]:
+            raise ValueError('only ["text"] is served (speech: /v1/audio/speech or /v1/audio/chat)')
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _not_stored(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("completions are not stored here; send false or leave it out")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: Any) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
         return value
 
     def requested_max_tokens(self) -> int | None:
@@ -238,11 +440,56 @@ class UsageInfo(OpenAIBaseModel):
     """Sum of the two."""
 
 
+class TopLogprob(OpenAIBaseModel):
+    token: str
+    """The token's text."""
+    logprob: float
+    """Its log probability under the model."""
+    bytes: list[int] | None = None
+    """Its UTF-8 bytes (a token may hold part of a character)."""
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+    """The most likely tokens at this position, `top_logprobs` of them."""
+
+
+class ChoiceLogprobs(OpenAIBaseModel):
+    content: list[TokenLogprob] | None = None
+    """One entry per output token the model sampled (tokens the server wrote to close a constrained
+    reply cut by max_tokens have none)."""
+    refusal: list[TokenLogprob] | None = None
+    """Always null."""
+
+
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    """The function called."""
+    arguments: str
+    """Its arguments as JSON text."""
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    """The call's id, to be repeated as `tool_call_id` in the tool's answer."""
+    type: Literal["function"] = "function"
+    """Always `function`."""
+    function: FunctionCall
+    """The call."""
+
+
 class ChatCompletionMessage(OpenAIBaseModel):
     role: Literal["assistant"] = "assistant"
     """Always `assistant`."""
     content: str | None = None
-    """The generated text."""
+    """The generated text (null when the reply is only tool calls)."""
+    refusal: str | None = None
+    """Always null: the server never refuses in words."""
+    tool_calls: list[ToolCall] | None = None
+    """The tools the reply calls."""
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletionChoice(OpenAIBaseModel):
@@ -250,8 +497,11 @@ class ChatCompletionChoice(OpenAIBaseModel):
     """Position of this choice."""
     message: ChatCompletionMessage
     """The generated message."""
-    finish_reason: Literal["stop", "length"] | None = None
-    """`stop`: end of turn or a stop sequence; `length`: the token limit was reached."""
+    finish_reason: FinishReason | None = None
+    """`stop`: end of turn or a stop sequence; `length`: the token limit was reached (a constrained
+    reply is still complete JSON); `tool_calls`: the reply calls tools."""
+    logprobs: ChoiceLogprobs | None = None
+    """With `logprobs: true`."""
 
 
 class ChatCompletionResponse(OpenAIBaseModel):
@@ -264,9 +514,27 @@ class ChatCompletionResponse(OpenAIBaseModel):
     model: str
     """The model that answered."""
     choices: list[ChatCompletionChoice]
-    """The generated choices (always one)."""
+    """The generated choices (`n` of them)."""
     usage: UsageInfo
-    """Token counts."""
+    """Token counts (completion tokens of every choice; the prompt once)."""
+
+
+class FunctionCallDelta(OpenAIBaseModel):
+    name: str | None = None
+    """In a call's first chunk."""
+    arguments: str | None = None
+    """The next piece of the arguments' JSON text."""
+
+
+class ToolCallDelta(OpenAIBaseModel):
+    index: int
+    """Which call of the reply this piece belongs to."""
+    id: str | None = None
+    """In a call's first chunk."""
+    type: Literal["function"] | None = None
+    """In a call's first chunk."""
+    function: FunctionCallDelta
+    """Name and/or the next piece of arguments."""
 
 
 class DeltaMessage(OpenAIBaseModel):
@@ -274,6 +542,8 @@ class DeltaMessage(OpenAIBaseModel):
     """Set on the first chunk only."""
     content: str | None = None
     """Newly generated text."""
+    tool_calls: list[ToolCallDelta] | None = None
+    """Newly generated pieces of tool calls."""
 
 
 class ChatCompletionChunkChoice(OpenAIBaseModel):
@@ -281,8 +551,10 @@ class ChatCompletionChunkChoice(OpenAIBaseModel):
     """Position of this choice."""
     delta: DeltaMessage
     """What changed since the previous chunk."""
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
     """Set on the last content chunk."""
+    logprobs: ChoiceLogprobs | None = None
+    """With `logprobs: true`: those of this chunk's tokens."""
 
 
 class ChatCompletionChunk(OpenAIBaseModel):
@@ -298,6 +570,138 @@ class ChatCompletionChunk(OpenAIBaseModel):
     """Empty in the final usage chunk."""
     usage: UsageInfo | None = None
     """Only in the final chunk, with `stream_options.include_usage`."""
+
+
+# --- text completions (/v1/completions) --------------------------------------------------
+
+
+def _prompt_tag(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list):
+        if value and all(isinstance(v, str) for v in value):
+            return "strs"
+        if value and all(isinstance(v, int) for v in value):
+            return "ids"
+        if value and all(isinstance(v, list) for v in value):
+            return "id_lists"
+    return None
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
+Prompt = Annotated[
+    Union[Annotated[str, Tag("str")], Annotated[list[str], Field(min_length=1), Tag("strs")],
+          Annotated[TokenIds, Tag("ids")], Annotated[list[TokenIds], Field(min_length=1), Tag("id_lists")]],
+    Discriminator(
+        _prompt_tag,
+        custom_error_type="invalid_prompt",
+        custom_error_message="prompt must be a string, a list of strings, a list of token ids or a list of such lists",
+    ),
+]
+
+
+class CompletionRequest(RequestModel):
+    model: str
+    """Model id or alias (LLM or VLM; the prompt is used as it is, without a chat template)."""
+    prompt: Prompt
+    """The text to continue: a string, several (one choice each), token ids, or lists of them."""
+    suffix: str | None = None
+    """Refused when set: insertion (fill-in-the-middle) is not served."""
+    max_tokens: int | None = Field(default=16, ge=1)
+    """Upper bound on generated tokens per choice (OpenAI's default 16)."""
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    """Sampling temperature; 0 means greedy decoding."""
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Nucleus sampling probability mass."""
+    n: int = Field(default=1, ge=1)
+    """Choices per prompt (prompts times n at most `limits.max_choices`)."""
+    best_of: int | None = Field(default=None, ge=1)
+    """Only equal to n (or 1): ranking extra samples is not served."""
+    stream: bool = False
+    """Stream the completion as server-sent events."""
+    stream_options: StreamOptions | None = None
+    """`include_usage`: a last chunk with token usage."""
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    """Log probabilities of each output token and of this many most likely alternatives (0-5)."""
+    echo: bool = False
+    """The prompt is returned before the completion (its tokens carry no logprobs)."""
+    stop: Stop | None = None
+    """Up to 4 sequences at which generation stops."""
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    """Subtracted from the logit of every token already generated."""
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    """Subtracted from the logit of every token once per time it was generated."""
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string) -> bias from -100 to 100."""
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    """Seed for reproducible sampling."""
+    user: str | None = None
+    """End-user id, for logs."""
+
+    _bias = field_validator("logit_bias")(ChatCompletionRequest._bias.__func__)  # type: ignore[attr-defined]
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("suffix (insertion) is not served: the models here only continue a prompt")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None, info: Any) -> int | None:
+        if value is not None and value not in (1, info.data.get("n", 1)):
+            raise ValueError(f"best_of={value}: ranking extra samples is not served; send best_of equal to n")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [list(self.prompt)]  # type: ignore[arg-type]
+        return list(self.prompt)  # type: ignore[arg-type]
+
+
+class CompletionLogprobs(OpenAIBaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    """Each token's text."""
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    """Each token's log probability (null for echoed prompt tokens)."""
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    """The most likely tokens at each position, text -> logprob."""
+    text_offset: list[int] = Field(default_factory=list)
+    """Where each token starts in `text`."""
+
+
+class CompletionChoice(OpenAIBaseModel):
+    text: str
+    """The completion (after the prompt, with `echo`)."""
+    index: int
+    """Position of this choice: prompt index times n plus the sample's."""
+    logprobs: CompletionLogprobs | None = None
+    """With `logprobs`."""
+    finish_reason: Literal["stop", "length"] | None = None
+    """`stop`: the model ended or a stop sequence; `length`: the token limit."""
+
+
+class CompletionResponse(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    """Completion id."""
+    object: Literal["text_completion"] = "text_completion"
+    """Always `text_completion`."""
+    created: int = Field(default_factory=_now)
+    """Unix time (seconds) of creation."""
+    model: str
+    """The model that answered."""
+    choices: list[CompletionChoice]
+    """The completions."""
+    usage: UsageInfo | None = None
+    """Token counts (every prompt and every choice)."""
 
 
 # --- models -----------------------------------------------------------------------------

@@ -2,39 +2,99 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from pydantic import BaseModel
 
 from .errors import error_sse_event
-from .protocol import ChatCompletionChunk, ChatCompletionChunkChoice, DeltaMessage, UsageInfo, new_completion_id
+from .protocol import (
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChoiceLogprobs,
+    DeltaMessage,
+    ToolCallDelta,
+    UsageInfo,
+    new_completion_id,
+)
 
 DONE = "data: [DONE]\n\n"
 
 
-async def chat_events(model: str, chunks: AsyncIterator[dict], include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI's chunk sequence: role, content deltas, finish_reason, optional usage, [DONE]. A failure
-    after the 200 was sent is reported in-band as an error event (errors.error_sse_event)."""
+async def chat_events(model: str, chunks: AsyncIterator[tuple[int, dict]], include_usage: bool,
+                      choices: int = 1) -> AsyncIterator[str]:
+    """OpenAI's chunk sequence: role, deltas (content, tool calls, logprobs), finish_reason per choice,
+    optional usage (the prompt once, every choice's completion), [DONE]. `chunks` are (choice index,
+    item) pairs from ChatServer.chat_stream, interleaved. A failure after the 200 was sent is reported
+    in-band as an error event (errors.error_sse_event)."""
     completion_id, created = new_completion_id(), int(time.time())
 
-    def event(choices: list, usage: UsageInfo | None = None) -> str:
-        chunk = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=choices, usage=usage)
+    def event(parts: list, usage: UsageInfo | None = None) -> str:
+        chunk = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=parts, usage=usage)
         return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
 
-    yield event([ChatCompletionChunkChoice(index=0, delta=DeltaMessage(role="assistant", content=""))])
+    for index in range(choices):
+        yield event([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+    prompt_tokens, completion_tokens = 0, 0
     try:
-        async for item in chunks:
+        async for index, item in chunks:
             if "delta" in item:
-                yield event([ChatCompletionChunkChoice(index=0, delta=DeltaMessage(content=item["delta"]))])
+                calls = [ToolCallDelta.model_validate(call) for call in item.get("tool_calls") or []]
+                delta = DeltaMessage(content=item["delta"] if item["delta"] or not calls else None,
+                                     tool_calls=calls or None)
+                logprobs = ChoiceLogprobs(content=item["logprobs"]) if item.get("logprobs") else None
+                yield event([ChatCompletionChunkChoice(index=index, delta=delta, logprobs=logprobs)])
                 continue
-            yield event([ChatCompletionChunkChoice(index=0, delta=DeltaMessage(), finish_reason=item["finish_reason"])])
-            if include_usage:
-                u = item["usage"]
-                yield event([], UsageInfo(total_tokens=u["prompt_tokens"] + u["completion_tokens"], **u))
+            yield event([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(),
+                                                   finish_reason=item["finish_reason"])])
+            prompt_tokens = prompt_tokens or item["usage"]["prompt_tokens"]
+            completion_tokens += item["usage"]["completion_tokens"]
+        if include_usage:
+            yield event([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                      total_tokens=prompt_tokens + completion_tokens))
     except Exception as exc:  # headers are sent: report the failure in-band, then end the stream
         yield error_sse_event(exc)
     yield DONE
+
+
+async def merged(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int, dict]]:
+    """(index, item) from several streams as each produces them; closing it closes them all."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[dict]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item))
+            await queue.put((index, _ENDED))
+        except BaseException as exc:
+            await queue.put((index, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(streams)
+        while running:
+            index, item = await queue.get()
+            if item is _ENDED:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # type: ignore[attr-defined]
+
+
+_ENDED = object()
 
 
 async def prepend(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[dict]:

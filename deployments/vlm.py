@@ -14,6 +14,9 @@ from .params import ChatParams
 class VLMServer(ChatServer):
     def encode(self, loaded: LoadedModel, params: ChatParams) -> dict[str, Any]:
         processor = loaded.processor
-        text = processor.apply_chat_template(params.messages, add_generation_prompt=True, tokenize=False)
+        if params.prompt is not None:
+            return ChatServer.encode_prompt(loaded.tokenizer, params)
+        messages, tools = ChatServer.template_inputs(getattr(processor, "chat_template", None), params)
+        text = processor.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         images = [decode_image(data, f"image {i}") for i, data in enumerate(params.images)]
         return dict(processor(text=[text], images=images or None, return_tensors="pt"))

@@ -68,7 +68,7 @@ def test_model_not_found_lists_models():
     ("body", "param", "words"),
     [
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature", "less than or equal to 2"),
-        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "only n=1 is supported"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 0}, "n", "greater than or equal to 1"),
         ({"model": "m", "messages": []}, "messages", "at least 1"),
         ({"messages": [{"role": "user", "content": "x"}]}, "model", "Field required"),
         ({"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content.0.text", "Field required"),

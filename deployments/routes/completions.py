@@ -1,0 +1,112 @@
+"""POST /v1/completions: OpenAI's legacy text completion, for the tools that still use it.
+
+The prompt is continued as it is (no chat template), by the same LLM and VLM replicas and decode
+loop as chats: each prompt times `n` is one row. `suffix` is refused (no insertion); `echo` returns
+the prompt first (its tokens carry null logprobs); `logprobs` (0-5) gives OpenAI's legacy shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from loading import Family
+
+from ..errors import error_sse_event
+from ..limits import check_chat, check_choices, check_generation_features
+from ..params import ChatParams, ChatResult
+from ..protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
+from ..sse import DONE, merged, prepend
+from .chat import fan_out
+from .common import ERRORS, IngressDep, WaitDep
+
+router = APIRouter(tags=["completions"], responses=ERRORS)
+
+
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    responses={200: {"content": {"text/event-stream": {}},
+                     "description": "A text_completion, or with `stream: true` text_completion events"}},
+)
+async def create_completion(body: CompletionRequest, ingress: IngressDep, wait_s: WaitDep):
+    prompts = body.prompts()
+    check_choices(len(prompts) * body.n, ingress.limits)
+    check_chat(1, body.stop_list(), ingress.limits)
+    check_generation_features(0, len(body.logit_bias or {}), [], ingress.limits)
+    spec = ingress.spec(body.model, Family.LLM, Family.VLM)
+    choices: list[ChatParams] = []
+    for prompt in prompts:
+        params = await ingress.chat_params(
+            spec, [], wait_s, prompt=prompt, echo=body.echo, max_new_tokens=body.max_tokens,
+            temperature=body.temperature, top_p=body.top_p, stop=body.stop_list(), seed=body.seed,
+            logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0,
+            presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+            logit_bias={int(k): float(v) for k, v in body.logit_bias.items()} if body.logit_bias else None,
+        )
+        choices += fan_out(params, body.n)
+    if body.stream:
+        streams = [ingress.chat_stream(p) for p in choices]
+        firsts = await asyncio.gather(*(s.__anext__() for s in streams))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        items = merged([prepend(first, rest) for first, rest in zip(firsts, streams, strict=True)])
+        return StreamingResponse(completion_events(body.model, items, include_usage, body.n),
+                                 media_type="text/event-stream")
+    results: list[ChatResult] = list(await asyncio.gather(*(ingress.chat(p) for p in choices)))
+    prompt_tokens = sum(r.prompt_tokens for r in results[:: body.n])  # each prompt once
+    completion_tokens = sum(r.completion_tokens for r in results)
+    return CompletionResponse(
+        model=body.model,
+        usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                        total_tokens=prompt_tokens + completion_tokens),
+        choices=[CompletionChoice(text=r.text, index=i, finish_reason=r.finish_reason,  # type: ignore[arg-type]
+                                  logprobs=legacy_logprobs(r.logprobs) if r.logprobs is not None else None)
+                 for i, r in enumerate(results)],
+    )
+
+
+def legacy_logprobs(entries: list[dict], offset: int = 0) -> CompletionLogprobs:
+    """OpenAI chat-style logprob entries in the completions API's older shape."""
+    out = CompletionLogprobs()
+    for entry in entries:
+        out.tokens.append(entry["token"])
+        out.token_logprobs.append(entry["logprob"])
+        out.top_logprobs.append({top["token"]: top["logprob"] for top in entry["top_logprobs"]}
+                                if entry["logprob"] is not None else None)
+        out.text_offset.append(offset)
+        offset += len(entry["token"])
+    return out
+
+
+async def completion_events(model: str, items: AsyncIterator[tuple[int, dict]], include_usage: bool,
+                            n: int) -> AsyncIterator[str]:
+    """text_completion chunks: text deltas per choice, a finish_reason per choice, optional usage, [DONE]."""
+    response = CompletionResponse(model=model, choices=[])
+    offsets: dict[int, int] = {}
+    prompt_tokens, completion_tokens = 0, 0
+
+    def event(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+        chunk = response.model_copy(update={"choices": choices, "usage": usage, "created": int(time.time())})
+        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+    try:
+        async for index, item in items:
+            if "delta" in item:
+                logprobs = legacy_logprobs(item["logprobs"], offsets.get(index, 0)) if item.get("logprobs") else None
+                offsets[index] = offsets.get(index, 0) + len(item["delta"])
+                yield event([CompletionChoice(text=item["delta"], index=index, logprobs=logprobs)])
+                continue
+            yield event([CompletionChoice(text="", index=index, finish_reason=item["finish_reason"])])
+            if index % n == 0:
+                prompt_tokens += item["usage"]["prompt_tokens"]
+            completion_tokens += item["usage"]["completion_tokens"]
+        if include_usage:
+            yield event([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                      total_tokens=prompt_tokens + completion_tokens))
+    except Exception as exc:  # headers are sent: report the failure in-band, then end the stream
+        yield error_sse_event(exc)
+    yield DONE

@@ -1,0 +1,23 @@
+"""The demo's chat models alone (LLM, VLM and their LoRA adapters) as one app: the chat-feature test
+modules deploy this instead of the whole demo (no Whisper or VITS replicas to start)."""
+
+from __future__ import annotations
+
+from serve_testutil import App, demo_args, run_app
+
+CHAT_FAMILIES = ("llm", "vlm")
+
+
+def chat_only_args(models_dir) -> dict:
+    args = demo_args()
+    args["local_models_dir"] = str(models_dir)
+    args["models"] = [m for m in args["models"] if m.get("build_tiny", "").split("-")[0] in CHAT_FAMILIES]
+    args["families"] = {family: options for family, options in args["families"].items() if family in CHAT_FAMILIES}
+    args["families"]["llm"]["autoscaling"] = None  # one replica: /health's counters see every request
+    return args
+
+
+def start_chat_app(serve_url: str, models_dir, name: str = "modelfleet") -> App:
+    app = run_app(serve_url, name, chat_only_args(models_dir))
+    app.wait_for(lambda h: h["status"] == "ok", timeout=120)
+    return app
