@@ -35,7 +35,8 @@ class TTSServer(FamilyServer):
         piece's audio yielded as soon as it is made. The inference thread is released between pieces,
         so concurrent streams take turns instead of one long text holding the model. Errors (speed,
         nothing pronounceable) come before the first piece; a cancelled stream (client gone, barge-in)
-        stops before its next piece."""
+        stops before its next piece. generation_timeout_s bounds each model call here, not the whole
+        stream: streams taking turns on one replica would all run out together (bench/HOSTILE.md)."""
         spec, loaded = await self.pool.get(params.model, params.wait_s)
         from . import synthesis
 
@@ -43,12 +44,13 @@ class TTSServer(FamilyServer):
         pieces = stream_pieces(params.text, self.options.max_chars_per_call)
         need = speech_request_bytes(loaded.config, max((len(p) for p in pieces), default=1))
         async with self.memory.hold(need, "this text", param="input"):
-            started, spoken = time.monotonic(), 0
+            spoken = 0
             for piece in pieces:
-                if spoken and (error := synthesis.past_timeout(spec, started)) is not None:
-                    raise error
+                started = time.monotonic()
                 work = self._infer(synthesis.synthesize_piece, loaded, piece, kwargs)
                 result = await self._until_cancelled(params, work)
+                if (error := synthesis.past_timeout(spec, started)) is not None:
+                    raise error  # one model call took longer than its bound: something is wrong
                 if result is not None:
                     spoken += 1
                     yield result
