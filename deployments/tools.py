@@ -31,10 +31,8 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 FALLBACK_PROMPT = (
-    "You may call functions to help with the user's request. The functions, as JSON Schema:\n"
-    "<tools>\n{tools}\n</tools>\n"
-    "To call a function, answer with one block per call and nothing else:\n"
-    "<tool_call>\n{{\"name\": <function name>, \"arguments\": <arguments as a JSON object>}}\n</tool_call>"
+    "You may call these functions (JSON Schema):\n<tools>\n{tools}\n</tools>\n"
+    "To call one, reply only with: <tool_call>\n{{\"name\": ..., \"arguments\": {{...}}}}\n</tool_call>"
 )
 
 
@@ -76,7 +74,7 @@ def fallback_messages(messages: list[dict], tools: list[dict] | None) -> list[di
         else:
             out.append({k: v for k, v in message.items() if k not in ("tool_calls", "tool_call_id")})
     if tools:
-        listing = "\n".join(json.dumps({"type": "function", "function": t}) for t in tools)
+        listing = "\n".join(json.dumps(t, separators=(",", ":")) for t in tools)
         prompt = FALLBACK_PROMPT.format(tools=listing)
         if out and out[0].get("role") == "system" and isinstance(out[0].get("content"), str):
             out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + prompt}
