@@ -11,16 +11,24 @@ import asyncio
 import base64
 import contextlib
 import logging
-from typing import Any, AsyncIterator, Callable, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import numpy as np
 
 from loading import Family, ModelSpec
 
 from .app_config import AppConfig
-import numpy as np
-
 from .audio import AudioBounds, StreamEncoder, decode_audio, encode_audio_with_rate
 from .auth import KeyChecker, load_keys
-from .errors import SERVE_UNAVAILABLE, InvalidRequestError, ServiceUnavailableError, UnknownModelError, as_api_error
+from .errors import (
+    SERVE_UNAVAILABLE,
+    InvalidRequestError,
+    OverloadedError,
+    ServiceUnavailableError,
+    UnknownModelError,
+    as_api_error,
+)
 from .health import HealthMonitor
 from .media import take_images
 from .params import ChatParams, ChatResult, SpeechParams, SpeechResult, TranscribeParams, TranscribeResult
@@ -76,8 +84,18 @@ class Ingress:
 
     # -- media, decoded off the event loop ----------------------------------------------------------
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
-        async with self._media:
+        """Run a decode in a thread, at most `limits.media_workers` at once; a request that cannot get
+        a turn within request_timeout_s is refused (503), not left waiting past its timeout."""
+        limit = self.config.request_timeout_s
+        try:
+            await asyncio.wait_for(self._media.acquire(), limit)
+        except asyncio.TimeoutError:
+            raise OverloadedError(f"no media decoder was free within {limit:g} s (limits.media_workers="
+                                  f"{self.limits.media_workers}); retry shortly", retry_after_s=5) from None
+        try:
             return await asyncio.to_thread(fn, *args)
+        finally:
+            self._media.release()
 
     async def decode_audio(self, data: bytes, model: str | None = None) -> tuple[Any, int]:
         """An upload as float32 mono, bounded by the app's limits and the model's own max_audio_seconds."""

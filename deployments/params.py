@@ -7,8 +7,9 @@ deployments never see HTTP.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 # Fields set inside the replica (never sent over the wire) are excluded from repr and comparison.
 
@@ -17,7 +18,7 @@ from typing import Any, Callable
 class ChatParams:
     model: str
     messages: list[dict]  # role + content (str or [{"type": "text"|"image", ...}])
-    images: list[Any] = field(default_factory=list)  # PIL images, in order of appearance
+    images: list[bytes] = field(default_factory=list)  # encoded, headers checked; in order of appearance
     max_new_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
