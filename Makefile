@@ -30,8 +30,8 @@ test: install
 
 # Lint and type-check (config in pyproject.toml); loading/ and its tests for now, deployments/ later.
 lint: install
-	$(VENV)/bin/ruff check loading tests/loading
-	$(VENV)/bin/mypy loading
+	$(VENV)/bin/ruff check loading deployments tests bench cluster
+	$(VENV)/bin/mypy -p loading -p deployments
 
 doctor: install
 	$(VENV)/bin/modelfleet doctor

@@ -14,7 +14,13 @@ from .servers import base_env
 BARE = r"""
 import json, sys, time
 import torch, transformers
-from transformers import AutoModelForCausalLM, AutoModelForSpeechSeq2Seq, AutoModelForTextToWaveform, AutoProcessor, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSpeechSeq2Seq,
+    AutoModelForTextToWaveform,
+    AutoProcessor,
+    AutoTokenizer,
+)
 family, path = sys.argv[1], sys.argv[2]
 model_cls = {"llm": AutoModelForCausalLM, "stt": AutoModelForSpeechSeq2Seq, "tts": AutoModelForTextToWaveform}[family]
 proc_cls = AutoProcessor if family == "stt" else AutoTokenizer

@@ -91,13 +91,13 @@ def measure(engine, loaded, clients: int, requests: int, max_tokens: int) -> dic
                 i = next(counter, None)
             if i is None:
                 return
-            got_first = []
+            got_first: list[float] = []
             started = time.perf_counter()
-            p = params(i, max_tokens, sink=lambda _t: got_first or got_first.append(time.perf_counter()))
+            p = params(i, max_tokens, sink=lambda _t, first=got_first: first or first.append(time.perf_counter()))
             p.inputs = LLMServer.encode(None, loaded, p)
             finished = threading.Event()
-            box = []
-            engine.submit(p, lambda r: (box.append(r), finished.set()))
+            box: list = []
+            engine.submit(p, lambda r, box=box, finished=finished: (box.append(r), finished.set()))
             finished.wait()
             end = time.perf_counter()
             latencies.append(end - started)
@@ -141,12 +141,13 @@ def main(argv=None) -> int:
             row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             rows.append((clients, name, row))
             print(clients, name, {k: round(v, 3) for k, v in row.items()}, flush=True)
-    lines = [f"# Continuous batching vs whole-request batches (in-process)\n",
+    lines = ["# Continuous batching vs whole-request batches (in-process)\n",
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, model `{model.name}`, {args.requests} greedy chats "
              f"of up to {args.max_tokens} tokens per level, median of {args.rounds} rounds, "
              f"{len(os.sched_getaffinity(0))} cores, load average {os.getloadavg()[0]:.1f} at the end "
              "(a shared machine: compare rows of one run, not runs).\n",
-             "| clients | engine | req/s | tokens/s | p50 latency (s) | p50 first token (s) |", "|---:|---|---:|---:|---:|---:|"]
+             "| clients | engine | req/s | tokens/s | p50 latency (s) | p50 first token (s) |",
+             "|---:|---|---:|---:|---:|---:|"]
     for clients, name, row in rows:
         lines.append(f"| {clients} | {name} | {row['req_s']:.2f} | {row['tokens_s']:.1f} | {row['p50_s']:.3f} | "
                      f"{row['p50_first_token_s']:.3f} |")

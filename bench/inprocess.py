@@ -8,8 +8,8 @@ a replica with num_cpus < 1 (OMP_NUM_THREADS=1).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .workloads import PROMPT, SPEECH_TEXT
 

@@ -7,9 +7,9 @@ machine drift hits both sides alike. Added ms = HTTP p50 - in-process p50 (and t
 
 from __future__ import annotations
 
+from . import workloads
 from .inprocess import InProcess, time_calls
 from .load import percentile, sequential
-from . import workloads
 
 
 def routes(inproc: InProcess, audio: bytes) -> dict[str, tuple]:

@@ -8,8 +8,8 @@ streamed runs give the time to first token.
 
 from __future__ import annotations
 
-from .load import run_load
 from . import workloads
+from .load import run_load
 
 
 def llm_sweep(url: str, model: str, concurrencies: list[int], max_tokens: int, requests_per_client: int,

@@ -23,7 +23,6 @@ from .admission import MB, MemoryGate
 from .options import FamilyOptions
 from .pool import ModelPool
 
-
 T = TypeVar("T")
 
 

@@ -11,7 +11,7 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import numpy as np
@@ -76,6 +76,9 @@ class Ingress:
             raise UnknownModelError(name, fitting, param)
         return spec
 
+    def _names(self, family: Family) -> list[str]:
+        return [s.name for s in self.config.models if s.family is family]
+
     def default_model(self, family: Family) -> str:
         for spec in self.config.models:
             if spec.family is family:
@@ -112,11 +115,13 @@ class Ingress:
                          for part in m["content"])
         if has_images and spec.family is not Family.VLM:  # refused before any image is decoded
             raise InvalidRequestError(
-                f"model {spec.name!r} is a text-only {spec.family.value.upper()} and cannot read images; "
-                f"use a VLM model ({', '.join(s.name for s in self.config.models if s.family is Family.VLM) or 'none configured'})",
+                f"model {spec.name!r} is a text-only {family_name(spec).upper()} and cannot read images; "
+                f"use a VLM model ({', '.join(self._names(Family.VLM)) or 'none configured'})",
                 param="messages",
             )
-        images = await self._off_loop(take_images, messages, self.limits, self.config.allowed_media_dirs) if has_images else []
+        images = []
+        if has_images:
+            images = await self._off_loop(take_images, messages, self.limits, self.config.allowed_media_dirs)
         return ChatParams(model=spec.name, messages=messages, images=images, wait_s=wait_s, **sampling)
 
     # -- calls through handles --------------------------------------------------------------------
@@ -146,14 +151,14 @@ class Ingress:
 
     async def chat(self, params: ChatParams) -> ChatResult:
         spec = self.spec(params.model, Family.LLM, Family.VLM)
-        return await self._call(spec.family, "chat", params)
+        return await self._call(chat_family(spec), "chat", params)
 
-    def chat_stream(self, params: ChatParams) -> AsyncIterator[dict]:
+    def chat_stream(self, params: ChatParams) -> AsyncGenerator[dict, None]:
         """Chunks from the family; the first is awaited under the timeout so errors come before headers."""
         spec = self.spec(params.model, Family.LLM, Family.VLM)
-        return self._stream(spec.family, "chat_stream", params)
+        return self._stream(chat_family(spec), "chat_stream", params)
 
-    async def _stream(self, family: Family, method: str, params: Any) -> AsyncIterator[Any]:
+    async def _stream(self, family: Family, method: str, params: Any) -> AsyncGenerator[Any, None]:
         """A family's streaming method through its stream handle. The first item is awaited under
         request_timeout_s, so that errors come before a response's headers; closing the iterator (the
         client left, a barge-in) cancels the family's work."""
@@ -183,12 +188,12 @@ class Ingress:
         finally:
             generator.cancel()  # a no-op once it has finished; stops the family's work if the client left
 
-    def synthesize_stream(self, params: SpeechParams) -> AsyncIterator[SpeechResult]:
+    def synthesize_stream(self, params: SpeechParams) -> AsyncGenerator[SpeechResult, None]:
         """The speech piece by piece (sentence, or clause), as the TTS family makes it."""
         self.spec(params.model, Family.TTS)
         return self._stream(Family.TTS, "synthesize_stream", params)
 
-    def transcribe_stream(self, params: TranscribeParams) -> AsyncIterator[dict]:
+    def transcribe_stream(self, params: TranscribeParams) -> AsyncGenerator[dict, None]:
         """{"segment", "words"} per piece of the audio (cut at silences), then {"result"}."""
         self.spec(params.model, Family.STT)
         return self._stream(Family.STT, "transcribe_stream", params)
@@ -205,8 +210,8 @@ class Ingress:
     async def _voice_turn(self, form: VoiceChatForm, upload: bytes, wait_s: float
                           ) -> tuple[dict[Family, str], TranscribeResult, ChatParams]:
         """What was said (STT) and the chat request answering it; every model checked first."""
-        names = {Family.STT: form.stt_model, Family.LLM: form.llm_model, Family.TTS: form.tts_model}
-        names = {family: name or self.default_model(family) for family, name in names.items()}
+        asked = {Family.STT: form.stt_model, Family.LLM: form.llm_model, Family.TTS: form.tts_model}
+        names = {family: name or self.default_model(family) for family, name in asked.items()}
         stt = self.spec(names[Family.STT], Family.STT, param="stt_model")
         llm = self.spec(names[Family.LLM], Family.LLM, Family.VLM, param="llm_model")
         self.spec(names[Family.TTS], Family.TTS, param="tts_model")
@@ -244,7 +249,7 @@ class Ingress:
         return guarded(self._voice_events(form, names, heard, chat, models, wait_s))
 
     async def _voice_events(self, form: VoiceChatForm, names: dict[Family, str], heard: TranscribeResult,
-                            chat: ChatParams, models: dict[str, str], wait_s: float) -> AsyncIterator[str]:
+                            chat: ChatParams, models: dict[str, str], wait_s: float) -> AsyncGenerator[str, None]:
         yield event(VoiceTranscriptEvent(text=heard.text))
         encoder: StreamEncoder | None = None
         async with contextlib.aclosing(spoken_reply(
@@ -271,4 +276,13 @@ class Ingress:
 
     def _tts_chars(self) -> int:
         """Longest piece of a reply sent to the TTS at once (its family's max_chars_per_call)."""
-        return int(self.config.family_options(Family.TTS).max_chars_per_call)
+        return self.config.families.tts.max_chars_per_call
+
+
+def family_name(spec: ModelSpec) -> str:
+    return spec.family.value if spec.family else "unknown"
+
+
+def chat_family(spec: ModelSpec) -> Family:
+    """The family serving a chat model (the builder detects every model's family before serving)."""
+    return spec.family or Family.LLM

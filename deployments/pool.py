@@ -13,8 +13,8 @@ import gc
 import logging
 import os
 import time
-from typing import Any
 from collections import OrderedDict
+from typing import Any
 
 from loading import LoadedModel, LoadingMode, ModelHandle, ModelSpec, State
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TypeVar
 
 from pydantic import BaseModel
 
@@ -21,6 +22,8 @@ from .protocol import (
 )
 
 DONE = "data: [DONE]\n\n"
+
+T = TypeVar("T")
 
 
 async def chat_events(model: str, chunks: AsyncIterator[tuple[int, dict]], include_usage: bool,
@@ -97,7 +100,7 @@ async def merged(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int,
 _ENDED = object()
 
 
-async def prepend(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
+async def prepend(first: T, rest: AsyncIterator[T]) -> AsyncGenerator[T, None]:
     yield first
     async for item in rest:
         yield item

@@ -29,10 +29,12 @@ from .params import TranscribeParams, TranscribeResult
 
 class STTServer(FamilyServer):
     Options: ClassVar[type[TranscriptionOptions]] = TranscriptionOptions
+    options: TranscriptionOptions
 
     def __init__(self, specs: list[ModelSpec], options: TranscriptionOptions):
         super().__init__(specs, options)
-        self._transcribe_batch = Batcher(self._transcribe_batch_call, options.max_batch_size, options.batch_wait_timeout_s)
+        self._transcribe_batch: Batcher[TranscribeParams] = Batcher(self._transcribe_batch_call, options.max_batch_size,
+                                         options.batch_wait_timeout_s)
 
     async def _admit(self, params: TranscribeParams) -> tuple[Any, int]:
         spec, loaded = await self.pool.get(params.model, params.wait_s)

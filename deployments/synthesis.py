@@ -59,7 +59,8 @@ def past_timeout(spec: ModelSpec, started: float) -> ServiceUnavailableError | N
     return None
 
 
-def synthesize(spec: ModelSpec, loaded: LoadedModel, params: SpeechParams, max_chars_per_call: int = 400) -> SpeechResult:
+def synthesize(spec: ModelSpec, loaded: LoadedModel, params: SpeechParams,
+               max_chars_per_call: int = 400) -> SpeechResult:
     """The text in pieces of at most `max_chars_per_call` (sentence boundaries first), one model call
     each, joined; stops between pieces once the caller has gone away, and fails (503 naming the
     bound) once generation_timeout_s has passed."""

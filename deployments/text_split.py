@@ -83,7 +83,7 @@ class SentenceStream:
 
     def feed(self, delta: str) -> list[str]:
         self.buffer += delta
-        out = []
+        out: list[str] = []
         while True:
             cut = self._cut()
             if cut is None:

@@ -157,13 +157,15 @@ class _DropCancelledRows(StoppingCriteria):
         return torch.tensor([_is_set(e) for e in self.events], dtype=torch.bool, device=input_ids.device)
 
 
-def _generate(spec: ModelSpec, loaded: LoadedModel, first: TranscribeParams, pieces: list[tuple[int, float, np.ndarray]],
+def _generate(spec: ModelSpec, loaded: LoadedModel, first: TranscribeParams,
+              pieces: list[tuple[int, float, np.ndarray]],
               languages: list[str | None], cancelled: list[Any], rate: int) -> list[_Output]:
     """One generate call over some chunks (each of request `pieces[i][0]`)."""
     inputs = _features(loaded, [p[2] for p in pieces], rate)
     kwargs: dict[str, Any] = {"max_new_tokens": token_budget(spec, loaded, first.prompt),
                               "max_time": spec.generation_timeout_s, "task": first.task,
-                              "stopping_criteria": StoppingCriteriaList([_DropCancelledRows([cancelled[p[0]] for p in pieces])])}
+                              "stopping_criteria": StoppingCriteriaList(
+                                  [_DropCancelledRows([cancelled[p[0]] for p in pieces])])}
     if first.language:
         kwargs["language"] = first.language
     elif first.detect_language:

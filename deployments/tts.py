@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import ClassVar
 
 from loading import ModelSpec
@@ -17,6 +17,7 @@ from .text_split import stream_pieces
 
 class TTSServer(FamilyServer):
     Options: ClassVar[type[SpeechOptions]] = SpeechOptions
+    options: SpeechOptions
 
     def __init__(self, specs: list[ModelSpec], options: SpeechOptions):
         super().__init__(specs, options)
@@ -30,7 +31,7 @@ class TTSServer(FamilyServer):
             return await self._until_cancelled(params, self._infer(
                 synthesis.synthesize, spec, loaded, params, self.options.max_chars_per_call))
 
-    async def synthesize_stream(self, params: SpeechParams) -> AsyncIterator[SpeechResult]:
+    async def synthesize_stream(self, params: SpeechParams) -> AsyncGenerator[SpeechResult, None]:
         """The text sentence by sentence (the first cut at a clause if long), one model call each, each
         piece's audio yielded as soon as it is made. The inference thread is released between pieces,
         so concurrent streams take turns instead of one long text holding the model. Errors (speed,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +47,7 @@ _END = object()
 
 
 async def spoken_reply(ingress: Ingress, chat: ChatParams, speech: SpeechParams | None,
-                       max_chars: int = 400) -> AsyncIterator[ReplyEvent]:
+                       max_chars: int = 400) -> AsyncGenerator[ReplyEvent, None]:
     """TextDelta... and AudioPiece... interleaved as they are made, then ReplyDone. `speech` is the
     template of each sentence's TTS call (model, voice, speed); None: text only. An error of the LLM
     or the TTS ends the iterator with that error (the other side is cancelled)."""
@@ -92,7 +92,7 @@ async def spoken_reply(ingress: Ingress, chat: ChatParams, speech: SpeechParams 
                     continue
                 raise
 
-    async def run(work) -> None:
+    async def run(work: Any) -> None:
         try:
             await work
             await out.put(_END)
@@ -133,7 +133,7 @@ def _nothing_to_say(exc: BaseException) -> bool:
     return error.status == 400 and error.param == "input"
 
 
-async def drain(events: AsyncIterator[ReplyEvent]) -> tuple[ReplyDone, list[Any]]:
+async def drain(events: AsyncGenerator[ReplyEvent, None]) -> tuple[ReplyDone, list[Any]]:
     """Run a reply to its end: (its ReplyDone, its audio pieces' waveforms)."""
     waves, done = [], None
     async for item in events:

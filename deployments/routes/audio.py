@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated
 
 from fastapi import APIRouter
@@ -74,7 +74,7 @@ def _render(result: TranscribeResult, fmt: str, granularities: list[str], task: 
     return JSONResponse(verbose.model_dump(exclude_none=True))
 
 
-async def _transcript_events(items: AsyncIterator[dict]) -> AsyncIterator[str]:
+async def _transcript_events(items: AsyncGenerator[dict, None]) -> AsyncGenerator[str, None]:
     """OpenAI's streamed transcription: a delta per piece of the audio, then the whole text with usage."""
     said = False
     async for item in items:
@@ -133,7 +133,7 @@ async def create_translation(form: Annotated[TranslationForm, MULTIPART], ingres
     return await _transcribe(ingress, params, form.response_format, ["segment"], False)
 
 
-async def _speech_bytes(encoder: StreamEncoder, pieces: AsyncIterator[SpeechResult]) -> AsyncIterator[bytes]:
+async def _speech_bytes(encoder: StreamEncoder, pieces: AsyncGenerator[SpeechResult, None]) -> AsyncGenerator[bytes, None]:
     async for piece in pieces:
         data = await _encode(encoder, encoder.write, piece.waveform)
         if data:
@@ -142,7 +142,7 @@ async def _speech_bytes(encoder: StreamEncoder, pieces: AsyncIterator[SpeechResu
         yield data
 
 
-async def _speech_events(encoder: StreamEncoder, pieces: AsyncIterator[SpeechResult]) -> AsyncIterator[str]:
+async def _speech_events(encoder: StreamEncoder, pieces: AsyncGenerator[SpeechResult, None]) -> AsyncGenerator[str, None]:
     tokens = 0
     async for piece in pieces:
         tokens += piece.tokens

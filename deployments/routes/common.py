@@ -55,4 +55,5 @@ ERRORS: dict[int | str, dict] = {
     503: _error("Model loading (with Retry-After), failed, overloaded, or its deployment did not answer in time."),
 }
 MULTIPART = Form(media_type="multipart/form-data")  # a Form model with a file: documented as multipart
-UPLOAD_LIMITS: Any = {"max_files": 1, "max_fields": 16}  # FastAPI's private _FormLimits TypedDict  # one file and a handful of fields per multipart form
+# one file and a handful of fields per multipart form (Any: FastAPI's _FormLimits TypedDict is private)
+UPLOAD_LIMITS: Any = {"max_files": 1, "max_fields": 16}

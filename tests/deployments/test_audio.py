@@ -10,10 +10,10 @@ import soundfile as sf
 
 from deployments.audio import (
     SPEECH_FORMATS,
+    AudioBounds,
     AudioDecodeError,
     UnsupportedAudioFormat,
     chunk,
-    AudioBounds,
     decode_audio,
     encode_audio,
     encode_audio_with_rate,

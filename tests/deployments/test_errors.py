@@ -12,12 +12,11 @@ from ray.serve.exceptions import BackPressureError
 import loading
 from deployments.audio import AudioDecodeError, decode_audio
 from deployments.errors import (
-    APIError,
     InvalidRequestError,
-    UnknownModelError,
     RequestTooLargeError,
-    UnauthorizedError,
     ServiceUnavailableError,
+    UnauthorizedError,
+    UnknownModelError,
     error_json_response,
     error_sse_event,
     install_error_handlers,

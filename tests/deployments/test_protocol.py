@@ -7,11 +7,11 @@ from fastapi import UploadFile
 from pydantic import ValidationError
 
 from deployments.protocol import (
+    ChatCompletionChoice,
     ChatCompletionChunk,
+    ChatCompletionMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatCompletionChoice,
-    ChatCompletionMessage,
     GenerateRequest,
     ModelCard,
     ModelList,

@@ -35,13 +35,13 @@ def test_each_streamed_row_gets_its_own_deltas_and_they_add_up_to_its_reply(llm)
     plain = _generate(spec, loaded, [_chat(p, n) for p, n in prompts])
 
     streamed, received = [_chat(p, n) for p, n in prompts], [[] for _ in prompts]
-    for params, pieces in zip(streamed[:3], received):  # the last row is a plain request in the same batch
+    for params, pieces in zip(streamed[:3], received, strict=False):  # the last row is a plain request in the same batch
         params.sink = pieces.append
     results = _generate(spec, loaded, streamed)
 
     assert [r.text for r in results] == [r.text for r in plain]  # streaming changes nothing in the results
     assert [r.completion_tokens for r in results] == [r.completion_tokens for r in plain]
-    for pieces, result in zip(received[:3], results):
+    for pieces, result in zip(received[:3], results, strict=False):
         sent = "".join(pieces)
         assert result.text.startswith(sent)  # the caller sends the held-back rest from the result
     assert len(received[0]) > 3, received[0]  # tokens arrived one by one, not at the end

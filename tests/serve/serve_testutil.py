@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import socket
 import time
 from pathlib import Path
-
-import base64
-import io
 
 import numpy as np
 import requests

@@ -11,8 +11,9 @@ import base64
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -143,7 +144,7 @@ def corpus() -> list[Case]:
         Case("5 stop strings", CHAT, 400, chat(stop=["a", "b", "c", "d", "e"]), "stop"),
         Case("a 1000-char stop string", CHAT, 400, chat(stop=["x" * 1000]), "stop", mentions="max_stop_chars"),
         Case("an empty stop string", CHAT, 400, chat(stop=[""]), "stop.0"),
-        Case("n=2", CHAT, 400, chat(n=2), "n"),
+        Case("n=9 (past max_choices)", CHAT, 400, chat(n=9), "n", mentions="max_choices"),
         Case("1025 messages", CHAT, 400, {"json": {"model": "tiny-llm", "messages": [
             {"role": "user", "content": "x"}] * 1025}}, "messages", mentions="max_messages"),
         Case("stream with a bad request", CHAT, 400, chat(max_tokens=0, stream=True), "max_tokens"),

@@ -112,8 +112,9 @@ def test_a_lazy_model_loads_on_first_use(states_app):
 
 
 def test_a_replica_that_dies_mid_request_is_a_503_and_is_replaced(states_app):
-    import ray
     from concurrent.futures import ThreadPoolExecutor
+
+    import ray
 
     old_pid = states_app.get("/health").json()["models"]["doomed-stt"]["replica"]["pid"]
     with ThreadPoolExecutor(1) as pool:

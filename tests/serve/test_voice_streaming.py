@@ -193,7 +193,7 @@ def test_voice_round_trip_streams_transcript_text_and_audio(demo_app):
     assert set(kinds[1:-1]) <= {"reply.delta", "audio.delta"} and "reply.delta" in kinds
     done = events[-1]
     assert "".join(e["delta"] for e in events if e["type"] == "reply.delta") == done["reply"]
-    assert done["models"] == {"stt": "tiny-whisper", "llm": "tiny-llm", "tts": "tiny-vits"}
+    assert done["models"] == {"stt": "tiny-whisper", "llm": "smollm2-135m-instruct", "tts": "tiny-vits"}  # the first LLM
     assert done["usage"]["completion_tokens"] > 0 and done["usage"]["prompt_tokens"] > 0
     audio = b"".join(base64.b64decode(e["audio"]) for e in events if e["type"] == "audio.delta")
     if any(c.isalnum() for c in done["reply"]):
