@@ -446,22 +446,27 @@ def _write_model(path: Path, out: Path, step: Callable[..., None]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .loader import WEIGHTS_LOCK
+
     auto_model: Any = AutoModelForCausalLM  # transformers reads GGUF as causal LMs only (check_supported)
-    with _faster_gguf_reading(lambda done: step("dequantizing", done)):
+    with _faster_gguf_reading(lambda done: step("dequantizing", done)), WEIGHTS_LOCK:
         step("reading tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         step("reading weights")
         loaded = auto_model.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    step("saving")
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        fresh = auto_model.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict(), strict=True, assign=True)
-    fresh.tie_weights()
-    fresh.generation_config = loaded.generation_config
-    del loaded
+        step("saving")
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with torch.device("meta"):
+            fresh = auto_model.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+        fresh.tie_weights()
+        fresh.generation_config = loaded.generation_config
+        del loaded
+    on_meta = sorted(name for name, p in fresh.named_parameters() if p.device.type == "meta")
+    if on_meta:  # a tensor the file did not fill: never save a model that would not load
+        raise UnsupportedModelError(str(path), f"converting {path} left parameters without weights: {on_meta[:5]}")
     out.mkdir(parents=True)
     fresh.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

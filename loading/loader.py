@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +29,12 @@ from .report import Attempt, LoadedModel, LoadReport
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: Held while a model's modules are created or its weights loaded: transformers' from_pretrained patches
+#: process-wide state while it builds a model (the default dtype, torch.nn.init, weight tying), so two
+#: models loading at once in one replica (its background loads run in threads) could get each other's
+#: patches: seen as a tied lm_head left on the meta device. Reentrant: a GGUF conversion loads inside a load.
+WEIGHTS_LOCK = threading.RLock()
 
 
 def _short(exc: BaseException) -> str:
@@ -82,7 +89,8 @@ def _before_resolving(spec: ModelSpec, settings: Settings, progress: Progress) -
         time.sleep(spec.debug_load_delay_s)
     if spec.build_tiny:
         progress("building demo model", 0.05)
-        ensure_demo_model(spec, settings)
+        with WEIGHTS_LOCK:
+            ensure_demo_model(spec, settings)
 
 
 def _report_resolution(spec: ModelSpec, found: ResolvedModel, report: LoadReport) -> None:
@@ -138,15 +146,16 @@ def _load_weights(
 def _from_pretrained(spec: ModelSpec, found: ResolvedModel, strategy: Strategy, progress: Progress) -> Any:
     """The weights under one strategy (on exactly its one device), with the adapter applied."""
     assert found.family is not None
-    model = auto_class(found.family.auto_model).from_pretrained(
-        found.model_dir, trust_remote_code=spec.trust_remote_code, local_files_only=True,
-        **strategy.from_pretrained_kwargs(),
-    )
-    if found.adapter is not None:
-        progress("applying adapter", 0.9)
-        from peft import PeftModel
+    with WEIGHTS_LOCK:
+        model = auto_class(found.family.auto_model).from_pretrained(
+            found.model_dir, trust_remote_code=spec.trust_remote_code, local_files_only=True,
+            **strategy.from_pretrained_kwargs(),
+        )
+        if found.adapter is not None:
+            progress("applying adapter", 0.9)
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, found.adapter.path)
+            model = PeftModel.from_pretrained(model, found.adapter.path)
     model.eval()
     return model
 
@@ -173,7 +182,8 @@ def attach_adapter(
     started = time.perf_counter()
     if spec.build_tiny:
         progress("building demo model", 0.05)
-        ensure_demo_model(spec, settings)
+        with WEIGHTS_LOCK:
+            ensure_demo_model(spec, settings)
     found = resolve_model(spec, settings, with_base=False, with_config=False, progress=progress)
     adapter = found.adapter
     if adapter is None:
@@ -185,7 +195,7 @@ def attach_adapter(
     progress("applying adapter to the shared base", 0.5)
     from peft import PeftModel
 
-    with base.lock:  # no call on the base may run while LoRA layers are injected into it
+    with WEIGHTS_LOCK, base.lock:  # no call on the base may run while LoRA layers are injected into it
         if isinstance(base.model, PeftModel):
             base.model.load_adapter(str(adapter.path), adapter_name=spec.name)
         else:

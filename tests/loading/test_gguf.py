@@ -325,3 +325,37 @@ def test_the_real_package_file_is_read_in_well_under_a_second():
     assert time.perf_counter() - started < 5  # gguf.GGUFReader takes 15-25 s on this file
     assert (info.architecture, info.quantization, info.context_length) == ("llama", "Q4_1", 8192)
     gguf_module.check_supported(found, info)
+
+
+def test_models_in_one_process_load_one_at_a_time(tiny, tiny_gguf, models, monkeypatch):
+    """from_pretrained patches process-wide state (default dtype, init functions, weight tying): two
+    background loads at once in a replica once left a tied lm_head on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    real = AutoModelForCausalLM.from_pretrained.__func__
+    in_flight, most = [0], [0]
+    guard = threading.Lock()
+
+    def spied(cls, *args, **kwargs):
+        with guard:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        try:
+            time.sleep(0.2)
+            return real(cls, *args, **kwargs)
+        finally:
+            with guard:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spied))
+    specs = [ModelSpec(name="gguf", source=str(tiny_gguf)), ModelSpec(name="plain", source=str(tiny["llm"])),
+             ModelSpec(name="seed1", source=str(tiny["llm-seed1"]))]
+    loaded: list = []
+    threads = [threading.Thread(target=lambda s=s: loaded.append(load_model(s))) for s in specs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(loaded) == 3 and most[0] == 1
+    for model in loaded:
+        assert {p.device.type for p in model.model.parameters()} == {"cpu"}
