@@ -193,12 +193,14 @@ class ChatServer(FamilyServer):
 
     async def _chat_batch_call(self, batch: list[ChatParams]) -> list[ChatResult | BaseException]:
         results = await self._run_groups(
-            batch, ChatParams.sampling_key, lambda spec, loaded, items: _generation().generate_batch(spec, loaded, items)
+            batch, ChatParams.sampling_key,
+            lambda spec, loaded, items: _generation().generate_batch(spec, loaded, items)
         )
         for result in results:
             if isinstance(result, ChatResult) and result.finish_reason == "cancelled":
                 # tokens made for a caller that left before its row was dropped: shows how soon that was
-                self.batch_stats["cancelled_tokens"] = self.batch_stats.get("cancelled_tokens", 0) + result.completion_tokens
+                cancelled = self.batch_stats.get("cancelled_tokens", 0) + result.completion_tokens
+                self.batch_stats["cancelled_tokens"] = cancelled
         return results
 
     async def chat_stream(self, params: ChatParams) -> AsyncIterator[dict]:

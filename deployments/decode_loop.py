@@ -17,8 +17,9 @@ from __future__ import annotations
 import inspect
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -158,7 +159,7 @@ class DecodeLoop:
         loaded = group.loaded
         pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         inputs = {k: v.to(loaded.model.device) for k, v in collate([r.params.inputs for r in rows], pad_id).items()}
-        for row, mask in zip(rows, inputs["attention_mask"]):
+        for row, mask in zip(rows, inputs["attention_mask"], strict=True):
             row.prompt_tokens = int(mask.sum())
         # positions count real tokens only: left padding must not shift a row's rotary positions
         inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
@@ -337,7 +338,7 @@ def _join(cache: DynamicCache | None, mask: torch.Tensor | None, tokens: torch.T
     if cache is None or mask is None or tokens is None:
         return new_cache, new_mask, new_tokens
     length = max(mask.shape[1], new_mask.shape[1])
-    for old, new in zip(cache.layers, new_cache.layers):
+    for old, new in zip(cache.layers, new_cache.layers, strict=True):
         old.keys = torch.cat([_pad_left(old.keys, length), _pad_left(new.keys, length)], dim=0)
         old.values = torch.cat([_pad_left(old.values, length), _pad_left(new.values, length)], dim=0)
     mask = torch.cat([_pad_left(mask, length, dim=1), _pad_left(new_mask, length, dim=1)], dim=0)

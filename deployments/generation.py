@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -105,7 +106,7 @@ def generate_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[ChatParams]
     prompt_len = inputs["input_ids"].shape[1]
     prompt_counts = inputs["attention_mask"].sum(dim=1).tolist()
     results = []
-    for row, params, limit, prompt_tokens in zip(output, batch, limits, prompt_counts):
+    for row, params, limit, prompt_tokens in zip(output, batch, limits, prompt_counts, strict=True):
         new, ended = _own_tokens(row[prompt_len:].tolist(), end_ids, limit)
         text, stopped = cut_at_stop(loaded.tokenizer.decode(new, skip_special_tokens=True), params.stop)
         # "stop" only when the model ended its reply or a stop string cut it; a row cut short by
@@ -136,12 +137,12 @@ class RowStreams(BaseStreamer):
 
     def __init__(self, tokenizer: Any, batch: list[ChatParams], limits: list[int], end_ids: set[int]):
         self.rows = [RowStream(tokenizer, p.sink, p.stop, limit, end_ids) if p.sink else None
-                     for p, limit in zip(batch, limits)]
+                     for p, limit in zip(batch, limits, strict=True)]
 
     def put(self, value: torch.Tensor) -> None:
         if value.dim() > 1:  # the prompt
             return
-        for row, token in zip(self.rows, value.tolist()):
+        for row, token in zip(self.rows, value.tolist(), strict=True):
             if row is not None:
                 row.push(token)
 

@@ -11,7 +11,7 @@ import json
 import re
 import time
 import uuid
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
@@ -86,7 +86,7 @@ def _part_tag(value: Any) -> str | None:
 # Callable discriminators: pydantic then reports one error for the branch that applies,
 # instead of one error per union member.
 ContentPart = Annotated[
-    Union[Annotated[TextPart, Tag("TextPart")], Annotated[ImageUrlPart, Tag("ImageUrlPart")]],
+    Annotated[TextPart, Tag("TextPart")] | Annotated[ImageUrlPart, Tag("ImageUrlPart")],
     Discriminator(
         _part_tag,
         custom_error_type="invalid_content_part",
@@ -100,7 +100,7 @@ def _str_or_list_tag(value: Any) -> str | None:
 
 
 MessageContent = Annotated[
-    Union[Annotated[str, Tag("str")], Annotated[list[ContentPart], Tag("list")]],
+    Annotated[str, Tag("str")] | Annotated[list[ContentPart], Tag("list")],
     Discriminator(
         _str_or_list_tag,
         custom_error_type="invalid_content",
@@ -110,7 +110,7 @@ MessageContent = Annotated[
 
 StopSequence = Annotated[str, Field(min_length=1)]
 Stop = Annotated[
-    Union[Annotated[StopSequence, Tag("str")], Annotated[list[StopSequence], Field(max_length=4), Tag("list")]],
+    Annotated[StopSequence, Tag("str")] | Annotated[list[StopSequence], Field(max_length=4), Tag("list")],
     Discriminator(
         _str_or_list_tag,
         custom_error_type="invalid_stop",
@@ -151,7 +151,7 @@ class ChatMessage(RequestModel):
     """A `tool` message's answer to this call."""
 
     @model_validator(mode="after")
-    def _content_present(self) -> "ChatMessage":
+    def _content_present(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs 'content' (a string or a list of content parts)")
         if self.tool_calls and self.role != "assistant":
@@ -212,7 +212,7 @@ class ResponseFormat(RequestModel):
     """The schema; required with `type: json_schema`."""
 
     @model_validator(mode="after")
-    def _schema_present(self) -> "ResponseFormat":
+    def _schema_present(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("type 'json_schema' needs a 'json_schema' object with its 'schema'")
         return self
@@ -250,7 +250,7 @@ class NamedToolChoice(RequestModel):
 
 
 ToolChoice = Annotated[
-    Union[Annotated[Literal["none", "auto", "required"], Tag("str")], Annotated[NamedToolChoice, Tag("dict")]],
+    Annotated[Literal["none", "auto", "required"], Tag("str")] | Annotated[NamedToolChoice, Tag("dict")],
     Discriminator(
         lambda value: "str" if isinstance(value, str) else "dict" if isinstance(value, (dict, BaseModel)) else None,
         custom_error_type="invalid_tool_choice",
@@ -590,8 +590,10 @@ def _prompt_tag(value: Any) -> str | None:
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
 Prompt = Annotated[
-    Union[Annotated[str, Tag("str")], Annotated[list[str], Field(min_length=1), Tag("strs")],
-          Annotated[TokenIds, Tag("ids")], Annotated[list[TokenIds], Field(min_length=1), Tag("id_lists")]],
+    Annotated[str, Tag("str")]
+    | Annotated[list[str], Field(min_length=1), Tag("strs")]
+    | Annotated[TokenIds, Tag("ids")]
+    | Annotated[list[TokenIds], Field(min_length=1), Tag("id_lists")],
     Discriminator(
         _prompt_tag,
         custom_error_type="invalid_prompt",

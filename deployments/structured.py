@@ -133,10 +133,13 @@ class GrammarCache:
     def __init__(self, size: int = CACHE_SIZE):
         self.size = size
         self.entries: OrderedDict[tuple[int, str], llguidance.LLMatcher] = OrderedDict()
+        self.closings: dict[tuple[int, str], list[int] | None] = {}  # closing of the empty output, per entry
         self.lock = threading.Lock()
         self.stats = {"compiled": 0, "cache_hits": 0, "compile_ms_total": 0.0}
 
-    def matcher(self, vocab: Vocabulary, constraint: Constraint, limits: Any = None) -> llguidance.LLMatcher:
+    def matcher(self, vocab: Vocabulary, constraint: Constraint, limits: Any = None
+                ) -> tuple[llguidance.LLMatcher, tuple[int, str]]:
+        """A fresh matcher for the constraint (a copy of the cached one) and its cache key."""
         grammar = constraint.grammar()
         key = (id(vocab), grammar)
         with self.lock:
@@ -144,7 +147,7 @@ class GrammarCache:
             if template is not None:
                 self.entries.move_to_end(key)
                 self.stats["cache_hits"] += 1
-                return template.deep_copy()
+                return template.deep_copy(), key
         started = time.perf_counter()
         template = llguidance.LLMatcher(vocab.tokenizer, grammar, log_level=0, limits=limits)
         if template.is_error():
@@ -159,8 +162,8 @@ class GrammarCache:
             self.stats["compile_ms_total"] += elapsed
             self.entries[key] = template
             while len(self.entries) > self.size:
-                self.entries.popitem(last=False)
-        return template.deep_copy()
+                self.closings.pop(self.entries.popitem(last=False)[0], None)
+        return template.deep_copy(), key
 
 
 CACHE = GrammarCache()
@@ -245,12 +248,17 @@ class RowGrammar:
         self.closing: list[int] = []
         self.forced_closes = 0
 
-    def start(self, budget: int) -> None:
-        """Find the closing of the empty output; a 400 if none fits in `budget` tokens."""
-        closing = self.find_closing(budget)
+    def start(self, budget: int, key: Any = None) -> None:
+        """Find the closing of the empty output (once per cached grammar); a 400 if none fits in `budget`."""
+        if key is not None and key in CACHE.closings:
+            shortest = CACHE.closings[key]
+        else:
+            shortest = self.find_closing(1 << 16)
+            if key is not None:
+                CACHE.closings[key] = shortest
+        closing = shortest if shortest is not None and len(shortest) <= budget else None
         if closing is None:
             what = self.constraint.name or self.constraint.param
-            shortest = self.find_closing(1 << 16)
             if shortest is None:
                 raise InvalidRequestError(
                     f"{what} is too complex to guarantee a complete reply: no output for it was found within "
@@ -400,6 +408,7 @@ def compile_row(constraint: Constraint, hf_tokenizer: Any, n_vocab: int, end_ids
     """A request's grammar ready for its row: compiled (or copied from the cache) and checked to close
     within `budget` tokens. Errors are 400s naming the request field."""
     vocab = vocabulary(hf_tokenizer, n_vocab, end_ids)
-    row = RowGrammar(vocab, CACHE.matcher(vocab, constraint, limits), constraint)
-    row.start(budget)
+    matcher, key = CACHE.matcher(vocab, constraint, limits)
+    row = RowGrammar(vocab, matcher, constraint)
+    row.start(budget, key)
     return row
