@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: no room for a model to pad with spaces forever
 MAX_CLOSING_NODES = 20000  # candidate tokens the closing search of a new request may try
 MAX_STEP_NODES = 2000  # ... and a search during a decode step (when the previous closing no longer closes)
+MAX_CLOSING_S = 0.25  # wall-time bound of a new request's closing search (a 400 past it)
+MAX_STEP_S = 0.02  # ... and of a decode step's (past it the row ends with the closing it has)
 LOOKAHEAD = 4  # candidates compared by their greedy completion where the grammar offers a choice
 CACHE_SIZE = 256  # compiled grammars kept per replica
 # The closing search tries these first: they end a string, an object, an array, or are the shortest value.
@@ -133,7 +135,8 @@ class GrammarCache:
     def __init__(self, size: int = CACHE_SIZE):
         self.size = size
         self.entries: OrderedDict[tuple[int, str], llguidance.LLMatcher] = OrderedDict()
-        self.closings: dict[tuple[int, str], list[int] | None] = {}  # closing of the empty output, per entry
+        self.closings: dict[tuple[int, str], list[int]] = {}  # a closing of the empty output, per entry
+        self.failures: dict[tuple[int, str], int] = {}  # the largest budget no closing was found within
         self.lock = threading.Lock()
         self.stats = {"compiled": 0, "cache_hits": 0, "compile_ms_total": 0.0}
 
@@ -162,7 +165,9 @@ class GrammarCache:
             self.stats["compile_ms_total"] += elapsed
             self.entries[key] = template
             while len(self.entries) > self.size:
-                self.closings.pop(self.entries.popitem(last=False)[0], None)
+                dropped = self.entries.popitem(last=False)[0]
+                self.closings.pop(dropped, None)
+                self.failures.pop(dropped, None)
         return template.deep_copy(), key
 
 
@@ -249,24 +254,28 @@ class RowGrammar:
         self.forced_closes = 0
 
     def start(self, budget: int, key: Any = None) -> None:
-        """Find the closing of the empty output (once per cached grammar); a 400 if none fits in `budget`."""
-        if key is not None and key in CACHE.closings:
-            shortest = CACHE.closings[key]
-        else:
-            shortest = self.find_closing(1 << 16)
-            if key is not None:
-                CACHE.closings[key] = shortest
-        closing = shortest if shortest is not None and len(shortest) <= budget else None
-        if closing is None:
-            what = self.constraint.name or self.constraint.param
-            if shortest is None:
-                raise InvalidRequestError(
-                    f"{what} is too complex to guarantee a complete reply: no output for it was found within "
-                    f"{MAX_CLOSING_NODES} search steps (make more of its properties required, or simplify it)",
-                    param=self.constraint.param, code="invalid_schema")
+        """Find a closing of the empty output that fits in `budget` (cached with the grammar); a 400 if
+        there is none, or none was found within MAX_CLOSING_NODES / MAX_CLOSING_S."""
+        cached = CACHE.closings.get(key) if key is not None else None
+        what = self.constraint.name or self.constraint.param
+        if cached is not None and len(cached) > budget:
             raise InvalidRequestError(
-                f"max_tokens={budget} is too small for {what}: its shortest output takes {len(shortest)} tokens "
-                "(raise max_tokens / max_completion_tokens)", param="max_tokens")
+                f"max_tokens={budget} is too small for {what}: its shortest output found takes {len(cached)} "
+                "tokens (raise max_tokens / max_completion_tokens)", param="max_tokens")
+        if cached is None and key is not None and CACHE.failures.get(key, -1) >= budget:
+            closing = None  # searched before, with at least this budget
+        else:
+            closing = cached if cached is not None else self.find_closing(budget, MAX_CLOSING_NODES, MAX_CLOSING_S)
+        if closing is None:
+            if key is not None:
+                CACHE.failures[key] = max(budget, CACHE.failures.get(key, -1))
+            raise InvalidRequestError(
+                f"no complete output for {what} was found within max_tokens={budget} (searched at most "
+                f"{MAX_CLOSING_NODES} steps / {MAX_CLOSING_S:g} s): raise max_tokens, or simplify the schema "
+                "(fewer optional properties, smaller minLength / minItems / repetitions)", param="max_tokens",
+                code="invalid_schema")
+        if key is not None:
+            CACHE.closings[key] = closing
         self.closing = closing
 
     @property
@@ -295,9 +304,9 @@ class RowGrammar:
             return None
         if old and len(old) <= room and self._closes(self.matcher, old):
             return None  # e.g. one more character inside a string: the same closing still closes
-        closing = self._greedy(self.matcher, room, [0])  # cheap, and enough but near the budget's end
+        closing = self._greedy(self.matcher, room, [0, time.monotonic() + MAX_STEP_S])  # cheap; enough mostly
         if closing is None:
-            closing = self.find_closing(room, MAX_STEP_NODES)
+            closing = self.find_closing(room, MAX_STEP_NODES, MAX_STEP_S)
         if closing is None:
             self.matcher.rollback(1)
             self.forced_closes += 1
@@ -317,14 +326,15 @@ class RowGrammar:
         trial = matcher.deep_copy()
         return trial.consume_tokens(tokens) and trial.is_accepting()
 
-    def find_closing(self, budget: int, max_nodes: int = MAX_CLOSING_NODES) -> list[int] | None:
+    def find_closing(self, budget: int, max_nodes: int = MAX_CLOSING_NODES, max_s: float = MAX_CLOSING_S
+                     ) -> list[int] | None:
         """A short token sequence that completes the grammar from the current state within `budget`
         tokens, or None. Depth-first; at each node the closers first (a string closes at once), and
         where the grammar offers a real choice (an object key, an enum value) the candidates ordered by
-        the length of a greedy completion after each; forced bytes taken whole; bounded in nodes."""
+        the length of a greedy completion after each; forced bytes taken whole; bounded in nodes and time."""
         if self.matcher.is_accepting():
             return []
-        counter = [0]
+        counter: list[float] = [0, time.monotonic() + max_s]
         stack: list[tuple[llguidance.LLMatcher, list[int], Any]] = []
         state: tuple[llguidance.LLMatcher, list[int]] | None = (self.matcher.deep_copy(), [])
         while True:
@@ -341,7 +351,7 @@ class RowGrammar:
                 if len(path) >= budget:
                     continue
                 stack.append((matcher, path, iter(self._ordered(matcher, budget - len(path), counter, max_nodes))))
-            if not stack or counter[0] > max_nodes:
+            if not stack or _spent(counter, max_nodes):
                 return None
             matcher, path, candidates = stack[-1]
             for branch, token in candidates:
@@ -350,7 +360,7 @@ class RowGrammar:
             else:
                 stack.pop()
 
-    def _ordered(self, matcher: llguidance.LLMatcher, budget: int, counter: list[int], max_nodes: int) -> Any:
+    def _ordered(self, matcher: llguidance.LLMatcher, budget: int, counter: list[float], max_nodes: int) -> Any:
         """(matcher after token, token) for the candidate tokens, best first."""
         valid = []
         for token in self._candidates(matcher):
@@ -360,7 +370,7 @@ class RowGrammar:
                 valid.append((branch, token))
                 if self.vocab.closes_fast(token):
                     return valid[-1:] + valid[:-1]  # `"`, `}` or `]`: nothing is shorter
-            if len(valid) >= LOOKAHEAD or counter[0] > max_nodes:
+            if len(valid) >= LOOKAHEAD or _spent(counter, max_nodes):
                 break
         if len(valid) > 1:
             lengths, best = {}, budget
@@ -371,7 +381,7 @@ class RowGrammar:
             valid.sort(key=lambda item: lengths[item[1]])
         return valid
 
-    def _greedy(self, matcher: llguidance.LLMatcher, budget: int, counter: list[int]) -> list[int] | None:
+    def _greedy(self, matcher: llguidance.LLMatcher, budget: int, counter: list[float]) -> list[int] | None:
         """A completion taking the first valid candidate at every step (no backtracking)."""
         trial, path = matcher.deep_copy(), []
         while not trial.is_accepting():
@@ -383,6 +393,8 @@ class RowGrammar:
             else:
                 token = next(self._candidates(trial, check=True), None)
                 counter[0] += 1
+                if counter[0] % 64 == 0 and time.monotonic() > counter[1]:
+                    return None
                 if token is None or not trial.consume_token(token):
                     return None
                 path.append(token)
@@ -401,6 +413,11 @@ class RowGrammar:
         for token in self.vocab.by_length[allowed[self.vocab.by_length]][:8].tolist():
             if token not in tried:
                 yield token
+
+
+def _spent(counter: list[float], max_nodes: int) -> bool:
+    """A search's [nodes, deadline] past either bound."""
+    return counter[0] > max_nodes or time.monotonic() > counter[1]
 
 
 def compile_row(constraint: Constraint, hf_tokenizer: Any, n_vocab: int, end_ids: set[int], budget: int,

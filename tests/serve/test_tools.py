@@ -145,4 +145,4 @@ def test_a_tool_call_too_long_for_the_vlms_budget_is_a_400_on_max_tokens(app):
     """The tiny LLaVA allows 32 new tokens; the shortest call of `weather` takes more."""
     with pytest.raises(openai.BadRequestError) as caught:
         app.openai().chat.completions.create(model="tiny-llava", messages=ASK, tools=TOOLS, tool_choice="required")
-    assert caught.value.body["param"] == "max_tokens" and "shortest output" in caught.value.body["message"]
+    assert caught.value.body["param"] == "max_tokens" and "max_tokens=32" in caught.value.body["message"]

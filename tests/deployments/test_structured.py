@@ -1,0 +1,108 @@
+"""The grammar side alone (no model: random logits through the tiny tokenizer): whatever is sampled,
+a constrained row ends in output that parses and validates within its budget; hostile schemas are
+refused quickly; compiled grammars are cached."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jsonschema
+import pytest
+import torch
+
+from deployments import structured
+from deployments.errors import InvalidRequestError
+from loading.tiny.tokenizer import build_chatml_tokenizer
+
+SCHEMAS = {
+    "strings": {"type": "object", "required": ["a", "b"], "additionalProperties": False,
+                "properties": {"a": {"type": "string"}, "b": {"type": "string", "maxLength": 5}}},
+    "numbers": {"type": "object", "required": ["n", "x"], "additionalProperties": False,
+                "properties": {"n": {"type": "integer", "minimum": 10, "maximum": 20},
+                               "x": {"type": "number", "minimum": -1, "maximum": 1}}},
+    "array": {"type": "array", "items": {"enum": ["red", "green"]}, "minItems": 2, "maxItems": 4},
+    "nested": {"type": "object", "required": ["o"], "properties": {"o": {"type": "object", "required": ["p"],
+                                                                         "properties": {"p": {"type": "boolean"}}}}},
+    "pattern": {"type": "string", "pattern": "^[a-c]{3}-[0-9]{2}$"},
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_chatml_tokenizer()
+
+
+def decode_row(tokenizer, schema: dict, budget: int, seed: int, temperature: float = 1.0) -> tuple[str, str, int]:
+    """What the decode loop does for one row, with random logits: mask, sample, advance; close at the end."""
+    end = {tokenizer.eos_token_id}
+    row = structured.compile_row(structured.json_schema_constraint(schema, "rf"), tokenizer, len(tokenizer), end,
+                                 budget)
+    generator = torch.Generator().manual_seed(seed)
+    tokens: list[int] = []
+    while True:
+        scores = row.mask(torch.randn(len(tokenizer), generator=generator) * 3)
+        token = int(torch.multinomial(torch.softmax(scores / temperature, -1), 1, generator=generator))
+        if token in end:
+            return tokenizer.decode(tokens), "stop", len(tokens)
+        forced = row.advance(token, budget - len(tokens) - 1)
+        if forced is not None:
+            tokens += forced
+            return tokenizer.decode(tokens), "length", len(tokens)
+        tokens.append(token)
+        if row.stopped:
+            return tokenizer.decode(tokens), "stop", len(tokens)
+        if len(tokens) >= budget:
+            tokens += row.close()
+            return tokenizer.decode(tokens), "length", len(tokens)
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_whatever_is_sampled_the_output_validates_within_its_budget(tokenizer, name):
+    schema = SCHEMAS[name]
+    shortest = len(structured.compile_row(structured.json_schema_constraint(schema, "rf"), tokenizer, len(tokenizer),
+                                          {tokenizer.eos_token_id}, 512).closing)
+    for seed in range(12):
+        budget = shortest + seed * 3  # from exactly the shortest output up
+        text, finish, used = decode_row(tokenizer, schema, budget, seed)
+        assert used <= budget, (budget, used, text)
+        jsonschema.validate(json.loads(text), schema)
+        assert finish in ("stop", "length")
+
+
+def test_a_budget_below_the_shortest_output_is_a_400_on_max_tokens(tokenizer):
+    with pytest.raises(InvalidRequestError) as caught:
+        structured.compile_row(structured.json_schema_constraint(SCHEMAS["nested"], "rf", "the nested schema"),
+                               tokenizer, len(tokenizer), {tokenizer.eos_token_id}, 4)
+    assert caught.value.param == "max_tokens" and "max_tokens=4" in caught.value.message
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "minLength": 10**9},
+    {"type": "array", "items": {"type": "integer"}, "minItems": 10**8},
+    {"type": "string", "pattern": "^(a|b){5000}$"},
+])
+def test_schemas_that_cannot_close_are_refused_within_the_search_bounds(tokenizer, schema):
+    started = time.monotonic()
+    with pytest.raises(InvalidRequestError) as caught:
+        structured.compile_row(structured.json_schema_constraint(schema, "rf"), tokenizer, len(tokenizer),
+                               {tokenizer.eos_token_id}, 64)
+    assert caught.value.param == "max_tokens"
+    assert time.monotonic() - started < 20 * structured.MAX_CLOSING_S  # bounded (a loaded machine: margin)
+
+
+def test_compiled_grammars_and_their_closings_are_cached(tokenizer):
+    constraint = structured.json_schema_constraint({"type": "object", "properties": {"q": {"type": "integer"}},
+                                                    "required": ["q"]}, "rf")
+    before = dict(structured.CACHE.stats)
+    for _ in range(5):
+        structured.compile_row(constraint, tokenizer, len(tokenizer), {tokenizer.eos_token_id}, 32)
+    assert structured.CACHE.stats["compiled"] == before["compiled"] + 1
+    assert structured.CACHE.stats["cache_hits"] == before["cache_hits"] + 4
+
+
+def test_the_ingress_check_names_the_part_of_the_schema(tokenizer):
+    with pytest.raises(InvalidRequestError) as caught:
+        structured.check_grammar(structured.json_schema_constraint(
+            {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}, "rf.schema"))
+    assert caught.value.param == "rf.schema.properties.tags.uniqueItems"
