@@ -47,8 +47,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "tests" / "serve"))
 
-import live_server  # noqa: E402  (tests/serve, on the path above)
 import test_hostile  # noqa: E402
+
+import live_server  # noqa: E402  (tests/serve, on the path above)
 
 log = logging.getLogger("bench.hostile")
 MB = 2**20

@@ -779,7 +779,8 @@ class TranscriptionForm(FormModel):
     `server_vad` object as JSON. The openai client sends an object as the `chunking_strategy[...]` fields."""
     chunking_strategy_type: Literal["server_vad"] | None = Field(default=None, alias="chunking_strategy[type]")
     """`server_vad`: cut long audio at the silences the voice-activity detector finds, tuned by the fields below."""
-    chunking_strategy_threshold: float | None = Field(default=None, ge=0.0, le=1.0, alias="chunking_strategy[threshold]")
+    chunking_strategy_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0, alias="chunking_strategy[threshold]")
     """Speech probability above which a 32 ms frame counts as speech (default 0.5)."""
     chunking_strategy_prefix_padding_ms: int | None = Field(
         default=None, ge=0, le=10000, alias="chunking_strategy[prefix_padding_ms]")
@@ -835,7 +836,8 @@ class ServerVadChunking(RequestModel):
 
 
 class TranslationForm(FormModel):
-    """The multipart form of `/v1/audio/translations` (Whisper's translate task: speech in any language to English text)."""
+    """The multipart form of `/v1/audio/translations` (Whisper's translate task: speech in any language
+    to English text)."""
 
     file: UploadFile
     """The audio file: WAV, FLAC, OGG (Vorbis/Opus), MP3 or AIFF; any rate (8-192 kHz), mixed to mono."""

@@ -133,7 +133,8 @@ async def create_translation(form: Annotated[TranslationForm, MULTIPART], ingres
     return await _transcribe(ingress, params, form.response_format, ["segment"], False)
 
 
-async def _speech_bytes(encoder: StreamEncoder, pieces: AsyncGenerator[SpeechResult, None]) -> AsyncGenerator[bytes, None]:
+async def _speech_bytes(encoder: StreamEncoder,
+                        pieces: AsyncGenerator[SpeechResult, None]) -> AsyncGenerator[bytes, None]:
     async for piece in pieces:
         data = await _encode(encoder, encoder.write, piece.waveform)
         if data:
@@ -142,7 +143,8 @@ async def _speech_bytes(encoder: StreamEncoder, pieces: AsyncGenerator[SpeechRes
         yield data
 
 
-async def _speech_events(encoder: StreamEncoder, pieces: AsyncGenerator[SpeechResult, None]) -> AsyncGenerator[str, None]:
+async def _speech_events(encoder: StreamEncoder,
+                         pieces: AsyncGenerator[SpeechResult, None]) -> AsyncGenerator[str, None]:
     tokens = 0
     async for piece in pieces:
         tokens += piece.tokens

@@ -229,7 +229,7 @@ def test_a_bad_request_fails_alone_not_the_batch_it_arrives_with(demo_app):
 
     with ThreadPoolExecutor(12) as pool:
         responses = list(pool.map(post, [8, 100000] * 6))
-    for good, bad in zip(responses[::2], responses[1::2]):
+    for good, bad in zip(responses[::2], responses[1::2], strict=True):
         assert good.status_code == 200, good.text
         assert_openai_error(bad, 400, "max_tokens")
 
