@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=32, help="generated tokens per chat request")
     p.add_argument("--out", type=Path, default=None, help="JSON output (default bench/runs/<timestamp>.json)")
     p.add_argument("--results", type=Path, default=None,
-                   help="Markdown output (default bench/RESULTS.md for a full run, bench/runs/<timestamp>.md for smoke)")
+                   help="Markdown output (default bench/RESULTS.md for a full run, "
+                   "bench/runs/<timestamp>.md for smoke)")
     return p.parse_args(argv)
 
 

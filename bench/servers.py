@@ -7,16 +7,15 @@ another Ray cluster on this machine; peers run as plain processes. Every server 
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import requests
 import yaml
