@@ -4,6 +4,7 @@
     python -m bench --smoke              # CI setting: concurrency 1 and 4, few requests, ~3 min
     python -m bench --only overhead,cold_start --proxy-modes default
     python -m bench --model-size 0.5b    # Qwen2.5-0.5B-shaped random LLM (for a GPU machine)
+    python -m bench --model-size smollm2-135m   # the demo's real chat model (converted from its GGUF)
 
 Every server runs alone on 127.0.0.1:8300-8399 while it is measured; ratios are taken within one
 run, since absolute times drift on a shared machine.
@@ -41,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "default proxy only, peers limited to the hand-written LLM server")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     p.add_argument("--model-size", default="tiny", choices=sorted(models.SIZES),
-                   help="LLM size: tiny (the demo model) or a random-weight real-architecture model of that shape")
+                   help="LLM size: tiny (the demo's random model), a random-weight real-architecture model of "
+                   "that shape, or smollm2-135m (the demo's real chat model, converted from its GGUF file)")
     p.add_argument("--proxy-modes", default=None, help=f"Serve proxy settings to compare ({', '.join(PROXY_MODES)}); "
                    "default: all (smoke: default)")
     p.add_argument("--concurrency", default=None, help="LLM client counts (default 1,4,16,64; smoke 1,4)")
@@ -81,6 +83,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     dirs = models.model_dirs(HERE / "runs" / "models", args.model_size)
     result["meta"]["llm_dir"], result["meta"]["llm_parameters"] = str(dirs["llm"]), models.parameter_count(dirs["llm"])
+    if args.model_size in models.GGUF_SIZES:
+        result["meta"]["gguf_conversion"] = dict(models.CONVERSION)
     device = "auto" if args.model_size != "tiny" else "cpu"
     try:
         run_ours(result, setting, dirs, run_dir, device, only)

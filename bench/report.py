@@ -81,6 +81,9 @@ def markdown(result: dict, json_path: Path | None = None) -> str:
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f", Python {meta['python']}.",
         f"- LLM: `{Path(meta.get('llm_dir', '')).name}` ({meta.get('llm_parameters') or '?'} parameters), "
         f"greedy, max_tokens={setting['max_tokens']}; every server loads the same directories.",
+        *([f"- GGUF: `{meta['gguf_conversion']['source']}` converted into that directory "
+           f"{'in this run' if meta['gguf_conversion']['converted_now'] else 'before this run'} in "
+           f"{meta['gguf_conversion']['conversion_seconds']} s."] if meta.get("gguf_conversion") else []),
         "- Ours: `serve run` of serve_config.yaml's models on one replica per family (autoscaling pinned "
         "off so figures do not move with it). Proxy modes are environment settings of `serve run`: "
         + "; ".join(f"**{m}** `{' '.join(f'{k}={v}' for k, v in e.get('env', {}).items()) or '(none)'}`"

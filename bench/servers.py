@@ -81,7 +81,12 @@ def bench_serve_config(port: int, models_dir: Path, llm_dir: Path | None, *, dev
     args = app["args"]
     args["device"] = device
     args["local_models_dir"] = str(models_dir)
-    if llm_dir is not None:
+    # The bench serves its own models under the tiny ones' names: the demo's real chat model (a GGUF
+    # source) is left out here; `--model-size smollm2-135m` measures it in tiny-llm's place.
+    args["models"] = [m for m in args["models"] if not str(m["source"]).startswith("pkg://")
+                      and not str(m["source"]).endswith(".gguf")]
+    if llm_dir is not None:  # the tiny LoRA adapter fits only the tiny base
+        args["models"] = [m for m in args["models"] if m.get("base_model") != "tiny-llm"]
         for spec in args["models"]:
             if spec["name"] == "tiny-llm":
                 spec.update(source=str(llm_dir), build_tiny=None)
