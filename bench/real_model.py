@@ -42,8 +42,9 @@ def main() -> int:
     (HERE / "runs" / "real-rerun.json").write_text(json.dumps(out, indent=1, default=str))
     for name in ("ours", "lock", "tf_cb"):
         for row in out[name]:
-            print(f"{name:6s} clients {row['concurrency']:3d}  {row['rps']:.2f} req/s  {row['tokens_per_s']:.1f} tok/s  "
-                  f"p50 {row['p50_ms']:.0f} ms  p99 {row['p99_ms']:.0f} ms  errors {row['errors']}")
+            print(f"{name:6s} clients {row['concurrency']:3d}  {row['rps']:.2f} req/s  "
+                  f"{row['tokens_per_s']:.1f} tok/s  p50 {row['p50_ms']:.0f} ms  p99 {row['p99_ms']:.0f} ms  "
+                  f"errors {row['errors']}")
     print("load average", out["load_average"], "ours load_seconds", out["ours_load_seconds"])
     return 0
 
