@@ -28,7 +28,7 @@ serve: install
 test: install
 	$(PY) -m pytest
 
-# Lint and type-check (config in pyproject.toml); loading/ and its tests for now, deployments/ later.
+# Lint and type-check (config in pyproject.toml): ruff on every Python directory, mypy on the two packages.
 lint: install
 	$(VENV)/bin/ruff check loading deployments tests bench cluster
 	$(VENV)/bin/mypy -p loading -p deployments
