@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from .errors import install_error_handlers
 from .guard import RequestGuard
 from .ingress import Ingress
-from .routes import ROUTERS
+from .routes import ROUTERS, ui
 
 
 def build_api(ingress: Ingress) -> FastAPI:
@@ -21,6 +21,7 @@ def build_api(ingress: Ingress) -> FastAPI:
     app.state.ingress = ingress
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(ui.router)  # the playground page at /ui (deployments/ui/), not in the OpenAPI schema
     install_error_handlers(app)
     app.add_middleware(RequestGuard, limits=ingress.limits, keys=ingress.keys)
     return app

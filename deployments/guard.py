@@ -27,7 +27,10 @@ from .errors import (
 )
 from .limits import RequestLimits
 
-PUBLIC_PATHS = frozenset({"/health"})  # answers without a key, with details only for a caller that has one
+# Paths that answer without a key: /health (with details only for a caller that has one) and the playground's
+# static page, /ui and /ui/<file> (it holds no secret; its API calls carry the key its user types).
+PUBLIC_PATHS = frozenset({"/health", "/ui"})
+PUBLIC_PREFIXES = ("/ui/",)
 INSECURE_KEY_PROTOCOL = "openai-insecure-api-key."  # a browser's WebSocket cannot set Authorization
 AUTHORIZED = "modelfleet_authorized"  # scope["state"] key the routes read
 
@@ -61,7 +64,8 @@ class RequestGuard:
         headers = Headers(scope=scope)
         authorized = self.keys.allows(headers.get("authorization"))
         scope.setdefault("state", {})[AUTHORIZED] = authorized
-        if not authorized and _route_path(scope) not in PUBLIC_PATHS:
+        path = _route_path(scope)
+        if not authorized and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
             await self._refuse(scope, receive, send, UnauthorizedError(
                 "a valid API key is required: send 'Authorization: Bearer <key>' (the openai client's api_key)"))
             return
