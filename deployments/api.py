@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from .errors import install_error_handlers
 from .guard import RequestGuard
+from .http_metrics import HTTPMetrics
 from .ingress import Ingress
 from .routes import ROUTERS, ui
 
@@ -25,3 +26,4 @@ def build_api(ingress: Ingress) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestGuard, limits=ingress.limits, keys=ingress.keys)
     return app
+    app.add_middleware(HTTPMetrics)  # added last: outermost, so the guard's refusals are counted too

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
@@ -129,9 +130,13 @@ class ChatServer(FamilyServer):
 
     # -- serving ----------------------------------------------------------------------------------
     async def chat(self, params: ChatParams) -> ChatResult:
-        need = await self._admit(params)
-        async with self.memory.hold(need, "this chat request", param="messages"):
-            result = raise_if_error(await self._until_cancelled(params, self._generate(params)))
+        arrived = time.monotonic()
+        with self._observed() as params.running:
+            need = await self._admit(params)
+            async with self.memory.hold(need, "this chat request", param="messages"):
+                result = raise_if_error(await self._until_cancelled(params, self._generate(params)))
+        self.metrics.generated(params.model, arrived, params.first_token_at, result.prompt_tokens,
+                               result.completion_tokens)
         return await self._finish_result(params, result)
 
     async def _finish_result(self, params: ChatParams, result: ChatResult) -> ChatResult:
@@ -179,7 +184,7 @@ class ChatServer(FamilyServer):
             event_loop.call_soon_threadsafe(lambda: outcome.done() or outcome.set_result(result))
 
         if self._decoder is None:
-            self._decoder = _decode_loop().DecodeLoop(self.options.max_batch_size, self.batch_stats)
+            self._decoder = _decode_loop().DecodeLoop(self.options.max_batch_size, self.batch_stats, self.metrics.batch)
         self._decoder.submit(spec, loaded, params, done)
         self._keep_decoding()
         return await outcome
@@ -209,6 +214,15 @@ class ChatServer(FamilyServer):
 
         A stream joins the same batches as plain requests: its deltas come from the batch's generate
         call through `params.sink`, and its final text from the batch's result for it."""
+        arrived = time.monotonic()
+        with self._observed() as params.running:
+            async for item in self._chat_stream(params):
+                yield item
+                if "usage" in item:
+                    self.metrics.generated(params.model, arrived, params.first_token_at,
+                                           item["usage"]["prompt_tokens"], item["usage"]["completion_tokens"])
+
+    async def _chat_stream(self, params: ChatParams) -> AsyncIterator[dict]:
         need = await self._admit(params)
         _, loaded = await self.pool.get(params.model)
         calls = None
@@ -230,6 +244,10 @@ class ChatServer(FamilyServer):
                 yield {"delta": text, "logprobs": echoed or None}
             try:
                 while (piece := await deltas.get()) is not _END:
+                    if params.first_token_at is None:  # generate()'s path: its first delta is the first token
+                        params.first_token_at = time.monotonic()
+                        if params.running is not None:
+                            params.running()
                     if not isinstance(piece, str):
                         entries.append(piece)
                         continue

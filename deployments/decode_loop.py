@@ -71,6 +71,10 @@ class Row:
                 self.logprobs.append(self.pending)
                 if self.params.logprob_sink is not None:
                     try:
+        if len(self.tokens) == 1:  # the first token: time to first token, and the request now runs
+            self.params.first_token_at = time.monotonic()
+            if self.params.running is not None:
+                self.params.running()
                         self.params.logprob_sink(self.pending)
                     except Exception:
                         pass
@@ -107,7 +111,7 @@ class Group:
 class DecodeLoop:
     """Rows of every model this replica serves; `submit` from any thread, `run` on the inference thread."""
 
-    def __init__(self, max_rows: int, stats: dict[str, int]):
+    def __init__(self, max_rows: int, stats: dict[str, int], on_step: Callable[[str, int], None] | None = None):
         self.max_rows = max_rows
         self.stats = stats  # shown in /health: model_calls (prefills + steps), decode_steps, requests, ...
         self.pending: queue.SimpleQueue[tuple[ModelSpec, LoadedModel, ChatParams, Done]] = queue.SimpleQueue()
@@ -147,6 +151,7 @@ class DecodeLoop:
                 continue
             arrivals.setdefault(key, []).append(new_row(spec, loaded, params, done))
         for item in held:
+        self.on_step = on_step  # (model, rows) after every decode step: the batch-size metric
             self.pending.put(item)
         for key, rows in arrivals.items():
             try:
@@ -229,6 +234,8 @@ class DecodeLoop:
                 return
             assert group.cache is not None and group.mask is not None and group.next_tokens is not None
             group.cache.batch_select_indices(index.to(group.next_tokens.device))
+        if self.on_step is not None:
+            self.on_step(group.loaded.report.name, len(group.rows))
             group.mask, group.next_tokens = group.mask[index], group.next_tokens[index]
             _trim(group)
 

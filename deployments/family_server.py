@@ -8,18 +8,20 @@ stays free to accept and batch requests and to answer health checks while a mode
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
 from loading import ModelSpec
 
 from .admission import MB, MemoryGate
+from .metrics import FamilyMetrics
 from .options import FamilyOptions
 from .pool import ModelPool
 
@@ -44,6 +46,9 @@ class FamilyServer:
     @classmethod
     def deployment_options(cls, name: str, options: FamilyOptions, num_gpus: int,
                            env: dict[str, str]) -> dict[str, Any]:
+        family = specs[0].family if specs and specs[0].family else None
+        self.metrics = FamilyMetrics(family.value if family else type(self).__name__.lower())
+        self.metrics.models(self._model_status())
         """Serve's options for this family's deployment."""
         actor: dict[str, Any] = {"num_cpus": options.num_cpus, "num_gpus": num_gpus}
         if env:
@@ -92,6 +97,10 @@ class FamilyServer:
                 spec, loaded = await self.pool.get(model)
                 outputs = await self._infer(work, spec, loaded, items)
             except Exception as exc:
+            self.metrics.batch(model, len(items))
+            for item in items:
+                if (running := getattr(item, "running", None)) is not None:
+                    running()
                 outputs = [exc] * len(items)
             for i, output in zip(indices, outputs, strict=True):
                 results[i] = output
@@ -112,6 +121,38 @@ class FamilyServer:
         torch = sys.modules.get("torch")  # what torch really uses, once a load has imported it
         return self.pool.status(batching=dict(self.batch_stats), memory=self.memory.status(),
                                 torch_threads=torch.get_num_threads() if torch else self.torch_threads)
+    @contextlib.contextmanager
+    def _observed(self) -> Iterator[Callable[[], None]]:
+        """Count a request in the replica's queue_depth metric until the `running` it yields is called
+        (from any thread: when its output starts), then in running_requests until the block ends."""
+        loop = asyncio.get_running_loop()
+        state = {"running": False, "closed": False}
+
+        def now_running() -> None:
+            if not state["running"] and not state["closed"]:
+                state["running"] = True
+                self.metrics.queued(-1)
+                self.metrics.started(1)
+
+        def running() -> None:
+            loop.call_soon_threadsafe(now_running)
+
+        self.metrics.queued(1)
+        try:
+            yield running
+        finally:
+            state["closed"] = True
+            if state["running"]:
+                self.metrics.started(-1)
+            else:
+                self.metrics.queued(-1)
+
+    def _model_status(self) -> list[dict]:
+        status = self.pool.status()
+        for info in status:
+            info["load_count"] = self.pool.handles[info["name"]].load_count
+        return status
+
 
     def check_health(self) -> None:
         """Healthy while the replica can serve. A model that is loading or failed to load is no
@@ -145,3 +186,4 @@ def raise_if_error(result: Any) -> Any:
     if isinstance(result, BaseException):
         raise result
     return result
+        self.metrics.models(self._model_status())  # Serve calls this every health_check_period_s

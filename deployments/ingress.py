@@ -30,6 +30,7 @@ from .errors import (
     as_api_error,
 )
 from .health import HealthMonitor
+from .http_metrics import label_request
 from .media import take_images
 from .params import ChatParams, ChatResult, SpeechParams, SpeechResult, TranscribeParams, TranscribeResult
 from .protocol import (
@@ -87,6 +88,7 @@ class Ingress:
 
     # -- media, decoded off the event loop ----------------------------------------------------------
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        label_request(spec.family.value if spec.family else "", spec.name)
         """Run a decode in a thread, at most `limits.media_workers` at once; a request that cannot get
         a turn within request_timeout_s is refused (503), not left waiting past its timeout."""
         limit = self.config.request_timeout_s

@@ -48,6 +48,9 @@ class ChatParams:
     inputs: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     # Set inside the replica when the caller goes away: generation drops this row at its next step.
     cancelled: threading.Event | None = field(default=None, repr=False, compare=False)
+    # Set inside the replica: called once, on the inference thread, when the first token is made (metrics)
+    running: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    first_token_at: float | None = field(default=None, repr=False, compare=False)  # time.monotonic()
 
     def sampling_key(self) -> tuple:
         """Requests with equal keys can share one batched generate call."""
@@ -92,6 +95,8 @@ class TranscribeParams:
     cuts: list[tuple[int, int]] | None = field(default=None, repr=False, compare=False)
     offset_s: float = field(default=0.0, repr=False, compare=False)
     cancelled: threading.Event | None = field(default=None, repr=False, compare=False)
+    # Set inside the replica: called when its model call starts (metrics)
+    running: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def batch_key(self) -> tuple:
         return (self.language, self.prompt, self.temperature, self.detect_language, self.task, self.word_timestamps)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
@@ -49,17 +50,24 @@ class STTServer(FamilyServer):
         return loaded, need
 
     async def transcribe(self, params: TranscribeParams) -> TranscribeResult:
-        _, need = await self._admit(params)
-        async with self.memory.hold(need, "this audio", param="file"):
-            # the cuts are found off the inference thread (onnxruntime releases the GIL)
-            params.cuts = await asyncio.to_thread(_transcription().plan, np.asarray(params.audio, dtype=np.float32),
-                                                  params.sample_rate, params.vad)
-            return raise_if_error(await self._until_cancelled(params, self._transcribe_batch(params)))
+        with self._observed() as params.running:
+            _, need = await self._admit(params)
+            async with self.memory.hold(need, "this audio", param="file"):
+                # the cuts are found off the inference thread (onnxruntime releases the GIL)
+                params.cuts = await asyncio.to_thread(_transcription().plan,
+                                                      np.asarray(params.audio, dtype=np.float32),
+                                                      params.sample_rate, params.vad)
+                return raise_if_error(await self._until_cancelled(params, self._transcribe_batch(params)))
 
     async def transcribe_stream(self, params: TranscribeParams) -> AsyncIterator[dict]:
         """Yields {"segment": Segment, "words": [Word]} per piece of the audio, in order, then
         {"result": TranscribeResult}. The cuts are found as the scan goes, the first piece goes alone
         (the first text comes after one model call), the rest up to max_chunks_per_call at a time."""
+        with self._observed() as params.running:
+            async for item in self._transcribe_stream(params):
+                yield item
+
+    async def _transcribe_stream(self, params: TranscribeParams) -> AsyncIterator[dict]:
         loaded, need = await self._admit(params)
         transcription = _transcription()
         audio = np.asarray(params.audio, dtype=np.float32)
@@ -80,6 +88,7 @@ class STTServer(FamilyServer):
             def submit(begin: int, end: int) -> asyncio.Future:
                 piece = dataclasses.replace(params, audio=audio[begin:end], language=language, detect_language=False)
                 piece.cuts, piece.offset_s, piece.cancelled = [(0, end - begin)], begin / rate, params.cancelled
+                piece.running = params.running
                 return asyncio.ensure_future(self._until_cancelled(piece, self._transcribe_batch(piece)))
 
             try:
@@ -105,10 +114,16 @@ class STTServer(FamilyServer):
 
     async def _transcribe_batch_call(self, batch: list[TranscribeParams]) -> list[Any]:
         chunks = self.options.max_chunks_per_call
-        return await self._run_groups(
+        started = time.monotonic()
+        results = await self._run_groups(
             batch, TranscribeParams.batch_key,
             lambda spec, loaded, items: _transcription().transcribe_batch(spec, loaded, items, chunks),
         )
+        spent = (time.monotonic() - started) / max(1, len(batch))  # each request's share of the calls
+        for params, result in zip(batch, results, strict=True):
+            if not isinstance(result, BaseException):
+                self.metrics.audio(params.model, False, len(params.audio) / params.sample_rate, spent)
+        return results
 
 
 def _transcription():

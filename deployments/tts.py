@@ -27,9 +27,18 @@ class TTSServer(FamilyServer):
         from . import synthesis  # torch side, imported on first use (loaded with the model by then)
 
         need = speech_request_bytes(loaded.config, min(len(params.text), self.options.max_chars_per_call))
-        async with self.memory.hold(need, "this text", param="input"):
-            return await self._until_cancelled(params, self._infer(
-                synthesis.synthesize, spec, loaded, params, self.options.max_chars_per_call))
+        with self._observed() as running:
+            async with self.memory.hold(need, "this text", param="input"):
+                running()
+                started = time.monotonic()
+                result = await self._until_cancelled(params, self._infer(
+                    synthesis.synthesize, spec, loaded, params, self.options.max_chars_per_call))
+        self._count(spec.name, result, time.monotonic() - started)
+        return result
+
+    def _count(self, model: str, result: SpeechResult, seconds: float) -> None:
+        self.metrics.batch(model, 1)
+        self.metrics.audio(model, True, len(result.waveform) / result.sample_rate, seconds)
 
     async def synthesize_stream(self, params: SpeechParams) -> AsyncGenerator[SpeechResult, None]:
         """The text sentence by sentence (the first cut at a clause if long), one model call each, each
@@ -44,16 +53,19 @@ class TTSServer(FamilyServer):
         kwargs = synthesis.model_kwargs(spec, loaded, params)
         pieces = stream_pieces(params.text, self.options.max_chars_per_call)
         need = speech_request_bytes(loaded.config, max((len(p) for p in pieces), default=1))
-        async with self.memory.hold(need, "this text", param="input"):
-            spoken = 0
-            for piece in pieces:
-                started = time.monotonic()
-                work = self._infer(synthesis.synthesize_piece, loaded, piece, kwargs)
-                result = await self._until_cancelled(params, work)
-                if (error := synthesis.past_timeout(spec, started)) is not None:
-                    raise error  # one model call took longer than its bound: something is wrong
-                if result is not None:
-                    spoken += 1
-                    yield result
-            if not spoken:
-                raise synthesis.nothing_to_say()
+        with self._observed() as running:
+            async with self.memory.hold(need, "this text", param="input"):
+                running()
+                spoken = 0
+                for piece in pieces:
+                    started = time.monotonic()
+                    work = self._infer(synthesis.synthesize_piece, loaded, piece, kwargs)
+                    result = await self._until_cancelled(params, work)
+                    if (error := synthesis.past_timeout(spec, started)) is not None:
+                        raise error  # one model call took longer than its bound: something is wrong
+                    if result is not None:
+                        self._count(spec.name, result, time.monotonic() - started)
+                        spoken += 1
+                        yield result
+                if not spoken:
+                    raise synthesis.nothing_to_say()

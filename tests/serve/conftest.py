@@ -22,6 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Where the shipped config's GGUF models are converted for the tests: outside the session's tmp dir,
 # so that only the first session on a machine pays for the conversion (~20-60 s on 2 cores).
+METRICS_PORT = free_port()
+
 GGUF_CACHE = Path(os.environ.get("MODELFLEET_TEST_GGUF_CACHE",
                                  Path.home() / ".cache" / "modelfleet" / "test-converted-gguf"))
 
@@ -53,13 +55,21 @@ def serve_url(models_dir):
     from ray import serve
 
     port = free_port()
-    # address="local": always a fresh cluster of our own, even if `ray start` left one running
+    # address="local": always a fresh cluster of our own, even if `ray start` left one running;
+    # its metrics agent on a known port, which tests/serve/test_metrics.py scrapes as Prometheus would
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=METRICS_PORT,
              runtime_env={"env_vars": {"LOCAL_MODELS_DIR": str(models_dir)}})
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(serve_url) -> str:
+    """The Prometheus endpoint of the session cluster's metrics agent."""
+    return f"http://127.0.0.1:{METRICS_PORT}/metrics"
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,60 @@
+"""Counts every HTTP request the ingress answers, by route, status code, family and model.
+
+The outermost middleware, so that refusals by the guard (401, 413, 503) count too. The route label
+is the matched route's template (`/v1/models/{model_id}`), or `unmatched`; the model label is set
+by the ingress only once the name is known to be a served model: labels stay a bounded set.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .metrics import IngressMetrics
+
+# The request's {"family", "model"}, filled in by the ingress when it looks the model up. The dict
+# itself is shared with the tasks the request's handler starts, so their writes are seen here.
+REQUEST_LABELS: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("request_labels",
+                                                                                      default=None)
+
+
+def label_request(family: str, model: str) -> None:
+    labels = REQUEST_LABELS.get()
+    if labels is not None:
+        labels.update(family=family, model=model)
+
+
+class HTTPMetrics:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self.metrics = IngressMetrics()
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        labels = {"family": "", "model": ""}
+        token = REQUEST_LABELS.set(labels)
+        status = 500  # what the client sees if the app fails before it answers
+
+        async def send_seen(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.in_flight += 1
+        self.metrics.in_flight.set(self.in_flight)
+        try:
+            await self.app(scope, receive, send_seen)
+        finally:
+            REQUEST_LABELS.reset(token)
+            self.in_flight -= 1
+            self.metrics.in_flight.set(self.in_flight)
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.answered(route, scope.get("method", ""), status, labels["family"], labels["model"],
+                                  time.monotonic() - started)
