@@ -5,16 +5,22 @@ An adapter-only directory (adapter_config.json, no config.json) names its base i
 download (or a ~47 s hang offline). We resolve the base through the same chain as any model,
 also trying the adapter's parent directory, where fine-tunes usually sit
 (`models/X/final_model/` next to the base in `models/X/`).
+
+Once attached, `adapter_targets` says which parts of the base an adapter changes (a VLM adapter may
+touch its vision tower and projector too, not only its language model) and refuses one that changes
+nothing: its weights found no module of this base, which PEFT only warns about.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .errors import AdapterBaseNotFoundError, ModelNotFoundError
+from .errors import AdapterBaseNotFoundError, ModelNotFoundError, UnsupportedModelError
 from .offline import HubStatus
 from .resolve import Resolved, is_model_dir, resolve_source
 from .settings import Settings
@@ -78,3 +84,85 @@ def resolve_base(
             "`modelfleet fetch` where the Hub is reachable, or set `base_model:` to a local directory.",
             offline_reason=exc.offline_reason,
         ) from None
+
+
+#: A text model's decoder (and every model's lm_head) is reported as this part.
+LANGUAGE_MODEL = "language_model"
+#: LoRA's "B" matrices: zero from PEFT's initialisation until weights are loaded into them.
+_LORA_B = ("lora_B", "lora_embedding_B")
+
+
+def adapter_targets(model: Any, adapter_name: str, source: str = "") -> tuple[list[str], list[str]]:
+    """The parts of the base that adapter `adapter_name` of PeftModel `model` changes, sorted, and
+    warnings for the layers it was injected into but leaves unchanged.
+
+    A part is a top-level submodule of the model's body (`model.`), by the model's own names: LLaVA's
+    `language_model`, `vision_tower`, `multi_modal_projector`, Qwen2-VL's `visual`, Whisper's `encoder`
+    and `decoder`; a decoder-only text model's body, and every head outside the body (`lm_head`),
+    count as `language_model`. A LoRA layer whose B matrices are all zero changes nothing: its
+    weights were not in the file or matched no module (a base whose modules were renamed), or it was
+    never trained (as the last CLIP layer of a LLaVA that reads the one before). Such layers are a
+    warning; an adapter that changes nothing at all is an UnsupportedModelError.
+    """
+    changed: set[str] = set()
+    injected, idle = 0, []
+    for name, part, module in _tuner_layers(model):
+        if not _holds(module, adapter_name):
+            continue
+        injected += 1
+        if _changes(module, adapter_name):
+            changed.add(part)
+        else:
+            idle.append(name)
+    if injected and not changed:
+        raise UnsupportedModelError(
+            source,
+            f"adapter {source!r} changes nothing in its base: all {injected} of the layers it targets kept "
+            "zero LoRA weights (its weight names match no module of this base: was it trained on another "
+            "architecture, or another transformers version's module names?)",
+        )
+    warnings = []
+    if idle:
+        shown = ", ".join(idle[:3]) + (f" and {len(idle) - 3} more" if len(idle) > 3 else "")
+        warnings.append(f"adapter {adapter_name!r}: {len(idle)} of its {injected} layers change nothing "
+                        f"(zero LoRA weights: untrained, or not in its file): {shown}")
+        log.warning("%s", warnings[-1])
+    return sorted(changed), warnings
+
+
+def adapted_parts(model: Any) -> set[str]:
+    """The parts of a PeftModel's base (as in `adapter_targets`) that hold layers of any adapter."""
+    return {part for _, part, _ in _tuner_layers(model)}
+
+
+def _tuner_layers(model: Any) -> Iterator[tuple[str, str, Any]]:
+    """(module name, part, module) of each PEFT tuner layer (LoRA or other) in a PeftModel's base."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = model.get_base_model()
+    body = getattr(base, "model", None)
+    for name, module in base.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            yield name, _part(name, body), module
+
+
+def _holds(module: Any, adapter_name: str) -> bool:
+    return any(adapter_name in getattr(module, attr, {}) for attr in module.adapter_layer_names)
+
+
+def _changes(module: Any, adapter_name: str) -> bool:
+    """False only for a LoRA layer whose B matrices are zero; other tuners are taken to change their layer."""
+    found = [getattr(module, attr)[adapter_name] for attr in _LORA_B if adapter_name in getattr(module, attr, {})]
+    if not found:
+        return True
+    return any(bool(_tensor(b).detach().abs().amax() > 0) for b in found)
+
+
+def _tensor(holder: Any) -> Any:
+    return holder.weight if hasattr(holder, "weight") else holder
+
+
+def _part(name: str, body: Any) -> str:
+    if body is None or not name.startswith("model.") or hasattr(body, "layers"):
+        return LANGUAGE_MODEL  # a head outside the body, or a decoder-only text model
+    return name.removeprefix("model.").split(".")[0]

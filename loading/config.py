@@ -47,7 +47,7 @@ class DType(str, enum.Enum):
     BFLOAT16 = "bfloat16"
 
 
-TINY_KINDS = ("llm", "stt", "tts", "vlm", "llm-lora", "vlm-lora")
+TINY_KINDS = ("llm", "stt", "tts", "vlm", "llm-lora", "vlm-lora", "vlm-vision-lora")
 
 
 class ModelSpec(BaseModel):

@@ -121,4 +121,6 @@ class ModelHandle:
             report = self._loaded.report
             info.update(device=report.device, loading_strategy=report.strategy, dtype=report.dtype,
                         load_seconds=report.load_seconds)
+            if report.adapter_targets:
+                info["adapter_targets"] = report.adapter_targets
         return info

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .adapters import adapter_targets
 from .config import ModelSpec
 from .errors import AllStrategiesFailedError, UnsupportedModelError
 from .families import auto_class
@@ -74,6 +75,9 @@ def load_model(
 
     model, strategy = _load_weights(spec, found, chain, gpus, report, progress)
     _check_one_device(model, spec.source, report.strategy)
+    if found.adapter is not None:
+        report.adapter_targets, idle = adapter_targets(model, "default", spec.source)
+        report.warnings.extend(idle)
     report.device = strategy.device
     report.load_seconds = round(time.perf_counter() - started, 3)
     progress("ready", 1.0)
@@ -196,11 +200,20 @@ def attach_adapter(
     from peft import PeftModel
 
     with WEIGHTS_LOCK, base.lock:  # no call on the base may run while LoRA layers are injected into it
-        if isinstance(base.model, PeftModel):
+        first = not isinstance(base.model, PeftModel)
+        if not first:
             base.model.load_adapter(str(adapter.path), adapter_name=spec.name)
         else:
             base.model = PeftModel.from_pretrained(base.model, adapter.path, adapter_name=spec.name)
         base.model.eval()
+        try:
+            targets, idle = adapter_targets(base.model, spec.name, spec.source)
+        except UnsupportedModelError:  # the shared base goes on as it was
+            if first:
+                base.model = base.model.unload()
+            else:
+                base.model.delete_adapter(spec.name)
+            raise
     processor = base.processor
     if found.has_own_processor:
         processor = _load_processor(base.report.processor_class, found.path)
@@ -208,7 +221,8 @@ def attach_adapter(
         base.report, name=spec.name, source=spec.source, resolved_path=str(found.path),
         resolved_from=found.resolved.origin, adapter_path=str(adapter.path), base_path=base.report.resolved_path,
         base_resolved_from=f"shared with served model {base.report.name!r}", demo=spec.is_demo,
-        attempts=[], load_seconds=round(time.perf_counter() - started, 3),
+        attempts=[], load_seconds=round(time.perf_counter() - started, 3), adapter_targets=targets,
+        warnings=[*base.report.warnings, *idle],
     )
     log.info("%s: adapter %s attached to %s in %.2f s", spec.name, adapter.path, base.report.name, report.load_seconds)
     progress("ready", 1.0)

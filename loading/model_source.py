@@ -133,7 +133,7 @@ def tiny_target(spec_source: str, settings: Settings) -> Path:
 
 def ensure_demo_model(spec: ModelSpec, settings: Settings) -> None:
     """Build the tiny demo model (and its tiny base, for an adapter) if it is not there yet."""
-    from .tiny import ensure_tiny
+    from .tiny import base_kind, ensure_tiny
 
     kind = spec.build_tiny
     if kind is None:
@@ -143,7 +143,7 @@ def ensure_demo_model(spec: ModelSpec, settings: Settings) -> None:
         if not spec.base_model:
             raise ValueError(f"model {spec.name!r}: build_tiny={kind!r} needs `base_model` (where its tiny base lives)")
         base = tiny_target(spec.base_model, settings)
-        ensure_tiny(kind.removesuffix("-lora"), base)
+        ensure_tiny(base_kind(kind), base)
         ensure_tiny(kind, dest, base=base)
     else:
         ensure_tiny(kind, dest)

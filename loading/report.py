@@ -27,6 +27,9 @@ class LoadReport:
     adapter_path: str | None = None
     base_path: str | None = None
     base_resolved_from: str | None = None
+    #: an adapter's parts of the base that it changes (loading.adapters.adapter_targets), e.g.
+    #: ["language_model", "multi_modal_projector", "vision_tower"]; empty for a model that is no adapter
+    adapter_targets: list[str] = field(default_factory=list)
     model_class: str = ""
     processor_class: str = ""
     device: str = ""

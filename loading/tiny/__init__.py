@@ -9,6 +9,7 @@ through the ordinary Auto classes exactly like a Hub model, built fully offline:
     "vlm"      LLaVA (tiny CLIP + tiny Llama) + LlavaProcessor    (AutoModelForImageTextToText, AutoProcessor)
     "llm-lora" PEFT LoRA adapter over a built "llm" (base=...)    (PeftModel.from_pretrained)
     "vlm-lora" PEFT LoRA adapter over a built "vlm" (base=...)    (PeftModel.from_pretrained / AutoPeftModel)
+    "vlm-vision-lora"  LoRA over a built "vlm"'s vision tower, projector and language model (base=...)
 
 Weights are deterministic for a given `seed` (seeded inside torch.random.fork_rng, so the caller's
 RNG state is untouched).
@@ -24,14 +25,14 @@ from pathlib import Path
 
 from ..config import TINY_KINDS
 from ..resolve import is_model_dir
-from .adapters import build_llm_lora, build_vlm_lora
+from .adapters import build_llm_lora, build_vlm_lora, build_vlm_vision_lora
 from .hub_cache import stage_in_hf_cache
 from .llm import build_llm
 from .stt import build_stt
 from .tts import build_tts
 from .vlm import build_vlm
 
-__all__ = ["BUILDERS", "TINY_KINDS", "build_tiny", "ensure_tiny", "is_complete", "stage_in_hf_cache"]
+__all__ = ["BUILDERS", "TINY_KINDS", "base_kind", "build_tiny", "ensure_tiny", "is_complete", "stage_in_hf_cache"]
 
 # kind -> builder(dest: Path, *, seed: int[, base]) -> Path, for every kind of TINY_KINDS (loading.config, where
 # `build_tiny:` is validated without importing any of this).
@@ -42,11 +43,17 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "vlm": build_vlm,
     "llm-lora": build_llm_lora,
     "vlm-lora": build_vlm_lora,
+    "vlm-vision-lora": build_vlm_vision_lora,
 }
 
 
 def _is_adapter(kind: str) -> bool:
     return kind.endswith("-lora")
+
+
+def base_kind(kind: str) -> str:
+    """The kind of base an adapter kind is built over: its family ("vlm-vision-lora" -> "vlm")."""
+    return kind.split("-")[0]
 
 
 def _check_kind(kind: str, base: str | Path | None) -> None:
@@ -64,7 +71,7 @@ def is_complete(dest: str | Path) -> bool:
 def build_tiny(kind: str, dest: str | Path, *, base: str | Path | None = None, seed: int = 0) -> Path:
     """Build the tiny model of `kind` into `dest` (created; overwritten if it exists); return dest.
 
-    For "llm-lora"/"vlm-lora", `base` is the directory of the already-built base model and is
+    For an adapter kind (ending in "-lora"), `base` is the directory of the already-built base model and is
     recorded verbatim (str(base)) as the adapter's base_model_name_or_path.
     """
     _check_kind(kind, base)

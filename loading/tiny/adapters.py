@@ -5,6 +5,10 @@ Pitfalls:
   seeded random values so the adapter visibly changes the logits.
 - For LLaVA, a plain target_modules=["q_proj", "v_proj"] would also hit the CLIP vision tower
   (its attention has q_proj/v_proj too); a regex restricts LoRA to the language model.
+- "vlm-vision-lora" is the other kind of VLM fine-tune (handwriting, documents: the vision side
+  learns too), which vLLM does not serve (LoRA on the language model only, vllm#23796): LoRA on
+  every linear of the CLIP tower (attention and MLP), of the multi-modal projector and of the
+  language model's layers. PEFT full-matches a string target_modules against each module's name.
 - The adapter dir holds adapter_config.json + adapter_model.safetensors and NO config.json;
   base_model_name_or_path is str(base) exactly as given (PEFT would otherwise record whatever
   the base model was loaded from).
@@ -21,6 +25,13 @@ import torch
 LLM_TARGETS = ["q_proj", "v_proj"]
 # Module names in transformers 5 LLaVA: model.language_model.layers.N.self_attn.{q,v}_proj
 VLM_TARGETS = r".*language_model.*\.(q_proj|v_proj)"
+# ... model.vision_tower.encoder.layers.N.{self_attn.{q,k,v,out}_proj,mlp.fc1,mlp.fc2},
+# model.multi_modal_projector.linear_{1,2}, model.language_model.layers.N.{self_attn,mlp}.*_proj
+VLM_VISION_TARGETS = (
+    r".*\.vision_tower\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
+    r"|.*\.multi_modal_projector\.(linear_1|linear_2)"
+    r"|.*\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+)
 
 
 def _build_lora(
@@ -64,3 +75,11 @@ def build_vlm_lora(dest: Path, *, base: str | Path, seed: int = 0) -> Path:
     model = AutoModelForImageTextToText.from_pretrained(base)
     # task_type=None: PEFT has no image-text-to-text task type; the plain PeftModel wraps LLaVA.
     return _build_lora(model, dest, base, VLM_TARGETS, seed, task_type=None)
+
+
+def build_vlm_vision_lora(dest: Path, *, base: str | Path, seed: int = 0) -> Path:
+    """A LoRA over the whole tiny LLaVA: vision tower, projector and language model."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(base)
+    return _build_lora(model, dest, base, VLM_VISION_TARGETS, seed + 2, task_type=None)

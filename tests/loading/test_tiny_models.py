@@ -18,7 +18,7 @@ import torch
 from loading import ModelSpec, load_model
 from loading.config import TINY_KINDS as SPEC_TINY_KINDS
 from loading.placement import count_parameters
-from loading.tiny import BUILDERS, TINY_KINDS, build_tiny, ensure_tiny, is_complete, stage_in_hf_cache
+from loading.tiny import BUILDERS, TINY_KINDS, base_kind, build_tiny, ensure_tiny, is_complete, stage_in_hf_cache
 
 from loading_testutil import FAIL_FAST_S, Timer
 
@@ -42,8 +42,8 @@ def root(tmp_path_factory) -> Path:
 def built(root) -> dict[str, Path]:
     """Build every kind once (bases before adapters), timing each build."""
     out: dict[str, Path] = {}
-    for kind in ("llm", "stt", "tts", "vlm", "llm-lora", "vlm-lora"):
-        base = out.get(kind.removesuffix("-lora")) if kind.endswith("-lora") else None
+    for kind in TINY_KINDS:
+        base = out.get(base_kind(kind)) if kind.endswith("-lora") else None
         t0 = time.perf_counter()
         out[kind] = build_tiny(kind, root / kind, base=base)
         _record(kind, build_s=time.perf_counter() - t0, size_kb=_size(out[kind]) / 1024)
@@ -53,9 +53,9 @@ def built(root) -> dict[str, Path]:
 def test_registry_and_unknown_kind(tmp_path):
     # one list of kinds (validated by ModelSpec without importing the builders), a builder for each
     assert TINY_KINDS is SPEC_TINY_KINDS
-    assert TINY_KINDS == ("llm", "stt", "tts", "vlm", "llm-lora", "vlm-lora")
+    assert TINY_KINDS == ("llm", "stt", "tts", "vlm", "llm-lora", "vlm-lora", "vlm-vision-lora")
     assert tuple(BUILDERS) == TINY_KINDS
-    with pytest.raises(ValueError, match="llm.*vlm-lora"):
+    with pytest.raises(ValueError, match="llm.*vlm-lora.*vlm-vision-lora"):
         build_tiny("gpt5", tmp_path / "x")
     with pytest.raises(ValueError, match="base"):
         build_tiny("llm-lora", tmp_path / "x")
@@ -376,6 +376,6 @@ def test_report(built, isolated_env, capsys):
         metrics = METRICS[kind]  # recorded by the `built` fixture
         assert 0 < metrics["size_kb"] < 4 * 1024 and metrics["build_s"] > 0
         rows.append(f" {kind:9s} {metrics['build_s']:7.3f} {load_s:7.3f} {metrics['size_kb']:8.1f}")
-    assert len(rows) == len(TINY_KINDS) == 6
+    assert len(rows) == len(TINY_KINDS) == 7
     with capsys.disabled():
         print("\n kind       build_s  load_s  size_kB", *rows, sep="\n")
