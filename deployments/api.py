@@ -13,7 +13,7 @@ from .errors import install_error_handlers
 from .guard import RequestGuard
 from .http_metrics import HTTPMetrics
 from .ingress import Ingress
-from .routes import ROUTERS, ui
+from .routes import ROUTERS, admin, ui
 
 
 def build_api(ingress: Ingress) -> FastAPI:
@@ -23,7 +23,8 @@ def build_api(ingress: Ingress) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     app.include_router(ui.router)  # the playground page at /ui (deployments/ui/), not in the OpenAPI schema
+    app.include_router(admin.router)  # adapters and models loaded at run time (admin key only)
     install_error_handlers(app)
     app.add_middleware(RequestGuard, limits=ingress.limits, keys=ingress.keys)
-    return app
     app.add_middleware(HTTPMetrics)  # added last: outermost, so the guard's refusals are counted too
+    return app

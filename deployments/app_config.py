@@ -16,6 +16,7 @@ from loading.config import validate_unique_names
 from .auth import AuthConfig
 from .limits import RequestLimits
 from .options import ChatOptions, IngressOptions, SpeechOptions, TranscriptionOptions
+from .runtime_catalog import AdminConfig
 
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # LLM requests are long and batch well: many in flight per replica (a request waiting in the
@@ -97,6 +98,9 @@ class AppConfig(BaseModel):
     ingress: IngressOptions = Field(default_factory=IngressOptions)
     limits: RequestLimits = Field(default_factory=RequestLimits, description="What one request may ask; see limits.py.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys; see auth.py.")
+    admin: AdminConfig = Field(default_factory=AdminConfig, description=(
+        "Adapters and models loaded at run time by the admin routes (they need an admin key: "
+        "auth.admin_keys_env); see runtime_catalog.py."))
 
     @field_validator("models")
     @classmethod

@@ -28,6 +28,11 @@ class AuthConfig(BaseModel):
     """Refuse to start without at least one key (the GPU and cluster configs set this)."""
     min_key_chars: int = Field(default=16, ge=1)
     """Shortest key accepted; a shorter one is a configuration error, not a weak key."""
+    admin_keys_env: str = "MODELFLEET_ADMIN_KEYS"
+    """Environment variable holding comma-separated admin keys: they alone open the admin routes (adapters
+    and models loaded at run time); without one those routes answer 403. An admin key is also an API key."""
+    admin_keys_file: str | None = None
+    """File with one admin key per line."""
 
 
 class AuthConfigError(ValueError):
@@ -35,20 +40,7 @@ class AuthConfigError(ValueError):
 
 
 def load_keys(config: AuthConfig) -> list[str]:
-    keys = [k.strip() for k in os.environ.get(config.api_keys_env, "").split(",") if k.strip()]
-    if config.api_keys_file:
-        path = Path(config.api_keys_file).expanduser()
-        try:
-            lines = path.read_text().splitlines()
-        except OSError as exc:
-            raise AuthConfigError(f"auth.api_keys_file {str(path)!r} cannot be read ({exc.strerror})") from None
-        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    short = [k for k in keys if len(k) < config.min_key_chars]
-    if short:
-        raise AuthConfigError(
-            f"{len(short)} API key(s) are shorter than auth.min_key_chars={config.min_key_chars}; use long random keys "
-            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
-        )
+    keys = _read_keys(config, config.api_keys_env, config.api_keys_file, "api_keys_file", "API")
     if config.required and not keys:
         raise AuthConfigError(
             f"auth.required is set but no API key is configured: set {config.api_keys_env}=<key>[,<key>...] "
@@ -57,12 +49,37 @@ def load_keys(config: AuthConfig) -> list[str]:
     return keys
 
 
+def load_admin_keys(config: AuthConfig) -> list[str]:
+    """The admin keys (`auth.admin_keys_env` / `auth.admin_keys_file`); none: the admin routes are off."""
+    return _read_keys(config, config.admin_keys_env, config.admin_keys_file, "admin_keys_file", "admin")
+
+
+def _read_keys(config: AuthConfig, variable: str, file: str | None, file_field: str, what: str) -> list[str]:
+    keys = [k.strip() for k in os.environ.get(variable, "").split(",") if k.strip()]
+    if file:
+        path = Path(file).expanduser()
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise AuthConfigError(f"auth.{file_field} {str(path)!r} cannot be read ({exc.strerror})") from None
+        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    short = [k for k in keys if len(k) < config.min_key_chars]
+    if short:
+        raise AuthConfigError(
+            f"{len(short)} {what} key(s) are shorter than auth.min_key_chars={config.min_key_chars}; use long random "
+            "keys (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+        )
+    return keys
+
+
 class KeyChecker:
     """Constant-time membership test of a presented key against the configured ones."""
 
-    def __init__(self, keys: list[str]):
+    def __init__(self, keys: list[str], also: list[str] | None = None):
+        """`also`: keys accepted as well, which do not turn the check on by themselves (admin keys)."""
         # Digests have one length, so compare_digest's time does not depend on the key lengths.
         self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+        self._also = [hashlib.sha256(k.encode()).digest() for k in also or []]
 
     @property
     def enabled(self) -> bool:
@@ -75,6 +92,6 @@ class KeyChecker:
         scheme, _, token = (authorization or "").partition(" ")
         presented = hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).digest()
         ok = False
-        for digest in self._digests:  # no early exit: every key is compared
+        for digest in self._digests + self._also:  # no early exit: every key is compared
             ok |= hmac.compare_digest(presented, digest)
         return ok and scheme.lower() == "bearer"

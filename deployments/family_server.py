@@ -24,6 +24,7 @@ from .admission import MB, MemoryGate
 from .metrics import FamilyMetrics
 from .options import FamilyOptions
 from .pool import ModelPool
+from .runtime_catalog import ReplicaCatalog
 
 T = TypeVar("T")
 
@@ -38,17 +39,20 @@ class FamilyServer:
         self.pool = ModelPool(list(specs), options.max_loaded_models, self.torch_threads)
         self.memory = MemoryGate(int(options.memory_budget_mb * MB))
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        # adapters and models added at run time by the admin routes (runtime_catalog.py)
+        self.runtime = ReplicaCatalog(self.pool, specs[0].family if specs else None, self._infer)
+        self.runtime.load_at_start()
         self._busy_since: float | None = None
         self._stuck_after_s = 3 * max((s.generation_timeout_s for s in self.pool.specs.values()), default=60)
         # shown in /health: how requests were batched, and how many were abandoned by their client
         self.batch_stats = {"model_calls": 0, "requests": 0, "largest_batch": 0, "cancelled": 0}
+        family = specs[0].family if specs and specs[0].family else None
+        self.metrics = FamilyMetrics(family.value if family else type(self).__name__.lower())
+        self.metrics.models(self._model_status())
 
     @classmethod
     def deployment_options(cls, name: str, options: FamilyOptions, num_gpus: int,
                            env: dict[str, str]) -> dict[str, Any]:
-        family = specs[0].family if specs and specs[0].family else None
-        self.metrics = FamilyMetrics(family.value if family else type(self).__name__.lower())
-        self.metrics.models(self._model_status())
         """Serve's options for this family's deployment."""
         actor: dict[str, Any] = {"num_cpus": options.num_cpus, "num_gpus": num_gpus}
         if env:
@@ -93,14 +97,14 @@ class FamilyServer:
             self.batch_stats["model_calls"] += 1
             self.batch_stats["requests"] += len(items)
             self.batch_stats["largest_batch"] = max(self.batch_stats["largest_batch"], len(items))
-            try:
-                spec, loaded = await self.pool.get(model)
-                outputs = await self._infer(work, spec, loaded, items)
-            except Exception as exc:
             self.metrics.batch(model, len(items))
             for item in items:
                 if (running := getattr(item, "running", None)) is not None:
                     running()
+            try:
+                spec, loaded = await self.pool.get(model)
+                outputs = await self._infer(work, spec, loaded, items)
+            except Exception as exc:
                 outputs = [exc] * len(items)
             for i, output in zip(indices, outputs, strict=True):
                 results[i] = output
@@ -117,10 +121,6 @@ class FamilyServer:
             self.batch_stats["cancelled"] += 1
             raise
 
-    async def status(self) -> list[dict]:
-        torch = sys.modules.get("torch")  # what torch really uses, once a load has imported it
-        return self.pool.status(batching=dict(self.batch_stats), memory=self.memory.status(),
-                                torch_threads=torch.get_num_threads() if torch else self.torch_threads)
     @contextlib.contextmanager
     def _observed(self) -> Iterator[Callable[[], None]]:
         """Count a request in the replica's queue_depth metric until the `running` it yields is called
@@ -153,10 +153,40 @@ class FamilyServer:
             info["load_count"] = self.pool.handles[info["name"]].load_count
         return status
 
+    async def status(self) -> list[dict]:
+        torch = sys.modules.get("torch")  # what torch really uses, once a load has imported it
+        return self.pool.status(batching=dict(self.batch_stats), memory=self.memory.status(),
+                                torch_threads=torch.get_num_threads() if torch else self.torch_threads)
+
+    # -- the runtime catalog: what the ingress calls once a model was added at run time ----------------
+    async def call(self, catalog: str, method: str, *args: Any) -> Any:
+        """`method(*args)` after applying runtime additions up to the ingress's catalog token."""
+        await self.runtime.sync(catalog, wait=method != "status")  # /health's short timeout: no attach wait
+        with self.runtime.using(args):
+            return await getattr(self, method)(*args)
+
+    async def call_stream(self, catalog: str, method: str, *args: Any) -> AsyncIterator[Any]:
+        """The streaming twin of `call`."""
+        await self.runtime.sync(catalog)
+        with self.runtime.using(args):
+            async with contextlib.aclosing(getattr(self, method)(*args)) as items:
+                async for item in items:
+                    yield item
+
+    async def runtime_state(self, names: list[str], wait_s: float) -> dict[str, Any]:
+        return await self.runtime.state(names, wait_s)
+
+    async def inspect_runtime(self, kind: str, *args: Any) -> Any:
+        """Find and read the files of an adapter or model to add (runtime_admin.py), off the event loop."""
+        from . import runtime_admin
+
+        return await asyncio.to_thread(runtime_admin.inspect_adapter if kind == "adapter"
+                                       else runtime_admin.inspect_model, *args)
 
     def check_health(self) -> None:
         """Healthy while the replica can serve. A model that is loading or failed to load is no
         reason for Ray to kill the replica: a restart would only repeat the load."""
+        self.metrics.models(self._model_status())  # Serve calls this every health_check_period_s
         busy_since = self._busy_since
         if busy_since is not None and time.monotonic() - busy_since > self._stuck_after_s:
             # every model call is bounded (generate's max_time); one far past it is stuck
@@ -186,4 +216,3 @@ def raise_if_error(result: Any) -> Any:
     if isinstance(result, BaseException):
         raise result
     return result
-        self.metrics.models(self._model_status())  # Serve calls this every health_check_period_s

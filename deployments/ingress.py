@@ -20,7 +20,7 @@ from loading import Family, ModelSpec
 
 from .app_config import AppConfig
 from .audio import AudioBounds, StreamEncoder, decode_audio, encode_audio_with_rate
-from .auth import KeyChecker, load_keys
+from .auth import KeyChecker, load_admin_keys, load_keys
 from .errors import (
     SERVE_UNAVAILABLE,
     InvalidRequestError,
@@ -42,6 +42,7 @@ from .protocol import (
     VoiceTranscriptEvent,
     VoiceUsage,
 )
+from .runtime_catalog import IngressCatalog, Snapshot
 from .sse import event, guarded
 from .voice import AudioPiece, TextDelta, drain, spoken_reply
 
@@ -54,10 +55,15 @@ class Ingress:
                  resources: dict[str, dict[str, float]] | None = None):
         self.config = config
         self.limits = config.limits
-        self.keys = KeyChecker(load_keys(config.auth))  # fails the replica with a clear message if keys are required
+        self.admin_keys = KeyChecker(load_admin_keys(config.auth))  # none: the admin routes answer 403
+        # fails the replica with a clear message if keys are required; an admin key is an API key too
+        self.keys = KeyChecker(load_keys(config.auth), also=load_admin_keys(config.auth))
         self.handles = handles  # family name -> DeploymentHandle
         self.streams = {family: handle.options(stream=True) for family, handle in handles.items()}
         self.catalog: dict[str, ModelSpec] = {n: s for s in config.models for n in s.all_names}
+        # adapters and models added at run time (admin routes; runtime_catalog.py), in `catalog` too
+        self.runtime = IngressCatalog(config.admin.catalog_poll_s, config.ingress.num_replicas > 1,
+                                      self._runtime_changed)
         self.notes = list(notes or [])
         self.health = HealthMonitor(config, self._call, list(handles), self.notes, dict(resources or {}))
         self._media = asyncio.Semaphore(self.limits.media_workers)  # decodes off the event loop, bounded
@@ -70,11 +76,19 @@ class Ingress:
         return build_api(self)
 
     # -- lookup -----------------------------------------------------------------------------------
+    def served_models(self) -> list[ModelSpec]:
+        """The configured models, then those added at run time."""
+        return list(self.config.models) + [record.spec for record in self.runtime.snapshot.records]
+
+    def _runtime_changed(self, snapshot: Snapshot) -> None:
+        self.catalog = {n: s for s in self.served_models() for n in s.all_names}
+
     def spec(self, name: str, *families: Family, param: str = "model") -> ModelSpec:
         spec = self.catalog.get(name)
         if spec is None or (families and spec.family not in families):
-            fitting = [s.name for s in self.config.models if not families or s.family in families]
+            fitting = [s.name for s in self.served_models() if not families or s.family in families]
             raise UnknownModelError(name, fitting, param)
+        label_request(spec.family.value if spec.family else "", spec.name)
         return spec
 
     def _names(self, family: Family) -> list[str]:
@@ -88,7 +102,6 @@ class Ingress:
 
     # -- media, decoded off the event loop ----------------------------------------------------------
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
-        label_request(spec.family.value if spec.family else "", spec.name)
         """Run a decode in a thread, at most `limits.media_workers` at once; a request that cannot get
         a turn within request_timeout_s is refused (503), not left waiting past its timeout."""
         limit = self.config.request_timeout_s
@@ -131,7 +144,7 @@ class Ingress:
         handle = self.handles.get(family.value)
         if handle is None:
             raise ServiceUnavailableError(f"no {family.value} deployment is configured")
-        response = getattr(handle, method).remote(*args)
+        response = self._remote(handle, method, args)
         limit = timeout or self.config.request_timeout_s
         try:
             return await asyncio.wait_for(response, limit)
@@ -147,6 +160,15 @@ class Ingress:
             raise
         except SERVE_UNAVAILABLE as exc:  # in our error shape, with Retry-After (see errors.py)
             raise as_api_error(exc) from None
+
+    def _remote(self, handle: Any, method: str, args: tuple, stream: bool = False) -> Any:
+        """`handle.method.remote(*args)`; once models were added at run time, through the family's `call`,
+        which first applies the runtime catalog up to this ingress's token (runtime_catalog.py)."""
+        self.runtime.maybe_refresh()
+        token = self.runtime.token
+        if not token:
+            return getattr(handle, method).remote(*args)
+        return (handle.call_stream if stream else handle.call).remote(token, method, *args)
 
     def _resource_hint(self) -> str:
         return f" ({'; '.join(self.notes)})" if self.notes else ""
@@ -167,7 +189,7 @@ class Ingress:
         handle = self.streams.get(family.value)
         if handle is None:
             raise ServiceUnavailableError(f"no {family.value} deployment is configured")
-        generator = getattr(handle, method).remote(params)
+        generator = self._remote(handle, method, (params,), stream=True)
         limit = self.config.request_timeout_s
         try:
             first = await asyncio.wait_for(generator.__anext__(), limit)

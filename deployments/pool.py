@@ -41,6 +41,7 @@ class ModelPool:
         self.handles = {spec.name: self._handle(spec) for spec in specs}
         self.max_loaded_models = max_loaded_models
         self._last_used: OrderedDict[str, float] = OrderedDict()
+        self.retired: dict[str, tuple[ModelSpec, ModelHandle]] = {}  # removed at run time, still in use
         for spec in specs:
             if spec.loading is LoadingMode.EAGER:
                 try:  # eager: this replica starts only once the model is in memory (or failed)
@@ -56,8 +57,34 @@ class ModelPool:
         base = self.aliases.get(spec.base_model or "")
         return base if base is not None and base != spec.name else None
 
-    def _handle(self, spec: ModelSpec) -> ModelHandle:
+    def add(self, spec: ModelSpec, adapter_name: str | None = None) -> None:
+        """Serve `spec` from now on (a model or adapter added at run time), loading in the background; a
+        lazy one counts against max_loaded_models at once. `adapter_name`: its name inside the PEFT model."""
+        self.specs[spec.name] = spec
+        self.aliases.update({alias: spec.name for alias in spec.all_names})
+        self.handles[spec.name] = self._handle(spec, adapter_name)
+        self.handles[spec.name].start()
+        if spec.loading is LoadingMode.LAZY:
+            self._touch(spec.name)
+
+    def remove(self, name: str) -> ModelHandle:
+        """Stop serving `name` (a model added at run time): unknown from now on, but `get` still finds it for
+        the requests already using it, until `forget(name, handle)`. Returns its handle."""
+        spec = self.specs.pop(name)
+        for alias in spec.all_names:
+            self.aliases.pop(alias, None)
+        self._last_used.pop(name, None)
+        handle = self.handles.pop(name)
+        self.retired[name] = (spec, handle)
+        return handle
+
+    def forget(self, name: str, handle: ModelHandle) -> None:
+        if self.retired.get(name, (None, None))[1] is handle:
+            del self.retired[name]
+
+    def _handle(self, spec: ModelSpec, adapter_name: str | None = None) -> ModelHandle:
         base_name = self.shared_base(spec)
+        attached = spec if adapter_name is None else spec.model_copy(update={"name": adapter_name})
 
         def load(progress):
             progress("importing torch and transformers", 0.0)
@@ -71,7 +98,7 @@ class ModelPool:
             if base_name is None:
                 return loading.load_model(spec, progress=progress)
             progress(f"waiting for base model {base_name}", 0.0)
-            return loading.attach_adapter(spec, self.handles[base_name].get(), progress=progress)
+            return loading.attach_adapter(attached, self.handles[base_name].get(), progress=progress)
 
         return ModelHandle(spec.name, load)
 
@@ -82,6 +109,9 @@ class ModelPool:
 
     async def get(self, name: str, wait_s: float = 0.0) -> tuple[ModelSpec, LoadedModel]:
         """The loaded model, or ModelLoadingInProgress / ModelLoadFailed straight away (or after wait_s)."""
+        if name not in self.aliases and name in self.retired:  # removed at run time: its requests finish
+            spec, retired = self.retired[name]
+            return spec, await asyncio.to_thread(retired.get, wait_s)
         name = self.canonical(name)
         handle = self.handles[name]
         if handle.state is State.READY:
@@ -92,9 +122,12 @@ class ModelPool:
         return self.specs[name], loaded
 
     def _touch(self, name: str) -> None:
+        if name not in self.handles:  # removed (at run time) while its caller waited for it
+            return
         self._last_used[name] = time.monotonic()
         self._last_used.move_to_end(name)
-        resident = [n for n in self._last_used if self.handles[n].state is State.READY]
+        # (a model just added counts while it loads)
+        resident = [n for n in self._last_used if n == name or self.handles[n].state is State.READY]
         shared = {self.shared_base(spec) for spec in self.specs.values()}
         for victim in resident[: max(0, len(resident) - self.max_loaded_models)]:
             # a base shared with adapters stays: they hold its weights anyway

@@ -30,7 +30,7 @@ def _card(ingress: Ingress, name: str, info: dict) -> ModelCard:
 @router.get("/v1/models", summary="The served models")
 async def list_models(ingress: IngressDep) -> ModelList:
     status = await ingress.health.model_status()
-    return ModelList(data=[_card(ingress, s.name, status.get(s.name, {})) for s in ingress.config.models])
+    return ModelList(data=[_card(ingress, s.name, status.get(s.name, {})) for s in ingress.served_models()])
 
 
 @router.get("/v1/models/{model:path}", summary="One served model, by name or alias")
