@@ -7,6 +7,11 @@ stop string, its own max_tokens or time bound, or its caller gone), and the colu
 padding for every row are trimmed. Rows for different LoRA adapters of one base share steps (PEFT's
 `adapter_names`); sampling settings and seeds are per row. Runs on the replica's inference thread.
 
+Images and adapters (`Group.prefill_batches`): PEFT splits each LoRA layer's input by batch row, but a
+vision tower's and projector's batch is the images, not the rows (a row has none, one or several). So
+when an adapter of the model has layers outside its language model, rows with images are prefilled one
+adapter at a time with that adapter switched on; their decode steps (text only) are shared as any row's.
+
 Why ours and not transformers' ContinuousBatchingManager: it serves neither mixed LoRA adapters,
 nor image inputs, nor stop strings per request, and it sizes a paged cache up front (its
 `transformers serve --continuous-batching` took 14 GB here); bench/RESULTS.md compares the two.
@@ -18,13 +23,14 @@ import inspect
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 from loading import LoadedModel, ModelSpec
+from loading.adapters import LANGUAGE_MODEL, adapted_parts
 
 from .generation import PADDED_KEYS, RowStream, collate, cut_at_stop, end_token_ids
 from .params import ChatParams, ChatResult
@@ -65,16 +71,16 @@ class Row:
         """`token` joins the output (`sampled`: the model chose it; else the server closed a constrained
         reply with it, which has no logprob)."""
         self.tokens.append(token)
+        if len(self.tokens) == 1:  # the first token: time to first token, and the request now runs
+            self.params.first_token_at = time.monotonic()
+            if self.params.running is not None:
+                self.params.running()
         if self.hooks is not None:
             self.hooks.taken(token)
             if sampled and self.pending is not None:
                 self.logprobs.append(self.pending)
                 if self.params.logprob_sink is not None:
                     try:
-        if len(self.tokens) == 1:  # the first token: time to first token, and the request now runs
-            self.params.first_token_at = time.monotonic()
-            if self.params.running is not None:
-                self.params.running()
                         self.params.logprob_sink(self.pending)
                     except Exception:
                         pass
@@ -92,14 +98,45 @@ class Group:
         self.mask: torch.Tensor | None = None  # [rows, cache length]: 1 where a row has a real token
         self.next_tokens: torch.Tensor | None = None  # [rows, 1]: each row's last sampled token
 
-    def forward(self, inputs: dict[str, torch.Tensor], cache: DynamicCache, rows: list[Row]) -> torch.Tensor:
+    def forward(self, inputs: dict[str, torch.Tensor], cache: DynamicCache, rows: list[Row],
+                one_adapter: bool = False) -> torch.Tensor:
+        """One forward of `rows`: each with its own adapter (PEFT's `adapter_names`), or, with
+        `one_adapter`, all with the first row's adapter switched on (the rows share it)."""
         model = self.loaded.model
         kwargs: dict[str, Any] = {self.cache_argument(): cache}
-        if hasattr(model, "peft_config"):
-            kwargs["adapter_names"] = [row.adapter or BASE_ADAPTER for row in rows]
+        peft = hasattr(model, "peft_config")
         with self.loaded.lock, torch.inference_mode():
-            out = model(**inputs, use_cache=True, logits_to_keep=1, **kwargs)
+            if peft and one_adapter:
+                with replace(self.loaded, adapter_name=rows[0].adapter).active():
+                    out = model(**inputs, use_cache=True, logits_to_keep=1, **kwargs)
+                return out.logits[:, -1, :].float()
+            if peft:
+                kwargs["adapter_names"] = [row.adapter or BASE_ADAPTER for row in rows]
+            try:
+                out = model(**inputs, use_cache=True, logits_to_keep=1, **kwargs)
+            except BaseException:
+                if peft:
+                    drop_leaked_adapter_hooks(model)
+                raise
         return out.logits[:, -1, :].float()
+
+    def prefill_batches(self, rows: list[Row]) -> list[tuple[list[Row], bool]]:
+        """Arriving rows as prefill batches, each with whether it runs under one adapter.
+
+        Rows batch when they carry the same non-token inputs (collate concatenates pixel values and
+        the like; a row without them cannot join those). Rows with images batch per adapter when any
+        adapter of the model has layers outside its language model (see the module's docstring)."""
+        batches: dict[tuple, list[Row]] = {}
+        split: bool | None = None
+        for row in rows:
+            assert row.params.inputs is not None
+            extra = tuple(sorted(key for key in row.params.inputs if key not in PADDED_KEYS))
+            if extra and split is None:
+                model = self.loaded.model
+                split = hasattr(model, "peft_config") and bool(adapted_parts(model) - {LANGUAGE_MODEL})
+            key = (extra, row.adapter) if extra and split else (extra,)
+            batches.setdefault(key, []).append(row)
+        return [(batch, len(key) == 2) for key, batch in batches.items()]
 
     def cache_argument(self) -> str:
         """transformers 5.x renames `past_key_values` to `cache` model by model."""
@@ -114,6 +151,7 @@ class DecodeLoop:
     def __init__(self, max_rows: int, stats: dict[str, int], on_step: Callable[[str, int], None] | None = None):
         self.max_rows = max_rows
         self.stats = stats  # shown in /health: model_calls (prefills + steps), decode_steps, requests, ...
+        self.on_step = on_step  # (model, rows) after every decode step: the batch-size metric
         self.pending: queue.SimpleQueue[tuple[ModelSpec, LoadedModel, ChatParams, Done]] = queue.SimpleQueue()
         self.groups: dict[int, Group] = {}
 
@@ -151,16 +189,18 @@ class DecodeLoop:
                 continue
             arrivals.setdefault(key, []).append(new_row(spec, loaded, params, done))
         for item in held:
-        self.on_step = on_step  # (model, rows) after every decode step: the batch-size metric
             self.pending.put(item)
         for key, rows in arrivals.items():
-            try:
-                self._prefill(self.groups[key], rows)
-            except Exception as exc:  # a failed prefill fails its own rows only
-                for row in rows:
-                    row.done(exc)
+            group = self.groups[key]
+            with group.loaded.lock:  # no adapter attaches between choosing the batches and running them
+                for batch, one_adapter in group.prefill_batches(rows):
+                    try:
+                        self._prefill(group, batch, one_adapter)
+                    except Exception as exc:  # a failed prefill fails its own rows only
+                        for row in batch:
+                            row.done(exc)
 
-    def _prefill(self, group: Group, rows: list[Row]) -> None:
+    def _prefill(self, group: Group, rows: list[Row], one_adapter: bool = False) -> None:
         loaded = group.loaded
         pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         inputs = {k: v.to(loaded.model.device) for k, v in collate([r.params.inputs for r in rows], pad_id).items()}
@@ -169,7 +209,7 @@ class DecodeLoop:
         # positions count real tokens only: left padding must not shift a row's rotary positions
         inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        logits = group.forward(inputs, cache, rows)
+        logits = group.forward(inputs, cache, rows, one_adapter)
         self.stats["model_calls"] += 1
         self.stats["requests"] += len(rows)
         first = self._sample(rows, logits)
@@ -194,6 +234,8 @@ class DecodeLoop:
         self.stats["model_calls"] += 1
         self.stats["decode_steps"] = self.stats.get("decode_steps", 0) + 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(group.rows))
+        if self.on_step is not None:
+            self.on_step(group.loaded.report.name, len(group.rows))
         tokens = self._sample(group.rows, logits)
         group.next_tokens = tokens
         self._settle(group, tokens)
@@ -234,8 +276,6 @@ class DecodeLoop:
                 return
             assert group.cache is not None and group.mask is not None and group.next_tokens is not None
             group.cache.batch_select_indices(index.to(group.next_tokens.device))
-        if self.on_step is not None:
-            self.on_step(group.loaded.report.name, len(group.rows))
             group.mask, group.next_tokens = group.mask[index], group.next_tokens[index]
             _trim(group)
 
@@ -272,6 +312,21 @@ class DecodeLoop:
             row.done(row.error if row.finish == "error" and row.error is not None else result)
         except Exception:  # the caller's future is gone: nothing to tell
             pass
+
+
+def drop_leaked_adapter_hooks(model: Any) -> None:
+    """Remove the `adapter_names` hooks that a PEFT forward which raised left on its layers.
+
+    PEFT (0.21; huggingface/peft#3475) removes them only when the forward returns, so after an error
+    (out of memory, a bad input) every later call of the shared base would still run with that batch's
+    adapter names: a ValueError on another batch size, the wrong adapters on the same one."""
+    import functools
+
+    for module in model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, functools.partial) and "adapter_names" in (hook.keywords or {}):
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def new_row(spec: ModelSpec, loaded: LoadedModel, params: ChatParams, done: Done) -> Row:
