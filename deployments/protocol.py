@@ -732,6 +732,9 @@ class ModelCard(OpenAIBaseModel):
     """Whether this is a tiny random-weight demo model."""
     aliases: list[str] = Field(default_factory=list)
     """Other names that route to this model."""
+    adapter_targets: list[str] | None = None
+    """A loaded LoRA adapter's parts of its base that it changes, by the model's own names: `language_model`,
+    and for an adapter over a whole VLM also `vision_tower`, `multi_modal_projector` (LLaVA) or `visual`."""
 
 
 class ModelList(OpenAIBaseModel):

@@ -24,7 +24,7 @@ def _card(ingress: Ingress, name: str, info: dict) -> ModelCard:
     return ModelCard(id=spec.name, created=CREATED, family=spec.family.value if spec.family else None,
                      state=info.get("state"),
                      device=info.get("device"), loading_strategy=info.get("loading_strategy"),
-                     demo=spec.is_demo, aliases=spec.aliases)
+                     demo=spec.is_demo, aliases=spec.aliases, adapter_targets=info.get("adapter_targets"))
 
 
 @router.get("/v1/models", summary="The served models")

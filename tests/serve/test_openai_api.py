@@ -37,7 +37,7 @@ def test_models_list_every_served_model_with_family_state_and_demo_flag(demo_app
     models = demo_app.openai().models.list().data
     by_id = {m.id: m for m in models}
     assert set(by_id) == {REAL_LLM, "tiny-llm", "tiny-llm-lora", "tiny-whisper", "tiny-vits", "tiny-llava",
-                          "tiny-llava-lora"}
+                          "tiny-llava-lora", "tiny-llava-vision-lora"}
     assert by_id["tiny-whisper"].model_extra["family"] == "stt"
     assert by_id["tiny-llava"].model_extra["family"] == "vlm"
     for model in models:

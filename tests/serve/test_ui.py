@@ -220,7 +220,7 @@ def test_the_playground_in_chromium(app, browser, tmp_path):
         }
         return out;""")
     assert options["chat"][:3] == ["smollm2-135m-instruct", "tiny-llm", "tiny-llm-lora"], options
-    assert options["vision"] == ["tiny-llava", "tiny-llava-lora"], options
+    assert options["vision"] == ["tiny-llava", "tiny-llava-lora", "tiny-llava-vision-lora"], options
     assert options["transcribe"] == ["tiny-whisper"] and options["speech"] == ["tiny-vits"], options
 
     # A streamed chat with the real chat model: the reply grows token by token, then finishes.
