@@ -163,10 +163,12 @@ def choose(models: list[dict], family: str, health: dict[str, dict]) -> str | No
 
 
 def load_failure(model: dict, health: dict[str, dict]) -> Check:
-    """A model that failed to load (or whose family did not answer): its error's first line; all of it in facts."""
+    """A model that failed to load (or whose family did not answer): its error's first and last lines (what
+    went wrong, and the loaders' errors end with what to do); all of it in facts."""
     error = str(health.get(model["id"], {}).get("error") or "no error shown (/health gives it to callers with a key)")
-    first = next((line for line in error.splitlines() if line.strip()), error)
-    return Check("FAIL", "load", model["id"], None, f"{model['state']}: {_one_line(first, 200)}", {"error": error})
+    lines = [line for line in error.splitlines() if line.strip()] or [error]
+    short = _one_line(lines[0], 160) + (" ... " + _one_line(lines[-1], 160) if len(lines) > 1 else "")
+    return Check("FAIL", "load", model["id"], None, f"{model['state']}: {short}", {"error": error})
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -309,7 +311,8 @@ def read_wav(data: bytes) -> tuple[int, int, bytes, int]:
             rate, channels, width = wav.getframerate(), wav.getnchannels(), wav.getsampwidth()
             pcm = wav.readframes(wav.getnframes())
     except (wave.Error, EOFError) as exc:
-        raise CheckFailed(f"not a valid WAV ({exc}; {len(data)} bytes, starting {data[:12]!r})") from None
+        raise CheckFailed(f"not a valid WAV ({str(exc) or type(exc).__name__}; {len(data)} bytes, "
+                          f"starting {data[:12]!r})") from None
     return rate, channels, pcm[: len(pcm) - len(pcm) % (width * channels)], width
 
 

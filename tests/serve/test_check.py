@@ -124,7 +124,8 @@ def test_a_model_that_failed_to_load_is_a_failure_naming_it_and_its_error(broken
     load = report["checks"][0]
     assert (load["status"], load["name"], load["model"]) == ("FAIL", "load", "broken-llm")
     assert load["detail"].startswith("failed: Model 'acme/no-such-model' was not found"), load
-    assert "modelfleet fetch" in load["facts"]["error"]  # the whole error from /health, its first line in the detail
+    assert "modelfleet fetch" in load["detail"]  # the error's last line says what to do
+    assert "Looked at:" in load["facts"]["error"]  # the whole error from /health
     checks = by_name(report)
     # the family is still checked, on its ready base model rather than the failed one or the adapter
     assert (checks["chat"]["status"], checks["chat"]["model"]) == ("ok", "tiny-llm")
