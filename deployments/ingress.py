@@ -64,6 +64,8 @@ class Ingress:
         # adapters and models added at run time (admin routes; runtime_catalog.py), in `catalog` too
         self.runtime = IngressCatalog(config.admin.catalog_poll_s, config.ingress.num_replicas > 1,
                                       self._runtime_changed)
+        if self.admin_keys.enabled:  # the admin routes are on: have the catalog's actor ready for them
+            self.runtime.prepare()
         self.notes = list(notes or [])
         self.health = HealthMonitor(config, self._call, list(handles), self.notes, dict(resources or {}))
         self._media = asyncio.Semaphore(self.limits.media_workers)  # decodes off the event loop, bounded

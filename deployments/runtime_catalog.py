@@ -170,6 +170,12 @@ class IngressCatalog:
         self._read_at = 0.0
         self._reading: asyncio.Task | None = None
 
+    def prepare(self) -> None:
+        """Make the actor now (a Ray worker takes seconds to start), not at the first admin call."""
+        app = app_name()
+        if app is not None and self._actor is None:
+            self._actor = make_actor(app)
+
     @property
     def token(self) -> str:
         return self.snapshot.token

@@ -205,7 +205,9 @@ def test_a_replica_started_later_gets_the_adapter(app):
 
 
 def test_unloading_lets_a_running_stream_finish_and_refuses_new_requests_at_once(app):
+    started = time.monotonic()
     response = admin(app, "/v1/load_lora_adapter", {"lora_name": "rt-slow", "lora_path": "rt-slow-lora"})
+    print(f"\n[timing] a second load_lora_adapter answered in {time.monotonic() - started:.2f} s")
     assert response.status_code == 200, response.text
     assert response.json()["base_model"] == "slow-llm"  # its adapter_config names the served model
     text, finish, first = [], [], threading.Event()
@@ -225,6 +227,8 @@ def test_unloading_lets_a_running_stream_finish_and_refuses_new_requests_at_once
     assert first.wait(30), "the stream never started"
     started = time.monotonic()
     unloaded = admin(app, "/v1/unload_lora_adapter", {"lora_name": "rt-slow"})
+    print(f"\n[timing] unload_lora_adapter answered in {time.monotonic() - started:.2f} s, "
+          f"in_flight on the replica asked: {unloaded.json().get('in_flight')}")
     assert unloaded.status_code == 200, unloaded.text
     assert unloaded.json()["message"] == "Success: LoRA adapter 'rt-slow' removed successfully."
     assert reader.is_alive(), "the stream ended before the unload: make slow-llm slower"
@@ -234,6 +238,7 @@ def test_unloading_lets_a_running_stream_finish_and_refuses_new_requests_at_once
     assert "rt-slow" not in listed(app)
     reader.join(60)
     assert finish == ["length"] and len("".join(text)) > 0, (finish, text)
+    print(f"\n[timing] the stream went on {time.monotonic() - started:.2f} s after the unload began")
     again = admin(app, "/v1/unload_lora_adapter", {"lora_name": "rt-slow"})
     assert again.status_code == 404, again.text
     # its base keeps serving; a re-added adapter of the same name is a new one
@@ -287,7 +292,9 @@ def test_an_adapter_that_is_nowhere_is_a_fast_404_naming_where_it_looked(app, pa
 # -- whole models ------------------------------------------------------------------------------------------------
 
 def test_a_whole_model_loads_in_the_background_serves_and_goes(app, adapters):
+    started = time.monotonic()
     response = admin(app, "/models/load", {"model_id": str(adapters["model"]), "debug_load_delay_s": 3})
+    print(f"\n[timing] /models/load answered in {time.monotonic() - started:.2f} s")
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["id"], body["kind"], body["family"], body["status"]) == ("extra-llm", "model", "llm", "loading"), body
@@ -298,6 +305,7 @@ def test_a_whole_model_loads_in_the_background_serves_and_goes(app, adapters):
         phases.add(info.get("phase"))
         time.sleep(0.2)
     assert "simulated delay" in phases, phases
+    print(f"\n[timing] the added model was ready {time.monotonic() - started:.2f} s after /models/load")
     assert "extra-llm" in listed(app)
     reply = client(app).chat.completions.create(model="extra-llm", messages=ASK, max_tokens=6, temperature=0,
                                                 extra_headers={"x-wait-for-model": "60"})
