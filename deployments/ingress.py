@@ -257,7 +257,8 @@ class Ingress:
         sentence while the LLM writes the next (voice.spoken_reply)."""
         names, heard, chat = await self._voice_turn(form, upload, wait_s)
         done, pieces = await drain(spoken_reply(self, chat, self._speech_template(names[Family.TTS], wait_s),
-                                                self._tts_chars()))
+                                                self._tts_chars(),
+                                                self.config.ingress.voice_first_piece_chars))
         if not pieces:  # nothing speakable in the reply: a short pause of speech, as before
             pieces = [await self.synthesize(SpeechParams(model=names[Family.TTS], text="...", wait_s=wait_s))]
         waveform = np.concatenate([p.waveform for p in pieces])
@@ -279,7 +280,8 @@ class Ingress:
         yield event(VoiceTranscriptEvent(text=heard.text))
         encoder: StreamEncoder | None = None
         async with contextlib.aclosing(spoken_reply(
-                self, chat, self._speech_template(names[Family.TTS], wait_s), self._tts_chars())) as reply:
+                self, chat, self._speech_template(names[Family.TTS], wait_s), self._tts_chars(),
+                self.config.ingress.voice_first_piece_chars)) as reply:
             async for item in reply:
                 if isinstance(item, TextDelta):
                     yield event(VoiceReplyDelta(delta=item.text))

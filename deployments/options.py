@@ -107,3 +107,9 @@ class IngressOptions(BaseModel):
     max_queued_requests: int = Field(
         default=256, ge=-1, description="Requests Serve's proxy holds for a busy ingress before answering 503 itself.",
     )
+    voice_first_piece_chars: int = Field(
+        default=80, ge=10, description="The voice round trip and Realtime responses speak the reply's first piece as "
+        "soon as it ends a sentence or a clause, or at a word break once it is this long, so that the first audio "
+        "does not wait for a long first sentence; later pieces end at sentences (at most the TTS's "
+        "max_chars_per_call).",
+    )

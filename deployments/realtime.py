@@ -533,7 +533,8 @@ class RealtimeSession:
             await self.send("response.content_part.added", part=part, **where)
             tts = self.ingress.default_model(Family.TTS)
             speech = SpeechParams(model=tts, text="", voice=voice) if spoken else None
-            reply_events = spoken_reply(self.ingress, chat, speech, self.ingress._tts_chars())
+            reply_events = spoken_reply(self.ingress, chat, speech, self.ingress._tts_chars(),
+                                         self.ingress.config.ingress.voice_first_piece_chars)
             async with contextlib.aclosing(reply_events) as reply:
                 async for piece in reply:
                     if isinstance(piece, TextDelta):

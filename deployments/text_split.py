@@ -72,14 +72,19 @@ def stream_pieces(text: str, max_chars: int, first_chars: int = 120) -> list[str
 class SentenceStream:
     """Text that arrives in deltas (an LLM's reply), cut into speakable pieces as soon as they end: at
     a sentence end followed by whitespace, at a clause end once `clause_chars` have gathered, or at a
-    word break once `max_chars` have. `flush()` returns the rest at the end of the reply."""
+    word break once `max_chars` have. `flush()` returns the rest at the end of the reply.
+
+    With `first_chars`, the first piece ends sooner: at its first clause end, or at a word break once
+    `first_chars` have gathered. A voice agent's first audio then waits for a few words, not for a
+    long first sentence (or, from a model that writes no punctuation, for `max_chars`)."""
 
     _SENTENCE_END = re.compile(r"[.!?…。！？]+[\"')\]]*\s")
     _CLAUSE_END = re.compile(r"[,;:—–，；：]\s")
 
-    def __init__(self, max_chars: int = 400, clause_chars: int = 80):
-        self.max_chars, self.clause_chars = max_chars, clause_chars
+    def __init__(self, max_chars: int = 400, clause_chars: int = 80, first_chars: int | None = None):
+        self.max_chars, self.clause_chars, self.first_chars = max_chars, clause_chars, first_chars
         self.buffer = ""
+        self.pieces = 0
 
     def feed(self, delta: str) -> list[str]:
         self.buffer += delta
@@ -91,18 +96,21 @@ class SentenceStream:
             piece, self.buffer = self.buffer[:cut].strip(), self.buffer[cut:].lstrip()
             if piece:
                 out.append(piece)
+                self.pieces += 1
 
     def _cut(self) -> int | None:
+        first = self.first_chars is not None and self.pieces == 0
+        max_chars = min(self.max_chars, self.first_chars) if first and self.first_chars else self.max_chars
         match = self._SENTENCE_END.search(self.buffer)
-        if match is not None and match.end() <= self.max_chars:
+        if match is not None and match.end() <= max_chars:
             return match.end()
-        if len(self.buffer) >= self.clause_chars:
-            clauses = [m.end() for m in self._CLAUSE_END.finditer(self.buffer) if m.end() <= self.max_chars]
+        if first or len(self.buffer) >= self.clause_chars:
+            clauses = [m.end() for m in self._CLAUSE_END.finditer(self.buffer) if m.end() <= max_chars]
             if clauses:
-                return clauses[-1]
-        if len(self.buffer) >= self.max_chars:
-            space = self.buffer.rfind(" ", 0, self.max_chars)
-            return space + 1 if space > 0 else self.max_chars
+                return clauses[0] if first else clauses[-1]
+        if len(self.buffer) >= max_chars:
+            space = self.buffer.rfind(" ", 0, max_chars)
+            return space + 1 if space > 0 else max_chars
         return None
 
     def flush(self) -> str | None:

@@ -47,13 +47,13 @@ _END = object()
 
 
 async def spoken_reply(ingress: Ingress, chat: ChatParams, speech: SpeechParams | None,
-                       max_chars: int = 400) -> AsyncGenerator[ReplyEvent, None]:
+                       max_chars: int = 400, first_chars: int | None = None) -> AsyncGenerator[ReplyEvent, None]:
     """TextDelta... and AudioPiece... interleaved as they are made, then ReplyDone. `speech` is the
     template of each sentence's TTS call (model, voice, speed); None: text only. An error of the LLM
     or the TTS ends the iterator with that error (the other side is cancelled)."""
     out: asyncio.Queue = asyncio.Queue()
     sentences: asyncio.Queue = asyncio.Queue()
-    splitter = SentenceStream(max_chars=max_chars)
+    splitter = SentenceStream(max_chars=max_chars, first_chars=first_chars)
     tts_tokens = 0
 
     async def generate() -> None:

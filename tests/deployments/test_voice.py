@@ -84,6 +84,18 @@ def test_sentence_stream_cuts_streamed_text_as_soon_as_a_sentence_ends():
     assert SentenceStream().feed("3.14 is pi") == []  # a dot without a space after it ends nothing
 
 
+def test_the_first_piece_ends_at_its_first_clause_or_after_first_chars_later_ones_at_sentences():
+    stream, out = SentenceStream(max_chars=400, clause_chars=80, first_chars=30), []
+    for char in "Well, that is a fine question. It has, I think, a long answer. ":
+        out += stream.feed(char)
+    assert out == ["Well,", "that is a fine question.", "It has, I think, a long answer."]
+    # no punctuation at all (a model that writes none): the first piece comes at a word break by 30 chars
+    stream, out = SentenceStream(max_chars=400, first_chars=30), []
+    for char in "word " * 40:
+        out += stream.feed(char)
+    assert out == ["word word word word word word"] and len(stream.buffer) > 100
+
+
 @pytest.mark.parametrize("fmt", ["pcm", "wav", "opus", "flac", "mp3"])
 def test_stream_encoders_give_one_decodable_stream(fmt):
     wave = (0.3 * np.sin(np.arange(16000) / 10)).astype(np.float32)
