@@ -163,3 +163,18 @@ def test_the_smallest_config_the_readme_allows_gets_every_documented_default():
         assert options.max_queued_requests == defaults(family)["max_queued_requests"]
         assert options.autoscaling.max_replicas == defaults(family)["autoscaling"]["max_replicas"]
     assert set(bound_deployments(build_app(smallest))) == {"ingress", "llm"}
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.gpu.yaml"])
+def test_the_proxys_request_timeout_outlasts_a_realtime_session(name):
+    """Ray's proxy ends any request (a WebSocket too) at http_options.request_timeout_s: below the session
+    limit it would cut Realtime sessions short without the session's own `session_expired` event."""
+    from pathlib import Path
+
+    import yaml
+
+    from deployments.limits import RequestLimits
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / name).read_text())
+    limits = RequestLimits(**config["applications"][0]["args"].get("limits", {}))
+    assert config["http_options"]["request_timeout_s"] > limits.max_realtime_session_s
