@@ -29,8 +29,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from loading import LoadedModel, ModelSpec
-from loading.adapters import LANGUAGE_MODEL, adapted_parts
+from loading import LANGUAGE_MODEL, LoadedModel, ModelSpec, adapted_parts
 
 from .generation import PADDED_KEYS, RowStream, collate, cut_at_stop, end_token_ids
 from .params import ChatParams, ChatResult

@@ -20,6 +20,8 @@ _EXPORTS = {
     "inspect_model": ["detect_family"],
     "loader": ["attach_adapter", "load_model"],
     "report": ["LoadReport", "LoadedModel"],
+    "runtime_sources": ["AdapterCheck", "ModelCheck", "RuntimeSourceError", "locate_adapter", "locate_model"],
+    "adapters": ["LANGUAGE_MODEL", "adapted_parts"],
     "settings": ["Settings"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -35,6 +37,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager view of the same names
+    from .adapters import LANGUAGE_MODEL, adapted_parts
     from .config import DevicePreference, DType, Family, LoadingMode, ModelSpec, Quantization, models_from_serve_config
     from .errors import (
         AdapterBaseNotFoundError,
@@ -50,4 +53,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager view of the same name
     from .inspect_model import detect_family
     from .loader import attach_adapter, load_model
     from .report import LoadedModel, LoadReport
+    from .runtime_sources import AdapterCheck, ModelCheck, RuntimeSourceError, locate_adapter, locate_model
     from .settings import Settings
