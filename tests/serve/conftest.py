@@ -8,11 +8,12 @@ GGUF file in a pip package) converted once, and the official `openai` client.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 
-from serve_testutil import demo_args, free_port, run_app
+from serve_testutil import DEMO_KEY, demo_args, free_port, run_app
 
 # Must be set before Ray starts: token auth breaks local clients, and workers inherit these.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -57,7 +58,9 @@ def serve_url(models_dir):
     port = free_port()
     # address="local": always a fresh cluster of our own, even if `ray start` left one running;
     # its metrics agent on a known port, which tests/serve/test_metrics.py scrapes as Prometheus would
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+    # 8 logical CPUs: the two session-wide demo apps and one module's app fit side by side (replicas
+    # reserve 0.25 each; torch threads follow the machine's cores, not this number)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=METRICS_PORT,
              runtime_env={"env_vars": {"LOCAL_MODELS_DIR": str(models_dir)}})
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
@@ -72,9 +75,10 @@ def metrics_url(serve_url) -> str:
     return f"http://127.0.0.1:{METRICS_PORT}/metrics"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def demo_app(serve_url, models_dir):
-    """The shipped demo config, every model ready."""
+    """The shipped demo config, every model ready: one app for every module that uses it (a start costs
+    30-50 s on 2 cores), so tests compare counters before and after rather than from zero."""
     from ray import serve
 
     args = demo_args()
@@ -86,3 +90,27 @@ def demo_app(serve_url, models_dir):
     app.wait_for(lambda h: h["status"] == "ok", timeout=120)
     yield app
     serve.delete("modelfleet")
+
+
+@pytest.fixture(scope="session")
+def keyed_demo_app(serve_url, models_dir, tmp_path_factory):
+    """The shipped demo config with API keys required (DEMO_KEY), under /playground: for the modules that
+    drive the whole app as a user with a key does (modelfleet check, the playground page)."""
+    import requests
+    from ray import serve
+
+    key_file = tmp_path_factory.mktemp("demo-auth") / "keys"
+    key_file.write_text(DEMO_KEY + "\n")
+    args = demo_args()
+    args["local_models_dir"] = str(models_dir)
+    args["auth"] = {"api_keys_file": str(key_file), "required": True}
+    for options in args["families"].values():
+        options["autoscaling"] = None
+    app = run_app(serve_url, "playground", args)
+    deadline = time.monotonic() + 120
+    headers = {"Authorization": f"Bearer {DEMO_KEY}"}
+    while (health := requests.get(app.url + "/health", headers=headers, timeout=10).json())["status"] != "ok":
+        assert time.monotonic() < deadline, f"the app never became healthy: {health}"
+        time.sleep(0.5)
+    yield app
+    serve.delete("playground")

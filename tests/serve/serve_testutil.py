@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
+DEMO_KEY = "demo-key-0123456789abcdef"  # the API key of conftest's keyed_demo_app
 
 
 def free_port() -> int:

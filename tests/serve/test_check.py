@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from serve_testutil import REPO, demo_args, free_port, run_app
+from serve_testutil import DEMO_KEY, REPO, demo_args, free_port, run_app
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "modelfleet"
-KEY = "check-key-0123456789abcdef"
+KEY = DEMO_KEY
 CHECKS = ["speech", "chat", "chat-stream", "vision", "transcription", "voice"]
 
 pytestmark = pytest.mark.skipif(not CONSOLE_SCRIPT.exists(),
@@ -27,21 +27,9 @@ pytestmark = pytest.mark.skipif(not CONSOLE_SCRIPT.exists(),
 
 
 @pytest.fixture(scope="module")
-def healthy(serve_url, models_dir, tmp_path_factory):
+def healthy(keyed_demo_app):
     """The shipped demo config (every family, the real SmolLM2 chat model), API keys required."""
-    from ray import serve
-
-    key_file = tmp_path_factory.mktemp("check-auth") / "keys"
-    key_file.write_text(KEY + "\n")
-    args = demo_args()
-    args["local_models_dir"] = str(models_dir)
-    args["auth"] = {"api_keys_file": str(key_file), "required": True}
-    for options in args["families"].values():
-        options["autoscaling"] = None
-    app = run_app(serve_url, "checked", args)
-    app.wait_for(lambda h: h["status"] == "ok", timeout=120)
-    yield app
-    serve.delete("checked")
+    return keyed_demo_app
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve_testutil import demo_args, run_app
-
-APP = "metricsapp"  # an application name of its own: its samples are told apart by the `application` label
+APP = "modelfleet"  # conftest's demo app: its samples are told apart by the `application` label
 
 
 def scrape(url: str) -> list:
@@ -42,19 +40,8 @@ def wav_bytes(seconds: float, rate: int = 16000) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def app(serve_url, models_dir):
-    from ray import serve
-
-    args = demo_args()
-    args["local_models_dir"] = str(models_dir)
-    keep = {"tiny-llm", "tiny-whisper", "tiny-vits"}
-    args["models"] = [m for m in args["models"] if m["name"] in keep]
-    for options in args["families"].values():
-        options["autoscaling"] = None
-    handle = run_app(serve_url, APP, args)
-    handle.wait_for(lambda h: h["status"] == "ok", timeout=120)
-    yield handle
-    serve.delete(APP)
+def app(demo_app):
+    return demo_app
 
 
 def wait_until(metrics_url: str, check, timeout: float = 90) -> list:
@@ -147,8 +134,8 @@ def test_model_state_load_time_and_fallbacks(app, metrics_url):
         return total(samples, "ray_modelfleet_model_state", model="tiny-llm", state="ready") == 1
 
     samples = wait_until(metrics_url, loaded)
-    for model in ("tiny-llm", "tiny-whisper", "tiny-vits"):
-        assert total(samples, "ray_modelfleet_model_state", model=model, state="ready") == 1, model
+    for model in ("tiny-llm", "tiny-whisper", "tiny-vits"):  # one series per replica of the family
+        assert total(samples, "ray_modelfleet_model_state", model=model, state="ready") >= 1, model
         assert total(samples, "ray_modelfleet_model_state", model=model, state="failed") == 0, model
         assert total(samples, "ray_modelfleet_model_load_seconds", model=model) > 0, model
     # on a machine without a GPU, the quantized strategies are passed over before the CPU one loads:

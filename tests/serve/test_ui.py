@@ -22,9 +22,9 @@ import requests
 import soundfile as sf
 from PIL import Image
 
-from serve_testutil import demo_args, run_app, wav_bytes
+from serve_testutil import DEMO_KEY, wav_bytes
 
-KEY = "playground-key-0123456789abcdef"
+KEY = DEMO_KEY
 CHROMIUM = Path(os.environ.get("MODELFLEET_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("MODELFLEET_CHROMEDRIVER", "/usr/bin/chromedriver"))
 INSTALL = ("install Debian's Chromium and its driver (`apt-get install -y chromium chromium-driver`) and the "
@@ -34,23 +34,9 @@ STEP_TIMES: dict[str, float] = {}  # seconds per card (typing, waiting and check
 
 
 @pytest.fixture(scope="module")
-def app(serve_url, models_dir, tmp_path_factory):
-    from ray import serve
-
-    key_file = tmp_path_factory.mktemp("ui-auth") / "keys"
-    key_file.write_text(KEY + "\n")
-    args = demo_args()
-    args["local_models_dir"] = str(models_dir)
-    args["auth"] = {"api_keys_file": str(key_file), "required": True}
-    for options in args["families"].values():
-        options["autoscaling"] = None
-    app = run_app(serve_url, "playground", args)
-    deadline = time.monotonic() + 120
-    while (health := requests.get(app.url + "/health", headers=auth(), timeout=10).json())["status"] != "ok":
-        assert time.monotonic() < deadline, f"the app never became healthy: {health}"
-        time.sleep(0.5)
-    yield app
-    serve.delete("playground")
+def app(keyed_demo_app):
+    """conftest's demo app with API keys required, under /playground."""
+    return keyed_demo_app
 
 
 def auth() -> dict:
