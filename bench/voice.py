@@ -188,10 +188,13 @@ async def realtime_turns(url: str, turns: int) -> list[float]:
         for _ in range(turns):
             done = asyncio.Event()
             first_audio: list[float] = []
+            seen: dict[str, float] = {}  # event type -> when it first came this turn: where the time goes
 
-            async def read(done: asyncio.Event = done, first_audio: list[float] = first_audio) -> None:
+            async def read(done: asyncio.Event = done, first_audio: list[float] = first_audio,
+                           seen: dict[str, float] = seen) -> None:
                 async for raw in ws:
                     event = json.loads(raw)
+                    seen.setdefault(event["type"], time.perf_counter())
                     if event["type"] == "response.audio.delta" and not first_audio:
                         first_audio.append(time.perf_counter())
                     if event["type"] == "response.done":
@@ -211,7 +214,14 @@ async def realtime_turns(url: str, turns: int) -> list[float]:
             await reader
             if first_audio:
                 out.append(first_audio[0] - end_of_speech)
+                STAGES.append({kind: seen[kind] - end_of_speech for kind in STAGE_EVENTS if kind in seen})
     return out
+
+
+STAGE_EVENTS = ("input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+                "conversation.item.input_audio_transcription.completed", "response.created",
+                "response.audio_transcript.delta", "response.audio.delta", "response.done")
+STAGES: list[dict[str, float]] = []  # per Realtime turn: seconds from the end of speech to each event
 
 
 def realtime_concurrent(url: str, sessions: int, turns: int) -> list[float]:
@@ -224,35 +234,51 @@ def realtime_concurrent(url: str, sessions: int, turns: int) -> list[float]:
 
 # --- in-process reference -------------------------------------------------------------------------------
 def in_process_reference(models_dir: Path, repeats: int) -> dict:
-    """One STT call on the utterance, the LLM's whole reply (MAX_TOKENS, an upper bound on its first
-    sentence), one TTS call on a sentence: the tiny models loaded in this process, no Serve."""
+    """What a turn needs at the least, on the same tiny models loaded in this process, no Serve: one STT
+    call on the utterance, the LLM (the round trip's LoRA model) until the first piece the server would
+    speak (its SentenceStream, ingress.voice_first_piece_chars), one TTS call on that piece."""
     import torch
 
     from deployments import synthesis, transcription
+    from deployments.options import IngressOptions
     from deployments.params import SpeechParams, TranscribeParams
+    from deployments.text_split import SentenceStream
     from loading import ModelSpec, load_model
 
     torch.set_num_threads(2)
     stt = ModelSpec(name="w", source=str(models_dir / "tiny-whisper"), max_new_tokens=32)
-    llm = ModelSpec(name="l", source=str(models_dir / "tiny-llm"), max_new_tokens=64)
+    llm = ModelSpec(name="l", source=str(models_dir / LLM), base_model=str(models_dir / "tiny-llm"),
+                    max_new_tokens=64)
     tts = ModelSpec(name="t", source=str(models_dir / "tiny-vits"))
     w, lm, t = load_model(stt), load_model(llm), load_model(tts)
     samples, rate = sf.read(SPEECH, dtype="float32")
     utterance = samples[:int(1.05 * rate)]
+    first_chars = IngressOptions().voice_first_piece_chars
     times: dict[str, list[float]] = {"stt": [], "llm": [], "tts": []}
     for _ in range(repeats):
         started = time.perf_counter()
         text = transcription.transcribe_batch(stt, w, [TranscribeParams(model="w", audio=utterance, sample_rate=rate,
                                                                           language="en")])[0].text
         times["stt"].append(time.perf_counter() - started)
-        started = time.perf_counter()
         inputs = lm.tokenizer.apply_chat_template([{"role": "user", "content": text or "(silence)"}],
                                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.inference_mode():
-            lm.model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+            reply = lm.model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)[0]
+        new = reply[inputs["input_ids"].shape[-1]:]
+        splitter, said, needed, piece = SentenceStream(first_chars=first_chars), "", len(new), None
+        for k in range(1, len(new) + 1):  # the tokens the server waits for before it can speak
+            decoded = lm.tokenizer.decode(new[:k], skip_special_tokens=True)
+            pieces, said = splitter.feed(decoded[len(said):]), decoded
+            if pieces:
+                needed, piece = k, pieces[0]
+                break
+        piece = piece or splitter.flush() or ONE_SENTENCE
+        started = time.perf_counter()
+        with torch.inference_mode():
+            lm.model.generate(**inputs, max_new_tokens=max(1, needed), do_sample=False)
         times["llm"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        synthesis.synthesize(tts, t, SpeechParams(model="t", text=ONE_SENTENCE))
+        synthesis.synthesize(tts, t, SpeechParams(model="t", text=piece))
         times["tts"].append(time.perf_counter() - started)
     out = {k: round(1000 * statistics.median(v), 1) for k, v in times.items()}
     out["sum"] = round(sum(out.values()), 1)
@@ -261,28 +287,33 @@ def in_process_reference(models_dir: Path, repeats: int) -> dict:
 
 # --- report -------------------------------------------------------------------------------------------------
 def markdown(result: dict) -> str:
-    s, tr, rt, ref = result["speech"], result["transcription"], result["round_trip"], result["reference_ms"]
+    s, tr = result.get("speech") or {}, result.get("transcription") or {}
+    rt, ref = result["round_trip"], result["reference_ms"]
     lines = [
         "# Voice latency", "",
         f"`python -m bench.voice` on {result['machine']}, {result['date']}; the shipped demo (`serve run "
         "serve_config.yaml`, one replica per family) over loopback. Tiny random-weight models: these are the "
         "serving path's figures (Serve, streaming, batching, VAD), not a real model's compute. The machine was "
         f"shared (load average {result['load_before']} before, {result['load_after']} after): absolute times "
-        "carry that load; the ratios are the point.", "",
-        "## Speech: time to the first audio byte", "",
-        "| input | streamed (pcm) first byte p50 / p99 | streamed total p50 | unstreamed (flac) total p50 | "
-        "first byte / unstreamed total |", "|---|---|---|---|---|"]
-    for label, row in s.items():
-        ratio = row["streamed_first_byte"]["p50_ms"] / row["unstreamed_total"]["p50_ms"]
-        lines.append(f"| {label} | {row['streamed_first_byte']['p50_ms']} / {row['streamed_first_byte']['p99_ms']} ms "
-                     f"| {row['streamed_total']['p50_ms']} ms | {row['unstreamed_total']['p50_ms']} ms | {ratio:.2f} |")
-    lines += ["", "Target: the first audio of a streamed multi-sentence speech within 1/3 of the unstreamed total.", "",
-              "## Transcription: time to the first text", "",
-              "| audio | first `transcript.text.delta` p50 / p99 | streamed total p50 | plain total p50 |",
-              "|---|---|---|---|"]
-    for label, row in tr.items():
-        lines.append(f"| {label} | {row['first_delta']['p50_ms']} / {row['first_delta']['p99_ms']} ms | "
-                     f"{row['streamed_total']['p50_ms']} ms | {row['plain_total']['p50_ms']} ms |")
+        "carry that load; the ratios are the point.", ""]
+    if s:
+        lines += ["## Speech: time to the first audio byte", "",
+                  "| input | streamed (pcm) first byte p50 / p99 | streamed total p50 | unstreamed (flac) total p50 | "
+                  "first byte / unstreamed total |", "|---|---|---|---|---|"]
+        for label, row in s.items():
+            ratio = row["streamed_first_byte"]["p50_ms"] / row["unstreamed_total"]["p50_ms"]
+            lines.append(f"| {label} | {row['streamed_first_byte']['p50_ms']} / "
+                         f"{row['streamed_first_byte']['p99_ms']} ms | {row['streamed_total']['p50_ms']} ms | "
+                         f"{row['unstreamed_total']['p50_ms']} ms | {ratio:.2f} |")
+        lines += ["", "Target: the first audio of a streamed multi-sentence speech within 1/3 of the unstreamed "
+                  "total.", ""]
+    if tr:
+        lines += ["## Transcription: time to the first text", "",
+                  "| audio | first `transcript.text.delta` p50 / p99 | streamed total p50 | plain total p50 |",
+                  "|---|---|---|---|"]
+        for label, row in tr.items():
+            lines.append(f"| {label} | {row['first_delta']['p50_ms']} / {row['first_delta']['p99_ms']} ms | "
+                         f"{row['streamed_total']['p50_ms']} ms | {row['plain_total']['p50_ms']} ms |")
     lines += ["", "## Voice round trip and Realtime turn: end of speech to first audio byte", "",
               "| path | sessions | turns | p50 | p99 |", "|---|---|---|---|---|"]
     for key, row in rt.items():
@@ -294,13 +325,18 @@ def markdown(result: dict) -> str:
               "speech append to the first `response.audio.delta`, which includes the server VAD's 500 ms "
               "`silence_duration_ms` wait before the turn is committed.", "",
               f"In-process reference (same tiny models, no Serve, median of {result['repeats']}): STT "
-              f"{ref['stt']} ms + LLM reply of {MAX_TOKENS} tokens {ref['llm']} ms + one TTS sentence {ref['tts']} ms "
+              f"{ref['stt']} ms + LLM until the first piece it would speak {ref['llm']} ms + that piece's TTS "
+              f"{ref['tts']} ms "
               f"= {ref['sum']} ms. Target: a Realtime turn's first audio within 1.5x of it "
               f"({1.5 * ref['sum']:.0f} ms) plus the VAD's 500 ms silence wait.", ""]
     rt1 = rt.get("Realtime turn x1")
     if rt1:
         lines.append(f"Realtime at 1 session, less the 500 ms VAD wait: p50 {rt1['p50_ms'] - 500:.0f} ms = "
                      f"{(rt1['p50_ms'] - 500) / ref['sum']:.2f}x the in-process sum.")
+    for sessions, stages in (result.get("realtime_stages") or {}).items():
+        lines += ["", f"Where a Realtime turn's time goes ({sessions} session(s); p50 of each event's time after the "
+                  "last speech append):", "", "| event | ms |", "|---|---|"]
+        lines += [f"| `{kind}` | {ms} |" for kind, ms in stages.items()]
     lines += ["", "Raw figures: `bench/runs/voice.json`.", ""]
     return "\n".join(lines)
 
@@ -310,6 +346,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--turns", type=int, default=6, help="turns per session for the round trip and Realtime")
     parser.add_argument("--out", type=Path, default=HERE / "VOICE.md")
+    parser.add_argument("--voice-only", action="store_true",
+                        help="only the round trip and Realtime turns (and the in-process reference)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     result: dict = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "repeats": args.repeats,
@@ -325,10 +363,11 @@ def main(argv=None) -> int:
             speech_first_byte(url, ONE_SENTENCE, "pcm")
             plain_transcription(url, speech_file(2.0))
             round_trip(url, speech_file(1.05))
-            log.info("speech")
-            result["speech"] = measure_speech(url, args.repeats)
-            log.info("transcription")
-            result["transcription"] = measure_transcription(url, max(2, args.repeats // 2))
+            if not args.voice_only:
+                log.info("speech")
+                result["speech"] = measure_speech(url, args.repeats)
+                log.info("transcription")
+                result["transcription"] = measure_transcription(url, max(2, args.repeats // 2))
             utterance = speech_file(1.05)
             result["round_trip"] = {}
             for sessions in (1, 8):
@@ -337,8 +376,12 @@ def main(argv=None) -> int:
                     concurrent(lambda: round_trip(url, utterance), sessions, args.turns))
             for sessions in (1, 8):
                 log.info("realtime x%d", sessions)
+                STAGES.clear()
                 result["round_trip"][f"Realtime turn x{sessions}"] = summary(
                     realtime_concurrent(url, sessions, args.turns))
+                result.setdefault("realtime_stages", {})[f"x{sessions}"] = {
+                    kind: round(1000 * statistics.median([s[kind] for s in STAGES if kind in s]), 1)
+                    for kind in STAGE_EVENTS if any(kind in s for s in STAGES)}
         finally:
             live_server.stop(server)
         log.info("in-process reference")
