@@ -17,7 +17,7 @@ def chat_only_args(models_dir) -> dict:
     return args
 
 
-def start_chat_app(serve_url: str, models_dir, name: str = "modelfleet") -> App:
-    app = run_app(serve_url, name, chat_only_args(models_dir))
+def start_chat_app(serve_url: str, models_dir, name: str) -> App:
+    app = run_app(serve_url, name, chat_only_args(models_dir), session_app=True)
     app.wait_for(lambda h: h["status"] == "ok", timeout=120)
     return app

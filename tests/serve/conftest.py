@@ -86,10 +86,23 @@ def demo_app(serve_url, models_dir):
     # One LLM replica, so that /health's batching counters see every request (autoscaling is
     # tested on its own in tests/cluster).
     args["families"]["llm"]["autoscaling"] = None
-    app = run_app(serve_url, "modelfleet", args)
+    app = run_app(serve_url, "modelfleet", args, session_app=True)
     app.wait_for(lambda h: h["status"] == "ok", timeout=120)
     yield app
     serve.delete("modelfleet")
+
+
+@pytest.fixture(scope="session")
+def chat_app(serve_url, models_dir):
+    """The demo's chat models alone (LLM, VLM, their adapters) under /chat: one app for the chat-feature
+    modules (test_chat_surface, test_structured, test_tools). Its own name: deploying under the demo's
+    name replaced the session's demo app, and every later module using it got 404s."""
+    from ray import serve
+
+    from chat_apps import start_chat_app
+
+    yield start_chat_app(serve_url, models_dir, name="chat")
+    serve.delete("chat")
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +119,7 @@ def keyed_demo_app(serve_url, models_dir, tmp_path_factory):
     args["auth"] = {"api_keys_file": str(key_file), "required": True}
     for options in args["families"].values():
         options["autoscaling"] = None
-    app = run_app(serve_url, "playground", args)
+    app = run_app(serve_url, "playground", args, session_app=True)
     deadline = time.monotonic() + 120
     headers = {"Authorization": f"Bearer {DEMO_KEY}"}
     while (health := requests.get(app.url + "/health", headers=headers, timeout=10).json())["status"] != "ok":

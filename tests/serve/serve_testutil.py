@@ -16,6 +16,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_KEY = "demo-key-0123456789abcdef"  # the API key of conftest's keyed_demo_app
+SESSION_APPS = ("modelfleet", "playground", "chat")  # names of conftest's session-wide apps
 
 
 def free_port() -> int:
@@ -62,13 +63,17 @@ class App:
         raise AssertionError(f"health never matched within {timeout} s; last: {last}")
 
 
-def run_app(serve_url: str, name: str, args: dict, *, blocking: bool = True) -> App:
+def run_app(serve_url: str, name: str, args: dict, *, blocking: bool = True, session_app: bool = False) -> App:
     """Deploy the builder's application. Non-blocking for apps whose replicas may never be ready
     (serve.run waits for RUNNING): then it deploys in a thread and returns once HTTP answers."""
     from ray import serve
 
     from deployments.builder import build_app
 
+    # conftest's session-wide apps own these names: a module deploying under one of them would replace
+    # that app for every later module, and delete it at its teardown (CI: 21 failures of 404)
+    assert session_app or name not in SESSION_APPS, \
+        f"app name {name!r} belongs to a session-wide fixture in conftest: use that fixture or another name"
     app = build_app(args)
     if blocking:
         serve.run(app, name=name, route_prefix=f"/{name}" if name != "modelfleet" else "/")

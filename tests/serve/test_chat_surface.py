@@ -11,17 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from chat_apps import start_chat_app
 
 ASK = [{"role": "user", "content": "Tell me a story"}]
 
 
 @pytest.fixture(scope="module")
-def app(serve_url, models_dir):
-    from ray import serve
-
-    yield start_chat_app(serve_url, models_dir)
-    serve.delete("modelfleet")
+def app(chat_app):
+    return chat_app
 
 
 def test_logprobs_are_the_models_own_and_greedy_takes_the_top_one(app):

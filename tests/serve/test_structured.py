@@ -14,16 +14,12 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from chat_apps import start_chat_app
 from serve_testutil import png_data_uri
 
 
 @pytest.fixture(scope="module")
-def app(serve_url, models_dir):
-    from ray import serve
-
-    yield start_chat_app(serve_url, models_dir)
-    serve.delete("modelfleet")
+def app(chat_app):
+    return chat_app
 
 
 def strict(name: str, schema: dict) -> dict:

@@ -11,15 +11,11 @@ import jsonschema
 import openai
 import pytest
 
-from chat_apps import start_chat_app
 
 
 @pytest.fixture(scope="module")
-def app(serve_url, models_dir):
-    from ray import serve
-
-    yield start_chat_app(serve_url, models_dir)
-    serve.delete("modelfleet")
+def app(chat_app):
+    return chat_app
 
 
 # Small: the tiny Llama's context is 512 tokens and its tokenizer spells JSON nearly byte by byte.
