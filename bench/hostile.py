@@ -766,7 +766,7 @@ def markdown(result: dict, json_path: Path) -> str:
               f"({'unchanged' if result.get('pids_before') == result.get('pids_after') else '**CHANGED**'}).",
               "- Memory gates (/health, each family's `memory_budget_mb` and the highest sum of admission "
               "estimates it admitted at once, MiB): " + ", ".join(
-                  f"{family} {gate['peak_mb']:,.1f} of {gate['budget_mb']:,.0f}"
+                  f"{family} {gate['peak_mb']:,.1f} of {gate['budget_mb'] or 0:,.0f}"
                   for family, gate in sorted(result.get("memory_gates", {}).get("after_c", {}).items())) + ".",
               "- Problems: " + ("none" if not problems else ""), ""]
     lines += [f"  - {p}" for p in problems]

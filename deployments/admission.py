@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from .errors import RequestTooLargeError
 
 MB = 2**20
+MIN_SIZED_BUDGET = 256 * MB  # a budget sized from free memory never goes below this
 FLOAT_BYTES = 4  # activations are float32 on CPU; on GPU half of this, so the estimate errs high
 
 
@@ -83,22 +87,77 @@ def speech_request_bytes(config: Any, chars: int) -> int:
     return samples * FLOAT_BYTES * (2 + channels // 8)
 
 
-class MemoryGate:
-    """Admits requests while their estimates fit the budget together; others wait in arrival order."""
+def free_memory() -> tuple[int, str]:
+    """Bytes free for working memory where this replica computes, and where: its GPU (cuda:0, the one
+    Ray gives it) when torch sees one, else the node's available RAM, narrowed by the container's
+    cgroup limit when there is one (MemAvailable counts the host's memory, not the pod's)."""
+    torch = sys.modules.get("torch")  # imported by the first model load; never imported here for this
+    if torch is not None and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(0)
+        return int(free), "cuda:0"
+    available = _meminfo_available()
+    where = "RAM"
+    limit = _cgroup_room()
+    if limit is not None and limit < available:
+        available, where = limit, "the container's memory limit"
+    return available, where
 
-    def __init__(self, budget_bytes: int, name: str = "memory_budget_mb"):
-        self.budget = int(budget_bytes)
+
+def _meminfo_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cgroup_room() -> int | None:
+    """cgroup v2 memory.max - memory.current, or None when unlimited or unknown."""
+    root = Path("/sys/fs/cgroup")
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((root / "memory.current").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+class MemoryGate:
+    """Admits requests while their estimates fit the budget together; others wait in arrival order.
+
+    `budget_bytes=None` sizes the budget from free memory (`free_memory`) at the first request, when
+    the replica's models are loading or loaded: `fraction` of what is free then, at least 256 MiB.
+    """
+
+    def __init__(self, budget_bytes: int | None, name: str = "memory_budget_mb", fraction: float = 0.25,
+                 measure: Callable[[], tuple[int, str]] = free_memory):
+        self._budget = None if budget_bytes is None else int(budget_bytes)
+        self.sized_from = "configured" if budget_bytes is not None else None
+        self.fraction = fraction
+        self._measure = measure
         self.name = name
         self.in_use = 0
         self.peak = 0
         self._turn = asyncio.Condition()
+
+    @property
+    def budget(self) -> int:
+        if self._budget is None:
+            free, where = self._measure()
+            self._budget = max(MIN_SIZED_BUDGET, int(free * self.fraction))
+            self.sized_from = f"{self.fraction:g} x {free / MB:,.0f} MiB free in {where} at the first request"
+        return self._budget
 
     def check(self, need: int, what: str, param: str | None = None) -> None:
         """Refuse at once (413) what could never fit, naming the budget and the estimate."""
         if need > self.budget:
             raise RequestTooLargeError(
                 f"{what} needs an estimated {need / MB:,.0f} MiB of working memory, more than this replica's "
-                f"{self.name}={self.budget / MB:,.0f} MiB; send less (or raise {self.name} for this family)",
+                f"{self.name}={self.budget / MB:,.0f} MiB{self._how_sized()}; send less (or raise {self.name} "
+                "for this family)",
                 param=param, code="request_too_large",
             )
 
@@ -116,6 +175,11 @@ class MemoryGate:
                 self.in_use -= need
                 self._turn.notify_all()
 
-    def status(self) -> dict[str, float]:
-        return {"budget_mb": round(self.budget / MB, 1), "in_use_mb": round(self.in_use / MB, 1),
-                "peak_mb": round(self.peak / MB, 1)}
+    def _how_sized(self) -> str:
+        return "" if self.sized_from in (None, "configured") else f" (sized from free memory: {self.sized_from})"
+
+    def status(self) -> dict[str, Any]:
+        """For /health; does not size an unsized budget (that waits for the first request)."""
+        budget = None if self._budget is None else round(self._budget / MB, 1)
+        return {"budget_mb": budget, "sized_from": self.sized_from or "free memory, at the first request",
+                "in_use_mb": round(self.in_use / MB, 1), "peak_mb": round(self.peak / MB, 1)}

@@ -37,7 +37,8 @@ class FamilyServer:
         self.options = options
         self.torch_threads = use_threads(options)  # before the pool: its loads import torch
         self.pool = ModelPool(list(specs), options.max_loaded_models, self.torch_threads)
-        self.memory = MemoryGate(int(options.memory_budget_mb * MB))
+        budget = None if options.memory_budget_mb is None else int(options.memory_budget_mb * MB)
+        self.memory = MemoryGate(budget, fraction=options.memory_budget_fraction)
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         # adapters and models added at run time by the admin routes (runtime_catalog.py)
         self.runtime = ReplicaCatalog(self.pool, specs[0].family if specs else None, self._infer)

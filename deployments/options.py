@@ -54,10 +54,18 @@ class FamilyOptions(BaseModel):
             "Ray alone would set OMP_NUM_THREADS=1 for them: one core of many."
         ),
     )
-    memory_budget_mb: float = Field(
-        default=4096, gt=0, description=(
+    memory_budget_mb: float | None = Field(
+        default=None, gt=0, description=(
             "Working memory (beyond the weights) the requests one replica runs at once may need, by the estimate in "
-            "deployments/admission.py. A request needing more alone is refused (413); others wait their turn."
+            "deployments/admission.py (for chat: KV cache, prefill, logits, images). A request needing more alone "
+            "is refused (413); others wait their turn. None: memory_budget_fraction of the memory free at the "
+            "replica's first request (its GPU's, else the node's RAM within the container's limit), at least 256 MiB."
+        ),
+    )
+    memory_budget_fraction: float = Field(
+        default=0.25, gt=0, le=0.9, description=(
+            "With memory_budget_mb: null, the share of free memory one replica's requests may use. Replicas on one "
+            "node each take their share of what is free when they start: lower it when many share a node."
         ),
     )
 

@@ -95,3 +95,38 @@ def test_long_audio_in_sub_batches_gives_the_same_transcript(tmp_path):
     assert [len(r.segments) for r in whole] == [4, 2]
     assert [r.text for r in pieces] == [r.text for r in whole]
     assert [[s.start for s in r.segments] for r in pieces] == [[0.0, 30.0, 60.0, 90.0], [0.0, 30.0]]
+
+
+def test_a_budget_left_unset_is_sized_from_free_memory_at_the_first_request():
+    measured = []
+
+    def measure():
+        measured.append(1)
+        return 8000 * MB, "RAM"
+
+    gate = MemoryGate(None, fraction=0.25, measure=measure)
+    assert gate.status()["budget_mb"] is None and not measured  # /health does not size it
+    with pytest.raises(RequestTooLargeError) as info:
+        gate.check(3000 * MB, "this chat request", param="messages")
+    assert gate.budget == 2000 * MB and len(measured) == 1  # sized once
+    message = to_error(info.value)[1].error.message
+    assert "memory_budget_mb=2,000 MiB" in message and "0.25 x 8,000 MiB free in RAM" in message
+    assert gate.status()["budget_mb"] == 2000 and "8,000 MiB free" in gate.status()["sized_from"]
+
+
+def test_a_sized_budget_has_a_floor_and_free_memory_is_measured_here():
+    from deployments.admission import MIN_SIZED_BUDGET, free_memory
+
+    assert MemoryGate(None, measure=lambda: (10 * MB, "RAM")).budget == MIN_SIZED_BUDGET
+    free, where = free_memory()  # this machine: no GPU, so RAM (or the container's limit)
+    assert 0 < free < 2**50 and where in ("RAM", "the container's memory limit")
+
+
+def test_the_family_option_defaults_to_sized_and_refuses_a_bad_fraction():
+    from pydantic import ValidationError
+
+    from deployments.options import ChatOptions
+
+    assert ChatOptions().memory_budget_mb is None and ChatOptions().memory_budget_fraction == 0.25
+    with pytest.raises(ValidationError, match="memory_budget_fraction"):
+        ChatOptions(memory_budget_fraction=1.5)

@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-
 ASK = [{"role": "user", "content": "Tell me a story"}]
 
 

@@ -12,7 +12,6 @@ import openai
 import pytest
 
 
-
 @pytest.fixture(scope="module")
 def app(chat_app):
     return chat_app
