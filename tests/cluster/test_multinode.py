@@ -243,6 +243,9 @@ def test_one_replica_per_gpu_across_worker_nodes_each_seeing_one_device(fleet):
             assert devices is not None and len(devices.split(",")) == 1, view
             assert view["device"] == "cpu"
             assert view["device_reason"] == f"no CUDA device visible (CUDA_VISIBLE_DEVICES={devices!r})"
+        # /health reads serve.status() (cached 1 s), which can trail the replicas' own state by a moment
+        wait(lambda: requests.get(url + "/health", timeout=30).json()["models"]["tiny-llm"]["deployment"]["replicas"]
+             == {"RUNNING": GPU_WORKERS}, 30, "/health to show both replicas RUNNING")
         health = requests.get(url + "/health", timeout=30).json()
         model = health["models"]["tiny-llm"]
         assert health["status"] == "ok" and "notes" not in health, health
