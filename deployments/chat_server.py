@@ -243,16 +243,32 @@ class ChatServer(FamilyServer):
                 text, echoed = self._echo(loaded, params)
                 yield {"delta": text, "logprobs": echoed or None}
             try:
-                while (piece := await deltas.get()) is not _END:
-                    if params.first_token_at is None:  # generate()'s path: its first delta is the first token
+                ended = False
+                while not ended:
+                    # Everything queued while the last chunk was on its way goes as one chunk: each chunk
+                    # is a Ray streaming-object hop to the ingress (~ms of CPU on both sides), which one per
+                    # token made the consumer fall behind the decode loop (the voice round trip's first
+                    # piece waited on it).
+                    pieces = [await deltas.get()]
+                    while not deltas.empty():
+                        pieces.append(deltas.get_nowait())
+                    if pieces[-1] is _END:  # put after every delta: it is always the last
+                        pieces.pop()
+                        ended = True
+                    if pieces and params.first_token_at is None:  # generate()'s path: the first token
                         params.first_token_at = time.monotonic()
                         if params.running is not None:
                             params.running()
-                    if not isinstance(piece, str):
-                        entries.append(piece)
+                    text = ""
+                    for piece in pieces:
+                        if isinstance(piece, str):
+                            text += piece
+                        else:
+                            entries.append(piece)
+                    if not text:
                         continue
-                    sent += piece
-                    for item in _stream_items(piece, entries, calls, loaded.tokenizer):
+                    sent += text
+                    for item in _stream_items(text, entries, calls, loaded.tokenizer):
                         yield item
                     entries = []
                 result: ChatResult = raise_if_error(done.result())
