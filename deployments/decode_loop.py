@@ -100,10 +100,13 @@ class Group:
     def forward(self, inputs: dict[str, torch.Tensor], cache: DynamicCache, rows: list[Row],
                 one_adapter: bool = False) -> torch.Tensor:
         """One forward of `rows`: each with its own adapter (PEFT's `adapter_names`), or, with
-        `one_adapter`, all with the first row's adapter switched on (the rows share it)."""
+        `one_adapter` or when they all use one, with that adapter switched on: PEFT's per-row path
+        costs ~35% more per step on the tiny LoRA model (bench/VOICE_TURNS.md), and a lone
+        conversation is the common case."""
         model = self.loaded.model
         kwargs: dict[str, Any] = {self.cache_argument(): cache}
         peft = hasattr(model, "peft_config")
+        one_adapter = one_adapter or len({row.adapter for row in rows}) == 1
         with self.loaded.lock, torch.inference_mode():
             if peft and one_adapter:
                 with replace(self.loaded, adapter_name=rows[0].adapter).active():

@@ -67,7 +67,10 @@ class LoadedModel:
         """
         with self.lock:
             if self.adapter_name is not None:
-                self.model.set_adapter(self.adapter_name)
+                # set_adapter walks every module: skip it when the adapter is on already (a decode
+                # step of one conversation would pay it per token)
+                if getattr(self.model, "active_adapter", None) != self.adapter_name:
+                    self.model.set_adapter(self.adapter_name)
                 yield self.model
             elif hasattr(self.model, "disable_adapter"):
                 with self.model.disable_adapter():
