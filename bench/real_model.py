@@ -2,7 +2,9 @@
 
 The demo's real chat model (SmolLM2-135M-Instruct, converted once from its GGUF file into
 bench/runs/models) served by ours, the hand-written lock server and `transformers serve
---continuous-batching`, each alone on the machine, at 1 and 16 clients; greedy, max_tokens=16.
+--continuous-batching`, each alone on the machine, at 1, 16 and 64 clients and 16 streaming clients (time to
+first token); greedy, max_tokens=16; the peak RSS of each server's whole process tree (ours: `serve run`
+and the Ray cluster it starts) during each level.
 `python -m bench --model-size smollm2-135m` measures the same and more (STT/TTS, cold start, every
 peer) in ~26 min. Writes bench/runs/real-rerun.json and prints the rows.
 """
@@ -11,12 +13,57 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+
+import psutil
 
 from . import models, servers, throughput
 
 HERE = Path(__file__).resolve().parent
-CONCURRENCY, MAX_TOKENS, REQUESTS_PER_CLIENT, MIN_REQUESTS = [1, 16], 16, 6, 30
+CONCURRENCY, MAX_TOKENS, REQUESTS_PER_CLIENT, MIN_REQUESTS = [1, 16, 64], 16, 6, 30
+STREAM_CONCURRENCY = 16
+
+
+@contextmanager
+def peak_rss(pid: int):
+    """Samples the summed RSS of `pid` and its descendants every 0.25 s; yields a dict whose "mb" is the peak."""
+    out, stop = {"mb": 0.0}, threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            try:
+                root = psutil.Process(pid)
+                total = 0
+                for proc in [root, *root.children(recursive=True)]:
+                    try:
+                        total += proc.memory_info().rss
+                    except psutil.Error:
+                        pass
+                out["mb"] = max(out["mb"], total / 2**20)
+            except psutil.Error:
+                pass
+            stop.wait(0.25)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+
+
+def sweep(server, model: str) -> list[dict]:
+    """Each level (plain, then streamed; llm_sweep warms each up) with the server's peak RSS while it ran."""
+    rows = []
+    for clients, stream in [*((c, False) for c in CONCURRENCY), (STREAM_CONCURRENCY, True)]:
+        with peak_rss(server.process.pid) as rss:
+            row = throughput.llm_sweep(server.url, model, [clients], MAX_TOKENS, REQUESTS_PER_CLIENT, MIN_REQUESTS,
+                                       stream=stream)[0]
+        rows.append({**row, "stream": stream, "peak_rss_mb": round(rss["mb"])})
+    return rows
 
 
 def main() -> int:
@@ -24,27 +71,27 @@ def main() -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     dirs = models.model_dirs(HERE / "runs" / "models", "smollm2-135m")
     out: dict = {"conversion": dict(models.CONVERSION), "load_average": {}}
-    sweep = (CONCURRENCY, MAX_TOKENS, REQUESTS_PER_CLIENT, MIN_REQUESTS)
 
     out["load_average"]["ours"] = round(os.getloadavg()[0], 2)
     config = servers.bench_serve_config(8300, HERE / "runs" / "models", dirs["llm"], device="auto")
     with servers.serve_run(config, run_dir, "default", {}) as server:
         out["ours_cold_start"] = {k: v for k, v in server.timings.items() if k != "health"}
         out["ours_load_seconds"] = server.timings["health"]["models"]["tiny-llm"].get("load_seconds")
-        out["ours"] = throughput.llm_sweep(server.url, "tiny-llm", *sweep)
+        out["ours"] = sweep(server, "tiny-llm")
     out["load_average"]["lock"] = round(os.getloadavg()[0], 2)
     with servers.lock_server("llm", dirs["llm"], 8311, run_dir) as server:
-        out["lock"] = throughput.llm_sweep(server.url, "tiny-llm", *sweep)
+        out["lock"] = sweep(server, "tiny-llm")
     out["load_average"]["tf_cb"] = round(os.getloadavg()[0], 2)
     with servers.transformers_serve(dirs["llm"], 8321, run_dir, True) as server:
-        out["tf_cb"] = throughput.llm_sweep(server.url, str(dirs["llm"]), *sweep)
+        out["tf_cb"] = sweep(server, str(dirs["llm"]))
     out["load_average"]["end"] = round(os.getloadavg()[0], 2)
     (HERE / "runs" / "real-rerun.json").write_text(json.dumps(out, indent=1, default=str))
     for name in ("ours", "lock", "tf_cb"):
         for row in out[name]:
-            print(f"{name:6s} clients {row['concurrency']:3d}  {row['rps']:.2f} req/s  "
-                  f"{row['tokens_per_s']:.1f} tok/s  p50 {row['p50_ms']:.0f} ms  p99 {row['p99_ms']:.0f} ms  "
-                  f"errors {row['errors']}")
+            print(f"{name:6s} clients {row['concurrency']:3d}{' stream' if row['stream'] else '       '}  "
+                  f"{row['rps']:.2f} req/s  {row['tokens_per_s']:.1f} tok/s  p50 {row['p50_ms']:.0f} ms  "
+                  f"p99 {row['p99_ms']:.0f} ms  ttft p50 {row['ttft_p50_ms']} ms  errors {row['errors']}  "
+                  f"peak RSS {row['peak_rss_mb']} MB")
     print("load average", out["load_average"], "ours load_seconds", out["ours_load_seconds"])
     return 0
 
