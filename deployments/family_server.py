@@ -163,12 +163,15 @@ class FamilyServer:
     async def call(self, catalog: str, method: str, *args: Any) -> Any:
         """`method(*args)` after applying runtime additions up to the ingress's catalog token."""
         await self.runtime.sync(catalog, wait=method != "status")  # /health's short timeout: no attach wait
+        if method != "status":
+            await self.runtime.attached(args)
         with self.runtime.using(args):
             return await getattr(self, method)(*args)
 
     async def call_stream(self, catalog: str, method: str, *args: Any) -> AsyncIterator[Any]:
         """The streaming twin of `call`."""
         await self.runtime.sync(catalog)
+        await self.runtime.attached(args)
         with self.runtime.using(args):
             async with contextlib.aclosing(getattr(self, method)(*args)) as items:
                 async for item in items:
