@@ -13,56 +13,30 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
-import psutil
-
 from . import models, servers, throughput
+from .memory import Sampler
 
 HERE = Path(__file__).resolve().parent
 CONCURRENCY, MAX_TOKENS, REQUESTS_PER_CLIENT, MIN_REQUESTS = [1, 16, 64], 16, 6, 30
 STREAM_CONCURRENCY = 16
 
 
-@contextmanager
-def peak_rss(pid: int):
-    """Samples the summed RSS of `pid` and its descendants every 0.25 s; yields a dict whose "mb" is the peak."""
-    out, stop = {"mb": 0.0}, threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            try:
-                root = psutil.Process(pid)
-                total = 0
-                for proc in [root, *root.children(recursive=True)]:
-                    try:
-                        total += proc.memory_info().rss
-                    except psutil.Error:
-                        pass
-                out["mb"] = max(out["mb"], total / 2**20)
-            except psutil.Error:
-                pass
-            stop.wait(0.25)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        thread.join()
-
-
 def sweep(server, model: str) -> list[dict]:
     """Each level (plain, then streamed; llm_sweep warms each up) with the server's peak RSS while it ran."""
     rows = []
-    for clients, stream in [*((c, False) for c in CONCURRENCY), (STREAM_CONCURRENCY, True)]:
-        with peak_rss(server.process.pid) as rss:
+    sampler = Sampler({"server": server.process.pid}, interval=0.25)
+    sampler.start()
+    try:
+        for clients, stream in [*((c, False) for c in CONCURRENCY), (STREAM_CONCURRENCY, True)]:
+            phase = f"{clients}{' stream' if stream else ''}"
+            sampler.set_phase(phase)
             row = throughput.llm_sweep(server.url, model, [clients], MAX_TOKENS, REQUESTS_PER_CLIENT, MIN_REQUESTS,
                                        stream=stream)[0]
-        rows.append({**row, "stream": stream, "peak_rss_mb": round(rss["mb"])})
+            rows.append({**row, "stream": stream, "peak_rss_mb": round(sampler.peak_mb(phase, "server") or 0)})
+    finally:
+        sampler.stop()
     return rows
 
 
