@@ -337,14 +337,18 @@ class ReplicaCatalog:
         del handle
         gc.collect()
 
+    def _model_of(self, args: tuple) -> str | None:
+        """The pool name of the model a family call's first argument (its params) asks for."""
+        model = getattr(args[0], "model", None) if args else None
+        return self.pool.aliases.get(model, model) if isinstance(model, str) else None
+
     async def attached(self, args: tuple) -> None:
         """A request for a runtime adapter still attaching waits for it as the call that brought it does:
         the catalog may have been applied by a call that does not wait (/health's), and then no later
         request carries a newer token (one answered 503 'loading' while its adapter attached)."""
-        model = getattr(args[0], "model", None) if args else None
-        if not isinstance(model, str):
+        name = self._model_of(args)
+        if name is None:
             return
-        name: str = self.pool.aliases.get(model, model)
         record, handle = self.records.get(name), self.pool.handles.get(name)
         if record is not None and record.kind == "adapter" and handle is not None and handle.state is State.LOADING:
             await self._adapters_attached([name])
@@ -352,8 +356,7 @@ class ReplicaCatalog:
     @contextlib.contextmanager
     def using(self, args: tuple) -> Iterator[None]:
         """Count a request as in flight for its model while it runs (a removal waits for it)."""
-        model = getattr(args[0], "model", None) if args else None
-        name = self.pool.aliases.get(model, model) if isinstance(model, str) else None
+        name = self._model_of(args)
         if name is None:
             yield
             return
