@@ -6,6 +6,19 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export LOCAL_MODELS_DIR ?= $(CURDIR)/models
+# Ray Serve's process settings (serve.env: HAProxy in front of the ingress replica, user code on
+# the replica's event loop); `make serve RAY_SERVE_ENABLE_HA_PROXY=0` overrides one.
+include serve.env
+export $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' serve.env)
+# HAProxy's config and sockets private to this user instead of Ray's shared /tmp/haproxy-serve
+# (short: HAProxy refuses socket paths over 97 characters, and Ray adds a 56-character node id)
+HAPROXY_STATE := /tmp/modelfleet-haproxy-$(shell id -u)
+export RAY_SERVE_HAPROXY_CONFIG_FILE_LOC ?= $(HAPROXY_STATE)/haproxy.cfg
+export RAY_SERVE_HAPROXY_SOCKET_PATH ?= $(HAPROXY_STATE)/admin.sock
+export RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH ?= $(HAPROXY_STATE)/metrics.sock
+export RAY_SERVE_HAPROXY_SERVER_STATE_BASE ?= $(HAPROXY_STATE)
+export RAY_SERVE_HAPROXY_SERVER_STATE_FILE ?= $(HAPROXY_STATE)/server-state
+export RAY_SERVE_HAPROXY_BINARY_PATH ?= $(CURDIR)/$(VENV)/bin/modelfleet-haproxy
 
 .PHONY: install serve test lint doctor bench bench-smoke clean
 
@@ -23,6 +36,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 serve: install
+	mkdir -p $(HAPROXY_STATE) && chmod 700 $(HAPROXY_STATE)
 	$(VENV)/bin/serve run serve_config.yaml
 
 test: install

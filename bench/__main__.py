@@ -113,7 +113,7 @@ def run_ours(result: dict, setting: dict, dirs: dict, run_dir: Path, device: str
         section("ours, proxy mode %s: serve run", mode)
         entry = result["ours"].setdefault(mode, {"env": PROXY_MODES[mode]})
         config = servers.bench_serve_config(PORT_OURS, HERE / "runs" / "models", llm_dir, device=device)
-        with servers.serve_run(config, run_dir, mode, PROXY_MODES[mode]) as server:
+        with servers.serve_run(config, run_dir, mode, mode) as server:
             entry["cold_start"] = {k: v for k, v in server.timings.items() if k != "health"}
             entry["devices"] = {n: m.get("device") for n, m in server.timings["health"]["models"].items()}
             if "cold_start" in only and mode == setting["proxy_modes"][0]:
@@ -147,7 +147,7 @@ def run_ours(result: dict, setting: dict, dirs: dict, run_dir: Path, device: str
         section("ours, batching off (max_batch_size=1), proxy mode %s", mode)
         config = servers.bench_serve_config(PORT_NOBATCH, HERE / "runs" / "models", llm_dir, device=device,
                                             only_llm=True, max_batch_size=1)
-        with servers.serve_run(config, run_dir, f"{mode}-nobatch", PROXY_MODES[mode]) as server:
+        with servers.serve_run(config, run_dir, f"{mode}-nobatch", mode) as server:
             result["ours"][mode]["llm_nobatch"] = throughput.llm_sweep(
                 server.url, "tiny-llm", conc, mt, setting["requests_per_client"], setting["min_requests"])
 

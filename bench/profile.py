@@ -1,6 +1,6 @@
 """Where a chat request's time goes through `serve run`: CPU per request per process, and py-spy.
 
-    python -m bench.profile [--proxy-modes default,haproxy+throughput] [--clients 16] [--max-tokens 1] [--seconds 20]
+    python -m bench.profile [--proxy-modes proxy-actor,default] [--clients 16] [--max-tokens 1] [--seconds 20]
 
 Runs our app on the tiny LLM (one replica, autoscaling off), drives closed-loop chat load and,
 during the load, (1) reads each Serve/Ray process's CPU time from /proc before and after, giving
@@ -162,7 +162,7 @@ def py_spy_binary() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
-    p.add_argument("--proxy-modes", default="default,haproxy+throughput",
+    p.add_argument("--proxy-modes", default="proxy-actor,default",
                    help=f"comma-separated, from {', '.join(servers.PROXY_MODES)}")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=1)
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 def profile_mode(mode: str, args: argparse.Namespace, run_dir: Path, py_spy: str) -> dict:
     config = servers.bench_serve_config(PORT, HERE / "runs" / "models", None, only_llm=True)
     request = workloads.chat("tiny-llm", args.max_tokens)
-    with servers.serve_run(config, run_dir, f"profile-{mode}", servers.PROXY_MODES[mode]) as server:
+    with servers.serve_run(config, run_dir, f"profile-{mode}", mode) as server:
         run_load(server.url, lambda i: request, args.clients, args.clients * 20)  # warm-up
         procs = {pid: a for pid, a in session_processes(server.process.pid).items() if role_of(a)}
         log.info("%s: profiling %d processes for %.0f s under %d clients", mode, len(procs), args.seconds,

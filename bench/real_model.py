@@ -48,7 +48,7 @@ def main() -> int:
 
     out["load_average"]["ours"] = round(os.getloadavg()[0], 2)
     config = servers.bench_serve_config(8300, HERE / "runs" / "models", dirs["llm"], device="auto")
-    with servers.serve_run(config, run_dir, "default", {}) as server:
+    with servers.serve_run(config, run_dir, "default") as server:
         out["ours_cold_start"] = {k: v for k, v in server.timings.items() if k != "health"}
         out["ours_load_seconds"] = server.timings["health"]["models"]["tiny-llm"].get("load_seconds")
         out["ours"] = sweep(server, "tiny-llm")

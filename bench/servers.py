@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,20 +21,22 @@ from pathlib import Path
 import requests
 import yaml
 
+from deployments.serve_env import read_serve_env, serve_process_env
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
 
-# Serve knobs tried for the per-request overhead (environment of `serve run`).
+# Serve's request path (environment of `serve run`): what `make serve` runs, and Ray's own defaults.
+RAY_DEFAULTS = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
 PROXY_MODES: dict[str, dict[str, str]] = {
-    "default": {},
-    # Ray's bundled HAProxy in front of the ingress replica's own HTTP server (no proxy actor hop).
-    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
-    # Ray's "throughput optimized" bundle alone, on the default proxy actor.
-    "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    # HAProxy plus Ray's "throughput optimized" bundle: user code and router on the replica's main
-    # event loop (no cross-thread hand-offs), gRPC between replicas, buffered request logs.
-    "haproxy+throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    # serve.env: Ray's bundled HAProxy in front of the ingress replica's own HTTP server (no proxy
+    # actor hop), user code and router on the replicas' event loops, gRPC between replicas.
+    "default": read_serve_env(),
+    # Ray's defaults: the HTTP proxy actor, user code in a thread of its own (before 2026-12-04 the
+    # project's default; bench/RESULTS.md's older runs call it "default" and serve.env's settings
+    # "haproxy+throughput").
+    "proxy-actor": RAY_DEFAULTS,
 }
 
 
@@ -104,6 +107,12 @@ def bench_serve_config(port: int, models_dir: Path, llm_dir: Path | None, *, dev
     return config
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
 def _wait_http(url: str, process: subprocess.Popen, timeout_s: float, ok=lambda r: r.status_code == 200) -> float:
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
@@ -146,15 +155,18 @@ def _spawn(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
 
 
 @contextmanager
-def serve_run(config: dict, run_dir: Path, label: str, env_extra: dict[str, str] | None = None,
+def serve_run(config: dict, run_dir: Path, label: str, mode: str = "default",
               ready_timeout_s: float = 300.0) -> Iterator[Server]:
-    """`serve run` our app; timings: health_200_s (first 200 on /health), all_ready_s (status ok)."""
+    """`serve run` our app under PROXY_MODES[mode]; timings: health_200_s (first 200 on /health),
+    all_ready_s (status ok), stop_s (Ctrl-C to exit)."""
     port = config["http_options"]["port"]
     config_path = run_dir / f"serve_config.{label}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     tmp = Path(f"/tmp/mfbench-{port}")  # short: Ray's socket paths have a length limit
     tmp.mkdir(exist_ok=True)
-    env = base_env({"RAY_TMPDIR": str(tmp), **(env_extra or {})})
+    # HAProxy's files and ports of this instance's own (never a peer's or `make serve`'s)
+    haproxy = serve_process_env(tmp / "hap", stats_port=_free_port(), metrics_port=_free_port())
+    env = base_env({"RAY_TMPDIR": str(tmp), **haproxy, **PROXY_MODES[mode]})
     started = time.perf_counter()
     process = _spawn([str(VENV_BIN / "serve"), "run", str(config_path)], env, run_dir / f"serve.{label}.log")
     url = f"http://{HOST}:{port}"

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from serve_testutil import DEMO_KEY, demo_args, free_port, run_app
+from deployments.serve_env import serve_process_env
+
+from serve_testutil import DEMO_KEY, demo_args, free_port, run_app, short_state_dir
 
 # Must be set before Ray starts: token auth breaks local clients, and workers inherit these.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -51,11 +53,15 @@ def models_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def serve_url(models_dir):
+def serve_url(models_dir, tmp_path_factory):
     import ray
     from ray import serve
 
     port = free_port()
+    # the environment `make serve` runs under (serve.env: HAProxy, user code on the replicas' loops),
+    # with HAProxy's files and ports of this session's own; Ray's processes inherit it at init
+    os.environ.update(serve_process_env(short_state_dir(), stats_port=free_port(),
+                                        metrics_port=free_port()))
     # address="local": always a fresh cluster of our own, even if `ray start` left one running;
     # its metrics agent on a known port, which tests/serve/test_metrics.py scrapes as Prometheus would
     # 8 logical CPUs: the two session-wide demo apps and one module's app fit side by side (replicas

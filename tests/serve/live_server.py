@@ -17,7 +17,9 @@ from pathlib import Path
 import requests
 import yaml
 
-from serve_testutil import REPO, free_port
+from deployments.serve_env import serve_process_env
+
+from serve_testutil import REPO, free_port, short_state_dir
 
 
 class LiveServer:
@@ -58,7 +60,10 @@ def start(tmp: Path, models_dir: Path, args_overrides: dict | None = None, env: 
     log = tmp / "serve_run.log"
     environment = {**os.environ, "RAY_ADDRESS": "local",  # a cluster of its own, never the test session's
                    "LOCAL_MODELS_DIR": str(models_dir), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                   "PYTHONPATH": str(REPO), **(env or {})}
+                   "PYTHONPATH": str(REPO),
+                   # serve.env as `make serve` uses it, with HAProxy's files and ports of its own
+                   **serve_process_env(short_state_dir(), stats_port=free_port(), metrics_port=free_port()),
+                   **(env or {})}
     process = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(config)], cwd=REPO,
                                env=environment, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                start_new_session=True)

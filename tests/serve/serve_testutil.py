@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import base64
 import io
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +26,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def short_state_dir() -> Path:
+    """A private directory for one Ray instance's HAProxy files, removed when the tests end: under
+    /tmp, as HAProxy's socket paths must stay under 97 characters (a pytest tmp dir is too long)."""
+    path = Path(tempfile.mkdtemp(prefix="mf-hap-", dir="/tmp"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def demo_args() -> dict:

