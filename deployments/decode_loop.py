@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from loading import LANGUAGE_MODEL, LoadedModel, ModelSpec, adapted_parts
+from loading import LANGUAGE_MODEL, LoadedModel, ModelSpec, adapted_parts, adapter_layers
 
 from .generation import PADDED_KEYS, RowStream, collate, cut_at_stop, end_token_ids
 from .params import ChatParams, ChatResult
@@ -113,6 +113,7 @@ class Group:
                     out = model(**inputs, use_cache=True, logits_to_keep=1, **kwargs)
                 return out.logits[:, -1, :].float()
             if peft:
+                adapter_layers(model, enabled=True)  # a base-only step may have left them off
                 kwargs["adapter_names"] = [row.adapter or BASE_ADAPTER for row in rows]
             try:
                 out = model(**inputs, use_cache=True, logits_to_keep=1, **kwargs)

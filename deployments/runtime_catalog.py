@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loading import ModelSpec, State
+from loading import ModelSpec, State, adapter_layers
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +383,7 @@ def delete_adapters(base: Any, names: set[str]) -> None:
     model = base.model
     config = getattr(model, "peft_config", None) or {}
     with base.lock:
+        adapter_layers(model, enabled=True)  # a base call may have left them off
         for name in sorted(names):
             if name not in config:
                 names.discard(name)

@@ -19,7 +19,7 @@ _EXPORTS = {
     "handle": ["ModelHandle", "State"],
     "inspect_model": ["detect_family"],
     "loader": ["attach_adapter", "load_model"],
-    "report": ["LoadReport", "LoadedModel"],
+    "report": ["LoadReport", "LoadedModel", "adapter_layers"],
     "runtime_sources": ["AdapterCheck", "ModelCheck", "RuntimeSourceError", "locate_adapter", "locate_model"],
     "adapters": ["LANGUAGE_MODEL", "adapted_parts"],
     "settings": ["Settings"],
@@ -52,6 +52,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager view of the same name
     from .handle import ModelHandle, State
     from .inspect_model import detect_family
     from .loader import attach_adapter, load_model
-    from .report import LoadedModel, LoadReport
+    from .report import LoadedModel, LoadReport, adapter_layers
     from .runtime_sources import AdapterCheck, ModelCheck, RuntimeSourceError, locate_adapter, locate_model
     from .settings import Settings

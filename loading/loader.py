@@ -26,7 +26,7 @@ from .families import auto_class
 from .model_source import Progress, ResolvedModel, ensure_demo_model, no_progress, resolve_model
 from .placement import GpuInfo, count_parameters, device_shortfall, estimate_weight_bytes, plan_device, visible_gpus
 from .quantization import Strategy, strategy_chain
-from .report import Attempt, LoadedModel, LoadReport
+from .report import Attempt, LoadedModel, LoadReport, adapter_layers
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,7 @@ def attach_adapter(
 
     with WEIGHTS_LOCK, base.lock:  # no call on the base may run while LoRA layers are injected into it
         first = not isinstance(base.model, PeftModel)
+        adapter_layers(base.model, enabled=True)  # a base call may have left them off; new layers come on
         if not first:
             base.model.load_adapter(str(adapter.path), adapter_name=spec.name)
         else:

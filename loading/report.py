@@ -62,20 +62,20 @@ class LoadedModel:
     def active(self) -> Iterator[Any]:
         """Hold the model for one call with the right adapter switched on (or all of them off).
 
-        A base model shared with adapters is a PeftModel after the first attach: calls for the
-        base itself run inside `disable_adapter()`.
-        """
+        A base model shared with adapters is a PeftModel after the first attach: calls for the base
+        run with its adapter layers off, and they stay off until a call with an adapter (PEFT's own
+        `disable_adapter()` context walks every module twice per call, and a decode step of the base
+        would pay that per token: 2x the tiny model's step, bench/RESULTS.md)."""
         with self.lock:
             if self.adapter_name is not None:
+                adapter_layers(self.model, enabled=True)
                 # set_adapter walks every module: skip it when the adapter is on already (a decode
                 # step of one conversation would pay it per token)
                 if getattr(self.model, "active_adapter", None) != self.adapter_name:
                     self.model.set_adapter(self.adapter_name)
                 yield self.model
-            elif hasattr(self.model, "disable_adapter"):
-                with self.model.disable_adapter():
-                    yield self.model
             else:
+                adapter_layers(self.model, enabled=False)
                 yield self.model
 
     @property
@@ -85,3 +85,16 @@ class LoadedModel:
     @property
     def device(self) -> str:
         return self.report.device
+
+
+def adapter_layers(model: Any, enabled: bool) -> None:
+    """Switch every adapter layer of a PeftModel on or off, unless they are so already (a no-op for a
+    plain model). Calls that pass PEFT's `adapter_names` and any change to the adapters (attach,
+    delete) need them on: they call this first."""
+    if not hasattr(model, "peft_config") or getattr(model, "_adapters_disabled", False) == (not enabled):
+        return
+    if enabled:
+        model.base_model.enable_adapter_layers()
+    else:
+        model.base_model.disable_adapter_layers()
+    model._adapters_disabled = not enabled

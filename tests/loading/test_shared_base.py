@@ -53,3 +53,23 @@ def test_interleaved_calls_from_threads_keep_their_adapter(tiny, isolated_env):
     for t in threads:
         t.join()
     assert mismatches == []
+
+
+def test_a_base_call_leaves_adapter_layers_off_and_the_next_adapter_call_or_attach_turns_them_on(tiny, tmp_path,
+                                                                                               isolated_env):
+    """Base calls switch the adapter layers off once and leave them so (PEFT's disable_adapter() context
+    walked every module twice per call: half the tiny model's decode speed); whatever needs them on
+    (a call with an adapter, an attach) turns them on first."""
+    second = build_tiny("llm-lora", tmp_path / "lora-2", base=tiny["llm"], seed=7)
+    base = load_model(ModelSpec(name="base", source=str(tiny["llm"])))
+    before = logits(base)
+    one = attach_adapter(ModelSpec(name="one", source=str(tiny["llm-lora"]), base_model="base"), base)
+    with_one = logits(one)
+    assert torch.allclose(logits(base), before, atol=1e-6)
+    assert base.model._adapters_disabled  # left off after the base call
+    two = attach_adapter(ModelSpec(name="two", source=str(second), base_model="base"), base)  # attached while off
+    standalone_two = load_model(ModelSpec(name="alone", source=str(second)))
+    for _ in range(2):  # any order of calls answers as each model
+        assert torch.allclose(logits(two), logits(standalone_two), atol=1e-5)
+        assert torch.allclose(logits(base), before, atol=1e-6)
+        assert torch.allclose(logits(one), with_one, atol=1e-6)
