@@ -6,19 +6,25 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export LOCAL_MODELS_DIR ?= $(CURDIR)/models
-# Ray Serve's process settings (serve.env: HAProxy in front of the ingress replica, user code on
-# the replica's event loop); `make serve RAY_SERVE_ENABLE_HA_PROXY=0` overrides one.
+# Ray Serve's process settings for `make serve` (serve.env: HAProxy in front of the ingress replica,
+# user code on the replicas' event loops); `make serve RAY_SERVE_ENABLE_HA_PROXY=0` overrides one.
+# Only `serve` runs under them: tests and benchmarks set them per Ray instance they start
+# (deployments/serve_env.py), and the multi-node test cluster must not inherit them.
 include serve.env
-export $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' serve.env)
+SERVE_ENV_VARS := $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' serve.env)
 # HAProxy's config and sockets private to this user instead of Ray's shared /tmp/haproxy-serve
 # (short: HAProxy refuses socket paths over 97 characters, and Ray adds a 56-character node id)
 HAPROXY_STATE := /tmp/modelfleet-haproxy-$(shell id -u)
-export RAY_SERVE_HAPROXY_CONFIG_FILE_LOC ?= $(HAPROXY_STATE)/haproxy.cfg
-export RAY_SERVE_HAPROXY_SOCKET_PATH ?= $(HAPROXY_STATE)/admin.sock
-export RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH ?= $(HAPROXY_STATE)/metrics.sock
-export RAY_SERVE_HAPROXY_SERVER_STATE_BASE ?= $(HAPROXY_STATE)
-export RAY_SERVE_HAPROXY_SERVER_STATE_FILE ?= $(HAPROXY_STATE)/server-state
-export RAY_SERVE_HAPROXY_BINARY_PATH ?= $(CURDIR)/$(VENV)/bin/modelfleet-haproxy
+RAY_SERVE_HAPROXY_CONFIG_FILE_LOC ?= $(HAPROXY_STATE)/haproxy.cfg
+RAY_SERVE_HAPROXY_SOCKET_PATH ?= $(HAPROXY_STATE)/admin.sock
+RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH ?= $(HAPROXY_STATE)/metrics.sock
+RAY_SERVE_HAPROXY_SERVER_STATE_BASE ?= $(HAPROXY_STATE)
+RAY_SERVE_HAPROXY_SERVER_STATE_FILE ?= $(HAPROXY_STATE)/server-state
+RAY_SERVE_HAPROXY_BINARY_PATH ?= $(abspath $(VENV))/bin/modelfleet-haproxy
+SERVE_ENV_VARS += RAY_SERVE_HAPROXY_CONFIG_FILE_LOC RAY_SERVE_HAPROXY_SOCKET_PATH \
+	RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH RAY_SERVE_HAPROXY_SERVER_STATE_BASE \
+	RAY_SERVE_HAPROXY_SERVER_STATE_FILE RAY_SERVE_HAPROXY_BINARY_PATH
+$(foreach v,$(SERVE_ENV_VARS),$(eval serve: export $(v) := $($(v))))
 
 .PHONY: install serve test lint doctor bench bench-smoke clean
 
