@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -107,12 +106,6 @@ def bench_serve_config(port: int, models_dir: Path, llm_dir: Path | None, *, dev
     return config
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def _wait_http(url: str, process: subprocess.Popen, timeout_s: float, ok=lambda r: r.status_code == 200) -> float:
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
@@ -165,7 +158,7 @@ def serve_run(config: dict, run_dir: Path, label: str, mode: str = "default",
     tmp = Path(f"/tmp/mfbench-{port}")  # short: Ray's socket paths have a length limit
     tmp.mkdir(exist_ok=True)
     # HAProxy's files and ports of this instance's own (never a peer's or `make serve`'s)
-    haproxy = serve_process_env(tmp / "hap", stats_port=_free_port(), metrics_port=_free_port())
+    haproxy = serve_process_env(tmp / "hap")
     env = base_env({"RAY_TMPDIR": str(tmp), **haproxy, **PROXY_MODES[mode]})
     started = time.perf_counter()
     process = _spawn([str(VENV_BIN / "serve"), "run", str(config_path)], env, run_dir / f"serve.{label}.log")

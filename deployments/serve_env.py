@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -48,7 +49,7 @@ MAX_SOCKET_PATH = 97
 def haproxy_state_env(state_dir: Path) -> dict[str, str]:
     """HAProxy's config, sockets and server state under `state_dir`, created private (0700),
     so two instances on one machine never share them and no other user reaches the admin socket."""
-    longest = len(str(state_dir)) + 1 + NODE_ID_CHARS + 1 + len("metrics.sock")
+    longest = len(str(state_dir)) + 1 + NODE_ID_CHARS + 1 + max(map(len, HAPROXY_STATE_PATHS.values()))
     if longest > MAX_SOCKET_PATH:
         raise ValueError(f"HAProxy state directory {str(state_dir)!r} is too long for its sockets "
                          f"({longest} > {MAX_SOCKET_PATH} characters with Ray's node-id subdirectory); "
@@ -68,13 +69,15 @@ def haproxy_shim() -> str:
     return found
 
 
-def serve_process_env(state_dir: Path, *, stats_port: int | None = None,
-                      metrics_port: int | None = None) -> dict[str, str]:
-    """serve.env, HAProxy's state under `state_dir`, and (for a second instance on one machine)
-    HAProxy's stats and Prometheus ports instead of Ray's fixed 8404 and 9101."""
-    env = {**read_serve_env(), **haproxy_state_env(state_dir), "RAY_SERVE_HAPROXY_BINARY_PATH": haproxy_shim()}
-    if stats_port is not None:
-        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(stats_port)
-    if metrics_port is not None:
-        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(metrics_port)
-    return env
+def serve_process_env(state_dir: Path) -> dict[str, str]:
+    """serve.env for one Ray instance of a test or benchmark: HAProxy's state under `state_dir`, and
+    free ports for its stats page and Prometheus exporter instead of Ray's fixed 8404 and 9101 (a
+    second instance on the machine would fail to bind them)."""
+    return {**read_serve_env(), **haproxy_state_env(state_dir), "RAY_SERVE_HAPROXY_BINARY_PATH": haproxy_shim(),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -60,8 +60,7 @@ def serve_url(models_dir, tmp_path_factory):
     port = free_port()
     # the environment `make serve` runs under (serve.env: HAProxy, user code on the replicas' loops),
     # with HAProxy's files and ports of this session's own; Ray's processes inherit it at init
-    os.environ.update(serve_process_env(short_state_dir(), stats_port=free_port(),
-                                        metrics_port=free_port()))
+    os.environ.update(serve_process_env(short_state_dir()))
     # address="local": always a fresh cluster of our own, even if `ray start` left one running;
     # its metrics agent on a known port, which tests/serve/test_metrics.py scrapes as Prometheus would
     # 8 logical CPUs: the two session-wide demo apps and one module's app fit side by side (replicas

@@ -62,7 +62,7 @@ def start(tmp: Path, models_dir: Path, args_overrides: dict | None = None, env: 
                    "LOCAL_MODELS_DIR": str(models_dir), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                    "PYTHONPATH": str(REPO),
                    # serve.env as `make serve` uses it, with HAProxy's files and ports of its own
-                   **serve_process_env(short_state_dir(), stats_port=free_port(), metrics_port=free_port()),
+                   **serve_process_env(short_state_dir()),
                    **(env or {})}
     process = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(config)], cwd=REPO,
                                env=environment, stdout=log.open("w"), stderr=subprocess.STDOUT,
