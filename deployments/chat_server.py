@@ -184,7 +184,8 @@ class ChatServer(FamilyServer):
             event_loop.call_soon_threadsafe(lambda: outcome.done() or outcome.set_result(result))
 
         if self._decoder is None:
-            self._decoder = _decode_loop().DecodeLoop(self.options.max_batch_size, self.batch_stats, self.metrics.batch)
+            self._decoder = _decode_loop().DecodeLoop(self.options.max_batch_size, self.batch_stats, self.metrics.batch,
+                                                      self.threads.use)
         self._decoder.submit(spec, loaded, params, done)
         self._keep_decoding()
         return await outcome

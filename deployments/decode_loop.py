@@ -151,10 +151,12 @@ class Group:
 class DecodeLoop:
     """Rows of every model this replica serves; `submit` from any thread, `run` on the inference thread."""
 
-    def __init__(self, max_rows: int, stats: dict[str, int], on_step: Callable[[str, int], None] | None = None):
+    def __init__(self, max_rows: int, stats: dict[str, int], on_step: Callable[[str, int], None] | None = None,
+                 before_call: Callable[[LoadedModel], None] | None = None):
         self.max_rows = max_rows
         self.stats = stats  # shown in /health: model_calls (prefills + steps), decode_steps, requests, ...
         self.on_step = on_step  # (model, rows) after every decode step: the batch-size metric
+        self.before_call = before_call  # before each forward of a model (the threads torch computes it with)
         self.pending: queue.SimpleQueue[tuple[ModelSpec, LoadedModel, ChatParams, Done]] = queue.SimpleQueue()
         self.groups: dict[int, Group] = {}
 
@@ -212,6 +214,8 @@ class DecodeLoop:
         # positions count real tokens only: left padding must not shift a row's rotary positions
         inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
+        if self.before_call is not None:
+            self.before_call(loaded)
         logits = group.forward(inputs, cache, rows, one_adapter)
         self.stats["model_calls"] += 1
         self.stats["requests"] += len(rows)
@@ -232,6 +236,8 @@ class DecodeLoop:
         positions = (mask.sum(dim=1, keepdim=True) - 1).to(group.next_tokens.device)
         inputs = {"input_ids": group.next_tokens, "attention_mask": mask.to(group.next_tokens.device),
                   "position_ids": positions}
+        if self.before_call is not None:
+            self.before_call(group.loaded)
         logits = group.forward(inputs, group.cache, group.rows)
         group.mask = mask
         self.stats["model_calls"] += 1

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -18,13 +16,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
-from loading import ModelSpec
+from loading import LoadedModel, ModelSpec
 
 from .admission import MB, MemoryGate
 from .metrics import FamilyMetrics
 from .options import FamilyOptions
 from .pool import ModelPool
 from .runtime_catalog import ReplicaCatalog
+from .threads import ComputeThreads
 
 T = TypeVar("T")
 
@@ -35,8 +34,8 @@ class FamilyServer:
 
     def __init__(self, specs: list[ModelSpec], options: FamilyOptions):
         self.options = options
-        self.torch_threads = use_threads(options)  # before the pool: its loads import torch
-        self.pool = ModelPool(list(specs), options.max_loaded_models, self.torch_threads)
+        self.threads = ComputeThreads(options)  # before the pool: its loads import torch
+        self.pool = ModelPool(list(specs), options.max_loaded_models, self.threads.threads)
         budget = None if options.memory_budget_mb is None else int(options.memory_budget_mb * MB)
         self.memory = MemoryGate(budget, fraction=options.memory_budget_fraction)
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -86,6 +85,15 @@ class FamilyServer:
 
         return await asyncio.get_running_loop().run_in_executor(self._inference, timed)
 
+    async def _infer_model(self, loaded: LoadedModel, fn, *args):
+        """`_infer` for a call of one model, with the threads torch computes it with."""
+
+        def call():
+            self.threads.use(loaded)
+            return fn(*args)
+
+        return await self._infer(call)
+
     async def _run_groups(self, batch: list, key: Callable[[Any], tuple], work: Callable) -> list:
         """Run `work(spec, loaded, items)` once per group of batched requests that share a model and
         `key(item)`. A group's failure goes back to that group's requests only, as the exception."""
@@ -104,7 +112,7 @@ class FamilyServer:
                     running()
             try:
                 spec, loaded = await self.pool.get(model)
-                outputs = await self._infer(work, spec, loaded, items)
+                outputs = await self._infer_model(loaded, work, spec, loaded, items)
             except Exception as exc:
                 outputs = [exc] * len(items)
             for i, output in zip(indices, outputs, strict=True):
@@ -155,9 +163,13 @@ class FamilyServer:
         return status
 
     async def status(self) -> list[dict]:
-        torch = sys.modules.get("torch")  # what torch really uses, once a load has imported it
-        return self.pool.status(batching=dict(self.batch_stats), memory=self.memory.status(),
-                                torch_threads=torch.get_num_threads() if torch else self.torch_threads)
+        status = self.pool.status(batching=dict(self.batch_stats), memory=self.memory.status(),
+                                  torch_threads=self.threads.threads)
+        for info in status:  # the threads each loaded model computes with (one for a small CPU model)
+            loaded = self.pool.handles[info["name"]].loaded
+            if loaded is not None:
+                info["torch_threads"] = self.threads.for_model(loaded)
+        return status
 
     # -- the runtime catalog: what the ingress calls once a model was added at run time ----------------
     async def call(self, catalog: str, method: str, *args: Any) -> Any:
@@ -195,25 +207,6 @@ class FamilyServer:
         if busy_since is not None and time.monotonic() - busy_since > self._stuck_after_s:
             # every model call is bounded (generate's max_time); one far past it is stuck
             raise RuntimeError(f"inference thread stuck for {time.monotonic() - busy_since:.0f} s")
-
-
-def use_threads(options: FamilyOptions) -> int:
-    """Set the threads torch will use in this replica (it is imported later, by the first load), and
-    return how many. Ray sets OMP_NUM_THREADS to the replica's whole CPUs, 1 for a fraction."""
-    threads = options.torch_threads or (int(options.num_cpus) if options.num_cpus >= 1 else node_cores())
-    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[variable] = str(threads)
-    if "torch" in sys.modules:  # already imported (in tests, or by another model family in-process)
-        sys.modules["torch"].set_num_threads(threads)
-    return threads
-
-
-def node_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which a container's cpuset narrows)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def raise_if_error(result: Any) -> Any:

@@ -51,7 +51,16 @@ class FamilyOptions(BaseModel):
         default=None, ge=1, description=(
             "Threads torch computes with in one replica. None: the CPUs the replica reserves when num_cpus >= 1, "
             "else the node's cores (replicas with a fraction of a CPU share the node and take turns on it). "
-            "Ray alone would set OMP_NUM_THREADS=1 for them: one core of many."
+            "Ray alone would set OMP_NUM_THREADS=1 for them: one core of many. When set, every model of the "
+            "replica computes with this many."
+        ),
+    )
+    single_thread_below_params: int = Field(
+        default=5_000_000, ge=0, description=(
+            "With torch_threads: null, a CPU model with fewer parameters computes on one thread: its operations "
+            "are too small to split, and torch's idle threads spin at every operation for nothing, taking the "
+            "cores the other replicas need (bench/THREADS.md: the 139k-parameter test LLM served 165 req/s at "
+            "16 clients on one thread, 126 on two; a 135M model is 1.5x faster on two). 0: never."
         ),
     )
     memory_budget_mb: float | None = Field(

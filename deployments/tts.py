@@ -31,8 +31,8 @@ class TTSServer(FamilyServer):
             async with self.memory.hold(need, "this text", param="input"):
                 running()
                 started = time.monotonic()
-                result = await self._until_cancelled(params, self._infer(
-                    synthesis.synthesize, spec, loaded, params, self.options.max_chars_per_call))
+                result = await self._until_cancelled(params, self._infer_model(
+                    loaded, synthesis.synthesize, spec, loaded, params, self.options.max_chars_per_call))
         self._count(spec.name, result, time.monotonic() - started)
         return result
 
@@ -59,7 +59,7 @@ class TTSServer(FamilyServer):
                 spoken = 0
                 for piece in pieces:
                     started = time.monotonic()
-                    work = self._infer(synthesis.synthesize_piece, loaded, piece, kwargs)
+                    work = self._infer_model(loaded, synthesis.synthesize_piece, loaded, piece, kwargs)
                     result = await self._until_cancelled(params, work)
                     if (error := synthesis.past_timeout(spec, started)) is not None:
                         raise error  # one model call took longer than its bound: something is wrong

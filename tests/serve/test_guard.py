@@ -173,9 +173,15 @@ def test_openapi_documents_every_route_its_body_and_its_errors(app):
 
 
 def test_a_replica_with_a_fraction_of_a_cpu_computes_on_every_core_of_the_node(app):
-    """Ray sets OMP_NUM_THREADS=1 for num_cpus < 1; the family's torch_threads default undoes that."""
+    """Ray sets OMP_NUM_THREADS=1 for num_cpus < 1; the family's torch_threads default undoes that
+    (for models big enough to split their work)."""
     import os
 
     health = requests.get(app.url + "/health", headers=with_key(KEYS[0]), timeout=30).json()
     threads = {info["family"]: info["replica"]["torch_threads"] for info in health["models"].values()}
     assert threads == {family: len(os.sched_getaffinity(0)) for family in ("llm", "vlm", "stt", "tts")}
+    # ... for a model big enough to split its work (the real 135M-parameter chat model); a tiny one
+    # computes on one thread (single_thread_below_params)
+    loaded = {name: info["torch_threads"] for name, info in health["models"].items() if "torch_threads" in info}
+    assert loaded.pop("smollm2-135m-instruct") == len(os.sched_getaffinity(0))
+    assert loaded and set(loaded.values()) == {1}, loaded

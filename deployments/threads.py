@@ -1,0 +1,62 @@
+"""How many threads torch computes with in a replica, per model.
+
+The replica's count (`torch_threads`, else its whole CPUs, else the node's cores) goes to the
+environment before torch is imported. A small CPU model then computes on one thread: splitting its
+operations saves nothing, and torch's OpenMP threads spin after every operation, which on a small
+machine takes the cores the ingress and the other families need (bench/THREADS.md).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from loading import LoadedModel
+
+from .options import FamilyOptions
+
+
+class ComputeThreads:
+    def __init__(self, options: FamilyOptions):
+        self.threads = replica_threads(options)
+        self.explicit = options.torch_threads is not None
+        self.single_below = options.single_thread_below_params
+        self._sizes: dict[int, int] = {}  # id(model) -> its parameters (counted once)
+
+    def for_model(self, loaded: LoadedModel) -> int:
+        if self.explicit or loaded.device != "cpu" or self.threads == 1:
+            return self.threads
+        return 1 if self._parameters(loaded.model) < self.single_below else self.threads
+
+    def use(self, loaded: LoadedModel) -> None:
+        """Before a call of `loaded`, on the inference thread (torch's count is process-wide)."""
+        torch = sys.modules.get("torch")
+        threads = self.for_model(loaded)
+        if torch is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+    def _parameters(self, model: Any) -> int:
+        size = self._sizes.get(id(model))
+        if size is None:
+            size = self._sizes[id(model)] = sum(p.numel() for p in model.parameters())
+        return size
+
+
+def replica_threads(options: FamilyOptions) -> int:
+    """Set the threads torch will use in this replica (it is imported later, by the first load), and
+    return how many. Ray sets OMP_NUM_THREADS to the replica's whole CPUs, 1 for a fraction."""
+    threads = options.torch_threads or (int(options.num_cpus) if options.num_cpus >= 1 else node_cores())
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+    if "torch" in sys.modules:  # already imported (in tests, or by another model family in-process)
+        sys.modules["torch"].set_num_threads(threads)
+    return threads
+
+
+def node_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container's cpuset narrows)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)

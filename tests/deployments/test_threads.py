@@ -1,0 +1,73 @@
+"""The threads torch computes with: a small CPU model on one (its idle OpenMP threads would only spin,
+taking cores the rest of the app needs), a bigger one on the replica's; an explicit count for all."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from deployments.decode_loop import DecodeLoop
+from deployments.llm import LLMServer
+from deployments.options import ChatOptions
+from deployments.params import ChatParams
+from deployments.threads import ComputeThreads
+from loading import ModelSpec, load_model
+from loading.tiny import build_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    spec = ModelSpec(name="tiny", source=str(build_tiny("llm", tmp_path_factory.mktemp("m") / "tiny-llm")),
+                     max_new_tokens=8)
+    return spec, load_model(spec)
+
+
+@pytest.fixture(autouse=True)
+def restore_threads(monkeypatch):
+    """ComputeThreads sets the process's count and OMP_NUM_THREADS / MKL_NUM_THREADS, as in a replica."""
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(variable, os.environ.get(variable, ""))  # restored after the test
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def threads(**options) -> ComputeThreads:
+    return ComputeThreads(ChatOptions(num_cpus=2, **options))
+
+
+def test_a_small_cpu_model_computes_on_one_thread_and_a_bigger_one_on_the_replicas(tiny):
+    _, loaded = tiny
+    size = sum(p.numel() for p in loaded.model.parameters())
+    assert size < 5_000_000  # the default bound
+    assert threads().threads == 2
+    assert threads().for_model(loaded) == 1
+    assert threads(single_thread_below_params=size).for_model(loaded) == 2  # not below: the replica's count
+    assert threads(single_thread_below_params=0).for_model(loaded) == 2
+
+
+def test_an_explicit_count_is_used_for_every_model(tiny):
+    _, loaded = tiny
+    assert threads(torch_threads=3).for_model(loaded) == 3
+
+
+def test_the_decode_loop_sets_the_models_threads_before_each_forward(tiny):
+    spec, loaded = tiny
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    policy = threads()
+
+    def before_call(model):
+        policy.use(model)
+        seen.append(torch.get_num_threads())
+
+    loop = DecodeLoop(4, {"model_calls": 0, "requests": 0, "largest_batch": 0}, before_call=before_call)
+    params = ChatParams(model="tiny", messages=[{"role": "user", "content": "hi"}], max_new_tokens=4, temperature=0)
+    params.inputs = LLMServer.encode(None, loaded, params)
+    out = []
+    loop.submit(spec, loaded, params, out.append)
+    loop.run()
+    assert out and out[0].completion_tokens >= 1
+    assert seen and set(seen) == {1}, seen  # the prefill and every step
