@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +35,15 @@ MAX_TOKENS = 16
 
 
 def in_process(model_dir: Path, threads: int, clients: int, requests: int, rounds: int) -> dict:
+    """One setting in a fresh process: torch's thread pools do not start over within one (a count set
+    after another was used measured 2x slower for the same setting in a fresh process)."""
+    out = subprocess.run([sys.executable, "-m", "bench.threads", "--one",
+                          json.dumps([str(model_dir), threads, clients, requests, rounds])],
+                         capture_output=True, text=True, check=True, cwd=HERE.parent)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _one(model_dir: str, threads: int, clients: int, requests: int, rounds: int) -> dict:
     torch.set_num_threads(threads)
     spec = ModelSpec(name="m", source=str(model_dir), max_new_tokens=MAX_TOKENS)
     loaded = load_model(spec)
@@ -72,7 +84,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--serve", action="store_true", help="also the tiny LLM through serve run")
     parser.add_argument("--results", type=Path, default=HERE / "THREADS.md")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # one in-process setting (JSON arguments)
     args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(_one(*json.loads(args.one))), flush=True)
+        os._exit(0)  # the engine's daemon thread would abort the interpreter's teardown (SIGABRT)
     cores = len(os.sched_getaffinity(0))
     rows = []
     for size in args.sizes.split(","):
@@ -89,7 +105,9 @@ def main(argv=None) -> int:
              f"{' --serve' if args.serve else ''}`, {cores} cores, load average {os.getloadavg()[0]:.1f} at the end. "
              f"Greedy chats of up to {MAX_TOKENS} tokens, closed loop, median of {args.rounds} rounds.\n",
              "## In-process: the decode loop alone\n",
-             "CPU ms/request counts every thread of the process: what the other replicas of the node lose.\n",
+             "CPU ms/request counts every thread of the process: what the other replicas of the node lose. "
+             "The default `single_thread_below_params` (5M) computes the tiny model on one thread and the others "
+             "on every core of the node.\n",
              "| model | parameters | clients | threads | req/s | p50 latency (ms) | CPU ms/request |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for size, clients, threads, row in rows:

@@ -85,10 +85,10 @@ class FamilyServer:
 
         return await asyncio.get_running_loop().run_in_executor(self._inference, timed)
 
-    async def _infer_model(self, loaded: LoadedModel, fn, *args):
+    async def _infer_model(self, loaded: LoadedModel, fn: Callable[..., T], *args: Any) -> T:
         """`_infer` for a call of one model, with the threads torch computes it with."""
 
-        def call():
+        def call() -> T:
             self.threads.use(loaded)
             return fn(*args)
 
