@@ -191,6 +191,34 @@ def markdown(result: dict, json_path: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: req/s at 16 clients against each peer: the lock server's from the first issue, the continuous-batching
+#: peer's from the throughput issue (14)
+NEED_16 = {"lock-server": 3.0, "transformers-serve": 1.0, "transformers-serve --continuous-batching": 1.3}
+CB_PEER = "transformers-serve --continuous-batching"
+
+
+def _issue_14_targets(mode: str, e: dict, peers: dict) -> list[list]:
+    """Stream time to first token at 16 clients against the continuous-batching peer, no errors at 64
+    clients, and 1 client's p50 against the lock server's."""
+    rows = []
+    mine = _by_c(e.get("llm_stream")).get(16)
+    theirs = _by_c((peers.get(CB_PEER) or {}).get("llm_stream")).get(16)
+    if mine and theirs and mine.get("ttft_p50_ms") and theirs.get("ttft_p50_ms"):
+        a, b = mine["ttft_p50_ms"], theirs["ttft_p50_ms"]
+        rows.append([mode, f"LLM stream, 16 clients: TTFT p50 <= {CB_PEER}'s", f"{a:.0f} vs {b:.0f} ms",
+                     "met" if a <= b else f"missed ({a / b:.1f}x its value)"])
+    many = _by_c(e.get("llm")).get(64)
+    if many:
+        rows.append([mode, "LLM, 64 clients: no errors", f"{many['errors']} errors",
+                     "met" if many["errors"] == 0 else "missed"])
+    one, lock = _by_c(e.get("llm")).get(1), _by_c((peers.get("lock-server") or {}).get("llm")).get(1)
+    if one and lock and lock.get("p50_ms"):
+        ratio = one["p50_ms"] / lock["p50_ms"]
+        rows.append([mode, "LLM, 1 client: p50 <= 1.1x lock-server's", f"{ratio:.2f}x",
+                     "met" if ratio <= 1.1 else f"missed ({ratio:.2f}x)"])
+    return rows
+
+
 def targets(result: dict) -> list[str]:
     """The issue's targets, checked on this run's figures (per proxy mode)."""
     ours, peers = result["ours"], result["peers"]
@@ -206,9 +234,10 @@ def targets(result: dict) -> list[str]:
             theirs = _by_c(p.get("llm")).get(16)
             if mine and theirs and theirs["rps"]:
                 ratio = mine["rps"] / theirs["rps"]
-                need = 3.0 if name == "lock-server" else 1.0
+                need = NEED_16.get(name, 1.0)
                 rows.append([mode, f"LLM, 16 clients: req/s >= {need:g}x {name}", f"{ratio:.2f}x",
                              "met" if ratio >= need else f"missed ({ratio / need:.0%} of the target)"])
+        rows += _issue_14_targets(mode, e, peers)
         health = (e.get("cold_start") or {}).get("health_200_s")
         if health is not None:
             rows.append([mode, "/health 200 <= 15 s after serve run", f"{health:.1f} s",
