@@ -244,19 +244,8 @@ class ChatServer(FamilyServer):
                 text, echoed = self._echo(loaded, params)
                 yield {"delta": text, "logprobs": echoed or None}
             try:
-                ended = False
-                while not ended:
-                    # Everything queued while the last chunk was on its way goes as one chunk: each chunk
-                    # is a Ray streaming-object hop to the ingress (~ms of CPU on both sides), which one per
-                    # token made the consumer fall behind the decode loop (the voice round trip's first
-                    # piece waited on it).
-                    pieces = [await deltas.get()]
-                    while not deltas.empty():
-                        pieces.append(deltas.get_nowait())
-                    if pieces[-1] is _END:  # put after every delta: it is always the last
-                        pieces.pop()
-                        ended = True
-                    if pieces and params.first_token_at is None:  # generate()'s path: the first token
+                async for pieces in coalesced(deltas, done, self.options.stream_interval_ms / 1000):
+                    if params.first_token_at is None:  # generate()'s path: the first token
                         params.first_token_at = time.monotonic()
                         if params.running is not None:
                             params.running()
@@ -374,6 +363,32 @@ def resolve_max_new_tokens(spec: ModelSpec, requested: int | None, prompt_tokens
 
 
 _END = object()  # closes a stream's queue of deltas
+
+
+async def coalesced(deltas: asyncio.Queue, finished: asyncio.Future, interval_s: float) -> AsyncIterator[list]:
+    """A stream's queued deltas as chunks, until the _END put after the last one: the first at once, then
+    everything queued while the last chunk was on its way or within `interval_s` after it (cut short when
+    `finished`). Each chunk is a Ray streaming-object hop to the ingress (~ms of CPU on both sides): one
+    per token made the consumer fall behind the decode loop (the voice round trip's first piece waited
+    on it) and cost 16 tiny-model streams a quarter of their throughput (82 vs 110 req/s)."""
+    loop = asyncio.get_running_loop()
+    last_sent: float | None = None
+    while True:
+        pieces = [await deltas.get()]
+        if last_sent is not None and pieces[0] is not _END:
+            wait = last_sent + interval_s - loop.time()
+            if wait > 0 and not finished.done():
+                await asyncio.wait([finished], timeout=wait)
+        while not deltas.empty():
+            pieces.append(deltas.get_nowait())
+        ended = pieces[-1] is _END  # put after every delta: it is always the last
+        if ended:
+            pieces.pop()
+        if pieces:
+            yield pieces
+            last_sent = loop.time()
+        if ended:
+            return
 
 
 def tools_module():

@@ -93,6 +93,15 @@ class BatchingOptions(FamilyOptions):
 class ChatOptions(BatchingOptions):
     """LLM and VLM."""
 
+    stream_interval_ms: float = Field(
+        default=20, ge=0, description=(
+            "A stream's first text goes out at once; after it, at most one chunk per this many ms carries what "
+            "was made meanwhile. Each chunk is a Ray object hop to the ingress (~ms of CPU on both sides): one "
+            "per token cost 16 concurrent streams of the tiny model a quarter of their throughput (82 vs 110 req/s). "
+            "0: a chunk whenever the ingress is ready for one."
+        ),
+    )
+
 
 class TranscriptionOptions(BatchingOptions):
     """STT."""
