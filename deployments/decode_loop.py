@@ -250,10 +250,19 @@ class DecodeLoop:
         self._settle(group, tokens)
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
-        """One token per row, each with its own settings, random generator and logits processing."""
+        """One token per row, each with its own settings, random generator and logits processing.
+        Plain greedy rows (the common case) take one argmax over the batch, not one each."""
+        greedy = [row.hooks is None and row.sampling["temperature"] <= 0 for row in rows]
+        if all(greedy):
+            return logits.argmax(dim=-1, keepdim=True)
         out = torch.empty((len(rows), 1), dtype=torch.long)
+        if any(greedy):
+            picked = torch.tensor([i for i, plain in enumerate(greedy) if plain], dtype=torch.long)
+            out[picked, 0] = logits[picked.to(logits.device)].argmax(dim=-1).cpu()
         for i, row in enumerate(rows):
             hooks = row.hooks
+            if greedy[i]:
+                continue
             if hooks is None:
                 out[i, 0] = sample_token(logits[i], row.sampling, row.generator)
                 continue
