@@ -350,7 +350,7 @@ def drop_leaked_adapter_hooks(model: Any) -> None:
 def new_row(spec: ModelSpec, loaded: LoadedModel, params: ChatParams, done: Done) -> Row:
     end_ids = end_token_ids(loaded)
     limit = params.max_new_tokens or spec.max_new_tokens
-    stream = RowStream(loaded.tokenizer, params.sink or (lambda _text: None), params.stop, limit, end_ids)
+    stream = RowStream(loaded.tokenizer, params.sink, params.stop, limit, end_ids)
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device="cpu")
