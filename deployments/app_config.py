@@ -21,8 +21,10 @@ from .runtime_catalog import AdminConfig
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # LLM requests are long and batch well: many in flight per replica (a request waiting in the
     # replica's batcher costs nothing, while Ray's router backs off exponentially once every replica is
-    # at max_ongoing_requests), and the autoscaler counts queued requests too.
-    "llm": {"max_ongoing_requests": 64, "max_queued_requests": 128, "max_batch_size": 16,
+    # at max_ongoing_requests), and the autoscaler counts queued requests too. The decode loop's rows:
+    # 32 (in-process, 32 clients: SmolLM2 11.9 req/s on 32 rows, 8.7 on 16; the memory budget still
+    # holds a row back when its KV cache would not fit).
+    "llm": {"max_ongoing_requests": 64, "max_queued_requests": 128, "max_batch_size": 32,
             "autoscaling": {"target_ongoing_requests": 16, "max_replicas": 4}},
     "vlm": {"max_ongoing_requests": 8, "max_queued_requests": 32, "max_batch_size": 4,
             "autoscaling": {"target_ongoing_requests": 4, "max_replicas": 2}},
