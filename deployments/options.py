@@ -59,8 +59,8 @@ class FamilyOptions(BaseModel):
         default=5_000_000, ge=0, description=(
             "With torch_threads: null, a CPU model with fewer parameters computes on one thread: its operations "
             "are too small to split, and torch's idle threads spin at every operation for nothing, taking the "
-            "cores the other replicas need (bench/THREADS.md: the 139k-parameter test LLM served 165 req/s at "
-            "16 clients on one thread, 126 on two; a 135M model is 1.5x faster on two). 0: never."
+            "cores the other replicas need (bench/THREADS.md: the 139k-parameter test LLM served 170 req/s at "
+            "16 clients on one thread, 127 on two; the 135M SmolLM2 is 1.8x faster on two). 0: never."
         ),
     )
     memory_budget_mb: float | None = Field(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 from loading import LoadedModel
 
@@ -22,12 +21,12 @@ class ComputeThreads:
         self.threads = replica_threads(options)
         self.explicit = options.torch_threads is not None
         self.single_below = options.single_thread_below_params
-        self._sizes: dict[int, int] = {}  # id(model) -> its parameters (counted once)
 
     def for_model(self, loaded: LoadedModel) -> int:
-        if self.explicit or loaded.device != "cpu" or self.threads == 1:
+        parameters = loaded.report.parameters
+        if self.explicit or loaded.device != "cpu" or parameters is None:
             return self.threads
-        return 1 if self._parameters(loaded.model) < self.single_below else self.threads
+        return 1 if parameters < self.single_below else self.threads
 
     def use(self, loaded: LoadedModel) -> None:
         """Before a call of `loaded`, on the inference thread (torch's count is process-wide)."""
@@ -35,12 +34,6 @@ class ComputeThreads:
         threads = self.for_model(loaded)
         if torch is not None and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-
-    def _parameters(self, model: Any) -> int:
-        size = self._sizes.get(id(model))
-        if size is None:
-            size = self._sizes[id(model)] = sum(p.numel() for p in model.parameters())
-        return size
 
 
 def replica_threads(options: FamilyOptions) -> int:

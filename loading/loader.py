@@ -79,6 +79,8 @@ def load_model(
         report.adapter_targets, idle = adapter_targets(model, "default", spec.source)
         report.warnings.extend(idle)
     report.device = strategy.device
+    if report.parameters is None:  # no safetensors headers to read: count what was loaded
+        report.parameters = sum(p.numel() for p in model.parameters())
     report.load_seconds = round(time.perf_counter() - started, 3)
     progress("ready", 1.0)
     log.info("%s: loaded with %s on %s in %.2f s", spec.name, report.strategy, report.device, report.load_seconds)

@@ -40,7 +40,8 @@ def threads(**options) -> ComputeThreads:
 
 def test_a_small_cpu_model_computes_on_one_thread_and_a_bigger_one_on_the_replicas(tiny):
     _, loaded = tiny
-    size = sum(p.numel() for p in loaded.model.parameters())
+    size = loaded.report.parameters
+    assert size == sum(p.numel() for p in loaded.model.parameters())
     assert size < 5_000_000  # the default bound
     assert threads().threads == 2
     assert threads().for_model(loaded) == 1
