@@ -15,7 +15,7 @@ from .load import run_load
 def llm_sweep(url: str, model: str, concurrencies: list[int], max_tokens: int, requests_per_client: int,
               min_requests: int, stream: bool = False, max_wall_s: float = 90.0) -> list[dict]:
     rows = []
-    make = lambda i: workloads.chat(model, max_tokens, stream=stream)  # noqa: E731
+    make = lambda i: workloads.chat(model, max_tokens, stream=stream, request=i)  # noqa: E731
     run_load(url, make, 2, 6, max_wall_s=60)  # warm-up: first-request costs stay out of the figures
     for c in concurrencies:
         total = max(min_requests, requests_per_client * c)

@@ -15,16 +15,21 @@ AUDIO_SECONDS = 1.0
 AUDIO_RATE = 16000
 
 
-def chat_body(model: str, max_tokens: int, stream: bool = False) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+def chat_body(model: str, max_tokens: int, stream: bool = False, request: int | None = None) -> dict:
+    """`request`: the load's request number, which starts the user message (`Request 17: ...`). Every
+    request then shares the chat template's system turn with the others but not its question, as an
+    app's users do; without it, servers that reuse a stored prompt prefix (ours does) would skip
+    nearly the whole prompt of a workload no user sends."""
+    content = PROMPT if request is None else f"Request {request}: {PROMPT}"
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
             "temperature": 0}
     if stream:
         body["stream"] = True
     return body
 
 
-def chat(model: str, max_tokens: int, stream: bool = False) -> Request:
-    return Request("/v1/chat/completions", json=chat_body(model, max_tokens, stream), stream=stream)
+def chat(model: str, max_tokens: int, stream: bool = False, request: int | None = None) -> Request:
+    return Request("/v1/chat/completions", json=chat_body(model, max_tokens, stream, request), stream=stream)
 
 
 def image_chat(model: str, max_tokens: int) -> Request:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import queue
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -33,6 +34,7 @@ from loading import LANGUAGE_MODEL, LoadedModel, ModelSpec, adapted_parts, adapt
 
 from .generation import PADDED_KEYS, RowStream, collate, cut_at_stop, end_token_ids
 from .params import ChatParams, ChatResult
+from .prefix_cache import Prefix, PrefixCache
 from .row_logits import Entry, RowLogits
 
 Done = Callable[[ChatResult | BaseException], None]  # called on the loop's thread with the row's outcome
@@ -57,6 +59,7 @@ class Row:
     logprobs: list[Entry] = field(default_factory=list)
     pending: Entry | None = None  # the logprob entry of the token just sampled
     error: BaseException | None = None  # a row that failed on its own (finish "error")
+    prompt_ids: list[int] | None = None  # a text-only prompt's tokens (prefix cache); None with images
 
     @property
     def limit(self) -> int:
@@ -152,8 +155,10 @@ class DecodeLoop:
     """Rows of every model this replica serves; `submit` from any thread, `run` on the inference thread."""
 
     def __init__(self, max_rows: int, stats: dict[str, int], on_step: Callable[[str, int], None] | None = None,
-                 before_call: Callable[[LoadedModel], None] | None = None):
+                 before_call: Callable[[LoadedModel], None] | None = None, prefix_cache_bytes: int = 0):
         self.max_rows = max_rows
+        self.prefix_cache_bytes = prefix_cache_bytes  # per model; 0: every prompt is prefilled whole
+        self.prefixes: weakref.WeakKeyDictionary[Any, PrefixCache] = weakref.WeakKeyDictionary()
         self.stats = stats  # shown in /health: model_calls (prefills + steps), decode_steps, requests, ...
         self.on_step = on_step  # (model, rows) after every decode step: the batch-size metric
         self.before_call = before_call  # before each forward of a model (the threads torch computes it with)
@@ -205,22 +210,49 @@ class DecodeLoop:
                         for row in batch:
                             row.done(exc)
 
+    def _prefix_cache(self, loaded: LoadedModel) -> PrefixCache | None:
+        if self.prefix_cache_bytes <= 0:
+            return None
+        store = self.prefixes.get(loaded.model)
+        if store is None:
+            store = self.prefixes[loaded.model] = PrefixCache(self.prefix_cache_bytes)
+        return store
+
     def _prefill(self, group: Group, rows: list[Row], one_adapter: bool = False) -> None:
         loaded = group.loaded
+        device = loaded.model.device
         pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-        inputs = {k: v.to(loaded.model.device) for k, v in collate([r.params.inputs for r in rows], pad_id).items()}
-        for row, mask in zip(rows, inputs["attention_mask"], strict=True):
-            row.prompt_tokens = int(mask.sum())
+        store = self._prefix_cache(loaded)
+        text_only = store is not None and all(row.prompt_ids is not None for row in rows)
+        hits = [store.match(row.adapter, row.prompt_ids) if text_only else None for row in rows]  # type: ignore
+        if not any(hits):
+            inputs = {k: v.to(device) for k, v in collate([r.params.inputs for r in rows], pad_id).items()}
+            cache, reused = DynamicCache(), 0
+        else:  # each row: its stored blocks (left-padded to the longest), then the rest of its prompt
+            lengths = [hit[1] if hit is not None else 0 for hit in hits]
+            inputs = {k: v.to(device) for k, v in collate([
+                {key: r.params.inputs[key][:, n:] for key in ("input_ids", "attention_mask")}
+                for r, n in zip(rows, lengths, strict=True)
+            ], pad_id).items()}
+            stored_kv, stored_mask = prefix_batch(hits, lengths)
+            inputs["attention_mask"] = torch.cat([stored_mask.to(inputs["attention_mask"]), inputs["attention_mask"]],
+                                                 dim=1)
+            cache, reused = DynamicCache(stored_kv), stored_mask.shape[1]
+            self.stats["prefix_cache_hits"] = self.stats.get("prefix_cache_hits", 0) + sum(n > 0 for n in lengths)
+            self.stats["prefix_tokens_reused"] = self.stats.get("prefix_tokens_reused", 0) + sum(lengths)
+        mask = inputs["attention_mask"].to(torch.long)
+        for row, row_mask in zip(rows, mask, strict=True):
+            row.prompt_tokens = int(row_mask.sum())
         # positions count real tokens only: left padding must not shift a row's rotary positions
-        inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, reused:]
         if self.before_call is not None:
             self.before_call(loaded)
         logits = group.forward(inputs, cache, rows, one_adapter)
         self.stats["model_calls"] += 1
         self.stats["requests"] += len(rows)
+        if text_only:
+            _store_prefixes(store, rows, cache, mask)  # type: ignore[arg-type]
         first = self._sample(rows, logits)
-        mask = inputs["attention_mask"].to(torch.long)
         group.cache, group.mask, group.next_tokens = _join(group.cache, group.mask, group.next_tokens,
                                                             cache, mask, first)
         start = len(group.rows)
@@ -356,6 +388,9 @@ def new_row(spec: ModelSpec, loaded: LoadedModel, params: ChatParams, done: Done
         generator = torch.Generator(device="cpu")
         generator.manual_seed(params.seed % 2**63)
     row = Row(spec, params, done, loaded.adapter_name, sampling_settings(loaded, params), end_ids, stream, generator)
+    inputs = params.inputs or {}
+    if set(inputs) <= {"input_ids", "attention_mask"} and "input_ids" in inputs and inputs["input_ids"].shape[0] == 1:
+        row.prompt_ids = inputs["input_ids"][0].tolist()
     if RowLogits.needed(params):
         row.hooks = RowLogits(params, params.grammar)
     return row
@@ -410,6 +445,40 @@ def sample_token(logits: torch.Tensor, sampling: dict[str, Any], generator: torc
         scores = scores.scatter(0, index, ordered.masked_fill(drop, float("-inf")))
     probs = torch.softmax(scores, dim=-1).cpu()
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def prefix_batch(hits: list[tuple[Prefix, int] | None], lengths: list[int]) -> tuple[list, torch.Tensor]:
+    """The stored blocks of a prefill batch's rows as one cache: each row's keys and values left-padded
+    to the longest run reused (a row without a hit: all padding), and the mask [rows, longest]."""
+    longest = max(lengths)
+    first = next(hit for hit in hits if hit is not None)[0]
+    mask = torch.zeros((len(hits), longest), dtype=torch.long)
+    layers = []
+    for layer, (keys, values) in enumerate(first.layers):
+        shape = (len(hits), keys.shape[1], longest, keys.shape[3])
+        batch_keys, batch_values = keys.new_zeros(shape), values.new_zeros(shape)
+        for row, (hit, n) in enumerate(zip(hits, lengths, strict=True)):
+            if hit is not None:
+                batch_keys[row, :, longest - n:] = hit[0].layers[layer][0][0, :, :n]
+                batch_values[row, :, longest - n:] = hit[0].layers[layer][1][0, :, :n]
+                mask[row, longest - n:] = 1
+        layers.append((batch_keys, batch_values))
+    return layers, mask
+
+
+def _store_prefixes(store: PrefixCache, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+    """Keep the leading blocks of the prompts just prefilled (what the store lacks of them)."""
+    for i, row in enumerate(rows):
+        if row.prompt_ids is None or store.holds(row.adapter, row.prompt_ids):
+            continue
+        columns = mask[i].nonzero().squeeze(-1).to(cache.layers[0].keys.device)  # the row's real tokens
+
+        def kv_of(length: int, i: int = i, columns: torch.Tensor = columns) -> list:
+            taken = columns[:length]
+            return [(layer.keys[i:i + 1].index_select(2, taken), layer.values[i:i + 1].index_select(2, taken))
+                    for layer in cache.layers]
+
+        store.add(row.adapter, row.prompt_ids, kv_of)
 
 
 def _join(cache: DynamicCache | None, mask: torch.Tensor | None, tokens: torch.Tensor | None,

@@ -93,6 +93,14 @@ class BatchingOptions(FamilyOptions):
 class ChatOptions(BatchingOptions):
     """LLM and VLM."""
 
+    prefix_cache_mb: float = Field(
+        default=64, ge=0, description=(
+            "Per model: keys and values of recent prompts' leading 8-token blocks, so that a prompt starting "
+            "with stored blocks (the chat template's system turn, an app's system prompt, a conversation's earlier "
+            "turns) prefills only the tokens after them. Least recently used first out past this bound. 0: off."
+        ),
+    )
+
     stream_interval_ms: float = Field(
         default=20, ge=0, description=(
             "A stream's first text goes out at once; after it, at most one chunk per this many ms carries what "
