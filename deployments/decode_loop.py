@@ -20,6 +20,7 @@ nor image inputs, nor stop strings per request, and it sizes a paged cache up fr
 from __future__ import annotations
 
 import inspect
+import logging
 import queue
 import time
 import weakref
@@ -38,6 +39,7 @@ from .prefix_cache import Prefix, PrefixCache
 from .row_logits import Entry, RowLogits
 
 Done = Callable[[ChatResult | BaseException], None]  # called on the loop's thread with the row's outcome
+logger = logging.getLogger(__name__)
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 
 
@@ -251,7 +253,11 @@ class DecodeLoop:
         self.stats["model_calls"] += 1
         self.stats["requests"] += len(rows)
         if text_only:
-            _store_prefixes(store, rows, cache, mask)  # type: ignore[arg-type]
+            try:
+                _store_prefixes(store, rows, hits, cache, mask)  # type: ignore[arg-type]
+            except Exception as exc:  # a cache layout without per-layer keys/values: serve on without the store
+                store.max_bytes = 0  # type: ignore[union-attr]
+                logger.warning("prefix cache off for %s: its KV cache cannot be stored (%r)", loaded.report.name, exc)
         first = self._sample(rows, logits)
         group.cache, group.mask, group.next_tokens = _join(group.cache, group.mask, group.next_tokens,
                                                             cache, mask, first)
@@ -466,10 +472,11 @@ def prefix_batch(hits: list[tuple[Prefix, int] | None], lengths: list[int]) -> t
     return layers, mask
 
 
-def _store_prefixes(store: PrefixCache, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> None:
-    """Keep the leading blocks of the prompts just prefilled (what the store lacks of them)."""
-    for i, row in enumerate(rows):
-        if row.prompt_ids is None or store.holds(row.adapter, row.prompt_ids):
+def _store_prefixes(store: PrefixCache, rows: list[Row], hits: list[tuple[Prefix, int] | None], cache: DynamicCache,
+                    mask: torch.Tensor) -> None:
+    """Keep the leading blocks of the prompts just prefilled, unless their hit covered them all."""
+    for i, (row, hit) in enumerate(zip(rows, hits, strict=True)):
+        if row.prompt_ids is None or (hit is not None and hit[1] >= store.usable_blocks(row.prompt_ids) * store.block):
             continue
         columns = mask[i].nonzero().squeeze(-1).to(cache.layers[0].keys.device)  # the row's real tokens
 

@@ -74,26 +74,25 @@ class PrefixCache:
                 return entry, length
         return None
 
-    def holds(self, scope: object, tokens: Sequence[int]) -> bool:
-        """Whether every usable block of `tokens` is stored already."""
-        blocks = self.usable_blocks(tokens)
-        hit = self.match(scope, tokens) if blocks else None
-        return not blocks or (hit is not None and hit[1] == blocks * self.block)
-
     def add(self, scope: object, tokens: Sequence[int], kv_of: Callable[[int], KV]) -> None:
         """Store the usable blocks of `tokens`; `kv_of(n)` gives the keys and values of their first n
         tokens (copies: an entry must not keep a whole batch's cache alive)."""
         blocks = self.usable_blocks(tokens)
-        if not blocks or self.holds(scope, tokens):
+        if not blocks:
             return
         length = blocks * self.block
+        hashes = self._hashes(scope, tokens, blocks)
+        held = self.index.get(hashes[-1])
+        if held is not None and held.scope == scope and held.tokens[:length] == tuple(tokens[:length]):
+            self.entries.move_to_end(id(held))
+            return
         layers = kv_of(length)
         nbytes = sum(k.nbytes + v.nbytes for k, v in layers)
         if nbytes > self.max_bytes:
             return
         while self.entries and self.bytes + nbytes > self.max_bytes:
             self._evict(next(iter(self.entries.values())))
-        entry = Prefix(scope, tuple(tokens[:length]), layers, self._hashes(scope, tokens, blocks), nbytes)
+        entry = Prefix(scope, tuple(tokens[:length]), layers, hashes, nbytes)
         for chained in entry.hashes:
             self.index[chained] = entry  # the newest entry answers for the blocks it shares with older ones
         self.entries[id(entry)] = entry

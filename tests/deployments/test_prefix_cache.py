@@ -146,3 +146,18 @@ def test_least_recently_used_entries_leave_first_within_the_byte_bound():
     assert store.match(None, b) is None and store.match(None, a) is not None and store.match(None, c) is not None
     store.add(None, list(range(1000, 1000 + 99)), kv)  # larger than the whole bound: not stored
     assert store.bytes <= store.max_bytes and store.match(None, a) is not None
+
+
+def test_a_cache_that_cannot_be_stored_turns_the_store_off_not_the_request(models, monkeypatch):
+    """A model whose KV cache has no per-layer keys and values (linear-attention layers, say) still
+    answers; its store is switched off."""
+    import deployments.decode_loop as decode_loop
+
+    def unstorable(*args):
+        raise AttributeError("'LinearAttentionLayer' object has no attribute 'keys'")
+
+    monkeypatch.setattr(decode_loop, "_store_prefixes", unstorable)
+    loop = new_loop()
+    results = waves(models, loop, [("tiny", chat("Fog?"))], [("tiny", chat("Fog?"))])
+    assert [r.text for r in results] == [alone(models, "tiny", chat("Fog?")).text] * 2
+    assert loop.prefixes[models["tiny"][1].model].max_bytes == 0 and "prefix_cache_hits" not in loop.stats
