@@ -116,3 +116,28 @@ def test_the_voice_round_trip_answers_with_the_real_model(demo_app):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["models"]["llm"] == MODEL and body["reply"].strip()
+
+
+def test_a_shared_system_prompt_is_prefilled_once_and_answers_hold(demo_app, alone):
+    """The prefix cache: a second question under the same system prompt prefills only what follows the
+    stored blocks; greedy answers are those of a cold prefill."""
+    system = ("You are a patient tutor for a quiz night. Answer each question briefly and correctly, in one "
+              "short sentence, without any preamble.")
+
+    def reused() -> int:
+        return demo_app.get("/health").json()["models"][MODEL]["replica"]["batching"].get("prefix_tokens_reused", 0)
+
+    def tutor(question: str) -> str:
+        return demo_app.openai().chat.completions.create(
+            model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            temperature=0, max_tokens=MAX_TOKENS).choices[0].message.content
+
+    before = reused()
+    first = tutor(KNOWN[1][0])  # nothing of this system prompt is stored yet
+    cold = reused()
+    assert cold == before, "a prompt no earlier one shares must prefill whole"
+    answers = {question: tutor(question) for question, _ in KNOWN}
+    assert reused() - cold >= 24 * len(KNOWN), "each later question reuses at least the system prompt's blocks"
+    assert answers[KNOWN[1][0]] == first  # the whole stored prompt but its last token: the same answer
+    for question, expected in KNOWN:
+        assert expected in answers[question], answers[question]
