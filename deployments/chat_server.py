@@ -270,7 +270,8 @@ class ChatServer(FamilyServer):
         finish = "tool_calls" if calls is not None and calls.calls else result.finish_reason
         yield {
             "finish_reason": finish,
-            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                      "cached_tokens": result.cached_tokens},
         }
 
 

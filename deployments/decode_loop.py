@@ -62,6 +62,7 @@ class Row:
     pending: Entry | None = None  # the logprob entry of the token just sampled
     error: BaseException | None = None  # a row that failed on its own (finish "error")
     prompt_ids: list[int] | None = None  # a text-only prompt's tokens (prefix cache); None with images
+    cached_tokens: int = 0  # of them, those whose keys and values came from the prefix cache
 
     @property
     def limit(self) -> int:
@@ -237,6 +238,8 @@ class DecodeLoop:
                 for r, n in zip(rows, lengths, strict=True)
             ], pad_id).items()}
             stored_kv, stored_mask = prefix_batch(hits, lengths)
+            for row, n in zip(rows, lengths, strict=True):
+                row.cached_tokens = n
             inputs["attention_mask"] = torch.cat([stored_mask.to(inputs["attention_mask"]), inputs["attention_mask"]],
                                                  dim=1)
             cache, reused = DynamicCache(stored_kv), stored_mask.shape[1]
@@ -363,7 +366,8 @@ class DecodeLoop:
         tokenizer = row.stream.tokenizer
         text, _ = cut_at_stop(tokenizer.decode(row.tokens, skip_special_tokens=True), row.params.stop)
         result = ChatResult(text, row.prompt_tokens, len(row.tokens), row.finish or "stop",
-                            logprobs=row.logprobs if row.params.logprobs else None)  # type: ignore[arg-type]
+                            logprobs=row.logprobs if row.params.logprobs else None,  # type: ignore[arg-type]
+                            cached_tokens=row.cached_tokens)
         try:
             row.done(row.error if row.finish == "error" and row.error is not None else result)
         except Exception:  # the caller's future is gone: nothing to tell

@@ -75,6 +75,7 @@ class ChatResult:
     logprobs: list[dict] | None = None
     tool_calls: list[dict] | None = None  # [{"id", "type": "function", "function": {"name", "arguments"}}]
     content: str | None = None  # with tool calls: the text outside them (None: `text` is all content)
+    cached_tokens: int = 0  # of prompt_tokens, those the prefix cache supplied
 
 
 @dataclass

@@ -431,6 +431,12 @@ def _now() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(OpenAIBaseModel):
+    cached_tokens: int = 0
+    """Prompt tokens whose keys and values came from the prefix cache (`prefix_cache_mb`) instead of
+    being computed again."""
+
+
 class UsageInfo(OpenAIBaseModel):
     prompt_tokens: int = 0
     """Tokens in the prompt (after the chat template)."""
@@ -438,6 +444,14 @@ class UsageInfo(OpenAIBaseModel):
     """Tokens generated."""
     total_tokens: int = 0
     """Sum of the two."""
+    prompt_tokens_details: PromptTokensDetails | None = None
+    """Of the prompt tokens, how many the prefix cache supplied."""
+
+    @classmethod
+    def counted(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> UsageInfo:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 class TopLogprob(OpenAIBaseModel):

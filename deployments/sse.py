@@ -40,7 +40,7 @@ async def chat_events(model: str, chunks: AsyncIterator[tuple[int, dict]], inclu
 
     for index in range(choices):
         yield event([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
-    prompt_tokens, completion_tokens = 0, 0
+    prompt_tokens, completion_tokens, cached_tokens = 0, 0, 0
     try:
         async for index, item in chunks:
             if "delta" in item:
@@ -52,11 +52,11 @@ async def chat_events(model: str, chunks: AsyncIterator[tuple[int, dict]], inclu
                 continue
             yield event([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(),
                                                    finish_reason=item["finish_reason"])])
-            prompt_tokens = prompt_tokens or item["usage"]["prompt_tokens"]
+            if not prompt_tokens:
+                prompt_tokens, cached_tokens = item["usage"]["prompt_tokens"], item["usage"].get("cached_tokens", 0)
             completion_tokens += item["usage"]["completion_tokens"]
         if include_usage:
-            yield event([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                      total_tokens=prompt_tokens + completion_tokens))
+            yield event([], UsageInfo.counted(prompt_tokens, completion_tokens, cached_tokens))
     except Exception as exc:  # headers are sent: report the failure in-band, then end the stream
         yield error_sse_event(exc)
     yield DONE

@@ -60,8 +60,7 @@ async def create_chat_completion(body: ChatCompletionRequest, ingress: IngressDe
     results: list[ChatResult] = list(await asyncio.gather(*(ingress.chat(p) for p in choices)))
     prompt_tokens = results[0].prompt_tokens
     completion_tokens = sum(r.completion_tokens for r in results)
-    usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                      total_tokens=prompt_tokens + completion_tokens)
+    usage = UsageInfo.counted(prompt_tokens, completion_tokens, results[0].cached_tokens)
     return ChatCompletionResponse(model=body.model, usage=usage,
                                   choices=[choice(i, result) for i, result in enumerate(results)])
 

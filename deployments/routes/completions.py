@@ -61,8 +61,7 @@ async def create_completion(body: CompletionRequest, ingress: IngressDep, wait_s
     completion_tokens = sum(r.completion_tokens for r in results)
     return CompletionResponse(
         model=body.model,
-        usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                        total_tokens=prompt_tokens + completion_tokens),
+        usage=UsageInfo.counted(prompt_tokens, completion_tokens, sum(r.cached_tokens for r in results[:: body.n])),
         choices=[CompletionChoice(text=r.text, index=i, finish_reason=r.finish_reason,  # type: ignore[arg-type]
                                   logprobs=legacy_logprobs(r.logprobs) if r.logprobs is not None else None)
                  for i, r in enumerate(results)],
@@ -87,7 +86,7 @@ async def completion_events(model: str, items: AsyncIterator[tuple[int, dict]], 
     """text_completion chunks: text deltas per choice, a finish_reason per choice, optional usage, [DONE]."""
     response = CompletionResponse(model=model, choices=[])
     offsets: dict[int, int] = {}
-    prompt_tokens, completion_tokens = 0, 0
+    prompt_tokens, completion_tokens, cached_tokens = 0, 0, 0
 
     def event(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
         chunk = response.model_copy(update={"choices": choices, "usage": usage, "created": int(time.time())})
@@ -103,10 +102,10 @@ async def completion_events(model: str, items: AsyncIterator[tuple[int, dict]], 
             yield event([CompletionChoice(text="", index=index, finish_reason=item["finish_reason"])])
             if index % n == 0:
                 prompt_tokens += item["usage"]["prompt_tokens"]
+                cached_tokens += item["usage"].get("cached_tokens", 0)
             completion_tokens += item["usage"]["completion_tokens"]
         if include_usage:
-            yield event([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                      total_tokens=prompt_tokens + completion_tokens))
+            yield event([], UsageInfo.counted(prompt_tokens, completion_tokens, cached_tokens))
     except Exception as exc:  # headers are sent: report the failure in-band, then end the stream
         yield error_sse_event(exc)
     yield DONE

@@ -76,6 +76,9 @@ def test_prompts_sharing_a_system_prompt_reuse_it_and_answer_as_alone(models):
     stored = loop.prefixes[models["tiny"][1].model]
     repeated = stored.match(None, second[0][1].inputs["input_ids"][0].tolist())
     assert repeated is not None and repeated[1] == (second[0][1].inputs["input_ids"].shape[1] - 1) // 8 * 8
+    # what each reply reports as usage.prompt_tokens_details.cached_tokens
+    assert results[0].cached_tokens == 0 and results[1].cached_tokens == repeated[1]
+    assert results[4].cached_tokens == 0 and 0 < results[2].cached_tokens < repeated[1]
 
 
 def test_adapter_rows_keep_their_own_prefixes(models):

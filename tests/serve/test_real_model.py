@@ -127,17 +127,26 @@ def test_a_shared_system_prompt_is_prefilled_once_and_answers_hold(demo_app, alo
     def reused() -> int:
         return demo_app.get("/health").json()["models"][MODEL]["replica"]["batching"].get("prefix_tokens_reused", 0)
 
+    cached: list[int] = []
+
     def tutor(question: str) -> str:
-        return demo_app.openai().chat.completions.create(
+        reply = demo_app.openai().chat.completions.create(
             model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
-            temperature=0, max_tokens=MAX_TOKENS).choices[0].message.content
+            temperature=0, max_tokens=MAX_TOKENS)
+        cached.append(reply.usage.prompt_tokens_details.cached_tokens)  # OpenAI's field for it
+        return reply.choices[0].message.content
 
     before = reused()
     first = tutor(KNOWN[1][0])  # nothing of this system prompt is stored yet
     cold = reused()
-    assert cold == before, "a prompt no earlier one shares must prefill whole"
+    assert cold == before and cached == [0], "a prompt no earlier one shares must prefill whole"
     answers = {question: tutor(question) for question, _ in KNOWN}
-    assert reused() - cold >= 24 * len(KNOWN), "each later question reuses at least the system prompt's blocks"
+    assert reused() - cold == sum(cached) and min(cached[1:]) >= 24, cached  # at least the system prompt
+    stream = demo_app.openai().chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": KNOWN[0][0]}],
+        temperature=0, max_tokens=MAX_TOKENS, stream=True, stream_options={"include_usage": True})
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None][-1]
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1 - (usage.prompt_tokens - 1) % 8
     assert answers[KNOWN[1][0]] == first  # the whole stored prompt but its last token: the same answer
     for question, expected in KNOWN:
         assert expected in answers[question], answers[question]
