@@ -479,6 +479,7 @@ def prefix_batch(hits: list[tuple[Prefix, int] | None], lengths: list[int]) -> t
 def _store_prefixes(store: PrefixCache, rows: list[Row], hits: list[tuple[Prefix, int] | None], cache: DynamicCache,
                     mask: torch.Tensor) -> None:
     """Keep the leading blocks of the prompts just prefilled, unless their hit covered them all."""
+    token_bytes = sum(layer.keys[0, :, 0].nbytes + layer.values[0, :, 0].nbytes for layer in cache.layers)
     for i, (row, hit) in enumerate(zip(rows, hits, strict=True)):
         if row.prompt_ids is None or (hit is not None and hit[1] >= store.usable_blocks(row.prompt_ids) * store.block):
             continue
@@ -489,7 +490,7 @@ def _store_prefixes(store: PrefixCache, rows: list[Row], hits: list[tuple[Prefix
             return [(layer.keys[i:i + 1].index_select(2, taken), layer.values[i:i + 1].index_select(2, taken))
                     for layer in cache.layers]
 
-        store.add(row.adapter, row.prompt_ids, kv_of)
+        store.add(row.adapter, row.prompt_ids, kv_of, token_bytes)
 
 
 def _join(cache: DynamicCache | None, mask: torch.Tensor | None, tokens: torch.Tensor | None,

@@ -116,10 +116,13 @@ def kv(tokens: int, value: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor
     return [(torch.full((1, 2, tokens, 4), value), torch.full((1, 2, tokens, 4), value)) for _ in range(2)]
 
 
+TOKEN = sum(k[0, :, 0].nbytes + v[0, :, 0].nbytes for k, v in kv(1))  # bytes a token takes in kv()
+
+
 def test_store_matches_whole_blocks_and_leaves_the_last_token():
     store = PrefixCache(max_bytes=1 << 20, block=4)
     prompt = list(range(10))
-    store.add(None, prompt, kv)
+    store.add(None, prompt, kv, TOKEN)
     assert store.match(None, prompt) == (store.match(None, prompt)[0], 8)  # (10 - 1) // 4 blocks
     assert store.match(None, prompt[:8] + [99])[1] == 8
     assert store.match(None, prompt[:6] + [99, 98, 97])[1] == 4  # shares one block only
@@ -132,7 +135,7 @@ def test_store_matches_whole_blocks_and_leaves_the_last_token():
 def test_a_hash_collision_is_a_miss_not_a_wrong_prefix(monkeypatch):
     store = PrefixCache(max_bytes=1 << 20, block=4)
     monkeypatch.setattr(store, "_hashes", lambda scope, tokens, blocks: [1] * blocks)  # every block collides
-    store.add(None, list(range(10)), kv)
+    store.add(None, list(range(10)), kv, TOKEN)
     assert store.match(None, list(range(100, 110))) is None
     assert store.match(None, list(range(10)))[1] == 8
 
@@ -141,13 +144,15 @@ def test_least_recently_used_entries_leave_first_within_the_byte_bound():
     one = sum(k.nbytes + v.nbytes for k, v in kv(8))
     store = PrefixCache(max_bytes=2 * one, block=4)
     a, b, c = [list(range(i * 100, i * 100 + 9)) for i in range(3)]
-    store.add(None, a, kv)
-    store.add(None, b, kv)
+    store.add(None, a, kv, TOKEN)
+    store.add(None, b, kv, TOKEN)
     assert store.match(None, a) is not None  # a is now the most recently used
-    store.add(None, c, kv)
+    store.add(None, c, kv, TOKEN)
     assert store.bytes <= store.max_bytes
     assert store.match(None, b) is None and store.match(None, a) is not None and store.match(None, c) is not None
-    store.add(None, list(range(1000, 1000 + 99)), kv)  # larger than the whole bound: not stored
+    copied: list[int] = []
+    store.add(None, list(range(1000, 1000 + 99)), lambda n: copied.append(n) or kv(n), TOKEN)
+    assert not copied, "a prompt larger than the whole bound is skipped before its keys are copied"
     assert store.bytes <= store.max_bytes and store.match(None, a) is not None
 
 
