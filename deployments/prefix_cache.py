@@ -77,9 +77,10 @@ class PrefixCache:
     def add(self, scope: object, tokens: Sequence[int], kv_of: Callable[[int], KV], token_bytes: int) -> None:
         """Store the usable blocks of `tokens`; `kv_of(n)` gives the keys and values of their first n
         tokens (copies: an entry must not keep a whole batch's cache alive), `token_bytes` what one
-        token of them takes: a prompt too long for the bound is skipped before anything is copied."""
-        blocks = self.usable_blocks(tokens)
-        if not blocks or blocks * self.block * token_bytes > self.max_bytes:
+        token of them takes: of a prompt too long for the bound, the leading blocks that fit are stored
+        (checked before anything is copied)."""
+        blocks = min(self.usable_blocks(tokens), self.max_bytes // max(1, token_bytes * self.block))
+        if not blocks:
             return
         length = blocks * self.block
         hashes = self._hashes(scope, tokens, blocks)

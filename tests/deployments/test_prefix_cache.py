@@ -151,9 +151,10 @@ def test_least_recently_used_entries_leave_first_within_the_byte_bound():
     assert store.bytes <= store.max_bytes
     assert store.match(None, b) is None and store.match(None, a) is not None and store.match(None, c) is not None
     copied: list[int] = []
-    store.add(None, list(range(1000, 1000 + 99)), lambda n: copied.append(n) or kv(n), TOKEN)
-    assert not copied, "a prompt larger than the whole bound is skipped before its keys are copied"
-    assert store.bytes <= store.max_bytes and store.match(None, a) is not None
+    long_prompt = list(range(1000, 1000 + 99))
+    store.add(None, long_prompt, lambda n: copied.append(n) or kv(n), TOKEN)
+    assert copied == [16], "of a prompt larger than the whole bound, only the blocks that fit are copied"
+    assert store.bytes <= store.max_bytes and store.match(None, long_prompt)[1] == 16
 
 
 def test_a_cache_that_cannot_be_stored_turns_the_store_off_not_the_request(models, monkeypatch):
