@@ -136,7 +136,7 @@ class ChatServer(FamilyServer):
             async with self.memory.hold(need, "this chat request", param="messages"):
                 result = raise_if_error(await self._until_cancelled(params, self._generate(params)))
         self.metrics.generated(params.model, arrived, params.first_token_at, result.prompt_tokens,
-                               result.completion_tokens)
+                               result.completion_tokens, result.cached_tokens)
         return await self._finish_result(params, result)
 
     async def _finish_result(self, params: ChatParams, result: ChatResult) -> ChatResult:
@@ -220,8 +220,9 @@ class ChatServer(FamilyServer):
             async for item in self._chat_stream(params):
                 yield item
                 if "usage" in item:
-                    self.metrics.generated(params.model, arrived, params.first_token_at,
-                                           item["usage"]["prompt_tokens"], item["usage"]["completion_tokens"])
+                    usage = item["usage"]
+                    self.metrics.generated(params.model, arrived, params.first_token_at, usage["prompt_tokens"],
+                                           usage["completion_tokens"], usage.get("cached_tokens", 0))
 
     async def _chat_stream(self, params: ChatParams) -> AsyncIterator[dict]:
         need = await self._admit(params)

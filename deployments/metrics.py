@@ -78,6 +78,8 @@ class FamilyMetrics:
         self.tokens_per_s = _histogram("generation_tokens_per_second", "Completion tokens per second of one request, "
                                        "from its first token to its last", TOKENS_PER_S_BUCKETS, "family", "model")
         self.prompt_tokens = _counter("prompt_tokens", "Prompt tokens processed", "family", "model")
+        self.cached_tokens = _counter("prompt_tokens_cached", "Of the prompt tokens, those the prefix cache supplied "
+                                      "(keys and values not computed again)", "family", "model")
         self.completion_tokens = _counter("completion_tokens", "Completion tokens generated", "family", "model")
         self.audio_in = _counter("audio_transcribed_seconds", "Seconds of audio transcribed or translated",
                                  "family", "model")
@@ -109,10 +111,12 @@ class FamilyMetrics:
         self.batch_size.observe(size, tags=self._tags(model))
 
     def generated(self, model: str, arrived: float, first_token: float | None, prompt_tokens: int,
-                  completion_tokens: int) -> None:
+                  completion_tokens: int, cached_tokens: int = 0) -> None:
         """One finished chat/completion request (`arrived`, `first_token`: time.monotonic() stamps)."""
         tags = self._tags(model)
         self.prompt_tokens.inc(prompt_tokens, tags=tags)
+        if cached_tokens:
+            self.cached_tokens.inc(cached_tokens, tags=tags)
         if completion_tokens:
             self.completion_tokens.inc(completion_tokens, tags=tags)
         if first_token is not None:

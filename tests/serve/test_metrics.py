@@ -83,6 +83,8 @@ def test_counters_move_by_what_was_asked(app, metrics_url):
         spoken_s = len(w.readframes(1 << 30)) / (w.getsampwidth() * w.getnchannels() * w.getframerate())
 
     prompt = sum(u.prompt_tokens for u in usages)
+    cached = sum(u.prompt_tokens_details.cached_tokens for u in usages)
+    assert usages[1].prompt_tokens_details.cached_tokens > 0  # the same prompt again: its blocks were stored
     completion = sum(u.completion_tokens for u in usages)
     assert len(usages) == 3 and completion > 0
 
@@ -94,6 +96,7 @@ def test_counters_move_by_what_was_asked(app, metrics_url):
     tts = {"family": "tts", "model": "tiny-vits"}
     expected = {
         ("ray_modelfleet_prompt_tokens_total", "llm"): prompt,
+        ("ray_modelfleet_prompt_tokens_cached_total", "llm"): cached,
         ("ray_modelfleet_completion_tokens_total", "llm"): completion,
         ("ray_modelfleet_time_to_first_token_seconds_count", "llm"): 3,
         ("ray_modelfleet_audio_transcribed_seconds_total", "stt"): 2.0,
