@@ -61,7 +61,7 @@ class Row:
     logprobs: list[Entry] = field(default_factory=list)
     pending: Entry | None = None  # the logprob entry of the token just sampled
     error: BaseException | None = None  # a row that failed on its own (finish "error")
-    prompt_ids: list[int] | None = None  # a text-only prompt's tokens (prefix cache); None with images
+    prompt_ids: list[int] | None = None  # a text-only prompt's tokens, set at prefill when a prefix cache is on
     cached_tokens: int = 0  # of them, those whose keys and values came from the prefix cache
 
     @property
@@ -226,8 +226,13 @@ class DecodeLoop:
         device = loaded.model.device
         pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
         store = self._prefix_cache(loaded)
-        text_only = store is not None and all(row.prompt_ids is not None for row in rows)
-        hits = [store.match(row.adapter, row.prompt_ids) if text_only else None for row in rows]  # type: ignore
+        if store is not None:
+            for row in rows:
+                row.prompt_ids = text_prompt(row.params)
+            if any(row.prompt_ids is None for row in rows):
+                store = None  # images (or other inputs) in the batch: prefilled whole, nothing stored
+        hits = [store.match(row.adapter, row.prompt_ids) if store is not None and row.prompt_ids is not None
+                else None for row in rows]
         if not any(hits):
             inputs = {k: v.to(device) for k, v in collate([r.params.inputs for r in rows], pad_id).items()}
             cache, reused = DynamicCache(), 0
@@ -255,11 +260,11 @@ class DecodeLoop:
         logits = group.forward(inputs, cache, rows, one_adapter)
         self.stats["model_calls"] += 1
         self.stats["requests"] += len(rows)
-        if text_only:
+        if store is not None:
             try:
-                _store_prefixes(store, rows, hits, cache, mask)  # type: ignore[arg-type]
+                _store_prefixes(store, rows, hits, cache, mask)
             except Exception as exc:  # a cache layout without per-layer keys/values: serve on without the store
-                store.max_bytes = 0  # type: ignore[union-attr]
+                store.turn_off()
                 logger.warning("prefix cache off for %s: its KV cache cannot be stored (%r)", loaded.report.name, exc)
         first = self._sample(rows, logits)
         group.cache, group.mask, group.next_tokens = _join(group.cache, group.mask, group.next_tokens,
@@ -398,9 +403,6 @@ def new_row(spec: ModelSpec, loaded: LoadedModel, params: ChatParams, done: Done
         generator = torch.Generator(device="cpu")
         generator.manual_seed(params.seed % 2**63)
     row = Row(spec, params, done, loaded.adapter_name, sampling_settings(loaded, params), end_ids, stream, generator)
-    inputs = params.inputs or {}
-    if set(inputs) <= {"input_ids", "attention_mask"} and "input_ids" in inputs and inputs["input_ids"].shape[0] == 1:
-        row.prompt_ids = inputs["input_ids"][0].tolist()
     if RowLogits.needed(params):
         row.hooks = RowLogits(params, params.grammar)
     return row
@@ -455,6 +457,14 @@ def sample_token(logits: torch.Tensor, sampling: dict[str, Any], generator: torc
         scores = scores.scatter(0, index, ordered.masked_fill(drop, float("-inf")))
     probs = torch.softmax(scores, dim=-1).cpu()
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def text_prompt(params: ChatParams) -> list[int] | None:
+    """A prompt's tokens when it is tokens alone (the prefix cache's key); None with images and the like."""
+    inputs = params.inputs or {}
+    if set(inputs) <= {"input_ids", "attention_mask"} and "input_ids" in inputs and inputs["input_ids"].shape[0] == 1:
+        return inputs["input_ids"][0].tolist()
+    return None
 
 
 def prefix_batch(hits: list[tuple[Prefix, int] | None], lengths: list[int]) -> tuple[list, torch.Tensor]:

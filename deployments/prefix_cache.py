@@ -67,12 +67,18 @@ class PrefixCache:
             return None
         hashes = self._hashes(scope, tokens, blocks)
         for k in range(blocks, 0, -1):
-            entry = self.index.get(hashes[k - 1])
-            length = k * self.block
-            if entry is not None and entry.scope == scope and entry.tokens[:length] == tuple(tokens[:length]):
-                self.entries.move_to_end(id(entry))
-                return entry, length
+            entry = self._confirmed(hashes[k - 1], scope, tokens, k * self.block)
+            if entry is not None:
+                return entry, k * self.block
         return None
+
+    def _confirmed(self, chained: int, scope: object, tokens: Sequence[int], length: int) -> Prefix | None:
+        """The entry indexed under `chained` if it really holds `tokens[:length]` (now most recently used)."""
+        entry = self.index.get(chained)
+        if entry is None or entry.scope != scope or entry.tokens[:length] != tuple(tokens[:length]):
+            return None
+        self.entries.move_to_end(id(entry))
+        return entry
 
     def add(self, scope: object, tokens: Sequence[int], kv_of: Callable[[int], KV], token_bytes: int) -> None:
         """Store the usable blocks of `tokens`; `kv_of(n)` gives the keys and values of their first n
@@ -84,9 +90,7 @@ class PrefixCache:
             return
         length = blocks * self.block
         hashes = self._hashes(scope, tokens, blocks)
-        held = self.index.get(hashes[-1])
-        if held is not None and held.scope == scope and held.tokens[:length] == tuple(tokens[:length]):
-            self.entries.move_to_end(id(held))
+        if self._confirmed(hashes[-1], scope, tokens, length) is not None:
             return
         layers = kv_of(length)
         nbytes = sum(k.nbytes + v.nbytes for k, v in layers)
@@ -99,6 +103,12 @@ class PrefixCache:
             self.index[chained] = entry  # the newest entry answers for the blocks it shares with older ones
         self.entries[id(entry)] = entry
         self.bytes += nbytes
+
+    def turn_off(self) -> None:
+        """Store nothing more and free what is stored."""
+        self.max_bytes, self.bytes = 0, 0
+        self.entries.clear()
+        self.index.clear()
 
     def _evict(self, entry: Prefix) -> None:
         del self.entries[id(entry)]

@@ -11,20 +11,11 @@ from deployments.decode_loop import DecodeLoop
 from deployments.generation import generate_batch
 from deployments.llm import LLMServer
 from deployments.params import ChatParams
-from loading import ModelSpec, attach_adapter, load_model
-from loading.tiny import build_tiny
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    base_dir = build_tiny("llm", root / "tiny-llm")
-    lora_dir = build_tiny("llm-lora", root / "tiny-llm-lora", base=base_dir)
-    spec = ModelSpec(name="tiny", source=str(base_dir), max_new_tokens=48)
-    base = load_model(spec)
-    lora_spec = ModelSpec(name="lora", source=str(lora_dir), base_model="tiny", max_new_tokens=48)
-    lora = attach_adapter(lora_spec, base)
-    return {"tiny": (spec, base), "lora": (lora_spec, lora)}
+def models(tiny_llm_models):
+    return tiny_llm_models(48)
 
 
 def chat(prompt: str, max_new_tokens: int, **kw) -> ChatParams:

@@ -11,21 +11,13 @@ from deployments.generation import generate_batch
 from deployments.llm import LLMServer
 from deployments.params import ChatParams
 from deployments.prefix_cache import PrefixCache
-from loading import ModelSpec, attach_adapter, load_model
-from loading.tiny import build_tiny
 
 SYSTEM = "You answer questions about the weather in the city and the mountains, briefly and politely."
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    base_dir = build_tiny("llm", root / "tiny-llm")
-    lora_dir = build_tiny("llm-lora", root / "tiny-llm-lora", base=base_dir)
-    spec = ModelSpec(name="tiny", source=str(base_dir), max_new_tokens=24)
-    base = load_model(spec)
-    lora_spec = ModelSpec(name="lora", source=str(lora_dir), base_model="tiny", max_new_tokens=24)
-    return {"tiny": (spec, base), "lora": (lora_spec, attach_adapter(lora_spec, base))}
+def models(tiny_llm_models):
+    return tiny_llm_models(24)
 
 
 def chat(question: str, system: str = SYSTEM, **kw) -> ChatParams:
