@@ -4,10 +4,14 @@ sampling settings each get exactly what they would get alone."""
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, MistralConfig, Qwen2Config
+from transformers.masking_utils import create_causal_mask
 
-from deployments.decode_loop import DecodeLoop
+from deployments.decode_loop import DecodeLoop, Group, prepared_step_mask_fits
 from deployments.generation import generate_batch
 from deployments.llm import LLMServer
 from deployments.params import ChatParams
@@ -72,6 +76,35 @@ def test_rows_joining_and_leaving_a_running_batch_get_their_greedy_answers(model
     assert [r.prompt_tokens for r in results] == [e.prompt_tokens for e in expected]
     assert stats["requests"] == 6 and stats["largest_batch"] >= 3
     assert stats["model_calls"] < 6 + sum(n for _, n in prompts)  # prefills were shared, steps too
+
+
+def test_a_decode_steps_ready_mask_is_the_one_transformers_builds(models):
+    """The joining test above runs on it (the tiny Llama attends with SDPA over full-attention layers)."""
+    _, loaded = models["tiny"]
+    group = Group(loaded)
+    assert group.step_mask_prepared
+    padded = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    config = loaded.model.config
+    cache = DynamicCache(config=config)  # four columns seen: the step adds the fifth
+    heads, width = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    for layer in range(config.num_hidden_layers):
+        cache.update(torch.zeros(3, heads, 4, width), torch.zeros(3, heads, 4, width), layer)
+    built = create_causal_mask(config=config, inputs_embeds=torch.zeros(3, 1, config.hidden_size),
+                               attention_mask=padded, cache=cache, position_ids=padded.sum(-1, keepdim=True) - 1)
+    assert built is not None and torch.equal(group.step_mask(padded), built)
+
+
+@pytest.mark.parametrize("config, fits", [
+    (LlamaConfig(), True),
+    (Qwen2Config(), True),  # sliding window off: every layer attends to the whole cache
+    (Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=1), False),
+    (MistralConfig(sliding_window=4096), False),
+])
+def test_only_sdpa_models_without_windowed_layers_get_a_ready_step_mask(config, fits):
+    config._attn_implementation = "sdpa"
+    assert prepared_step_mask_fits(SimpleNamespace(config=config)) is fits
+    config._attn_implementation = "eager"  # eager attention adds a float mask: transformers builds it
+    assert prepared_step_mask_fits(SimpleNamespace(config=config)) is False
 
 
 def test_base_and_adapter_rows_share_steps_and_answer_as_themselves(models):
