@@ -71,6 +71,9 @@ class FamilyServer:
             out["num_replicas"] = 1
         else:
             out["autoscaling_config"] = options.autoscaling.model_dump(exclude_none=True)
+        per_node = replicas_per_node(options, num_gpus)
+        if per_node is not None:
+            out["max_replicas_per_node"] = per_node
         return out
 
     async def _infer(self, fn, *args):
@@ -213,3 +216,11 @@ def raise_if_error(result: Any) -> Any:
     if isinstance(result, BaseException):
         raise result
     return result
+
+
+def replicas_per_node(options: FamilyOptions, num_gpus: int) -> int | None:
+    """The family's max_replicas_per_node: as set, else 1 for CPU replicas (a node's cores serve one
+    replica's threads; a second only competes for them), else none (a GPU replica holds a GPU)."""
+    if options.max_replicas_per_node is not None:
+        return options.max_replicas_per_node
+    return 1 if num_gpus == 0 else None

@@ -68,6 +68,8 @@ BAD_ARGS = [
                  "families.llm.autoscaling.max_replicas", "greater than or equal to 1", id="zero-max-replicas"),
     pytest.param(args(families={"vlm": {"autoscaling": {"min_replicas": -1}}}),
                  "families.vlm.autoscaling.min_replicas", "greater than or equal to 0", id="negative-min-replicas"),
+    pytest.param(args(families={"stt": {"max_replicas_per_node": 0}}), "families.stt.max_replicas_per_node",
+                 "greater than or equal to 1", id="zero-replicas-per-node"),
     pytest.param(args(ingress={"num_replicas": 0}), "ingress.num_replicas", "greater than or equal to 1",
                  id="zero-ingress-replicas"),
     pytest.param(args(limits={"max_concurrent_requests": 0}), "limits.max_concurrent_requests",
@@ -134,6 +136,23 @@ def test_good_args_build_one_deployment_per_family_without_a_cluster():
     assert set(deployments) == {"ingress", "llm", "tts"}
     assert deployments["llm"].max_ongoing_requests == 3
     assert deployments["llm"].ray_actor_options["num_gpus"] == 0  # device: cpu
+
+
+def per_node(config_args: dict) -> dict:
+    from deployments.builder import build_app
+
+    return {name: deployment._replica_config.max_replicas_per_node
+            for name, deployment in bound_deployments(build_app(config_args)).items()}
+
+
+def test_cpu_replicas_of_a_family_get_a_node_each_unless_set():
+    """Two CPU replicas of a family on one node split its cores between twice the threads (SmolLM2 on 2
+    cores: 1.2 req/s from two against 7 from one, bench/REPLICAS.md): Ray places one per node. A GPU
+    replica holds a GPU of its own, so GPU families get no such bound; a set value goes to Serve as is."""
+    assert per_node(args()) == {"ingress": None, "llm": 1, "tts": 1}
+    assert per_node(args(device="gpu")) == {"ingress": None, "llm": None, "tts": None}
+    assert per_node(args(families={"llm": {"max_replicas_per_node": 2}})) == {"ingress": None, "llm": 2, "tts": 1}
+    assert per_node(args(device="gpu", families={"tts": {"max_replicas_per_node": 3}}))["tts"] == 3
 
 
 def test_a_family_section_given_in_part_keeps_the_other_defaults():

@@ -100,7 +100,10 @@ def app(serve_url, models_dir, adapters, tmp_path_factory):
              "debug_step_delay_s": STEP_S},
             {"name": "tiny-llava", "source": "tiny-llava", "build_tiny": "vlm", "max_new_tokens": 16},
         ],
-        "families": {"llm": {"num_cpus": 0.25, "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
+        # two LLM replicas on this one machine on purpose (a model registered at runtime reaches both):
+        # CPU replicas are one per node unless max_replicas_per_node says otherwise
+        "families": {"llm": {"num_cpus": 0.25, "autoscaling": {"min_replicas": 2, "max_replicas": 2},
+                             "max_replicas_per_node": 2},
                      "vlm": {"num_cpus": 0.25, "autoscaling": None}},
         "ingress": {"num_cpus": 0.25},
         "auth": {"api_keys_file": str(secrets / "keys"), "admin_keys_file": str(secrets / "admin")},
