@@ -45,7 +45,7 @@ class FamilyOptions(BaseModel):
         default=None, ge=1, description=(
             "Replicas of this family Ray may place on one node. null: 1 where the replicas compute on CPU, "
             "no bound where each holds a GPU. Two CPU replicas on one node split its cores between twice the "
-            "threads: SmolLM2 at 16 clients on 2 cores served 1.2 req/s from two replicas against 7 from one "
+            "threads: SmolLM2 at 16 clients on 2 cores served 1.0 req/s from two replicas against 7.2 from one "
             "(bench/REPLICAS.md). A replica the autoscaler asks for beyond this waits for another node "
             "(an autoscaling cluster adds one); the running ones keep answering."
         ),

@@ -147,7 +147,7 @@ def per_node(config_args: dict) -> dict:
 
 def test_cpu_replicas_of_a_family_get_a_node_each_unless_set():
     """Two CPU replicas of a family on one node split its cores between twice the threads (SmolLM2 on 2
-    cores: 1.2 req/s from two against 7 from one, bench/REPLICAS.md): Ray places one per node. A GPU
+    cores: 1.0 req/s from two against 7.2 from one, bench/REPLICAS.md): Ray places one per node. A GPU
     replica holds a GPU of its own, so GPU families get no such bound; a set value goes to Serve as is."""
     assert per_node(args()) == {"ingress": None, "llm": 1, "tts": 1}
     assert per_node(args(device="gpu")) == {"ingress": None, "llm": None, "tts": None}
