@@ -262,6 +262,9 @@ def test_every_hostile_request_gets_its_4xx_and_harms_nothing(live):
         problem = check(case, response, seconds)
         if problem:
             failures.append(f"{case.name}: {problem}")
+    if failures:  # say whether a replica was replaced or a model reloaded meanwhile (a 503 "still loading")
+        states = {name: info.get("state") for name, info in live.health()["models"].items()}
+        failures.append(f"(replica pids before: {pids_before}, now: {live.replica_pids()}; model states now: {states})")
     assert not failures, "\n".join(failures)
     assert answers_of_every_family(live.url) == {"llm": 200, "vlm": 200, "stt": 200, "tts": 200}
     assert live.replica_pids() == pids_before, "a replica was replaced"
