@@ -133,11 +133,14 @@ def test_counters_move_by_what_was_asked(app, metrics_url):
 
 
 def test_model_state_load_time_and_fallbacks(app, metrics_url):
-    def loaded(samples):
-        return total(samples, "ray_modelfleet_model_state", model="tiny-llm", state="ready") == 1
+    models = ("tiny-llm", "tiny-whisper", "tiny-vits")
+
+    def loaded(samples):  # a replica sets its models' gauges at each health check (every 10 s), then Ray exports
+        return (total(samples, "ray_modelfleet_model_state", model="tiny-llm", state="ready") == 1
+                and all(total(samples, "ray_modelfleet_model_state", model=m, state="ready") >= 1 for m in models))
 
     samples = wait_until(metrics_url, loaded)
-    for model in ("tiny-llm", "tiny-whisper", "tiny-vits"):  # one series per replica of the family
+    for model in models:  # one series per replica of the family
         assert total(samples, "ray_modelfleet_model_state", model=model, state="ready") >= 1, model
         assert total(samples, "ray_modelfleet_model_state", model=model, state="failed") == 0, model
         assert total(samples, "ray_modelfleet_model_load_seconds", model=model) > 0, model
