@@ -185,7 +185,7 @@ class ChatServer(FamilyServer):
 
         if self._decoder is None:
             self._decoder = _decode_loop().DecodeLoop(self.options.max_batch_size, self.batch_stats, self.metrics.batch,
-                                                      self.threads.use, int(self.options.prefix_cache_mb * 2**20))
+                                                      self.threads.computing, int(self.options.prefix_cache_mb * 2**20))
         self._decoder.submit(spec, loaded, params, done)
         self._keep_decoding()
         return await outcome

@@ -25,6 +25,7 @@ import queue
 import time
 import weakref
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -173,13 +174,15 @@ class DecodeLoop:
     """Rows of every model this replica serves; `submit` from any thread, `run` on the inference thread."""
 
     def __init__(self, max_rows: int, stats: dict[str, int], on_step: Callable[[str, int], None] | None = None,
-                 before_call: Callable[[LoadedModel], None] | None = None, prefix_cache_bytes: int = 0):
+                 computing: Callable[[LoadedModel], AbstractContextManager] | None = None,
+                 prefix_cache_bytes: int = 0):
         self.max_rows = max_rows
         self.prefix_cache_bytes = prefix_cache_bytes  # per model; 0: every prompt is prefilled whole
         self.prefixes: weakref.WeakKeyDictionary[Any, PrefixCache] = weakref.WeakKeyDictionary()
         self.stats = stats  # shown in /health: model_calls (prefills + steps), decode_steps, requests, ...
         self.on_step = on_step  # (model, rows) after every decode step: the batch-size metric
-        self.before_call = before_call  # before each forward of a model (the threads torch computes it with)
+        # around each forward of a model: the threads torch computes it with, and the node's CPU turn
+        self.computing = computing or (lambda loaded: nullcontext())
         self.pending: queue.SimpleQueue[tuple[ModelSpec, LoadedModel, ChatParams, Done]] = queue.SimpleQueue()
         self.groups: dict[int, Group] = {}
 
@@ -270,9 +273,8 @@ class DecodeLoop:
             row.prompt_tokens = int(row_mask.sum())
         # positions count real tokens only: left padding must not shift a row's rotary positions
         inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, reused:]
-        if self.before_call is not None:
-            self.before_call(loaded)
-        logits = group.forward(inputs, cache, rows, one_adapter)
+        with self.computing(loaded):
+            logits = group.forward(inputs, cache, rows, one_adapter)
         self.stats["model_calls"] += 1
         self.stats["requests"] += len(rows)
         if store is not None:
@@ -297,9 +299,8 @@ class DecodeLoop:
         positions = (mask.sum(dim=1, keepdim=True) - 1).to(group.next_tokens.device)
         inputs = {"input_ids": group.next_tokens, "attention_mask": group.step_mask(mask.to(group.next_tokens.device)),
                   "position_ids": positions}
-        if self.before_call is not None:
-            self.before_call(group.loaded)
-        logits = group.forward(inputs, group.cache, group.rows)
+        with self.computing(group.loaded):
+            logits = group.forward(inputs, group.cache, group.rows)
         group.mask = mask
         self.stats["model_calls"] += 1
         self.stats["decode_steps"] = self.stats.get("decode_steps", 0) + 1

@@ -92,8 +92,8 @@ class FamilyServer:
         """`_infer` for a call of one model, with the threads torch computes it with."""
 
         def call() -> T:
-            self.threads.use(loaded)
-            return fn(*args)
+            with self.threads.calling(loaded):
+                return fn(*args)
 
         return await self._infer(call)
 
@@ -166,8 +166,10 @@ class FamilyServer:
         return status
 
     async def status(self) -> list[dict]:
+        turns = self.threads.turns
         status = self.pool.status(batching=dict(self.batch_stats), memory=self.memory.status(),
-                                  torch_threads=self.threads.threads)
+                                  torch_threads=self.threads.threads,
+                                  cpu_turns=turns.status() if turns is not None else None)
         for info in status:  # the threads each loaded model computes with (one for a small CPU model)
             loaded = self.pool.handles[info["name"]].loaded
             if loaded is not None:

@@ -64,6 +64,15 @@ class FamilyOptions(BaseModel):
             "replica computes with this many."
         ),
     )
+    cpu_turns: bool = Field(
+        default=True, description=(
+            "Replicas computing on one node's CPU run their model calls in turns (LLM/VLM: one forward at a time), "
+            "holding a lock file the node's replicas share (deployments/cpu_turns.py): at once, each one's torch "
+            "threads stall the other's at every operation, and SmolLM2 beside a transcribing Whisper served 0.7 "
+            "req/s against 4.9 alone (bench/CPU_TURNS.md). Calls of a model on a GPU never wait. false: no turns "
+            "(replicas pinned to disjoint cores, or torch_threads that add up to no more than the cores)."
+        ),
+    )
     single_thread_below_params: int = Field(
         default=5_000_000, ge=0, description=(
             "With torch_threads: null, a CPU model with fewer parameters computes on one thread: its operations "

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from loading import LoadedModel
 
+from .cpu_turns import CpuTurns
 from .options import FamilyOptions
 
 
@@ -21,6 +24,7 @@ class ComputeThreads:
         self.threads = replica_threads(options)
         self.explicit = options.torch_threads is not None
         self.single_below = options.single_thread_below_params
+        self.turns = CpuTurns() if options.cpu_turns else None  # shared with the node's other replicas
 
     def for_model(self, loaded: LoadedModel) -> int:
         parameters = loaded.report.parameters
@@ -34,6 +38,27 @@ class ComputeThreads:
         threads = self.for_model(loaded)
         if torch is not None and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+
+    @contextmanager
+    def computing(self, loaded: LoadedModel) -> Iterator[None]:
+        """Around one forward of `loaded` on the inference thread: its threads, and on CPU the node's turn."""
+        self.use(loaded)
+        if self.turns is None or loaded.device != "cpu":
+            yield
+            return
+        with self.turns.hold():
+            yield
+
+    @contextmanager
+    def calling(self, loaded: LoadedModel) -> Iterator[None]:
+        """Around a whole call of `loaded` (generate, a synthesis): its threads, and on CPU a turn for
+        each forward it runs."""
+        self.use(loaded)
+        if self.turns is None or loaded.device != "cpu":
+            yield
+            return
+        with self.turns.each_forward(loaded.model):
+            yield
 
 
 def replica_threads(options: FamilyOptions) -> int:

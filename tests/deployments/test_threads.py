@@ -4,10 +4,13 @@ taking cores the rest of the app needs), a bigger one on the replica's; an expli
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import torch
 
+from deployments.cpu_turns import CpuTurns
 from deployments.decode_loop import DecodeLoop
 from deployments.llm import LLMServer
 from deployments.options import ChatOptions
@@ -54,21 +57,39 @@ def test_an_explicit_count_is_used_for_every_model(tiny):
     assert threads(torch_threads=3).for_model(loaded) == 3
 
 
-def test_the_decode_loop_sets_the_models_threads_before_each_forward(tiny):
+def test_the_decode_loop_computes_each_forward_with_the_models_threads_in_the_nodes_turn(tiny, tmp_path):
     spec, loaded = tiny
     torch.set_num_threads(2)
-    seen: list[int] = []
+    seen: list[tuple[int, bool]] = []
     policy = threads()
+    policy.turns = CpuTurns(tmp_path / "turns")
 
-    def before_call(model):
-        policy.use(model)
-        seen.append(torch.get_num_threads())
+    @contextmanager
+    def computing(model):
+        with policy.computing(model):
+            seen.append((torch.get_num_threads(), policy.turns._owner is not None))
+            yield
 
-    loop = DecodeLoop(4, {"model_calls": 0, "requests": 0, "largest_batch": 0}, before_call=before_call)
+    loop = DecodeLoop(4, {"model_calls": 0, "requests": 0, "largest_batch": 0}, computing=computing)
     params = ChatParams(model="tiny", messages=[{"role": "user", "content": "hi"}], max_new_tokens=4, temperature=0)
     params.inputs = LLMServer.encode(None, loaded, params)
     out = []
     loop.submit(spec, loaded, params, out.append)
     loop.run()
     assert out and out[0].completion_tokens >= 1
-    assert seen and set(seen) == {1}, seen  # the prefill and every step
+    assert seen and set(seen) == {(1, True)}, seen  # the prefill and every step: one thread, in a turn
+    assert policy.turns.status()["turns"] == len(seen)
+
+
+def test_only_calls_on_cpu_take_the_turn_and_it_can_be_turned_off(tiny, tmp_path):
+    _, loaded = tiny
+    policy = threads()
+    policy.turns = CpuTurns(tmp_path / "turns")
+    with policy.computing(replace(loaded, report=replace(loaded.report, device="cuda:0"))):
+        assert policy.turns._owner is None  # a GPU call never waits for the node's CPU
+    with policy.computing(loaded):
+        assert policy.turns._owner is not None
+    assert policy.turns.status()["turns"] == 1
+    assert threads(cpu_turns=False).turns is None
+    with threads(cpu_turns=False).computing(loaded):
+        pass

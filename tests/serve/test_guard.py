@@ -185,3 +185,19 @@ def test_a_replica_with_a_fraction_of_a_cpu_computes_on_every_core_of_the_node(a
     loaded = {name: info["torch_threads"] for name, info in health["models"].items() if "torch_threads" in info}
     assert loaded.pop("smollm2-135m-instruct") == len(os.sched_getaffinity(0))
     assert loaded and set(loaded.values()) == {1}, loaded
+
+
+def test_the_replicas_of_a_cpu_node_compute_in_turns_on_one_shared_lock(app):
+    """Every CPU replica takes the node's turn (deployments/cpu_turns.py) around its forwards: the
+    same lock file for all families, and turns counted by the ones that computed."""
+    reply = client(app, KEYS[0]).chat.completions.create(model="tiny-llm", max_tokens=4, temperature=0,
+                                                         messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content is not None
+    heard = requests.post(app.url + "/v1/audio/transcriptions", headers=with_key(KEYS[0]), timeout=60,
+                          files={"file": ("a.wav", wav_bytes(1.0), "audio/wav")}, data={"model": "tiny-whisper"})
+    assert heard.status_code == 200, heard.text
+    health = requests.get(app.url + "/health", headers=with_key(KEYS[0]), timeout=30).json()
+    turns = {info["family"]: info["replica"]["cpu_turns"] for info in health["models"].values()}
+    assert set(turns) == {"llm", "vlm", "stt", "tts"}
+    assert len({t["path"] for t in turns.values()}) == 1, turns
+    assert turns["llm"]["turns"] >= 4 and turns["stt"]["turns"] >= 2, turns  # prefill + steps; encoder + steps

@@ -1,0 +1,131 @@
+"""python -m bench.cpu_turns: two families computing at once on one CPU node (~20 min on 2 cores).
+
+A voice agent's node transcribes while it chats. Here the LLM is the real SmolLM2-135M-Instruct (16
+clients, greedy, max_tokens=16) and the STT model has whisper-base's dimensions (512 wide, 6 + 6
+layers, 47M parameters; random weights, so every transcription runs to max_new_tokens) with 2
+clients of 5 s clips. Each replica computes with torch_threads' default (every core). Per setting of
+`cpu_turns`, alternating, `ROUNDS` times: the LLM alone, the STT alone, then both at once, windows of
+`WINDOW_S`. "node share" adds each family's req/s together as a fraction of its req/s alone: 1.0
+means the node did as much work as either family alone would have.
+Writes bench/CPU_TURNS.md and bench/runs/cpu_turns.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import models, report, servers, workloads
+from .load import run_load
+
+HERE = Path(__file__).resolve().parent
+PORT, ROUNDS, WINDOW_S = 8330, 2, 60.0
+LLM_CLIENTS, STT_CLIENTS, AUDIO_S, MAX_TOKENS = 16, 2, 5.0, 16
+
+
+def whisper_base_random(root: Path) -> Path:
+    """whisper-base's shape with random weights and the tiny Whisper's tokenizer and processor."""
+    dest = root / "whisper-base-random"
+    if (dest / "model.safetensors").exists():
+        return dest
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    tiny = models.model_dirs(root)["stt"]
+    config = WhisperConfig.from_pretrained(tiny)
+    config.update({"d_model": 512, "encoder_layers": 6, "decoder_layers": 6, "encoder_ffn_dim": 2048,
+                   "decoder_ffn_dim": 2048, "encoder_attention_heads": 8, "decoder_attention_heads": 8})
+    torch.manual_seed(0)
+    WhisperForConditionalGeneration(config).save_pretrained(dest)
+    for item in tiny.iterdir():
+        if item.name not in ("config.json", "model.safetensors") and item.is_file():
+            shutil.copy(item, dest / item.name)
+    return dest
+
+
+def config_for(cpu_turns: bool, llm_dir: Path, stt_dir: Path) -> dict:
+    config = servers.bench_serve_config(PORT, HERE / "runs" / "models", llm_dir)
+    args = config["applications"][0]["args"]
+    for spec in args["models"]:
+        if spec["name"] == "tiny-whisper":
+            spec["source"] = str(stt_dir)
+            spec.pop("build_tiny", None)
+    for options in args["families"].values():
+        options["cpu_turns"] = cpu_turns
+    return config
+
+
+def window(url: str, make, clients: int) -> dict:
+    row = run_load(url, make, clients, 1_000_000, max_wall_s=WINDOW_S).as_dict()
+    return {k: row[k] for k in ("rps", "p50_ms", "requests", "errors", "first_error")}
+
+
+def one_run(cpu_turns: bool, llm_dir: Path, stt_dir: Path, run_dir: Path, label: str) -> dict:
+    audio = workloads.wav_bytes(AUDIO_S)
+    chat = lambda i: workloads.chat("tiny-llm", MAX_TOKENS, request=i)  # noqa: E731
+    stt = lambda i: workloads.transcription("tiny-whisper", audio)  # noqa: E731
+    with servers.serve_run(config_for(cpu_turns, llm_dir, stt_dir), run_dir, label) as server:
+        run_load(server.url, chat, 2, 6, max_wall_s=60)  # warm-up
+        run_load(server.url, stt, 1, 2, max_wall_s=60)
+        out = {"cpu_turns": cpu_turns, "llm_alone": window(server.url, chat, LLM_CLIENTS),
+               "stt_alone": window(server.url, stt, STT_CLIENTS)}
+        both: dict = {}
+        side = threading.Thread(target=lambda: both.__setitem__("stt", window(server.url, stt, STT_CLIENTS)))
+        side.start()
+        both["llm"] = window(server.url, chat, LLM_CLIENTS)
+        side.join()
+        out["llm_with_stt"], out["stt_with_llm"] = both["llm"], both["stt"]
+    out["node_share"] = (out["llm_with_stt"]["rps"] / out["llm_alone"]["rps"]
+                         + out["stt_with_llm"]["rps"] / out["stt_alone"]["rps"])
+    return out
+
+
+def markdown(result: dict) -> str:
+    meta = result["machine"]
+    lines = [
+        "# Two families computing at once on one CPU node: `cpu_turns`", "",
+        f"{result['date']} (git {result['git']}), `python -m bench.cpu_turns`, {meta.get('cpus')} cores, "
+        f"torch {meta.get('versions', {}).get('torch')}, ray {meta.get('versions', {}).get('ray')}. "
+        f"LLM: SmolLM2-135M-Instruct, {LLM_CLIENTS} clients, greedy, max_tokens={MAX_TOKENS}. STT: whisper-base's "
+        f"shape with random weights (47M parameters), {STT_CLIENTS} clients of {AUDIO_S:.0f} s clips. Both compute "
+        f"on every core (torch_threads' default); closed loop, windows of {WINDOW_S:.0f} s; the runs alternate.", "",
+        "| cpu_turns | LLM alone req/s | STT alone req/s | LLM beside STT req/s (p50 ms) | "
+        "STT beside LLM req/s (p50 ms) | node share | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in result["runs"]:
+        errors = sum(run[k]["errors"] for k in ("llm_alone", "stt_alone", "llm_with_stt", "stt_with_llm"))
+        lines.append(
+            f"| {'on' if run['cpu_turns'] else 'off'} | {run['llm_alone']['rps']:.2f} | "
+            f"{run['stt_alone']['rps']:.3f} | "
+            f"{run['llm_with_stt']['rps']:.2f} ({run['llm_with_stt']['p50_ms']:.0f}) | "
+            f"{run['stt_with_llm']['rps']:.3f} ({run['stt_with_llm']['p50_ms']:.0f}) | "
+            f"{run['node_share']:.2f} | {errors} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    run_dir = HERE / "runs" / "cpu_turns"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    root = HERE / "runs" / "models"
+    llm_dir = models.model_dirs(root, "smollm2-135m")["llm"]
+    stt_dir = whisper_base_random(root)
+    meta = report.machine_meta()
+    runs = []
+    for i in range(ROUNDS):
+        for cpu_turns in (False, True):
+            runs.append(one_run(cpu_turns, llm_dir, stt_dir, run_dir, f"r{i}-{'on' if cpu_turns else 'off'}"))
+            print(json.dumps(runs[-1]), flush=True)
+    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "git": meta["git_commit"],
+              "machine": meta, "runs": runs}
+    (HERE / "runs" / "cpu_turns.json").write_text(json.dumps(result, indent=2))
+    (HERE / "CPU_TURNS.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""CPU replicas on one node compute in turns: one model forward at a time.
+
+Each replica's torch threads spin at every barrier while they wait for each other. Two replicas
+computing at once on the same cores therefore do not share them: each one's threads keep stalling
+the other's at every operation, and both slow down far more than twice (bench/CPU_TURNS.md). Taking
+turns, each forward runs on all the cores alone, and the node does as much work as one replica would.
+
+The decode loop takes a turn per forward of a batch; a whole model call (Whisper's or LLaVA's
+`generate`, a VITS synthesis) takes one per forward of the model and of its encoder, so a long
+transcription does not keep the LLM's steps waiting until it ends.
+
+The turn is an exclusive `flock` on a file every replica of the node opens: the kernel releases it
+when its holder exits or dies, so a killed replica never leaves the node locked.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def default_path() -> Path:
+    """A file the node's processes share: /dev/shm (memory, per host or container) where there is one."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    return base / "modelfleet-cpu-turns.lock"
+
+
+class CpuTurns:
+    """The node's turn to compute, taken around each forward of this process's models."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or default_path()
+        self._fd: int | None = None
+        self._depth = 0  # a call inside a call (one thread) holds the one turn
+        self._owner: int | None = None
+        self._mutex = threading.Lock()  # the turn is the process's: its threads take it one at a time
+        self._local = threading.local()  # each_forward's switch, per thread
+        self._hooked: weakref.WeakSet = weakref.WeakSet()  # modules whose forwards can take turns
+        self.turns = 0
+        self.waited_s = 0.0
+
+    def _file(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        return self._fd
+
+    def _acquire(self) -> None:
+        me = threading.get_ident()
+        if self._owner == me:  # a forward inside a held call (an encoder inside the model's forward)
+            self._depth += 1
+            return
+        started = time.perf_counter()
+        self._mutex.acquire()
+        try:
+            fcntl.flock(self._file(), fcntl.LOCK_EX)
+        except BaseException:
+            self._mutex.release()
+            raise
+        self.waited_s += time.perf_counter() - started
+        self.turns += 1
+        self._owner, self._depth = me, 1
+
+    def _release(self) -> None:
+        if self._owner != threading.get_ident():
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
+            fcntl.flock(self._file(), fcntl.LOCK_UN)
+            self._mutex.release()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """One turn for the whole block (the decode loop's forward of a batch)."""
+        self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
+
+    @contextmanager
+    def each_forward(self, model: Any) -> Iterator[None]:
+        """Within the block, each forward of `model` (and of its encoder) on this thread takes a turn of
+        its own: a call that runs many, such as `generate`, lets the node's other replicas compute
+        between its steps rather than after its last one."""
+        self._hook(model)
+        self._local.armed = True
+        try:
+            yield
+        finally:
+            self._local.armed = False
+            while self._owner == threading.get_ident():  # a forward that never reached its end hook
+                self._release()
+
+    def _hook(self, model: Any) -> None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT runs the base's forward
+        encoder = base.get_encoder() if hasattr(base, "get_encoder") else None  # generate runs it apart
+        for module in (base, encoder):
+            if module is None or module in self._hooked:
+                continue
+            module.register_forward_pre_hook(lambda *_: self._acquire() if self._armed() else None)
+            module.register_forward_hook(lambda *_: self._release() if self._armed() else None, always_call=True)
+            self._hooked.add(module)
+
+    def _armed(self) -> bool:
+        return getattr(self._local, "armed", False)
+
+    def status(self) -> dict:
+        return {"path": str(self.path), "turns": self.turns, "waited_s": round(self.waited_s, 3)}
