@@ -16,6 +16,7 @@ when its holder exits or dies, so a killed replica never leaves the node locked.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import tempfile
 import threading
@@ -26,20 +27,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 
 def default_path() -> Path:
-    """A file the node's processes share: /dev/shm (memory, per host or container) where there is one."""
+    """A file the node's processes share: /dev/shm (memory, per host or container) where there is one.
+    Per user: another user's file would not open for writing (Ray runs a cluster's workers as one)."""
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    return base / "modelfleet-cpu-turns.lock"
+    return base / f"modelfleet-cpu-turns-{os.getuid()}.lock"
 
 
 class CpuTurns:
     """The node's turn to compute, taken around each forward of this process's models."""
 
     def __init__(self, path: Path | None = None):
-        self.path = path or default_path()
-        self._fd: int | None = None
+        self.path = Path(path) if path is not None else default_path()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         self._depth = 0  # a call inside a call (one thread) holds the one turn
         self._owner: int | None = None
         self._mutex = threading.Lock()  # the turn is the process's: its threads take it one at a time
@@ -47,11 +51,6 @@ class CpuTurns:
         self._hooked: weakref.WeakSet = weakref.WeakSet()  # modules whose forwards can take turns
         self.turns = 0
         self.waited_s = 0.0
-
-    def _file(self) -> int:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        return self._fd
 
     def _acquire(self) -> None:
         me = threading.get_ident()
@@ -61,7 +60,7 @@ class CpuTurns:
         started = time.perf_counter()
         self._mutex.acquire()
         try:
-            fcntl.flock(self._file(), fcntl.LOCK_EX)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
             self._mutex.release()
             raise
@@ -75,7 +74,7 @@ class CpuTurns:
         self._depth -= 1
         if self._depth == 0:
             self._owner = None
-            fcntl.flock(self._file(), fcntl.LOCK_UN)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
             self._mutex.release()
 
     @contextmanager
@@ -116,3 +115,13 @@ class CpuTurns:
 
     def status(self) -> dict:
         return {"path": str(self.path), "turns": self.turns, "waited_s": round(self.waited_s, 3)}
+
+
+def node_turns() -> CpuTurns | None:
+    """The node's turns for this replica, or None (with a warning) where the file cannot be opened:
+    the replica then computes without them rather than failing its requests."""
+    try:
+        return CpuTurns()
+    except OSError as exc:
+        logger.warning("cpu_turns off in this replica: %s cannot be opened (%s)", default_path(), exc)
+        return None

@@ -66,10 +66,11 @@ class FamilyOptions(BaseModel):
     )
     cpu_turns: bool = Field(
         default=True, description=(
-            "Replicas computing on one node's CPU run their model calls in turns (LLM/VLM: one forward at a time), "
+            "Replicas computing on one node's CPU run their forwards in turns (one at a time on the node), "
             "holding a lock file the node's replicas share (deployments/cpu_turns.py): at once, each one's torch "
-            "threads stall the other's at every operation, and SmolLM2 beside a transcribing Whisper served 0.7 "
-            "req/s against 4.9 alone (bench/CPU_TURNS.md). Calls of a model on a GPU never wait. false: no turns "
+            "threads stall the other's at every operation, and SmolLM2 beside a transcribing whisper-base-sized "
+            "model served 0.7 req/s against 5.0-6.4 alone, in turns 3.1-3.4 (bench/CPU_TURNS.md). Forwards on a "
+            "GPU never wait. false: no turns "
             "(replicas pinned to disjoint cores, or torch_threads that add up to no more than the cores)."
         ),
     )

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from loading import LoadedModel
 
-from .cpu_turns import CpuTurns
+from .cpu_turns import node_turns
 from .options import FamilyOptions
 
 
@@ -24,7 +24,7 @@ class ComputeThreads:
         self.threads = replica_threads(options)
         self.explicit = options.torch_threads is not None
         self.single_below = options.single_thread_below_params
-        self.turns = CpuTurns() if options.cpu_turns else None  # shared with the node's other replicas
+        self.turns = node_turns() if options.cpu_turns else None  # shared with the node's other replicas
 
     def for_model(self, loaded: LoadedModel) -> int:
         parameters = loaded.report.parameters

@@ -7,10 +7,12 @@ import multiprocessing
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from deployments import cpu_turns
 from deployments.cpu_turns import CpuTurns, default_path
 from loading import ModelSpec, load_model
 from loading.tiny import build_tiny
@@ -73,9 +75,12 @@ def test_a_call_inside_a_call_holds_one_turn(tmp_path):
         pass
 
 
-def test_default_path_is_shared_by_the_node():
+def test_the_nodes_file_is_one_per_user_and_a_replica_without_it_computes_without_turns(monkeypatch, caplog):
     assert default_path() == default_path()
-    assert default_path().name == "modelfleet-cpu-turns.lock"
+    assert default_path().name == f"modelfleet-cpu-turns-{os.getuid()}.lock"
+    monkeypatch.setattr(cpu_turns, "default_path", lambda: Path("/nonexistent-dir/turns.lock"))
+    assert cpu_turns.node_turns() is None
+    assert "cpu_turns off in this replica" in caplog.text and "/nonexistent-dir/turns.lock" in caplog.text
 
 
 @pytest.fixture(scope="module")
