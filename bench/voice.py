@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import requests
 import soundfile as sf
+import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -395,6 +396,8 @@ def main(argv=None) -> int:
                         help="the LLM of the round trip and the Realtime turns (and of the in-process reference)")
     parser.add_argument("--voice-only", action="store_true",
                         help="only the round trip and Realtime turns (and the in-process reference)")
+    parser.add_argument("--no-cpu-turns", action="store_true",
+                        help="the replicas compute at once (every family's cpu_turns: false), for an A/B")
     args = parser.parse_args(argv)
     LLM = args.llm
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -405,7 +408,15 @@ def main(argv=None) -> int:
         tmp = Path(tmp_name)
         models_dir = tmp / "models"
         models_dir.mkdir()
-        server = live_server.start(tmp, models_dir, env={"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
+        overrides = None
+        if args.no_cpu_turns:
+            config = yaml.safe_load((HERE.parent / "serve_config.yaml").read_text())
+            families = config["applications"][0]["args"]["families"]
+            overrides = {"families": {name: {**options, "autoscaling": None, "cpu_turns": False}
+                                      for name, options in families.items()}}
+        result["cpu_turns"] = not args.no_cpu_turns
+        server = live_server.start(tmp, models_dir, args_overrides=overrides,
+                                   env={"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
         try:
             url = server.url
             log.info("warming up")
