@@ -8,6 +8,9 @@ turns, each forward runs on all the cores alone, and the node does as much work 
 The decode loop takes a turn per forward of a batch; a whole model call (Whisper's or LLaVA's
 `generate`, a VITS synthesis) takes one per forward of the model and of its encoder, so a long
 transcription does not keep the LLM's steps waiting until it ends.
+Only forwards on more than one thread take turns (deployments/threads.py): a one-thread forward has
+no threads spinning at a barrier, and waiting for the LLM's steps would only slow a tiny model's
+many small forwards.
 
 The turn is an exclusive `flock` on a file every replica of the node opens: the kernel releases it
 when its holder exits or dies, so a killed replica never leaves the node locked.

@@ -70,7 +70,7 @@ class FamilyOptions(BaseModel):
             "holding a lock file the node's replicas share (deployments/cpu_turns.py): at once, each one's torch "
             "threads stall the other's at every operation, and SmolLM2 beside a transcribing whisper-base-sized "
             "model served 0.7 req/s against 5.0-6.4 alone, in turns 3.1-3.4 (bench/CPU_TURNS.md). Forwards on a "
-            "GPU never wait. false: no turns "
+            "GPU or on one thread (a small model) never wait. false: no turns "
             "(replicas pinned to disjoint cores, or torch_threads that add up to no more than the cores)."
         ),
     )

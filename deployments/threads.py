@@ -39,11 +39,18 @@ class ComputeThreads:
         if torch is not None and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
 
+    def _takes_turns(self, loaded: LoadedModel) -> bool:
+        """Forwards on the CPU with more than one thread take turns: theirs are the threads that spin
+        at each barrier. A one-thread model's forward runs at once: made to wait for an LLM step before
+        each of its own small forwards, the demo's tiny Whisper and VITS took 3.6 s instead of 1.6 s to
+        answer a voice turn at 8 sessions (bench/CPU_TURNS.md)."""
+        return loaded.device == "cpu" and self.for_model(loaded) > 1
+
     @contextmanager
     def computing(self, loaded: LoadedModel) -> Iterator[None]:
-        """Around one forward of `loaded` on the inference thread: its threads, and on CPU the node's turn."""
+        """Around one forward of `loaded` on the inference thread: its threads, and the node's turn."""
         self.use(loaded)
-        if self.turns is None or loaded.device != "cpu":
+        if self.turns is None or not self._takes_turns(loaded):
             yield
             return
         with self.turns.hold():
@@ -51,10 +58,10 @@ class ComputeThreads:
 
     @contextmanager
     def calling(self, loaded: LoadedModel) -> Iterator[None]:
-        """Around a whole call of `loaded` (generate, a synthesis): its threads, and on CPU a turn for
-        each forward it runs."""
+        """Around a whole call of `loaded` (generate, a synthesis): its threads, and a turn for each
+        forward it runs."""
         self.use(loaded)
-        if self.turns is None or loaded.device != "cpu":
+        if self.turns is None or not self._takes_turns(loaded):
             yield
             return
         with self.turns.each_forward(loaded.model):

@@ -61,7 +61,7 @@ def test_the_decode_loop_computes_each_forward_with_the_models_threads_in_the_no
     spec, loaded = tiny
     torch.set_num_threads(2)
     seen: list[tuple[int, bool]] = []
-    policy = threads()
+    policy = threads(single_thread_below_params=0)  # the tiny model on the replica's two threads
     policy.turns = CpuTurns(tmp_path / "turns")
 
     @contextmanager
@@ -77,19 +77,23 @@ def test_the_decode_loop_computes_each_forward_with_the_models_threads_in_the_no
     loop.submit(spec, loaded, params, out.append)
     loop.run()
     assert out and out[0].completion_tokens >= 1
-    assert seen and set(seen) == {(1, True)}, seen  # the prefill and every step: one thread, in a turn
+    assert seen and set(seen) == {(2, True)}, seen  # the prefill and every step: two threads, in a turn
     assert policy.turns.status()["turns"] == len(seen)
 
 
-def test_only_calls_on_cpu_take_the_turn_and_it_can_be_turned_off(tiny, tmp_path):
+def test_only_multithreaded_forwards_on_cpu_take_the_turn_and_it_can_be_turned_off(tiny, tmp_path):
     _, loaded = tiny
-    policy = threads()
+    policy = threads(single_thread_below_params=0)
     policy.turns = CpuTurns(tmp_path / "turns")
     with policy.computing(replace(loaded, report=replace(loaded.report, device="cuda:0"))):
         assert policy.turns._owner is None  # a GPU call never waits for the node's CPU
     with policy.computing(loaded):
         assert policy.turns._owner is not None
     assert policy.turns.status()["turns"] == 1
+    one_thread = threads()  # the tiny model computes on one thread: nothing of it spins, it runs at once
+    one_thread.turns = CpuTurns(tmp_path / "turns")
+    with one_thread.computing(loaded), one_thread.calling(loaded):
+        assert one_thread.turns._owner is None and one_thread.turns.status()["turns"] == 0
     assert threads(cpu_turns=False).turns is None
     with threads(cpu_turns=False).computing(loaded):
         pass
