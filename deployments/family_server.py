@@ -89,7 +89,7 @@ class FamilyServer:
         return await asyncio.get_running_loop().run_in_executor(self._inference, timed)
 
     async def _infer_model(self, loaded: LoadedModel, fn: Callable[..., T], *args: Any) -> T:
-        """`_infer` for a call of one model, with the threads torch computes it with."""
+        """`_infer` for a call of one model, with the threads torch computes it with (and the node's CPU turns)."""
 
         def call() -> T:
             with self.threads.calling(loaded):
