@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from loading import LoadedModel
 
-from .cpu_turns import node_turns
+from .cpu_turns import CpuTurns, node_turns
 from .options import FamilyOptions
 
 
@@ -39,21 +39,19 @@ class ComputeThreads:
         if torch is not None and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
 
-    def _takes_turns(self, loaded: LoadedModel) -> bool:
-        """Forwards on the CPU with more than one thread take turns: theirs are the threads that spin
-        at each barrier. A one-thread model's forward runs at once: made to wait for an LLM step before
-        each of its own small forwards, the demo's tiny Whisper and VITS took 3.6 s instead of 1.6 s to
-        answer a voice turn at 8 sessions (bench/CPU_TURNS.md)."""
-        return loaded.device == "cpu" and self.for_model(loaded) > 1
+    def _turns_for(self, loaded: LoadedModel) -> CpuTurns | None:
+        """The node's turns where `loaded` takes them: forwards on the CPU with more than one thread,
+        whose threads spin at each barrier. A one-thread model's forward runs at once: made to wait for
+        an LLM step before each of its own small forwards, the demo's tiny Whisper and VITS took 3.6 s
+        instead of 1.6 s to answer a voice turn at 8 sessions (bench/CPU_TURNS.md)."""
+        return self.turns if loaded.device == "cpu" and self.for_model(loaded) > 1 else None
 
     @contextmanager
     def computing(self, loaded: LoadedModel) -> Iterator[None]:
         """Around one forward of `loaded` on the inference thread: its threads, and the node's turn."""
         self.use(loaded)
-        if self.turns is None or not self._takes_turns(loaded):
-            yield
-            return
-        with self.turns.hold():
+        turns = self._turns_for(loaded)
+        with turns.hold() if turns is not None else nullcontext():
             yield
 
     @contextmanager
@@ -61,10 +59,8 @@ class ComputeThreads:
         """Around a whole call of `loaded` (generate, a synthesis): its threads, and a turn for each
         forward it runs."""
         self.use(loaded)
-        if self.turns is None or not self._takes_turns(loaded):
-            yield
-            return
-        with self.turns.each_forward(loaded.model):
+        turns = self._turns_for(loaded)
+        with turns.each_forward(loaded.model) if turns is not None else nullcontext():
             yield
 
 
