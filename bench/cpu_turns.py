@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from datetime import datetime, timezone
 from pathlib import Path
 
 from . import models, report, servers, workloads
@@ -84,11 +83,9 @@ def one_run(cpu_turns: bool, llm_dir: Path, stt_dir: Path, run_dir: Path, label:
 
 
 def markdown(result: dict) -> str:
-    meta = result["machine"]
     lines = [
         "# Two families computing at once on one CPU node: `cpu_turns`", "",
-        f"{result['date']} (git {result['git']}), `python -m bench.cpu_turns`, {meta.get('cpus')} cores, "
-        f"torch {meta.get('versions', {}).get('torch')}, ray {meta.get('versions', {}).get('ray')}. "
+        report.run_line(result, "python -m bench.cpu_turns") +
         f"LLM: SmolLM2-135M-Instruct, {LLM_CLIENTS} clients, greedy, max_tokens={MAX_TOKENS}. STT: whisper-base's "
         f"shape with random weights (47M parameters), {STT_CLIENTS} clients of {AUDIO_S:.0f} s clips. Both compute "
         f"on every core (torch_threads' default); closed loop, windows of {WINDOW_S:.0f} s; the runs alternate.", "",
@@ -119,11 +116,8 @@ def main() -> int:
         for cpu_turns in (False, True):
             runs.append(one_run(cpu_turns, llm_dir, stt_dir, run_dir, f"r{i}-{'on' if cpu_turns else 'off'}"))
             print(json.dumps(runs[-1]), flush=True)
-    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "git": meta["git_commit"],
-              "machine": meta, "runs": runs}
-    (HERE / "runs" / "cpu_turns.json").write_text(json.dumps(result, indent=2))
-    (HERE / "CPU_TURNS.md").write_text(markdown(result))
-    print(markdown(result))
+    result = report.stamped(meta, runs=runs)
+    report.write(result, HERE / "runs" / "cpu_turns.json", HERE / "CPU_TURNS.md", markdown(result))
     return 0
 
 

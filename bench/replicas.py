@@ -10,12 +10,10 @@ Writes bench/REPLICAS.md and bench/runs/replicas.json.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -67,11 +65,9 @@ def autoscaled(llm_dir: Path, per_node: int | None, run_dir: Path) -> dict:
 
 
 def markdown(result: dict) -> str:
-    meta = result["machine"]
     lines = [
         "# Replicas of one family on one CPU node", "",
-        f"{result['date']} (git {result['git']}), `python -m bench.replicas`, {meta.get('cpus')} cores, "
-        f"torch {meta.get('versions', {}).get('torch')}, ray {meta.get('versions', {}).get('ray')}. "
+        report.run_line(result, "python -m bench.replicas") +
         f"SmolLM2-135M-Instruct (float32), greedy, max_tokens={MAX_TOKENS}, closed loop; each replica computes "
         "with torch_threads' default (every core of the node).", "",
         "## Pinned replicas", "",
@@ -97,13 +93,9 @@ def main() -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     llm_dir = models.model_dirs(HERE / "runs" / "models", "smollm2-135m")["llm"]
     meta = report.machine_meta()
-    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "git": meta["git_commit"],
-              "machine": meta,
-              "pinned": [pinned(llm_dir, n, run_dir) for n in (1, 2)],
-              "autoscaled": [autoscaled(llm_dir, per_node, run_dir) for per_node in (None, 2)]}
-    (HERE / "runs" / "replicas.json").write_text(json.dumps(result, indent=2))
-    (HERE / "REPLICAS.md").write_text(markdown(result))
-    print(markdown(result))
+    result = report.stamped(meta, pinned=[pinned(llm_dir, n, run_dir) for n in (1, 2)],
+                            autoscaled=[autoscaled(llm_dir, per_node, run_dir) for per_node in (None, 2)])
+    report.write(result, HERE / "runs" / "replicas.json", HERE / "REPLICAS.md", markdown(result))
     return 0
 
 

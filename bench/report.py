@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -245,3 +246,24 @@ def targets(result: dict) -> list[str]:
     if not rows:
         return []
     return ["## Targets", ""] + _table(["proxy mode", "target", "this run", "verdict"], rows)
+
+
+def stamped(meta: dict, **figures) -> dict:
+    """A standalone bench's result: when, at which commit, on which machine, then its figures."""
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "git": meta["git_commit"],
+            "machine": meta, **figures}
+
+
+def run_line(result: dict, command: str) -> str:
+    """The line under a standalone bench's title: when, which commit, the command and the machine."""
+    meta = result["machine"]
+    versions = meta.get("versions", {})
+    return (f"{result['date']} (git {result['git']}), `{command}`, {meta.get('cpus')} cores, "
+            f"torch {versions.get('torch')}, ray {versions.get('ray')}. ")
+
+
+def write(result: dict, json_path: Path, md_path: Path, text: str) -> None:
+    """Write a standalone bench's raw JSON and its Markdown, and print the Markdown."""
+    json_path.write_text(json.dumps(result, indent=2))
+    md_path.write_text(text)
+    print(text)
