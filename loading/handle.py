@@ -123,4 +123,6 @@ class ModelHandle:
                         load_seconds=report.load_seconds)
             if report.adapter_targets:
                 info["adapter_targets"] = report.adapter_targets
+            if report.kernels:
+                info["kernels"] = report.kernels
         return info

@@ -21,6 +21,7 @@ import torch
 
 from .adapters import adapter_targets
 from .config import ModelSpec
+from .cpu_kernels import pack_linears
 from .errors import AllStrategiesFailedError, UnsupportedModelError
 from .families import auto_class
 from .model_source import Progress, ResolvedModel, ensure_demo_model, no_progress, resolve_model
@@ -71,7 +72,8 @@ def load_model(
     report.parameters = count_parameters(found.model_dir)
     log.info("%s: device plan %s (%s); %s parameters", spec.name, plan.device, plan.reason,
              report.parameters or "unknown")
-    chain = strategy_chain(spec.quantization, spec.prefer_4bit, spec.dtype, plan.device, spec.device)
+    chain = strategy_chain(spec.quantization, spec.prefer_4bit, spec.dtype, plan.device, spec.device,
+                           checkpoint_dtype=getattr(found.config, "dtype", None))
 
     model, strategy = _load_weights(spec, found, chain, gpus, report, progress)
     _check_one_device(model, spec.source, report.strategy)
@@ -137,7 +139,7 @@ def _load_weights(
         log.info("%s: trying %s", spec.name, strategy.name)
         t0 = time.perf_counter()
         try:
-            model = _from_pretrained(spec, found, strategy, progress)
+            model = _from_pretrained(spec, found, strategy, progress, report)
         except Exception as exc:  # any failure moves on to the next strategy; the reason is kept
             report.attempts.append(Attempt(strategy.name, "failed", _short(exc), time.perf_counter() - t0))
             log.warning("%s: %s failed (%s); falling back", spec.name, strategy.name, _short(exc))
@@ -149,14 +151,21 @@ def _load_weights(
     raise AllStrategiesFailedError(spec.source, [(a.strategy, a.reason) for a in report.attempts])
 
 
-def _from_pretrained(spec: ModelSpec, found: ResolvedModel, strategy: Strategy, progress: Progress) -> Any:
-    """The weights under one strategy (on exactly its one device), with the adapter applied."""
+def _from_pretrained(
+    spec: ModelSpec, found: ResolvedModel, strategy: Strategy, progress: Progress, report: LoadReport
+) -> Any:
+    """The weights under one strategy (on exactly its one device), bf16 layers on the CPU packed for
+    oneDNN, then the adapter applied."""
     assert found.family is not None
     with WEIGHTS_LOCK:
         model = auto_class(found.family.auto_model).from_pretrained(
             found.model_dir, trust_remote_code=spec.trust_remote_code, local_files_only=True,
             **strategy.from_pretrained_kwargs(),
         )
+        if strategy.device == "cpu" and strategy.dtype is torch.bfloat16 and not strategy.bits:
+            packed = pack_linears(model)  # before PEFT wraps the layers it adapts
+            report.kernels = f"oneDNN packed bf16 linears ({packed})" if packed else ""
+            log.info("%s: %d bf16 linear layers packed for oneDNN", spec.name, packed)
         if found.adapter is not None:
             progress("applying adapter", 0.9)
             from peft import PeftModel

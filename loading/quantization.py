@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .config import DevicePreference, DType, Quantization
+from .cpu_kernels import cpu_computes_bf16
 
 _DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
 # Approximate bytes per parameter under each strategy, for the placement estimate.
@@ -51,13 +52,26 @@ def gpu_half_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
 
 
+def cpu_dtype(dtype: DType, checkpoint_dtype: Any = None) -> torch.dtype:
+    """The dtype weights get on the CPU. auto: float32, except a checkpoint stored in bfloat16 stays in
+    it where the CPU multiplies bf16 natively (packed kernels, loading/cpu_kernels.py): as
+    transformers' own default keeps it, at half the memory and faster than fp32. float16 computes
+    slowly on CPUs, so it is loaded as float32."""
+    if dtype is DType.AUTO:
+        return torch.bfloat16 if checkpoint_dtype in (torch.bfloat16, "bfloat16") and cpu_computes_bf16() \
+            else torch.float32
+    return torch.float32 if dtype is DType.FLOAT16 else _DTYPES[dtype]
+
+
 def strategy_chain(
-    quantization: Quantization, prefer_4bit: bool, dtype: DType, device: str, preference: DevicePreference
+    quantization: Quantization, prefer_4bit: bool, dtype: DType, device: str, preference: DevicePreference,
+    checkpoint_dtype: Any = None,
 ) -> list[Strategy]:
-    """Strategies in the order to try them on `device` ("cuda:0" or "cpu")."""
+    """Strategies in the order to try them on `device` ("cuda:0" or "cpu"); `checkpoint_dtype` is what
+    the model's config says its weights are stored in."""
     on_gpu = device.startswith("cuda")
-    half = _DTYPES.get(dtype) or (gpu_half_dtype() if on_gpu else torch.float32)
-    full_cpu = _DTYPES.get(dtype, torch.float32) if dtype is not DType.FLOAT16 else torch.float32
+    full_cpu = cpu_dtype(dtype, checkpoint_dtype)
+    half = _DTYPES.get(dtype) or (gpu_half_dtype() if on_gpu else full_cpu)
     four = Strategy(f"4-bit (bitsandbytes nf4) on {device}", device, half if on_gpu else torch.float32, 4)
     eight = Strategy(f"8-bit (bitsandbytes int8) on {device}", device, half if on_gpu else torch.float32, 8)
     plain = Strategy(f"{str(half).removeprefix('torch.')} on {device}", device, half)

@@ -37,6 +37,8 @@ class LoadReport:
     visible_devices: str | None = None
     dtype: str = ""
     strategy: str = ""
+    #: how the CPU computes bf16 layers, e.g. "oneDNN packed bf16 linears (211)"; "" for torch's defaults
+    kernels: str = ""
     parameters: int | None = None
     load_seconds: float = 0.0
     attempts: list[Attempt] = field(default_factory=list)
