@@ -176,17 +176,18 @@ def serve_run(config: dict, run_dir: Path, label: str, mode: str = "default",
 
 
 @contextmanager
-def lock_server(family: str, model_dir: Path, port: int, run_dir: Path) -> Iterator[Server]:
+def lock_server(family: str, model_dir: Path, port: int, run_dir: Path, dtype: str = "auto") -> Iterator[Server]:
     cmd = [sys.executable, "-m", "bench.peers.lock_server", "--family", family, "--model", str(model_dir),
-           "--port", str(port)]
+           "--port", str(port), "--dtype", dtype]
     yield from _plain(cmd, f"lock-{family}", port, run_dir)
 
 
 @contextmanager
-def transformers_serve(model_dir: Path, port: int, run_dir: Path, continuous_batching: bool) -> Iterator[Server]:
+def transformers_serve(model_dir: Path, port: int, run_dir: Path, continuous_batching: bool,
+                       dtype: str = "auto") -> Iterator[Server]:
     cmd = [str(VENV_BIN / "transformers"), "serve", "--host", HOST, "--port", str(port), "--device", "cpu"
            if not _cuda() else "auto", "--continuous-batching" if continuous_batching else "--no-continuous-batching",
-           str(model_dir)]
+           "--dtype", dtype, str(model_dir)]
     yield from _plain(cmd, "transformers-serve" + ("-cb" if continuous_batching else ""), port, run_dir)
 
 

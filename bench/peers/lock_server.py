@@ -37,11 +37,11 @@ def health() -> dict:
 
 
 # -- LLM -----------------------------------------------------------------------------------------
-def load_llm(path: str) -> None:
+def load_llm(path: str, dtype: str = "auto") -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     state["tokenizer"] = AutoTokenizer.from_pretrained(path)
-    state["model"] = AutoModelForCausalLM.from_pretrained(path).eval()
+    state["model"] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
 def _gen_kwargs(body: dict) -> dict:
@@ -156,8 +156,9 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a local model directory")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8311)
+    parser.add_argument("--dtype", default="auto", help="the LLM's weights dtype (from_pretrained's dtype)")
     args = parser.parse_args()
-    LOADERS[args.family](args.model)
+    LOADERS[args.family](args.model, **({"dtype": args.dtype} if args.family == "llm" else {}))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
