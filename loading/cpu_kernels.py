@@ -15,6 +15,7 @@ what the same model in fp32 holds.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ def cpu_computes_bf16() -> bool:
         return False
 
 
-def _packed_forward(linear: torch.nn.Linear, packed: torch.Tensor):
+def _packed_forward(linear: torch.nn.Linear, packed: torch.Tensor) -> Callable[..., torch.Tensor]:
     weight, bias = linear.weight, linear.bias
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
