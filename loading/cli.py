@@ -13,6 +13,7 @@ from typing import TextIO
 import torch
 
 from .config import ModelSpec, models_from_serve_config
+from .cpu_kernels import cpu_computes_bf16
 from .errors import LoadingError
 from .gguf import is_gguf_source
 from .inspect_model import inspect_model
@@ -43,6 +44,9 @@ def doctor(config: Path, out: TextIO | None = None) -> int:
         p(f"GPU {gpu.index}: {gpu.name}, {_gib(gpu.free_bytes)} free of {_gib(gpu.total_bytes)}")
     if not gpus:
         p("GPUs: none visible (models load on CPU)")
+    bf16 = ("native (AVX512-BF16/AMX): dtype bfloat16 computes with oneDNN-packed linears" if cpu_computes_bf16()
+            else "emulated: bfloat16 on this CPU is slower than float32")
+    p(f"CPU bf16: {bf16}")
     p(f"bitsandbytes: {bnb.message}")
     p(f"  native libraries: {', '.join(bnb.native_libraries) or 'none'}")
     p(f"Hub: {'online' if hub.online else 'OFFLINE'} ({hub.reason})")

@@ -92,7 +92,9 @@ def _plan(result: Inspection, spec: ModelSpec, found: ResolvedModel, gpus: list[
     """The device and strategy a load would end with: the first strategy that fits, as the loader walks them."""
     result.parameters = count_parameters(found.model_dir)
     plan = plan_device(spec.device, gpus)
-    for strategy in strategy_chain(spec.quantization, spec.prefer_4bit, spec.dtype, plan.device, spec.device):
+    chain = strategy_chain(spec.quantization, spec.prefer_4bit, spec.dtype, plan.device, spec.device,
+                           checkpoint_dtype=getattr(found.config, "dtype", None))
+    for strategy in chain:
         size = estimate_weight_bytes(found.model_dir, strategy.bytes_per_param, result.parameters)
         shortfall = device_shortfall(strategy.device, gpus, size)
         if shortfall:

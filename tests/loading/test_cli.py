@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from loading.cli import main
+from loading.cpu_kernels import cpu_computes_bf16
 from loading.tiny import stage_in_hf_cache
 
 from loading_testutil import CLOSED_LOCAL_ENDPOINT, FAIL_FAST_S, Timer, record
@@ -53,6 +54,7 @@ def test_doctor_good_config(good_config, monkeypatch, capsys):
     assert t.seconds < FAIL_FAST_S  # no weights loaded, no Hub retries
     assert "torch " in out and ("GPUs: none visible" in out or "GPU 0:" in out)
     assert "bitsandbytes: bitsandbytes" in out and "native libraries: " in out
+    assert ("CPU bf16: native" if cpu_computes_bf16() else "CPU bf16: emulated") in out
     assert "Hub: OFFLINE (127.0.0.1:9 unreachable" in out and "hint: set HF_HUB_OFFLINE=1" in out
     for name in ("tiny-llm", "tiny-llm-lora", "tiny-whisper", "tiny-vits", "tiny-llava"):
         assert f"[ok  ] {name}:" in out

@@ -10,7 +10,10 @@ from transformers import AutoModelForCausalLM
 from loading import ModelSpec, attach_adapter, load_model
 from loading.config import DType
 from loading.cpu_kernels import cpu_computes_bf16, pack_linears
+from loading.inspect_model import inspect_model
+from loading.offline import HubStatus
 from loading.quantization import cpu_dtype
+from loading.settings import Settings
 from loading.tiny import build_tiny
 
 needs_bf16 = pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU emulates bf16: nothing is packed")
@@ -100,6 +103,10 @@ def test_a_bf16_checkpoint_loads_in_bf16_with_packed_layers(bf16_llm, tiny, isol
     # a float32 checkpoint is not touched
     fp32 = load_model(ModelSpec(name="f", source=str(tiny["llm"])))
     assert fp32.report.dtype == "float32" and fp32.report.kernels == ""
+    # `modelfleet doctor` plans what the loader does
+    plan = inspect_model(ModelSpec(name="m", source=str(bf16_llm["base"])), Settings.from_env(),
+                         HubStatus(False, "offline"), [])
+    assert plan.strategy == "bfloat16 on cpu"
 
 
 @needs_bf16
