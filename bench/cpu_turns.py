@@ -8,10 +8,15 @@ clients of 5 s clips. Each replica computes with torch_threads' default (every c
 `WINDOW_S`. "node share" adds each family's req/s together as a fraction of its req/s alone: 1.0
 means the node did as much work as either family alone would have.
 Writes bench/CPU_TURNS.md and bench/runs/cpu_turns.json.
+
+`--dtype bfloat16` loads both models in bf16 (packed for oneDNN where the CPU multiplies bf16
+natively, loading/cpu_kernels.py) and writes bench/runs/cpu_turns-bfloat16.{json,md} instead;
+`--rounds N` sets how many times the two settings alternate.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import threading
@@ -45,13 +50,15 @@ def whisper_base_random(root: Path) -> Path:
     return dest
 
 
-def config_for(cpu_turns: bool, llm_dir: Path, stt_dir: Path) -> dict:
+def config_for(cpu_turns: bool, llm_dir: Path, stt_dir: Path, dtype: str = "auto") -> dict:
     config = servers.bench_serve_config(PORT, HERE / "runs" / "models", llm_dir)
     args = config["applications"][0]["args"]
     for spec in args["models"]:
         if spec["name"] == "tiny-whisper":
             spec["source"] = str(stt_dir)
             spec.pop("build_tiny", None)
+        if spec["name"] in ("tiny-llm", "tiny-whisper"):
+            spec["dtype"] = dtype
     for options in args["families"].values():
         options["cpu_turns"] = cpu_turns
     return config
@@ -62,11 +69,11 @@ def window(url: str, make, clients: int) -> dict:
     return {k: row[k] for k in ("rps", "p50_ms", "requests", "errors", "first_error")}
 
 
-def one_run(cpu_turns: bool, llm_dir: Path, stt_dir: Path, run_dir: Path, label: str) -> dict:
+def one_run(cpu_turns: bool, llm_dir: Path, stt_dir: Path, run_dir: Path, label: str, dtype: str = "auto") -> dict:
     audio = workloads.wav_bytes(AUDIO_S)
     chat = lambda i: workloads.chat("tiny-llm", MAX_TOKENS, request=i)  # noqa: E731
     stt = lambda i: workloads.transcription("tiny-whisper", audio)  # noqa: E731
-    with servers.serve_run(config_for(cpu_turns, llm_dir, stt_dir), run_dir, label) as server:
+    with servers.serve_run(config_for(cpu_turns, llm_dir, stt_dir, dtype), run_dir, label) as server:
         run_load(server.url, chat, 2, 6, max_wall_s=60)  # warm-up
         run_load(server.url, stt, 1, 2, max_wall_s=60)
         out = {"cpu_turns": cpu_turns, "llm_alone": window(server.url, chat, LLM_CLIENTS),
@@ -83,11 +90,13 @@ def one_run(cpu_turns: bool, llm_dir: Path, stt_dir: Path, run_dir: Path, label:
 
 
 def markdown(result: dict) -> str:
+    dtype = result.get("dtype", "auto")
     lines = [
         "# Two families computing at once on one CPU node: `cpu_turns`", "",
-        report.run_line(result, "python -m bench.cpu_turns") +
+        report.run_line(result, "python -m bench.cpu_turns" + (f" --dtype {dtype}" if dtype != "auto" else "")) +
         f"LLM: SmolLM2-135M-Instruct, {LLM_CLIENTS} clients, greedy, max_tokens={MAX_TOKENS}. STT: whisper-base's "
-        f"shape with random weights (47M parameters), {STT_CLIENTS} clients of {AUDIO_S:.0f} s clips. Both compute "
+        f"shape with random weights (47M parameters), {STT_CLIENTS} clients of {AUDIO_S:.0f} s clips, "
+        f"weights in {dtype if dtype != 'auto' else 'float32'}. Both compute "
         f"on every core (torch_threads' default); closed loop, windows of {WINDOW_S:.0f} s; the runs alternate.", "",
         "| cpu_turns | LLM alone req/s | STT alone req/s | LLM beside STT req/s (p50 ms) | "
         "STT beside LLM req/s (p50 ms) | node share | errors |",
@@ -104,20 +113,27 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    run_dir = HERE / "runs" / "cpu_turns"
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16"], help="both models' weights dtype")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="times the two settings alternate")
+    cli = parser.parse_args(argv)
+    suffix = "" if cli.dtype == "auto" else f"-{cli.dtype}"
+    run_dir = HERE / "runs" / f"cpu_turns{suffix}"
     run_dir.mkdir(parents=True, exist_ok=True)
     root = HERE / "runs" / "models"
     llm_dir = models.model_dirs(root, "smollm2-135m")["llm"]
     stt_dir = whisper_base_random(root)
     meta = report.machine_meta()
     runs = []
-    for i in range(ROUNDS):
+    for i in range(cli.rounds):
         for cpu_turns in (False, True):
-            runs.append(one_run(cpu_turns, llm_dir, stt_dir, run_dir, f"r{i}-{'on' if cpu_turns else 'off'}"))
+            runs.append(one_run(cpu_turns, llm_dir, stt_dir, run_dir, f"r{i}-{'on' if cpu_turns else 'off'}",
+                                cli.dtype))
             print(json.dumps(runs[-1]), flush=True)
-    result = report.stamped(meta, runs=runs)
-    report.write(result, HERE / "runs" / "cpu_turns.json", HERE / "CPU_TURNS.md", markdown(result))
+    result = report.stamped(meta, runs=runs, dtype=cli.dtype)
+    md_path = HERE / "CPU_TURNS.md" if not suffix else HERE / "runs" / f"cpu_turns{suffix}.md"
+    report.write(result, HERE / "runs" / f"cpu_turns{suffix}.json", md_path, markdown(result))
     return 0
 
 
