@@ -4,7 +4,8 @@ torch's default bf16 `linear` on the CPU hands oneDNN the plain weight on every 
 reorders it into its blocked layout each time: on a CPU with AMX, SmolLM2-135M's decode step at one
 row is slower in bf16 than in fp32 (36 vs 32 ms). Packed once with `_reorder_linear_weight`, as
 torch's own compiler does for frozen bf16 models, the same step takes 28 ms, a 16-row step 40 ms
-instead of fp32's 71, and a 60-token prefill 49 ms instead of 111 (bench/REAL_MODEL.md, "bf16").
+instead of fp32's 71, and a 60-token prefill 49 ms instead of 111 (bench/REAL_MODEL.md, the
+"fifth" rerun).
 
 Each packed `nn.Linear` keeps its class and its `weight` (PEFT wraps it, tied embeddings read it);
 only its `forward` is replaced, and that falls back to the plain `linear` for any input the packed
@@ -14,6 +15,7 @@ what the same model in fp32 holds.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 
+@functools.cache
 def cpu_computes_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): where it does not, bf16 is
     emulated and slower than fp32, so nothing here turns it on."""

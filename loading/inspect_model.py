@@ -13,7 +13,7 @@ from .gguf import check_supported, conversion_state, is_gguf_source, locate, rea
 from .model_source import ResolvedModel, find_base, read_config, resolve_model, tiny_target
 from .offline import HubStatus
 from .placement import GpuInfo, count_parameters, device_shortfall, estimate_weight_bytes, plan_device
-from .quantization import strategy_chain
+from .quantization import model_strategies
 from .resolve import is_model_dir
 from .settings import Settings
 
@@ -92,8 +92,7 @@ def _plan(result: Inspection, spec: ModelSpec, found: ResolvedModel, gpus: list[
     """The device and strategy a load would end with: the first strategy that fits, as the loader walks them."""
     result.parameters = count_parameters(found.model_dir)
     plan = plan_device(spec.device, gpus)
-    chain = strategy_chain(spec.quantization, spec.prefer_4bit, spec.dtype, plan.device, spec.device,
-                           checkpoint_dtype=getattr(found.config, "dtype", None))
+    chain = model_strategies(spec, plan.device, found.config)
     for strategy in chain:
         size = estimate_weight_bytes(found.model_dir, strategy.bytes_per_param, result.parameters)
         shortfall = device_shortfall(strategy.device, gpus, size)

@@ -26,7 +26,7 @@ from .errors import AllStrategiesFailedError, UnsupportedModelError
 from .families import auto_class
 from .model_source import Progress, ResolvedModel, ensure_demo_model, no_progress, resolve_model
 from .placement import GpuInfo, count_parameters, device_shortfall, estimate_weight_bytes, plan_device, visible_gpus
-from .quantization import Strategy, strategy_chain
+from .quantization import Strategy, model_strategies
 from .report import Attempt, LoadedModel, LoadReport, adapter_layers
 from .settings import Settings
 
@@ -72,8 +72,7 @@ def load_model(
     report.parameters = count_parameters(found.model_dir)
     log.info("%s: device plan %s (%s); %s parameters", spec.name, plan.device, plan.reason,
              report.parameters or "unknown")
-    chain = strategy_chain(spec.quantization, spec.prefer_4bit, spec.dtype, plan.device, spec.device,
-                           checkpoint_dtype=getattr(found.config, "dtype", None))
+    chain = model_strategies(spec, plan.device, found.config)
 
     model, strategy = _load_weights(spec, found, chain, gpus, report, progress)
     _check_one_device(model, spec.source, report.strategy)

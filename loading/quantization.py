@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .config import DevicePreference, DType, Quantization
+from .config import DevicePreference, DType, ModelSpec, Quantization
 from .cpu_kernels import cpu_computes_bf16
 
 _DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
@@ -70,8 +70,8 @@ def strategy_chain(
     """Strategies in the order to try them on `device` ("cuda:0" or "cpu"); `checkpoint_dtype` is what
     the model's config says its weights are stored in."""
     on_gpu = device.startswith("cuda")
+    half = _DTYPES.get(dtype) or (gpu_half_dtype() if on_gpu else torch.float32)
     full_cpu = cpu_dtype(dtype, checkpoint_dtype)
-    half = _DTYPES.get(dtype) or (gpu_half_dtype() if on_gpu else full_cpu)
     four = Strategy(f"4-bit (bitsandbytes nf4) on {device}", device, half if on_gpu else torch.float32, 4)
     eight = Strategy(f"8-bit (bitsandbytes int8) on {device}", device, half if on_gpu else torch.float32, 8)
     plain = Strategy(f"{str(half).removeprefix('torch.')} on {device}", device, half)
@@ -89,6 +89,12 @@ def strategy_chain(
     if preference is not DevicePreference.CUDA:
         chain.append(cpu)  # the last resort everywhere but where GPU-only was asked for
     return chain
+
+
+def model_strategies(spec: ModelSpec, device: str, config: Any) -> list[Strategy]:
+    """`spec`'s chain on `device`, given its config: what the loader walks and `doctor` plans."""
+    return strategy_chain(spec.quantization, spec.prefer_4bit, spec.dtype, device, spec.device,
+                          checkpoint_dtype=getattr(config, "dtype", None))
 
 
 @dataclass
