@@ -13,7 +13,9 @@ no threads spinning at a barrier, and waiting for the LLM's steps would only slo
 many small forwards.
 
 The turn is an exclusive `flock` on a file every replica of the node opens: the kernel releases it
-when its holder exits or dies, so a killed replica never leaves the node locked.
+when its holder exits or dies, so a killed replica never leaves the node locked. With `share_time`, who
+goes next is decided by the seconds each replica has computed (turn_shares.py); without, by the
+order the kernel wakes the waiters.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .turn_shares import TurnShares
+
 logger = logging.getLogger(__name__)
 
 
@@ -44,9 +48,16 @@ def default_path() -> Path:
 class CpuTurns:
     """The node's turn to compute, taken around each forward of this process's models."""
 
-    def __init__(self, path: Path | None = None):
+    def __init__(self, path: Path | None = None, share_time: bool = True):
         self.path = Path(path) if path is not None else default_path()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        self.shares: TurnShares | None = None
+        if share_time:
+            try:
+                self.shares = TurnShares(self._fd, self._lock, self._unlock)
+            except (OSError, ValueError) as exc:  # no table (a full one, a file that cannot be mapped)
+                logger.warning("cpu_turns in wake order in this replica: %s has no room for its share (%s)",
+                               self.path, exc)
         self._depth = 0  # a call inside a call (one thread) holds the one turn
         self._owner: int | None = None
         self._mutex = threading.Lock()  # the turn is the process's: its threads take it one at a time
@@ -54,6 +65,7 @@ class CpuTurns:
         self._hooked: weakref.WeakSet = weakref.WeakSet()  # modules whose forwards can take turns
         self.turns = 0
         self.waited_s = 0.0
+        self._since = 0.0  # when the held turn began
 
     def _acquire(self) -> None:
         me = threading.get_ident()
@@ -63,11 +75,15 @@ class CpuTurns:
         started = time.perf_counter()
         self._mutex.acquire()
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            if self.shares is not None:
+                self.shares.take()
+            else:
+                self._lock()
         except BaseException:
             self._mutex.release()
             raise
-        self.waited_s += time.perf_counter() - started
+        self._since = time.perf_counter()
+        self.waited_s += self._since - started
         self.turns += 1
         self._owner, self._depth = me, 1
 
@@ -77,8 +93,17 @@ class CpuTurns:
         self._depth -= 1
         if self._depth == 0:
             self._owner = None
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if self.shares is not None:
+                self.shares.give(time.perf_counter() - self._since)
+            else:
+                self._unlock()
             self._mutex.release()
+
+    def _lock(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def _unlock(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     @contextmanager
     def hold(self) -> Iterator[None]:
@@ -117,14 +142,18 @@ class CpuTurns:
         return getattr(self._local, "armed", False)
 
     def status(self) -> dict:
-        return {"path": str(self.path), "turns": self.turns, "waited_s": round(self.waited_s, 3)}
+        status: dict = {"path": str(self.path), "turns": self.turns, "waited_s": round(self.waited_s, 3)}
+        if self.shares is not None:  # by time: seconds computed in turns, and the turns that let a rival go first
+            status.update(computed_s=round(self.shares.computed_s(), 3), deferrals=self.shares.deferrals,
+                          deferred_s=round(self.shares.deferred_s, 3))
+        return status
 
 
-def node_turns() -> CpuTurns | None:
+def node_turns(share_time: bool = True) -> CpuTurns | None:
     """The node's turns for this replica, or None (with a warning) where the file cannot be opened:
     the replica then computes without them rather than failing its requests."""
     try:
-        return CpuTurns()
+        return CpuTurns(share_time=share_time)
     except OSError as exc:
         logger.warning("cpu_turns off in this replica: %s cannot be opened (%s)", default_path(), exc)
         return None

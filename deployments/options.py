@@ -74,6 +74,15 @@ class FamilyOptions(BaseModel):
             "(replicas pinned to disjoint cores, or torch_threads that add up to no more than the cores)."
         ),
     )
+    cpu_turns_share_time: bool = Field(
+        default=True, description=(
+            "With cpu_turns, the node's replicas share its compute time evenly: one that has computed longer "
+            "lets a rival that is waiting, or between two forwards, go first (deployments/turn_shares.py). "
+            "false: one forward each in the order the kernel wakes them, where SmolLM2's long 16-row steps "
+            "beside a whisper-base-sized STT's short decoder steps left the STT 19% of its rate alone "
+            "(bench/CPU_TURNS.md)."
+        ),
+    )
     single_thread_below_params: int = Field(
         default=5_000_000, ge=0, description=(
             "With torch_threads: null, a CPU model with fewer parameters computes on one thread: its operations "

@@ -24,7 +24,8 @@ class ComputeThreads:
         self.threads = replica_threads(options)
         self.explicit = options.torch_threads is not None
         self.single_below = options.single_thread_below_params
-        self.turns = node_turns() if options.cpu_turns else None  # shared with the node's other replicas
+        # shared with the node's other replicas
+        self.turns = node_turns(options.cpu_turns_share_time) if options.cpu_turns else None
 
     def for_model(self, loaded: LoadedModel) -> int:
         parameters = loaded.report.parameters

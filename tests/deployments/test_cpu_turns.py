@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deployments import cpu_turns
+from deployments import cpu_turns, turn_shares
 from deployments.cpu_turns import CpuTurns, default_path
 from loading import ModelSpec, load_model
 from loading.tiny import build_tiny
@@ -121,3 +121,96 @@ def test_a_forward_that_raises_gives_the_turn_back(whisper, tmp_path):
     other = CpuTurns(tmp_path / "turns")
     with other.hold():
         pass
+
+
+# -- turns shared by compute time (turn_shares.py) -----------------------------------------------------
+def hold_for_a_while(path: str, hold_s: float, seconds: float, share_time: bool, out) -> None:
+    """A replica whose forwards each hold the turn `hold_s` (sleeping: holding is what is shared here),
+    with a little Python between them, as a decode loop has."""
+    turns = CpuTurns(path, share_time=share_time)
+    end, held = time.monotonic() + seconds, 0.0
+    while time.monotonic() < end:
+        with turns.hold():
+            start = time.monotonic()
+            time.sleep(hold_s)
+            held += time.monotonic() - start
+        time.sleep(0.002)
+    out.put((hold_s, held, turns.status()))
+
+
+def shares_of(path: str, share_time: bool) -> dict[float, tuple[float, dict]]:
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    workers = [ctx.Process(target=hold_for_a_while, args=(path, hold, 4.0, share_time, out)) for hold in (0.04, 0.008)]
+    for w in workers:
+        w.start()
+    results = [out.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+    return {hold: (held, status) for hold, held, status in results}
+
+
+def test_replicas_with_long_and_short_forwards_share_the_turn_by_time(tmp_path):
+    """A replica with 40 ms forwards beside one with 8 ms forwards: by time, each holds the turn about
+    half the time; in wake order, one forward each, the long one held it 2.4-5x as long."""
+    fair = shares_of(str(tmp_path / "by-time"), True)
+    long_held, long_status = fair[0.04]
+    short_held, short_status = fair[0.008]
+    assert 0.6 < long_held / short_held < 1.6, fair
+    assert long_status["deferrals"] > 0
+    # every second held counts (plus any level-up after a gap: a replica that was idle starts level)
+    assert long_status["computed_s"] >= 0.95 * long_held and short_status["computed_s"] >= 0.95 * short_held
+    wake_order = shares_of(str(tmp_path / "wake-order"), False)
+    assert wake_order[0.04][0] / wake_order[0.008][0] > max(1.8, long_held / short_held), wake_order
+    assert "deferrals" not in wake_order[0.04][1]
+
+
+def rival_slot(turns: CpuTurns, pid: int, computed: float, active_since: float) -> None:
+    """Write a slot of the node's table as another replica would (a free one)."""
+    table = turns.shares.table
+    free = int(next(i for i in range(len(table)) if table["pid"][i] == 0))
+    table[free] = (pid, computed, active_since, 0.0)
+
+
+def test_a_replica_that_was_idle_starts_level_with_the_active_ones(tmp_path):
+    """No credit for idleness: a replica that computed nothing while a rival computed 10 s starts at the
+    rival's 10 s, so it cannot then hold the node for 10 s before the rival's next turn."""
+    first = CpuTurns(tmp_path / "turns")
+    rival_slot(first, os.getppid(), 10.0, time.monotonic())  # a live process, waiting for the turn
+    with first.hold():
+        pass
+    assert 10.0 <= first.shares.computed_s() < 10.5
+    assert first.shares.deferrals == 0  # level with the rival: nothing to let go first
+
+
+def test_a_rival_that_is_behind_goes_first_and_a_dead_or_stale_one_does_not_stall(tmp_path):
+    turns = CpuTurns(tmp_path / "turns")
+    with turns.hold():
+        time.sleep(0.05)
+    ctx = multiprocessing.get_context("spawn")
+    gone = ctx.Process(target=time.sleep, args=(0,))
+    gone.start()
+    gone.join()
+    rival_slot(turns, gone.pid, 0.0, time.monotonic())  # behind, but its process is gone
+    rival_slot(turns, os.getppid(), 0.0, time.monotonic() - 60)  # behind, but waiting for a minute: stale
+    with turns.hold():
+        pass
+    assert turns.shares.deferrals == 0
+    rival_slot(turns, os.getppid(), 0.0, time.monotonic())  # behind, alive and waiting: it goes first...
+    started = time.monotonic()
+    with turns.hold():  # ...but one that never takes its turn holds this one back MAX_DEFER_S at most
+        waited = time.monotonic() - started
+    assert turns.shares.deferrals == 1
+    assert turn_shares.MAX_DEFER_S <= waited < turn_shares.MAX_DEFER_S + 0.5
+
+
+def test_a_full_table_leaves_the_replica_taking_turns_in_wake_order(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(turn_shares, "SLOTS", 1)
+    first = CpuTurns(tmp_path / "turns")
+    assert first.shares is not None
+    first.shares.table["pid"][0] = os.getppid()  # the one slot is another live process's
+    second = CpuTurns(tmp_path / "turns")
+    assert second.shares is None and "no room for its share" in caplog.text
+    with second.hold():
+        pass
+    assert second.status()["turns"] == 1

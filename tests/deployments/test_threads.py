@@ -97,3 +97,9 @@ def test_only_multithreaded_forwards_on_cpu_take_the_turn_and_it_can_be_turned_o
     assert threads(cpu_turns=False).turns is None
     with threads(cpu_turns=False).computing(loaded):
         pass
+
+
+def test_turns_are_shared_by_time_unless_told_otherwise(monkeypatch, tmp_path):
+    monkeypatch.setattr("deployments.cpu_turns.default_path", lambda: tmp_path / "turns")
+    assert threads().turns.shares is not None  # the default: who goes next by seconds computed
+    assert threads(cpu_turns_share_time=False).turns.shares is None  # the kernel's wake order

@@ -202,4 +202,5 @@ def test_the_replicas_of_a_cpu_node_compute_in_turns_on_one_shared_lock(app):
     assert set(turns) == {"llm", "vlm", "stt", "tts"}
     assert len({t["path"] for t in turns.values()}) == 1, turns
     assert turns["llm"]["turns"] >= 4, turns  # the prefill and the steps
+    assert turns["llm"]["computed_s"] > 0 and "deferrals" in turns["llm"], turns  # shared by time (the default)
     assert turns["stt"]["turns"] == 0, turns  # one thread: it computes at once
