@@ -48,13 +48,13 @@ def default_path() -> Path:
 class CpuTurns:
     """The node's turn to compute, taken around each forward of this process's models."""
 
-    def __init__(self, path: Path | None = None, share_time: bool = True):
+    def __init__(self, path: Path | None = None, share_time: bool = True, weight: float = 1.0):
         self.path = Path(path) if path is not None else default_path()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         self.shares: TurnShares | None = None
         if share_time:
             try:
-                self.shares = TurnShares(self._fd, self._lock, self._unlock)
+                self.shares = TurnShares(self._fd, self._lock, self._unlock, weight)
             except (OSError, ValueError) as exc:  # no table (a full one, a file that cannot be mapped)
                 logger.warning("cpu_turns in wake order in this replica: %s has no room for its share (%s)",
                                self.path, exc)
@@ -144,16 +144,16 @@ class CpuTurns:
     def status(self) -> dict:
         status: dict = {"path": str(self.path), "turns": self.turns, "waited_s": round(self.waited_s, 3)}
         if self.shares is not None:  # by time: seconds computed in turns, and the turns that let a rival go first
-            status.update(computed_s=round(self.shares.computed_s(), 3), deferrals=self.shares.deferrals,
-                          deferred_s=round(self.shares.deferred_s, 3))
+            status.update(computed_s=round(self.shares.computed_s, 3), weight=self.shares.weight,
+                          deferrals=self.shares.deferrals, deferred_s=round(self.shares.deferred_s, 3))
         return status
 
 
-def node_turns(share_time: bool = True) -> CpuTurns | None:
+def node_turns(share_time: bool = True, weight: float = 1.0) -> CpuTurns | None:
     """The node's turns for this replica, or None (with a warning) where the file cannot be opened:
     the replica then computes without them rather than failing its requests."""
     try:
-        return CpuTurns(share_time=share_time)
+        return CpuTurns(share_time=share_time, weight=weight)
     except OSError as exc:
         logger.warning("cpu_turns off in this replica: %s cannot be opened (%s)", default_path(), exc)
         return None

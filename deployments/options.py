@@ -76,11 +76,18 @@ class FamilyOptions(BaseModel):
     )
     cpu_turns_share_time: bool = Field(
         default=True, description=(
-            "With cpu_turns, the node's replicas share its compute time evenly: one that has computed longer "
-            "lets a rival that is waiting, or between two forwards, go first (deployments/turn_shares.py). "
-            "false: one forward each in the order the kernel wakes them, where SmolLM2's long 16-row steps "
-            "beside a whisper-base-sized STT's short decoder steps left the STT 19% of its rate alone "
-            "(bench/CPU_TURNS.md)."
+            "With cpu_turns, the node's replicas share its compute time by their cpu_turn_weight: one that has "
+            "computed longer lets a rival that is waiting, or between two forwards, go first "
+            "(deployments/turn_shares.py). false: one forward each in the order the kernel wakes them, where "
+            "SmolLM2's long 16-row steps beside a whisper-base-sized STT's short decoder steps left the STT "
+            "28-31% of its rate alone (45-55% by time; bench/CPU_TURNS.md)."
+        ),
+    )
+    cpu_turn_weight: float = Field(
+        default=1.0, gt=0, le=100, description=(
+            "With cpu_turns_share_time, this family's share of a CPU node's compute time against the other "
+            "families' weights while they compute at once (2 against 1: two thirds and one third). A voice "
+            "agent's node can favour its STT, whose latency the caller hears, over the chat's throughput."
         ),
     )
     single_thread_below_params: int = Field(

@@ -25,7 +25,8 @@ class ComputeThreads:
         self.explicit = options.torch_threads is not None
         self.single_below = options.single_thread_below_params
         # shared with the node's other replicas
-        self.turns = node_turns(options.cpu_turns_share_time) if options.cpu_turns else None
+        self.turns = (node_turns(options.cpu_turns_share_time, options.cpu_turn_weight) if options.cpu_turns
+                      else None)
 
     def for_model(self, loaded: LoadedModel) -> int:
         parameters = loaded.report.parameters

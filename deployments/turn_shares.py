@@ -2,11 +2,12 @@
 
 Turns taken one forward each, in the order the kernel wakes the waiters, share the node by forwards and
 not by time: SmolLM2's 16-row decode steps alternated with a whisper-base decoder's one-row steps, several
-times shorter, and the STT kept 19% of its rate alone against the LLM's 55% (bench/CPU_TURNS.md). Here each
-replica counts the seconds it has computed in turns, and before a forward, one that is ahead of a rival
-by more than `QUANTUM_S` lets the rival go first. A rival is a replica waiting for or holding the turn, or
-one that released it within `ACTIVE_S` (between two forwards of one call). A replica that was idle starts
-level with the least-served active rival, so idleness banks no credit.
+times shorter, and the STT kept 28-31% of its rate alone against the LLM's 62-66% (bench/CPU_TURNS.md).
+Here each replica counts the seconds it has computed in turns (divided by its weight), and before a
+forward, one that is ahead of a rival by more than `QUANTUM_S` lets the rival go first. A rival is a
+replica waiting for or holding the turn, or one that released it within `ACTIVE_S` (between two
+forwards of one call). A replica that was idle starts level with the least-served active rival, so
+idleness banks no credit.
 
 The table is mapped from the turn's lock file, a slot per process (pid, seconds computed, when it began
 waiting or holding, when it last released); only its owner writes a slot. Reads race with writes on
@@ -35,16 +36,18 @@ POLL_S = 0.001
 class TurnShares:
     """This process's slot in the node's table, and the rule that decides whether it goes first."""
 
-    def __init__(self, fd: int, lock: Callable[[], None], unlock: Callable[[], None]):
+    def __init__(self, fd: int, lock: Callable[[], None], unlock: Callable[[], None], weight: float = 1.0):
         size = SLOTS * SLOT.itemsize
         if os.fstat(fd).st_size < size:
             os.ftruncate(fd, size)  # an older, empty lock file (growing only: no one's slots move)
         self._map = mmap.mmap(fd, size)
         self.table = np.frombuffer(self._map, dtype=SLOT, count=SLOTS)
         self._lock, self._unlock = lock, unlock
+        self.weight = weight  # a share of the node's time against the others' weights
         self.me = self._claim()
         self.deferrals = 0
         self.deferred_s = 0.0
+        self.computed_s = 0.0  # seconds held by this process (the table keeps them divided by the weight)
 
     def _claim(self) -> int:
         """A slot for this process: a free one, or one whose process is gone (under the lock)."""
@@ -114,13 +117,11 @@ class TurnShares:
     def give(self, held_s: float) -> None:
         """Count a turn held for `held_s` and release the lock."""
         slot = self.table[self.me : self.me + 1]
-        slot["computed"] += held_s
+        slot["computed"] += held_s / self.weight
+        self.computed_s += held_s
         slot["released"] = time.monotonic()
         slot["active_since"] = 0.0
         self._unlock()
-
-    def computed_s(self) -> float:
-        return float(self.table["computed"][self.me])
 
 
 def _alive(pid: int) -> bool:

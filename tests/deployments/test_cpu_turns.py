@@ -124,10 +124,11 @@ def test_a_forward_that_raises_gives_the_turn_back(whisper, tmp_path):
 
 
 # -- turns shared by compute time (turn_shares.py) -----------------------------------------------------
-def hold_for_a_while(path: str, hold_s: float, seconds: float, share_time: bool, out) -> None:
+def hold_for_a_while(path: str, hold_s: float, seconds: float, share_time: bool, out, weight: float = 1.0,
+                     name: object = None) -> None:
     """A replica whose forwards each hold the turn `hold_s` (sleeping: holding is what is shared here),
     with a little Python between them, as a decode loop has."""
-    turns = CpuTurns(path, share_time=share_time)
+    turns = CpuTurns(path, share_time=share_time, weight=weight)
     end, held = time.monotonic() + seconds, 0.0
     while time.monotonic() < end:
         with turns.hold():
@@ -135,7 +136,7 @@ def hold_for_a_while(path: str, hold_s: float, seconds: float, share_time: bool,
             time.sleep(hold_s)
             held += time.monotonic() - start
         time.sleep(0.002)
-    out.put((hold_s, held, turns.status()))
+    out.put((hold_s if name is None else name, held, turns.status()))
 
 
 def shares_of(path: str, share_time: bool) -> dict[float, tuple[float, dict]]:
@@ -165,6 +166,20 @@ def test_replicas_with_long_and_short_forwards_share_the_turn_by_time(tmp_path):
     assert "deferrals" not in wake_order[0.04][1]
 
 
+def test_a_replica_with_three_times_the_weight_computes_about_three_times_as_long(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    workers = [ctx.Process(target=hold_for_a_while, args=(str(tmp_path / "turns"), 0.01, 4.0, True, out, weight, weight))
+               for weight in (3.0, 1.0)]
+    for w in workers:
+        w.start()
+    held = {weight: (seconds, status) for weight, seconds, status in (out.get(timeout=120) for _ in workers)}
+    for w in workers:
+        w.join(timeout=30)
+    assert 2.0 < held[3.0][0] / held[1.0][0] < 4.5, held
+    assert held[3.0][1]["weight"] == 3.0 and held[1.0][1]["weight"] == 1.0
+
+
 def rival_slot(turns: CpuTurns, pid: int, computed: float, active_since: float) -> None:
     """Write a slot of the node's table as another replica would (a free one)."""
     table = turns.shares.table
@@ -179,7 +194,7 @@ def test_a_replica_that_was_idle_starts_level_with_the_active_ones(tmp_path):
     rival_slot(first, os.getppid(), 10.0, time.monotonic())  # a live process, waiting for the turn
     with first.hold():
         pass
-    assert 10.0 <= first.shares.computed_s() < 10.5
+    assert 10.0 <= first.shares.table["computed"][first.shares.me] < 10.5
     assert first.shares.deferrals == 0  # level with the rival: nothing to let go first
 
 
