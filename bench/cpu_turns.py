@@ -5,10 +5,11 @@ clients, greedy, max_tokens=16) and the STT model has whisper-base's dimensions 
 layers, 47M parameters; random weights, so every transcription runs to max_new_tokens) with 2
 clients of 5 s clips. Each replica computes with torch_threads' default (every core). Per setting,
 alternating, `ROUNDS` times: the LLM alone, the STT alone, then both at once, windows of `WINDOW_S`.
-The settings (`--settings`, all by default): `off` (cpu_turns false), `wake` (turns one forward each in
-the order the kernel wakes the waiters: cpu_turns_share_time false) and `time` (turns shared by compute
-time, the default). "node share" adds each family's req/s together as a fraction of its req/s alone:
-1.0 means the node did as much work as either family alone would have.
+The settings (`--settings`; off,wake,time by default): `off` (cpu_turns false), `wake` (turns one
+forward each in the order the kernel wakes the waiters: cpu_turns_share_time false), `time` (turns
+shared by compute time, the default) and `stt3` (by time, the STT's cpu_turn_weight 3). "node share"
+adds each family's req/s together as a fraction of its req/s alone: 1.0 means the node did as much
+work as either family alone would have.
 Writes bench/runs/cpu_turns{-bfloat16}.{json,md}; bench/CPU_TURNS.md is the curated record.
 
 `--dtype bfloat16` loads both models in bf16 (packed for oneDNN where the CPU multiplies bf16
@@ -29,11 +30,13 @@ from .load import run_load
 HERE = Path(__file__).resolve().parent
 PORT, ROUNDS, WINDOW_S = 8330, 2, 60.0
 LLM_CLIENTS, STT_CLIENTS, AUDIO_S, MAX_TOKENS = 16, 2, 5.0, 16
-SETTINGS = {  # name: (cpu_turns, cpu_turns_share_time), and how the table names it
-    "off": ((False, False), "off"),
-    "wake": ((True, False), "on, wake order"),
-    "time": ((True, True), "on, by time"),
+SETTINGS = {  # name: (cpu_turns, cpu_turns_share_time, the STT's cpu_turn_weight), and how the table names it
+    "off": ((False, False, 1.0), "off"),
+    "wake": ((True, False, 1.0), "on, wake order"),
+    "time": ((True, True, 1.0), "on, by time"),
+    "stt3": ((True, True, 3.0), "on, by time, STT weight 3"),
 }
+DEFAULT_SETTINGS = ["off", "wake", "time"]
 
 
 def whisper_base_random(root: Path) -> Path:
@@ -65,9 +68,10 @@ def config_for(setting: str, llm_dir: Path, stt_dir: Path, dtype: str = "auto") 
             spec.pop("build_tiny", None)
         if spec["name"] in ("tiny-llm", "tiny-whisper"):
             spec["dtype"] = dtype
-    (cpu_turns, share_time), _ = SETTINGS[setting]
-    for options in args["families"].values():
+    (cpu_turns, share_time, stt_weight), _ = SETTINGS[setting]
+    for family, options in args["families"].items():
         options["cpu_turns"], options["cpu_turns_share_time"] = cpu_turns, share_time
+        options["cpu_turn_weight"] = stt_weight if family == "stt" else 1.0
     return config
 
 
@@ -101,7 +105,7 @@ def command(result: dict) -> str:
     dtype, settings = result.get("dtype", "auto"), list(dict.fromkeys(run["setting"] for run in result["runs"]))
     rounds = len(result["runs"]) // max(1, len(settings))
     return "python -m bench.cpu_turns" + (f" --dtype {dtype}" if dtype != "auto" else "") + (
-        f" --settings {','.join(settings)}" if settings != list(SETTINGS) else "") + (
+        f" --settings {','.join(settings)}" if settings != DEFAULT_SETTINGS else "") + (
         f" --rounds {rounds}" if rounds != ROUNDS else "")
 
 
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16"], help="both models' weights dtype")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="times the settings alternate")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
+    parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
+                        help=f"comma-separated, of {', '.join(SETTINGS)}")
     cli = parser.parse_args(argv)
     settings = cli.settings.split(",")
     if unknown := set(settings) - set(SETTINGS):
