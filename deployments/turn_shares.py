@@ -66,11 +66,12 @@ class TurnShares:
             self._unlock()
         raise OSError(f"all {SLOTS} slots of the node's CPU turn table are taken by live processes")
 
-    def _rivals(self, now: float, skip: int | None = None) -> np.ndarray:
+    def _rivals(self, now: float, skip: int) -> np.ndarray:
+        """Slots other than `skip` whose process is waiting for, holding or just done with a turn."""
         table = self.table
         active = (table["pid"] != 0) & (((table["active_since"] > 0) & (now - table["active_since"] < STALE_S))
                                         | (now - table["released"] < ACTIVE_S))
-        active[self.me if skip is None else skip] = False
+        active[skip] = False
         return active
 
     def _floor(self, now: float, skip: int) -> float:
@@ -79,7 +80,7 @@ class TurnShares:
         return float(self.table["computed"][active].min()) if active.any() else 0.0
 
     def _ahead(self, now: float) -> bool:
-        behind = self._rivals(now) & (self.table["computed"] + QUANTUM_S < self.table["computed"][self.me])
+        behind = self._rivals(now, self.me) & (self.table["computed"] + QUANTUM_S < self.table["computed"][self.me])
         if not behind.any():
             return False
         return any(_alive(int(pid)) for pid in self.table["pid"][behind])
