@@ -126,7 +126,8 @@ def _cgroup_room() -> int | None:
 
 
 class MemoryGate:
-    """Admits requests while their estimates fit the budget together; others wait in arrival order.
+    """Admits requests while their estimates fit the budget together; others wait, and one goes in when it
+    fits and no waiter of lower `priority` is left (among equals, woken in arrival order).
 
     `budget_bytes=None` sizes the budget from free memory (`free_memory`) at the first request, when
     the replica's models are loading or loaded: `fraction` of what is free then, at least 256 MiB.
@@ -142,6 +143,7 @@ class MemoryGate:
         self.in_use = 0
         self.peak = 0
         self._turn = asyncio.Condition()
+        self._waiting: list[int] = []  # the priorities of the requests waiting for room
 
     @property
     def budget(self) -> int:
@@ -162,10 +164,19 @@ class MemoryGate:
             )
 
     @contextlib.asynccontextmanager
-    async def hold(self, need: int, what: str, param: str | None = None) -> AsyncIterator[None]:
+    async def hold(self, need: int, what: str, param: str | None = None, priority: int = 0) -> AsyncIterator[None]:
+        """Until `need` fits beside what the others hold. A waiter goes in as soon as it fits unless one
+        of lower `priority` waits (then that one goes first, fitting or not: it is never starved by
+        smaller requests behind it)."""
         self.check(need, what, param)
         async with self._turn:
-            await self._turn.wait_for(lambda: self.in_use + need <= self.budget)
+            self._waiting.append(priority)
+            try:
+                await self._turn.wait_for(
+                    lambda: self.in_use + need <= self.budget and not any(p < priority for p in self._waiting))
+            finally:  # admitted or cancelled: the others may go now
+                self._waiting.remove(priority)
+                self._turn.notify_all()
             self.in_use += need
             self.peak = max(self.peak, self.in_use)
         try:

@@ -22,10 +22,14 @@ Handler = Callable[[list[Any]], Awaitable[list[Any]]]
 
 
 class Batcher(Generic[Item]):
-    def __init__(self, handler: Handler, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.0):
+    def __init__(self, handler: Handler, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.0,
+                 priority: Callable[[Any], int] | None = None):
         """`handler(items)` returns one result (or exception instance) per item, in order.
-        `batch_wait_timeout_s` > 0 makes a batch that starts on an idle model wait that long to fill."""
+        `batch_wait_timeout_s` > 0 makes a batch that starts on an idle model wait that long to fill.
+        `priority(item)`: the next batch takes the waiting items of lowest value first (arrival order
+        among equals); None: arrival order."""
         self._handler = handler
+        self.priority = priority
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self._queue: deque[tuple[Item, asyncio.Future]] = deque()
@@ -44,6 +48,9 @@ class Batcher(Generic[Item]):
         while self._queue:
             if self.batch_wait_timeout_s > 0 and len(self._queue) < self.max_batch_size:
                 await asyncio.sleep(self.batch_wait_timeout_s)
+            if self.priority is not None and len(self._queue) > self.max_batch_size:
+                priority = self.priority
+                self._queue = deque(sorted(self._queue, key=lambda entry: priority(entry[0])))  # stable
             batch: list[tuple[Item, asyncio.Future]] = []
             while self._queue and len(batch) < self.max_batch_size:
                 item, future = self._queue.popleft()

@@ -33,8 +33,10 @@ class ChatServer(FamilyServer):
         # whole-request batches through generate() for the others (e.g. Qwen2-VL's 3-D rotary positions).
         self._decoder: Any = None  # the DecodeLoop, made on first use (it imports torch)
         self._decoding: asyncio.Future | None = None  # the inference thread's run of the loop
-        self._chat_batch = Batcher(self._chat_batch_call, options.max_batch_size, options.batch_wait_timeout_s)
+        self._chat_batch = Batcher(self._chat_batch_call, options.max_batch_size, options.batch_wait_timeout_s,
+                                   priority=lambda params: params.priority)
         self._longest_token: dict[int, int] = {}  # id(tokenizer) -> most characters one token decodes to
+        self.batch_stats["scheduling_policy"] = options.scheduling_policy  # shown in /health beside the counters
 
     # -- to be provided by the family --------------------------------------------------------------
     def encode(self, loaded: LoadedModel, params: ChatParams) -> dict[str, Any]:
@@ -90,7 +92,7 @@ class ChatServer(FamilyServer):
         self._refuse_overlong_text(loaded, params, prompt_limit, limit_name)
         # images arrive encoded; decoding them (in encode) is held to the memory budget like generation
         decoded = decoded_image_bytes(params.images)
-        async with self.memory.hold(decoded, "the images of this request", param="messages"):
+        async with self.memory.hold(decoded, "the images of this request", param="messages", priority=params.priority):
             params.inputs = await asyncio.to_thread(self.encode, loaded, params)
         prompt_tokens = int(params.inputs["input_ids"].shape[-1])
         if prompt_tokens > prompt_limit:
@@ -133,7 +135,7 @@ class ChatServer(FamilyServer):
         arrived = time.monotonic()
         with self._observed() as params.running:
             need = await self._admit(params)
-            async with self.memory.hold(need, "this chat request", param="messages"):
+            async with self.memory.hold(need, "this chat request", param="messages", priority=params.priority):
                 result = raise_if_error(await self._until_cancelled(params, self._generate(params)))
         self.metrics.generated(params.model, arrived, params.first_token_at, result.prompt_tokens,
                                result.completion_tokens, result.cached_tokens)
@@ -231,7 +233,8 @@ class ChatServer(FamilyServer):
         if params.tools and params.tool_choice != "none":
             calls = tools_module().CallStream(params.tools, params.parallel_tool_calls)
         async with contextlib.AsyncExitStack() as stack:
-            await stack.enter_async_context(self.memory.hold(need, "this chat request", param="messages"))
+            await stack.enter_async_context(self.memory.hold(need, "this chat request", param="messages",
+                                                             priority=params.priority))
             loop = asyncio.get_running_loop()
             deltas: asyncio.Queue = asyncio.Queue()
             params.sink = lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)

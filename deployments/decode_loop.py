@@ -184,13 +184,14 @@ class DecodeLoop:
         # around each forward of a model: the threads torch computes it with, and the node's CPU turn
         self.computing = computing or (lambda loaded: nullcontext())
         self.pending: queue.SimpleQueue[tuple[ModelSpec, LoadedModel, ChatParams, Done]] = queue.SimpleQueue()
+        self.held: list[tuple[ModelSpec, LoadedModel, ChatParams, Done]] = []  # waiting for a place; loop thread only
         self.groups: dict[int, Group] = {}
 
     def submit(self, spec: ModelSpec, loaded: LoadedModel, params: ChatParams, done: Done) -> None:
         self.pending.put((spec, loaded, params, done))
 
     def busy(self) -> bool:
-        return not self.pending.empty() or any(group.rows for group in self.groups.values())
+        return not self.pending.empty() or bool(self.held) or any(group.rows for group in self.groups.values())
 
     def run(self) -> None:
         """Step every model's rows until no row is left and nothing waits."""
@@ -209,18 +210,21 @@ class DecodeLoop:
 
     # -- joining ------------------------------------------------------------------------------------
     def _admit(self) -> None:
+        """Rows for the places free in each model's batch: lower `priority` first, then in arrival order
+        (those held back by a full batch before anything that arrived after them)."""
         arrivals: dict[int, list[Row]] = {}
-        held: list[tuple] = []
+        waiting, self.held = self.held, []
         while not self.pending.empty():
-            spec, loaded, params, done = self.pending.get()
+            waiting.append(self.pending.get())
+        waiting.sort(key=lambda item: item[2].priority)  # stable: arrival order among equals
+        for spec, loaded, params, done in waiting:
             key = id(loaded.model)
             group = self.groups.setdefault(key, Group(loaded))
             if len(group.rows) + len(arrivals.get(key, [])) >= self.max_rows:
-                held.append((spec, loaded, params, done))  # a full batch: it joins when a row leaves
+                self.held.append((spec, loaded, params, done))  # a full batch: it joins when a row leaves
                 continue
             arrivals.setdefault(key, []).append(new_row(spec, loaded, params, done))
-        for item in held:
-            self.pending.put(item)
+        self.stats["waiting_for_place"] = len(self.held)  # /health: rows a full batch keeps waiting now
         for key, rows in arrivals.items():
             group = self.groups[key]
             with group.loaded.lock:  # no adapter attaches between choosing the batches and running them

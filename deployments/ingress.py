@@ -128,6 +128,13 @@ class Ingress:
         return await self._off_loop(decode_audio, data, bounds)
 
     async def chat_params(self, spec: ModelSpec, messages: list[dict], wait_s: float, **sampling: Any) -> ChatParams:
+        priority = sampling.get("priority", 0)
+        family = chat_family(spec)
+        if priority and getattr(self.config.family_options(family), "scheduling_policy", "fcfs") != "priority":
+            raise InvalidRequestError(
+                f"priority={priority}, but the {family.value} family serves requests in arrival order (its "
+                f"scheduling_policy is fcfs); send priority 0, or set families.{family.value}.scheduling_policy: "
+                "priority in serve_config.yaml", param="priority")
         has_images = any(part.get("type") == "image" for m in messages if isinstance(m.get("content"), list)
                          for part in m["content"])
         if has_images and spec.family is not Family.VLM:  # refused before any image is decoded

@@ -7,6 +7,8 @@ class, so `extra="forbid"` rejects it (e.g. `max_batch_size` for TTS).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -135,6 +137,16 @@ class ChatOptions(BatchingOptions):
             "turns) prefills only the tokens after them. Least recently used first out past this bound, which is "
             "held beside memory_budget_mb (SmolLM2 in float32: 45 KB a token, so 64 MB keeps ~1,450 prompt "
             "tokens). 0: off."
+        ),
+    )
+
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        default="fcfs", description=(
+            "The order in which requests waiting in a replica (for a place in the running batch, past "
+            "max_batch_size, or for memory_budget_mb) are taken. fcfs: arrival order, and a request's `priority` "
+            "other than 0 is refused (400). priority: vLLM's policy: lower `priority` first, arrival order among "
+            "equals; running requests are never preempted. Requests past max_ongoing_requests wait in Ray's "
+            "router, in arrival order: raise it to let priority order more of them."
         ),
     )
 

@@ -24,6 +24,7 @@ class ChatParams:
     top_p: float | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    priority: int = 0  # lower first where requests wait in the replica (scheduling_policy: priority)
     wait_s: float = 0.0  # how long to wait for a model that is still loading
     # Per-row generation features (decode loop only; generate()-fallback models refuse them by name)
     constraint: Any = None  # structured.Constraint: a JSON schema or grammar the output must follow

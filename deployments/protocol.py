@@ -294,6 +294,10 @@ class ChatCompletionRequest(RequestModel):
     """Up to 4 non-empty sequences at which generation stops."""
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     """Seed for reproducible sampling."""
+    priority: int = Field(default=0, ge=-(2**31), lt=2**31)
+    """vLLM's extension: where requests wait in a replica (a full batch, the memory budget), lower values go
+    first, arrivals in order among equals; running requests are not preempted. Only with the family's
+    `scheduling_policy: priority`; otherwise anything but 0 is refused (400)."""
     stream: bool = False
     """Stream the reply as server-sent events."""
     stream_options: StreamOptions | None = None
@@ -651,6 +655,10 @@ class CompletionRequest(RequestModel):
     """Token id (as a string) -> bias from -100 to 100."""
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     """Seed for reproducible sampling."""
+    priority: int = Field(default=0, ge=-(2**31), lt=2**31)
+    """vLLM's extension: where requests wait in a replica (a full batch, the memory budget), lower values go
+    first, arrivals in order among equals; running requests are not preempted. Only with the family's
+    `scheduling_policy: priority`; otherwise anything but 0 is refused (400)."""
     user: str | None = None
     """End-user id, for logs."""
 

@@ -47,7 +47,8 @@ async def create_chat_completion(body: ChatCompletionRequest, ingress: IngressDe
     features = chat_features(body, ingress.limits)
     params = await ingress.chat_params(
         spec, body.to_messages(), wait_s, max_new_tokens=body.requested_max_tokens(),
-        temperature=body.temperature, top_p=body.top_p, stop=body.stop_list(), seed=body.seed, **features,
+        temperature=body.temperature, top_p=body.top_p, stop=body.stop_list(), seed=body.seed,
+        priority=body.priority, **features,
     )
     choices = fan_out(params, body.n)
     if body.stream:

@@ -44,6 +44,7 @@ async def create_completion(body: CompletionRequest, ingress: IngressDep, wait_s
         params = await ingress.chat_params(
             spec, [], wait_s, prompt=prompt, echo=body.echo, max_new_tokens=body.max_tokens,
             temperature=body.temperature, top_p=body.top_p, stop=body.stop_list(), seed=body.seed,
+            priority=body.priority,
             logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0,
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
             logit_bias={int(k): float(v) for k, v in body.logit_bias.items()} if body.logit_bias else None,

@@ -130,3 +130,51 @@ def test_the_family_option_defaults_to_sized_and_refuses_a_bad_fraction():
     assert ChatOptions().memory_budget_mb is None and ChatOptions().memory_budget_fraction == 0.25
     with pytest.raises(ValidationError, match="memory_budget_fraction"):
         ChatOptions(memory_budget_fraction=1.5)
+
+
+def test_a_waiter_of_lower_priority_goes_first_and_is_not_starved_by_smaller_ones():
+    """scheduling_policy: priority. While `big` (priority -1) waits for room, `small` (priority 0), which
+    would fit, waits behind it; among equals a request that fits still goes in at once."""
+
+    async def scenario():
+        gate, order = MemoryGate(100 * MB), []
+
+        async def job(name: str, need: int, priority: int, hold_s: float, start_s: float = 0.0):
+            await asyncio.sleep(start_s)
+            async with gate.hold(need * MB, name, priority=priority):
+                order.append(f"{name} in")
+                await asyncio.sleep(hold_s)
+            order.append(f"{name} out")
+
+        await asyncio.gather(job("first", 60, 0, 0.1), job("level", 30, 0, 0.0, 0.01),
+                             job("big", 80, -1, 0.0, 0.02), job("small", 10, 0, 0.0, 0.03))
+        return gate, order
+
+    gate, order = asyncio.run(scenario())
+    assert order.index("level in") < order.index("first out")  # equal priority, fits: in at once
+    assert order.index("big in") > order.index("first out")
+    assert order.index("small in") > order.index("big in"), order  # it fitted, but big waited ahead of it
+    assert gate.in_use == 0 and not gate._waiting
+
+
+def test_a_cancelled_waiter_of_lower_priority_lets_the_others_go():
+    async def scenario():
+        gate, order = MemoryGate(100 * MB), []
+
+        async def job(name: str, need: int, priority: int):
+            async with gate.hold(need * MB, name, priority=priority):
+                order.append(name)
+
+        async with gate.hold(100 * MB, "everything"):
+            urgent = asyncio.ensure_future(job("urgent", 90, -5))
+            await asyncio.sleep(0.01)
+            later = asyncio.ensure_future(job("later", 10, 0))
+            await asyncio.sleep(0.01)
+            urgent.cancel()  # its caller went away while it waited
+            await asyncio.sleep(0.01)
+            assert order == []  # nothing fits yet
+        await asyncio.wait_for(later, 5)
+        return gate, order
+
+    gate, order = asyncio.run(scenario())
+    assert order == ["later"] and gate.in_use == 0 and not gate._waiting

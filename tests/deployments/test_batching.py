@@ -108,3 +108,17 @@ def test_a_batch_wait_lets_an_idle_model_collect_company(wait):
     calls, timers = run_on_timer_loop(main())
     assert calls == [[0, 1, 2]]
     assert timers == [pytest.approx(wait, abs=0.002)]  # the batch waited once, for `wait`
+
+
+def test_with_a_priority_key_the_next_batch_takes_the_lowest_values_first_in_arrival_order_among_equals():
+    async def main():
+        recorder = Recorder(delay=0.05)
+        batcher = Batcher(recorder, max_batch_size=2, priority=lambda item: -1 if item >= 100 else 0)
+        first = asyncio.ensure_future(batcher(0))
+        await asyncio.sleep(0.01)  # the first call is running; the rest queue in this order
+        rest = await asyncio.gather(*(batcher(i) for i in (1, 2, 100, 3, 101)))
+        return recorder.calls, await first, rest
+
+    calls, first, rest = asyncio.run(main())
+    assert rest == [2, 4, 200, 6, 202]
+    assert calls == [[0], [100, 101], [1, 2], [3]]

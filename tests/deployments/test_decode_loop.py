@@ -145,3 +145,43 @@ def test_a_cancelled_row_leaves_at_the_next_step(models):
         DecodeLoop._advance = staticmethod(original)
     assert results[0].finish_reason == "cancelled" and results[0].completion_tokens <= 6
     assert results[1].completion_tokens == alone(models, "tiny", chat("Tell me a story", 40)).completion_tokens
+
+
+def test_rows_waiting_for_a_place_join_by_priority_then_in_arrival_order(models):
+    """scheduling_policy: priority. With the one place taken, rows arriving meanwhile wait; each time it
+    frees, the lowest priority takes it, equals in arrival order, also one that arrives while others
+    have been waiting for several admissions; the running row is never preempted."""
+    spec, loaded = models["tiny"]
+    stats = {"model_calls": 0, "requests": 0, "largest_batch": 0}
+    loop = DecodeLoop(max_rows=1, stats=stats)
+    order: list[str] = []
+    results: dict[str, object] = {}
+
+    def submit(name: str, priority: int, tokens: int = 2) -> None:
+        params = chat(f"{name} says hello", tokens, priority=priority)
+        params.inputs = LLMServer.encode(None, loaded, params)
+        loop.submit(spec, loaded, params, lambda outcome, name=name: (order.append(name),
+                                                                     results.__setitem__(name, outcome)))
+
+    submit("running", 9, tokens=6)
+    original_step = loop._step
+
+    def step(group):
+        original_step(group)
+        if stats["decode_steps"] == 1:  # "running" has the place; these wait for it
+            for name, priority in [("low", 5), ("a", 0), ("urgent", -2), ("b", 0), ("urgent-2", -2)]:
+                submit(name, priority)
+        if order == ["running", "urgent"] and "late" not in results:  # arrives behind waiting equals
+            results["late"] = None
+            submit("late", -2)
+
+    loop._step = step
+    loop.run()
+    assert order == ["running", "urgent", "urgent-2", "late", "a", "b", "low"], order
+    assert not loop.held and not loop.busy()
+    assert all(getattr(results[name], "finish_reason", None) in ("stop", "length") for name in order)
+    assert results["running"].completion_tokens == expected_tokens(models, "running says hello", 6)
+
+
+def expected_tokens(models, prompt: str, limit: int) -> int:
+    return alone(models, "tiny", chat(prompt, limit)).completion_tokens
