@@ -109,5 +109,13 @@ class AppConfig(BaseModel):
     def _unique(cls, models: list[ModelSpec]) -> list[ModelSpec]:
         return validate_unique_names(models)
 
+    @model_validator(mode="after")
+    def _voice_priority_needs_the_policy(self) -> AppConfig:
+        if self.ingress.voice_priority and self.families.llm.scheduling_policy != "priority":
+            raise ValueError(
+                f"ingress.voice_priority={self.ingress.voice_priority} orders nothing while the LLM family serves "
+                "requests in arrival order: set families.llm.scheduling_policy: priority, or voice_priority: 0")
+        return self
+
     def family_options(self, family: Family) -> ChatOptions | TranscriptionOptions | SpeechOptions:
         return self.families[family]

@@ -127,6 +127,11 @@ class Ingress:
         bounds = AudioBounds(limits.min_sample_rate, limits.max_sample_rate, limits.max_audio_channels, seconds)
         return await self._off_loop(decode_audio, data, bounds)
 
+    def voice_priority(self, llm: ModelSpec) -> int:
+        """ingress.voice_priority where the voice's chat family orders by priority, else 0."""
+        options = self.config.family_options(chat_family(llm))
+        return self.config.ingress.voice_priority if getattr(options, "scheduling_policy", "") == "priority" else 0
+
     async def chat_params(self, spec: ModelSpec, messages: list[dict], wait_s: float, **sampling: Any) -> ChatParams:
         priority = sampling.get("priority", 0)
         family = chat_family(spec)
@@ -253,7 +258,8 @@ class Ingress:
                                                        language=form.language, wait_s=wait_s))
         messages = [{"role": "system", "content": form.system_prompt}] if form.system_prompt else []
         messages.append({"role": "user", "content": heard.text or "(silence)"})
-        chat = await self.chat_params(llm, messages, wait_s, max_new_tokens=form.max_tokens)
+        chat = await self.chat_params(llm, messages, wait_s, max_new_tokens=form.max_tokens,
+                                      priority=self.voice_priority(llm))
         return names, heard, chat
 
     def _speech_template(self, model: str, wait_s: float) -> SpeechParams:

@@ -190,6 +190,14 @@ class IngressOptions(BaseModel):
     max_queued_requests: int = Field(
         default=256, ge=-1, description="Requests Serve's proxy holds for a busy ingress before answering 503 itself.",
     )
+    voice_priority: int = Field(
+        default=0, ge=-(2**31), lt=2**31, description=(
+            "The `priority` of the LLM calls the voice round trip (/v1/audio/chat) and Realtime responses make, "
+            "where the chat family serving them has scheduling_policy: priority (elsewhere they take 0). "
+            "Negative puts a caller's reply ahead of the chat requests waiting for a place in the batch. "
+            "Not 0 needs families.llm.scheduling_policy: priority (checked when the app is built)."
+        ),
+    )
     voice_first_piece_chars: int = Field(
         default=80, ge=10, description="The voice round trip and Realtime responses speak the reply's first piece as "
         "soon as it ends a sentence or a clause, or at a word break once it is this long, so that the first audio "

@@ -519,10 +519,11 @@ class RealtimeSession:
             messages += [{"role": i.role, "content": i.text or "(silence)"} for i in self.items]
             if not any(m["role"] == "user" for m in messages):
                 messages.append({"role": "user", "content": "(silence)"})
+            llm = self.ingress.spec(self.llm)
             chat = await self.ingress.chat_params(
-                self.ingress.spec(self.llm), messages, 0.0,
-                max_new_tokens=None if limit == "inf" else int(limit),
-                temperature=fields.temperature if fields.temperature is not None else config.temperature)
+                llm, messages, 0.0, max_new_tokens=None if limit == "inf" else int(limit),
+                temperature=fields.temperature if fields.temperature is not None else config.temperature,
+                priority=self.ingress.voice_priority(llm))
             previous = self.items[-1].id if self.items else None
             self._add(item)
             await self.send("response.output_item.added", output_index=output_index,

@@ -197,3 +197,15 @@ def test_the_proxys_request_timeout_outlasts_a_realtime_session(name):
     config = yaml.safe_load((Path(__file__).resolve().parents[2] / name).read_text())
     limits = RequestLimits(**config["applications"][0]["args"].get("limits", {}))
     assert config["http_options"]["request_timeout_s"] > limits.max_realtime_session_s
+
+
+def test_scheduling_policy_is_fcfs_or_priority_and_voice_priority_needs_the_llm_to_order_by_it():
+    assert AppConfig.model_validate(args()).families.llm.scheduling_policy == "fcfs"
+    with pytest.raises(ValidationError) as caught:
+        AppConfig.model_validate(args(families={"vlm": {"scheduling_policy": "lifo"}}))
+    assert "families.vlm.scheduling_policy" in error_locs(caught.value)
+    with pytest.raises(ValidationError, match="families.llm.scheduling_policy: priority"):
+        AppConfig.model_validate(args(ingress={"voice_priority": -2}))
+    config = AppConfig.model_validate(args(ingress={"voice_priority": -2},
+                                           families={"llm": {"scheduling_policy": "priority"}}))
+    assert config.ingress.voice_priority == -2 and config.families.vlm.scheduling_policy == "fcfs"

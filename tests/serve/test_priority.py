@@ -1,6 +1,7 @@
 """vLLM's `priority` request field through a live app: with `scheduling_policy: priority` the requests
-waiting for a place in the LLM's batch are taken lowest value first; under the default fcfs a priority
-other than 0 is a 400 that names the option, and the app goes on answering."""
+waiting for a place in the LLM's batch are taken lowest value first, and the voice round trip's LLM
+call takes `ingress.voice_priority`; under the default fcfs a priority other than 0 is a 400 that
+names the option, and the app goes on answering."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 import openai
 import pytest
 
-from serve_testutil import demo_args, run_app
+from serve_testutil import demo_args, run_app, wav_bytes
 
 STEP_S = 0.1  # the slow model's delay per generated token
 
@@ -21,11 +22,14 @@ def app(serve_url, models_dir):
 
     args = demo_args()
     args["local_models_dir"] = str(models_dir)
+    voice = [m for m in args["models"] if m.get("build_tiny") in ("stt", "tts")]
     args["models"] = [{"name": "slow-llm", "source": "slow-llm", "build_tiny": "llm", "max_new_tokens": 64,
-                       "debug_step_delay_s": STEP_S}]
+                       "debug_step_delay_s": STEP_S}, *voice]
     # one place in the batch: every later request waits for it, in the order under test
     args["families"] = {"llm": {**args["families"]["llm"], "autoscaling": None, "max_batch_size": 1,
-                                "scheduling_policy": "priority"}}
+                                "scheduling_policy": "priority"},
+                        **{family: {**args["families"][family], "autoscaling": None} for family in ("stt", "tts")}}
+    args["ingress"] = {**args.get("ingress", {}), "voice_priority": -5}
     app = run_app(serve_url, "prioritized", args)
     app.wait_for(lambda h: h["status"] == "ok", timeout=120)
     yield app
@@ -84,3 +88,32 @@ def test_priority_is_refused_by_name_where_the_family_serves_in_arrival_order(ch
                                              max_tokens=2, extra_body={"priority": 2**40})
     assert app.openai().completions.create(model="slow-llm", prompt="hi", max_tokens=2,
                                            extra_body={"priority": -7}).choices
+
+
+def test_the_voice_round_trip_takes_voice_priority_ahead_of_waiting_chats(app):
+    """A caller's reply (ingress.voice_priority -5) gets the batch place before a chat that waited longer."""
+    client = app.openai()
+    finished: list[str] = []
+
+    def chat(name: str, max_tokens: int) -> None:
+        client.chat.completions.create(model="slow-llm", messages=[{"role": "user", "content": name}],
+                                       max_tokens=max_tokens, temperature=0)
+        finished.append(name)
+
+    def voice() -> None:
+        response = app.post("/v1/audio/chat", files={"file": ("q.wav", wav_bytes(1.0))},
+                            data={"llm_model": "slow-llm", "max_tokens": "3"})
+        assert response.status_code == 200, response.text
+        finished.append("voice")
+
+    threads = [threading.Thread(target=chat, args=("running", 30))]
+    threads[0].start()
+    time.sleep(0.6)
+    threads.append(threading.Thread(target=chat, args=("waiting chat", 10)))
+    threads[-1].start()
+    time.sleep(0.3)
+    threads.append(threading.Thread(target=voice))  # transcribed, then its LLM call waits for the place too
+    threads[-1].start()
+    for thread in threads:
+        thread.join(60)
+    assert finished == ["running", "voice", "waiting chat"], finished
