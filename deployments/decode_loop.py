@@ -218,6 +218,10 @@ class DecodeLoop:
             waiting.append(self.pending.get())
         waiting.sort(key=lambda item: item[2].priority)  # stable: arrival order among equals
         for spec, loaded, params, done in waiting:
+            if params.cancelled is not None and params.cancelled.is_set():  # its caller left while it waited
+                self.stats["cancelled_while_waiting"] = self.stats.get("cancelled_while_waiting", 0) + 1
+                _tell(done, ChatResult("", 0, 0, "cancelled"))
+                continue
             key = id(loaded.model)
             group = self.groups.setdefault(key, Group(loaded))
             if len(group.rows) + len(arrivals.get(key, [])) >= self.max_rows:
@@ -393,10 +397,14 @@ class DecodeLoop:
         result = ChatResult(text, row.prompt_tokens, len(row.tokens), row.finish or "stop",
                             logprobs=row.logprobs if row.params.logprobs else None,  # type: ignore[arg-type]
                             cached_tokens=row.cached_tokens)
-        try:
-            row.done(row.error if row.finish == "error" and row.error is not None else result)
-        except Exception:  # the caller's future is gone: nothing to tell
-            pass
+        _tell(row.done, row.error if row.finish == "error" and row.error is not None else result)
+
+
+def _tell(done: Done, outcome: ChatResult | BaseException) -> None:
+    try:
+        done(outcome)
+    except Exception:  # the caller's future is gone: nothing to tell
+        pass
 
 
 def prepared_step_mask_fits(model: Any) -> bool:

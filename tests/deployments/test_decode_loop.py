@@ -185,3 +185,32 @@ def test_rows_waiting_for_a_place_join_by_priority_then_in_arrival_order(models)
 
 def expected_tokens(models, prompt: str, limit: int) -> int:
     return alone(models, "tiny", chat(prompt, limit)).completion_tokens
+
+
+def test_a_row_whose_caller_left_while_it_waited_for_a_place_is_never_prefilled(models):
+    spec, loaded = models["tiny"]
+    stats = {"model_calls": 0, "requests": 0, "largest_batch": 0}
+    loop = DecodeLoop(max_rows=1, stats=stats)
+    results: dict[str, object] = {}
+    gone = threading.Event()
+
+    def submit(name: str, **kw) -> None:
+        params = chat(f"{name} says hello", 3, **kw)
+        params.inputs = LLMServer.encode(None, loaded, params)
+        loop.submit(spec, loaded, params, lambda outcome, name=name: results.__setitem__(name, outcome))
+
+    submit("running")
+    original_step = loop._step
+
+    def step(group):
+        original_step(group)
+        if stats["decode_steps"] == 1:
+            submit("left", cancelled=gone)
+            submit("stayed")
+            gone.set()  # the first waiter's caller hangs up before the place frees
+
+    loop._step = step
+    loop.run()
+    assert results["left"].finish_reason == "cancelled" and results["left"].completion_tokens == 0
+    assert results["stayed"].finish_reason in ("stop", "length") and results["stayed"].completion_tokens >= 1
+    assert stats["requests"] == 2 and stats["cancelled_while_waiting"] == 1  # prefilled: running and stayed
