@@ -106,7 +106,7 @@ def test_the_voice_round_trip_takes_voice_priority_ahead_of_waiting_chats(app):
         assert response.status_code == 200, response.text
         finished.append("voice")
 
-    threads = [threading.Thread(target=chat, args=("running", 30))]
+    threads = [threading.Thread(target=chat, args=("running", 40))]  # ~4 s: room for the transcription
     threads[0].start()
     time.sleep(0.6)
     threads.append(threading.Thread(target=chat, args=("waiting chat", 10)))
