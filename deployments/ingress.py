@@ -127,15 +127,18 @@ class Ingress:
         bounds = AudioBounds(limits.min_sample_rate, limits.max_sample_rate, limits.max_audio_channels, seconds)
         return await self._off_loop(decode_audio, data, bounds)
 
+    def _orders_by_priority(self, spec: ModelSpec) -> bool:
+        """Whether the chat family serving `spec` takes waiting requests by `priority` (else in arrival order)."""
+        return getattr(self.config.family_options(chat_family(spec)), "scheduling_policy", "fcfs") == "priority"
+
     def voice_priority(self, llm: ModelSpec) -> int:
         """ingress.voice_priority where the voice's chat family orders by priority, else 0."""
-        options = self.config.family_options(chat_family(llm))
-        return self.config.ingress.voice_priority if getattr(options, "scheduling_policy", "") == "priority" else 0
+        return self.config.ingress.voice_priority if self._orders_by_priority(llm) else 0
 
     async def chat_params(self, spec: ModelSpec, messages: list[dict], wait_s: float, **sampling: Any) -> ChatParams:
         priority = sampling.get("priority", 0)
         family = chat_family(spec)
-        if priority and getattr(self.config.family_options(family), "scheduling_policy", "fcfs") != "priority":
+        if priority and not self._orders_by_priority(spec):
             raise InvalidRequestError(
                 f"priority={priority}, but the {family.value} family serves requests in arrival order (its "
                 f"scheduling_policy is fcfs); send priority 0, or set families.{family.value}.scheduling_policy: "
