@@ -39,6 +39,7 @@ from .generation import PADDED_KEYS, RowStream, collate, cut_at_stop, end_token_
 from .params import ChatParams, ChatResult
 from .prefix_cache import Prefix, PrefixCache
 from .row_logits import Entry, RowLogits
+from .wakeups import batched
 
 Done = Callable[[ChatResult | BaseException], None]  # called on the loop's thread with the row's outcome
 logger = logging.getLogger(__name__)
@@ -349,13 +350,14 @@ class DecodeLoop:
         after a prefill); finish and remove the rows that ended."""
         keep = list(range(start))
         now = time.monotonic()
-        for i, token in enumerate(tokens[:, 0].tolist(), start=start):
-            row = group.rows[i]
-            row.finish = row.finish or self._advance(row, token, now)
-            if row.finish is None:
-                keep.append(i)
-            else:
-                self._finish(row)
+        with batched():  # the rows' deltas and results reach each event loop as one call (wakeups.py)
+            for i, token in enumerate(tokens[:, 0].tolist(), start=start):
+                row = group.rows[i]
+                row.finish = row.finish or self._advance(row, token, now)
+                if row.finish is None:
+                    keep.append(i)
+                else:
+                    self._finish(row)
         if len(keep) < len(group.rows):
             index = torch.tensor(keep, dtype=torch.long)
             group.rows = [group.rows[i] for i in keep]

@@ -24,6 +24,7 @@ from .options import FamilyOptions
 from .pool import ModelPool
 from .runtime_catalog import ReplicaCatalog
 from .threads import ComputeThreads
+from .wakeups import call_soon
 
 T = TypeVar("T")
 
@@ -147,7 +148,7 @@ class FamilyServer:
                 self.metrics.started(1)
 
         def running() -> None:
-            loop.call_soon_threadsafe(now_running)
+            call_soon(loop, now_running)
 
         self.metrics.queued(1)
         try:

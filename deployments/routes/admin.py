@@ -17,7 +17,7 @@ from ..admin_protocol import (
 )
 from ..errors import APIError, UnauthorizedError
 from ..runtime_admin import RuntimeAdmin
-from .common import ERRORS, get_ingress, is_authorized
+from .common import ERRORS, ingress_of, is_authorized
 
 NO_ADMIN_KEY = (
     "the admin routes are off: no admin key is configured. Set auth.admin_keys_env (the environment variable "
@@ -26,9 +26,9 @@ NO_ADMIN_KEY = (
 )
 
 
-def require_admin(request: Request) -> RuntimeAdmin:
+async def require_admin(request: Request) -> RuntimeAdmin:
     """The admin key check (403 when the routes are off, 401 without an admin key), then the RuntimeAdmin."""
-    ingress = get_ingress(request)
+    ingress = ingress_of(request)
     if not ingress.admin_keys.enabled:
         raise APIError(NO_ADMIN_KEY, status=403, type="permission_error", param="auth.admin_keys_env",
                        code="admin_disabled")

@@ -14,11 +14,17 @@ from ..protocol import ErrorResponse
 MAX_WAIT_S = 600.0
 
 
-def get_ingress(request: Request) -> Ingress:
+def ingress_of(request: Request) -> Ingress:
     return request.app.state.ingress
 
 
-def wait_for_model(
+# Dependencies are `async def`: FastAPI runs a plain `def` one in its thread pool, a hop per request
+# that cost 14 ms p50 under 16 streams (tests/deployments/test_request_path.py).
+async def get_ingress(request: Request) -> Ingress:
+    return ingress_of(request)
+
+
+async def wait_for_model(
     x_wait_for_model: Annotated[str | None, Header(
         description="Seconds a request may wait for a model that is still loading (default 0: 503 + Retry-After)."
     )] = None,
