@@ -18,6 +18,7 @@ from transformers.generation.streamers import BaseStreamer
 from loading import LoadedModel, ModelSpec
 
 from .params import ChatParams, ChatResult
+from .wakeups import batched
 
 PADDED_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
@@ -142,9 +143,10 @@ class RowStreams(BaseStreamer):
     def put(self, value: torch.Tensor) -> None:
         if value.dim() > 1:  # the prompt
             return
-        for row, token in zip(self.rows, value.tolist(), strict=True):
-            if row is not None:
-                row.push(token)
+        with batched():  # one wake-up of each event loop per step, not one per streamed row (wakeups.py)
+            for row, token in zip(self.rows, value.tolist(), strict=True):
+                if row is not None:
+                    row.push(token)
 
     def end(self) -> None:
         """Nothing to flush: the caller sends what is held back from the final text."""
