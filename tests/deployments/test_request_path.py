@@ -14,7 +14,7 @@ import threading
 
 from fastapi.routing import APIRoute
 
-from deployments.chat_server import INLINE_ENCODE_CHARS, encodes_inline
+from deployments.chat_server import INLINE_ENCODE_CHARS, INLINE_ENCODE_MESSAGES, encodes_inline
 from deployments.params import ChatParams
 from deployments.routes import ROUTERS, admin, ui
 from deployments.wakeups import batched, call_soon
@@ -124,7 +124,7 @@ def test_a_failing_callback_costs_the_others_nothing_and_a_closed_loop_drops_the
     assert seen == [1, 3]
 
 
-def test_short_text_prompts_encode_on_the_event_loop_long_ones_and_images_in_a_thread():
+def test_short_text_prompts_encode_on_the_event_loop_long_ones_many_messages_and_images_in_a_thread():
     def params(**fields):
         return ChatParams(model="m", messages=fields.pop("messages", [{"role": "user", "content": "hi"}]), **fields)
 
@@ -134,6 +134,9 @@ def test_short_text_prompts_encode_on_the_event_loop_long_ones_and_images_in_a_t
     assert not encodes_inline(params(messages=[{"role": "user", "content": "x" * 1500},
                                                {"role": "assistant", "content": "y" * 1500}]))
     assert not encodes_inline(params(images=[b"png"]))
+    many = [{"role": "user", "content": ""}] * (INLINE_ENCODE_MESSAGES + 1)  # no text, but a long template
+    assert not encodes_inline(params(messages=many))
+    assert encodes_inline(params(messages=many[:INLINE_ENCODE_MESSAGES]))
     assert not encodes_inline(params(tools=[{"name": "f", "parameters": {}}]))
     assert encodes_inline(params(messages=[], prompt="Once upon a time"))
     assert not encodes_inline(params(messages=[], prompt=list(range(INLINE_ENCODE_CHARS + 1))))
