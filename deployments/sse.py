@@ -38,8 +38,10 @@ async def chat_events(model: str, chunks: AsyncIterator[tuple[int, dict]], inclu
         chunk = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=parts, usage=usage)
         return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
 
-    for index in range(choices):
-        yield event([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+    # Each string yielded is one write to the socket, and one more segment for HAProxy and the client to
+    # handle: the role chunks go out with the first delta, a finish_reason with what follows it.
+    held = [event([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+            for index in range(choices)]
     prompt_tokens, completion_tokens, cached_tokens = 0, 0, 0
     try:
         async for index, item in chunks:
@@ -48,18 +50,19 @@ async def chat_events(model: str, chunks: AsyncIterator[tuple[int, dict]], inclu
                 delta = DeltaMessage(content=item["delta"] if item["delta"] or not calls else None,
                                      tool_calls=calls or None)
                 logprobs = ChoiceLogprobs(content=item["logprobs"]) if item.get("logprobs") else None
-                yield event([ChatCompletionChunkChoice(index=index, delta=delta, logprobs=logprobs)])
+                yield "".join(held) + event([ChatCompletionChunkChoice(index=index, delta=delta, logprobs=logprobs)])
+                held = []
                 continue
-            yield event([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(),
-                                                   finish_reason=item["finish_reason"])])
+            held.append(event([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(),
+                                                         finish_reason=item["finish_reason"])]))
             if not prompt_tokens:
                 prompt_tokens, cached_tokens = item["usage"]["prompt_tokens"], item["usage"].get("cached_tokens", 0)
             completion_tokens += item["usage"]["completion_tokens"]
         if include_usage:
-            yield event([], UsageInfo.counted(prompt_tokens, completion_tokens, cached_tokens))
+            held.append(event([], UsageInfo.counted(prompt_tokens, completion_tokens, cached_tokens)))
     except Exception as exc:  # headers are sent: report the failure in-band, then end the stream
-        yield error_sse_event(exc)
-    yield DONE
+        held.append(error_sse_event(exc))
+    yield "".join(held) + DONE
 
 
 async def merged(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int, dict]]:

@@ -93,20 +93,22 @@ async def completion_events(model: str, items: AsyncIterator[tuple[int, dict]], 
         chunk = response.model_copy(update={"choices": choices, "usage": usage, "created": int(time.time())})
         return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
 
+    held: list[str] = []  # a finish_reason goes out with what follows it: one write to the socket, not two
     try:
         async for index, item in items:
             if "delta" in item:
                 logprobs = legacy_logprobs(item["logprobs"], offsets.get(index, 0)) if item.get("logprobs") else None
                 offsets[index] = offsets.get(index, 0) + len(item["delta"])
-                yield event([CompletionChoice(text=item["delta"], index=index, logprobs=logprobs)])
+                yield "".join(held) + event([CompletionChoice(text=item["delta"], index=index, logprobs=logprobs)])
+                held = []
                 continue
-            yield event([CompletionChoice(text="", index=index, finish_reason=item["finish_reason"])])
+            held.append(event([CompletionChoice(text="", index=index, finish_reason=item["finish_reason"])]))
             if index % n == 0:
                 prompt_tokens += item["usage"]["prompt_tokens"]
                 cached_tokens += item["usage"].get("cached_tokens", 0)
             completion_tokens += item["usage"]["completion_tokens"]
         if include_usage:
-            yield event([], UsageInfo.counted(prompt_tokens, completion_tokens, cached_tokens))
+            held.append(event([], UsageInfo.counted(prompt_tokens, completion_tokens, cached_tokens)))
     except Exception as exc:  # headers are sent: report the failure in-band, then end the stream
-        yield error_sse_event(exc)
-    yield DONE
+        held.append(error_sse_event(exc))
+    yield "".join(held) + DONE

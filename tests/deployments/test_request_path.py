@@ -140,3 +140,49 @@ def test_short_text_prompts_encode_on_the_event_loop_long_ones_many_messages_and
     assert not encodes_inline(params(tools=[{"name": "f", "parameters": {}}]))
     assert encodes_inline(params(messages=[], prompt="Once upon a time"))
     assert not encodes_inline(params(messages=[], prompt=list(range(INLINE_ENCODE_CHARS + 1))))
+
+
+def _writes(events) -> list[str]:
+    async def collect():
+        return [text async for text in events]
+
+    return asyncio.run(collect())
+
+
+async def _items(*items):
+    for item in items:
+        yield item
+
+
+def test_a_chat_stream_writes_its_role_with_the_first_delta_and_its_finish_with_usage_and_done():
+    """Each string a streaming route yields is one socket write and one more segment for HAProxy and the
+    client; the events are OpenAI's, in OpenAI's order, but the role chunk and the end go out together."""
+    import json
+
+    from deployments.routes.completions import completion_events
+    from deployments.sse import chat_events
+
+    usage = {"prompt_tokens": 3, "completion_tokens": 2}
+    writes = _writes(chat_events("m", _items((0, {"delta": "Hel"}), (0, {"delta": "lo"}),
+                                              (0, {"finish_reason": "stop", "usage": usage})), True))
+    assert len(writes) == 3
+    events = [[json.loads(e[6:]) if e != "data: [DONE]" else "[DONE]" for e in w.split("\n\n") if e]
+              for w in writes]
+    assert [c["choices"][0]["delta"] for c in events[0]] == [{"role": "assistant", "content": ""},
+                                                             {"content": "Hel"}]
+    assert events[1][0]["choices"][0]["delta"] == {"content": "lo"}
+    assert events[2][0]["choices"][0]["finish_reason"] == "stop"
+    assert events[2][1]["usage"]["total_tokens"] == 5 and events[2][2] == "[DONE]"
+
+    failing = _writes(chat_events("m", _failing(), False))  # role, then the in-band error, then [DONE]
+    assert len(failing) == 2 and '"role":"assistant"' in failing[0] and failing[1].count("data: ") == 2
+    assert '"error"' in failing[1] and failing[1].endswith("data: [DONE]\n\n")
+
+    legacy = _writes(completion_events("m", _items((0, {"delta": "a"}), (0, {"finish_reason": "length",
+                                                                             "usage": usage})), True, 1))
+    assert len(legacy) == 2 and legacy[1].count("data: ") == 3 and legacy[1].endswith("data: [DONE]\n\n")
+
+
+async def _failing():
+    yield 0, {"delta": "x"}
+    raise RuntimeError("the replica died")

@@ -74,3 +74,37 @@ def test_a_sink_that_fails_leaves_the_rest_of_the_batch_alone(llm):
     second.sink = pieces.append
     results = _generate(spec, loaded, [first, second])
     assert results[0].text == results[1].text and "".join(pieces) and results[1].text.startswith("".join(pieces))
+
+
+def test_the_direct_decoder_gives_what_the_tokenizer_gives(llm):
+    """RowStream decodes with the Rust tokenizer itself: for any ids (special tokens, a cut UTF-8
+    sequence) it must give what transformers' decode gives."""
+    import random
+
+    from deployments.generation import text_decoder
+
+    tokenizer = llm[1].tokenizer
+    decode, rng = text_decoder(tokenizer), random.Random(0)
+    specials = list(tokenizer.all_special_ids)
+    for _ in range(500):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(0, 10))] + rng.sample(specials, 1)
+        rng.shuffle(ids)
+        assert decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_a_tokenizer_that_post_processes_its_text_keeps_its_own_decode(llm, tmp_path, monkeypatch):
+    """Space clean-up, or a class with its own _decode (Whisper's): the direct path would differ."""
+    from transformers import AutoTokenizer
+
+    from deployments.generation import text_decoder
+
+    tokenizer = llm[1].tokenizer
+    calls = []
+    monkeypatch.setattr(tokenizer, "decode", lambda ids, **kw: calls.append(ids) or "x")
+    text_decoder(tokenizer)([1, 2])
+    assert calls == []  # the direct path: transformers' decode is not called
+    monkeypatch.setattr(tokenizer, "clean_up_tokenization_spaces", True)
+    assert text_decoder(tokenizer)([1, 2]) == "x" and calls == [[1, 2]]
+    whisper = AutoTokenizer.from_pretrained(build_tiny("stt", tmp_path / "tiny-whisper"))
+    monkeypatch.setattr(whisper, "decode", lambda ids, **kw: calls.append(ids) or "w")
+    assert text_decoder(whisper)([3]) == "w"
