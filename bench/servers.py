@@ -58,11 +58,12 @@ class Server:
     timings: dict = field(default_factory=dict)
 
 
-def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def base_env(extra: dict[str, str] | None = None, repo: Path = REPO) -> dict[str, str]:
+    """`repo`: the checkout whose code the server imports (another one for bench.paired's --against)."""
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")])),
                HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.update(extra or {})
     return env
@@ -70,13 +71,13 @@ def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def bench_serve_config(port: int, models_dir: Path, llm_dir: Path | None, *, device: str = "cpu",
                        only_llm: bool = False, max_batch_size: int | None = None,
-                       batch_wait_timeout_s: float | None = None) -> dict:
+                       batch_wait_timeout_s: float | None = None, repo: Path = REPO) -> dict:
     """serve_config.yaml with the bench's port and models dir and one replica per family.
 
     Replicas are pinned (autoscaling off) so that figures do not move with the autoscaler.
     `llm_dir` replaces the tiny LLM (for --model-size); `only_llm` keeps just that model.
     """
-    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    config = yaml.safe_load((repo / "serve_config.yaml").read_text())
     config["http_options"]["port"] = port
     config["http_options"]["host"] = HOST
     app = config["applications"][0]
@@ -141,15 +142,15 @@ def _stop(process: subprocess.Popen, grace_s: float) -> float:
     return time.perf_counter() - started
 
 
-def _spawn(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+def _spawn(cmd: list[str], env: dict, log_path: Path, cwd: Path = REPO) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("w")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 @contextmanager
 def serve_run(config: dict, run_dir: Path, label: str, mode: str = "default",
-              ready_timeout_s: float = 300.0) -> Iterator[Server]:
+              ready_timeout_s: float = 300.0, repo: Path = REPO) -> Iterator[Server]:
     """`serve run` our app under PROXY_MODES[mode]; timings: health_200_s (first 200 on /health),
     all_ready_s (status ok), stop_s (Ctrl-C to exit)."""
     port = config["http_options"]["port"]
@@ -159,9 +160,9 @@ def serve_run(config: dict, run_dir: Path, label: str, mode: str = "default",
     tmp.mkdir(exist_ok=True)
     # HAProxy's files and ports of this instance's own (never a peer's or `make serve`'s)
     haproxy = serve_process_env(tmp / "hap")
-    env = base_env({"RAY_TMPDIR": str(tmp), **haproxy, **PROXY_MODES[mode]})
+    env = base_env({"RAY_TMPDIR": str(tmp), **haproxy, **PROXY_MODES[mode]}, repo)
     started = time.perf_counter()
-    process = _spawn([str(VENV_BIN / "serve"), "run", str(config_path)], env, run_dir / f"serve.{label}.log")
+    process = _spawn([str(VENV_BIN / "serve"), "run", str(config_path)], env, run_dir / f"serve.{label}.log", repo)
     url = f"http://{HOST}:{port}"
     server = Server(label, url, process, run_dir / f"serve.{label}.log", started)
     try:
