@@ -8,6 +8,7 @@ the tests and benchmarks that start Ray use `serve_process_env` so they run what
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import sys
@@ -71,10 +72,54 @@ def haproxy_shim() -> str:
 
 def serve_process_env(state_dir: Path) -> dict[str, str]:
     """serve.env for one Ray instance of a test or benchmark: HAProxy's state under `state_dir`, and
-    free ports for its stats page and Prometheus exporter instead of Ray's fixed 8404 and 9101 (a
-    second instance on the machine would fail to bind them)."""
+    ports of its own (instance_ports_env) instead of Ray's fixed ones."""
     return {**read_serve_env(), **haproxy_state_env(state_dir), "RAY_SERVE_HAPROXY_BINARY_PATH": haproxy_shim(),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())}
+            **instance_ports_env()}
+
+
+# Ray's direct-ingress ports: each instance allocates from the same 30000 (HTTP) and 40000 (gRPC) up,
+# and binds with SO_REUSEPORT. A second instance on the machine then never served its own traffic:
+# its HAProxy sent every request to the first instance's app (seen through the fallback proxy port 8500,
+# also fixed). A block of this many ports per instance is room for its ingress replicas on the node.
+INGRESS_PORT_BLOCK = 32
+PORT_BLOCK_RANGE = (20000, 29999)  # below Linux's ephemeral ports (32768-60999) and Ray's defaults
+
+
+def instance_ports_env(rng: random.Random | None = None) -> dict[str, str]:
+    """Ports no other instance on the machine holds: HAProxy's stats page and Prometheus exporter (Ray:
+    8404, 9101), the fallback proxy actor's HTTP and gRPC ports (8500, 9500), and a block each for the
+    ingress replicas' own HTTP and gRPC servers (30000 and 40000 up)."""
+    rng = rng or random.Random()
+    http, grpc = _free_block(INGRESS_PORT_BLOCK, rng), _free_block(INGRESS_PORT_BLOCK, rng)
+    while grpc == http:
+        grpc = _free_block(INGRESS_PORT_BLOCK, rng)
+    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + INGRESS_PORT_BLOCK - 1),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + INGRESS_PORT_BLOCK - 1)}
+
+
+def _free_block(size: int, rng: random.Random, tries: int = 200) -> int:
+    """The first port of `size` consecutive ports that nothing on the machine has bound, at random."""
+    low, high = PORT_BLOCK_RANGE
+    for _ in range(tries):
+        start = rng.randrange(low, high - size + 1, size) if high - low + 1 >= size else low
+        if all(_bindable(port) for port in range(start, start + size)):
+            return start
+    raise RuntimeError(f"no {size} free consecutive ports in {low}-{high} after {tries} tries")
+
+
+def _bindable(port: int) -> bool:
+    """Without SO_REUSEPORT a bind fails on a port another socket holds on any address, theirs with it too."""
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 def _free_port() -> int:

@@ -69,3 +69,28 @@ def test_the_shim_runs_the_bundled_haproxy_even_when_ray_is_pointed_at_the_shim(
     assert done.returncode == 0, done.stderr
     assert "splice-request" not in config.read_text()
     assert "valid" in done.stdout and Path(bundled_haproxy()).is_file()
+
+
+def test_each_instance_gets_ingress_and_fallback_ports_of_its_own():
+    """Ray allocates every instance's direct-ingress ports from 30000 and binds them with SO_REUSEPORT,
+    and its fallback proxy takes 8500: a second instance's HAProxy sent all its traffic to the first
+    instance's app. Each instance now gets blocks and ports nothing else holds."""
+    import random
+    import socket
+
+    from deployments import serve_env
+
+    first, second = serve_env.instance_ports_env(), serve_env.instance_ports_env()
+    for env in (first, second):
+        low, high = int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]), int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])
+        assert high - low + 1 == serve_env.INGRESS_PORT_BLOCK and not 30000 <= low <= 31000
+        assert env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] != "8500" and env["RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"] != "9500"
+        assert env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"] != env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]
+
+    # a block with one port already held (with SO_REUSEPORT, as Ray's ingress holds it) is passed over
+    taken = serve_env._free_block(serve_env.INGRESS_PORT_BLOCK, random.Random(7))
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", taken + 5))
+        holder.listen()
+        assert serve_env._free_block(serve_env.INGRESS_PORT_BLOCK, random.Random(7)) != taken

@@ -74,12 +74,26 @@ def start(tmp: Path, models_dir: Path, args_overrides: dict | None = None, env: 
             raise AssertionError(f"serve run exited with {process.returncode}:\n{server.tail()}")
         try:
             if requests.get(server.url + "/health", timeout=5, headers=health_headers).json()["status"] == "ok":
+                assert_answers_itself(server, health_headers)
                 return server
         except (requests.RequestException, ValueError, KeyError):
             pass
         time.sleep(1)
     stop(server)
     raise AssertionError(f"serve run never became healthy in {timeout_s} s:\n{server.tail()}")
+
+
+def assert_answers_itself(server: LiveServer, headers: dict | None = None) -> None:
+    """The ingress answering on the server's port is one of its own processes, not another instance's
+    on the machine (before each instance had ports of its own, serve_env.instance_ports_env, a second
+    instance's HAProxy sent every request to the first one's app)."""
+    for _ in range(10):  # new connections: SO_REUSEPORT spreads them over every socket on a port
+        pid = server.health(**{"Connection": "close", **(headers or {})})["ingress"]["pid"]
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        session = int(stat[stat.rindex(")") + 2:].split()[3])
+        assert session == server.process.pid, (
+            f"{server.url} is answered by ingress pid {pid} of another Ray instance (session {session}, "
+            f"not this serve run's {server.process.pid})")
 
 
 def stop(server: LiveServer) -> None:
