@@ -125,10 +125,14 @@ def test_a_forward_that_raises_gives_the_turn_back(whisper, tmp_path):
 
 # -- turns shared by compute time (turn_shares.py) -----------------------------------------------------
 def hold_for_a_while(path: str, hold_s: float, seconds: float, share_time: bool, out, weight: float = 1.0,
-                     name: object = None) -> None:
+                     name: object = None, start=None) -> None:
     """A replica whose forwards each hold the turn `hold_s` (sleeping: holding is what is shared here),
-    with a little Python between them, as a decode loop has."""
+    with a little Python between them, as a decode loop has. `start`: a barrier the rivals pass
+    together, so that none computes alone while the other is still starting (a spawned process took
+    over a second to start on a loaded 2-core machine, and its rival's solo turns skewed the shares)."""
     turns = CpuTurns(path, share_time=share_time, weight=weight)
+    if start is not None:
+        start.wait(timeout=120)
     end, held = time.monotonic() + seconds, 0.0
     while time.monotonic() < end:
         with turns.hold():
@@ -142,7 +146,9 @@ def hold_for_a_while(path: str, hold_s: float, seconds: float, share_time: bool,
 def shares_of(path: str, share_time: bool) -> dict[float, tuple[float, dict]]:
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    workers = [ctx.Process(target=hold_for_a_while, args=(path, hold, 4.0, share_time, out)) for hold in (0.04, 0.008)]
+    start = ctx.Barrier(2)
+    workers = [ctx.Process(target=hold_for_a_while, args=(path, hold, 4.0, share_time, out, 1.0, None, start))
+               for hold in (0.04, 0.008)]
     for w in workers:
         w.start()
     results = [out.get(timeout=120) for _ in workers]
@@ -169,7 +175,9 @@ def test_replicas_with_long_and_short_forwards_share_the_turn_by_time(tmp_path):
 def test_a_replica_with_three_times_the_weight_computes_about_three_times_as_long(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    workers = [ctx.Process(target=hold_for_a_while, args=(str(tmp_path / "turns"), 0.01, 4.0, True, out, weight, weight))
+    start = ctx.Barrier(2)
+    workers = [ctx.Process(target=hold_for_a_while,
+                           args=(str(tmp_path / "turns"), 0.01, 4.0, True, out, weight, weight, start))
                for weight in (3.0, 1.0)]
     for w in workers:
         w.start()
