@@ -7,8 +7,8 @@
     python -m bench.paired --model-size smollm2-135m --requests 64
 
 `python -m bench` measures each server alone, minutes apart. On the 2-core VM, identical code measured
-twice in a row moved by up to 1.7x in CPU per request and 1.6x in stream time to first token
-(bench/STREAM_TTFT.md), so a ratio of two figures taken minutes apart carries that drift. Here both
+twice, minutes apart, moved by 1.7x in CPU per stream and 1.5x in stream time to first token
+(bench/PAIRED.md), so a ratio of two figures taken minutes apart carries that drift. Here both
 servers run from start to end; each round measures one and then the other, the order alternating from
 round to round, and reports the ratio within the round; the summary is the median of the rounds.
 
