@@ -252,7 +252,9 @@ class ChatServer(FamilyServer):
                 text, echoed = self._echo(loaded, params)
                 yield {"delta": text, "logprobs": echoed or None}
             try:
-                async for pieces in coalesced(deltas, done, self.options.stream_interval_ms / 1000):
+                options = self.options
+                interval_ms = options.voice_stream_interval_ms if params.spoken else options.stream_interval_ms
+                async for pieces in coalesced(deltas, done, interval_ms / 1000):
                     if params.first_token_at is None:  # generate()'s path: the first token
                         params.first_token_at = time.monotonic()
                         if params.running is not None:

@@ -151,11 +151,20 @@ class ChatOptions(BatchingOptions):
     )
 
     stream_interval_ms: float = Field(
-        default=20, ge=0, description=(
+        default=50, ge=0, description=(
             "A stream's first text goes out at once; after it, at most one chunk per this many ms carries what "
-            "was made meanwhile. Each chunk is a Ray object hop to the ingress (~ms of CPU on both sides): one "
-            "per token cost 16 concurrent streams of the tiny model a quarter of their throughput (82 vs 110 req/s). "
-            "0: a chunk whenever the ingress is ready for one."
+            "was made meanwhile. Each chunk is a Ray object hop to the ingress and a socket write at each of 3 "
+            "hops (~ms of CPU in all): at 16 tiny-model streams, 50 against 20 gave 0.80x the time to first "
+            "token and 1.19x the streams per second (bench/PAIRED.md); 50 is Ray Serve LLM's default too. "
+            "A model slower than this per token sends every token as it comes. 0: a chunk whenever the "
+            "ingress is ready for one."
+        ),
+    )
+
+    voice_stream_interval_ms: float = Field(
+        default=20, ge=0, description=(
+            "stream_interval_ms for the replies the voice paths speak (/v1/audio/chat, Realtime sessions): "
+            "a sentence goes to TTS once its end arrives, so a shorter interval starts the speech sooner."
         ),
     )
 

@@ -26,6 +26,7 @@ class ChatParams:
     seed: int | None = None
     priority: int = 0  # lower first where requests wait in the replica (scheduling_policy: priority)
     wait_s: float = 0.0  # how long to wait for a model that is still loading
+    spoken: bool = False  # a reply the voice paths speak: streamed at the family's voice_stream_interval_ms
     # Per-row generation features (decode loop only; generate()-fallback models refuse them by name)
     constraint: Any = None  # structured.Constraint: a JSON schema or grammar the output must follow
     tools: list[dict] | None = None  # OpenAI function tools: {"name", "description", "parameters"}

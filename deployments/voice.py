@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .params import ChatParams, SpeechParams, SpeechResult
@@ -55,6 +55,7 @@ async def spoken_reply(ingress: Ingress, chat: ChatParams, speech: SpeechParams 
     sentences: asyncio.Queue = asyncio.Queue()
     splitter = SentenceStream(max_chars=max_chars, first_chars=first_chars)
     tts_tokens = 0
+    chat = replace(chat, spoken=True)  # streamed at the family's voice_stream_interval_ms
 
     async def generate() -> None:
         text, finish, usage = "", "stop", {}

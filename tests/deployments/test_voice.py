@@ -172,3 +172,30 @@ def test_closing_the_reply_cancels_the_llm_and_the_tts_at_once():
 
     ingress = asyncio.run(scenario())
     assert "llm" in ingress.closed and len(ingress.spoken) < 10
+
+
+def test_a_spoken_reply_asks_for_the_voice_stream_interval():
+    """Chat streams send a chunk per 50 ms after the first (stream_interval_ms); a reply to be spoken is
+    marked `spoken`, and its family streams it at voice_stream_interval_ms (20), so that a sentence's end
+    reaches TTS sooner."""
+    from deployments.options import ChatOptions
+    from deployments.params import ChatParams
+
+    asked: list[ChatParams] = []
+
+    class Ingress:
+        async def chat_stream(self, params):
+            asked.append(params)
+            yield {"delta": "Hello there."}
+            yield {"finish_reason": "stop", "usage": {}}
+
+    chat = ChatParams(model="m", messages=[])
+
+    async def run():
+        return [event async for event in spoken_reply(Ingress(), chat, None)]
+
+    events = asyncio.run(run())
+    assert isinstance(events[-1], ReplyDone) and events[-1].text == "Hello there."
+    assert asked[0].spoken and not chat.spoken  # the caller's params are left as they were
+    defaults = ChatOptions()
+    assert defaults.stream_interval_ms == 50 and defaults.voice_stream_interval_ms == 20
