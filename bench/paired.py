@@ -138,7 +138,7 @@ def markdown(result: dict) -> str:
     # a server at rest is the other of the pair while that one is measured
     rest = {a: round(statistics.median(r[b]["other_at_rest_cores"] for r in result["rounds"]), 3),
             b: round(statistics.median(r[a]["other_at_rest_cores"] for r in result["rounds"]), 3)}
-    busy = {n: statistics.median(r[n]["cores_busy"] for r in result["rounds"]) for n in (a, b)}
+    busy = {n: round(statistics.median(r[n]["cores_busy"] for r in result["rounds"]), 2) for n in (a, b)}
     lines += ["", f"Errors: {summary['errors']}. Cores each used while measured (median): {a} {busy[a]}, "
               f"{b} {busy[b]}; at rest while the other was measured: {a} {rest[a]}, {b} {rest[b]}.", ""]
     return "\n".join(lines)
