@@ -43,6 +43,7 @@ install: $(VENV)/.installed
 
 serve: install
 	mkdir -p $(HAPROXY_STATE) && chmod 700 $(HAPROXY_STATE)
+	$(VENV)/bin/python -m deployments.serve_env check-ports
 	$(VENV)/bin/serve run serve_config.yaml
 
 test: install

@@ -12,7 +12,9 @@ import random
 import shutil
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TextIO
 
 SERVE_ENV = Path(__file__).resolve().parents[1] / "serve.env"
 
@@ -113,7 +115,8 @@ def _free_block(size: int, rng: random.Random, tries: int = 200) -> int:
 
 
 def _bindable(port: int) -> bool:
-    """Without SO_REUSEPORT a bind fails on a port another socket holds on any address, theirs with it too."""
+    """Without SO_REUSEPORT a bind fails on a port another socket holds on any address, theirs with it too
+    (and on one a stopped instance's connections left in TIME_WAIT: such a block is passed over too)."""
     with socket.socket() as s:
         try:
             s.bind(("0.0.0.0", port))
@@ -126,3 +129,56 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# The first port Ray takes for each, unless the environment moves it (Ray's defaults).
+RAY_PORTS = {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": 30000, "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": 40000,
+             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500, "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500}
+
+
+def held_ports(env: Mapping[str, str]) -> list[tuple[str, int]]:
+    """The ports an instance started under `env` would take that something on the machine holds already."""
+    ports = [(key, int(env.get(key, default))) for key, default in RAY_PORTS.items()]
+    listening = _listening_ports()
+    return [(key, port) for key, port in ports if (port in listening if listening is not None else not _bindable(port))]
+
+
+def _listening_ports() -> set[int] | None:
+    """TCP ports something listens on (/proc/net/tcp and tcp6, state 0A), or None where /proc has no such
+    table. A listener, not a bind probe: a stopped instance's connections in TIME_WAIT refuse a probe's
+    bind for a minute, but not Ray's (SO_REUSEPORT)."""
+    ports: set[int] = set()
+    found = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        found = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "0A":
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports if found else None
+
+
+def check_ports(env: Mapping[str, str], out: TextIO = sys.stderr) -> int:
+    """0 if the instance `env` would start can have Ray's ports; else 1, naming them and the fix."""
+    held = held_ports(env)
+    if not held:
+        return 0
+    names = ", ".join(f"{port} ({key})" for key, port in held)
+    own = {k: v for k, v in instance_ports_env().items() if k in RAY_PORTS or "DIRECT_INGRESS" in k or "HAPROXY" in k}
+    settings = " ".join(f"{key}={value}" for key, value in own.items())
+    print(f"serve: port {names} is held already, most likely by another Ray Serve instance on this machine. "
+          "Ray binds its ingress ports with SO_REUSEPORT, so this instance's requests would be answered by that "
+          "instance's app. Stop it, or give this one ports of its own (and its own http_options.port in "
+          f"serve_config.yaml):\n  make serve HAPROXY_STATE=/tmp/modelfleet-haproxy-{os.getpid()} {settings}",
+          file=out)
+    return 1
+
+
+if __name__ == "__main__":  # `make serve` runs `python -m deployments.serve_env check-ports` before Ray starts
+    if sys.argv[1:] != ["check-ports"]:
+        sys.exit("usage: python -m deployments.serve_env check-ports")
+    sys.exit(check_ports(os.environ))

@@ -94,3 +94,25 @@ def test_each_instance_gets_ingress_and_fallback_ports_of_its_own():
         holder.bind(("127.0.0.1", taken + 5))
         holder.listen()
         assert serve_env._free_block(serve_env.INGRESS_PORT_BLOCK, random.Random(7)) != taken
+
+
+def test_make_serve_refuses_to_start_where_another_instance_holds_rays_ports(capsys):
+    """`make serve` runs check-ports first: a second instance on Ray's default ports would have its
+    requests answered by the first one's app, so it stops with the ports held and the settings to pass."""
+    import io
+    import socket
+
+    from deployments import serve_env
+
+    free = serve_env._free_block(4, __import__("random").Random(3))
+    env = {key: str(free + i) for i, key in enumerate(serve_env.RAY_PORTS)}
+    assert serve_env.check_ports(env, io.StringIO()) == 0
+    with socket.socket() as holder:  # as Ray's ingress holds its port
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", free))
+        holder.listen()
+        out = io.StringIO()
+        assert serve_env.check_ports(env, out) == 1
+    message = out.getvalue()
+    assert f"port {free} (RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT) is held already" in message
+    assert "make serve HAPROXY_STATE=" in message and "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT=" in message

@@ -74,7 +74,11 @@ def start(tmp: Path, models_dir: Path, args_overrides: dict | None = None, env: 
             raise AssertionError(f"serve run exited with {process.returncode}:\n{server.tail()}")
         try:
             if requests.get(server.url + "/health", timeout=5, headers=health_headers).json()["status"] == "ok":
-                assert_answers_itself(server, health_headers)
+                try:
+                    assert_answers_itself(server, health_headers)
+                except AssertionError:
+                    stop(server)  # the caller gets no server to stop: this one must not outlive the test
+                    raise
                 return server
         except (requests.RequestException, ValueError, KeyError):
             pass
