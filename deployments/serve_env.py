@@ -168,8 +168,7 @@ def check_ports(env: Mapping[str, str], out: TextIO = sys.stderr) -> int:
     if not held:
         return 0
     names = ", ".join(f"{port} ({key})" for key, port in held)
-    own = {k: v for k, v in instance_ports_env().items() if k in RAY_PORTS or "DIRECT_INGRESS" in k or "HAPROXY" in k}
-    settings = " ".join(f"{key}={value}" for key, value in own.items())
+    settings = " ".join(f"{key}={value}" for key, value in instance_ports_env().items())
     print(f"serve: port {names} is held already, most likely by another Ray Serve instance on this machine. "
           "Ray binds its ingress ports with SO_REUSEPORT, so this instance's requests would be answered by that "
           "instance's app. Stop it, or give this one ports of its own (and its own http_options.port in "
