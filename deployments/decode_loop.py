@@ -118,8 +118,8 @@ class Group:
         one_adapter = one_adapter or len({row.adapter for row in rows}) == 1
         with self.loaded.lock, torch.inference_mode():
             if peft and one_adapter:
-                with replace(self.loaded, adapter_name=rows[0].adapter).active():
-                    out = model(**inputs, use_cache=True, logits_to_keep=1, **kwargs)
+                with replace(self.loaded, adapter_name=rows[0].adapter).active() as active:
+                    out = active(**inputs, use_cache=True, logits_to_keep=1, **kwargs)
                 return out.logits[:, -1, :].float()
             if peft:
                 adapter_layers(model, enabled=True)  # a base-only step may have left them off

@@ -71,9 +71,10 @@ def plan(audio: np.ndarray, rate: int, vad: VadOptions | None) -> list[tuple[int
     return list(ChunkPlanner(audio, vad, CHUNK_S).cuts())
 
 
-def detect_languages(loaded: LoadedModel, features: torch.Tensor) -> list[str]:
-    """Whisper's language detection on one chunk per request (costs one encoder pass each)."""
-    ids = loaded.model.detect_language(features)
+def detect_languages(loaded: LoadedModel, model: Any, features: torch.Tensor) -> list[str]:
+    """Whisper's language detection on one chunk per request (costs one encoder pass each); `model`: what
+    `loaded.active()` holds (a base shared with adapters answers through its base view)."""
+    ids = model.detect_language(features)
     tokens = loaded.processor.tokenizer.convert_ids_to_tokens(ids.reshape(-1).tolist())
     return [t.strip("<|>") for t in tokens]
 
@@ -99,8 +100,8 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
         languages = []
         for group in _groups(starts, chunks_per_call):
             inputs = _features(loaded, [pieces[i][2] for i in group], rate)
-            with loaded.active(), torch.inference_mode():
-                languages += detect_languages(loaded, inputs["input_features"])
+            with loaded.active() as model, torch.inference_mode():
+                languages += detect_languages(loaded, model, inputs["input_features"])
     outputs: list[_Output] = [_Output("", 0, [])] * len(pieces)
     cancelled = [params.cancelled for params in batch]
     for group in _groups(list(range(len(pieces))), chunks_per_call):

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .base_view import base_view
+
 
 @dataclass
 class Attempt:
@@ -65,7 +67,8 @@ class LoadedModel:
         """Hold the model for one call with the right adapter switched on (or all of them off).
 
         A base model shared with adapters is a PeftModel after the first attach: calls for the base
-        run with its adapter layers off, and they stay off until a call with an adapter (PEFT's own
+        run on `base_view`, the base's module tree without the adapter layers, or, where none can be
+        built, with its adapter layers off, and they stay off until a call with an adapter (PEFT's own
         `disable_adapter()` context walks every module twice per call, and a decode step of the base
         would pay that per token: 2x the tiny model's step, bench/RESULTS.md)."""
         with self.lock:
@@ -77,6 +80,10 @@ class LoadedModel:
                     self.model.set_adapter(self.adapter_name)
                 yield self.model
             else:
+                view = base_view(self.model) if hasattr(self.model, "peft_config") else None
+                if view is not None:  # the base's own layers: none of PEFT's per-layer Python (base_view.py)
+                    yield view
+                    return
                 adapter_layers(self.model, enabled=False)
                 yield self.model
 

@@ -58,7 +58,8 @@ def last_logits(loaded, inputs) -> torch.Tensor:
 def image_features(loaded, inputs) -> torch.Tensor:
     """What the vision tower and projector make of the image (the language model not involved)."""
     with loaded.active() as model, torch.inference_mode():
-        out = model.get_base_model().model.get_image_features(pixel_values=inputs["pixel_values"])
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # the base: its base view
+        out = inner.model.get_image_features(pixel_values=inputs["pixel_values"])
         return (out.pooler_output if hasattr(out, "pooler_output") else out)[0]
 
 
