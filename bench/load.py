@@ -1,7 +1,12 @@
-"""A bounded closed-loop load client: N concurrent clients, a fixed number of requests in all.
+"""Load clients: closed loop (N clients, each sending its next request once its last one is answered)
+or open loop (requests arriving at a fixed mean rate, Poisson, whatever the server's speed).
 
-Each client sends its next request as soon as its previous one is answered. Every request is
-timed; chat streams also time their first content token. Nothing here retries.
+Every request is timed; chat streams also time their first content token. Nothing here retries.
+
+A closed loop measures a server at the load it lets itself take: a server that answers faster is sent
+more. Two servers compared at N clients can sit at different points of their throughput/latency curves
+(the faster one's requests queue more). The open loop sends both the same requests per second, as
+vLLM's `benchmark_serving --request-rate` does: latency at equal offered load.
 """
 
 from __future__ import annotations
@@ -154,6 +159,42 @@ async def _run(base: str, make: Callable[[int], Request], concurrency: int, tota
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - started
     return summarize(samples, concurrency, wall)
+
+
+async def _run_open(base: str, make: Callable[[int], Request], rate: float, total: int, timeout_s: float,
+                    seed: int) -> Stats:
+    import random
+
+    gaps = random.Random(seed)  # the same arrival times for every server measured with this seed
+    samples: list[Sample] = []
+    connector = aiohttp.TCPConnector(limit=0)  # open loop: a request never waits for a free connection
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(i: int) -> None:
+            samples.append(await _one(session, base, make(i), timeout_s))
+
+        tasks = []
+        started = time.perf_counter()
+        due = started
+        for i in range(total):
+            due += gaps.expovariate(rate)
+            wait = due - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            tasks.append(asyncio.ensure_future(one(i)))
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - started
+    stats = summarize(samples, 0, wall)
+    stats.extra = {"offered_rps": rate, "sent_over_s": round(due - started, 3)}
+    return stats
+
+
+def run_open_loop(base: str, make: Callable[[int], Request], rate: float, total: int, timeout_s: float = 120.0,
+                  seed: int = 0) -> Stats:
+    """Send `total` requests at `rate` per second on average (exponential gaps: Poisson arrivals), each at
+    its time whether or not the earlier ones were answered. `rps` is what was answered per second of the
+    whole run; `extra["offered_rps"]` what was sent."""
+    return asyncio.run(_run_open(base.rstrip("/"), make, rate, total, timeout_s, seed))
 
 
 def run_load(base: str, make: Callable[[int], Request], concurrency: int, total: int,

@@ -5,6 +5,7 @@
     python -m bench.paired --against ../checkout     # ours vs ours at another checkout: an A/B of a change
     python -m bench.paired --against . --against-set families.llm.stream_interval_ms=50   # A/B of a setting
     python -m bench.paired --model-size smollm2-135m --requests 64
+    python -m bench.paired --rate 60                 # open loop: both servers sent 60 chats/s (Poisson)
 
 `python -m bench` measures each server alone, minutes apart. On the 2-core VM, identical code measured
 twice, minutes apart, moved by 1.7x in CPU per stream and 1.5x in stream time to first token
@@ -35,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from . import models, report, servers, workloads
-from .load import run_load
+from .load import run_load, run_open_loop
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("bench.paired")
@@ -60,12 +61,20 @@ def session_cpu_s(session: int) -> float:
 
 
 def measure(server: servers.Server, idle: servers.Server, model: str, clients: int, requests: int,
-            max_tokens: int) -> dict:
+            max_tokens: int, rate: float | None = None, seed: int = 0) -> dict:
+    """`rate`: requests arrive at this mean rate (open loop, arrival times from `seed`) instead of coming
+    from `clients` closed-loop clients."""
     before = {s.name: session_cpu_s(s.process.pid) for s in (server, idle)}
-    streamed = run_load(server.url, lambda i: workloads.chat(model, max_tokens, stream=True, request=i), clients,
-                        requests, max_wall_s=600).as_dict()
-    plain = run_load(server.url, lambda i: workloads.chat(model, max_tokens, request=i), clients, requests,
-                     max_wall_s=600).as_dict()
+
+    def load(stream: bool) -> dict:
+        def make(i: int) -> workloads.Request:
+            return workloads.chat(model, max_tokens, stream=stream, request=i)
+
+        if rate is not None:
+            return run_open_loop(server.url, make, rate, requests, seed=seed).as_dict()
+        return run_load(server.url, make, clients, requests, max_wall_s=600).as_dict()
+
+    streamed, plain = load(True), load(False)
     wall = streamed["wall_s"] + plain["wall_s"]
     after = {s.name: session_cpu_s(s.process.pid) for s in (server, idle)}
     return {"stream": streamed, "plain": plain,
@@ -119,7 +128,9 @@ def markdown(result: dict) -> str:
     a, b = result["names"]
     s = result["setting"]
     lines = [f"# {a} against {b}, measured in alternation ({s['rounds']} rounds)", "",
-             f"{s['clients']} clients, {s['requests']} chats per figure, max_tokens {s['max_tokens']}, "
+             (f"open loop: chats arriving at {s['rate']}/s on average (Poisson, the same arrival times for both "
+              f"servers within a round)" if s.get("rate") else f"{s['clients']} clients") +
+             f", {s['requests']} chats per figure, max_tokens {s['max_tokens']}, "
              f"model {s['model_size']}; {result['meta'].get('cpu')}, {result['meta'].get('cpus')} CPUs; "
              f"git {result['meta'].get('git_commit')}.", "",
              f"| round (first measured) | {a} TTFT p50 | {b} TTFT p50 | TTFT ratio | {a} req/s | {b} req/s | "
@@ -157,6 +168,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the same, for --against's server")
     p.add_argument("--model-size", default="tiny", choices=sorted(models.SIZES))
     p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--rate", type=float, default=None,
+                   help="open loop: chats arrive at this many per second (Poisson) instead of from --clients "
+                   "closed-loop clients, so both servers take the same load (bench/load.py says why)")
     p.add_argument("--requests", type=int, default=320, help="chats per figure per round")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--max-tokens", type=int, default=32)
@@ -209,7 +223,8 @@ def main(argv=None) -> int:
             for name in order:
                 server, model = targets[name]
                 idle = targets[order[1] if name == order[0] else order[0]][0]
-                entry[name] = measure(server, idle, model, args.clients, args.requests, args.max_tokens)
+                entry[name] = measure(server, idle, model, args.clients, args.requests, args.max_tokens, args.rate,
+                                      seed=i)
                 for kind in ("stream", "plain"):
                     if entry[name][kind]["errors"]:
                         log.warning("%s, %s: %d errors, the first: %s", name, kind, entry[name][kind]["errors"],
