@@ -19,12 +19,15 @@ from .options import ChatOptions, IngressOptions, SpeechOptions, TranscriptionOp
 from .runtime_catalog import AdminConfig
 
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    # LLM requests are long and batch well: many in flight per replica (a request waiting in the
-    # replica's batcher costs nothing, while Ray's router backs off exponentially once every replica is
-    # at max_ongoing_requests), and the autoscaler counts queued requests too. The decode loop's rows:
-    # 32 (in-process, 32 clients: SmolLM2 11.9 req/s on 32 rows, 8.7 on 16; the memory budget still
-    # holds a row back when its KV cache would not fit).
-    "llm": {"max_ongoing_requests": 64, "max_queued_requests": 128, "max_batch_size": 32,
+    # LLM requests are long and batch well: many in flight per replica, and the autoscaler counts
+    # queued requests too. A request waiting in the replica's decode loop for a place takes the next
+    # free row at the next step; one waiting in Ray's router (past max_ongoing_requests) retries with
+    # backoff of up to 0.5 s while places stay empty: 100 streaming clients on the tiny LLM got 23 req/s
+    # with 64 here, 182 with 256 (16 clients: 86-111), and 140/s arriving got 16 against 132
+    # (bench/OVERLOAD.md). The ingress's limits.max_concurrent_requests (256) still bounds what is in
+    # flight. The decode loop's rows: 32 (in-process, 32 clients: SmolLM2 11.9 req/s on 32 rows, 8.7 on
+    # 16; the memory budget still holds a row back when its KV cache would not fit).
+    "llm": {"max_ongoing_requests": 256, "max_queued_requests": 128, "max_batch_size": 32,
             "autoscaling": {"target_ongoing_requests": 16, "max_replicas": 4}},
     "vlm": {"max_ongoing_requests": 8, "max_queued_requests": 32, "max_batch_size": 4,
             "autoscaling": {"target_ongoing_requests": 4, "max_replicas": 2}},
