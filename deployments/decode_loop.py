@@ -186,6 +186,7 @@ class DecodeLoop:
         self.computing = computing or (lambda loaded: nullcontext())
         self.pending: queue.SimpleQueue[tuple[ModelSpec, LoadedModel, ChatParams, Done]] = queue.SimpleQueue()
         self.held: list[tuple[ModelSpec, LoadedModel, ChatParams, Done]] = []  # waiting for a place; loop thread only
+        self.held_models: set[int] = set()  # the groups (id of the model) the held rows wait to join
         self.groups: dict[int, Group] = {}
 
     def submit(self, spec: ModelSpec, loaded: LoadedModel, params: ChatParams, done: Done) -> None:
@@ -213,6 +214,10 @@ class DecodeLoop:
     def _admit(self) -> None:
         """Rows for the places free in each model's batch: lower `priority` first, then in arrival order
         (those held back by a full batch before anything that arrived after them)."""
+        if self.pending.empty() and self.held and not self._place_for_held():
+            # every held row's batch is full: none joins at this step, and the queue is not walked (up to
+            # max_ongoing_requests rows wait here; one whose caller left is told when a place frees)
+            return
         arrivals: dict[int, list[Row]] = {}
         waiting, self.held = self.held, []
         while not self.pending.empty():
@@ -224,12 +229,13 @@ class DecodeLoop:
                 _tell(done, ChatResult("", 0, 0, "cancelled"))
                 continue
             key = id(loaded.model)
-            group = self.groups.setdefault(key, Group(loaded))
+            group = self.groups.get(key) or self.groups.setdefault(key, Group(loaded))
             if len(group.rows) + len(arrivals.get(key, [])) >= self.max_rows:
                 self.held.append((spec, loaded, params, done))  # a full batch: it joins when a row leaves
                 continue
             arrivals.setdefault(key, []).append(new_row(spec, loaded, params, done))
         self.stats["waiting_for_place"] = len(self.held)  # /health: rows a full batch keeps waiting now
+        self.held_models = {id(item[1].model) for item in self.held}
         for key, rows in arrivals.items():
             group = self.groups[key]
             with group.loaded.lock:  # no adapter attaches between choosing the batches and running them
@@ -239,6 +245,14 @@ class DecodeLoop:
                     except Exception as exc:  # a failed prefill fails its own rows only
                         for row in batch:
                             row.done(exc)
+
+    def _place_for_held(self) -> bool:
+        """Whether the batch of some held row has a free place (a batch whose rows all ended is gone)."""
+        for key in self.held_models:
+            group = self.groups.get(key)
+            if group is None or len(group.rows) < self.max_rows:
+                return True
+        return False
 
     def _prefix_cache(self, loaded: LoadedModel) -> PrefixCache | None:
         if self.prefix_cache_bytes <= 0:

@@ -187,6 +187,46 @@ def expected_tokens(models, prompt: str, limit: int) -> int:
     return alone(models, "tiny", chat(prompt, limit)).completion_tokens
 
 
+def test_rows_waiting_for_a_place_are_not_walked_at_every_step_of_a_full_batch(models):
+    """Up to max_ongoing_requests rows may wait in the loop (256 for the LLM): while the batch is full and
+    nothing new arrives, a step does not go through them; when a place frees, they join in order."""
+    spec, loaded = models["tiny"]
+    stats = {"model_calls": 0, "requests": 0, "largest_batch": 0}
+    loop = DecodeLoop(max_rows=1, stats=stats)
+    order: list[str] = []
+    looked = [0]
+
+    class Watched(threading.Event):
+        def is_set(self) -> bool:  # asked of each waiting row (did its caller leave?) and each running one
+            looked[0] += 1
+            return super().is_set()
+
+    def submit(name: str, limit: int) -> None:
+        params = chat(f"{name} says hello", limit, cancelled=Watched())
+        params.inputs = LLMServer.encode(None, loaded, params)
+        loop.submit(spec, loaded, params, lambda outcome, name=name: order.append(name))
+
+    submit("running", 24)
+    original_step = loop._step
+    steps: list[tuple[bool, int]] = []  # (the first row still held the place, is_set calls so far)
+
+    def step(group):
+        original_step(group)
+        if stats["decode_steps"] == 1:
+            for i in range(20):
+                submit(f"waiting-{i}", 1)
+        steps.append((bool(group.rows) and "running" in group.rows[0].params.messages[0]["content"], looked[0]))
+
+    loop._step = step
+    loop.run()
+    assert order == ["running"] + [f"waiting-{i}" for i in range(20)]
+    # steps after the one where the 20 arrived (and were walked once), while "running" held the place:
+    # each asked only the running row
+    full = [b - a for (held_a, a), (held_b, b) in zip(steps[1:], steps[2:], strict=False) if held_a and held_b]
+    assert len(full) >= 3 and set(full) == {1}, steps
+    assert stats["waiting_for_place"] == 0
+
+
 def test_a_row_whose_caller_left_while_it_waited_for_a_place_is_never_prefilled(models):
     spec, loaded = models["tiny"]
     stats = {"model_calls": 0, "requests": 0, "largest_batch": 0}
