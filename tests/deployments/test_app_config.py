@@ -184,6 +184,16 @@ def test_the_smallest_config_the_readme_allows_gets_every_documented_default():
     assert set(bound_deployments(build_app(smallest))) == {"ingress", "llm"}
 
 
+def test_the_chat_requests_the_ingress_lets_in_never_wait_in_rays_router_by_default():
+    """Past a replica's max_ongoing_requests, Ray's router retries with backoff of up to 0.5 s while the
+    replica's freed places stay empty: 100 streaming clients got a quarter of 16 clients' req/s
+    (bench/OVERLOAD.md). The ingress lets in at most limits.max_concurrent_requests at once, so an LLM
+    replica that takes as many keeps every waiting chat in its own decode loop."""
+    config = AppConfig.model_validate({"models": [LLM]})
+    llm = config.family_options(Family.LLM)
+    assert llm.max_ongoing_requests >= config.limits.max_concurrent_requests > llm.max_batch_size
+
+
 @pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.gpu.yaml"])
 def test_the_proxys_request_timeout_outlasts_a_realtime_session(name):
     """Ray's proxy ends any request (a WebSocket too) at http_options.request_timeout_s: below the session
