@@ -1,12 +1,14 @@
 """More streaming clients than a replica takes at once: where the requests wait, and what it costs.
 
     python -m bench.overload [--max-ongoing 64,256] [--loads closed:16,closed:64,closed:100,closed:160,open:140]
+    python -m bench.overload --family vlm --max-ongoing 8,32 --loads closed:4,closed:8,closed:24,closed:36
 
 Our app through `serve run` (the bench's config, tiny models, one replica per family), once per value of
-the LLM family's `max_ongoing_requests`. Each load streams `--requests` chats of 32 tokens: `closed:N` from
-N closed-loop clients, `open:R` arriving at R per second (Poisson, bench/load.py). Per load: req/s
-answered, time to first token p50/p99, latency p50, errors (with the first one), and the cores the
-server's processes used.
+the family's `max_ongoing_requests`. Each load sends `--requests` requests: for the LLM streamed chats of
+32 tokens, for the VLM (`--family vlm`) chats about a small image (16 tokens, not streamed). `closed:N`
+from N closed-loop clients, `open:R` arriving at R per second (Poisson, bench/load.py). Per load: req/s
+answered, time to first token p50/p99 (streams), latency p50, errors (with the first one), and the
+cores the server's processes used.
 
 Past `max_ongoing_requests`, requests wait in the ingress's Ray router, which retries a full replica
 with backoff of up to 0.5 s (RAY_SERVE_ROUTER_RETRY_MAX_BACKOFF_S): a place that frees in the replica
@@ -32,13 +34,16 @@ HERE = Path(__file__).resolve().parent
 log = logging.getLogger("bench.overload")
 
 
-def measure(server: servers.Server, load: str, requests: int) -> dict:
+WORKLOADS = {  # family -> a request of its load
+    "llm": lambda i: workloads.chat("tiny-llm", 32, stream=True, request=i),
+    "vlm": lambda i: workloads.image_chat("tiny-llava", 16),
+}
+
+
+def measure(server: servers.Server, load: str, requests: int, make=WORKLOADS["llm"]) -> dict:
     mode, _, amount = load.partition(":")
     if mode not in ("closed", "open") or not amount:
         raise SystemExit(f"--loads {load!r}: expected closed:CLIENTS or open:RATE, e.g. closed:100 or open:140")
-
-    def make(i: int) -> workloads.Request:
-        return workloads.chat("tiny-llm", 32, stream=True, request=i)
 
     before, started = session_cpu_s(server.process.pid), time.perf_counter()
     stats = (run_load(server.url, make, int(amount), requests, max_wall_s=600) if mode == "closed"
@@ -48,10 +53,11 @@ def measure(server: servers.Server, load: str, requests: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Overload: {result['requests']} streamed chats per load, tiny LLM; {result['meta'].get('cpu')}, "
+    family = result.get("family", "llm")
+    lines = [f"# Overload: {result['requests']} requests per load, {family}; {result['meta'].get('cpu')}, "
              f"{result['meta'].get('cpus')} CPUs; git {result['meta'].get('git_commit')}", "",
-             "| LLM max_ongoing_requests | load | req/s | TTFT p50 (ms) | TTFT p99 (ms) | latency p50 (ms) | errors | "
-             "cores |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+             f"| {family} max_ongoing_requests | load | req/s | TTFT p50 (ms) | TTFT p99 (ms) | latency p50 (ms) | "
+             "errors | cores |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for run in result["runs"]:
         s = run["stats"]
         lines.append(f"| {run['max_ongoing']} | {run['load']} | {s['rps']:.1f} | {s['ttft_p50_ms'] or 0:.0f} | "
@@ -66,7 +72,8 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench %(message)s", datefmt="%H:%M:%S")
     p = argparse.ArgumentParser(prog="python -m bench.overload", description=__doc__.splitlines()[0])
-    p.add_argument("--max-ongoing", default="64,256", help="values of families.llm.max_ongoing_requests")
+    p.add_argument("--family", default="llm", choices=sorted(WORKLOADS))
+    p.add_argument("--max-ongoing", default="64,256", help="values of the family's max_ongoing_requests")
     p.add_argument("--loads", default="closed:16,closed:64,closed:100,closed:160,open:140")
     p.add_argument("--requests", type=int, default=800, help="streamed chats per load")
     args = p.parse_args(argv)
@@ -74,16 +81,17 @@ def main(argv=None) -> int:
     run_dir = HERE / "runs" / f"overload-{stamp}"
     run_dir.mkdir(parents=True, exist_ok=True)
     root = HERE / "runs" / "models"
-    result: dict = {"meta": report.machine_meta(), "requests": args.requests, "runs": []}
+    result: dict = {"meta": report.machine_meta(), "family": args.family, "requests": args.requests, "runs": []}
+    make = WORKLOADS[args.family]
     for value in [int(v) for v in args.max_ongoing.split(",")]:
         config = with_settings(servers.bench_serve_config(8300, root, None, device="cpu"),
-                               [f"families.llm.max_ongoing_requests={value}"])
+                               [f"families.{args.family}.max_ongoing_requests={value}"])
         with servers.serve_run(config, run_dir, f"mo{value}") as server:
-            run_load(server.url, lambda i: workloads.chat("tiny-llm", 32, stream=True, request=i), 2, 6)  # warm-up
+            run_load(server.url, make, 2, 6)  # warm-up
             for load in args.loads.split(","):
-                stats = measure(server, load, args.requests)
-                log.info("max_ongoing_requests %d, %s: %.1f req/s, TTFT p50 %s ms, %d errors", value, load,
-                         stats["rps"], stats["ttft_p50_ms"], stats["errors"])
+                stats = measure(server, load, args.requests, make)
+                log.info("%s max_ongoing_requests %d, %s: %.1f req/s, TTFT p50 %s ms, %d errors", args.family, value,
+                         load, stats["rps"], stats["ttft_p50_ms"], stats["errors"])
                 result["runs"].append({"max_ongoing": value, "load": load, "stats": stats})
     out = HERE / "runs" / f"overload-{stamp}.json"
     out.write_text(json.dumps(result, indent=1, default=str))
