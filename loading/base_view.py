@@ -3,8 +3,8 @@
 A base shared with adapters is a PeftModel: a call for the base goes through PEFT's model wrapper and,
 in every wrapped layer, through the LoRA layer's forward (switched off) before it reaches the base
 layer. On a small model that Python is a cost of its own: a 16-row decode step of the tiny LLM took
-0.62 ms with its adapter switched off against 0.55 ms for the same model without PEFT, and its
-served requests 15-20% more of the inference thread (bench/STREAM_TTFT.md).
+0.61-0.65 ms with its adapter switched off against 0.55-0.59 ms for the same model without PEFT, and
+its decode loop ~12% more CPU per request (bench/PAIRED.md, "Two A/Bs").
 
 `base_view` builds, once, a shallow copy of the base's module tree in which each adapter layer is
 replaced by the layer it wraps. The copy holds the same parameters and buffers (no memory, no weight
