@@ -2,10 +2,12 @@
 
     python -m bench.overload [--max-ongoing 64,256] [--loads closed:16,closed:64,closed:100,closed:160,open:140]
     python -m bench.overload --family vlm --max-ongoing 8,32 --loads closed:4,closed:8,closed:24,closed:36
+    python -m bench.overload --family tts --max-ongoing 32,80 --loads closed:8,closed:32,closed:48,closed:80
 
 Our app through `serve run` (the bench's config, tiny models, one replica per family), once per value of
 the family's `max_ongoing_requests`. Each load sends `--requests` requests: for the LLM streamed chats of
-32 tokens, for the VLM (`--family vlm`) chats about a small image (16 tokens, not streamed). `closed:N`
+32 tokens, for the VLM (`--family vlm`) chats about a small image (16 tokens, not streamed), for STT and
+TTS the bench's transcription and speech requests. `closed:N`
 from N closed-loop clients, `open:R` arriving at R per second (Poisson, bench/load.py). Per load: req/s
 answered, time to first token p50/p99 (streams), latency p50, errors (with the first one), and the
 cores the server's processes used.
@@ -34,9 +36,12 @@ HERE = Path(__file__).resolve().parent
 log = logging.getLogger("bench.overload")
 
 
+_WAV = workloads.wav_bytes()
 WORKLOADS = {  # family -> a request of its load
     "llm": lambda i: workloads.chat("tiny-llm", 32, stream=True, request=i),
     "vlm": lambda i: workloads.image_chat("tiny-llava", 16),
+    "stt": lambda i: workloads.transcription("tiny-whisper", _WAV),
+    "tts": lambda i: workloads.speech("tiny-vits"),
 }
 
 

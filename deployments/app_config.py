@@ -35,12 +35,16 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "vlm": {"max_ongoing_requests": 32, "max_queued_requests": 8, "max_batch_size": 4,
             "autoscaling": {"target_ongoing_requests": 4, "max_replicas": 2}},
     # Audio requests are short: scale on ongoing requests with a low target. The replica still takes
-    # up to 32 at once: they wait on its inference thread in arrival order, whereas requests held back
+    # many at once (STT 32, TTS 80): they wait on its inference thread in arrival order, whereas requests held back
     # by Ray's router retry with backoff (up to 0.5 s), which cut TTS at 16 clients to 0.37x a
     # hand-written lock server when the limit was 4 (bench/RESULTS.md).
     "stt": {"max_ongoing_requests": 32, "max_queued_requests": 64, "memory_budget_mb": 2048,
             "autoscaling": {"target_ongoing_requests": 4, "max_replicas": 4}},
-    "tts": {"max_ongoing_requests": 32, "max_queued_requests": 64, "memory_budget_mb": 2048,
+    # TTS requests take ~10 ms each on the tiny voice, so the router's backoff cost them most: 48
+    # clients got 25 req/s with 32 here against 93 with 80 (bench/OVERLOAD.md); a waiting one holds
+    # only its text. STT's, ~0.1 s each, showed no such loss (48 clients: 10.7 against 9.1 req/s), and
+    # a waiting one holds its decoded audio: it keeps 32. Both keep 96 requests per replica in all.
+    "tts": {"max_ongoing_requests": 80, "max_queued_requests": 16, "memory_budget_mb": 2048,
             "autoscaling": {"target_ongoing_requests": 2, "max_replicas": 4}},
 }
 
