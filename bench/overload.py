@@ -25,11 +25,12 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import report, servers, workloads
-from .load import run_load, run_open_loop
+from .load import Request, run_load, run_open_loop
 from .paired import session_cpu_s, with_settings
 
 HERE = Path(__file__).resolve().parent
@@ -45,7 +46,7 @@ WORKLOADS = {  # family -> a request of its load
 }
 
 
-def measure(server: servers.Server, load: str, requests: int, make=WORKLOADS["llm"]) -> dict:
+def measure(server: servers.Server, load: str, requests: int, make: Callable[[int], Request]) -> dict:
     mode, _, amount = load.partition(":")
     if mode not in ("closed", "open") or not amount:
         raise SystemExit(f"--loads {load!r}: expected closed:CLIENTS or open:RATE, e.g. closed:100 or open:140")
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--family", default="llm", choices=sorted(WORKLOADS))
     p.add_argument("--max-ongoing", default="64,256", help="values of the family's max_ongoing_requests")
     p.add_argument("--loads", default="closed:16,closed:64,closed:100,closed:160,open:140")
-    p.add_argument("--requests", type=int, default=800, help="streamed chats per load")
+    p.add_argument("--requests", type=int, default=800, help="requests per load")
     args = p.parse_args(argv)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run_dir = HERE / "runs" / f"overload-{stamp}"

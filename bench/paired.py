@@ -13,8 +13,9 @@ twice, minutes apart, moved by 1.7x in CPU per stream and 1.5x in stream time to
 servers run from start to end; each round measures one and then the other, the order alternating from
 round to round, and reports the ratio within the round; the summary is the median of the rounds.
 
-A round, per server: `--clients` closed-loop clients stream `--requests` chats (time to first content
-token, req/s), then send as many plain ones (req/s, latency). The idle server's CPU while the other is
+A round, per server: `--clients` closed-loop clients (or, with `--rate`, arrivals at that mean rate, the
+same arrival times for both servers) stream `--requests` chats (time to first content token, req/s),
+then send as many plain ones (req/s, latency). The idle server's CPU while the other is
 measured is recorded too (processes of its session, from /proc): ours at rest keeps Ray's processes
 running, a cost the peer's slot carries.
 
