@@ -129,6 +129,10 @@ class MemoryGate:
     """Admits requests while their estimates fit the budget together; others wait, and one goes in when it
     fits and no waiter of lower `priority` is left (among equals, woken in arrival order).
 
+    A hold can grow (`Held.grow`): a chat with images holds their decoded size while they are
+    processed, and keeps holding it while it waits for the rest of its estimate, so the processed
+    inputs of waiting requests stay counted.
+
     `budget_bytes=None` sizes the budget from free memory (`free_memory`) at the first request, when
     the replica's models are loading or loaded: `fraction` of what is free then, at least 256 MiB.
     """
@@ -144,6 +148,8 @@ class MemoryGate:
         self.peak = 0
         self._turn = asyncio.Condition()
         self._waiting: list[int] = []  # the priorities of the requests waiting for room
+        self._growing: list[Held] = []  # holds waiting to grow, in arrival order
+        self.waiting_held = 0  # bytes held by requests that wait to grow (counted in in_use)
 
     @property
     def budget(self) -> int:
@@ -164,7 +170,7 @@ class MemoryGate:
             )
 
     @contextlib.asynccontextmanager
-    async def hold(self, need: int, what: str, param: str | None = None, priority: int = 0) -> AsyncIterator[None]:
+    async def hold(self, need: int, what: str, param: str | None = None, priority: int = 0) -> AsyncIterator[Held]:
         """Until `need` fits beside what the others hold. A waiter goes in as soon as it fits unless one
         of lower `priority` waits (then that one goes first, fitting or not: it is never starved by
         smaller requests behind it)."""
@@ -177,14 +183,43 @@ class MemoryGate:
             finally:  # admitted or cancelled: the others may go now
                 self._waiting.remove(priority)
                 self._turn.notify_all()
-            self.in_use += need
-            self.peak = max(self.peak, self.in_use)
+            self._take(need)
+        held = Held(self, need, priority)
         try:
-            yield
+            yield held
         finally:
             async with self._turn:
-                self.in_use -= need
+                self.in_use -= held.amount
                 self._turn.notify_all()
+
+    async def _grow(self, held: Held, need: int) -> None:
+        async with self._turn:
+            self._waiting.append(held.priority)
+            self._growing.append(held)
+            self.waiting_held += held.amount
+            self._turn.notify_all()  # others waiting to grow may now be all that holds memory
+            try:
+                await self._turn.wait_for(lambda: self._may_grow(held, need))
+            finally:
+                self._waiting.remove(held.priority)
+                self._growing.remove(held)
+                self.waiting_held -= held.amount
+                self._turn.notify_all()
+            self._take(need - held.amount)
+            held.amount = need
+
+    def _may_grow(self, held: Held, need: int) -> bool:
+        if self.in_use - held.amount + need <= self.budget and not any(p < held.priority for p in self._waiting):
+            return True
+        # Every byte in use is held by requests waiting to grow: nothing will be freed until one of them
+        # goes, so the first (by priority, then arrival) goes although it does not fit. In use then
+        # stays under budget + this request's estimate (each waiting hold fitted when it was taken).
+        first = min(self._growing, key=lambda h: h.priority)  # min keeps the earliest among equals
+        return self.in_use == self.waiting_held and held is first
+
+    def _take(self, need: int) -> None:
+        self.in_use += need
+        self.peak = max(self.peak, self.in_use)
 
     def _how_sized(self) -> str:
         return "" if self.sized_from in (None, "configured") else f" (sized from free memory: {self.sized_from})"
@@ -193,4 +228,21 @@ class MemoryGate:
         """For /health; does not size an unsized budget (that waits for the first request)."""
         budget = None if self._budget is None else round(self._budget / MB, 1)
         return {"budget_mb": budget, "sized_from": self.sized_from or "free memory, at the first request",
-                "in_use_mb": round(self.in_use / MB, 1), "peak_mb": round(self.peak / MB, 1)}
+                "in_use_mb": round(self.in_use / MB, 1), "peak_mb": round(self.peak / MB, 1),
+                "held_while_waiting_mb": round(self.waiting_held / MB, 1)}
+
+
+class Held:
+    """What one request holds in a MemoryGate, from `hold` to the end of its block."""
+
+    def __init__(self, gate: MemoryGate, amount: int, priority: int):
+        self._gate = gate
+        self.amount = amount
+        self.priority = priority
+
+    async def grow(self, need: int, what: str, param: str | None = None) -> None:
+        """Hold `need` in all (413 at once if it could never fit): waits as `hold` does, keeping what is
+        held meanwhile."""
+        self._gate.check(need, what, param)
+        if need > self.amount:
+            await self._gate._grow(self, need)

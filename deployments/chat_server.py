@@ -71,9 +71,10 @@ class ChatServer(FamilyServer):
         return dict(tokenizer(params.prompt, return_tensors="pt"))
 
     # -- admission ----------------------------------------------------------------------------------
-    async def _admit(self, params: ChatParams) -> int:
-        """Checks that fail this request alone (4xx) before it can join a batch; returns the bytes
-        of working memory it may need."""
+    @contextlib.asynccontextmanager
+    async def _admitted(self, params: ChatParams) -> AsyncIterator[None]:
+        """Checks that fail this request alone (4xx) before it can join a batch, then holds the working
+        memory it may need for the block."""
         spec, loaded = await self.pool.get(params.model, params.wait_s)
         params.model = spec.name
         self.validate(spec, loaded, params)
@@ -93,18 +94,23 @@ class ChatServer(FamilyServer):
         self._refuse_overlong_text(loaded, params, prompt_limit, limit_name)
         # images arrive encoded; decoding them (in encode) is held to the memory budget like generation
         decoded = decoded_image_bytes(params.images)
-        async with self.memory.hold(decoded, "the images of this request", param="messages", priority=params.priority):
+        # The decoded size is held from the decode on: a request waiting for the rest of its estimate keeps
+        # its processed images (up to ~300 MB per image for Qwen2-VL's largest), and they stay counted.
+        async with self.memory.hold(decoded, "the images of this request", param="messages",
+                                    priority=params.priority) as held:
             if encodes_inline(params):
                 params.inputs = self.encode(loaded, params)
             else:
                 params.inputs = await asyncio.to_thread(self.encode, loaded, params)
-        prompt_tokens = int(params.inputs["input_ids"].shape[-1])
-        if prompt_tokens > prompt_limit:
-            raise context_length_exceeded(limit_name, prompt_limit, prompt_tokens)
-        params.max_new_tokens = resolve_max_new_tokens(spec, params.max_new_tokens, prompt_tokens, context)
-        if params.constraint is not None:
-            params.grammar = await asyncio.to_thread(self._compile, loaded, params, width)
-        return chat_request_bytes(loaded.config, prompt_tokens, params.max_new_tokens, len(params.images), decoded)
+            prompt_tokens = int(params.inputs["input_ids"].shape[-1])
+            if prompt_tokens > prompt_limit:
+                raise context_length_exceeded(limit_name, prompt_limit, prompt_tokens)
+            params.max_new_tokens = resolve_max_new_tokens(spec, params.max_new_tokens, prompt_tokens, context)
+            if params.constraint is not None:
+                params.grammar = await asyncio.to_thread(self._compile, loaded, params, width)
+            need = chat_request_bytes(loaded.config, prompt_tokens, params.max_new_tokens, len(params.images), decoded)
+            await held.grow(need, "this chat request", param="messages")
+            yield
 
     def _compile(self, loaded: LoadedModel, params: ChatParams, width: int) -> Any:
         """The request's grammar for its row (cached per grammar and tokenizer); 400 if it cannot be
@@ -138,8 +144,7 @@ class ChatServer(FamilyServer):
     async def chat(self, params: ChatParams) -> ChatResult:
         arrived = time.monotonic()
         with self._observed() as params.running:
-            need = await self._admit(params)
-            async with self.memory.hold(need, "this chat request", param="messages", priority=params.priority):
+            async with self._admitted(params):
                 result = raise_if_error(await self._until_cancelled(params, self._generate(params)))
         self.metrics.generated(params.model, arrived, params.first_token_at, result.prompt_tokens,
                                result.completion_tokens, result.cached_tokens)
@@ -231,14 +236,11 @@ class ChatServer(FamilyServer):
                                            usage["completion_tokens"], usage.get("cached_tokens", 0))
 
     async def _chat_stream(self, params: ChatParams) -> AsyncIterator[dict]:
-        need = await self._admit(params)
-        _, loaded = await self.pool.get(params.model)
-        calls = None
-        if params.tools and params.tool_choice != "none":
-            calls = tools_module().CallStream(params.tools, params.parallel_tool_calls)
-        async with contextlib.AsyncExitStack() as stack:
-            await stack.enter_async_context(self.memory.hold(need, "this chat request", param="messages",
-                                                             priority=params.priority))
+        async with self._admitted(params):
+            _, loaded = await self.pool.get(params.model)
+            calls = None
+            if params.tools and params.tool_choice != "none":
+                calls = tools_module().CallStream(params.tools, params.parallel_tool_calls)
             loop = asyncio.get_running_loop()
             deltas: asyncio.Queue = asyncio.Queue()
             params.sink = lambda text: call_soon(loop, deltas.put_nowait, text)

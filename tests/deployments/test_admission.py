@@ -178,3 +178,107 @@ def test_a_cancelled_waiter_of_lower_priority_lets_the_others_go():
 
     gate, order = asyncio.run(scenario())
     assert order == ["later"] and gate.in_use == 0 and not gate._waiting
+
+
+def test_a_hold_grows_keeping_what_it_holds_and_counted_while_it_waits():
+    """A chat with images holds their decoded size from the decode on and grows to its whole estimate:
+    while it waits for room, what it holds is in use (others cannot take it) and shown as held while waiting."""
+
+    async def scenario():
+        gate, seen = MemoryGate(100 * MB), {}
+        release = asyncio.Event()
+
+        async def running():
+            async with gate.hold(70 * MB, "running"):
+                await release.wait()
+
+        async def images():
+            async with gate.hold(20 * MB, "images") as held:
+                await held.grow(50 * MB, "this chat request")
+                seen["grown"] = (gate.in_use, held.amount)
+
+        first = asyncio.ensure_future(running())
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(images())
+        await asyncio.sleep(0.01)
+        seen["waiting"] = (gate.in_use, gate.waiting_held, gate.status()["held_while_waiting_mb"])
+        with pytest.raises(asyncio.TimeoutError):  # 10 MB free: a third request cannot take the images' 20
+            await asyncio.wait_for(gate.hold(20 * MB, "third").__aenter__(), 0.05)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        return gate, seen
+
+    gate, seen = asyncio.run(scenario())
+    assert seen["waiting"] == (90 * MB, 20 * MB, 20.0)
+    assert seen["grown"] == (50 * MB, 50 * MB)
+    assert gate.in_use == 0 and gate.waiting_held == 0 and not gate._waiting and not gate._growing
+
+
+def test_holds_that_all_wait_to_grow_do_not_deadlock():
+    """Two requests hold 40 of 100 each and wait to grow to 90: neither fits beside the other, and
+    nothing else will free memory. The first goes (over budget by at most what the waiting ones hold),
+    then the second fits."""
+
+    async def scenario():
+        gate, order = MemoryGate(100 * MB), []
+
+        async def job(name: str, start_s: float):
+            await asyncio.sleep(start_s)
+            async with gate.hold(40 * MB, name) as held:
+                await asyncio.sleep(0.02 - start_s)  # both hold their 40 before either grows
+                await held.grow(90 * MB, name)
+                order.append(f"{name} in ({gate.in_use // MB} MB)")
+                await asyncio.sleep(0.01)
+            order.append(f"{name} out")
+
+        await asyncio.wait_for(asyncio.gather(job("a", 0.0), job("b", 0.005)), 5)
+        return gate, order
+
+    gate, order = asyncio.run(scenario())
+    assert order == ["a in (130 MB)", "a out", "b in (90 MB)", "b out"]
+    assert gate.peak == 130 * MB and gate.in_use == 0 and gate.waiting_held == 0
+
+
+def test_growing_past_the_budget_is_a_413_and_the_hold_is_released():
+    async def scenario():
+        gate = MemoryGate(100 * MB)
+        with pytest.raises(RequestTooLargeError, match="this chat request needs an estimated 120 MiB"):
+            async with gate.hold(10 * MB, "images") as held:
+                await held.grow(120 * MB, "this chat request", param="messages")
+        return gate
+
+    gate = asyncio.run(scenario())
+    assert gate.in_use == 0 and gate.waiting_held == 0
+
+
+def test_a_grower_of_lower_priority_goes_before_a_new_hold():
+    async def scenario():
+        gate, order = MemoryGate(100 * MB), []
+        release = asyncio.Event()
+
+        async def running():
+            async with gate.hold(60 * MB, "running"):
+                await release.wait()
+            order.append("running out")
+
+        async def grower():
+            async with gate.hold(10 * MB, "urgent", priority=-1) as held:
+                await held.grow(50 * MB, "urgent")
+                order.append("urgent in")
+
+        async def newcomer():
+            async with gate.hold(20 * MB, "newcomer", priority=0):
+                order.append("newcomer in")
+
+        tasks = [asyncio.ensure_future(running())]
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.ensure_future(grower()))
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.ensure_future(newcomer()))  # 20 would fit beside 70, but urgent waits ahead
+        await asyncio.sleep(0.01)
+        assert order == []
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        return order
+
+    assert asyncio.run(scenario()) == ["running out", "urgent in", "newcomer in"]

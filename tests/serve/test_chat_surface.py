@@ -174,8 +174,12 @@ def test_a_generate_fallback_model_refuses_per_row_features_by_name():
     server = chat_server.ChatServer.__new__(chat_server.ChatServer)
     server.pool = Pool()
     server.validate = lambda *a: None
+    async def admit(params: ChatParams) -> None:
+        async with server._admitted(params):
+            pass
+
     for field, value in [("logprobs", True), ("presence_penalty", 0.5), ("logit_bias", {1: 2.0})]:
         params = ChatParams(model="qwen2-vl", messages=[{"role": "user", "content": "x"}], **{field: value})
         with pytest.raises(InvalidRequestError, match="qwen2-vl.*generate") as caught:
-            asyncio.run(server._admit(params))
+            asyncio.run(admit(params))
         assert caught.value.param == field
