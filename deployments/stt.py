@@ -10,6 +10,7 @@ as it and those before it are done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections import deque
@@ -20,7 +21,7 @@ import numpy as np
 
 from loading import ModelSpec
 
-from .admission import transcription_request_bytes
+from .admission import FLOAT_BYTES, transcription_request_bytes
 from .audio import resample
 from .batching import Batcher
 from .family_server import FamilyServer, raise_if_error
@@ -37,22 +38,28 @@ class STTServer(FamilyServer):
         self._transcribe_batch: Batcher[TranscribeParams] = Batcher(self._transcribe_batch_call, options.max_batch_size,
                                          options.batch_wait_timeout_s)
 
-    async def _admit(self, params: TranscribeParams) -> tuple[Any, int]:
+    @contextlib.asynccontextmanager
+    async def _admitted(self, params: TranscribeParams) -> AsyncIterator[Any]:
+        """Checks that fail this request alone (4xx), then holds the working memory it may need for the
+        block; yields the loaded model."""
         spec, loaded = await self.pool.get(params.model, params.wait_s)
         params.model = spec.name
         _transcription().validate(spec, loaded, params)  # a 400 for this request, not a failed batch
-        rate = loaded.processor.feature_extractor.sampling_rate
-        if params.sample_rate != rate:
-            audio = np.asarray(params.audio, dtype=np.float32)
-            params.audio = await asyncio.to_thread(resample, audio, params.sample_rate, rate)
-            params.sample_rate = rate
-        need = transcription_request_bytes(loaded.config, len(params.audio), self.options.max_chunks_per_call)
-        return loaded, need
+        # The samples came with the request: held from here on, so the audio of a request that waits for
+        # the rest of its estimate stays counted.
+        async with self.memory.hold(len(params.audio) * FLOAT_BYTES, "this audio", param="file") as held:
+            rate = loaded.processor.feature_extractor.sampling_rate
+            if params.sample_rate != rate:
+                audio = np.asarray(params.audio, dtype=np.float32)
+                params.audio = await asyncio.to_thread(resample, audio, params.sample_rate, rate)
+                params.sample_rate = rate
+            need = transcription_request_bytes(loaded.config, len(params.audio), self.options.max_chunks_per_call)
+            await held.grow(need, "this audio", param="file")
+            yield loaded
 
     async def transcribe(self, params: TranscribeParams) -> TranscribeResult:
         with self._observed() as params.running:
-            _, need = await self._admit(params)
-            async with self.memory.hold(need, "this audio", param="file"):
+            async with self._admitted(params):
                 # the cuts are found off the inference thread (onnxruntime releases the GIL)
                 params.cuts = await asyncio.to_thread(_transcription().plan,
                                                       np.asarray(params.audio, dtype=np.float32),
@@ -68,11 +75,10 @@ class STTServer(FamilyServer):
                 yield item
 
     async def _transcribe_stream(self, params: TranscribeParams) -> AsyncIterator[dict]:
-        loaded, need = await self._admit(params)
-        transcription = _transcription()
-        audio = np.asarray(params.audio, dtype=np.float32)
-        rate = params.sample_rate
-        async with self.memory.hold(need, "this audio", param="file"):
+        async with self._admitted(params):
+            transcription = _transcription()
+            audio = np.asarray(params.audio, dtype=np.float32)
+            rate = params.sample_rate
             planner = transcription.ChunkPlanner(resample(audio, rate, 16000) if rate != 16000 else audio,
                                                  params.vad, transcription.CHUNK_S)
             cuts = planner.cuts()
