@@ -1,18 +1,27 @@
 """Continuous batching vs whole-request batches, in-process (no Ray, no HTTP): what the scheduler
 alone buys.
 
-    python -m bench.continuous [--model DIR] [--clients 1,16] [--requests 48] [--max-tokens 32]
+    python -m bench.continuous [--model DIR | --model-size 0.5b] [--clients 1,16] [--requests 48]
+                               [--max-tokens 32] [--engines static,continuous,transformers-cb]
+    python -m bench.continuous --model-size 0.5b --device cuda --clients 1,16,64 --max-batch 64 \
+        --engines static,continuous,transformers-cb --results $OUT/gpu.md     # the GPU run (bench/GPU.md)
 
 Closed loop: each client sends a chat, waits for its reply, sends the next. `static` is the path
 the replicas used before (deployments/batching.py + generation.generate_batch: requests that
-arrive while a batch runs wait for the next one); `continuous` is deployments/decode_loop.py.
-Both run on one inference thread, greedy, with the prompts' lengths varying as real chats do.
-Writes bench/CONTINUOUS.md.
+arrive while a batch runs wait for the next one); `continuous` is deployments/decode_loop.py;
+`transformers-cb` is transformers' own continuous batching (`init_continuous_batching`, what
+`transformers serve --continuous-batching` runs) on a second copy of the weights. Greedy, with the
+prompts' lengths varying as real chats do. Writes bench/CONTINUOUS.md.
+
+Nothing here imports Ray or the HTTP stack, so it runs where only torch and transformers are
+installed (the lent GPU machines: bench/GPU.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
 import os
 import queue
 import statistics
@@ -26,8 +35,7 @@ import torch
 
 from deployments.decode_loop import DecodeLoop
 from deployments.generation import generate_batch
-from deployments.llm import LLMServer
-from deployments.params import ChatParams
+from deployments.params import ChatParams, ChatResult
 from loading import ModelSpec, load_model
 
 HERE = Path(__file__).resolve().parent
@@ -39,6 +47,12 @@ PROMPTS = ["Hi", "What is the capital of France?", "Write a haiku about the sea 
 def params(i: int, max_tokens: int, sink=None) -> ChatParams:
     return ChatParams(model="m", messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                       max_new_tokens=max_tokens, temperature=0, sink=sink)
+
+
+def encode(tokenizer, p: ChatParams) -> dict:
+    """The LLM replica's encode for plain chat messages (LLMServer.encode, without the Ray-side imports)."""
+    text = tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False)
+    return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
 
 
 class Static:
@@ -80,6 +94,53 @@ class Continuous:
         self.wake.set()
 
 
+class TransformersCB:
+    """transformers' continuous batching manager on its own copy of the model (it switches the model's
+    attention to its paged kernels), streamed so that the first token is timed as ours is."""
+
+    def __init__(self, spec, loaded, max_batch: int):
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        report = loaded.report
+        model = AutoModelForCausalLM.from_pretrained(report.resolved_path, dtype=loaded.model.dtype)
+        model.to(loaded.model.device).eval()
+        tokenizer = loaded.tokenizer
+        config = GenerationConfig(do_sample=False, max_new_tokens=spec.max_new_tokens,
+                                  eos_token_id=loaded.model.generation_config.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id, max_batch_tokens=max_batch * 256)
+        self.manager = model.init_continuous_batching(generation_config=config)
+        self.manager.start()
+        self.ids = itertools.count()
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def submit(self, p, done):
+        """As `transformers serve` does: a result handler on an event loop, called per streamed token."""
+        ids = p.inputs["input_ids"][0].tolist()
+        request = f"r{next(self.ids)}"
+        made = [0]
+
+        def on_result(output):
+            if output.generated_tokens and not made[0]:
+                p.sink("")
+            made[0] = len(output.generated_tokens)
+            if output.is_finished():
+                done(ChatResult("", len(ids), made[0], "stop"))
+
+        async def register():
+            self.manager.register_result_handler(request, on_result)
+
+        asyncio.run_coroutine_threadsafe(register(), self.loop).result()
+        self.manager.add_request(ids, request_id=request, max_new_tokens=p.max_new_tokens, streaming=True)
+
+    def close(self):
+        self.manager.stop(block=True)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+ENGINES = {"static": Static, "continuous": Continuous, "transformers-cb": TransformersCB}
+
+
 def measure(engine, loaded, clients: int, requests: int, max_tokens: int) -> dict:
     latencies, first_tokens, tokens = [], [], []
     counter = iter(range(requests))
@@ -94,7 +155,7 @@ def measure(engine, loaded, clients: int, requests: int, max_tokens: int) -> dic
             got_first: list[float] = []
             started = time.perf_counter()
             p = params(i, max_tokens, sink=lambda _t, first=got_first: first or first.append(time.perf_counter()))
-            p.inputs = LLMServer.encode(None, loaded, p)
+            p.inputs = encode(loaded.tokenizer, p)
             finished = threading.Event()
             box: list = []
             engine.submit(p, lambda r, box=box, finished=finished: (box.append(r), finished.set()))
@@ -118,39 +179,68 @@ def measure(engine, loaded, clients: int, requests: int, max_tokens: int) -> dic
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="a model directory (default: the tiny LLM, built)")
+    parser.add_argument("--model-size", default=None, help="build one of bench/models.py's sizes (e.g. 0.5b)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--clients", default="1,16")
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=16, help="rows per batch, every engine")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--engines", default="static,continuous",
+                        help=f"comma-separated, of {', '.join(ENGINES)}")
     parser.add_argument("--results", type=Path, default=HERE / "CONTINUOUS.md")
     args = parser.parse_args(argv)
+    engines = args.engines.split(",")
+    unknown = [name for name in engines if name not in ENGINES]
+    if unknown:
+        parser.error(f"unknown engine {unknown[0]!r}; choose from {', '.join(ENGINES)}")
     model = args.model
+    if model is None and args.model_size:
+        from .models import build_sized_llm
+
+        model = build_sized_llm(args.model_size, HERE / "runs" / "models" / f"llm-{args.model_size}")
     if model is None:
         from loading.tiny import build_tiny
 
         model = build_tiny("llm", Path(tempfile.mkdtemp()) / "tiny-llm")
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    spec = ModelSpec(name="m", source=str(model), max_new_tokens=args.max_tokens)
+    spec = ModelSpec(name="m", source=str(model), max_new_tokens=args.max_tokens, device=args.device)
     loaded = load_model(spec)
+    report = loaded.report
+    on_gpu = report.device.startswith("cuda")
+    if not on_gpu:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    where = torch.cuda.get_device_name(0) if on_gpu else f"{len(os.sched_getaffinity(0))} CPU cores"
+    print(f"loaded {model.name} on {report.device} ({where}): {report.strategy}, {report.dtype}, "
+          f"{report.load_seconds:.1f} s; attempts: {[(a.strategy, a.outcome, a.reason) for a in report.attempts]}",
+          flush=True)
     rows = []
     for clients in [int(c) for c in args.clients.split(",")]:
-        for name, make in (("static", Static), ("continuous", Continuous)):
-            engine = make(spec, loaded, 16)
+        for name in engines:
+            engine = ENGINES[name](spec, loaded, args.max_batch)
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
             measure(engine, loaded, clients, min(4, args.requests), args.max_tokens)  # warm up
             runs = [measure(engine, loaded, clients, args.requests, args.max_tokens) for _ in range(args.rounds)]
+            if hasattr(engine, "close"):
+                engine.close()
             row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            if on_gpu:
+                row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
             rows.append((clients, name, row))
             print(clients, name, {k: round(v, 3) for k, v in row.items()}, flush=True)
     lines = ["# Continuous batching vs whole-request batches (in-process)\n",
-             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, model `{model.name}`, {args.requests} greedy chats "
-             f"of up to {args.max_tokens} tokens per level, median of {args.rounds} rounds, "
-             f"{len(os.sched_getaffinity(0))} cores, load average {os.getloadavg()[0]:.1f} at the end "
-             "(a shared machine: compare rows of one run, not runs).\n",
-             "| clients | engine | req/s | tokens/s | p50 latency (s) | p50 first token (s) |",
-             "|---:|---|---:|---:|---:|---:|"]
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, model `{model.name}` on {report.device} ({where}), "
+             f"loaded as {report.strategy} ({report.dtype}) in {report.load_seconds:.1f} s; "
+             f"{args.requests} greedy chats of up to {args.max_tokens} tokens per level, {args.max_batch} rows per "
+             f"batch, median of {args.rounds} rounds, load average {os.getloadavg()[0]:.1f} at the end "
+             "(a shared machine: compare rows of one run, "
+             "not runs).\n",
+             "| clients | engine | req/s | tokens/s | p50 latency (s) | p50 first token (s) |"
+             + (" peak GPU memory (GiB) |" if on_gpu else ""),
+             "|---:|---|---:|---:|---:|---:|" + ("---:|" if on_gpu else "")]
     for clients, name, row in rows:
         lines.append(f"| {clients} | {name} | {row['req_s']:.2f} | {row['tokens_s']:.1f} | {row['p50_s']:.3f} | "
-                     f"{row['p50_first_token_s']:.3f} |")
+                     f"{row['p50_first_token_s']:.3f} |" + (f" {row['peak_gpu_gib']:.2f} |" if on_gpu else ""))
     args.results.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.results}")
     return 0
