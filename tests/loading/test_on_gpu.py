@@ -56,6 +56,10 @@ def test_the_decode_loop_answers_on_the_gpu_as_on_the_cpu(isolated_env, tiny):
                                quantization="none"))
     cpu = load_model(ModelSpec(name="tiny-llm", source=str(tiny["llm"]), device="cpu"))
     assert gpu.report.device == "cuda:0" and cpu.report.device == "cpu"
+    ids = cpu.tokenizer("What is the capital of France?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():  # float32 without TF32 (torch's default): the same logits to rounding
+        on_cpu, on_gpu = cpu.model(ids).logits, gpu.model(ids.to("cuda:0")).logits.cpu()
+    assert torch.allclose(on_cpu, on_gpu, atol=1e-3), (on_cpu - on_gpu).abs().max()
     expected = [answers(cpu, [prompt], 1)[0] for prompt in PROMPTS]
     assert answers(gpu, PROMPTS, len(PROMPTS)) == expected
     assert [answers(gpu, [prompt], 1)[0] for prompt in PROMPTS] == expected
