@@ -43,7 +43,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # TTS requests take ~10 ms each on the tiny voice, so the router's backoff cost them most: 48
     # clients got 25 req/s with 32 here against 93 with 80 (bench/OVERLOAD.md); a waiting one holds
     # only its text. STT's, ~0.1 s each, showed no such loss (48 clients: 10.7 against 9.1 req/s), and
-    # a waiting one holds its decoded audio: it keeps 32. Both keep 96 requests per replica in all.
+    # a waiting one holds its decoded audio (counted in its memory gate from admission on): it keeps 32.
+    # Both keep 96 requests per replica in all.
     "tts": {"max_ongoing_requests": 80, "max_queued_requests": 16, "memory_budget_mb": 2048,
             "autoscaling": {"target_ongoing_requests": 2, "max_replicas": 4}},
 }
