@@ -3,9 +3,11 @@
     python -m bench.overload [--max-ongoing 64,256] [--loads closed:16,closed:64,closed:100,closed:160,open:140]
     python -m bench.overload --family vlm --max-ongoing 8,32 --loads closed:4,closed:8,closed:24,closed:36
     python -m bench.overload --family tts --max-ongoing 32,80 --loads closed:8,closed:32,closed:48,closed:80
+    python -m bench.overload --setting max_batch_size --values 32,64 --loads closed:16,closed:64,closed:100
 
 Our app through `serve run` (the bench's config, tiny models, one replica per family), once per value of
-the family's `max_ongoing_requests`. Each load sends `--requests` requests: for the LLM streamed chats of
+the family's `max_ongoing_requests` (or of the option `--setting` names).
+Each load sends `--requests` requests: for the LLM streamed chats of
 32 tokens, for the VLM (`--family vlm`) chats about a small image (16 tokens, not streamed), for STT and
 TTS the bench's transcription and speech requests. `closed:N`
 from N closed-loop clients, `open:R` arriving at R per second (Poisson, bench/load.py). Per load: req/s
@@ -62,7 +64,8 @@ def markdown(result: dict) -> str:
     family = result.get("family", "llm")
     lines = [f"# Overload: {result['requests']} requests per load, {family}; {result['meta'].get('cpu')}, "
              f"{result['meta'].get('cpus')} CPUs; git {result['meta'].get('git_commit')}", "",
-             f"| {family} max_ongoing_requests | load | req/s | TTFT p50 (ms) | TTFT p99 (ms) | latency p50 (ms) | "
+             f"| {family} {result.get('setting', 'max_ongoing_requests')} | load | req/s | TTFT p50 (ms) | "
+             "TTFT p99 (ms) | latency p50 (ms) | "
              "errors | cores |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for run in result["runs"]:
         s = run["stats"]
@@ -79,7 +82,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench %(message)s", datefmt="%H:%M:%S")
     p = argparse.ArgumentParser(prog="python -m bench.overload", description=__doc__.splitlines()[0])
     p.add_argument("--family", default="llm", choices=sorted(WORKLOADS))
-    p.add_argument("--max-ongoing", default="64,256", help="values of the family's max_ongoing_requests")
+    p.add_argument("--setting", default="max_ongoing_requests", help="the family option to vary")
+    p.add_argument("--max-ongoing", "--values", dest="values", default="64,256", help="the values of --setting")
     p.add_argument("--loads", default="closed:16,closed:64,closed:100,closed:160,open:140")
     p.add_argument("--requests", type=int, default=800, help="requests per load")
     args = p.parse_args(argv)
@@ -87,16 +91,17 @@ def main(argv=None) -> int:
     run_dir = HERE / "runs" / f"overload-{stamp}"
     run_dir.mkdir(parents=True, exist_ok=True)
     root = HERE / "runs" / "models"
-    result: dict = {"meta": report.machine_meta(), "family": args.family, "requests": args.requests, "runs": []}
+    result: dict = {"meta": report.machine_meta(), "family": args.family, "setting": args.setting,
+                    "requests": args.requests, "runs": []}
     make = WORKLOADS[args.family]
-    for value in [int(v) for v in args.max_ongoing.split(",")]:
+    for value in [int(v) for v in args.values.split(",")]:
         config = with_settings(servers.bench_serve_config(8300, root, None, device="cpu"),
-                               [f"families.{args.family}.max_ongoing_requests={value}"])
-        with servers.serve_run(config, run_dir, f"mo{value}") as server:
+                               [f"families.{args.family}.{args.setting}={value}"])
+        with servers.serve_run(config, run_dir, f"{args.setting}-{value}") as server:
             run_load(server.url, make, 2, 6)  # warm-up
             for load in args.loads.split(","):
                 stats = measure(server, load, args.requests, make)
-                log.info("%s max_ongoing_requests %d, %s: %.1f req/s, TTFT p50 %s ms, %d errors", args.family, value,
+                log.info("%s %s %d, %s: %.1f req/s, TTFT p50 %s ms, %d errors", args.family, args.setting, value,
                          load, stats["rps"], stats["ttft_p50_ms"], stats["errors"])
                 result["runs"].append({"max_ongoing": value, "load": load, "stats": stats})
     out = HERE / "runs" / f"overload-{stamp}.json"

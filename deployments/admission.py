@@ -197,7 +197,8 @@ class MemoryGate:
             self._waiting.append(held.priority)
             self._growing.append(held)
             self.waiting_held += held.amount
-            self._turn.notify_all()  # others waiting to grow may now be all that holds memory
+            if held.amount:  # the holds waiting to grow may now be all that holds memory: let them look
+                self._turn.notify_all()
             try:
                 await self._turn.wait_for(lambda: self._may_grow(held, need))
             finally:

@@ -25,9 +25,10 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # backoff of up to 0.5 s while places stay empty: 100 streaming clients on the tiny LLM got 23 req/s
     # with 64 here, 182 with 256 (16 clients: 86-111), and 140/s arriving got 16 against 132
     # (bench/OVERLOAD.md). The ingress's limits.max_concurrent_requests (256) still bounds what is in
-    # flight. The decode loop's rows: 32 (in-process, 32 clients: SmolLM2 11.9 req/s on 32 rows, 8.7 on
-    # 16; the memory budget still holds a row back when its KV cache would not fit).
-    "llm": {"max_ongoing_requests": 256, "max_queued_requests": 128, "max_batch_size": 32,
+    # flight. The decode loop's rows: 64 (in-process, SmolLM2 at 64 clients: 7.2-7.8 req/s and first token
+    # 2.8-2.9 s on 64 rows against 5.7-7.0 and 4.7-5.3 s on 32; at 32 clients 11.9 req/s on 32 rows, 8.7
+    # on 16; bench/CONTINUOUS.md). The memory budget still holds a row back when its KV cache would not fit.
+    "llm": {"max_ongoing_requests": 256, "max_queued_requests": 128, "max_batch_size": 64,
             "autoscaling": {"target_ongoing_requests": 16, "max_replicas": 4}},
     # The VLM likewise: 24 clients on tiny-llava got 19.6 req/s with 8 ongoing and 32 queued, 122 with 32
     # and 8 (bench/OVERLOAD.md). The same 40 requests per replica in all, so the images a replica and its
