@@ -130,8 +130,8 @@ class MemoryGate:
     fits and no waiter of lower `priority` is left (among equals, woken in arrival order).
 
     A hold can grow (`Held.grow`): a chat with images holds their decoded size while they are
-    processed, and keeps holding it while it waits for the rest of its estimate, so the processed
-    inputs of waiting requests stay counted.
+    processed, a transcription its samples, and each keeps holding that while it waits for the rest of
+    its estimate, so what waiting requests carry stays counted.
 
     `budget_bytes=None` sizes the budget from free memory (`free_memory`) at the first request, when
     the replica's models are loading or loaded: `fraction` of what is free then, at least 256 MiB.
