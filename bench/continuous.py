@@ -105,9 +105,10 @@ class TransformersCB:
         model = AutoModelForCausalLM.from_pretrained(report.resolved_path, dtype=loaded.model.dtype)
         model.to(loaded.model.device).eval()
         tokenizer = loaded.tokenizer
+        # its own batch and cache sizes, as `transformers serve` leaves them (max_batch is ours, not its)
         config = GenerationConfig(do_sample=False, max_new_tokens=spec.max_new_tokens,
                                   eos_token_id=loaded.model.generation_config.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id, max_batch_tokens=max_batch * 256)
+                                  pad_token_id=tokenizer.pad_token_id)
         self.manager = model.init_continuous_batching(generation_config=config)
         self.manager.start()
         self.ids = itertools.count()
@@ -184,7 +185,8 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", default="1,16")
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--max-batch", type=int, default=16, help="rows per batch, every engine")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="rows per batch of ours (static, continuous); transformers-cb keeps its own defaults")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--engines", default="static,continuous",
                         help=f"comma-separated, of {', '.join(ENGINES)}")
