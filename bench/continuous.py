@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import itertools
 import os
 import queue
@@ -137,6 +138,11 @@ class TransformersCB:
     def close(self):
         self.manager.stop(block=True)
         self.loop.call_soon_threadsafe(self.loop.stop)
+        # its KV cache (on a GPU sized from free memory) goes back before the next engine measures
+        self.manager = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 ENGINES = {"static": Static, "continuous": Continuous, "transformers-cb": TransformersCB}
