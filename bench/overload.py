@@ -6,11 +6,10 @@
     python -m bench.overload --setting max_batch_size --values 32,64 --loads closed:16,closed:64,closed:100
 
 Our app through `serve run` (the bench's config, tiny models, one replica per family), once per value of
-the family's `max_ongoing_requests` (or of the option `--setting` names).
-Each load sends `--requests` requests: for the LLM streamed chats of
-32 tokens, for the VLM (`--family vlm`) chats about a small image (16 tokens, not streamed), for STT and
-TTS the bench's transcription and speech requests. `closed:N`
-from N closed-loop clients, `open:R` arriving at R per second (Poisson, bench/load.py). Per load: req/s
+the family's `max_ongoing_requests` (or of the option `--setting` names). Each load sends `--requests`
+requests: for the LLM streamed chats of 32 tokens, for the VLM (`--family vlm`) chats about a small
+image (16 tokens, not streamed), for STT and TTS the bench's transcription and speech requests.
+`closed:N` from N closed-loop clients, `open:R` arriving at R per second (Poisson, bench/load.py). Per load: req/s
 answered, time to first token p50/p99 (streams), latency p50, errors (with the first one), and the
 cores the server's processes used.
 
@@ -61,17 +60,16 @@ def measure(server: servers.Server, load: str, requests: int, make: Callable[[in
 
 
 def markdown(result: dict) -> str:
-    family = result.get("family", "llm")
+    family = result["family"]
     lines = [f"# Overload: {result['requests']} requests per load, {family}; {result['meta'].get('cpu')}, "
              f"{result['meta'].get('cpus')} CPUs; git {result['meta'].get('git_commit')}", "",
-             f"| {family} {result.get('setting', 'max_ongoing_requests')} | load | req/s | TTFT p50 (ms) | "
-             "TTFT p99 (ms) | latency p50 (ms) | "
+             f"| {family} {result['setting']} | load | req/s | TTFT p50 (ms) | TTFT p99 (ms) | latency p50 (ms) | "
              "errors | cores |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for run in result["runs"]:
         s = run["stats"]
-        lines.append(f"| {run['max_ongoing']} | {run['load']} | {s['rps']:.1f} | {s['ttft_p50_ms'] or 0:.0f} | "
+        lines.append(f"| {run['value']} | {run['load']} | {s['rps']:.1f} | {s['ttft_p50_ms'] or 0:.0f} | "
                      f"{s['ttft_p99_ms'] or 0:.0f} | {s['p50_ms'] or 0:.0f} | {s['errors']} | {s['cores']} |")
-    errors = {f"{r['max_ongoing']} {r['load']}": r["stats"]["first_error"] for r in result["runs"]
+    errors = {f"{r['value']} {r['load']}": r["stats"]["first_error"] for r in result["runs"]
               if r["stats"]["errors"]}
     if errors:
         lines += ["", "First errors:", ""] + [f"- {k}: `{v[:200]}`" for k, v in errors.items()]
@@ -103,7 +101,7 @@ def main(argv=None) -> int:
                 stats = measure(server, load, args.requests, make)
                 log.info("%s %s %d, %s: %.1f req/s, TTFT p50 %s ms, %d errors", args.family, args.setting, value,
                          load, stats["rps"], stats["ttft_p50_ms"], stats["errors"])
-                result["runs"].append({"max_ongoing": value, "load": load, "stats": stats})
+                result["runs"].append({"value": value, "load": load, "stats": stats})
     out = HERE / "runs" / f"overload-{stamp}.json"
     out.write_text(json.dumps(result, indent=1, default=str))
     out.with_suffix(".md").write_text(markdown(result))

@@ -149,7 +149,11 @@ class MemoryGate:
         self._turn = asyncio.Condition()
         self._waiting: list[int] = []  # the priorities of the requests waiting for room
         self._growing: list[Held] = []  # holds waiting to grow, in arrival order
-        self.waiting_held = 0  # bytes held by requests that wait to grow (counted in in_use)
+
+    @property
+    def waiting_held(self) -> int:
+        """Bytes held by requests that wait to grow (counted in in_use)."""
+        return sum(held.amount for held in self._growing)
 
     @property
     def budget(self) -> int:
@@ -196,7 +200,6 @@ class MemoryGate:
         async with self._turn:
             self._waiting.append(held.priority)
             self._growing.append(held)
-            self.waiting_held += held.amount
             if held.amount:  # the holds waiting to grow may now be all that holds memory: let them look
                 self._turn.notify_all()
             try:
@@ -204,7 +207,6 @@ class MemoryGate:
             finally:
                 self._waiting.remove(held.priority)
                 self._growing.remove(held)
-                self.waiting_held -= held.amount
                 self._turn.notify_all()
             self._take(need - held.amount)
             held.amount = need
