@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from deployments.chat_encoding import encode_text_chat
 from deployments.decode_loop import DecodeLoop
 from deployments.generation import generate_batch
 from deployments.params import ChatParams, ChatResult
@@ -48,12 +49,6 @@ PROMPTS = ["Hi", "What is the capital of France?", "Write a haiku about the sea 
 def params(i: int, max_tokens: int, sink=None) -> ChatParams:
     return ChatParams(model="m", messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                       max_new_tokens=max_tokens, temperature=0, sink=sink)
-
-
-def encode(tokenizer, p: ChatParams) -> dict:
-    """The LLM replica's encode for plain chat messages (LLMServer.encode, without the Ray-side imports)."""
-    text = tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False)
-    return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
 
 
 class Static:
@@ -162,7 +157,7 @@ def measure(engine, loaded, clients: int, requests: int, max_tokens: int) -> dic
             got_first: list[float] = []
             started = time.perf_counter()
             p = params(i, max_tokens, sink=lambda _t, first=got_first: first or first.append(time.perf_counter()))
-            p.inputs = encode(loaded.tokenizer, p)
+            p.inputs = encode_text_chat(loaded.tokenizer, p)
             finished = threading.Event()
             box: list = []
             engine.submit(p, lambda r, box=box, finished=finished: (box.append(r), finished.set()))

@@ -47,29 +47,6 @@ class ChatServer(FamilyServer):
     def validate(self, spec: ModelSpec, loaded: LoadedModel, params: ChatParams) -> None:
         """Per-request checks that must fail this request alone (400), not its batch."""
 
-    # -- shared by the families' encode -------------------------------------------------------------
-    @staticmethod
-    def template_inputs(template: str | None, params: ChatParams) -> tuple[list[dict], list[dict] | None]:
-        """The messages and `tools` to render: through the model's own template when it takes tools,
-        else the documented fallback (tools.py). `tool_choice: none` renders no tools."""
-        offered = params.tools if params.tools and params.tool_choice != "none" else None
-        has_tool_history = any(m.get("tool_calls") or m.get("role") == "tool" for m in params.messages)
-        if not offered and not has_tool_history:
-            return params.messages, None
-        if tools_module().template_takes_tools(template):
-            return params.messages, tools_module().template_tools(offered) if offered else None
-        return tools_module().fallback_messages(params.messages, offered), None
-
-    @staticmethod
-    def encode_prompt(tokenizer: Any, params: ChatParams) -> dict[str, Any]:
-        """/v1/completions: the prompt as it is (text with the tokenizer's own special tokens, or ids)."""
-        import torch
-
-        if isinstance(params.prompt, list):
-            ids = torch.tensor([params.prompt], dtype=torch.long)
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        return dict(tokenizer(params.prompt, return_tensors="pt"))
-
     # -- admission ----------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def _admitted(self, params: ChatParams) -> AsyncIterator[None]:

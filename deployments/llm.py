@@ -6,6 +6,7 @@ from typing import Any
 
 from loading import LoadedModel, ModelSpec
 
+from .chat_encoding import encode_text_chat
 from .chat_server import ChatServer
 from .errors import InvalidRequestError
 from .params import ChatParams
@@ -13,12 +14,7 @@ from .params import ChatParams
 
 class LLMServer(ChatServer):
     def encode(self, loaded: LoadedModel, params: ChatParams) -> dict[str, Any]:
-        tokenizer = loaded.tokenizer
-        if params.prompt is not None:
-            return ChatServer.encode_prompt(tokenizer, params)
-        messages, tools = ChatServer.template_inputs(tokenizer.chat_template, params)
-        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-        return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
+        return encode_text_chat(loaded.tokenizer, params)
 
     def validate(self, spec: ModelSpec, loaded: LoadedModel, params: ChatParams) -> None:
         if params.images:

@@ -55,3 +55,16 @@ def test_importing_every_loading_module_pulls_in_no_serving_library():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_the_in_process_benchmark_and_gpu_checks_pull_in_no_serving_library():
+    # The lent GPU machines have no Ray, FastAPI or Starlette (bench/GPU.md): the decode loop, the chat
+    # encoding the replicas use, and the benchmark that drives them must import without them.
+    code = (
+        "import json, sys\n"
+        "import bench.continuous, deployments.chat_encoding, deployments.decode_loop\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(SERVING)!r})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

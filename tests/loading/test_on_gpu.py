@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from deployments.chat_encoding import encode_text_chat
 from deployments.decode_loop import DecodeLoop
 from deployments.params import ChatParams
 from loading import ModelSpec, load_model
@@ -29,8 +30,7 @@ def answers(loaded, prompts: list[str], max_rows: int) -> list[str]:
     for i, prompt in enumerate(prompts):
         params = ChatParams(model="m", messages=[{"role": "user", "content": prompt}], max_new_tokens=12,
                             temperature=0)
-        text = tokenizer.apply_chat_template(params.messages, add_generation_prompt=True, tokenize=False)
-        params.inputs = dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
+        params.inputs = encode_text_chat(tokenizer, params)
         loop.submit(spec, loaded, params, lambda result, i=i: out.__setitem__(i, result))
     loop.run()
     for result in out.values():

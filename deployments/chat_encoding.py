@@ -1,0 +1,47 @@
+"""A chat request as model inputs: the messages (and `tools`) through the chat template, then the
+tokenizer; or, for /v1/completions, the prompt as it is.
+
+No Ray and no HTTP here: the LLM and VLM replicas encode with it, and so do the in-process benchmark
+(bench/continuous.py) and the GPU checks (tests/loading/test_on_gpu.py), which run where Ray is not
+installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .params import ChatParams
+
+
+def template_inputs(template: str | None, params: ChatParams) -> tuple[list[dict], list[dict] | None]:
+    """The messages and `tools` to render: through the model's own template when it takes tools, else
+    the documented fallback (tools.py). `tool_choice: none` renders no tools."""
+    offered = params.tools if params.tools and params.tool_choice != "none" else None
+    has_tool_history = any(m.get("tool_calls") or m.get("role") == "tool" for m in params.messages)
+    if not offered and not has_tool_history:
+        return params.messages, None
+    from . import tools  # grammar support (llguidance) loads only when a request uses tools
+
+    if tools.template_takes_tools(template):
+        return params.messages, tools.template_tools(offered) if offered else None
+    return tools.fallback_messages(params.messages, offered), None
+
+
+def encode_prompt(tokenizer: Any, params: ChatParams) -> dict[str, Any]:
+    """/v1/completions: the prompt as it is (text with the tokenizer's own special tokens, or ids)."""
+    import torch
+
+    if isinstance(params.prompt, list):
+        ids = torch.tensor([params.prompt], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return dict(tokenizer(params.prompt, return_tensors="pt"))
+
+
+def encode_text_chat(tokenizer: Any, params: ChatParams) -> dict[str, Any]:
+    """A text-only model's inputs (batch dimension 1). The template writes the special tokens, so the
+    tokenizer adds none of its own (a second BOS would change the answer)."""
+    if params.prompt is not None:
+        return encode_prompt(tokenizer, params)
+    messages, tools = template_inputs(tokenizer.chat_template, params)
+    text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
