@@ -367,7 +367,10 @@ class DecodeLoop:
         with batched():  # the rows' deltas and results reach each event loop as one call (wakeups.py)
             for i, token in enumerate(tokens[:, 0].tolist(), start=start):
                 row = group.rows[i]
-                row.finish = row.finish or self._advance(row, token, now)
+                try:
+                    row.finish = row.finish or self._advance(row, token, now)
+                except Exception as exc:  # a callback of this row failed: it leaves, the others go on
+                    row.error, row.finish = exc, "error"
                 if row.finish is None:
                     keep.append(i)
                 else:
@@ -408,12 +411,18 @@ class DecodeLoop:
         grammar = row.grammar
         if grammar is not None and grammar.forced_closes:
             self.stats["grammar_forced_closes"] = self.stats.get("grammar_forced_closes", 0) + 1
-        tokenizer = row.stream.tokenizer
-        text, _ = cut_at_stop(tokenizer.decode(row.tokens, skip_special_tokens=True), row.params.stop)
+        if row.finish == "error" and row.error is not None:
+            _tell(row.done, row.error)
+            return
+        try:
+            text, _ = cut_at_stop(row.stream.tokenizer.decode(row.tokens, skip_special_tokens=True), row.params.stop)
+        except Exception as exc:  # told to this row alone: the batch's other rows are settled after it
+            _tell(row.done, exc)
+            return
         result = ChatResult(text, row.prompt_tokens, len(row.tokens), row.finish or "stop",
                             logprobs=row.logprobs if row.params.logprobs else None,  # type: ignore[arg-type]
                             cached_tokens=row.cached_tokens)
-        _tell(row.done, row.error if row.finish == "error" and row.error is not None else result)
+        _tell(row.done, result)
 
 
 def _tell(done: Done, outcome: ChatResult | BaseException) -> None:

@@ -147,6 +147,31 @@ def test_a_cancelled_row_leaves_at_the_next_step(models):
     assert results[1].completion_tokens == alone(models, "tiny", chat("Tell me a story", 40)).completion_tokens
 
 
+def test_a_row_whose_own_callback_fails_leaves_alone_and_is_told_once(models):
+    """A failure while settling one row's token (here its `running` callback, called at its first token,
+    which comes with the prefill it shares) fails that row alone: the rows prefilled with it answer as
+    they would alone, and each caller is told exactly once."""
+
+    def broken():
+        raise RuntimeError("running callback failed")
+
+    spec, loaded = models["tiny"]
+    loop = DecodeLoop(max_rows=8, stats={"model_calls": 0, "requests": 0, "largest_batch": 0})
+    told: dict[int, list] = {0: [], 1: [], 2: []}
+    prompts = ["first row", "second row", "third row"]
+    for i, prompt in enumerate(prompts):
+        params = chat(prompt, 6, running=broken if i == 1 else None)
+        params.inputs = LLMServer.encode(None, loaded, params)
+        loop.submit(spec, loaded, params, told[i].append)
+    loop.run()
+    assert [len(outcomes) for outcomes in told.values()] == [1, 1, 1]
+    assert isinstance(told[1][0], RuntimeError)
+    for i in (0, 2):
+        expected = alone(models, "tiny", chat(prompts[i], 6))
+        assert (told[i][0].text, told[i][0].finish_reason) == (expected.text, expected.finish_reason)
+    assert not loop.busy()
+
+
 def test_rows_waiting_for_a_place_join_by_priority_then_in_arrival_order(models):
     """scheduling_policy: priority. With the one place taken, rows arriving meanwhile wait; each time it
     frees, the lowest priority takes it, equals in arrival order, also one that arrives while others
