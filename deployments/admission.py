@@ -13,12 +13,14 @@ import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import RequestTooLargeError
 
 MB = 2**20
+T = TypeVar("T")
 MIN_SIZED_BUDGET = 256 * MB  # a budget sized from free memory never goes below this
 FLOAT_BYTES = 4  # activations are float32 on CPU; on GPU half of this, so the estimate errs high
 
@@ -125,9 +127,29 @@ def _cgroup_room() -> int | None:
         return None
 
 
+async def to_thread_held(fn: Callable[..., T], *args: Any) -> T:
+    """`asyncio.to_thread` for work done while a request holds memory in a gate (decoding its images,
+    resampling its audio, compiling its grammar). A thread cannot be stopped: if the caller is cancelled
+    (its client left), the cancellation waits here until the work has ended, so the hold is released
+    only when the memory is. Otherwise a client that sends and hangs up at once could stack up the
+    thread pool's worth of decodes the gate no longer counts."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        while not work.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([work])
+        if not work.cancelled():
+            work.exception()  # retrieved: its outcome no longer matters to anyone
+        raise
+
+
 class MemoryGate:
-    """Admits requests while their estimates fit the budget together; others wait, and one goes in when it
-    fits and no waiter of lower `priority` is left (among equals, woken in arrival order).
+    """Admits requests while their estimates fit the budget together; others wait. Of the waiters at the
+    most urgent (lowest) `priority`, the first to arrive of those that fit goes in; a waiter never goes
+    while one of lower priority waits, fitting or not, so larger urgent requests are not starved by
+    smaller ones behind them.
 
     A hold can grow (`Held.grow`): a chat with images holds their decoded size while they are
     processed, a transcription its samples, and each keeps holding that while it waits for the rest of
@@ -147,13 +169,13 @@ class MemoryGate:
         self.in_use = 0
         self.peak = 0
         self._turn = asyncio.Condition()
-        self._waiting: list[int] = []  # the priorities of the requests waiting for room
-        self._growing: list[Held] = []  # holds waiting to grow, in arrival order
+        self._waiters: list[_Waiter] = []  # in arrival order
+        self._next: _Waiter | None = None  # the waiter that goes in now (`_choose`), if any
 
     @property
     def waiting_held(self) -> int:
         """Bytes held by requests that wait to grow (counted in in_use)."""
-        return sum(held.amount for held in self._growing)
+        return sum(w.held.amount for w in self._waiters if w.held is not None)
 
     @property
     def budget(self) -> int:
@@ -175,50 +197,55 @@ class MemoryGate:
 
     @contextlib.asynccontextmanager
     async def hold(self, need: int, what: str, param: str | None = None, priority: int = 0) -> AsyncIterator[Held]:
-        """Until `need` fits beside what the others hold. A waiter goes in as soon as it fits unless one
-        of lower `priority` waits (then that one goes first, fitting or not: it is never starved by
-        smaller requests behind it)."""
+        """Until `need` fits beside what the others hold and it is this request's turn (see the class)."""
         self.check(need, what, param)
-        async with self._turn:
-            self._waiting.append(priority)
-            try:
-                await self._turn.wait_for(
-                    lambda: self.in_use + need <= self.budget and not any(p < priority for p in self._waiting))
-            finally:  # admitted or cancelled: the others may go now
-                self._waiting.remove(priority)
-                self._turn.notify_all()
-            self._take(need)
-        held = Held(self, need, priority)
+        held = Held(self, 0, priority)
+        await self._wait(_Waiter(priority, need, None), held)
         try:
             yield held
         finally:
             async with self._turn:
                 self.in_use -= held.amount
-                self._turn.notify_all()
+                self._choose()
 
     async def _grow(self, held: Held, need: int) -> None:
-        async with self._turn:
-            self._waiting.append(held.priority)
-            self._growing.append(held)
-            if held.amount:  # the holds waiting to grow may now be all that holds memory: let them look
-                self._turn.notify_all()
-            try:
-                await self._turn.wait_for(lambda: self._may_grow(held, need))
-            finally:
-                self._waiting.remove(held.priority)
-                self._growing.remove(held)
-                self._turn.notify_all()
-            self._take(need - held.amount)
-            held.amount = need
+        await self._wait(_Waiter(held.priority, need, held), held)
 
-    def _may_grow(self, held: Held, need: int) -> bool:
-        if self.in_use - held.amount + need <= self.budget and not any(p < held.priority for p in self._waiting):
-            return True
-        # Every byte in use is held by requests waiting to grow: nothing will be freed until one of them
-        # goes, so the first (by priority, then arrival) goes although it does not fit. In use then
-        # stays under budget + this request's estimate (each waiting hold fitted when it was taken).
-        first = min(self._growing, key=lambda h: h.priority)  # min keeps the earliest among equals
-        return self.in_use == self.waiting_held and held is first
+    async def _wait(self, waiter: _Waiter, held: Held) -> None:
+        """Queue `waiter` until `_choose` picks it, then make `held` hold its whole need."""
+        async with self._turn:
+            self._waiters.append(waiter)
+            self._choose()
+            try:
+                await self._turn.wait_for(lambda: self._next is waiter)
+            except BaseException:  # cancelled while waiting, chosen or not: it takes nothing more
+                self._waiters.remove(waiter)
+                self._choose()
+                raise
+            self._waiters.remove(waiter)
+            self._take(waiter.need - held.amount)
+            held.amount = waiter.need
+            self._choose()
+
+    def _choose(self) -> None:
+        """Pick the waiter that goes in now and wake the waiters to look (called after every change).
+
+        Of the waiters at the most urgent priority, the first that fits. When none does and every byte in
+        use is held by requests waiting to grow, nothing will be freed until one of them goes, so the
+        first grower (by priority, then arrival) goes although it does not fit; in use then stays under
+        the budget plus its estimate (each waiting hold fitted when it was taken)."""
+        self._next = None
+        if self._waiters:
+            urgent = min(w.priority for w in self._waiters)
+            self._next = next((w for w in self._waiters if w.priority == urgent and self._fits(w)), None)
+            growers = [w for w in self._waiters if w.held is not None]
+            if self._next is None and growers and self.in_use == self.waiting_held:
+                self._next = min(growers, key=lambda w: w.priority)  # min keeps the earliest among equals
+        self._turn.notify_all()
+
+    def _fits(self, waiter: _Waiter) -> bool:
+        holding = waiter.held.amount if waiter.held is not None else 0
+        return self.in_use - holding + waiter.need <= self.budget
 
     def _take(self, need: int) -> None:
         self.in_use += need
@@ -233,6 +260,13 @@ class MemoryGate:
         return {"budget_mb": budget, "sized_from": self.sized_from or "free memory, at the first request",
                 "in_use_mb": round(self.in_use / MB, 1), "peak_mb": round(self.peak / MB, 1),
                 "held_while_waiting_mb": round(self.waiting_held / MB, 1)}
+
+
+@dataclass(eq=False)
+class _Waiter:
+    priority: int
+    need: int  # bytes it holds in all once in
+    held: Held | None  # a hold waiting to grow (what it holds meanwhile is in use); None for a new hold
 
 
 class Held:

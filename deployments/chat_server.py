@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from loading import LoadedModel, ModelSpec
 
-from .admission import chat_request_bytes, decoded_image_bytes
+from .admission import chat_request_bytes, decoded_image_bytes, to_thread_held
 from .batching import Batcher
 from .errors import InvalidRequestError, context_length_exceeded
 from .family_server import FamilyServer, raise_if_error
@@ -78,13 +78,13 @@ class ChatServer(FamilyServer):
             if encodes_inline(params):
                 params.inputs = self.encode(loaded, params)
             else:
-                params.inputs = await asyncio.to_thread(self.encode, loaded, params)
+                params.inputs = await to_thread_held(self.encode, loaded, params)
             prompt_tokens = int(params.inputs["input_ids"].shape[-1])
             if prompt_tokens > prompt_limit:
                 raise context_length_exceeded(limit_name, prompt_limit, prompt_tokens)
             params.max_new_tokens = resolve_max_new_tokens(spec, params.max_new_tokens, prompt_tokens, context)
             if params.constraint is not None:
-                params.grammar = await asyncio.to_thread(self._compile, loaded, params, width)
+                params.grammar = await to_thread_held(self._compile, loaded, params, width)
             need = chat_request_bytes(loaded.config, prompt_tokens, params.max_new_tokens, len(params.images), decoded)
             await held.grow(need, "this chat request", param="messages")
             yield
@@ -227,10 +227,10 @@ class ChatServer(FamilyServer):
             # Runs after every delta the generate call queued: they were scheduled before its result.
             done.add_done_callback(lambda _: deltas.put_nowait(_END))
             sent, entries = "", []
-            if params.echo:
-                text, echoed = self._echo(loaded, params)
-                yield {"delta": text, "logprobs": echoed or None}
-            try:
+            try:  # from here on, however the stream ends, the generation is cancelled with it
+                if params.echo:
+                    text, echoed = self._echo(loaded, params)
+                    yield {"delta": text, "logprobs": echoed or None}
                 options = self.options
                 interval_ms = options.voice_stream_interval_ms if params.spoken else options.stream_interval_ms
                 async for pieces in coalesced(deltas, done, interval_ms / 1000):

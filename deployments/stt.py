@@ -21,7 +21,7 @@ import numpy as np
 
 from loading import ModelSpec
 
-from .admission import FLOAT_BYTES, transcription_request_bytes
+from .admission import FLOAT_BYTES, to_thread_held, transcription_request_bytes
 from .audio import resample
 from .batching import Batcher
 from .family_server import FamilyServer, raise_if_error
@@ -51,7 +51,7 @@ class STTServer(FamilyServer):
             rate = loaded.processor.feature_extractor.sampling_rate
             if params.sample_rate != rate:
                 audio = np.asarray(params.audio, dtype=np.float32)
-                params.audio = await asyncio.to_thread(resample, audio, params.sample_rate, rate)
+                params.audio = await to_thread_held(resample, audio, params.sample_rate, rate)
                 params.sample_rate = rate
             need = transcription_request_bytes(loaded.config, len(params.audio), self.options.max_chunks_per_call)
             await held.grow(need, "this audio", param="file")
@@ -61,9 +61,8 @@ class STTServer(FamilyServer):
         with self._observed() as params.running:
             async with self._admitted(params):
                 # the cuts are found off the inference thread (onnxruntime releases the GIL)
-                params.cuts = await asyncio.to_thread(_transcription().plan,
-                                                      np.asarray(params.audio, dtype=np.float32),
-                                                      params.sample_rate, params.vad)
+                params.cuts = await to_thread_held(_transcription().plan, np.asarray(params.audio, dtype=np.float32),
+                                                   params.sample_rate, params.vad)
                 return raise_if_error(await self._until_cancelled(params, self._transcribe_batch(params)))
 
     async def transcribe_stream(self, params: TranscribeParams) -> AsyncIterator[dict]:
@@ -88,7 +87,7 @@ class STTServer(FamilyServer):
             segments, words, texts, index = [], [], [], 0
 
             async def next_cut() -> tuple[int, int] | None:
-                cut = await asyncio.to_thread(next, cuts, None)
+                cut = await to_thread_held(next, cuts, None)
                 return None if cut is None else (int(cut[0] * scale), int(cut[1] * scale))
 
             def submit(begin: int, end: int) -> asyncio.Future:

@@ -154,7 +154,7 @@ def test_a_waiter_of_lower_priority_goes_first_and_is_not_starved_by_smaller_one
     assert order.index("level in") < order.index("first out")  # equal priority, fits: in at once
     assert order.index("big in") > order.index("first out")
     assert order.index("small in") > order.index("big in"), order  # it fitted, but big waited ahead of it
-    assert gate.in_use == 0 and not gate._waiting
+    assert gate.in_use == 0 and not gate._waiters
 
 
 def test_a_cancelled_waiter_of_lower_priority_lets_the_others_go():
@@ -177,7 +177,7 @@ def test_a_cancelled_waiter_of_lower_priority_lets_the_others_go():
         return gate, order
 
     gate, order = asyncio.run(scenario())
-    assert order == ["later"] and gate.in_use == 0 and not gate._waiting
+    assert order == ["later"] and gate.in_use == 0 and not gate._waiters
 
 
 def test_a_hold_grows_keeping_what_it_holds_and_counted_while_it_waits():
@@ -211,7 +211,7 @@ def test_a_hold_grows_keeping_what_it_holds_and_counted_while_it_waits():
     gate, seen = asyncio.run(scenario())
     assert seen["waiting"] == (90 * MB, 20 * MB, 20.0)
     assert seen["grown"] == (50 * MB, 50 * MB)
-    assert gate.in_use == 0 and gate.waiting_held == 0 and not gate._waiting and not gate._growing
+    assert gate.in_use == 0 and gate.waiting_held == 0 and not gate._waiters
 
 
 def test_holds_that_all_wait_to_grow_do_not_deadlock():
@@ -282,3 +282,112 @@ def test_a_grower_of_lower_priority_goes_before_a_new_hold():
         return order
 
     assert asyncio.run(scenario()) == ["running out", "urgent in", "newcomer in"]
+
+
+def test_the_deadlock_breaker_waits_while_a_more_urgent_waiter_fits():
+    """R holds 50; G (priority 0) holds 40 and waits to grow to 90; H (priority -1) waits for 50. When R
+    leaves, only waiting holders hold memory, but H fits beside G's 40 and is more urgent: H goes, not G."""
+
+    async def scenario():
+        gate, order = MemoryGate(100 * MB), []
+        release = asyncio.Event()
+
+        async def running():
+            async with gate.hold(50 * MB, "R"):
+                await release.wait()
+
+        async def grower():
+            async with gate.hold(40 * MB, "G", priority=0) as held:
+                await held.grow(90 * MB, "G")
+                order.append(f"G in ({gate.in_use // MB} MB)")
+                await asyncio.sleep(0.01)
+
+        async def urgent():
+            async with gate.hold(50 * MB, "H", priority=-1):
+                order.append(f"H in ({gate.in_use // MB} MB)")
+                await asyncio.sleep(0.01)
+            order.append("H out")
+
+        tasks = [asyncio.ensure_future(running())]
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.ensure_future(grower()))
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.ensure_future(urgent()))
+        await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        return gate, order
+
+    gate, order = asyncio.run(scenario())
+    assert order == ["H in (90 MB)", "H out", "G in (90 MB)"]
+    assert gate.peak == 90 * MB and gate.in_use == 0
+
+
+def test_the_deadlock_breaker_does_not_pass_the_budget_while_a_waiter_of_equal_priority_fits():
+    """G1 holds 40 and waits to grow to 90, G2 holds 30 and waits to grow to 80, T waits for 20. When R
+    leaves, every byte in use is the growers', but T fits: T goes, and the breaker (which lets a grower
+    in over the budget) waits until nothing else can go."""
+
+    async def scenario():
+        gate, order = MemoryGate(100 * MB), []
+        release = asyncio.Event()
+
+        async def running():
+            async with gate.hold(30 * MB, "R"):
+                await release.wait()
+
+        async def grower(name: str, hold: int, grow: int):
+            async with gate.hold(hold * MB, name) as held:
+                await held.grow(grow * MB, name)
+                order.append(f"{name} in ({gate.in_use // MB} MB)")
+                await asyncio.sleep(0.01)
+            order.append(f"{name} out")
+
+        async def text():
+            async with gate.hold(20 * MB, "T"):
+                order.append(f"T in ({gate.in_use // MB} MB)")
+                await asyncio.sleep(0.01)
+            order.append("T out")
+
+        tasks = [asyncio.ensure_future(running())]
+        for job in (grower("G1", 40, 90), grower("G2", 30, 80), text()):
+            await asyncio.sleep(0.01)
+            tasks.append(asyncio.ensure_future(job))
+        await asyncio.sleep(0.01)
+        assert order == []  # 100 MB in use
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        return gate, order
+
+    gate, order = asyncio.run(scenario())
+    assert order == ["T in (90 MB)", "T out", "G1 in (120 MB)", "G1 out", "G2 in (80 MB)", "G2 out"]
+    assert gate.peak == 120 * MB and gate.in_use == 0
+
+
+def test_of_waiters_of_equal_priority_that_fit_the_first_to_arrive_goes_first():
+    """W waits for 50. The task holding G's images (10) and R (80) lets R go and at once asks to grow G
+    to 60: W and G each fit then, not both. W, which waited first, goes first; before, G took the room
+    in the same turn of the event loop, before W woke."""
+
+    async def scenario():
+        gate, order = MemoryGate(100 * MB), []
+
+        async def waiter():
+            async with gate.hold(50 * MB, "W"):
+                order.append(f"W in ({gate.in_use // MB} MB)")
+                await asyncio.sleep(0.01)
+            order.append("W out")
+
+        async def images_then_growth():
+            async with gate.hold(10 * MB, "G") as held:
+                async with gate.hold(80 * MB, "R"):
+                    task = asyncio.ensure_future(waiter())
+                    await asyncio.sleep(0.01)  # W waits: 90 + 50 > 100
+                await held.grow(60 * MB, "G")
+                order.append(f"G in ({gate.in_use // MB} MB)")
+            await task
+
+        await asyncio.wait_for(images_then_growth(), 5)
+        return order
+
+    assert asyncio.run(scenario()) == ["W in (60 MB)", "W out", "G in (60 MB)"]

@@ -1,0 +1,92 @@
+"""A request whose caller leaves stops costing anything it is counted for: its generation is dropped,
+and memory it holds stays counted until the work using that memory has really ended."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from deployments.admission import MB, MemoryGate, to_thread_held
+from deployments.llm import LLMServer
+from deployments.options import ChatOptions
+from deployments.params import ChatParams
+from loading import ModelSpec
+
+
+def test_a_request_cancelled_during_its_thread_work_keeps_its_hold_until_the_work_ends():
+    """Decoding images or resampling audio runs on a thread, which cannot be stopped: a request
+    cancelled meanwhile keeps its hold until the thread is done, so the gate never admits others into
+    memory that is still in use."""
+
+    async def scenario():
+        gate = MemoryGate(100 * MB)
+        started, finish = threading.Event(), threading.Event()
+
+        def decode() -> str:
+            started.set()
+            finish.wait(10)
+            return "decoded"
+
+        async def request():
+            async with gate.hold(60 * MB, "the images"):
+                await to_thread_held(decode)
+
+        task = asyncio.ensure_future(request())
+        await asyncio.to_thread(started.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        during = (task.done(), gate.in_use)
+        with pytest.raises(asyncio.TimeoutError):  # 40 MB free while the decode runs: 60 more must wait
+            await asyncio.wait_for(gate.hold(60 * MB, "the next request").__aenter__(), 0.05)
+        finish.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return during, gate.in_use
+
+    during, after = asyncio.run(scenario())
+    assert during == (False, 60 * MB)
+    assert after == 0
+
+
+def test_thread_work_that_is_not_cancelled_returns_its_value_and_raises_its_error():
+    def fails():
+        raise ValueError("bad audio")
+
+    async def scenario():
+        assert await to_thread_held(sum, [1, 2, 3]) == 6
+        with pytest.raises(ValueError, match="bad audio"):
+            await to_thread_held(fails)
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_closed_at_its_echo_drops_its_generation(tiny_llm_dirs):
+    """/v1/completions with `echo` streams the prompt first. A client that leaves at that chunk must
+    take its generation with it; before, the echo was sent outside the block that cancels it, and the
+    generation ran to max_tokens for nobody, its memory hold already released."""
+    base_dir, _ = tiny_llm_dirs
+    spec = ModelSpec(name="tiny-llm", source=str(base_dir), max_new_tokens=200)
+    server = LLMServer([spec], ChatOptions(stream_interval_ms=0))
+
+    async def scenario():
+        warm = ChatParams(model="tiny-llm", messages=[], prompt="Hello", max_new_tokens=4, temperature=0, wait_s=60)
+        await server.chat(warm)  # the model is loaded and the decode loop has run once
+        steps_before = server.batch_stats.get("decode_steps", 0)
+        params = ChatParams(model="tiny-llm", messages=[], prompt="Tell me a long story", echo=True,
+                            max_new_tokens=150, temperature=0, wait_s=60)
+        stream = server.chat_stream(params)
+        first = await stream.__anext__()
+        await stream.aclose()
+        for _ in range(300):  # until the decode loop has nothing left to do
+            await asyncio.sleep(0.01)
+            if server._decoding is None or server._decoding.done():
+                break
+        await asyncio.sleep(0.2)
+        return first, server.batch_stats.get("decode_steps", 0) - steps_before, server.memory.in_use
+
+    first, steps, in_use = asyncio.run(scenario())
+    assert first["delta"] == "Tell me a long story"
+    assert steps < 20, f"{steps} decode steps ran after the client left at the echo"
+    assert in_use == 0
