@@ -59,10 +59,16 @@ class Batcher(Generic[Item]):
             if not batch:
                 continue
             try:
-                results = await self._handler([item for item, _ in batch])
+                results = list(await self._handler([item for item, _ in batch]))
+            except asyncio.CancelledError:  # the worker itself is cancelled (shutdown): so are its callers
+                for _, future in batch:
+                    future.cancel()
+                raise
             except Exception as exc:  # the handler should return exceptions per item; never strand callers
                 results = [exc] * len(batch)
-            # strict=False: a short list must not strand the callers it does answer
-            for (_, future), result in zip(batch, results, strict=False):
+            if len(results) != len(batch):  # a handler's bug: each caller still gets an answer
+                wrong = RuntimeError(f"the batch handler returned {len(results)} results for {len(batch)} requests")
+                results = results[:len(batch)] + [wrong] * (len(batch) - len(results))
+            for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)

@@ -122,3 +122,29 @@ def test_with_a_priority_key_the_next_batch_takes_the_lowest_values_first_in_arr
     calls, first, rest = asyncio.run(main())
     assert rest == [2, 4, 200, 6, 202]
     assert calls == [[0], [100, 101], [1, 2], [3]]
+
+
+def test_a_handler_that_answers_too_few_or_is_cancelled_strands_no_caller():
+    async def short(items):
+        return [i * 2 for i in items[:1]]
+
+    async def scenario():
+        batcher = Batcher(short, max_batch_size=4)
+        answers = await asyncio.gather(*(batcher(i) for i in (1, 2, 3)))
+        assert answers[0] == 2
+        assert all(isinstance(a, RuntimeError) and "returned 1 results for 3 requests" in str(a) for a in answers[1:])
+
+        started = asyncio.Event()
+
+        async def hangs(items):
+            started.set()
+            await asyncio.sleep(60)
+
+        batcher = Batcher(hangs, max_batch_size=4)
+        callers = [asyncio.ensure_future(batcher(i)) for i in (1, 2)]
+        await started.wait()
+        batcher._worker.cancel()  # the replica shutting down
+        done, pending = await asyncio.wait(callers, timeout=5)
+        assert not pending and all(c.cancelled() for c in callers)
+
+    asyncio.run(scenario())
