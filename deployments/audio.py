@@ -111,6 +111,52 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     return resample_poly(samples, int(to_rate) // g, int(from_rate) // g).astype(np.float32, copy=False)
 
 
+class StreamResampler:
+    """Resamples a stream that arrives in pieces of any size, giving what `resample` gives for the whole
+    stream at once (up to rounding). Each piece resampled alone would get its length rounded up and
+    zero-padded edges, so a stream sent in small pieces (a browser's 128-sample audio blocks) would run
+    ahead of its clock and distort at every seam. An output sample is given once every input sample its
+    filter reaches has arrived (resample_poly's filter: ~15 input samples either side at 24 -> 16 kHz)."""
+
+    def __init__(self, from_rate: int, to_rate: int):
+        if from_rate <= 0 or to_rate <= 0:
+            raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
+        g = gcd(int(from_rate), int(to_rate))
+        self.up, self.down = int(to_rate) // g, int(from_rate) // g
+        self.margin = -(-10 * max(self.up, self.down) // self.up) + 1  # input samples an output reaches, each side
+        self.pending = np.zeros(0, dtype=np.float32)  # the input from `start` on that later outputs need
+        self.start = 0  # stream index of pending[0], a multiple of `down`, so outputs line up with the whole's
+        self.emitted = 0  # outputs given so far
+
+    def feed(self, samples: np.ndarray) -> np.ndarray:
+        samples = np.asarray(samples, dtype=np.float32)
+        if self.up == self.down:
+            return samples
+        self.pending = np.concatenate([self.pending, samples])
+        end = self.start + len(self.pending)
+        return self._emit(max(0, (end - self.margin) * self.up // self.down + 1))
+
+    def flush(self) -> np.ndarray:
+        """The rest, as the whole stream's resampling ends (its end zero-padded)."""
+        if self.up == self.down:
+            return np.zeros(0, dtype=np.float32)
+        end = self.start + len(self.pending)
+        return self._emit(-(-end * self.up // self.down))
+
+    def _emit(self, ready: int) -> np.ndarray:
+        if ready <= self.emitted:
+            return np.zeros(0, dtype=np.float32)
+        from scipy.signal import resample_poly
+
+        out = resample_poly(self.pending, self.up, self.down).astype(np.float32, copy=False)
+        base = self.start * self.up // self.down
+        piece = out[self.emitted - base:ready - base]
+        self.emitted = ready
+        keep = max(self.start, (self.emitted * self.down // self.up - self.margin) // self.down * self.down)
+        self.pending, self.start = self.pending[keep - self.start:], keep
+        return piece
+
+
 def chunk(samples: np.ndarray, rate: int, chunk_s: float = 30.0) -> list[tuple[float, np.ndarray]]:
     """Split audio into consecutive `(start_seconds, samples)` pieces of at most `chunk_s`.
 

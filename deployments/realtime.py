@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -32,7 +32,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from loading import Family
 
-from .audio import resample
+from .audio import StreamResampler, resample
 from .errors import to_error
 from .params import SpeechParams, TranscribeParams
 from .vad import TurnDetector, VadOptions
@@ -89,7 +89,7 @@ class SessionFields(BaseModel):
     input_audio_transcription: InputTranscription | None = None
     turn_detection: TurnDetection | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    max_response_output_tokens: int | Literal["inf"] | None = None
+    max_response_output_tokens: Annotated[int, Field(ge=1)] | Literal["inf"] | None = None
     tools: list[Any] | None = None
 
 
@@ -102,8 +102,8 @@ class ResponseFields(BaseModel):
     instructions: str | None = None
     voice: str | None = Field(default=None, max_length=64)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    max_output_tokens: int | Literal["inf"] | None = None
-    max_response_output_tokens: int | Literal["inf"] | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | Literal["inf"] | None = None
+    max_response_output_tokens: Annotated[int, Field(ge=1)] | Literal["inf"] | None = None
 
 
 class ItemContent(BaseModel):
@@ -198,10 +198,16 @@ class RealtimeSession:
         self.buffered = 0
         self.buffer_start = 0
         self.streamed = 0  # samples appended in the whole session
-        self.detector: TurnDetector | None = TurnDetector(self.config.turn_detection.vad())
+        self.detector: TurnDetector | None = None
+        self.vad_input = StreamResampler(RATE, 16000)  # what the detector hears, resampled as one stream
+        self.detector_origin = 0  # the stream sample the detector's first sample is
+        self._detect_from(self.config.turn_detection)
         self.speech_start: int | None = None  # stream sample where the current speech began
         self.speech_item: str | None = None
         self.response: asyncio.Task | None = None
+        self.response_started = False  # its task ran: it will send response.done however it ends
+        self.response_closing = False  # it is sending its closing events: a cancel waits for them
+        self.respond_after = False  # a turn was transcribed while a response ran: answer it next
         self.cancel_reason = "client_cancelled"
         self.transcriptions: set[asyncio.Task] = set()
         self._send_lock = asyncio.Lock()
@@ -307,18 +313,19 @@ class RealtimeSession:
     async def session_update(self, event: dict) -> None:
         fields = _parse(SessionFields, event.get("session"), "session")
         config = self.config
-        if fields.instructions is not None:
-            if len(fields.instructions) > self.limits.max_form_field_chars:
-                raise SessionError(f"instructions have {len(fields.instructions)} characters; at most "
-                                   f"max_form_field_chars={self.limits.max_form_field_chars}",
-                                   "string_above_max_length", "session.instructions")
-            config.instructions = fields.instructions
+        # every check first: a refused update changes nothing
+        if fields.instructions is not None and len(fields.instructions) > self.limits.max_form_field_chars:
+            raise SessionError(f"instructions have {len(fields.instructions)} characters; at most "
+                               f"max_form_field_chars={self.limits.max_form_field_chars}",
+                               "string_above_max_length", "session.instructions")
         if fields.tools:
             raise SessionError("tools (function calling) are not supported by this server", "unsupported",
                                "session.tools")
         if fields.input_audio_transcription is not None and fields.input_audio_transcription.model:
             self.ingress.spec(fields.input_audio_transcription.model, Family.STT,
                               param="session.input_audio_transcription.model")
+        if fields.instructions is not None:
+            config.instructions = fields.instructions
         sent = event.get("session") or {}
         for name in ("modalities", "voice", "temperature"):
             if getattr(fields, name) is not None:
@@ -329,9 +336,15 @@ class RealtimeSession:
             config.transcription = fields.input_audio_transcription
         if "turn_detection" in sent:
             config.turn_detection = fields.turn_detection
-            self.detector = TurnDetector(fields.turn_detection.vad()) if fields.turn_detection else None
+            self._detect_from(fields.turn_detection)
             self.speech_start = None
         await self.send("session.updated", session=config.render(self.id, self.llm))
+
+    def _detect_from(self, detection: TurnDetection | None) -> None:
+        """A new detector (or none) that hears the stream from its current sample on."""
+        self.detector = TurnDetector(detection.vad()) if detection else None
+        self.vad_input = StreamResampler(RATE, 16000)
+        self.detector_origin = self.streamed
 
     async def append(self, event: dict) -> None:
         audio = event.get("audio")
@@ -346,6 +359,12 @@ class RealtimeSession:
             raise SessionError("'audio' must be 16-bit samples (an even number of bytes)", "invalid_value", "audio")
         samples = np.frombuffer(data, dtype="<i2")
         limit = int(self.limits.max_realtime_buffer_seconds * RATE)
+        if self.buffered + len(samples) > limit and len(samples) <= limit and self.speech_start is not None:
+            # server VAD, mid-speech (a long talk, steady noise): the turn so far is committed, so the
+            # buffer never fills and locks the session; the speech goes on into the next turn
+            await self._end_turn(self.streamed)
+            if self.detector is not None:
+                self.detector.reset()
         if self.buffered + len(samples) > limit:
             raise SessionError(
                 f"the input audio buffer would hold {(self.buffered + len(samples)) / RATE:.1f} s; at most "
@@ -359,9 +378,10 @@ class RealtimeSession:
             await self._detect(samples, first)
 
     async def _detect(self, samples: np.ndarray, first: int) -> None:
-        audio16 = resample(samples.astype(np.float32) / 32768.0, RATE, 16000)
+        assert self.detector is not None
+        audio16 = self.vad_input.feed(samples.astype(np.float32) / 32768.0)
         for turn in self.detector.feed(audio16):
-            at = turn.sample * RATE // 16000  # stream sample, 24 kHz
+            at = self.detector_origin + turn.sample * RATE // 16000  # stream sample, 24 kHz
             if turn.kind == "started":
                 self.speech_start, self.speech_item = at, _id("item")
                 await self.send("input_audio_buffer.speech_started", audio_start_ms=at * 1000 // RATE,
@@ -371,17 +391,21 @@ class RealtimeSession:
                 if active and detection and detection.interrupt_response:
                     await self.cancel_response("turn_detected")
             elif self.speech_start is not None:
-                await self.send("input_audio_buffer.speech_stopped", audio_end_ms=at * 1000 // RATE,
-                                item_id=self.speech_item)
-                detection = self.config.turn_detection
-                pad = (detection.prefix_padding_ms if detection else 300) * RATE // 1000
-                await self._commit(max(self.buffer_start, self.speech_start - pad), at, self.speech_item or _id("item"),
-                                   auto_respond=bool(detection and detection.create_response))
-                self.speech_start = None
+                await self._end_turn(at)
         if self.speech_start is None and self.detector is not None:
             # not speaking: keep only the padding that goes in front of the next speech
             pad = (self.config.turn_detection.prefix_padding_ms if self.config.turn_detection else 300) * RATE // 1000
             self._drop_before(self.streamed - pad - RATE // 10)
+
+    async def _end_turn(self, at: int) -> None:
+        """Server VAD: the speech that began at `speech_start` ended at stream sample `at`; commit it."""
+        assert self.speech_start is not None
+        await self.send("input_audio_buffer.speech_stopped", audio_end_ms=at * 1000 // RATE, item_id=self.speech_item)
+        detection = self.config.turn_detection
+        pad = (detection.prefix_padding_ms if detection else 300) * RATE // 1000
+        await self._commit(max(self.buffer_start, self.speech_start - pad), at, self.speech_item or _id("item"),
+                           auto_respond=bool(detection and detection.create_response))
+        self.speech_start = None
 
     def _take(self, begin: int, end: int) -> np.ndarray:
         audio = np.concatenate(self.buffer) if self.buffer else np.zeros(0, dtype=np.int16)
@@ -442,8 +466,14 @@ class RealtimeSession:
             await self.send("conversation.item.input_audio_transcription.failed", item_id=item.id, content_index=0,
                             error=body.error.model_dump())
             return
-        if auto_respond and (self.response is None or self.response.done()):
-            self._start_response(ResponseFields())
+        if not auto_respond:
+            return
+        if self.speech_start is not None:
+            return  # the user speaks again: the next turn's answer covers this one too
+        if self.response is not None and not self.response.done():
+            self.respond_after = True  # answered when the response in progress ends
+            return
+        self._start_response(ResponseFields())
 
     async def clear(self, event: dict) -> None:
         self.buffer, self.buffered, self.buffer_start = [], 0, self.streamed
@@ -486,12 +516,17 @@ class RealtimeSession:
         task = self.response
         if task is None or task.done():
             return
-        self.cancel_reason = reason
-        task.cancel()
+        self.respond_after = False  # the user cancelled or spoke: what waited to be answered is answered with it
+        if not self.response_started:
+            await asyncio.sleep(0)  # let it start (response.created), so that it can end with response.done
+        if not self.response_closing:
+            self.cancel_reason = reason
+            task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
     # -- a response ----------------------------------------------------------------------------------------
     def _start_response(self, fields: ResponseFields) -> None:
+        self.response_started = self.response_closing = False
         self.response = asyncio.ensure_future(self._respond(fields))
 
     async def _respond(self, fields: ResponseFields) -> None:
@@ -499,7 +534,8 @@ class RealtimeSession:
         modalities = fields.modalities or config.modalities
         spoken = "audio" in modalities
         voice = fields.voice or config.voice
-        limit = fields.max_output_tokens or fields.max_response_output_tokens or config.max_output_tokens
+        limit = next((value for value in (fields.max_output_tokens, fields.max_response_output_tokens)
+                      if value is not None), config.max_output_tokens)
         response_id, item = _id("resp"), Item(_id("item"), "assistant", "", audio=spoken)
         output_index = content_index = 0
         base = {"response_id": response_id}
@@ -510,10 +546,13 @@ class RealtimeSession:
                     "output": output, "modalities": modalities, "voice": voice, "output_audio_format": "pcm16",
                     "usage": usage_}
 
-        await self.send("response.created", response=response("in_progress", []))
+        self.response_started = True
         try:
-            if self.transcriptions:  # the user's last words are still being transcribed
-                await asyncio.gather(*list(self.transcriptions), return_exceptions=True)
+            # shielded: a cancel landing now still lets the client see the response it then sees end
+            await asyncio.shield(self.send("response.created", response=response("in_progress", [])))
+            if self.transcriptions:  # the user's last words are still being transcribed; a cancel of the
+                # response must not cancel them (shield): their items get their transcripts all the same
+                await asyncio.gather(*(asyncio.shield(t) for t in self.transcriptions), return_exceptions=True)
             instructions = fields.instructions if fields.instructions is not None else config.instructions
             messages = [{"role": "system", "content": instructions}] if instructions else []
             messages += [{"role": i.role, "content": i.text or "(silence)"} for i in self.items]
@@ -557,6 +596,7 @@ class RealtimeSession:
             status, details = "failed", {"type": "failed", "error": body.error.model_dump()}
             await self.send_exception(exc)
         item.text = text
+        self.response_closing = True  # from here on a cancel waits for response.done instead
         if status in ("completed", "incomplete") and item in self.items:
             where = {**base, "item_id": item.id, "output_index": output_index, "content_index": content_index}
             if spoken:
@@ -570,10 +610,14 @@ class RealtimeSession:
         output = [item.render("completed" if status == "completed" else "incomplete")] if item in self.items else []
         await self.send("response.done", response=response(status, output, usage, details))
         self.cancel_reason = "client_cancelled"
+        if self.respond_after and status != "cancelled":
+            self.respond_after = False
+            self._start_response(ResponseFields())
 
 
 def _pcm24(waveform: Any, rate: int) -> bytes:
-    samples = resample(np.asarray(waveform, dtype=np.float32), rate, RATE)
+    samples = np.nan_to_num(np.asarray(waveform, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
+    samples = resample(samples, rate, RATE)
     return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
 
 
@@ -620,6 +664,15 @@ def _to_ga(value: Any) -> Any:
     return out
 
 
+def _object(value: Any, param: str) -> dict:
+    """A GA event's nested object, absent as {}; anything but an object is the client's error."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SessionError(f"{param} must be an object", "invalid_value", param)
+    return value
+
+
 def _from_ga(event: dict) -> dict:
     """A GA client event as its beta twin (session and response shapes)."""
     if event.get("type") == "session.update" and isinstance(event.get("session"), dict):
@@ -631,8 +684,9 @@ def _from_ga(event: dict) -> dict:
                 beta[key] = ga[key]
         if "max_output_tokens" in ga:
             beta["max_response_output_tokens"] = ga["max_output_tokens"]
-        audio = ga.get("audio") if isinstance(ga.get("audio"), dict) else {}
-        given, output = audio.get("input") or {}, audio.get("output") or {}
+        audio = _object(ga.get("audio"), "session.audio")
+        given = _object(audio.get("input"), "session.audio.input")
+        output = _object(audio.get("output"), "session.audio.output")
         for key, beta_key in (("transcription", "input_audio_transcription"), ("turn_detection", "turn_detection")):
             if key in given:
                 beta[beta_key] = given[key]
@@ -647,8 +701,8 @@ def _from_ga(event: dict) -> dict:
         ga = dict(event["response"])
         if "output_modalities" in ga:
             ga["modalities"] = ga.pop("output_modalities")
-        audio = ga.get("audio") if isinstance(ga.get("audio"), dict) else {}
-        voice = (audio.get("output") or {}).get("voice") if isinstance(audio.get("output"), dict) else None
+        audio = _object(ga.get("audio"), "response.audio")
+        voice = _object(audio.get("output"), "response.audio.output").get("voice")
         if voice is not None:
             ga["voice"] = voice
         return {**event, "response": ga}

@@ -1,0 +1,260 @@
+"""The Realtime session's own logic, in-process: turn detection on real speech with the real Silero VAD,
+and the ordering of turns, transcriptions and responses. The ingress is a scripted stand-in here (text,
+audio and transcripts with set delays), so that the races these tests pin down happen every time; the
+same session against the real models, end to end, is tests/serve/test_realtime.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import soundfile as sf
+from starlette.websockets import WebSocketState
+
+from deployments.audio import resample
+from deployments.errors import InvalidRequestError
+from deployments.limits import RequestLimits
+from deployments.params import ChatParams, SpeechResult, TranscribeResult
+from deployments.realtime import RealtimeSession
+from loading import Family
+
+SPEECH = Path(__file__).parents[1] / "serve" / "data" / "speech.flac"  # speech at 0.26-0.99, 1.98-3.68 s
+RATE = 24000
+
+
+class Socket:
+    def __init__(self, ga: bool = False, send_delay: float = 0.0):
+        self.headers = {} if ga else {"openai-beta": "realtime=v1"}
+        self.application_state = WebSocketState.CONNECTED
+        self.sent: list[dict] = []
+        self.send_delay = send_delay
+
+    async def send_text(self, text: str) -> None:
+        if self.send_delay:
+            await asyncio.sleep(self.send_delay)
+        self.sent.append(json.loads(text))
+
+    def of(self, kind: str) -> list[dict]:
+        return [event for event in self.sent if event["type"] == kind]
+
+
+class ScriptedIngress:
+    """The session's view of the app: a reply of `words`, silent speech, and `transcripts` in turn."""
+
+    def __init__(self, limits: RequestLimits | None = None, words: int = 3, word_s: float = 0.01,
+                 transcribe_s: float = 0.01):
+        self.limits = limits or RequestLimits()
+        self.config = SimpleNamespace(ingress=SimpleNamespace(voice_first_piece_chars=80))
+        self.words, self.word_s, self.transcribe_s = words, word_s, transcribe_s
+        self.heard: list[float] = []  # seconds of audio each transcription was given
+        self.chats: list[list[dict]] = []
+
+    def default_model(self, family: Family) -> str:
+        return {Family.LLM: "llm", Family.TTS: "tts", Family.STT: "stt"}[family]
+
+    def spec(self, name: str, *families: Family, param: str = "model") -> SimpleNamespace:
+        if name not in ("llm", "tts", "stt"):
+            raise InvalidRequestError(f"The model {name!r} does not exist.", param=param)
+        return SimpleNamespace(name=name)
+
+    async def chat_params(self, spec, messages: list[dict], wait_s: float, **sampling) -> ChatParams:
+        self.chats.append(messages)
+        return ChatParams(model=spec.name, messages=messages, wait_s=wait_s, **sampling)
+
+    def voice_priority(self, spec) -> int:
+        return 0
+
+    def _tts_chars(self) -> int:
+        return 400
+
+    async def chat_stream(self, params: ChatParams):
+        for i in range(self.words):
+            await asyncio.sleep(self.word_s)
+            yield {"delta": f"w{i} "}
+        yield {"finish_reason": "stop", "usage": {"prompt_tokens": 1, "completion_tokens": self.words}}
+
+    async def synthesize_stream(self, params):
+        yield SpeechResult(np.zeros(1600, dtype=np.float32), 16000, tokens=1)
+
+    async def transcribe(self, params) -> TranscribeResult:
+        self.heard.append(len(params.audio) / params.sample_rate)
+        await asyncio.sleep(self.transcribe_s)
+        return TranscribeResult(f"turn{len(self.heard)}", "en", len(params.audio) / params.sample_rate, [], [])
+
+
+def speech(seconds: tuple[float, float] = (0.0, 4.0)) -> np.ndarray:
+    samples, rate = sf.read(SPEECH, dtype="float32")
+    piece = samples[int(seconds[0] * rate):int(seconds[1] * rate)]
+    return (resample(piece, rate, RATE) * 32767).astype("<i2")
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * RATE), dtype="<i2")
+
+
+async def append(session: RealtimeSession, audio: np.ndarray, block: int = 2400, pace_s: float = 0.0) -> None:
+    for i in range(0, len(audio), block):
+        piece = base64.b64encode(audio[i:i + block].astype("<i2").tobytes()).decode()
+        await session.handle(json.dumps({"type": "input_audio_buffer.append", "audio": piece}))
+        if pace_s:
+            await asyncio.sleep(pace_s)
+
+
+async def settle(session: RealtimeSession, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        busy = [t for t in [session.response, *session.transcriptions] if t is not None and not t.done()]
+        if not busy:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the session's work never ended")
+
+
+def turns(socket: Socket) -> list[tuple[str, int]]:
+    return [(event["type"].removeprefix("input_audio_buffer.speech_"),
+             event.get("audio_start_ms", event.get("audio_end_ms")))
+            for event in socket.sent if event["type"].startswith("input_audio_buffer.speech_")]
+
+
+def test_turns_do_not_depend_on_how_the_audio_is_cut_into_appends():
+    """A browser's AudioWorklet sends 128-sample blocks. Each append was resampled to 16 kHz on its own,
+    its length rounded up: the detector's clock ran ahead (123.55 s heard for 122.60 s sent) and the
+    start of an utterance after two minutes was cut off."""
+
+    async def run(block: int) -> tuple[list, list]:
+        socket, ingress = Socket(), ScriptedIngress()
+        session = RealtimeSession(socket, ingress, None)
+        await append(session, np.concatenate([silence(20.0), speech(), silence(1.0)]), block)
+        await settle(session)
+        return turns(socket), [round(s, 2) for s in ingress.heard]
+
+    large, small = asyncio.run(run(2400)), asyncio.run(run(128))
+    assert small == large
+    assert large[0][:4] == [("started", 20256), ("stopped", 20992), ("started", 21984), ("stopped", 23680)]
+
+
+def test_turn_detection_switched_on_mid_session_hears_from_then_on():
+    """A new detector counted its samples from 0 while the stream did not: its first turn was placed at
+    the session's start and committed nothing."""
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress()
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
+        await append(session, silence(5.0))
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "turn_detection": {"type": "server_vad"}}}))
+        await append(session, np.concatenate([speech((0.0, 1.5)), silence(1.0)]))
+        await settle(session)
+        return turns(socket), ingress.heard
+
+    detected, heard = asyncio.run(scenario())
+    assert detected[0] == ("started", 5256)
+    assert len(heard) == 1 and heard[0] > 0.9
+
+
+def test_a_long_turn_is_committed_when_the_buffer_fills_and_the_session_goes_on():
+    """Under server VAD, speech longer than max_realtime_buffer_seconds filled the buffer, every later
+    append was refused (the silence that would end the turn too), and the session was stuck."""
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress(RequestLimits(max_realtime_buffer_seconds=1.5))
+        session = RealtimeSession(socket, ingress, None)
+        await append(session, np.concatenate([speech((1.9, 3.7)), speech((1.9, 3.7)), silence(1.5)]))
+        await settle(session)
+        return socket, ingress
+
+    socket, ingress = asyncio.run(scenario())
+    assert socket.of("error") == []
+    assert len(ingress.heard) >= 2 and all(seconds <= 1.5 for seconds in ingress.heard)
+    assert turns(socket)[-1][0] == "stopped"
+
+
+def test_a_turn_transcribed_while_the_user_speaks_again_is_answered_with_the_next():
+    """Turn 1's transcript came while turn 2 was being spoken; its response then ran through turn 2, and
+    turn 2, transcribed meanwhile, never got one."""
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress(words=12, word_s=0.25, transcribe_s=1.0)
+        session = RealtimeSession(socket, ingress, None)
+        await append(session, np.concatenate([speech(), silence(1.5)]), pace_s=0.1)  # in real time
+        await settle(session, 20)
+        return socket, ingress
+
+    socket, ingress = asyncio.run(scenario())
+    assert len(socket.of("input_audio_buffer.committed")) == 2
+    answered = {m["content"] for chat in ingress.chats for m in chat if m["role"] == "user"}
+    assert {"turn1", "turn2"} <= answered
+    assert all(event["response"]["status"] == "completed" for event in socket.of("response.done"))
+
+
+def test_response_cancel_does_not_cancel_the_users_transcription():
+    """A response waits for the last turn's transcription; cancelling the response cancelled the
+    transcription too, and the user's item kept no transcript."""
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress(transcribe_s=0.3)
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "turn_detection": None, "input_audio_transcription": {"model": "stt"}}}))
+        await append(session, speech((0.2, 1.0)))
+        for kind in ("input_audio_buffer.commit", "response.create", "response.cancel"):
+            await session.handle(json.dumps({"type": kind}))
+        await settle(session)
+        return socket, session
+
+    socket, session = asyncio.run(scenario())
+    assert [e["response"]["status"] for e in socket.of("response.done")] == ["cancelled"]
+    assert [e["transcript"] for e in socket.of("conversation.item.input_audio_transcription.completed")] == ["turn1"]
+    assert [item.text for item in session.items if item.role == "user"] == ["turn1"]
+
+
+def test_a_response_cancelled_as_it_starts_still_ends_with_response_done():
+    async def scenario():
+        socket = Socket(send_delay=0.02)
+        session = RealtimeSession(socket, ScriptedIngress(), None)
+        await session.handle(json.dumps({"type": "response.create"}))
+        await session.handle(json.dumps({"type": "response.cancel"}))
+        await settle(session)
+        return socket
+
+    socket = asyncio.run(scenario())
+    assert [e["response"]["status"] for e in socket.of("response.done")] == ["cancelled"]
+    assert len(socket.of("response.created")) == 1
+
+
+def test_a_refused_session_update_changes_nothing_and_limits_are_checked():
+    async def scenario():
+        socket = Socket()
+        session = RealtimeSession(socket, ScriptedIngress(), None)
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "instructions": "Answer in pirate speak.", "tools": [{"type": "function", "name": "f"}]}}))
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "instructions": "Be terse.", "input_audio_transcription": {"model": "nope"}}}))
+        await session.handle(json.dumps({"type": "session.update", "session": {"max_response_output_tokens": -5}}))
+        await session.handle(json.dumps({"type": "response.create", "response": {"max_output_tokens": 0}}))
+        return socket, session
+
+    socket, session = asyncio.run(scenario())
+    params = [event["error"]["param"] for event in socket.of("error")]
+    assert params == ["session.tools", "session.input_audio_transcription.model",
+                      "session.max_response_output_tokens", "response.max_output_tokens"]
+    assert session.config.instructions == "" and socket.of("session.updated") == []
+    assert session.response is None
+
+
+def test_ga_events_with_the_wrong_nested_types_are_the_clients_error():
+    async def scenario():
+        socket = Socket(ga=True)
+        session = RealtimeSession(socket, ScriptedIngress(), None)
+        await session.handle(json.dumps({"type": "session.update", "session": {"audio": {"input": "x"}}}))
+        await session.handle(json.dumps({"type": "response.create", "response": {"audio": {"output": [1]}}}))
+        return socket
+
+    errors = [event["error"] for event in asyncio.run(scenario()).of("error")]
+    assert [(e["type"], e["code"], e["param"]) for e in errors] == [
+        ("invalid_request_error", "invalid_value", "session.audio.input"),
+        ("invalid_request_error", "invalid_value", "response.audio.output")]
