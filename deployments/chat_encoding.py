@@ -10,7 +10,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from jinja2 import TemplateError
+
 from .params import ChatParams
+
+
+class PromptRefused(ValueError):
+    """The model's chat template or processor refused these messages: a template's own
+    `raise_exception` ("roles must alternate", "system role not supported"), or an image placeholder in
+    the text without its image. The client's to fix: a 400 on `messages`."""
+
+
+def render_chat(render: Any, messages: list[dict], tools: list[dict] | None) -> str:
+    """`render` (a tokenizer's or processor's apply_chat_template) for a reply's prompt."""
+    try:
+        return render(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    except TemplateError as exc:
+        raise PromptRefused(f"the model's chat template refused these messages: {exc}") from None
 
 
 def template_inputs(template: str | None, params: ChatParams) -> tuple[list[dict], list[dict] | None]:
@@ -43,5 +59,5 @@ def encode_text_chat(tokenizer: Any, params: ChatParams) -> dict[str, Any]:
     if params.prompt is not None:
         return encode_prompt(tokenizer, params)
     messages, tools = template_inputs(tokenizer.chat_template, params)
-    text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    text = render_chat(tokenizer.apply_chat_template, messages, tools)
     return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))

@@ -66,6 +66,11 @@ class ChatServer(FamilyServer):
             if token >= width:
                 raise InvalidRequestError(f"logit_bias names token {token}, but model {spec.name!r} has "
                                           f"{width} tokens (0-{width - 1})", param="logit_bias")
+        if isinstance(params.prompt, list) and params.prompt:  # /v1/completions' token ids: each must have an embedding
+            rows, top = embedding_rows(loaded), max(params.prompt)
+            if top >= rows:
+                raise InvalidRequestError(f"prompt holds token {top}, but model {spec.name!r} has {rows} tokens "
+                                          f"(0-{rows - 1})", param="prompt")
         context = context_length(loaded)
         prompt_limit, limit_name = prompt_token_limit(spec, context)
         self._refuse_overlong_text(loaded, params, prompt_limit, limit_name)
@@ -330,6 +335,16 @@ def logits_width(loaded: LoadedModel) -> int:
     """Tokens the model scores at each step (its output layer may be wider than the tokenizer)."""
     config = getattr(loaded.config, "text_config", None) or loaded.config
     return max(int(getattr(config, "vocab_size", 0) or 0), len(loaded.tokenizer))
+
+
+def embedding_rows(loaded: LoadedModel) -> int:
+    """Token ids the model can read: rows of its input embedding (a token id past them is an index error
+    in the forward, and on a GPU a device-side assert)."""
+    try:
+        return int(loaded.model.get_input_embeddings().num_embeddings)
+    except (AttributeError, NotImplementedError, TypeError):
+        config = getattr(loaded.config, "text_config", None) or loaded.config
+        return int(getattr(config, "vocab_size", 0) or 0) or len(loaded.tokenizer)
 
 
 def context_length(loaded: LoadedModel) -> int | None:

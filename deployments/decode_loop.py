@@ -242,9 +242,15 @@ class DecodeLoop:
                 for batch, one_adapter in group.prefill_batches(rows):
                     try:
                         self._prefill(group, batch, one_adapter)
-                    except Exception as exc:  # a failed prefill fails its own rows only
+                    except Exception as exc:  # a failed prefill fails its own rows only: when several
+                        # shared it, each is prefilled alone, so one bad request fails no other
                         for row in batch:
-                            row.done(exc)
+                            try:
+                                if len(batch) == 1:
+                                    raise exc
+                                self._prefill(group, [row], one_adapter)
+                            except Exception as own:
+                                _tell(row.done, own)
 
     def _place_for_held(self) -> bool:
         """Whether the batch of some held row has a free place (a batch whose rows all ended is gone)."""

@@ -27,6 +27,7 @@ import loading
 from loading.errors import PicklableError
 
 from .audio import AudioDecodeError, AudioTooLongError, UnsupportedAudioFormat
+from .chat_encoding import PromptRefused
 from .protocol import FORM_ALIASES, ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -228,6 +229,7 @@ _MAPPERS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], Call
     (AudioTooLongError, lambda exc: RequestTooLargeError(str(exc), param="file", code="audio_too_long")),
     (AudioDecodeError, lambda exc: InvalidRequestError(str(exc), param="file", code="invalid_audio")),
     (UnsupportedAudioFormat, lambda exc: InvalidRequestError(str(exc), param="response_format")),
+    (PromptRefused, lambda exc: InvalidRequestError(str(exc), param="messages")),
     (BodyTooLargeError, lambda exc: RequestTooLargeError(str(exc.detail), code="request_too_large")),
     (HTTPException, _http_exception),
     (loading.ModelLoadingInProgress, _loading_in_progress),

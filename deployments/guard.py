@@ -75,7 +75,7 @@ class RequestGuard:
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        content_type = headers.get("content-type", "")
+        content_type = headers.get("content-type", "").lower()  # media types are case-insensitive (RFC 9110)
         is_form = content_type.startswith("multipart/form-data")
         limit = self.limits.max_upload_bytes if is_form else self.limits.max_json_body_bytes
         limit_name = "max_upload_bytes" if is_form else "max_json_body_bytes"
@@ -214,7 +214,8 @@ def _check_tree(root: Any, limits: RequestLimits) -> None:
                 stack.append((item, path + (key,), depth + 1))
         elif isinstance(value, str):
             _check_text(value, path)
-        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > limits.max_json_integer:
+        elif (isinstance(value, int) and not isinstance(value, bool)
+              and not -limits.max_json_integer - 1 <= value <= limits.max_json_integer):  # int64's range
             raise InvalidRequestError(
                 f"'{_dotted(path)}' is an integer beyond max_json_integer={limits.max_json_integer}",
                 param=_dotted(path) or None, code="integer_out_of_range")

@@ -360,7 +360,7 @@ class ChatCompletionRequest(RequestModel):
     @classmethod
     def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.isdigit() or len(key) > 9:
+            if not (key.isascii() and key.isdigit()) or len(key) > 9:  # "²".isdigit(), yet int("²") fails
                 raise ValueError(f"keys must be token ids as strings, got {key[:20]!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"bias for token {key} must be within [-100, 100], got {bias}")

@@ -6,7 +6,7 @@ from typing import Any
 
 from loading import LoadedModel
 
-from .chat_encoding import encode_prompt, template_inputs
+from .chat_encoding import PromptRefused, encode_prompt, render_chat, template_inputs
 from .chat_server import ChatServer
 from .media import decode_image
 from .params import ChatParams
@@ -18,6 +18,9 @@ class VLMServer(ChatServer):
         if params.prompt is not None:
             return encode_prompt(loaded.tokenizer, params)
         messages, tools = template_inputs(getattr(processor, "chat_template", None), params)
-        text = processor.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        text = render_chat(processor.apply_chat_template, messages, tools)
         images = [decode_image(data, f"image {i}") for i, data in enumerate(params.images)]
-        return dict(processor(text=[text], images=images or None, return_tensors="pt"))
+        try:
+            return dict(processor(text=[text], images=images or None, return_tensors="pt"))
+        except ValueError as exc:  # e.g. the text holds the image placeholder ('<image>') with no image for it
+            raise PromptRefused(f"the model's processor refused this request: {exc}") from None

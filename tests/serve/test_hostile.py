@@ -86,6 +86,16 @@ def voice(data: bytes | None = None, **fields) -> dict:
     return {"files": {"file": ("a.wav", data)} if data is not None else None, "data": fields}
 
 
+def crafted_dds() -> bytes:
+    """A 16x16 DDS whose pixel-format flags (offset 80) name no format: Pillow's header read raises
+    NotImplementedError."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, "DDS")
+    data = bytearray(buffer.getvalue())
+    data[80:84] = (0x80).to_bytes(4, "little")
+    return bytes(data)
+
+
 def big_body(size: int) -> bytes:
     return b'{"model": "tiny-llm", "messages": [{"role": "user", "content": "' + b"a" * size + b'"}]}'
 
@@ -214,6 +224,19 @@ def corpus() -> list[Case]:
         # -- routes and methods
         Case("GET on a POST route", CHAT, 405, method="GET"),
         Case("unknown route", "/v1/nothing", 404, {"json": {}}),
+        # found by review (each was a 500 before)
+        Case("file:// path with a NUL", CHAT, 400, image_chat("file:///tmp/a%00b"), "messages.0.content.1.image_url"),
+        Case("crafted DDS header (Pillow raises NotImplementedError)", CHAT, 400,
+             image_chat("data:image/png;base64," + base64.b64encode(crafted_dds()).decode()),
+             "messages.0.content.1.image_url"),
+        Case("logit_bias key '²' (isdigit, not int)", CHAT, 400, chat(logit_bias={"\u00b2": 5}), "logit_bias"),
+        Case("lone surrogate, Content-Type Application/JSON", CHAT, 400, {
+            "data": '{"model": "tiny-llm", "messages": [{"role": "user", "content": "hi \\ud800"}]}',
+            "headers": {"content-type": "Application/JSON"}}, code="invalid_unicode"),
+        Case("completions token id past the vocabulary", "/v1/completions", 400,
+             {"json": {"model": "tiny-llm", "prompt": [100_000], "max_tokens": 2}}, "prompt"),
+        Case("'<image>' in a VLM chat's text with no image", CHAT, 400, chat("what is <image>?", model="tiny-llava"),
+             "messages"),
     ]
 
 
