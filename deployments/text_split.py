@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
-# Ends of sentences, then of clauses, then any whitespace: tried in this order.
-_BOUNDARIES = (re.compile(r"(?<=[.!?…。！？])\s+"), re.compile(r"(?<=[,;:—–，；：])\s+"), re.compile(r"\s+"))
+# Ends of sentences, then of clauses, then any whitespace: tried in this order. Chinese and Japanese
+# punctuation ends a sentence or clause with no space after it (their text has none).
+_BOUNDARIES = (re.compile(r"(?<=[.!?…])\s+|(?<=[。！？])\s*"), re.compile(r"(?<=[,;:—–])\s+|(?<=[，；：、])\s*"),
+               re.compile(r"\s+"))
 
 
 def split_text(text: str, max_chars: int) -> list[str]:
@@ -25,6 +27,8 @@ def _split(text: str, max_chars: int, level: int) -> list[str]:
     pieces: list[str] = []
     current = ""
     for part in _BOUNDARIES[level].split(text):
+        if not part:  # a zero-width cut at the very end (after a final "。")
+            continue
         joined = f"{current} {part}" if current else part
         if len(joined) <= max_chars:
             current = joined
@@ -78,8 +82,8 @@ class SentenceStream:
     `first_chars` have gathered. A voice agent's first audio then waits for a few words, not for a
     long first sentence (or, from a model that writes no punctuation, for `max_chars`)."""
 
-    _SENTENCE_END = re.compile(r"[.!?…。！？]+[\"')\]]*\s")
-    _CLAUSE_END = re.compile(r"[,;:—–，；：]\s")
+    _SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s|[。！？]+[」』\"')\]]*")
+    _CLAUSE_END = re.compile(r"[,;:—–]\s|[，；：、]")
 
     def __init__(self, max_chars: int = 400, clause_chars: int = 80, first_chars: int | None = None):
         self.max_chars, self.clause_chars, self.first_chars = max_chars, clause_chars, first_chars

@@ -1,6 +1,7 @@
 """Audio decode/encode round trips, resampling, chunking and subtitle formats."""
 
 import io
+import itertools
 from types import SimpleNamespace
 from typing import get_args
 
@@ -12,6 +13,7 @@ from deployments.audio import (
     SPEECH_FORMATS,
     AudioBounds,
     AudioDecodeError,
+    StreamResampler,
     UnsupportedAudioFormat,
     chunk,
     decode_audio,
@@ -141,3 +143,22 @@ def test_vtt_exact():
         "\n"
         "01:01:01.046 --> 01:01:02.200\nGeneral Kenobi!\n"
     )
+
+
+@pytest.mark.parametrize("rates", [(24000, 16000), (16000, 24000), (44100, 16000), (48000, 16000)])
+def test_a_stream_resampled_piece_by_piece_equals_the_whole_resampled_at_once(rates):
+    """Realtime appends come in pieces of any size (a browser's 128 samples, or one sample): resampled
+    alone, each piece's length rounds up and its edges are zero-padded."""
+    rng = np.random.default_rng(0)
+    samples = rng.standard_normal(9000).astype(np.float32)
+    stream, pieces, i = StreamResampler(*rates), [], 0
+    for size in itertools.cycle([1, 128, 7, 2400, 3]):
+        if i >= len(samples):
+            break
+        pieces.append(stream.feed(samples[i:i + size]))
+        i += size
+    pieces.append(stream.flush())
+    whole = resample(samples, *rates)
+    streamed = np.concatenate(pieces)
+    assert len(streamed) == len(whole)
+    assert np.max(np.abs(streamed - whole)) < 1e-4

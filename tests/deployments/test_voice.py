@@ -15,7 +15,7 @@ import soundfile as sf
 from deployments import vad
 from deployments.audio import StreamEncoder
 from deployments.params import SpeechResult
-from deployments.text_split import SentenceStream, stream_pieces
+from deployments.text_split import SentenceStream, split_text, stream_pieces
 from deployments.voice import AudioPiece, ReplyDone, TextDelta, spoken_reply
 
 SPEECH = Path(__file__).resolve().parents[1] / "serve" / "data" / "speech.flac"
@@ -199,3 +199,13 @@ def test_a_spoken_reply_asks_for_the_voice_stream_interval():
     assert asked[0].spoken and not chat.spoken  # the caller's params are left as they were
     defaults = ChatOptions()
     assert defaults.stream_interval_ms == 50 and defaults.voice_stream_interval_ms == 20
+
+
+def test_chinese_and_japanese_text_is_cut_at_its_own_punctuation_with_no_space_after_it():
+    text = "今天天气很好，我们去公园散步吧。你觉得怎么样？我觉得很好！"
+    stream, out = SentenceStream(max_chars=400, clause_chars=80, first_chars=80), []
+    for char in text:  # one character per delta, as a model streams
+        out += stream.feed(char)
+    assert out + ([stream.flush()] if stream.buffer else []) == ["今天天气很好，", "我们去公园散步吧。", "你觉得怎么样？", "我觉得很好！"]
+    assert split_text(text * 3, 50)[0].endswith("。")
+    assert "".join(split_text(text * 3, 50)).replace(" ", "") == text * 3
