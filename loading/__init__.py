@@ -15,7 +15,8 @@ _EXPORTS = {
     "config": ["DType", "DevicePreference", "Family", "LoadingMode", "ModelSpec", "Quantization",
                "models_from_serve_config"],
     "errors": ["AdapterBaseNotFoundError", "AllStrategiesFailedError", "LoadingError", "ModelLoadFailed",
-               "ModelLoadingInProgress", "ModelNotFoundError", "NoDeviceError", "UnsupportedModelError"],
+               "ModelLoadingInProgress", "ModelNotFoundError", "NoDeviceError", "UnreadableModelError",
+               "UnsupportedModelError"],
     "handle": ["ModelHandle", "State"],
     "inspect_model": ["detect_family"],
     "loader": ["attach_adapter", "load_model"],
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager view of the same name
         ModelLoadingInProgress,
         ModelNotFoundError,
         NoDeviceError,
+        UnreadableModelError,
         UnsupportedModelError,
     )
     from .handle import ModelHandle, State

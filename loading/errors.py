@@ -67,6 +67,15 @@ class UnsupportedModelError(LoadingError):
         super().__init__(message)
 
 
+class UnreadableModelError(LoadingError):
+    """The model's files are there but cannot be read: a truncated download, a git-lfs pointer where a
+    weight file should be, a corrupt GGUF, a config transformers cannot parse."""
+
+    def __init__(self, source: str, message: str):
+        self.source = source
+        super().__init__(message)
+
+
 class AllStrategiesFailedError(LoadingError):
     """Every placement/quantization strategy failed; `attempts` holds (strategy, reason) pairs."""
 

@@ -73,9 +73,24 @@ def _describe(config: Any) -> str:
 
 
 def select_family(config: Any, requested: Family | None, source: str) -> FamilyLoader:
-    """The FamilyLoader for this config, or UnsupportedModelError naming what it is and the fix."""
+    """The FamilyLoader for this config, or UnsupportedModelError naming what it is and the fix.
+
+    An encoder-decoder checkpoint (Whisper, BART, Marian) is never an LLM here, although transformers
+    maps many such model types to a ...ForCausalLM too: that class is the decoder alone, and loading the
+    checkpoint with it drops the encoder without a word. Among the families that remain, the one whose
+    class the checkpoint names in `architectures` comes first."""
     model_type = getattr(config, "model_type", None) or ""
     candidates = families_of(model_type)
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    if encoder_decoder and Family.LLM in candidates:
+        candidates.remove(Family.LLM)
+        if not candidates:
+            raise UnsupportedModelError(
+                source, f"{source!r} is an encoder-decoder text model ({_describe(config)}): loaded as an LLM "
+                f"({FAMILIES[Family.LLM].mapping[model_type]}) it would lose its encoder. Serve a decoder-only "
+                "chat model as the LLM instead.")
+    named = set(getattr(config, "architectures", None) or [])
+    candidates.sort(key=lambda family: FAMILIES[family].mapping[model_type] not in named)  # stable
     if not candidates:
         for what, mapping in _UNSERVED.items():
             if model_type in mapping:

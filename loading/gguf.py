@@ -46,7 +46,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from .errors import ModelNotFoundError, UnsupportedModelError
+from .errors import ModelNotFoundError, UnreadableModelError, UnsupportedModelError
 from .resolve import Resolved, is_model_dir
 from .settings import Settings
 
@@ -88,8 +88,14 @@ class GgufFile:
     looked_at: tuple[str, ...] = ()
 
     def target(self, settings: Settings) -> Path:
-        """Where its conversion lives: LOCAL_MODELS_DIR/<file name without .gguf>."""
-        return settings.local_models_dir.expanduser().absolute() / self.path.name[: -len(GGUF_SUFFIX)]
+        """Where its conversion lives: LOCAL_MODELS_DIR/<file name without .gguf>, or, when another
+        file of the same name was converted there first, that name and a hash of this file's path (two
+        files must never overwrite each other's conversion, or serve each other's weights)."""
+        base = settings.local_models_dir.expanduser().absolute() / self.path.name[: -len(GGUF_SUFFIX)]
+        owner = (read_manifest(base) or {}).get("gguf_path")
+        if owner is None or owner == str(self.path) or not Path(owner).exists():  # moved: the content decides
+            return base
+        return base.with_name(f"{base.name}-{hashlib.sha256(str(self.path).encode()).hexdigest()[:8]}")
 
 
 def locate(source: str, settings: Settings) -> GgufFile:
@@ -179,8 +185,17 @@ def read_info(path: Path) -> GgufInfo:
     """The header of a GGUF file, walked with struct over a memory map.
 
     `gguf.GGUFReader` builds a numpy view per vocabulary entry (15-25 s for a 49k-token vocabulary
-    here); this reads only the keys it needs and skips the arrays.
+    here); this reads only the keys it needs and skips the arrays. A file that is empty, truncated or
+    corrupt is an UnreadableModelError naming it, not a struct or mmap error from deep inside.
     """
+    try:
+        return _read_info(path)
+    except (struct.error, ValueError, OverflowError, IndexError, MemoryError, UnicodeDecodeError) as exc:
+        raise UnreadableModelError(str(path), f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); "
+                                   "it may be truncated or corrupt: download it again") from None
+
+
+def _read_info(path: Path) -> GgufInfo:
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
         if blob[:4] != b"GGUF":
             raise UnsupportedModelError(str(path), f"{path} is not a GGUF file (it does not start with 'GGUF')")
@@ -406,7 +421,11 @@ def _convert(gguf: GgufFile, info: GgufInfo, target: Path, progress: Progress) -
     started = time.perf_counter()
     work = target.parent / f".{target.name}.converting-{os.getpid()}-{threading.get_ident()}"
     try:
-        _write_model(gguf.path, work, step)
+        try:
+            _write_model(gguf.path, work, step)
+        except (ValueError, OSError, struct.error, RuntimeError) as exc:  # transformers' reader on a bad file
+            raise UnreadableModelError(str(gguf.path), f"converting {gguf.path} failed ({type(exc).__name__}: "
+                                       f"{exc}); the file may be truncated or corrupt: download it again") from None
         step("done")
         stat = gguf.path.stat()
         manifest = {

@@ -63,11 +63,13 @@ class ModelHandle:
         self.load_count += 1
         try:
             loaded = self._load(self._on_progress)
-        except Exception as exc:
+        except BaseException as exc:  # BaseException too (a Rust panic from tokenizers is one): never stuck loading
             reason = str(exc) if isinstance(exc, LoadingError) else f"{type(exc).__name__}: {exc}"
             log.error("model %s failed to load: %s", self.name, reason)
             with self._lock:
                 self._state, self._error, self._finished_at = State.FAILED, reason, time.monotonic()
+            if not isinstance(exc, Exception):
+                raise
         else:
             with self._lock:
                 self._state, self._loaded, self._finished_at = State.READY, loaded, time.monotonic()
@@ -81,13 +83,21 @@ class ModelHandle:
 
         Raises ModelLoadingInProgress when the wait times out, ModelLoadFailed if loading failed.
         """
-        self.start()
-        if not self._done.wait(timeout):
-            raise ModelLoadingInProgress(self.name, self._phase, self._progress, self.retry_after_s())
-        if self._state is State.FAILED:
-            raise ModelLoadFailed(self.name, self._error or "unknown error")
-        assert self._loaded is not None
-        return self._loaded
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.start()
+            with self._lock:  # one consistent view: a reload() may run between any two reads
+                state, loaded, error, done = self._state, self._loaded, self._error, self._done
+            if state is State.READY and loaded is not None:
+                return loaded
+            if state is State.FAILED:
+                raise ModelLoadFailed(self.name, error or "unknown error")
+            # loading, or reloaded since start(): wait for this load, then look again
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if state is State.LOADING and not done.wait(remaining):
+                raise ModelLoadingInProgress(self.name, self._phase, self._progress, self.retry_after_s())
+            if deadline is not None and time.monotonic() >= deadline and state is not State.LOADING:
+                raise ModelLoadingInProgress(self.name, self._phase, self._progress, self.retry_after_s())
 
     def retry_after_s(self) -> float:
         """A hint for clients: a few seconds, longer once a load has been running a while."""

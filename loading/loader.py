@@ -22,7 +22,7 @@ import torch
 from .adapters import adapter_targets
 from .config import ModelSpec
 from .cpu_kernels import pack_linears
-from .errors import AllStrategiesFailedError, UnsupportedModelError
+from .errors import AllStrategiesFailedError, UnreadableModelError, UnsupportedModelError
 from .families import auto_class
 from .model_source import Progress, ResolvedModel, ensure_demo_model, no_progress, resolve_model
 from .placement import GpuInfo, count_parameters, device_shortfall, estimate_weight_bytes, plan_device, visible_gpus
@@ -115,9 +115,14 @@ def _report_resolution(spec: ModelSpec, found: ResolvedModel, report: LoadReport
 
 
 def _load_processor(processor_class: str, directory: Path, trust_remote_code: bool = False) -> Any:
-    processor = auto_class(processor_class).from_pretrained(
-        directory, trust_remote_code=trust_remote_code, local_files_only=True
-    )
+    try:
+        processor = auto_class(processor_class).from_pretrained(
+            directory, trust_remote_code=trust_remote_code, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # missing or broken tokenizer/processor files
+        raise UnreadableModelError(str(directory), f"the {processor_class} of {directory} cannot be loaded "
+                                   f"({type(exc).__name__}: {str(exc)[:300]}): its tokenizer or processor files "
+                                   "are missing or broken; download the model again") from None
     _prepare_for_batching(processor)
     return processor
 

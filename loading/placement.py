@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import DevicePreference
-from .errors import NoDeviceError
+from .errors import NoDeviceError, UnreadableModelError
 from .resolve import WEIGHT_SUFFIXES
 
 # Activations, KV cache and CUDA context need room beyond the weights.
@@ -46,9 +46,7 @@ def count_parameters(model_dir: Path) -> int | None:
         return None
     total = 0
     for file in files:
-        with file.open("rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
+        header = _safetensors_header(file)
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
@@ -57,6 +55,32 @@ def count_parameters(model_dir: Path) -> int | None:
                 count *= dim
             total += count
     return total
+
+
+def _safetensors_header(file: Path) -> dict:
+    """A safetensors file's JSON header; a clear error for what is not one (a git-lfs pointer, a
+    truncated download), instead of a read of the 2**60 bytes a pointer's text names as header length."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        (header_len,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
+        if head.startswith(b"version "):  # "version https://git-lfs.github.com/spec/v1"
+            raise UnreadableModelError(str(file), f"{file} is a git-lfs pointer, not the weights: the model was "
+                                       "cloned without git-lfs. Run `git lfs pull` in its directory, or download it "
+                                       "again.")
+        if header_len > size - 8:
+            raise UnreadableModelError(str(file), f"{file} is not a complete safetensors file ({size:,} bytes, "
+                                       f"its header claims {header_len:,}): download it again.")
+        try:
+            header = json.loads(f.read(header_len))
+            if not isinstance(header, dict) or not all(
+                    isinstance(meta, dict) and isinstance(meta.get("shape"), list)
+                    for name, meta in header.items() if name != "__metadata__"):
+                raise ValueError("not a table of tensors")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UnreadableModelError(str(file), f"{file} has a corrupt safetensors header ({exc}): download it "
+                                       "again.") from None
+    return header
 
 
 def stored_bytes(model_dir: Path) -> int:

@@ -10,15 +10,23 @@ cache download once, and with their size logged before they start.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx2
 import huggingface_hub
 from filelock import FileLock
-from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import validate_repo_id
 
 from .errors import ModelNotFoundError
@@ -32,6 +40,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 MARKER_FILES = ("config.json", "adapter_config.json")
 # The Hub answered: no such repo (or private/gated: GatedRepoError is a subclass) or no such revision.
 NOT_ON_HUB = (RepositoryNotFoundError, RevisionNotFoundError)
+# The Hub did not answer usably: a timeout, a dropped connection, an error page (checked after NOT_ON_HUB,
+# whose errors are HTTP errors too).
+HUB_UNANSWERED = (httpx2.HTTPError, HfHubHTTPError, LocalEntryNotFoundError)
 
 
 @dataclass
@@ -48,6 +59,22 @@ def is_model_dir(path: Path) -> bool:
     if not path.is_dir() or not any((path / name).is_file() for name in MARKER_FILES):
         return False
     return any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir())
+
+
+def missing_weight_files(path: Path) -> list[str]:
+    """Weight files a model directory links or names but lacks: a symlink to a blob never downloaded
+    (an interrupted HF cache download), a shard its index lists that is not there."""
+    missing = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and not p.exists())
+    for index in sorted(path.glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            continue
+        missing += sorted(name for name in shards if isinstance(name, str) and not (path / name).is_file()
+                          and name not in missing)
+    return missing
+
+
 
 
 def looks_like_path(source: str) -> bool:
@@ -68,6 +95,9 @@ def cached_snapshot(repo_id: str, revision: str | None, cache_dir: Path) -> Path
         hit = huggingface_hub.try_to_load_from_cache(repo_id, marker, cache_dir=cache_dir, revision=revision)
         if isinstance(hit, str):
             snapshot = Path(hit).parent
+            if is_model_dir(snapshot) and (missing := missing_weight_files(snapshot)):
+                log.warning("the cached snapshot %s lacks %s: not used", snapshot, ", ".join(missing))
+                return None
             return snapshot if is_model_dir(snapshot) else None
     return None
 
@@ -100,10 +130,41 @@ def download_size_bytes(repo_id: str, revision: str | None, cache_dir: Path) -> 
     return sum(getattr(i, "file_size", 0) or 0 for i in infos if getattr(i, "will_download", True))
 
 
+_bounded_hub: float | None = None  # the read timeout huggingface_hub's client was last given
+
+
+def bound_hub_calls(settings: Settings) -> None:
+    """huggingface_hub 2.x's client waits for an answer forever (timeout=None) wherever a call sets none
+    (model_info, the size dry run): an endpoint that takes the connection and never answers (a
+    firewall, a captive portal) hung the load, holding the download lock other replicas wait on. Every
+    Hub call of this process gets a bound: MODELFLEET_HUB_READ_TIMEOUT_S."""
+    global _bounded_hub
+    if _bounded_hub == settings.hub_read_timeout_s:
+        return
+    from huggingface_hub.utils import _http  # its default client (hooks, redirects), with our timeout
+
+    bounds = httpx2.Timeout(settings.hub_read_timeout_s, connect=max(5.0, settings.hub_probe_timeout_s)).as_dict()
+
+    def bound(request: httpx2.Request) -> None:  # calls pass timeout=None explicitly: the client default is not enough
+        if all(value is None for value in (request.extensions.get("timeout") or {}).values()):
+            request.extensions["timeout"] = bounds
+
+    def bounded_client() -> httpx2.Client:
+        client = _http.default_client_factory()
+        hooks = client.event_hooks
+        hooks["request"] = [*hooks.get("request", []), bound]
+        client.event_hooks = hooks
+        return client
+
+    huggingface_hub.set_client_factory(bounded_client)
+    _bounded_hub = settings.hub_read_timeout_s
+
+
 def download(
     repo_id: str, revision: str | None, settings: Settings, *, what: str = "model", local_dir: Path | None = None
 ) -> Path:
     """Download a snapshot once per cache, however many processes ask at the same time."""
+    bound_hub_calls(settings)
     settings.hf_hub_cache.mkdir(parents=True, exist_ok=True)
     lock_path = settings.hf_hub_cache / f".modelfleet-{repo_id.replace('/', '--')}.lock"
     with FileLock(str(lock_path)):
@@ -147,6 +208,10 @@ def resolve_source(
         return resolve_gguf(source, settings, convert=allow_download, progress=progress)
     looked_at: list[str] = []
     for candidate in local_candidates(source, settings, extra_dirs):
+        missing = missing_weight_files(candidate) if is_model_dir(candidate) else []
+        if missing:
+            looked_at.append(f"{candidate} (incomplete: lacks {', '.join(missing[:5])}; download it again)")
+            continue
         if is_model_dir(candidate):
             origin = "local path" if candidate == Path(source).expanduser() else "LOCAL_MODELS_DIR"
             if candidate in extra_dirs:
@@ -196,5 +261,13 @@ def resolve_source(
             looked_at,
             "check the id and `revision:` (a private or gated repo also needs HF_TOKEN), or put the model under "
             f"LOCAL_MODELS_DIR={settings.local_models_dir}.",
+        ) from exc
+    except HUB_UNANSWERED as exc:
+        looked_at.append(f"the Hub at {settings.hub_endpoint} (no usable answer: {type(exc).__name__}: {exc})")
+        raise ModelNotFoundError(
+            source, looked_at,
+            f"check the network to {settings.hub_endpoint} (a proxy or firewall that takes connections but does "
+            f"not answer looks like this; the wait is MODELFLEET_HUB_READ_TIMEOUT_S={settings.hub_read_timeout_s:g} "
+            f"s), or put the model under LOCAL_MODELS_DIR={settings.local_models_dir}.",
         ) from exc
     return Resolved(path, "Hub download", looked_at)

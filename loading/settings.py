@@ -8,6 +8,7 @@
 | HF_HUB_CACHE | $HF_HOME/hub | the Hub cache directory itself (wins over HF_HOME) |
 | HF_ENDPOINT | https://huggingface.co | the Hub endpoint probed and downloaded from |
 | MODELFLEET_HUB_PROBE_TIMEOUT_S | 1.5 | seconds the reachability probe waits before declaring the Hub unreachable |
+| MODELFLEET_HUB_READ_TIMEOUT_S | 60 | seconds a Hub call may wait for an answer (huggingface_hub waits forever) |
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Settings:
     hub_endpoint: str
     hub_probe_timeout_s: float
     warnings: tuple[str, ...] = ()
+    hub_read_timeout_s: float = 60.0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -51,5 +53,6 @@ class Settings:
             hf_hub_cache=Path(env.get("HF_HUB_CACHE") or hf_home / "hub").expanduser(),
             hub_endpoint=env.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"),
             hub_probe_timeout_s=float(env.get("MODELFLEET_HUB_PROBE_TIMEOUT_S", "1.5")),
+            hub_read_timeout_s=float(env.get("MODELFLEET_HUB_READ_TIMEOUT_S", "60")),
             warnings=tuple(warnings),
         )

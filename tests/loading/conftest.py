@@ -16,7 +16,7 @@ from loading_testutil import TIMINGS
 ISOLATED_VARIABLES = (
     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_OFFLINE", "HF_FORCE_OFFLINE", "TRANSFORMERS_CACHE",
     "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
-    "MODELFLEET_HUB_PROBE_TIMEOUT_S", "OFFLOAD_FOLDER",
+    "MODELFLEET_HUB_PROBE_TIMEOUT_S", "MODELFLEET_HUB_READ_TIMEOUT_S", "OFFLOAD_FOLDER",
 )
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:

@@ -181,6 +181,26 @@ def test_a_changed_file_is_converted_again_a_touched_one_is_not(tiny, tiny_gguf,
     assert not [p.name for p in models.iterdir() if p.name.startswith(".m.") and not p.name.endswith(".lock")]
 
 
+def test_two_files_of_one_name_get_a_conversion_each(tiny, tiny_gguf, models, tmp_path):
+    """a/model.gguf and b/model.gguf both converted into LOCAL_MODELS_DIR/model, each overwriting the
+    other: the first one's directory then held the second one's weights."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    first.write_bytes(tiny_gguf.read_bytes())
+    write_llama_gguf(tiny["llm"], second, scale=0.5)
+    settings = Settings.from_env()
+    a, b = locate(str(first), settings), locate(str(second), settings)
+    path_a, _ = gguf_module.ensure_converted(a, settings)
+    path_b, _ = gguf_module.ensure_converted(b, settings)
+    assert path_a == models / "model" and path_b != path_a and path_b.name.startswith("model-")
+    assert conversion_state(a, settings) == "current" and conversion_state(b, settings) == "current"
+    from safetensors.torch import load_file
+
+    norm_a = load_file(path_a / "model.safetensors")["model.norm.weight"]
+    torch.testing.assert_close(load_file(path_b / "model.safetensors")["model.norm.weight"], norm_a * 0.5)
+
+
 def test_concurrent_loads_convert_once(tiny_gguf, models, monkeypatch):
     writes = []
     real = gguf_module._write_model
