@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterBaseNotFoundError, ModelNotFoundError, UnsupportedModelError
+from .errors import AdapterBaseNotFoundError, ModelNotFoundError, UnreadableModelError, UnsupportedModelError
 from .offline import HubStatus
-from .resolve import Resolved, is_model_dir, resolve_source
+from .resolve import WEIGHT_SUFFIXES, Resolved, is_model_dir, resolve_source
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,20 @@ class AdapterInfo:
 
 
 def read_adapter(path: Path) -> AdapterInfo | None:
-    """AdapterInfo if `path` is an adapter-only directory, else None."""
+    """AdapterInfo if `path` is an adapter-only directory, else None. A config.json beside the adapter
+    (some trainers save the base's) does not make it a model: only weights other than the adapter's do."""
     config = path / "adapter_config.json"
-    if not config.is_file() or (path / "config.json").is_file():
+    if not config.is_file():
         return None
-    data = json.loads(config.read_text())
+    if (path / "config.json").is_file() and any(
+            p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("adapter_model") for p in path.iterdir()):
+        return None  # a whole model that also carries an adapter's config
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise UnreadableModelError(str(path), f"{config} cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise UnreadableModelError(str(path), f"{config} is not a JSON object")
     return AdapterInfo(path, str(data.get("base_model_name_or_path") or ""), str(data.get("peft_type", "LORA")))
 
 

@@ -137,3 +137,16 @@ def test_explicit_base_model_override_wins(isolated_env, tiny, monkeypatch):
     # an override that does not exist fails, naming it (it never silently falls back to the parent)
     with pytest.raises(AdapterBaseNotFoundError, match="no-such-base"):
         load_model(ModelSpec(name="x-ft", source=str(adapter), base_model="no-such-base"))
+
+
+def test_an_adapter_saved_with_its_bases_config_beside_it_is_still_an_adapter(isolated_env, tiny, tmp_path):
+    """Some trainers save the base's config.json next to the adapter: the directory was then taken for a
+    whole model and failed with "no file named model.safetensors", never naming the adapter."""
+    import shutil
+
+    adapter = tmp_path / "adapter-with-config"
+    shutil.copytree(tiny["llm-lora"], adapter)
+    shutil.copy(tiny["llm"] / "config.json", adapter / "config.json")
+    loaded = load_model(ModelSpec(name="a", source=str(adapter)))
+    assert type(loaded.model).__name__.startswith("PeftModel")
+    assert loaded.report.adapter_path == str(adapter.resolve()) or loaded.report.adapter_path == str(adapter)
