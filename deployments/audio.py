@@ -65,12 +65,17 @@ def decode_audio(data: bytes, bounds: AudioBounds = AudioBounds()) -> tuple[np.n
             out_rate = min(rate, bounds.target_rate)
             max_frames = int(bounds.max_seconds * rate)
             pieces, frames = [], 0
+            resampler = StreamResampler(rate, out_rate)  # one stream: no seam at each block's edges
             for block in f.blocks(blocksize=BLOCK_FRAMES, dtype="float32", always_2d=True):
                 frames += block.shape[0]
                 if frames > max_frames:  # a header that under-states the length (e.g. a stream)
                     raise AudioTooLongError(_too_long(frames / rate, bounds))
                 mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
-                pieces.append(resample(np.ascontiguousarray(mono), rate, out_rate))
+                # float files may hold NaN, inf or values past full scale: one NaN made every
+                # log-mel feature NaN (a 200 with a garbage transcript)
+                mono = np.clip(np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
+                pieces.append(resampler.feed(np.ascontiguousarray(mono)))
+            pieces.append(resampler.flush())
     except AudioDecodeError:
         raise
     except (sf.SoundFileError, sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
@@ -278,6 +283,7 @@ class StreamEncoder:
         self.written_rate = _supported_rate(self.rate, _OPUS_RATES) if fmt == "opus" else self.rate
         self._held: list[np.ndarray] = []  # flac/mp3: the whole audio, encoded at close
         self._file: Any = None
+        self._resampler = StreamResampler(self.rate, self.written_rate)  # opus: one stream, no seams
         self._buffer = io.BytesIO()
         self._sent = 0
         self._started = False
@@ -294,7 +300,7 @@ class StreamEncoder:
             if self._file is None:
                 self._file = sf.SoundFile(self._buffer, "w", samplerate=self.written_rate, channels=1,
                                           format="OGG", subtype="OPUS")
-            self._file.write(resample(samples, self.rate, self.written_rate))
+            self._file.write(self._resampler.feed(samples))
             return self._take()
         self._held.append(samples)
         return b""
@@ -305,6 +311,9 @@ class StreamEncoder:
         if self.fmt == "opus":
             if self._file is None:
                 return b""
+            rest = self._resampler.flush()
+            if len(rest):
+                self._file.write(rest)
             self._file.close()
             return self._take()
         data, _, self.written_rate = encode_audio_with_rate(

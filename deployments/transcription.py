@@ -23,6 +23,13 @@ TIME_PRECISION = 0.02  # seconds per encoder position (1500 of them in 30 s)
 FORCED_START_TOKENS = 5  # <|startoftranscript|> <|lang|> <|task|> <|notimestamps|> (+ <|startofprev|>)
 
 
+def multilingual(loaded: LoadedModel) -> bool:
+    """Whether the model takes a language and a task: an English-only Whisper (whisper-*.en) takes
+    neither, and transformers refuses both for it."""
+    generation = loaded.model.generation_config
+    return bool(getattr(generation, "is_multilingual", True)) and bool(getattr(generation, "lang_to_id", None))
+
+
 def language_token(loaded: LoadedModel, language: str) -> str:
     lang_to_id = getattr(loaded.model.generation_config, "lang_to_id", None) or {}
     token = f"<|{language.lower()}|>"
@@ -38,7 +45,10 @@ def language_token(loaded: LoadedModel, language: str) -> str:
 def prompt_ids(loaded: LoadedModel, prompt: str | None) -> torch.Tensor | None:
     if not prompt:
         return None
-    return torch.as_tensor(loaded.processor.get_prompt_ids(prompt, return_tensors="np"))
+    try:
+        return torch.as_tensor(loaded.processor.get_prompt_ids(prompt, return_tensors="np"))
+    except ValueError as exc:  # e.g. the text of a special token ("<|en|>") in the prompt
+        raise InvalidRequestError(f"the prompt cannot be used: {exc}", param="prompt") from None
 
 
 def token_budget(spec: ModelSpec, loaded: LoadedModel, prompt: str | None) -> int:
@@ -49,7 +59,10 @@ def token_budget(spec: ModelSpec, loaded: LoadedModel, prompt: str | None) -> in
 
 def validate(spec: ModelSpec, loaded: LoadedModel, params: TranscribeParams) -> None:
     """Checks that must fail one request (400), not the batch it would join."""
-    if params.language is not None:
+    if params.language is not None and not multilingual(loaded) and params.language.lower() != "en":
+        raise InvalidRequestError(f"model {spec.name!r} is English-only; it cannot transcribe {params.language!r}",
+                                  param="language")
+    if params.language is not None and multilingual(loaded):
         language_token(loaded, params.language)
     if token_budget(spec, loaded, params.prompt) < 1:
         raise InvalidRequestError("prompt is too long for this model's decoder; shorten it", param="prompt")
@@ -95,7 +108,9 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
             pieces.append((index, begin / rate, audio[begin:end]))
     first = batch[0]
     languages: list[str | None] = [params.language for params in batch]
-    if not first.language and first.detect_language:
+    if not first.language and first.detect_language and not multilingual(loaded):
+        languages = ["en"] * len(batch)  # an English-only model: nothing to detect
+    elif not first.language and first.detect_language:
         starts = [i for i, piece in enumerate(pieces) if piece[1] == 0.0]
         languages = []
         for group in _groups(starts, chunks_per_call):
@@ -164,13 +179,15 @@ def _generate(spec: ModelSpec, loaded: LoadedModel, first: TranscribeParams,
     """One generate call over some chunks (each of request `pieces[i][0]`)."""
     inputs = _features(loaded, [p[2] for p in pieces], rate)
     kwargs: dict[str, Any] = {"max_new_tokens": token_budget(spec, loaded, first.prompt),
-                              "max_time": spec.generation_timeout_s, "task": first.task,
+                              "max_time": spec.generation_timeout_s,
                               "stopping_criteria": StoppingCriteriaList(
                                   [_DropCancelledRows([cancelled[p[0]] for p in pieces])])}
-    if first.language:
-        kwargs["language"] = first.language
-    elif first.detect_language:
-        kwargs["language"] = [languages[index] for index, _, _ in pieces]
+    if multilingual(loaded):  # an English-only model takes neither a task nor a language
+        kwargs["task"] = first.task
+        if first.language:
+            kwargs["language"] = first.language
+        elif first.detect_language:
+            kwargs["language"] = [languages[index] for index, _, _ in pieces]
     if first.prompt:
         kwargs["prompt_ids"] = prompt_ids(loaded, first.prompt)
     if first.temperature > 0:
@@ -187,9 +204,7 @@ def _generate(spec: ModelSpec, loaded: LoadedModel, first: TranscribeParams,
     results = []
     for row, sequence in enumerate(sequences.tolist()):
         tokens = _transcript_tokens(tokenizer, sequence, first.prompt)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if first.prompt:  # Whisper may return the prompt in front of the transcript
-            text = text.strip().removeprefix(first.prompt.strip())
+        text = tokenizer.decode(tokens, skip_special_tokens=True)  # the span after the start tokens: no prompt
         words: list[Word] = []
         if times is not None:
             words = _words(tokenizer, sequence, times[row].tolist(), first.language, len(pieces[row][2]) / rate)
