@@ -259,9 +259,7 @@ class RowGrammar:
         cached = CACHE.closings.get(key) if key is not None else None
         what = self.constraint.name or self.constraint.param
         if cached is not None and len(cached) > budget:
-            raise InvalidRequestError(
-                f"max_tokens={budget} is too small for {what}: its shortest output found takes {len(cached)} "
-                "tokens (raise max_tokens / max_completion_tokens)", param="max_tokens")
+            cached = None  # found under a larger budget, perhaps not the shortest: search within this one
         if cached is None and key is not None and CACHE.failures.get(key, -1) >= budget:
             closing = None  # searched before, with at least this budget
         else:
@@ -274,7 +272,7 @@ class RowGrammar:
                 f"{MAX_CLOSING_NODES} steps / {MAX_CLOSING_S:g} s): raise max_tokens, or simplify the schema "
                 "(fewer optional properties, smaller minLength / minItems / repetitions)", param="max_tokens",
                 code="invalid_schema")
-        if key is not None:
+        if key is not None and len(closing) <= len(CACHE.closings.get(key) or closing):
             CACHE.closings[key] = closing
         self.closing = closing
 
@@ -368,18 +366,20 @@ class RowGrammar:
             branch = matcher.deep_copy()
             if branch.consume_token(token):
                 valid.append((branch, token))
-                if self.vocab.closes_fast(token):
-                    return valid[-1:] + valid[:-1]  # `"`, `}` or `]`: nothing is shorter
             if len(valid) >= LOOKAHEAD or _spent(counter, max_nodes):
                 break
-        if len(valid) > 1:
+        # `"`, `}` or `]` first: usually nothing is shorter. The others stay as fallbacks (the `"` may
+        # open a string a minLength makes long, where an integer or null branch closes at once).
+        fast = [item for item in valid if self.vocab.closes_fast(item[1])]
+        rest = [item for item in valid if not self.vocab.closes_fast(item[1])]
+        if len(rest) > 1:
             lengths, best = {}, budget
-            for branch, token in valid:
+            for branch, token in rest:
                 rollout = self._greedy(branch, best, counter)  # stops once longer than the best so far
                 lengths[token] = len(rollout) if rollout is not None else 1 << 30
                 best = min(best, lengths[token])
-            valid.sort(key=lambda item: lengths[item[1]])
-        return valid
+            rest.sort(key=lambda item: lengths[item[1]])
+        return fast + rest
 
     def _greedy(self, matcher: llguidance.LLMatcher, budget: int, counter: list[float]) -> list[int] | None:
         """A completion taking the first valid candidate at every step (no backtracking)."""

@@ -20,8 +20,8 @@ as a call stays text.
 
 from __future__ import annotations
 
+import copy
 import json
-import re
 import uuid
 from typing import Any
 
@@ -102,10 +102,10 @@ def call_constraint(tools: list[dict], choice: Any, parallel: bool) -> Constrain
         return None
     rules = []
     for i, tool in enumerate(chosen):
-        schema = {"type": "object", "properties": {"name": {"const": tool["name"]},
-                                                   "arguments": tool.get("parameters") or ANY_OBJECT},
+        arguments, definitions = _arguments_schema(tool.get("parameters"))
+        schema = {"type": "object", "properties": {"name": {"const": tool["name"]}, "arguments": arguments},
                   "required": ["name", "arguments"], "additionalProperties": False,
-                  "x-guidance": {"whitespace_flexible": False}}
+                  "x-guidance": {"whitespace_flexible": False}, **definitions}
         rules.append(f"fn_{i}: %json {json.dumps(schema)}")
     body = " | ".join(f"fn_{i}" for i in range(len(chosen)))
     repeat = "+" if parallel and choice == "required" else ""
@@ -114,40 +114,113 @@ def call_constraint(tools: list[dict], choice: Any, parallel: bool) -> Constrain
     return Constraint("lark", lark, "tools", name)
 
 
+def _arguments_schema(parameters: dict | None) -> tuple[dict, dict]:
+    """A function's `parameters` as the `arguments` of the call object, and the definitions to put at
+    the call schema's root. Always an object (OpenAI's rule; without `"type": "object"` the grammar let
+    a number through, which no call parses from). Its `$ref`s keep pointing into it once nested: "#" and
+    "#/properties/..." gain the "/properties/arguments" prefix, `$defs` and `definitions` move to the root."""
+    if not parameters:
+        return dict(ANY_OBJECT), {}
+    schema = copy.deepcopy(parameters)
+    definitions = {key: schema.pop(key) for key in ("$defs", "definitions") if key in schema}
+    schema.setdefault("type", "object")
+
+    def moved(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {key: moved(value) for key, value in node.items()}
+            ref = node.get("$ref")
+            if isinstance(ref, str) and (ref == "#" or (ref.startswith("#/") and not ref.startswith(
+                    ("#/$defs/", "#/definitions/")))):
+                out["$ref"] = "#/properties/arguments" + ref[1:]
+            return out
+        if isinstance(node, list):
+            return [moved(value) for value in node]
+        return node
+
+    return moved(schema), moved(definitions)
+
+
 # --- out of the reply --------------------------------------------------------------------------------
-_BLOCK = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|\Z)", re.S)
+# One scanner serves the whole reply (parse_calls) and the stream (CallStream), so the streamed calls and
+# content are exactly the plain reply's. A block is `<tool_call>`, one JSON object read with the JSON
+# decoder (a `</tool_call>` inside a string argument is the argument's), then `</tool_call>` or the end.
+_DECODER = json.JSONDecoder()
+
+
+def _scan(text: str, start: int, names: set[str], final: bool) -> tuple[list[tuple[str, Any]], int]:
+    """The reply from `start` as ("text", str) and ("call", call) pieces, as far as they are settled;
+    and where the settled part ends. Not `final`: a block still being written, or what may be the
+    start of a tag, is left for later."""
+    out: list[tuple[str, Any]] = []
+    pos = i = start
+    while True:
+        at = text.find(OPEN, i)
+        if at < 0:
+            end = len(text) if final else len(text) - _partial_suffix(text[pos:], OPEN)
+            if end > pos:
+                out.append(("text", text[pos:end]))
+            return out, max(end, pos)
+        j = at + len(OPEN)
+        while j < len(text) and text[j].isspace():
+            j += 1
+        try:
+            value, after = _DECODER.raw_decode(text, j)
+        except ValueError:
+            if not final:  # still being written (or not JSON, which the end of the reply tells)
+                if at > pos:
+                    out.append(("text", text[pos:at]))
+                return out, at
+            i = j  # not a call: the tag stays text
+            continue
+        k = after
+        while k < len(text) and text[k].isspace():
+            k += 1
+        if text.startswith(CLOSE, k):
+            block_end = k + len(CLOSE)
+        elif k == len(text) or CLOSE.startswith(text[k:]):
+            if not final:
+                if at > pos:
+                    out.append(("text", text[pos:at]))
+                return out, at
+            block_end = len(text)
+        else:
+            i = j  # something else follows the object: not a block
+            continue
+        call = _call_value(value, names)
+        if call is None:
+            i = block_end  # a block that names no served function stays text
+            continue
+        if at > pos:
+            out.append(("text", text[pos:at]))
+        out.append(("call", call))
+        pos = i = block_end
+
+
+def _bare_call(text: str, names: set[str]) -> dict | None:
+    """Llama 3 style: the whole reply is one call object."""
+    try:
+        return _call_value(json.loads(text.strip()), names)
+    except ValueError:
+        return None
 
 
 def parse_calls(text: str, tools: list[dict], parallel: bool = True) -> tuple[str | None, list[dict]]:
-    """(content outside the calls or None, calls) from a reply; no calls when none parses."""
-    names = {tool["name"] for tool in tools}
-    calls, spans = [], []
-    for match in _BLOCK.finditer(text):
-        call = _call(match.group(1), names)
-        if call is not None:
-            calls.append(call)
-            spans.append(match.span())
+    """(content outside the calls, stripped, or None, calls) from a reply; no calls when none parses.
+    With `parallel` false, the first call is kept and the others' blocks dropped."""
+    return _parse(text, {tool["name"] for tool in tools}, parallel)
+
+
+def _parse(text: str, names: set[str], parallel: bool) -> tuple[str | None, list[dict]]:
+    pieces, _ = _scan(text, 0, names, final=True)
+    calls = [piece for kind, piece in pieces if kind == "call"]
     if not calls:
-        bare = _call(text.strip(), names)  # Llama 3 style: the whole reply is one call object
-        if bare is not None:
-            return None, [bare]
-        return text, []
-    if not parallel:
-        calls = calls[:1]
-    rest, last = [], 0
-    for start, end in spans:
-        rest.append(text[last:start])
-        last = end
-    rest.append(text[last:])
-    content = "".join(rest).strip()
-    return content or None, calls
+        bare = _bare_call(text, names)
+        return (None, [bare]) if bare is not None else (text.strip(), [])  # stripped, as around calls
+    content = "".join(piece for kind, piece in pieces if kind == "text").strip()
+    return content or None, calls if parallel else calls[:1]
 
 
-def _call(body: str, names: set[str]) -> dict | None:
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return None
+def _call_value(value: Any, names: set[str]) -> dict | None:
     if not isinstance(value, dict) or value.get("name") not in names:
         return None
     arguments = value.get("arguments", value.get("parameters", {}))
@@ -163,102 +236,57 @@ def _call(body: str, names: set[str]) -> dict | None:
 
 
 class CallStream:
-    """Turns a streamed reply into OpenAI chunks: text outside calls as `content`, each call as
-    `tool_calls` deltas (`index`, `id`, `type`, `function.name` first, then `function.arguments`
-    pieces as they are written). Held back: what may be the start of `<tool_call>`."""
+    """Turns a streamed reply into OpenAI chunks that add up to exactly what `parse_calls` makes of the
+    whole reply: text outside calls as `content` as soon as it is settled (its leading and trailing
+    whitespace held, as parse_calls strips them), each call as one `tool_calls` delta (`index`, `id`,
+    `type`, `function.name` and `function.arguments`) once its block has closed. A reply that begins
+    with `{` may be one bare call object (Llama 3): it is held to the end."""
 
     def __init__(self, tools: list[dict], parallel: bool = True, constrained: bool = False):
         self.names = {tool["name"] for tool in tools}
-        self.parallel, self.constrained = parallel, constrained
-        self.buffer = ""  # text not yet sent
-        self.in_call = False
-        self.body = ""  # the current call's text so far
-        self.calls: list[dict] = []  # {"id", "name", "sent_args"} per call begun
-        self.args_start: int | None = None
-        self.args_sent = 0
+        self.parallel = parallel
+        self.text = ""  # the reply so far
+        self.settled = 0  # where its settled pieces end
+        self.content = ""  # the text pieces so far, joined
+        self.sent = 0  # characters of content.lstrip() sent
+        self.calls: list[dict] = []  # the calls sent
 
     def feed(self, text: str) -> list[dict]:
         """Deltas ({"content": ...} or {"tool_call": {...}}) that `text` makes ready."""
-        self.buffer += text
-        out: list[dict] = []
-        while self.buffer:
-            if not self.in_call:
-                at = self.buffer.find(OPEN)
-                if at < 0:
-                    keep = _partial_suffix(self.buffer, OPEN)
-                    ready = self.buffer[: len(self.buffer) - keep]
-                    if ready and not (self.calls and not ready.strip()):
-                        out.append({"content": ready})
-                    self.buffer = self.buffer[len(ready):]
-                    break
-                if at and self.buffer[:at].strip():
-                    out.append({"content": self.buffer[:at]})
-                self.buffer = self.buffer[at + len(OPEN):]
-                self.in_call, self.body, self.args_start, self.args_sent = True, "", None, 0
-                continue
-            end = self.buffer.find(CLOSE)
-            if end < 0:
-                keep = _partial_suffix(self.buffer, CLOSE)
-                self.body += self.buffer[: len(self.buffer) - keep]
-                self.buffer = self.buffer[len(self.buffer) - keep:]
-                out += self._progress(final=False)
-                break
-            self.body += self.buffer[:end]
-            self.buffer = self.buffer[end + len(CLOSE):]
-            out += self._progress(final=True)
-            self.in_call = False
-        return out
-
-    def _progress(self, final: bool) -> list[dict]:
-        """Deltas of the current call: its name once known, then its arguments as they grow."""
-        out: list[dict] = []
-        if self.args_start is None:
-            match = re.match(r'\s*\{\s*"name"\s*:\s*"([^"\\]+)"\s*,\s*"arguments"\s*:\s*', self.body)
-            if match and match.group(1) in self.names and (self.parallel or not self.calls):
-                self.args_start = match.end()
-                self.calls.append({"id": new_call_id(), "name": match.group(1)})
-                out.append({"tool_call": {"index": len(self.calls) - 1, "id": self.calls[-1]["id"],
-                                          "type": "function", "function": {"name": match.group(1), "arguments": ""}}})
-            elif final:
-                return self._whole(out)
-            else:
-                return out
-        args = _json_value_prefix(self.body[self.args_start:], final)
-        if len(args) > self.args_sent:
-            out.append({"tool_call": {"index": len(self.calls) - 1,
-                                      "function": {"arguments": args[self.args_sent:]}}})
-            self.args_sent = len(args)
-        return out
-
-    def _whole(self, out: list[dict]) -> list[dict]:
-        """A finished block that was not written name-first: parse it whole."""
-        call = _call(self.body.strip(), self.names)
-        if call is None or not (self.parallel or not self.calls):
-            out.append({"content": OPEN + self.body + CLOSE})
-            return out
-        self.calls.append({"id": call["id"], "name": call["function"]["name"]})
-        out.append({"tool_call": {"index": len(self.calls) - 1, "id": call["id"], "type": "function",
-                                  "function": {"name": call["function"]["name"],
-                                               "arguments": call["function"]["arguments"]}}})
-        return out
+        self.text += text
+        return self._advance(final=False)
 
     def finish(self) -> list[dict]:
         """What is left at the end of the reply."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> list[dict]:
+        if self.settled == 0 and self.text.lstrip()[:1] in ("{", ""):
+            if not final:
+                return []  # nothing said yet, or perhaps one bare call object: held to the end
+            content, calls = _parse(self.text, self.names, self.parallel)
+            return ([{"content": content}] if content else []) + [self._call_delta(call) for call in calls]
+        pieces, self.settled = _scan(self.text, self.settled, self.names, final)
         out: list[dict] = []
-        if self.in_call:
-            self.body += self.buffer
-            self.buffer = ""
-            if self.args_start is None:
-                call = _call(self.body.strip(), self.names)
-                if call is not None and (self.parallel or not self.calls):
-                    return self._whole(out)
-                out.append({"content": OPEN + self.body})
-                return out
-            out += self._progress(final=True)
-        elif self.buffer:
-            out.append({"content": self.buffer})
-            self.buffer = ""
-        return out
+        for kind, piece in pieces:
+            if kind == "text":
+                self.content += piece
+            elif self.parallel or not self.calls:
+                out += self._content(final=False)
+                out.append(self._call_delta(piece))
+        return out + self._content(final)
+
+    def _content(self, final: bool) -> list[dict]:
+        body = self.content.lstrip()
+        ready = body.rstrip()  # trailing whitespace waits for what follows it (and goes at the end)
+        piece = ready[self.sent:]
+        self.sent = max(self.sent, len(ready))
+        return [{"content": piece}] if piece else []
+
+    def _call_delta(self, call: dict) -> dict:
+        self.calls.append(call)
+        return {"tool_call": {"index": len(self.calls) - 1, "id": call["id"], "type": "function",
+                              "function": dict(call["function"])}}
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -267,28 +295,3 @@ def _partial_suffix(text: str, tag: str) -> int:
         if tag.startswith(text[-size:]):
             return size
     return 0
-
-
-def _json_value_prefix(text: str, final: bool) -> str:
-    """The part of `text` that belongs to the JSON value it starts with: all of it up to where that
-    value closes (then the call object's own `}` and whitespace follow, never sent)."""
-    depth, in_string, escaped = 0, False, False
-    for i, ch in enumerate(text):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth == 0:
-                return text[: i + 1]
-            if depth < 0:
-                return text[:i].rstrip()
-    return text if final and depth == 0 else text

@@ -123,6 +123,13 @@ def chat_features(body: ChatCompletionRequest, limits: Any) -> dict[str, Any]:
                 check_grammar(json_schema_constraint(tool["parameters"], f"tools.{i}.function.parameters",
                                                      f"the parameters of tool {tool['name']!r}"))
         constraint = call_constraint(tools, choice, body.parallel_tool_calls is not False)
+    for i, tool in enumerate(tools or []):  # a call's arguments are an object (after the schema checks above)
+        parameters = tool.get("parameters")
+        if parameters is not None and (not isinstance(parameters, dict)
+                                       or parameters.get("type", "object") != "object"):
+            raise InvalidRequestError(f"the parameters of tool {tool['name']!r} must be a JSON Schema of type "
+                                      "'object' (a call's arguments are an object)",
+                                      param=f"tools.{i}.function.parameters")
     if constraint is not None:
         check_grammar(constraint)
         if body.stop_list():

@@ -106,3 +106,58 @@ def test_the_ingress_check_names_the_part_of_the_schema(tokenizer):
         structured.check_grammar(structured.json_schema_constraint(
             {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}, "rf.schema"))
     assert caught.value.param == "rf.schema.properties.tags.uniqueItems"
+
+
+def accepts(row, tokenizer, text: str) -> bool:
+    return row.matcher.consume_tokens(tokenizer.encode(text, add_special_tokens=False)) and row.matcher.is_accepting()
+
+
+def test_tool_parameters_with_refs_keep_their_meaning_inside_the_call_grammar(tokenizer):
+    """The parameters sit under `arguments` of the call object: "#/$defs/..." pointed at nothing (a 400
+    for a pydantic model's schema) and "#" at the call object (the wrong schema, enforced silently)."""
+    from deployments.tools import call_constraint
+
+    point = {"$defs": {"Point": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"],
+                                 "additionalProperties": False}},
+             "type": "object", "properties": {"p": {"$ref": "#/$defs/Point"}}, "required": ["p"],
+             "additionalProperties": False}
+    tree = {"type": "object", "properties": {"child": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+            "required": ["child"], "additionalProperties": False}
+    end = {tokenizer.eos_token_id}
+    for tools, good, bad in [
+        ([{"name": "f", "parameters": point}], '{"name":"f","arguments":{"p":{"x":1}}}', '{"name":"f","arguments":{"p":1}}'),
+        ([{"name": "tree", "parameters": tree}], '{"name":"tree","arguments":{"child":{"child":null}}}',
+         '{"name":"tree","arguments":{"child":{"name":"tree","arguments":{"child":null}}}}'),
+    ]:
+        constraint = call_constraint(tools, "required", True)
+        structured.check_grammar(constraint)
+        wrap = "<tool_call>\n{}\n</tool_call>\n"
+        assert accepts(structured.compile_row(constraint, tokenizer, len(tokenizer), end, 200), tokenizer,
+                       wrap.format(good))
+        assert not accepts(structured.compile_row(constraint, tokenizer, len(tokenizer), end, 200), tokenizer,
+                           wrap.format(bad))
+
+
+def test_parameters_without_a_type_are_still_an_object():
+    from deployments.tools import _arguments_schema
+
+    schema, _ = _arguments_schema({"properties": {"city": {"type": "string"}}, "required": ["city"]})
+    assert schema["type"] == "object"
+
+
+@pytest.mark.parametrize("schema,shortest", [
+    ({"type": "object", "properties": {"v": {"anyOf": [{"type": "string", "minLength": 12}, {"type": "integer"}]}},
+      "required": ["v"], "additionalProperties": False}, '{"v":0}'),
+    ({"type": "object", "properties": {"nick": {"type": ["string", "null"], "minLength": 10}}, "required": ["nick"],
+      "additionalProperties": False}, '{"nick":null}'),
+])
+def test_the_closing_search_tries_every_branch_and_a_larger_budget_does_not_refuse_a_smaller(tokenizer, schema,
+                                                                                             shortest):
+    """Once a `"` was accepted the search dropped the other candidates (an integer, `null`), so a budget
+    the output fits was a 400; a closing cached from a larger budget then refused smaller ones too."""
+    end = {tokenizer.eos_token_id}
+    tokens = len(tokenizer.encode(shortest, add_special_tokens=False))
+    constraint = structured.json_schema_constraint(schema, "rf")
+    structured.compile_row(constraint, tokenizer, len(tokenizer), end, 64)  # a long closing may be cached first
+    row = structured.compile_row(constraint, tokenizer, len(tokenizer), end, tokens)
+    assert len(row.closing) <= tokens

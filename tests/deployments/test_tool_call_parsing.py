@@ -84,3 +84,55 @@ def test_a_template_takes_tools_when_it_uses_the_variable():
     assert template_takes_tools("{% if tools %}{{ tools | tojson }}{% endif %}{{ messages }}")
     assert not template_takes_tools("{% for m in messages %}{{ m.content }}{% endfor %}")
     assert not template_takes_tools(None)
+
+
+def streamed(text: str, size: int, parallel: bool = True) -> tuple[str, list[tuple[str, str]]]:
+    stream, items = CallStream(TOOLS, parallel), []
+    for i in range(0, len(text), size):
+        items += stream.feed(text[i:i + size])
+    items += stream.finish()
+    calls = [(i["tool_call"]["function"]["name"], i["tool_call"]["function"]["arguments"]) for i in items
+             if "tool_call" in i]
+    return "".join(i.get("content", "") for i in items), calls
+
+
+def plain(text: str, parallel: bool = True) -> tuple[str, list[tuple[str, str]]]:
+    content, calls = parse_calls(text, TOOLS, parallel)
+    return content or "", [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+
+
+def test_a_close_tag_inside_a_string_argument_belongs_to_the_argument():
+    text = '<tool_call>\n{"name": "weather", "arguments": {"note": "end with </tool_call> then"}}\n</tool_call>'
+    assert plain(text) == ("", [("weather", '{"note": "end with </tool_call> then"}')])
+    assert all(streamed(text, size) == plain(text) for size in (1, 4, 9, 200))
+
+
+@pytest.mark.parametrize("text", [
+    '{"name": "time", "parameters": {"tz": "CET"}}',  # a bare call object (Llama 3)
+    '<tool_call>{"name":"weather","arguments":"{\\"city\\": \\"Oslo\\"}"}</tool_call>',  # arguments as a string
+    '<tool_call>{"name":"weather","arguments":5}</tool_call>',  # not a call: stays text
+    '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}\n</tool_call>',  # unclosed object: text
+    'I use the <tool_call> tag. <tool_call>{"name":"time","arguments":{}}</tool_call>',
+    'Sure.\n<tool_call>{"name":"time","arguments":{}}</tool_call>\n\nDone.  ',
+    '<tool_call>{"name":"weather","arguments":{}}</tool_call><tool_call>{"name":"time","arguments":{}}</tool_call>',
+])
+def test_streamed_calls_and_content_are_exactly_the_plain_replys(text):
+    """The stream had its own parser: a bare call came as content, string arguments as the string, an
+    invalid block as an invented call, and arguments and whitespace differed from the plain reply's."""
+    for parallel in (True, False):
+        for size in (1, 3, 11, 500):
+            assert streamed(text, size, parallel) == plain(text, parallel), (size, parallel)
+
+
+def test_streamed_and_plain_agree_on_random_replies():
+    import random
+
+    rng = random.Random(0)
+    parts = ["Sure. ", "\n", "  ", "the <tool_call> tag", '<tool_call>\n{"name": "weather", "arguments": {"a": '
+             '"x</tool_call>y"}}\n</tool_call>', '<tool_call>{"name":"time","arguments":"{\\"b\\": 1}"}</tool_call>',
+             '<tool_call>{"name":"nope","arguments":{}}</tool_call>', '{"name": "time", "arguments": {}}', "Done.",
+             "<tool", "{", "}", "</tool_call>", "<tool_call>"]
+    for _ in range(2000):
+        text = "".join(rng.choice(parts) for _ in range(rng.randint(1, 6)))
+        parallel = rng.random() < 0.5
+        assert streamed(text, rng.choice([1, 2, 7, 100]), parallel) == plain(text, parallel), text

@@ -14,7 +14,7 @@ def chat_only_args(models_dir) -> dict:
     args["models"] = [m for m in args["models"] if m.get("build_tiny", "").split("-")[0] in CHAT_FAMILIES]
     args["families"] = {family: options for family, options in args["families"].items() if family in CHAT_FAMILIES}
     args["families"]["llm"]["autoscaling"] = None  # one replica: /health's counters see every request
-    # Each token's text as it comes, so that streamed deltas (a tool call's arguments in several pieces)
+    # Each token's text as it comes, so that streamed deltas (content around tool calls, logprobs)
     # do not depend on whether this machine makes them within one 50 ms chunk; the chunking itself is
     # tested in tests/deployments/test_stream_interval.py.
     args["families"]["llm"]["stream_interval_ms"] = 0
