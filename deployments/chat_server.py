@@ -177,11 +177,16 @@ class ChatServer(FamilyServer):
             call_soon(event_loop, lambda: outcome.done() or outcome.set_result(result))
 
         if self._decoder is None:
-            self._decoder = _decode_loop().DecodeLoop(self.options.max_batch_size, self.batch_stats, self.metrics.batch,
+            self._decoder = _decode_loop().DecodeLoop(self.options.max_batch_size, self.batch_stats, self._stepped,
                                                       self.threads.computing, int(self.options.prefix_cache_mb * 2**20))
         self._decoder.submit(spec, loaded, params, done)
         self._keep_decoding()
         return await outcome
+
+    def _stepped(self, model: str, rows: int) -> None:
+        """After each decode step (inference thread): the batch-size metric, and the step as progress."""
+        self._progressed()
+        self.metrics.batch(model, rows)
 
     def _keep_decoding(self) -> None:
         """Run the decode loop on the inference thread while it has rows; restart it for a request that

@@ -89,6 +89,13 @@ class FamilyServer:
 
         return await asyncio.get_running_loop().run_in_executor(self._inference, timed)
 
+    def _progressed(self) -> None:
+        """From the inference thread, after each bounded piece of a long call (the decode loop's steps,
+        which run as one call for as long as requests keep coming): the call is not stuck. Without it a
+        healthy replica under steady traffic failed its health check after 3 x generation_timeout_s."""
+        if self._busy_since is not None:
+            self._busy_since = time.monotonic()
+
     async def _infer_model(self, loaded: LoadedModel, fn: Callable[..., T], *args: Any) -> T:
         """`_infer` for a call of one model, with the threads torch computes it with (and the node's CPU turns)."""
 
