@@ -220,7 +220,12 @@ def attach_adapter(
         if not first:
             base.model.load_adapter(str(adapter.path), adapter_name=spec.name)
         else:
-            base.model = PeftModel.from_pretrained(base.model, adapter.path, adapter_name=spec.name)
+            plain = base.model
+            try:
+                base.model = PeftModel.from_pretrained(plain, adapter.path, adapter_name=spec.name)
+            except Exception:  # it injects its layers before it loads the weights: take them out again
+                strip_lora_layers(plain)
+                raise
         base.model.eval()
         try:
             targets, idle = adapter_targets(base.model, spec.name, spec.source)
@@ -243,6 +248,20 @@ def attach_adapter(
     log.info("%s: adapter %s attached to %s in %.2f s", spec.name, adapter.path, base.report.name, report.load_seconds)
     progress("ready", 1.0)
     return LoadedModel(base.model, processor, base.config, report, adapter_name=spec.name, lock=base.lock)
+
+
+def strip_lora_layers(model: Any) -> None:
+    """Undo a first adapter's injection that failed half-way (a weight of the wrong shape): every tuner
+    layer back to the module it wraps, and no PEFT config left on the base, which otherwise looks adapted
+    and fails every call."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer) and name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+    for attribute in ("peft_config", "_hf_peft_config_loaded"):
+        model.__dict__.pop(attribute, None)
 
 
 def _prepare_for_batching(processor: Any) -> None:

@@ -150,3 +150,30 @@ def test_an_adapter_saved_with_its_bases_config_beside_it_is_still_an_adapter(is
     loaded = load_model(ModelSpec(name="a", source=str(adapter)))
     assert type(loaded.model).__name__.startswith("PeftModel")
     assert loaded.report.adapter_path == str(adapter.resolve()) or loaded.report.adapter_path == str(adapter)
+
+
+def test_a_first_adapter_that_fails_half_way_leaves_its_base_as_it_was(isolated_env, tiny, tmp_path):
+    """PEFT injects its layers before it loads the weights: an adapter with one weight of the wrong
+    shape left the base carrying half an adapter and a PEFT config, and every base call failed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from loading import attach_adapter
+
+    misfit = tmp_path / "misfit"
+    shutil.copytree(tiny["llm-lora"], misfit)
+    weights = load_file(str(misfit / "adapter_model.safetensors"))
+    name = next(key for key in weights if key.endswith("v_proj.lora_B.weight"))
+    weights[name] = torch.ones(weights[name].shape[0] * 2, weights[name].shape[1])
+    save_file(weights, str(misfit / "adapter_model.safetensors"))
+    base = load_model(ModelSpec(name="tiny", source=str(tiny["llm"])))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = base.model(input_ids=ids).logits
+    with pytest.raises(Exception):
+        attach_adapter(ModelSpec(name="misfit", source=str(misfit), base_model="tiny"), base)
+    assert type(base.model).__name__ == "LlamaForCausalLM" and not hasattr(base.model, "peft_config")
+    assert not [n for n, m in base.model.named_modules() if hasattr(m, "lora_B")]
+    with torch.no_grad():
+        torch.testing.assert_close(base.model(input_ids=ids).logits, before)
