@@ -171,7 +171,7 @@ def test_a_first_adapter_that_fails_half_way_leaves_its_base_as_it_was(isolated_
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         before = base.model(input_ids=ids).logits
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="size mismatch"):
         attach_adapter(ModelSpec(name="misfit", source=str(misfit), base_model="tiny"), base)
     assert type(base.model).__name__ == "LlamaForCausalLM" and not hasattr(base.model, "peft_config")
     assert not [n for n, m in base.model.named_modules() if hasattr(m, "lora_B")]
