@@ -44,9 +44,15 @@ def _not_found(exc: Exception, param: str) -> APIError:
     return APIError(str(exc), status=404, type="invalid_request_error", param=param, code="model_not_found")
 
 
+def _refused(exc: Exception, param: str) -> APIError:
+    """What an admin pointed at and cannot be served: a file that cannot be read, a model of the wrong
+    family or of no family (a 400 on the field that named it, not a 503 for a model of ours)."""
+    return InvalidRequestError(str(exc), param=param, code="invalid_model")
+
+
 def inspect_adapter(lora_path: str, candidates: list[ModelSpec], requested: str | None,
                     allow_downloads: bool) -> AdapterCheck:
-    from loading import ModelNotFoundError, RuntimeSourceError, locate_adapter
+    from loading import LoadingError, ModelNotFoundError, RuntimeSourceError, locate_adapter
 
     try:
         return locate_adapter(lora_path, candidates, requested, allow_downloads)
@@ -54,10 +60,12 @@ def inspect_adapter(lora_path: str, candidates: list[ModelSpec], requested: str 
         raise _not_found(exc, "lora_path") from None
     except RuntimeSourceError as exc:
         raise InvalidRequestError(str(exc), param=exc.param, code=exc.code) from None
+    except LoadingError as exc:
+        raise _refused(exc, "lora_path") from None
 
 
 def inspect_model(model_id: str, revision: str | None, family: Family | None, allow_downloads: bool) -> ModelCheck:
-    from loading import ModelNotFoundError, RuntimeSourceError, locate_model
+    from loading import LoadingError, ModelNotFoundError, RuntimeSourceError, locate_model
 
     try:
         return locate_model(model_id, revision, family, allow_downloads)
@@ -65,6 +73,8 @@ def inspect_model(model_id: str, revision: str | None, family: Family | None, al
         raise _not_found(exc, "model_id") from None
     except RuntimeSourceError as exc:
         raise InvalidRequestError(str(exc), param=exc.param, code=exc.code) from None
+    except LoadingError as exc:
+        raise _refused(exc, "model_id") from None
 
 
 # -- in the ingress -------------------------------------------------------------------------------------------
@@ -123,7 +133,11 @@ class RuntimeAdmin:
             assert asked is not None
             check: AdapterCheck = await self.ingress._call(
                 asked, "inspect_runtime", "adapter", body.lora_path, candidates, requested, self.config.allow_downloads)
-            base = self.ingress.catalog[check.base]
+            base = self.ingress.catalog.get(check.base)
+            if base is None:  # unloaded while its new adapter was being checked
+                raise InvalidRequestError(f"base model {check.base!r} was unloaded while this adapter was being "
+                                          "added; load the base again first", param="base_model",
+                                          code="model_not_found")
             spec = base.model_copy(update={
                 "name": name, "source": check.path, "base_model": base.name, "aliases": [], "build_tiny": None,
                 "loading": LoadingMode.BACKGROUND, "revision": None, "debug_load_delay_s": 0.0})

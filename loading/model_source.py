@@ -124,29 +124,29 @@ def read_config(found: ResolvedModel, spec: ModelSpec, progress: Progress = no_p
     if found.adapter is not None and found.base is None:
         raise ValueError(f"{found.path} is an adapter whose base was not resolved: its config is the base's")
     progress("reading config", 0.2)
-    config = _read_config(found.model_dir, spec)
+    config = read_config_file(found.model_dir, spec.source, spec.trust_remote_code)
     return replace(found, config=config, family=select_family(config, spec.family, spec.source))
 
 
-def _read_config(model_dir: Path, spec: ModelSpec) -> Any:
+def read_config_file(model_dir: Path, source: str, trust_remote_code: bool = False) -> Any:
     """AutoConfig of `model_dir`; what it cannot read is a LoadingError that says why and what to do."""
     path = model_dir / "config.json"
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise UnreadableModelError(spec.source, f"{path} cannot be read ({type(exc).__name__}: {exc}): download "
+        raise UnreadableModelError(source, f"{path} cannot be read ({type(exc).__name__}: {exc}): download "
                                    "the model again") from None
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    if not spec.trust_remote_code and model_type not in CONFIG_MAPPING_NAMES:
+    if not trust_remote_code and model_type not in CONFIG_MAPPING_NAMES:
         custom = " The model ships its own code (auto_map): set trust_remote_code: true if you trust it." if (
             isinstance(raw, dict) and raw.get("auto_map")) else ""
         raise UnsupportedModelError(
-            spec.source, f"{path} has model_type {model_type!r}, which transformers {transformers.__version__} does "
+            source, f"{path} has model_type {model_type!r}, which transformers {transformers.__version__} does "
             f"not know: it is newer than this transformers (upgrade it) or not a transformers model.{custom}")
     try:
-        return AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.trust_remote_code, local_files_only=True)
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UnreadableModelError(spec.source, f"transformers cannot read {path} ({type(exc).__name__}: {exc})") \
+        raise UnreadableModelError(source, f"transformers cannot read {path} ({type(exc).__name__}: {exc})") \
             from None
 
 

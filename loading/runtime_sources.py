@@ -117,11 +117,10 @@ def matching_bases(adapter: Any, candidates: list[ModelSpec], settings: Any) -> 
 
 def locate_model(model_id: str, revision: str | None, family: Family | None, allow_downloads: bool) -> ModelCheck:
     """Where the model is and its family (from its config.json), without downloading unless allowed."""
-    from transformers import AutoConfig
-
     from .adapters import read_adapter
     from .families import select_family
     from .gguf import check_supported, is_gguf_source, locate, read_info
+    from .model_source import read_config_file
     from .resolve import resolve_source
     from .settings import Settings
 
@@ -139,7 +138,7 @@ def locate_model(model_id: str, revision: str | None, family: Family | None, all
     if read_adapter(found.path) is not None:
         raise RuntimeSourceError(f"{model_id!r} ({found.path}) is a LoRA adapter: add it with "
                                  "POST /v1/load_lora_adapter", param="model_id")
-    config = AutoConfig.from_pretrained(found.path, local_files_only=True)
+    config = read_config_file(found.path, model_id)
     chosen = select_family(config, family, model_id).family
     return ModelCheck(str(found.path), chosen, found.origin)
 

@@ -9,6 +9,7 @@ chat with the official openai client.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -328,3 +329,25 @@ def test_a_model_that_is_nowhere_is_a_404_and_downloads_stay_off(app):
     assert time.monotonic() - started < 5
     adapter = admin(app, "/models/load", {"model_id": "rt-llm-lora"})
     assert adapter.status_code == 400 and "/v1/load_lora_adapter" in adapter.text, adapter.text
+
+
+def test_a_model_or_adapter_whose_files_cannot_be_read_is_a_400_naming_the_file(app, adapters, tmp_path):
+    """A config.json that is not JSON, a model_type transformers does not know, an adapter_config.json
+    that is a list: each was a 500 (or a 503 as if our model were down), not the admin's bad input."""
+    bad_json = Path(shutil.copytree(adapters["model"], tmp_path / "bad-json"))
+    (bad_json / "config.json").write_text("{'model_type': 'llama'}")
+    unknown = Path(shutil.copytree(adapters["model"], tmp_path / "unknown-type"))
+    config = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**config, "model_type": "nosucharch"}))
+    listed_lora = Path(shutil.copytree(adapters["llm"], tmp_path / "list-lora"))
+    (listed_lora / "adapter_config.json").write_text("[1, 2]")
+    for path, body, param, words in (
+            ("/models/load", {"model_id": str(bad_json)}, "model_id", "config.json cannot be read"),
+            ("/models/load", {"model_id": str(unknown)}, "model_id", "'nosucharch'"),
+            ("/v1/load_lora_adapter", {"lora_name": "listed", "lora_path": str(listed_lora)}, "lora_path",
+             "is not a JSON object")):
+        response = admin(app, path, body)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == param and words in error["message"], error
+    assert "listed" not in listed(app)
