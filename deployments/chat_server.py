@@ -49,9 +49,11 @@ class ChatServer(FamilyServer):
 
     # -- admission ----------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def _admitted(self, params: ChatParams) -> AsyncIterator[None]:
+    async def _admitted(self, params: ChatParams) -> AsyncIterator[tuple[ModelSpec, LoadedModel]]:
         """Checks that fail this request alone (4xx) before it can join a batch, then holds the working
-        memory it may need for the block."""
+        memory it may need for the block; yields the model it is served by. The request keeps that model
+        to its end: looked up again by name after generating, one evicted or re-added meanwhile answered a
+        finished request with a 503 "still loading"."""
         spec, loaded = await self.pool.get(params.model, params.wait_s)
         params.model = spec.name
         self.validate(spec, loaded, params)
@@ -92,7 +94,7 @@ class ChatServer(FamilyServer):
                 params.grammar = await to_thread_held(self._compile, loaded, params, width)
             need = chat_request_bytes(loaded.config, prompt_tokens, params.max_new_tokens, len(params.images), decoded)
             await held.grow(need, "this chat request", param="messages")
-            yield
+            yield spec, loaded
 
     def _compile(self, loaded: LoadedModel, params: ChatParams, width: int) -> Any:
         """The request's grammar for its row (cached per grammar and tokenizer); 400 if it cannot be
@@ -126,15 +128,14 @@ class ChatServer(FamilyServer):
     async def chat(self, params: ChatParams) -> ChatResult:
         arrived = time.monotonic()
         with self._observed() as params.running:
-            async with self._admitted(params):
-                result = raise_if_error(await self._until_cancelled(params, self._generate(params)))
+            async with self._admitted(params) as (spec, loaded):
+                result = raise_if_error(await self._until_cancelled(params, self._generate(params, spec, loaded)))
         self.metrics.generated(params.model, arrived, params.first_token_at, result.prompt_tokens,
                                result.completion_tokens, result.cached_tokens)
-        return await self._finish_result(params, result)
+        return self._finish_result(params, result, loaded)
 
-    async def _finish_result(self, params: ChatParams, result: ChatResult) -> ChatResult:
+    def _finish_result(self, params: ChatParams, result: ChatResult, loaded: LoadedModel) -> ChatResult:
         """Logprobs as OpenAI writes them, and tool calls parsed out of the reply."""
-        _, loaded = await self.pool.get(params.model)
         if result.logprobs is not None:
             from .row_logits import as_openai
 
@@ -166,8 +167,7 @@ class ChatServer(FamilyServer):
                             "top_logprobs": []})
         return text, entries
 
-    async def _generate(self, params: ChatParams) -> ChatResult | BaseException:
-        spec, loaded = await self.pool.get(params.model)
+    async def _generate(self, params: ChatParams, spec: ModelSpec, loaded: LoadedModel) -> ChatResult | BaseException:
         if not uses_decode_loop(loaded):
             return await self._chat_batch(params)
         event_loop = asyncio.get_running_loop()
@@ -223,8 +223,7 @@ class ChatServer(FamilyServer):
                                            usage["completion_tokens"], usage.get("cached_tokens", 0))
 
     async def _chat_stream(self, params: ChatParams) -> AsyncIterator[dict]:
-        async with self._admitted(params):
-            _, loaded = await self.pool.get(params.model)
+        async with self._admitted(params) as (spec, loaded):
             calls = None
             if params.tools and params.tool_choice != "none":
                 calls = tools_module().CallStream(params.tools, params.parallel_tool_calls)
@@ -233,7 +232,7 @@ class ChatServer(FamilyServer):
             params.sink = lambda text: call_soon(loop, deltas.put_nowait, text)
             if params.logprobs:
                 params.logprob_sink = lambda entry: call_soon(loop, deltas.put_nowait, entry)
-            done = asyncio.ensure_future(self._until_cancelled(params, self._generate(params)))
+            done = asyncio.ensure_future(self._until_cancelled(params, self._generate(params, spec, loaded)))
             # Runs after every delta the generate call queued: they were scheduled before its result.
             done.add_done_callback(lambda _: deltas.put_nowait(_END))
             sent, entries = "", []

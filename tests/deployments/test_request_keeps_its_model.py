@@ -1,0 +1,36 @@
+"""A request keeps the model it was admitted with to its end. It looked the model up by name again after
+generating: one evicted (least recently used) or unloaded and re-added meanwhile answered a finished
+request with a 503 "still loading"."""
+
+from __future__ import annotations
+
+import asyncio
+
+from deployments.llm import LLMServer
+from deployments.options import ChatOptions
+from deployments.params import ChatParams
+from loading import ModelLoadingInProgress, ModelSpec
+
+
+def test_a_running_request_finishes_though_its_model_is_gone_from_the_pool(tiny_llm_dirs):
+    spec = ModelSpec(name="m", source=str(tiny_llm_dirs[0]), max_new_tokens=24, debug_step_delay_s=0.01)
+    server = LLMServer([spec], ChatOptions())
+
+    async def gone(name, wait_s=0.0):
+        raise ModelLoadingInProgress(name, "resolving", 0.1, 2.0)
+
+    async def scenario():
+        first = ChatParams(model="m", messages=[{"role": "user", "content": "hi"}], max_new_tokens=24,
+                           temperature=0, wait_s=60)
+        alone = await server.chat(first)
+        started = asyncio.Event()
+        params = ChatParams(model="m", messages=[{"role": "user", "content": "hi"}], max_new_tokens=24,
+                            temperature=0, wait_s=60, logprobs=True)
+        params.sink = lambda text: started.set()
+        task = asyncio.ensure_future(server.chat(params))
+        await asyncio.wait_for(started.wait(), 30)
+        server.pool.get = gone  # evicted, or unloaded and added again, while it generates
+        return alone, await asyncio.wait_for(task, 30)
+
+    alone, result = asyncio.run(scenario())
+    assert result.text == alone.text and result.logprobs
