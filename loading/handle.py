@@ -68,8 +68,6 @@ class ModelHandle:
             log.error("model %s failed to load: %s", self.name, reason)
             with self._lock:
                 self._state, self._error, self._finished_at = State.FAILED, reason, time.monotonic()
-            if not isinstance(exc, Exception):
-                raise
         else:
             with self._lock:
                 self._state, self._loaded, self._finished_at = State.READY, loaded, time.monotonic()
