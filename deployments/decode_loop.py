@@ -244,10 +244,11 @@ class DecodeLoop:
                         self._prefill(group, batch, one_adapter)
                     except Exception as exc:  # a failed prefill fails its own rows only: when several
                         # shared it, each is prefilled alone, so one bad request fails no other
+                        if len(batch) == 1:
+                            _tell(batch[0].done, exc)
+                            continue
                         for row in batch:
                             try:
-                                if len(batch) == 1:
-                                    raise exc
                                 self._prefill(group, [row], one_adapter)
                             except Exception as own:
                                 _tell(row.done, own)

@@ -372,12 +372,11 @@ class RealtimeSession:
                 "input_audio_buffer_full", "audio")
         self.buffer.append(samples)
         self.buffered += len(samples)
-        first = self.streamed
         self.streamed += len(samples)
         if self.detector is not None:
-            await self._detect(samples, first)
+            await self._detect(samples)
 
-    async def _detect(self, samples: np.ndarray, first: int) -> None:
+    async def _detect(self, samples: np.ndarray) -> None:
         assert self.detector is not None
         audio16 = self.vad_input.feed(samples.astype(np.float32) / 32768.0)
         for turn in self.detector.feed(audio16):

@@ -242,7 +242,7 @@ class CallStream:
     `type`, `function.name` and `function.arguments`) once its block has closed. A reply that begins
     with `{` may be one bare call object (Llama 3): it is held to the end."""
 
-    def __init__(self, tools: list[dict], parallel: bool = True, constrained: bool = False):
+    def __init__(self, tools: list[dict], parallel: bool = True):
         self.names = {tool["name"] for tool in tools}
         self.parallel = parallel
         self.text = ""  # the reply so far

@@ -203,7 +203,7 @@ def _generate(spec: ModelSpec, loaded: LoadedModel, first: TranscribeParams,
         sequences, times = output, None
     results = []
     for row, sequence in enumerate(sequences.tolist()):
-        tokens = _transcript_tokens(tokenizer, sequence, first.prompt)
+        tokens = [sequence[i] for i in _text_span(tokenizer, sequence)]
         text = tokenizer.decode(tokens, skip_special_tokens=True)  # the span after the start tokens: no prompt
         words: list[Word] = []
         if times is not None:
@@ -225,10 +225,6 @@ def _text_span(tokenizer: Any, sequence: list[int]) -> list[int]:
         start += 1
     end = sequence.index(eos, start) if eos in sequence[start:] else len(sequence)
     return [i for i in range(start, end) if sequence[i] < eos]
-
-
-def _transcript_tokens(tokenizer: Any, sequence: list[int], prompt: str | None) -> list[int]:
-    return [sequence[i] for i in _text_span(tokenizer, sequence)]
 
 
 def _words(tokenizer: Any, sequence: list[int], times: list[float], language: str | None,
