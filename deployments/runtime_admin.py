@@ -28,7 +28,7 @@ from .admin_protocol import (
     UnloadModelRequest,
 )
 from .errors import APIError, InvalidRequestError
-from .runtime_catalog import AdminConfig, NameTaken, RuntimeRecord
+from .runtime_catalog import AdminConfig, BaseGone, BaseInUse, NameTaken, RuntimeRecord
 
 if TYPE_CHECKING:
     from .ingress import Ingress
@@ -104,12 +104,15 @@ class RuntimeAdmin:
         raise InvalidRequestError(f"this app has no {' or '.join(f.value for f in families)} deployment: add a model "
                                   "of that family to serve_config.yaml to get one", param="family")
 
-    async def _put(self, record: RuntimeRecord, param: str) -> None:
+    async def _put(self, record: RuntimeRecord, param: str, base_uid: str | None = None) -> None:
+        """`base_uid`: the addition an adapter's base is, where it was added at run time too."""
         try:
-            await self.ingress.runtime.put(record)
+            await self.ingress.runtime.put(record, base_uid)
         except NameTaken:  # another ingress replica added it meanwhile
             raise InvalidRequestError(f"The model {record.spec.name!r} has already been loaded", param=param,
                                       code="model_exists") from None
+        except BaseGone:  # its base (added at run time) was unloaded while this adapter was checked
+            raise _base_unloaded(record.spec.base_model or "") from None
 
     async def _state(self, family: Family, name: str, wait_s: float) -> dict[str, Any]:
         """The model as the replica that serves this call sees it (applying the catalog first)."""
@@ -135,13 +138,13 @@ class RuntimeAdmin:
                 asked, "inspect_runtime", "adapter", body.lora_path, candidates, requested, self.config.allow_downloads)
             base = self.ingress.catalog.get(check.base)
             if base is None:  # unloaded while its new adapter was being checked
-                raise InvalidRequestError(f"base model {check.base!r} was unloaded while this adapter was being "
-                                          "added; load the base again first", param="base_model",
-                                          code="model_not_found")
+                raise _base_unloaded(check.base)
             spec = base.model_copy(update={
                 "name": name, "source": check.path, "base_model": base.name, "aliases": [], "build_tiny": None,
                 "loading": LoadingMode.BACKGROUND, "revision": None, "debug_load_delay_s": 0.0})
-            await self._put(RuntimeRecord("adapter", spec, attach_wait_s=self.config.adapter_wait_s), "lora_name")
+            runtime_base = self.ingress.runtime.records.get(base.name)  # None: a configured base
+            await self._put(RuntimeRecord("adapter", spec, attach_wait_s=self.config.adapter_wait_s), "lora_name",
+                            runtime_base.uid if runtime_base is not None else None)
         finally:
             self._pending.discard(name)
         assert base.family is not None
@@ -209,10 +212,13 @@ class RuntimeAdmin:
         name, family = record.spec.name, record.spec.family
         assert family is not None
         users = sorted(r.spec.name for r in self.ingress.runtime.records.values() if r.spec.base_model == name)
-        if users:
-            raise InvalidRequestError(f"{name!r} is the base of adapters {', '.join(users)}: unload them first",
-                                      param="model_id")
-        await self.ingress.runtime.remove(name)
+        try:
+            if users:
+                raise BaseInUse(name, users)
+            await self.ingress.runtime.remove(name)  # the catalog checks again: an adapter may be added meanwhile
+        except BaseInUse as exc:
+            raise InvalidRequestError(f"{name!r} is the base of adapters {', '.join(exc.users)}: unload them first",
+                                      param="model_id") from None
         in_flight = (await self._state(family, name, 0.0))["in_flight"]
         log.info("%s %s unloaded at run time (%d request(s) finishing on the replica asked)", record.kind, name,
                  in_flight)
@@ -220,6 +226,11 @@ class RuntimeAdmin:
         return RuntimeModelResponse(id=name, kind=record.kind, family=family.value, status="unloaded",
                                     message=f"Success: {what} '{name}' removed successfully.",
                                     source=record.spec.source, base_model=record.spec.base_model, in_flight=in_flight)
+
+
+def _base_unloaded(base: str) -> InvalidRequestError:
+    return InvalidRequestError(f"base model {base!r} was unloaded while this adapter was being added; load the base "
+                               "again first", param="base_model", code="model_not_found")
 
 
 def default_name(model_id: str) -> str:

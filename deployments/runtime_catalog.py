@@ -93,6 +93,18 @@ class NameTaken(ValueError):
     """A runtime addition of this name exists already."""
 
 
+class BaseGone(ValueError):
+    """An adapter's base, itself added at run time, was removed before the adapter was written."""
+
+
+class BaseInUse(ValueError):
+    """A runtime model that adapters sit on cannot be removed before them."""
+
+    def __init__(self, name: str, users: list[str]):
+        super().__init__(name, users)
+        self.name, self.users = name, users
+
+
 class CatalogActor:
     """The Ray actor holding the runtime additions (its methods run one at a time)."""
 
@@ -104,14 +116,23 @@ class CatalogActor:
     def snapshot(self) -> Snapshot:
         return Snapshot(f"{self.epoch}:{self.version}", tuple(self.records.values()))
 
-    def put(self, record: RuntimeRecord) -> Snapshot:
+    def put(self, record: RuntimeRecord, base_uid: str | None = None) -> Snapshot:
+        """`base_uid`: the addition an adapter's base is (None: a configured base). Checked here, where
+        changes are made one at a time: an ingress's own view could not see a removal by another
+        ingress, or by itself while it checked the adapter's files, and the adapter would outlive it."""
         if record.spec.name in self.records:
             raise NameTaken(record.spec.name)
+        base = self.records.get(record.spec.base_model or "")
+        if base_uid is not None and (base is None or base.uid != base_uid):
+            raise BaseGone(record.spec.base_model)
         self.records[record.spec.name] = record
         self.version += 1
         return self.snapshot()
 
     def remove(self, name: str) -> Snapshot:
+        users = sorted(r.spec.name for r in self.records.values() if r.spec.base_model == name)
+        if users:
+            raise BaseInUse(name, users)
         if self.records.pop(name, None) is not None:
             self.version += 1
         return self.snapshot()
@@ -208,8 +229,8 @@ class IngressCatalog:
             self.snapshot = snapshot
             self.on_change(snapshot)
 
-    async def put(self, record: RuntimeRecord) -> None:
-        self._apply(await self._call("put", record))
+    async def put(self, record: RuntimeRecord, base_uid: str | None = None) -> None:
+        self._apply(await self._call("put", record, base_uid))
 
     async def remove(self, name: str) -> None:
         self._apply(await self._call("remove", name))
@@ -242,7 +263,10 @@ class ReplicaCatalog:
         self._infer = infer
         self.seen = ""
         self.records: dict[str, RuntimeRecord] = {}
+        # Requests in flight per addition (its uid; a configured model: its name). By name, a removed
+        # model's memory waited for the traffic of a copy added again under its name too.
         self.in_flight: Counter[str] = Counter()
+        self.retired_uids: dict[str, str] = {}  # name -> the uid last removed under it (pool.get still finds it)
         self.retiring: dict[str, asyncio.Task] = {}
         self.stale: dict[str, set[str]] = {}  # base -> removed adapters still in it (see delete_adapters)
         self._lock = asyncio.Lock()
@@ -312,7 +336,8 @@ class ReplicaCatalog:
     def _retire(self, name: str) -> None:
         record = self.records.pop(name)
         handle = self.pool.remove(name)
-        log.info("runtime %s %r removed; %d request(s) still using it", record.kind, name, self.in_flight[name])
+        self.retired_uids[name] = record.uid
+        log.info("runtime %s %r removed; %d request(s) still using it", record.kind, name, self.in_flight[record.uid])
         task = asyncio.ensure_future(self._release(record, handle))
         self.retiring[record.uid] = task
         task.add_done_callback(lambda _: self.retiring.pop(record.uid, None))
@@ -320,9 +345,11 @@ class ReplicaCatalog:
     async def _release(self, record: RuntimeRecord, handle: Any) -> None:
         """Free a removed model's memory once no request uses it."""
         name = record.spec.name
-        while self.in_flight[name] > 0:
+        while self.in_flight[record.uid] > 0:
             await asyncio.sleep(0.05)
-        self.in_flight.pop(name, None)
+        self.in_flight.pop(record.uid, None)
+        if self.retired_uids.get(name) == record.uid:
+            del self.retired_uids[name]
         if handle.state is State.LOADING:  # a load still running ends first (its result is dropped)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(handle.get, None)
@@ -353,6 +380,14 @@ class ReplicaCatalog:
         if record is not None and record.kind == "adapter" and handle is not None and handle.state is State.LOADING:
             await self._adapters_attached([name])
 
+    def _in_flight_key(self, name: str) -> str:
+        """What a request for `name` counts against: the addition the pool gives it (the current one, or
+        the one removed under that name, which `pool.get` still finds), or a configured model's name."""
+        record = self.records.get(name)
+        if record is not None:
+            return record.uid
+        return self.retired_uids.get(name, name) if name not in self.pool.specs else name
+
     @contextlib.contextmanager
     def using(self, args: tuple) -> Iterator[None]:
         """Count a request as in flight for its model while it runs (a removal waits for it)."""
@@ -360,11 +395,12 @@ class ReplicaCatalog:
         if name is None:
             yield
             return
-        self.in_flight[name] += 1
+        key = self._in_flight_key(name)
+        self.in_flight[key] += 1
         try:
             yield
         finally:
-            self.in_flight[name] -= 1
+            self.in_flight[key] -= 1
 
     async def state(self, names: list[str], wait_s: float) -> dict[str, Any]:
         """The pool's view of `names` (an adapter's attach waited for up to wait_s), for the admin routes."""
@@ -373,7 +409,12 @@ class ReplicaCatalog:
             with contextlib.suppress(Exception):  # a failure is in the status below
                 await asyncio.to_thread(self.pool.handles[name].get, wait_s)
         models = {info["name"]: info for info in self.pool.status() if info["name"] in names}
-        return {"models": models, "in_flight": {name: self.in_flight[name] for name in names}}
+        return {"models": models, "in_flight": {name: self._named_in_flight(name) for name in names}}
+
+    def _named_in_flight(self, name: str) -> int:
+        """Requests using `name`: its current addition's and the removed one's still finishing."""
+        keys = {self._in_flight_key(name), self.retired_uids.get(name, name)}
+        return sum(self.in_flight[key] for key in keys)
 
 
 def delete_adapters(base: Any, names: set[str]) -> None:
