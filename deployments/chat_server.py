@@ -231,11 +231,11 @@ class ChatServer(FamilyServer):
             deltas: asyncio.Queue = asyncio.Queue()
             params.sink = lambda text: call_soon(loop, deltas.put_nowait, text)
             if params.logprobs:
-                params.logprob_sink = lambda entry: call_soon(loop, deltas.put_nowait, entry)
+                params.logprob_sink = lambda given: call_soon(loop, deltas.put_nowait, given)
             done = asyncio.ensure_future(self._until_cancelled(params, self._generate(params, spec, loaded)))
             # Runs after every delta the generate call queued: they were scheduled before its result.
             done.add_done_callback(lambda _: deltas.put_nowait(_END))
-            sent, entries = "", []
+            sent, entries, emitted = "", [], 0
             try:  # from here on, however the stream ends, the generation is cancelled with it
                 if params.echo:
                     text, echoed = self._echo(loaded, params)
@@ -252,17 +252,19 @@ class ChatServer(FamilyServer):
                         if isinstance(piece, str):
                             text += piece
                         else:
-                            entries.append(piece)
+                            entries.extend(piece)
                     if not text:
                         continue
                     sent += text
                     for item in _stream_items(text, entries, calls, loaded.tokenizer):
                         yield item
-                    entries = []
+                    emitted, entries = emitted + len(entries), []
                 result: ChatResult = raise_if_error(done.result())
             finally:
                 done.cancel()  # the client went away: the row is dropped at generate's next step
         tail = result.text[len(sent):] if len(result.text) > len(sent) and result.text.startswith(sent) else ""
+        if result.logprobs is not None:  # those of the text held back to the end (a stop string's are not there)
+            entries = list(result.logprobs[emitted:])
         for item in _stream_items(tail, entries, calls, loaded.tokenizer, final=True):
             yield item
         finish = "tool_calls" if calls is not None and calls.calls else result.finish_reason

@@ -83,17 +83,14 @@ class Row:
             self.params.first_token_at = time.monotonic()
             if self.params.running is not None:
                 self.params.running()
+        entry = None
         if self.hooks is not None:
             self.hooks.taken(token)
             if sampled and self.pending is not None:
-                self.logprobs.append(self.pending)
-                if self.params.logprob_sink is not None:
-                    try:
-                        self.params.logprob_sink(self.pending)
-                    except Exception:
-                        pass
+                entry = self.pending
+                self.logprobs.append(entry)
         self.pending = None
-        self.stream.push(token)
+        self.stream.push(token, entry)  # a streamed entry goes out with its token's text
 
 
 class Group:
@@ -426,8 +423,15 @@ class DecodeLoop:
         except Exception as exc:  # told to this row alone: the batch's other rows are settled after it
             _tell(row.done, exc)
             return
+        logprobs = None
+        if row.params.logprobs:
+            logprobs = row.logprobs
+            kept, stopped = cut_at_stop(row.stream.text, row.params.stop)
+            if stopped:  # the tokens of the stop string are not in the reply: nor are their logprobs
+                logprobs = logprobs[: row.stream.kept_tokens(len(kept))]
+        # completion_tokens counts every token made, the stop string's too: they were computed
         result = ChatResult(text, row.prompt_tokens, len(row.tokens), row.finish or "stop",
-                            logprobs=row.logprobs if row.params.logprobs else None,  # type: ignore[arg-type]
+                            logprobs=logprobs,  # type: ignore[arg-type]
                             cached_tokens=row.cached_tokens)
         _tell(row.done, result)
 
@@ -470,7 +474,7 @@ def drop_leaked_adapter_hooks(model: Any) -> None:
 def new_row(spec: ModelSpec, loaded: LoadedModel, params: ChatParams, done: Done) -> Row:
     end_ids = end_token_ids(loaded)
     limit = params.max_new_tokens or spec.max_new_tokens
-    stream = RowStream(loaded.tokenizer, params.sink, params.stop, limit, end_ids)
+    stream = RowStream(loaded.tokenizer, params.sink, params.stop, limit, end_ids, params.logprob_sink)
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device="cpu")

@@ -6,6 +6,7 @@ model inputs (`encode`).
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections.abc import Callable
@@ -171,10 +172,13 @@ class RowStream:
     the request's own limit, no half of a multi-byte character, no prefix of a stop string."""
 
     def __init__(self, tokenizer: Any, sink: Callable[[str], None] | None, stops: list[str], limit: int,
-                 end_ids: set[int]):
+                 end_ids: set[int], entry_sink: Callable[[list], None] | None = None):
         """`sink` None: nobody reads the text as it grows (a reply sent whole); it is decoded at all only
-        to find stop strings (two tokenizer calls per token: ~10% of the tiny model's decode loop)."""
+        to find stop strings (two tokenizer calls per token: ~10% of the tiny model's decode loop).
+        `entry_sink`: takes the logprob entries of the tokens whose text a `sink` call sends, just before
+        that call (the entries of a stop string's tokens are never sent)."""
         self.tokenizer, self.sink, self.limit, self.end_ids = tokenizer, sink, limit, end_ids
+        self.entry_sink = entry_sink
         self.decode = text_decoder(tokenizer)
         self.stops = [s for s in stops if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
@@ -185,14 +189,19 @@ class RowStream:
         self.prefix_offset = self.read_offset = 0
         self.sent = ""
         self.done = False
+        self.starts: list[int] = []  # where each token's text begins in `text`
+        self.owed: list[tuple[int, Any]] = []  # (start, logprob entry) of tokens whose text is not sent yet
 
-    def push(self, token: int) -> None:
+    def push(self, token: int, entry: Any = None) -> None:
         if self.done:
             return
         if token in self.end_ids or len(self.tokens) >= self.limit:
             self.done = True
             return
         self.tokens.append(token)
+        self.starts.append(len(self.text))
+        if entry is not None and self.entry_sink is not None:
+            self.owed.append((len(self.text), entry))
         if self.sink is None and not self.stops:
             return
         decode = self.decode
@@ -209,7 +218,17 @@ class RowStream:
             ready = text[: len(text) - self.hold]
         if self.sink is not None and len(ready) > len(self.sent) and ready.startswith(self.sent):
             try:
+                if self.owed:
+                    given = [entry for start, entry in self.owed if start < len(ready)]
+                    self.owed = self.owed[len(given):]
+                    if given:
+                        self.entry_sink(given)  # type: ignore[misc]
                 self.sink(ready[len(self.sent):])
             except Exception:  # the request went away: the rest of the batch goes on
                 self.done = True
             self.sent = ready
+
+    def kept_tokens(self, length: int) -> int:
+        """How many tokens the first `length` characters of the text come from (a reply cut at a stop
+        string keeps the logprobs of those alone)."""
+        return bisect.bisect_left(self.starts, length)

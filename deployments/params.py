@@ -41,8 +41,8 @@ class ChatParams:
     echo: bool = False  # /v1/completions: the prompt is part of the returned text
     # Set inside the replica for a streamed request: called with each text delta, on the inference thread.
     sink: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
-    # ... and with each sampled token's logprob entry (with `logprobs`), before the delta holding its text
-    logprob_sink: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
+    # ... and (with `logprobs`) with the logprob entries of the tokens a delta's text comes from, just before it
+    logprob_sink: Callable[[list], None] | None = field(default=None, repr=False, compare=False)
     # Set inside the replica: the compiled grammar of `constraint` for this request's row
     grammar: Any = field(default=None, repr=False, compare=False)
     # Set inside the replica: the model inputs of this request alone (template applied, tokenized,

@@ -104,6 +104,23 @@ def test_stop_cuts_before_the_stop_sequence(demo_app, alone):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == whole[: whole.index(" of")]
 
 
+def test_a_stop_string_takes_its_tokens_logprobs_with_it(demo_app, alone):
+    """The logprobs of a reply cut at a stop string are those of its text: "The capital" with stop " of",
+    not also " of" (found by review: every token made was listed)."""
+    prompt = KNOWN[0][0]
+    kept = alone[prompt][: alone[prompt].index(" of")]
+    reply = ask(demo_app, prompt, stop=" of", logprobs=True, top_logprobs=2)
+    entries = reply.choices[0].logprobs.content
+    assert reply.choices[0].message.content == kept
+    assert b"".join(bytes(e.bytes) for e in entries).decode() == kept, [e.token for e in entries]
+    assert reply.usage.completion_tokens >= len(entries) + 1  # the stop string's token was made all the same
+    stream = demo_app.openai().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=MAX_TOKENS,
+        stop=" of", logprobs=True, top_logprobs=2, stream=True)
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 3)) for e in streamed] == [(e.token, round(e.logprob, 3)) for e in entries]
+
+
 def test_max_tokens_is_honoured_with_finish_reason_length(demo_app, alone):
     prompt = KNOWN[0][0]
     reply = ask(demo_app, prompt, max_tokens=3)
