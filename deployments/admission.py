@@ -137,12 +137,24 @@ async def to_thread_held(fn: Callable[..., T], *args: Any) -> T:
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
-        while not work.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([work])
-        if not work.cancelled():
-            work.exception()  # retrieved: its outcome no longer matters to anyone
+        await settle(work)
         raise
+
+
+async def settle(work: asyncio.Future, bound_s: float | None = None) -> None:
+    """Wait for `work` to end (at most `bound_s`), whatever cancellations come meanwhile: a cancelled
+    request calls this before its memory hold is released, for work that goes on without it (a thread,
+    a model call that drops its row at the next step)."""
+    loop = asyncio.get_running_loop()
+    deadline = None if bound_s is None else loop.time() + bound_s
+    while not work.done():
+        left = None if deadline is None else deadline - loop.time()
+        if left is not None and left <= 0:
+            return  # something is wrong with the work (the health check says so); nothing is gained by waiting
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([work], timeout=left)
+    if not work.cancelled():
+        work.exception()  # retrieved: its outcome no longer matters to anyone
 
 
 class MemoryGate:

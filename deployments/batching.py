@@ -23,13 +23,15 @@ Handler = Callable[[list[Any]], Awaitable[list[Any]]]
 
 class Batcher(Generic[Item]):
     def __init__(self, handler: Handler, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.0,
-                 priority: Callable[[Any], int] | None = None):
+                 priority: Callable[[Any], int] | None = None, abandoned: Callable[[Any], bool] | None = None):
         """`handler(items)` returns one result (or exception instance) per item, in order.
         `batch_wait_timeout_s` > 0 makes a batch that starts on an idle model wait that long to fill.
         `priority(item)`: the next batch takes the waiting items of lowest value first (arrival order
-        among equals); None: arrival order."""
+        among equals); None: arrival order. `abandoned(item)`: a waiting item its caller gave up on, dropped
+        like a cancelled caller's (one that waits on, shielded, for the item's memory to be let go)."""
         self._handler = handler
         self.priority = priority
+        self.abandoned = abandoned
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self._queue: deque[tuple[Item, asyncio.Future]] = deque()
@@ -54,6 +56,8 @@ class Batcher(Generic[Item]):
             batch: list[tuple[Item, asyncio.Future]] = []
             while self._queue and len(batch) < self.max_batch_size:
                 item, future = self._queue.popleft()
+                if not future.done() and self.abandoned is not None and self.abandoned(item):
+                    future.cancel()
                 if not future.done():  # a cancelled caller (client went away) is dropped
                     batch.append((item, future))
             if not batch:

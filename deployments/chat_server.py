@@ -16,10 +16,10 @@ from typing import Any, ClassVar
 
 from loading import LoadedModel, ModelSpec
 
-from .admission import chat_request_bytes, decoded_image_bytes, to_thread_held
+from .admission import chat_request_bytes, decoded_image_bytes, settle, to_thread_held
 from .batching import Batcher
 from .errors import InvalidRequestError, context_length_exceeded
-from .family_server import FamilyServer, raise_if_error
+from .family_server import FamilyServer, cancelled, raise_if_error
 from .options import ChatOptions
 from .params import ChatParams, ChatResult
 from .wakeups import call_soon
@@ -35,7 +35,7 @@ class ChatServer(FamilyServer):
         self._decoder: Any = None  # the DecodeLoop, made on first use (it imports torch)
         self._decoding: asyncio.Future | None = None  # the inference thread's run of the loop
         self._chat_batch = Batcher(self._chat_batch_call, options.max_batch_size, options.batch_wait_timeout_s,
-                                   priority=lambda params: params.priority)
+                                   priority=lambda params: params.priority, abandoned=cancelled)
         self._longest_token: dict[int, int] = {}  # id(tokenizer) -> most characters one token decodes to
         self.batch_stats["scheduling_policy"] = options.scheduling_policy  # shown in /health beside the counters
 
@@ -262,6 +262,7 @@ class ChatServer(FamilyServer):
                 result: ChatResult = raise_if_error(done.result())
             finally:
                 done.cancel()  # the client went away: the row is dropped at generate's next step
+                await settle(done)  # and its memory stays held until then (_until_cancelled)
         tail = result.text[len(sent):] if len(result.text) > len(sent) and result.text.startswith(sent) else ""
         if result.logprobs is not None:  # those of the text held back to the end (a stop string's are not there)
             entries = list(result.logprobs[emitted:])

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 
 from loading import LoadedModel, ModelSpec
 
-from .admission import MB, MemoryGate
+from .admission import MB, MemoryGate, settle
 from .metrics import FamilyMetrics
 from .options import FamilyOptions
 from .pool import ModelPool
@@ -27,6 +27,12 @@ from .threads import ComputeThreads
 from .wakeups import call_soon
 
 T = TypeVar("T")
+
+
+def cancelled(params: Any) -> bool:
+    """Whether a request's caller gave up on it (its client left, the ingress timed out)."""
+    event = getattr(params, "cancelled", None)
+    return event is not None and event.is_set()
 
 
 class FamilyServer:
@@ -132,13 +138,18 @@ class FamilyServer:
 
     async def _until_cancelled(self, params: Any, work: Awaitable[T]) -> T:
         """Await `work` for a request; if the request is cancelled (client gone, ingress timeout),
-        flag it so the model call drops it at its next step, then let the cancellation through."""
+        flag it so the model call drops it at its next step, wait for the call to let go of it, then let
+        the cancellation through. So the request's memory hold (released as the cancellation goes up) lasts
+        as long as the memory: a generate() batch keeps a dropped row's cache to the batch's end, and a
+        model call on the inference thread cannot be stopped."""
         params.cancelled = params.cancelled or threading.Event()
+        task = asyncio.ensure_future(work)
         try:
-            return await work
+            return await asyncio.shield(task)
         except asyncio.CancelledError:
             params.cancelled.set()
             self.batch_stats["cancelled"] += 1
+            await settle(task, self._stuck_after_s)
             raise
 
     @contextlib.contextmanager

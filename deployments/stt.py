@@ -21,10 +21,10 @@ import numpy as np
 
 from loading import ModelSpec
 
-from .admission import FLOAT_BYTES, to_thread_held, transcription_request_bytes
+from .admission import FLOAT_BYTES, settle, to_thread_held, transcription_request_bytes
 from .audio import resample
 from .batching import Batcher
-from .family_server import FamilyServer, raise_if_error
+from .family_server import FamilyServer, cancelled, raise_if_error
 from .options import TranscriptionOptions
 from .params import TranscribeParams, TranscribeResult
 
@@ -36,7 +36,7 @@ class STTServer(FamilyServer):
     def __init__(self, specs: list[ModelSpec], options: TranscriptionOptions):
         super().__init__(specs, options)
         self._transcribe_batch: Batcher[TranscribeParams] = Batcher(self._transcribe_batch_call, options.max_batch_size,
-                                         options.batch_wait_timeout_s)
+                                         options.batch_wait_timeout_s, abandoned=cancelled)
 
     @contextlib.asynccontextmanager
     async def _admitted(self, params: TranscribeParams) -> AsyncIterator[Any]:
@@ -114,6 +114,8 @@ class STTServer(FamilyServer):
             finally:
                 for future in window:
                     future.cancel()
+                for future in window:  # each piece's memory stays held until its model call lets go of it
+                    await settle(future)
         yield {"result": TranscribeResult(" ".join(t for t in texts if t).strip(), language,
                                           round(len(audio) / rate, 3), segments, words)}
 

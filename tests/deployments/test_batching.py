@@ -97,6 +97,27 @@ def test_a_caller_that_went_away_is_not_run():
     assert asyncio.run(main()) == [[1], [3]]
 
 
+def test_an_item_its_caller_abandoned_while_it_waited_is_not_run_and_its_caller_is_told():
+    """A cancelled request waits on, shielded, for what it holds to be let go (_until_cancelled); its item
+    still queued must not then run for nobody."""
+    async def main():
+        recorder = Recorder(delay=0.05)
+        abandoned: set[int] = set()
+        batcher = Batcher(recorder, max_batch_size=8, abandoned=abandoned.__contains__)
+        busy = asyncio.ensure_future(batcher(1))
+        await asyncio.sleep(0.01)
+        left = asyncio.ensure_future(batcher(2))
+        await asyncio.sleep(0)
+        abandoned.add(2)
+        assert await batcher(3) == 6
+        await busy
+        with pytest.raises(asyncio.CancelledError):
+            await left
+        return recorder.calls
+
+    assert asyncio.run(main()) == [[1], [3]]
+
+
 @pytest.mark.parametrize("wait", [0.03])
 def test_a_batch_wait_lets_an_idle_model_collect_company(wait):
     async def main():

@@ -90,3 +90,38 @@ def test_a_stream_closed_at_its_echo_drops_its_generation(tiny_llm_dirs):
     assert first["delta"] == "Tell me a long story"
     assert steps < 20, f"{steps} decode steps ran after the client left at the echo"
     assert in_use == 0
+
+
+def test_a_request_cancelled_in_a_generate_batch_keeps_its_hold_until_the_batch_lets_go(tiny_llm_dirs, monkeypatch):
+    """generate() (Qwen2-VL's path; the tiny Llama is sent down it here) ends a cancelled row at its next
+    step, but the batch's cache keeps the row until the batch ends. The request's memory stays counted
+    until then; before, it was released at the cancellation (found by review)."""
+    from deployments import chat_server
+
+    monkeypatch.setattr(chat_server, "uses_decode_loop", lambda loaded: False)
+    spec = ModelSpec(name="tiny-llm", source=str(tiny_llm_dirs[0]), max_new_tokens=200, debug_step_delay_s=0.01)
+    server = LLMServer([spec], ChatOptions(batch_wait_timeout_s=0.2))
+
+    async def scenario():
+        await server.chat(ChatParams(model="tiny-llm", messages=[{"role": "user", "content": "hi"}], max_new_tokens=2,
+                                     temperature=0, wait_s=60))  # loaded
+        calls_before = server.batch_stats["model_calls"]
+        requests = [asyncio.ensure_future(server.chat(ChatParams(
+            model="tiny-llm", messages=[{"role": "user", "content": "Tell me a story"}], max_new_tokens=tokens,
+            temperature=0, wait_s=60))) for tokens in (150, 60)]
+        while server.batch_stats["model_calls"] == calls_before:  # the batch starts after batch_wait_timeout_s
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # ~10 of its steps
+        both = server.memory.in_use
+        requests[1].cancel()
+        await asyncio.sleep(0.15)
+        during = (requests[1].done(), server.memory.in_use)
+        longer = await asyncio.wait_for(requests[0], 60)
+        with pytest.raises(asyncio.CancelledError):
+            await requests[1]
+        return server.batch_stats["model_calls"] - calls_before, both, during, longer, server.memory.in_use
+
+    calls, both, during, longer, after = asyncio.run(scenario())
+    assert calls == 1  # the two rows shared one generate call
+    assert during == (False, both), "the cancelled row's memory was released while its batch kept it"
+    assert longer.completion_tokens == 150 and after == 0
