@@ -81,11 +81,12 @@ def transcription_request_bytes(config: Any, samples: int, chunks_per_call: int)
     return samples * FLOAT_BYTES * 2 + chunks_per_call * per_chunk
 
 
-def speech_request_bytes(config: Any, chars: int) -> int:
-    """VITS-style: ~0.1 s of audio per character at most, with the vocoder's wide upsampling layers."""
+def speech_request_bytes(config: Any, chars: int, speed: float = 1.0) -> int:
+    """VITS-style: ~0.1 s of audio per character at most at speed 1 (1/speed times that slower), with the
+    vocoder's wide upsampling layers."""
     rate = int(getattr(config, "sampling_rate", 16000))
     channels = int(getattr(config, "upsample_initial_channel", 512))
-    samples = int(chars * 0.1 * rate) + rate
+    samples = int(chars * 0.1 * rate / max(speed, 1e-3)) + rate
     return samples * FLOAT_BYTES * (2 + channels // 8)
 
 

@@ -208,7 +208,17 @@ def _soundfile_encoder(
 
 
 def _pcm16(samples: np.ndarray, rate: int) -> tuple[bytes, int]:
-    return (np.round(samples * 32767.0).astype("<i2")).tobytes(), rate
+    # clipped again here: resampling overshoots a full-scale waveform, and int16 would wrap the peaks around
+    return (np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")).tobytes(), rate
+
+
+#: `pcm` has no header to say its rate: OpenAI's is 24 kHz, and clients play it so (the openai package's
+#: LocalAudioPlayer, browsers' Realtime code), so every model's audio is written at that rate
+PCM_RATE = 24000
+
+
+def _pcm16_at_pcm_rate(samples: np.ndarray, rate: int) -> tuple[bytes, int]:
+    return _pcm16(resample(samples, rate, PCM_RATE), PCM_RATE)
 
 
 def _writable(format: str, subtype: str) -> bool:
@@ -219,7 +229,7 @@ def _writable(format: str, subtype: str) -> bool:
 _CANDIDATES: dict[str, tuple[str, Callable[[np.ndarray, int], tuple[bytes, int]], tuple[str, str] | None]] = {
     "wav": ("audio/wav", _soundfile_encoder("WAV", "PCM_16"), ("WAV", "PCM_16")),
     "flac": ("audio/flac", _soundfile_encoder("FLAC", "PCM_16"), ("FLAC", "PCM_16")),
-    "pcm": ("audio/pcm", _pcm16, None),
+    "pcm": ("audio/pcm", _pcm16_at_pcm_rate, None),
     "mp3": ("audio/mpeg", _soundfile_encoder("MP3", "MPEG_LAYER_III", _MP3_RATES), ("MP3", "MPEG_LAYER_III")),
     "opus": ("audio/ogg", _soundfile_encoder("OGG", "OPUS", _OPUS_RATES), ("OGG", "OPUS")),
 }
@@ -280,20 +290,21 @@ class StreamEncoder:
         self.fmt, self.rate = fmt, int(rate)
         self.media_type = SPEECH_FORMATS[fmt][0]
         self.streamed = fmt in STREAMED_FORMATS
-        self.written_rate = _supported_rate(self.rate, _OPUS_RATES) if fmt == "opus" else self.rate
+        self.written_rate = {"opus": _supported_rate(self.rate, _OPUS_RATES), "pcm": PCM_RATE}.get(fmt, self.rate)
         self._held: list[np.ndarray] = []  # flac/mp3: the whole audio, encoded at close
         self._file: Any = None
-        self._resampler = StreamResampler(self.rate, self.written_rate)  # opus: one stream, no seams
+        self._resampler = StreamResampler(self.rate, self.written_rate)  # opus, pcm: one stream, no seams
         self._buffer = io.BytesIO()
         self._sent = 0
         self._started = False
 
     def write(self, waveform: np.ndarray) -> bytes:
         samples = _prepare(waveform)
-        if self.fmt in ("pcm", "wav"):
-            head = b""
-            if self.fmt == "wav" and not self._started:
-                head = streaming_wav_header(self.rate)
+        if self.fmt == "pcm":
+            self._started = True
+            return _pcm16(self._resampler.feed(samples), PCM_RATE)[0]
+        if self.fmt == "wav":
+            head = b"" if self._started else streaming_wav_header(self.rate)
             self._started = True
             return head + _pcm16(samples, self.rate)[0]
         if self.fmt == "opus":
@@ -306,7 +317,9 @@ class StreamEncoder:
         return b""
 
     def close(self) -> bytes:
-        if self.fmt in ("pcm", "wav"):
+        if self.fmt == "pcm":
+            return _pcm16(self._resampler.flush(), PCM_RATE)[0]
+        if self.fmt == "wav":
             return b"" if self._started else self.write(np.zeros(0, dtype=np.float32))
         if self.fmt == "opus":
             if self._file is None:

@@ -307,7 +307,12 @@ class Ingress:
                     if data:
                         yield event(VoiceAudioDelta(audio=base64.b64encode(data).decode()))
                 else:
-                    if encoder is not None and (data := await self._off_loop(encoder.close)):
+                    if encoder is None:  # nothing speakable in the reply: a short pause of speech, as unstreamed
+                        pause = await self.synthesize(SpeechParams(model=names[Family.TTS], text="...", wait_s=wait_s))
+                        encoder = StreamEncoder(form.response_format, pause.sample_rate)
+                        if data := await self._off_loop(encoder.write, pause.waveform):
+                            yield event(VoiceAudioDelta(audio=base64.b64encode(data).decode()))
+                    if data := await self._off_loop(encoder.close):
                         yield event(VoiceAudioDelta(audio=base64.b64encode(data).decode()))
                     usage = VoiceUsage(prompt_tokens=item.usage.get("prompt_tokens", 0),
                                        completion_tokens=item.usage.get("completion_tokens", 0),
@@ -315,7 +320,7 @@ class Ingress:
                                        speech_input_tokens=item.usage.get("tts_tokens", 0))
                     yield event(VoiceDone(transcript=heard.text, reply=item.text, finish_reason=item.finish_reason,
                                           audio_format=form.response_format,
-                                          sample_rate=encoder.written_rate if encoder else 0,
+                                          sample_rate=encoder.written_rate,
                                           models=models, usage=usage))
 
     def _tts_chars(self) -> int:

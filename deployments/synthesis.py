@@ -13,19 +13,45 @@ from loading import LoadedModel, ModelSpec
 
 from .errors import InvalidRequestError, ServiceUnavailableError
 from .params import SpeechParams, SpeechResult
-from .text_split import split_text
+from .text_split import stream_pieces
 
 # VITS samples its durations: a fixed seed per piece makes the same text give the same audio.
 SEED = 0
 
 
+# OpenAI's voice names: on a model with several speakers, name i is speaker i (modulo their number), so
+# clients that always send one of these get distinct, stable voices
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse",
+                 "marin", "cedar")
+
+
 def model_kwargs(spec: ModelSpec, loaded: LoadedModel, params: SpeechParams) -> dict[str, Any]:
-    """What the model's forward takes besides the text (a 400 for a speed it cannot honour)."""
-    if "speaking_rate" in inspect.signature(loaded.model.forward).parameters:
-        return {"speaking_rate": params.speed}
-    if params.speed != 1.0:
+    """What the model's forward takes besides the text: the speed (a 400 for one it cannot honour) and,
+    for a model with several speakers, the one `voice` names."""
+    accepted = inspect.signature(loaded.model.forward).parameters
+    kwargs: dict[str, Any] = {}
+    if "speaking_rate" in accepted:
+        kwargs["speaking_rate"] = params.speed
+    elif params.speed != 1.0:
         raise InvalidRequestError(f"model {spec.name!r} does not support speed", param="speed")
-    return {}
+    speakers = int(getattr(loaded.model.config, "num_speakers", 1) or 1)
+    if speakers > 1 and "speaker_id" in accepted:
+        kwargs["speaker_id"] = speaker_id(spec, params.voice, speakers)
+    return kwargs
+
+
+def speaker_id(spec: ModelSpec, voice: str | None, speakers: int) -> int:
+    """`voice` as a speaker of a multi-speaker model: its number (0 to speakers-1), or an OpenAI voice name."""
+    if voice is None or voice == "":
+        return 0
+    name = voice.strip().lower()
+    if name in OPENAI_VOICES:
+        return OPENAI_VOICES.index(name) % speakers
+    if name.isdecimal() and int(name) < speakers:
+        return int(name)
+    raise InvalidRequestError(
+        f"voice {voice!r} is not a voice of model {spec.name!r}: it has {speakers} speakers; send a number from 0 "
+        f"to {speakers - 1} or one of {', '.join(OPENAI_VOICES)}", param="voice")
 
 
 def sample_rate(loaded: LoadedModel) -> int:
@@ -61,16 +87,17 @@ def past_timeout(spec: ModelSpec, started: float) -> ServiceUnavailableError | N
 
 def synthesize(spec: ModelSpec, loaded: LoadedModel, params: SpeechParams,
                max_chars_per_call: int = 400) -> SpeechResult:
-    """The text in pieces of at most `max_chars_per_call` (sentence boundaries first), one model call
-    each, joined; stops between pieces once the caller has gone away, and fails (503 naming the
-    bound) once generation_timeout_s has passed."""
+    """The text in the pieces a stream of it is made in (`stream_pieces`: VITS samples per call, so the
+    same pieces are what make the same text the same audio in every format), one model call each,
+    joined; stops between pieces once the caller has gone away, and fails (503 naming the bound) before
+    a piece once generation_timeout_s has passed (`synthesize_stream` applies the same rule per piece)."""
     kwargs = model_kwargs(spec, loaded, params)
     results: list[SpeechResult] = []
     started = time.monotonic()
-    for piece in split_text(params.text, max_chars_per_call):
+    for index, piece in enumerate(stream_pieces(params.text, max_chars_per_call)):
         if params.cancelled is not None and params.cancelled.is_set():
             break
-        if results and (error := past_timeout(spec, started)) is not None:
+        if index and (error := past_timeout(spec, started)) is not None:
             raise error
         result = synthesize_piece(loaded, piece, kwargs)
         if result is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 # Ends of sentences, then of clauses, then any whitespace: tried in this order. Chinese and Japanese
 # punctuation ends a sentence or clause with no space after it (their text has none).
@@ -23,7 +24,7 @@ def _split(text: str, max_chars: int, level: int) -> list[str]:
     if len(text) <= max_chars:
         return [text]
     if level == len(_BOUNDARIES):
-        return [text[i:i + max_chars] for i in range(0, len(text), max_chars)]
+        return _hard_cut(text, max_chars)
     pieces: list[str] = []
     current = ""
     for part in _BOUNDARIES[level].split(text):
@@ -43,6 +44,31 @@ def _split(text: str, max_chars: int, level: int) -> list[str]:
     if current:
         pieces.append(current)
     return pieces
+
+
+def _hard_cut(text: str, max_chars: int) -> list[str]:
+    """One over-long word in pieces of at most `max_chars`, each cut moved back before any combining mark,
+    vowel sign or joiner, which belong with the character before them (a piece starting with a lone
+    U+093F, or an accent apart from its letter, is mispronounced)."""
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        cut = start + max_chars
+        while cut > start + 1 and _joins_previous(text, cut):
+            cut -= 1
+        if cut == start + 1 and _joins_previous(text, cut):  # marks all the way: no better cut
+            cut = start + max_chars
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _joins_previous(text: str, index: int) -> bool:
+    """Whether text[index] belongs with the character before it: a combining mark or vowel sign, a
+    variation selector, a joiner, or what follows a zero-width joiner."""
+    char = text[index]
+    return (unicodedata.category(char) in ("Mn", "Mc", "Me") or char in "\u200c\u200d\ufe0e\ufe0f"
+            or text[index - 1] == "\u200d")
 
 
 def stream_pieces(text: str, max_chars: int, first_chars: int = 120) -> list[str]:

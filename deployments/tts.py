@@ -26,7 +26,7 @@ class TTSServer(FamilyServer):
         spec, loaded = await self.pool.get(params.model, params.wait_s)
         from . import synthesis  # torch side, imported on first use (loaded with the model by then)
 
-        need = speech_request_bytes(loaded.config, min(len(params.text), self.options.max_chars_per_call))
+        need = speech_request_bytes(loaded.config, min(len(params.text), self.options.max_chars_per_call), params.speed)
         with self._observed() as running:
             async with self.memory.hold(need, "this text", param="input"):
                 running()
@@ -46,23 +46,24 @@ class TTSServer(FamilyServer):
         so concurrent streams take turns instead of one long text holding the model. Errors (speed,
         nothing pronounceable) come before the first piece; a cancelled stream (client gone, barge-in)
         stops before its next piece. generation_timeout_s bounds each model call here, not the whole
-        stream: streams taking turns on one replica would all run out together (bench/HOSTILE.md)."""
+        stream: streams taking turns on one replica would all run out together (bench/HOSTILE.md). As in
+        `synthesize`, the bound is checked before a piece, so audio already made is never thrown away."""
         spec, loaded = await self.pool.get(params.model, params.wait_s)
         from . import synthesis
 
         kwargs = synthesis.model_kwargs(spec, loaded, params)
         pieces = stream_pieces(params.text, self.options.max_chars_per_call)
-        need = speech_request_bytes(loaded.config, max((len(p) for p in pieces), default=1))
+        need = speech_request_bytes(loaded.config, max((len(p) for p in pieces), default=1), params.speed)
         with self._observed() as running:
             async with self.memory.hold(need, "this text", param="input"):
                 running()
-                spoken = 0
-                for piece in pieces:
+                spoken, started = 0, time.monotonic()
+                for index, piece in enumerate(pieces):
+                    if index and (error := synthesis.past_timeout(spec, started)) is not None:
+                        raise error  # the last model call took longer than its bound: something is wrong
                     started = time.monotonic()
                     work = self._infer_model(loaded, synthesis.synthesize_piece, loaded, piece, kwargs)
                     result = await self._until_cancelled(params, work)
-                    if (error := synthesis.past_timeout(spec, started)) is not None:
-                        raise error  # one model call took longer than its bound: something is wrong
                     if result is not None:
                         self._count(spec.name, result, time.monotonic() - started)
                         spoken += 1

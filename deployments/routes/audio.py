@@ -156,8 +156,8 @@ async def _speech_events(encoder: StreamEncoder,
 
 
 async def _encode(encoder: StreamEncoder, fn, *args) -> bytes:
-    """pcm and wav are a cast of the samples; codecs run off the event loop."""
-    return fn(*args) if encoder.fmt in ("pcm", "wav") else await asyncio.to_thread(fn, *args)
+    """wav is a cast of the samples; codecs and pcm's resampling to 24 kHz run off the event loop."""
+    return fn(*args) if encoder.fmt == "wav" else await asyncio.to_thread(fn, *args)
 
 
 @router.post("/v1/audio/speech", response_class=Response,
@@ -169,7 +169,9 @@ async def create_speech(body: SpeechRequest, ingress: IngressDep, wait_s: WaitDe
     params = SpeechParams(model=body.model, text=body.input, voice=body.voice, speed=body.speed, wait_s=wait_s)
     if body.stream_format == "audio" and body.response_format not in STREAMED_FORMATS:
         result = await ingress.synthesize(params)  # flac, mp3: one body, with its length
-        data, media_type, _ = encode_audio_with_rate(result.waveform, result.sample_rate, body.response_format)
+        # off the event loop: ~0.5 s of mp3 encoding for minutes of speech would hold up every other request
+        data, media_type, _ = await ingress._off_loop(encode_audio_with_rate, result.waveform, result.sample_rate,
+                                                      body.response_format)
         return Response(data, media_type=media_type)
     pieces = ingress.synthesize_stream(params)
     first = await pieces.__anext__()  # errors before the first piece are plain HTTP errors

@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from loading import Family
 
 from ..audio import encode_audio_with_rate
+from ..errors import InvalidRequestError
 from ..limits import check_speech_text
 from ..params import SpeechParams, TranscribeParams
 from ..protocol import GenerateRequest, GenerateResponse, LegacySttForm, TtsRequest
@@ -38,7 +39,13 @@ async def stt(form: Annotated[LegacySttForm, MULTIPART], ingress: IngressDep, wa
 @router.post("/tts", response_class=Response, responses={200: {"content": {"audio/wav": {}}}})
 async def tts(body: TtsRequest, ingress: IngressDep, wait_s: WaitDep) -> Response:
     check_speech_text(body.text, ingress.limits, "text")
-    result = await ingress.synthesize(SpeechParams(model=ingress.default_model(Family.TTS), text=body.text,
-                                                   wait_s=wait_s))
+    try:
+        result = await ingress.synthesize(SpeechParams(model=ingress.default_model(Family.TTS), text=body.text,
+                                                       wait_s=wait_s))
+    except InvalidRequestError as exc:  # the speech route's field is `input`; this one's is `text`
+        if exc.param != "input":
+            raise
+        message = "text" + exc.message[len("input"):] if exc.message.startswith("input") else exc.message
+        raise InvalidRequestError(message, param="text", code=exc.code) from None
     data, media_type, _ = encode_audio_with_rate(result.waveform, result.sample_rate, "wav")
     return Response(data, media_type=media_type)

@@ -13,6 +13,7 @@ from deployments.audio import (
     SPEECH_FORMATS,
     AudioBounds,
     AudioDecodeError,
+    StreamEncoder,
     StreamResampler,
     UnsupportedAudioFormat,
     chunk,
@@ -61,8 +62,9 @@ def test_encode_decode_round_trip(fmt, rate):
     assert encode_audio(sine(rate), rate, fmt)[1] == media_type
     samples, decoded_rate = decode_any(data, fmt, written_rate)
     assert decoded_rate == written_rate
-    # opus only takes 8/12/16/24/48 kHz: 22050 goes up to 24000; the others keep the rate
-    expected_rate = 24000 if (fmt, rate) == ("opus", 22050) else rate
+    # opus only takes 8/12/16/24/48 kHz: 22050 goes up to 24000; pcm is always 24 kHz (OpenAI's, and it has
+    # no header to say otherwise); the others keep the rate
+    expected_rate = 24000 if (fmt, rate) == ("opus", 22050) or fmt == "pcm" else rate
     assert written_rate == expected_rate
     assert len(samples) / decoded_rate == pytest.approx(1.0, abs=0.03)
     assert peak_hz(samples, decoded_rate) == pytest.approx(440, abs=5)
@@ -70,10 +72,16 @@ def test_encode_decode_round_trip(fmt, rate):
     assert np.sqrt(np.mean(samples**2)) == pytest.approx(0.5 / np.sqrt(2), abs=0.03)
 
 
-def test_pcm_is_raw_little_endian_int16():
-    data, media_type = encode_audio(np.array([0.0, 1.0, -1.0, 0.5], dtype=np.float32), 16000, "pcm")
+def test_pcm_is_raw_little_endian_int16_at_24_khz():
+    data, media_type = encode_audio(np.array([0.0, 1.0, -1.0, 0.5], dtype=np.float32), 24000, "pcm")
     assert media_type == "audio/pcm"
     assert np.frombuffer(data, dtype="<i2").tolist() == [0, 32767, -32767, 16384]
+    tone = sine(16000, seconds=1.0, freq=440)  # a 16 kHz model's audio: 1.5x the samples, the same pitch
+    whole = np.frombuffer(encode_audio(tone, 16000, "pcm")[0], dtype="<i2")
+    assert len(whole) == 24000 and peak_hz(whole.astype(np.float32), 24000) == pytest.approx(440, abs=2)
+    encoder = StreamEncoder("pcm", 16000)  # streamed in pieces: the same samples as whole
+    streamed = b"".join([encoder.write(tone[i:i + 1234]) for i in range(0, len(tone), 1234)] + [encoder.close()])
+    assert np.abs(np.frombuffer(streamed, dtype="<i2").astype(np.int32) - whole).max() <= 2
 
 
 def test_encode_clips_and_accepts_model_shapes():

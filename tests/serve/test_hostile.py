@@ -218,6 +218,8 @@ def corpus() -> list[Case]:
                                                                                    "max_new_tokens": 10_000}}),
         Case("/tts text of 5000 chars", "/tts", 400, {"json": {"text": "a" * 5000}}, "text"),
         Case("/tts empty text", "/tts", 400, {"json": {"text": ""}}, "text"),
+        Case("/tts nothing pronounceable: the 400 names its own field", "/tts", 400, {"json": {"text": "🙂 ★"}},
+             "text"),
         Case("/stt without audio", "/stt", 400, {"data": {"x": "y"}}),
         Case("/stt garbage", "/stt", 400, {"files": {"audio": ("a.wav", b"garbage")}}, "file"),
         Case("/stt 16-channel audio", "/stt", 400, {"files": {"audio": ("a.wav", audio_bytes(0.5, channels=16))}}),

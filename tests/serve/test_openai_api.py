@@ -16,6 +16,8 @@ import openai
 import pytest
 import soundfile as sf
 
+from deployments.audio import resample
+
 from serve_testutil import free_port, png_data_uri, wav_bytes
 
 pytestmark = pytest.mark.usefixtures("demo_app")
@@ -363,11 +365,11 @@ def test_speech_in_every_format_decodes_back(demo_app, speech_wav, fmt):
     assert response.headers["content-type"] == media_type
     data = response.content
     assert has_container(data), f"{fmt}: not a {fmt} container: {data[:16]!r}"
-    if fmt == "pcm":  # raw 16-bit little-endian mono at 16 kHz: exactly the WAV's samples, no header
-        assert len(data) == 2 * len(speech_wav)
-        samples = np.frombuffer(data, dtype="<i2")
-        # the same audio, sample for sample (int16 scaling by 32767 or 32768 differs by up to 2 LSB)
-        assert np.abs(samples.astype(np.int32) - speech_wav.astype(np.int32)).max() <= 4
+    if fmt == "pcm":  # raw 16-bit little-endian mono at 24 kHz, as OpenAI's: the WAV's samples resampled, no header
+        assert len(data) == 2 * len(speech_wav) * 3 // 2
+        samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767
+        expected = np.clip(resample(speech_wav.astype(np.float32) / 32767, 16000, 24000), -1, 1)
+        assert np.abs(samples - expected).max() < 2e-3  # the same audio (int16 rounding apart)
         return
     info = sf.info(io.BytesIO(data))
     assert info.format == {"wav": "WAV", "flac": "FLAC", "mp3": "MP3", "opus": "OGG"}[fmt], info

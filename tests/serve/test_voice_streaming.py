@@ -20,6 +20,8 @@ import openai
 import pytest
 import soundfile as sf
 
+from deployments.audio import resample
+
 from serve_testutil import wav_bytes
 
 pytestmark = pytest.mark.usefixtures("demo_app")
@@ -51,13 +53,18 @@ def test_speech_sse_sends_one_delta_per_sentence_then_done_with_usage(demo_app):
         events = sse_events(response.iter_lines())
     deltas = [e for e in events if e["type"] == "speech.audio.delta"]
     assert [e["type"] for e in events] == ["speech.audio.delta"] * len(deltas) + ["speech.audio.done"]
-    assert len(deltas) == 3  # one per sentence: the first is sent before the second is synthesized
+    # one per sentence (the first is sent before the second is synthesized), then the resampler's last
+    # few samples (pcm is 24 kHz; the model's 16 kHz audio is resampled as one stream)
+    assert len(deltas) == 4 and len(base64.b64decode(deltas[3]["audio"])) < 200
     usage = events[-1]["usage"]
     assert usage["input_tokens"] > len(SENTENCES) and usage["total_tokens"] == usage["input_tokens"]
     pcm = b"".join(base64.b64decode(e["audio"]) for e in deltas)
-    # each sentence alone is what the plain route says for it (synthesis is seeded per piece)
-    first = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello there.", response_format="pcm")
-    assert base64.b64decode(deltas[0]["audio"]) == first.content
+    # each sentence alone is what the plain route says for it (synthesis is seeded per piece), up to the
+    # resampler's few samples that reach into the next sentence
+    first = np.frombuffer(client.audio.speech.create(model="tts-1", voice="alloy", input="Hello there.",
+                                                     response_format="pcm").content, dtype="<i2").astype(np.int32)
+    sent = np.frombuffer(base64.b64decode(deltas[0]["audio"]), dtype="<i2").astype(np.int32)
+    assert len(first) - 100 < len(sent) <= len(first) and np.abs(sent[:-100] - first[: len(sent) - 100]).max() <= 2
     # and the chunked audio stream carries the same bytes as the events
     with client.audio.speech.with_streaming_response.create(
             model="tts-1", voice="alloy", input=SENTENCES, response_format="pcm") as response:
@@ -75,8 +82,11 @@ def test_streamed_wav_has_a_streaming_header_and_decodes_to_the_pcm(demo_app):
     assert data[:4] == b"RIFF" and data[8:12] == b"WAVE" and struct.unpack("<I", data[4:8])[0] == 0xFFFFFFFF
     samples, rate = sf.read(io.BytesIO(data), dtype="int16")
     assert rate == 16000
+    whole = client.audio.speech.create(model="tts-1", voice="alloy", input=SENTENCES, response_format="wav").content
+    assert samples.tobytes() == sf.read(io.BytesIO(whole), dtype="int16")[0].tobytes()  # streamed = whole
     pcm = client.audio.speech.create(model="tts-1", voice="alloy", input=SENTENCES, response_format="pcm").content
-    assert samples.tobytes() == pcm
+    as_pcm = np.clip(resample(samples.astype(np.float32) / 32767, 16000, 24000), -1, 1)  # the same audio at 24 kHz
+    assert np.abs(np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32767 - as_pcm).max() < 2e-3
 
 
 @pytest.mark.parametrize("fmt,container", [("opus", b"OggS"), ("flac", b"fLaC"), ("mp3", None)])
@@ -196,6 +206,7 @@ def test_voice_round_trip_streams_transcript_text_and_audio(demo_app):
     assert done["models"] == {"stt": "tiny-whisper", "llm": "smollm2-135m-instruct", "tts": "tiny-vits"}  # the first LLM
     assert done["usage"]["completion_tokens"] > 0 and done["usage"]["prompt_tokens"] > 0
     audio = b"".join(base64.b64decode(e["audio"]) for e in events if e["type"] == "audio.delta")
+    # audio always (a reply with nothing speakable is a short pause, as unstreamed); pcm is 24 kHz
+    assert done["sample_rate"] == 24000 and len(audio) > 0 and len(audio) % 2 == 0
     if any(c.isalnum() for c in done["reply"]):
-        assert done["sample_rate"] == 16000 and len(audio) > 0 and len(audio) % 2 == 0
         assert done["usage"]["speech_input_tokens"] > 0

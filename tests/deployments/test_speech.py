@@ -1,0 +1,131 @@
+"""Text-to-speech in-process on tiny VITS models: the same text is the same audio on every path, `voice`
+picks a speaker of a multi-speaker model, `speed` is in the memory estimate, generation_timeout_s is one
+rule, and over-long words are cut between graphemes (found by review)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import unicodedata
+
+import numpy as np
+import pytest
+
+from deployments.admission import speech_request_bytes
+from deployments.errors import InvalidRequestError, ServiceUnavailableError
+from deployments.options import SpeechOptions
+from deployments.params import SpeechParams
+from deployments.text_split import split_text, stream_pieces
+from deployments.tts import TTSServer
+from loading import Family, ModelSpec
+from loading.tiny import build_tiny
+
+TEXT = "Hello there. How are you today? I am fine, thank you."
+
+
+@pytest.fixture(scope="module")
+def vits_dirs(tmp_path_factory):
+    """A one-speaker tiny VITS, and the same architecture with 4 speakers (as VITS-VCTK has 109)."""
+    import torch
+    from transformers import VitsConfig, VitsModel
+
+    root = tmp_path_factory.mktemp("vits")
+    single = build_tiny("tts", root / "single")
+    multi = build_tiny("tts", root / "multi")
+    config = json.loads((multi / "config.json").read_text())
+    config.update(num_speakers=4, speaker_embedding_size=16)
+    torch.manual_seed(0)
+    VitsModel(VitsConfig.from_dict(config)).save_pretrained(multi)
+    return single, multi
+
+
+def _server(path, **spec) -> TTSServer:
+    return TTSServer([ModelSpec(name="vits", source=str(path), family=Family.TTS, **spec)], SpeechOptions())
+
+
+def _say(server: TTSServer, text: str, **fields):
+    async def both():
+        plain = await server.synthesize(SpeechParams(model="vits", text=text, wait_s=60, **fields))
+        pieces = [p async for p in server.synthesize_stream(SpeechParams(model="vits", text=text, wait_s=60,
+                                                                         **fields))]
+        return plain, pieces
+
+    return asyncio.run(both())
+
+
+def test_the_same_text_is_the_same_audio_whole_or_streamed(vits_dirs):
+    """flac and mp3 are made whole, wav/pcm/opus and SSE streamed: VITS samples per model call, so both
+    must call it with the same pieces (before, "Hello there. ..." gave 12,224 samples whole, 8,512 streamed)."""
+    plain, pieces = _say(_server(vits_dirs[0]), TEXT)
+    assert len(pieces) > 1
+    assert np.array_equal(plain.waveform, np.concatenate([p.waveform for p in pieces]))
+    assert plain.tokens == sum(p.tokens for p in pieces)
+
+
+def test_voice_picks_a_speaker_of_a_multi_speaker_model(vits_dirs):
+    server = _server(vits_dirs[1])
+
+    def audio(voice):
+        return asyncio.run(server.synthesize(SpeechParams(model="vits", text="hello world", voice=voice,
+                                                          wait_s=60))).waveform
+
+    zero, three = audio("0"), audio("3")
+    assert not (len(zero) == len(three) and np.allclose(zero, three))  # the voice reaches the model
+    assert np.array_equal(audio("alloy"), zero) and np.array_equal(audio("ash"), audio("1"))  # OpenAI names: i -> i
+    assert np.array_equal(audio(None), zero)
+    for wrong in ("no-such-voice", "4", "-1"):
+        with pytest.raises(InvalidRequestError, match="has 4 speakers") as refused:
+            audio(wrong)
+        assert refused.value.param == "voice"
+    streamed = _say(server, "hello world", voice="3")[1]  # the stream speaks with the same voice
+    assert np.array_equal(np.concatenate([p.waveform for p in streamed]), three)
+    single = _server(vits_dirs[0])  # one speaker: any voice name is taken and changes nothing
+    ignored = asyncio.run(single.synthesize(SpeechParams(model="vits", text="hi", voice="no-such-voice", wait_s=60)))
+    assert np.array_equal(ignored.waveform,
+                          asyncio.run(single.synthesize(SpeechParams(model="vits", text="hi", wait_s=60))).waveform)
+
+
+def test_speed_is_in_the_memory_estimate(vits_dirs):
+    """A slower voice makes more audio: ~1/speed (2.9x the samples at 0.25 for 400 characters on the tiny model;
+    about 2x for this short text, whose pieces' durations are rounded up)."""
+    plain, _ = _say(_server(vits_dirs[0]), TEXT)
+    slow, _ = _say(_server(vits_dirs[0]), TEXT, speed=0.25)
+    assert len(slow.waveform) > 1.5 * len(plain.waveform)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(vits_dirs[0])
+    assert speech_request_bytes(config, 400, 0.25) > 3.5 * speech_request_bytes(config, 400) / 1.1
+
+
+def test_generation_timeout_is_one_rule_on_both_paths(vits_dirs):
+    """Checked before each piece after the first: one sentence is never cut, and audio already made is
+    not thrown away; more pieces past the bound are a 503 whole or streamed alike."""
+    server = _server(vits_dirs[0], generation_timeout_s=1e-6)
+    plain, pieces = _say(server, "Hello there.")
+    assert len(pieces) == 1 and np.array_equal(plain.waveform, pieces[0].waveform)
+    with pytest.raises(ServiceUnavailableError, match="generation_timeout_s"):
+        asyncio.run(server.synthesize(SpeechParams(model="vits", text=TEXT, wait_s=60)))
+
+    async def stream():
+        made = []
+        with pytest.raises(ServiceUnavailableError, match="generation_timeout_s"):
+            async for piece in server.synthesize_stream(SpeechParams(model="vits", text=TEXT, wait_s=60)):
+                made.append(piece)
+        return made
+
+    assert len(asyncio.run(stream())) == 1  # the first piece was sent before the bound was found passed
+
+
+@pytest.mark.parametrize("word", [
+    "प्रतिनिधित्वविकेन्द्रीकरणराष्ट्रीयकरणअन्तर्राष्ट्रीयकरण" * 3,  # Devanagari vowel signs and viramas
+    unicodedata.normalize("NFD", "éèêëàâäôöûüç" * 8),  # decomposed accents
+    "👩‍👩‍👧‍👦" * 20,  # zero-width-joiner sequences
+])
+def test_an_over_long_word_is_cut_between_graphemes(word):
+    for limit in (8, 10, 16):  # at least a grapheme: the family emoji is 7 code points
+        for pieces in (split_text(word, limit), stream_pieces(word, limit)):
+            assert "".join(pieces) == word and all(len(p) <= limit for p in pieces)
+            for piece in pieces[1:]:
+                assert unicodedata.category(piece[0]) not in ("Mn", "Mc", "Me") and piece[0] != "\u200d", \
+                    (limit, piece)
+                assert not piece[0:1] == "\u200d"
