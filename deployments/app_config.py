@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from loading import Family, ModelSpec
+from loading import DevicePreference, Family, ModelSpec
 from loading.config import validate_unique_names
 
 from .auth import AuthConfig
@@ -78,6 +78,28 @@ class FamiliesConfig(BaseModel):
             merged[family] = {**defaults, **options}
         return merged
 
+    @field_validator("llm", "vlm", "stt", "tts")
+    @classmethod
+    def _replicas_in_order(cls, options: ChatOptions | TranscriptionOptions | SpeechOptions,
+                           info: ValidationInfo) -> ChatOptions | TranscriptionOptions | SpeechOptions:
+        """min <= initial <= max replicas, checked on the merged values: Ray's own refusal comes only when the
+        app is built and names a max_replicas the user may never have written (the family's default)."""
+        scaling = options.autoscaling
+        if scaling is None:
+            return options
+        family = info.field_name
+        low, start, high = scaling.min_replicas, scaling.initial_replicas, scaling.max_replicas
+        default_high = FAMILY_DEFAULTS[str(family)].get("autoscaling", {}).get("max_replicas")
+        whose = f" (the {family} family's default when max_replicas is not set)" if high == default_high else ""
+        where = f"families.{family}.autoscaling"
+        if low > high:
+            raise ValueError(f"{where}: min_replicas={low} is above max_replicas={high}{whose}; set max_replicas: "
+                             f"{low} or more there, or lower min_replicas")
+        if start is not None and not low <= start <= high:
+            raise ValueError(f"{where}: initial_replicas={start} is outside min_replicas={low} .. max_replicas="
+                             f"{high}{whose}; set initial_replicas within them, or move the bound")
+        return options
+
     def __getitem__(self, family: Family) -> ChatOptions | TranscriptionOptions | SpeechOptions:
         return getattr(self, Family(family).value)
 
@@ -100,7 +122,8 @@ class AppConfig(BaseModel):
     )
     status_timeout_s: float = Field(default=3.0, gt=0, description="Limit on each family's answer to /health.")
     local_models_dir: str | None = Field(
-        default=None, description="LOCAL_MODELS_DIR for every replica (made absolute when the app is built)."
+        default=None, description=("LOCAL_MODELS_DIR for every replica (made absolute when the app is built), and "
+                                   "for this app's models in `modelfleet doctor` and `fetch`.")
     )
     allowed_media_dirs: list[str] = Field(
         default_factory=list, description="Directories whose files may be named as file:// image URLs."
@@ -127,6 +150,18 @@ class AppConfig(BaseModel):
             raise ValueError(
                 f"ingress.voice_priority={self.ingress.voice_priority} orders nothing while the LLM family serves "
                 "requests in arrival order: set families.llm.scheduling_policy: priority, or voice_priority: 0")
+        return self
+
+    @model_validator(mode="after")
+    def _gpu_models_need_gpu_replicas(self) -> AppConfig:
+        """A model that must be on a GPU can only fail to load where its replica asks Ray for none."""
+        if self.device != "cpu":
+            return self
+        on_gpu = [spec.name for spec in self.models if spec.device is DevicePreference.CUDA]
+        if on_gpu:
+            raise ValueError(
+                f"model(s) {', '.join(map(repr, on_gpu))} have device: cuda, but args.device: cpu gives their replicas "
+                "no GPU, so they could never load: set args.device: gpu (or auto), or the model's device: auto or cpu")
         return self
 
     def family_options(self, family: Family) -> ChatOptions | TranscriptionOptions | SpeechOptions:

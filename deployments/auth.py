@@ -44,6 +44,8 @@ def load_keys(config: AuthConfig) -> list[str]:
     if config.required and not keys:
         raise AuthConfigError(
             f"auth.required is set but no API key is configured: set {config.api_keys_env}=<key>[,<key>...] "
+            "where Ray starts (the app is built and served in Ray's worker processes, which take the environment "
+            "of `ray start` or `serve run`, never that of `serve deploy`; on a cluster see cluster/README.md), "
             "or auth.api_keys_file in serve_config.yaml"
         )
     return keys

@@ -23,7 +23,7 @@ import loading
 from loading import Family
 
 from .app_config import AppConfig
-from .auth import load_keys
+from .auth import load_admin_keys, load_keys
 from .family_server import FamilyServer
 from .ingress import Ingress
 from .llm import LLMServer
@@ -70,6 +70,19 @@ def starting_replicas(options: FamilyOptions) -> int:
     return scaling.initial_replicas if scaling.initial_replicas is not None else scaling.min_replicas
 
 
+def gpu_model_notes(num_gpus: int, config: AppConfig) -> list[str]:
+    """A note for /health when models that must be on a GPU get replicas without one (`device: auto` on a
+    cluster with no GPU when the app is built; `device: cpu` is refused by AppConfig)."""
+    on_gpu = [spec.name for spec in config.models if spec.device is loading.DevicePreference.CUDA]
+    if num_gpus or not on_gpu:
+        return []
+    note = (f"model(s) {', '.join(map(repr, on_gpu))} have device: cuda, but args.device: {config.device} gives "
+            "their replicas no GPU (the Ray cluster had none when the app was built), so they fail to load: set "
+            "args.device: gpu (replicas then wait for a GPU node), or the model's device: auto")
+    log.warning(note)
+    return [note]
+
+
 def gpu_shortage_notes(num_gpus: int, demand: dict[str, int], available: float) -> list[str]:
     """Notes for /health when the families together ask for more GPUs than the cluster has.
 
@@ -101,6 +114,7 @@ def build_app(args: dict[str, Any]) -> Application:
         config.local_models_dir = env["LOCAL_MODELS_DIR"]
     available = cluster_gpus()
     num_gpus, notes = plan_gpus(config.device, available)
+    notes += gpu_model_notes(num_gpus, config)
 
     handles: dict[str, Any] = {}
     resources: dict[str, dict[str, float]] = {}  # per family replica, for /health's pending reasons
@@ -117,8 +131,10 @@ def build_app(args: dict[str, Any]) -> Application:
         log.info("family %s: %d model(s), num_gpus=%d", family.value, len(specs), num_gpus)
     notes += gpu_shortage_notes(num_gpus, demand, available)
 
-    if config.auth.required:
-        load_keys(config.auth)  # no key where the app is built: say so now, not as a replica crash loop
+    # The ingress reads the keys when it starts and refuses to start on a key file it cannot read, a key
+    # shorter than min_key_chars or (with auth.required) no key: say so now, not as a replica crash loop.
+    load_keys(config.auth)
+    load_admin_keys(config.auth)
     ingress = serve.deployment(
         name="ingress",
         num_replicas=config.ingress.num_replicas,

@@ -27,6 +27,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import requests
 
@@ -99,6 +100,8 @@ class Server:
             raise CheckFailed(f"{method} {path}: cannot connect ({_root_cause(exc)})") from None
         except requests.Timeout:
             raise CheckFailed(f"{method} {path}: no answer within {self.timeout:g} s (--timeout)") from None
+        except requests.RequestException as exc:  # a URL requests cannot use (InvalidURL, InvalidSchema, ...)
+            raise CheckFailed(f"{method} {path}: {type(exc).__name__}: {exc}") from None
         if response.status_code >= 400:
             raise CheckFailed(f"HTTP {response.status_code} on {method} {path}: {_error_message(response)}",
                               response.status_code)
@@ -375,12 +378,27 @@ def run_checks(server: Server, models: list[dict]) -> list[Check]:
     return checks
 
 
+def url_problem(url: str) -> str | None:
+    """Why `url` is no server address `check` can use, with the fix (None: it is one)."""
+    try:
+        parts = urlsplit(url)
+        if parts.scheme in ("http", "https") and parts.hostname:
+            return None
+    except ValueError as exc:  # e.g. an unclosed [ of an IPv6 address
+        return f"it is not a URL ({exc}); write one such as {DEFAULT_URL}"
+    if "://" not in url:
+        return f"it has no scheme; write it as http://{url}"
+    return f"it is not an http(s) URL with a host, such as {DEFAULT_URL}"
+
+
 def check(url: str, api_key: str | None, timeout: float) -> dict[str, Any]:
     """Every check against the server at `url`, as the report --json prints."""
     server = Server(url, api_key, timeout)
     start = time.perf_counter()
     report: dict[str, Any] = {"url": server.url, "models": [], "checks": [], "error": None}
     try:
+        if problem := url_problem(url):
+            raise Unchecked(f"cannot check the server at {url!r} (--url or MODELFLEET_URL): {problem}")
         models = list_models(server)
     except Unchecked as exc:
         return {**report, "exit_code": EXIT_UNCHECKED, "ok": False, "error": str(exc), "failed": [],
@@ -422,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"seconds per request, waiting for a model still loading included "
                              f"(default {DEFAULT_TIMEOUT_S:g})")
     args = parser.parse_args(argv)
-    if args.timeout <= 0:
+    if not args.timeout > 0:  # nan too
         parser.error("--timeout must be positive")
     report = check(args.url, args.api_key, args.timeout)
     if args.json:

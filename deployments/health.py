@@ -18,7 +18,7 @@ from .errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
-DEMO_NOTE = "random-weight demo model: its output is gibberish by design (see README, 'Demo models')"
+DEMO_NOTE = "random-weight demo model: its output is gibberish by design (see README, 'Quick start')"
 # What an unauthorised caller sees of a model when API keys are on (no paths, errors or pids).
 PUBLIC_MODEL_FIELDS = ("name", "family", "state", "phase", "progress", "demo")
 Call = Callable[..., Awaitable[Any]]  # (family, method, *args, timeout=) -> the family's answer

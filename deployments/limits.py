@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import InvalidRequestError
 
@@ -18,7 +18,7 @@ MiB = 2**20
 
 class RequestLimits(BaseModel):
     """`args.limits`: what the ingress accepts. Defaults suit a server on a shared machine;
-    README ("Sizing the limits") says how to size them."""
+    README ("Limits (`args.limits`)", its "Sizing them" paragraph) says how to size them."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -87,6 +87,15 @@ class RequestLimits(BaseModel):
     max_realtime_session_s: float = Field(default=1800.0, gt=0)
     """Longest Realtime session; then an `error` event (`session_expired`) and a close. Ray's proxy also
     ends every request, WebSockets included, after `http_options.request_timeout_s`: keep that above this."""
+
+    @model_validator(mode="after")
+    def _sample_rates_in_order(self) -> RequestLimits:
+        if self.min_sample_rate > self.max_sample_rate:
+            raise ValueError(
+                f"limits.min_sample_rate={self.min_sample_rate} is above limits.max_sample_rate="
+                f"{self.max_sample_rate}: every audio upload would be refused; lower min_sample_rate or raise "
+                "max_sample_rate")
+        return self
 
 
 # --- checks of parsed requests against the limits (the schema in protocol.py checks the shape) ---

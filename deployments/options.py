@@ -7,15 +7,35 @@ class, so `extra="forbid"` rejects it (e.g. `max_batch_size` for TTS).
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+def ray_autoscaling_fields() -> list[str]:
+    """The fields of Ray Serve's own `autoscaling_config` (ray.serve.config.AutoscalingConfig), read from the
+    installed Ray when a config is validated (imported here, not at module import: a config is validated
+    where Ray is installed, but importing this module must stay cheap)."""
+    from ray.serve.config import AutoscalingConfig
+
+    return list(AutoscalingConfig.model_fields)
+
+
+def check_max_queued_requests(value: int) -> int:
+    """Ray Serve takes -1 (no bound) or a positive number; it refuses 0 only when the deployment is bound."""
+    if value == 0:
+        raise ValueError("max_queued_requests=0 is refused by Ray Serve (it takes -1 for no bound or a positive "
+                         "number): set 1 or more, or -1")
+    return value
 
 
 class AutoscalingOptions(BaseModel):
     """Ray Serve autoscaling, per family. Replicas scale on ongoing + queued requests per replica."""
 
-    model_config = ConfigDict(extra="allow")  # any other Ray Serve autoscaling_config field passes through
+    # Any other field of Ray Serve's autoscaling_config passes through (e.g. look_back_period_s); a key Ray
+    # does not know is refused by name (Ray itself would drop it silently).
+    model_config = ConfigDict(extra="allow")
 
     min_replicas: int = Field(default=1, ge=0, description="0 enables scale-to-zero (first request pays a cold start).")
     initial_replicas: int | None = Field(default=None, ge=0, description="Replicas at deploy time (default min).")
@@ -27,6 +47,21 @@ class AutoscalingOptions(BaseModel):
         default=2.0, gt=0, description="How often replicas report load (deprecated by Ray but still the knob)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _only_rays_fields(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        accepted = ray_autoscaling_fields()
+        unknown = [key for key in value if key not in accepted]
+        if unknown:
+            named = ", ".join(
+                repr(key) + "".join(f" (did you mean {close!r}?)" for close in difflib.get_close_matches(
+                    str(key), accepted, n=1)) for key in unknown)
+            raise ValueError(f"unknown autoscaling option(s) {named}; Ray Serve's autoscaling_config takes "
+                             f"{', '.join(accepted)}")
+        return value
+
 
 class FamilyOptions(BaseModel):
     """What every family deployment takes."""
@@ -34,22 +69,29 @@ class FamilyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per replica.")
-    max_loaded_models: int = Field(default=4, ge=1, description="Models kept in memory per replica (LRU beyond).")
+    max_loaded_models: int = Field(
+        default=4, ge=1, description=(
+            "Models kept in memory per replica before `loading: lazy` ones are unloaded, least recently used "
+            "first. Only lazy models are ever unloaded (and a base that adapters share never is): background "
+            "and eager models stay loaded even when they alone are more than this."
+        ),
+    )
     max_ongoing_requests: int = Field(default=16, ge=1, description="Requests a replica works on at once.")
     max_queued_requests: int = Field(
         default=64, ge=-1,
-        description="Requests waiting for a replica before new ones get 503 + Retry-After (-1: no bound).",
+        description="Requests waiting for a replica before new ones get 503 + Retry-After (-1: no bound; 0 is "
+        "refused, as Ray Serve refuses it).",
     )
     autoscaling: AutoscalingOptions | None = Field(
         default_factory=AutoscalingOptions, description="null pins num_replicas: 1."
     )
     max_replicas_per_node: int | None = Field(
-        default=None, ge=1, description=(
+        default=None, ge=1, le=100, description=(
             "Replicas of this family Ray may place on one node. null: 1 where the replicas compute on CPU, "
             "no bound where each holds a GPU. Two CPU replicas on one node split its cores between twice the "
             "threads: SmolLM2 at 16 clients on 2 cores served 1.0 req/s from two replicas against 7.2 from one "
             "(bench/REPLICAS.md). A replica the autoscaler asks for beyond this waits for another node "
-            "(an autoscaling cluster adds one); the running ones keep answering."
+            "(an autoscaling cluster adds one); the running ones keep answering. At most 100 (Ray Serve's bound)."
         ),
     )
     graceful_shutdown_timeout_s: float = Field(
@@ -115,6 +157,11 @@ class FamilyOptions(BaseModel):
         ),
     )
 
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _max_queued_requests(cls, value: int) -> int:
+        return check_max_queued_requests(value)
+
 
 class BatchingOptions(FamilyOptions):
     """Families whose requests share model calls."""
@@ -123,7 +170,10 @@ class BatchingOptions(FamilyOptions):
     batch_wait_timeout_s: float = Field(
         default=0.0, ge=0,
         description=("How long a batch that starts on an idle model waits to fill. 0: run at once; requests that "
-                     "arrive while the model is busy are batched anyway (deployments/batching.py)."),
+                     "arrive while the model is busy are batched anyway (deployments/batching.py). Read only "
+                     "where requests are batched whole: STT, and LLM/VLM models that generate through "
+                     "transformers' generate() (3-D rotary positions, as Qwen2-VL's). LLM/VLM models served by the "
+                     "decode loop (most) never wait: a request joins the running batch at the next step."),
     )
 
 
@@ -197,7 +247,8 @@ class IngressOptions(BaseModel):
         "limits.max_concurrent_requests, so that the ingress answers overload itself, in the OpenAI error shape).",
     )
     max_queued_requests: int = Field(
-        default=256, ge=-1, description="Requests Serve's proxy holds for a busy ingress before answering 503 itself.",
+        default=256, ge=-1, description="Requests Serve's proxy holds for a busy ingress before answering 503 itself "
+        "(-1: no bound; 0 is refused, as Ray Serve refuses it).",
     )
     voice_priority: int = Field(
         default=0, ge=-(2**31), lt=2**31, description=(
@@ -213,3 +264,8 @@ class IngressOptions(BaseModel):
         "does not wait for a long first sentence; later pieces end at sentences (at most the TTS's "
         "max_chars_per_call).",
     )
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _max_queued_requests(cls, value: int) -> int:
+        return check_max_queued_requests(value)

@@ -1,7 +1,8 @@
 """The models one replica serves: a ModelHandle each, looked up by name or alias.
 
-Background models start loading when the pool is created; lazy ones on first use. At most
-`max_loaded_models` stay in memory: beyond that the least recently used lazy model is unloaded.
+Background models start loading when the pool is created; lazy ones on first use. Beyond
+`max_loaded_models` in memory, the least recently used lazy model is unloaded; background and eager
+models (and a base that adapters share) are never unloaded, so they alone may exceed it.
 (Ray Serve's `@serve.multiplexed` is also an LRU, but its loads are per-request and invisible;
 ours report their state to /health and keep a failed load sticky instead of retrying it.)
 """
@@ -54,7 +55,9 @@ class ModelPool:
 
     def shared_base(self, spec: ModelSpec) -> str | None:
         """The served model whose weights this adapter shares (its `base_model` names one), if any."""
-        base = self.aliases.get(spec.base_model or "")
+        if spec.base_model is None:
+            return None
+        base = self.aliases.get(spec.base_model)
         return base if base is not None and base != spec.name else None
 
     def add(self, spec: ModelSpec, adapter_name: str | None = None) -> None:

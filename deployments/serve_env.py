@@ -136,9 +136,24 @@ RAY_PORTS = {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": 30000, "RAY_SERVE_DIRECT_
              "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500, "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500}
 
 
+def port_setting(env: Mapping[str, str], key: str, default: int) -> int:
+    """The port `env` sets in `key` (else Ray's default), or a ValueError naming the variable."""
+    value = env.get(key)
+    if value is None:
+        return default
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port < 65536:
+        raise ValueError(f"{key}={value!r} is not a port number: set it to a free port (1-65535), or unset it for "
+                         f"Ray's {default}")
+    return port
+
+
 def held_ports(env: Mapping[str, str]) -> list[tuple[str, int]]:
     """The ports an instance started under `env` would take that something on the machine holds already."""
-    ports = [(key, int(env.get(key, default))) for key, default in RAY_PORTS.items()]
+    ports = [(key, port_setting(env, key, default)) for key, default in RAY_PORTS.items()]
     listening = _listening_ports()
     return [(key, port) for key, port in ports if (port in listening if listening is not None else not _bindable(port))]
 
@@ -163,8 +178,13 @@ def _listening_ports() -> set[int] | None:
 
 
 def check_ports(env: Mapping[str, str], out: TextIO = sys.stderr) -> int:
-    """0 if the instance `env` would start can have Ray's ports; else 1, naming them and the fix."""
-    held = held_ports(env)
+    """0 if the instance `env` would start can have Ray's ports; else 1, naming them and the fix (2: a port
+    variable of `env` is not a port number)."""
+    try:
+        held = held_ports(env)
+    except ValueError as exc:
+        print(f"serve: {exc}", file=out)
+        return 2
     if not held:
         return 0
     names = ", ".join(f"{port} ({key})" for key, port in held)

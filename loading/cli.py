@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import platform
@@ -12,7 +13,7 @@ from typing import TextIO
 
 import torch
 
-from .config import ModelSpec, models_from_serve_config
+from .config import ModelSpec, ServeApp, ServeConfigError, apps_from_serve_config
 from .cpu_kernels import cpu_computes_bf16
 from .errors import LoadingError
 from .gguf import is_gguf_source
@@ -30,8 +31,18 @@ def _gib(n: int | None) -> str:
     return "?" if n is None else f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
+def app_settings(settings: Settings, app: ServeApp) -> Settings:
+    """The settings an application's replicas get: its `args.local_models_dir`, when set, is their
+    LOCAL_MODELS_DIR (made absolute from the working directory, as the builder does)."""
+    if app.local_models_dir is None:
+        return settings
+    return dataclasses.replace(settings, local_models_dir=app.local_models_dir.resolve())
+
+
 def doctor(config: Path, out: TextIO | None = None) -> int:
+    """Raises ServeConfigError, before printing anything, for a config that cannot be read."""
     out = out or sys.stdout  # looked up per call: a default bound at import ignores redirection
+    apps = apps_from_serve_config(config)
     settings = Settings.from_env()
     hub = hub_status(settings)
     gpus = visible_gpus()
@@ -57,11 +68,18 @@ def doctor(config: Path, out: TextIO | None = None) -> int:
     for warning in settings.warnings:
         p(f"WARNING: {warning}")
 
-    specs = models_from_serve_config(config)
+    specs = [(app, spec) for app in apps for spec in app.models]
     p(f"\n== models in {config} ({len(specs)})")
     failures = 0
-    for spec in specs:
-        result = inspect_model(spec, settings, hub, gpus)
+    shown = None
+    for app, spec in specs:
+        app_env = app_settings(settings, app)
+        if app.local_models_dir is not None and app is not shown:
+            where = app_env.local_models_dir
+            p(f"-- application {app.name!r}: args.local_models_dir={where} "
+              f"({'exists' if where.is_dir() else 'missing'}), its LOCAL_MODELS_DIR")
+        shown = app
+        result = inspect_model(spec, app_env, hub, gpus)
         mark = "ok  " if result.ok else "FAIL"
         p(f"[{mark}] {spec.name}: {spec.source}")
         p(f"       location: {result.location}")
@@ -85,15 +103,17 @@ def doctor(config: Path, out: TextIO | None = None) -> int:
 
 
 def fetch(config: Path, to_local_dir: bool, out: TextIO | None = None) -> int:
-    """Download every configured model (and convert every GGUF source) so that serving needs nothing more."""
+    """Download every configured model (and convert every GGUF source) so that serving needs nothing more.
+    An application's `args.local_models_dir` is its models' LOCAL_MODELS_DIR, as when it serves."""
     out = out or sys.stdout  # looked up per call: a default bound at import ignores redirection
+    apps = apps_from_serve_config(config)
     settings = Settings.from_env()
     hub = hub_status(settings)
-    specs = models_from_serve_config(config)
+    specs = [(app, spec) for app in apps for spec in app.models]
     failures = 0
-    for spec in specs:
+    for app, spec in specs:
         try:
-            _fetch_one(spec, settings, hub, to_local_dir, out)
+            _fetch_one(spec, app_settings(settings, app), hub, to_local_dir, out)
         except LoadingError as exc:
             failures += 1
             print(f"[FAIL] {spec.name}: {exc}", file=out)
@@ -123,15 +143,23 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG), help="Serve config file")
         if name == "fetch":
             cmd.add_argument("--local-models-dir", action="store_true",
-                             help="download into LOCAL_MODELS_DIR/<name> instead of the HF cache")
+                             help="download into LOCAL_MODELS_DIR/<name> instead of the HF cache (an app's "
+                                  "args.local_models_dir, where set, is its LOCAL_MODELS_DIR)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.config.is_file():
         print(f"config file {args.config} not found (pass --config PATH)", file=sys.stderr)
         return 2
-    if args.command == "doctor":
-        return doctor(args.config)
-    return fetch(args.config, args.local_models_dir)
+    try:
+        if args.command == "doctor":
+            return doctor(args.config)
+        return fetch(args.config, args.local_models_dir)
+    except ServeConfigError as exc:  # bad YAML, a bad model entry, a name served twice: no traceback
+        print(f"modelfleet {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # e.g. a setting read from the environment that is not a number
+        print(f"modelfleet {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

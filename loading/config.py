@@ -7,11 +7,12 @@ in `serve_config.yaml`, so it lives here, next to the code that acts on it.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Family(str, enum.Enum):
@@ -164,6 +165,23 @@ class ModelSpec(BaseModel):
             raise ValueError(f"build_tiny={value!r} is not a tiny model kind; use one of {', '.join(TINY_KINDS)}")
         return value
 
+    @field_validator("name")
+    @classmethod
+    def _name_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(f"name={value!r} is blank: clients name the model by it; give it a name")
+        return value
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases_not_blank(cls, value: list[str]) -> list[str]:
+        blank = [index for index, alias in enumerate(value) if not alias.strip()]
+        if blank:
+            named = ", ".join(f"aliases[{i}]={value[i]!r}" for i in blank)
+            raise ValueError(f"{named} {'is' if len(blank) == 1 else 'are'} blank: an alias is a name clients put in "
+                             "`model`; remove it or give it text")
+        return value
+
     @model_validator(mode="after")
     def _family_for_tiny(self) -> ModelSpec:
         if self.build_tiny and self.family is None:
@@ -193,11 +211,63 @@ def validate_unique_names(specs: list[ModelSpec]) -> list[ModelSpec]:
     return specs
 
 
+class ServeConfigError(ValueError):
+    """A serve config file that cannot be read as one: bad YAML, a bad model entry, a name served twice
+    by one application. The message names the file and where in it."""
+
+
+@dataclass(frozen=True)
+class ServeApp:
+    """What `doctor` and `fetch` need of one application of a serve config."""
+
+    name: str
+    models: list[ModelSpec]
+    local_models_dir: Path | None = None
+    """Its `args.local_models_dir` (relative to the working directory, as the builder takes it), if set."""
+
+
+def apps_from_serve_config(path: str | Path) -> list[ServeApp]:
+    """Every application of a Serve config file with its `args.models` and `args.local_models_dir`. Names and
+    aliases must be unique per application (two apps at different route prefixes may serve one name)."""
+    try:
+        data: Any = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise ServeConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict) or not isinstance(data.get("applications", []), list):
+        raise ServeConfigError(f"{path} is not a Serve config: expected a mapping with an `applications:` list")
+    apps = []
+    for index, app in enumerate(data.get("applications", [])):
+        where = f"{path}: applications[{index}]"
+        if not isinstance(app, dict):
+            raise ServeConfigError(f"{where} is {app!r}, not an application (a mapping with `args:`)")
+        args = app.get("args") or {}
+        if not isinstance(args, dict):
+            raise ServeConfigError(f"{where}.args must be a mapping (models:, local_models_dir:, ...)")
+        raw_models = args.get("models", [])
+        if not isinstance(raw_models, list):
+            raise ServeConfigError(f"{where}.args.models must be a list of models")
+        specs = []
+        for number, raw in enumerate(raw_models):
+            try:
+                specs.append(ModelSpec.model_validate(raw))
+            except ValidationError as exc:
+                problems = "; ".join(f"{where}.args.models[{number}]" + "".join(f".{part}" for part in error["loc"])
+                                     + f": {error['msg']}" for error in exc.errors())
+                raise ServeConfigError(problems) from None
+        try:
+            validate_unique_names(specs)
+        except ValueError as exc:
+            raise ServeConfigError(f"{where}.args.models: {exc}") from None
+        models_dir = args.get("local_models_dir")
+        if models_dir is not None and not isinstance(models_dir, str):
+            raise ServeConfigError(f"{where}.args.local_models_dir={models_dir!r} must be a directory path")
+        apps.append(ServeApp(str(app.get("name") or f"applications[{index}]"), specs,
+                             Path(models_dir).expanduser() if models_dir else None))
+    return apps
+
+
 def models_from_serve_config(path: str | Path) -> list[ModelSpec]:
     """The ModelSpecs of every application in a Serve config file (`applications[*].args.models`)."""
-    data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {}
-    specs: list[ModelSpec] = []
-    for app in data.get("applications", []):
-        for raw in (app.get("args") or {}).get("models", []):
-            specs.append(ModelSpec.model_validate(raw))
-    return validate_unique_names(specs)
+    return [spec for app in apps_from_serve_config(path) for spec in app.models]

@@ -120,7 +120,8 @@ def plan_device(preference: DevicePreference, gpus: list[GpuInfo]) -> DevicePlan
     if not gpus and preference is DevicePreference.CUDA:
         raise NoDeviceError(
             f"device: cuda is configured but no CUDA device is visible (CUDA_VISIBLE_DEVICES={visible!r}, "
-            f"torch {torch.__version__}). Give the replica a GPU (num_gpus: 1) or set device: auto."
+            f"torch {torch.__version__}). Give its replica a GPU (the app's args.device: gpu, not a "
+            "ray_actor_options override) or set the model's device: auto."
         )
     if not gpus:
         why = "no CUDA device visible" + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")

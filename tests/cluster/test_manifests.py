@@ -148,13 +148,45 @@ def test_the_gpu_config_requires_api_keys_and_says_how_to_give_them(monkeypatch)
     args = yaml.safe_load((REPO / "serve_config.gpu.yaml").read_text())["applications"][0]["args"]
     assert args["auth"]["required"] is True
     monkeypatch.delenv("MODELFLEET_API_KEYS", raising=False)
-    with pytest.raises(AuthConfigError, match="MODELFLEET_API_KEYS"):
+    with pytest.raises(AuthConfigError, match="MODELFLEET_API_KEYS=.* where Ray starts .*never that of `serve deploy`"):
         build_app(args)
     monkeypatch.setenv("MODELFLEET_API_KEYS", "short")
     with pytest.raises(AuthConfigError, match="min_key_chars"):
         build_app(args)
     monkeypatch.setenv("MODELFLEET_API_KEYS", "a-long-enough-key-0123456789")
     build_app(args)  # binds every deployment; nothing is deployed without a cluster
+
+
+@pytest.mark.parametrize("commands", ["head_start_ray_commands", "worker_start_ray_commands"])
+def test_ray_starts_with_the_api_keys_so_the_workers_that_build_and_serve_the_app_have_them(commands, tmp_path):
+    """`serve deploy` only sends the config: build_app and the ingress run in Ray workers, whose environment
+    is that of `ray start`. The README's `MODELFLEET_API_KEYS=<key> serve deploy` deployed an app that failed
+    with 'auth.required is set but no API key is configured'. The start command itself is run here, with
+    `ray start` swapped for reading the keys as the builder does, from the file file_mounts puts on the node."""
+    from deployments.auth import AuthConfig
+
+    config = load("cluster.yaml")
+    start = next(c for c in config[commands] if "ray start" in c)
+    before_ray = start[:start.index("ray start")]
+    assert "MODELFLEET_API_KEYS=" in before_ray
+    remote = next(r for r, local in config["file_mounts"].items() if Path(local) == Path("cluster/secrets"))
+    assert "~/modelfleet-secrets/api_keys" in before_ray and remote == "~/modelfleet-secrets"
+    assert "cluster/secrets/" in (REPO / ".gitignore").read_text().splitlines()  # never committed, never in ~/modelfleet
+    secrets = tmp_path / remote.removeprefix("~/")
+    secrets.mkdir()
+    keys = ["a-long-enough-key-0123456789", "another-long-key-abcdefghij"]
+    (secrets / "api_keys").write_text(f"# rotated 2025-01-01\n{keys[0]}\n\n  # old\n{keys[1]}\n")
+    builder = tmp_path / "read_keys.py"  # in place of `ray start`: what build_app and the ingress read
+    builder.write_text("from deployments.auth import AuthConfig, load_keys\n"
+                       f"print(load_keys(AuthConfig.model_validate({AuthConfig(required=True).model_dump()!r})))\n")
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(["bash", "-c", f"{before_ray}{sys.executable} {builder}"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == repr(keys)
+    readme = (CLUSTER / "README.md").read_text()
+    commands_shown = [line for line in readme.splitlines() if line.startswith("    ")]  # its command blocks
+    assert not any("MODELFLEET_API_KEYS=" in line and "serve deploy" in line for line in commands_shown)
 
 
 def test_rays_dashboard_is_never_opened_to_the_network():

@@ -51,6 +51,13 @@ BAD_ARGS = [
     pytest.param(args(models=[LLM, {**TTS, "aliases": ["tts-1", "chat"]}]), "models", "'chat'",
                  id="alias-clashes-with-a-name"),
     pytest.param(args(models=[]), "models", "at least 1", id="no-models"),
+    # a blank alias made every model of the family without base_model an adapter of its model (pool.shared_base)
+    pytest.param(args(models=[{**LLM, "aliases": [""]}, TTS]), "models.0.aliases", "aliases[0]='' is blank",
+                 id="blank-alias"),
+    pytest.param(args(models=[LLM, {**TTS, "name": "  "}]), "models.1.name", "name='  ' is blank", id="blank-name"),
+    # device: cuda where the replica gets no GPU can only fail to load
+    pytest.param(args(models=[{**LLM, "device": "cuda"}, TTS]), "", "set args.device: gpu",
+                 id="cuda-model-under-app-device-cpu"),
     # negative or zero numbers
     pytest.param(args(request_timeout_s=-1), "request_timeout_s", "greater than 0", id="negative-request-timeout"),
     pytest.param(args(status_timeout_s=0), "status_timeout_s", "greater than 0", id="zero-status-timeout"),
@@ -58,6 +65,11 @@ BAD_ARGS = [
                  "greater than or equal to 1", id="zero-max-ongoing"),
     pytest.param(args(families={"tts": {"max_queued_requests": -2}}), "families.tts.max_queued_requests",
                  "greater than or equal to -1", id="max-queued-below-minus-one"),
+    # Ray Serve takes -1 or a positive number, and refused 0 only when build_app bound the deployment
+    pytest.param(args(families={"llm": {"max_queued_requests": 0}}), "families.llm.max_queued_requests",
+                 "max_queued_requests=0 is refused by Ray Serve", id="zero-max-queued"),
+    pytest.param(args(ingress={"max_queued_requests": 0}), "ingress.max_queued_requests",
+                 "-1 for no bound or a positive number", id="zero-ingress-max-queued"),
     pytest.param(args(families={"llm": {"max_loaded_models": -1}}), "families.llm.max_loaded_models",
                  "greater than or equal to 1", id="negative-max-loaded-models"),
     pytest.param(args(families={"stt": {"num_cpus": -0.5}}), "families.stt.num_cpus", "greater than 0",
@@ -70,10 +82,30 @@ BAD_ARGS = [
                  "families.vlm.autoscaling.min_replicas", "greater than or equal to 0", id="negative-min-replicas"),
     pytest.param(args(families={"stt": {"max_replicas_per_node": 0}}), "families.stt.max_replicas_per_node",
                  "greater than or equal to 1", id="zero-replicas-per-node"),
+    pytest.param(args(families={"llm": {"max_replicas_per_node": 101}}), "families.llm.max_replicas_per_node",
+                 "less than or equal to 100", id="replicas-per-node-over-rays-100"),
+    # replica bounds checked after the merge over FAMILY_DEFAULTS (llm max_replicas 4, vlm 2): Ray's own
+    # refusal came from build_app and named a max_replicas the user never wrote
+    pytest.param(args(families={"llm": {"autoscaling": {"min_replicas": 5}}}), "families.llm",
+                 "families.llm.autoscaling: min_replicas=5 is above max_replicas=4 (the llm family's default",
+                 id="min-replicas-over-the-default-max"),
+    pytest.param(args(families={"vlm": {"autoscaling": {"min_replicas": 3}}}), "families.vlm",
+                 "families.vlm.autoscaling: min_replicas=3 is above max_replicas=2", id="vlm-min-over-default-max"),
+    pytest.param(args(families={"llm": {"autoscaling": {"initial_replicas": 6}}}), "families.llm",
+                 "families.llm.autoscaling: initial_replicas=6 is outside min_replicas=1 .. max_replicas=4",
+                 id="initial-replicas-over-the-default-max"),
+    pytest.param(args(families={"stt": {"autoscaling": {"min_replicas": 2, "initial_replicas": 1}}}), "families.stt",
+                 "initial_replicas=1 is outside min_replicas=2", id="initial-replicas-below-min"),
+    # a key Ray's autoscaling_config does not know: Ray would drop it silently
+    pytest.param(args(families={"llm": {"autoscaling": {"max_replica": 8}}}), "families.llm.autoscaling",
+                 "'max_replica' (did you mean 'max_replicas'?); Ray Serve's autoscaling_config takes",
+                 id="autoscaling-typo"),
     pytest.param(args(ingress={"num_replicas": 0}), "ingress.num_replicas", "greater than or equal to 1",
                  id="zero-ingress-replicas"),
     pytest.param(args(limits={"max_concurrent_requests": 0}), "limits.max_concurrent_requests",
                  "greater than or equal to 1", id="zero-max-concurrent-requests"),
+    pytest.param(args(limits={"min_sample_rate": 48000, "max_sample_rate": 44100}), "limits",
+                 "limits.min_sample_rate=48000 is above limits.max_sample_rate=44100", id="sample-rates-inverted"),
     pytest.param(args(models=[{**LLM, "max_new_tokens": -5}]), "models.0.max_new_tokens",
                  "greater than or equal to 1", id="negative-max-new-tokens"),
     pytest.param(args(models=[{**LLM, "generation_timeout_s": 0}]), "models.0.generation_timeout_s",
@@ -136,6 +168,91 @@ def test_good_args_build_one_deployment_per_family_without_a_cluster():
     assert set(deployments) == {"ingress", "llm", "tts"}
     assert deployments["llm"].max_ongoing_requests == 3
     assert deployments["llm"].ray_actor_options["num_gpus"] == 0  # device: cpu
+
+
+def test_what_args_accept_at_rays_bounds_ray_accepts_when_the_app_is_built():
+    """The other side of the refusals above: the values next to them pass Ray's own validation in build_app,
+    and any field of Ray's autoscaling_config passes through to it."""
+    from deployments.builder import build_app
+
+    deployments = bound_deployments(build_app(args(
+        ingress={"max_queued_requests": 1},
+        families={"llm": {"max_queued_requests": -1, "max_replicas_per_node": 100,
+                          "autoscaling": {"min_replicas": 4, "initial_replicas": 4, "look_back_period_s": 3}},
+                  "tts": {"max_queued_requests": 1, "autoscaling": {"max_replicas": 9, "min_replicas": 9}}})))
+    assert deployments["ingress"].max_queued_requests == 1
+    assert deployments["llm"].max_queued_requests == -1
+    assert deployments["llm"]._replica_config.max_replicas_per_node == 100
+    scaling = deployments["llm"]._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.initial_replicas, scaling.max_replicas) == (4, 4, 4)  # max: the default
+    assert scaling.look_back_period_s == 3
+    assert deployments["tts"]._deployment_config.autoscaling_config.min_replicas == 9
+
+
+def test_a_model_without_base_model_never_shares_another_models_weights():
+    """pool.shared_base looked up `base_model or ""`: a model with the alias "" (refused above, but the pool
+    must not depend on it) made every model without base_model an adapter of it."""
+    from deployments.pool import ModelPool
+    from loading import ModelSpec
+
+    base = ModelSpec(name="base", source="tiny-llm", family="llm", loading="lazy")
+    other = ModelSpec(name="other", source="smollm2", family="llm", loading="lazy")
+    adapter = ModelSpec(name="lora", source="tiny-llm-lora", family="llm", loading="lazy", base_model="llm")
+    pool = ModelPool([base.model_copy(update={"aliases": ["", "llm"]}), other, adapter], 4)  # lazy: nothing loads
+    assert pool.shared_base(other) is None
+    assert pool.shared_base(adapter) == "base"  # an alias of a served model still names it
+
+
+@pytest.mark.parametrize("auth,env,says", [
+    pytest.param({"api_keys_file": "/nonexistent/keys.txt"}, {}, "auth.api_keys_file '/nonexistent/keys.txt' cannot",
+                 id="unreadable-api-keys-file"),
+    pytest.param({"admin_keys_file": "/nonexistent/admin.txt"}, {}, "auth.admin_keys_file", id="unreadable-admin-file"),
+    pytest.param({}, {"MODELFLEET_API_KEYS": "short"}, "1 API key(s) are shorter than auth.min_key_chars=16",
+                 id="short-api-key"),
+    pytest.param({}, {"MODELFLEET_ADMIN_KEYS": "short"}, "1 admin key(s) are shorter", id="short-admin-key"),
+])
+def test_build_app_refuses_keys_the_ingress_would_refuse_even_when_auth_is_not_required(auth, env, says,
+                                                                                       monkeypatch):
+    """The ingress reads the keys when it starts and raises on these: built, they were a crash loop of every
+    ingress replica Serve started."""
+    from deployments.auth import AuthConfigError
+    from deployments.builder import build_app
+
+    for name in ("MODELFLEET_API_KEYS", "MODELFLEET_ADMIN_KEYS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(AuthConfigError) as caught:
+        build_app(args(auth=auth))
+    assert says in str(caught.value)
+
+
+def test_a_cuda_model_on_replicas_without_a_gpu_is_a_health_note_where_device_auto_found_none():
+    """args.device: cpu is refused at validation (BAD_ARGS); `auto` finds the cluster's GPUs only when the app
+    is built (none here: no Ray), so a model that must be on a GPU is named in /health's notes."""
+    from deployments.builder import build_app
+
+    ingress = bound_deployments(build_app(args(device="auto", models=[{**LLM, "device": "cuda"}, TTS])))["ingress"]
+    notes = ingress.init_args[2]
+    assert any("'chat' have device: cuda" in note and "args.device: gpu" in note for note in notes), notes
+    quiet = bound_deployments(build_app(args(device="auto")))["ingress"]
+    assert not any("device: cuda" in note for note in quiet.init_args[2])
+
+
+def test_messages_that_send_users_to_the_readme_name_sections_it_has():
+    import re
+    from pathlib import Path
+
+    from deployments.health import DEMO_NOTE
+    from deployments.limits import RequestLimits
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    headings = [h.lstrip("#").strip() for h in re.findall(r"^#+ .*$", readme, re.M)]
+    cited = re.findall(r"README, '([^']+)'", DEMO_NOTE) + re.findall(r'README \("([^"]+)"', RequestLimits.__doc__ or "")
+    assert len(cited) == 2, cited
+    for section in cited:
+        assert section in headings, (section, headings)
+    assert "**Sizing them.**" in readme  # the paragraph RequestLimits' docstring names
 
 
 def per_node(config_args: dict) -> dict:

@@ -116,3 +116,17 @@ def test_make_serve_refuses_to_start_where_another_instance_holds_rays_ports(cap
     message = out.getvalue()
     assert f"port {free} (RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT) is held already" in message
     assert "make serve HAPROXY_STATE=" in message and "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT=" in message
+
+
+@pytest.mark.parametrize("value", ["", "85O1", "70000"])
+def test_check_ports_names_a_port_variable_that_is_not_a_port(value):
+    """`make serve RAY_SERVE_FALLBACK_PROXY_HTTP_PORT=` was a ValueError traceback from int('')."""
+    import io
+
+    from deployments import serve_env
+
+    out = io.StringIO()
+    assert serve_env.check_ports({"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": value}, out) == 2
+    assert out.getvalue().startswith(f"serve: RAY_SERVE_FALLBACK_PROXY_HTTP_PORT={value!r} is not a port number"), \
+        out.getvalue()
+    assert "unset it for Ray's 8500" in out.getvalue()

@@ -128,6 +128,70 @@ def test_missing_config_file(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["doctor", "fetch"])
+@pytest.mark.parametrize("content,says", [
+    pytest.param({"models": [{"name": "m", "source": "tiny-llm", "max_tokens": 5}]},
+                 "applications[0].args.models[0].max_tokens: Extra inputs are not permitted", id="misspelt-field"),
+    pytest.param({"models": [{"name": "m", "source": "tiny-llm", "aliases": [""]}]},
+                 "applications[0].args.models[0].aliases: Value error, aliases[0]='' is blank", id="blank-alias"),
+    pytest.param({"models": [{"name": "m", "source": "a"}, {"name": "n", "source": "b", "aliases": ["m"]}]},
+                 "applications[0].args.models: Model names and aliases must be unique; duplicated: 'm'",
+                 id="name-twice-in-one-app"),
+    pytest.param("applications: [\n  - name: a\n   bad", "is not valid YAML", id="bad-yaml"),
+])
+def test_a_config_that_cannot_be_read_exits_2_naming_where(command, content, says, isolated_env, tmp_path, capsys):
+    """A traceback before: pydantic's, yaml's, or the uniqueness check's ValueError."""
+    path = tmp_path / "bad.yaml"
+    if isinstance(content, str):
+        path.write_text(content)
+    else:
+        _serve_config(path, content["models"])
+    assert main([command, "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before the machine's report
+    assert captured.err.startswith(f"modelfleet {command}: {path}") and says in captured.err, captured.err
+
+
+def test_two_applications_may_serve_one_name(isolated_env, tiny, tmp_path, monkeypatch, capsys):
+    """Names are unique per application, as Serve routes them (each app at its route prefix)."""
+    model = {"name": "tiny-llm", "source": str(tiny["llm"])}
+    app = lambda name, prefix: {"name": name, "route_prefix": prefix,  # noqa: E731
+                                "import_path": "deployments.builder:build_app", "args": {"models": [model]}}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump({"applications": [app("a", "/a"), app("b", "/b")]}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["doctor", "--config", str(path)]) == 0
+    assert "2 of 2 models can load." in capsys.readouterr().out
+
+
+def test_doctor_and_fetch_use_the_apps_local_models_dir(isolated_env, tiny, tmp_path, monkeypatch, capsys):
+    """args.local_models_dir is LOCAL_MODELS_DIR for the app's replicas: doctor looks there and fetch puts
+    demo builds and --local-models-dir copies there, not in the environment's LOCAL_MODELS_DIR."""
+    import shutil
+
+    app_dir = tmp_path / "app-models"
+    shutil.copytree(tiny["llm"], app_dir / "tiny-llm")
+    config = tmp_path / "local.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{
+        "name": "modelfleet", "route_prefix": "/", "import_path": "deployments.builder:build_app",
+        "args": {"device": "cpu", "local_models_dir": "app-models",  # relative to the working directory (tmp_path)
+                 "models": [{"name": "chat", "source": "tiny-llm"},
+                            {"name": "demo", "source": "demo-llm", "build_tiny": "llm"},
+                            {"name": "cached", "source": "modelfleet-test/tiny-cached"}]}}]}))
+    stage_in_hf_cache(tiny["llm"], "modelfleet-test/tiny-cached", isolated_env["hub_cache"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["fetch", "--config", str(config), "--local-models-dir"]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert (app_dir / "demo-llm" / "config.json").is_file()  # the demo model built there
+    assert f"[ok  ] cached: {(app_dir / 'tiny-cached').resolve()} (copied from the HF cache)" in out, out
+    assert not any(isolated_env["models"].iterdir()), out  # nothing in the environment's LOCAL_MODELS_DIR
+    assert main(["doctor", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"args.local_models_dir={app_dir.resolve()} (exists)" in out
+    assert f"location: {(app_dir / 'tiny-llm').resolve()} (LOCAL_MODELS_DIR)" in out, out
+    assert "3 of 3 models can load." in out
+
+
 @pytest.mark.skipif(not CONSOLE_SCRIPT.exists(), reason="modelfleet not installed (pip install -e . --no-deps)")
 def test_installed_console_script(good_config, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

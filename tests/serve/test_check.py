@@ -140,6 +140,20 @@ def test_an_unreachable_server_exits_2_at_once_with_a_clear_message():
     assert as_json.returncode == report["exit_code"] == 2 and "cannot connect" in report["error"]
 
 
+@pytest.mark.parametrize("url,says", [
+    ("localhost:8000", "it has no scheme; write it as http://localhost:8000"),
+    ("127.0.0.1:8000", "it has no scheme; write it as http://127.0.0.1:8000"),
+    ("http://", "it is not an http(s) URL with a host"),
+    ("http://127.0.0.1:99999", "InvalidURL"),  # one requests refuses only when it sends
+])
+def test_a_url_the_check_cannot_use_exits_2_naming_it(url, says):
+    """requests' InvalidSchema / InvalidURL were a traceback (exit 1); MODELFLEET_URL is read the same way."""
+    proc, _ = modelfleet("check", env={"MODELFLEET_URL": url})
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+    assert f"cannot check the server at {url!r}" in proc.stderr or f"at {url}:" in proc.stderr, proc.stderr
+    assert says in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("key", [None, "wrong-key-0123456789abcdef"])
 def test_a_missing_or_wrong_api_key_exits_2_naming_the_401(healthy, key):
     proc, _ = modelfleet("check", "--url", healthy.url, *(["--api-key", key] if key else []))
