@@ -22,6 +22,7 @@ from .model_source import ensure_demo_model, resolve_model
 from .offline import HubStatus, declared_offline, hub_status
 from .placement import visible_gpus
 from .quantization import bitsandbytes_status
+from .resolve import fetch_destination
 from .settings import Settings
 
 DEFAULT_CONFIG = "serve_config.yaml"
@@ -124,7 +125,7 @@ def fetch(config: Path, to_local_dir: bool, out: TextIO | None = None) -> int:
 def _fetch_one(spec: ModelSpec, settings: Settings, hub: HubStatus, to_local_dir: bool, out: TextIO) -> None:
     if spec.build_tiny:
         ensure_demo_model(spec, settings)
-    local_dir = settings.local_models_dir / spec.source.split("/")[-1] if to_local_dir and not is_gguf_source(
+    local_dir = fetch_destination(spec.source, settings) if to_local_dir and not is_gguf_source(
         spec.source) else None  # a GGUF is converted into LOCAL_MODELS_DIR anyway
     # Files only: downloads the model and an adapter's base where they are missing (config not needed);
     # converts a GGUF file that has no current conversion.
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG), help="Serve config file")
         if name == "fetch":
             cmd.add_argument("--local-models-dir", action="store_true",
-                             help="download into LOCAL_MODELS_DIR/<name> instead of the HF cache (an app's "
+                             help="download into LOCAL_MODELS_DIR/<Hub id> instead of the HF cache (an app's "
                                   "args.local_models_dir, where set, is its LOCAL_MODELS_DIR)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -117,6 +117,30 @@ def local_candidates(source: str, settings: Settings, extra_dirs: tuple[Path, ..
     return unique
 
 
+# Written by `modelfleet fetch --local-models-dir` into each copy it makes: LOCAL_MODELS_DIR is searched by
+# last path component too, and a copy of Org-A/model must not be served for Org-B/model.
+FETCHED_MARKER = ".modelfleet-source.json"
+
+
+def mark_fetched(directory: Path, source: str, revision: str | None) -> None:
+    (directory / FETCHED_MARKER).write_text(json.dumps({"source": source, "revision": revision}))
+
+
+def fetched_source(directory: Path) -> str | None:
+    """The Hub id a directory was fetched from (None: not made by fetch, or unreadable)."""
+    try:
+        source = json.loads((directory / FETCHED_MARKER).read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return source if isinstance(source, str) else None
+
+
+def fetch_destination(source: str, settings: Settings) -> Path:
+    """Where `modelfleet fetch --local-models-dir` puts a model: LOCAL_MODELS_DIR/<Hub id> (Org/Name), which
+    no other repo shares; a source that is not a Hub id by its last path component."""
+    return settings.local_models_dir / (source if is_repo_id(source) else Path(source.rstrip("/")).name)
+
+
 def download_size_bytes(repo_id: str, revision: str | None, cache_dir: Path) -> int | None:
     """Bytes still to download (dry run against the Hub), or None when the Hub will not say."""
     try:
@@ -207,7 +231,14 @@ def resolve_source(
             return resolve_gguf(source, settings, convert=allow_download)
         return resolve_gguf(source, settings, convert=allow_download, progress=progress)
     looked_at: list[str] = []
+    by_name_only = settings.local_models_dir / Path(source.rstrip("/")).name
+    exact = {Path(source).expanduser(), settings.local_models_dir / source}
     for candidate in local_candidates(source, settings, extra_dirs):
+        if (candidate == by_name_only and candidate not in exact and is_repo_id(source)
+                and (other := fetched_source(candidate)) is not None and other != source):
+            # found by its last path component only: another repo of that name (Org-A/model for Org-B/model)
+            looked_at.append(f"{candidate} (holds {other}, fetched there by `modelfleet fetch`)")
+            continue
         missing = missing_weight_files(candidate) if is_model_dir(candidate) else []
         if missing:
             looked_at.append(f"{candidate} (incomplete: lacks {', '.join(missing[:5])}; download it again)")
@@ -234,6 +265,7 @@ def resolve_source(
         # Asked for a self-contained copy (e.g. to carry to an offline machine): the cache's
         # symlinked snapshot is copied as plain files, no Hub needed.
         shutil.copytree(hit, local_dir, dirs_exist_ok=True)
+        mark_fetched(local_dir, source, revision)
         log.info("%s %s copied from cached snapshot %s to %s", what, source, hit, local_dir)
         return Resolved(local_dir.resolve(), "copied from the HF cache", looked_at)
     if hit is not None:
@@ -253,6 +285,8 @@ def resolve_source(
         )
     try:
         path = download(source, revision, settings, what=what, local_dir=local_dir)
+        if local_dir is not None:
+            mark_fetched(local_dir, source, revision)
     except NOT_ON_HUB as exc:
         answer = "no such revision" if isinstance(exc, RevisionNotFoundError) else "no such repo, or private/gated"
         looked_at.append(f"the Hub at {settings.hub_endpoint} ({answer}: {source}@{revision or 'main'})")

@@ -103,11 +103,41 @@ def test_fetch_offline_missing_fails_fast_and_cached_succeeds(isolated_env, tiny
     # --local-models-dir wants a self-contained copy: a cached snapshot is copied there, offline.
     code = main(["fetch", "--config", str(config), "--local-models-dir"])
     out = capsys.readouterr().out
-    copy = isolated_env["models"] / "tiny-llm"
+    copy = isolated_env["models"] / "modelfleet-test" / "tiny-llm"  # by Hub id: no other repo shares it
     assert code == 0, out
     assert f"[ok  ] tiny: {copy.resolve()} (copied from the HF cache)" in out
     assert (copy / "config.json").is_file() and not (copy / "config.json").is_symlink()
-    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in snapshot.iterdir())
+    assert sorted(p.name for p in copy.iterdir()) == sorted([p.name for p in snapshot.iterdir()] + [
+        ".modelfleet-source.json"])
+
+
+def test_two_repos_of_one_name_fetch_apart_and_each_serves_its_own(isolated_env, tiny, tmp_path, monkeypatch,
+                                                                    capsys):
+    """Org-A/model and Org-B/model: fetch put both in LOCAL_MODELS_DIR/model (the second never fetched), and
+    the last-component lookup then served the first one's weights for both (found by review)."""
+    from loading import Settings
+    from loading.resolve import resolve_source
+
+    stage_in_hf_cache(tiny["llm"], "orga/model", isolated_env["hub_cache"])
+    stage_in_hf_cache(tiny["stt"], "orgb/model", isolated_env["hub_cache"])
+    config = _serve_config(tmp_path / "two.yaml", [{"name": "chat", "source": "orga/model", "family": "llm"},
+                                                   {"name": "ears", "source": "orgb/model", "family": "stt"}])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["fetch", "--config", str(config), "--local-models-dir"]) == 0, capsys.readouterr().out
+    models = isolated_env["models"]
+    assert (models / "orga" / "model" / "config.json").is_file() and (models / "orgb" / "model" / "config.json").is_file()
+    assert main(["doctor", "--config", str(config)]) == 0, capsys.readouterr().out
+    # a copy of orga/model at the old place (LOCAL_MODELS_DIR/model) is not taken for orgb/model ...
+    (models / "orgb" / "model" / "config.json").unlink()  # (orgb's own copy gone: only the cache is left)
+    import shutil
+
+    shutil.copytree(models / "orga" / "model", models / "model")
+    found = resolve_source("orgb/model", Settings.from_env(), allow_download=False)
+    assert found.origin == "HF cache", found
+    assert any("holds orga/model" in place for place in found.looked_at)
+    # ... while a directory put there by hand (no record of its source) is still found by its last component
+    (models / "model" / ".modelfleet-source.json").unlink()
+    assert resolve_source("orgb/model", Settings.from_env(), allow_download=False).path == models / "model"
 
 
 def test_fetch_builds_demo_model_and_reports_adapter_base(isolated_env, tmp_path, monkeypatch, capsys):
@@ -183,7 +213,7 @@ def test_doctor_and_fetch_use_the_apps_local_models_dir(isolated_env, tiny, tmp_
     assert main(["fetch", "--config", str(config), "--local-models-dir"]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     assert (app_dir / "demo-llm" / "config.json").is_file()  # the demo model built there
-    assert f"[ok  ] cached: {(app_dir / 'tiny-cached').resolve()} (copied from the HF cache)" in out, out
+    assert f"[ok  ] cached: {(app_dir / 'modelfleet-test' / 'tiny-cached').resolve()} (copied from the HF cache)" in out, out
     assert not any(isolated_env["models"].iterdir()), out  # nothing in the environment's LOCAL_MODELS_DIR
     assert main(["doctor", "--config", str(config)]) == 0
     out = capsys.readouterr().out
