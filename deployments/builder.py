@@ -21,6 +21,7 @@ from ray.serve import Application
 
 import loading
 from loading import Family
+from loading.config import with_served_base
 
 from .app_config import AppConfig
 from .auth import load_admin_keys, load_keys
@@ -104,8 +105,8 @@ def gpu_shortage_notes(num_gpus: int, demand: dict[str, int], available: float) 
 def build_app(args: dict[str, Any]) -> Application:
     config = AppConfig.model_validate(args)
     for spec in config.models:
-        if spec.family is None:
-            spec.family = loading.detect_family(spec)
+        if spec.family is None:  # an adapter on a served model: that model's source is where its base is
+            spec.family = loading.detect_family(with_served_base(spec, config.models))
     env = {}
     models_dir = config.local_models_dir or os.environ.get("LOCAL_MODELS_DIR")
     if models_dir or any(spec.is_demo for spec in config.models):

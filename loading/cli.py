@@ -13,7 +13,7 @@ from typing import TextIO
 
 import torch
 
-from .config import ModelSpec, ServeApp, ServeConfigError, apps_from_serve_config
+from .config import ModelSpec, ServeApp, ServeConfigError, apps_from_serve_config, with_served_base
 from .cpu_kernels import cpu_computes_bf16
 from .errors import LoadingError
 from .gguf import is_gguf_source
@@ -80,7 +80,7 @@ def doctor(config: Path, out: TextIO | None = None) -> int:
             p(f"-- application {app.name!r}: args.local_models_dir={where} "
               f"({'exists' if where.is_dir() else 'missing'}), its LOCAL_MODELS_DIR")
         shown = app
-        result = inspect_model(spec, app_env, hub, gpus)
+        result = inspect_model(with_served_base(spec, app.models), app_env, hub, gpus)
         mark = "ok  " if result.ok else "FAIL"
         p(f"[{mark}] {spec.name}: {spec.source}")
         p(f"       location: {result.location}")
@@ -114,7 +114,7 @@ def fetch(config: Path, to_local_dir: bool, out: TextIO | None = None) -> int:
     failures = 0
     for app, spec in specs:
         try:
-            _fetch_one(spec, app_settings(settings, app), hub, to_local_dir, out)
+            _fetch_one(with_served_base(spec, app.models), app_settings(settings, app), hub, to_local_dir, out)
         except LoadingError as exc:
             failures += 1
             print(f"[FAIL] {spec.name}: {exc}", file=out)

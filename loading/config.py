@@ -197,6 +197,18 @@ class ModelSpec(BaseModel):
         return [self.name, *self.aliases]
 
 
+def with_served_base(spec: ModelSpec, served: list[ModelSpec]) -> ModelSpec:
+    """`spec` with a `base_model` that names another served model (by name or alias, as the replicas read it:
+    the adapter shares that model's weights) replaced by that model's source, for tools that resolve the
+    base on their own (`doctor`, `fetch`, family detection at build). Others unchanged."""
+    if not spec.base_model or spec.build_tiny:
+        return spec
+    for other in served:
+        if other is not spec and spec.base_model in other.all_names:
+            return spec.model_copy(update={"base_model": other.source})
+    return spec
+
+
 def validate_unique_names(specs: list[ModelSpec]) -> list[ModelSpec]:
     """Reject duplicate names/aliases, naming every clash."""
     seen: dict[str, str] = {}

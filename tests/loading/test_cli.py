@@ -231,3 +231,20 @@ def test_installed_console_script(good_config, monkeypatch):
     record("modelfleet doctor, console script (subprocess)", t.seconds)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "6 of 6 models can load." in proc.stdout and "would load: float32 on cpu" in proc.stdout
+
+
+def test_an_adapter_on_a_served_model_passes_doctor_fetch_and_family_detection(isolated_env, tiny, tmp_path,
+                                                                                monkeypatch, capsys):
+    """`base_model` may name another served model (its weights are shared); doctor and fetch resolved it as
+    a source and failed the config that serves (found by review)."""
+    from deployments.builder import build_app
+    from loading.tiny import ensure_tiny
+
+    adapter = ensure_tiny("llm-lora", tmp_path / "lora", base=tiny["llm"])
+    models = [{"name": "chat", "source": str(tiny["llm"]), "family": "llm"},
+              {"name": "chat-lora", "source": str(adapter), "base_model": "chat"}]
+    config = _serve_config(tmp_path / "adapter.yaml", models)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["doctor", "--config", str(config)]) == 0, capsys.readouterr().out
+    assert main(["fetch", "--config", str(config)]) == 0, capsys.readouterr().out
+    build_app({"device": "cpu", "models": models})  # the adapter's family is detected through its served base
