@@ -14,6 +14,7 @@ import math
 import uuid
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote_plus
 
 import pydantic
 import ray.exceptions as ray_errors
@@ -21,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse
 
 import loading
@@ -293,6 +295,65 @@ def error_sse_event(exc: BaseException, request_id: str | None = None) -> str:
     return f"data: {json.dumps(body.model_dump())}\n\n"
 
 
+def multipart_refusal(exc: HTTPException, max_form_field_chars: int | None = None) -> APIError | None:
+    """Starlette's refusal of a form (a 400 HTTPException raised from its MultiPartException: "Part
+    exceeded maximum size of 1024KB.", "Too many fields...") in our shape, naming the limit and the
+    part. Which bound it was and which part are read from the parser where it raised, not from the text."""
+    cause = exc.__context__
+    if exc.status_code != 400 or not isinstance(cause, MultiPartException):
+        return None
+    parser: MultiPartParser | FormParser | None = None
+    where = ""
+    tb = cause.__traceback__
+    while tb is not None:  # the innermost of the parser's own frames is where it refused
+        if isinstance(owner := tb.tb_frame.f_locals.get("self"), (MultiPartParser, FormParser)):
+            parser, where = owner, tb.tb_frame.f_code.co_name
+        tb = tb.tb_next
+    if parser is None:
+        return InvalidRequestError(f"the form cannot be read: {cause.message}", code="invalid_multipart")
+    if isinstance(parser, MultiPartParser):
+        name = parser._current_part.field_name
+        too_big, too_many_files = where == "on_part_data", where == "on_headers_finished" and (
+            parser._current_files > parser.max_files)
+        too_many_fields = where == "on_headers_finished" and parser._current_fields > parser.max_fields
+    else:  # application/x-www-form-urlencoded
+        name = unquote_plus(bytes(parser._field_name).decode("latin-1")) if where == "on_field_data" else ""
+        too_big, too_many_files, too_many_fields = where in ("on_field_name", "on_field_data"), False, (
+            where == "on_field_end")
+    # the name as Starlette decoded it: escape what UTF-8 cannot carry, or the error cannot be sent
+    name = name.encode("utf-8", "backslashreplace").decode("utf-8")
+    param = name or None
+    if too_big:
+        chars = max_form_field_chars if max_form_field_chars is not None else parser.max_part_size // 4
+        return InvalidRequestError(
+            f"'{name or 'a form field'}' is larger than {parser.max_part_size:,} bytes; a text field may have at "
+            f"most max_form_field_chars={chars:,} characters", param=param, code="string_above_max_length")
+    if too_many_files and isinstance(parser, MultiPartParser):
+        files = parser.max_files
+        return InvalidRequestError(
+            f"the form has more than {files} file part{'s' if files != 1 else ''} ('{name}' is one too many): "
+            "send one audio file", param=param, code="too_many_files")
+    if too_many_fields:
+        which = f" ('{name}' is one too many)" if name else ""
+        return InvalidRequestError(f"the form has more than {parser.max_fields} text fields{which}", param=param,
+                                   code="too_many_fields")
+    return InvalidRequestError(f"the form cannot be read: {cause.message}", param=param, code="invalid_multipart")
+
+
+def _not_json(exc: RequestValidationError, request: Request) -> APIError | None:
+    """A JSON route's body that FastAPI did not read as JSON, because its Content-Type is not JSON."""
+    errors = list(exc.errors())
+    if not errors or tuple(errors[0].get("loc", ())) != ("body",):
+        return None
+    content_type = request.headers.get("content-type", "")
+    media = content_type.partition(";")[0].strip().lower()
+    if media == "application/json" or media.endswith("+json") or media.startswith("multipart/"):
+        return None
+    came = f"Content-Type {content_type[:60]!r}" if content_type else "no Content-Type"
+    return InvalidRequestError(f"the request body must be a JSON object sent with 'Content-Type: application/json' "
+                               f"(this one came with {came})", code="invalid_content_type")
+
+
 def _request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None) or request.headers.get("x-request-id")
 
@@ -304,6 +365,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, HTTPException) and exc.status_code in (404, 405):
             # Name the route: clients often miss the /v1 prefix.
             exc = HTTPException(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", exc.headers)
+        elif isinstance(exc, HTTPException):
+            limits = getattr(getattr(request.app.state, "ingress", None), "limits", None)
+            exc = multipart_refusal(exc, getattr(limits, "max_form_field_chars", None)) or exc
+        elif isinstance(exc, RequestValidationError):
+            exc = _not_json(exc, request) or exc
         return error_json_response(exc, _request_id(request))
 
     for exc_type in (APIError, RequestValidationError, HTTPException, Exception):

@@ -5,14 +5,23 @@ In order: a bound on requests in flight (503 + Retry-After past it), the API key
 body size (413, from Content-Length before a byte is read, else counted while reading), and
 for JSON bodies a structural check (400): nesting depth, huge integers, lone surrogates. The
 body the routes see is the one checked here, replayed; nothing is read twice from the client.
+
+Which size limit a body gets is the route's to say, never the client's Content-Type: the multipart
+routes (`form_paths`: transcriptions, translations, the voice round trip, /stt) take
+`max_upload_bytes`, every other route `max_json_body_bytes`, whatever the body is labelled. A
+multipart body must be UTF-8 (or ASCII): Starlette decodes its text parts with whatever `charset`
+the Content-Type names, and codecs such as unicode_escape or utf-7 turn `\ud800` into a lone
+surrogate that no check after it expects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 from typing import Any
 
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,15 +43,22 @@ PUBLIC_PREFIXES = ("/ui/",)
 INSECURE_KEY_PROTOCOL = "openai-insecure-api-key."  # a browser's WebSocket cannot set Authorization
 AUTHORIZED = "modelfleet_authorized"  # scope["state"] key the routes read
 # A JSON body this small is checked on the event loop (0.03 ms for 64 KiB of chat); larger ones, up to
-# max_json_body_bytes, in a thread so that parsing one never holds up the other requests.
+# max_json_body_bytes, in a thread, so that this check holds up no other request. FastAPI then parses the
+# replayed body again, on the event loop, for the route: json.loads takes ~2 ms per MiB of one long string
+# (an image's base64) and ~18 ms per MiB of small values (a 14 MiB array of zeros: 253 ms), so a large body
+# still pauses the loop once for that long; max_json_body_bytes bounds the pause.
 INLINE_JSON_BYTES = 64 * 1024
+# the charsets a multipart body may name (as codecs.lookup names them); naming none means UTF-8
+FORM_CHARSETS = frozenset({"utf-8", "ascii"})
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, limits: RequestLimits, keys: KeyChecker):
+    def __init__(self, app: ASGIApp, limits: RequestLimits, keys: KeyChecker,
+                 form_paths: frozenset[str] = frozenset()):
         self.app = app
         self.limits = limits
         self.keys = keys
+        self.form_paths = form_paths  # routes whose body is a multipart form (api.form_paths)
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -76,7 +92,8 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         content_type = headers.get("content-type", "").lower()  # media types are case-insensitive (RFC 9110)
-        is_form = content_type.startswith("multipart/form-data")
+        # the route, not the client's Content-Type, says which limit applies
+        is_form = path in self.form_paths
         limit = self.limits.max_upload_bytes if is_form else self.limits.max_json_body_bytes
         limit_name = "max_upload_bytes" if is_form else "max_json_body_bytes"
         declared = headers.get("content-length")
@@ -85,6 +102,11 @@ class RequestGuard:
             return
         counted = _CountingReceive(receive, limit, limit_name)
         if is_form:  # parsed as it streams in (files spool to disk); the count stops it at the limit
+            try:
+                _check_form_charset(headers.get("content-type", ""))
+            except InvalidRequestError as exc:
+                await self._refuse(scope, receive, send, exc)
+                return
             await self.app(scope, counted, send)
             return
         try:
@@ -126,6 +148,23 @@ class RequestGuard:
         await send({"type": "websocket.accept"})
         await send({"type": "websocket.send", "text": json.dumps(event)})
         await send({"type": "websocket.close", "code": 1008, "reason": "invalid_api_key"})
+
+
+def _check_form_charset(content_type: str) -> None:
+    """Refuse a multipart form whose Content-Type names a charset other than UTF-8 or ASCII (see the
+    module's doc), read as Starlette reads it."""
+    media, params = parse_options_header(content_type)
+    if media != b"multipart/form-data" or b"charset" not in params:
+        return
+    charset = params[b"charset"].decode("latin-1")
+    try:
+        known = codecs.lookup(charset).name
+    except LookupError:
+        known = None
+    if known not in FORM_CHARSETS:
+        raise InvalidRequestError(
+            f"the form's charset {charset[:40]!r} is not accepted: send its text fields as UTF-8 (charset=utf-8, "
+            "or no charset)", param="content-type", code="unsupported_charset")
 
 
 def _route_path(scope: Scope) -> str:
@@ -177,8 +216,9 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 # --- JSON structure ------------------------------------------------------------------------------
 
 
-def check_json(body: bytes, limits: RequestLimits) -> Any:
-    """Parse a JSON body and check its structure; InvalidRequestError names where it is wrong."""
+def check_json(body: bytes | str, limits: RequestLimits) -> Any:
+    """Parse a JSON body (or a Realtime event) and check its structure; InvalidRequestError names where it is
+    wrong."""
     try:
         value = json.loads(body)
     except RecursionError:

@@ -1,7 +1,8 @@
 """The ingress deployment: knows which family serves each model and calls it through handles.
 
-Every call to a family is bounded by `request_timeout_s`: Ray leaves a call to a failed or
-pending deployment waiting forever, and a client deserves a 503 with the reason instead.
+Every call to a family is bounded by `request_timeout_s` (plus the X-Wait-For-Model wait its request
+asked for): Ray leaves a call to a failed or pending deployment waiting forever, and a client deserves
+a 503 (`timeout`) with the reason instead.
 The HTTP routes live in routes/; /health's assembly in health.py; this class routes and composes.
 """
 
@@ -162,16 +163,12 @@ class Ingress:
         if handle is None:
             raise ServiceUnavailableError(f"no {family.value} deployment is configured")
         response = self._remote(handle, method, args)
-        limit = timeout or self.config.request_timeout_s
+        limit = timeout or self._call_limit(args)
         try:
             return await asyncio.wait_for(response, limit)
         except asyncio.TimeoutError:
             response.cancel()
-            raise ServiceUnavailableError(
-                f"the {family.value} deployment did not answer within {limit:g} s: its replicas may still be "
-                f"starting, pending for resources{self._resource_hint()}, or overloaded",
-                retry_after_s=5,
-            ) from None
+            raise self._timed_out(family, "did not answer", limit, args) from None
         except asyncio.CancelledError:
             response.cancel()  # the client went away: the family drops the work at its next step
             raise
@@ -190,6 +187,21 @@ class Ingress:
     def _resource_hint(self) -> str:
         return f" ({'; '.join(self.notes)})" if self.notes else ""
 
+    def _call_limit(self, args: tuple) -> float:
+        """How long a family call may take: request_timeout_s, plus the X-Wait-For-Model wait its params
+        carry (the model may load for up to wait_s, then the request still needs its usual time)."""
+        wait_s = _wait_of(args)
+        return self.config.request_timeout_s + wait_s
+
+    def _timed_out(self, family: Family, what: str, limit: float, args: tuple) -> ServiceUnavailableError:
+        wait_s = _wait_of(args)
+        waited = f" + the X-Wait-For-Model wait of {wait_s:g} s" if wait_s else ""
+        return ServiceUnavailableError(
+            f"the {family.value} deployment {what} within {limit:g} s (request_timeout_s="
+            f"{self.config.request_timeout_s:g}{waited}): its replicas may still be starting, pending for "
+            f"resources{self._resource_hint()}, or overloaded; retry later, or raise request_timeout_s in "
+            "serve_config.yaml", retry_after_s=5, code="timeout")
+
     async def chat(self, params: ChatParams) -> ChatResult:
         spec = self.spec(params.model, Family.LLM, Family.VLM)
         return await self._call(chat_family(spec), "chat", params)
@@ -201,22 +213,20 @@ class Ingress:
 
     async def _stream(self, family: Family, method: str, params: Any) -> AsyncGenerator[Any, None]:
         """A family's streaming method through its stream handle. The first item is awaited under
-        request_timeout_s, so that errors come before a response's headers; closing the iterator (the
-        client left, a barge-in) cancels the family's work."""
+        request_timeout_s (plus the params' wait_s), so that errors come before a response's headers;
+        closing the iterator (the client left, a barge-in) cancels the family's work."""
         handle = self.streams.get(family.value)
         if handle is None:
             raise ServiceUnavailableError(f"no {family.value} deployment is configured")
         generator = self._remote(handle, method, (params,), stream=True)
-        limit = self.config.request_timeout_s
+        limit = self._call_limit((params,))
         try:
             first = await asyncio.wait_for(generator.__anext__(), limit)
         except SERVE_UNAVAILABLE as exc:
             raise as_api_error(exc) from None
         except asyncio.TimeoutError:
             generator.cancel()
-            raise ServiceUnavailableError(
-                f"the {family.value} deployment did not start streaming within {limit:g} s", retry_after_s=5
-            ) from None
+            raise self._timed_out(family, "did not start streaming", limit, (params,)) from None
         except StopAsyncIteration:
             return
         except BaseException:
@@ -335,3 +345,9 @@ def family_name(spec: ModelSpec) -> str:
 def chat_family(spec: ModelSpec) -> Family:
     """The family serving a chat model (the builder detects every model's family before serving)."""
     return spec.family or Family.LLM
+
+
+def _wait_of(args: tuple) -> float:
+    """The X-Wait-For-Model seconds a family call's params carry (0 for a call without params)."""
+    wait_s = getattr(args[0], "wait_s", 0.0) if args else 0.0
+    return float(wait_s) if isinstance(wait_s, (int, float)) and wait_s > 0 else 0.0

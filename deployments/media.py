@@ -3,6 +3,11 @@
 Remote URLs are refused: the server must not fetch arbitrary addresses on a client's behalf
 (and here has no outbound network at all). Every image is bounded before it is decoded: its
 encoded size, then its pixel count from the header; only then are its pixels read.
+
+Pillow has a bound of its own (Image.MAX_IMAGE_PIXELS, 89,478,485 pixels; twice that is an error):
+it follows `limits.max_image_pixels` where that is higher, in the ingress from the limits, in the
+model's replica (which has no limits) from the images the ingress let through, so that an image
+within the configured limit is never refused by Pillow's default.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import base64
 import binascii
 import io
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,12 +27,25 @@ from PIL import Image
 from .errors import InvalidRequestError, RequestTooLargeError
 from .limits import RequestLimits
 
+_PILLOW_BOUND = threading.Lock()  # Image.MAX_IMAGE_PIXELS is Pillow's module global
+
+
+def follow_pixel_limit(pixels: int) -> None:
+    """Raise Pillow's decompression-bomb bound to `pixels` where it is lower; it is never lowered (our
+    own header check applies the configured limit, whatever Pillow's is)."""
+    with _PILLOW_BOUND:
+        bound = Image.MAX_IMAGE_PIXELS
+        if bound is not None and pixels > bound:
+            Image.MAX_IMAGE_PIXELS = pixels
+
 
 def take_images(messages: list[dict[str, Any]], limits: RequestLimits, allowed_dirs: list[str]) -> list[bytes]:
     """The image parts of chat messages, in order of appearance, as encoded bytes whose header (format,
     pixels) has been checked; each part keeps `{"type": "image"}` for the chat template, its url is
     consumed. Pixels are decoded by the model's replica, under its memory budget (`decode_image`):
     the ingress never holds decoded images (a 4096x4096 one is ~170 MB once decoded and converted)."""
+    if Image.MAX_IMAGE_PIXELS is not None and limits.max_image_pixels > Image.MAX_IMAGE_PIXELS:
+        follow_pixel_limit(limits.max_image_pixels)
     parts = [(m, p, part) for m, message in enumerate(messages) if isinstance(message.get("content"), list)
              for p, part in enumerate(message["content"]) if part.get("type") == "image"]
     if len(parts) > limits.max_images:
@@ -55,7 +74,7 @@ def load_image(url: str, limits: RequestLimits, allowed_dirs: list[str], param: 
 def _check_header(data: bytes, limits: RequestLimits, param: str) -> None:
     """Format and size from the header alone; no pixel is decoded."""
     try:
-        width, height = image_size(data)
+        width, height = _header_size(data)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # Pillow's own guard fires in Image.open for huge headers, before our check could
         raise RequestTooLargeError(
@@ -69,17 +88,47 @@ def _check_header(data: bytes, limits: RequestLimits, param: str) -> None:
             f"max_image_pixels={limits.max_image_pixels:,} are accepted", param=param, code="image_too_large")
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from an encoded image's header."""
+def _header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from an encoded image's header, under Pillow's bound (the ingress's check)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(io.BytesIO(data)) as image:
             return image.size
 
 
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header of an image the ingress has checked; in the model's replica."""
+    _follow_checked_image(data)
+    return _header_size(data)
+
+
+def _follow_checked_image(data: bytes) -> None:
+    """In the replica, which has no limits: an image the ingress let through may be past Pillow's bound
+    (limits.max_image_pixels set above it). Its header is read once with Pillow's bound off, and the bound
+    raised to its size; frames inside it (a GIF's, an ICO's) are still held to that bound as they decode."""
+    try:
+        _header_size(data)
+        return
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        pass
+    except Exception:
+        return  # not an image Pillow reads: decode_image says so
+    with _PILLOW_BOUND:
+        bound, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+        except Exception:
+            return
+        finally:
+            Image.MAX_IMAGE_PIXELS = bound
+    follow_pixel_limit(width * height)
+
+
 def decode_image(data: bytes, what: str = "the image") -> Image.Image:
     """An encoded image (header checked by the ingress) as RGB pixels; in the model's replica."""
     try:
+        _follow_checked_image(data)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))

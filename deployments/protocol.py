@@ -110,11 +110,12 @@ MessageContent = Annotated[
 
 StopSequence = Annotated[str, Field(min_length=1)]
 Stop = Annotated[
-    Annotated[StopSequence, Tag("str")] | Annotated[list[StopSequence], Field(max_length=4), Tag("list")],
+    # how many entries is limits.max_stop_sequences' to say (limits.check_chat), not the schema's
+    Annotated[StopSequence, Tag("str")] | Annotated[list[StopSequence], Tag("list")],
     Discriminator(
         _str_or_list_tag,
         custom_error_type="invalid_stop",
-        custom_error_message="stop must be a string or a list of at most 4 strings",
+        custom_error_message="stop must be a string or a list of strings",
     ),
 ]
 
@@ -291,7 +292,7 @@ class ChatCompletionRequest(RequestModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     """Nucleus sampling probability mass."""
     stop: Stop | None = None
-    """Up to 4 non-empty sequences at which generation stops."""
+    """Non-empty sequences at which generation stops (at most `limits.max_stop_sequences`, 4 by default)."""
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     """Seed for reproducible sampling."""
     priority: int = Field(default=0, ge=-(2**31), lt=2**31)
@@ -636,7 +637,7 @@ class CompletionRequest(RequestModel):
     n: int = Field(default=1, ge=1)
     """Choices per prompt (prompts times n at most `limits.max_choices`)."""
     best_of: int | None = Field(default=None, ge=1)
-    """Only equal to n (or 1): ranking extra samples is not served."""
+    """Only equal to n: ranking extra samples is not served."""
     stream: bool = False
     """Stream the completion as server-sent events."""
     stream_options: StreamOptions | None = None
@@ -646,7 +647,7 @@ class CompletionRequest(RequestModel):
     echo: bool = False
     """The prompt is returned before the completion (its tokens carry no logprobs)."""
     stop: Stop | None = None
-    """Up to 4 sequences at which generation stops."""
+    """Sequences at which generation stops (at most `limits.max_stop_sequences`, 4 by default)."""
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     """Subtracted from the logit of every token already generated."""
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -674,7 +675,7 @@ class CompletionRequest(RequestModel):
     @field_validator("best_of")
     @classmethod
     def _best_of(cls, value: int | None, info: Any) -> int | None:
-        if value is not None and value not in (1, info.data.get("n", 1)):
+        if value is not None and value != info.data.get("n", 1):
             raise ValueError(f"best_of={value}: ranking extra samples is not served; send best_of equal to n")
         return value
 

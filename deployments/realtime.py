@@ -34,6 +34,7 @@ from loading import Family
 
 from .audio import StreamResampler, resample
 from .errors import to_error
+from .guard import check_json
 from .params import SpeechParams, TranscribeParams
 from .vad import TurnDetector, VadOptions
 from .voice import AudioPiece, ReplyDone, TextDelta, spoken_reply
@@ -264,8 +265,7 @@ class RealtimeSession:
                 if message["type"] == "websocket.disconnect":
                     self._closed = True
                     break
-                await self.handle(message.get("text") if message.get("text") is not None
-                                  else (message.get("bytes") or b"").decode("utf-8", "replace"))
+                await self.handle(message["text"] if message.get("text") is not None else message.get("bytes") or b"")
         finally:
             await self.stop()
             if self.ws.application_state == WebSocketState.CONNECTED and not self._closed:
@@ -279,19 +279,18 @@ class RealtimeSession:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def handle(self, text: str) -> None:
-        if len(text) > self.limits.max_realtime_event_bytes:
+    async def handle(self, data: str | bytes) -> None:
+        """One client event: a text frame, or a binary one holding UTF-8 JSON."""
+        limit = self.limits.max_realtime_event_bytes
+        if _utf8_bytes(data, limit) > limit:
             await self.send_error(
-                f"the event has {len(text):,} bytes; at most max_realtime_event_bytes="
-                f"{self.limits.max_realtime_event_bytes:,} are accepted (send audio in smaller appends)",
-                "event_too_large")
+                f"the event is larger than max_realtime_event_bytes={limit:,} bytes (of UTF-8); send audio in "
+                "smaller appends", "event_too_large")
             return
         event_id = None
         try:
-            try:
-                event = json.loads(text)
-            except ValueError:
-                raise SessionError("the event is not valid JSON", "invalid_json") from None
+            # the structure checks of an HTTP body (guard.check_json): depth, huge integers, lone surrogates
+            event = check_json(data, self.limits)
             if not isinstance(event, dict) or not isinstance(event.get("type"), str):
                 raise SessionError("an event is a JSON object with a string 'type'", "invalid_event", "type")
             event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
@@ -728,3 +727,14 @@ async def refuse(websocket: WebSocket, exc: Exception, close_code: int) -> None:
         "type": error.type, "code": error.code, "message": error.message, "param": error.param, "event_id": None}}))
     await websocket.close(close_code)
 
+
+def _utf8_bytes(data: str | bytes, limit: int) -> int:
+    """An event's size in UTF-8 bytes, as max_realtime_event_bytes counts it (limit + 1 for a text event
+    whose characters alone pass the limit: each is at least one byte, no need to encode it to know)."""
+    if isinstance(data, bytes):
+        return len(data)
+    if len(data) > limit:
+        return limit + 1
+    if 4 * len(data) <= limit:  # a character is at most 4 bytes
+        return len(data)
+    return len(data.encode("utf-8", "surrogatepass"))

@@ -16,7 +16,7 @@ from loading import Family
 from ..audio import STREAMED_FORMATS, StreamEncoder, encode_audio_with_rate, format_srt, format_vtt
 from ..errors import InvalidRequestError
 from ..ingress import Ingress
-from ..limits import check_form_fields, check_speech_text
+from ..limits import check_speech_text
 from ..params import SpeechParams, SpeechResult, TranscribeParams, TranscribeResult
 from ..protocol import (
     SpeechAudioDelta,
@@ -37,7 +37,7 @@ from ..protocol import (
 )
 from ..sse import event, guarded, prepend
 from ..vad import VadOptions
-from .common import ERRORS, MULTIPART, UPLOAD_LIMITS, IngressDep, WaitDep
+from .common import ERRORS, MULTIPART, UPLOAD_LIMITS, IngressDep, WaitDep, check_form
 
 router = APIRouter(tags=["audio"], responses=ERRORS)
 
@@ -104,7 +104,7 @@ async def _transcribe(ingress: Ingress, params: TranscribeParams, fmt: str, gran
 @router.post("/v1/audio/transcriptions", form_limits=UPLOAD_LIMITS, response_model=None,
              responses=_TRANSCRIPT_RESPONSES)
 async def create_transcription(form: Annotated[TranscriptionForm, MULTIPART], ingress: IngressDep, wait_s: WaitDep):
-    check_form_fields({"prompt": form.prompt, "chunking_strategy": form.chunking_strategy}, ingress.limits)
+    check_form(form, ingress.limits, "prompt", "chunking_strategy")
     words = "word" in form.timestamp_granularities
     if words and form.response_format != "verbose_json":
         raise InvalidRequestError("word timestamps need response_format=verbose_json",
@@ -125,7 +125,7 @@ async def create_transcription(form: Annotated[TranscriptionForm, MULTIPART], in
              responses=_TRANSCRIPT_RESPONSES)
 async def create_translation(form: Annotated[TranslationForm, MULTIPART], ingress: IngressDep, wait_s: WaitDep):
     """Speech in any language Whisper knows, as English text (Whisper's translate task)."""
-    check_form_fields({"prompt": form.prompt}, ingress.limits)
+    check_form(form, ingress.limits, "prompt")
     spec = ingress.spec(form.model, Family.STT)
     audio, rate = await ingress.decode_audio(await form.file.read(), spec.name)
     params = TranscribeParams(model=form.model, audio=audio, sample_rate=rate, prompt=form.prompt,
@@ -193,7 +193,7 @@ async def create_speech(body: SpeechRequest, ingress: IngressDep, wait_s: WaitDe
 async def voice_chat(form: Annotated[VoiceChatForm, MULTIPART], ingress: IngressDep, wait_s: WaitDep):
     """The voice-agent round trip: audio -> STT -> LLM -> TTS -> audio, in one request; each sentence of
     the reply is synthesized while the LLM writes the next."""
-    check_form_fields({"system_prompt": form.system_prompt}, ingress.limits)
+    check_form(form, ingress.limits, "system_prompt")
     upload = await form.file.read()
     if form.stream:
         return StreamingResponse(await ingress.voice_chat_stream(form, upload, wait_s), media_type="text/event-stream")

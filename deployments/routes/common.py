@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, Form, Header, Request
+from pydantic import BaseModel
 
 from ..errors import InvalidRequestError
 from ..guard import AUTHORIZED
 from ..ingress import Ingress
+from ..limits import RequestLimits, check_form_fields
 from ..protocol import ErrorResponse
 
 MAX_WAIT_S = 600.0
@@ -61,5 +63,38 @@ ERRORS: dict[int | str, dict] = {
     503: _error("Model loading (with Retry-After), failed, overloaded, or its deployment did not answer in time."),
 }
 MULTIPART = Form(media_type="multipart/form-data")  # a Form model with a file: documented as multipart
-# one file and a handful of fields per multipart form (Any: FastAPI's _FormLimits TypedDict is private)
+# one file and a handful of fields per multipart form (Any: FastAPI's _FormLimits TypedDict is private);
+# the size of a text field follows limits.max_form_field_chars: app_form_limits, given to the app as a whole
 UPLOAD_LIMITS: Any = {"max_files": 1, "max_fields": 16}
+UTF8_MAX_BYTES = 4  # bytes of one character in UTF-8, at most
+
+
+def app_form_limits(limits: RequestLimits) -> Any:
+    """FastAPI's form limits for the whole app: a multipart text field may take max_form_field_chars
+    characters of up to 4 UTF-8 bytes each (Starlette's own bound is 1 MiB whatever the limit says);
+    one past it is refused as it streams in (errors.py names the limit and the field)."""
+    return {"max_part_size": UTF8_MAX_BYTES * limits.max_form_field_chars}
+
+
+def check_form(form: BaseModel, limits: RequestLimits, *bounded: str) -> None:
+    """A multipart form's text: every text field valid Unicode (no lone surrogate), and the `bounded`
+    fields within max_form_field_chars. The guard refuses a charset that could produce a surrogate; this
+    catches whatever else would, before any replica sees it."""
+    fields = type(form).model_fields
+    for name, info in fields.items():
+        value = getattr(form, name, None)
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and not _encodable(text):
+                param = info.alias or name
+                raise InvalidRequestError(
+                    f"'{param}' holds invalid unicode (a lone surrogate); send the form's text fields as UTF-8",
+                    param=param, code="invalid_unicode")
+    check_form_fields({name: getattr(form, name) for name in bounded}, limits)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -14,7 +14,7 @@ from ..errors import InvalidRequestError
 from ..limits import check_speech_text
 from ..params import SpeechParams, TranscribeParams
 from ..protocol import GenerateRequest, GenerateResponse, LegacySttForm, TtsRequest
-from .common import ERRORS, MULTIPART, UPLOAD_LIMITS, IngressDep, WaitDep
+from .common import ERRORS, MULTIPART, UPLOAD_LIMITS, IngressDep, WaitDep, check_form
 
 router = APIRouter(tags=["legacy"], responses=ERRORS)
 
@@ -30,6 +30,7 @@ async def generate(body: GenerateRequest, ingress: IngressDep, wait_s: WaitDep) 
 
 @router.post("/stt", form_limits=UPLOAD_LIMITS)
 async def stt(form: Annotated[LegacySttForm, MULTIPART], ingress: IngressDep, wait_s: WaitDep) -> dict:
+    check_form(form, ingress.limits)
     model = ingress.default_model(Family.STT)
     audio, rate = await ingress.decode_audio(await form.audio.read(), model)
     result = await ingress.transcribe(TranscribeParams(model=model, audio=audio, sample_rate=rate, wait_s=wait_s))

@@ -258,3 +258,39 @@ def test_ga_events_with_the_wrong_nested_types_are_the_clients_error():
     assert [(e["type"], e["code"], e["param"]) for e in errors] == [
         ("invalid_request_error", "invalid_value", "session.audio.input"),
         ("invalid_request_error", "invalid_value", "response.audio.output")]
+
+
+def test_events_get_the_json_checks_of_an_http_body_and_their_size_is_counted_in_bytes(caplog):
+    """A deeply nested event raised RecursionError (an internal_error event, 'Unhandled error' logged); the
+    guard's checks (depth, huge integers, lone surrogates) were not applied; max_realtime_event_bytes was
+    compared with characters, so 600k three-byte characters passed a 1 MiB limit."""
+    limit = 64 * 1024
+
+    async def scenario():
+        socket = Socket()
+        session = RealtimeSession(socket, ScriptedIngress(RequestLimits(max_realtime_event_bytes=limit)), None)
+        await session.handle('{"type": "session.update", "session": {"x": ' + "[" * 20_000 + "]" * 20_000 + "}}")
+        await session.handle('{"type": "session.update", "session": {"instructions": "hi \\ud800"}}')
+        await session.handle('{"type": "response.create", "response": {"max_output_tokens": ' + "9" * 30 + "}}")
+        euros = json.dumps({"type": "session.update", "session": {"instructions": "\u20ac" * (limit // 3 + 1)}},
+                           ensure_ascii=False)
+        assert len(euros) < limit < len(euros.encode())
+        await session.handle(euros)
+        await session.handle(euros.encode())  # a binary frame, counted and read the same
+        await session.handle(b'{"type": "session.update", "session": {"instructions": "\xff"}}')
+        # the session goes on: a good event after them all is served
+        await session.handle(json.dumps({"type": "session.update", "session": {"instructions": "Be terse."}}))
+        await session.handle(json.dumps({"type": "session.update", "session": {"instructions": "Be brief."}}).encode())
+        return socket, session
+
+    with caplog.at_level("ERROR"):
+        socket, session = asyncio.run(scenario())
+    errors = [(e["error"]["type"], e["error"]["code"]) for e in socket.of("error")]
+    assert errors == [("invalid_request_error", "json_too_deep"), ("invalid_request_error", "invalid_unicode"),
+                      ("invalid_request_error", "integer_out_of_range"), ("invalid_request_error", "event_too_large"),
+                      ("invalid_request_error", "event_too_large"), ("invalid_request_error", "invalid_json")], errors
+    assert "max_json_depth" in socket.of("error")[0]["error"]["message"]
+    assert "max_realtime_event_bytes" in socket.of("error")[3]["error"]["message"]
+    assert socket.of("error")[1]["error"]["param"] == "session.instructions"
+    assert len(socket.of("session.updated")) == 2 and session.config.instructions == "Be brief."
+    assert "Unhandled error" not in caplog.text

@@ -96,6 +96,17 @@ def crafted_dds() -> bytes:
     return bytes(data)
 
 
+def odd_charset_form(fields: dict[str, str], charset: str, audio: bytes) -> dict:
+    """A multipart form whose Content-Type names `charset`: Starlette decodes the text parts with it, and
+    unicode_escape or utf-7 turn `\\ud800` into a lone surrogate."""
+    boundary = "hostileBoundary"
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+                    for name, value in fields.items())
+    body += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+             "Content-Type: audio/wav\r\n\r\n").encode() + audio + f"\r\n--{boundary}--\r\n".encode()
+    return {"data": body, "headers": {"content-type": f"multipart/form-data; boundary={boundary}; charset={charset}"}}
+
+
 def big_body(size: int) -> bytes:
     return b'{"model": "tiny-llm", "messages": [{"role": "user", "content": "' + b"a" * size + b'"}]}'
 
@@ -151,7 +162,7 @@ def corpus() -> list[Case]:
         Case("max_tokens past the model's limit", CHAT, 400, chat(max_tokens=10_000), "max_tokens"),
         Case("temperature 5", CHAT, 400, chat(temperature=5), "temperature"),
         Case("top_p 0", CHAT, 400, chat(top_p=0), "top_p"),
-        Case("5 stop strings", CHAT, 400, chat(stop=["a", "b", "c", "d", "e"]), "stop"),
+        Case("5 stop strings", CHAT, 400, chat(stop=["a", "b", "c", "d", "e"]), "stop", mentions="max_stop_sequences"),
         Case("a 1000-char stop string", CHAT, 400, chat(stop=["x" * 1000]), "stop", mentions="max_stop_chars"),
         Case("an empty stop string", CHAT, 400, chat(stop=[""]), "stop.0"),
         Case("n=9 (past max_choices)", CHAT, 400, chat(n=9), "n", mentions="max_choices"),
@@ -186,7 +197,7 @@ def corpus() -> list[Case]:
         Case("file not audio", STT, 400, stt(b"not audio at all"), "file"),
         Case("empty file", STT, 400, stt(b""), "file"),
         Case("two files", STT, 400, {"files": [("file", ("a.wav", short)), ("file", ("b.wav", short))],
-                                     "data": {"model": "tiny-whisper"}}),
+                                     "data": {"model": "tiny-whisper"}}, "file", "too_many_files"),
         Case("an extra part", STT, 400, stt(short, extra="x"), "extra"),
         Case("4 kHz audio", STT, 400, stt(audio_bytes(1, rate=4000)), "file", mentions="min_sample_rate"),
         Case("300 kHz audio", STT, 400, stt(audio_bytes(0.2, rate=300_000)), "file", mentions="max_sample_rate"),
@@ -239,6 +250,29 @@ def corpus() -> list[Case]:
              {"json": {"model": "tiny-llm", "prompt": [100_000], "max_tokens": 2}}, "prompt"),
         Case("'<image>' in a VLM chat's text with no image", CHAT, 400, chat("what is <image>?", model="tiny-llava"),
              "messages"),
+        # found by the HTTP-surface review
+        Case("lone surrogate in a transcription prompt (form charset=unicode_escape)", STT, 400,
+             odd_charset_form({"model": "tiny-whisper", "prompt": "hi \\ud800 there"}, "unicode_escape", short),
+             "content-type", "unsupported_charset"),
+        Case("lone surrogate in a voice system_prompt (form charset=utf-7)", VOICE, 400,
+             odd_charset_form({"system_prompt": "be +2AA- nice"}, "utf-7", short), "content-type", "unsupported_charset"),
+        Case("2 MB transcription prompt (past the form's part bound)", STT, 400, stt(short, prompt="a" * 2 * MB),
+             "prompt", "string_above_max_length", mentions="max_form_field_chars"),
+        Case("voice: 2 MB system_prompt", VOICE, 400, voice(short, system_prompt="a" * 2 * MB), "system_prompt",
+             mentions="max_form_field_chars"),
+        Case("20 fields in a form", STT, 400, stt(short, **{"timestamp_granularities[]": ["segment"] * 20}),
+             "timestamp_granularities[]", "too_many_fields"),
+        Case("20 MB chat body labelled multipart/form-data", CHAT, 413, {
+            "data": big_body(20 * MB), "headers": {"content-type": "multipart/form-data; boundary=x"}},
+             mentions="max_json_body_bytes"),
+        Case("20 MB chat body labelled multipart/form-data, chunked", CHAT, 413, {
+            "data": chunked(big_body(20 * MB)), "headers": {"content-type": "multipart/form-data; boundary=x"}},
+             mentions="max_json_body_bytes"),
+        Case("a JSON chat sent as text/plain", CHAT, 400, {"data": json.dumps(chat()["json"]),
+                                                          "headers": {"content-type": "text/plain"}},
+             code="invalid_content_type", mentions="application/json"),
+        Case("best_of 1 with n 2", "/v1/completions", 400, {"json": {"model": "tiny-llm", "prompt": "hi", "n": 2,
+                                                                     "best_of": 1}}, "best_of"),
     ]
 
 

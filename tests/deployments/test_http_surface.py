@@ -1,0 +1,301 @@
+"""The ingress's HTTP app in-process: the real guard, routes, error mapping and OpenAPI document
+(deployments/api.py:build_api) over stand-in family handles that answer at once (or late, where a
+test says so). What the families would do with a request is not under test here; what reaches them is."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from deployments import media
+from deployments.api import build_api, form_paths
+from deployments.app_config import AppConfig
+from deployments.errors import InvalidRequestError
+from deployments.ingress import Ingress
+from deployments.limits import RequestLimits
+from deployments.params import ChatResult, SpeechResult, TranscribeResult
+from deployments.protocol import TranscriptionForm, VoiceChatForm
+from deployments.routes.common import check_form
+
+CHAT = "/v1/chat/completions"
+STT = "/v1/audio/transcriptions"
+VOICE = "/v1/audio/chat"
+MODELS = [("llm", "llm"), ("stt", "stt"), ("tts", "tts"), ("vlm", "vlm")]
+
+
+class Family:
+    """What a family deployment answers, and the params each call brought."""
+
+    def __init__(self, answer_after_s: float = 0.0):
+        self.calls: list[tuple[str, Any]] = []
+        self.answer_after_s = answer_after_s
+
+    async def chat(self, params):
+        self.calls.append(("chat", params))
+        await asyncio.sleep(self.answer_after_s)
+        return ChatResult(text="hi", finish_reason="stop", prompt_tokens=3, completion_tokens=1)
+
+    async def chat_stream(self, params):
+        self.calls.append(("chat_stream", params))
+        yield {"delta": "hi"}
+        yield {"finish_reason": "stop", "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+
+    async def transcribe(self, params):
+        self.calls.append(("transcribe", params))
+        return TranscribeResult(text="hello", language="en", duration=1.0, segments=[])
+
+    async def synthesize(self, params):
+        self.calls.append(("synthesize", params))
+        return SpeechResult(np.zeros(1600, np.float32), 16000, 3)
+
+    async def synthesize_stream(self, params):
+        self.calls.append(("synthesize_stream", params))
+        yield SpeechResult(np.zeros(1600, np.float32), 16000, 3)
+
+
+class _Call:
+    def __init__(self, result):
+        self.result = result
+
+    def __await__(self):
+        return self.result.__await__()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self.result.__anext__()
+
+    def cancel(self):
+        pass
+
+
+class Handle:
+    """A DeploymentHandle's surface: `handle.method.remote(*args)`, `.options(stream=True)`."""
+
+    def __init__(self, family: Family):
+        self.family = family
+
+    def options(self, **_):
+        return self
+
+    def __getattr__(self, method):
+        function = getattr(self.family, method)
+        return type("Method", (), {"remote": staticmethod(lambda *args: _Call(function(*args)))})
+
+
+def make(**args) -> tuple[TestClient, dict[str, Family]]:
+    families = {name: Family() for name in ("llm", "stt", "tts", "vlm")}
+    config = AppConfig.model_validate({"models": [{"name": n, "source": n, "family": f} for n, f in MODELS],
+                                       "local_models_dir": "/nonexistent", **args})
+    app = build_api(Ingress({name: Handle(family) for name, family in families.items()}, config))
+    return TestClient(app, raise_server_exceptions=False), families
+
+
+@pytest.fixture(scope="module")
+def client():
+    return make()
+
+
+def wav() -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(8000, np.float32), 16000, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+def multipart(fields: dict[str, str], boundary: str = "b0undary") -> bytes:
+    out = b""
+    for name, value in fields.items():
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+    out += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+            "Content-Type: audio/wav\r\n\r\n").encode() + wav() + f"\r\n--{boundary}--\r\n".encode()
+    return out
+
+
+# -- which body limit: the route's, not the Content-Type's ------------------------------------------
+
+
+def test_only_the_form_routes_take_the_upload_limit_whatever_the_content_type():
+    """A chat body labelled multipart/form-data was read whole under max_upload_bytes (25 MiB), not
+    max_json_body_bytes, and answered 400 instead of 413."""
+    client, families = make(limits={"max_json_body_bytes": 64 * 1024, "max_upload_bytes": 1024 * 1024})
+    assert form_paths(client.app) == {STT, "/v1/audio/translations", VOICE, "/stt"}
+    body = b'{"model": "llm", "messages": [{"role": "user", "content": "' + b"a" * 200_000 + b'"}]}'
+    for content_type in ("multipart/form-data; boundary=x", "text/plain", "application/json"):
+        for chunks in (False, True):  # Content-Length, and counted while read
+            data = (body[i:i + 8192] for i in range(0, len(body), 8192)) if chunks else body
+            refused = error(client.post(CHAT, content=data, headers={"content-type": content_type}), 413)
+            assert "max_json_body_bytes=65,536" in refused["message"], (content_type, refused)
+    # a form route takes its upload under max_upload_bytes
+    answered = client.post(STT, files={"file": ("a.wav", wav() + b"\0" * 100_000)}, data={"model": "stt"})
+    assert answered.status_code == 200, answered.text
+    assert "max_upload_bytes" in error(client.post(STT, files={"file": ("a.wav", b"\0" * 2_000_000)},
+                                                   data={"model": "stt"}), 413)["message"]
+    assert [kind for kind, _ in families["llm"].calls] == []
+
+
+def test_a_json_body_without_a_json_content_type_is_told_to_send_one(client):
+    client, _ = client
+    for headers in ({"content-type": "text/plain"}, {"content-type": ""}):
+        refused = error(client.post(CHAT, content=b'{"model": "llm", "messages": []}', headers=headers), 400)
+        assert "application/json" in refused["message"] and refused["code"] == "invalid_content_type"
+
+
+# -- multipart text fields ---------------------------------------------------------------------------
+
+
+def test_a_form_charset_that_can_make_lone_surrogates_is_refused_before_any_family_sees_it(client):
+    """charset=unicode_escape (or utf-7) made Starlette decode '\\ud800' into a lone surrogate, which the
+    STT and LLM replicas' tokenizers failed on: a 500."""
+    client, families = client
+    before = {name: len(family.calls) for name, family in families.items()}
+    for path, field in ((STT, "prompt"), (VOICE, "system_prompt")):
+        for charset in ("unicode_escape", "utf-7", "UTF-16"):
+            fields = {field: "hi \\ud800 there", **({"model": "stt"} if path == STT else {})}
+            refused = error(client.post(path, content=multipart(fields), headers={
+                "content-type": f"multipart/form-data; boundary=b0undary; charset={charset}"}), 400)
+            assert (refused["param"], refused["code"]) == ("content-type", "unsupported_charset"), refused
+    assert {name: len(family.calls) for name, family in families.items()} == before
+    for charset in ("utf-8", "UTF8", "us-ascii"):  # what clients send is still served
+        response = client.post(STT, content=multipart({"model": "stt", "prompt": "hi"}),
+                               headers={"content-type": f"multipart/form-data; boundary=b0undary; charset={charset}"})
+        assert response.status_code == 200, response.text
+
+
+def test_every_text_field_of_a_form_is_checked_for_lone_surrogates():
+    limits = RequestLimits()
+    form = TranscriptionForm.model_construct(model="stt", prompt="hi \ud800", language=None, chunking_strategy=None,
+                                             timestamp_granularities=["segment"])
+    with pytest.raises(InvalidRequestError) as refused:
+        check_form(form, limits, "prompt")
+    assert (refused.value.param, refused.value.code) == ("prompt", "invalid_unicode")
+    voice = VoiceChatForm.model_construct(llm_model="llm\udfff", system_prompt="ok")
+    with pytest.raises(InvalidRequestError) as refused:
+        check_form(voice, limits, "system_prompt")
+    assert refused.value.param == "llm_model"
+    with pytest.raises(InvalidRequestError) as refused:  # and the bounded ones' length, as before
+        check_form(VoiceChatForm.model_construct(system_prompt="a" * 40_000), limits, "system_prompt")
+    assert refused.value.param == "system_prompt" and "max_form_field_chars" in refused.value.message
+
+
+def test_a_text_field_past_its_limit_is_refused_by_name_as_it_streams_in():
+    """Past Starlette's 1 MiB part bound a field got 'Part exceeded maximum size of 1024KB.', param null;
+    the bound now follows max_form_field_chars (4 bytes a character)."""
+    client, families = make(limits={"max_form_field_chars": 1000})
+    for path, field in ((STT, "prompt"), (VOICE, "system_prompt")):
+        extra = {"model": "stt"} if path == STT else {}
+        refused = error(client.post(path, files={"file": ("a.wav", wav())}, data={field: "a" * 4001, **extra}), 400)
+        assert refused["param"] == field and "max_form_field_chars=1,000" in refused["message"], refused
+        # between the characters and the bytes: the route's own check, the same limit named
+        refused = error(client.post(path, files={"file": ("a.wav", wav())}, data={field: "a" * 1001, **extra}), 400)
+        assert refused["param"] == field and "max_form_field_chars=1000" in refused["message"], refused
+    urlencoded = error(client.post(STT, data={"model": "stt", "prompt": "a" * 4001}), 400)  # no file: a plain form
+    assert urlencoded["param"] == "prompt" and "max_form_field_chars=1,000" in urlencoded["message"], urlencoded
+    two = error(client.post(STT, files=[("file", ("a.wav", wav())), ("file", ("b.wav", wav()))],
+                            data={"model": "stt"}), 400)
+    assert (two["param"], two["code"]) == ("file", "too_many_files")
+    many = error(client.post(STT, files={"file": ("a.wav", wav())},
+                             data={"model": "stt", "timestamp_granularities[]": ["segment"] * 20}), 400)
+    assert (many["param"], many["code"]) == ("timestamp_granularities[]", "too_many_fields")
+    assert "16" in many["message"]
+    assert families["stt"].calls == []
+
+
+# -- schema against limits ---------------------------------------------------------------------------
+
+
+def test_stop_sequences_are_bounded_by_the_configured_limit():
+    """protocol.py's Field(max_length=4) refused a 5th stop whatever limits.max_stop_sequences said."""
+    raised, _ = make(limits={"max_stop_sequences": 8})
+    chat = {"model": "llm", "messages": [{"role": "user", "content": "hi"}]}
+    for path, body in ((CHAT, chat), ("/v1/completions", {"model": "llm", "prompt": "hi"})):
+        assert raised.post(path, json={**body, "stop": list("abcdefgh")}).status_code == 200
+        refused = error(raised.post(path, json={**body, "stop": list("abcdefghi")}), 400)
+        assert refused["param"] == "stop" and "max_stop_sequences=8" in refused["message"]
+    default, _ = make()
+    refused = error(default.post(CHAT, json={**chat, "stop": list("abcde")}), 400)
+    assert refused["param"] == "stop" and "max_stop_sequences=4" in refused["message"]
+
+
+def test_best_of_other_than_n_is_refused(client):
+    client, _ = client
+    body = {"model": "llm", "prompt": "hi", "n": 2}
+    assert error(client.post("/v1/completions", json={**body, "best_of": 1}), 400)["param"] == "best_of"
+    assert client.post("/v1/completions", json={**body, "best_of": 2}).status_code == 200
+
+
+# -- the OpenAPI document ----------------------------------------------------------------------------
+
+
+def test_openapi_documents_the_errors_the_server_sends_not_fastapis_422(client):
+    client, _ = client
+    spec = client.get("/openapi.json").json()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            assert "422" not in operation["responses"], (method, path)
+            if method == "post":
+                assert {"400", "413"} <= set(operation["responses"]), (method, path)
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    assert client.get("/openapi.json").json() == spec  # served again, the same
+
+
+# -- X-Wait-For-Model against request_timeout_s ------------------------------------------------------
+
+
+def test_a_call_that_may_wait_for_its_model_gets_that_wait_on_top_of_request_timeout_s():
+    """X-Wait-For-Model (up to 600 s) was cut at request_timeout_s with a 503 of code null."""
+    client, families = make(request_timeout_s=0.3)
+    families["llm"].answer_after_s = 0.6
+    chat = {"model": "llm", "messages": [{"role": "user", "content": "hi"}]}
+    assert client.post(CHAT, json=chat, headers={"x-wait-for-model": "2"}).status_code == 200
+    started = time.monotonic()
+    refused = error(client.post(CHAT, json=chat), 503)
+    assert time.monotonic() - started < 0.6 + 0.5
+    assert refused["code"] == "timeout" and "request_timeout_s=0.3" in refused["message"], refused
+
+
+# -- images past Pillow's own bound --------------------------------------------------------------------
+
+
+def png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_max_image_pixels_above_pillows_bound_takes_effect_in_the_ingress_and_the_replica(monkeypatch):
+    """A max_image_pixels above Pillow's MAX_IMAGE_PIXELS could not take effect: an image within the limit
+    got a 413 saying 'more than <Pillow's> pixels; at most max_image_pixels=<more>'. Pillow's bound is
+    made small here to keep the images small (it is restored afterwards)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    client, families = make(limits={"max_image_pixels": 50_000})
+
+    def ask(data: bytes):
+        uri = "data:image/png;base64," + base64.b64encode(data).decode()
+        return client.post(CHAT, json={"model": "vlm", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": uri}}]}]})
+
+    within = png(200, 200)  # 40,000 pixels: within the limit, past twice Pillow's bound (an error there)
+    assert ask(within).status_code == 200
+    assert families["vlm"].calls[-1][1].images == [within]
+    refused = error(ask(png(300, 300)), 413)
+    assert refused["message"] == "the image has more than 50,000 pixels; at most max_image_pixels=50,000 are accepted"
+    # the replica, a process with Pillow's default bound and no limits, decodes what the ingress let through
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    assert media.image_size(within) == (200, 200)
+    assert media.decode_image(within).size == (200, 200)
+    assert Image.MAX_IMAGE_PIXELS == 40_000
