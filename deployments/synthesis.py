@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from typing import Any
 
@@ -11,9 +12,11 @@ import torch
 
 from loading import LoadedModel, ModelSpec
 
-from .errors import InvalidRequestError, ServiceUnavailableError
+from .errors import InvalidRequestError
 from .params import SpeechParams, SpeechResult
 from .text_split import stream_pieces
+
+log = logging.getLogger(__name__)
 
 # VITS samples its durations: a fixed seed per piece makes the same text give the same audio.
 SEED = 0
@@ -77,28 +80,32 @@ def nothing_to_say() -> InvalidRequestError:
         "input has no characters this voice can pronounce (after normalisation it is empty)", param="input")
 
 
-def past_timeout(spec: ModelSpec, started: float) -> ServiceUnavailableError | None:
-    if time.monotonic() - started > spec.generation_timeout_s:
-        return ServiceUnavailableError(
-            f"synthesis took longer than generation_timeout_s={spec.generation_timeout_s:g} s of model {spec.name!r}; "
-            "send shorter text (or raise generation_timeout_s)", code="timeout")
-    return None
+def past_timeout(spec: ModelSpec, started: float, pieces_left: int) -> bool:
+    """Whether generation_timeout_s has passed since `started`: a limit, like an LLM's max_tokens, not a
+    failure. The speech stops before its next piece and what was made is the answer, whole or streamed
+    alike (a 503 after a streamed piece could only cut the client's audio off mid-file)."""
+    if time.monotonic() - started <= spec.generation_timeout_s:
+        return False
+    log.warning("model %s: synthesis past generation_timeout_s=%g s; %d piece(s) of the text not spoken",
+                spec.name, spec.generation_timeout_s, pieces_left)
+    return True
 
 
 def synthesize(spec: ModelSpec, loaded: LoadedModel, params: SpeechParams,
                max_chars_per_call: int = 400) -> SpeechResult:
     """The text in the pieces a stream of it is made in (`stream_pieces`: VITS samples per call, so the
     same pieces are what make the same text the same audio in every format), one model call each,
-    joined; stops between pieces once the caller has gone away, and fails (503 naming the bound) before
-    a piece once generation_timeout_s has passed (`synthesize_stream` applies the same rule per piece)."""
+    joined; stops between pieces once the caller has gone away, or once generation_timeout_s has passed
+    (`past_timeout`; `synthesize_stream` applies the same rule per piece)."""
     kwargs = model_kwargs(spec, loaded, params)
     results: list[SpeechResult] = []
     started = time.monotonic()
-    for index, piece in enumerate(stream_pieces(params.text, max_chars_per_call)):
+    pieces = stream_pieces(params.text, max_chars_per_call)
+    for index, piece in enumerate(pieces):
         if params.cancelled is not None and params.cancelled.is_set():
             break
-        if index and (error := past_timeout(spec, started)) is not None:
-            raise error
+        if index and past_timeout(spec, started, len(pieces) - index):
+            break
         result = synthesize_piece(loaded, piece, kwargs)
         if result is not None:
             results.append(result)
