@@ -14,7 +14,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 
 class OpenAIBaseModel(BaseModel):
@@ -278,6 +278,13 @@ REFUSED_CHAT_FIELDS = {
 }
 
 
+def stream_options_need_stream(value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+    """OpenAI's rule: stream_options only with stream: true (a plain reply has no last chunk to carry usage)."""
+    if value is not None and not info.data.get("stream", False):
+        raise ValueError("stream_options is only allowed when stream is true")
+    return value
+
+
 class ChatCompletionRequest(RequestModel):
     model: str
     """Model id or alias, as listed by `/v1/models`."""
@@ -303,6 +310,7 @@ class ChatCompletionRequest(RequestModel):
     """Stream the reply as server-sent events."""
     stream_options: StreamOptions | None = None
     """Options for streaming; only with `stream: true`."""
+    _stream_options = field_validator("stream_options")(stream_options_need_stream)
     n: int = Field(default=1, ge=1)
     """Number of choices, each sampled on its own (at most `limits.max_choices`)."""
     user: str | None = None
@@ -641,7 +649,8 @@ class CompletionRequest(RequestModel):
     stream: bool = False
     """Stream the completion as server-sent events."""
     stream_options: StreamOptions | None = None
-    """`include_usage`: a last chunk with token usage."""
+    """`include_usage`: a last chunk with token usage; only with `stream: true`."""
+    _stream_options = field_validator("stream_options")(stream_options_need_stream)
     logprobs: int | None = Field(default=None, ge=0, le=5)
     """Log probabilities of each output token and of this many most likely alternatives (0-5)."""
     echo: bool = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, WebSocket
 
-from ..errors import OverloadedError
+from ..errors import APIError, OverloadedError
 from ..realtime import RealtimeSession, refuse
 
 router = APIRouter(tags=["realtime"])
@@ -29,3 +29,11 @@ async def realtime(websocket: WebSocket, model: str | None = None) -> None:
         await RealtimeSession(websocket, ingress, model).run()
     finally:
         state.realtime_sessions -= 1
+
+
+@router.get("/v1/realtime", include_in_schema=False)
+async def realtime_over_http() -> None:
+    """The Realtime endpoint asked for over plain HTTP: say what it needs, not 404 'unknown route'."""
+    raise APIError("/v1/realtime is a WebSocket endpoint: connect with ws:// or wss:// (the openai client's "
+                   "`client.beta.realtime.connect(model=...)`)", status=426, type="invalid_request_error",
+                   code="websocket_required", headers={"Upgrade": "websocket", "Connection": "Upgrade"})

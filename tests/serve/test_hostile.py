@@ -273,6 +273,11 @@ def corpus() -> list[Case]:
              code="invalid_content_type", mentions="application/json"),
         Case("best_of 1 with n 2", "/v1/completions", 400, {"json": {"model": "tiny-llm", "prompt": "hi", "n": 2,
                                                                      "best_of": 1}}, "best_of"),
+        Case("GET /v1/realtime over plain HTTP: a WebSocket endpoint", "/v1/realtime", 426, method="GET",
+             code="websocket_required", mentions="WebSocket"),
+        Case("stream_options without stream", "/v1/chat/completions", 400, {"json": {
+            "model": "tiny-llm", "messages": [{"role": "user", "content": "hi"}],
+            "stream_options": {"include_usage": True}}}, "stream_options"),
     ]
 
 
