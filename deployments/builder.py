@@ -84,6 +84,21 @@ def gpu_model_notes(num_gpus: int, config: AppConfig) -> list[str]:
     return [note]
 
 
+def timeout_notes(config: AppConfig) -> list[str]:
+    """A note for /health when request_timeout_s, the ingress's bound on a family call, is below a model's
+    generation_timeout_s: a non-streamed request that generates that long is answered 503 `timeout` first."""
+    longer = sorted(spec.name for spec in config.models if spec.generation_timeout_s > config.request_timeout_s)
+    if not longer:
+        return []
+    most = max(spec.generation_timeout_s for spec in config.models)
+    note = (f"request_timeout_s={config.request_timeout_s:g} is below the generation_timeout_s of "
+            f"{', '.join(map(repr, longer))} (up to {most:g} s): a non-streamed request that generates that long is "
+            f"answered 503 timeout at {config.request_timeout_s:g} s; raise request_timeout_s or lower "
+            "generation_timeout_s")
+    log.warning(note)
+    return [note]
+
+
 def gpu_shortage_notes(num_gpus: int, demand: dict[str, int], available: float) -> list[str]:
     """Notes for /health when the families together ask for more GPUs than the cluster has.
 
@@ -115,7 +130,7 @@ def build_app(args: dict[str, Any]) -> Application:
         config.local_models_dir = env["LOCAL_MODELS_DIR"]
     available = cluster_gpus()
     num_gpus, notes = plan_gpus(config.device, available)
-    notes += gpu_model_notes(num_gpus, config)
+    notes += gpu_model_notes(num_gpus, config) + timeout_notes(config)
 
     handles: dict[str, Any] = {}
     resources: dict[str, dict[str, float]] = {}  # per family replica, for /health's pending reasons

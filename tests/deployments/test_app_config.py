@@ -336,3 +336,15 @@ def test_scheduling_policy_is_fcfs_or_priority_and_voice_priority_needs_the_llm_
     config = AppConfig.model_validate(args(ingress={"voice_priority": -2},
                                            families={"llm": {"scheduling_policy": "priority"}}))
     assert config.ingress.voice_priority == -2 and config.families.vlm.scheduling_policy == "fcfs"
+
+
+def test_a_request_timeout_below_a_generation_timeout_is_noted():
+    """The ingress answers 503 timeout at request_timeout_s, so a model allowed to generate longer cannot
+    (found by review: the shipped demo had 60 against 120, and the 503 named neither)."""
+    from deployments.builder import timeout_notes
+
+    models = [{"name": "a", "source": "x", "family": "llm"},
+              {"name": "b", "source": "y", "family": "llm", "generation_timeout_s": 30}]
+    notes = timeout_notes(AppConfig.model_validate({"models": models, "request_timeout_s": 60}))
+    assert len(notes) == 1 and "request_timeout_s=60" in notes[0] and "'a'" in notes[0] and "'b'" not in notes[0]
+    assert timeout_notes(AppConfig.model_validate({"models": models, "request_timeout_s": 120})) == []
