@@ -105,7 +105,7 @@ def llm_args(models_dir: str, autoscaling: dict, **extra) -> dict:
         "device": "gpu", "local_models_dir": models_dir, "request_timeout_s": 15, "status_timeout_s": 3,
         # eager: a new replica turns RUNNING (and gets traffic) only once its model is in memory
         "models": [{"name": "tiny-llm", "source": "tiny-llm", "build_tiny": "llm", "max_new_tokens": 64,
-                    "loading": "eager"}],
+                    "loading": "eager", "generation_timeout_s": 10}],  # within request_timeout_s: no /health note
         # Ray waits graceful_shutdown_timeout_s even to stop a replica still pending for a GPU
         "families": {"llm": {"num_cpus": 0.25, "autoscaling": autoscaling, "graceful_shutdown_timeout_s": 2}},
         **extra,
