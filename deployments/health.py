@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from loading import Family
+from loading import Family, ModelSpec
 
 from .app_config import AppConfig
 from .errors import ServiceUnavailableError
@@ -26,8 +26,11 @@ Call = Callable[..., Awaitable[Any]]  # (family, method, *args, timeout=) -> the
 
 class HealthMonitor:
     def __init__(self, config: AppConfig, call: Call, families: list[str], notes: list[str],
-                 resources: dict[str, dict[str, float]]):
+                 resources: dict[str, dict[str, float]], served: Callable[[], list[ModelSpec]] | None = None):
         self.config = config
+        # the models to show: configured and added at run time (an added model whose family is down or
+        # scaled to zero is shown so, not left out)
+        self._served = served or (lambda: list(config.models))
         self._call = call
         self.families = families  # the family deployments this app has
         self.notes = notes  # build-time findings, e.g. GPUs asked for but absent
@@ -112,7 +115,7 @@ class HealthMonitor:
     def _placeholder(self, family: Family, state: str, **extra: Any) -> dict[str, dict]:
         return {spec.name: {"name": spec.name, "family": family.value, "state": state, "demo": spec.is_demo,
                             "max_new_tokens": spec.max_new_tokens, **extra}
-                for spec in self.config.models if spec.family is family}
+                for spec in self._served() if spec.family is family}
 
     async def model_status(self) -> dict[str, dict]:
         """Per model: its replica's view, or why its family did not answer, with Serve's view of the family."""
@@ -138,7 +141,7 @@ class HealthMonitor:
                 out.update(self._placeholder(family, "unavailable", error=error))
             else:
                 out.update({info["name"]: info for info in answer})
-            for spec in self.config.models:
+            for spec in self._served():
                 if spec.family is family and view and spec.name in out:
                     out[spec.name]["deployment"] = view
         for info in out.values():

@@ -26,6 +26,9 @@ def label_request(family: str, model: str) -> None:
         labels.update(family=family, model=model)
 
 
+# The method label's values: a client can send any method name, and each would be a series of its own
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 class HTTPMetrics:
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -56,5 +59,6 @@ class HTTPMetrics:
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.answered(route, scope.get("method", ""), status, labels["family"], labels["model"],
-                                  time.monotonic() - started)
+            method = scope.get("method", "")
+            self.metrics.answered(route, method if method in METHODS else "other", status, labels["family"],
+                                  labels["model"], time.monotonic() - started)

@@ -68,7 +68,8 @@ class Ingress:
         if self.admin_keys.enabled:  # the admin routes are on: have the catalog's actor ready for them
             self.runtime.prepare()
         self.notes = list(notes or [])
-        self.health = HealthMonitor(config, self._call, list(handles), self.notes, dict(resources or {}))
+        self.health = HealthMonitor(config, self._call, list(handles), self.notes, dict(resources or {}),
+                                    served=self.served_models)
         self._media = asyncio.Semaphore(self.limits.media_workers)  # decodes off the event loop, bounded
         if self.keys.enabled:
             log.info("API keys: %d configured; every route but /health needs one", len(self.keys._digests))
@@ -241,20 +242,20 @@ class Ingress:
 
     def synthesize_stream(self, params: SpeechParams) -> AsyncGenerator[SpeechResult, None]:
         """The speech piece by piece (sentence, or clause), as the TTS family makes it."""
-        self.spec(params.model, Family.TTS)
+        params.model = self.spec(params.model, Family.TTS).name  # canonical: metric labels and logs
         return self._stream(Family.TTS, "synthesize_stream", params)
 
     def transcribe_stream(self, params: TranscribeParams) -> AsyncGenerator[dict, None]:
         """{"segment", "words"} per piece of the audio (cut at silences), then {"result"}."""
-        self.spec(params.model, Family.STT)
+        params.model = self.spec(params.model, Family.STT).name  # canonical: metric labels and logs
         return self._stream(Family.STT, "transcribe_stream", params)
 
     async def transcribe(self, params: TranscribeParams) -> TranscribeResult:
-        self.spec(params.model, Family.STT)
+        params.model = self.spec(params.model, Family.STT).name  # canonical: metric labels and logs
         return await self._call(Family.STT, "transcribe", params)
 
     async def synthesize(self, params: SpeechParams) -> SpeechResult:
-        self.spec(params.model, Family.TTS)
+        params.model = self.spec(params.model, Family.TTS).name  # canonical: metric labels and logs
         return await self._call(Family.TTS, "synthesize", params)
 
     # -- the voice round trip ----------------------------------------------------------------------

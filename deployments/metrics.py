@@ -68,6 +68,7 @@ class FamilyMetrics:
         self.family = family
         self._queued = self._running = 0
         self._loads_seen: dict[str, int] = {}  # model -> the load count whose fallbacks were counted
+        self._reported: set[str] = set()  # the models the last status had
         self.queue_depth = _gauge("queue_depth", "Requests in the replica waiting for a model call (memory budget, "
                                   "a batch slot, prefill) ", "family")
         self.running = _gauge("running_requests", "Requests in the replica whose output is being made", "family")
@@ -132,7 +133,14 @@ class FamilyMetrics:
             self.rtf.observe(compute_seconds / audio_seconds, tags=tags)
 
     def models(self, status: list[dict]) -> None:
-        """Model state, load time and fallbacks, from the pool's status (called on every health check)."""
+        """Model state, load time and fallbacks, from the pool's status (called on every health check). A
+        model gone from the pool (unloaded at run time) gets 0 for every state: a Ray gauge cannot drop a
+        series, and its last state would otherwise read on as current."""
+        names = {info["name"] for info in status}
+        for gone in self._reported - names:
+            for state in MODEL_STATES:
+                self.state.set(0, tags={**self._tags(gone), "state": state})
+        self._reported = names
         for info in status:
             tags = self._tags(info["name"])
             for state in MODEL_STATES:

@@ -20,7 +20,7 @@ async def health(request: Request, ingress: IngressDep) -> dict:
 
 
 def _card(ingress: Ingress, name: str, info: dict) -> ModelCard:
-    spec = ingress.spec(name)
+    spec = ingress.catalog[name]  # a lookup only: a listing names no model, so its metric labels stay empty
     return ModelCard(id=spec.name, created=CREATED, family=spec.family.value if spec.family else None,
                      state=info.get("state"),
                      device=info.get("device"), loading_strategy=info.get("loading_strategy"),

@@ -299,3 +299,65 @@ def test_max_image_pixels_above_pillows_bound_takes_effect_in_the_ingress_and_th
     assert media.image_size(within) == (200, 200)
     assert media.decode_image(within).size == (200, 200)
     assert Image.MAX_IMAGE_PIXELS == 40_000
+
+
+# -- metric labels and /health (found by the observability review) ---------------------------------------
+def _answered(monkeypatch) -> list[tuple]:
+    """Every (route, method, status, family, model) the ingress's request metric is given."""
+    from deployments.metrics import IngressMetrics
+
+    seen: list[tuple] = []
+    answered = IngressMetrics.answered
+
+    def record(self, route, method, status, family, model, seconds):
+        seen.append((route, method, status, family, model))
+        return answered(self, route, method, status, family, model, seconds)
+
+    monkeypatch.setattr(IngressMetrics, "answered", record)
+    return seen
+
+
+def test_metric_labels_are_bounded_and_canonical(monkeypatch):
+    seen = _answered(monkeypatch)
+    client, families = make(models=[{"name": n, "source": n, "family": f, "aliases": [f"{n}-alias"]}
+                                    for n, f in MODELS])
+    for method in ("BREW", "X-ANYTHING"):  # any method a client makes up is one label value, not a series each
+        client.request(method, "/v1/models")
+    client.get("/v1/models")  # a listing names no model
+    client.post(STT, files={"file": ("a.wav", wav(), "audio/wav")}, data={"model": "stt-alias"})
+    assert [s[1] for s in seen[:2]] == ["other", "other"]
+    assert seen[2][3:] == ("", ""), seen[2]
+    assert seen[3][3:] == ("stt", "stt") and families["stt"].calls[-1][1].model == "stt"  # the alias resolved
+
+
+def test_a_model_added_at_run_time_is_shown_unavailable_when_its_family_is_down():
+    from deployments.runtime_catalog import RuntimeRecord, Snapshot
+
+    families = {name: Family() for name in ("llm", "stt", "tts", "vlm")}
+    config = AppConfig.model_validate({"models": [{"name": n, "source": n, "family": f} for n, f in MODELS],
+                                       "local_models_dir": "/nonexistent", "status_timeout_s": 1})
+    ingress = Ingress({name: Handle(family) for name, family in families.items()}, config)
+    added = config.models[0].model_copy(update={"name": "added", "aliases": []})
+    ingress.runtime._apply(Snapshot("e:1", (RuntimeRecord("model", added),)))
+
+    async def down():
+        raise RuntimeError("replica died")
+
+    families["llm"].status = down
+    client = TestClient(build_api(ingress), raise_server_exceptions=False)
+    health = client.get("/health").json()
+    assert health["models"]["added"]["state"] == "unavailable" and health["models"]["llm"]["state"] == "unavailable"
+    listed = {card["id"]: card["state"] for card in client.get("/v1/models").json()["data"]}
+    assert listed["added"] == "unavailable"
+
+
+def test_an_unloaded_models_state_gauge_goes_to_zero(monkeypatch):
+    from deployments.metrics import MODEL_STATES, FamilyMetrics
+
+    metrics, current = FamilyMetrics("llm"), {}
+    monkeypatch.setattr(metrics.state, "set", lambda value, tags=None: current.__setitem__(
+        (tags["model"], tags["state"]), value))
+    ready = {"state": "ready", "load_seconds": 1.0, "load_count": 1, "fallbacks": []}
+    metrics.models([{"name": "a", **ready}, {"name": "b", **ready}])
+    metrics.models([{"name": "a", **ready}])  # b unloaded at run time
+    assert current[("a", "ready")] == 1 and all(current[("b", state)] == 0 for state in MODEL_STATES)
