@@ -158,15 +158,26 @@ def serve_run(config: dict, run_dir: Path, label: str, mode: str = "default",
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     tmp = Path(f"/tmp/mfbench-{port}")  # short: Ray's socket paths have a length limit
     tmp.mkdir(exist_ok=True)
-    # HAProxy's files and ports of this instance's own (never a peer's or `make serve`'s)
-    haproxy = serve_process_env(tmp / "hap")
-    env = base_env({"RAY_TMPDIR": str(tmp), **haproxy, **PROXY_MODES[mode]}, repo)
-    started = time.perf_counter()
-    process = _spawn([str(VENV_BIN / "serve"), "run", str(config_path)], env, run_dir / f"serve.{label}.log", repo)
     url = f"http://{HOST}:{port}"
-    server = Server(label, url, process, run_dir / f"serve.{label}.log", started)
+    log_path = run_dir / f"serve.{label}.log"
+    for attempt in (1, 2):
+        # HAProxy's files and ports of this instance's own (never a peer's or `make serve`'s), picked free
+        # anew for each attempt
+        haproxy = serve_process_env(tmp / "hap")
+        env = base_env({"RAY_TMPDIR": str(tmp), **haproxy, **PROXY_MODES[mode]}, repo)
+        started = time.perf_counter()
+        process = _spawn([str(VENV_BIN / "serve"), "run", str(config_path)], env, log_path, repo)
+        try:
+            health = _wait_http(url + "/health", process, ready_timeout_s)
+            break
+        except RuntimeError:
+            # A port found free was taken before HAProxy bound it (another process's ephemeral port): once,
+            # start again with other ports; any other failure is the benchmark's to report.
+            _stop(process, 60)
+            if attempt == 2 or "Address already in use" not in log_path.read_text(errors="replace"):
+                raise
+    server = Server(label, url, process, log_path, started)
     try:
-        health = _wait_http(url + "/health", process, ready_timeout_s)
         ready = _wait_http(url + "/health", process, ready_timeout_s,
                            ok=lambda r: r.status_code == 200 and r.json().get("status") == "ok")
         server.timings = {"health_200_s": health - started, "all_ready_s": ready - started,
