@@ -250,10 +250,10 @@ def _check_tree(root: Any, limits: RequestLimits) -> None:
             items = value.items() if isinstance(value, dict) else enumerate(value)
             for key, item in items:
                 if isinstance(key, str):
-                    _check_text(key, path + (key,))
+                    check_text(key, path + (key,))
                 stack.append((item, path + (key,), depth + 1))
         elif isinstance(value, str):
-            _check_text(value, path)
+            check_text(value, path)
         elif (isinstance(value, int) and not isinstance(value, bool)
               and not -limits.max_json_integer - 1 <= value <= limits.max_json_integer):  # int64's range
             raise InvalidRequestError(
@@ -261,7 +261,8 @@ def _check_tree(root: Any, limits: RequestLimits) -> None:
                 param=_dotted(path) or None, code="integer_out_of_range")
 
 
-def _check_text(text: str, path: tuple) -> None:
+def check_text(text: str, path: tuple) -> None:
+    """400 `invalid_unicode` naming `path` for text UTF-8 cannot carry (a lone surrogate)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:

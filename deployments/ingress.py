@@ -286,8 +286,8 @@ class Ingress:
         done, pieces = await drain(spoken_reply(self, chat, self._speech_template(names[Family.TTS], wait_s),
                                                 self._tts_chars(),
                                                 self.config.ingress.voice_first_piece_chars))
-        if not pieces:  # nothing speakable in the reply: a short pause of speech, as before
-            pieces = [await self.synthesize(SpeechParams(model=names[Family.TTS], text="...", wait_s=wait_s))]
+        if not pieces:  # nothing speakable in the reply
+            pieces = [await self._pause(names[Family.TTS], wait_s)]
         waveform = np.concatenate([p.waveform for p in pieces])
         data, _, written_rate = await self._off_loop(
             encode_audio_with_rate, waveform, pieces[0].sample_rate, form.response_format)
@@ -318,8 +318,8 @@ class Ingress:
                     if data:
                         yield event(VoiceAudioDelta(audio=base64.b64encode(data).decode()))
                 else:
-                    if encoder is None:  # nothing speakable in the reply: a short pause of speech, as unstreamed
-                        pause = await self.synthesize(SpeechParams(model=names[Family.TTS], text="...", wait_s=wait_s))
+                    if encoder is None:  # nothing speakable in the reply
+                        pause = await self._pause(names[Family.TTS], wait_s)
                         encoder = StreamEncoder(form.response_format, pause.sample_rate)
                         if data := await self._off_loop(encoder.write, pause.waveform):
                             yield event(VoiceAudioDelta(audio=base64.b64encode(data).decode()))
@@ -333,6 +333,10 @@ class Ingress:
                                           audio_format=form.response_format,
                                           sample_rate=encoder.written_rate,
                                           models=models, usage=usage))
+
+    async def _pause(self, tts: str, wait_s: float) -> SpeechResult:
+        """The voice round trip's answer to a reply with nothing speakable: a short pause of speech."""
+        return await self.synthesize(SpeechParams(model=tts, text="...", wait_s=wait_s))
 
     def _tts_chars(self) -> int:
         """Longest piece of a reply sent to the TTS at once (its family's max_chars_per_call)."""

@@ -8,7 +8,7 @@ from fastapi import Depends, Form, Header, Request
 from pydantic import BaseModel
 
 from ..errors import InvalidRequestError
-from ..guard import AUTHORIZED
+from ..guard import AUTHORIZED, check_text
 from ..ingress import Ingress
 from ..limits import RequestLimits, check_form_fields
 from ..protocol import ErrorResponse
@@ -77,24 +77,12 @@ def app_form_limits(limits: RequestLimits) -> Any:
 
 
 def check_form(form: BaseModel, limits: RequestLimits, *bounded: str) -> None:
-    """A multipart form's text: every text field valid Unicode (no lone surrogate), and the `bounded`
-    fields within max_form_field_chars. The guard refuses a charset that could produce a surrogate; this
-    catches whatever else would, before any replica sees it."""
-    fields = type(form).model_fields
-    for name, info in fields.items():
+    """A multipart form's text: every text field valid Unicode (no lone surrogate: the JSON bodies' check),
+    and the `bounded` fields within max_form_field_chars. The guard refuses a charset that could produce a
+    surrogate; this catches whatever else would, before any replica sees it."""
+    for name, info in type(form).model_fields.items():
         value = getattr(form, name, None)
         for text in value if isinstance(value, list) else [value]:
-            if isinstance(text, str) and not _encodable(text):
-                param = info.alias or name
-                raise InvalidRequestError(
-                    f"'{param}' holds invalid unicode (a lone surrogate); send the form's text fields as UTF-8",
-                    param=param, code="invalid_unicode")
+            if isinstance(text, str):
+                check_text(text, (info.alias or name,))
     check_form_fields({name: getattr(form, name) for name in bounded}, limits)
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
