@@ -119,6 +119,11 @@ class Segment:
     end: float
     text: str
     tokens: int = 0  # tokens the model generated for it
+    token_ids: list[int] = field(default_factory=list)  # those of its text
+    temperature: float = 0.0
+    avg_logprob: float = 0.0  # of its tokens and the end token, as Whisper reports it
+    compression_ratio: float = 0.0  # its text's length over its zlib-compressed length (> 2.4: repetitive)
+    no_speech_prob: float = 0.0  # of <|nospeech|> right after <|startoftranscript|>
 
 
 @dataclass
@@ -128,6 +133,7 @@ class TranscribeResult:
     duration: float
     segments: list[Segment]
     words: list[Word] = field(default_factory=list)
+    language_name: str | None = None  # as OpenAI's verbose_json gives it ("english" for "en")
 
     @property
     def tokens(self) -> int:

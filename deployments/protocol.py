@@ -898,12 +898,24 @@ class TranscriptionWord(OpenAIBaseModel):
 class TranscriptionSegment(OpenAIBaseModel):
     id: int
     """Index of the segment."""
+    seek: int = 0
+    """Where the segment's audio starts, in 10 ms frames (Whisper's seek offset)."""
     start: float
     """Start time in seconds."""
     end: float
     """End time in seconds."""
     text: str
     """Text of the segment."""
+    tokens: list[int] = []
+    """Token ids of the text."""
+    temperature: float = 0.0
+    """Sampling temperature it was decoded with."""
+    avg_logprob: float = 0.0
+    """Average log-probability of its tokens and the end token (below -1: the decoding is doubtful)."""
+    compression_ratio: float = 0.0
+    """Length of the text over its zlib-compressed length (above 2.4: repetitive, likely a loop)."""
+    no_speech_prob: float = 0.0
+    """Probability of the <|nospeech|> token at the start of the segment (high with a low avg_logprob: silence)."""
 
 
 class TranscriptionResponse(OpenAIBaseModel):

@@ -91,7 +91,9 @@ class STTServer(FamilyServer):
                 return None if cut is None else (int(cut[0] * scale), int(cut[1] * scale))
 
             def submit(begin: int, end: int) -> asyncio.Future:
-                piece = dataclasses.replace(params, audio=audio[begin:end], language=language, detect_language=False)
+                # the first piece goes alone and, with no language given, finds the one every later piece uses
+                piece = dataclasses.replace(params, audio=audio[begin:end], language=language,
+                                            detect_language=language is None)
                 piece.cuts, piece.offset_s, piece.cancelled = [(0, end - begin)], begin / rate, params.cancelled
                 piece.running = params.running
                 return asyncio.ensure_future(self._until_cancelled(piece, self._transcribe_batch(piece)))
@@ -117,7 +119,8 @@ class STTServer(FamilyServer):
                 for future in window:  # each piece's memory stays held until its model call lets go of it
                     await settle(future)
         yield {"result": TranscribeResult(" ".join(t for t in texts if t).strip(), language,
-                                          round(len(audio) / rate, 3), segments, words)}
+                                          round(len(audio) / rate, 3), segments, words,
+                                          _transcription().language_name(language))}
 
     async def _transcribe_batch_call(self, batch: list[TranscribeParams]) -> list[Any]:
         chunks = self.options.max_chunks_per_call

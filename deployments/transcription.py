@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from loading import LoadedModel, ModelSpec
 
@@ -43,12 +47,17 @@ def language_token(loaded: LoadedModel, language: str) -> str:
 
 
 def prompt_ids(loaded: LoadedModel, prompt: str | None) -> torch.Tensor | None:
+    """<|startofprev|> and the prompt's last tokens: at most half the decoder's positions, as OpenAI's Whisper
+    and openai-whisper keep (224 of 448), so a long prompt (the transcript so far, the documented use)
+    leaves each piece of audio the other half rather than cutting its transcript short."""
     if not prompt:
         return None
     try:
-        return torch.as_tensor(loaded.processor.get_prompt_ids(prompt, return_tensors="np"))
+        ids = torch.as_tensor(loaded.processor.get_prompt_ids(prompt, return_tensors="np"))
     except ValueError as exc:  # e.g. the text of a special token ("<|en|>") in the prompt
         raise InvalidRequestError(f"the prompt cannot be used: {exc}", param="prompt") from None
+    keep = getattr(loaded.model.config, "max_target_positions", 448) // 2 - 1
+    return torch.cat([ids[:1], ids[1:][-keep:]]) if len(ids) > keep + 1 else ids
 
 
 def token_budget(spec: ModelSpec, loaded: LoadedModel, prompt: str | None) -> int:
@@ -108,16 +117,23 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
             pieces.append((index, begin / rate, audio[begin:end]))
     first = batch[0]
     languages: list[str | None] = [params.language for params in batch]
-    if not first.language and first.detect_language and not multilingual(loaded):
+    # One language per request, detected on its first piece: left to generate(), each piece of a long
+    # upload would be detected on its own (a pause heard as another language is then decoded in it)
+    detect = not first.language and (first.detect_language or len(pieces) > len(batch))
+    if detect and not multilingual(loaded):
         languages = ["en"] * len(batch)  # an English-only model: nothing to detect
-    elif not first.language and first.detect_language:
-        starts = [i for i, piece in enumerate(pieces) if piece[1] == 0.0]
-        languages = []
-        for group in _groups(starts, chunks_per_call):
+    elif detect:
+        starts: dict[int, int] = {}  # request -> its first piece (a request with no audio has none)
+        for i, (index, _, _) in enumerate(pieces):
+            starts.setdefault(index, i)
+        found: list[str] = []
+        for group in _groups(list(starts.values()), chunks_per_call):
             inputs = _features(loaded, [pieces[i][2] for i in group], rate)
             with loaded.active() as model, torch.inference_mode():
-                languages += detect_languages(loaded, model, inputs["input_features"])
-    outputs: list[_Output] = [_Output("", 0, [])] * len(pieces)
+                found += detect_languages(loaded, model, inputs["input_features"])
+        detected = dict(zip(starts, found, strict=True))
+        languages = [detected.get(index) for index in range(len(batch))]
+    outputs: list[_Output] = [_Output("")] * len(pieces)
     cancelled = [params.cancelled for params in batch]
     for group in _groups(list(range(len(pieces))), chunks_per_call):
         group = [i for i in group if not _is_set(cancelled[pieces[i][0]])]
@@ -132,20 +148,88 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
         seg, offset = segments[index], batch[index].offset_s
         end = start + len(samples) / rate
         seg.append(Segment(len(seg), round(offset + start, 3), round(offset + end, 3), output.text.strip(),
-                           output.tokens))
+                           len(output.token_ids), output.token_ids, batch[index].temperature,
+                           output.avg_logprob, compression_ratio(output.text.strip()), output.no_speech_prob))
         words[index] += [Word(w.word, round(offset + min(start + w.start, end), 3),
                               round(offset + min(start + w.end, end), 3)) for w in output.words]
     return [
-        TranscribeResult(" ".join(s.text for s in segs if s.text).strip(), language, round(duration, 3), segs, w)
+        TranscribeResult(" ".join(s.text for s in segs if s.text).strip(), language, round(duration, 3), segs, w,
+                         language_name(language))
         for language, segs, duration, w in zip(languages, segments, durations, words, strict=True)
     ]
 
 
+@dataclass
 class _Output:
-    """What one chunk gave: its text, how many tokens, and its words (times within the chunk)."""
+    """What one chunk gave: its text and tokens, its words (times within the chunk), and its scores."""
 
-    def __init__(self, text: str, tokens: int, words: list[Word]):
-        self.text, self.tokens, self.words = text, tokens, words
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    words: list[Word] = field(default_factory=list)
+    avg_logprob: float = 0.0
+    no_speech_prob: float = 0.0
+
+
+def compression_ratio(text: str) -> float:
+    """openai-whisper's repetition measure: a looping transcript compresses well (> 2.4 is suspect)."""
+    data = text.encode("utf-8")
+    return round(len(data) / len(zlib.compress(data)), 3) if data else 0.0
+
+
+class _SegmentScores:
+    """What Whisper reports per segment, read off one generate() call at no extra model pass.
+
+    Its logits processor (after Whisper's own) keeps the step's log-probabilities; its stopping criterion
+    (called once the step's tokens are chosen; it never stops a row) records each row's chosen token with
+    its log-probability. Hooks on the decoder's embeddings and output layer read the probability of
+    <|nospeech|> at <|startoftranscript|>'s position in the first pass that has it (the prefill, or
+    generate()'s own language detection), as openai-whisper does."""
+
+    def __init__(self, start_id: int, no_speech_id: int):
+        self.start_id, self.no_speech_id = start_id, no_speech_id
+        self.last: torch.Tensor | None = None
+        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tokens [rows], log-probabilities [rows])
+        self.no_speech: torch.Tensor | None = None
+        self._start_at: int | None = None
+        self.processor, self.criterion = _KeepLogprobs(self), _RecordChosen(self)
+
+    @contextlib.contextmanager
+    def watching(self, model: Any) -> Iterator[None]:
+        def ids_in(_module: Any, args: tuple) -> None:
+            ids = args[0] if args else None
+            if self.no_speech is None and isinstance(ids, torch.Tensor) and ids.dim() == 2:
+                found = (ids[0] == self.start_id).nonzero()
+                self._start_at = int(found[0]) if len(found) else None
+
+        def logits_out(_module: Any, _args: tuple, out: torch.Tensor) -> None:
+            if self.no_speech is None and self._start_at is not None and out.dim() == 3 \
+                    and out.shape[1] > self._start_at:
+                self.no_speech = out[:, self._start_at].float().softmax(dim=-1)[:, self.no_speech_id].cpu()
+            self._start_at = None
+
+        hooks = []
+        try:
+            hooks.append(model.get_decoder().embed_tokens.register_forward_pre_hook(ids_in))
+            hooks.append(model.get_output_embeddings().register_forward_hook(logits_out))
+        except AttributeError:  # a model laid out otherwise: no-speech probabilities stay 0
+            pass
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def row(self, row: int, end_id: int) -> tuple[float, float]:
+        """(avg_logprob, no_speech_prob) of one row: its text tokens and its end token, as Whisper averages."""
+        total, count = 0.0, 0
+        for tokens, logprobs in self.steps:
+            token = int(tokens[row])
+            if token <= end_id:  # text tokens and the end token (ids above it are special or timestamps)
+                total, count = total + float(logprobs[row]), count + 1
+            if token == end_id:
+                break
+        no_speech = float(self.no_speech[row]) if self.no_speech is not None and row < len(self.no_speech) else 0.0
+        return (total / count if count else 0.0), no_speech
 
 
 def _groups(items: list[int], size: int) -> list[list[int]]:
@@ -178,15 +262,19 @@ def _generate(spec: ModelSpec, loaded: LoadedModel, first: TranscribeParams,
               languages: list[str | None], cancelled: list[Any], rate: int) -> list[_Output]:
     """One generate call over some chunks (each of request `pieces[i][0]`)."""
     inputs = _features(loaded, [p[2] for p in pieces], rate)
+    tokenizer = loaded.processor.tokenizer
+    scores = _SegmentScores(tokenizer.convert_tokens_to_ids("<|startoftranscript|>"),
+                            loaded.model.generation_config.no_timestamps_token_id - 1)  # transformers' choice too
     kwargs: dict[str, Any] = {"max_new_tokens": token_budget(spec, loaded, first.prompt),
                               "max_time": spec.generation_timeout_s,
+                              "logits_processor": LogitsProcessorList([scores.processor]),
                               "stopping_criteria": StoppingCriteriaList(
-                                  [_DropCancelledRows([cancelled[p[0]] for p in pieces])])}
+                                  [_DropCancelledRows([cancelled[p[0]] for p in pieces]), scores.criterion])}
     if multilingual(loaded):  # an English-only model takes neither a task nor a language
         kwargs["task"] = first.task
         if first.language:
             kwargs["language"] = first.language
-        elif first.detect_language:
+        elif all(languages[index] for index, _, _ in pieces):  # detected once per request (transcribe_batch)
             kwargs["language"] = [languages[index] for index, _, _ in pieces]
     if first.prompt:
         kwargs["prompt_ids"] = prompt_ids(loaded, first.prompt)
@@ -194,9 +282,8 @@ def _generate(spec: ModelSpec, loaded: LoadedModel, first: TranscribeParams,
         kwargs.update(do_sample=True, temperature=first.temperature)
     if first.word_timestamps:
         kwargs["return_token_timestamps"] = True
-    with loaded.active() as model, torch.inference_mode():
+    with loaded.active() as model, torch.inference_mode(), scores.watching(model):
         output = model.generate(**inputs, **kwargs)
-    tokenizer = loaded.processor.tokenizer
     if first.word_timestamps:
         sequences, times = output["sequences"], output["token_timestamps"]
     else:
@@ -208,8 +295,30 @@ def _generate(spec: ModelSpec, loaded: LoadedModel, first: TranscribeParams,
         words: list[Word] = []
         if times is not None:
             words = _words(tokenizer, sequence, times[row].tolist(), first.language, len(pieces[row][2]) / rate)
-        results.append(_Output(text, len(tokens), words))
+        avg_logprob, no_speech_prob = scores.row(row, tokenizer.eos_token_id)
+        results.append(_Output(text, tokens, words, avg_logprob, no_speech_prob))
     return results
+
+
+class _KeepLogprobs(LogitsProcessor):
+    def __init__(self, scores: _SegmentScores):
+        self.scores = scores
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.scores.last = scores.float().log_softmax(dim=-1)
+        return scores
+
+
+class _RecordChosen(StoppingCriteria):
+    def __init__(self, scores: _SegmentScores):
+        self.scores = scores
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        last, self.scores.last = self.scores.last, None
+        if last is not None and last.shape[0] == input_ids.shape[0]:
+            chosen = input_ids[:, -1:]
+            self.scores.steps.append((chosen[:, 0].cpu(), last.gather(1, chosen.to(last.device))[:, 0].cpu()))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
 def _text_span(tokenizer: Any, sequence: list[int]) -> list[int]:
@@ -247,6 +356,13 @@ def _words(tokenizer: Any, sequence: list[int], times: list[float], language: st
         if word.strip():
             out.append(Word(word.strip(), round(min(start, duration), 3), round(min(max(stop, start), duration), 3)))
     return out
+
+
+def language_name(language: str | None) -> str | None:
+    """Whisper's language code as OpenAI's verbose_json names it ("en" -> "english"); None stays None."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    return None if language is None else LANGUAGES.get(language.lower(), language)
 
 
 def _language_name(tokenizer: Any, language: str | None) -> str:

@@ -56,7 +56,10 @@ def _usage(result: TranscribeResult) -> TranscriptionUsage:
 
 
 def _render(result: TranscribeResult, fmt: str, granularities: list[str], task: str) -> Response:
-    segments = [TranscriptionSegment(id=s.id, start=s.start, end=s.end, text=s.text) for s in result.segments]
+    segments = [TranscriptionSegment(id=s.id, seek=round(s.start * 100), start=s.start, end=s.end, text=s.text,
+                                     tokens=s.token_ids, temperature=s.temperature, avg_logprob=s.avg_logprob,
+                                     compression_ratio=s.compression_ratio, no_speech_prob=s.no_speech_prob)
+                for s in result.segments]
     if fmt == "json":
         return JSONResponse({"text": result.text})
     if fmt == "text":
@@ -66,7 +69,8 @@ def _render(result: TranscribeResult, fmt: str, granularities: list[str], task: 
     if fmt == "vtt":
         return PlainTextResponse(format_vtt(segments), media_type="text/vtt")
     verbose = TranscriptionVerboseResponse(
-        task=task, language="english" if task == "translate" else result.language or "unknown",
+        task=task,
+        language="english" if task == "translate" else result.language_name or result.language or "unknown",
         duration=result.duration, text=result.text,
         segments=segments if "segment" in granularities else None,
         words=[TranscriptionWord(word=w.word, start=w.start, end=w.end) for w in result.words]
