@@ -105,6 +105,24 @@ class ResponseFields(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_output_tokens: Annotated[int, Field(ge=1)] | Literal["inf"] | None = None
     max_response_output_tokens: Annotated[int, Field(ge=1)] | Literal["inf"] | None = None
+    # OpenAI's, not served here: named so that asking for them is refused rather than ignored (refused())
+    conversation: Any = None
+    input: Any = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+
+    def refused(self) -> tuple[str, str] | None:
+        """(message, param) for an option this server does not serve, or None."""
+        if self.conversation not in (None, "auto"):
+            return ("out-of-band responses (conversation other than 'auto') are not supported by this server; "
+                    "a response always answers the session's conversation", "response.conversation")
+        if self.input is not None:
+            return "a response's own input is not supported; add items with conversation.item.create", "response.input"
+        if self.tools:
+            return "tools (function calling) are not supported by this server", "response.tools"
+        if self.tool_choice not in (None, "auto", "none"):
+            return "tool_choice needs tools, which this server does not support", "response.tool_choice"
+        return None
 
 
 class ItemContent(BaseModel):
@@ -358,6 +376,10 @@ class RealtimeSession:
             raise SessionError("'audio' must be 16-bit samples (an even number of bytes)", "invalid_value", "audio")
         samples = np.frombuffer(data, dtype="<i2")
         limit = int(self.limits.max_realtime_buffer_seconds * RATE)
+        if self.detector is not None and self.speech_start is None:
+            # server VAD, no speech under way: the oldest audio makes room, so a session that listens to
+            # silence never fills up, and a commit takes all that is kept (speech the detector missed too)
+            self._drop_before(self.streamed + len(samples) - limit)
         if self.buffered + len(samples) > limit and len(samples) <= limit and self.speech_start is not None:
             # server VAD, mid-speech (a long talk, steady noise): the turn so far is committed, so the
             # buffer never fills and locks the session; the speech goes on into the next turn
@@ -382,26 +404,28 @@ class RealtimeSession:
             at = self.detector_origin + turn.sample * RATE // 16000  # stream sample, 24 kHz
             if turn.kind == "started":
                 self.speech_start, self.speech_item = at, _id("item")
-                await self.send("input_audio_buffer.speech_started", audio_start_ms=at * 1000 // RATE,
-                                item_id=self.speech_item)
+                # OpenAI's audio_start_ms is where the committed audio will begin: the padding included
+                await self.send("input_audio_buffer.speech_started",
+                                audio_start_ms=self._padded_start(at) * 1000 // RATE, item_id=self.speech_item)
                 detection = self.config.turn_detection
                 active = self.response is not None and not self.response.done()
                 if active and detection and detection.interrupt_response:
                     await self.cancel_response("turn_detected")
             elif self.speech_start is not None:
                 await self._end_turn(at)
-        if self.speech_start is None and self.detector is not None:
-            # not speaking: keep only the padding that goes in front of the next speech
-            pad = (self.config.turn_detection.prefix_padding_ms if self.config.turn_detection else 300) * RATE // 1000
-            self._drop_before(self.streamed - pad - RATE // 10)
+
+    def _padded_start(self, at: int) -> int:
+        """Where a turn whose speech starts at stream sample `at` begins: prefix_padding_ms before it."""
+        detection = self.config.turn_detection
+        pad = (detection.prefix_padding_ms if detection else 300) * RATE // 1000
+        return max(self.buffer_start, at - pad)
 
     async def _end_turn(self, at: int) -> None:
         """Server VAD: the speech that began at `speech_start` ended at stream sample `at`; commit it."""
         assert self.speech_start is not None
         await self.send("input_audio_buffer.speech_stopped", audio_end_ms=at * 1000 // RATE, item_id=self.speech_item)
         detection = self.config.turn_detection
-        pad = (detection.prefix_padding_ms if detection else 300) * RATE // 1000
-        await self._commit(max(self.buffer_start, self.speech_start - pad), at, self.speech_item or _id("item"),
+        await self._commit(self._padded_start(self.speech_start), at, self.speech_item or _id("item"),
                            auto_respond=bool(detection and detection.create_response))
         self.speech_start = None
 
@@ -410,13 +434,17 @@ class RealtimeSession:
         return audio[max(0, begin - self.buffer_start):max(0, end - self.buffer_start)]
 
     def _drop_before(self, sample: int) -> None:
-        if sample <= self.buffer_start:
-            return
-        audio = np.concatenate(self.buffer) if self.buffer else np.zeros(0, dtype=np.int16)
-        cut = min(len(audio), sample - self.buffer_start)
-        audio = audio[cut:]
-        self.buffer = [audio] if len(audio) else []
-        self.buffered, self.buffer_start = len(audio), self.buffer_start + cut
+        """Forget the audio before stream sample `sample`, appended piece by piece (no copy of the rest:
+        a listening session at its bound drops a little at every append)."""
+        while self.buffer and sample > self.buffer_start:
+            head = self.buffer[0]
+            cut = min(len(head), sample - self.buffer_start)
+            if cut == len(head):
+                self.buffer.pop(0)
+            else:
+                self.buffer[0] = head[cut:]
+            self.buffered -= cut
+            self.buffer_start += cut
 
     async def commit(self, event: dict) -> None:
         if self.buffered * 1000 // RATE < MIN_COMMIT_MS:
@@ -502,7 +530,11 @@ class RealtimeSession:
         if self.response is not None and not self.response.done():
             raise SessionError("a response is in progress; cancel it (response.cancel) or wait for response.done",
                                "conversation_already_has_active_response")
-        self._start_response(_parse(ResponseFields, event.get("response"), "response"))
+        fields = _parse(ResponseFields, event.get("response"), "response")
+        refused = fields.refused()
+        if refused is not None:
+            raise SessionError(refused[0], "unsupported", refused[1])
+        self._start_response(fields)
 
     async def response_cancel(self, event: dict) -> None:
         if self.response is None or self.response.done():

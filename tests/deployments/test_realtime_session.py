@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import soundfile as sf
 from starlette.websockets import WebSocketState
 
@@ -133,7 +134,8 @@ def test_turns_do_not_depend_on_how_the_audio_is_cut_into_appends():
 
     large, small = asyncio.run(run(2400)), asyncio.run(run(128))
     assert small == large
-    assert large[0][:4] == [("started", 20256), ("stopped", 20992), ("started", 21984), ("stopped", 23680)]
+    # a start is where its turn's audio begins: prefix_padding_ms (300) before the speech heard
+    assert large[0][:4] == [("started", 19956), ("stopped", 20992), ("started", 21684), ("stopped", 23680)]
 
 
 def test_turn_detection_switched_on_mid_session_hears_from_then_on():
@@ -152,7 +154,7 @@ def test_turn_detection_switched_on_mid_session_hears_from_then_on():
         return turns(socket), ingress.heard
 
     detected, heard = asyncio.run(scenario())
-    assert detected[0] == ("started", 5256)
+    assert detected[0] == ("started", 4956)  # speech at 5256 ms, less the 300 ms prefix padding
     assert len(heard) == 1 and heard[0] > 0.9
 
 
@@ -294,3 +296,51 @@ def test_events_get_the_json_checks_of_an_http_body_and_their_size_is_counted_in
     assert socket.of("error")[1]["error"]["param"] == "session.instructions"
     assert len(socket.of("session.updated")) == 2 and session.config.instructions == "Be brief."
     assert "Unhandled error" not in caplog.text
+
+
+def test_a_commit_under_server_vad_takes_all_the_audio_kept():
+    """While the detector heard no speech, every append trimmed the buffer to the padding (0.4 s): speech it
+    missed (here under heavy noise) was gone when the client committed. OpenAI's commit takes the buffer;
+    a session listening to silence stays within max_realtime_buffer_seconds by forgetting the oldest audio."""
+
+    async def scenario(limits: RequestLimits | None, audio: np.ndarray) -> tuple[Socket, ScriptedIngress]:
+        socket, ingress = Socket(), ScriptedIngress(limits) if limits else ScriptedIngress()
+        session = RealtimeSession(socket, ingress, None)
+        await append(session, audio)
+        await session.handle(json.dumps({"type": "input_audio_buffer.commit"}))
+        await settle(session)
+        return socket, ingress
+
+    clean = speech((1.9, 3.7)).astype(np.float32)
+    noisy = clean + np.random.default_rng(0).normal(0, 3 * clean.std(), len(clean))  # -10 dB SNR
+    socket, ingress = asyncio.run(scenario(None, np.clip(noisy, -32768, 32767).astype("<i2")))
+    assert turns(socket) == []  # the detector heard no speech
+    assert ingress.heard == [pytest.approx(len(clean) / RATE, abs=0.01)]  # was 0.4 s
+
+    socket, ingress = asyncio.run(scenario(RequestLimits(max_realtime_buffer_seconds=2.0), silence(7.0)))
+    assert not [e for e in socket.sent if e["type"] == "error"]  # silence past the bound is no error
+    assert ingress.heard == [pytest.approx(2.0, abs=0.01)]  # the last 2 s
+
+
+def test_response_create_refuses_what_it_does_not_serve():
+    """`conversation: none` (out of band), `input`, `tools` and `tool_choice` were dropped in silence: an
+    out-of-band request ran over the whole conversation and its answer joined it."""
+
+    async def scenario(response: dict) -> list[dict]:
+        socket, ingress = Socket(), ScriptedIngress()
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}}))
+        await session.handle(json.dumps({"type": "response.create", "response": response}))
+        await settle(session)
+        return [e for e in socket.sent if e["type"] in ("error", "response.created")]
+
+    for response, param in [({"conversation": "none"}, "response.conversation"),
+                            ({"input": [{"type": "message", "role": "user", "content": []}]}, "response.input"),
+                            ({"tools": [{"type": "function", "name": "f"}]}, "response.tools"),
+                            ({"tool_choice": "required"}, "response.tool_choice")]:
+        sent = asyncio.run(scenario(response))
+        assert [(e["type"], e["error"]["param"], e["error"]["code"]) for e in sent] == [
+            ("error", param, "unsupported")], (response, sent)
+    assert [e["type"] for e in asyncio.run(scenario({"conversation": "auto", "tool_choice": "none"}))] == [
+        "response.created"]
