@@ -80,8 +80,9 @@ class RequestLimits(BaseModel):
     """Largest client event of a Realtime session (an `input_audio_buffer.append` of 4 MiB of base64 is
     ~65 s of 24 kHz pcm16); a larger one is refused with an `error` event, the session goes on."""
     max_realtime_buffer_seconds: float = Field(default=60.0, gt=0)
-    """Audio a Realtime session's input buffer holds before a commit (with server VAD, audio before speech
-    is dropped as it goes, so only a turn this long fills it); appends past it get an `error` event."""
+    """Audio a Realtime session's input buffer holds before a commit; appends past it get an `error` event.
+    With server VAD, outside speech the oldest audio is dropped instead (a session listening to silence
+    never fills), and a turn this long is committed so far and goes on."""
     max_realtime_items: int = Field(default=64, ge=2)
     """Conversation items a Realtime session keeps for the LLM's context; older ones are dropped first."""
     max_realtime_session_s: float = Field(default=1800.0, gt=0)
