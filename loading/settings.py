@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +37,7 @@ class Settings:
     hub_read_timeout_s: float = 60.0
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         warnings = []
         if env.get("TRANSFORMERS_CACHE") and not env.get("HF_HOME"):
@@ -52,7 +54,21 @@ class Settings:
             hf_home=hf_home,
             hf_hub_cache=Path(env.get("HF_HUB_CACHE") or hf_home / "hub").expanduser(),
             hub_endpoint=env.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"),
-            hub_probe_timeout_s=float(env.get("MODELFLEET_HUB_PROBE_TIMEOUT_S", "1.5")),
-            hub_read_timeout_s=float(env.get("MODELFLEET_HUB_READ_TIMEOUT_S", "60")),
+            hub_probe_timeout_s=seconds_from_env(env, "MODELFLEET_HUB_PROBE_TIMEOUT_S", "1.5"),
+            hub_read_timeout_s=seconds_from_env(env, "MODELFLEET_HUB_READ_TIMEOUT_S", "60"),
             warnings=tuple(warnings),
         )
+
+
+def seconds_from_env(env: Mapping[str, str], name: str, default: str) -> float:
+    """A positive number of seconds from variable `name`; a ValueError naming the variable, its value and
+    an example otherwise (float()'s own message names neither, and a replica's load failed with it)."""
+    text = env.get(name, default)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={text!r} is not a positive number of seconds: set it to one, e.g. "
+                         f"{name}={default}, or unset it for the default ({default} s)")
+    return value

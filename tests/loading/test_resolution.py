@@ -137,6 +137,14 @@ def test_settings_are_read_at_call_time(isolated_env, monkeypatch, tmp_path):
     assert Settings.from_env().local_models_dir == tmp_path / "elsewhere"
 
 
+@pytest.mark.parametrize("variable", ["MODELFLEET_HUB_PROBE_TIMEOUT_S", "MODELFLEET_HUB_READ_TIMEOUT_S"])
+@pytest.mark.parametrize("value", ["2s", "0", "nan"])
+def test_a_bad_timeout_variable_is_named_with_its_value(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=f"{variable}='{value}' is not a positive number of seconds.*e.g. {variable}="):
+        Settings.from_env()
+
+
 # -- 12. a Hub id that is cached loads offline, from the cache ----------------------------------------
 def test_cached_hub_id_loads_offline_from_hf_cache(isolated_env, tiny, monkeypatch):
     snapshot = stage_in_hf_cache(tiny["llm"], "modelfleet-test/tiny-llm", isolated_env["hub_cache"])
