@@ -96,7 +96,9 @@ class ModelSpec(BaseModel):
             "Weights dtype. auto: bfloat16 (or float16) on GPU; on CPU float32, except a checkpoint stored in "
             "bfloat16 stays bfloat16 where the CPU multiplies it natively (AVX512-BF16 or AMX). bfloat16 on "
             "such a CPU computes with oneDNN-packed linear layers: on AMX, SmolLM2-135M serves 16 clients "
-            "~1.8x faster than in float32 (bench/REAL_MODEL.md); on other CPUs bf16 is emulated and slower."
+            "~1.8x faster than in float32 (bench/REAL_MODEL.md); on other CPUs bf16 is emulated and slower. "
+            "float16 on the CPU is loaded as float32 (CPUs compute float16 slowly), with a warning in the "
+            "load report."
         ),
     )
     quantization: Quantization = Field(

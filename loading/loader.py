@@ -26,7 +26,7 @@ from .errors import AllStrategiesFailedError, UnreadableModelError, UnsupportedM
 from .families import auto_class
 from .model_source import Progress, ResolvedModel, ensure_demo_model, no_progress, resolve_model
 from .placement import GpuInfo, count_parameters, device_shortfall, estimate_weight_bytes, plan_device, visible_gpus
-from .quantization import Strategy, model_strategies
+from .quantization import Strategy, dtype_warning, model_strategies
 from .report import Attempt, LoadedModel, LoadReport, adapter_layers
 from .settings import Settings
 
@@ -151,6 +151,9 @@ def _load_weights(
             continue
         report.attempts.append(Attempt(strategy.name, "loaded", "", time.perf_counter() - t0))
         report.strategy, report.dtype = strategy.name, str(strategy.dtype).removeprefix("torch.")
+        if warning := dtype_warning(spec.dtype, strategy):
+            log.warning("%s: %s", spec.name, warning)
+            report.warnings.append(warning)
         return model, strategy
     raise AllStrategiesFailedError(spec.source, [(a.strategy, a.reason) for a in report.attempts])
 

@@ -63,6 +63,16 @@ def cpu_dtype(dtype: DType, checkpoint_dtype: Any = None) -> torch.dtype:
     return torch.float32 if dtype is DType.FLOAT16 else _DTYPES[dtype]
 
 
+def dtype_warning(requested: DType, strategy: Strategy) -> str | None:
+    """Why the loaded weights are not in the configured dtype, for the load report; None when they are."""
+    if requested is not DType.FLOAT16 or strategy.device != "cpu" or strategy.dtype is torch.float16:
+        return None
+    loaded = str(strategy.dtype).removeprefix("torch.")
+    return (f"dtype: float16 is configured, but on the CPU the weights are loaded in {loaded} (CPUs compute "
+            "float16 slowly), at twice the memory float16 would take. Set dtype: bfloat16 for half the memory "
+            "(fast where the CPU multiplies bf16 natively, AVX512-BF16/AMX), or dtype: float32 to say so.")
+
+
 def strategy_chain(
     quantization: Quantization, prefer_4bit: bool, dtype: DType, device: str, preference: DevicePreference,
     checkpoint_dtype: Any = None,

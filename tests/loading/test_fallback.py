@@ -65,3 +65,9 @@ def test_bitsandbytes_status_here():
         assert status.needed_library == "libbitsandbytes_cpu"
         assert status.usable is True
         assert "libbitsandbytes_cpu" in status.message
+
+
+def test_float16_on_cpu_is_float32_with_a_warning_that_says_so(isolated_env, tiny):
+    report = load_model(ModelSpec(name="tiny-llm", source=str(tiny["llm"]), dtype="float16", device="cpu")).report
+    assert report.dtype == "float32"
+    assert [w for w in report.warnings if "dtype: float16" in w and "float32" in w and "dtype: bfloat16" in w]
