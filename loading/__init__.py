@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "config": ["DType", "DevicePreference", "Family", "LoadingMode", "ModelSpec", "Quantization",
                "models_from_serve_config"],
-    "errors": ["AdapterBaseNotFoundError", "AllStrategiesFailedError", "LoadingError", "ModelLoadFailed",
-               "ModelLoadingInProgress", "ModelNotFoundError", "NoDeviceError", "UnreadableModelError",
-               "UnsupportedModelError"],
+    "errors": ["AdapterBaseNotFoundError", "AdapterMismatchError", "AllStrategiesFailedError", "LoadingError",
+               "ModelLoadFailed", "ModelLoadingInProgress", "ModelNotFoundError", "NoDeviceError",
+               "UnreadableModelError", "UnsupportedModelError"],
     "handle": ["ModelHandle", "State"],
     "inspect_model": ["detect_family"],
     "loader": ["attach_adapter", "load_model"],
@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager view of the same name
     from .config import DevicePreference, DType, Family, LoadingMode, ModelSpec, Quantization, models_from_serve_config
     from .errors import (
         AdapterBaseNotFoundError,
+        AdapterMismatchError,
         AllStrategiesFailedError,
         LoadingError,
         ModelLoadFailed,

@@ -20,8 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterBaseNotFoundError, ModelNotFoundError, UnreadableModelError, UnsupportedModelError
+from .errors import (
+    AdapterBaseNotFoundError,
+    AdapterMismatchError,
+    ModelNotFoundError,
+    UnreadableModelError,
+    UnsupportedModelError,
+)
 from .offline import HubStatus
+from .placement import safetensors_header
 from .resolve import WEIGHT_SUFFIXES, Resolved, is_model_dir, resolve_source
 from .settings import Settings
 
@@ -93,6 +100,43 @@ def resolve_base(
             "`modelfleet fetch` where the Hub is reachable, or set `base_model:` to a local directory.",
             offline_reason=exc.offline_reason,
         ) from None
+
+
+#: What PEFT puts before a base module's name in an adapter file's keys.
+_PEFT_PREFIX = "base_model.model."
+#: An adapter tensor kind -> (its axis, the base layer's attribute that axis must equal).
+_LORA_AXES = {"lora_A": (1, "in_features"), "lora_B": (0, "out_features"),
+              "lora_embedding_A": (1, "num_embeddings"), "lora_embedding_B": (0, "embedding_dim")}
+
+
+def adapter_misfit(model: Any, adapter: Path, base: str, reason: str) -> AdapterMismatchError:
+    """The error for an adapter that PEFT could not apply to `model` (which failed with `reason`), naming
+    its first tensor that does not fit the base, where its safetensors file shows one."""
+    return AdapterMismatchError(str(adapter), base, _first_misfit(model, adapter) or reason)
+
+
+def _first_misfit(model: Any, adapter: Path) -> str | None:
+    """'<tensor> has shape [..], but the base's <module> has <attribute>=<n>' for the adapter's first LoRA
+    tensor that does not fit the base's layer (or names a layer the base lacks); None when all fit."""
+    file = adapter / "adapter_model.safetensors"
+    if not file.is_file():
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for key, meta in safetensors_header(file).items():
+        module_name, _, rest = key.removeprefix(_PEFT_PREFIX).partition(".lora_")
+        axis_attr = _LORA_AXES.get("lora_" + rest.split(".")[0]) if rest else None
+        if axis_attr is None:
+            continue
+        try:
+            layer = base.get_submodule(module_name)
+        except AttributeError:
+            return f"tensor {key} is for {module_name}, which the base does not have"
+        layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        axis, attribute = axis_attr
+        expected = getattr(layer, attribute, None)
+        if expected is not None and meta["shape"][axis] != expected:
+            return f"tensor {key} has shape {meta['shape']}, but the base's {module_name} has {attribute}={expected}"
+    return None
 
 
 #: A text model's decoder (and every model's lm_head) is reported as this part.

@@ -67,6 +67,20 @@ class UnsupportedModelError(LoadingError):
         super().__init__(message)
 
 
+class AdapterMismatchError(LoadingError):
+    """An adapter whose weights do not fit its base (another model, or another size of it): no load
+    strategy can change that, so it is one error, not a failed strategy."""
+
+    def __init__(self, adapter: str, base: str, detail: str):
+        self.adapter = adapter
+        self.base = base
+        self.detail = detail
+        super().__init__(
+            f"Adapter {adapter!r} cannot be applied to its base model {base!r}: {detail}. It was made for another "
+            "model (or another size of it): check base_model_name_or_path in its adapter_config.json, or set "
+            "`base_model:` to the model it was trained on.")
+
+
 class UnreadableModelError(LoadingError):
     """The model's files are there but cannot be read: a truncated download, a git-lfs pointer where a
     weight file should be, a corrupt GGUF, a config transformers cannot parse."""

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from .adapters import adapter_targets
+from .adapters import adapter_misfit, adapter_targets
 from .config import ModelSpec
 from .cpu_kernels import pack_linears
-from .errors import AllStrategiesFailedError, UnreadableModelError, UnsupportedModelError
+from .errors import AllStrategiesFailedError, LoadingError, UnreadableModelError, UnsupportedModelError
 from .families import auto_class
 from .model_source import Progress, ResolvedModel, ensure_demo_model, no_progress, resolve_model
 from .placement import GpuInfo, count_parameters, device_shortfall, estimate_weight_bytes, plan_device, visible_gpus
@@ -40,8 +40,11 @@ WEIGHTS_LOCK = threading.RLock()
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+    """One line for a failure: its first line and, where that only introduces the details ("Error(s) in
+    loading state_dict for X:"), the first detail line after it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def load_model(
@@ -144,7 +147,9 @@ def _load_weights(
         t0 = time.perf_counter()
         try:
             model = _from_pretrained(spec, found, strategy, progress, report)
-        except Exception as exc:  # any failure moves on to the next strategy; the reason is kept
+        except LoadingError:  # about the model's files, not the strategy: another strategy cannot fix it
+            raise
+        except Exception as exc:  # any other failure moves on to the next strategy; the reason is kept
             report.attempts.append(Attempt(strategy.name, "failed", _short(exc), time.perf_counter() - t0))
             log.warning("%s: %s failed (%s); falling back", spec.name, strategy.name, _short(exc))
             _free_memory()
@@ -175,11 +180,23 @@ def _from_pretrained(
             log.info("%s: %d bf16 linear layers packed for oneDNN", spec.name, packed)
         if found.adapter is not None:
             progress("applying adapter", 0.9)
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, found.adapter.path)
+            model = _apply_adapter(model, found, spec.base_model or found.adapter.base_name)
     model.eval()
     return model
+
+
+def _apply_adapter(model: Any, found: ResolvedModel, base_name: str) -> Any:
+    """`found`'s adapter on `model` (the base `base_name`); one that does not fit is an AdapterMismatchError,
+    never a failed strategy."""
+    from peft import PeftModel
+
+    assert found.adapter is not None
+    try:
+        return PeftModel.from_pretrained(model, found.adapter.path)
+    except Exception as exc:
+        base = f"{base_name} ({found.model_dir})" if base_name and base_name != str(found.model_dir) \
+            else str(found.model_dir)
+        raise adapter_misfit(model, found.adapter.path, base, _short(exc)) from exc
 
 
 def _free_memory() -> None:
@@ -220,15 +237,17 @@ def attach_adapter(
     with WEIGHTS_LOCK, base.lock:  # no call on the base may run while LoRA layers are injected into it
         first = not isinstance(base.model, PeftModel)
         adapter_layers(base.model, enabled=True)  # a base call may have left them off; new layers come on
-        if not first:
-            base.model.load_adapter(str(adapter.path), adapter_name=spec.name)
-        else:
-            plain = base.model
-            try:
+        plain = base.model
+        try:
+            if not first:
+                base.model.load_adapter(str(adapter.path), adapter_name=spec.name)
+            else:
                 base.model = PeftModel.from_pretrained(plain, adapter.path, adapter_name=spec.name)
-            except Exception:  # it injects its layers before it loads the weights: take them out again
+        except Exception as exc:
+            if first:  # it injects its layers before it loads the weights: take them out again
                 strip_lora_layers(plain)
-                raise
+            raise adapter_misfit(plain, adapter.path, f"{base.report.name} ({base.report.resolved_path})",
+                                 _short(exc)) from exc
         base.model.eval()
         try:
             targets, idle = adapter_targets(base.model, spec.name, spec.source)

@@ -46,7 +46,7 @@ def count_parameters(model_dir: Path) -> int | None:
         return None
     total = 0
     for file in files:
-        header = _safetensors_header(file)
+        header = safetensors_header(file)
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
@@ -57,7 +57,7 @@ def count_parameters(model_dir: Path) -> int | None:
     return total
 
 
-def _safetensors_header(file: Path) -> dict:
+def safetensors_header(file: Path) -> dict:
     """A safetensors file's JSON header; a clear error for what is not one (a git-lfs pointer, a
     truncated download), instead of a read of the 2**60 bytes a pointer's text names as header length."""
     size = file.stat().st_size

@@ -152,28 +152,50 @@ def test_an_adapter_saved_with_its_bases_config_beside_it_is_still_an_adapter(is
     assert loaded.report.adapter_path == str(adapter.resolve()) or loaded.report.adapter_path == str(adapter)
 
 
+def _misfit_adapter(tiny, dest):
+    """The tiny LoRA with one weight of the wrong shape (its first v_proj.lora_B: twice the rows); its key."""
+    from safetensors.torch import load_file, save_file
+
+    misfit = copy_model(tiny["llm-lora"], dest)
+    weights = load_file(str(misfit / "adapter_model.safetensors"))
+    name = next(key for key in sorted(weights) if key.endswith("v_proj.lora_B.weight"))
+    weights[name] = torch.ones(weights[name].shape[0] * 2, weights[name].shape[1])
+    save_file(weights, str(misfit / "adapter_model.safetensors"))
+    return misfit, name
+
+
 def test_a_first_adapter_that_fails_half_way_leaves_its_base_as_it_was(isolated_env, tiny, tmp_path):
     """PEFT injects its layers before it loads the weights: an adapter with one weight of the wrong
     shape left the base carrying half an adapter and a PEFT config, and every base call failed."""
-    import shutil
+    from loading import AdapterMismatchError, attach_adapter
 
-    from safetensors.torch import load_file, save_file
-
-    from loading import attach_adapter
-
-    misfit = tmp_path / "misfit"
-    shutil.copytree(tiny["llm-lora"], misfit)
-    weights = load_file(str(misfit / "adapter_model.safetensors"))
-    name = next(key for key in weights if key.endswith("v_proj.lora_B.weight"))
-    weights[name] = torch.ones(weights[name].shape[0] * 2, weights[name].shape[1])
-    save_file(weights, str(misfit / "adapter_model.safetensors"))
+    misfit, name = _misfit_adapter(tiny, tmp_path / "misfit")
     base = load_model(ModelSpec(name="tiny", source=str(tiny["llm"])))
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         before = base.model(input_ids=ids).logits
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(AdapterMismatchError, match=f"to its base model 'tiny .*{name} has shape"):
         attach_adapter(ModelSpec(name="misfit", source=str(misfit), base_model="tiny"), base)
     assert type(base.model).__name__ == "LlamaForCausalLM" and not hasattr(base.model, "peft_config")
     assert not [n for n, m in base.model.named_modules() if hasattr(m, "lora_B")]
     with torch.no_grad():
         torch.testing.assert_close(base.model(input_ids=ids).logits, before)
+
+
+def test_an_adapter_that_does_not_fit_its_base_is_one_error_not_a_strategy_failure(isolated_env, tiny, tmp_path):
+    """It was tried under every strategy (the base loaded once per strategy) and reported as 'Could not load
+    with any strategy', each line only PEFT's header 'Error(s) in loading state_dict for PeftModelForCausalLM:'."""
+    from loading import AdapterMismatchError
+
+    misfit, name = _misfit_adapter(tiny, tmp_path / "misfit")
+    with pytest.raises(AdapterMismatchError) as info:
+        load_model(ModelSpec(name="a", source=str(misfit), quantization="8bit"))
+    assert f"Adapter '{misfit}' cannot be applied to its base model '{tiny['llm']}'" in str(info.value)
+    assert f"{name} has shape [64, 4], but the base's " in str(info.value) and "out_features=32" in str(info.value)
+
+
+def test_a_failed_strategy_keeps_the_first_detail_line():
+    from loading.loader import _short
+
+    error = RuntimeError("Error(s) in loading state_dict for M:\n\n\tsize mismatch for w: shape [2] vs [4].\n\tmore")
+    assert _short(error) == "RuntimeError: Error(s) in loading state_dict for M: size mismatch for w: shape [2] vs [4]."
