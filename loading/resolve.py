@@ -128,11 +128,41 @@ def mark_fetched(directory: Path, source: str, revision: str | None) -> None:
 
 def fetched_source(directory: Path) -> str | None:
     """The Hub id a directory was fetched from (None: not made by fetch, or unreadable)."""
-    try:
-        source = json.loads((directory / FETCHED_MARKER).read_text()).get("source")
-    except (OSError, ValueError, AttributeError):
-        return None
+    source = _fetched(directory).get("source")
     return source if isinstance(source, str) else None
+
+
+def fetched_revision(directory: Path) -> str:
+    """The revision a directory made by fetch was fetched at ("main" where it pinned none)."""
+    revision = _fetched(directory).get("revision")
+    return revision if isinstance(revision, str) and revision else "main"
+
+
+def _fetched(directory: Path) -> dict:
+    """What `mark_fetched` wrote into `directory`; {} where it wrote nothing readable."""
+    try:
+        marker = json.loads((directory / FETCHED_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _other_revision(candidate: Path, source: str, revision: str | None) -> str | None:
+    """Why `candidate`, a copy that fetch made, is not `source` at the pinned `revision` (None: it is, or
+    nothing is pinned, or fetch did not make it)."""
+    if revision is None or fetched_source(candidate) is None or fetched_revision(candidate) == revision:
+        return None
+    return (f"{candidate} (holds {fetched_source(candidate)}@{fetched_revision(candidate)}, fetched there by "
+            f"`modelfleet fetch`; revision {revision} is pinned)")
+
+
+def _clear_stale_copy(local_dir: Path, source: str) -> None:
+    """Remove an older copy of `source` that fetch made in `local_dir` (another revision, or incomplete)
+    before another is put there: its files would otherwise stay beside the new ones (a single
+    model.safetensors is read before a sharded index)."""
+    if fetched_source(local_dir) == source:
+        log.info("removing the earlier copy of %s in %s", source, local_dir)
+        shutil.rmtree(local_dir)
 
 
 def fetch_destination(source: str, settings: Settings) -> Path:
@@ -239,6 +269,9 @@ def resolve_source(
             # found by its last path component only: another repo of that name (Org-A/model for Org-B/model)
             looked_at.append(f"{candidate} (holds {other}, fetched there by `modelfleet fetch`)")
             continue
+        if (other_revision := _other_revision(candidate, source, revision)) is not None:
+            looked_at.append(other_revision)
+            continue
         missing = missing_weight_files(candidate) if is_model_dir(candidate) else []
         if missing:
             looked_at.append(f"{candidate} (incomplete: lacks {', '.join(missing[:5])}; download it again)")
@@ -264,6 +297,7 @@ def resolve_source(
     if hit is not None and local_dir is not None:
         # Asked for a self-contained copy (e.g. to carry to an offline machine): the cache's
         # symlinked snapshot is copied as plain files, no Hub needed.
+        _clear_stale_copy(local_dir, source)
         shutil.copytree(hit, local_dir, dirs_exist_ok=True)
         mark_fetched(local_dir, source, revision)
         log.info("%s %s copied from cached snapshot %s to %s", what, source, hit, local_dir)
@@ -284,6 +318,8 @@ def resolve_source(
             offline_reason=reason,
         )
     try:
+        if local_dir is not None:
+            _clear_stale_copy(local_dir, source)
         path = download(source, revision, settings, what=what, local_dir=local_dir)
         if local_dir is not None:
             mark_fetched(local_dir, source, revision)

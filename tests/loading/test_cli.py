@@ -140,6 +140,28 @@ def test_two_repos_of_one_name_fetch_apart_and_each_serves_its_own(isolated_env,
     assert resolve_source("orgb/model", Settings.from_env(), allow_download=False).path == models / "model"
 
 
+def test_a_pinned_revision_is_not_served_from_a_copy_fetched_at_another(isolated_env, tiny, tmp_path, monkeypatch,
+                                                                        capsys):
+    """A copy `fetch --local-models-dir` made at v1 was served once the config pinned v2, and fetch again
+    stopped at it (found by review)."""
+    from loading import Settings
+    from loading.resolve import resolve_source
+
+    cache, copy = isolated_env["hub_cache"], isolated_env["models"] / "org" / "tiny"
+    models = {"v1": tiny["llm"], "v2": tiny["llm-seed1"]}
+    for tag, sha in (("v1", "a" * 40), ("v2", "b" * 40)):
+        stage_in_hf_cache(models[tag], "org/tiny", cache, revision_hash=sha)
+        (cache / "models--org--tiny" / "refs" / tag).write_text(sha)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for tag, model in models.items():
+        config = _serve_config(tmp_path / f"{tag}.yaml", [{"name": "tiny", "source": "org/tiny", "revision": tag}])
+        assert main(["fetch", "--config", str(config), "--local-models-dir"]) == 0, capsys.readouterr().out
+        assert (copy / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+        assert resolve_source("org/tiny", Settings.from_env(), revision=tag).path == copy.resolve()
+    found = resolve_source("org/tiny", Settings.from_env(), revision="v1")  # v2's copy is there now
+    assert found.origin == "HF cache" and any("holds org/tiny@v2" in place for place in found.looked_at), found
+
+
 def test_fetch_builds_demo_model_and_reports_adapter_base(isolated_env, tmp_path, monkeypatch, capsys):
     config = _serve_config(tmp_path / "demo.yaml", [
         {"name": "tiny-llm", "source": "tiny-llm", "build_tiny": "llm"},
