@@ -2,9 +2,9 @@
 
 An adapter-only directory (adapter_config.json, no config.json) names its base in
 `base_model_name_or_path`. Left to PEFT, a base that is not local becomes a silent multi-GB
-download (or a ~47 s hang offline). We resolve the base through the same chain as any model,
-also trying the adapter's parent directory, where fine-tunes usually sit
-(`models/X/final_model/` next to the base in `models/X/`).
+download (or a ~47 s hang offline). We resolve the base through the same chain as any model;
+where the named base is neither local nor cached, the adapter's parent directory is tried before
+the Hub, as fine-tunes usually sit (`models/X/final_model/` next to the base in `models/X/`).
 
 Once attached, `adapter_targets` says which parts of the base an adapter changes (a VLM adapter may
 touch its vision tower and projector too, not only its language model) and refuses one that changes
@@ -70,28 +70,26 @@ def resolve_base(
     allow_download: bool = True,
 ) -> Resolved:
     """Find the adapter's base model, never starting an unannounced download (nor any, with
-    `allow_download=False`)."""
+    `allow_download=False`): the base it names (or `override`) where it is local or cached, else its
+    parent directory when that holds a model, else the named base from the Hub."""
     base = override or adapter.base_name
+    # The parent directory is a guess, for a base the adapter does not name or that is nowhere here; an
+    # explicit `base_model:` is the operator's word and must win (and fail if missing).
     parent = adapter.path.parent
-    # The parent directory is a guess for the adapter's own base name; an explicit `base_model:` is
-    # the operator's word and must win (and fail if missing) rather than fall back to the parent.
-    extra = (parent,) if not override and is_model_dir(parent) and (parent / "config.json").is_file() else ()
-    if not base and not extra:
+    guess = parent if not override and is_model_dir(parent) and (parent / "config.json").is_file() else None
+    if not base and guess is None:
         raise AdapterBaseNotFoundError(
             str(adapter.path), "<unnamed>", [f"{adapter.path}/adapter_config.json (no base_model_name_or_path)"],
             "set `base_model:` for this model in serve_config.yaml.",
         )
-    if not base:
-        log.info("adapter %s names no base; using its parent directory %s", adapter.path, parent)
-        return Resolved(parent.resolve(), "adapter's parent directory")
-    # An explicit base path that exists wins; then the parent dir; then the usual chain.
     explicit = Path(base).expanduser()
-    if is_model_dir(explicit):
+    if base and is_model_dir(explicit):
         return Resolved(explicit.resolve(), "local path")
+    if guess is not None:
+        return _named_here_or_parent(adapter, base, guess, settings, revision)
     try:
         return resolve_source(
-            base, settings, revision=revision, extra_dirs=extra, what="base model", hub=hub,
-            allow_download=allow_download,
+            base, settings, revision=revision, what="base model", hub=hub, allow_download=allow_download,
         )
     except ModelNotFoundError as exc:
         raise AdapterBaseNotFoundError(
@@ -100,6 +98,22 @@ def resolve_base(
             "`modelfleet fetch` where the Hub is reachable, or set `base_model:` to a local directory.",
             offline_reason=exc.offline_reason,
         ) from None
+
+
+def _named_here_or_parent(adapter: AdapterInfo, base: str, parent: Path, settings: Settings,
+                          revision: str | None) -> Resolved:
+    """The named base where it is local or cached (never the Hub), else the adapter's parent directory."""
+    looked_at: list[str] = []
+    if base:
+        try:
+            return resolve_source(base, settings, revision=revision, what="base model",
+                                  hub=HubStatus(False, "not asked: the adapter's parent directory holds a model"),
+                                  allow_download=False)
+        except ModelNotFoundError as exc:
+            looked_at = exc.looked_at
+    log.info("adapter %s: base %s is not here; using its parent directory %s", adapter.path, base or "(unnamed)",
+             parent)
+    return Resolved(parent.resolve(), "adapter's parent directory", looked_at)
 
 
 #: What PEFT puts before a base module's name in an adapter file's keys.

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loading import AdapterBaseNotFoundError, ModelSpec, load_model
+from loading.tiny import stage_in_hf_cache
 
 from loading_testutil import (
     CLOSED_LOCAL_ENDPOINT,
@@ -115,6 +116,22 @@ def test_adapter_in_final_model_subdir_uses_parent_as_base(isolated_env, tiny, m
     assert (adapted - _logits(base)).abs().max() > 1e-2  # the adapter changes the output
     with loaded.model.disable_adapter():
         assert torch.allclose(_logits(loaded.model), _logits(base), atol=1e-5)
+
+
+def test_the_base_an_adapter_names_wins_over_its_parent_directory(isolated_env, tiny, monkeypatch):
+    """An adapter in models/X/final_model naming Org/Base got models/X (another model) as its base although
+    Org/Base was under LOCAL_MODELS_DIR or in the HF cache (found by review)."""
+    from loading import Settings
+    from loading.model_source import resolve_model
+
+    parent = copy_model(tiny["llm-seed1"], isolated_env["models"] / "X")
+    named = copy_model(tiny["llm"], isolated_env["models"] / "Org" / "Base")
+    cached = stage_in_hf_cache(tiny["llm"], "Org/Cached", isolated_env["hub_cache"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for base, where in (("Org/Base", named.resolve()), ("Org/Cached", cached)):
+        _adapter_with_base(tiny, parent / base.replace("/", "-"), base)
+        found = resolve_model(ModelSpec(name="ft", source=f"X/{base.replace('/', '-')}"), Settings.from_env())
+        assert found.base is not None and found.base.path == where, found.base
 
 
 def test_explicit_base_model_override_wins(isolated_env, tiny, monkeypatch):
