@@ -51,12 +51,20 @@ def chat_request_bytes(config: Any, prompt_tokens: int, new_tokens: int, images:
     return batch * (kv_cache + prefill + logits) + vision + image_bytes
 
 
-def decoded_image_bytes(images: list[bytes]) -> int:
+def decoded_image_bytes(images: list[bytes], resize: Any = None) -> int:
     """Decoded RGB pixels of encoded images (sizes from their headers), as bytes, a float copy and the
-    processor's output: what decoding them costs before any resizing."""
+    processor's output; at the size the image processor resizes to when that is larger (`resize`: its
+    `size`; {"shortest_edge": s} scales the short side up to s: CLIP's, LLaVA's)."""
     from .media import image_size
 
-    return sum(width * height * 3 * (1 + 2 * FLOAT_BYTES) for width, height in map(image_size, images))
+    shortest = resize.get("shortest_edge") if isinstance(resize, dict) else None
+    total = 0
+    for width, height in map(image_size, images):
+        pixels = width * height
+        if shortest:
+            pixels = max(pixels, int(pixels * (shortest / max(1, min(width, height))) ** 2))
+        total += pixels * 3 * (1 + 2 * FLOAT_BYTES)
+    return total
 
 
 def _vision_bytes(config: Any) -> int:

@@ -35,8 +35,8 @@ from transformers import DynamicCache
 
 from loading import LANGUAGE_MODEL, LoadedModel, ModelSpec, adapted_parts, adapter_layers
 
-from .generation import PADDED_KEYS, RowStream, collate, cut_at_stop, end_token_ids
-from .params import ChatParams, ChatResult
+from .generation import RowStream, collate, cut_at_stop, end_token_ids
+from .params import PADDED_KEYS, ChatParams, ChatResult
 from .prefix_cache import Prefix, PrefixCache
 from .row_logits import Entry, RowLogits
 from .wakeups import batched
@@ -139,7 +139,7 @@ class Group:
         split: bool | None = None
         for row in rows:
             assert row.params.inputs is not None
-            extra = tuple(sorted(key for key in row.params.inputs if key not in PADDED_KEYS))
+            extra = row.params.input_kinds()
             if extra and split is None:
                 model = self.loaded.model
                 split = hasattr(model, "peft_config") and bool(adapted_parts(model) - {LANGUAGE_MODEL})

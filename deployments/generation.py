@@ -18,10 +18,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from loading import LoadedModel, ModelSpec
 
-from .params import ChatParams, ChatResult
+from .params import PADDED_KEYS, ChatParams, ChatResult
 from .wakeups import batched
-
-PADDED_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
 # torch's RNG is process-global: seeded sampling must not interleave with another generate.
 _SEED_LOCK = threading.Lock()
@@ -63,6 +61,8 @@ def collate(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch
     """Per-request inputs (batch dimension 1 each) as one batch: token rows left-padded (decoder-only
     generate appends on the right), everything else (pixel values, image sizes) concatenated."""
     width = max(row["input_ids"].shape[-1] for row in rows)
+    if any(row.keys() != rows[0].keys() for row in rows):  # batches are keyed on their inputs (sampling_key)
+        raise ValueError(f"rows with different inputs cannot share a batch: {sorted({k for r in rows for k in r})}")
     out: dict[str, torch.Tensor] = {}
     for key in rows[0]:
         values = [row[key] for row in rows]

@@ -47,6 +47,10 @@ class RequestLimits(BaseModel):
     """Images in one chat request."""
     max_image_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
     """Pixels (width x height) of one image, read from its header before it is decoded."""
+    max_image_aspect_ratio: float = Field(default=200.0, ge=1.0)
+    """Longer side over shorter side of one image (from its header; Qwen2-VL's bound). Processors that
+    scale the shortest edge up to their size (CLIP, LLaVA: 336) make a 1-pixel strip size x size*ratio
+    pixels: a 65 KB PNG of 1 x 16,777,216 would be ~5.6 billion."""
     max_image_bytes: int = Field(default=12 * MiB, ge=1024)
     """Encoded size of one image."""
     min_sample_rate: int = Field(default=8000, ge=1)

@@ -48,6 +48,14 @@ def take_images(messages: list[dict[str, Any]], limits: RequestLimits, allowed_d
         follow_pixel_limit(limits.max_image_pixels)
     parts = [(m, p, part) for m, message in enumerate(messages) if isinstance(message.get("content"), list)
              for p, part in enumerate(message["content"]) if part.get("type") == "image"]
+    # OpenAI's rule: tool and assistant content is text. An image there was left out of the prompt by the
+    # tool-message rendering, yet still counted against the prompt's image tokens (a 400 naming no part).
+    for m, p, _ in parts:
+        role = messages[m].get("role")
+        if role in ("assistant", "tool"):
+            raise InvalidRequestError(f"a {role} message's content is text; an image goes in a user message "
+                                      "(a tool's screenshot: a user message after the tool's answer)",
+                                      param=f"messages.{m}.content.{p}")
     if len(parts) > limits.max_images:
         raise RequestTooLargeError(
             f"the request carries {len(parts)} images; at most max_images={limits.max_images} are accepted",
@@ -86,6 +94,12 @@ def _check_header(data: bytes, limits: RequestLimits, param: str) -> None:
         raise RequestTooLargeError(
             f"the image is {width}x{height} = {width * height:,} pixels; at most "
             f"max_image_pixels={limits.max_image_pixels:,} are accepted", param=param, code="image_too_large")
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio > limits.max_image_aspect_ratio:
+        raise InvalidRequestError(
+            f"the image is {width}x{height}, an aspect ratio of {ratio:,.0f}:1; at most "
+            f"max_image_aspect_ratio={limits.max_image_aspect_ratio:g} is accepted (the model's processor would "
+            "scale its short side up to its input size)", param=param, code="image_aspect_ratio")
 
 
 def _header_size(data: bytes) -> tuple[int, int]:

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+PADDED_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")  # one row per request, padded
+
 # Fields set inside the replica (never sent over the wire) are excluded from repr and comparison.
 
 
@@ -55,8 +57,14 @@ class ChatParams:
     first_token_at: float | None = field(default=None, repr=False, compare=False)  # time.monotonic()
 
     def sampling_key(self) -> tuple:
-        """Requests with equal keys can share one batched generate call."""
-        return (self.temperature, self.top_p, self.seed, tuple(self.stop))
+        """Requests with equal keys can share one batched generate call: the same sampling, and the same
+        kinds of model input (collate concatenates pixel values and the like; a row without them cannot
+        join rows that have them)."""
+        return (self.temperature, self.top_p, self.seed, tuple(self.stop), self.input_kinds())
+
+    def input_kinds(self) -> tuple[str, ...]:
+        """The encoded inputs besides the padded token rows (pixel values, image sizes, ...)."""
+        return tuple(sorted(key for key in (self.inputs or {}) if key not in PADDED_KEYS))
 
     def loop_features(self) -> list[str]:
         """The request fields only the decode loop serves (per-row logits processing)."""

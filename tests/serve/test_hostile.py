@@ -180,6 +180,15 @@ def corpus() -> list[Case]:
              "messages.0.content.1.image_url"),
         Case("10000x10000 image (a few kB)", CHAT, 413, image_chat(png_uri(10_000, 10_000)),
              "messages.0.content.1.image_url", "image_too_large", mentions="max_image_pixels"),
+        Case("1x16777216 image (65 kB; upscaled by CLIP: ~5.6 billion pixels)", CHAT, 400,
+             image_chat(png_uri(1, 16_777_216)), "messages.0.content.1.image_url", "image_aspect_ratio",
+             mentions="max_image_aspect_ratio"),
+        Case("image in a tool message", CHAT, 400, {"json": {"model": "tiny-llava", "messages": [
+            {"role": "user", "content": "Look"},
+            {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                                   "function": {"name": "shot", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": [
+                {"type": "image_url", "image_url": {"url": png_data_uri()}}]}]}}, "messages.2.content.0"),
         Case("9 images", CHAT, 413, image_chat(png_data_uri(), count=9), "messages", mentions="max_images"),
         Case("file:// outside allowed dirs", CHAT, 400, image_chat("file:///etc/passwd"),
              "messages.0.content.1.image_url"),
