@@ -40,6 +40,7 @@ class AdapterInfo:
     path: Path
     base_name: str  # what the adapter (or the config override) names as its base
     peft_type: str
+    base_revision: str | None = None  # the base's revision the adapter was trained on (PEFT's `revision`)
 
 
 def read_adapter(path: Path) -> AdapterInfo | None:
@@ -57,7 +58,9 @@ def read_adapter(path: Path) -> AdapterInfo | None:
         raise UnreadableModelError(str(path), f"{config} cannot be read ({type(exc).__name__}: {exc})") from None
     if not isinstance(data, dict):
         raise UnreadableModelError(str(path), f"{config} is not a JSON object")
-    return AdapterInfo(path, str(data.get("base_model_name_or_path") or ""), str(data.get("peft_type", "LORA")))
+    revision = data.get("revision")
+    return AdapterInfo(path, str(data.get("base_model_name_or_path") or ""), str(data.get("peft_type", "LORA")),
+                       str(revision) if revision else None)
 
 
 def resolve_base(
@@ -65,14 +68,15 @@ def resolve_base(
     settings: Settings,
     *,
     override: str | None = None,
-    revision: str | None = None,
     hub: HubStatus | None = None,
     allow_download: bool = True,
 ) -> Resolved:
     """Find the adapter's base model, never starting an unannounced download (nor any, with
     `allow_download=False`): the base it names (or `override`) where it is local or cached, else its
-    parent directory when that holds a model, else the named base from the Hub."""
+    parent directory when that holds a model, else the named base from the Hub. The adapter's base is
+    looked for at the revision it records, as AutoPeftModel loads it; `override` at its main revision."""
     base = override or adapter.base_name
+    revision = None if override else adapter.base_revision
     # The parent directory is a guess, for a base the adapter does not name or that is nowhere here; an
     # explicit `base_model:` is the operator's word and must win (and fail if missing).
     parent = adapter.path.parent

@@ -134,6 +134,28 @@ def test_the_base_an_adapter_names_wins_over_its_parent_directory(isolated_env, 
         assert found.base is not None and found.base.path == where, found.base
 
 
+def test_an_adapter_gets_its_base_at_the_revision_it_records(isolated_env, tiny, tmp_path, monkeypatch):
+    """PEFT records the base's `revision` in adapter_config.json (AutoPeftModel honours it); the base was
+    resolved at main (found by review). `base_model:` in the config names a base of its own: main."""
+    import json
+
+    from loading import Settings
+    from loading.model_source import resolve_model
+
+    cache = isolated_env["hub_cache"]
+    main_snapshot = stage_in_hf_cache(tiny["llm"], "Org/Base", cache, revision_hash="a" * 40)
+    v1_snapshot = stage_in_hf_cache(tiny["llm-seed1"], "Org/Base", cache, revision_hash="b" * 40)
+    (cache / "models--Org--Base" / "refs" / "main").write_text("a" * 40)
+    (cache / "models--Org--Base" / "refs" / "v1").write_text("b" * 40)
+    adapter = _adapter_with_base(tiny, tmp_path / "lora", "Org/Base")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "revision": "v1"}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for override, snapshot in ((None, v1_snapshot), ("Org/Base", main_snapshot)):
+        found = resolve_model(ModelSpec(name="ft", source=str(adapter), base_model=override), Settings.from_env())
+        assert found.base is not None and found.base.path == snapshot, (override, found.base)
+
+
 def test_explicit_base_model_override_wins(isolated_env, tiny, monkeypatch):
     base_dir = copy_model(tiny["llm"], isolated_env["models"] / "X")
     adapter = _adapter_with_base(tiny, base_dir / "final_model", "Org/Base-7B")
