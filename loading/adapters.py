@@ -70,11 +70,13 @@ def resolve_base(
     override: str | None = None,
     hub: HubStatus | None = None,
     allow_download: bool = True,
+    local_dir: Path | None = None,
 ) -> Resolved:
     """Find the adapter's base model, never starting an unannounced download (nor any, with
     `allow_download=False`): the base it names (or `override`) where it is local or cached, else its
     parent directory when that holds a model, else the named base from the Hub. The adapter's base is
-    looked for at the revision it records, as AutoPeftModel loads it; `override` at its main revision."""
+    looked for at the revision it records, as AutoPeftModel loads it; `override` at its main revision.
+    With `local_dir`, a base from the HF cache or the Hub lands there as plain files (as in `resolve_source`)."""
     base = override or adapter.base_name
     revision = None if override else adapter.base_revision
     # The parent directory is a guess, for a base the adapter does not name or that is nowhere here; an
@@ -90,10 +92,11 @@ def resolve_base(
     if base and is_model_dir(explicit):
         return Resolved(explicit.resolve(), "local path")
     if guess is not None:
-        return _named_here_or_parent(adapter, base, guess, settings, revision)
+        return _named_here_or_parent(adapter, base, guess, settings, revision, local_dir)
     try:
         return resolve_source(
             base, settings, revision=revision, what="base model", hub=hub, allow_download=allow_download,
+            local_dir=local_dir,
         )
     except ModelNotFoundError as exc:
         raise AdapterBaseNotFoundError(
@@ -105,14 +108,14 @@ def resolve_base(
 
 
 def _named_here_or_parent(adapter: AdapterInfo, base: str, parent: Path, settings: Settings,
-                          revision: str | None) -> Resolved:
+                          revision: str | None, local_dir: Path | None) -> Resolved:
     """The named base where it is local or cached (never the Hub), else the adapter's parent directory."""
     looked_at: list[str] = []
     if base:
         try:
             return resolve_source(base, settings, revision=revision, what="base model",
                                   hub=HubStatus(False, "not asked: the adapter's parent directory holds a model"),
-                                  allow_download=False)
+                                  allow_download=False, local_dir=local_dir)
         except ModelNotFoundError as exc:
             looked_at = exc.looked_at
     log.info("adapter %s: base %s is not here; using its parent directory %s", adapter.path, base or "(unnamed)",

@@ -18,11 +18,11 @@ from .cpu_kernels import cpu_computes_bf16
 from .errors import LoadingError
 from .gguf import is_gguf_source
 from .inspect_model import inspect_model
-from .model_source import ensure_demo_model, resolve_model
+from .model_source import base_name, ensure_demo_model, find_base, resolve_model
 from .offline import HubStatus, declared_offline, hub_status
 from .placement import visible_gpus
 from .quantization import bitsandbytes_status
-from .resolve import fetch_destination
+from .resolve import fetch_destination, is_repo_id
 from .settings import Settings
 
 DEFAULT_CONFIG = "serve_config.yaml"
@@ -129,7 +129,11 @@ def _fetch_one(spec: ModelSpec, settings: Settings, hub: HubStatus, to_local_dir
         spec.source) else None  # a GGUF is converted into LOCAL_MODELS_DIR anyway
     # Files only: downloads the model and an adapter's base where they are missing (config not needed);
     # converts a GGUF file that has no current conversion.
-    found = resolve_model(spec, settings, hub=hub, local_dir=local_dir, with_config=False)
+    found = resolve_model(spec, settings, hub=hub, local_dir=local_dir, with_base=False, with_config=False)
+    base = base_name(found, spec)
+    base_dir = fetch_destination(base, settings) if to_local_dir and is_repo_id(base) and not is_gguf_source(
+        base) else None  # a Hub base goes beside the adapter, so that LOCAL_MODELS_DIR needs no HF cache
+    found = find_base(found, spec, settings, hub=hub, local_dir=base_dir)
     print(f"[ok  ] {spec.name}: {found.path} ({found.resolved.origin})", file=out)
     if found.base is not None:
         print(f"       adapter base: {found.base.path} ({found.base.origin})", file=out)

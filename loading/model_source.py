@@ -107,16 +107,23 @@ def find_base(
     *,
     hub: HubStatus | None = None,
     allow_download: bool = True,
+    local_dir: Path | None = None,
     progress: Progress = no_progress,
 ) -> ResolvedModel:
     """`found` with its adapter's base resolved (`spec.base_model` wins over the adapter's own word);
-    `found` itself for a plain model."""
+    `found` itself for a plain model. With `local_dir`, a base from the HF cache or the Hub lands there."""
     if found.adapter is None:
         return found
     progress("resolving adapter base", 0.15)
-    base = resolve_base(found.adapter, settings, override=spec.base_model, hub=hub, allow_download=allow_download)
+    base = resolve_base(found.adapter, settings, override=spec.base_model, hub=hub, allow_download=allow_download,
+                        local_dir=local_dir)
     log.info("%s: adapter %s on base %s (%s)", spec.name, found.adapter.path, base.path, base.origin)
     return replace(found, base=base)
+
+
+def base_name(found: ResolvedModel, spec: ModelSpec) -> str:
+    """What an adapter's base is looked up by: `spec.base_model`, else the adapter's own word ("" for a model)."""
+    return (spec.base_model or found.adapter.base_name) if found.adapter is not None else ""
 
 
 def read_config(found: ResolvedModel, spec: ModelSpec, progress: Progress = no_progress) -> ResolvedModel:

@@ -18,7 +18,7 @@ from loading.cli import main
 from loading.cpu_kernels import cpu_computes_bf16
 from loading.tiny import stage_in_hf_cache
 
-from loading_testutil import CLOSED_LOCAL_ENDPOINT, FAIL_FAST_S, Timer, record
+from loading_testutil import CLOSED_LOCAL_ENDPOINT, FAIL_FAST_S, Timer, record, set_adapter_base
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "modelfleet"
 
@@ -160,6 +160,29 @@ def test_a_pinned_revision_is_not_served_from_a_copy_fetched_at_another(isolated
         assert resolve_source("org/tiny", Settings.from_env(), revision=tag).path == copy.resolve()
     found = resolve_source("org/tiny", Settings.from_env(), revision="v1")  # v2's copy is there now
     assert found.origin == "HF cache" and any("holds org/tiny@v2" in place for place in found.looked_at), found
+
+
+def test_fetch_to_local_models_dir_puts_an_adapters_hub_base_there_too(isolated_env, tiny, tmp_path, monkeypatch,
+                                                                       capsys):
+    """The adapter was copied to LOCAL_MODELS_DIR/Org/Lora but its base left in the HF cache: the directory
+    was not ready to carry to a machine without the Hub (found by review)."""
+    import shutil
+
+    from loading import ModelSpec, Settings
+    from loading.model_source import resolve_model
+
+    stage_in_hf_cache(tiny["llm"], "Org/Base", isolated_env["hub_cache"])
+    adapter = shutil.copytree(tiny["llm-lora"], tmp_path / "lora")
+    set_adapter_base(adapter, "Org/Base")
+    stage_in_hf_cache(adapter, "Org/Lora", isolated_env["hub_cache"])
+    config = _serve_config(tmp_path / "lora.yaml", [{"name": "lora", "source": "Org/Lora", "family": "llm"}])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["fetch", "--config", str(config), "--local-models-dir"]) == 0, capsys.readouterr().out
+    base = isolated_env["models"] / "Org" / "Base"
+    assert f"adapter base: {base.resolve()} (copied from the HF cache)" in capsys.readouterr().out
+    shutil.rmtree(isolated_env["hub_cache"])  # the machine it is carried to
+    found = resolve_model(ModelSpec(name="lora", source="Org/Lora"), Settings.from_env())
+    assert found.base is not None and found.base.path == base.resolve()
 
 
 def test_fetch_builds_demo_model_and_reports_adapter_base(isolated_env, tmp_path, monkeypatch, capsys):
