@@ -25,6 +25,7 @@ from .cpu_kernels import pack_linears
 from .errors import AllStrategiesFailedError, LoadingError, UnreadableModelError, UnsupportedModelError
 from .families import auto_class
 from .model_source import Progress, ResolvedModel, ensure_demo_model, no_progress, resolve_model
+from .offline import offline_for_libraries
 from .placement import GpuInfo, count_parameters, device_shortfall, estimate_weight_bytes, plan_device, visible_gpus
 from .quantization import Strategy, dtype_warning, model_strategies
 from .report import Attempt, LoadedModel, LoadReport, adapter_layers
@@ -76,6 +77,8 @@ def load_model(
     log.info("%s: device plan %s (%s); %s parameters", spec.name, plan.device, plan.reason,
              report.parameters or "unknown")
     chain = model_strategies(spec, plan.device, found.config)
+    if found.adapter is not None or any(strategy.bits for strategy in chain):
+        offline_for_libraries(settings)  # before peft or bitsandbytes is imported: both may call the Hub
 
     model, strategy = _load_weights(spec, found, chain, gpus, report, progress)
     _check_one_device(model, spec.source, report.strategy)
@@ -232,6 +235,7 @@ def attach_adapter(
             "is not a PEFT adapter directory (adapter_config.json without config.json)",
         )
     progress("applying adapter to the shared base", 0.5)
+    offline_for_libraries(settings)  # before peft (and bitsandbytes, which it imports) may call the Hub
     from peft import PeftModel
 
     with WEIGHTS_LOCK, base.lock:  # no call on the base may run while LoRA layers are injected into it

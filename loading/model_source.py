@@ -24,7 +24,7 @@ from .adapters import AdapterInfo, read_adapter, resolve_base
 from .config import ModelSpec
 from .errors import UnreadableModelError, UnsupportedModelError
 from .families import FamilyLoader, select_family
-from .offline import HubStatus
+from .offline import HubStatus, offline_for_libraries
 from .resolve import Resolved, looks_like_path, resolve_source
 from .settings import Settings
 
@@ -164,13 +164,15 @@ def tiny_target(spec_source: str, settings: Settings) -> Path:
 
 def ensure_demo_model(spec: ModelSpec, settings: Settings) -> None:
     """Build the tiny demo model (and its tiny base, for an adapter) if it is not there yet."""
-    from .tiny import base_kind, ensure_tiny
+    from .tiny import base_kind, ensure_tiny, is_complete
 
     kind = spec.build_tiny
     if kind is None:
         return
     dest = tiny_target(spec.source, settings)
     if kind.endswith("-lora"):
+        if not is_complete(dest):
+            offline_for_libraries(settings)  # the adapter is made with peft, which may call the Hub as it is imported
         if not spec.base_model:
             raise ValueError(f"model {spec.name!r}: build_tiny={kind!r} needs `base_model` (where its tiny base lives)")
         base = tiny_target(spec.base_model, settings)

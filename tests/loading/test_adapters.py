@@ -69,6 +69,23 @@ def test_adapter_whose_hub_base_is_not_cached_fails_fast_when_hub_unreachable(is
     assert ("ConnectionRefusedError" if hub == "refuses" else "TimeoutError") in str(info.value)
 
 
+def test_a_local_adapter_loads_offline_although_the_hub_does_not_answer(isolated_env, tiny):
+    """Importing peft imports bitsandbytes, whose CPU backend (AVX512-BF16 CPUs) fetches a kernel from the Hub:
+    ~140 s of retries where the Hub does not answer, although offline was declared (HF_OFFLINE=1 is not
+    huggingface_hub's own variable) (found by review). A fresh interpreter: peft not imported yet."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import loading
+
+    script = "import sys; from loading import ModelSpec, load_model; load_model(ModelSpec(name='a', source=sys.argv[1]))"
+    with unanswering_endpoint() as endpoint:
+        subprocess.run([sys.executable, "-c", script, str(tiny["llm-lora"])], check=True, timeout=60,
+                       cwd=Path(loading.__file__).parents[1], env={**os.environ, "HF_ENDPOINT": endpoint, "HF_OFFLINE": "1"})
+
+
 def test_adapter_whose_absolute_base_path_is_gone(isolated_env, tiny, tmp_path):
     gone = tmp_path / "training-machine" / "checkpoints" / "base"
     adapter = _adapter_with_base(tiny, tmp_path / "my-lora", str(gone))
