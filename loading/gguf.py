@@ -12,7 +12,9 @@ A package is located with `importlib.util.find_spec`, which does not run its cod
 ships a model next to a plugin needs none of the plugin's dependencies for us to read the file.
 
 transformers reads a GGUF only by dequantizing all of it (~40 s for a 135M model on 2 cores), so
-the file is converted **once** into `LOCAL_MODELS_DIR/<file name without .gguf>`: a normal
+the file is converted **once** into `LOCAL_MODELS_DIR/<file name without .gguf>` (with a hash of
+the file's path appended where that name holds another file's conversion or a model of the
+operator's own, never overwritten): a normal
 safetensors directory (float32 weights, config, tokenizer, chat template, generation config) plus
 `modelfleet_gguf.json`, the manifest tying it to the file (size, mtime, SHA-256 of the first and
 last MiB and of the whole file). Later starts find the manifest current and load the directory
@@ -88,13 +90,18 @@ class GgufFile:
     looked_at: tuple[str, ...] = ()
 
     def target(self, settings: Settings) -> Path:
-        """Where its conversion lives: LOCAL_MODELS_DIR/<file name without .gguf>, or, when another
-        file of the same name was converted there first, that name and a hash of this file's path (two
-        files must never overwrite each other's conversion, or serve each other's weights)."""
+        """Where its conversion lives: LOCAL_MODELS_DIR/<file name without .gguf>, or that name and a hash
+        of this file's path when the name is taken: by another file's conversion (two files must never
+        overwrite each other's conversion, or serve each other's weights) or by anything modelfleet did
+        not convert, such as the operator's own model of that name (never overwritten; decided here,
+        before converting, so that a conversion is never made only to be refused)."""
         base = settings.local_models_dir.expanduser().absolute() / self.path.name[: -len(GGUF_SUFFIX)]
-        owner = (read_manifest(base) or {}).get("gguf_path")
-        if owner is None or owner == str(self.path) or not Path(owner).exists():  # moved: the content decides
+        if not base.exists():
             return base
+        manifest = read_manifest(base)
+        owner = manifest.get("gguf_path") if manifest is not None else None
+        if manifest is not None and (owner is None or owner == str(self.path) or not Path(owner).exists()):
+            return base  # ours, from this file (or one since moved: the content decides)
         return base.with_name(f"{base.name}-{hashlib.sha256(str(self.path).encode()).hexdigest()[:8]}")
 
 

@@ -254,13 +254,21 @@ def test_an_interrupted_conversion_leaves_nothing_that_looks_converted(tiny_gguf
     assert not leftover.exists()
 
 
-def test_a_directory_not_converted_by_us_is_not_overwritten(tiny, tiny_gguf, models):
+def test_a_directory_not_converted_by_us_is_not_overwritten_and_the_file_is_converted_beside_it(
+        tiny, tiny_gguf, models, monkeypatch):
+    """Such a directory was found only after the whole conversion, which was then refused, on every start
+    (found by review): it now gets the hashed name, as another file's conversion does, and converts once."""
     import shutil
 
-    shutil.copytree(tiny["llm"], models / "tiny-llama.F32")  # someone's own model of that name
-    with pytest.raises(UnsupportedModelError, match="did not convert"):
-        load_model(ModelSpec(name="g", source=str(tiny_gguf)))
-    assert (models / "tiny-llama.F32" / "config.json").is_file()
+    own = shutil.copytree(tiny["llm"], models / "tiny-llama.F32")  # someone's own model of that name
+    (own / "notes.txt").write_text("mine")
+    conversions = []
+    real_write = gguf_module._write_model
+    monkeypatch.setattr(gguf_module, "_write_model", lambda *a: conversions.append(1) or real_write(*a))
+    for _ in range(2):  # two starts
+        report = load_model(ModelSpec(name="g", source=str(tiny_gguf))).report
+        assert Path(report.resolved_path).name.startswith("tiny-llama.F32-"), report.resolved_path
+    assert len(conversions) == 1 and (own / "notes.txt").read_text() == "mine"
 
 
 def test_a_name_under_local_models_dir(tiny_gguf, models):
