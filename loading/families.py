@@ -8,7 +8,7 @@ never fed to AutoModelForCausalLM ("Unrecognized configuration class ...").
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import transformers
@@ -63,6 +63,10 @@ _UNSERVED: dict[str, Mapping[str, str]] = {
 }
 
 
+#: A served family by the Auto class a model's own code registers in its config's `auto_map`.
+_BY_AUTO_CLASS: dict[str, Family] = {loader.auto_model: family for family, loader in FAMILIES.items()}
+
+
 def families_of(model_type: str) -> list[Family]:
     return [family for family, loader in FAMILIES.items() if model_type in loader.mapping]
 
@@ -72,15 +76,18 @@ def _describe(config: Any) -> str:
     return f"model_type {config.model_type!r} ({archs})"
 
 
-def select_family(config: Any, requested: Family | None, source: str) -> FamilyLoader:
+def select_family(config: Any, requested: Family | None, source: str, trust_remote_code: bool = False) -> FamilyLoader:
     """The FamilyLoader for this config, or UnsupportedModelError naming what it is and the fix.
 
     An encoder-decoder checkpoint (Whisper, BART, Marian) is never an LLM here, although transformers
     maps many such model types to a ...ForCausalLM too: that class is the decoder alone, and loading the
     checkpoint with it drops the encoder without a word. Among the families that remain, the one whose
-    class the checkpoint names in `architectures` comes first."""
+    class the checkpoint names in `architectures` comes first. A model type that transformers does not
+    map, with `trust_remote_code`, is served by the Auto classes its own code registers (`auto_map`)."""
     model_type = getattr(config, "model_type", None) or ""
     candidates = families_of(model_type)
+    if not candidates and trust_remote_code and getattr(config, "auto_map", None):
+        return _remote_code_family(config, requested, source)
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     if encoder_decoder and Family.LLM in candidates:
         candidates.remove(Family.LLM)
@@ -97,7 +104,7 @@ def select_family(config: Any, requested: Family | None, source: str) -> FamilyL
                 raise UnsupportedModelError(source, f"{source!r} is {what}: {_describe(config)}.")
         hint = (
             " Its config uses custom code (auto_map): set trust_remote_code: true if you trust the repository."
-            if getattr(config, "auto_map", None) else ""
+            if getattr(config, "auto_map", None) and not trust_remote_code else ""
         )
         raise UnsupportedModelError(
             source,
@@ -115,6 +122,24 @@ def select_family(config: Any, requested: Family | None, source: str) -> FamilyL
         f"({_describe(config)}, loaded with {FAMILIES[detected].auto_model}). Set `family: {detected.value}` "
         "(or omit `family` to detect it).",
     )
+
+
+def _remote_code_family(config: Any, requested: Family | None, source: str) -> FamilyLoader:
+    """The family of a model that ships its own code, by the Auto classes of its `auto_map` (the first
+    served one, or `requested`'s); its model class is the one its auto_map names for that Auto class."""
+    auto_map = dict(config.auto_map)
+    offered = [family for auto, family in _BY_AUTO_CLASS.items() if auto in auto_map]
+    family = requested if requested is not None else (offered[0] if offered else None)
+    if family is None or family not in offered:
+        wanted = f"family {requested.value!r} needs {FAMILIES[requested].auto_model}" if requested else \
+            "a served family needs one of " + ", ".join(f"{a} ({f.value})" for a, f in _BY_AUTO_CLASS.items())
+        raise UnsupportedModelError(
+            source, f"{source!r} ({_describe(config)}) ships its own code, whose auto_map registers "
+            f"{', '.join(sorted(auto_map))}: {wanted}. "
+            + (f"Set `family: {offered[0].value}` (or omit `family`)." if offered else "It cannot be served."))
+    loader = FAMILIES[family]
+    class_name = str(auto_map[loader.auto_model]).rpartition(".")[2]
+    return replace(loader, mapping={config.model_type: class_name})
 
 
 def auto_class(name: str) -> Any:

@@ -132,7 +132,8 @@ def read_config(found: ResolvedModel, spec: ModelSpec, progress: Progress = no_p
         raise ValueError(f"{found.path} is an adapter whose base was not resolved: its config is the base's")
     progress("reading config", 0.2)
     config = read_config_file(found.model_dir, spec.source, spec.trust_remote_code)
-    return replace(found, config=config, family=select_family(config, spec.family, spec.source))
+    family = select_family(config, spec.family, spec.source, spec.trust_remote_code)
+    return replace(found, config=config, family=family)
 
 
 def read_config_file(model_dir: Path, source: str, trust_remote_code: bool = False) -> Any:

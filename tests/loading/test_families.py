@@ -119,3 +119,30 @@ def test_tiny_llava_served_as_vlm_generates(isolated_env, tiny):
     with torch.no_grad():
         out = loaded.model.generate(**inputs, max_new_tokens=4)
     assert out.shape[1] == inputs.input_ids.shape[1] + 4
+
+
+def test_a_model_with_its_own_code_is_served_with_trust_remote_code(isolated_env, tiny):
+    """Its model_type is in no built-in mapping: it was refused even with trust_remote_code: true, by a message
+    that asked to set trust_remote_code: true (found by review). Its family now comes from its auto_map."""
+    import json
+    import shutil
+
+    custom = shutil.copytree(tiny["llm"], isolated_env["models"] / "custom")
+    (custom / "configuration_tinycustom.py").write_text(
+        "from transformers import LlamaConfig\nclass TinyCustomConfig(LlamaConfig):\n    model_type = 'tinycustom'\n")
+    (custom / "modeling_tinycustom.py").write_text(
+        "from transformers import LlamaForCausalLM\nfrom .configuration_tinycustom import TinyCustomConfig\n"
+        "class TinyCustomForCausalLM(LlamaForCausalLM):\n    config_class = TinyCustomConfig\n")
+    config = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**config, "model_type": "tinycustom", "auto_map": {
+        "AutoConfig": "configuration_tinycustom.TinyCustomConfig",
+        "AutoModelForCausalLM": "modeling_tinycustom.TinyCustomForCausalLM"}}))
+    for family in ("llm", None):
+        loaded = load_model(ModelSpec(name="c", source="custom", family=family, trust_remote_code=True))
+        assert type(loaded.model).__name__ == "TinyCustomForCausalLM" and loaded.report.family == "llm"
+        assert loaded.report.model_class == "TinyCustomForCausalLM"
+    with pytest.raises(UnsupportedModelError, match="needs AutoModelForImageTextToText.*Set `family: llm`") as info:
+        load_model(ModelSpec(name="c", source="custom", family="vlm", trust_remote_code=True))
+    assert "set trust_remote_code" not in str(info.value)
+    with pytest.raises(UnsupportedModelError, match="set trust_remote_code: true"):
+        load_model(ModelSpec(name="c", source="custom"))
