@@ -12,7 +12,7 @@ from .errors import LoadingError, UnsupportedModelError
 from .gguf import check_supported, conversion_state, is_gguf_source, locate, read_info
 from .model_source import ResolvedModel, find_base, read_config, resolve_model, tiny_target
 from .offline import HubStatus
-from .placement import GpuInfo, count_parameters, device_shortfall, estimate_weight_bytes, plan_device
+from .placement import GpuInfo, count_parameters, device_shortfall, plan_device
 from .quantization import model_strategies
 from .resolve import is_model_dir
 from .settings import Settings
@@ -94,7 +94,7 @@ def _plan(result: Inspection, spec: ModelSpec, found: ResolvedModel, gpus: list[
     plan = plan_device(spec.device, gpus)
     chain = model_strategies(spec, plan.device, found.config)
     for strategy in chain:
-        size = estimate_weight_bytes(found.model_dir, strategy.bytes_per_param, result.parameters)
+        size = strategy.estimate_bytes(found.model_dir, result.parameters)
         shortfall = device_shortfall(strategy.device, gpus, size)
         if shortfall:
             result.notes.append(f"skip {strategy.name}: {shortfall}")

@@ -26,8 +26,8 @@ from .errors import AllStrategiesFailedError, LoadingError, UnreadableModelError
 from .families import auto_class
 from .model_source import Progress, ResolvedModel, ensure_demo_model, no_progress, resolve_model
 from .offline import offline_for_libraries
-from .placement import GpuInfo, count_parameters, device_shortfall, estimate_weight_bytes, plan_device, visible_gpus
-from .quantization import Strategy, dtype_warning, model_strategies
+from .placement import GpuInfo, count_parameters, device_shortfall, plan_device, visible_gpus
+from .quantization import Strategy, dtype_warning, loaded_quantization, model_strategies
 from .report import Attempt, LoadedModel, LoadReport, adapter_layers
 from .settings import Settings
 
@@ -77,7 +77,7 @@ def load_model(
     log.info("%s: device plan %s (%s); %s parameters", spec.name, plan.device, plan.reason,
              report.parameters or "unknown")
     chain = model_strategies(spec, plan.device, found.config)
-    if found.adapter is not None or any(strategy.bits for strategy in chain):
+    if found.adapter is not None or any(strategy.quantized for strategy in chain):
         offline_for_libraries(settings)  # before peft or bitsandbytes is imported: both may call the Hub
 
     model, strategy = _load_weights(spec, found, chain, gpus, report, progress)
@@ -139,7 +139,7 @@ def _load_weights(
 ) -> tuple[Any, Strategy]:
     """Walk the strategy chain: skip what cannot fit, try the rest in order, keep why each one failed."""
     for index, strategy in enumerate(chain):
-        weight_bytes = estimate_weight_bytes(found.model_dir, strategy.bytes_per_param, report.parameters)
+        weight_bytes = strategy.estimate_bytes(found.model_dir, report.parameters)
         shortfall = device_shortfall(strategy.device, gpus, weight_bytes)
         if shortfall:
             report.attempts.append(Attempt(strategy.name, "skipped", shortfall))
@@ -158,12 +158,21 @@ def _load_weights(
             _free_memory()
             continue
         report.attempts.append(Attempt(strategy.name, "loaded", "", time.perf_counter() - t0))
-        report.strategy, report.dtype = strategy.name, str(strategy.dtype).removeprefix("torch.")
+        report.strategy, report.dtype = _loaded_as(model, strategy), str(strategy.dtype).removeprefix("torch.")
         if warning := dtype_warning(spec.dtype, strategy):
             log.warning("%s: %s", spec.name, warning)
             report.warnings.append(warning)
         return model, strategy
     raise AllStrategiesFailedError(spec.source, [(a.strategy, a.reason) for a in report.attempts])
+
+
+def _loaded_as(model: Any, strategy: Strategy) -> str:
+    """The strategy's name, or, for weights that came out quantized by the checkpoint's own
+    quantization_config, what the model says it holds."""
+    quantized = loaded_quantization(model)
+    if quantized is None or (strategy.bits and not strategy.prequantized):
+        return strategy.name
+    return f"pre-quantized {quantized} on {strategy.device}"
 
 
 def _from_pretrained(
@@ -177,7 +186,7 @@ def _from_pretrained(
             found.model_dir, trust_remote_code=spec.trust_remote_code, local_files_only=True,
             **strategy.from_pretrained_kwargs(),
         )
-        if strategy.device == "cpu" and strategy.dtype is torch.bfloat16 and not strategy.bits:
+        if strategy.device == "cpu" and strategy.dtype is torch.bfloat16 and not strategy.quantized:
             packed = pack_linears(model)  # before PEFT wraps the layers it adapts
             report.kernels = f"oneDNN packed bf16 linears ({packed})" if packed else ""
             log.info("%s: %d bf16 linear layers packed for oneDNN", spec.name, packed)

@@ -2,7 +2,8 @@
 
 On GPU with quantization=auto: bitsandbytes 4-bit -> 8-bit -> fp16/bf16 -> CPU. Each strategy
 is a plain description of `from_pretrained` keyword arguments; the loader tries them in order
-and records why each one that failed was abandoned.
+and records why each one that failed was abandoned. A checkpoint that is quantized already
+(`quantization_config` in its config.json) has one strategy per device, loaded as it is stored.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from .config import DevicePreference, DType, ModelSpec, Quantization
 from .cpu_kernels import cpu_computes_bf16
+from .placement import estimate_weight_bytes, stored_bytes
 
 _DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
 # Approximate bytes per parameter under each strategy, for the placement estimate.
@@ -29,14 +31,28 @@ class Strategy:
     device: str
     dtype: torch.dtype
     bits: int | None = None  # 4 or 8 for bitsandbytes, None for plain weights
+    #: the checkpoint is quantized already (its config's quantization_config): loaded as it is stored
+    prequantized: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None or self.prequantized
 
     @property
     def bytes_per_param(self) -> float:
-        return BYTES_PER_PARAM[f"{self.bits}bit"] if self.bits else BYTES_PER_PARAM[self.dtype]
+        return BYTES_PER_PARAM[f"{self.bits}bit"] if self.bits in (4, 8) else BYTES_PER_PARAM[self.dtype]
+
+    def estimate_bytes(self, model_dir: Path, parameters: int | None) -> int:
+        """The weights in memory under this strategy: parameters x bytes per parameter; for a pre-quantized
+        checkpoint, its weight files' size (its packed tensors hold several parameters per element, so
+        counting elements says little)."""
+        if self.prequantized:
+            return stored_bytes(model_dir)
+        return estimate_weight_bytes(model_dir, self.bytes_per_param, parameters)
 
     def from_pretrained_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"dtype": self.dtype, "device_map": self.device}
-        if self.bits:
+        if self.bits and not self.prequantized:  # a pre-quantized checkpoint brings its own quantization_config
             from transformers import BitsAndBytesConfig
 
             if self.bits == 4:
@@ -102,9 +118,45 @@ def strategy_chain(
 
 
 def model_strategies(spec: ModelSpec, device: str, config: Any) -> list[Strategy]:
-    """`spec`'s chain on `device`, given its config: what the loader walks and `doctor` plans."""
-    return strategy_chain(spec.quantization, spec.prefer_4bit, spec.dtype, device, spec.device,
-                          checkpoint_dtype=getattr(config, "dtype", None))
+    """`spec`'s chain on `device`, given its config: what the loader walks and `doctor` plans. A checkpoint
+    that is quantized already is loaded as it is stored: on `device`, then on the CPU as the last resort."""
+    checkpoint_dtype = getattr(config, "dtype", None)
+    stored = stored_quantization(config)
+    if stored is None:
+        return strategy_chain(spec.quantization, spec.prefer_4bit, spec.dtype, device, spec.device,
+                              checkpoint_dtype=checkpoint_dtype)
+    what, bits = stored
+    on_gpu = device.startswith("cuda")
+    devices = [device] + (["cpu"] if on_gpu and spec.device is not DevicePreference.CUDA else [])
+    return [Strategy(f"pre-quantized {what} on {where}", where,
+                     (_DTYPES.get(spec.dtype) or gpu_half_dtype()) if where != "cpu" else cpu_dtype(
+                         spec.dtype, checkpoint_dtype), bits, prequantized=True) for where in devices]
+
+
+def stored_quantization(config: Any) -> tuple[str, int | None] | None:
+    """("bitsandbytes 4-bit", 4) for a checkpoint whose config carries a quantization_config (a *-bnb-4bit
+    Hub repo, GPTQ, AWQ, ...); None for plain weights."""
+    stored = getattr(config, "quantization_config", None)
+    if stored is None:
+        return None
+    fields = stored if isinstance(stored, dict) else stored.to_dict()
+    method = fields.get("quant_method", "quantized")
+    method = str(getattr(method, "value", method))  # an enum in a config object, a string in a dict
+    bits = 4 if fields.get("load_in_4bit") else 8 if fields.get("load_in_8bit") else fields.get("bits")
+    bits = bits if isinstance(bits, int) else None
+    return (f"{method} {bits}-bit" if bits else method), bits
+
+
+def loaded_quantization(model: Any) -> str | None:
+    """How a loaded model's weights are quantized, read off the model ("bitsandbytes 4-bit"); None if not."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return None
+    method = getattr(quantizer.quantization_config, "quant_method", "quantized")
+    method = str(getattr(method, "value", method))
+    bits = 4 if getattr(model, "is_loaded_in_4bit", False) else 8 if getattr(model, "is_loaded_in_8bit", False) \
+        else getattr(quantizer.quantization_config, "bits", None)
+    return f"{method} {bits}-bit" if isinstance(bits, int) else method
 
 
 @dataclass

@@ -71,3 +71,25 @@ def test_float16_on_cpu_is_float32_with_a_warning_that_says_so(isolated_env, tin
     report = load_model(ModelSpec(name="tiny-llm", source=str(tiny["llm"]), dtype="float16", device="cpu")).report
     assert report.dtype == "float32"
     assert [w for w in report.warnings if "dtype: float16" in w and "float32" in w and "dtype: bfloat16" in w]
+
+
+def test_a_prequantized_checkpoint_is_reported_and_placed_as_stored(isolated_env, tiny, tmp_path):
+    """A *-bnb-4bit checkpoint (quantization_config in its config.json) loaded 4-bit but was reported as
+    'float32 on cpu' and placed at 4 bytes per parameter (found by review)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from loading.model_source import read_config_file
+    from loading.placement import stored_bytes
+    from loading.quantization import model_strategies
+
+    stored = tmp_path / "tiny-bnb-4bit"
+    AutoModelForCausalLM.from_pretrained(tiny["llm"], device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)).save_pretrained(stored)
+    AutoTokenizer.from_pretrained(tiny["llm"]).save_pretrained(stored)
+    spec = ModelSpec(name="q", source=str(stored))
+    report = load_model(spec).report
+    assert [(a.strategy, a.outcome) for a in report.attempts] == [("pre-quantized bitsandbytes 4-bit on cpu", "loaded")]
+    assert report.strategy == "pre-quantized bitsandbytes 4-bit on cpu"
+    chain = model_strategies(spec, "cuda:0", read_config_file(stored, spec.source))
+    assert [s.name for s in chain] == ["pre-quantized bitsandbytes 4-bit on cuda:0", "pre-quantized bitsandbytes 4-bit on cpu"]
+    assert chain[0].estimate_bytes(stored, report.parameters) == stored_bytes(stored)
