@@ -18,7 +18,12 @@ from .params import ChatParams
 class PromptRefused(ValueError):
     """The model's chat template or processor refused these messages: a template's own
     `raise_exception` ("roles must alternate", "system role not supported"), or an image placeholder in
-    the text without its image. The client's to fix: a 400 on `messages`."""
+    the text without its image. The client's to fix: a 400 on `param` (`messages`, or /v1/completions'
+    `prompt`)."""
+
+    def __init__(self, message: str, param: str = "messages"):
+        super().__init__(message)
+        self.param = param
 
 
 def render_chat(render: Any, messages: list[dict], tools: list[dict] | None) -> str:
@@ -27,6 +32,9 @@ def render_chat(render: Any, messages: list[dict], tools: list[dict] | None) -> 
         return render(messages, tools=tools, add_generation_prompt=True, tokenize=False)
     except TemplateError as exc:
         raise PromptRefused(f"the model's chat template refused these messages: {exc}") from None
+    except (TypeError, KeyError, IndexError) as exc:  # a message shape the template does not handle
+        raise PromptRefused(f"the model's chat template cannot render these messages ({type(exc).__name__}: "
+                            f"{exc}); send each message's content as a string") from None
 
 
 def template_inputs(template: str | None, params: ChatParams) -> tuple[list[dict], list[dict] | None]:
@@ -49,8 +57,15 @@ def encode_prompt(tokenizer: Any, params: ChatParams) -> dict[str, Any]:
 
     if isinstance(params.prompt, list):
         ids = torch.tensor([params.prompt], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return dict(tokenizer(params.prompt, return_tensors="pt"))
+    else:
+        ids = tokenizer(params.prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[-1] == 0:  # "" (OpenAI continues from its start token) was a 500 in the model's forward
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise PromptRefused("the prompt is empty and this model's tokenizer has no start token to begin from",
+                                param="prompt")
+        ids = torch.tensor([[start]], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def encode_text_chat(tokenizer: Any, params: ChatParams) -> dict[str, Any]:
@@ -59,5 +74,16 @@ def encode_text_chat(tokenizer: Any, params: ChatParams) -> dict[str, Any]:
     if params.prompt is not None:
         return encode_prompt(tokenizer, params)
     messages, tools = template_inputs(tokenizer.chat_template, params)
-    text = render_chat(tokenizer.apply_chat_template, messages, tools)
+    text = render_chat(tokenizer.apply_chat_template, [as_text(message) for message in messages], tools)
     return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
+
+
+def as_text(message: dict) -> dict:
+    """A message whose content is a list of text parts (what LangChain, LiteLLM and the openai SDK's typed
+    parts send) with that content as one string, the parts joined by newlines as vLLM joins them: most
+    text models' templates concatenate `message['content']` to a string (SmolLM2's, Qwen2.5's), and a
+    list there was a 500."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    return {**message, "content": "\n".join(part.get("text", "") for part in content if part.get("type") == "text")}

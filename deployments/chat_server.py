@@ -90,7 +90,8 @@ class ChatServer(FamilyServer):
             prompt_tokens = int(params.inputs["input_ids"].shape[-1])
             if prompt_tokens > prompt_limit:
                 raise context_length_exceeded(limit_name, prompt_limit, prompt_tokens)
-            params.max_new_tokens = resolve_max_new_tokens(spec, params.max_new_tokens, prompt_tokens, context)
+            params.max_new_tokens = resolve_max_new_tokens(spec, params.max_new_tokens, prompt_tokens, context,
+                                                           params.max_tokens_param)
             if params.constraint is not None:
                 params.grammar = await to_thread_held(self._compile, loaded, params, width)
             need = chat_request_bytes(loaded.config, prompt_tokens, params.max_new_tokens, len(params.images), decoded)
@@ -376,7 +377,7 @@ def prompt_token_limit(spec: ModelSpec, context: int | None) -> tuple[int, str]:
 
 
 def resolve_max_new_tokens(spec: ModelSpec, requested: int | None, prompt_tokens: int = 0,
-                           context: int | None = None) -> int:
+                           context: int | None = None, param: str = "max_tokens") -> int:
     """The request's generation limit: at most the model's max_new_tokens; an explicit request must also
     fit the context with the prompt (400), a default is cut to what fits."""
     room = context - prompt_tokens if context else None
@@ -384,9 +385,9 @@ def resolve_max_new_tokens(spec: ModelSpec, requested: int | None, prompt_tokens
         return max(1, min(spec.max_new_tokens, room if room is not None else spec.max_new_tokens))
     if requested > spec.max_new_tokens:
         raise InvalidRequestError(
-            f"max_tokens={requested} exceeds the limit of model {spec.name!r} ({spec.max_new_tokens}; "
+            f"{param}={requested} exceeds the limit of model {spec.name!r} ({spec.max_new_tokens}; "
             "raise max_new_tokens for it in serve_config.yaml)",
-            param="max_tokens",
+            param=param,
         )
     if room is not None and requested > room:
         raise context_length_exceeded("maximum context length", context, prompt_tokens, requested)

@@ -35,7 +35,7 @@ from transformers import DynamicCache
 
 from loading import LANGUAGE_MODEL, LoadedModel, ModelSpec, adapted_parts, adapter_layers
 
-from .generation import RowStream, collate, cut_at_stop, end_token_ids
+from .generation import RowStream, collate, cut_at_stop, end_token_ids, sampling_settings
 from .params import PADDED_KEYS, ChatParams, ChatResult
 from .prefix_cache import Prefix, PrefixCache
 from .row_logits import Entry, RowLogits
@@ -507,16 +507,6 @@ def _advance_constrained(row: Row, token: int, now: float) -> str | None:
             row.take(closing, sampled=False)
         return "length"
     return None
-
-
-def sampling_settings(loaded: LoadedModel, params: ChatParams) -> dict[str, Any]:
-    """The request's sampling, with the model's generation_config for what the request leaves open."""
-    config = loaded.model.generation_config
-    temperature = params.temperature if params.temperature is not None else (
-        (config.temperature or 1.0) if config.do_sample else 0.0)
-    top_p = params.top_p if params.top_p is not None else (config.top_p or 1.0) if config.do_sample else 1.0
-    top_k = (config.top_k or 0) if config.do_sample and params.temperature is None else 0
-    return {"temperature": float(temperature), "top_p": float(top_p), "top_k": int(top_k)}
 
 
 def sample_token(logits: torch.Tensor, sampling: dict[str, Any], generator: torch.Generator | None) -> int:

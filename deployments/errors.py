@@ -231,7 +231,7 @@ _MAPPERS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], Call
     (AudioTooLongError, lambda exc: RequestTooLargeError(str(exc), param="file", code="audio_too_long")),
     (AudioDecodeError, lambda exc: InvalidRequestError(str(exc), param="file", code="invalid_audio")),
     (UnsupportedAudioFormat, lambda exc: InvalidRequestError(str(exc), param="response_format")),
-    (PromptRefused, lambda exc: InvalidRequestError(str(exc), param="messages")),
+    (PromptRefused, lambda exc: InvalidRequestError(str(exc), param=exc.param)),
     (BodyTooLargeError, lambda exc: RequestTooLargeError(str(exc.detail), code="request_too_large")),
     (HTTPException, _http_exception),
     (loading.ModelLoadingInProgress, _loading_in_progress),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -32,15 +33,38 @@ def generate_kwargs(spec: ModelSpec, loaded: LoadedModel, params: ChatParams, ma
         "max_time": spec.generation_timeout_s,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    if params.temperature is not None:  # None keeps the model's own generation_config
-        kwargs["do_sample"] = params.temperature > 0
-        if params.temperature > 0:
-            kwargs["temperature"] = params.temperature
-    if params.top_p is not None:
-        kwargs["top_p"] = params.top_p
+    sampling = sampling_settings(loaded, params)
+    kwargs["do_sample"] = sampling["temperature"] > 0
+    if kwargs["do_sample"]:
+        kwargs.update(sampling)  # top_k 0: none (transformers' own default would be 50)
     if params.stop:
         kwargs["stop_strings"], kwargs["tokenizer"] = params.stop, tokenizer
     return kwargs
+
+
+def sampling_settings(loaded: LoadedModel, params: ChatParams) -> dict[str, Any]:
+    """The request's sampling; what it leaves open comes from the sampling settings the model's
+    generation_config.json sets, else OpenAI's defaults (temperature 1, top_p 1, no top_k), as vLLM's.
+    Left to transformers, a config without do_sample decoded greedily, so n choices were n copies."""
+    given = _configured_sampling(loaded.model.generation_config)
+    temperature = params.temperature if params.temperature is not None else given.get("temperature", 1.0)
+    top_p = params.top_p if params.top_p is not None else given.get("top_p", 1.0)
+    top_k = given.get("top_k", 0) if params.temperature is None else 0
+    return {"temperature": float(temperature), "top_p": float(top_p), "top_k": int(top_k)}
+
+
+_CONFIGURED: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _configured_sampling(config: Any) -> dict[str, Any]:
+    """temperature, top_p and top_k as a generation config sets them (not transformers' class defaults:
+    its top_k 50 is nobody's choice); read once per config."""
+    known = _CONFIGURED.get(config)
+    if known is None:
+        diff = config.to_diff_dict() if hasattr(config, "to_diff_dict") else {}
+        known = _CONFIGURED[config] = {key: diff[key] for key in ("temperature", "top_p", "top_k")
+                                       if diff.get(key) is not None}
+    return known
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

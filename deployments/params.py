@@ -22,6 +22,7 @@ class ChatParams:
     messages: list[dict]  # role + content (str or [{"type": "text"|"image", ...}])
     images: list[bytes] = field(default_factory=list)  # encoded, headers checked; in order of appearance
     max_new_tokens: int | None = None
+    max_tokens_param: str = "max_tokens"  # the field the client set it with, for a refusal to name
     temperature: float | None = None
     top_p: float | None = None
     stop: list[str] = field(default_factory=list)

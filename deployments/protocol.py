@@ -278,6 +278,14 @@ REFUSED_CHAT_FIELDS = {
 }
 
 
+def none_is_default(value: Any, info: ValidationInfo) -> Any:
+    """OpenAI types `n`, `stream` and `echo` as "or null": a client that sends an unset option as null
+    gets the default, not a 400."""
+    if value is None:
+        return {"n": 1, "stream": False, "echo": False}[info.field_name or ""]
+    return value
+
+
 def stream_options_need_stream(value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
     """OpenAI's rule: stream_options only with stream: true (a plain reply has no last chunk to carry usage)."""
     if value is not None and not info.data.get("stream", False):
@@ -295,7 +303,8 @@ class ChatCompletionRequest(RequestModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     """Upper bound on generated tokens; wins over `max_tokens`."""
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    """Sampling temperature; 0 means greedy decoding."""
+    """Sampling temperature; 0 means greedy decoding. Omitted: the model's generation_config.json's, else 1
+    (OpenAI's default)."""
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     """Nucleus sampling probability mass."""
     stop: Stop | None = None
@@ -313,6 +322,7 @@ class ChatCompletionRequest(RequestModel):
     _stream_options = field_validator("stream_options")(stream_options_need_stream)
     n: int = Field(default=1, ge=1)
     """Number of choices, each sampled on its own (at most `limits.max_choices`)."""
+    _nullable = field_validator("n", "stream", mode="before")(none_is_default)
     user: str | None = None
     """End-user id, for logs."""
     response_format: ResponseFormat | None = None
@@ -639,7 +649,8 @@ class CompletionRequest(RequestModel):
     max_tokens: int | None = Field(default=16, ge=1)
     """Upper bound on generated tokens per choice (OpenAI's default 16)."""
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    """Sampling temperature; 0 means greedy decoding."""
+    """Sampling temperature; 0 means greedy decoding. Omitted: the model's generation_config.json's, else 1
+    (OpenAI's default)."""
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     """Nucleus sampling probability mass."""
     n: int = Field(default=1, ge=1)
@@ -651,6 +662,7 @@ class CompletionRequest(RequestModel):
     stream_options: StreamOptions | None = None
     """`include_usage`: a last chunk with token usage; only with `stream: true`."""
     _stream_options = field_validator("stream_options")(stream_options_need_stream)
+    _nullable = field_validator("n", "stream", "echo", mode="before")(none_is_default)
     logprobs: int | None = Field(default=None, ge=0, le=5)
     """Log probabilities of each output token and of this many most likely alternatives (0-5)."""
     echo: bool = False

@@ -47,6 +47,7 @@ async def create_chat_completion(body: ChatCompletionRequest, ingress: IngressDe
     features = chat_features(body, ingress.limits)
     params = await ingress.chat_params(
         spec, body.to_messages(), wait_s, max_new_tokens=body.requested_max_tokens(),
+        max_tokens_param="max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
         temperature=body.temperature, top_p=body.top_p, stop=body.stop_list(), seed=body.seed,
         priority=body.priority, **features,
     )

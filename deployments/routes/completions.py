@@ -8,7 +8,6 @@ the prompt first (its tokens carry null logprobs); `logprobs` (0-5) gives OpenAI
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter
@@ -85,12 +84,12 @@ def legacy_logprobs(entries: list[dict], offset: int = 0) -> CompletionLogprobs:
 async def completion_events(model: str, items: AsyncIterator[tuple[int, dict]], include_usage: bool,
                             n: int) -> AsyncIterator[str]:
     """text_completion chunks: text deltas per choice, a finish_reason per choice, optional usage, [DONE]."""
-    response = CompletionResponse(model=model, choices=[])
+    response = CompletionResponse(model=model, choices=[])  # one id and one `created` for every chunk
     offsets: dict[int, int] = {}
     prompt_tokens, completion_tokens, cached_tokens = 0, 0, 0
 
     def event(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
-        chunk = response.model_copy(update={"choices": choices, "usage": usage, "created": int(time.time())})
+        chunk = response.model_copy(update={"choices": choices, "usage": usage})
         return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
 
     held: list[str] = []  # a finish_reason goes out with what follows it: one write to the socket, not two

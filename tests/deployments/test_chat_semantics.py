@@ -1,0 +1,130 @@
+"""Chat and completions as OpenAI-compatible clients send them: text parts on templates that concatenate
+strings, n choices without a temperature, an empty completion prompt, null options, the limit's own field
+name, and one `created` per stream. In-process, on the tiny Llama."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+
+import pytest
+from transformers import GenerationConfig
+
+from deployments.chat_encoding import PromptRefused, encode_prompt, encode_text_chat
+from deployments.chat_server import resolve_max_new_tokens
+from deployments.errors import InvalidRequestError, to_error
+from deployments.generation import generate_batch, sampling_settings
+from deployments.params import ChatParams
+from deployments.protocol import ChatCompletionRequest, CompletionRequest
+from deployments.routes.chat import fan_out
+from deployments.routes.completions import completion_events
+
+# SmolLM2's and Qwen2.5's way: the content concatenated to a string (a list there raised TypeError, a 500)
+CONCATENATING = ("{% for m in messages %}<|im_start|>{{ m['role'] + '\\n' + m['content'] }}<|im_end|>\\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def models(tiny_llm_models):
+    return tiny_llm_models(12)
+
+
+@pytest.fixture
+def concatenating(models):
+    tokenizer = copy.copy(models["tiny"][1].tokenizer)
+    tokenizer.chat_template = CONCATENATING
+    return tokenizer
+
+
+def chat(content, **fields) -> ChatParams:
+    return ChatParams(model="tiny", messages=[{"role": "user", "content": content}], max_new_tokens=12, **fields)
+
+
+def test_text_parts_are_content_on_a_template_that_concatenates_strings(concatenating):
+    """LangChain, LiteLLM and the openai SDK's typed parts send content as a list of text parts: on the demo's
+    SmolLM2 that was a 500 (TypeError in its template)."""
+    as_string = encode_text_chat(concatenating, chat("Hello\nthere"))["input_ids"].tolist()
+    as_parts = encode_text_chat(concatenating, chat([{"type": "text", "text": "Hello"},
+                                                     {"type": "text", "text": "there"}]))["input_ids"].tolist()
+    assert as_parts == as_string  # parts joined by newlines, as vLLM joins them
+    assert encode_text_chat(concatenating, chat([]))["input_ids"].shape[-1] > 0
+    concatenating.chat_template = "{{ messages[0]['content'] + 1 }}"  # a template that fails on any content
+    with pytest.raises(PromptRefused) as info:
+        encode_text_chat(concatenating, chat("hi"))
+    assert to_error(info.value)[0] == 400 and to_error(info.value)[1].error.param == "messages"
+
+
+def test_an_omitted_temperature_samples_unless_the_model_says_otherwise(models):
+    """Left to transformers, a generation_config without do_sample decoded greedily: n=3 without a temperature
+    gave three copies. As vLLM: the config's own settings, else OpenAI's temperature 1."""
+    spec, loaded = models["tiny"]
+    assert sampling_settings(loaded, chat("x")) == {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    assert sampling_settings(loaded, chat("x", temperature=0))["temperature"] == 0.0
+    saved = loaded.model.generation_config
+    try:
+        loaded.model.generation_config = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, top_k=20)
+        assert sampling_settings(loaded, chat("x")) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20}
+        assert sampling_settings(loaded, chat("x", temperature=0.3)) == {"temperature": 0.3, "top_p": 0.9,
+                                                                         "top_k": 0}
+    finally:
+        loaded.model.generation_config = saved
+    choices = fan_out(chat("Write a poem"), 3)
+    for params in choices:
+        params.inputs = encode_text_chat(loaded.tokenizer, params)
+    texts = [result.text for result in generate_batch(spec, loaded, choices)]
+    assert len(set(texts)) == 3, texts
+
+
+def test_an_empty_completion_prompt_continues_from_the_start_token(models):
+    """`prompt: ""` reached the model as zero tokens: a 500 ("cannot reshape tensor of 0 elements")."""
+    tokenizer = models["tiny"][1].tokenizer
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    for prompt in ("", []):
+        params = ChatParams(model="tiny", messages=[], prompt=prompt, max_new_tokens=4)
+        assert encode_prompt(tokenizer, params)["input_ids"].tolist() == [[start]]
+    spec, loaded = models["tiny"]
+    params = ChatParams(model="tiny", messages=[], prompt="", max_new_tokens=4, temperature=0)
+    params.inputs = encode_prompt(loaded.tokenizer, params)
+    assert generate_batch(spec, loaded, [params])[0].completion_tokens >= 1
+
+
+def test_null_options_are_their_defaults():
+    """OpenAI types n, stream and echo as "or null"; a client that sends an unset option as null got a 400."""
+    chat_body = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": None, "stream": None})
+    assert (chat_body.n, chat_body.stream) == (1, False)
+    completion = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "n": None, "stream": None,
+                                                   "echo": None})
+    assert (completion.n, completion.stream, completion.echo) == (1, False, False)
+
+
+def test_a_refused_limit_names_the_field_the_client_sent(models):
+    """max_completion_tokens past the model's limit was refused as `max_tokens`, a field never sent."""
+    spec = models["tiny"][0]
+    with pytest.raises(InvalidRequestError) as info:
+        resolve_max_new_tokens(spec, 1000, 5, None, "max_completion_tokens")
+    assert info.value.param == "max_completion_tokens" and "max_completion_tokens=1000" in str(info.value)
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                                 "max_completion_tokens": 1000})
+    assert body.requested_max_tokens() == 1000
+
+
+def test_a_completion_stream_has_one_created(monkeypatch):
+    """Each text_completion chunk took the clock's second when it was sent: one stream, several `created`."""
+    clock = iter(range(1_000_000, 2_000_000, 7))
+    monkeypatch.setattr("time.time", lambda: float(next(clock)))
+
+    async def items():
+        for i in range(5):
+            yield 0, {"delta": f"w{i}"}
+        yield 0, {"finish_reason": "length", "usage": {"prompt_tokens": 1, "completion_tokens": 5}}
+
+    async def collect() -> list[dict]:
+        sent = "".join([event async for event in completion_events("m", items(), True, 1)])
+        return [json.loads(line.removeprefix("data: ")) for line in sent.split("\n\n") if line.startswith("data: {")]
+
+    chunks = asyncio.run(collect())
+    assert len(chunks) >= 6 and len({chunk["created"] for chunk in chunks}) == 1
+    assert len({chunk["id"] for chunk in chunks}) == 1
+
