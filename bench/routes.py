@@ -23,7 +23,7 @@ def routes(max_tokens: int) -> dict[str, Request]:
         "transcription (1 s WAV)": workloads.transcription("tiny-whisper", audio),
         "speech (short, WAV)": workloads.speech("tiny-vits"),
         f"voice round trip /v1/audio/chat (1 s WAV, max_tokens={max_tokens})": Request(
-            "/v1/audio/chat", form={"max_tokens": str(max_tokens)}, files={"file": wav}),
+            "/v1/audio/chat", form={"max_tokens": str(max_tokens), "temperature": "0"}, files={"file": wav}),
         "legacy POST /generate": Request("/generate", json={"query": workloads.PROMPT, "max_new_tokens": max_tokens}),
         "legacy POST /stt": Request("/stt", files={"audio": wav}),
         "legacy POST /tts": Request("/tts", json={"text": workloads.SPEECH_TEXT}),

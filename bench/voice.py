@@ -154,7 +154,8 @@ def round_trip(url: str, audio: bytes) -> float:
     started = time.perf_counter()
     with requests.post(url + "/v1/audio/chat", files={"file": ("q.flac", audio)},
                        data={"stream": "true", "response_format": "pcm", "max_tokens": str(MAX_TOKENS),
-                             "llm_model": LLM, **({"system_prompt": instructions()} if instructions() else {})},
+                             "temperature": "0", "llm_model": LLM,
+                             **({"system_prompt": instructions()} if instructions() else {})},
                        stream=True, timeout=300) as response:
         response.raise_for_status()
         first, kinds = None, []

@@ -1066,6 +1066,9 @@ class VoiceChatForm(FormModel):
     """System prompt for the chat model."""
     max_tokens: int | None = Field(default=None, ge=1)
     """Upper bound on the reply's tokens."""
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    """The chat model's sampling temperature; 0 means greedy. Omitted: the model's generation_config.json's,
+    else 1 (as a chat request's)."""
     response_format: SpeechFormat = "wav"
     """Format of the spoken reply."""
     stream: bool = False

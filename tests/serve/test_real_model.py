@@ -129,7 +129,8 @@ def test_max_tokens_is_honoured_with_finish_reason_length(demo_app, alone):
 
 
 def test_the_voice_round_trip_answers_with_the_real_model(demo_app):
-    response = demo_app.post("/v1/audio/chat", files={"file": ("q.wav", wav_bytes(1.0))}, data={"max_tokens": "8"})
+    response = demo_app.post("/v1/audio/chat", files={"file": ("q.wav", wav_bytes(1.0))},
+                             data={"max_tokens": "8", "temperature": "0"})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["models"]["llm"] == MODEL and body["reply"].strip()

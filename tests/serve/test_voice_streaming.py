@@ -195,7 +195,7 @@ def test_bad_transcription_options_are_400_naming_the_field(demo_app, data, para
 # -- the round trip --------------------------------------------------------------------------------------
 def test_voice_round_trip_streams_transcript_text_and_audio(demo_app):
     response = demo_app.post("/v1/audio/chat", files={"file": ("q.flac", speech_audio())},
-                             data={"max_tokens": "40", "stream": "true", "response_format": "pcm"})
+                             data={"max_tokens": "40", "stream": "true", "response_format": "pcm", "temperature": "0"})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
     events = sse_events(response.text.splitlines())
     kinds = [e["type"] for e in events]
