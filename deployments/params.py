@@ -127,12 +127,15 @@ class Segment:
     start: float
     end: float
     text: str
-    tokens: int = 0  # tokens the model generated for it
-    token_ids: list[int] = field(default_factory=list)  # those of its text
+    token_ids: list[int] = field(default_factory=list)  # those of its text, as the model generated them
     temperature: float = 0.0
     avg_logprob: float = 0.0  # of its tokens and the end token, as Whisper reports it
     compression_ratio: float = 0.0  # its text's length over its zlib-compressed length (> 2.4: repetitive)
     no_speech_prob: float = 0.0  # of <|nospeech|> right after <|startoftranscript|>
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
 
 
 @dataclass

@@ -148,7 +148,7 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
         seg, offset = segments[index], batch[index].offset_s
         end = start + len(samples) / rate
         seg.append(Segment(len(seg), round(offset + start, 3), round(offset + end, 3), output.text.strip(),
-                           len(output.token_ids), output.token_ids, batch[index].temperature,
+                           output.token_ids, batch[index].temperature,
                            output.avg_logprob, compression_ratio(output.text.strip()), output.no_speech_prob))
         words[index] += [Word(w.word, round(offset + min(start + w.start, end), 3),
                               round(offset + min(start + w.end, end), 3)) for w in output.words]
@@ -347,7 +347,7 @@ def _words(tokenizer: Any, sequence: list[int], times: list[float], language: st
     if not indices:
         return []
     tokens = [sequence[i] for i in indices]
-    words, _, groups = _combine_tokens_into_words(tokenizer, tokens, _language_name(tokenizer, language))
+    words, _, groups = _combine_tokens_into_words(tokenizer, tokens, language_name(language or "en"))
     out = []
     for word, group in zip(words, groups, strict=True):
         last = indices[group[-1]]
@@ -359,14 +359,8 @@ def _words(tokenizer: Any, sequence: list[int], times: list[float], language: st
 
 
 def language_name(language: str | None) -> str | None:
-    """Whisper's language code as OpenAI's verbose_json names it ("en" -> "english"); None stays None."""
+    """Whisper's language code as OpenAI's verbose_json names it ("en" -> "english"), and as the word
+    grouping wants it (spaceless scripts group by character); None stays None."""
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
     return None if language is None else LANGUAGES.get(language.lower(), language)
-
-
-def _language_name(tokenizer: Any, language: str | None) -> str:
-    """The language's English name, as the word grouping wants it (spaceless scripts group by character)."""
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
-    return LANGUAGES.get((language or "en").lower(), "english")

@@ -148,15 +148,10 @@ def stored_quantization(config: Any) -> tuple[str, int | None] | None:
 
 
 def loaded_quantization(model: Any) -> str | None:
-    """How a loaded model's weights are quantized, read off the model ("bitsandbytes 4-bit"); None if not."""
+    """How a loaded model's weights are quantized, read off its quantizer ("bitsandbytes 4-bit"); None if not."""
     quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None:
-        return None
-    method = getattr(quantizer.quantization_config, "quant_method", "quantized")
-    method = str(getattr(method, "value", method))
-    bits = 4 if getattr(model, "is_loaded_in_4bit", False) else 8 if getattr(model, "is_loaded_in_8bit", False) \
-        else getattr(quantizer.quantization_config, "bits", None)
-    return f"{method} {bits}-bit" if isinstance(bits, int) else method
+    stored = stored_quantization(quantizer) if quantizer is not None else None  # it has a quantization_config too
+    return stored[0] if stored is not None else None
 
 
 @dataclass

@@ -132,12 +132,6 @@ def fetched_source(directory: Path) -> str | None:
     return source if isinstance(source, str) else None
 
 
-def fetched_revision(directory: Path) -> str:
-    """The revision a directory made by fetch was fetched at ("main" where it pinned none)."""
-    revision = _fetched(directory).get("revision")
-    return revision if isinstance(revision, str) and revision else "main"
-
-
 def _fetched(directory: Path) -> dict:
     """What `mark_fetched` wrote into `directory`; {} where it wrote nothing readable."""
     try:
@@ -147,13 +141,16 @@ def _fetched(directory: Path) -> dict:
     return marker if isinstance(marker, dict) else {}
 
 
-def _other_revision(candidate: Path, source: str, revision: str | None) -> str | None:
-    """Why `candidate`, a copy that fetch made, is not `source` at the pinned `revision` (None: it is, or
-    nothing is pinned, or fetch did not make it)."""
-    if revision is None or fetched_source(candidate) is None or fetched_revision(candidate) == revision:
+def _other_revision(candidate: Path, revision: str | None) -> str | None:
+    """Why `candidate`, a copy that fetch made, is not at the pinned `revision` (None: it is, or nothing is
+    pinned, or fetch did not make it); fetch records "main" where it pinned none."""
+    if revision is None:
         return None
-    return (f"{candidate} (holds {fetched_source(candidate)}@{fetched_revision(candidate)}, fetched there by "
-            f"`modelfleet fetch`; revision {revision} is pinned)")
+    marker = _fetched(candidate)
+    source, fetched = marker.get("source"), marker.get("revision") or "main"
+    if not isinstance(source, str) or fetched == revision:
+        return None
+    return f"{candidate} (holds {source}@{fetched}, fetched there by `modelfleet fetch`; revision {revision} is pinned)"
 
 
 def _clear_stale_copy(local_dir: Path, source: str) -> None:
@@ -269,7 +266,7 @@ def resolve_source(
             # found by its last path component only: another repo of that name (Org-A/model for Org-B/model)
             looked_at.append(f"{candidate} (holds {other}, fetched there by `modelfleet fetch`)")
             continue
-        if (other_revision := _other_revision(candidate, source, revision)) is not None:
+        if (other_revision := _other_revision(candidate, revision)) is not None:
             looked_at.append(other_revision)
             continue
         missing = missing_weight_files(candidate) if is_model_dir(candidate) else []
