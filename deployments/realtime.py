@@ -404,6 +404,9 @@ class RealtimeSession:
             at = self.detector_origin + turn.sample * RATE // 16000  # stream sample, 24 kHz
             if turn.kind == "started":
                 self.speech_start, self.speech_item = at, _id("item")
+                # the turn begins at its padded start: the silence kept before it (up to the bound) would
+                # otherwise leave the buffer full, and the turn's next append would commit it cut short
+                self._drop_before(self._padded_start(at))
                 # OpenAI's audio_start_ms is where the committed audio will begin: the padding included
                 await self.send("input_audio_buffer.speech_started",
                                 audio_start_ms=self._padded_start(at) * 1000 // RATE, item_id=self.speech_item)

@@ -322,6 +322,23 @@ def test_a_commit_under_server_vad_takes_all_the_audio_kept():
     assert ingress.heard == [pytest.approx(2.0, abs=0.01)]  # the last 2 s
 
 
+def test_speech_after_silence_past_the_buffer_bound_is_one_turn():
+    """Silence kept up to max_realtime_buffer_seconds left the buffer full when speech began, so the
+    turn's first append committed 0.37 s of it and the rest became a second turn with a second reply."""
+
+    async def scenario(silence_s: float) -> tuple[Socket, ScriptedIngress]:
+        socket, ingress = Socket(), ScriptedIngress(RequestLimits(max_realtime_buffer_seconds=10.0))
+        session = RealtimeSession(socket, ingress, None)
+        await append(session, np.concatenate([silence(silence_s), speech((1.9, 3.7)), silence(1.5)]))
+        await settle(session)
+        return socket, ingress
+
+    for silence_s in (3.0, 12.0):  # within the bound, and past it
+        socket, ingress = asyncio.run(scenario(silence_s))
+        assert [kind for kind, _ in turns(socket)] == ["started", "stopped"], silence_s
+        assert len(ingress.heard) == 1 and ingress.heard[0] > 1.5, (silence_s, ingress.heard)
+
+
 def test_response_create_refuses_what_it_does_not_serve():
     """`conversation: none` (out of band), `input`, `tools` and `tool_choice` were dropped in silence: an
     out-of-band request ran over the whole conversation and its answer joined it."""
