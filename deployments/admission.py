@@ -51,17 +51,25 @@ def chat_request_bytes(config: Any, prompt_tokens: int, new_tokens: int, images:
     return batch * (kv_cache + prefill + logits) + vision + image_bytes
 
 
-def decoded_image_bytes(images: list[bytes], resize: Any = None) -> int:
+def decoded_image_bytes(images: list[bytes], image_processor: Any = None) -> int:
     """Decoded RGB pixels of encoded images (sizes from their headers), as bytes, a float copy and the
-    processor's output; at the size the image processor resizes to when that is larger (`resize`: its
-    `size`; {"shortest_edge": s} scales the short side up to s: CLIP's, LLaVA's)."""
+    processor's output; at the size the image processor resizes to when that is larger. Its `size` (a
+    dict, or transformers' SizeDict) is read two ways:
+    - Qwen2-VL's kind (it merges patches: `merge_size`) bounds an image's pixel count: `shortest_edge`
+      is min_pixels, so a smaller image is scaled up to that many pixels;
+    - otherwise `shortest_edge` is an edge that the short side is scaled up to (CLIP's, LLaVA's), so
+      a thin image grows by the square of that factor."""
     from .media import image_size
 
-    shortest = resize.get("shortest_edge") if isinstance(resize, dict) else None
+    size = getattr(image_processor, "size", None)
+    shortest = size.get("shortest_edge") if size is not None and hasattr(size, "get") else None
+    pixel_bounds = getattr(image_processor, "merge_size", None) is not None
     total = 0
     for width, height in map(image_size, images):
         pixels = width * height
-        if shortest:
+        if shortest and pixel_bounds:
+            pixels = max(pixels, int(shortest))
+        elif shortest:
             pixels = max(pixels, int(pixels * (shortest / max(1, min(width, height))) ** 2))
         total += pixels * 3 * (1 + 2 * FLOAT_BYTES)
     return total

@@ -78,7 +78,7 @@ class ChatServer(FamilyServer):
         self._refuse_overlong_text(loaded, params, prompt_limit, limit_name)
         # images arrive encoded; decoding them (in encode) is held to the memory budget like generation
         image_processor = getattr(loaded.processor, "image_processor", None) if params.images else None
-        decoded = decoded_image_bytes(params.images, getattr(image_processor, "size", None))
+        decoded = decoded_image_bytes(params.images, image_processor)
         # The decoded size is held from the decode on: a request waiting for the rest of its estimate keeps
         # its processed images (up to ~300 MB per image for Qwen2-VL's largest), and they stay counted.
         async with self.memory.hold(decoded, "the images of this request", param="messages",

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
+from transformers.image_utils import SizeDict
 
 import deployments.chat_server as chat_server
 from deployments.admission import decoded_image_bytes
@@ -58,9 +60,16 @@ def test_a_thin_image_is_refused_by_its_shape_and_its_upscale_is_estimated():
     assert "1x100000" in body.error.message and "max_image_aspect_ratio=200" in body.error.message
     load_image(data_uri(png(1, 200)), limits, [], "p")  # at the bound: accepted
     assert load_image(data_uri(png(1, 300)), limits.model_copy(update={"max_image_aspect_ratio": 400}), [], "p")
-    # within the bound the estimate follows the processor's upscale: 1 x 200 -> 32 x 6,400 on the tiny LLaVA
-    assert decoded_image_bytes([png(1, 200)], {"shortest_edge": 32}) >= 32 * 6_400 * 3
-    assert decoded_image_bytes([png(40, 36)], {"shortest_edge": 32}) == decoded_image_bytes([png(40, 36)])
+    # within the bound the estimate follows the processor's upscale: 1 x 200 -> 32 x 6,400 on the tiny LLaVA.
+    # transformers 5 holds `size` as a SizeDict (not a dict: the estimate once skipped it); a plain dict too
+    for size in (SizeDict(shortest_edge=32), {"shortest_edge": 32}):
+        clip = SimpleNamespace(size=size)
+        assert decoded_image_bytes([png(1, 200)], clip) >= 32 * 6_400 * 3
+        assert decoded_image_bytes([png(40, 36)], clip) == decoded_image_bytes([png(40, 36)])
+    # Qwen2-VL's kind bounds pixels: shortest_edge is min_pixels (3136), not an edge of 3136 px
+    qwen = SimpleNamespace(size=SizeDict(shortest_edge=56 * 56, longest_edge=28 * 28 * 1280), merge_size=2)
+    assert decoded_image_bytes([png(1, 200)], qwen) == decoded_image_bytes([png(56, 56)])
+    assert decoded_image_bytes([png(200, 100)], qwen) == decoded_image_bytes([png(200, 100)])
 
 
 def test_a_thin_image_is_held_to_the_replicas_budget(llava_dir):
@@ -70,7 +79,9 @@ def test_a_thin_image_is_held_to_the_replicas_budget(llava_dir):
                        ChatOptions(memory_budget_mb=64))
     asyncio.run(server.chat(chat(1)))  # loaded, and a small image fits
     loaded = server.pool.handles["tiny-llava"].get(0)
-    loaded.processor.image_processor.size = {"shortest_edge": 336}  # a real LLaVA's: 1 x 200 -> 336 x 67,200
+    size = loaded.processor.image_processor.size
+    assert isinstance(size, SizeDict)  # as loaded: what the estimate reads
+    loaded.processor.image_processor.size = SizeDict(shortest_edge=336)  # a real LLaVA's: 1 x 200 -> 336 x 67,200
     try:
         params = chat(0)
         params.messages[0]["content"].append({"type": "image"})
@@ -79,7 +90,7 @@ def test_a_thin_image_is_held_to_the_replicas_budget(llava_dir):
             asyncio.run(server.chat(params))
         assert "memory_budget_mb" in str(info.value)
     finally:
-        loaded.processor.image_processor.size = {"shortest_edge": 32}
+        loaded.processor.image_processor.size = size
 
 
 def test_image_and_text_only_requests_do_not_share_a_generate_batch(llava_dir, monkeypatch):
