@@ -52,15 +52,20 @@ def _hard_cut(text: str, max_chars: int) -> list[str]:
     U+093F, or an accent apart from its letter, is mispronounced)."""
     pieces, start = [], 0
     while len(text) - start > max_chars:
-        cut = start + max_chars
-        while cut > start + 1 and _joins_previous(text, cut):
-            cut -= 1
-        if cut == start + 1 and _joins_previous(text, cut):  # marks all the way: no better cut
-            cut = start + max_chars
+        cut = _grapheme_cut(text, start, start + max_chars)
         pieces.append(text[start:cut])
         start = cut
     pieces.append(text[start:])
     return pieces
+
+
+def _grapheme_cut(text: str, start: int, cut: int) -> int:
+    """`cut` (start < cut < len(text)) moved back to the nearest index in (start, cut] that begins a
+    grapheme; `cut` itself when marks run all the way back to start (no better cut)."""
+    at = cut
+    while at > start + 1 and _joins_previous(text, at):
+        at -= 1
+    return cut if _joins_previous(text, at) else at
 
 
 def _joins_previous(text: str, index: int) -> bool:
@@ -140,7 +145,12 @@ class SentenceStream:
                 return clauses[0] if first else clauses[-1]
         if len(self.buffer) >= max_chars:
             space = self.buffer.rfind(" ", 0, max_chars)
-            return space + 1 if space > 0 else max_chars
+            if space > 0:
+                return space + 1
+            # no space (Thai, one long word): cut between graphemes, as _hard_cut; the character after
+            # the cut must have arrived to know whether it is a mark that belongs with the one before
+            if len(self.buffer) > max_chars:
+                return _grapheme_cut(self.buffer, 0, max_chars)
         return None
 
     def flush(self) -> str | None:
