@@ -269,17 +269,23 @@ def resolve_source(
         if (other_revision := _other_revision(candidate, revision)) is not None:
             looked_at.append(other_revision)
             continue
-        missing = missing_weight_files(candidate) if is_model_dir(candidate) else []
+        try:
+            model_dir = is_model_dir(candidate)
+            missing = missing_weight_files(candidate) if model_dir else []
+            exists = model_dir or candidate.exists()
+        except OSError as exc:  # pathlib raises past ENOENT: a name over NAME_MAX, a directory we may not read
+            looked_at.append(f"{candidate} ({exc.strerror or exc})")
+            continue
         if missing:
             looked_at.append(f"{candidate} (incomplete: lacks {', '.join(missing[:5])}; download it again)")
             continue
-        if is_model_dir(candidate):
+        if model_dir:
             origin = "local path" if candidate == Path(source).expanduser() else "LOCAL_MODELS_DIR"
             if candidate in extra_dirs:
                 origin = "adapter's parent directory"
             log.info("%s %s resolved to %s (%s)", what, source, candidate, origin)
             return Resolved(candidate.resolve(), origin, looked_at)
-        state = "no config.json/adapter_config.json with weights" if candidate.exists() else "does not exist"
+        state = "no config.json/adapter_config.json with weights" if exists else "does not exist"
         looked_at.append(f"{candidate} ({state})")
 
     if not is_repo_id(source):

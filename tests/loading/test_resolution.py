@@ -185,3 +185,11 @@ def test_dir_without_weights_is_not_a_model(isolated_env, tmp_path):
     (half / "config.json").write_text("{}")
     with pytest.raises(ModelNotFoundError, match="no config.json/adapter_config.json with weights"):
         resolve_source("half-copied", Settings.from_env(), allow_download=False)
+
+
+def test_a_path_the_filesystem_refuses_is_not_there_and_says_why(isolated_env):
+    """A component over NAME_MAX (255) made is_dir() raise OSError(ENAMETOOLONG), which pathlib does not
+    swallow: the runtime add of such a path was a 500 (found by review). It is a miss like any other."""
+    with pytest.raises(ModelNotFoundError) as info:
+        resolve_source("a" * 300, Settings.from_env(), allow_download=False)
+    assert any(place.endswith("(File name too long)") for place in info.value.looked_at), info.value.looked_at
