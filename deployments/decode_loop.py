@@ -132,18 +132,18 @@ class Group:
     def prefill_batches(self, rows: list[Row]) -> list[tuple[list[Row], bool]]:
         """Arriving rows as prefill batches, each with whether it runs under one adapter.
 
-        Rows batch when they carry the same non-token inputs (collate concatenates pixel values and
-        the like; a row without them cannot join those). Rows with images batch per adapter when any
+        Rows batch when they carry inputs of the same names (collate pads token rows and concatenates
+        pixel values and the like; a row without a kind cannot join rows with it). Rows with images batch per adapter when any
         adapter of the model has layers outside its language model (see the module's docstring)."""
         batches: dict[tuple, list[Row]] = {}
         split: bool | None = None
         for row in rows:
             assert row.params.inputs is not None
-            extra = row.params.input_kinds()
+            kinds, extra = row.params.input_kinds(), row.params.has_non_token_inputs()
             if extra and split is None:
                 model = self.loaded.model
                 split = hasattr(model, "peft_config") and bool(adapted_parts(model) - {LANGUAGE_MODEL})
-            key = (extra, row.adapter) if extra and split else (extra,)
+            key = (kinds, row.adapter) if extra and split else (kinds,)
             batches.setdefault(key, []).append(row)
         return [(batch, len(key) == 2) for key, batch in batches.items()]
 
@@ -352,13 +352,13 @@ class DecodeLoop:
             hooks = row.hooks
             if greedy[i]:
                 continue
-            if hooks is None:
-                out[i, 0] = sample_token(logits[i], row.sampling, row.generator)
-                continue
             try:
-                token = sample_token(hooks.process(logits[i]), row.sampling, row.generator)
-                row.pending = hooks.entry(logits[i], token)
-            except Exception as exc:  # this row's grammar or bias failed: it ends alone
+                if hooks is None:
+                    token = sample_token(logits[i], row.sampling, row.generator)
+                else:
+                    token = sample_token(hooks.process(logits[i]), row.sampling, row.generator)
+                    row.pending = hooks.entry(logits[i], token)
+            except Exception as exc:  # this row's sampling, grammar or bias failed: it ends alone
                 row.error, token = exc, next(iter(row.end_ids), 0)
             out[i, 0] = token
         return out.to(logits.device)

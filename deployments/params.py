@@ -64,8 +64,13 @@ class ChatParams:
         return (self.temperature, self.top_p, self.seed, tuple(self.stop), self.input_kinds())
 
     def input_kinds(self) -> tuple[str, ...]:
-        """The encoded inputs besides the padded token rows (pixel values, image sizes, ...)."""
-        return tuple(sorted(key for key in (self.inputs or {}) if key not in PADDED_KEYS))
+        """The names of the encoded inputs, token rows included: rows batch only with rows of the same
+        names (Qwen2-VL's processor gives a chat mm_token_type_ids, which a completion's prompt lacks)."""
+        return tuple(sorted(self.inputs or {}))
+
+    def has_non_token_inputs(self) -> bool:
+        """Inputs besides the padded token rows (pixel values, image sizes, ...)."""
+        return any(key not in PADDED_KEYS for key in self.inputs or {})
 
     def loop_features(self) -> list[str]:
         """The request fields only the decode loop serves (per-row logits processing)."""

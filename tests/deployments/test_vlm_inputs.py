@@ -9,6 +9,7 @@ import io
 from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 from transformers.image_utils import SizeDict
 
@@ -111,6 +112,22 @@ def test_image_and_text_only_requests_do_not_share_a_generate_batch(llava_dir, m
     alone, text_alone, first, second = asyncio.run(scenario())
     assert [r.text for r in first] == [text_alone, alone]
     assert [r.text for r in second] == [alone, text_alone]
+
+
+def test_rows_whose_token_inputs_differ_do_not_share_a_generate_batch():
+    """Qwen2-VL's processor gives every chat mm_token_type_ids, which a /v1/completions prompt (input_ids and
+    attention_mask) lacks; the batch key left the token inputs out, so a chat and a completion arriving
+    together shared a generate() batch, collate refused it, and both requests failed with a 500."""
+    tokens = {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    chat_row = ChatParams(model="q", messages=[{"role": "user", "content": "hi"}], temperature=0)
+    chat_row.inputs = {**tokens, "mm_token_type_ids": torch.zeros(1, 2, dtype=torch.long)}
+    completion = ChatParams(model="q", messages=[], prompt="Once", temperature=0)
+    completion.inputs = dict(tokens)
+    assert chat_row.sampling_key() != completion.sampling_key()
+    assert not chat_row.has_non_token_inputs()  # token inputs only: no reason to split by adapter
+    twin = ChatParams(model="q", messages=[{"role": "user", "content": "hello"}], temperature=0)
+    twin.inputs = dict(chat_row.inputs)
+    assert twin.sampling_key() == chat_row.sampling_key()  # the same kinds still batch
 
 
 def test_images_go_in_user_messages():
