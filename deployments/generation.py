@@ -48,9 +48,14 @@ def sampling_settings(loaded: LoadedModel, params: ChatParams) -> dict[str, Any]
     Left to transformers, a config without do_sample decoded greedily, so n choices were n copies."""
     given = _configured_sampling(loaded.model.generation_config)
     temperature = params.temperature if params.temperature is not None else given.get("temperature", 1.0)
+    if temperature < SAMPLING_EPS:  # greedy: logits / 1e-38 overflow to inf, and sampling them fails
+        temperature = 0.0
     top_p = params.top_p if params.top_p is not None else given.get("top_p", 1.0)
-    top_k = given.get("top_k", 0) if params.temperature is None else 0
+    top_k = given.get("top_k", 0)  # no OpenAI field sets it: the model's, whatever the request's temperature
     return {"temperature": float(temperature), "top_p": float(top_p), "top_k": int(top_k)}
+
+
+SAMPLING_EPS = 1e-5  # temperatures below it decode greedily (vLLM's _SAMPLING_EPS)
 
 
 _CONFIGURED: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()

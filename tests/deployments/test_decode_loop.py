@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, MistralConfig, Qwen2Config
 from transformers.masking_utils import create_causal_mask
 
+from deployments import decode_loop
 from deployments.decode_loop import DecodeLoop, Group, prepared_step_mask_fits
 from deployments.generation import generate_batch
 from deployments.llm import LLMServer
@@ -296,3 +297,26 @@ def test_a_request_that_breaks_a_shared_prefill_fails_alone(models):
     assert isinstance(told[1][0], IndexError) and len(told[1]) == 1
     expected = alone(models, "tiny", chat("hello there", 4))
     assert len(told[0]) == 1 and told[0][0].text == expected.text
+
+
+def test_a_tiny_temperature_is_greedy_and_a_row_whose_sampling_fails_fails_alone(models, monkeypatch):
+    """A valid but tiny temperature (1e-38) made logits / temperature overflow to inf, and torch.multinomial
+    raised in the step shared by every row: each request in the batch failed. Below 1e-5 is greedy now, and a
+    sampled row's failure, like a hooked row's, ends that row alone."""
+    expected = alone(models, "tiny", chat("What is the weather like today", 12))
+    results, _ = run_loop(models, [("tiny", chat("What is the weather like today", 12)),
+                                   ("tiny", chat("What is the weather like today", 12, temperature=1e-38))])
+    assert [r.text for r in results] == [expected.text, expected.text]
+
+    real = decode_loop.sample_token
+
+    def failing(logits, sampling, generator):
+        if sampling["top_p"] == 0.5:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, sampling, generator)
+
+    monkeypatch.setattr(decode_loop, "sample_token", failing)
+    results, _ = run_loop(models, [("tiny", chat("What is the weather like today", 12)),
+                                   ("tiny", chat("Tell me a story", 12, temperature=0.7, top_p=0.5, seed=1))])
+    assert results[0].text == expected.text
+    assert isinstance(results[1], RuntimeError)
