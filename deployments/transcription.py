@@ -294,7 +294,8 @@ def _generate(spec: ModelSpec, loaded: LoadedModel, first: TranscribeParams,
         text = tokenizer.decode(tokens, skip_special_tokens=True)  # the span after the start tokens: no prompt
         words: list[Word] = []
         if times is not None:
-            words = _words(tokenizer, sequence, times[row].tolist(), first.language, len(pieces[row][2]) / rate)
+            language = first.language or languages[pieces[row][0]]  # detected: Chinese words are not spaced
+            words = _words(tokenizer, sequence, times[row].tolist(), language, len(pieces[row][2]) / rate)
         avg_logprob, no_speech_prob = scores.row(row, tokenizer.eos_token_id)
         results.append(_Output(text, tokens, words, avg_logprob, no_speech_prob))
     return results

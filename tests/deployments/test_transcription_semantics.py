@@ -145,3 +145,27 @@ def test_the_scores_are_the_decoders(server):
     ended = len(segment.token_ids) < model.config.max_target_positions - len(start) - 1  # else cut at the budget
     expected = picked if ended else picked[:-1]
     assert segment.avg_logprob == pytest.approx(float(expected.mean()), abs=1e-3)
+
+
+def test_words_are_grouped_in_the_detected_language(server, monkeypatch):
+    """Without `language`, the word grouping was told the request's field (None, so English) although the
+    request's language was detected: Chinese audio came back with a whole unspaced sentence as one 'word'."""
+    import transformers.models.whisper.tokenization_whisper as whisper_tokenization
+
+    audio, rate = speech(4.0)
+    transcribe(server, audio[:rate], rate, language="en")  # loaded
+    loaded = server.pool.handles["w"].get(0)
+    tokenizer, model = loaded.processor.tokenizer, loaded.model
+    assert getattr(model.generation_config, "alignment_heads", None)  # word timestamps need them
+    monkeypatch.setattr(model, "detect_language", lambda input_features=None, **_: torch.tensor(
+        [tokenizer.convert_tokens_to_ids("<|zh|>")] * len(input_features)))
+    grouped_in: list[str] = []
+    real = whisper_tokenization._combine_tokens_into_words
+
+    def combine(tokenizer, tokens, language=None, *args, **kwargs):
+        grouped_in.append(language)
+        return real(tokenizer, tokens, language, *args, **kwargs)
+
+    monkeypatch.setattr(whisper_tokenization, "_combine_tokens_into_words", combine)
+    result = transcribe(server, audio, rate, detect_language=True, word_timestamps=True)
+    assert result.language == "zh" and grouped_in and set(grouped_in) == {"chinese"}, grouped_in
