@@ -141,16 +141,16 @@ def _fetched(directory: Path) -> dict:
     return marker if isinstance(marker, dict) else {}
 
 
-def _other_revision(candidate: Path, revision: str | None) -> str | None:
-    """Why `candidate`, a copy that fetch made, is not at the pinned `revision` (None: it is, or nothing is
-    pinned, or fetch did not make it); fetch records "main" where it pinned none."""
-    if revision is None:
-        return None
+def _other_revision(candidate: Path, asked: str, revision: str | None) -> str | None:
+    """Why `candidate`, a copy that fetch made, is not at `revision` (None: it is, or fetch did not make it);
+    fetch records "main" where it pinned none. Unpinned is main too, for the Hub id the copy was fetched from:
+    a copy fetched at v1 must not outlive its pin. A path to the copy, asked for unpinned, is taken as it is."""
     marker = _fetched(candidate)
     source, fetched = marker.get("source"), marker.get("revision") or "main"
-    if not isinstance(source, str) or fetched == revision:
+    if not isinstance(source, str) or fetched == (revision or "main") or (revision is None and source != asked):
         return None
-    return f"{candidate} (holds {source}@{fetched}, fetched there by `modelfleet fetch`; revision {revision} is pinned)"
+    wanted = f"revision {revision} is pinned" if revision else "no revision is pinned, so main"
+    return f"{candidate} (holds {source}@{fetched}, fetched there by `modelfleet fetch`; {wanted})"
 
 
 def _clear_stale_copy(local_dir: Path, source: str) -> None:
@@ -266,7 +266,7 @@ def resolve_source(
             # found by its last path component only: another repo of that name (Org-A/model for Org-B/model)
             looked_at.append(f"{candidate} (holds {other}, fetched there by `modelfleet fetch`)")
             continue
-        if (other_revision := _other_revision(candidate, revision)) is not None:
+        if (other_revision := _other_revision(candidate, source, revision)) is not None:
             looked_at.append(other_revision)
             continue
         try:

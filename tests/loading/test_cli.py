@@ -162,6 +162,30 @@ def test_a_pinned_revision_is_not_served_from_a_copy_fetched_at_another(isolated
     assert found.origin == "HF cache" and any("holds org/tiny@v2" in place for place in found.looked_at), found
 
 
+def test_an_unpinned_model_is_not_served_from_a_copy_fetched_at_a_pinned_revision(isolated_env, tiny, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """With the pin removed (main), the copy fetched at v1 was still served, and fetch kept it: only a pinned
+    revision was compared with the copy's (found by review). A path to that copy is still served as it is."""
+    from loading import Settings
+    from loading.resolve import resolve_source
+
+    cache, copy = isolated_env["hub_cache"], isolated_env["models"] / "org" / "tiny"
+    models = {"v1": tiny["llm"], "main": tiny["llm-seed1"]}
+    for tag, sha in (("v1", "a" * 40), ("main", "b" * 40)):  # staged last: refs/main -> bbbb
+        stage_in_hf_cache(models[tag], "org/tiny", cache, revision_hash=sha)
+        (cache / "models--org--tiny" / "refs" / tag).write_text(sha)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _serve_config(tmp_path / "v1.yaml", [{"name": "tiny", "source": "org/tiny", "revision": "v1"}])
+    assert main(["fetch", "--config", str(config), "--local-models-dir"]) == 0, capsys.readouterr().out
+    found = resolve_source("org/tiny", Settings.from_env())
+    assert found.origin == "HF cache" and any("holds org/tiny@v1" in place for place in found.looked_at), found
+    assert resolve_source(str(copy), Settings.from_env()).path == copy.resolve()  # asked for by its path
+    config = _serve_config(tmp_path / "main.yaml", [{"name": "tiny", "source": "org/tiny"}])
+    assert main(["fetch", "--config", str(config), "--local-models-dir"]) == 0, capsys.readouterr().out
+    assert (copy / "model.safetensors").read_bytes() == (models["main"] / "model.safetensors").read_bytes()
+    assert resolve_source("org/tiny", Settings.from_env()).path == copy.resolve()
+
+
 def test_fetch_to_local_models_dir_puts_an_adapters_hub_base_there_too(isolated_env, tiny, tmp_path, monkeypatch,
                                                                        capsys):
     """The adapter was copied to LOCAL_MODELS_DIR/Org/Lora but its base left in the HF cache: the directory
