@@ -587,13 +587,9 @@ class RealtimeSession:
                 # response must not cancel them (shield): their items get their transcripts all the same
                 await asyncio.gather(*(asyncio.shield(t) for t in self.transcriptions), return_exceptions=True)
             instructions = fields.instructions if fields.instructions is not None else config.instructions
-            messages = [{"role": "system", "content": instructions}] if instructions else []
-            messages += [{"role": i.role, "content": i.text or "(silence)"} for i in self.items]
-            if not any(m["role"] == "user" for m in messages):
-                messages.append({"role": "user", "content": "(silence)"})
             llm = self.ingress.spec(self.llm)
             chat = await self.ingress.chat_params(
-                llm, messages, 0.0, max_new_tokens=None if limit == "inf" else int(limit),
+                llm, _messages(instructions, self.items), 0.0, max_new_tokens=None if limit == "inf" else int(limit),
                 temperature=fields.temperature if fields.temperature is not None else config.temperature,
                 priority=self.ingress.voice_priority(llm))
             previous = self.items[-1].id if self.items else None
@@ -646,6 +642,18 @@ class RealtimeSession:
         if self.respond_after and status != "cancelled":
             self.respond_after = False
             self._start_response(ResponseFields())
+
+
+def _messages(instructions: str, items: list[Item]) -> list[dict]:
+    """The LLM's prompt: the instructions, then the conversation. An item with no text is left out (a
+    response that failed, or was cut before its first word, said nothing: shown as the assistant saying
+    "(silence)", the model imitates it), except a user's turn of audio with no words in it: "(silence)"."""
+    messages = [{"role": "system", "content": instructions}] if instructions else []
+    messages += [{"role": i.role, "content": i.text or "(silence)"} for i in items
+                 if i.text or (i.role == "user" and i.audio)]
+    if not any(m["role"] == "user" for m in messages):
+        messages.append({"role": "user", "content": "(silence)"})
+    return messages
 
 
 def _pcm24(waveform: Any, rate: int) -> bytes:

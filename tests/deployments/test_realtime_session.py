@@ -17,7 +17,7 @@ import soundfile as sf
 from starlette.websockets import WebSocketState
 
 from deployments.audio import resample
-from deployments.errors import InvalidRequestError
+from deployments.errors import InvalidRequestError, ServiceUnavailableError
 from deployments.limits import RequestLimits
 from deployments.params import ChatParams, SpeechResult, TranscribeResult
 from deployments.realtime import RealtimeSession
@@ -53,6 +53,7 @@ class ScriptedIngress:
         self.words, self.word_s, self.transcribe_s = words, word_s, transcribe_s
         self.heard: list[float] = []  # seconds of audio each transcription was given
         self.chats: list[list[dict]] = []
+        self.calls: list[ChatParams] = []
 
     def default_model(self, family: Family) -> str:
         return {Family.LLM: "llm", Family.TTS: "tts", Family.STT: "stt"}[family]
@@ -64,7 +65,8 @@ class ScriptedIngress:
 
     async def chat_params(self, spec, messages: list[dict], wait_s: float, **sampling) -> ChatParams:
         self.chats.append(messages)
-        return ChatParams(model=spec.name, messages=messages, wait_s=wait_s, **sampling)
+        self.calls.append(ChatParams(model=spec.name, messages=messages, wait_s=wait_s, **sampling))
+        return self.calls[-1]
 
     def voice_priority(self, spec) -> int:
         return 0
@@ -361,3 +363,37 @@ def test_response_create_refuses_what_it_does_not_serve():
             ("error", param, "unsupported")], (response, sent)
     assert [e["type"] for e in asyncio.run(scenario({"conversation": "auto", "tool_choice": "none"}))] == [
         "response.created"]
+
+
+def _say(text: str, role: str = "user", **fields) -> str:
+    return json.dumps({"type": "conversation.item.create", **fields, "item": {
+        "type": "message", "role": role, "content": [{"type": "input_text", "text": text}]}})
+
+
+class FailingFirstChat(ScriptedIngress):
+    """Its first chat fails before any text (the LLM family's 503)."""
+
+    async def chat_stream(self, params: ChatParams):
+        if len(self.calls) == 1:
+            raise ServiceUnavailableError("the llm deployment did not start streaming within 120 s", code="timeout")
+        async for chunk in super().chat_stream(params):
+            yield chunk
+
+
+def test_a_response_that_said_nothing_is_not_in_later_prompts():
+    """A failed response (or one cancelled before its first token) left an empty assistant item, which
+    later prompts sent as the assistant saying "(silence)": words it never said, that it then imitates."""
+
+    async def scenario():
+        socket, ingress = Socket(), FailingFirstChat()
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
+        for text in ("hello", "are you there?"):
+            await session.handle(_say(text))
+            await session.handle(json.dumps({"type": "response.create", "response": {"modalities": ["text"]}}))
+            await settle(session)
+        return socket, ingress
+
+    socket, ingress = asyncio.run(scenario())
+    assert [e["response"]["status"] for e in socket.of("response.done")] == ["failed", "completed"]
+    assert ingress.chats[-1] == [{"role": "user", "content": "hello"}, {"role": "user", "content": "are you there?"}]
