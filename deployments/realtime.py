@@ -236,8 +236,9 @@ class RealtimeSession:
     async def send(self, type_: str, **fields: Any) -> None:
         if self._closed:
             return
-        if self.ga:
-            type_, fields = GA_NAMES.get(type_, type_), _to_ga(fields)
+        if self.ga:  # a content part keeps its type: GA's is "text" | "audio" there, as beta's
+            type_ = GA_NAMES.get(type_, type_)
+            fields = {key: value if key == "part" else _to_ga(value) for key, value in fields.items()}
         message = json.dumps({"type": type_, "event_id": _id("event"), **fields})
         async with self._send_lock:
             try:

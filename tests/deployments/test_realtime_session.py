@@ -397,3 +397,24 @@ def test_a_response_that_said_nothing_is_not_in_later_prompts():
     socket, ingress = asyncio.run(scenario())
     assert [e["response"]["status"] for e in socket.of("response.done")] == ["failed", "completed"]
     assert ingress.chats[-1] == [{"role": "user", "content": "hello"}, {"role": "user", "content": "are you there?"}]
+
+
+def test_ga_content_parts_keep_the_part_types_of_the_ga_events():
+    """GA renames content types inside items (output_text, output_audio), but a content_part event's
+    `part` is "text" | "audio" in the GA types too: the renamed part was rejected by the official client."""
+
+    async def scenario(modalities: list[str]) -> Socket:
+        socket = Socket(ga=True)
+        session = RealtimeSession(socket, ScriptedIngress(), None)
+        await session.handle(json.dumps({"type": "session.update", "session": {"output_modalities": modalities}}))
+        await session.handle(_say("hi"))
+        await session.handle(json.dumps({"type": "response.create"}))
+        await settle(session)
+        return socket
+
+    for modalities, kind in ((["text"], "text"), (["audio"], "audio")):
+        socket = asyncio.run(scenario(modalities))
+        parts = [e["part"]["type"] for e in socket.sent if e["type"].startswith("response.content_part.")]
+        assert parts == [kind, kind], parts
+        done = socket.of("response.output_item.done")[0]
+        assert done["item"]["content"][0]["type"] == f"output_{kind}"
