@@ -6,6 +6,8 @@ import time
 
 from fastapi import APIRouter, Request
 
+from loading import ModelSpec
+
 from ..ingress import Ingress
 from ..protocol import ModelCard, ModelList
 from .common import ERRORS, IngressDep, is_authorized
@@ -19,21 +21,28 @@ async def health(request: Request, ingress: IngressDep) -> dict:
     return await ingress.health.health(is_authorized(request))
 
 
-def _card(ingress: Ingress, name: str, info: dict) -> ModelCard:
-    spec = ingress.catalog[name]  # a lookup only: a listing names no model, so its metric labels stay empty
-    return ModelCard(id=spec.name, created=CREATED, family=spec.family.value if spec.family else None,
-                     state=info.get("state"),
+def _card(spec: ModelSpec, info: dict, added: dict[str, int]) -> ModelCard:
+    return ModelCard(id=spec.name, created=added.get(spec.name, CREATED),
+                     family=spec.family.value if spec.family else None, state=info.get("state"),
                      device=info.get("device"), loading_strategy=info.get("loading_strategy"),
                      demo=spec.is_demo, aliases=spec.aliases, adapter_targets=info.get("adapter_targets"))
+
+
+def _added(ingress: Ingress) -> dict[str, int]:
+    """When each model or adapter added at run time was added: its `created` (a configured one's is the start)."""
+    return {record.spec.name: int(record.added_at) for record in ingress.runtime.snapshot.records}
 
 
 @router.get("/v1/models", summary="The served models")
 async def list_models(ingress: IngressDep) -> ModelList:
     status = await ingress.health.model_status()
-    return ModelList(data=[_card(ingress, s.name, status.get(s.name, {})) for s in ingress.served_models()])
+    # read together after the await: one snapshot of what is served (a listing names no model: no metric labels)
+    added = _added(ingress)
+    return ModelList(data=[_card(s, status.get(s.name, {}), added) for s in ingress.served_models()])
 
 
 @router.get("/v1/models/{model:path}", summary="One served model, by name or alias")
 async def get_model(model: str, ingress: IngressDep) -> ModelCard:
-    spec = ingress.spec(model)
-    return _card(ingress, spec.name, (await ingress.health.model_status()).get(spec.name, {}))
+    # looked up before the await: a model unloaded meanwhile is answered as it was asked for, not a KeyError
+    spec, added = ingress.spec(model), _added(ingress)
+    return _card(spec, (await ingress.health.model_status()).get(spec.name, {}), added)

@@ -361,3 +361,44 @@ def test_an_unloaded_models_state_gauge_goes_to_zero(monkeypatch):
     metrics.models([{"name": "a", **ready}, {"name": "b", **ready}])
     metrics.models([{"name": "a", **ready}])  # b unloaded at run time
     assert current[("a", "ready")] == 1 and all(current[("b", state)] == 0 for state in MODEL_STATES)
+
+
+def _with_added(added_at: float = 1_900_000_000.7) -> tuple[TestClient, Ingress, dict[str, Family]]:
+    """An app whose llm family serves 'added', a model added at run time at `added_at`."""
+    from deployments.runtime_catalog import RuntimeRecord, Snapshot
+
+    families = {name: Family() for name in ("llm", "stt", "tts", "vlm")}
+    config = AppConfig.model_validate({"models": [{"name": n, "source": n, "family": f} for n, f in MODELS],
+                                       "local_models_dir": "/nonexistent", "status_timeout_s": 1})
+    ingress = Ingress({name: Handle(family) for name, family in families.items()}, config)
+    added = config.models[0].model_copy(update={"name": "added", "aliases": []})
+    ingress.runtime._apply(Snapshot("e:1", (RuntimeRecord("model", added, added_at=added_at),)))
+    return TestClient(build_api(ingress), raise_server_exceptions=False), ingress, families
+
+
+def test_a_model_added_at_run_time_is_listed_as_created_when_it_was_added():
+    """created was the ingress's start for every model; RuntimeRecord.added_at was never read (found by review)."""
+    from deployments.routes.models import CREATED
+
+    client, _, _ = _with_added()
+    cards = {card["id"]: card["created"] for card in client.get("/v1/models").json()["data"]}
+    assert cards["added"] == 1_900_000_000 and cards["llm"] == CREATED
+    assert client.get("/v1/models/added").json()["created"] == 1_900_000_000
+
+
+def test_a_model_unloaded_while_its_card_waits_for_status_is_still_answered():
+    """GET /v1/models/{id} re-read the catalog after awaiting the families' status: a model unloaded meanwhile
+    was a KeyError, a 500 (found by review). The card is of the model as it was when asked."""
+    from deployments.runtime_catalog import Snapshot
+
+    client, ingress, families = _with_added()
+
+    async def unloaded_meanwhile(token, method, *args):  # with additions, calls come through `call`
+        ingress.runtime._apply(Snapshot("e:2", ()))
+        return [{"name": "llm", "state": "ready"}]
+
+    families["llm"].call = unloaded_meanwhile
+    response = client.get("/v1/models/added")
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == "added" and "added" not in ingress.catalog
+    assert error(client.get("/v1/models/added"), 404)["param"] == "model"  # asked again: gone
