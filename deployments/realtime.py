@@ -224,6 +224,7 @@ class RealtimeSession:
         self.speech_start: int | None = None  # stream sample where the current speech began
         self.speech_item: str | None = None
         self.response: asyncio.Task | None = None
+        self.response_id: str | None = None  # the id of `response`, for response.cancel's response_id
         self.response_started = False  # its task ran: it will send response.done however it ends
         self.response_closing = False  # it is sending its closing events: a cancel waits for them
         self.respond_after = False  # a turn was transcribed while a response ran: answer it next
@@ -541,7 +542,17 @@ class RealtimeSession:
         self._start_response(fields)
 
     async def response_cancel(self, event: dict) -> None:
-        if self.response is None or self.response.done():
+        named = event.get("response_id")
+        if named is not None and not isinstance(named, str):
+            raise SessionError("response_id must be a string: the id of the response to cancel", "invalid_value",
+                               "response_id")
+        active = self.response is not None and not self.response.done()
+        if named is not None and (not active or named != self.response_id):
+            # a cancel for a response that has ended must not cancel the next one
+            now = f"the response in progress is {self.response_id}" if active else "no response is in progress"
+            raise SessionError(f"response {named[:64]!r} is not in progress ({now}); nothing was cancelled",
+                               "response_cancel_not_active", "response_id")
+        if not active:
             raise SessionError("no response is in progress", "response_cancel_not_active")
         await self.cancel_response("client_cancelled")
 
@@ -561,16 +572,17 @@ class RealtimeSession:
     # -- a response ----------------------------------------------------------------------------------------
     def _start_response(self, fields: ResponseFields) -> None:
         self.response_started = self.response_closing = False
-        self.response = asyncio.ensure_future(self._respond(fields))
+        self.response_id = _id("resp")
+        self.response = asyncio.ensure_future(self._respond(fields, self.response_id))
 
-    async def _respond(self, fields: ResponseFields) -> None:
+    async def _respond(self, fields: ResponseFields, response_id: str) -> None:
         config = self.config
         modalities = fields.modalities or config.modalities
         spoken = "audio" in modalities
         voice = fields.voice or config.voice
         limit = next((value for value in (fields.max_output_tokens, fields.max_response_output_tokens)
                       if value is not None), config.max_output_tokens)
-        response_id, item = _id("resp"), Item(_id("item"), "assistant", "", audio=spoken)
+        item = Item(_id("item"), "assistant", "", audio=spoken)
         output_index = content_index = 0
         base = {"response_id": response_id}
         status, details, usage, text = "completed", None, {}, ""

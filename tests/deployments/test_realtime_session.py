@@ -418,3 +418,33 @@ def test_ga_content_parts_keep_the_part_types_of_the_ga_events():
         assert parts == [kind, kind], parts
         done = socket.of("response.output_item.done")[0]
         assert done["item"]["content"][0]["type"] == f"output_{kind}"
+
+
+def test_response_cancel_cancels_only_the_response_it_names():
+    """response_id was ignored: a cancel for a response that had ended (crossing the start of the next)
+    cancelled the next one."""
+
+    async def scenario():
+        socket = Socket()
+        session = RealtimeSession(socket, ScriptedIngress(words=20, word_s=0.02), None)
+        await session.handle(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
+        await session.handle(_say("hi"))
+        await session.handle(json.dumps({"type": "response.create"}))
+        await settle(session)
+        first = socket.of("response.done")[0]["response"]["id"]
+        await session.handle(json.dumps({"type": "response.create"}))
+        await asyncio.sleep(0.1)
+        await session.handle(json.dumps({"type": "response.cancel", "response_id": first}))
+        await settle(session)
+        await session.handle(json.dumps({"type": "response.create"}))
+        await asyncio.sleep(0.1)
+        third = socket.of("response.created")[-1]["response"]["id"]
+        await session.handle(json.dumps({"type": "response.cancel", "response_id": third}))
+        await settle(session)
+        return socket, first
+
+    socket, first = asyncio.run(scenario())
+    assert [e["response"]["status"] for e in socket.of("response.done")] == ["completed", "completed", "cancelled"]
+    [error] = socket.of("error")
+    assert (error["error"]["code"], error["error"]["param"]) == ("response_cancel_not_active", "response_id")
+    assert first in error["error"]["message"]
