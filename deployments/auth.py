@@ -60,10 +60,13 @@ def _read_keys(config: AuthConfig, variable: str, file: str | None, file_field: 
     keys = [k.strip() for k in os.environ.get(variable, "").split(",") if k.strip()]
     if file:
         path = Path(file).expanduser()
-        try:
-            lines = path.read_text().splitlines()
+        try:  # utf-8-sig: a file saved "with BOM" (Notepad) would give its first key, or comment, a U+FEFF
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
         except OSError as exc:
             raise AuthConfigError(f"auth.{file_field} {str(path)!r} cannot be read ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise AuthConfigError(f"auth.{file_field} {str(path)!r} is not UTF-8 text (byte {exc.start}: "
+                                  f"{exc.reason}); save it as UTF-8, one key per line") from None
         keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     short = [k for k in keys if len(k) < config.min_key_chars]
     if short:

@@ -227,6 +227,27 @@ def test_build_app_refuses_keys_the_ingress_would_refuse_even_when_auth_is_not_r
     assert says in str(caught.value)
 
 
+def test_a_key_file_saved_with_a_byte_order_mark_gives_its_keys(tmp_path, monkeypatch):
+    """A key file saved as "UTF-8 with BOM" (Notepad, PowerShell 5's -Encoding utf8) kept U+FEFF on its first
+    key, which then never matched (a 401 for the right key), and a '#' comment there became a key (found by
+    review)."""
+    from deployments.auth import AuthConfig, AuthConfigError, KeyChecker, load_admin_keys, load_keys
+
+    for name in ("MODELFLEET_API_KEYS", "MODELFLEET_ADMIN_KEYS"):
+        monkeypatch.delenv(name, raising=False)
+    key = "user-key-0123456789abcdef"
+    commented, keyed = tmp_path / "commented", tmp_path / "keyed"
+    commented.write_bytes(f"\ufeff# one key per line\r\n{key}\r\n".encode())
+    keyed.write_bytes(f"\ufeff{key}\r\n".encode())
+    for file in (commented, keyed):
+        config = AuthConfig(api_keys_file=str(file), admin_keys_file=str(file))
+        assert load_keys(config) == load_admin_keys(config) == [key]
+        assert KeyChecker(load_keys(config)).allows(f"Bearer {key}")
+    (tmp_path / "latin1").write_bytes(b"caf\xe9-key-0123456789abcdef\n")  # not UTF-8: named, not a traceback
+    with pytest.raises(AuthConfigError, match=r"auth.api_keys_file '.*latin1' is not UTF-8 text"):
+        load_keys(AuthConfig(api_keys_file=str(tmp_path / "latin1")))
+
+
 def test_a_cuda_model_on_replicas_without_a_gpu_is_a_health_note_where_device_auto_found_none():
     """args.device: cpu is refused at validation (BAD_ARGS); `auto` finds the cluster's GPUs only when the app
     is built (none here: no Ray), so a model that must be on a GPU is named in /health's notes."""
