@@ -465,9 +465,8 @@ class RealtimeSession:
         self._drop_before(end)
         if end >= self.streamed:
             self.buffer, self.buffered, self.buffer_start = [], 0, self.streamed
-        previous = self.items[-1].id if self.items else None
         item = Item(item_id, "user", "", audio=True)
-        self._add(item)
+        previous = self._add(item)
         self.speech_item = None
         await self.send("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
         await self.send("conversation.item.created", previous_item_id=previous, item=item.render())
@@ -522,14 +521,32 @@ class RealtimeSession:
         if len(text) > self.limits.max_form_field_chars:
             raise SessionError(f"the item has {len(text)} characters; at most max_form_field_chars="
                                f"{self.limits.max_form_field_chars}", "string_above_max_length", "item.content")
-        previous = self.items[-1].id if self.items else None
+        at = self._insert_at(event.get("previous_item_id"))
         item = Item(parsed.id or _id("item"), parsed.role, text)
-        self._add(item)
+        previous = self._add(item, at)
         await self.send("conversation.item.created", previous_item_id=previous, item=item.render())
 
-    def _add(self, item: Item) -> None:
-        self.items.append(item)
-        del self.items[:-self.limits.max_realtime_items]  # the oldest go first
+    def _insert_at(self, previous_item_id: Any) -> int:
+        """Where conversation.item.create puts its item: after `previous_item_id` ('root': first; none: last)."""
+        if previous_item_id is None:
+            return len(self.items)
+        if previous_item_id == "root":
+            return 0
+        for index, item in enumerate(self.items):
+            if item.id == previous_item_id:
+                return index + 1
+        shown = previous_item_id[:64] if isinstance(previous_item_id, str) else previous_item_id
+        raise SessionError(f"previous_item_id {shown!r} is no item of this conversation; give the id of one, "
+                           "'root' for the start, or leave it out to add the item at the end", "invalid_value",
+                           "previous_item_id")
+
+    def _add(self, item: Item, at: int | None = None) -> str | None:
+        """Put `item` at index `at` (None: the end); the id of the item now before it."""
+        self.items.insert(len(self.items) if at is None else at, item)
+        while len(self.items) > self.limits.max_realtime_items:  # the oldest go first (not the new one)
+            self.items.remove(self.items[1] if self.items[0] is item else self.items[0])
+        index = self.items.index(item)
+        return self.items[index - 1].id if index else None
 
     async def response_create(self, event: dict) -> None:
         if self.response is not None and not self.response.done():
@@ -605,8 +622,7 @@ class RealtimeSession:
                 llm, _messages(instructions, self.items), 0.0, max_new_tokens=None if limit == "inf" else int(limit),
                 temperature=fields.temperature if fields.temperature is not None else config.temperature,
                 priority=self.ingress.voice_priority(llm))
-            previous = self.items[-1].id if self.items else None
-            self._add(item)
+            previous = self._add(item)
             await self.send("response.output_item.added", output_index=output_index,
                             item=item.render("in_progress"), **base)
             await self.send("conversation.item.created", previous_item_id=previous, item=item.render("in_progress"))

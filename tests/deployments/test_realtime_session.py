@@ -365,9 +365,11 @@ def test_response_create_refuses_what_it_does_not_serve():
         "response.created"]
 
 
-def _say(text: str, role: str = "user", **fields) -> str:
-    return json.dumps({"type": "conversation.item.create", **fields, "item": {
-        "type": "message", "role": role, "content": [{"type": "input_text", "text": text}]}})
+def _say(text: str, role: str = "user", item_id: str | None = None, **fields) -> str:
+    """A conversation.item.create of a text message; `fields`: the event's own (previous_item_id)."""
+    item = {"type": "message", "role": role, "content": [{"type": "input_text", "text": text}]}
+    return json.dumps({"type": "conversation.item.create", **fields,
+                       "item": {**item, **({"id": item_id} if item_id else {})}})
 
 
 class FailingFirstChat(ScriptedIngress):
@@ -448,3 +450,39 @@ def test_response_cancel_cancels_only_the_response_it_names():
     [error] = socket.of("error")
     assert (error["error"]["code"], error["error"]["param"]) == ("response_cancel_not_active", "response_id")
     assert first in error["error"]["message"]
+
+
+def test_conversation_item_create_inserts_after_previous_item_id():
+    """previous_item_id was ignored: every item was appended (a note put at the 'root' came after the
+    latest turn), and an id of no item was accepted."""
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress(words=1)
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
+        await session.handle(_say("first", item_id="a"))
+        await session.handle(_say("second"))
+        await session.handle(_say("ROOT NOTE", "system", previous_item_id="root"))
+        await session.handle(_say("after first", previous_item_id="a"))
+        await session.handle(_say("after nothing", previous_item_id="item_does_not_exist"))
+        await session.handle(json.dumps({"type": "response.create", "response": {"modalities": ["text"]}}))
+        await settle(session)
+        return socket, ingress, session
+
+    socket, ingress, session = asyncio.run(scenario())
+    assert [m["content"] for m in ingress.chats[-1]] == ["ROOT NOTE", "first", "after first", "second"]
+    created = [(e["previous_item_id"], e["item"]["content"][0].get("text")) for e in
+               socket.of("conversation.item.created")]
+    second_id = session.items[3].id
+    assert created == [(None, "first"), ("a", "second"), (None, "ROOT NOTE"), ("a", "after first"),
+                       (second_id, "")]  # the reply, after the last item
+    [error] = socket.of("error")
+    assert error["error"]["param"] == "previous_item_id" and "item_does_not_exist" in error["error"]["message"]
+
+    async def full() -> list[str]:  # at max_realtime_items, the oldest other item makes room
+        session = RealtimeSession(Socket(), ScriptedIngress(RequestLimits(max_realtime_items=2)), None)
+        for text, where in (("a", None), ("b", None), ("note", "root")):
+            await session.handle(_say(text, **({"previous_item_id": where} if where else {})))
+        return [item.text for item in session.items]
+
+    assert asyncio.run(full()) == ["note", "b"]
