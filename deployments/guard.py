@@ -52,6 +52,13 @@ INLINE_JSON_BYTES = 64 * 1024
 FORM_CHARSETS = frozenset({"utf-8", "ascii"})
 
 
+def realtime_subprotocol(headers: Headers) -> str | None:
+    """The subprotocol a Realtime socket is accepted with, refused or not: "realtime" where the client offered
+    it (a browser fails a handshake that chooses none of those it offered), never the key's, else none."""
+    offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
+    return "realtime" if "realtime" in offered else None
+
+
 class RequestGuard:
     def __init__(self, app: ASGIApp, limits: RequestLimits, keys: KeyChecker,
                  form_paths: frozenset[str] = frozenset()):
@@ -145,7 +152,7 @@ class RequestGuard:
         _, body, _ = to_error(UnauthorizedError(
             "a valid API key is required: send 'Authorization: Bearer <key>' (the openai client's api_key)"))
         event = {"type": "error", "event_id": None, "error": body.error.model_dump()}
-        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.accept", "subprotocol": realtime_subprotocol(headers)})
         await send({"type": "websocket.send", "text": json.dumps(event)})
         await send({"type": "websocket.close", "code": 1008, "reason": "invalid_api_key"})
 

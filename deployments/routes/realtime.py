@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, WebSocket
 
 from ..errors import APIError, OverloadedError
+from ..guard import realtime_subprotocol
 from ..realtime import RealtimeSession, refuse
 
 router = APIRouter(tags=["realtime"])
@@ -24,8 +25,7 @@ async def realtime(websocket: WebSocket, model: str | None = None) -> None:
         return
     state.realtime_sessions = active + 1
     try:
-        offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",")]
-        await websocket.accept(subprotocol="realtime" if "realtime" in offered else None)
+        await websocket.accept(subprotocol=realtime_subprotocol(websocket.headers))
         await RealtimeSession(websocket, ingress, model).run()
     finally:
         state.realtime_sessions -= 1

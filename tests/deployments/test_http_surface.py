@@ -402,3 +402,36 @@ def test_a_model_unloaded_while_its_card_waits_for_status_is_still_answered():
     assert response.status_code == 200, response.text
     assert response.json()["id"] == "added" and "added" not in ingress.catalog
     assert error(client.get("/v1/models/added"), 404)["param"] == "model"  # asked again: gone
+
+
+# -- Realtime refusals choose the subprotocol a browser offered (found by review) ----------------------------
+REALTIME_KEY = "user-key-0123456789abcdef"
+
+
+def _offering(key: str) -> list[str]:
+    """What a browser offers: it cannot set Authorization, so the key travels as a subprotocol."""
+    return ["realtime", f"openai-insecure-api-key.{key}", "openai-beta.realtime-v1"]
+
+
+def test_a_realtime_refusal_for_its_key_chooses_the_realtime_subprotocol(monkeypatch):
+    """The guard accepted a wrong key's socket choosing no subprotocol: a browser that offered some fails such a
+    handshake, so it never saw the error event that says why."""
+    monkeypatch.setenv("MODELFLEET_API_KEYS", REALTIME_KEY)
+    client, _ = make()
+    with client.websocket_connect("/v1/realtime?model=llm", subprotocols=_offering("wrong-key-0123456789abcdef")) as ws:
+        assert ws.receive_json()["error"]["code"] == "invalid_api_key"
+        assert ws.accepted_subprotocol == "realtime"  # never the key's
+    with client.websocket_connect("/v1/realtime?model=llm") as ws:  # offered none (the openai client): none chosen
+        assert ws.receive_json()["error"]["code"] == "invalid_api_key" and ws.accepted_subprotocol is None
+
+
+@pytest.mark.xfail(strict=True, reason="realtime.refuse() accepts without a subprotocol: realtime.py's owner "
+                                       "makes it accept(subprotocol=realtime_subprotocol(websocket.headers))")
+def test_a_realtime_refusal_past_the_session_limit_chooses_the_realtime_subprotocol(monkeypatch):
+    monkeypatch.setenv("MODELFLEET_API_KEYS", REALTIME_KEY)
+    client, _ = make(limits={"max_realtime_sessions": 1})
+    with client.websocket_connect("/v1/realtime?model=llm", subprotocols=_offering(REALTIME_KEY)) as first:
+        assert first.receive_json()["type"] == "session.created" and first.accepted_subprotocol == "realtime"
+        with client.websocket_connect("/v1/realtime?model=llm", subprotocols=_offering(REALTIME_KEY)) as second:
+            assert second.receive_json()["error"]["code"] == "overloaded"
+            assert second.accepted_subprotocol == "realtime"
