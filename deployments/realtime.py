@@ -493,8 +493,13 @@ class RealtimeSession:
             raise
         except Exception as exc:
             _, body, _ = to_error(exc)
-            await self.send("conversation.item.input_audio_transcription.failed", item_id=item.id, content_index=0,
-                            error=body.error.model_dump())
+            error = body.error
+            if config is not None:
+                await self.send("conversation.item.input_audio_transcription.failed", item_id=item.id,
+                                content_index=0, error=error.model_dump())
+            else:  # no transcription events were asked for, yet the client must learn why no answer comes
+                await self.send_error(f"the turn {item.id} could not be transcribed, so it is not answered: "
+                                      f"{error.message}", error.code, error.param, error.type)
             return
         if not auto_respond:
             return

@@ -486,3 +486,33 @@ def test_conversation_item_create_inserts_after_previous_item_id():
         return [item.text for item in session.items]
 
     assert asyncio.run(full()) == ["note", "b"]
+
+
+class LoadingStt(ScriptedIngress):
+    async def transcribe(self, params) -> TranscribeResult:
+        raise ServiceUnavailableError("Model 'stt' is still loading (loading weights); retry in 2 s.",
+                                      retry_after_s=2, code="model_loading")
+
+
+def test_a_failed_transcription_is_an_error_event_when_transcription_events_are_off():
+    """With input_audio_transcription null (no transcription events), a failed transcription still sent
+    ...input_audio_transcription.failed, and nothing said why the turn got no answer."""
+
+    async def scenario(transcription: dict | None) -> Socket:
+        socket = Socket()
+        session = RealtimeSession(socket, LoadingStt(), None)
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "input_audio_transcription": transcription}}))
+        await append(session, np.concatenate([speech((0.0, 1.5)), silence(1.0)]))
+        await settle(session)
+        return socket
+
+    socket = asyncio.run(scenario(None))
+    assert [e["type"] for e in socket.sent if "transcription" in e["type"]] == []
+    [error] = socket.of("error")
+    item = socket.of("input_audio_buffer.committed")[0]["item_id"]
+    assert error["error"]["code"] == "model_loading" and item in error["error"]["message"]
+    assert "not answered" in error["error"]["message"] and socket.of("response.created") == []
+
+    socket = asyncio.run(scenario({"model": "stt"}))  # asked for: the event that says so
+    assert len(socket.of("conversation.item.input_audio_transcription.failed")) == 1 and socket.of("error") == []
