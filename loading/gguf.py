@@ -49,7 +49,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from .errors import ModelNotFoundError, UnreadableModelError, UnsupportedModelError
-from .resolve import Resolved, is_model_dir
+from .resolve import Resolved, is_model_dir, user_path
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -110,13 +110,16 @@ def locate(source: str, settings: Settings) -> GgufFile:
     if source.startswith(PACKAGE_PREFIX):
         return _locate_in_package(source)
     looked_at: list[str] = []
-    candidates = [(Path(source).expanduser(), "local path")]
-    if not Path(source).expanduser().is_absolute():
+    candidates = [(user_path(source), "local path")]
+    if not user_path(source).is_absolute():
         candidates.append((settings.local_models_dir.expanduser() / source, "LOCAL_MODELS_DIR"))
     for candidate, origin in candidates:
-        if candidate.is_file():
-            return GgufFile(source, candidate.absolute(), origin, tuple(looked_at))
-        looked_at.append(f"{candidate} ({'not a file' if candidate.exists() else 'does not exist'})")
+        try:
+            if candidate.is_file():
+                return GgufFile(source, candidate.absolute(), origin, tuple(looked_at))
+            looked_at.append(f"{candidate} ({'not a file' if candidate.exists() else 'does not exist'})")
+        except OSError as exc:  # as in resolve_source: a name over NAME_MAX, a directory we may not read
+            looked_at.append(f"{candidate} ({exc.strerror or exc})")
     raise ModelNotFoundError(
         source, looked_at,
         f"check the path, or put the file under LOCAL_MODELS_DIR={settings.local_models_dir}; a file inside an "

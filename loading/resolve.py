@@ -77,6 +77,15 @@ def missing_weight_files(path: Path) -> list[str]:
 
 
 
+def user_path(source: str) -> Path:
+    """`source` as a path, "~" expanded; "~user" of no such user stays as written (expanduser raises
+    RuntimeError for it), so it is a path that is not there rather than an error from deep inside."""
+    try:
+        return Path(source).expanduser()
+    except RuntimeError:
+        return Path(source)
+
+
 def looks_like_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or "\\" in source
 
@@ -104,7 +113,7 @@ def cached_snapshot(repo_id: str, revision: str | None, cache_dir: Path) -> Path
 
 def local_candidates(source: str, settings: Settings, extra_dirs: tuple[Path, ...] = ()) -> list[Path]:
     """Directories to try, in order, before the HF cache."""
-    candidates = [Path(source).expanduser()]
+    candidates = [user_path(source)]
     candidates += [d for d in extra_dirs]
     if not looks_like_path(source):
         candidates.append(settings.local_models_dir / source)
@@ -259,7 +268,7 @@ def resolve_source(
         return resolve_gguf(source, settings, convert=allow_download, progress=progress)
     looked_at: list[str] = []
     by_name_only = settings.local_models_dir / Path(source.rstrip("/")).name
-    exact = {Path(source).expanduser(), settings.local_models_dir / source}
+    exact = {user_path(source), settings.local_models_dir / source}
     for candidate in local_candidates(source, settings, extra_dirs):
         if (candidate == by_name_only and candidate not in exact and is_repo_id(source)
                 and (other := fetched_source(candidate)) is not None and other != source):
@@ -280,7 +289,7 @@ def resolve_source(
             looked_at.append(f"{candidate} (incomplete: lacks {', '.join(missing[:5])}; download it again)")
             continue
         if model_dir:
-            origin = "local path" if candidate == Path(source).expanduser() else "LOCAL_MODELS_DIR"
+            origin = "local path" if candidate == user_path(source) else "LOCAL_MODELS_DIR"
             if candidate in extra_dirs:
                 origin = "adapter's parent directory"
             log.info("%s %s resolved to %s (%s)", what, source, candidate, origin)

@@ -193,3 +193,13 @@ def test_a_path_the_filesystem_refuses_is_not_there_and_says_why(isolated_env):
     with pytest.raises(ModelNotFoundError) as info:
         resolve_source("a" * 300, Settings.from_env(), allow_download=False)
     assert any(place.endswith("(File name too long)") for place in info.value.looked_at), info.value.looked_at
+
+
+@pytest.mark.parametrize("source", ["~no-such-user-modelfleet/model", "~no-such-user-modelfleet/model.gguf",
+                                    "b" * 300 + ".gguf"])
+def test_a_home_that_does_not_exist_or_a_gguf_name_too_long_is_not_there(isolated_env, source):
+    """expanduser() raises RuntimeError for an unknown user's home, and a GGUF candidate's is_file() the OSError
+    above: each a 500 for a runtime add (found by review, with the path over NAME_MAX)."""
+    with pytest.raises(ModelNotFoundError) as info:
+        resolve_source(source, Settings.from_env(), allow_download=False)
+    assert any(place.startswith(source[:40]) for place in info.value.looked_at), info.value.looked_at
