@@ -623,8 +623,11 @@ class RealtimeSession:
                 await asyncio.gather(*(asyncio.shield(t) for t in self.transcriptions), return_exceptions=True)
             instructions = fields.instructions if fields.instructions is not None else config.instructions
             llm = self.ingress.spec(self.llm)
+            # capped at the model's max_new_tokens, not refused ("inf" and OpenAI's 4096 mean "all it may"):
+            # None lets the model give its limit or what fits its context, and a reply cut there is incomplete
+            max_new = None if limit == "inf" or int(limit) >= llm.max_new_tokens else int(limit)
             chat = await self.ingress.chat_params(
-                llm, _messages(instructions, self.items), 0.0, max_new_tokens=None if limit == "inf" else int(limit),
+                llm, _messages(instructions, self.items), 0.0, max_new_tokens=max_new,
                 temperature=fields.temperature if fields.temperature is not None else config.temperature,
                 priority=self.ingress.voice_priority(llm))
             previous = self._add(item)

@@ -47,8 +47,9 @@ class ScriptedIngress:
     """The session's view of the app: a reply of `words`, silent speech, and `transcripts` in turn."""
 
     def __init__(self, limits: RequestLimits | None = None, words: int = 3, word_s: float = 0.01,
-                 transcribe_s: float = 0.01):
+                 transcribe_s: float = 0.01, max_new_tokens: int = 256):
         self.limits = limits or RequestLimits()
+        self.max_new_tokens = max_new_tokens  # the LLM's, as its ModelSpec's
         self.config = SimpleNamespace(ingress=SimpleNamespace(voice_first_piece_chars=80))
         self.words, self.word_s, self.transcribe_s = words, word_s, transcribe_s
         self.heard: list[float] = []  # seconds of audio each transcription was given
@@ -61,7 +62,7 @@ class ScriptedIngress:
     def spec(self, name: str, *families: Family, param: str = "model") -> SimpleNamespace:
         if name not in ("llm", "tts", "stt"):
             raise InvalidRequestError(f"The model {name!r} does not exist.", param=param)
-        return SimpleNamespace(name=name)
+        return SimpleNamespace(name=name, max_new_tokens=self.max_new_tokens)
 
     async def chat_params(self, spec, messages: list[dict], wait_s: float, **sampling) -> ChatParams:
         self.chats.append(messages)
@@ -75,6 +76,9 @@ class ScriptedIngress:
         return 400
 
     async def chat_stream(self, params: ChatParams):
+        if params.max_new_tokens is not None and params.max_new_tokens > self.max_new_tokens:  # as chat_server's
+            raise InvalidRequestError(f"max_tokens={params.max_new_tokens} exceeds the limit of model "
+                                      f"{params.model!r} ({self.max_new_tokens})", param="max_tokens")
         for i in range(self.words):
             await asyncio.sleep(self.word_s)
             yield {"delta": f"w{i} "}
@@ -516,3 +520,26 @@ def test_a_failed_transcription_is_an_error_event_when_transcription_events_are_
 
     socket = asyncio.run(scenario({"model": "stt"}))  # asked for: the event that says so
     assert len(socket.of("conversation.item.input_audio_transcription.failed")) == 1 and socket.of("error") == []
+
+
+def test_output_tokens_above_the_models_limit_are_capped_at_it():
+    """max_response_output_tokens=4096 (OpenAI's documented maximum, which clients send) was accepted and
+    then failed every response of a model whose max_new_tokens is smaller."""
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress(max_new_tokens=32)
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "turn_detection": None, "modalities": ["text"], "max_response_output_tokens": 4096}}))
+        await session.handle(_say("hi"))
+        for response in ({}, {"max_output_tokens": 10}, {"max_output_tokens": "inf"}, {"max_output_tokens": 33}):
+            await session.handle(json.dumps({"type": "response.create", "response": response}))
+            await settle(session)
+        return socket, ingress
+
+    socket, ingress = asyncio.run(scenario())
+    assert socket.of("error") == []
+    assert [e["response"]["status"] for e in socket.of("response.done")] == ["completed"] * 4
+    # None: the model's own limit (and what fits its context, as an HTTP request that leaves max_tokens out)
+    assert [call.max_new_tokens for call in ingress.calls] == [None, 10, None, None]
+    assert socket.of("session.updated")[0]["session"]["max_response_output_tokens"] == 4096
