@@ -33,7 +33,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from loading import Family
 
 from .audio import StreamResampler, resample
-from .errors import to_error
+from .errors import as_api_error, to_error
 from .guard import check_json
 from .params import SpeechParams, TranscribeParams
 from .vad import TurnDetector, VadOptions
@@ -343,6 +343,8 @@ class RealtimeSession:
         if fields.input_audio_transcription is not None and fields.input_audio_transcription.model:
             self.ingress.spec(fields.input_audio_transcription.model, Family.STT,
                               param="session.input_audio_transcription.model")
+        if fields.input_audio_transcription is not None and fields.input_audio_transcription.language:
+            await self._check_language(fields.input_audio_transcription)
         if fields.instructions is not None:
             config.instructions = fields.instructions
         sent = event.get("session") or {}
@@ -358,6 +360,23 @@ class RealtimeSession:
             self._detect_from(fields.turn_detection)
             self.speech_start = None
         await self.send("session.updated", session=config.render(self.id, self.llm))
+
+    async def _check_language(self, asked: InputTranscription) -> None:
+        """A language the STT model does not know is refused as /v1/audio/transcriptions refuses it, not
+        taken and then fail every turn (unanswered). The STT family checks a request's language first
+        (transcription.validate); a prompt it cannot take (a special token's text) then ends the call
+        before any memory or model call, so the check costs neither. Where it cannot be made now (the
+        model still loading: Realtime calls do not wait), the update goes through."""
+        probe = TranscribeParams(model=asked.model or self.ingress.default_model(Family.STT),
+                                 audio=np.zeros(1, dtype=np.float32), sample_rate=16000, language=asked.language,
+                                 prompt="<|startofprev|>")
+        try:
+            await self.ingress.transcribe(probe)
+        except Exception as exc:
+            error = as_api_error(exc)
+            if error.param == "language":
+                raise SessionError(error.message, error.code or "invalid_value",
+                                   "session.input_audio_transcription.language") from None
 
     def _detect_from(self, detection: TurnDetection | None) -> None:
         """A new detector (or none) that hears the stream from its current sample on."""

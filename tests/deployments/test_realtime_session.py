@@ -19,9 +19,12 @@ from starlette.websockets import WebSocketState
 from deployments.audio import resample
 from deployments.errors import InvalidRequestError, ServiceUnavailableError
 from deployments.limits import RequestLimits
-from deployments.params import ChatParams, SpeechResult, TranscribeResult
+from deployments.options import TranscriptionOptions
+from deployments.params import ChatParams, SpeechResult, TranscribeParams, TranscribeResult
 from deployments.realtime import RealtimeSession
-from loading import Family
+from deployments.stt import STTServer
+from loading import Family, ModelSpec
+from loading.tiny import build_tiny
 
 SPEECH = Path(__file__).parents[1] / "serve" / "data" / "speech.flac"  # speech at 0.26-0.99, 1.98-3.68 s
 RATE = 24000
@@ -543,3 +546,41 @@ def test_output_tokens_above_the_models_limit_are_capped_at_it():
     # None: the model's own limit (and what fits its context, as an HTTP request that leaves max_tokens out)
     assert [call.max_new_tokens for call in ingress.calls] == [None, 10, None, None]
     assert socket.of("session.updated")[0]["session"]["max_response_output_tokens"] == 4096
+
+
+class WhisperIngress(ScriptedIngress):
+    """Transcribes with a real (tiny) Whisper, in-process."""
+
+    def __init__(self, server: STTServer):
+        super().__init__()
+        self.server = server
+
+    async def transcribe(self, params: TranscribeParams) -> TranscribeResult:
+        return await self.server.transcribe(params)
+
+
+def test_a_language_the_stt_model_does_not_know_is_refused_at_session_update(tmp_path):
+    """session.update took any two-letter language; then every turn failed to transcribe and was never
+    answered. /v1/audio/transcriptions refuses it (400 on `language`); so does session.update now, and the
+    check costs no model call."""
+    source = build_tiny("stt", tmp_path / "tiny-whisper")
+    server = STTServer([ModelSpec(name="stt", source=str(source))], TranscriptionOptions(memory_budget_mb=4096))
+
+    async def scenario():
+        await server.transcribe(TranscribeParams(model="stt", audio=np.zeros(1600, np.float32), sample_rate=16000,
+                                                 wait_s=60))  # loaded: the check needs the model
+        calls = server.batch_stats["model_calls"]
+        socket = Socket()
+        session = RealtimeSession(socket, WhisperIngress(server), None)
+        for language in ("xx", "EN"):
+            await session.handle(json.dumps({"type": "session.update", "session": {
+                "instructions": language, "input_audio_transcription": {"model": "stt", "language": language}}}))
+        return socket, session, server.batch_stats["model_calls"] - calls
+
+    socket, session, model_calls = asyncio.run(scenario())
+    [error] = socket.of("error")
+    assert error["error"]["param"] == "session.input_audio_transcription.language"
+    assert "'xx' is not supported" in error["error"]["message"] and "use one of" in error["error"]["message"]
+    [updated] = socket.of("session.updated")  # the refused update changed nothing
+    assert updated["session"]["instructions"] == "EN" and session.config.transcription.language == "EN"
+    assert model_calls == 0
