@@ -35,7 +35,7 @@ from loading import Family
 from .audio import StreamResampler, resample
 from .errors import as_api_error, to_error
 from .guard import check_json
-from .params import SpeechParams, TranscribeParams
+from .params import ChatParams, SpeechParams, TranscribeParams
 from .vad import TurnDetector, VadOptions
 from .voice import AudioPiece, ReplyDone, TextDelta, spoken_reply
 
@@ -212,6 +212,7 @@ class RealtimeSession:
         self.requested_model = model
         self.config = Session()
         self.items: list[Item] = []
+        self.prompt_from: str | None = None  # the oldest item prompts show (older ones outgrew the context)
         # the input buffer: pcm16 samples at 24 kHz, and where its first sample is in the session's stream
         self.buffer: list[np.ndarray] = []
         self.buffered = 0
@@ -550,6 +551,25 @@ class RealtimeSession:
         previous = self._add(item, at)
         await self.send("conversation.item.created", previous_item_id=previous, item=item.render())
 
+    def _prompt_items(self) -> list[Item]:
+        """The items a response shows the LLM: those from where the last response had to start (the
+        older ones were left out to fit its context), and every system item."""
+        start = next((i for i, item in enumerate(self.items) if item.id == self.prompt_from), 0)
+        return [item for i, item in enumerate(self.items) if i >= start or item.role == "system"]
+
+    def _shorter(self, history: list[Item]) -> list[Item] | None:
+        """`history` with the oldest half of its items left out, up to its last user item and keeping
+        system items (the client's standing instructions); None when nothing more can go. Later
+        responses start from there (no retries every turn); the items stay in the conversation."""
+        last_user = max((i for i, item in enumerate(history) if item.role == "user"), default=len(history) - 1)
+        droppable = [item for item in history[:last_user] if item.role != "system"]
+        if not droppable:
+            return None
+        gone = {id(item) for item in droppable[:(len(droppable) + 1) // 2]}
+        kept = [item for item in history if id(item) not in gone]
+        self.prompt_from = next(item.id for item in kept if item.role != "system")
+        return kept
+
     def _insert_at(self, previous_item_id: Any) -> int:
         """Where conversation.item.create puts its item: after `previous_item_id` ('root': first; none: last)."""
         if previous_item_id is None:
@@ -645,10 +665,15 @@ class RealtimeSession:
             # capped at the model's max_new_tokens, not refused ("inf" and OpenAI's 4096 mean "all it may"):
             # None lets the model give its limit or what fits its context, and a reply cut there is incomplete
             max_new = None if limit == "inf" or int(limit) >= llm.max_new_tokens else int(limit)
-            chat = await self.ingress.chat_params(
-                llm, _messages(instructions, self.items), 0.0, max_new_tokens=max_new,
-                temperature=fields.temperature if fields.temperature is not None else config.temperature,
-                priority=self.ingress.voice_priority(llm))
+            temperature = fields.temperature if fields.temperature is not None else config.temperature
+
+            async def ask(history: list[Item]) -> ChatParams:
+                return await self.ingress.chat_params(
+                    llm, _messages(instructions, history), 0.0, max_new_tokens=max_new, temperature=temperature,
+                    priority=self.ingress.voice_priority(llm))
+
+            history = self._prompt_items()
+            chat = await ask(history)
             previous = self._add(item)
             await self.send("response.output_item.added", output_index=output_index,
                             item=item.render("in_progress"), **base)
@@ -658,22 +683,34 @@ class RealtimeSession:
             await self.send("response.content_part.added", part=part, **where)
             tts = self.ingress.default_model(Family.TTS)
             speech = SpeechParams(model=tts, text="", voice=voice) if spoken else None
-            reply_events = spoken_reply(self.ingress, chat, speech, self.ingress._tts_chars(),
-                                         self.ingress.config.ingress.voice_first_piece_chars)
-            async with contextlib.aclosing(reply_events) as reply:
-                async for piece in reply:
-                    if isinstance(piece, TextDelta):
-                        text += piece.text
-                        item.text = text
-                        kind = "response.audio_transcript.delta" if spoken else "response.text.delta"
-                        await self.send(kind, delta=piece.text, **where)
-                    elif isinstance(piece, AudioPiece):
-                        pcm = _pcm24(piece.speech.waveform, piece.speech.sample_rate)
-                        await self.send("response.audio.delta", delta=base64.b64encode(pcm).decode(), **where)
-                    elif isinstance(piece, ReplyDone):
-                        usage = _usage(piece)
-                        if piece.finish_reason == "length":
-                            status, details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
+            while True:
+                reply_events = spoken_reply(self.ingress, chat, speech, self.ingress._tts_chars(),
+                                             self.ingress.config.ingress.voice_first_piece_chars)
+                try:
+                    async with contextlib.aclosing(reply_events) as reply:
+                        async for piece in reply:
+                            if isinstance(piece, TextDelta):
+                                text += piece.text
+                                item.text = text
+                                kind = "response.audio_transcript.delta" if spoken else "response.text.delta"
+                                await self.send(kind, delta=piece.text, **where)
+                            elif isinstance(piece, AudioPiece):
+                                pcm = _pcm24(piece.speech.waveform, piece.speech.sample_rate)
+                                await self.send("response.audio.delta", delta=base64.b64encode(pcm).decode(),
+                                                **where)
+                            elif isinstance(piece, ReplyDone):
+                                usage = _usage(piece)
+                                if piece.finish_reason == "length":
+                                    status, details = "incomplete", {"type": "incomplete",
+                                                                     "reason": "max_output_tokens"}
+                    break
+                except Exception as exc:
+                    error = as_api_error(exc)  # mapped once: an unexpected error is logged once
+                    shorter = self._shorter(history) if error.code == "context_length_exceeded" and not text else None
+                    if shorter is None:
+                        raise error from None
+                    history = shorter  # OpenAI's truncation 'auto': the oldest items are left out of the prompt
+                    chat = await ask(history)
         except asyncio.CancelledError:
             status, details = "cancelled", {"type": "cancelled", "reason": self.cancel_reason}
         except Exception as exc:

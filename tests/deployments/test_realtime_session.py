@@ -584,3 +584,51 @@ def test_a_language_the_stt_model_does_not_know_is_refused_at_session_update(tmp
     [updated] = socket.of("session.updated")  # the refused update changed nothing
     assert updated["session"]["instructions"] == "EN" and session.config.transcription.language == "EN"
     assert model_calls == 0
+
+
+class SmallContext(ScriptedIngress):
+    """An LLM whose context holds `context` characters of messages (context_length_exceeded past it)."""
+
+    def __init__(self, context: int):
+        super().__init__(words=3)
+        self.context = context
+
+    async def chat_stream(self, params: ChatParams):
+        size = sum(len(m["content"]) for m in params.messages)
+        if size > self.context:
+            raise InvalidRequestError(f"This model's maximum context length is {self.context} tokens, but you "
+                                      f"requested {size} tokens in the messages.", param="messages",
+                                      code="context_length_exceeded")
+        async for chunk in super().chat_stream(params):
+            yield chunk
+
+
+def test_a_conversation_longer_than_the_context_leaves_its_oldest_items_out_of_the_prompt():
+    """The whole conversation went to the LLM each turn: once it outgrew the context every response failed
+    (context_length_exceeded) for good. As OpenAI's truncation 'auto', the oldest items are left out of
+    the prompt (the instructions and system items stay); they stay in the conversation."""
+
+    async def scenario(context: int):
+        socket, ingress = Socket(), SmallContext(context)
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "turn_detection": None, "modalities": ["text"], "instructions": "Be brief."}}))
+        await session.handle(_say("NOTE", "system"))
+        for turn in range(20):
+            await session.handle(_say(f"Turn {turn}: tell me about the weather."))
+            await session.handle(json.dumps({"type": "response.create"}))
+            await settle(session)
+        return socket, ingress, session
+
+    socket, ingress, session = asyncio.run(scenario(300))
+    assert [e["response"]["status"] for e in socket.of("response.done")] == ["completed"] * 20
+    assert len(session.items) == 41  # left out of prompts, not out of the conversation
+    last = ingress.chats[-1]
+    assert last[:2] == [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "NOTE"}]
+    assert last[-1] == {"role": "user", "content": "Turn 19: tell me about the weather."}
+    assert sum(len(m["content"]) for m in last) <= 300 and len(last) > 4
+    assert len(ingress.calls) - 20 <= 8  # a later turn starts from where the last one had to (few retries)
+
+    socket, ingress, session = asyncio.run(scenario(40))  # not even the last turn fits: the error says so
+    assert {e["response"]["status"] for e in socket.of("response.done")} == {"failed"}
+    assert {e["error"]["code"] for e in socket.of("error")} == {"context_length_exceeded"}
