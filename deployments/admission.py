@@ -30,9 +30,10 @@ def _text_config(config: Any) -> Any:
 
 
 def chat_request_bytes(config: Any, prompt_tokens: int, new_tokens: int, images: int = 0,
-                       image_bytes: int = 0, batch: int = 1) -> int:
-    """KV cache for the whole sequence, the prefill's activations and attention scores, the logits,
-    and (`image_bytes`) the request's images as decoded pixels and processor tensors."""
+                       image_bytes: int = 0, batch: int = 1, padding: float = 1.0) -> int:
+    """KV cache for the whole sequence (times `padding`: the most a shared batch's left padding adds, see
+    ChatOptions.batch_length_ratio), the prefill's activations and attention scores, the logits, and
+    (`image_bytes`) the request's images as decoded pixels and processor tensors."""
     text = _text_config(config)
     hidden = int(getattr(text, "hidden_size", 1024))
     heads = int(getattr(text, "num_attention_heads", 16))
@@ -42,7 +43,7 @@ def chat_request_bytes(config: Any, prompt_tokens: int, new_tokens: int, images:
     inner = int(getattr(text, "intermediate_size", None) or 4 * hidden)
     vocab = int(getattr(text, "vocab_size", 32000))
     total = prompt_tokens + new_tokens
-    kv_cache = 2 * layers * kv_heads * head_dim * total * FLOAT_BYTES
+    kv_cache = int(2 * layers * kv_heads * head_dim * total * FLOAT_BYTES * padding)
     # one layer's prefill at a time: hidden states, MLP, and (worst case, the math attention kernel)
     # a full heads x prompt x prompt score matrix
     prefill = (prompt_tokens * (4 * hidden + 2 * inner) + heads * prompt_tokens * prompt_tokens) * FLOAT_BYTES

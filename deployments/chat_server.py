@@ -94,7 +94,8 @@ class ChatServer(FamilyServer):
                                                            params.max_tokens_param)
             if params.constraint is not None:
                 params.grammar = await to_thread_held(self._compile, loaded, params, width)
-            need = chat_request_bytes(loaded.config, prompt_tokens, params.max_new_tokens, len(params.images), decoded)
+            need = chat_request_bytes(loaded.config, prompt_tokens, params.max_new_tokens, len(params.images), decoded,
+                                      padding=self.options.batch_length_ratio)
             await held.grow(need, "this chat request", param="messages")
             yield spec, loaded
 
@@ -180,10 +181,15 @@ class ChatServer(FamilyServer):
 
         if self._decoder is None:
             self._decoder = _decode_loop().DecodeLoop(self.options.max_batch_size, self.batch_stats, self._stepped,
-                                                      self.threads.computing, int(self.options.prefix_cache_mb * 2**20))
+                                                      self.threads.computing, int(self.options.prefix_cache_mb * 2**20),
+                                                      self.options.batch_length_ratio)
         self._decoder.submit(spec, loaded, params, done)
         self._keep_decoding()
         return await outcome
+
+    def _cancelled(self) -> None:
+        if self._decoder is not None:  # a row held for a place lets go of its memory at the next step
+            self._decoder.cancelled()
 
     def _stepped(self, model: str, rows: int) -> None:
         """After each decode step (inference thread): the batch-size metric, and the step as progress."""
@@ -199,7 +205,7 @@ class ChatServer(FamilyServer):
 
     async def _chat_batch_call(self, batch: list[ChatParams]) -> list[ChatResult | BaseException]:
         results = await self._run_groups(
-            batch, ChatParams.sampling_key,
+            batch, lambda params: params.sampling_key(self.options.batch_length_ratio),
             lambda spec, loaded, items: _generation().generate_batch(spec, loaded, items)
         )
         for result in results:

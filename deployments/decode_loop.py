@@ -36,7 +36,7 @@ from transformers import DynamicCache
 from loading import LANGUAGE_MODEL, LoadedModel, ModelSpec, adapted_parts, adapter_layers
 
 from .generation import RowStream, collate, cut_at_stop, end_token_ids, sampling_settings
-from .params import PADDED_KEYS, ChatParams, ChatResult
+from .params import PADDED_KEYS, ChatParams, ChatResult, length_band
 from .prefix_cache import Prefix, PrefixCache
 from .row_logits import Entry, RowLogits
 from .wakeups import batched
@@ -133,8 +133,9 @@ class Group:
         """Arriving rows as prefill batches, each with whether it runs under one adapter.
 
         Rows batch when they carry inputs of the same names (collate pads token rows and concatenates
-        pixel values and the like; a row without a kind cannot join rows with it). Rows with images batch per adapter when any
-        adapter of the model has layers outside its language model (see the module's docstring)."""
+        pixel values and the like; a row without a kind cannot join rows with it). Rows with images batch
+        per adapter when any adapter of the model has layers outside its language model (see the module's
+        docstring)."""
         batches: dict[tuple, list[Row]] = {}
         split: bool | None = None
         for row in rows:
@@ -173,8 +174,9 @@ class DecodeLoop:
 
     def __init__(self, max_rows: int, stats: dict[str, int], on_step: Callable[[str, int], None] | None = None,
                  computing: Callable[[LoadedModel], AbstractContextManager] | None = None,
-                 prefix_cache_bytes: int = 0):
+                 prefix_cache_bytes: int = 0, length_ratio: float = 2.0):
         self.max_rows = max_rows
+        self.length_ratio = length_ratio  # rows batch within this factor of length (ChatOptions.batch_length_ratio)
         self.prefix_cache_bytes = prefix_cache_bytes  # per model; 0: every prompt is prefilled whole
         self.prefixes: weakref.WeakKeyDictionary[Any, PrefixCache] = weakref.WeakKeyDictionary()
         self.stats = stats  # shown in /health: model_calls (prefills + steps), decode_steps, requests, ...
@@ -183,11 +185,17 @@ class DecodeLoop:
         self.computing = computing or (lambda loaded: nullcontext())
         self.pending: queue.SimpleQueue[tuple[ModelSpec, LoadedModel, ChatParams, Done]] = queue.SimpleQueue()
         self.held: list[tuple[ModelSpec, LoadedModel, ChatParams, Done]] = []  # waiting for a place; loop thread only
-        self.held_models: set[int] = set()  # the groups (id of the model) the held rows wait to join
-        self.groups: dict[int, Group] = {}
+        self.held_models: set[tuple] = set()  # the groups (their keys) the held rows wait to join
+        self.groups: dict[tuple, Group] = {}
+        self.walk_held = False  # set (from any thread) when a request is cancelled: it may be a held row
 
     def submit(self, spec: ModelSpec, loaded: LoadedModel, params: ChatParams, done: Done) -> None:
         self.pending.put((spec, loaded, params, done))
+
+    def cancelled(self) -> None:
+        """A request was cancelled: if it waits for a place, it is told (and lets go of its memory) at the
+        next step, not when a place frees."""
+        self.walk_held = True
 
     def busy(self) -> bool:
         return not self.pending.empty() or bool(self.held) or any(group.rows for group in self.groups.values())
@@ -211,10 +219,11 @@ class DecodeLoop:
     def _admit(self) -> None:
         """Rows for the places free in each model's batch: lower `priority` first, then in arrival order
         (those held back by a full batch before anything that arrived after them)."""
-        if self.pending.empty() and self.held and not self._place_for_held():
+        if self.pending.empty() and self.held and not self.walk_held and not self._place_for_held():
             # every held row's batch is full: none joins at this step, and the queue is not walked (up to
-            # max_ongoing_requests rows wait here; one whose caller left is told when a place frees)
+            # max_ongoing_requests rows wait here) unless a request was cancelled since the last walk
             return
+        self.walk_held = False  # before the walk: a cancellation during it is seen at the next step
         arrivals: dict[int, list[Row]] = {}
         waiting, self.held = self.held, []
         while not self.pending.empty():
@@ -225,14 +234,17 @@ class DecodeLoop:
                 self.stats["cancelled_while_waiting"] = self.stats.get("cancelled_while_waiting", 0) + 1
                 _tell(done, ChatResult("", 0, 0, "cancelled"))
                 continue
-            key = id(loaded.model)
-            group = self.groups.get(key) or self.groups.setdefault(key, Group(loaded))
-            if len(group.rows) + len(arrivals.get(key, [])) >= self.max_rows:
-                self.held.append((spec, loaded, params, done))  # a full batch: it joins when a row leaves
-                continue
-            arrivals.setdefault(key, []).append(new_row(spec, loaded, params, done))
+            try:  # a request this fails for fails alone: taken from the queue, it must be told, not lost
+                key = self.group_key(spec, loaded, params)
+                group = self.groups.get(key) or self.groups.setdefault(key, Group(loaded))
+                if len(group.rows) + len(arrivals.get(key, [])) >= self.max_rows:
+                    self.held.append((spec, loaded, params, done))  # a full batch: it joins when a row leaves
+                    continue
+                arrivals.setdefault(key, []).append(new_row(spec, loaded, params, done))
+            except Exception as exc:
+                _tell(done, exc)
         self.stats["waiting_for_place"] = len(self.held)  # /health: rows a full batch keeps waiting now
-        self.held_models = {id(item[1].model) for item in self.held}
+        self.held_models = {self.group_key(*item[:3]) for item in self.held}
         for key, rows in arrivals.items():
             group = self.groups[key]
             with group.loaded.lock:  # no adapter attaches between choosing the batches and running them
@@ -258,12 +270,33 @@ class DecodeLoop:
                 return True
         return False
 
+    def group_key(self, spec: ModelSpec, loaded: LoadedModel, params: ChatParams) -> tuple:
+        """The batch a request's row joins: its model's (a base and its adapters share steps), except that
+        - an adapter PEFT cannot run beside others in one forward (DoRA, non-LoRA types) has its own;
+        - rows batch only within `length_ratio` of each other's prompt + max_tokens (padding, see
+          ChatOptions.batch_length_ratio);
+        - on a model whose rotary factors follow the longest position in the forward (longrope, dynamic
+          RoPE: Phi-3-128k's), rows that stay within its original window never share with rows that may
+          pass it, so a short request answers as it would alone."""
+        assert params.inputs is not None
+        length = int(params.inputs["input_ids"].shape[-1]) + (params.max_new_tokens or spec.max_new_tokens)
+        key: tuple = (id(loaded.model), length_band(length, self.length_ratio))
+        if loaded.adapter_name is not None and not mixes(loaded.model, loaded.adapter_name):
+            key += (loaded.adapter_name,)
+        window = rope_window(loaded.config)
+        if window is not None:
+            key += (length > window,)
+        return key
+
     def _prefix_cache(self, loaded: LoadedModel) -> PrefixCache | None:
         if self.prefix_cache_bytes <= 0:
             return None
-        store = self.prefixes.get(loaded.model)
+        # keyed by the weights: attaching a first adapter wraps the model in a PeftModel, and the store of
+        # the model before it (still valid for base rows) would otherwise be kept beside a second one
+        model = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+        store = self.prefixes.get(model)
         if store is None:
-            store = self.prefixes[loaded.model] = PrefixCache(self.prefix_cache_bytes)
+            store = self.prefixes[model] = PrefixCache(self.prefix_cache_bytes)
         return store
 
     def _prefill(self, group: Group, rows: list[Row], one_adapter: bool = False) -> None:
@@ -469,6 +502,25 @@ def drop_leaked_adapter_hooks(model: Any) -> None:
             if isinstance(hook, functools.partial) and "adapter_names" in (hook.keywords or {}):
                 del module._forward_pre_hooks[key]
                 module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def mixes(model: Any, adapter: str) -> bool:
+    """Whether rows of `adapter` can share a forward with other adapters' rows (PEFT's `adapter_names`):
+    LoRA without DoRA only; PEFT refuses the others ('Cannot pass `adapter_names` when DoRA is enabled')."""
+    config = getattr(model, "peft_config", {}).get(adapter)
+    lora = config is not None and getattr(config, "peft_type", None) == "LORA"
+    return lora and not getattr(config, "use_dora", False)
+
+
+def rope_window(config: Any) -> int | None:
+    """The original context of a model whose rotary factors switch on the longest position in a forward
+    (transformers' longrope and dynamic RoPE), else None."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    if not (isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("longrope", "dynamic")):
+        return None
+    return int(rope.get("original_max_position_embeddings") or getattr(text, "original_max_position_embeddings", None)
+               or getattr(text, "max_position_embeddings", 0)) or None
 
 
 def new_row(spec: ModelSpec, loaded: LoadedModel, params: ChatParams, done: Done) -> Row:

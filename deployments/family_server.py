@@ -149,8 +149,12 @@ class FamilyServer:
         except asyncio.CancelledError:
             params.cancelled.set()
             self.batch_stats["cancelled"] += 1
+            self._cancelled()
             await settle(task, self._stuck_after_s)
             raise
+
+    def _cancelled(self) -> None:
+        """A request of this replica was just flagged cancelled (a family with a queue of its own wakes it)."""
 
     @contextlib.contextmanager
     def _observed(self) -> Iterator[Callable[[], None]]:

@@ -6,12 +6,19 @@ deployments never see HTTP.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 PADDED_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")  # one row per request, padded
+
+
+def length_band(tokens: int, ratio: float) -> int:
+    """Lengths in one band are within `ratio` of each other (band k: ratio**k <= tokens < ratio**(k+1)), so
+    a batch of one band, padded to its longest row, holds at most `ratio` times its rows' own lengths."""
+    return int(math.log(max(tokens, 1)) / math.log(ratio)) if ratio > 1 else tokens
 
 # Fields set inside the replica (never sent over the wire) are excluded from repr and comparison.
 
@@ -57,11 +64,20 @@ class ChatParams:
     running: Callable[[], None] | None = field(default=None, repr=False, compare=False)
     first_token_at: float | None = field(default=None, repr=False, compare=False)  # time.monotonic()
 
-    def sampling_key(self) -> tuple:
-        """Requests with equal keys can share one batched generate call: the same sampling, and the same
-        kinds of model input (collate concatenates pixel values and the like; a row without them cannot
-        join rows that have them)."""
-        return (self.temperature, self.top_p, self.seed, tuple(self.stop), self.input_kinds())
+    def sampling_key(self, length_ratio: float = 2.0) -> tuple:
+        """Requests with equal keys can share one batched generate call:
+        - the same sampling; a seeded sampled request batches with none (generate() draws every row from
+          torch's one global generator, so its output would depend on its batch-mates);
+        - the same kinds of model input (collate concatenates pixel values and the like; a row without them
+          cannot join rows that have them);
+        - prompt and max_tokens each within `length_ratio` of the others' (the batch's cache is as long as
+          its longest prompt plus its largest max_tokens, for every row: padding the budget counts)."""
+        prompt = int(self.inputs["input_ids"].shape[-1]) if self.inputs and "input_ids" in self.inputs else 0
+        key: tuple = (self.temperature, self.top_p, self.seed, tuple(self.stop), self.input_kinds(),
+               length_band(prompt, length_ratio), length_band(self.max_new_tokens or 0, length_ratio))
+        if self.seed is not None and self.temperature != 0:
+            key += (id(self),)
+        return key
 
     def input_kinds(self) -> tuple[str, ...]:
         """The names of the encoded inputs, token rows included: rows batch only with rows of the same

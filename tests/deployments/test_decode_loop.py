@@ -17,6 +17,8 @@ from deployments.generation import generate_batch
 from deployments.llm import LLMServer
 from deployments.params import ChatParams
 
+ONE_BAND = float("inf")  # every length in one band
+
 
 @pytest.fixture(scope="module")
 def models(tiny_llm_models):
@@ -179,7 +181,7 @@ def test_rows_waiting_for_a_place_join_by_priority_then_in_arrival_order(models)
     have been waiting for several admissions; the running row is never preempted."""
     spec, loaded = models["tiny"]
     stats = {"model_calls": 0, "requests": 0, "largest_batch": 0}
-    loop = DecodeLoop(max_rows=1, stats=stats)
+    loop = DecodeLoop(max_rows=1, stats=stats, length_ratio=ONE_BAND)  # about places: one batch of any length
     order: list[str] = []
     results: dict[str, object] = {}
 
@@ -218,7 +220,7 @@ def test_rows_waiting_for_a_place_are_not_walked_at_every_step_of_a_full_batch(m
     nothing new arrives, a step does not go through them; when a place frees, they join in order."""
     spec, loaded = models["tiny"]
     stats = {"model_calls": 0, "requests": 0, "largest_batch": 0}
-    loop = DecodeLoop(max_rows=1, stats=stats)
+    loop = DecodeLoop(max_rows=1, stats=stats, length_ratio=ONE_BAND)  # about places: one batch of any length
     order: list[str] = []
     looked = [0]
 
@@ -256,7 +258,7 @@ def test_rows_waiting_for_a_place_are_not_walked_at_every_step_of_a_full_batch(m
 def test_a_row_whose_caller_left_while_it_waited_for_a_place_is_never_prefilled(models):
     spec, loaded = models["tiny"]
     stats = {"model_calls": 0, "requests": 0, "largest_batch": 0}
-    loop = DecodeLoop(max_rows=1, stats=stats)
+    loop = DecodeLoop(max_rows=1, stats=stats, length_ratio=ONE_BAND)  # about places: one batch of any length
     results: dict[str, object] = {}
     gone = threading.Event()
 

@@ -49,7 +49,7 @@ def waves(models, loop: DecodeLoop, *batches: list[tuple[str, ChatParams]]) -> l
 
 def new_loop(prefix_bytes: int = 8 << 20) -> DecodeLoop:
     return DecodeLoop(max_rows=8, stats={"model_calls": 0, "requests": 0, "largest_batch": 0},
-                      prefix_cache_bytes=prefix_bytes)
+                      prefix_cache_bytes=prefix_bytes, length_ratio=float("inf"))  # one batch, whatever the lengths
 
 
 def test_prompts_sharing_a_system_prompt_reuse_it_and_answer_as_alone(models):
@@ -65,7 +65,7 @@ def test_prompts_sharing_a_system_prompt_reuse_it_and_answer_as_alone(models):
     assert [r.prompt_tokens for r in results] == [e.prompt_tokens for e in expected]
     assert loop.stats["prefix_cache_hits"] == 3
     assert loop.stats["model_calls"] - loop.stats["decode_steps"] == 2  # a prefill per wave: the miss joined the hits
-    stored = loop.prefixes[models["tiny"][1].model]
+    stored = loop._prefix_cache(models["tiny"][1])
     repeated = stored.match(None, second[0][1].inputs["input_ids"][0].tolist())
     assert repeated is not None and repeated[1] == (second[0][1].inputs["input_ids"].shape[1] - 1) // 8 * 8
     # what each reply reports as usage.prompt_tokens_details.cached_tokens
@@ -161,4 +161,4 @@ def test_a_cache_that_cannot_be_stored_turns_the_store_off_not_the_request(model
     loop = new_loop()
     results = waves(models, loop, [("tiny", chat("Fog?"))], [("tiny", chat("Fog?"))])
     assert [r.text for r in results] == [alone(models, "tiny", chat("Fog?")).text] * 2
-    assert loop.prefixes[models["tiny"][1].model].max_bytes == 0 and "prefix_cache_hits" not in loop.stats
+    assert loop._prefix_cache(models["tiny"][1]).max_bytes == 0 and "prefix_cache_hits" not in loop.stats

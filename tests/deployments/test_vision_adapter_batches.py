@@ -59,9 +59,10 @@ def alone(models, name: str, images: int) -> str:
 
 
 def together(models, jobs: list[tuple[str, int]]) -> tuple[list, dict]:
-    """All jobs submitted before the loop runs: they arrive together and share its steps."""
+    """All jobs submitted before the loop runs: they arrive together and share its steps (one length band:
+    rows with two images and none differ in length past the default ratio)."""
     stats = {"model_calls": 0, "requests": 0, "largest_batch": 0}
-    loop = DecodeLoop(max_rows=8, stats=stats)
+    loop = DecodeLoop(max_rows=8, stats=stats, length_ratio=float("inf"))
     out: dict[int, object] = {}
     for i, (name, images) in enumerate(jobs):
         spec, loaded = models[name]
