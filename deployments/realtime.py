@@ -34,7 +34,7 @@ from loading import Family
 
 from .audio import StreamResampler, resample
 from .errors import as_api_error, to_error
-from .guard import check_json
+from .guard import check_json, realtime_subprotocol
 from .params import ChatParams, SpeechParams, TranscribeParams
 from .vad import TurnDetector, VadOptions
 from .voice import AudioPiece, ReplyDone, TextDelta, spoken_reply
@@ -857,7 +857,7 @@ HANDLERS = {
 async def refuse(websocket: WebSocket, exc: Exception, close_code: int) -> None:
     """Accept, say why in an `error` event, close: a client sees the reason, not a failed handshake."""
     _, body, _ = to_error(exc)
-    await websocket.accept()
+    await websocket.accept(subprotocol=realtime_subprotocol(websocket.headers))  # browsers fail a handshake without it
     error = body.error
     await websocket.send_text(json.dumps({"type": "error", "event_id": _id("event"), "error": {
         "type": error.type, "code": error.code, "message": error.message, "param": error.param, "event_id": None}}))

@@ -425,8 +425,6 @@ def test_a_realtime_refusal_for_its_key_chooses_the_realtime_subprotocol(monkeyp
         assert ws.receive_json()["error"]["code"] == "invalid_api_key" and ws.accepted_subprotocol is None
 
 
-@pytest.mark.xfail(strict=True, reason="realtime.refuse() accepts without a subprotocol: realtime.py's owner "
-                                       "makes it accept(subprotocol=realtime_subprotocol(websocket.headers))")
 def test_a_realtime_refusal_past_the_session_limit_chooses_the_realtime_subprotocol(monkeypatch):
     monkeypatch.setenv("MODELFLEET_API_KEYS", REALTIME_KEY)
     client, _ = make(limits={"max_realtime_sessions": 1})
