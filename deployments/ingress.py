@@ -254,6 +254,10 @@ class Ingress:
         params.model = self.spec(params.model, Family.STT).name  # canonical: metric labels and logs
         return await self._call(Family.STT, "transcribe", params)
 
+    async def check_transcription_language(self, model: str, language: str) -> None:
+        """A 400 on `language` where the STT model cannot transcribe in it."""
+        await self._call(Family.STT, "check_language", self.spec(model, Family.STT).name, language)
+
     async def synthesize(self, params: SpeechParams) -> SpeechResult:
         params.model = self.spec(params.model, Family.TTS).name  # canonical: metric labels and logs
         return await self._call(Family.TTS, "synthesize", params)

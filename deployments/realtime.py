@@ -364,15 +364,11 @@ class RealtimeSession:
 
     async def _check_language(self, asked: InputTranscription) -> None:
         """A language the STT model does not know is refused as /v1/audio/transcriptions refuses it, not
-        taken and then fail every turn (unanswered). The STT family checks a request's language first
-        (transcription.validate); a prompt it cannot take (a special token's text) then ends the call
-        before any memory or model call, so the check costs neither. Where it cannot be made now (the
-        model still loading: Realtime calls do not wait), the update goes through."""
-        probe = TranscribeParams(model=asked.model or self.ingress.default_model(Family.STT),
-                                 audio=np.zeros(1, dtype=np.float32), sample_rate=16000, language=asked.language,
-                                 prompt="<|startofprev|>")
+        taken and then fail every turn (unanswered). Where it cannot be checked now (the model still loading:
+        Realtime calls do not wait), the update goes through."""
+        model = asked.model or self.ingress.default_model(Family.STT)
         try:
-            await self.ingress.transcribe(probe)
+            await self.ingress.check_transcription_language(model, asked.language)
         except Exception as exc:
             error = as_api_error(exc)
             if error.param == "language":

@@ -57,6 +57,12 @@ class STTServer(FamilyServer):
             await held.grow(need, "this audio", param="file")
             yield loaded
 
+    async def check_language(self, model: str, language: str) -> None:
+        """400 on `language` if the model cannot transcribe in it, as a transcription would answer (Realtime's
+        session.update asks before its turns need it). Needs the model loaded: a loading model's 503 passes."""
+        spec, loaded = await self.pool.get(model, 0)
+        _transcription().check_language(spec, loaded, language)
+
     async def transcribe(self, params: TranscribeParams) -> TranscribeResult:
         with self._observed() as params.running:
             async with self._admitted(params):

@@ -66,13 +66,19 @@ def token_budget(spec: ModelSpec, loaded: LoadedModel, prompt: str | None) -> in
     return min(spec.max_new_tokens, getattr(loaded.model.config, "max_target_positions", 448) - used)
 
 
+def check_language(spec: ModelSpec, loaded: LoadedModel, language: str) -> None:
+    """400 on `language` when the model cannot transcribe in it."""
+    if not multilingual(loaded) and language.lower() != "en":
+        raise InvalidRequestError(f"model {spec.name!r} is English-only; it cannot transcribe {language!r}",
+                                  param="language")
+    if multilingual(loaded):
+        language_token(loaded, language)
+
+
 def validate(spec: ModelSpec, loaded: LoadedModel, params: TranscribeParams) -> None:
     """Checks that must fail one request (400), not the batch it would join."""
-    if params.language is not None and not multilingual(loaded) and params.language.lower() != "en":
-        raise InvalidRequestError(f"model {spec.name!r} is English-only; it cannot transcribe {params.language!r}",
-                                  param="language")
-    if params.language is not None and multilingual(loaded):
-        language_token(loaded, params.language)
+    if params.language is not None:
+        check_language(spec, loaded, params.language)
     if token_budget(spec, loaded, params.prompt) < 1:
         raise InvalidRequestError("prompt is too long for this model's decoder; shorten it", param="prompt")
     generation = loaded.model.generation_config

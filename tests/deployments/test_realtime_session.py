@@ -95,6 +95,9 @@ class ScriptedIngress:
         await asyncio.sleep(self.transcribe_s)
         return TranscribeResult(f"turn{len(self.heard)}", "en", len(params.audio) / params.sample_rate, [], [])
 
+    async def check_transcription_language(self, model: str, language: str) -> None:
+        """Every language is known to the scripted STT."""
+
 
 def speech(seconds: tuple[float, float] = (0.0, 4.0)) -> np.ndarray:
     samples, rate = sf.read(SPEECH, dtype="float32")
@@ -557,6 +560,9 @@ class WhisperIngress(ScriptedIngress):
 
     async def transcribe(self, params: TranscribeParams) -> TranscribeResult:
         return await self.server.transcribe(params)
+
+    async def check_transcription_language(self, model: str, language: str) -> None:
+        await self.server.check_language(model, language)
 
 
 def test_a_language_the_stt_model_does_not_know_is_refused_at_session_update(tmp_path):
