@@ -12,20 +12,24 @@ bytes: what the budget guard below needs.
 
 The budget guard. A random-weight (or merely verbose) model may never close its JSON before
 max_tokens. Every constrained row therefore keeps a *closing*: a shortest-effort sequence of tokens
-that completes the grammar from where the row is (found by a greedy depth-first search preferring
-`"`, `}`, `]`, `0`, ...; forced bytes are taken whole). A sampled token is kept only if the row can
-still close within its budget afterwards; otherwise the row ends with the closing of the state
-before it. So a constrained reply always parses and validates; when the budget (or
-generation_timeout_s) decided the end, finish_reason is `length`. A request whose schema cannot be
-closed within max_tokens at all is a 400 before it starts.
+that completes the grammar from where the row is (found by a depth-first search whose moves are
+followed by greedy completions preferring `"`, `}`, `]`, `0`, ..., and which spells a sample of each
+`pattern` / `format` inside strings; forced bytes are taken whole). A sampled token is kept only if
+the row can still close within its budget afterwards; otherwise the row ends with the closing of the
+state before it. So a constrained reply always parses and validates; when the budget (or
+generation_timeout_s) decided the end, finish_reason is `length`. A request is a 400 before it starts
+only when an exhaustive search proves no output fits max_tokens; a search cut by its bounds proves
+nothing, and such a row is served unguarded (max_tokens may cut it, as any reply).
 
 Compiled grammars are cached per (tokenizer, grammar text): a cached one costs a ~1 µs copy per row.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -41,10 +45,12 @@ from .errors import InvalidRequestError
 log = logging.getLogger(__name__)
 
 JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: no room for a model to pad with spaces forever
-MAX_CLOSING_NODES = 20000  # candidate tokens the closing search of a new request may try
+MAX_CLOSING_NODES = 10000  # candidate tokens the closing search of a new request may try
+MAX_PROOF_NODES = 4000  # ... and the exhaustive search that may prove no closing fits (the only 400)
 MAX_STEP_NODES = 2000  # ... and a search during a decode step (when the previous closing no longer closes)
-MAX_CLOSING_S = 0.25  # wall-time bound of a new request's closing search (a 400 past it)
+MAX_CLOSING_S = 1.0  # wall-time backstop of a new request's search (past it: served without a guard, never cached)
 MAX_STEP_S = 0.02  # ... and of a decode step's (past it the row ends with the closing it has)
+MAX_HINT = 8192  # bytes of a pattern's sample the search spells whole
 LOOKAHEAD = 4  # candidates compared by their greedy completion where the grammar offers a choice
 CACHE_SIZE = 256  # compiled grammars kept per replica
 # The closing search tries these first: they end a string, an object, an array, or are the shortest value.
@@ -98,8 +104,10 @@ class Vocabulary:
                 lengths[token] = len(data)
                 by_text.setdefault(data, token)
         self.closer_ids = [by_text[c.encode()] for c in CLOSERS if c.encode() in by_text]
+        self.closer_set = set(self.closer_ids)
         self.fast_closers = {by_text[c] for c in (b'"', b"}", b"]") if c in by_text}
         self.by_length = np.argsort(lengths, kind="stable")[: int((lengths < 1 << 20).sum())]
+        self.lengths = lengths  # bytes per token
         self.words = (n_vocab + 31) // 32
         self.build_s = time.perf_counter() - started
 
@@ -136,7 +144,8 @@ class GrammarCache:
         self.size = size
         self.entries: OrderedDict[tuple[int, str], llguidance.LLMatcher] = OrderedDict()
         self.closings: dict[tuple[int, str], list[int]] = {}  # a closing of the empty output, per entry
-        self.failures: dict[tuple[int, str], int] = {}  # the largest budget no closing was found within
+        self.failures: dict[tuple[int, str], int] = {}  # the largest budget no closing was proven to fit
+        self.capped: dict[tuple[int, str], set[int]] = {}  # budgets whose searches used their node bounds
         self.lock = threading.Lock()
         self.stats = {"compiled": 0, "cache_hits": 0, "compile_ms_total": 0.0}
 
@@ -168,6 +177,7 @@ class GrammarCache:
                 dropped = self.entries.popitem(last=False)[0]
                 self.closings.pop(dropped, None)
                 self.failures.pop(dropped, None)
+                self.capped.pop(dropped, None)
         return template.deep_copy(), key
 
 
@@ -245,36 +255,135 @@ def _find(node: Any, key: str, value: Any, path: list[str]) -> list[str] | None:
 
 
 # --- one row ---------------------------------------------------------------------------------------
+# Strings a `format` accepts (llguidance's regexes): the closing search spells them, since no closer
+# character ever satisfies an email or a uri.
+FORMAT_SAMPLES = {"email": "a@a", "uri": "a:a", "hostname": "a", "ipv4": "0.0.0.0", "ipv6": "::",
+                  "uuid": "00000000-0000-0000-0000-000000000000", "date": "2000-01-01", "time": "00:00:00Z",
+                  "date-time": "2000-01-01T00:00:00Z", "duration": "P0D"}
+_STRING_KEYS = re.compile(r'"(pattern|format)"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def hints(source: str) -> tuple[bytes, ...]:
+    """JSON string contents the search may spell inside a string: a shortest match of each `pattern`
+    (JSON Schema patterns are unanchored, so it fits anywhere in the string) and a sample of each
+    `format` in the constraint's text (a schema, or the schemas a Lark grammar embeds)."""
+    found: list[bytes] = []
+    for match in _STRING_KEYS.finditer(source):
+        try:
+            value = json.loads(match.group(2))
+        except ValueError:
+            continue
+        sample = FORMAT_SAMPLES.get(value) if match.group(1) == "format" else _shortest_match(value)
+        if sample and len(sample) <= MAX_HINT:  # as it is written inside a JSON string (a long one: the
+            # 1-byte candidates spell it as well, and validating it at every step costs)
+            spelled = json.dumps(sample, ensure_ascii=False)[1:-1].encode()
+            if spelled not in found:
+                found.append(spelled)
+    return tuple(found)
+
+
+def _shortest_match(pattern: str) -> str | None:
+    """A short string the regex matches (Python's parser; JSON Schema's ECMA syntax mostly agrees), or
+    None for what it cannot spell (back-references)."""
+    import re._parser as parser  # type: ignore[import-not-found]
+
+    try:
+        return _spell(parser.parse(pattern))
+    except Exception:
+        return None
+
+
+def _spell(items: Any) -> str:
+    import re._constants as c  # type: ignore[import-not-found]
+
+    out = []
+    for op, arg in items:
+        if op is c.LITERAL:
+            out.append(chr(arg))
+        elif op in (c.ANY, c.NOT_LITERAL, c.IN):
+            members = [(c.NOT_LITERAL, arg)] if op is c.NOT_LITERAL else [] if op is c.ANY else arg
+            out.append(next(ch for ch in "a0A_-. b@:x1" if _in_class(members, ch)))
+        elif op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", c.MAX_REPEAT)):
+            out.append(_spell(arg[2]) * arg[0])
+        elif op in (c.SUBPATTERN, getattr(c, "ATOMIC_GROUP", c.SUBPATTERN)):
+            out.append(_spell(arg[-1]))
+        elif op is c.BRANCH:
+            out.append(min((_spell(branch) for branch in arg[1]), key=len))
+        elif op is not c.AT:  # anchors spell nothing; anything else (back-references): give up
+            raise ValueError(op)
+    return "".join(out)
+
+
+def _in_class(members: Any, ch: str) -> bool:
+    import re._constants as c  # type: ignore[import-not-found]
+
+    negate, hit = False, False
+    for op, arg in members:
+        if op is c.NEGATE:
+            negate = True
+        elif op is c.LITERAL:
+            hit |= ord(ch) == arg
+        elif op is c.NOT_LITERAL:
+            hit |= ord(ch) != arg
+        elif op is c.RANGE:
+            hit |= arg[0] <= ord(ch) <= arg[1]
+        elif op is c.CATEGORY:
+            hit |= re.match({c.CATEGORY_DIGIT: r"\d", c.CATEGORY_NOT_DIGIT: r"\D", c.CATEGORY_SPACE: r"\s",
+                             c.CATEGORY_NOT_SPACE: r"\S", c.CATEGORY_WORD: r"\w"}.get(arg, r"\W"), ch) is not None
+    return hit != negate
+
+
 class RowGrammar:
     """One request's matcher: masks its logits, follows its tokens and keeps its closing."""
 
     def __init__(self, vocab: Vocabulary, matcher: llguidance.LLMatcher, constraint: Constraint):
         self.vocab, self.matcher, self.constraint = vocab, matcher, constraint
         self.closing: list[int] = []
+        self.guarded = True  # False: the search was capped before finding a closing; the row runs without one
         self.forced_closes = 0
+        self.timed_out = False  # whether the last find_closing stopped at its wall-time bound
+        self.hints = [vocab.tokenizer.tokenize_bytes(text) for text in hints(constraint.source)]
 
     def start(self, budget: int, key: Any = None) -> None:
-        """Find a closing of the empty output that fits in `budget` (cached with the grammar); a 400 if
-        there is none, or none was found within MAX_CLOSING_NODES / MAX_CLOSING_S."""
+        """Find a closing of the empty output that fits in `budget` (cached with the grammar). A 400 only
+        if an exhaustive search proves there is none; a search cut by its bounds proves nothing, so the
+        row is served without a closing (max_tokens then cuts it as any reply: finish_reason length)."""
         cached = CACHE.closings.get(key) if key is not None else None
-        what = self.constraint.name or self.constraint.param
         if cached is not None and len(cached) > budget:
             cached = None  # found under a larger budget, perhaps not the shortest: search within this one
         if cached is None and key is not None and CACHE.failures.get(key, -1) >= budget:
-            closing = None  # searched before, with at least this budget
-        else:
-            closing = cached if cached is not None else self.find_closing(budget, MAX_CLOSING_NODES, MAX_CLOSING_S)
+            raise self._no_closing(budget)  # proven before, with at least this budget
+        capped = CACHE.capped.get(key, set()) if key is not None else set()
+        closing = cached
+        if closing is None and budget not in capped:
+            closing = self.find_closing(budget, MAX_CLOSING_NODES, MAX_CLOSING_S)
+            timed_out = self.timed_out
+            if closing is None:
+                closing, proven = self.prove(budget, MAX_PROOF_NODES)
+                if closing is None and proven:
+                    if key is not None:  # only a proof is remembered as a failure
+                        CACHE.failures[key] = max(budget, CACHE.failures.get(key, -1))
+                    raise self._no_closing(budget)
+                if closing is None and not timed_out and key is not None and len(capped) < 64:
+                    # node bounds are deterministic: the same search would end the same way (a
+                    # search the clock cut may succeed on an idle replica: searched again)
+                    CACHE.capped.setdefault(key, set()).add(budget)
         if closing is None:
-            if key is not None:
-                CACHE.failures[key] = max(budget, CACHE.failures.get(key, -1))
-            raise InvalidRequestError(
-                f"no complete output for {what} was found within max_tokens={budget} (searched at most "
-                f"{MAX_CLOSING_NODES} steps / {MAX_CLOSING_S:g} s): raise max_tokens, or simplify the schema "
-                "(fewer optional properties, smaller minLength / minItems / repetitions)", param="max_tokens",
-                code="invalid_schema")
+            log.info("no closing found for %s within max_tokens=%d (search capped): served unguarded",
+                     self.constraint.name or self.constraint.param, budget)
+            self.guarded = False
+            return
         if key is not None and len(closing) <= len(CACHE.closings.get(key) or closing):
             CACHE.closings[key] = closing
         self.closing = closing
+
+    def _no_closing(self, budget: int) -> InvalidRequestError:
+        what = self.constraint.name or self.constraint.param
+        return InvalidRequestError(
+            f"no complete output for {what} fits within max_tokens={budget} (every token sequence of that "
+            "length was tried): raise max_tokens, or simplify the schema (fewer required properties, smaller "
+            "minLength / minItems / repetitions)", param="max_tokens", code="invalid_schema")
 
     @property
     def stopped(self) -> bool:
@@ -296,6 +405,8 @@ class RowGrammar:
         the matcher as it was and return the closing to end with instead."""
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"grammar refused token {token}: {self.matcher.get_error()}")
+        if not self.guarded:
+            return None  # no closing known (see start): the mask alone applies
         old = self.closing
         if old and old[0] == token:
             self.closing = old[1:]  # the rest of the closing still closes
@@ -327,9 +438,11 @@ class RowGrammar:
     def find_closing(self, budget: int, max_nodes: int = MAX_CLOSING_NODES, max_s: float = MAX_CLOSING_S
                      ) -> list[int] | None:
         """A short token sequence that completes the grammar from the current state within `budget`
-        tokens, or None. Depth-first; at each node the closers first (a string closes at once), and
-        where the grammar offers a real choice (an object key, an enum value) the candidates ordered by
-        the length of a greedy completion after each; forced bytes taken whole; bounded in nodes and time."""
+        tokens, or None. Depth-first; at each node the candidate moves (closers, the hints spelled whole,
+        the other 1-byte tokens, the shortest others) are each followed by a greedy completion, and the
+        first node where one fits returns it (one round of rollouts per node reached, not per token of
+        the closing); else the moves are tried in the order of their completion's length. Forced bytes
+        are taken whole; bounded in nodes and time."""
         if self.matcher.is_accepting():
             return []
         counter: list[float] = [0, time.monotonic() + max_s]
@@ -348,38 +461,43 @@ class RowGrammar:
                     return path
                 if len(path) >= budget:
                     continue
-                stack.append((matcher, path, iter(self._ordered(matcher, budget - len(path), counter, max_nodes))))
+                moves, done = self._ordered(matcher, budget - len(path), counter, max_nodes)
+                if done is not None:
+                    return path + done
+                stack.append((matcher, path, iter(moves)))
             if not stack or _spent(counter, max_nodes):
+                self.timed_out = time.monotonic() > counter[1]
                 return None
             matcher, path, candidates = stack[-1]
-            for branch, token in candidates:
-                state = (branch, path + [token])
+            for branch, tokens in candidates:
+                state = (branch, path + tokens)
                 break
             else:
                 stack.pop()
 
-    def _ordered(self, matcher: llguidance.LLMatcher, budget: int, counter: list[float], max_nodes: int) -> Any:
-        """(matcher after token, token) for the candidate tokens, best first."""
+    def _ordered(self, matcher: llguidance.LLMatcher, budget: int, counter: list[float], max_nodes: int
+                 ) -> tuple[list[tuple[llguidance.LLMatcher, list[int]]], list[int] | None]:
+        """(matcher after move, move) for the candidate moves, best first, and the shortest move plus
+        greedy completion if one fits in `budget`."""
         valid = []
-        for token in self._candidates(matcher):
+        taken = 0
+        for tokens in self._candidates(matcher):
             counter[0] += 1
             branch = matcher.deep_copy()
-            if branch.consume_token(token):
-                valid.append((branch, token))
-            if len(valid) >= LOOKAHEAD or _spent(counter, max_nodes):
+            if branch.consume_tokens(tokens):
+                valid.append((branch, tokens))
+                taken += len(tokens) == 1 and not self.vocab.closes_fast(tokens[0])
+            if taken >= LOOKAHEAD or _spent(counter, max_nodes):
                 break
-        # `"`, `}` or `]` first: usually nothing is shorter. The others stay as fallbacks (the `"` may
-        # open a string a minLength makes long, where an integer or null branch closes at once).
-        fast = [item for item in valid if self.vocab.closes_fast(item[1])]
-        rest = [item for item in valid if not self.vocab.closes_fast(item[1])]
-        if len(rest) > 1:
-            lengths, best = {}, budget
-            for branch, token in rest:
-                rollout = self._greedy(branch, best, counter)  # stops once longer than the best so far
-                lengths[token] = len(rollout) if rollout is not None else 1 << 30
-                best = min(best, lengths[token])
-            rest.sort(key=lambda item: lengths[item[1]])
-        return fast + rest
+        lengths, best, done = {}, budget + 1, None
+        for branch, tokens in valid:  # each bounded by the best so far
+            rollout = self._greedy(branch, best - len(tokens) - 1, counter)
+            lengths[id(tokens)] = len(tokens) + len(rollout) if rollout is not None else 1 << 30
+            if rollout is not None and lengths[id(tokens)] < best:
+                best, done = lengths[id(tokens)], tokens + rollout
+        # `"`, `}` or `]` first on ties: usually nothing is shorter
+        valid.sort(key=lambda item: (lengths[id(item[1])], not self.vocab.closes_fast(item[1][0])))
+        return valid, done
 
     def _greedy(self, matcher: llguidance.LLMatcher, budget: int, counter: list[float]) -> list[int] | None:
         """A completion taking the first valid candidate at every step (no backtracking)."""
@@ -391,28 +509,62 @@ class RowGrammar:
                     return None
                 path += forced
             else:
-                token = next(self._candidates(trial, check=True), None)
+                tokens = next(self._candidates(trial, check=True), None)
                 counter[0] += 1
                 if counter[0] % 64 == 0 and time.monotonic() > counter[1]:
                     return None
-                if token is None or not trial.consume_token(token):
+                if tokens is None or not trial.consume_tokens(tokens):
                     return None
-                path.append(token)
+                path += tokens
             if len(path) > budget:
                 return None
         return path
 
     def _candidates(self, matcher: llguidance.LLMatcher, check: bool = False) -> Any:
-        """Closer tokens the matcher takes (checked one by one, cheaply), then the shortest others."""
-        tried = []
-        for token in self.vocab.closer_ids:
+        """Moves (token lists): the closer `"`, the hints whole (inside a string no closer satisfies a
+        pattern or a format), the other closers, then every other allowed 1-byte token and the 8
+        shortest longer ones. (The first few are checked alone: most often one is taken, and a check
+        costs less than a mask.)"""
+        closers = self.vocab.closer_ids
+        if closers and matcher.validate_tokens(closers[:1]) == 1:
+            yield closers[:1]
+        for hint in self.hints:
+            if matcher.validate_tokens(hint) == len(hint):
+                yield hint
+        for token in closers[1:4]:
             if matcher.validate_tokens([token]) == 1:
-                tried.append(token)
-                yield token
+                yield [token]
         allowed = self.vocab.allowed(matcher)
-        for token in self.vocab.by_length[allowed[self.vocab.by_length]][:8].tolist():
-            if token not in tried:
-                yield token
+        for token in closers[4:]:
+            if allowed[token]:
+                yield [token]
+        ids = self.vocab.by_length[allowed[self.vocab.by_length]]
+        ones = int(np.count_nonzero(self.vocab.lengths[ids] == 1))  # ids are ordered by length
+        for token in ids[: ones + 8].tolist():
+            if token not in self.vocab.closer_set:
+                yield [token]
+
+    def prove(self, budget: int, max_nodes: int = MAX_PROOF_NODES) -> tuple[list[int] | None, bool]:
+        """Exhaustive search: every allowed token at every node, to depth `budget`. (closing, True) if one
+        is found, (None, True) if none exists (the proof behind a 400), (None, False) if `max_nodes`
+        tokens did not suffice to tell (most budgets past a few tokens: nothing is proven)."""
+        nodes = 0
+        stack = [(self.matcher.deep_copy(), [])]
+        while stack:
+            matcher, path = stack.pop()
+            if matcher.is_accepting():
+                return path, True
+            if len(path) >= budget:
+                continue
+            allowed = np.flatnonzero(self.vocab.allowed(matcher)).tolist()
+            nodes += len(allowed)
+            if nodes > max_nodes:
+                return None, False
+            for token in allowed:
+                branch = matcher.deep_copy()
+                if branch.consume_token(token):
+                    stack.append((branch, path + [token]))
+        return None, True
 
 
 def _spent(counter: list[float], max_nodes: int) -> bool:

@@ -1,0 +1,80 @@
+"""Review fixes to structured output and tool calls (the grammar side with the tiny tokenizer; the
+reply side through tools.py and the finish_reason rule)."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from deployments import structured
+from loading.tiny.tokenizer import build_chatml_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_chatml_tokenizer()
+
+
+def compile_row(tokenizer, schema, budget):
+    return structured.compile_row(structured.json_schema_constraint(schema, "rf"), tokenizer, len(tokenizer),
+                                  {tokenizer.eos_token_id}, budget)
+
+
+# Satisfiable schemas the closing search used to refuse whatever max_tokens was: a required character no
+# closer spells (unanchored pattern, formats), or a closing of hundreds of tokens.
+SATISFIABLE = {
+    "pattern ab (unanchored)": {"type": "string", "pattern": "ab"},
+    "phone pattern": {"type": "object", "properties": {"n": {"type": "string", "pattern": r"\d{3}-\d{4}"}},
+                      "required": ["n"]},
+    "email": {"type": "string", "format": "email"},
+    "uri (pydantic AnyUrl)": {"type": "object", "properties": {"homepage": {"type": "string", "format": "uri",
+                                                                            "minLength": 1}},
+                              "required": ["homepage"]},
+    "string minLength 200": {"type": "object", "properties": {"s": {"type": "string", "minLength": 200}},
+                             "required": ["s"]},
+    "20 required people": {"type": "object", "required": ["people"], "properties": {"people": {
+        "type": "array", "minItems": 20, "items": {"type": "object", "required": ["name", "age"], "properties": {
+            "name": {"type": "string"}, "age": {"type": "integer"}}}}}},
+    "60 required fields": {"type": "object", "properties": {f"field_{i}": {"type": "integer"} for i in range(60)},
+                           "required": [f"field_{i}" for i in range(60)]},
+}
+
+
+@pytest.mark.parametrize("name", list(SATISFIABLE))
+def test_satisfiable_schemas_get_a_closing(tokenizer, name):
+    schema = SATISFIABLE[name]
+    row = compile_row(tokenizer, schema, 3000)
+    assert row.guarded and row.closing
+    text = tokenizer.decode(row.closing)
+    value = json.loads(text)
+    jsonschema.validate(value, schema, format_checker=jsonschema.FormatChecker())
+    assert row.matcher.deep_copy().consume_tokens(row.closing)
+
+
+def test_a_search_cut_by_its_time_bound_is_served_and_not_remembered(tokenizer, monkeypatch):
+    """A busy replica's search may stop at the wall-time backstop: that proves nothing, so the request is
+    served (unguarded) and the next one searches again and finds the closing."""
+    schema = {"type": "object", "properties": {f"f{i}": {"type": "integer"} for i in range(100)},
+              "required": [f"f{i}" for i in range(100)], "additionalProperties": False}
+    failures = dict(structured.CACHE.failures)
+    clock = iter(range(0, 10**9, 10))  # a busy machine: 10 s pass between two looks at the clock
+    monkeypatch.setattr(structured.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr(structured, "MAX_PROOF_NODES", 10)  # nor does the exhaustive search conclude
+    row = compile_row(tokenizer, schema, 1000)
+    monkeypatch.undo()
+    assert not row.guarded
+    assert structured.CACHE.failures == failures
+    row = compile_row(tokenizer, schema, 1000)
+    assert row.guarded and json.loads(tokenizer.decode(row.closing)).keys() == schema["properties"].keys()
+
+
+def test_only_a_proof_is_a_400_and_remembered(tokenizer):
+    from deployments.errors import InvalidRequestError
+
+    schema = {"type": "object", "properties": {"word": {"enum": ["aaaaaaaaaaaaaaaaaaaa"]}}, "required": ["word"]}
+    with pytest.raises(InvalidRequestError) as caught:
+        compile_row(tokenizer, schema, 3)
+    assert caught.value.param == "max_tokens" and "max_tokens=3" in caught.value.message
+    assert 3 in structured.CACHE.failures.values()  # not searched again
