@@ -563,7 +563,7 @@ class RealtimeSession:
             return None
         gone = {id(item) for item in droppable[:(len(droppable) + 1) // 2]}
         kept = [item for item in history if id(item) not in gone]
-        self.prompt_from = next(item.id for item in kept if item.role != "system")
+        self.prompt_from = next((item.id for item in kept if item.role != "system"), None)  # None: from the start
         return kept
 
     def _insert_at(self, previous_item_id: Any) -> int:
@@ -658,9 +658,11 @@ class RealtimeSession:
                 await asyncio.gather(*(asyncio.shield(t) for t in self.transcriptions), return_exceptions=True)
             instructions = fields.instructions if fields.instructions is not None else config.instructions
             llm = self.ingress.spec(self.llm)
-            # capped at the model's max_new_tokens, not refused ("inf" and OpenAI's 4096 mean "all it may"):
-            # None lets the model give its limit or what fits its context, and a reply cut there is incomplete
-            max_new = None if limit == "inf" or int(limit) >= llm.max_new_tokens else int(limit)
+            # capped at the model's max_new_tokens, not refused ("inf" and OpenAI's 4096 mean "all it may"),
+            # and asked for: the prompt must leave the reply that room, or the oldest items are left out (as
+            # OpenAI's truncation keeps room for the output), not the reply cut to what is left
+            capped = limit == "inf" or int(limit) >= llm.max_new_tokens
+            max_new: int | None = llm.max_new_tokens if capped else int(limit)
             temperature = fields.temperature if fields.temperature is not None else config.temperature
 
             async def ask(history: list[Item]) -> ChatParams:
@@ -702,10 +704,14 @@ class RealtimeSession:
                     break
                 except Exception as exc:
                     error = as_api_error(exc)  # mapped once: an unexpected error is logged once
-                    shorter = self._shorter(history) if error.code == "context_length_exceeded" and not text else None
-                    if shorter is None:
+                    too_long = error.code == "context_length_exceeded" and not text
+                    shorter = self._shorter(history) if too_long else None
+                    if shorter is not None:
+                        history = shorter  # OpenAI's truncation 'auto': the oldest items are left out of the prompt
+                    elif too_long and capped and max_new is not None:
+                        max_new = None  # not even the newest turn leaves the model's limit: the reply gets what fits
+                    else:
                         raise error from None
-                    history = shorter  # OpenAI's truncation 'auto': the oldest items are left out of the prompt
                     chat = await ask(history)
         except asyncio.CancelledError:
             status, details = "cancelled", {"type": "cancelled", "reason": self.cancel_reason}

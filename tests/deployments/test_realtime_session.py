@@ -546,8 +546,8 @@ def test_output_tokens_above_the_models_limit_are_capped_at_it():
     socket, ingress = asyncio.run(scenario())
     assert socket.of("error") == []
     assert [e["response"]["status"] for e in socket.of("response.done")] == ["completed"] * 4
-    # None: the model's own limit (and what fits its context, as an HTTP request that leaves max_tokens out)
-    assert [call.max_new_tokens for call in ingress.calls] == [None, 10, None, None]
+    # asked for explicitly: the prompt must leave the reply that room (see the reply-room test)
+    assert [call.max_new_tokens for call in ingress.calls] == [32, 10, 32, 32]
     assert socket.of("session.updated")[0]["session"]["max_response_output_tokens"] == 4096
 
 
@@ -638,3 +638,55 @@ def test_a_conversation_longer_than_the_context_leaves_its_oldest_items_out_of_t
     socket, ingress, session = asyncio.run(scenario(40))  # not even the last turn fits: the error says so
     assert {e["response"]["status"] for e in socket.of("response.done")} == {"failed"}
     assert {e["error"]["code"] for e in socket.of("error")} == {"context_length_exceeded"}
+
+
+class ReplyRoom(SmallContext):
+    """An LLM whose context must hold the messages and the reply's max_new_tokens (None: what is left)."""
+
+    def __init__(self, context: int, max_new_tokens: int):
+        super().__init__(context)
+        self.max_new_tokens = max_new_tokens
+
+    async def chat_stream(self, params: ChatParams):
+        size = sum(len(m["content"]) for m in params.messages) + (params.max_new_tokens or 0)
+        if size > self.context:
+            raise InvalidRequestError(f"This model's maximum context length is {self.context} tokens, but you "
+                                      f"requested {size} tokens.", param="messages", code="context_length_exceeded")
+        async for chunk in ScriptedIngress.chat_stream(self, params):
+            yield chunk
+
+
+def test_a_reply_keeps_its_room_and_the_oldest_items_make_it():
+    """With 'inf' the reply was asked for with no max_tokens, so near the context edge the LLM cut it to
+    what was left (4 of 48 tokens in the review's run) instead of the oldest items being left out. OpenAI's
+    truncation keeps room for the output; where even the newest turn leaves less, the reply gets what fits.
+    A conversation with no user item that must be shortened was a StopIteration (internal_error)."""
+
+    async def scenario(context: int, items: list[str]):
+        socket, ingress = Socket(), ReplyRoom(context, max_new_tokens=100)
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "turn_detection": None, "modalities": ["text"], "max_response_output_tokens": "inf"}}))
+        for text in items:
+            role, _, said = text.partition(":")
+            await session.handle(_say(said, role))
+            if role == "user":
+                await session.handle(json.dumps({"type": "response.create"}))
+                await settle(session)
+        if items[-1].startswith("system"):
+            await session.handle(json.dumps({"type": "response.create"}))
+            await settle(session)
+        return socket, ingress
+
+    turns = [f"user:Turn {turn}: tell me about the weather today." for turn in range(12)]
+    socket, ingress = asyncio.run(scenario(400, turns))
+    assert [e["response"]["status"] for e in socket.of("response.done")] == ["completed"] * 12
+    answered = [call for call in ingress.calls if call.max_new_tokens == 100]
+    assert len(answered) >= 12 and all(call.max_new_tokens == 100 for call in ingress.calls)  # never cut short
+
+    socket, ingress = asyncio.run(scenario(120, ["user:" + "x" * 60]))  # the turn alone leaves less than 100
+    assert [e["response"]["status"] for e in socket.of("response.done")] == ["completed"]
+    assert [call.max_new_tokens for call in ingress.calls][-1] is None  # the reply gets what fits
+
+    socket, ingress = asyncio.run(scenario(300, ["assistant:" + "y" * 240, "system:Be brief."]))
+    assert [e["response"]["status"] for e in socket.of("response.done")] == ["completed"]
