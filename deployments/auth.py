@@ -59,7 +59,10 @@ def load_admin_keys(config: AuthConfig) -> list[str]:
 def _read_keys(config: AuthConfig, variable: str, file: str | None, file_field: str, what: str) -> list[str]:
     keys = [k.strip() for k in os.environ.get(variable, "").split(",") if k.strip()]
     if file:
-        path = Path(file).expanduser()
+        try:
+            path = Path(file).expanduser()
+        except RuntimeError:  # "~user" of no such user: a file that is not there, said as such below
+            path = Path(file)
         try:  # utf-8-sig: a file saved "with BOM" (Notepad) would give its first key, or comment, a U+FEFF
             lines = path.read_text(encoding="utf-8-sig").splitlines()
         except OSError as exc:

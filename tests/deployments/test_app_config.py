@@ -246,6 +246,21 @@ def test_a_key_file_saved_with_a_byte_order_mark_gives_its_keys(tmp_path, monkey
     (tmp_path / "latin1").write_bytes(b"caf\xe9-key-0123456789abcdef\n")  # not UTF-8: named, not a traceback
     with pytest.raises(AuthConfigError, match=r"auth.api_keys_file '.*latin1' is not UTF-8 text"):
         load_keys(AuthConfig(api_keys_file=str(tmp_path / "latin1")))
+    # a home of no such user: a file that is not there, named (expanduser's RuntimeError was a traceback)
+    with pytest.raises(AuthConfigError, match=r"auth.api_keys_file '~no-such-user-mf/keys' cannot be read"):
+        load_keys(AuthConfig(api_keys_file="~no-such-user-mf/keys"))
+
+
+def test_batch_length_ratio_is_a_finite_factor():
+    """.inf passed validation, then every chat failed: the KV estimate multiplies by it (OverflowError, a 500)."""
+    from pydantic import ValidationError
+
+    from deployments.options import ChatOptions
+
+    for bad in (float("inf"), float("nan"), 17.0, 0.5):
+        with pytest.raises(ValidationError, match="batch_length_ratio"):
+            ChatOptions(batch_length_ratio=bad)
+    assert ChatOptions(batch_length_ratio=1.0).batch_length_ratio == 1.0
 
 
 def test_a_cuda_model_on_replicas_without_a_gpu_is_a_health_note_where_device_auto_found_none():
