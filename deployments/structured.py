@@ -26,6 +26,7 @@ Compiled grammars are cached per (tokenizer, grammar text): a cached one costs a
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import logging
@@ -105,11 +106,33 @@ class Vocabulary:
                 by_text.setdefault(data, token)
         self.closer_ids = [by_text[c.encode()] for c in CLOSERS if c.encode() in by_text]
         self.closer_set = set(self.closer_ids)
+        self.texts = sorted(by_text)  # every token's bytes: the fewest tokens that can spell some bytes
+        self.text_set = set(by_text)
+        self.longest = max(map(len, self.texts), default=1)
         self.fast_closers = {by_text[c] for c in (b'"', b"}", b"]") if c in by_text}
         self.by_length = np.argsort(lengths, kind="stable")[: int((lengths < 1 << 20).sum())]
         self.lengths = lengths  # bytes per token
         self.words = (n_vocab + 31) // 32
         self.build_s = time.perf_counter() - started
+
+    def min_tokens(self, data: bytes) -> int:
+        """The fewest tokens whose bytes begin with `data` (the last may run past it): a lower bound on
+        any closing that must write `data` first."""
+        n, none = len(data), 1 << 30
+        fewest = [0] + [none] * n  # tokens that spell data[:i] exactly
+        best = none
+        for i in range(n):
+            if fewest[i] + 1 >= best:
+                continue
+            for j in range(i + 1, min(n, i + self.longest) + 1):
+                piece = data[i:j]
+                if j < n and piece in self.text_set:
+                    fewest[j] = min(fewest[j], fewest[i] + 1)
+                elif j == n:  # a token that starts with the rest
+                    at = bisect.bisect_left(self.texts, piece)
+                    if at < len(self.texts) and self.texts[at].startswith(piece):
+                        best = min(best, fewest[i] + 1)
+        return min(best, fewest[n])
 
     def closes_fast(self, token: int) -> bool:
         return token in self.fast_closers
@@ -545,17 +568,17 @@ class RowGrammar:
                 yield [token]
 
     def prove(self, budget: int, max_nodes: int = MAX_PROOF_NODES) -> tuple[list[int] | None, bool]:
-        """Exhaustive search: every allowed token at every node, to depth `budget`. (closing, True) if one
-        is found, (None, True) if none exists (the proof behind a 400), (None, False) if `max_nodes`
-        tokens did not suffice to tell (most budgets past a few tokens: nothing is proven)."""
+        """Exhaustive search: every allowed token at every node, to depth `budget`, less the nodes whose
+        forced bytes take more tokens than are left. (closing, True) if one is found, (None, True) if none
+        exists (the proof behind a 400), (None, False) if `max_nodes` tokens did not suffice to tell."""
         nodes = 0
         stack = [(self.matcher.deep_copy(), [])]
         while stack:
             matcher, path = stack.pop()
             if matcher.is_accepting():
                 return path, True
-            if len(path) >= budget:
-                continue
+            if len(path) + self.vocab.min_tokens(matcher.compute_ff_bytes()) > budget:
+                continue  # what the grammar forces next takes more tokens than are left
             allowed = np.flatnonzero(self.vocab.allowed(matcher)).tolist()
             nodes += len(allowed)
             if nodes > max_nodes:

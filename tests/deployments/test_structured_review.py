@@ -78,3 +78,17 @@ def test_only_a_proof_is_a_400_and_remembered(tokenizer):
         compile_row(tokenizer, schema, 3)
     assert caught.value.param == "max_tokens" and "max_tokens=3" in caught.value.message
     assert 3 in structured.CACHE.failures.values()  # not searched again
+
+
+def test_a_budget_the_forced_text_alone_overflows_is_proven_short(tokenizer):
+    """The call's forced opening (`<tool_call>\\n{"name":"send","arguments":{"text":"`) takes more tokens
+    than a budget of 30 holds, however it is spelled: a proof, so a 400, however many tokens follow."""
+    from deployments import tools
+
+    send = [{"name": "send", "parameters": {"type": "object", "properties": {"text": {"type": "string"}},
+                                            "required": ["text"], "additionalProperties": False}}]
+    row = compile_row(tokenizer, {}, 8)
+    row = structured.RowGrammar(row.vocab, structured.CACHE.matcher(row.vocab, tools.call_constraint(
+        send, "required", True))[0], tools.call_constraint(send, "required", True))
+    assert row.vocab.min_tokens(row.matcher.compute_ff_bytes()) > 30
+    assert row.prove(30) == (None, True)
