@@ -146,7 +146,8 @@ class ChatServer(FamilyServer):
         if params.tools and params.tool_choice != "none":
             content, calls = tools_module().parse_calls(result.text, params.tools, params.parallel_tool_calls)
             if calls:
-                result.tool_calls, result.content, result.finish_reason = calls, content, "tool_calls"
+                result.tool_calls, result.content = calls, content  # a call max_tokens cut stays 'length'
+                result.finish_reason = "tool_calls" if result.finish_reason == "stop" else result.finish_reason
         if params.echo:
             text, entries = self._echo(loaded, params)
             result.text = text + result.text
@@ -276,7 +277,8 @@ class ChatServer(FamilyServer):
             entries = list(result.logprobs[emitted:])
         for item in _stream_items(tail, entries, calls, loaded.tokenizer, final=True):
             yield item
-        finish = "tool_calls" if calls is not None and calls.calls else result.finish_reason
+        finish = ("tool_calls" if calls is not None and calls.calls and result.finish_reason == "stop"
+                  else result.finish_reason)  # a call max_tokens cut stays 'length'
         yield {
             "finish_reason": finish,
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,

@@ -38,7 +38,8 @@ def test_required_calls_tools_whose_arguments_validate(app):
     reply = app.openai().chat.completions.create(model="tiny-llm", messages=ASK, tools=TOOLS, tool_choice="required",
                                                  temperature=1.0, seed=2)
     choice = reply.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    # `length` when the random model kept calling until max_tokens ended the row (the server closed it)
+    assert choice.finish_reason in ("tool_calls", "length") and choice.message.content is None
     check_calls(choice.message.tool_calls)
 
 
@@ -58,7 +59,8 @@ def test_a_named_function_is_the_one_called_and_parallel_false_gives_one_call(ap
 def test_streamed_tool_calls_arrive_as_deltas_and_match_the_plain_reply(app):
     client = app.openai()
     kwargs = dict(model="tiny-llm", messages=ASK, tools=TOOLS, tool_choice="required", temperature=1.0, seed=5)
-    plain = client.chat.completions.create(**kwargs).choices[0].message.tool_calls
+    plain_choice = client.chat.completions.create(**kwargs).choices[0]
+    plain = plain_choice.message.tool_calls
     chunks = list(client.chat.completions.create(stream=True, **kwargs))
     calls: dict[int, dict] = {}
     for chunk in chunks:
@@ -71,7 +73,7 @@ def test_streamed_tool_calls_arrive_as_deltas_and_match_the_plain_reply(app):
     assert [json.loads(c["arguments"]) for c in calls.values()] == [json.loads(c.function.arguments) for c in plain]
     assert all(c["id"].startswith("call_") for c in calls.values())
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert finishes == ["tool_calls"]
+    assert finishes == [plain_choice.finish_reason]
     # each call comes whole once its block closes, so it is exactly the plain reply's (same parser)
     assert [c["arguments"] for c in calls.values()] == [c.function.arguments for c in plain]
 
@@ -140,3 +142,20 @@ def test_a_tool_call_too_long_for_the_vlms_budget_is_a_400_on_max_tokens(app):
     with pytest.raises(openai.BadRequestError) as caught:
         app.openai().chat.completions.create(model="tiny-llava", messages=ASK, tools=TOOLS, tool_choice="required")
     assert caught.value.body["param"] == "max_tokens" and "max_tokens=32" in caught.value.body["message"]
+
+
+def test_a_call_max_tokens_cut_and_the_server_closed_says_length(app):
+    """The budget guard writes the call's closing when max_tokens ends it: its arguments are whatever fit
+    (here an unfinished `text`), so finish_reason is `length`, plain and streamed, not `tool_calls`."""
+    send = [{"type": "function", "function": {"name": "send", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"],
+        "additionalProperties": False}}}]
+    client = app.openai()
+    kwargs = dict(model="tiny-llm", messages=ASK, tools=send, tool_choice="required", temperature=1.0, seed=1,
+                  max_tokens=64)
+    reply = client.chat.completions.create(**kwargs)
+    assert reply.usage.completion_tokens == 64  # the random model never ends its text: the budget did
+    assert reply.choices[0].finish_reason == "length"
+    assert json.loads(reply.choices[0].message.tool_calls[0].function.arguments).keys() == {"text"}
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
