@@ -205,8 +205,10 @@ def _bare_call(text: str, names: set[str]) -> dict | None:
 
 
 def parse_calls(text: str, tools: list[dict], parallel: bool = True) -> tuple[str | None, list[dict]]:
-    """(content outside the calls, stripped, or None, calls) from a reply; no calls when none parses.
-    With `parallel` false, the first call is kept and the others' blocks dropped."""
+    """(content outside the calls, or None, calls) from a reply; no calls when none parses (the content
+    is then the reply as written). Whitespace next to a call is left out, the reply's own kept: a stream
+    can send text before it knows whether a call follows. With `parallel` false, the first call is kept
+    and the others' blocks dropped."""
     return _parse(text, {tool["name"] for tool in tools}, parallel)
 
 
@@ -215,9 +217,16 @@ def _parse(text: str, names: set[str], parallel: bool) -> tuple[str | None, list
     calls = [piece for kind, piece in pieces if kind == "call"]
     if not calls:
         bare = _bare_call(text, names)
-        return (None, [bare]) if bare is not None else (text.strip(), [])  # stripped, as around calls
-    content = "".join(piece for kind, piece in pieces if kind == "text").strip()
-    return content or None, calls if parallel else calls[:1]
+        return (None, [bare]) if bare is not None else (text, [])
+    parts = []
+    for i, (kind, piece) in enumerate(pieces):
+        if kind == "text":
+            if i > 0 and pieces[i - 1][0] == "call":
+                piece = piece.lstrip()
+            if i + 1 < len(pieces) and pieces[i + 1][0] == "call":
+                piece = piece.rstrip()
+            parts.append(piece)
+    return "".join(parts) or None, calls if parallel else calls[:1]
 
 
 def _call_value(value: Any, names: set[str]) -> dict | None:
@@ -237,9 +246,10 @@ def _call_value(value: Any, names: set[str]) -> dict | None:
 
 class CallStream:
     """Turns a streamed reply into OpenAI chunks that add up to exactly what `parse_calls` makes of the
-    whole reply: text outside calls as `content` as soon as it is settled (its leading and trailing
-    whitespace held, as parse_calls strips them), each call as one `tool_calls` delta (`index`, `id`,
-    `type`, `function.name` and `function.arguments`) once its block has closed. A reply that begins
+    whole reply: text outside calls as `content` as soon as it is settled (whitespace held until what
+    follows shows whether it touches a call, next to which parse_calls leaves it out), each call as one
+    `tool_calls` delta (`index`, `id`, `type`, `function.name` and `function.arguments`) once its
+    block has closed. A reply that begins
     with `{` may be one bare call object (Llama 3): it is held to the end."""
 
     def __init__(self, tools: list[dict], parallel: bool = True):
@@ -247,8 +257,8 @@ class CallStream:
         self.parallel = parallel
         self.text = ""  # the reply so far
         self.settled = 0  # where its settled pieces end
-        self.content = ""  # the text pieces so far, joined
-        self.sent = 0  # characters of content.lstrip() sent
+        self.held = ""  # whitespace not sent yet: sent before more text, dropped before a call
+        self.after_call = False  # the last piece was a call: whitespace that follows it is dropped
         self.calls: list[dict] = []  # the calls sent
 
     def feed(self, text: str) -> list[dict]:
@@ -270,18 +280,22 @@ class CallStream:
         out: list[dict] = []
         for kind, piece in pieces:
             if kind == "text":
-                self.content += piece
-            elif self.parallel or not self.calls:
-                out += self._content(final=False)
-                out.append(self._call_delta(piece))
-        return out + self._content(final)
-
-    def _content(self, final: bool) -> list[dict]:
-        body = self.content.lstrip()
-        ready = body.rstrip()  # trailing whitespace waits for what follows it (and goes at the end)
-        piece = ready[self.sent:]
-        self.sent = max(self.sent, len(ready))
-        return [{"content": piece}] if piece else []
+                if self.after_call:
+                    piece = piece.lstrip()
+                    self.after_call = not piece
+                text = self.held + piece
+                ready = text.rstrip()
+                self.held = text[len(ready):]
+                if ready:
+                    out.append({"content": ready})
+            else:
+                self.held, self.after_call = "", True
+                if self.parallel or not self.calls:
+                    out.append(self._call_delta(piece))
+        if final and self.held:  # the reply's own trailing whitespace (no call follows it)
+            out.append({"content": self.held})
+            self.held = ""
+        return out
 
     def _call_delta(self, call: dict) -> dict:
         self.calls.append(call)

@@ -98,6 +98,8 @@ def streamed(text: str, size: int, parallel: bool = True) -> tuple[str, list[tup
 
 def plain(text: str, parallel: bool = True) -> tuple[str, list[tuple[str, str]]]:
     content, calls = parse_calls(text, TOOLS, parallel)
+    if not calls:  # chat_server's plain reply is then the text as written
+        content = text
     return content or "", [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
 
 
@@ -114,6 +116,8 @@ def test_a_close_tag_inside_a_string_argument_belongs_to_the_argument():
     '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}\n</tool_call>',  # unclosed object: text
     'I use the <tool_call> tag. <tool_call>{"name":"time","arguments":{}}</tool_call>',
     'Sure.\n<tool_call>{"name":"time","arguments":{}}</tool_call>\n\nDone.  ',
+    "\n  Apples\nPears\n",  # no call: the stream keeps the reply's whitespace, as the plain reply
+    '  Sure.  <tool_call>{"name":"time","arguments":{}}</tool_call>  ',  # a call's neighbouring whitespace: out
     '<tool_call>{"name":"weather","arguments":{}}</tool_call><tool_call>{"name":"time","arguments":{}}</tool_call>',
 ])
 def test_streamed_calls_and_content_are_exactly_the_plain_replys(text):
