@@ -144,7 +144,11 @@ def _arguments_schema(parameters: dict | None) -> tuple[dict, dict]:
 # One scanner serves the whole reply (parse_calls) and the stream (CallStream), so the streamed calls and
 # content are exactly the plain reply's. A block is `<tool_call>`, one JSON object read with the JSON
 # decoder (a `</tool_call>` inside a string argument is the argument's), then `</tool_call>` or the end.
-_DECODER = json.JSONDecoder()
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_not_json)  # a block with NaN / Infinity is text, not a call
 
 
 def _scan(text: str, start: int, names: set[str], final: bool) -> tuple[list[tuple[str, Any]], int]:
@@ -186,7 +190,7 @@ def _scan(text: str, start: int, names: set[str], final: bool) -> tuple[list[tup
         else:
             i = j  # something else follows the object: not a block
             continue
-        call = _call_value(value, names)
+        call = _call_value(value, names, text[j:after])
         if call is None:
             i = block_end  # a block that names no served function stays text
             continue
@@ -199,7 +203,7 @@ def _scan(text: str, start: int, names: set[str], final: bool) -> tuple[list[tup
 def _bare_call(text: str, names: set[str]) -> dict | None:
     """Llama 3 style: the whole reply is one call object."""
     try:
-        return _call_value(json.loads(text.strip()), names)
+        return _call_value(_DECODER.decode(text.strip()), names, text.strip())
     except ValueError:
         return None
 
@@ -229,19 +233,38 @@ def _parse(text: str, names: set[str], parallel: bool) -> tuple[str | None, list
     return "".join(parts) or None, calls if parallel else calls[:1]
 
 
-def _call_value(value: Any, names: set[str]) -> dict | None:
+def _call_value(value: Any, names: set[str], source: str) -> dict | None:
+    """The call a parsed object (`source`: its text) makes, or None."""
     if not isinstance(value, dict) or value.get("name") not in names:
         return None
-    arguments = value.get("arguments", value.get("parameters", {}))
+    key = "arguments" if "arguments" in value else "parameters"
+    arguments, written = value.get(key, {}), None
     if isinstance(arguments, str):  # some models write the arguments as a JSON string
         try:
-            arguments = json.loads(arguments)
+            arguments, written = _DECODER.decode(arguments), arguments
         except ValueError:
             return None
     if not isinstance(arguments, dict):
         return None
-    return {"id": new_call_id(), "type": "function",
-            "function": {"name": value["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}}
+    try:
+        text = json.dumps(arguments, ensure_ascii=False, allow_nan=False)
+    except ValueError:  # a number no double holds (1e400) would become Infinity: the model's own text
+        text = written if written is not None else _member_text(source, key)
+    return {"id": new_call_id(), "type": "function", "function": {"name": value["name"], "arguments": text}}
+
+
+def _member_text(source: str, key: str) -> str:
+    """The text of the value of `key` (the last, as json.loads keeps) in the JSON object `source`."""
+    space = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]
+    found, i = "{}", space(source, 1).end()
+    while source.startswith('"', i):
+        name, i = json.decoder.scanstring(source, i + 1)  # type: ignore[attr-defined]
+        i = space(source, space(source, i).end() + 1).end()  # past ':'
+        end = _DECODER.raw_decode(source, i)[1]
+        if name == key:
+            found = source[i:end]
+        i = space(source, space(source, end).end() + 1).end()  # past ','
+    return found
 
 
 class CallStream:

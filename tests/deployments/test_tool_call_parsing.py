@@ -117,6 +117,8 @@ def test_a_close_tag_inside_a_string_argument_belongs_to_the_argument():
     'I use the <tool_call> tag. <tool_call>{"name":"time","arguments":{}}</tool_call>',
     'Sure.\n<tool_call>{"name":"time","arguments":{}}</tool_call>\n\nDone.  ',
     "\n  Apples\nPears\n",  # no call: the stream keeps the reply's whitespace, as the plain reply
+    '<tool_call>{"name":"weather","arguments":{"gain": 1e400}}</tool_call>',  # a double overflows
+    '<tool_call>{"name":"weather","arguments":{"gain": NaN}}</tool_call>',  # not JSON: text
     '  Sure.  <tool_call>{"name":"time","arguments":{}}</tool_call>  ',  # a call's neighbouring whitespace: out
     '<tool_call>{"name":"weather","arguments":{}}</tool_call><tool_call>{"name":"time","arguments":{}}</tool_call>',
 ])
@@ -140,3 +142,28 @@ def test_streamed_and_plain_agree_on_random_replies():
         text = "".join(rng.choice(parts) for _ in range(rng.randint(1, 6)))
         parallel = rng.random() < 0.5
         assert streamed(text, rng.choice([1, 2, 7, 100]), parallel) == plain(text, parallel), text
+
+
+def strict_json(text: str) -> object:
+    def refuse(name):
+        raise ValueError(name)
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_arguments_are_json_text():
+    """json.dumps wrote a number no double holds (1e400, which the required grammar allows) as
+    `Infinity`, and passed a written `NaN` through: neither is JSON. The first keeps the model's own
+    text; a block with NaN / Infinity is not JSON, so it is text, not a call."""
+    for text, arguments in [
+        ('<tool_call>{"name": "weather", "arguments": {"gain": 1e400, "n": [1, 2]}}</tool_call>',
+         '{"gain": 1e400, "n": [1, 2]}'),
+        ('{"name": "weather", "parameters": {"gain": -1e999}}', '{"gain": -1e999}'),  # a bare call
+        ('<tool_call>{"name":"weather","arguments":"{\\"gain\\": 1e400}"}</tool_call>', '{"gain": 1e400}'),
+        ('<tool_call>{"name":"weather","arguments":{"gain": 1.5}}</tool_call>', '{"gain": 1.5}'),
+    ]:
+        content, calls = parse_calls(text, TOOLS)
+        assert calls[0]["function"]["arguments"] == arguments
+        strict_json(arguments)
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        text = f'<tool_call>{{"name":"weather","arguments":{{"gain": {constant}}}}}</tool_call>'
+        assert parse_calls(text, TOOLS) == (text, [])
