@@ -26,8 +26,9 @@ def app(serve_url, models_dir):
     args["models"] = [{"name": "slow-llm", "source": "slow-llm", "build_tiny": "llm", "max_new_tokens": 64,
                        "debug_step_delay_s": STEP_S}, *voice]
     # one place in the batch: every later request waits for it, in the order under test
+    # (and one length band, batch_length_ratio 16: requests of 16-255 tokens all wait for the one batch)
     args["families"] = {"llm": {**args["families"]["llm"], "autoscaling": None, "max_batch_size": 1,
-                                "scheduling_policy": "priority"},
+                                "scheduling_policy": "priority", "batch_length_ratio": 16},
                         **{family: {**args["families"][family], "autoscaling": None} for family in ("stt", "tts")}}
     args["ingress"] = {**args.get("ingress", {}), "voice_priority": -5}
     app = run_app(serve_url, "prioritized", args)
