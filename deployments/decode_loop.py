@@ -547,10 +547,11 @@ def _advance_constrained(row: Row, token: int, now: float) -> str | None:
     except Exception as exc:
         row.error = exc
         return "error"
-    if forced is not None:
+    if forced is not None:  # the token would leave no closing within max_tokens: end with the closing
         for closing in forced:
             row.take(closing, sampled=False)
-        return "length"
+        # nothing to close (complete tool calls, the model starting one more that cannot fit): nothing cut
+        return "length" if forced else "stop"
     row.take(token)
     if grammar.stopped:
         return "stop"  # nothing but the end token could follow

@@ -308,7 +308,7 @@ def hints(source: str) -> tuple[bytes, ...]:
 
 def _shortest_match(pattern: str) -> str | None:
     """A short string the regex matches (Python's parser; JSON Schema's ECMA syntax mostly agrees), or
-    None for what it cannot spell (back-references)."""
+    None for what it cannot spell (back-references) or spells longer than MAX_HINT."""
     import re._parser as parser  # type: ignore[import-not-found]
 
     try:
@@ -318,24 +318,46 @@ def _shortest_match(pattern: str) -> str | None:
 
 
 def _spell(items: Any) -> str:
+    """Raises past MAX_HINT characters, before building them: 'a{1000000000}' in a schema's `default`
+    would otherwise be a gigabyte per request."""
     import re._constants as c  # type: ignore[import-not-found]
 
-    out = []
+    out: list[str] = []
+    size = 0
     for op, arg in items:
         if op is c.LITERAL:
-            out.append(chr(arg))
+            piece = chr(arg)
         elif op in (c.ANY, c.NOT_LITERAL, c.IN):
             members = [(c.NOT_LITERAL, arg)] if op is c.NOT_LITERAL else [] if op is c.ANY else arg
-            out.append(next(ch for ch in "a0A_-. b@:x1" if _in_class(members, ch)))
+            piece = next(ch for ch in "a0A_-. b@:x1" if _in_class(members, ch))
         elif op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", c.MAX_REPEAT)):
-            out.append(_spell(arg[2]) * arg[0])
+            once = _spell(arg[2]) if arg[0] else ""
+            if len(once) * arg[0] > MAX_HINT:
+                raise ValueError("longer than MAX_HINT")
+            piece = once * arg[0]
         elif op in (c.SUBPATTERN, getattr(c, "ATOMIC_GROUP", c.SUBPATTERN)):
-            out.append(_spell(arg[-1]))
+            piece = _spell(arg[-1])
         elif op is c.BRANCH:
-            out.append(min((_spell(branch) for branch in arg[1]), key=len))
-        elif op is not c.AT:  # anchors spell nothing; anything else (back-references): give up
+            piece = min(_spellable(arg[1]), key=len)  # ValueError (empty) when no branch can be spelled
+        elif op is c.AT:  # anchors spell nothing
+            continue
+        else:  # anything else (back-references): give up
             raise ValueError(op)
+        size += len(piece)
+        if size > MAX_HINT:
+            raise ValueError("longer than MAX_HINT")
+        out.append(piece)
     return "".join(out)
+
+
+def _spellable(branches: Any) -> list[str]:
+    spelled = []
+    for branch in branches:
+        try:
+            spelled.append(_spell(branch))
+        except ValueError:
+            continue
+    return spelled
 
 
 def _in_class(members: Any, ch: str) -> bool:
@@ -383,7 +405,8 @@ class RowGrammar:
             closing = self.find_closing(budget, MAX_CLOSING_NODES, MAX_CLOSING_S)
             timed_out = self.timed_out
             if closing is None:
-                closing, proven = self.prove(budget, MAX_PROOF_NODES)
+                closing, proven = self.prove(budget, MAX_PROOF_NODES, MAX_CLOSING_S)
+                timed_out = timed_out or self.timed_out
                 if closing is None and proven:
                     if key is not None:  # only a proof is remembered as a failure
                         CACHE.failures[key] = max(budget, CACHE.failures.get(key, -1))
@@ -392,6 +415,8 @@ class RowGrammar:
                     # node bounds are deterministic: the same search would end the same way (a
                     # search the clock cut may succeed on an idle replica: searched again)
                     CACHE.capped.setdefault(key, set()).add(budget)
+        if closing is not None and len(closing) > budget:  # never a closing the budget cannot hold
+            closing = None
         if closing is None:
             log.info("no closing found for %s within max_tokens=%d (search capped): served unguarded",
                      self.constraint.name or self.constraint.param, budget)
@@ -567,20 +592,32 @@ class RowGrammar:
             if token not in self.vocab.closer_set:
                 yield [token]
 
-    def prove(self, budget: int, max_nodes: int = MAX_PROOF_NODES) -> tuple[list[int] | None, bool]:
+    def prove(self, budget: int, max_nodes: int = MAX_PROOF_NODES,
+              max_s: float = MAX_CLOSING_S) -> tuple[list[int] | None, bool]:
         """Exhaustive search: every allowed token at every node, to depth `budget`, less the nodes whose
         forced bytes take more tokens than are left. (closing, True) if one is found, (None, True) if none
-        exists (the proof behind a 400), (None, False) if `max_nodes` tokens did not suffice to tell."""
-        nodes = 0
+        exists (the proof behind a 400), (None, False) if `max_nodes` tokens or `max_s` did not suffice to
+        tell (`timed_out` says which)."""
+        nodes, deadline = 0, time.monotonic() + max_s
+        self.timed_out = False
         stack = [(self.matcher.deep_copy(), [])]
         while stack:
+            if time.monotonic() > deadline:
+                self.timed_out = True
+                return None, False
             matcher, path = stack.pop()
             if matcher.is_accepting():
                 return path, True
-            if len(path) + self.vocab.min_tokens(matcher.compute_ff_bytes()) > budget:
-                continue  # what the grammar forces next takes more tokens than are left
+            left = budget - len(path)
+            if left <= 0:
+                continue  # a closing past this depth would not fit
+            # what the grammar forces next, as far as `left` tokens could spell it (a prefix's fewest tokens
+            # bound the whole's; a long forced string costs its prefix only)
+            forced = matcher.compute_ff_bytes()[: (left + 1) * self.vocab.longest]
+            if self.vocab.min_tokens(forced) > left:
+                continue
             allowed = np.flatnonzero(self.vocab.allowed(matcher)).tolist()
-            nodes += len(allowed)
+            nodes += len(allowed) + 1
             if nodes > max_nodes:
                 return None, False
             for token in allowed:

@@ -92,3 +92,75 @@ def test_a_budget_the_forced_text_alone_overflows_is_proven_short(tokenizer):
         send, "required", True))[0], tools.call_constraint(send, "required", True))
     assert row.vocab.min_tokens(row.matcher.compute_ff_bytes()) > 30
     assert row.prove(30) == (None, True)
+
+
+# Found by the review of the fixes above.
+
+def unstarted(tokenizer, schema) -> structured.RowGrammar:
+    """A row's grammar before its closing search (to run prove() alone)."""
+    vocab = structured.vocabulary(tokenizer, len(tokenizer), {tokenizer.eos_token_id})
+    constraint = structured.json_schema_constraint(schema, "rf")
+    return structured.RowGrammar(vocab, structured.CACHE.matcher(vocab, constraint)[0], constraint)
+
+
+def test_a_proof_never_returns_a_closing_past_the_budget(tokenizer):
+    """prove() expanded nodes at depth == budget, so an accepting child one token deeper came back as the
+    row's closing: '[9]' (3 tokens) served at max_tokens=2, where a 400 was due."""
+    from deployments.errors import InvalidRequestError
+
+    for schema in ({"type": "array", "minItems": 1, "items": {"type": "integer"}},
+                   {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}):
+        for budget in range(1, 9):
+            try:
+                row = compile_row(tokenizer, schema, budget)
+            except InvalidRequestError:
+                continue
+            assert not row.guarded or len(row.closing) <= budget, (schema, budget, tokenizer.decode(row.closing))
+        shortest = len(compile_row(tokenizer, schema, 20).closing)
+        for budget in (shortest, shortest - 1):  # a proof's closing fits its budget, or it says none does
+            closing, proven = unstarted(tokenizer, schema).prove(budget)
+            assert proven and (closing is None or len(closing) <= budget), (budget, closing)
+
+
+def test_the_proof_stops_at_the_time_backstop_and_proves_nothing(tokenizer, monkeypatch):
+    """The exhaustive search had no time bound: a 200 KB enum of long strings spent 3.6 s of replica CPU per
+    request in it, for each new max_tokens."""
+    row = unstarted(tokenizer, {"enum": [f"{i:04d}" + "x" * 2000 for i in range(100)]})
+    clock = iter(range(0, 10**9, 10))  # 10 s between two looks at the clock
+    monkeypatch.setattr(structured.time, "monotonic", lambda: float(next(clock)))
+    assert row.prove(12, max_nodes=10**9) == (None, False) and row.timed_out
+
+
+def test_pattern_hints_are_not_built_past_their_bound():
+    """A pattern in a schema's data ('default', 'examples') was spelled in full before the 8 KB cap:
+    'a{1000000000}' was a gigabyte per request (+955 MB peak RSS from a 101-byte schema)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        found = structured.hints('{"default": {"pattern": "a{1000000000}"}, '
+                                 '"examples": [{"pattern": "(a{40000}){25000}"}], "x": {"pattern": "(b|a{99999})c"}}')
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert found == (b"bc",) and peak < 5 * 2**20, (found, peak)
+
+
+def test_complete_calls_that_cannot_be_followed_end_as_stop():
+    """With parallel calls allowed, a model starting one more call that cannot close in the tokens left was
+    rolled back with nothing to close, yet reported 'length' (so 'tool_calls' became 'length' and openai's
+    .parse() raised LengthFinishReasonError on valid calls). Nothing was cut: 'stop'."""
+    from types import SimpleNamespace
+
+    from deployments.decode_loop import _advance_constrained
+
+    def row(forced):
+        taken: list[int] = []
+        grammar = SimpleNamespace(advance=lambda token, room: forced, stopped=False, close=lambda: [])
+        return SimpleNamespace(grammar=grammar, limit=40, tokens=[1] * 31, take=lambda t, sampled=True: taken.append(t),
+                               started=0.0, spec=SimpleNamespace(generation_timeout_s=60)), taken
+
+    complete, taken = row([])
+    assert _advance_constrained(complete, 7, 1.0) == "stop" and taken == []
+    cut, taken = row([5, 6])
+    assert _advance_constrained(cut, 7, 1.0) == "length" and taken == [5, 6]
