@@ -200,7 +200,10 @@ class ChatServer(FamilyServer):
     def _keep_decoding(self) -> None:
         """Run the decode loop on the inference thread while it has rows; restart it for a request that
         arrived just as it was finishing (its done-callback runs on this event loop, after any submit)."""
-        if self._decoding is None or self._decoding.done():
+        # a run left on another event loop (one that ended while it finished: in-process use with several
+        # asyncio.run calls) never completes here, so it must not keep a new request from a run of its own
+        decoding = self._decoding
+        if decoding is None or decoding.done() or decoding.get_loop() is not asyncio.get_running_loop():
             self._decoding = asyncio.ensure_future(self._infer(self._decoder.run))
             self._decoding.add_done_callback(lambda _: self._decoder.busy() and self._keep_decoding())
 
