@@ -36,7 +36,7 @@ from transformers import DynamicCache
 from loading import LANGUAGE_MODEL, LoadedModel, ModelSpec, adapted_parts, adapter_layers
 
 from .generation import RowStream, collate, cut_at_stop, end_token_ids, sampling_settings
-from .params import PADDED_KEYS, ChatParams, ChatResult, length_band
+from .params import PADDED_KEYS, ChatParams, ChatResult
 from .prefix_cache import Prefix, PrefixCache
 from .row_logits import Entry, RowLogits
 from .wakeups import batched
@@ -66,6 +66,7 @@ class Row:
     error: BaseException | None = None  # a row that failed on its own (finish "error")
     prompt_ids: list[int] | None = None  # a text-only prompt's tokens, set at prefill when a prefix cache is on
     cached_tokens: int = 0  # of them, those whose keys and values came from the prefix cache
+    length: int = 0  # prompt + max_tokens: the most cache it can take (rows batch within length_ratio of it)
 
     @property
     def limit(self) -> int:
@@ -185,8 +186,9 @@ class DecodeLoop:
         self.computing = computing or (lambda loaded: nullcontext())
         self.pending: queue.SimpleQueue[tuple[ModelSpec, LoadedModel, ChatParams, Done]] = queue.SimpleQueue()
         self.held: list[tuple[ModelSpec, LoadedModel, ChatParams, Done]] = []  # waiting for a place; loop thread only
-        self.held_models: set[tuple] = set()  # the groups (their keys) the held rows wait to join
-        self.groups: dict[tuple, Group] = {}
+        self.held_models: set[tuple] = set()  # the kinds of group (base keys) the held rows wait to join
+        self.groups: dict[tuple, Group] = {}  # (base key, serial): a model may run several batches
+        self.serial = 0
         self.walk_held = False  # set (from any thread) when a request is cancelled: it may be a held row
 
     def submit(self, spec: ModelSpec, loaded: LoadedModel, params: ChatParams, done: Done) -> None:
@@ -224,7 +226,7 @@ class DecodeLoop:
             # max_ongoing_requests rows wait here) unless a request was cancelled since the last walk
             return
         self.walk_held = False  # before the walk: a cancellation during it is seen at the next step
-        arrivals: dict[int, list[Row]] = {}
+        arrivals: dict[tuple, list[Row]] = {}
         waiting, self.held = self.held, []
         while not self.pending.empty():
             waiting.append(self.pending.get())
@@ -235,12 +237,14 @@ class DecodeLoop:
                 _tell(done, ChatResult("", 0, 0, "cancelled"))
                 continue
             try:  # a request this fails for fails alone: taken from the queue, it must be told, not lost
-                key = self.group_key(spec, loaded, params)
-                group = self.groups.get(key) or self.groups.setdefault(key, Group(loaded))
-                if len(group.rows) + len(arrivals.get(key, [])) >= self.max_rows:
+                base, length = self.group_key(spec, loaded, params), row_length(spec, params)
+                key = self._batch_for(base, length, loaded, arrivals)
+                if key is None:
                     self.held.append((spec, loaded, params, done))  # a full batch: it joins when a row leaves
                     continue
-                arrivals.setdefault(key, []).append(new_row(spec, loaded, params, done))
+                row = new_row(spec, loaded, params, done)
+                row.length = length
+                arrivals.setdefault(key, []).append(row)
             except Exception as exc:
                 _tell(done, exc)
         self.stats["waiting_for_place"] = len(self.held)  # /health: rows a full batch keeps waiting now
@@ -262,30 +266,52 @@ class DecodeLoop:
                             except Exception as own:
                                 _tell(row.done, own)
 
+    def _batch_for(self, base: tuple, length: int, loaded: LoadedModel,
+                   arrivals: dict[tuple, list[Row]]) -> tuple | None:
+        """The batch a row of `length` joins: the first of its kind whose lengths, with it, stay within
+        `length_ratio` of each other and which has a place; None (it waits) when such batches are all
+        full; a new batch when none takes its length."""
+        full = False
+        for key, group in self.groups.items():
+            if key[0] != base:
+                continue
+            lengths = [row.length for row in group.rows] + [row.length for row in arrivals.get(key, [])]
+            if lengths and max(*lengths, length) > self.length_ratio * min(*lengths, length):
+                continue
+            if len(lengths) < self.max_rows:
+                return key
+            full = True
+        if full:
+            return None
+        self.serial += 1
+        key = (base, self.serial)
+        self.groups[key] = Group(loaded)
+        return key
+
     def _place_for_held(self) -> bool:
-        """Whether the batch of some held row has a free place (a batch whose rows all ended is gone)."""
-        for key in self.held_models:
-            group = self.groups.get(key)
-            if group is None or len(group.rows) < self.max_rows:
+        """Whether a held row may find a place: a batch of its kind with a free place, or none at all (a
+        batch whose rows all ended is gone). A place of a batch whose lengths it does not fit counts too:
+        the walk then admits nothing, which costs a walk."""
+        for base in self.held_models:
+            groups = [group for key, group in self.groups.items() if key[0] == base]
+            if not groups or any(len(group.rows) < self.max_rows for group in groups):
                 return True
         return False
 
     def group_key(self, spec: ModelSpec, loaded: LoadedModel, params: ChatParams) -> tuple:
-        """The batch a request's row joins: its model's (a base and its adapters share steps), except that
+        """The kind of batch a request's row joins: its model's (a base and its adapters share steps), except
         - an adapter PEFT cannot run beside others in one forward (DoRA, non-LoRA types) has its own;
-        - rows batch only within `length_ratio` of each other's prompt + max_tokens (padding, see
-          ChatOptions.batch_length_ratio);
         - on a model whose rotary factors follow the longest position in the forward (longrope, dynamic
           RoPE: Phi-3-128k's), rows that stay within its original window never share with rows that may
-          pass it, so a short request answers as it would alone."""
-        assert params.inputs is not None
-        length = int(params.inputs["input_ids"].shape[-1]) + (params.max_new_tokens or spec.max_new_tokens)
-        key: tuple = (id(loaded.model), length_band(length, self.length_ratio))
+          pass it, so a short request answers as it would alone.
+        Within a kind, rows batch within `length_ratio` of each other's prompt + max_tokens (`_batch_for`:
+        padding, see ChatOptions.batch_length_ratio)."""
+        key: tuple = (id(loaded.model),)
         if loaded.adapter_name is not None and not mixes(loaded.model, loaded.adapter_name):
             key += (loaded.adapter_name,)
         window = rope_window(loaded.config)
         if window is not None:
-            key += (length > window,)
+            key += (row_length(spec, params) > window,)
         return key
 
     def _prefix_cache(self, loaded: LoadedModel) -> PrefixCache | None:
@@ -502,6 +528,12 @@ def drop_leaked_adapter_hooks(model: Any) -> None:
             if isinstance(hook, functools.partial) and "adapter_names" in (hook.keywords or {}):
                 del module._forward_pre_hooks[key]
                 module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def row_length(spec: ModelSpec, params: ChatParams) -> int:
+    """Prompt + max_tokens: the most cache a request's row can take."""
+    assert params.inputs is not None
+    return int(params.inputs["input_ids"].shape[-1]) + (params.max_new_tokens or spec.max_new_tokens)
 
 
 def mixes(model: Any, adapter: str) -> bool:

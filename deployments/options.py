@@ -193,8 +193,9 @@ class ChatOptions(BatchingOptions):
     batch_length_ratio: float = Field(
         default=2.0, ge=1.0, le=16.0, allow_inf_nan=False, description=(
             "A request shares a batch only with requests whose prompt + max_tokens is within this factor of its "
-            "own (by bands of this width): a batch keeps one KV cache, every row left-padded to the longest, so "
-            "one long prompt beside short chats made each of them as long (16 SmolLM2 rows beside a 2,230-token "
+            "own (it starts a batch of its own where no running one takes its length): a batch keeps one KV "
+            "cache, every row left-padded to the longest, so one long prompt beside short chats made each of "
+            "them as long (16 SmolLM2 rows beside a 2,230-token "
             "prompt: 1,578 MiB of cache where 373 MiB had been admitted). Each request's KV estimate under "
             "memory_budget_mb counts this factor. Lower: less padding, more batches stepped apart. 1: only "
             "equal lengths batch; at most 16 (the factor the estimate must charge every request)."

@@ -194,3 +194,16 @@ def test_one_prefix_store_per_base_across_an_adapter_attach(tiny_llm_dirs):
     attach_adapter(ModelSpec(name="lora", source=str(lora_dir), base_model="tiny", max_new_tokens=4), base)
     run(loop, [(spec, base, chat(p, 2)) for p in prompts])
     assert len(loop.prefixes) == 1 and loop.stats.get("prefix_cache_hits", 0) > 0  # the base's entries served on
+
+
+def test_near_lengths_share_a_batch_whatever_the_boundary(tiny_llm_models):
+    """Bands at powers of the ratio split lengths a token apart (63 and 65: two batches, two forwards a
+    step); a row now joins a batch whose lengths stay within the ratio with it, and starts its own only
+    when none does."""
+    spec, loaded = tiny_llm_models(8)["tiny"]
+    jobs = [(spec, loaded, chat([(5 * i) % 300 + 3 for i in range(n)], 4)) for n in (59, 61, 300)]  # 63, 65, 304
+    loop = DecodeLoop(max_rows=8, stats=stats(), length_ratio=2.0)
+    sizes: list[list[int]] = []
+    results = run(loop, jobs, lambda group: sizes.append(sorted(len(g.rows) for g in loop.groups.values())))
+    assert all(getattr(r, "finish_reason", None) in ("stop", "length") for r in results)
+    assert [1, 2] in sizes and loop.stats["largest_batch"] == 2  # 63 with 65; 304 apart
