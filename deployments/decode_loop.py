@@ -66,11 +66,15 @@ class Row:
     error: BaseException | None = None  # a row that failed on its own (finish "error")
     prompt_ids: list[int] | None = None  # a text-only prompt's tokens, set at prefill when a prefix cache is on
     cached_tokens: int = 0  # of them, those whose keys and values came from the prefix cache
-    length: int = 0  # prompt + max_tokens: the most cache it can take (rows batch within length_ratio of it)
 
     @property
     def limit(self) -> int:
         return self.params.max_new_tokens or self.spec.max_new_tokens
+
+    @property
+    def length(self) -> int:
+        """Prompt + max_tokens (rows batch within length_ratio of it)."""
+        return row_length(self.spec, self.params)
 
     @property
     def grammar(self) -> Any:
@@ -231,6 +235,7 @@ class DecodeLoop:
         while not self.pending.empty():
             waiting.append(self.pending.get())
         waiting.sort(key=lambda item: item[2].priority)  # stable: arrival order among equals
+        held_kinds: set[tuple] = set()
         for spec, loaded, params, done in waiting:
             if params.cancelled is not None and params.cancelled.is_set():  # its caller left while it waited
                 self.stats["cancelled_while_waiting"] = self.stats.get("cancelled_while_waiting", 0) + 1
@@ -241,14 +246,13 @@ class DecodeLoop:
                 key = self._batch_for(base, length, loaded, arrivals)
                 if key is None:
                     self.held.append((spec, loaded, params, done))  # a full batch: it joins when a row leaves
+                    held_kinds.add(base)
                     continue
-                row = new_row(spec, loaded, params, done)
-                row.length = length
-                arrivals.setdefault(key, []).append(row)
+                arrivals.setdefault(key, []).append(new_row(spec, loaded, params, done))
             except Exception as exc:
                 _tell(done, exc)
         self.stats["waiting_for_place"] = len(self.held)  # /health: rows a full batch keeps waiting now
-        self.held_models = {self.group_key(*item[:3]) for item in self.held}
+        self.held_models = held_kinds
         for key, rows in arrivals.items():
             group = self.groups[key]
             with group.loaded.lock:  # no adapter attaches between choosing the batches and running them
