@@ -220,6 +220,7 @@ class DecodeLoop:
                         group.rows = []
                 if not group.rows:
                     del self.groups[key]
+                    self.walk_held = True  # a held row may have waited for this batch: it may start its own
 
     # -- joining ------------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -339,6 +340,8 @@ class DecodeLoop:
                 row.prompt_ids = text_prompt(row.params)
             if any(row.prompt_ids is None for row in rows):
                 store = None  # images (or other inputs) in the batch: prefilled whole, nothing stored
+            elif _switches_rope(loaded, rows):
+                store = None  # rotary factors of a forward past the original window: its keys fit no other
         hits = [store.match(row.adapter, row.prompt_ids) if store is not None and row.prompt_ids is not None
                 else None for row in rows]
         if not any(hits):
@@ -557,6 +560,15 @@ def rope_window(config: Any) -> int | None:
         return None
     return int(rope.get("original_max_position_embeddings") or getattr(text, "original_max_position_embeddings", None)
                or getattr(text, "max_position_embeddings", 0)) or None
+
+
+def _switches_rope(loaded: LoadedModel, rows: list[Row]) -> bool:
+    """Whether this prefill's longest prompt passes the original window of a model whose rotary factors
+    follow the longest position in a forward (longrope, dynamic RoPE). Its keys were rotated with factors
+    of that length, so they are neither stored nor built on: a prefix cache shared with forwards within the
+    window would give a short request another answer than it gets alone."""
+    window = rope_window(loaded.config)
+    return window is not None and max(int(row.params.inputs["input_ids"].shape[-1]) for row in rows) > window
 
 
 def new_row(spec: ModelSpec, loaded: LoadedModel, params: ChatParams, done: Done) -> Row:

@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
-from deployments.decode_loop import DecodeLoop, Group
+from deployments.decode_loop import DecodeLoop, Group, rope_window
 from deployments.generation import generate_batch
 from deployments.llm import LLMServer
 from deployments.options import ChatOptions
@@ -103,15 +103,16 @@ def test_a_dora_adapter_runs_beside_base_rows_in_a_batch_of_its_own(dora):
     assert [getattr(r, "text", r) for r in results] == expected
 
 
-def test_a_longrope_models_short_rows_never_share_a_forward_with_long_ones(tmp_path, tiny_llm_dirs):
-    """transformers picks longrope's short or long factors from the longest position in the forward
-    (Phi-3-128k, Phi-4-mini): a short request beside a long one was rotated with the long factors and its
-    greedy answer changed."""
+@pytest.fixture(scope="module")
+def longrope(tmp_path_factory, tiny_llm_dirs):
+    """A tiny random Phi-3 with longrope factors and a 32-token original window."""
     base_dir, _ = tiny_llm_dirs
+    where = tmp_path_factory.mktemp("phi")
     half = 8  # head_dim 16
     config = Phi3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
-                        eos_token_id=2, bos_token_id=1,
+                        eos_token_id=2, bos_token_id=1, original_max_position_embeddings=32,  # Phi3Config's own
+                        # field: it overwrites the one in rope_parameters (4096 by default)
                         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * half,
                                          "long_factor": [float(4 + 3 * i) for i in range(half)],
                                          "original_max_position_embeddings": 32})
@@ -120,16 +121,41 @@ def test_a_longrope_models_short_rows_never_share_a_forward_with_long_ones(tmp_p
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0, 0.3)
-    model.save_pretrained(tmp_path / "phi")
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp_path / "phi")
-    spec = ModelSpec(name="phi", source=str(tmp_path / "phi"), max_new_tokens=20)
+    model.save_pretrained(where)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(where)
+    spec = ModelSpec(name="phi", source=str(where), max_new_tokens=20)
     loaded = load_model(spec)
+    assert rope_window(loaded.config) == 32
+    return spec, loaded
+
+
+def test_a_longrope_models_short_rows_never_share_a_forward_with_long_ones(longrope):
+    """transformers picks longrope's short or long factors from the longest position in the forward
+    (Phi-3-128k, Phi-4-mini): a short request beside a long one was rotated with the long factors and its
+    greedy answer changed."""
+    spec, loaded = longrope
     short = [5, 6, 7, 8, 9]
     expected = alone(spec, loaded, chat(short, 8))
     long = [10 + i % 300 for i in range(80)]
     results = run(DecodeLoop(max_rows=8, stats=stats(), length_ratio=float("inf")),  # lengths alone would batch
                   [(spec, loaded, chat(long, 12)), (spec, loaded, chat(short, 8))])
     assert results[1].text == expected
+
+
+def test_a_longrope_models_prefix_cache_keeps_no_keys_of_long_forwards(longrope):
+    """The prefix store served a short request the leading blocks a 40-token prompt had stored, rotated with
+    the long factors: its answer differed from the one it gets alone (review of 82d224d)."""
+    spec, loaded = longrope
+    shared = [10 + (7 * i) % 300 for i in range(24)]  # 3 blocks of 8: the common start
+    short, long = shared + [5, 6, 7], shared + [20 + i for i in range(16)]  # 27 and 40 tokens; window 32
+    expected = run(DecodeLoop(max_rows=8, stats=stats(), prefix_cache_bytes=1 << 20),
+                   [(spec, loaded, chat(short, 4))])[0]
+    loop = DecodeLoop(max_rows=8, stats=stats(), prefix_cache_bytes=1 << 20)
+    run(loop, [(spec, loaded, chat(long, 4))])
+    after_long = run(loop, [(spec, loaded, chat(short, 4))])[0]
+    assert (after_long.text, after_long.cached_tokens) == (expected.text, 0)
+    again = run(loop, [(spec, loaded, chat(short, 4))])[0]  # forwards within the window still share
+    assert (again.text, again.cached_tokens) == (expected.text, 24)
 
 
 def test_seeded_sampled_requests_do_not_share_a_generate_batch():
@@ -194,6 +220,28 @@ def test_one_prefix_store_per_base_across_an_adapter_attach(tiny_llm_dirs):
     attach_adapter(ModelSpec(name="lora", source=str(lora_dir), base_model="tiny", max_new_tokens=4), base)
     run(loop, [(spec, base, chat(p, 2)) for p in prompts])
     assert len(loop.prefixes) == 1 and loop.stats.get("prefix_cache_hits", 0) > 0  # the base's entries served on
+
+
+def test_a_held_row_starts_its_own_batch_when_the_batch_it_waited_for_ends(tiny_llm_dirs):
+    """A row held because the one batch its length fits was full waited, after that batch's rows all ended
+    in one step, for a batch of other lengths it can never join to free a place (~300 steps here, not ~5):
+    the loop walked held rows only when a batch of their kind had a place (review of a77bc40)."""
+    base_dir, _ = tiny_llm_dirs
+    spec = ModelSpec(name="t", source=str(base_dir), max_new_tokens=400)
+    loaded = load_model(spec)
+    loop = DecodeLoop(max_rows=2, stats=stats(), length_ratio=2.0)
+    ended_at: dict[int, tuple[int, object]] = {}  # request -> (decode steps run when it ended, result)
+    lengths = (300, 300, 5, 5, 5)
+    for i, n in enumerate(lengths):
+        params = chat([5, 6, 7], n, logit_bias={0: -100, 1: -100, 2: -100})  # no end token: it runs n
+        params.inputs = LLMServer.encode(None, loaded, params)
+        loop.submit(spec, loaded, params,
+                    lambda result, i=i: ended_at.__setitem__(i, (loop.stats.get("decode_steps", 0), result)))
+    loop.run()
+    assert [ended_at[i][1].completion_tokens for i in range(5)] == list(lengths)
+    short_batch_ended = max(ended_at[2][0], ended_at[3][0])
+    # its own 4 steps, each beside one of the long batch's
+    assert ended_at[4][0] <= short_batch_ended + 2 * 4 + 2, (short_batch_ended, ended_at[4][0])
 
 
 def test_near_lengths_share_a_batch_whatever_the_boundary(tiny_llm_models):
