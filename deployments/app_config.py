@@ -54,7 +54,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 class FamiliesConfig(BaseModel):
     """`args.families`: per-family deployment options, each merged over FAMILY_DEFAULTS."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     llm: ChatOptions
     vlm: ChatOptions
@@ -107,13 +107,14 @@ class FamiliesConfig(BaseModel):
 class AppConfig(BaseModel):
     """`applications[].args` of serve_config.yaml."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     models: list[ModelSpec] = Field(min_length=1, description="Every served model; see loading.config.ModelSpec.")
     device: Literal["auto", "cpu", "gpu"] = Field(
         default="auto",
         description=(
-            "gpu: each family replica asks Ray for num_gpus=1. cpu: no GPUs asked. auto: gpu if the cluster "
+            "gpu: each family replica asks Ray for num_gpus=1 (a family's own num_gpus overrides it). cpu: no GPUs "
+            "asked. auto: gpu if the cluster "
             "has GPU resources when the app is built, else cpu."
         ),
     )
@@ -155,13 +156,28 @@ class AppConfig(BaseModel):
     @model_validator(mode="after")
     def _gpu_models_need_gpu_replicas(self) -> AppConfig:
         """A model that must be on a GPU can only fail to load where its replica asks Ray for none."""
-        if self.device != "cpu":
+        if self.device == "cpu":
+            asking = {family: share for family in Family
+                      if (share := self.families[family].num_gpus) is not None and share > 0}
+            if asking:
+                named = ", ".join(f"families.{family.value}.num_gpus={share:g}" for family, share in asking.items())
+                raise ValueError(f"{named} asks for GPUs, but args.device: cpu asks Ray for none: set args.device: "
+                                 "auto or gpu, or leave num_gpus out")
+            on_gpu = [spec.name for spec in self.models if spec.device is DevicePreference.CUDA]
+            if on_gpu:
+                raise ValueError(
+                    f"model(s) {', '.join(map(repr, on_gpu))} have device: cuda, but args.device: cpu gives their "
+                    "replicas no GPU, so they could never load: set args.device: gpu (or auto), or the model's "
+                    "device: auto or cpu")
             return self
-        on_gpu = [spec.name for spec in self.models if spec.device is DevicePreference.CUDA]
+        on_gpu = [f"{spec.name!r} ({spec.family.value})" for spec in self.models
+                  if spec.device is DevicePreference.CUDA and spec.family is not None
+                  and self.families[spec.family].num_gpus == 0]
         if on_gpu:
             raise ValueError(
-                f"model(s) {', '.join(map(repr, on_gpu))} have device: cuda, but args.device: cpu gives their replicas "
-                "no GPU, so they could never load: set args.device: gpu (or auto), or the model's device: auto or cpu")
+                f"model(s) {', '.join(on_gpu)} have device: cuda, but their family's num_gpus: 0 gives its replicas "
+                "no GPU, so they could never load: give the family a GPU share (families.<family>.num_gpus), or "
+                "the model's device: auto or cpu")
         return self
 
     def family_options(self, family: Family) -> ChatOptions | TranscriptionOptions | SpeechOptions:

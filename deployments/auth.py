@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class AuthConfig(BaseModel):
     """`args.auth`: who may call the API. Off unless keys are configured or `required` is set."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     api_keys_env: str = "MODELFLEET_API_KEYS"
     """Environment variable holding comma-separated keys (read by the ingress at start)."""

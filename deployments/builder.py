@@ -25,7 +25,7 @@ from loading.config import with_served_base
 
 from .app_config import AppConfig
 from .auth import load_admin_keys, load_keys
-from .family_server import FamilyServer
+from .family_server import FamilyServer, family_gpus
 from .ingress import Ingress
 from .llm import LLMServer
 from .options import FamilyOptions
@@ -73,9 +73,11 @@ def starting_replicas(options: FamilyOptions) -> int:
 
 def gpu_model_notes(num_gpus: int, config: AppConfig) -> list[str]:
     """A note for /health when models that must be on a GPU get replicas without one (`device: auto` on a
-    cluster with no GPU when the app is built; `device: cpu` is refused by AppConfig)."""
-    on_gpu = [spec.name for spec in config.models if spec.device is loading.DevicePreference.CUDA]
-    if num_gpus or not on_gpu:
+    cluster with no GPU when the app is built; `device: cpu`, or a family's num_gpus: 0, is refused by
+    AppConfig)."""
+    on_gpu = [spec.name for spec in config.models if spec.device is loading.DevicePreference.CUDA
+              and spec.family is not None and not family_gpus(config.family_options(spec.family), num_gpus)]
+    if not on_gpu:
         return []
     note = (f"model(s) {', '.join(map(repr, on_gpu))} have device: cuda, but args.device: {config.device} gives "
             "their replicas no GPU (the Ray cluster had none when the app was built), so they fail to load: set "
@@ -99,19 +101,24 @@ def timeout_notes(config: AppConfig) -> list[str]:
     return [note]
 
 
-def gpu_shortage_notes(num_gpus: int, demand: dict[str, int], available: float) -> list[str]:
+def gpu_shortage_notes(gpus: dict[str, float], demand: dict[str, int], available: float,
+                       told: bool = False) -> list[str]:
     """Notes for /health when the families together ask for more GPUs than the cluster has.
 
-    `demand`: family -> replicas at deploy time (one GPU each). Zero GPUs is plan_gpus' note.
+    `gpus`: family -> GPUs per replica; `demand`: family -> replicas at deploy time. `told`: plan_gpus has
+    already said the cluster has none.
     """
-    total = num_gpus * sum(demand.values())
-    if num_gpus == 0 or available < 1 or total <= available:
+    asking = {family: (count, gpus[family]) for family, count in demand.items() if count and gpus[family]}
+    total = sum(count * share for count, share in asking.values())
+    if total <= available + 1e-9 or (told and available < 1):
         return []
-    asks = ", ".join(f"{family} {count}" for family, count in demand.items() if count)
+    # Ray packs fractions within a GPU, never across: a replica asking 0.5 needs 0.5 free on one GPU
+    asks = ", ".join(f"{family} {count} x {share:g}" for family, (count, share) in asking.items())
     note = (
-        f"the families ask for {total} GPU(s) at deploy time ({asks}; 1 GPU per replica) but the Ray cluster has "
-        f"{available:g}; {total - int(available)} replica(s) stay PENDING until more GPU nodes join "
-        "(an autoscaling cluster adds them if its GPU worker group allows)"
+        f"the families ask for {total:g} GPU(s) at deploy time ({asks} GPU per replica) but the Ray cluster has "
+        f"{available:g}; replicas stay PENDING until more GPU nodes join (an autoscaling cluster adds them if "
+        "its GPU worker group allows). On one GPU, small families can share it: families.<family>.num_gpus: "
+        "0.25, or 0 to serve that family on the CPU"
     )
     log.warning(note)
     return [note]
@@ -130,22 +137,26 @@ def build_app(args: dict[str, Any]) -> Application:
         config.local_models_dir = env["LOCAL_MODELS_DIR"]
     available = cluster_gpus()
     num_gpus, notes = plan_gpus(config.device, available)
+    told = bool(notes)
     notes += gpu_model_notes(num_gpus, config) + timeout_notes(config)
 
     handles: dict[str, Any] = {}
     resources: dict[str, dict[str, float]] = {}  # per family replica, for /health's pending reasons
     demand: dict[str, int] = {}
+    gpus: dict[str, float] = {}
     for family, server in FAMILY_SERVERS.items():
         specs = [spec for spec in config.models if spec.family is family]
         if not specs:
             continue
         options = config.family_options(family)
-        resources[family.value] = {"CPU": options.num_cpus, "GPU": num_gpus}
+        gpus[family.value] = family_gpus(options, num_gpus, specs)
+        resources[family.value] = {"CPU": options.num_cpus, "GPU": gpus[family.value]}
         demand[family.value] = starting_replicas(options)
-        deployment = serve.deployment(**server.deployment_options(family.value, options, num_gpus, env))(server)
+        deployment = serve.deployment(**server.deployment_options(family.value, options, gpus[family.value], env))(
+            server)
         handles[family.value] = deployment.bind(specs, options)
-        log.info("family %s: %d model(s), num_gpus=%d", family.value, len(specs), num_gpus)
-    notes += gpu_shortage_notes(num_gpus, demand, available)
+        log.info("family %s: %d model(s), num_gpus=%g", family.value, len(specs), gpus[family.value])
+    notes += gpu_shortage_notes(gpus, demand, available, told)
 
     # The ingress reads the keys when it starts and refuses to start on a key file it cannot read, a key
     # shorter than min_key_chars or (with auth.required) no key: say so now, not as a replica crash loop.

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
-from loading import LoadedModel, ModelSpec
+from loading import DevicePreference, LoadedModel, ModelSpec
 
 from .admission import MB, MemoryGate, settle
 from .metrics import FamilyMetrics
@@ -58,10 +58,14 @@ class FamilyServer:
         self.metrics.models(self._model_status())
 
     @classmethod
-    def deployment_options(cls, name: str, options: FamilyOptions, num_gpus: int,
+    def deployment_options(cls, name: str, options: FamilyOptions, num_gpus: float,
                            env: dict[str, str]) -> dict[str, Any]:
-        """Serve's options for this family's deployment."""
+        """Serve's options for this family's deployment; `num_gpus` per replica (family_gpus)."""
         actor: dict[str, Any] = {"num_cpus": options.num_cpus, "num_gpus": num_gpus}
+        if num_gpus == 0:
+            # Ray >= 2.49 no longer empties CUDA_VISIBLE_DEVICES for an actor given no GPU: a CPU replica saw
+            # every GPU of its node, and `device: auto` loaded onto cuda:0, beside a replica Ray gave it to
+            env = {**env, "CUDA_VISIBLE_DEVICES": ""}
         if env:
             actor["runtime_env"] = {"env_vars": env}
         out: dict[str, Any] = {
@@ -243,7 +247,17 @@ def raise_if_error(result: Any) -> Any:
     return result
 
 
-def replicas_per_node(options: FamilyOptions, num_gpus: int) -> int | None:
+def family_gpus(options: FamilyOptions, planned: int, specs: list[ModelSpec] | None = None) -> float:
+    """GPUs per replica of a family: its own `num_gpus`, else 0 where every model of it is `device: cpu`
+    (a GPU reserved for nothing), else what args.device planned for every family."""
+    if options.num_gpus is not None:
+        return options.num_gpus
+    if specs and all(spec.device is DevicePreference.CPU for spec in specs):
+        return 0
+    return planned
+
+
+def replicas_per_node(options: FamilyOptions, num_gpus: float) -> int | None:
     """The family's max_replicas_per_node: as set, else 1 for CPU replicas (a node's cores serve one
     replica's threads; a second only competes for them), else none (a GPU replica holds a GPU)."""
     if options.max_replicas_per_node is not None:

@@ -20,7 +20,7 @@ class RequestLimits(BaseModel):
     """`args.limits`: what the ingress accepts. Defaults suit a server on a shared machine;
     README ("Limits (`args.limits`)", its "Sizing them" paragraph) says how to size them."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     max_json_body_bytes: int = Field(default=16 * MiB, ge=1024)
     """Largest JSON request body (413 past it), counted while it is read. 16 MiB leaves room for

@@ -35,7 +35,7 @@ class AutoscalingOptions(BaseModel):
 
     # Any other field of Ray Serve's autoscaling_config passes through (e.g. look_back_period_s); a key Ray
     # does not know is refused by name (Ray itself would drop it silently).
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     min_replicas: int = Field(default=1, ge=0, description="0 enables scale-to-zero (first request pays a cold start).")
     initial_replicas: int | None = Field(default=None, ge=0, description="Replicas at deploy time (default min).")
@@ -66,9 +66,21 @@ class AutoscalingOptions(BaseModel):
 class FamilyOptions(BaseModel):
     """What every family deployment takes."""
 
-    model_config = ConfigDict(extra="forbid")
+    # .inf / .nan in YAML: "no bound" is null or -1 where a field has one; infinity passed validation and then
+    # crashed every replica's constructor (int(inf * MB)) or Ray's resource check, naming no option
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per replica.")
+    num_gpus: float | None = Field(
+        default=None, ge=0, le=1, description=(
+            "GPUs per replica. null: args.device decides (1 with device: gpu, or auto on a cluster with GPUs; "
+            "else 0). A fraction lets replicas of several families share one GPU (e.g. 0.25 for a small STT and "
+            "TTS beside the LLM on one card): Ray still gives each replica exactly one device and the model is "
+            "placed on it whole, never across GPUs; the fraction is Ray's bookkeeping only, so the models must "
+            "fit the card together. 0: the family computes on the CPU, and its replicas see no GPU. Never more "
+            "than 1: a model split across GPUs hangs generate."
+        ),
+    )
     max_loaded_models: int = Field(
         default=4, ge=1, description=(
             "Models kept in memory per replica before `loading: lazy` ones are unloaded, least recently used "
@@ -250,7 +262,7 @@ class SpeechOptions(FamilyOptions):
 
 
 class IngressOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     num_cpus: float = Field(default=0.25, gt=0, description="CPUs reserved per ingress replica.")
     num_replicas: int = Field(default=1, ge=1, description="Ingress replicas (it only routes; one is plenty here).")

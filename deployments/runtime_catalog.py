@@ -41,7 +41,7 @@ Kind = Literal["adapter", "model"]
 class AdminConfig(BaseModel):
     """`args.admin`: adapters and models added at run time. The routes need an admin key (`auth.admin_keys_env`)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     allow_downloads: bool = False
     """Whether a model or adapter added at run time may be downloaded from the Hub (its size is logged first).

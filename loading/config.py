@@ -54,7 +54,7 @@ TINY_KINDS = ("llm", "stt", "tts", "vlm", "llm-lora", "vlm-lora", "vlm-vision-lo
 class ModelSpec(BaseModel):
     """One served model, as written under `args.models` in serve_config.yaml."""
 
-    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, allow_inf_nan=False)
 
     name: str = Field(
         description="The id clients put in the request's `model` field; unique across the app.",

@@ -127,12 +127,13 @@ def test_builder_notes_when_families_ask_more_gpus_than_the_cluster_has():
 
     assert plan_gpus("gpu", 0)[0] == 1 and "no GPU" in plan_gpus("gpu", 0)[1][0]
     assert plan_gpus("auto", 0) == (0, []) and plan_gpus("auto", 2) == (1, [])
-    note = gpu_shortage_notes(1, {"llm": 2, "stt": 1, "tts": 0}, 2)
-    assert len(note) == 1 and "3 GPU(s)" in note[0] and "llm 2, stt 1" in note[0] and "has 2" in note[0]
-    assert "1 replica(s) stay PENDING" in note[0]
-    assert gpu_shortage_notes(1, {"llm": 2}, 2) == []  # enough
-    assert gpu_shortage_notes(0, {"llm": 5}, 1) == []  # CPU replicas
-    assert gpu_shortage_notes(1, {"llm": 5}, 0) == []  # plan_gpus' own note covers a cluster with none
+    whole = {"llm": 1, "stt": 1, "tts": 1}
+    note = gpu_shortage_notes(whole, {"llm": 2, "stt": 1, "tts": 0}, 2)
+    assert len(note) == 1 and "3 GPU(s)" in note[0] and "llm 2 x 1, stt 1 x 1" in note[0] and "has 2" in note[0]
+    assert "replicas stay PENDING" in note[0]
+    assert gpu_shortage_notes(whole, {"llm": 2}, 2) == []  # enough
+    assert gpu_shortage_notes({"llm": 0}, {"llm": 5}, 1) == []  # CPU replicas
+    assert gpu_shortage_notes(whole, {"llm": 5}, 0, told=True) == []  # plan_gpus' own note covers a cluster with none
     config = AppConfig.model_validate(yaml.safe_load((REPO / "serve_config.gpu.yaml").read_text())["applications"][0]["args"])
     from loading import Family
 
