@@ -29,7 +29,7 @@ from .errors import (
 )
 from .offline import HubStatus
 from .placement import safetensors_header
-from .resolve import WEIGHT_SUFFIXES, Resolved, is_model_dir, resolve_source
+from .resolve import WEIGHT_SUFFIXES, Resolved, is_model_dir, resolve_source, user_path
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def resolve_base(
             str(adapter.path), "<unnamed>", [f"{adapter.path}/adapter_config.json (no base_model_name_or_path)"],
             "set `base_model:` for this model in serve_config.yaml.",
         )
-    explicit = Path(base).expanduser()
+    explicit = user_path(base)  # "~user" of no such user: a path that is not there, not a RuntimeError
     if base and is_model_dir(explicit):
         return Resolved(explicit.resolve(), "local path")
     if guess is not None:

@@ -25,7 +25,7 @@ from .config import ModelSpec
 from .errors import UnreadableModelError, UnsupportedModelError
 from .families import FamilyLoader, select_family
 from .offline import HubStatus, offline_for_libraries
-from .resolve import Resolved, looks_like_path, resolve_source
+from .resolve import Resolved, looks_like_path, resolve_source, user_path
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def read_config_file(model_dir: Path, source: str, trust_remote_code: bool = Fal
 
 def tiny_target(spec_source: str, settings: Settings) -> Path:
     """Where the demo model of `build_tiny` is built: the path itself, or a name under LOCAL_MODELS_DIR."""
-    return Path(spec_source).expanduser() if looks_like_path(spec_source) else settings.local_models_dir / spec_source
+    return user_path(spec_source) if looks_like_path(spec_source) else settings.local_models_dir / spec_source
 
 
 def ensure_demo_model(spec: ModelSpec, settings: Settings) -> None:

@@ -104,6 +104,14 @@ def test_adapter_whose_absolute_base_path_is_gone(isolated_env, tiny, tmp_path):
     assert f"{gone} (does not exist)" in str(info.value)
 
 
+def test_an_adapter_naming_its_base_under_an_unknown_users_home_is_a_base_not_found(isolated_env, tiny, tmp_path):
+    """"~nosuchuser/base" as the adapter's base: Path.expanduser raised RuntimeError from deep inside the load."""
+    adapter = _adapter_with_base(tiny, tmp_path / "my-lora", "~nosuchuser-modelfleet/base")
+    with pytest.raises(AdapterBaseNotFoundError) as info:
+        load_model(ModelSpec(name="my-lora", source=str(adapter)))
+    assert info.value.base == "~nosuchuser-modelfleet/base"
+
+
 def test_adapter_base_found_in_local_models_dir_by_last_component(isolated_env, tiny, tmp_path, monkeypatch):
     adapter = _adapter_with_base(tiny, tmp_path / "my-lora", "Org/Base-7B")
     copy_model(tiny["llm"], isolated_env["models"] / "Base-7B")
