@@ -2,7 +2,9 @@
 
 huggingface_hub reads its offline flag once, at import, and on an unreachable network retries
 with backoff (~47 s for a model, ~141 s for a tokenizer). We read the flags at call time and
-probe the endpoint with one TCP connect bounded by a short timeout; `offline_for_libraries` tells
+probe the endpoint with one name lookup and TCP connect, bounded together by a short timeout (the
+lookup waited for in a worker thread: a socket timeout does not bound getaddrinfo, which takes the
+resolver's 5 s x 2 attempts where DNS does not answer); `offline_for_libraries` tells
 huggingface_hub what we found, before peft and bitsandbytes, which call the Hub as they are imported.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +28,10 @@ _probe_cache: dict[str, tuple[float, HubStatus]] = {}
 _constant_set_here = False
 _variable_set_here = False
 _variable_before: str | None = None  # HF_HUB_OFFLINE's value before it was set here ("0", or None: unset)
+# Name lookups still running, by (host, port): a probe waits on the one already running instead of starting
+# another, so that a resolver that never answers holds at most one thread per name.
+_lookups: dict[tuple[str, int], _Lookup] = {}
+_lookups_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -71,17 +78,74 @@ def hub_status(settings: Settings, environ: Mapping[str, str] | None = None, *, 
     now = time.monotonic()
     if use_cache and key in _probe_cache and now - _probe_cache[key][0] < _PROBE_TTL_S:
         return _probe_cache[key][1]
+    started = time.monotonic()
     try:
-        with socket.create_connection((host, port), timeout=settings.hub_probe_timeout_s):
-            status = HubStatus(True, f"{key} reachable")
+        connect_within(host, port, settings.hub_probe_timeout_s)
+        status = HubStatus(True, f"{key} reachable")
     except OSError as exc:
         status = HubStatus(
             False,
-            f"{key} unreachable within {settings.hub_probe_timeout_s:g} s ({type(exc).__name__}: {exc}); "
-            "treating the Hub as offline",
+            f"{key} unreachable within {settings.hub_probe_timeout_s:g} s ({type(exc).__name__}: {exc}; "
+            f"gave up after {time.monotonic() - started:.2f} s); treating the Hub as offline",
         )
     _probe_cache[key] = (now, status)
     return status
+
+
+class _Lookup:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.addresses: list[tuple] = []
+        self.error: OSError | None = None
+
+
+def _look_up(key: tuple[str, int], lookup: _Lookup) -> None:
+    try:
+        lookup.addresses = socket.getaddrinfo(key[0], key[1], 0, socket.SOCK_STREAM)
+    except OSError as exc:
+        lookup.error = exc
+    finally:
+        with _lookups_lock:
+            if _lookups.get(key) is lookup:
+                del _lookups[key]
+        lookup.done.set()
+
+
+def resolve_within(host: str, port: int, timeout_s: float) -> list[tuple]:
+    """socket.getaddrinfo for a TCP connect to (host, port), or TimeoutError after `timeout_s`: the lookup
+    runs in a daemon thread (getaddrinfo cannot be interrupted), which a lookup that does not answer
+    leaves behind until the resolver gives up; a later call for the same name waits on that one."""
+    key = (host, port)
+    with _lookups_lock:
+        lookup = _lookups.get(key)
+        if lookup is None:
+            lookup = _lookups[key] = _Lookup()
+            threading.Thread(target=_look_up, args=(key, lookup), name=f"hub-probe-lookup {host}",
+                             daemon=True).start()
+    if not lookup.done.wait(timeout_s):
+        raise TimeoutError(f"the name lookup of {host} did not answer")
+    if lookup.error is not None:
+        raise lookup.error
+    return lookup.addresses
+
+
+def connect_within(host: str, port: int, timeout_s: float) -> None:
+    """One TCP connect to (host, port), name lookup included, all within `timeout_s` (OSError otherwise;
+    TimeoutError where time ran out). socket.create_connection's timeout bounds each connect, not the lookup."""
+    deadline = time.monotonic() + timeout_s
+    error: OSError | None = None
+    for family, kind, proto, _, address in resolve_within(host, port, timeout_s):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        with socket.socket(family, kind, proto) as sock:
+            sock.settimeout(remaining)
+            try:
+                sock.connect(address)
+                return
+            except OSError as exc:
+                error = exc
+    raise error if error is not None else TimeoutError("timed out")
 
 
 def offline_for_libraries(settings: Settings) -> HubStatus:
