@@ -240,6 +240,9 @@ SPEECH_FORMATS: Mapping[str, tuple[str, Callable[[np.ndarray, int], tuple[bytes,
     if needs is None or _writable(*needs)
 }
 
+#: /v1/audio/speech's format when the request names none: OpenAI's default, where it can be written here
+DEFAULT_SPEECH_FORMAT = "mp3" if "mp3" in SPEECH_FORMATS else "wav"
+
 
 def encode_audio_with_rate(waveform: np.ndarray, rate: int, fmt: str) -> tuple[bytes, str, int]:
     """Like `encode_audio`, also returning the sample rate actually written.

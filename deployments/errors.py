@@ -176,7 +176,10 @@ def _validation_error(errors: list[dict[str, Any]], *, fastapi_locations: bool =
     first = errors[0]
     loc = list(first.get("loc", ()))
     source = loc.pop(0) if fastapi_locations and loc and loc[0] in _SOURCES else None
-    param = ".".join(str(part) for part in loc if not _is_label(part)) or None
+    keep = [part for part in loc if not _is_label(part)]
+    if first.get("type") == "extra_forbidden" and loc and _is_label(loc[-1]):
+        keep.append(loc[-1])  # an unknown field's name is the client's, whatever it looks like (`include[]`)
+    param = ".".join(str(part) for part in keep) or None
     ctx = first.get("ctx") or {}
     # A ValueError raised by our validators: show its text without pydantic's prefix.
     reason = str(ctx["error"]) if first.get("type") == "value_error" and "error" in ctx else first.get("msg", "invalid")

@@ -339,8 +339,9 @@ class Ingress:
                                           models=models, usage=usage))
 
     async def _pause(self, tts: str, wait_s: float) -> SpeechResult:
-        """The voice round trip's answer to a reply with nothing speakable: a short pause of speech."""
-        return await self.synthesize(SpeechParams(model=tts, text="...", wait_s=wait_s))
+        """The voice round trip's answer to a reply with nothing speakable: a short pause."""
+        return await self._call(Family.TTS, "silence", SpeechParams(model=self.spec(tts, Family.TTS).name, text="",
+                                                                    wait_s=wait_s))
 
     def _tts_chars(self) -> int:
         """Longest piece of a reply sent to the TTS at once (its family's max_chars_per_call)."""

@@ -978,15 +978,26 @@ class TranscriptTextDone(OpenAIBaseModel):
 SpeechFormat = Literal["wav", "flac", "pcm", "mp3", "opus"]
 
 
+class CustomVoice(RequestModel):
+    id: str = Field(max_length=256)
+    """A custom voice's id (OpenAI's `{"id": "voice_..."}`): as a voice name here."""
+
+
 class SpeechRequest(RequestModel):
     model: str
     """Text-to-speech model id or alias."""
     input: str = Field(min_length=1)
     """Text to speak (at most `limits.max_speech_input_chars`, 4096 by default)."""
-    voice: str | None = None
-    """Voice name; models with a single voice ignore it."""
-    response_format: SpeechFormat = "wav"
-    """Audio container/encoding; `pcm` is raw 16-bit little-endian mono."""
+    voice: str | CustomVoice | None = None
+    """Voice name (or OpenAI's custom-voice object, whose id is taken as the name); models with a single
+    voice ignore it."""
+
+    @property
+    def voice_name(self) -> str | None:
+        return self.voice.id if isinstance(self.voice, CustomVoice) else self.voice
+    response_format: SpeechFormat | None = None
+    """Audio container/encoding; `pcm` is raw 16-bit little-endian mono. Left out: `mp3`, as OpenAI's (`wav`
+    where this machine's libsndfile cannot write mp3)."""
     speed: float = Field(default=1.0, ge=0.25, le=4.0)
     """Playback speed factor."""
     instructions: str | None = None

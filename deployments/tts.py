@@ -6,6 +6,8 @@ import time
 from collections.abc import AsyncGenerator
 from typing import ClassVar
 
+import numpy as np
+
 from loading import ModelSpec
 
 from .admission import speech_request_bytes
@@ -35,6 +37,16 @@ class TTSServer(FamilyServer):
                     loaded, synthesis.synthesize, spec, loaded, params, self.options.max_chars_per_call))
         self._count(spec.name, result, time.monotonic() - started)
         return result
+
+    async def silence(self, params: SpeechParams, seconds: float = 0.3) -> SpeechResult:
+        """`seconds` of silence at the model's rate: the voice round trip's answer to a reply with nothing
+        speakable. Not synthesized: a voice whose vocabulary has no punctuation (MMS-TTS) pronounces
+        nothing of "...", and the round trip failed with a 400 on an `input` the form does not have."""
+        _, loaded = await self.pool.get(params.model, params.wait_s)
+        from . import synthesis
+
+        rate = synthesis.sample_rate(loaded)
+        return SpeechResult(np.zeros(int(rate * seconds), dtype=np.float32), rate)
 
     def _count(self, model: str, result: SpeechResult, seconds: float) -> None:
         self.metrics.batch(model, 1)

@@ -13,7 +13,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from loading import Family
 
-from ..audio import STREAMED_FORMATS, StreamEncoder, encode_audio_with_rate, format_srt, format_vtt
+from ..audio import (
+    DEFAULT_SPEECH_FORMAT,
+    STREAMED_FORMATS,
+    StreamEncoder,
+    encode_audio_with_rate,
+    format_srt,
+    format_vtt,
+)
 from ..errors import InvalidRequestError
 from ..ingress import Ingress
 from ..limits import check_speech_text
@@ -170,17 +177,18 @@ async def _encode(encoder: StreamEncoder, fn, *args) -> bytes:
                                              "opus); with `stream_format: sse`, speech.audio.delta events"}})
 async def create_speech(body: SpeechRequest, ingress: IngressDep, wait_s: WaitDep) -> Response:
     check_speech_text(body.input, ingress.limits, "input")
-    params = SpeechParams(model=body.model, text=body.input, voice=body.voice, speed=body.speed, wait_s=wait_s)
-    if body.stream_format == "audio" and body.response_format not in STREAMED_FORMATS:
+    params = SpeechParams(model=body.model, text=body.input, voice=body.voice_name, speed=body.speed, wait_s=wait_s)
+    fmt = body.response_format or DEFAULT_SPEECH_FORMAT
+    if body.stream_format == "audio" and fmt not in STREAMED_FORMATS:
         result = await ingress.synthesize(params)  # flac, mp3: one body, with its length
         # off the event loop: ~0.5 s of mp3 encoding for minutes of speech would hold up every other request
         data, media_type, _ = await ingress._off_loop(encode_audio_with_rate, result.waveform, result.sample_rate,
-                                                      body.response_format)
+                                                      fmt)
         return Response(data, media_type=media_type)
     pieces = ingress.synthesize_stream(params)
     first = await pieces.__anext__()  # errors before the first piece are plain HTTP errors
     try:
-        encoder = StreamEncoder(body.response_format, first.sample_rate)
+        encoder = StreamEncoder(fmt, first.sample_rate)
     except Exception:
         await pieces.aclose()
         raise

@@ -433,3 +433,24 @@ def test_a_realtime_refusal_past_the_session_limit_chooses_the_realtime_subproto
         with client.websocket_connect("/v1/realtime?model=llm", subprotocols=_offering(REALTIME_KEY)) as second:
             assert second.receive_json()["error"]["code"] == "overloaded"
             assert second.accepted_subprotocol == "realtime"
+
+
+def test_an_unknown_form_field_is_named_whatever_its_name_looks_like(client):
+    """The official client sends list parameters as `include[]`: the 400 named no field, since a name that
+    is not a lowercase identifier was taken for one of pydantic's type labels."""
+    test_client, _ = client
+    body = multipart({"model": "stt", "include[]": "logprobs"})
+    response = test_client.post(STT, content=body, headers={"content-type": "multipart/form-data; boundary=b0undary"})
+    assert error(response, 400)["param"] == "include[]" and "include[]" in error(response, 400)["message"]
+
+
+def test_speech_takes_openais_custom_voice_object_and_defaults_to_mp3(client):
+    """openai >= 2 sends `voice` as {"id": ...} for a custom voice: it was a 400 ('Input should be a valid
+    string') even for a single-speaker model, which ignores voices. And OpenAI's default format is mp3: ours
+    answered wav to a client that named none (and wrote it to speech.mp3)."""
+    test_client, families = client
+    response = test_client.post("/v1/audio/speech", json={"model": "tts", "input": "Hi.", "voice": {"id": "voice_1"}})
+    assert response.status_code == 200, response.text
+    assert [p.voice for name, p in families["tts"].calls if name.startswith("synthesize")][-1] == "voice_1"
+    assert response.headers["content-type"] == "audio/mpeg"
+    assert sf.info(io.BytesIO(response.content)).format == "MP3"

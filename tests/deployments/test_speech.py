@@ -124,3 +124,50 @@ def test_an_over_long_word_is_cut_between_graphemes(word):
                 assert unicodedata.category(piece[0]) not in ("Mn", "Mc", "Me") and piece[0] != "\u200d", \
                     (limit, piece)
                 assert not piece[0:1] == "\u200d"
+
+
+@pytest.mark.parametrize("reply", ["🙂", "Привет! Как дела?"])
+def test_a_voice_reply_with_nothing_speakable_is_a_pause_on_a_voice_without_punctuation(vits_dirs, tmp_path, reply):
+    """The round trip's pause for a reply with nothing speakable (an emoji, another script) was synthesized
+    from "...": MMS-TTS's vocabulary has no punctuation, so it was empty and the round trip failed with a
+    400 on `input`, a field the form does not have (streamed: an error event and no `done`)."""
+    import base64
+    import io
+    import shutil
+
+    import soundfile as sf
+    from fastapi.testclient import TestClient
+    from test_http_surface import Family as StandIn
+    from test_http_surface import Handle
+
+    from deployments.api import build_api
+    from deployments.app_config import AppConfig
+    from deployments.ingress import Ingress
+
+    mms = tmp_path / "mms-like"
+    shutil.copytree(vits_dirs[0], mms)
+    vocab = json.loads((mms / "vocab.json").read_text())
+    (mms / "vocab.json").write_text(json.dumps({k: v for k, v in vocab.items() if k.isalnum() or k in " '-"}))
+
+    class Replying(StandIn):
+        async def chat_stream(self, params):
+            yield {"delta": reply}
+            yield {"finish_reason": "stop", "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+
+    families = {"llm": Handle(Replying()), "stt": Handle(StandIn()),
+                "tts": Handle(TTSServer([ModelSpec(name="tts", source=str(mms), family=Family.TTS)], SpeechOptions()))}
+    config = AppConfig.model_validate({"models": [{"name": "llm", "source": "llm", "family": "llm"},
+                                                  {"name": "stt", "source": "stt", "family": "stt"},
+                                                  {"name": "tts", "source": str(mms), "family": "tts"}]})
+    client = TestClient(build_api(Ingress(families, config)), raise_server_exceptions=False)
+    client.headers["X-Wait-For-Model"] = "60"
+    upload = io.BytesIO()
+    sf.write(upload, np.zeros(16000, np.float32), 16000, format="WAV")
+    form = {"file": ("q.wav", upload.getvalue(), "audio/wav")}
+    plain = client.post("/v1/audio/chat", files=form, data={"response_format": "wav"})
+    assert plain.status_code == 200, plain.text
+    audio, rate = sf.read(io.BytesIO(base64.b64decode(plain.json()["audio"])))
+    assert rate == plain.json()["sample_rate"] and 0.2 < len(audio) / rate < 0.5 and not audio.any()
+    streamed = client.post("/v1/audio/chat", files=form, data={"stream": "true"})
+    kinds = [json.loads(line[6:]).get("type") for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert kinds[-2:] == ["audio.delta", "done"], streamed.text[-500:]

@@ -106,7 +106,7 @@ def test_a_permanent_failure_is_sticky_visible_and_never_restart_loops(states_ap
 def test_a_lazy_model_loads_on_first_use(states_app):
     assert states_app.get("/health").json()["models"]["lazy-tts"]["state"] == "not_loaded"
     response = states_app.post("/v1/audio/speech", headers={"x-wait-for-model": "60"},
-                               json={"model": "lazy-tts", "input": "hello"})
+                               json={"model": "lazy-tts", "input": "hello", "response_format": "wav"})
     assert response.status_code == 200 and response.headers["content-type"] == "audio/wav"
     assert states_app.get("/health").json()["models"]["lazy-tts"]["state"] == "ready"
 

@@ -170,11 +170,11 @@ def test_a_generation_cut_by_the_time_bound_says_so(cut_reply):
 
 
 def test_generation_timeout_s_bounds_a_synthesize_call(bounds_app):
-    response = bounds_app.post("/v1/audio/speech", json={"model": "cut-tts", "input": LONG_TEXT})
+    response = bounds_app.post("/v1/audio/speech", json={"model": "cut-tts", "input": LONG_TEXT, "response_format": "wav"})
     if response.status_code != 200:  # a clear error is a bound
         assert_openai_error(response, response.status_code)
         return
-    full = bounds_app.post("/v1/audio/speech", json={"model": "tts-bg", "input": LONG_TEXT})
+    full = bounds_app.post("/v1/audio/speech", json={"model": "tts-bg", "input": LONG_TEXT, "response_format": "wav"})
     assert full.status_code == 200, full.text
     cut_s, full_s = (sf.info(io.BytesIO(r.content)).duration for r in (response, full))
     assert cut_s < full_s, f"the bounded voice spoke all {full_s:.1f} s (synthesis is seeded: same audio)"
