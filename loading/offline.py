@@ -10,6 +10,7 @@ huggingface_hub what we found, before peft and bitsandbytes, which call the Hub 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import threading
@@ -59,22 +60,126 @@ def declared_offline(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
-def _probe_target(endpoint: str, environ: dict[str, str]) -> tuple[str, int]:
-    # Behind an HTTPS proxy, the proxy is what must be reachable.
-    proxy = environ.get("HTTPS_PROXY") or environ.get("https_proxy")
-    url = urlparse(proxy if proxy else endpoint)
-    default_port = 443 if url.scheme == "https" else 80
-    return url.hostname or "huggingface.co", url.port or default_port
+_DEFAULT_PORTS = {"http": 80, "https": 443, "socks5": 1080, "socks5h": 1080}
+
+
+def proxies_from_env(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """scheme -> (proxy, the variable naming it), read from `environ` as urllib.request.getproxies_environment
+    reads os.environ (and so httpx, huggingface_hub's client): <scheme>_proxy in either case, a lowercase
+    name winning over its uppercase one, an empty one unsetting it; HTTP_PROXY is not read in a CGI request
+    (REQUEST_METHOD set); NO_PROXY comes back as scheme "no"."""
+    proxies: dict[str, tuple[str, str]] = {}
+    for name, value in environ.items():
+        if value and name.lower().endswith("_proxy"):
+            proxies[name.lower()[:-6]] = (value, name)
+    if "REQUEST_METHOD" in environ:
+        proxies.pop("http", None)
+    for name, value in environ.items():
+        if name.endswith("_proxy"):
+            if value:
+                proxies[name.lower()[:-6]] = (value, name)
+            else:
+                proxies.pop(name.lower()[:-6], None)
+    return proxies
+
+
+def bypasses_proxy(no_proxy: str, scheme: str, host: str, port: int | None) -> bool:
+    """Whether a NO_PROXY value sends scheme://host[:port] directly, as httpx reads it (its
+    get_environment_proxies, after curl): "*" for every host; an IP address, an IP network (10.0.0.0/8) or
+    localhost exactly; example.com for it and its subdomains, .example.com and *.example.com for its
+    subdomains only; host:port only for that port (`port` None: the scheme's default); scheme://host for that
+    scheme only. Entries it cannot parse are ignored, as there."""
+    host = host.lower().strip("[]")
+    for entry in (item.strip() for item in no_proxy.split(",")):
+        if entry == "*":
+            return True
+        if entry and _no_proxy_entry_matches(entry.lower(), scheme, host, port):
+            return True
+    return False
+
+
+def _no_proxy_entry_matches(entry: str, scheme: str, host: str, port: int | None) -> bool:
+    entry_scheme, _, rest = entry.rpartition("://")
+    if entry_scheme and entry_scheme not in ("all", scheme):
+        return False
+    address, slash, prefix = rest.partition("/")
+    try:  # an address or a network: 127.0.0.1, ::1, [::1], 10.0.0.0/8
+        network = ipaddress.ip_network(f"{address.strip('[]')}{slash}{prefix}", strict=False)
+    except ValueError:
+        network = None
+    if network is not None:
+        try:
+            return ipaddress.ip_address(host) in network
+        except ValueError:
+            return False
+    if slash:
+        return False
+    try:
+        parsed = urlparse(f"//{rest}")
+        pattern, entry_port = parsed.hostname or "", parsed.port
+    except ValueError:
+        return False
+    if entry_port is not None and entry_port != port:
+        return False
+    if not entry_scheme and pattern != "localhost" and not pattern.startswith("*."):
+        pattern = f"*{pattern}"  # example.com and .example.com as httpx reads them: *example.com, *.example.com
+    if pattern in ("", "*"):
+        return True
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
+    if pattern.startswith("*"):
+        return host == pattern[1:] or host.endswith(f".{pattern[1:]}")
+    return host == pattern
+
+
+@dataclass(frozen=True)
+class ProbeTarget:
+    host: str
+    port: int
+    proxy_variable: str | None = None  # the variable naming the proxy probed in the endpoint's place
+
+    def __str__(self) -> str:
+        where = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return f"{where} (the proxy in {self.proxy_variable})" if self.proxy_variable else where
+
+
+def probe_target(endpoint: str, environ: Mapping[str, str]) -> ProbeTarget:
+    """What must answer for the Hub at `endpoint` to be usable: the proxy the HTTP client would send its
+    requests through (for the endpoint's scheme, else ALL_PROXY, unless NO_PROXY names the host), else the
+    endpoint itself. The proxy for https:// where the endpoint is http://, or one for a host in NO_PROXY,
+    declared a directly reachable mirror offline when that proxy was down."""
+    url = urlparse(endpoint)
+    scheme = url.scheme.lower() or "https"
+    host = url.hostname or "huggingface.co"
+    try:
+        explicit_port = url.port
+    except ValueError:
+        explicit_port = None
+    port = explicit_port or _DEFAULT_PORTS.get(scheme, 443)
+    proxies = proxies_from_env(environ)
+    no_proxy = proxies.get("no", ("", ""))[0]
+    proxy = proxies.get(scheme) or proxies.get("all")
+    if proxy is None or bypasses_proxy(no_proxy, scheme, host, None if port == _DEFAULT_PORTS.get(scheme) else port):
+        return ProbeTarget(host, port)
+    value, variable = proxy
+    proxy_url = urlparse(value if "://" in value else f"http://{value}")
+    try:
+        proxy_port = proxy_url.port
+    except ValueError:
+        proxy_port = None
+    return ProbeTarget(proxy_url.hostname or host, proxy_port or _DEFAULT_PORTS.get(proxy_url.scheme.lower(), 80),
+                       variable)
 
 
 def hub_status(settings: Settings, environ: Mapping[str, str] | None = None, *, use_cache: bool = True) -> HubStatus:
-    """Offline if declared; otherwise one TCP connect to the endpoint (cached for 30 s)."""
+    """Offline if declared; otherwise one TCP connect (cached for 30 s) to the endpoint, or to the proxy
+    huggingface_hub's client would reach it through (`probe_target`)."""
     declared = declared_offline(environ)
     env = dict(os.environ if environ is None else environ)
     if declared:
         return HubStatus(False, f"offline mode declared by {declared}")
-    host, port = _probe_target(settings.hub_endpoint, env)
-    key = f"{host}:{port}"
+    target = probe_target(settings.hub_endpoint, env)
+    host, port, key = target.host, target.port, str(target)
     now = time.monotonic()
     if use_cache and key in _probe_cache and now - _probe_cache[key][0] < _PROBE_TTL_S:
         return _probe_cache[key][1]
