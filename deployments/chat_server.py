@@ -121,9 +121,7 @@ class ChatServer(FamilyServer):
         longest = self._longest_token.get(id(tokenizer))
         if longest is None:
             longest = self._longest_token[id(tokenizer)] = max((len(t) for t in tokenizer.get_vocab()), default=1)
-        chars = sum(len(text) for text in message_texts(params.messages))
-        if isinstance(params.prompt, str):
-            chars += len(params.prompt)
+        chars = sum(len(text) for text in rendered_texts(params))
         if chars > limit * longest:
             raise context_length_exceeded(limit_name, limit, chars // longest, at_least=True)
 
@@ -348,6 +346,25 @@ def message_texts(messages: list[dict]) -> list[str]:
             texts.append(content)
         elif isinstance(content, list):
             texts.extend(part.get("text", "") for part in content if isinstance(part, dict))
+    return texts
+
+
+def rendered_texts(params: ChatParams) -> list[str]:
+    """Text the prompt holds at least once whatever the chat template: the messages' contents and names, the
+    names and arguments of past tool calls, the tools' names and descriptions, or the raw prompt. A template
+    may add more (JSON around a tool), never less, so its characters bound the prompt's tokens from below:
+    12 MB in a tool description was tokenized (19 s, +2.2 GB) before the same refusal a message gets at once."""
+    texts = message_texts(params.messages)
+    for message in params.messages:
+        texts.append(str(message.get("name") or ""))
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                texts += [str(function.get("name") or ""), str(function.get("arguments") or "")]
+    for tool in params.tools or []:
+        texts += [str(tool.get("name") or ""), str(tool.get("description") or "")]
+    if isinstance(params.prompt, str):
+        texts.append(params.prompt)
     return texts
 
 

@@ -129,3 +129,32 @@ def test_a_completion_stream_has_one_created(monkeypatch):
     assert len(chunks) >= 6 and len({chunk["created"] for chunk in chunks}) == 1
     assert len({chunk["id"] for chunk in chunks}) == 1
 
+
+
+@pytest.mark.parametrize("where", ["tool description", "past tool call", "message name"])
+def test_text_outside_message_contents_is_counted_before_tokenizing(models, monkeypatch, where):
+    """The characters-before-tokenizing refusal counted message contents only: 12 MB in a tool's description or
+    a past tool call's arguments was rendered and tokenized (19 s, +2.2 GB in the review's run) before the
+    same context_length_exceeded a 12 MB message gets at once."""
+    from deployments.llm import LLMServer
+    from deployments.options import ChatOptions
+
+    spec = models["tiny"][0]
+    server = LLMServer([spec], ChatOptions())
+    tokenized = []
+    monkeypatch.setattr(LLMServer, "encode", lambda self, *args: tokenized.append(args) or 1 / 0)
+    text = "lorem ipsum " * 200_000
+    messages = [{"role": "user", "content": "hi"}]
+    tools = None
+    if where == "tool description":
+        tools = [{"name": "f", "description": text, "parameters": {"type": "object"}}]
+    elif where == "past tool call":
+        messages += [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": text}}]},
+                     {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    else:
+        messages[0]["name"] = text
+    with pytest.raises(InvalidRequestError) as info:
+        asyncio.run(server.chat(ChatParams(model="tiny", messages=messages, tools=tools, max_new_tokens=2,
+                                           wait_s=60)))
+    assert info.value.code == "context_length_exceeded" and not tokenized
