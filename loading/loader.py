@@ -26,7 +26,7 @@ from .errors import AllStrategiesFailedError, LoadingError, UnreadableModelError
 from .families import auto_class
 from .model_source import Progress, ResolvedModel, ensure_demo_model, no_progress, resolve_model
 from .offline import offline_for_libraries
-from .placement import GpuInfo, count_parameters, device_shortfall, plan_device, visible_gpus
+from .placement import GpuInfo, count_parameters, device_shortfall, plan_device, survey_gpus
 from .quantization import Strategy, dtype_warning, loaded_quantization, model_strategies
 from .report import Attempt, LoadedModel, LoadReport, adapter_layers
 from .settings import Settings
@@ -70,8 +70,8 @@ def load_model(
     )
 
     progress("planning placement", 0.3)
-    gpus = visible_gpus() if gpus is None else gpus
-    plan = plan_device(spec.device, gpus)
+    gpus, unusable = survey_gpus() if gpus is None else (gpus, [])  # a GPU that cannot be opened: left out
+    plan = plan_device(spec.device, gpus, unusable)
     report.device_reason, report.visible_devices = plan.reason, plan.visible_devices
     report.parameters = count_parameters(found.model_dir)
     log.info("%s: device plan %s (%s); %s parameters", spec.name, plan.device, plan.reason,

@@ -8,8 +8,10 @@ synchronisation; with too little memory it asks for disk offload. Inside a Ray r
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,8 @@ import torch
 from .config import DevicePreference
 from .errors import NoDeviceError, UnreadableModelError
 from .resolve import WEIGHT_SUFFIXES
+
+log = logging.getLogger(__name__)
 
 # Activations, KV cache and CUDA context need room beyond the weights.
 HEADROOM = 1.25
@@ -98,18 +102,58 @@ def estimate_weight_bytes(model_dir: Path, bytes_per_param: float, parameters: i
     return int(params * bytes_per_param) if params else stored_bytes(model_dir)
 
 
+@dataclass(frozen=True)
+class UnusableGpu:
+    """A device CUDA lists that cannot be used, and why."""
+
+    device: str  # "cuda:0 (NVIDIA A10G)", or "CUDA" where even the devices cannot be counted
+    reason: str  # e.g. "RuntimeError: CUDA error: CUDA-capable device(s) is/are busy or unavailable"
+
+    def __str__(self) -> str:
+        return f"{self.device} cannot be opened ({self.reason})"
+
+
+def _error_line(exc: BaseException) -> str:
+    """One line for a CUDA error (torch adds lines on CUDA_LAUNCH_BLOCKING and TORCH_USE_CUDA_DSA)."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
+def survey_gpus() -> tuple[list[GpuInfo], list[UnusableGpu]]:
+    """The GPUs CUDA lists, each opened to read its free memory: those that answer, and those that do not
+    with why (exclusive-process mode held by another process, "busy or unavailable", an ECC/Xid-wedged
+    device). A device that cannot be opened is left out, as if absent: it never fails the survey, which
+    runs before the strategy chain and its fallback to the CPU."""
+    try:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception as exc:  # noqa: BLE001 - whatever CUDA raises, the CPU is still there
+        unusable = [UnusableGpu("CUDA", _error_line(exc))]
+        log.warning("GPUs left out: %s", unusable[0])
+        return [], unusable
+    gpus: list[GpuInfo] = []
+    unusable = []
+    for index in range(count):
+        name = ""
+        try:
+            name = torch.cuda.get_device_name(index)
+            free, total = torch.cuda.mem_get_info(index)
+        except Exception as exc:  # noqa: BLE001 - one device's failure leaves it out, nothing more
+            unusable.append(UnusableGpu(f"cuda:{index}" + (f" ({name})" if name else ""), _error_line(exc)))
+            log.warning("GPU left out: %s", unusable[-1])
+            continue
+        gpus.append(GpuInfo(index, name, free, total))
+    return gpus, unusable
+
+
 def visible_gpus() -> list[GpuInfo]:
-    if not torch.cuda.is_available():
-        return []
-    gpus = []
-    for index in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(index)
-        gpus.append(GpuInfo(index, torch.cuda.get_device_name(index), free, total))
-    return gpus
+    """The GPUs that can be used (`survey_gpus`, without the ones that cannot be opened)."""
+    return survey_gpus()[0]
 
 
-def plan_device(preference: DevicePreference, gpus: list[GpuInfo]) -> DevicePlan:
-    """The device to try first: cuda:0 (this replica's one GPU) or cpu.
+def plan_device(preference: DevicePreference, gpus: list[GpuInfo], unusable: Sequence[UnusableGpu] = ()) -> DevicePlan:
+    """The device to try first: cuda:N (the first usable GPU: cuda:0, this replica's one GPU, unless it
+    cannot be opened) or cpu. `unusable`, the devices CUDA lists that cannot be opened, are named in the
+    plan's reason: why a model is on the CPU, or why device: cuda cannot be served.
 
     Whether the weights fit is checked per strategy (`gpu_shortfall`): a 4-bit load may fit where
     fp16 does not, and a model that fits under no GPU strategy ends on CPU, never on disk.
@@ -117,19 +161,30 @@ def plan_device(preference: DevicePreference, gpus: list[GpuInfo]) -> DevicePlan
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if preference is DevicePreference.CPU:
         return DevicePlan("cpu", "device: cpu configured", visible)
+    broken = "; ".join(str(gpu) for gpu in unusable)
     if not gpus and preference is DevicePreference.CUDA:
+        if unusable:
+            raise NoDeviceError(
+                f"device: cuda is configured but no CUDA device can be used: {broken} "
+                f"(CUDA_VISIBLE_DEVICES={visible!r}, torch {torch.__version__}). Free the GPU (a process holding "
+                "it in exclusive-process mode, or a device that needs a reset: see nvidia-smi), give the replica "
+                "another one, or set the model's device: auto to serve it on the CPU meanwhile."
+            )
         raise NoDeviceError(
             f"device: cuda is configured but no CUDA device is visible (CUDA_VISIBLE_DEVICES={visible!r}, "
             f"torch {torch.__version__}). Give its replica a GPU (the app's args.device: gpu, not a "
             "ray_actor_options override) or set the model's device: auto."
         )
     if not gpus:
-        why = "no CUDA device visible" + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+        why = f"no usable CUDA device: {broken}" if unusable else "no CUDA device visible"
+        why += f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
         return DevicePlan("cpu", why, visible)
     extra = f"; {len(gpus) - 1} more visible GPU(s) left unused by design" if len(gpus) > 1 else ""
+    extra += f"; left out: {broken}" if unusable else ""
     gpu = gpus[0]
     return DevicePlan(
-        "cuda:0", f"{gpu.name} with {gpu.free_bytes / 2**30:.2f} of {gpu.total_bytes / 2**30:.2f} GiB free{extra}",
+        f"cuda:{gpu.index}",
+        f"{gpu.name} with {gpu.free_bytes / 2**30:.2f} of {gpu.total_bytes / 2**30:.2f} GiB free{extra}",
         visible,
     )
 

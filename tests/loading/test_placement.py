@@ -161,3 +161,104 @@ def test_count_parameters_without_safetensors(tmp_path):
     assert count_parameters(tmp_path) is None
     (tmp_path / "pytorch_model.bin").write_bytes(b"x" * 1000)
     assert estimate_weight_bytes(tmp_path, 2) == 1000  # falls back to the file size
+
+
+# -- a GPU that CUDA lists but cannot open: left out, the reason kept ---------------------------------------
+# Issue: visible_gpus() read every listed device's free memory outside the strategy chain: one device that
+# could not be opened (exclusive-process mode held elsewhere, "busy or unavailable", an ECC/Xid-wedged
+# device) failed the whole load with a bare RuntimeError instead of serving device: auto on the CPU.
+
+BUSY = ("CUDA error: CUDA-capable device(s) is/are busy or unavailable\n"
+        "CUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace below "
+        "might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1")
+
+
+@pytest.fixture
+def simulated_cuda(monkeypatch):
+    """Stand torch.cuda in for devices given as a list of (name, (free, total) or an exception to raise when
+    opened); a name that is an exception is raised when the name is read."""
+    def install(devices):
+        def get_device_name(index=None):
+            name = devices[index][0]
+            if isinstance(name, BaseException):
+                raise name
+            return name
+
+        def mem_get_info(index=None):
+            memory = devices[index][1]
+            if isinstance(memory, BaseException):
+                raise memory
+            return memory
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(devices))
+        monkeypatch.setattr(torch.cuda, "get_device_name", get_device_name)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    return install
+
+
+def test_a_gpu_that_cannot_be_opened_is_left_out_with_why(simulated_cuda):
+    from loading.placement import UnusableGpu, survey_gpus, visible_gpus
+
+    simulated_cuda([("NVIDIA A10G", RuntimeError(BUSY))])
+    gpus, unusable = survey_gpus()
+    assert gpus == [] and visible_gpus() == []
+    assert unusable == [UnusableGpu("cuda:0 (NVIDIA A10G)", "RuntimeError: CUDA error: CUDA-capable device(s) "
+                                                            "is/are busy or unavailable")]
+    plan = plan_device(DevicePreference.AUTO, gpus, unusable)
+    assert plan.device == "cpu"
+    assert plan.reason.startswith("no usable CUDA device: cuda:0 (NVIDIA A10G) cannot be opened (RuntimeError: "
+                                  "CUDA error: CUDA-capable device(s) is/are busy or unavailable)")
+
+
+def test_the_next_gpu_is_used_when_the_first_cannot_be_opened(simulated_cuda):
+    from loading.placement import survey_gpus
+
+    simulated_cuda([("Wedged GPU", RuntimeError("CUDA error: uncorrectable ECC error encountered")),
+                    ("Good GPU", (10 * GiB, 16 * GiB))])
+    gpus, unusable = survey_gpus()
+    assert gpus == [GpuInfo(1, "Good GPU", 10 * GiB, 16 * GiB)]
+    plan = plan_device(DevicePreference.AUTO, gpus, unusable)
+    assert plan.device == "cuda:1"  # not cuda:0, the device that cannot be opened
+    assert plan.reason == ("Good GPU with 10.00 of 16.00 GiB free; left out: cuda:0 (Wedged GPU) cannot be opened "
+                           "(RuntimeError: CUDA error: uncorrectable ECC error encountered)")
+
+
+def test_a_gpu_whose_name_cannot_be_read_is_left_out_too(simulated_cuda):
+    from loading.placement import UnusableGpu, survey_gpus
+
+    simulated_cuda([(AssertionError("Invalid device id"), (GiB, GiB))])
+    assert survey_gpus() == ([], [UnusableGpu("cuda:0", "AssertionError: Invalid device id")])
+
+
+def test_cuda_that_cannot_count_its_devices_leaves_the_cpu(monkeypatch):
+    from loading.placement import UnusableGpu, survey_gpus
+
+    def broken():
+        raise RuntimeError("CUDA driver initialization failed")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", broken)
+    assert survey_gpus() == ([], [UnusableGpu("CUDA", "RuntimeError: CUDA driver initialization failed")])
+
+
+def test_device_auto_loads_on_cpu_when_its_gpu_cannot_be_opened(isolated_env, tiny, simulated_cuda):
+    simulated_cuda([("NVIDIA A10G", RuntimeError(BUSY))])
+    loaded = load_model(ModelSpec(name="tiny-llm", source=str(tiny["llm"]), device="auto"))
+    report = loaded.report
+    assert report.device == "cpu" and report.strategy == "float32 on cpu"
+    assert "cuda:0 (NVIDIA A10G) cannot be opened" in report.device_reason
+    assert "busy or unavailable" in report.device_reason
+    assert {str(p.device) for p in loaded.model.parameters()} == {"cpu"}
+
+
+def test_device_cuda_names_the_gpu_that_cannot_be_opened_and_why(isolated_env, tiny, simulated_cuda, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    simulated_cuda([("NVIDIA A10G", RuntimeError(BUSY))])
+    with pytest.raises(NoDeviceError, match=r"device: cuda is configured but no CUDA device can be used: cuda:0 "
+                                            r"\(NVIDIA A10G\) cannot be opened \(RuntimeError: CUDA error: "
+                                            r"CUDA-capable device\(s\) is/are busy or unavailable\) "
+                                            r"\(CUDA_VISIBLE_DEVICES='0'"):
+        load_model(ModelSpec(name="tiny-llm", source=str(tiny["llm"]), device="cuda"))
