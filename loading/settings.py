@@ -5,13 +5,13 @@
 | LOCAL_MODELS_DIR | ./models | directory searched for models by id and by last path component |
 | OFFLOAD_FOLDER | /tmp/transformers_offload | accepted for compatibility; modelfleet never offloads to disk |
 | HF_HOME | $XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface | Hugging Face home; the Hub cache is $HF_HOME/hub |
-| HF_HUB_CACHE | $HUGGINGFACE_HUB_CACHE (legacy), else $HF_HOME/hub | the Hub cache directory itself (wins over HF_HOME) |
+| HF_HUB_CACHE | $HUGGINGFACE_HUB_CACHE (legacy), else $HF_HOME/hub | the Hub cache itself (wins over HF_HOME) |
+| HF_ENDPOINT | https://huggingface.co | the Hub endpoint probed and downloaded from |
+| MODELFLEET_HUB_PROBE_TIMEOUT_S | 1.5 | seconds the probe (name lookup + connect) may take before the Hub is offline |
+| MODELFLEET_HUB_READ_TIMEOUT_S | 60 | seconds a Hub call may wait for an answer (huggingface_hub waits forever) |
 
 HF_HOME and HF_HUB_CACHE are found as huggingface_hub finds them (its constants.py), so that a model
 huggingface-cli or transformers cached is found here: same precedence, ~ and $VARS expanded.
-| HF_ENDPOINT | https://huggingface.co | the Hub endpoint probed and downloaded from |
-| MODELFLEET_HUB_PROBE_TIMEOUT_S | 1.5 | seconds the reachability probe waits before declaring the Hub unreachable |
-| MODELFLEET_HUB_READ_TIMEOUT_S | 60 | seconds a Hub call may wait for an answer (huggingface_hub waits forever) |
 """
 
 from __future__ import annotations
