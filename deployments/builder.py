@@ -25,8 +25,10 @@ from loading.config import with_served_base
 
 from .app_config import AppConfig
 from .auth import load_admin_keys, load_keys
+from .errors import GRPC_LIMIT
 from .family_server import FamilyServer, family_gpus
 from .ingress import Ingress
+from .limits import RequestLimits, largest_family_call_bytes
 from .llm import LLMServer
 from .options import FamilyOptions
 from .stt import STTServer
@@ -101,6 +103,28 @@ def timeout_notes(config: AppConfig) -> list[str]:
     return [note]
 
 
+def grpc_bound_notes(limits: RequestLimits, uses_grpc: bool, bound: int) -> list[str]:
+    """A note for /health when Ray Serve's gRPC bound on one message between replicas (used in its
+    throughput-optimized mode) is below what a request within `limits` can carry to a family: such
+    requests would be refused with 413 naming the bound (a 500 before the error was mapped)."""
+    need = largest_family_call_bytes(limits)
+    if not uses_grpc or bound >= need:
+        return []
+    note = (f"{GRPC_LIMIT}={bound} is below the {need} bytes a request within args.limits can carry to a family "
+            f"(the longest audio decoded, or a chat body with its images): such requests are refused with 413. Set "
+            f"{GRPC_LIMIT}={need} or more where Ray starts (serve.env sets 268435456), or lower the limits")
+    log.warning(note)
+    return [note]
+
+
+def ray_grpc_settings() -> tuple[bool, int]:
+    """Whether Ray Serve calls between replicas go over gRPC here, and its bound on one message (Ray's own
+    reading of the environment this process has, which the replicas it starts inherit)."""
+    from ray.serve._private import constants
+
+    return bool(constants.RAY_SERVE_USE_GRPC_BY_DEFAULT), int(constants.RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH)
+
+
 def gpu_shortage_notes(gpus: dict[str, float], demand: dict[str, int], available: float,
                        told: bool = False) -> list[str]:
     """Notes for /health when the families together ask for more GPUs than the cluster has.
@@ -138,7 +162,8 @@ def build_app(args: dict[str, Any]) -> Application:
     available = cluster_gpus()
     num_gpus, notes = plan_gpus(config.device, available)
     told = bool(notes)
-    notes += gpu_model_notes(num_gpus, config) + timeout_notes(config)
+    notes += gpu_model_notes(num_gpus, config) + timeout_notes(config) + grpc_bound_notes(config.limits,
+                                                                                            *ray_grpc_settings())
 
     handles: dict[str, Any] = {}
     resources: dict[str, dict[str, float]] = {}  # per family replica, for /health's pending reasons

@@ -11,11 +11,13 @@ import asyncio
 import json
 import logging
 import math
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_plus
 
+import grpc
 import pydantic
 import ray.exceptions as ray_errors
 from fastapi import FastAPI, Request
@@ -226,6 +228,28 @@ def _backpressure(exc: BackPressureError) -> APIError:
     return error
 
 
+GRPC_LIMIT = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
+
+
+def _grpc_error(exc: grpc.aio.AioRpcError) -> APIError:
+    """A call between the ingress and a family replica that gRPC refused (Ray Serve's throughput-optimized
+    mode carries them over gRPC). RESOURCE_EXHAUSTED is a message over Ray's bound, 4 MiB unless serve.env
+    raises it: before serve.env did, a 90 s transcription or a 5 MB image was a 500."""
+    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        sizes = re.search(r"\((\d+) vs\. (\d+)\)", exc.details() or "")
+        size, bound = sizes.groups() if sizes else ("more", "its value")
+        return RequestTooLargeError(
+            f"This request's call to its model replica carried {size} bytes, above {GRPC_LIMIT}={bound} (the "
+            f"bound on one message between Ray Serve replicas, set in serve.env): send less (shorter audio, fewer or "
+            f"smaller images or text), or raise {GRPC_LIMIT} in the environment that starts Ray.",
+            code="request_too_large")
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return ServiceUnavailableError(f"The model replica could not be reached ({exc.details()}); retry shortly.",
+                                       retry_after_s=1, code="replica_unreachable")
+    return APIError(f"The call to the model replica failed: gRPC {exc.code().name}: {exc.details()}",
+                    code="internal_error")
+
+
 # First match wins, so subclasses come before their bases.
 _MAPPERS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], Callable[[Any], APIError]]] = [
     (APIError, lambda exc: exc),
@@ -249,6 +273,7 @@ _MAPPERS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], Call
     (DeploymentUnavailableError, lambda exc: ServiceUnavailableError(
         f"The model deployment is unavailable: {exc}", retry_after_s=1, code="deployment_unavailable")),
     ((ray_errors.GetTimeoutError, asyncio.TimeoutError, TimeoutError), _timeout),
+    (grpc.aio.AioRpcError, _grpc_error),
 ]
 
 

@@ -106,6 +106,16 @@ class RequestLimits(BaseModel):
 # --- checks of parsed requests against the limits (the schema in protocol.py checks the shape) ---
 
 
+def largest_family_call_bytes(limits: RequestLimits, decoded_rate: int = 16000) -> int:
+    """The most one ingress -> family call can carry under `limits`: the decoded audio of the longest upload
+    (float32 at the rate uploads are decoded to), or a chat body with its images read from `file://` URLs
+    besides; with an eighth more for what is pickled around them. Ray Serve's gRPC bound between replicas
+    (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH, serve.env) must be above it: the builder notes it when not."""
+    audio = int(limits.max_audio_seconds * decoded_rate) * 4
+    chat = limits.max_json_body_bytes + limits.max_images * limits.max_image_bytes
+    return max(audio, chat, limits.max_upload_bytes) * 9 // 8
+
+
 def _refuse(message: str, param: str) -> None:
     raise InvalidRequestError(message, param=param)
 

@@ -20,6 +20,30 @@ def test_serve_env_turns_on_haproxy_and_the_throughput_settings():
     assert float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) < 30
 
 
+def test_the_grpc_bound_between_replicas_carries_what_the_default_limits_admit():
+    """Throughput-optimized mode carries calls between replicas over gRPC, whose 4 MiB receive bound Ray keeps:
+    a 66 s transcription or a 4 MB image was a 500. serve.env raises it above the largest call the default
+    limits admit; below it, /health says so and such a request gets a 413 naming the setting."""
+    import grpc
+
+    from deployments.builder import grpc_bound_notes
+    from deployments.errors import to_error
+    from deployments.limits import RequestLimits, largest_family_call_bytes
+
+    bound = int(read_serve_env()["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"])
+    assert bound >= largest_family_call_bytes(RequestLimits()) >= 1800 * 16000 * 4
+    assert grpc_bound_notes(RequestLimits(), True, bound) == []
+    assert grpc_bound_notes(RequestLimits(), False, 4 << 20) == []  # Ray's default path has no such bound
+    note = grpc_bound_notes(RequestLimits(max_audio_seconds=7200), True, bound)
+    assert len(note) == 1 and f"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH={bound}" in note[0]
+    refused = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   details="Received message larger than max (6292623 vs. 4194304)")
+    status, body, _ = to_error(refused)
+    assert status == 413 and body.error.code == "request_too_large"
+    assert "6292623 bytes" in body.error.message and "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH=4194304" in \
+        body.error.message
+
+
 def test_a_malformed_line_is_named(tmp_path):
     path = tmp_path / "serve.env"
     path.write_text("# fine\nRAY_X=1\nnot a setting\n")

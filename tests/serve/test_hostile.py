@@ -368,3 +368,35 @@ def check(case: Case, response: requests.Response, seconds: float) -> str | None
         if leak in error["message"]:
             return f"message leaks internals ({leak!r}): {error['message'][:200]}"
     return None
+
+
+def noise_png_uri(width: int, height: int) -> str:
+    """A PNG of random pixels: it does not compress, so it is ~3 bytes a pixel on the wire."""
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=0)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_requests_within_the_limits_that_carry_over_4_mib_between_replicas_are_served(live):
+    """Throughput-optimized mode carries the ingress's calls to the families over gRPC, with Ray's 4 MiB bound
+    on a message unless serve.env raises it: each of these was a 500 (the ingress log: "Received message
+    larger than max"). They are within every limit, and are answered as any other."""
+    pids_before = live.replica_pids()
+    long_audio = audio_bytes(90)  # 5.8 MB decoded (float32 at 16 kHz)
+    cases = [
+        ("a 90 s transcription", STT, 200, stt(long_audio)),
+        ("a 5 MB image", CHAT, 200, {"json": {**image_chat(noise_png_uri(1300, 1300))["json"], "max_tokens": 4}}),
+        ("4096 characters spoken as flac (the reply carries the whole waveform)", SPEECH, 200,
+         {"json": {"model": "tiny-vits", "input": ("Hello there. " * 316)[:4096], "response_format": "flac"}}),
+        ("a 90 s voice round trip", VOICE, 200, voice(long_audio, max_tokens="4", response_format="wav")),
+        ("a 5 MB message: its own 400, not a 500", CHAT, 400, chat("hello " * (5 * MB // 6))),
+    ]
+    failures = []
+    for name, path, status, kwargs in cases:
+        response = requests.post(live.url + path, timeout=120, **kwargs)
+        if response.status_code != status:
+            failures.append(f"{name}: HTTP {response.status_code} (wanted {status}): {response.text[:300]}")
+    assert not failures, "\n".join(failures)
+    assert answers_of_every_family(live.url) == {"llm": 200, "vlm": 200, "stt": 200, "tts": 200}
+    assert live.replica_pids() == pids_before, "a replica was replaced"
