@@ -3,7 +3,6 @@ logprobs, penalties and `n` choices (each its own row of the replica's decode lo
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from typing import Any
 
@@ -28,7 +27,7 @@ from ..protocol import (
 from ..sse import chat_events, merged, prepend
 from ..structured import Constraint, check_grammar, json_schema_constraint
 from ..tools import call_constraint
-from .common import ERRORS, IngressDep, WaitDep
+from .common import ERRORS, IngressDep, WaitDep, all_or_cancelled, first_items
 
 router = APIRouter(tags=["chat"], responses=ERRORS)
 
@@ -54,12 +53,12 @@ async def create_chat_completion(body: ChatCompletionRequest, ingress: IngressDe
     choices = fan_out(params, body.n)
     if body.stream:
         streams = [ingress.chat_stream(p) for p in choices]
-        firsts = await asyncio.gather(*(s.__anext__() for s in streams))  # errors before the first chunk: HTTP errors
+        firsts = await first_items(streams)  # errors before the first chunk: HTTP errors
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         items = merged([prepend(first, rest) for first, rest in zip(firsts, streams, strict=True)])
         return StreamingResponse(chat_events(body.model, items, include_usage, len(choices)),
                                  media_type="text/event-stream")
-    results: list[ChatResult] = list(await asyncio.gather(*(ingress.chat(p) for p in choices)))
+    results: list[ChatResult] = await all_or_cancelled(ingress.chat(p) for p in choices)
     prompt_tokens = results[0].prompt_tokens
     completion_tokens = sum(r.completion_tokens for r in results)
     usage = UsageInfo.counted(prompt_tokens, completion_tokens, results[0].cached_tokens)

@@ -7,7 +7,6 @@ the prompt first (its tokens carry null logprobs); `logprobs` (0-5) gives OpenAI
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter
@@ -21,7 +20,7 @@ from ..params import ChatParams, ChatResult
 from ..protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
 from ..sse import DONE, merged, prepend
 from .chat import fan_out
-from .common import ERRORS, IngressDep, WaitDep
+from .common import ERRORS, IngressDep, WaitDep, all_or_cancelled, first_items
 
 router = APIRouter(tags=["completions"], responses=ERRORS)
 
@@ -51,12 +50,12 @@ async def create_completion(body: CompletionRequest, ingress: IngressDep, wait_s
         choices += fan_out(params, body.n)
     if body.stream:
         streams = [ingress.chat_stream(p) for p in choices]
-        firsts = await asyncio.gather(*(s.__anext__() for s in streams))
+        firsts = await first_items(streams)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         items = merged([prepend(first, rest) for first, rest in zip(firsts, streams, strict=True)])
         return StreamingResponse(completion_events(body.model, items, include_usage, body.n),
                                  media_type="text/event-stream")
-    results: list[ChatResult] = list(await asyncio.gather(*(ingress.chat(p) for p in choices)))
+    results: list[ChatResult] = await all_or_cancelled(ingress.chat(p) for p in choices)
     prompt_tokens = sum(r.prompt_tokens for r in results[:: body.n])  # each prompt once
     completion_tokens = sum(r.completion_tokens for r in results)
     return CompletionResponse(

@@ -24,7 +24,8 @@ async def generate(body: GenerateRequest, ingress: IngressDep, wait_s: WaitDep) 
     model = ingress.default_model(Family.LLM)
     messages = ([{"role": "system", "content": body.system_prompt}] if body.system_prompt else [])
     messages.append({"role": "user", "content": body.query})
-    params = await ingress.chat_params(ingress.spec(model), messages, wait_s, max_new_tokens=body.max_new_tokens)
+    params = await ingress.chat_params(ingress.spec(model), messages, wait_s, max_new_tokens=body.max_new_tokens,
+                                       max_tokens_param="max_new_tokens")
     return GenerateResponse(response=(await ingress.chat(params)).text, model=model)
 
 

@@ -454,3 +454,50 @@ def test_speech_takes_openais_custom_voice_object_and_defaults_to_mp3(client):
     assert [p.voice for name, p in families["tts"].calls if name.startswith("synthesize")][-1] == "voice_1"
     assert response.headers["content-type"] == "audio/mpeg"
     assert sf.info(io.BytesIO(response.content)).format == "MP3"
+
+
+class RefusingOne(Family):
+    """Refuses the prompt "bad" at once; any other runs until cancelled (a long generation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cancelled: list[str] = []
+
+    async def _answer(self, params):
+        if params.prompt == "bad":
+            raise InvalidRequestError("refused", param="prompt")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            self.cancelled.append(params.prompt)
+            raise
+        return ChatResult(text="hi", finish_reason="stop", prompt_tokens=3, completion_tokens=1)
+
+    async def chat(self, params):
+        return await self._answer(params)
+
+    async def chat_stream(self, params):
+        yield {"delta": (await self._answer(params)).text}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_refused_prompt_among_several_cancels_the_others(stream):
+    """asyncio.gather left the other prompts x n generating after the 400 (59 decode steps in the review's
+    run), outside max_concurrent_requests; a client could queue 7 generations per cheap refusal. Called on
+    the route itself: a TestClient cancels a request's leftover tasks when it ends, uvicorn does not."""
+    from deployments.protocol import CompletionRequest
+    from deployments.routes.completions import create_completion
+
+    family = RefusingOne()
+    config = AppConfig.model_validate({"models": [{"name": n, "source": n, "family": f} for n, f in MODELS],
+                                       "local_models_dir": "/nonexistent"})
+    ingress = Ingress({name: Handle(family if name == "llm" else Family()) for name, _ in MODELS}, config)
+    body = CompletionRequest.model_validate({"model": "llm", "prompt": ["good", "bad", "fine"], "n": 2,
+                                             "stream": stream})
+
+    async def scenario() -> list[str]:
+        with pytest.raises(InvalidRequestError):
+            await create_completion(body, ingress, 0.0)
+        return sorted(family.cancelled)  # before asyncio.run's own clean-up cancels what is left
+
+    assert asyncio.run(scenario()) == ["fine", "fine", "good", "good"]
