@@ -51,6 +51,8 @@ def sampling_settings(loaded: LoadedModel, params: ChatParams) -> dict[str, Any]
     if temperature < SAMPLING_EPS:  # greedy: logits / 1e-38 overflow to inf, and sampling them fails
         temperature = 0.0
     top_p = params.top_p if params.top_p is not None else given.get("top_p", 1.0)
+    if top_p < SAMPLING_EPS:  # the nucleus is the top token alone: greedy (OpenAI takes top_p 0)
+        temperature, top_p = 0.0, 1.0
     top_k = given.get("top_k", 0)  # no OpenAI field sets it: the model's, whatever the request's temperature
     return {"temperature": float(temperature), "top_p": float(top_p), "top_k": int(top_k)}
 

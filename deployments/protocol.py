@@ -305,7 +305,7 @@ class ChatCompletionRequest(RequestModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     """Sampling temperature; 0 means greedy decoding. Omitted: the model's generation_config.json's, else 1
     (OpenAI's default)."""
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     """Nucleus sampling probability mass."""
     stop: Stop | None = None
     """Non-empty sequences at which generation stops (at most `limits.max_stop_sequences`, 4 by default)."""
@@ -651,7 +651,7 @@ class CompletionRequest(RequestModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     """Sampling temperature; 0 means greedy decoding. Omitted: the model's generation_config.json's, else 1
     (OpenAI's default)."""
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     """Nucleus sampling probability mass."""
     n: int = Field(default=1, ge=1)
     """Choices per prompt (prompts times n at most `limits.max_choices`)."""

@@ -90,6 +90,24 @@ def test_an_empty_completion_prompt_continues_from_the_start_token(models):
     assert generate_batch(spec, loaded, [params])[0].completion_tokens >= 1
 
 
+def test_top_p_0_is_greedy(models):
+    """OpenAI's top_p takes 0 to 1; 0 was refused (400). The nucleus is then the top token alone: greedy, on
+    both the decode loop and generate() (whose TopP warper refuses 0)."""
+    loaded = models["tiny"][1]
+    assert sampling_settings(loaded, chat("x", top_p=0))["temperature"] == 0.0
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                                 "top_p": 0, "temperature": 1})
+    assert body.top_p == 0 and CompletionRequest.model_validate({"model": "m", "prompt": "x", "top_p": 0}).top_p == 0
+    spec = models["tiny"][0]
+
+    def reply(**fields) -> str:
+        params = chat("Tell me", **fields)
+        params.inputs = encode_text_chat(loaded.tokenizer, params)
+        return generate_batch(spec, loaded, [params])[0].text
+
+    assert reply(temperature=1, top_p=0) == reply(temperature=0)
+
+
 def test_null_options_are_their_defaults():
     """OpenAI types n, stream and echo as "or null"; a client that sends an unset option as null got a 400."""
     chat_body = ChatCompletionRequest.model_validate(

@@ -85,7 +85,7 @@ def test_pydantic_validation_error_names_the_field(body, param, words):
 
 
 def test_more_errors_are_counted():
-    _, error, _ = mapped(validation_error({"model": "m", "messages": [], "temperature": 9, "top_p": 0}))
+    _, error, _ = mapped(validation_error({"model": "m", "messages": [], "temperature": 9, "top_p": -1}))
     assert error["param"] == "messages" and "(and 2 more errors)" in error["message"]
 
 

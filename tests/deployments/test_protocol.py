@@ -44,7 +44,7 @@ def test_unknown_fields_are_ignored_and_defaults_apply():
     [
         ({"temperature": 2.5}, ("temperature",)),
         ({"temperature": -0.1}, ("temperature",)),
-        ({"top_p": 0}, ("top_p",)),
+        ({"top_p": -0.1}, ("top_p",)),
         ({"top_p": 1.5}, ("top_p",)),
         ({"max_tokens": 0}, ("max_tokens",)),
         ({"max_completion_tokens": -3}, ("max_completion_tokens",)),

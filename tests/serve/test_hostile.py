@@ -161,7 +161,7 @@ def corpus() -> list[Case]:
         Case("max_tokens 0", CHAT, 400, chat(max_tokens=0), "max_tokens"),
         Case("max_tokens past the model's limit", CHAT, 400, chat(max_tokens=10_000), "max_tokens"),
         Case("temperature 5", CHAT, 400, chat(temperature=5), "temperature"),
-        Case("top_p 0", CHAT, 400, chat(top_p=0), "top_p"),
+        Case("top_p below 0", CHAT, 400, chat(top_p=-0.5), "top_p"),
         Case("5 stop strings", CHAT, 400, chat(stop=["a", "b", "c", "d", "e"]), "stop", mentions="max_stop_sequences"),
         Case("a 1000-char stop string", CHAT, 400, chat(stop=["x" * 1000]), "stop", mentions="max_stop_chars"),
         Case("an empty stop string", CHAT, 400, chat(stop=[""]), "stop.0"),
