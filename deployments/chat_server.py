@@ -266,7 +266,7 @@ class ChatServer(FamilyServer):
                     if not text:
                         continue
                     sent += text
-                    for item in _stream_items(text, entries, calls, loaded.tokenizer):
+                    for item in _stream_items(text, entries, calls, loaded.tokenizer, emitted):
                         yield item
                     emitted, entries = emitted + len(entries), []
                 result: ChatResult = raise_if_error(done.result())
@@ -276,7 +276,7 @@ class ChatServer(FamilyServer):
         tail = result.text[len(sent):] if len(result.text) > len(sent) and result.text.startswith(sent) else ""
         if result.logprobs is not None:  # those of the text held back to the end (a stop string's are not there)
             entries = list(result.logprobs[emitted:])
-        for item in _stream_items(tail, entries, calls, loaded.tokenizer, final=True):
+        for item in _stream_items(tail, entries, calls, loaded.tokenizer, emitted, final=True):
             yield item
         finish = ("tool_calls" if calls is not None and calls.calls and result.finish_reason == "stop"
                   else result.finish_reason)  # a call max_tokens cut stays 'length'
@@ -287,13 +287,15 @@ class ChatServer(FamilyServer):
         }
 
 
-def _stream_items(text: str, entries: list, calls: Any, tokenizer: Any, final: bool = False) -> list[dict]:
-    """One streamed piece of text as chunk items: content and/or tool-call deltas, with its logprobs."""
+def _stream_items(text: str, entries: list, calls: Any, tokenizer: Any, start: int = 0,
+                  final: bool = False) -> list[dict]:
+    """One streamed piece of text as chunk items: content and/or tool-call deltas, with its logprobs (`start`:
+    the reply's position of its first entry)."""
     logprobs = None
     if entries:
         from .row_logits import as_openai
 
-        logprobs = as_openai(tokenizer, entries)
+        logprobs = as_openai(tokenizer, entries, start)
     if calls is None:
         return [{"delta": text, "logprobs": logprobs}] if text or logprobs else []
     pieces = calls.feed(text) + (calls.finish() if final else [])

@@ -88,8 +88,9 @@ def _byte_decoder() -> dict[str, int]:
     return _BYTE_DECODER
 
 
-def token_bytes(tokenizer: Any, token: int) -> bytes:
-    """A token's own bytes (a byte-level token may hold part of a UTF-8 character)."""
+def token_bytes(tokenizer: Any, token: int, first: bool = False) -> bytes:
+    """A token's own bytes (a byte-level token may hold part of a UTF-8 character). `first`: the reply's
+    first token, whose word-initial space a SentencePiece decoder drops from the reply's text."""
     piece = tokenizer.convert_ids_to_tokens(token)
     if isinstance(piece, str):
         decoder = _byte_decoder()
@@ -97,7 +98,21 @@ def token_bytes(tokenizer: Any, token: int) -> bytes:
             return bytes(decoder[ch] for ch in piece)
         if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:  # SentencePiece byte fallback
             return bytes([int(piece[3:5], 16)])
+        if piece.startswith(METASPACE) and token not in _special_ids(tokenizer):
+            # Llama-2, Mistral, Phi-3: "▁world" is " world" mid-reply; decode([token]) alone dropped the space,
+            # and the entries' bytes no longer joined to the reply's text
+            text = piece.replace(METASPACE, " ")
+            if first and not tokenizer.decode([token]).startswith(" "):
+                text = text[1:]  # a decoder that strips the text's leading space (Llama-2's) strips it here
+            return text.encode("utf-8")
     return tokenizer.decode([token]).encode("utf-8", errors="replace")
+
+
+METASPACE = "\u2581"  # SentencePiece's word boundary, "▁"
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    return set(getattr(tokenizer, "all_special_ids", ()) or ())
 
 
 def _is_byte_level(tokenizer: Any) -> bool:
@@ -113,11 +128,13 @@ def _is_byte_level(tokenizer: Any) -> bool:
     return bool(cached)
 
 
-def as_openai(tokenizer: Any, entries: list[Entry]) -> list[dict]:
-    """[{"token", "logprob", "bytes", "top_logprobs": [...]}] for the chat API."""
-    def one(token: int, logprob: float) -> dict:
-        data = token_bytes(tokenizer, token)
+def as_openai(tokenizer: Any, entries: list[Entry], start: int = 0) -> list[dict]:
+    """[{"token", "logprob", "bytes", "top_logprobs": [...]}] for the chat API; `start`: the reply's position
+    of the first entry (a stream's later chunks)."""
+    def one(token: int, logprob: float, first: bool) -> dict:
+        data = token_bytes(tokenizer, token, first)
         return {"token": data.decode("utf-8", errors="replace"), "logprob": max(logprob, -9999.0),
                 "bytes": list(data)}  # -9999 for "impossible", as OpenAI writes it (JSON has no -inf)
 
-    return [{**one(token, logprob), "top_logprobs": [one(t, lp) for t, lp in top]} for token, logprob, top in entries]
+    return [{**one(token, logprob, start + i == 0), "top_logprobs": [one(t, lp, start + i == 0) for t, lp in top]}
+            for i, (token, logprob, top) in enumerate(entries)]

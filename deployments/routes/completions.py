@@ -68,16 +68,28 @@ async def create_completion(body: CompletionRequest, ingress: IngressDep, wait_s
 
 
 def legacy_logprobs(entries: list[dict], offset: int = 0) -> CompletionLogprobs:
-    """OpenAI chat-style logprob entries in the completions API's older shape."""
+    """OpenAI chat-style logprob entries in the completions API's older shape. A token that is part of a
+    character (CJK, emoji on byte-level vocabularies) is named by its bytes, "bytes:\\xe4\\xbd", as OpenAI
+    names it: as "\ufffd" several alternatives were one key of top_logprobs. `text_offset` counts the
+    characters of the text before each token (`offset` those before the first)."""
     out = CompletionLogprobs()
+    before = b""
     for entry in entries:
-        out.tokens.append(entry["token"])
+        out.tokens.append(legacy_token(entry))
         out.token_logprobs.append(entry["logprob"])
-        out.top_logprobs.append({top["token"]: top["logprob"] for top in entry["top_logprobs"]}
+        out.top_logprobs.append({legacy_token(top): top["logprob"] for top in entry["top_logprobs"]}
                                 if entry["logprob"] is not None else None)
-        out.text_offset.append(offset)
-        offset += len(entry["token"])
+        out.text_offset.append(offset + len(before.decode("utf-8", errors="ignore")))
+        before += bytes(entry["bytes"])
     return out
+
+
+def legacy_token(entry: dict) -> str:
+    data = bytes(entry["bytes"])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in data)
 
 
 async def completion_events(model: str, items: AsyncIterator[tuple[int, dict]], include_usage: bool,

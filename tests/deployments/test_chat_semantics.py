@@ -176,3 +176,45 @@ def test_text_outside_message_contents_is_counted_before_tokenizing(models, monk
         asyncio.run(server.chat(ChatParams(model="tiny", messages=messages, tools=tools, max_new_tokens=2,
                                            wait_s=60)))
     assert info.value.code == "context_length_exceeded" and not tokenized
+
+
+def test_logprob_bytes_join_to_the_text_on_a_sentencepiece_tokenizer():
+    """Llama-2, Mistral, Phi-3 pieces are '▁world': decode([token]) alone dropped the word's space, so the
+    entries' bytes no longer joined to the reply (OpenAI: they do). The reply's first word has no space where
+    the decoder strips it; a stream's later chunk knows its position."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from deployments.row_logits import as_openai
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    raw.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    raw.train_from_iterator(["Hello world again and again, hello world"] * 50,
+                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    ids = tokenizer("Hello world again", add_special_tokens=False)["input_ids"]
+    text = tokenizer.decode(ids)
+    entries = [(token, -1.0, [(token, -1.0)]) for token in ids]
+    whole = as_openai(tokenizer, entries)
+    assert bytes(b for entry in whole for b in entry["bytes"]).decode() == text == "Hello world again"
+    streamed = as_openai(tokenizer, entries[:1]) + as_openai(tokenizer, entries[1:], start=1)
+    assert streamed == whole and whole[1]["top_logprobs"][0]["token"] == " world"
+
+
+def test_legacy_logprobs_name_part_of_a_character_by_its_bytes_and_count_offsets_in_characters():
+    """Byte-level fragments of '你' were all '\ufffd': several alternatives collapsed into one top_logprobs key,
+    and text_offset counted a character per fragment (19 past the end of SmolLM2's 61-character reply)."""
+    from deployments.routes.completions import legacy_logprobs
+
+    def entry(data: bytes, alternatives: list[bytes]) -> dict:
+        return {"token": data.decode("utf-8", errors="replace"), "logprob": -1.0, "bytes": list(data),
+                "top_logprobs": [{"token": a.decode("utf-8", errors="replace"), "logprob": -2.0, "bytes": list(a)}
+                                 for a in alternatives]}
+
+    you = "你".encode()  # 3 bytes
+    out = legacy_logprobs([entry(b"A", [b"A"]), entry(you[:2], [you[:2], b"\xe5\xa5", b"\xe4\xb8"]),
+                           entry(you[2:], [you[2:]]), entry(b"!", [b"!"])], offset=5)
+    assert out.tokens == ["A", "bytes:\\xe4\\xbd", "bytes:\\xa0", "!"]
+    assert len(out.top_logprobs[1]) == 3
+    assert out.text_offset == [5, 6, 6, 7]  # "A你!" after 5 characters
