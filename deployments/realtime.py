@@ -34,7 +34,7 @@ from loading import Family
 
 from .audio import StreamResampler, resample
 from .errors import as_api_error, to_error
-from .guard import check_json, realtime_subprotocol
+from .guard import INLINE_JSON_BYTES, check_json, realtime_subprotocol
 from .params import ChatParams, SpeechParams, TranscribeParams
 from .vad import TurnDetector, VadOptions
 from .voice import AudioPiece, ReplyDone, TextDelta, spoken_reply
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RATE = 24000  # pcm16 in and out, as OpenAI's Realtime API
+INLINE_DETECT_SAMPLES = RATE  # appends up to a second are detected on the event loop (~10 ms); longer in a thread
 MIN_COMMIT_MS = 100  # OpenAI refuses to commit less than this
 
 
@@ -310,8 +311,10 @@ class RealtimeSession:
             return
         event_id = None
         try:
-            # the structure checks of an HTTP body (guard.check_json): depth, huge integers, lone surrogates
-            event = check_json(data, self.limits)
+            # the structure checks of an HTTP body (guard.check_json): depth, huge integers, lone surrogates;
+            # a large event off the event loop, as the guard parses a large body (a 4 MiB append: ~20 ms)
+            event = (check_json(data, self.limits) if len(data) <= INLINE_JSON_BYTES
+                     else await asyncio.to_thread(check_json, data, self.limits))
             if not isinstance(event, dict) or not isinstance(event.get("type"), str):
                 raise SessionError("an event is a JSON object with a string 'type'", "invalid_event", "type")
             event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
@@ -334,10 +337,10 @@ class RealtimeSession:
         fields = _parse(SessionFields, event.get("session"), "session")
         config = self.config
         # every check first: a refused update changes nothing
-        if fields.instructions is not None and len(fields.instructions) > self.limits.max_form_field_chars:
-            raise SessionError(f"instructions have {len(fields.instructions)} characters; at most "
-                               f"max_form_field_chars={self.limits.max_form_field_chars}",
-                               "string_above_max_length", "session.instructions")
+        self._check_text_length(fields.instructions, "session.instructions")
+        if fields.input_audio_transcription is not None:  # tokenized at every turn in the STT replica
+            self._check_text_length(fields.input_audio_transcription.prompt,
+                                    "session.input_audio_transcription.prompt")
         if fields.tools:
             raise SessionError("tools (function calling) are not supported by this server", "unsupported",
                                "session.tools")
@@ -361,6 +364,14 @@ class RealtimeSession:
             self._detect_from(fields.turn_detection)
             self.speech_start = None
         await self.send("session.updated", session=config.render(self.id, self.llm))
+
+    def _check_text_length(self, text: str | None, param: str) -> None:
+        """A text field the session keeps is bounded as the HTTP routes bound theirs: a 3.9 M-character
+        transcription prompt was taken and tokenized at each turn (62.7 s and +1.2 GB in the STT replica)."""
+        limit = self.limits.max_form_field_chars
+        if text is not None and len(text) > limit:
+            raise SessionError(f"{param.rsplit('.', 1)[-1]} has {len(text)} characters; at most "
+                               f"max_form_field_chars={limit}", "string_above_max_length", param)
 
     async def _check_language(self, asked: InputTranscription) -> None:
         """A language the STT model does not know is refused as /v1/audio/transcriptions refuses it, not
@@ -417,8 +428,14 @@ class RealtimeSession:
 
     async def _detect(self, samples: np.ndarray) -> None:
         assert self.detector is not None
-        audio16 = self.vad_input.feed(samples.astype(np.float32) / 32768.0)
-        for turn in self.detector.feed(audio16):
+        # resampling and the VAD model take ~10 ms per second of audio: a long append (up to ~59 s in one
+        # event) runs in a thread, so it does not hold up every other request of the ingress (0.5-0.8 s
+        # before). Events are handled one at a time, so the detector is never fed twice at once.
+        if len(samples) <= INLINE_DETECT_SAMPLES:
+            turns = self._turns(samples)
+        else:
+            turns = await asyncio.to_thread(self._turns, samples)
+        for turn in turns:
             at = self.detector_origin + turn.sample * RATE // 16000  # stream sample, 24 kHz
             if turn.kind == "started":
                 self.speech_start, self.speech_item = at, _id("item")
@@ -434,6 +451,10 @@ class RealtimeSession:
                     await self.cancel_response("turn_detected")
             elif self.speech_start is not None:
                 await self._end_turn(at)
+
+    def _turns(self, samples: np.ndarray) -> list:
+        assert self.detector is not None
+        return list(self.detector.feed(self.vad_input.feed(samples.astype(np.float32) / 32768.0)))
 
     def _padded_start(self, at: int) -> int:
         """Where a turn whose speech starts at stream sample `at` begins: prefix_padding_ms before it."""
@@ -596,6 +617,7 @@ class RealtimeSession:
         refused = fields.refused()
         if refused is not None:
             raise SessionError(refused[0], "unsupported", refused[1])
+        self._check_text_length(fields.instructions, "response.instructions")
         self._start_response(fields)
 
     async def response_cancel(self, event: dict) -> None:

@@ -690,3 +690,39 @@ def test_a_reply_keeps_its_room_and_the_oldest_items_make_it():
 
     socket, ingress = asyncio.run(scenario(300, ["assistant:" + "y" * 240, "system:Be brief."]))
     assert [e["response"]["status"] for e in socket.of("response.done")] == ["completed"]
+
+
+def test_session_texts_are_bounded_and_a_long_append_is_heard_off_the_event_loop(monkeypatch):
+    """The transcription prompt had no bound (3.9 M characters taken, then tokenized at every turn: 62.7 s and
+    +1.2 GB in the STT replica), nor response.create's instructions; and one append of ~59 s ran the
+    resampler and VAD on the ingress's event loop (0.5-0.8 s of every other request's time)."""
+    import threading
+
+    from deployments.vad import TurnDetector
+
+    fed_on: list[bool] = []
+    feed = TurnDetector.feed
+    monkeypatch.setattr(TurnDetector, "feed", lambda self, audio: fed_on.append(
+        threading.current_thread() is threading.main_thread()) or feed(self, audio))
+    limits = RequestLimits(max_form_field_chars=1000)
+
+    async def scenario():
+        socket = Socket()
+        session = RealtimeSession(socket, ScriptedIngress(limits), None)
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "input_audio_transcription": {"model": "stt", "prompt": "a" * 1001}}}))
+        await session.handle(json.dumps({"type": "response.create", "response": {"instructions": "b" * 1001}}))
+        await session.handle(json.dumps({"type": "session.update", "session": {"turn_detection": {
+            "type": "server_vad"}}}))
+        await append(session, silence(0.1))  # an ordinary append: on the loop
+        await append(session, np.concatenate([silence(1.0), speech((0.0, 4.0)), silence(2.0)]), block=10 * RATE)
+        await settle(session)
+        return socket, session
+
+    socket, session = asyncio.run(scenario())
+    errors = [(event["error"]["param"], event["error"]["code"]) for event in socket.of("error")]
+    assert errors == [("session.input_audio_transcription.prompt", "string_above_max_length"),
+                      ("response.instructions", "string_above_max_length")]
+    assert session.config.transcription is None  # the refused update changed nothing
+    assert fed_on[0] and not any(fed_on[1:]) and len(fed_on) >= 2
+    assert [kind for kind, _ in turns(socket)] == ["started", "stopped", "started", "stopped"]  # heard as before
