@@ -5,6 +5,7 @@ own view of the family (replica counts, pending reasons) where a family does not
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import time
@@ -36,6 +37,11 @@ class HealthMonitor:
         self.notes = notes  # build-time findings, e.g. GPUs asked for but absent
         self.resources = resources  # family -> what one replica asks Ray for, e.g. {"CPU": 1, "GPU": 1}
         self._deployments: tuple[float, dict[str, dict]] | None = None  # (fetched at, Serve's view), cached 1 s
+        # one fetch at a time, on a thread of its own: serve.status() waits on the controller without a bound,
+        # and a /health probe each second while it did not answer left a blocked thread each time in the
+        # default executor, which also runs the guard's JSON checks and media decoding (those then hung)
+        self._fetching: concurrent.futures.Future | None = None
+        self._fetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="serve-status")
 
     async def health(self, authorized: bool) -> dict[str, Any]:
         models = await self.model_status()
@@ -78,11 +84,14 @@ class HealthMonitor:
         cached = self._deployments
         if cached is not None and time.monotonic() - cached[0] < 1.0:
             return cached[1]
-        try:
-            states = await asyncio.wait_for(asyncio.to_thread(self._fetch_deployments), self.config.status_timeout_s)
+        if self._fetching is None or self._fetching.done():
+            self._fetching = self._fetcher.submit(self._fetch_deployments)
+        try:  # shielded: a timed-out wait leaves the fetch running, and the next /health waits for it
+            states = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._fetching)),
+                                            self.config.status_timeout_s)
         except Exception as exc:  # /health must answer even when the controller does not
-            log.warning("could not read Serve's deployment status: %s", exc)
-            states = {}
+            log.warning("could not read Serve's deployment status: %r", exc)
+            return cached[1] if cached is not None else {}  # the last view while the controller is silent
         self._deployments = (time.monotonic(), states)
         return states
 

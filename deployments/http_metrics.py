@@ -7,6 +7,7 @@ by the ingress only once the name is known to be a served model: labels stay a b
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import time
 
@@ -26,6 +27,8 @@ def label_request(family: str, model: str) -> None:
         labels.update(family=family, model=model)
 
 
+CLIENT_CLOSED = 499  # the status label of a request its client left before any answer (nginx's)
+
 # The method label's values: a client can send any method name, and each would be a series of its own
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -42,7 +45,7 @@ class HTTPMetrics:
         started = time.monotonic()
         labels = {"family": "", "model": ""}
         token = REQUEST_LABELS.set(labels)
-        status = 500  # what the client sees if the app fails before it answers
+        status: int | None = None  # the answer's, once it starts
 
         async def send_seen(message: Message) -> None:
             nonlocal status
@@ -54,7 +57,13 @@ class HTTPMetrics:
         self.metrics.in_flight.set(self.in_flight)
         try:
             await self.app(scope, receive, send_seen)
+        except asyncio.CancelledError:
+            # Serve cancels a request whose client hung up: before any answer that is no server error but
+            # nginx's 499 (client closed request); it was counted 500, so 5xx alerts fired on client timeouts
+            status = status or CLIENT_CLOSED
+            raise
         finally:
+            status = status or 500  # the app failed before it answered
             REQUEST_LABELS.reset(token)
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)

@@ -43,3 +43,41 @@ def test_a_replica_decoding_without_pause_stays_healthy(tiny_llm_dirs):
     asyncio.run(scenario())
     assert failures == []
     assert server.batch_stats.get("decode_steps", 0) > 100  # it did decode throughout
+
+
+def test_a_silent_controller_costs_health_one_thread_not_one_per_probe():
+    """serve.status() waits on Serve's controller without a bound: each /health probe while it did not
+    answer left a blocked thread in the default executor, which also runs the guard's JSON checks and media
+    decoding, and after ~5 probes those requests hung. One fetch is in flight at a time, on its own thread."""
+    import threading
+
+    from deployments.app_config import AppConfig
+    from deployments.health import HealthMonitor
+
+    config = AppConfig.model_validate({"models": [{"name": "m", "source": "m", "family": "llm"}],
+                                       "status_timeout_s": 0.05})
+    monitor = HealthMonitor(config, None, ["llm"], [], {})
+    release, calls = threading.Event(), []
+
+    def silent_controller() -> dict:
+        calls.append(1)
+        release.wait(10)
+        return {"llm": {"status": "HEALTHY"}}
+
+    monitor._fetch_deployments = silent_controller
+
+    async def scenario() -> tuple[list, dict]:
+        views = []
+        for _ in range(6):
+            monitor._deployments = None  # past the 1 s cache
+            views.append(await monitor.deployment_states())
+        default_pool_free = await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 1.0)
+        assert len(calls) == 1  # six probes, one fetch waiting on the controller
+        release.set()
+        await asyncio.sleep(0.2)
+        monitor._deployments = None
+        return views + [default_pool_free], await monitor.deployment_states()
+
+    views, answered = asyncio.run(scenario())
+    assert views == [{}] * 6 + ["free"]
+    assert answered == {"llm": {"status": "HEALTHY"}}

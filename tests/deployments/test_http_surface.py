@@ -501,3 +501,39 @@ def test_a_refused_prompt_among_several_cancels_the_others(stream):
         return sorted(family.cancelled)  # before asyncio.run's own clean-up cancels what is left
 
     assert asyncio.run(scenario()) == ["fine", "fine", "good", "good"]
+
+
+def test_a_request_its_client_left_before_any_answer_is_counted_499_not_500(monkeypatch):
+    """Serve cancels the ingress's task when the client hangs up; the metric recorded its default 500, so
+    every client timeout and playground Stop counted as a server error."""
+    seen = _answered(monkeypatch)
+    family = Family(answer_after_s=30)
+    config = AppConfig.model_validate({"models": [{"name": n, "source": n, "family": f} for n, f in MODELS],
+                                       "local_models_dir": "/nonexistent"})
+    app = build_api(Ingress({name: Handle(family if name == "llm" else Family()) for name, _ in MODELS}, config))
+    body = b'{"model": "llm", "messages": [{"role": "user", "content": "hi"}]}'
+
+    async def scenario() -> None:
+        sent = []
+
+        async def receive():
+            if sent:
+                await asyncio.sleep(60)
+            sent.append(1)
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            pass
+
+        scope = {"type": "http", "method": "POST", "path": CHAT, "raw_path": CHAT.encode(), "query_string": b"",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                 "http_version": "1.1", "scheme": "http", "server": ("test", 80), "client": ("test", 1),
+                 "root_path": "", "app": app}
+        task = asyncio.ensure_future(app(scope, receive, send))
+        while not family.calls:
+            await asyncio.sleep(0.01)
+        task.cancel()  # as Serve does when the client disconnects
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+    assert [(route, status) for route, _, status, _, _ in seen] == [(CHAT, 499)]
