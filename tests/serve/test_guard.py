@@ -99,6 +99,22 @@ def test_the_openai_client_works_with_either_key_and_fails_clearly_without(app):
         client(app, "not-a-key-0123456789abcdef").models.list()
 
 
+def test_the_small_client_sends_a_key_and_names_a_url_without_a_scheme(app, monkeypatch):
+    """deployments/client.py had no way to send a key (every call 401 against the GPU and cluster configs),
+    and MODELFLEET_URL without a scheme escaped as a raw requests exception instead of ModelServerError."""
+    from deployments import client as small_client
+
+    monkeypatch.delenv("MODELFLEET_API_KEY", raising=False)
+    with pytest.raises(small_client.ModelServerError) as refused:
+        small_client.generate_remote_reply("hi", base_url=app.url, timeout=60)
+    assert refused.value.status == 401
+    assert isinstance(small_client.generate_remote_reply("hi", base_url=app.url, timeout=60, api_key=KEYS[0]), str)
+    monkeypatch.setenv("MODELFLEET_API_KEY", KEYS[1])
+    assert isinstance(small_client.generate_remote_reply("hi", base_url=app.url, timeout=60), str)
+    with pytest.raises(small_client.ModelServerError, match="MODELFLEET_URL"):
+        small_client.generate_remote_reply("hi", base_url=app.url.removeprefix("http://"), timeout=60)
+
+
 def test_past_max_concurrent_requests_the_ingress_answers_503_with_retry_after(app):
     """Slow requests hold the ingress's 6 places; the next ones get 503 at once, the held ones finish."""
     results: list[int] = []
