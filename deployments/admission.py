@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import RequestTooLargeError
+
+log = logging.getLogger(__name__)
 
 MB = 2**20
 T = TypeVar("T")
@@ -107,14 +110,23 @@ def speech_request_bytes(config: Any, chars: int, speed: float = 1.0) -> int:
     return samples * FLOAT_BYTES * (2 + channels // 8)
 
 
-def free_memory() -> tuple[int, str]:
-    """Bytes free for working memory where this replica computes, and where: its GPU (cuda:0, the one
-    Ray gives it) when torch sees one, else the node's available RAM, narrowed by the container's
-    cgroup limit when there is one (MemAvailable counts the host's memory, not the pod's)."""
+def free_memory(device: str | None = None) -> tuple[int, str]:
+    """Bytes free for working memory where this replica computes, and where: the GPU its models are on
+    (`device`, e.g. "cuda:0"; None while none is loaded: cuda:0, the one Ray gives it, when torch sees one),
+    else the node's available RAM, narrowed by the container's cgroup limit when there is one (MemAvailable
+    counts the host's memory, not the pod's). A model on the CPU is measured in RAM whatever GPU is visible,
+    and a GPU that cannot be opened (the load then fell back to the CPU) is not asked: asking raised at every
+    request, a 500 for a model that loaded."""
     torch = sys.modules.get("torch")  # imported by the first model load; never imported here for this
-    if torch is not None and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(0)
-        return int(free), "cuda:0"
+    on_gpu = device.startswith("cuda") if device else torch is not None and torch.cuda.is_available()
+    if torch is not None and on_gpu:
+        where = device or "cuda:0"
+        try:
+            free, _ = torch.cuda.mem_get_info(torch.device(where).index or 0)
+            return int(free), where
+        except RuntimeError as exc:
+            log.warning("cannot read free memory of %s (%s); sizing the budget from RAM", where,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     available = _meminfo_available()
     where = "RAM"
     limit = _cgroup_room()

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 
 from loading import DevicePreference, LoadedModel, ModelSpec
 
-from .admission import MB, MemoryGate, settle
+from .admission import MB, MemoryGate, free_memory, settle
 from .metrics import FamilyMetrics
 from .options import FamilyOptions
 from .pool import ModelPool
@@ -44,7 +44,8 @@ class FamilyServer:
         self.threads = ComputeThreads(options)  # before the pool: its loads import torch
         self.pool = ModelPool(list(specs), options.max_loaded_models, self.threads.threads)
         budget = None if options.memory_budget_mb is None else int(options.memory_budget_mb * MB)
-        self.memory = MemoryGate(budget, fraction=options.memory_budget_fraction)
+        self.memory = MemoryGate(budget, fraction=options.memory_budget_fraction,
+                                 measure=lambda: free_memory(self._compute_device()))
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         # adapters and models added at run time by the admin routes (runtime_catalog.py)
         self.runtime = ReplicaCatalog(self.pool, specs[0].family if specs else None, self._infer)
@@ -56,6 +57,11 @@ class FamilyServer:
         family = specs[0].family if specs and specs[0].family else None
         self.metrics = FamilyMetrics(family.value if family else type(self).__name__.lower())
         self.metrics.models(self._model_status())
+
+    def _compute_device(self) -> str | None:
+        """The device this replica's loaded models compute on (a GPU before the CPU), None while none is."""
+        devices = {handle.loaded.report.device for handle in self.pool.handles.values() if handle.loaded is not None}
+        return next((d for d in sorted(devices) if d.startswith("cuda")), next(iter(devices), None))
 
     @classmethod
     def deployment_options(cls, name: str, options: FamilyOptions, num_gpus: float,

@@ -391,3 +391,43 @@ def test_of_waiters_of_equal_priority_that_fit_the_first_to_arrive_goes_first():
         return order
 
     assert asyncio.run(scenario()) == ["W in (60 MB)", "W out", "G in (60 MB)"]
+
+
+def test_free_memory_is_measured_where_the_models_compute(monkeypatch):
+    """A GPU CUDA lists but cannot open: the load fell back to the CPU, but the memory gate asked cuda:0 for
+    its free memory at every request, which raised: a 500 for a model that had loaded. Free memory is now
+    read where the replica's models are (a model on the CPU: RAM), and a GPU that cannot answer is not asked."""
+    import torch
+
+    from deployments.admission import free_memory
+
+    asked: list[int] = []
+
+    def mem_get_info(index: int = 0):
+        asked.append(index)
+        if index == 0:
+            raise RuntimeError("CUDA error: CUDA-capable device(s) is/are busy or unavailable")
+        return 5 * 2**30, 8 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    assert free_memory("cpu")[1] in ("RAM", "the container's memory limit") and asked == []
+    assert free_memory("cuda:1") == (5 * 2**30, "cuda:1") and asked == [1]
+    assert free_memory(None)[1] in ("RAM", "the container's memory limit") and asked == [1, 0]  # cuda:0 broken
+
+
+def test_a_replica_sizes_its_budget_where_its_loaded_model_is(tiny_llm_dirs, monkeypatch):
+    import torch
+
+    from deployments.llm import LLMServer
+    from deployments.options import ChatOptions
+    from deployments.params import ChatParams
+    from loading import ModelSpec
+
+    server = LLMServer([ModelSpec(name="t", source=str(tiny_llm_dirs[0]), max_new_tokens=4)], ChatOptions())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU listed, that cannot be opened
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (_ for _ in ()).throw(RuntimeError("busy")))
+    result = asyncio.run(server.chat(ChatParams(model="t", messages=[{"role": "user", "content": "hi"}],
+                                                max_new_tokens=2, wait_s=60)))
+    assert result.completion_tokens > 0 and server._compute_device() == "cpu"
+    assert "RAM" in server.memory.sized_from or "container" in server.memory.sized_from
