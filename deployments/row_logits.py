@@ -9,6 +9,7 @@ distribution, so a constrained row may list tokens its grammar did not allow.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -111,8 +112,14 @@ def token_bytes(tokenizer: Any, token: int, first: bool = False) -> bytes:
 METASPACE = "\u2581"  # SentencePiece's word boundary, "▁"
 
 
-def _special_ids(tokenizer: Any) -> set[int]:
-    return set(getattr(tokenizer, "all_special_ids", ()) or ())
+def _special_ids(tokenizer: Any) -> frozenset[int]:
+    """The tokenizer's special ids, computed once per tokenizer (asked for every logprob entry)."""
+    cached = getattr(tokenizer, "_modelfleet_special_ids", None)
+    if cached is None:
+        cached = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        with contextlib.suppress(AttributeError):
+            tokenizer._modelfleet_special_ids = cached
+    return cached
 
 
 def _is_byte_level(tokenizer: Any) -> bool:

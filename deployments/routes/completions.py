@@ -7,6 +7,7 @@ the prompt first (its tokens carry null logprobs); `logprobs` (0-5) gives OpenAI
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter
@@ -67,20 +68,34 @@ async def create_completion(body: CompletionRequest, ingress: IngressDep, wait_s
     )
 
 
-def legacy_logprobs(entries: list[dict], offset: int = 0) -> CompletionLogprobs:
+class TextOffsets:
+    """Characters of a choice's text before each of its tokens, from the tokens' bytes: a token may hold part
+    of a character (counted once whole; invalid bytes as the U+FFFD the text shows). Kept across a stream's
+    chunks, whose text lengths do not follow the tokens (a stop string's last characters are held back)."""
+
+    def __init__(self) -> None:
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.chars = 0
+
+    def take(self, data: bytes) -> int:
+        offset = self.chars
+        self.chars += len(self.decoder.decode(data))
+        return offset
+
+
+def legacy_logprobs(entries: list[dict], offsets: TextOffsets | None = None) -> CompletionLogprobs:
     """OpenAI chat-style logprob entries in the completions API's older shape. A token that is part of a
     character (CJK, emoji on byte-level vocabularies) is named by its bytes, "bytes:\\xe4\\xbd", as OpenAI
     names it: as "\ufffd" several alternatives were one key of top_logprobs. `text_offset` counts the
-    characters of the text before each token (`offset` those before the first)."""
+    characters of the text before each token (`offsets`: the choice's count so far, in a stream)."""
     out = CompletionLogprobs()
-    before = b""
+    offsets = offsets or TextOffsets()
     for entry in entries:
         out.tokens.append(legacy_token(entry))
         out.token_logprobs.append(entry["logprob"])
         out.top_logprobs.append({legacy_token(top): top["logprob"] for top in entry["top_logprobs"]}
                                 if entry["logprob"] is not None else None)
-        out.text_offset.append(offset + len(before.decode("utf-8", errors="ignore")))
-        before += bytes(entry["bytes"])
+        out.text_offset.append(offsets.take(bytes(entry["bytes"])))
     return out
 
 
@@ -96,7 +111,7 @@ async def completion_events(model: str, items: AsyncIterator[tuple[int, dict]], 
                             n: int) -> AsyncIterator[str]:
     """text_completion chunks: text deltas per choice, a finish_reason per choice, optional usage, [DONE]."""
     response = CompletionResponse(model=model, choices=[])  # one id and one `created` for every chunk
-    offsets: dict[int, int] = {}
+    offsets: dict[int, TextOffsets] = {}
     prompt_tokens, completion_tokens, cached_tokens = 0, 0, 0
 
     def event(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
@@ -107,8 +122,8 @@ async def completion_events(model: str, items: AsyncIterator[tuple[int, dict]], 
     try:
         async for index, item in items:
             if "delta" in item:
-                logprobs = legacy_logprobs(item["logprobs"], offsets.get(index, 0)) if item.get("logprobs") else None
-                offsets[index] = offsets.get(index, 0) + len(item["delta"])
+                logprobs = (legacy_logprobs(item["logprobs"], offsets.setdefault(index, TextOffsets()))
+                            if item.get("logprobs") else None)
                 yield "".join(held) + event([CompletionChoice(text=item["delta"], index=index, logprobs=logprobs)])
                 held = []
                 continue

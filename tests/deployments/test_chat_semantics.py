@@ -205,7 +205,7 @@ def test_logprob_bytes_join_to_the_text_on_a_sentencepiece_tokenizer():
 def test_legacy_logprobs_name_part_of_a_character_by_its_bytes_and_count_offsets_in_characters():
     """Byte-level fragments of '你' were all '\ufffd': several alternatives collapsed into one top_logprobs key,
     and text_offset counted a character per fragment (19 past the end of SmolLM2's 61-character reply)."""
-    from deployments.routes.completions import legacy_logprobs
+    from deployments.routes.completions import TextOffsets, legacy_logprobs
 
     def entry(data: bytes, alternatives: list[bytes]) -> dict:
         return {"token": data.decode("utf-8", errors="replace"), "logprob": -1.0, "bytes": list(data),
@@ -213,8 +213,34 @@ def test_legacy_logprobs_name_part_of_a_character_by_its_bytes_and_count_offsets
                                  for a in alternatives]}
 
     you = "你".encode()  # 3 bytes
+    before = TextOffsets()
+    before.take(b"Hello")  # a stream's earlier chunk
     out = legacy_logprobs([entry(b"A", [b"A"]), entry(you[:2], [you[:2], b"\xe5\xa5", b"\xe4\xb8"]),
-                           entry(you[2:], [you[2:]]), entry(b"!", [b"!"])], offset=5)
+                           entry(you[2:], [you[2:]]), entry(b"!", [b"!"])], before)
     assert out.tokens == ["A", "bytes:\\xe4\\xbd", "bytes:\\xa0", "!"]
     assert len(out.top_logprobs[1]) == 3
     assert out.text_offset == [5, 6, 6, 7]  # "A你!" after 5 characters
+
+
+def test_a_streamed_completions_text_offsets_follow_the_tokens_not_the_chunks():
+    """A stop string holds back its length - 1 characters, so a token's text can end in a later chunk than its
+    logprob entry: offsets counted from the chunks' text ran short (13 where 15 was right)."""
+    def entry(text: str) -> dict:
+        return {"token": text, "logprob": -1.0, "bytes": list(text.encode()), "top_logprobs": []}
+
+    async def items():
+        yield 0, {"delta": "Hel", "logprobs": [entry("Hello")]}  # "lo" held back by stop ["lo!?"]
+        yield 0, {"delta": "lo wor", "logprobs": [entry(" world")]}
+        yield 0, {"delta": "ld", "logprobs": [entry("!")]}
+        yield 0, {"finish_reason": "stop", "usage": {"prompt_tokens": 1, "completion_tokens": 3}}
+
+    async def offsets() -> list[int]:
+        found = []
+        async for chunk in completion_events("m", items(), False, 1):
+            for line in chunk.splitlines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:])["choices"]:
+                        found += (choice.get("logprobs") or {}).get("text_offset", [])
+        return found
+
+    assert asyncio.run(offsets()) == [0, 5, 11]
