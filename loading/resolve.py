@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from .errors import ModelNotFoundError
 from .offline import HubStatus, hub_status
@@ -38,6 +38,20 @@ log = logging.getLogger(__name__)
 #: the one list of weight-file suffixes: what makes a directory a model, and what its size on disk counts
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 MARKER_FILES = ("config.json", "adapter_config.json")
+#: What a Hub download leaves out, always: other frameworks' weights and exports, which transformers (5.x reads
+#: PyTorch weights only) and PEFT never read: TensorFlow, Flax, rust-bert, TFLite, Core ML, ONNX, OpenVINO, and
+#: GGUF files (a GGUF source is converted from its one file, never downloaded as a repo). The TensorFlow and Flax
+#: shard indexes go too: an index whose shards are not there would read as an incomplete download.
+OTHER_FRAMEWORK_FILES = (
+    "*.h5", "*.h5.index.json", "*.msgpack", "*.msgpack.index.json", "*.ot", "*.tflite", "*.mlmodel", "*.mlpackage/*",
+    "*.onnx", "*.onnx_data", "*.onnx.data", "onnx/*", "openvino/*", "coreml/*", "*.gguf",
+)
+#: Where the repo's top level has the files that make transformers' and PEFT's from_pretrained read safetensors
+#: (model.safetensors or its shard index, adapter_model.safetensors), its PyTorch pickles are never read: the same
+#: weights again (pytorch_model*.bin, adapter_model.bin, original/consolidated.*.pth) or training state
+#: (training_args.bin, optimizer.pt, rng_state.pth). They are left out too.
+SAFETENSORS_FIRST = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+PICKLED_WEIGHT_FILES = ("*.bin", "*.bin.index.json", "*.pt", "*.pth")
 # The Hub answered: no such repo (or private/gated: GatedRepoError is a subclass) or no such revision.
 NOT_ON_HUB = (RepositoryNotFoundError, RevisionNotFoundError)
 # The Hub did not answer usably: a timeout, a dropped connection, an error page (checked after NOT_ON_HUB,
@@ -171,23 +185,65 @@ def _clear_stale_copy(local_dir: Path, source: str) -> None:
         shutil.rmtree(local_dir)
 
 
+def _left_out_of(snapshot: Path) -> Callable[[str, list[str]], set[str]]:
+    """copytree's `ignore` for a copy of a cached snapshot: the files a download of it leaves out now
+    (`ignored_files`), which a snapshot downloaded whole may hold."""
+    files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+    kept = set(filter_repo_objects(files, ignore_patterns=ignored_files(files)))
+    kept |= {parent.as_posix() for name in kept for parent in Path(name).parents}  # and the folders on their way
+
+    def ignore(directory: str, names: list[str]) -> set[str]:  # a file left out, a folder of only such files
+        where = Path(directory).relative_to(snapshot)
+        return {name for name in names if (where / name).as_posix() not in kept}
+
+    return ignore
+
+
 def fetch_destination(source: str, settings: Settings) -> Path:
     """Where `modelfleet fetch --local-models-dir` puts a model: LOCAL_MODELS_DIR/<Hub id> (Org/Name), which
     no other repo shares; a source that is not a Hub id by its last path component."""
     return settings.local_models_dir / (source if is_repo_id(source) else Path(source.rstrip("/")).name)
 
 
-def download_size_bytes(repo_id: str, revision: str | None, cache_dir: Path) -> int | None:
-    """Bytes still to download (dry run against the Hub), or None when the Hub will not say."""
+def ignored_files(repo_files: Iterable[str]) -> list[str]:
+    """The ignore patterns of a download of a repo holding `repo_files` (its paths in the repo): files that
+    transformers and PEFT never read where they load from (the snapshot's top level)."""
+    patterns = list(OTHER_FRAMEWORK_FILES)
+    if any(name in SAFETENSORS_FIRST for name in repo_files):
+        patterns += PICKLED_WEIGHT_FILES
+    return patterns
+
+
+@dataclass(frozen=True)
+class DownloadPlan:
+    """What a snapshot download of a repo fetches: the files it leaves out and the bytes still to download."""
+
+    ignore_patterns: list[str]
+    size: int | None  # None: the Hub would not say (the repo's listing unknown: only OTHER_FRAMEWORK_FILES left out)
+
+
+def plan_download(repo_id: str, revision: str | None, cache_dir: Path) -> DownloadPlan:
+    """List the repo (dry run against the Hub; other frameworks' files left out) to decide what else to leave
+    out, and count the bytes of what is left that is not cached yet: the size announced is the size downloaded."""
     try:
-        infos = huggingface_hub.snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, dry_run=True)
+        infos = huggingface_hub.snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, dry_run=True,
+                                                  ignore_patterns=list(OTHER_FRAMEWORK_FILES))
     except Exception as exc:  # the size is advice; the download itself reports real errors
         missing = exc if isinstance(exc, NOT_ON_HUB) else exc.__cause__  # dry run wraps a 404 in DryRunError
         if isinstance(missing, NOT_ON_HUB):
             raise missing from None  # not a sizing problem: there is nothing to download
         log.info("could not size %s before download: %s", repo_id, exc)
-        return None
-    return sum(getattr(i, "file_size", 0) or 0 for i in infos if getattr(i, "will_download", True))
+        return DownloadPlan(list(OTHER_FRAMEWORK_FILES), None)
+    patterns = ignored_files(getattr(i, "filename", "") for i in infos)
+    kept = filter_repo_objects(infos, ignore_patterns=patterns, key=lambda i: getattr(i, "filename", ""))
+    size = sum(getattr(i, "file_size", 0) or 0 for i in kept if getattr(i, "will_download", True))
+    return DownloadPlan(patterns, size)
+
+
+def download_size_bytes(repo_id: str, revision: str | None, cache_dir: Path) -> int | None:
+    """Bytes still to download (dry run against the Hub), or None when the Hub will not say; the files a
+    download leaves out (`plan_download`) are not counted."""
+    return plan_download(repo_id, revision, cache_dir).size
 
 
 _bounded_hub: float | None = None  # the read timeout huggingface_hub's client was last given
@@ -231,11 +287,12 @@ def download(
         hit = cached_snapshot(repo_id, revision, settings.hf_hub_cache)
         if hit is not None:  # another process finished the download while we waited
             return hit
-        size = download_size_bytes(repo_id, revision, settings.hf_hub_cache)
-        size_text = f"{size / 1e9:.2f} GB" if size is not None else "unknown size"
+        plan = plan_download(repo_id, revision, settings.hf_hub_cache)
+        size_text = f"{plan.size / 1e9:.2f} GB" if plan.size is not None else "unknown size"
         log.warning("Downloading %s %s (%s) from the Hub into %s", what, repo_id, size_text, settings.hf_hub_cache)
         path = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, cache_dir=settings.hf_hub_cache, local_dir=local_dir
+            repo_id, revision=revision, cache_dir=settings.hf_hub_cache, local_dir=local_dir,
+            ignore_patterns=plan.ignore_patterns,
         )
         return Path(path)
 
@@ -310,7 +367,7 @@ def resolve_source(
         # Asked for a self-contained copy (e.g. to carry to an offline machine): the cache's
         # symlinked snapshot is copied as plain files, no Hub needed.
         _clear_stale_copy(local_dir, source)
-        shutil.copytree(hit, local_dir, dirs_exist_ok=True)
+        shutil.copytree(hit, local_dir, dirs_exist_ok=True, ignore=_left_out_of(hit))
         mark_fetched(local_dir, source, revision)
         log.info("%s %s copied from cached snapshot %s to %s", what, source, hit, local_dir)
         return Resolved(local_dir.resolve(), "copied from the HF cache", looked_at)

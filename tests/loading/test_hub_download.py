@@ -22,6 +22,9 @@ from pathlib import Path
 import pytest
 
 from loading import ModelSpec, load_model
+from loading.resolve import resolve_source
+from loading.settings import Settings
+from loading.tiny import stage_in_hf_cache
 
 from fake_hub import FakeHub
 from loading_testutil import Timer, record, set_adapter_base
@@ -48,7 +51,8 @@ for op in json.loads(sys.argv[1]):
             out["size"] = download_size_bytes(op["source"], op.get("revision"), settings.hf_hub_cache)
         else:
             if op["op"] == "resolve":
-                res = resolve_source(op["source"], settings, revision=op.get("revision"))
+                local_dir = pathlib.Path(op["local_dir"]) if op.get("local_dir") else None
+                res = resolve_source(op["source"], settings, revision=op.get("revision"), local_dir=local_dir)
             else:  # "base": the base model of the adapter directory op["source"]
                 res = resolve_base(read_adapter(pathlib.Path(op["source"])), settings)
             out.update(path=str(res.path), origin=res.origin)
@@ -67,12 +71,13 @@ DOWNLOAD_LOG = re.compile(
 
 
 def _padded(model_dir: Path, total_bytes: int) -> dict[str, bytes]:
-    """model_dir's files plus extra/padding.bin, for a repo of exactly total_bytes: big enough that the
-    logged size (GB, 2 decimals) is not 0.00 and says whether the count is right."""
+    """model_dir's files plus extra/padding.dat, for a repo of exactly total_bytes: big enough that the
+    logged size (GB, 2 decimals) is not 0.00 and says whether the count is right. (Not a .bin: beside
+    model.safetensors, a download leaves PyTorch pickles out.)"""
     files = {p.relative_to(model_dir).as_posix(): p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
     pad = total_bytes - sum(map(len, files.values()))
     assert pad > 0
-    files["extra/padding.bin"] = bytes(range(256)) * (pad // 256) + bytes(pad % 256)
+    files["extra/padding.dat"] = bytes(range(256)) * (pad // 256) + bytes(pad % 256)
     return files
 
 
@@ -286,6 +291,86 @@ def test_adapter_base_download_announced(tiny, hub, online, isolated_env):
     assert Path(loaded.report.base_path) == snapshot and loaded.report.base_resolved_from == "HF cache"
     assert Path(loaded.report.adapter_path) == adapter.resolve() and loaded.adapter_name == "default"
     assert type(loaded.model).__name__.startswith("Peft")
+
+
+def _every_framework(model_dir: Path, each_bytes: int) -> tuple[dict[str, bytes], set[str]]:
+    """model_dir (model.safetensors) as a repo that also ships its weights for the other frameworks, as
+    openai/whisper-small does (pytorch_model.bin, tf_model.h5, flax_model.msgpack), plus exports and training
+    state transformers never reads. Returns the files and the names of those a download should leave out."""
+    files = _padded(model_dir, each_bytes)  # what is needed: ~each_bytes
+    blob = lambda tag: (tag.encode() * (each_bytes // len(tag) + 1))[:each_bytes]  # noqa: E731
+    others = {
+        "pytorch_model.bin": blob("pt"), "tf_model.h5": blob("tf"), "flax_model.msgpack": blob("flax"),
+        "rust_model.ot": b"rust", "onnx/model.onnx": b"onnx", "onnx/model.onnx_data": b"onnx data",
+        "openvino/openvino_model.xml": b"<xml/>", "training_args.bin": b"args", "original/consolidated.00.pth": b"pth",
+        "model.gguf": b"GGUF",
+    }
+    return {**files, **others}, set(others)
+
+
+def test_a_download_fetches_only_what_transformers_reads_and_announces_that_size(tiny, hub, online, isolated_env,
+                                                                                  tmp_path):
+    """Review 5: snapshot_download got no patterns, so a repo with its weights in four frameworks (whisper-small:
+    0.97 GB each) was downloaded whole (3.87 GB for 0.97), and announced so. The dry run, the download and a
+    `fetch --local-models-dir` copy now leave out other frameworks' files and, beside model.safetensors, the
+    PyTorch pickles."""
+    repo = "modelfleet-test/every-framework"
+    files, left_out = _every_framework(tiny["llm"], 6_000_000)
+    sha = hub.add_repo(repo, files)
+    needed = {path: data for path, data in files.items() if path not in left_out}
+    needed_bytes = sum(map(len, needed.values()))
+
+    (size, resolved), stderr = _run(online, {"op": "size", "source": repo}, {"op": "resolve", "source": repo})
+    assert _ok(size)["size"] == needed_bytes  # was every byte: 4x
+    (announced,) = DOWNLOAD_LOG.finditer(stderr)
+    assert announced["size"] == f"{needed_bytes / 1e9:.2f} GB" == "0.01 GB"  # was 0.02 GB
+    assert set(hub.file_gets(repo)) == set(needed), sorted(hub.file_gets(repo))
+    snapshot = isolated_env["hub_cache"] / "models--modelfleet-test--every-framework" / "snapshots" / sha
+    assert _ok(resolved)["origin"] == "Hub download" and Path(resolved["path"]) == snapshot
+    assert _snapshot_files(snapshot) == needed
+
+    # The snapshot is complete as it is: a fresh process resolves it from the cache, no request to the Hub.
+    requests_so_far = len(hub.log())
+    (again,), _ = _run(online, {"op": "resolve", "source": repo})
+    assert _ok(again)["origin"] == "HF cache" and len(hub.log()) == requests_so_far
+    loaded = load_model(ModelSpec(name="every-framework", source=repo, device="cpu"))
+    assert Path(loaded.report.resolved_path) == snapshot
+
+    # `fetch --local-models-dir` downloads the same files into LOCAL_MODELS_DIR ...
+    hub.reset_log()
+    local = isolated_env["models"] / repo
+    (fetched,), _ = _run({**online, "HF_HUB_CACHE": str(tmp_path / "other-cache")},
+                         {"op": "resolve", "source": repo, "local_dir": str(local)})
+    assert _ok(fetched)["origin"] == "Hub download"
+    assert set(hub.file_gets(repo)) == set(needed)
+    assert {path: data for path, data in _snapshot_files(local).items() if not path.startswith(".")} == needed
+    # ... and copies only those out of a cached snapshot downloaded whole (before this fix).
+    whole = tmp_path / "whole"
+    for path, data in files.items():
+        (whole / path).parent.mkdir(parents=True, exist_ok=True)
+        (whole / path).write_bytes(data)
+    stage_in_hf_cache(whole, "modelfleet-test/whole-snapshot", isolated_env["hub_cache"])
+    copy = isolated_env["models"] / "modelfleet-test" / "whole-snapshot"
+    copied = resolve_source("modelfleet-test/whole-snapshot", Settings.from_env(), local_dir=copy)
+    assert copied.origin == "copied from the HF cache"
+    assert {path: data for path, data in _snapshot_files(copy).items() if not path.startswith(".")} == needed
+    assert not (copy / "onnx").exists() and not (copy / "original").exists()
+
+
+def test_a_repo_without_safetensors_keeps_its_pytorch_weights(tiny, hub, online, isolated_env):
+    """Only where model.safetensors (or adapter_model.safetensors) is there are the pickles left out: an adapter
+    shipped as adapter_model.bin alone is downloaded with it (other frameworks' files still left out)."""
+    repo = "modelfleet-test/bin-adapter"
+    files = {p.name: p.read_bytes() for p in tiny["llm-lora"].iterdir() if p.is_file()}
+    files["adapter_model.bin"] = files.pop("adapter_model.safetensors")  # the name is what counts here
+    files.update({"training_args.bin": b"args", "tf_model.h5": b"tf"})
+    sha = hub.add_repo(repo, files)
+    (size, resolved), _ = _run(online, {"op": "size", "source": repo}, {"op": "resolve", "source": repo})
+    kept = {path: data for path, data in files.items() if path != "tf_model.h5"}
+    assert _ok(size)["size"] == sum(map(len, kept.values()))
+    assert set(hub.file_gets(repo)) == set(kept)
+    snapshot = isolated_env["hub_cache"] / "models--modelfleet-test--bin-adapter" / "snapshots" / sha
+    assert _ok(resolved)["origin"] == "Hub download" and _snapshot_files(snapshot) == kept
 
 
 def test_unknown_repo_or_revision_is_a_clear_miss(tiny, hub, online, isolated_env):
