@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -40,10 +41,21 @@ def app_settings(settings: Settings, app: ServeApp) -> Settings:
     return dataclasses.replace(settings, local_models_dir=app.local_models_dir.resolve())
 
 
+def serving_apps(config: Path) -> list[ServeApp]:
+    """The applications of a Serve config; ServeConfigError where none has a model: a config that serves no model
+    is none that doctor or fetch can vouch for (it passed as "0 of 0 models can load.")."""
+    apps = apps_from_serve_config(config)
+    if not any(app.models for app in apps):
+        where = "no application has `args.models`" if apps else "it has no `applications:`"
+        raise ServeConfigError(f"{config}: no model to check: {where} (a list of at least one model, as `serve run` "
+                               "requires)")
+    return apps
+
+
 def doctor(config: Path, out: TextIO | None = None) -> int:
     """Raises ServeConfigError, before printing anything, for a config that cannot be read."""
     out = out or sys.stdout  # looked up per call: a default bound at import ignores redirection
-    apps = apps_from_serve_config(config)
+    apps = serving_apps(config)
     settings = Settings.from_env()
     hub = hub_status(settings)
     gpus = visible_gpus()
@@ -107,7 +119,7 @@ def fetch(config: Path, to_local_dir: bool, out: TextIO | None = None) -> int:
     """Download every configured model (and convert every GGUF source) so that serving needs nothing more.
     An application's `args.local_models_dir` is its models' LOCAL_MODELS_DIR, as when it serves."""
     out = out or sys.stdout  # looked up per call: a default bound at import ignores redirection
-    apps = apps_from_serve_config(config)
+    apps = serving_apps(config)
     settings = Settings.from_env()
     hub = hub_status(settings)
     specs = [(app, spec) for app in apps for spec in app.models]
@@ -139,7 +151,10 @@ def _fetch_one(spec: ModelSpec, settings: Settings, hub: HubStatus, to_local_dir
         print(f"       adapter base: {found.base.path} ({found.base.origin})", file=out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, check_config: Callable[[Path], None] | None = None) -> int:
+    """`check_config`: called with the config file before doctor or fetch read it; a ServeConfigError it raises
+    exits 2 with its message, as one of loading's own (the `modelfleet` console script checks there each
+    application's whole `args`, which loading knows nothing of)."""
     parser = argparse.ArgumentParser(prog="modelfleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("doctor", "check this machine and every configured model"),
@@ -156,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config file {args.config} not found (pass --config PATH)", file=sys.stderr)
         return 2
     try:
+        if check_config is not None:
+            check_config(args.config)
         if args.command == "doctor":
             return doctor(args.config)
         return fetch(args.config, args.local_models_dir)

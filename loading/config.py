@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +241,11 @@ class ServeApp:
     """Its `args.local_models_dir` (relative to the working directory, as the builder takes it), if set."""
 
 
+#: The keys of an application's `args` that `apps_from_serve_config` reads. A key a typo away from one of them
+#: (`modles:`, `local_model_dir:`) is refused: read as absent, it would check no models, or fetch elsewhere.
+SERVE_ARGS_READ = ("models", "local_models_dir")
+
+
 def apps_from_serve_config(path: str | Path) -> list[ServeApp]:
     """Every application of a Serve config file with its `args.models` and `args.local_models_dir`. Names and
     aliases must be unique per application (two apps at different route prefixes may serve one name)."""
@@ -259,6 +265,9 @@ def apps_from_serve_config(path: str | Path) -> list[ServeApp]:
         args = app.get("args") or {}
         if not isinstance(args, dict):
             raise ServeConfigError(f"{where}.args must be a mapping (models:, local_models_dir:, ...)")
+        for key in args:  # the other keys are the app's (checked where it is built), but not a typo of one read here
+            if key not in SERVE_ARGS_READ and (near := get_close_matches(str(key), SERVE_ARGS_READ, n=1, cutoff=0.8)):
+                raise ServeConfigError(f"{where}.args.{key}: not a field; did you mean `{near[0]}`?")
         raw_models = args.get("models", [])
         if not isinstance(raw_models, list):
             raise ServeConfigError(f"{where}.args.models must be a list of models")

@@ -317,3 +317,98 @@ def test_an_adapter_on_a_served_model_passes_doctor_fetch_and_family_detection(i
     assert main(["doctor", "--config", str(config)]) == 0, capsys.readouterr().out
     assert main(["fetch", "--config", str(config)]) == 0, capsys.readouterr().out
     build_app({"device": "cpu", "models": models})  # the adapter's family is detected through its served base
+
+
+def _app_args(path: Path, args: dict, import_path: str = "deployments.builder:build_app") -> Path:
+    path.write_text(yaml.safe_dump({"applications": [{"name": "modelfleet", "route_prefix": "/",
+                                                      "import_path": import_path, "args": args}]}))
+    return path
+
+
+TINY_DEMO = [{"name": "tiny-llm", "source": "tiny-llm", "build_tiny": "llm"}]
+
+
+@pytest.mark.parametrize("command", ["doctor", "fetch"])
+@pytest.mark.parametrize("args,says", [
+    pytest.param({"modles": TINY_DEMO}, "applications[0].args.modles: not a field; did you mean `models`?",
+                 id="misspelt-models"),
+    pytest.param({"local_model_dir": "app-models", "models": TINY_DEMO},
+                 "applications[0].args.local_model_dir: not a field; did you mean `local_models_dir`?",
+                 id="misspelt-local_models_dir"),
+    pytest.param({"device": "cpu"}, "no model to check: no application has `args.models`", id="no-models"),
+])
+def test_loading_refuses_a_typo_of_what_it_reads_and_a_config_without_models(command, args, says, isolated_env,
+                                                                              tmp_path, monkeypatch, capsys):
+    """Review 5: doctor and fetch read only args.models and args.local_models_dir, so `modles:` gave "0 of 0
+    models can load." and exit 0, and `local_model_dir:` fetched into the environment's LOCAL_MODELS_DIR."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = _app_args(tmp_path / "typo.yaml", args)
+    assert main([command, "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"modelfleet {command}: {path}"), captured
+    assert says in captured.err, captured.err
+    assert not any(isolated_env["models"].iterdir())  # nothing built or fetched anywhere
+
+
+@pytest.mark.parametrize("command", ["doctor", "fetch"])
+@pytest.mark.parametrize("args,says", [
+    pytest.param({"models": TINY_DEMO, "request_timeout_s": -1},
+                 "applications[0].args.request_timeout_s: Input should be greater than 0", id="bad-value"),
+    pytest.param({"models": TINY_DEMO, "familes": {"llm": {"max_batch_size": 8}}},
+                 "applications[0].args.familes: Extra inputs are not permitted (did you mean `families`?)",
+                 id="misspelt-section"),
+    pytest.param({"models": TINY_DEMO, "limits": {"max_imagess": 2}},
+                 "applications[0].args.limits.max_imagess: Extra inputs are not permitted (did you mean `max_images`?)",
+                 id="misspelt-nested-field"),
+    pytest.param({"models": []}, "applications[0].args.models: List should have at least 1 item", id="models-empty"),
+    pytest.param({"models": [{"name": "m", "source": "tiny-llm", "max_tokens": 5}]},
+                 "applications[0].args.models[0].max_tokens: Extra inputs are not permitted", id="misspelt-model-field"),
+])
+def test_the_console_script_refuses_what_serve_run_refuses(command, args, says, isolated_env, tmp_path, monkeypatch,
+                                                            capsys):
+    """`modelfleet doctor|fetch` (deployments/cli.py) validate each application of ours as the builder does
+    (AppConfig): keys loading never reads passed unchecked, exit 0, on a config `serve run` refuses."""
+    from deployments.cli import main as modelfleet
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = _app_args(tmp_path / "refused.yaml", args)
+    assert modelfleet([command, "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"modelfleet {command}: {path}: "), captured
+    assert says in captured.err and "`serve run` refuses this config" in captured.err, captured.err
+    assert not any(isolated_env["models"].iterdir())
+
+
+def test_the_console_script_checks_the_default_config_and_needs_an_application_of_ours(isolated_env, tmp_path,
+                                                                                       monkeypatch, capsys):
+    from deployments.cli import main as modelfleet
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    _app_args(tmp_path / "serve_config.yaml", {"models": TINY_DEMO, "device": "tpu"})  # --config left out
+    assert modelfleet(["doctor"]) == 2
+    assert "modelfleet doctor: serve_config.yaml: applications[0].args.device: Input should be " in \
+        capsys.readouterr().err
+    _app_args(tmp_path / "serve_config.yaml", {"models": TINY_DEMO}, import_path="other.app:build")
+    assert modelfleet(["fetch"]) == 2
+    assert "no application has import_path: deployments.builder:build_app" in capsys.readouterr().err
+    _app_args(tmp_path / "serve_config.yaml", {"models": TINY_DEMO, "device": "cpu", "limits": {"max_images": 2}})
+    assert modelfleet(["fetch"]) == 0, capsys.readouterr()
+    assert "1 of 1 models available locally." in capsys.readouterr().out
+
+
+def test_without_the_serving_side_the_console_script_still_runs_loadings_checks(isolated_env, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """Where deployments.app_config cannot be imported (no Ray on this machine), doctor says the `args` went
+    unchecked and goes on; loading's own checks still hold."""
+    from deployments.cli import main as modelfleet
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(sys.modules, "deployments.app_config", None)  # import raises ImportError
+    path = _app_args(tmp_path / "ok.yaml", {"models": TINY_DEMO, "device": "cpu", "request_timeout_s": -1})
+    assert modelfleet(["doctor", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "the applications' `args` were not checked as `serve run` checks them" in captured.err
+    assert "1 of 1 models can load." in captured.out
+    assert modelfleet(["doctor", "--config", str(_app_args(tmp_path / "typo.yaml", {"modles": TINY_DEMO}))]) == 2
+    assert "applications[0].args.modles: not a field; did you mean `models`?" in capsys.readouterr().err
