@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_plus
 
-import grpc
+import grpc  # type: ignore[import-untyped]  # no stubs; Ray installs grpcio
 import pydantic
 import ray.exceptions as ray_errors
 from fastapi import FastAPI, Request
