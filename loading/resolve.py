@@ -52,6 +52,9 @@ OTHER_FRAMEWORK_FILES = (
 #: (training_args.bin, optimizer.pt, rng_state.pth). They are left out too.
 SAFETENSORS_FIRST = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 PICKLED_WEIGHT_FILES = ("*.bin", "*.bin.index.json", "*.pt", "*.pth")
+#: Beside model.safetensors, other formats of the same weights that transformers never reads: Mistral's native
+#: consolidated.safetensors (~14 GB for a 7B model) and the original/ checkpoints of Llama and Mistral repos.
+NATIVE_DUPLICATES = ("consolidated.safetensors", "consolidated.*.safetensors", "original/*")
 # The Hub answered: no such repo (or private/gated: GatedRepoError is a subclass) or no such revision.
 NOT_ON_HUB = (RepositoryNotFoundError, RevisionNotFoundError)
 # The Hub did not answer usably: a timeout, a dropped connection, an error page (checked after NOT_ON_HUB,
@@ -209,8 +212,11 @@ def ignored_files(repo_files: Iterable[str]) -> list[str]:
     """The ignore patterns of a download of a repo holding `repo_files` (its paths in the repo): files that
     transformers and PEFT never read where they load from (the snapshot's top level)."""
     patterns = list(OTHER_FRAMEWORK_FILES)
-    if any(name in SAFETENSORS_FIRST for name in repo_files):
+    names = set(repo_files)
+    if names & set(SAFETENSORS_FIRST):
         patterns += PICKLED_WEIGHT_FILES
+    if names & {"model.safetensors", "model.safetensors.index.json"}:
+        patterns += NATIVE_DUPLICATES
     return patterns
 
 

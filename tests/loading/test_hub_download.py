@@ -398,3 +398,21 @@ def test_unknown_repo_or_revision_is_a_clear_miss(tiny, hub, online, isolated_en
     assert not DOWNLOAD_LOG.search(stderr), stderr
     assert not hub.log(route="file", method="GET")
     assert {r.status for r in hub.log(route="info")} == {404}
+
+
+def test_native_duplicates_of_safetensors_weights_are_left_out():
+    """Mistral repos also ship consolidated.safetensors (~14 GB for a 7B model), Llama and Mistral an original/
+    folder of the same weights: transformers reads model.safetensors (or its index) only."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from loading.resolve import ignored_files
+
+    repo = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json", "consolidated.safetensors", "original/consolidated.00.pth",
+            "original/params.json", "tokenizer.json", "tokenizer.model", "pytorch_model.bin"]
+    kept = list(filter_repo_objects(repo, ignore_patterns=ignored_files(repo)))
+    assert kept == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                    "model.safetensors.index.json", "tokenizer.json", "tokenizer.model"]
+    only_consolidated = ["config.json", "consolidated.safetensors", "params.json"]  # no transformers weights:
+    assert list(filter_repo_objects(only_consolidated, ignore_patterns=ignored_files(only_consolidated))) == \
+        only_consolidated  # nothing of it is taken for a duplicate
