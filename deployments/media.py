@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from .errors import InvalidRequestError, RequestTooLargeError
 from .limits import RequestLimits
@@ -147,8 +148,25 @@ def decode_image(data: bytes, what: str = "the image") -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             image.load()
+        image = ImageOps.exif_transpose(image)  # upright, as a browser (and OpenAI) shows a phone's photo
+        return as_rgb(image)
     except Exception as exc:  # any plugin's error on crafted data, a decompression bomb included
         raise InvalidRequestError(f"{what} could not be decoded ({type(exc).__name__})", param="messages") from None
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """The picture the client sees, as RGB: transparency painted onto white (as transformers' convert_to_rgb
+    and vLLM do; a plain convert drops alpha, so a logo's transparent background became black, and a GIF's
+    transparent colour made the processor whiten every pixel of that colour), and 16-bit grey scaled to 8
+    bits (Pillow's convert clips it: a 16-bit scan came out all white)."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(pixels.max()), 1.0)
+        image = Image.fromarray(np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
 
 

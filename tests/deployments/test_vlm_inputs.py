@@ -162,3 +162,39 @@ def test_text_that_spells_the_image_placeholder_is_text(llava_dir):
     ids = server.encode(loaded, params)["input_ids"][0].tolist()
     one_image = server.encode(loaded, chat(1))["input_ids"][0].tolist()
     assert ids.count(image_id) == one_image.count(image_id)  # the text added no image token
+
+
+def _encoded(image, fmt: str, **save) -> bytes:
+    import io as _io
+
+    buffer = _io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def test_an_image_reaches_the_model_as_the_client_sees_it():
+    """decode_image's plain convert('RGB'): a transparent logo's background became black (its alpha dropped;
+    the processor would have painted it white), a GIF's transparent colour made the processor whiten every
+    pixel of that colour, a phone photo's EXIF rotation was ignored (the model saw it sideways), and a 16-bit
+    grey scan was clipped to white."""
+    import numpy as np
+    from PIL import Image
+
+    from deployments.media import decode_image
+
+    logo = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    logo.paste((0, 0, 0, 255), (2, 2, 6, 6))  # a black square on a transparent background
+    for fmt, image in (("PNG", logo), ("PNG", logo.convert("LA")), ("GIF", logo.convert("P"))):
+        pixels = np.asarray(decode_image(_encoded(image, fmt, **({"transparency": 0} if fmt == "GIF" else {}))))
+        assert pixels[0, 0].tolist() == [255, 255, 255] and pixels[3, 3].tolist() == [0, 0, 0], (fmt, image.mode)
+
+    photo = Image.new("RGB", (64, 32), (200, 10, 10))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    assert decode_image(_encoded(photo, "JPEG", exif=exif)).size == (32, 64)
+
+    ramp = np.tile(np.arange(0, 65536, 1024, dtype=np.uint16), (4, 1))  # black to white, 64 steps
+    scan = Image.fromarray(ramp)
+    assert scan.mode == "I;16"
+    row = np.asarray(decode_image(_encoded(scan, "PNG")))[0, :, 0]
+    assert row[0] == 0 and row[-1] >= 250 and list(row) == sorted(row) and 100 < row[32] < 156
