@@ -121,24 +121,43 @@ async def _one(session: aiohttp.ClientSession, base: str, req: Request, timeout_
 
 
 async def _read_stream(resp: aiohttp.ClientResponse, started: float) -> Sample:
-    """OpenAI SSE: TTFT = the first chunk with non-empty delta content; tokens = usage or content chunks."""
-    ttft, chunks, usage_tokens = None, 0, None
+    """OpenAI SSE: TTFT = the first chunk with non-empty delta content; tokens = usage or content chunks.
+
+    A stream can fail after its 200: the server then sends an error event (`data: {"error": ...}`, ours
+    before its `[DONE]`, transformers serve instead of its finish_reason) and the request failed. A stream
+    that ends with neither `[DONE]` nor a finish_reason (the connection closed mid-answer) failed too.
+    `transformers serve` ends its streams with the finish_reason (and usage) chunk, no `[DONE]`: that is a
+    complete stream."""
+    ttft, chunks, usage_tokens, done, finished, error = None, 0, None, False, False, ""
     async for line in resp.content:
         line = line.strip()
         if not line.startswith(b"data:"):
             continue
         data = line[5:].strip()
         if data == b"[DONE]":
+            done = True
             break
         event = json.loads(data)
+        if event.get("error") is not None:
+            problem = event["error"]
+            message = problem.get("message") if isinstance(problem, dict) else problem
+            error = error or f"stream error event: {str(message)[:200]}"
+            continue
         if event.get("usage"):
             usage_tokens = event["usage"].get("completion_tokens")
         for choice in event.get("choices") or []:
+            if choice.get("finish_reason"):
+                finished = True
             if (choice.get("delta") or {}).get("content"):
                 chunks += 1
                 if ttft is None:
                     ttft = time.perf_counter() - started
-    return Sample(time.perf_counter() - started, True, usage_tokens if usage_tokens is not None else chunks, ttft)
+    latency = time.perf_counter() - started
+    if not error and not (done or finished):
+        error = "stream ended without [DONE] or a finish_reason"
+    if error:
+        return Sample(latency, False, error=error)
+    return Sample(latency, True, usage_tokens if usage_tokens is not None else chunks, ttft)
 
 
 async def _run(base: str, make: Callable[[int], Request], concurrency: int, total: int, timeout_s: float,
