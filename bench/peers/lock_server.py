@@ -4,8 +4,12 @@
 
 A faithful minimal version of the common pattern: load with from_pretrained at start-up, `def`
 (not async) routes that FastAPI runs in its thread pool, a threading.Lock so only one request
-uses the model at a time, no batching. OpenAI-shaped routes so the same load client drives it:
-    llm  POST /v1/chat/completions   (JSON; "stream": true streams with TextIteratorStreamer)
+uses the model at a time, no batching. A stream is an async generator that waits its turn on the
+event loop (an asyncio.Lock) and runs generate() in a thread of its own under the same threading.Lock,
+its text handed to the loop: a sync generator waiting on the lock would hold one of Starlette's 40
+pool threads per waiting stream and deadlock past 40 of them. OpenAI-shaped routes so the same load
+client drives it:
+    llm  POST /v1/chat/completions   (JSON; "stream": true streams text as generate() produces it)
     stt  POST /v1/audio/transcriptions (multipart "file")
     tts  POST /v1/audio/speech       (JSON "input"; answers WAV)
 """
@@ -13,6 +17,7 @@ uses the model at a time, no batching. OpenAI-shaped routes so the same load cli
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import threading
@@ -27,7 +32,8 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 app = FastAPI()
-lock = threading.Lock()
+lock = threading.Lock()  # the model's: one request at a time
+stream_lock = asyncio.Lock()  # streams queue for `lock` here, on the event loop
 state: dict = {}
 
 
@@ -76,31 +82,77 @@ def chat(body: dict):
     })
 
 
-def _stream(body: dict, inputs, kwargs):
-    """A sync generator: Starlette iterates it in a thread; the lock is held for the whole stream."""
-    from transformers import TextIteratorStreamer
+class _LoopStreamer:
+    """generate()'s streamer, called in the generation thread: hands each piece of text to the event loop's
+    queue (None at the end), so that the stream waits on the loop, not in a pool thread."""
 
+    def __init__(self, tok, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+        from transformers import TextStreamer
+
+        self.loop, self.queue, self.cancelled = loop, queue, False
+        self.text = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        self.text.on_finalized_text = self._send  # type: ignore[method-assign]
+
+    def _send(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, text)
+        if stream_end:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+    def put(self, value) -> None:
+        if self.cancelled:  # the client left: stop generating
+            raise _Cancelled()
+        self.text.put(value)
+
+    def end(self) -> None:
+        self.text.end()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+async def _stream(body: dict, inputs, kwargs):
+    """An async generator on the event loop: streams wait for `stream_lock` without holding a thread (a sync
+    generator waiting on a lock holds one of Starlette's 40 pool threads per stream, and past 40 waiting
+    streams the one holding the lock gets no thread for its next chunk: a deadlock). The generation runs in
+    a thread of its own under `lock`, the lock the plain route takes, so one request uses the model at a time."""
     tok, model = state["tokenizer"], state["model"]
-    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     cid = f"chatcmpl-{uuid.uuid4().hex}"
 
     def chunk(delta: dict, finish=None) -> str:
         return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "model": body.get("model"),
                                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
 
-    with lock:
-        def run():
-            with torch.inference_mode():
-                model.generate(**inputs, **kwargs, streamer=streamer, pad_token_id=tok.pad_token_id)
+    async with stream_lock:
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        streamer = _LoopStreamer(tok, loop, queue)
 
-        worker = threading.Thread(target=run)
+        def run():
+            try:
+                with lock, torch.inference_mode():
+                    model.generate(**inputs, **kwargs, streamer=streamer, pad_token_id=tok.pad_token_id)
+            except _Cancelled:
+                pass
+            except Exception as exc:  # reported in-band: the 200 is sent
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        yield chunk({"role": "assistant", "content": ""})
-        for piece in streamer:
-            if piece:
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while (piece := await queue.get()) is not None:
+                if isinstance(piece, Exception):
+                    yield "data: " + json.dumps({"error": {"message": f"{type(piece).__name__}: {piece}",
+                                                           "type": "internal_error"}}) + "\n\n"
+                    break
                 yield chunk({"content": piece})
-        worker.join()
-    yield chunk({}, "length")
+            else:
+                yield chunk({}, "length")
+        finally:
+            streamer.cancelled = True  # a no-op once generate ended; stops it if the client left
+            await asyncio.to_thread(worker.join)
     yield "data: [DONE]\n\n"
 
 
