@@ -83,29 +83,48 @@ def chat(body: dict):
 
 
 class _LoopStreamer:
-    """generate()'s streamer, called in the generation thread: hands each piece of text to the event loop's
-    queue (None at the end), so that the stream waits on the loop, not in a pool thread."""
+    """generate()'s streamer, called in the generation thread: decodes each new token and hands its text to
+    the event loop's queue (None at the end), so that the stream waits on the loop, not in a pool thread.
+
+    Per token, as `transformers serve` streams (tokenizers' DecodeStream): a token's text goes out as soon
+    as it is whole. (transformers' TextStreamer would hold text back to the last space, so the first
+    content chunk, the time to first token a client measures, would come several tokens late.)"""
 
     def __init__(self, tok, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
-        from transformers import TextStreamer
+        self.loop, self.queue, self.cancelled, self.prompt = loop, queue, False, True
+        self.tok, self.ids, self.sent = tok, [], 0
+        self.fast = getattr(tok, "_tokenizer", None)  # the Rust tokenizer, when there is one
+        if self.fast is not None:
+            from tokenizers.decoders import DecodeStream
 
-        self.loop, self.queue, self.cancelled = loop, queue, False
-        self.text = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        self.text.on_finalized_text = self._send  # type: ignore[method-assign]
+            self.decoder = DecodeStream([], skip_special_tokens=True)
 
-    def _send(self, text: str, stream_end: bool = False) -> None:
-        if text:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, text)
-        if stream_end:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+    def _send(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def _text(self, token: int) -> str | None:
+        if self.fast is not None:
+            return self.decoder.step(self.fast, token)
+        # a slow tokenizer: decode what came so far, send the new text once its last character is whole
+        self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or len(text) <= self.sent:
+            return None
+        new, self.sent = text[self.sent:], len(text)
+        return new
 
     def put(self, value) -> None:
         if self.cancelled:  # the client left: stop generating
             raise _Cancelled()
-        self.text.put(value)
+        if self.prompt:  # generate() passes the prompt first
+            self.prompt = False
+            return
+        for token in value.reshape(-1).tolist():
+            if text := self._text(token):
+                self._send(text)
 
     def end(self) -> None:
-        self.text.end()
+        self._send(None)
 
 
 class _Cancelled(Exception):
