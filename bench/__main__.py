@@ -105,7 +105,9 @@ def run_ours(result: dict, setting: dict, dirs: dict, run_dir: Path, device: str
     if "overhead" in only:
         from .inprocess import InProcess
 
-        inproc = InProcess(dirs)
+        # the LLM replica's own options (prefix cache, batch size): the in-process chat computes as it does
+        bench_config = servers.bench_serve_config(PORT_OURS, HERE / "runs" / "models", None)
+        inproc = InProcess(dirs, chat_options=bench_config["applications"][0]["args"]["families"]["llm"])
     llm_dir = dirs["llm"] if setting["model_size"] != "tiny" else None
     conc, mt = setting["concurrency"], setting["max_tokens"]
     audio = workloads.wav_bytes()

@@ -3,24 +3,36 @@
 This is the baseline of the overhead section: the replica-side functions (generation,
 transcription, synthesis) with no HTTP, no proxy, no handles. Torch uses one thread, as Ray gives
 a replica with num_cpus < 1 (OMP_NUM_THREADS=1).
+
+A chat is computed as the LLM replica computes it (deployments/chat_server.py): the decode loop with
+the replica's options (max_batch_size, prefix_cache_mb, batch_length_ratio), its prefix cache kept
+from call to call, or generate_batch for a model the decode loop does not run. Each call asks its
+own question (workloads.chat_body's request number), as the HTTP side does.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .workloads import PROMPT, SPEECH_TEXT
+from .workloads import SPEECH_TEXT, chat_body
 
 
 class InProcess:
-    def __init__(self, dirs: dict[str, Path], max_new_tokens: int = 64):
+    def __init__(self, dirs: dict[str, Path], max_new_tokens: int = 64, chat_options: dict | None = None):
+        """`chat_options`: the LLM family's options the replica runs with (serve config's
+        args.families.llm); ChatOptions' defaults without them."""
         import torch
 
+        from deployments.options import ChatOptions
         from loading import ModelSpec, load_model
 
         torch.set_num_threads(1)
+        self.chat_options = ChatOptions(**(chat_options or {}))
+        self._decoder = None  # the DecodeLoop, made on first chat (its prefix cache lives as long as it)
+        self._numbers = itertools.count()  # the chats' request numbers: never one twice to the same cache
         self.specs = {
             "llm": ModelSpec(name="tiny-llm", source=str(dirs["llm"]), family="llm", max_new_tokens=max_new_tokens),
             "stt": ModelSpec(name="tiny-whisper", source=str(dirs["stt"]), family="stt", max_new_tokens=32),
@@ -29,17 +41,33 @@ class InProcess:
         self.loaded = {family: load_model(spec) for family, spec in self.specs.items()}
 
     def chat(self, max_tokens: int) -> Callable[[], object]:
+        """A call computing one chat as the replica does, each call a question this object has not asked."""
+        from deployments.chat_server import uses_decode_loop
         from deployments.generation import generate_batch
         from deployments.llm import LLMServer
         from deployments.params import ChatParams
 
         spec, loaded = self.specs["llm"], self.loaded["llm"]
+        if uses_decode_loop(loaded) and self._decoder is None:
+            from deployments.decode_loop import DecodeLoop
+
+            options = self.chat_options
+            self._decoder = DecodeLoop(options.max_batch_size, {"model_calls": 0, "requests": 0, "largest_batch": 0},
+                                       prefix_cache_bytes=int(options.prefix_cache_mb * 2**20),
+                                       length_ratio=options.batch_length_ratio)
 
         def call():
-            params = ChatParams(model=spec.name, messages=[{"role": "user", "content": PROMPT}],
-                                max_new_tokens=max_tokens, temperature=0)
-            params.inputs = LLMServer.encode(None, loaded, params)
-            return generate_batch(spec, loaded, [params])
+            body = chat_body(spec.name, max_tokens, request=next(self._numbers))
+            params = ChatParams(model=spec.name, messages=body["messages"], max_new_tokens=max_tokens, temperature=0)
+            params.inputs = LLMServer.encode(None, loaded, params)  # type: ignore[arg-type]
+            if self._decoder is None:
+                return generate_batch(spec, loaded, [params])
+            results: list = []
+            self._decoder.submit(spec, loaded, params, results.append)
+            self._decoder.run()
+            if isinstance(results[0], BaseException):
+                raise results[0]
+            return results[0]
 
         return call
 

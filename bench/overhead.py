@@ -3,19 +3,30 @@
 The same request is timed in-process (bench.inprocess: the replica's own functions on the loaded
 model) and over HTTP through `serve run`, one request at a time, in alternating blocks so that
 machine drift hits both sides alike. Added ms = HTTP p50 - in-process p50 (and the same for p99).
+
+The chat does the same model work on both sides: every request asks its own question (request numbers
+from a running count per side, never reused across blocks or runs), and the in-process side computes it
+with the replica's decode loop and prefix cache setting, so each side's prefix cache holds the chat
+template's shared system turn and nothing of the question.
 """
 
 from __future__ import annotations
+
+import itertools
 
 from . import workloads
 from .inprocess import InProcess, time_calls
 from .load import percentile, sequential
 
+# The HTTP chats' request numbers, running on from one measure() to the next (InProcess keeps its own:
+# the two sides take the same count per measure, so they ask the same questions, each side once).
+_NUMBERS = itertools.count()
+
 
 def routes(inproc: InProcess, audio: bytes) -> dict[str, tuple]:
     """route -> (in-process callable, HTTP request factory)."""
     return {
-        "chat (max_tokens=1)": (inproc.chat(1), lambda i: workloads.chat("tiny-llm", 1)),
+        "chat (max_tokens=1)": (inproc.chat(1), lambda i: workloads.chat("tiny-llm", 1, request=next(_NUMBERS))),
         "transcription (1 s)": (inproc.transcribe(audio), lambda i: workloads.transcription("tiny-whisper", audio)),
         "speech (short)": (inproc.synthesize(), lambda i: workloads.speech("tiny-vits")),
     }
