@@ -82,9 +82,10 @@ def window(url: str, make, clients: int) -> dict:
 
 def one_run(setting: str, llm_dir: Path, stt_dir: Path, run_dir: Path, label: str, dtype: str = "auto") -> dict:
     audio = workloads.wav_bytes(AUDIO_S)
-    chat = lambda i: workloads.chat("tiny-llm", MAX_TOKENS, request=i)  # noqa: E731
     stt = lambda i: workloads.transcription("tiny-whisper", audio)  # noqa: E731
     with servers.serve_run(config_for(setting, llm_dir, stt_dir, dtype), run_dir, label) as server:
+        # every window asks questions the server has not answered (workloads.request_numbers)
+        chat = workloads.numbered_chat(server.url, "tiny-llm", MAX_TOKENS)
         run_load(server.url, chat, 2, 6, max_wall_s=60)  # warm-up
         run_load(server.url, stt, 1, 2, max_wall_s=60)
         out = {"setting": setting, "llm_alone": window(server.url, chat, LLM_CLIENTS),

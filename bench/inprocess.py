@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .workloads import SPEECH_TEXT, chat_body
+from .workloads import OVERHEAD_NUMBERS, SPEECH_TEXT, chat_body
 
 
 class InProcess:
@@ -32,7 +32,8 @@ class InProcess:
         torch.set_num_threads(1)
         self.chat_options = ChatOptions(**(chat_options or {}))
         self._decoder = None  # the DecodeLoop, made on first chat (its prefix cache lives as long as it)
-        self._numbers = itertools.count()  # the chats' request numbers: never one twice to the same cache
+        # the chats' request numbers (never one twice to the same cache), as the HTTP side's of the overhead
+        self._numbers = itertools.count(OVERHEAD_NUMBERS)
         self.specs = {
             "llm": ModelSpec(name="tiny-llm", source=str(dirs["llm"]), family="llm", max_new_tokens=max_new_tokens),
             "stt": ModelSpec(name="tiny-whisper", source=str(dirs["stt"]), family="stt", max_new_tokens=32),

@@ -5,28 +5,28 @@ model) and over HTTP through `serve run`, one request at a time, in alternating 
 machine drift hits both sides alike. Added ms = HTTP p50 - in-process p50 (and the same for p99).
 
 The chat does the same model work on both sides: every request asks its own question (request numbers
-from a running count per side, never reused across blocks or runs), and the in-process side computes it
-with the replica's decode loop and prefix cache setting, so each side's prefix cache holds the chat
-template's shared system turn and nothing of the question.
+from a running count per side, the server's (workloads.request_numbers) and the InProcess object's, both
+from workloads.OVERHEAD_NUMBERS, never reused across blocks or runs), and the in-process side computes it with the
+replica's decode loop and prefix cache setting, so each side's prefix cache holds the chat template's
+shared system turn and nothing of the question.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 from . import workloads
 from .inprocess import InProcess, time_calls
 from .load import percentile, sequential
 
-# The HTTP chats' request numbers, running on from one measure() to the next (InProcess keeps its own:
-# the two sides take the same count per measure, so they ask the same questions, each side once).
-_NUMBERS = itertools.count()
 
-
-def routes(inproc: InProcess, audio: bytes) -> dict[str, tuple]:
-    """route -> (in-process callable, HTTP request factory)."""
+def routes(inproc: InProcess, audio: bytes, numbers: Iterator[int] | None = None) -> dict[str, tuple]:
+    """route -> (in-process callable, HTTP request factory); `numbers`: the HTTP chats' request numbers
+    (the server's running count, workloads.request_numbers)."""
+    numbers = numbers if numbers is not None else itertools.count(workloads.OVERHEAD_NUMBERS)
     return {
-        "chat (max_tokens=1)": (inproc.chat(1), lambda i: workloads.chat("tiny-llm", 1, request=next(_NUMBERS))),
+        "chat (max_tokens=1)": (inproc.chat(1), lambda i: workloads.chat("tiny-llm", 1, request=next(numbers))),
         "transcription (1 s)": (inproc.transcribe(audio), lambda i: workloads.transcription("tiny-whisper", audio)),
         "speech (short)": (inproc.synthesize(), lambda i: workloads.speech("tiny-vits")),
     }
@@ -36,7 +36,8 @@ def measure(url: str, inproc: InProcess, n: int, blocks: int = 5) -> dict[str, d
     """n requests per route and side (a third of that for the slow transcription)."""
     audio = workloads.wav_bytes()
     out = {}
-    for route, (local, make) in routes(inproc, audio).items():
+    numbers = workloads.request_numbers(url, workloads.OVERHEAD_NUMBERS)
+    for route, (local, make) in routes(inproc, audio, numbers).items():
         per_block = max(1, (n // 3 if route.startswith("transcription") else n) // blocks)
         local_s, http_s, errors = [], [], []
         for _ in range(blocks):

@@ -39,7 +39,7 @@ log = logging.getLogger("bench.overload")
 
 
 _WAV = workloads.wav_bytes()
-WORKLOADS = {  # family -> a request of its load
+WORKLOADS = {  # family -> a request of its load (the LLM's: numbered_chat's in main, per server)
     "llm": lambda i: workloads.chat("tiny-llm", 32, stream=True, request=i),
     "vlm": lambda i: workloads.image_chat("tiny-llava", 16),
     "stt": lambda i: workloads.transcription("tiny-whisper", _WAV),
@@ -96,6 +96,8 @@ def main(argv=None) -> int:
         config = with_settings(servers.bench_serve_config(8300, root, None, device="cpu"),
                                [f"families.{args.family}.{args.setting}={value}"])
         with servers.serve_run(config, run_dir, f"{args.setting}-{value}") as server:
+            if args.family == "llm":  # no load resends a question the server has answered
+                make = workloads.numbered_chat(server.url, "tiny-llm", 32, stream=True)
             run_load(server.url, make, 2, 6)  # warm-up
             for load in args.loads.split(","):
                 stats = measure(server, load, args.requests, make)

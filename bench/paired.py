@@ -68,9 +68,8 @@ def measure(server: servers.Server, idle: servers.Server, model: str, clients: i
     before = {s.name: session_cpu_s(s.process.pid) for s in (server, idle)}
 
     def load(stream: bool) -> dict:
-        def make(i: int) -> workloads.Request:
-            return workloads.chat(model, max_tokens, stream=stream, request=i)
-
+        # numbered from the server's running count: no phase or round resends a question it has answered
+        make = workloads.numbered_chat(server.url, model, max_tokens, stream)
         if rate is not None:
             return run_open_loop(server.url, make, rate, requests, seed=seed).as_dict()
         return run_load(server.url, make, clients, requests, max_wall_s=600).as_dict()
@@ -216,8 +215,7 @@ def main(argv=None) -> int:
         targets = {ours_name: (ours, "tiny-llm"), other_name: (other, other_model)}
         for server, model in targets.values():  # warm-up: first-request costs stay out of the figures
             for stream in (False, True):
-                run_load(server.url, lambda i, m=model, st=stream: workloads.chat(m, args.max_tokens, stream=st,
-                                                                                  request=i), 2, 6)
+                run_load(server.url, workloads.numbered_chat(server.url, model, args.max_tokens, stream), 2, 6)
         for i in range(args.rounds):
             order = [ours_name, other_name] if i % 2 == 0 else [other_name, ours_name]
             entry: dict = {"first": order[0]}

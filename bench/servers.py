@@ -22,6 +22,8 @@ import yaml
 
 from deployments.serve_env import read_serve_env, serve_process_env
 
+from . import workloads
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
@@ -177,6 +179,7 @@ def serve_run(config: dict, run_dir: Path, label: str, mode: str = "default",
             if attempt == 2 or "Address already in use" not in log_path.read_text(errors="replace"):
                 raise
     server = Server(label, url, process, log_path, started)
+    workloads.new_server(url)  # its chats' request numbers start at 0, as every server's do
     try:
         ready = _wait_http(url + "/health", process, ready_timeout_s,
                            ok=lambda r: r.status_code == 200 and r.json().get("status") == "ok")
@@ -207,6 +210,7 @@ def _plain(cmd: list[str], label: str, port: int, run_dir: Path):
     started = time.perf_counter()
     process = _spawn(cmd, base_env(), run_dir / f"{label}.log")
     server = Server(label, f"http://{HOST}:{port}", process, run_dir / f"{label}.log", started)
+    workloads.new_server(server.url)  # its chats' request numbers start at 0, as every server's do
     try:
         server.timings["health_200_s"] = _wait_http(server.url + "/health", process, 300) - started
         yield server

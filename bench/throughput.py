@@ -1,9 +1,10 @@
 """Section 2 and 4: LLM throughput against concurrency, for ours and for each peer.
 
-Closed loop: `c` clients each send the fixed chat request (same prompt, same max_tokens, greedy)
-as soon as their previous one is answered, until `requests_per_client * c` have been sent (at
-least `min_requests`). Non-streamed runs give requests/s, generated tokens/s and latency;
-streamed runs give the time to first token.
+Closed loop: `c` clients each send the fixed chat request (same max_tokens, greedy; each request its
+own question, numbered from the server's running count, workloads.request_numbers, so that no level,
+warm-up or sweep resends a question the server has answered) as soon as their previous one is answered,
+until `requests_per_client * c` have been sent (at least `min_requests`). Non-streamed runs give
+requests/s, generated tokens/s and latency; streamed runs give the time to first token.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from .load import run_load
 def llm_sweep(url: str, model: str, concurrencies: list[int], max_tokens: int, requests_per_client: int,
               min_requests: int, stream: bool = False, max_wall_s: float = 90.0) -> list[dict]:
     rows = []
-    make = lambda i: workloads.chat(model, max_tokens, stream=stream, request=i)  # noqa: E731
+    make = workloads.numbered_chat(url, model, max_tokens, stream)
     run_load(url, make, 2, 6, max_wall_s=60)  # warm-up: first-request costs stay out of the figures
     for c in concurrencies:
         total = max(min_requests, requests_per_client * c)

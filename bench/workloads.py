@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -30,6 +32,37 @@ def chat_body(model: str, max_tokens: int, stream: bool = False, request: int | 
 
 def chat(model: str, max_tokens: int, stream: bool = False, request: int | None = None) -> Request:
     return Request("/v1/chat/completions", json=chat_body(model, max_tokens, stream, request), stream=stream)
+
+
+# bench/overhead.py's chats are numbered from here on both sides (HTTP and in-process): apart from the
+# throughput sweeps' numbers (from 0, on every server), and with as many digits on both sides
+OVERHEAD_NUMBERS = 10**6
+
+# (url, first number) -> the next request numbers of the server listening there (see request_numbers)
+_NUMBERS: dict[tuple[str, int], Iterator[int]] = {}
+
+
+def request_numbers(url: str, start: int = 0) -> Iterator[int]:
+    """The running count of the numbered chats (chat_body's `request`) sent to the server at `url`: every
+    load draws its numbers from it, so warm-ups, concurrency levels, plain and streamed sweeps, phases and
+    rounds each ask questions that server has not been asked (a load numbered from 0 again would resend
+    questions whose prompts a prefix cache still holds, ours does). bench/servers.py starts the count
+    again (`new_server`) when a server starts at that url: every server measured gets the same questions.
+    `start`: a band of numbers of its own (bench/overhead.py's from OVERHEAD_NUMBERS), so that one
+    workload run on only some servers leaves the others' numbering, and prompt lengths, alike."""
+    return _NUMBERS.setdefault((url.rstrip("/"), start), itertools.count(start))
+
+
+def new_server(url: str) -> None:
+    """A server (with empty caches) starts at `url`: its request numbers start again."""
+    for key in [key for key in _NUMBERS if key[0] == url.rstrip("/")]:
+        del _NUMBERS[key]
+
+
+def numbered_chat(url: str, model: str, max_tokens: int, stream: bool = False):
+    """A load's request factory (`make(i)`) of chats numbered from the server's running count, not from i."""
+    numbers = request_numbers(url)
+    return lambda i: chat(model, max_tokens, stream=stream, request=next(numbers))
 
 
 def image_chat(model: str, max_tokens: int) -> Request:
