@@ -6,7 +6,9 @@ Every request is timed; chat streams also time their first content token. Nothin
 A closed loop measures a server at the load it lets itself take: a server that answers faster is sent
 more. Two servers compared at N clients can sit at different points of their throughput/latency curves
 (the faster one's requests queue more). The open loop sends both the same requests per second, as
-vLLM's `benchmark_serving --request-rate` does: latency at equal offered load.
+vLLM's `benchmark_serving --request-rate` does: latency at equal offered load. Its latencies count from
+each request's scheduled arrival, and it reports the rate it actually sent at and how late requests
+went out (run_open_loop).
 """
 
 from __future__ import annotations
@@ -186,11 +188,23 @@ async def _run_open(base: str, make: Callable[[int], Request], rate: float, tota
 
     gaps = random.Random(seed)  # the same arrival times for every server measured with this seed
     samples: list[Sample] = []
+    lags: list[float] = []  # per request: how long after its scheduled arrival it went out
+    sent: list[float] = []
     connector = aiohttp.TCPConnector(limit=0)  # open loop: a request never waits for a free connection
     async with aiohttp.ClientSession(connector=connector) as session:
 
-        async def one(i: int) -> None:
-            samples.append(await _one(session, base, make(i), timeout_s))
+        async def one(i: int, due: float) -> None:
+            # Timed from its scheduled arrival, not from when this task got the event loop: a request the
+            # client sent late (its loop busy) counts that wait too (no coordinated omission).
+            now = time.perf_counter()
+            sent.append(now)
+            lag = max(0.0, now - due)
+            lags.append(lag)
+            sample = await _one(session, base, make(i), timeout_s)
+            sample.latency_s += lag
+            if sample.ttft_s is not None:
+                sample.ttft_s += lag
+            samples.append(sample)
 
         tasks = []
         started = time.perf_counter()
@@ -200,11 +214,19 @@ async def _run_open(base: str, make: Callable[[int], Request], rate: float, tota
             wait = due - time.perf_counter()
             if wait > 0:
                 await asyncio.sleep(wait)
-            tasks.append(asyncio.ensure_future(one(i)))
+            tasks.append(asyncio.ensure_future(one(i, due)))
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - started
     stats = summarize(samples, 0, wall)
-    stats.extra = {"offered_rps": rate, "sent_over_s": round(due - started, 3)}
+    sent_over = max(sent) - started if sent else 0.0
+    stats.extra = {
+        "rate_rps": rate,  # asked for
+        "scheduled_over_s": round(due - started, 3),  # when the last arrival was due
+        "sent_over_s": round(sent_over, 3),  # when the last request actually went out
+        "offered_rps": round(total / sent_over, 3) if sent_over else None,  # what the server was actually sent
+        "lag_p50_ms": round(percentile(lags, 0.5) * 1000, 1) if lags else None,
+        "lag_max_ms": round(max(lags) * 1000, 1) if lags else None,
+    }
     return stats
 
 
@@ -212,7 +234,11 @@ def run_open_loop(base: str, make: Callable[[int], Request], rate: float, total:
                   seed: int = 0) -> Stats:
     """Send `total` requests at `rate` per second on average (exponential gaps: Poisson arrivals), each at
     its time whether or not the earlier ones were answered. `rps` is what was answered per second of the
-    whole run; `extra["offered_rps"]` what was sent."""
+    whole run. Latency and TTFT count from each request's scheduled arrival, so a request this client sent
+    late (its event loop busy: it shares the machine with the server) counts the wait as a user would.
+    `extra`: rate_rps (asked for), offered_rps and sent_over_s (what was actually sent, over how long:
+    below rate_rps when the client fell behind), scheduled_over_s, and lag_p50_ms / lag_max_ms (how late
+    requests went out against their schedule)."""
     return asyncio.run(_run_open(base.rstrip("/"), make, rate, total, timeout_s, seed))
 
 

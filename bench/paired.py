@@ -152,6 +152,16 @@ def markdown(result: dict) -> str:
     busy = {n: round(statistics.median(r[n]["cores_busy"] for r in result["rounds"]), 2) for n in (a, b)}
     lines += ["", f"Errors: {summary['errors']}. Cores each used while measured (median): {a} {busy[a]}, "
               f"{b} {busy[b]}; at rest while the other was measured: {a} {rest[a]}, {b} {rest[b]}.", ""]
+    if s.get("rate"):  # how far the client fell behind its schedule (latencies count that wait)
+        lag = {n: [r[n][k]["extra"].get("lag_max_ms") for r in result["rounds"] for k in ("stream", "plain")]
+               for n in (a, b)}
+        sent = {n: _median([r[n][k]["extra"].get("offered_rps") for r in result["rounds"] for k in ("stream", "plain")])
+                for n in (a, b)}
+        lines += [f"Open loop, asked {s['rate']}/s: actually sent (median of the phases) {a} {_f(sent[a])}/s, "
+                  f"{b} {_f(sent[b])}/s; latest a request went out after its scheduled arrival: {a} "
+                  f"{_f(max((x for x in lag[a] if x is not None), default=None), 0)} ms, {b} "
+                  f"{_f(max((x for x in lag[b] if x is not None), default=None), 0)} ms (latencies and TTFT "
+                  "count from the scheduled arrival).", ""]
     return "\n".join(lines)
 
 
