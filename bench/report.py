@@ -97,7 +97,9 @@ def markdown(result: dict, json_path: Path | None = None) -> str:
         + "; ".join(f"**{m}** `{' '.join(f'{k}={v}' for k, v in e.get('env', {}).items()) or '(none)'}`"
                     for m, e in ours.items()) + ".",
         f"- Load: closed loop, {setting['requests_per_client']} requests per client (at least "
-        f"{setting['min_requests']}); latencies in ms; p99 of a few dozen requests is the worst one or two.",
+        f"{setting['min_requests']}), each chat a question its server has not been asked (numbered on across "
+        "warm-ups, levels and sweeps, the same questions for every server); latencies in ms; p99 of a few "
+        "dozen requests is the worst one or two.",
         "",
     ]
     if json_path:
@@ -109,7 +111,10 @@ def markdown(result: dict, json_path: Path | None = None) -> str:
     if any("overhead" in e for e in ours.values()):
         lines += ["## 1. Serving overhead (one request at a time)", "",
                   "In-process: the replica's own functions on the loaded model in the benchmark process (audio "
-                  "decode/encode included on both sides). HTTP: the same request through `serve run`.", ""]
+                  "decode/encode included on both sides; the chat through the decode loop with the replica's "
+                  "prefix cache setting). HTTP: the same request through `serve run`. Each chat asks a question "
+                  "of its own on both sides, so neither side's prefix cache holds more than the chat template.",
+                  ""]
         rows = []
         for mode, e in ours.items():
             for route, o in (e.get("overhead") or {}).items():
