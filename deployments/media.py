@@ -146,10 +146,9 @@ def decode_image(data: bytes, what: str = "the image") -> Image.Image:
         _follow_checked_image(data)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        image = ImageOps.exif_transpose(image)  # upright, as a browser (and OpenAI) shows a phone's photo
-        return as_rgb(image)
+            opened = Image.open(io.BytesIO(data))
+            opened.load()
+        return as_rgb(ImageOps.exif_transpose(opened))  # upright, as a browser (and OpenAI) shows a phone's photo
     except Exception as exc:  # any plugin's error on crafted data, a decompression bomb included
         raise InvalidRequestError(f"{what} could not be decoded ({type(exc).__name__})", param="messages") from None
 
