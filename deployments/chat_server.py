@@ -156,15 +156,20 @@ class ChatServer(FamilyServer):
     @staticmethod
     def _echo(loaded: LoadedModel, params: ChatParams) -> tuple[str, list[dict]]:
         """/v1/completions `echo`: the prompt's text, and its tokens as logprob entries (logprob None)."""
-        from .row_logits import token_bytes
+        from .row_logits import special_ids, token_bytes
 
         tokenizer = loaded.tokenizer
         assert params.inputs is not None
         ids = params.inputs["input_ids"][0].tolist()
         text = params.prompt if isinstance(params.prompt, str) else tokenizer.decode(ids)
+        if isinstance(params.prompt, str):
+            # a start token the tokenizer added (Llama's <s>, <|begin_of_text|>) is not in the client's text:
+            # its entry made every text_offset after the prompt point that many characters too far
+            while ids and ids[0] in special_ids(tokenizer) and not text.startswith(tokenizer.decode(ids[:1])):
+                ids = ids[1:]
         entries = []
-        for token in ids if params.logprobs else []:
-            data = token_bytes(tokenizer, token)
+        for i, token in enumerate(ids if params.logprobs else []):
+            data = token_bytes(tokenizer, token, first=i == 0)  # a SentencePiece decoder strips the first space
             entries.append({"token": data.decode("utf-8", errors="replace"), "logprob": None, "bytes": list(data),
                             "top_logprobs": []})
         return text, entries

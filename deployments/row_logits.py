@@ -99,7 +99,7 @@ def token_bytes(tokenizer: Any, token: int, first: bool = False) -> bytes:
             return bytes(decoder[ch] for ch in piece)
         if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:  # SentencePiece byte fallback
             return bytes([int(piece[3:5], 16)])
-        if piece.startswith(METASPACE) and token not in _special_ids(tokenizer):
+        if piece.startswith(METASPACE) and token not in special_ids(tokenizer):
             # Llama-2, Mistral, Phi-3: "▁world" is " world" mid-reply; decode([token]) alone dropped the space,
             # and the entries' bytes no longer joined to the reply's text
             text = piece.replace(METASPACE, " ")
@@ -112,7 +112,7 @@ def token_bytes(tokenizer: Any, token: int, first: bool = False) -> bytes:
 METASPACE = "\u2581"  # SentencePiece's word boundary, "▁"
 
 
-def _special_ids(tokenizer: Any) -> frozenset[int]:
+def special_ids(tokenizer: Any) -> frozenset[int]:
     """The tokenizer's special ids, computed once per tokenizer (asked for every logprob entry)."""
     cached = getattr(tokenizer, "_modelfleet_special_ids", None)
     if cached is None:
