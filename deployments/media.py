@@ -148,9 +148,18 @@ def decode_image(data: bytes, what: str = "the image") -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             opened = Image.open(io.BytesIO(data))
             opened.load()
-        return as_rgb(ImageOps.exif_transpose(opened))  # upright, as a browser (and OpenAI) shows a phone's photo
+        return as_rgb(upright(opened))
     except Exception as exc:  # any plugin's error on crafted data, a decompression bomb included
         raise InvalidRequestError(f"{what} could not be decoded ({type(exc).__name__})", param="messages") from None
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says, as a browser (and OpenAI) shows a phone's photo; as
+    stored where that metadata cannot be read (an eXIf chunk without a TIFF header: no rotation, not no image)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:
+        return image
 
 
 def as_rgb(image: Image.Image) -> Image.Image:

@@ -198,3 +198,21 @@ def test_an_image_reaches_the_model_as_the_client_sees_it():
     assert scan.mode == "I;16"
     row = np.asarray(decode_image(_encoded(scan, "PNG")))[0, :, 0]
     assert row[0] == 0 and row[-1] >= 250 and list(row) == sorted(row) and 100 < row[32] < 156
+
+
+def test_an_image_whose_exif_cannot_be_read_is_served_as_stored():
+    """exif_transpose raises on an eXIf chunk without a TIFF header (SyntaxError) or a WebP EXIF chunk of
+    garbage: such images, which Pillow and browsers show, became a 400 with the EXIF fix."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from deployments.media import decode_image
+
+    png = _encoded(Image.new("RGB", (16, 8), (10, 20, 30)), "PNG")
+    body = b"\x00\x01\x02\x03garbage!"
+    exif = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body) & 0xFFFFFFFF)
+    webp = _encoded(Image.new("RGB", (16, 8)), "WEBP", exif=b"\x00\x01garbage")
+    for data in (png[:33] + exif + png[33:], webp):  # the chunk right after IHDR
+        assert decode_image(data).size == (16, 8)
