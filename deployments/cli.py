@@ -15,8 +15,6 @@ from typing import Any
 
 CHECK_USAGE = ("modelfleet check [--url URL] [--api-key KEY] [--json] [--timeout S]: "
                "every family of a running server answers a real request (see `modelfleet check --help`)")
-# How a Serve config names this project's application (Serve takes "module:attribute" or "module.attribute").
-BUILDER_IMPORT_PATHS = ("deployments.builder:build_app", "deployments.builder.build_app")
 
 
 def check_serve_config(path: Path) -> None:
@@ -26,7 +24,7 @@ def check_serve_config(path: Path) -> None:
     import yaml
     from pydantic import ValidationError
 
-    from loading.config import ServeConfigError
+    from loading.config import BUILDER_IMPORT_PATHS, ServeConfigError
 
     try:
         data: Any = yaml.safe_load(path.read_text())

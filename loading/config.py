@@ -244,6 +244,8 @@ class ServeApp:
 #: The keys of an application's `args` that `apps_from_serve_config` reads. A key a typo away from one of them
 #: (`modles:`, `local_model_dir:`) is refused: read as absent, it would check no models, or fetch elsewhere.
 SERVE_ARGS_READ = ("models", "local_models_dir")
+#: The applications of a Serve config that are modelfleet's (the others' args are theirs, not read here)
+BUILDER_IMPORT_PATHS = ("deployments.builder:build_app", "deployments.builder.build_app")
 
 
 def apps_from_serve_config(path: str | Path) -> list[ServeApp]:
@@ -262,6 +264,8 @@ def apps_from_serve_config(path: str | Path) -> list[ServeApp]:
         where = f"{path}: applications[{index}]"
         if not isinstance(app, dict):
             raise ServeConfigError(f"{where} is {app!r}, not an application (a mapping with `args:`)")
+        if isinstance(app.get("import_path"), str) and app["import_path"] not in BUILDER_IMPORT_PATHS:
+            continue  # another app of the same config (an embedder beside us): its `model:` is not ours
         args = app.get("args") or {}
         if not isinstance(args, dict):
             raise ServeConfigError(f"{where}.args must be a mapping (models:, local_models_dir:, ...)")

@@ -412,3 +412,19 @@ def test_without_the_serving_side_the_console_script_still_runs_loadings_checks(
     assert "1 of 1 models can load." in captured.out
     assert modelfleet(["doctor", "--config", str(_app_args(tmp_path / "typo.yaml", {"modles": TINY_DEMO}))]) == 2
     assert "applications[0].args.modles: not a field; did you mean `models`?" in capsys.readouterr().err
+
+
+def test_another_applications_args_are_its_own(isolated_env, tmp_path, monkeypatch, capsys):
+    """A Serve config with an embedder beside us (`args: {model: ...}`) was refused as a typo of `models`
+    (c360423's check read every application's args); `serve run` serves it."""
+    from deployments.cli import main as modelfleet
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = tmp_path / "two_apps.yaml"
+    path.write_text(yaml.safe_dump({"applications": [
+        {"name": "modelfleet", "route_prefix": "/", "import_path": "deployments.builder:build_app",
+         "args": {"models": TINY_DEMO}},
+        {"name": "embedder", "route_prefix": "/embed", "import_path": "my_embedder.app:build",
+         "args": {"model": "BAAI/bge-small-en-v1.5", "modles": "theirs"}}]}))
+    assert modelfleet(["doctor", "--config", str(path)]) == 0, capsys.readouterr()
+    assert "1 of 1 models can load." in capsys.readouterr().out
