@@ -170,7 +170,10 @@ def as_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         pixels = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") else max(float(pixels.max()), 1.0)
-        image = Image.fromarray(np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        grey = np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        clear = image.info.get("transparency")  # a grey level drawn transparent: kept as alpha (LA)
+        image = (Image.fromarray(np.stack([grey, np.where(pixels == clear, 0, 255).astype(np.uint8)], axis=-1))
+                 if isinstance(clear, int) else Image.fromarray(grey))
     if "A" in image.getbands() or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

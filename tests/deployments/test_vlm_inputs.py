@@ -198,6 +198,8 @@ def test_an_image_reaches_the_model_as_the_client_sees_it():
     assert scan.mode == "I;16"
     row = np.asarray(decode_image(_encoded(scan, "PNG")))[0, :, 0]
     assert row[0] == 0 and row[-1] >= 250 and list(row) == sorted(row) and 100 < row[32] < 156
+    with_clear = np.asarray(decode_image(_encoded(scan, "PNG", transparency=0)))[0, :2, 0]
+    assert with_clear.tolist() == [255, row[1]]  # its transparent grey level painted white, as any other's
 
 
 def test_an_image_whose_exif_cannot_be_read_is_served_as_stored():
