@@ -87,7 +87,7 @@ class ChatServer(FamilyServer):
                 params.inputs = self.encode(loaded, params)
             else:
                 params.inputs = await to_thread_held(self.encode, loaded, params)
-            prompt_tokens = int(params.inputs["input_ids"].shape[-1])
+            prompt_tokens = params.prompt_length
             if prompt_tokens > prompt_limit:
                 raise context_length_exceeded(limit_name, prompt_limit, prompt_tokens)
             params.max_new_tokens = resolve_max_new_tokens(spec, params.max_new_tokens, prompt_tokens, context,

@@ -540,7 +540,7 @@ def drop_leaked_adapter_hooks(model: Any) -> None:
 def row_length(spec: ModelSpec, params: ChatParams) -> int:
     """Prompt + max_tokens: the most cache a request's row can take."""
     assert params.inputs is not None
-    return int(params.inputs["input_ids"].shape[-1]) + (params.max_new_tokens or spec.max_new_tokens)
+    return params.prompt_length + (params.max_new_tokens or spec.max_new_tokens)
 
 
 def mixes(model: Any, adapter: str) -> bool:
@@ -568,7 +568,7 @@ def _switches_rope(loaded: LoadedModel, rows: list[Row]) -> bool:
     of that length, so they are neither stored nor built on: a prefix cache shared with forwards within the
     window would give a short request another answer than it gets alone."""
     window = rope_window(loaded.config)
-    return window is not None and max(int(row.params.inputs["input_ids"].shape[-1]) for row in rows) > window
+    return window is not None and max(row.params.prompt_length for row in rows) > window
 
 
 def new_row(spec: ModelSpec, loaded: LoadedModel, params: ChatParams, done: Done) -> Row:

@@ -203,7 +203,7 @@ class ChatOptions(BatchingOptions):
     )
 
     batch_length_ratio: float = Field(
-        default=2.0, ge=1.0, le=16.0, allow_inf_nan=False, description=(
+        default=2.0, ge=1.0, le=16.0, description=(
             "A request shares a batch only with requests whose prompt + max_tokens is within this factor of its "
             "own (it starts a batch of its own where no running one takes its length): a batch keeps one KV "
             "cache, every row left-padded to the longest, so one long prompt beside short chats made each of "

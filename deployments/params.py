@@ -64,6 +64,11 @@ class ChatParams:
     running: Callable[[], None] | None = field(default=None, repr=False, compare=False)
     first_token_at: float | None = field(default=None, repr=False, compare=False)  # time.monotonic()
 
+    @property
+    def prompt_length(self) -> int:
+        """Tokens of the encoded prompt (0 before it is encoded)."""
+        return int(self.inputs["input_ids"].shape[-1]) if self.inputs and "input_ids" in self.inputs else 0
+
     def sampling_key(self, length_ratio: float = 2.0) -> tuple:
         """Requests with equal keys can share one batched generate call:
         - the same sampling; a seeded sampled request batches with none (generate() draws every row from
@@ -72,9 +77,8 @@ class ChatParams:
           cannot join rows that have them);
         - prompt and max_tokens each within `length_ratio` of the others' (the batch's cache is as long as
           its longest prompt plus its largest max_tokens, for every row: padding the budget counts)."""
-        prompt = int(self.inputs["input_ids"].shape[-1]) if self.inputs and "input_ids" in self.inputs else 0
         key: tuple = (self.temperature, self.top_p, self.seed, tuple(self.stop), self.input_kinds(),
-               length_band(prompt, length_ratio), length_band(self.max_new_tokens or 0, length_ratio))
+               length_band(self.prompt_length, length_ratio), length_band(self.max_new_tokens or 0, length_ratio))
         if self.seed is not None and self.temperature != 0:
             key += (id(self),)
         return key

@@ -10,12 +10,15 @@ distribution, so a constrained row may list tokens its grammar did not allow.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from .params import ChatParams
+
+T = TypeVar("T")
 
 Entry = tuple[int, float, list[tuple[int, float]]]  # token, its logprob, the top alternatives
 
@@ -113,26 +116,27 @@ METASPACE = "\u2581"  # SentencePiece's word boundary, "▁"
 
 
 def special_ids(tokenizer: Any) -> frozenset[int]:
-    """The tokenizer's special ids, computed once per tokenizer (asked for every logprob entry)."""
-    cached = getattr(tokenizer, "_modelfleet_special_ids", None)
+    """The tokenizer's special ids (asked for every logprob entry)."""
+    return _kept_on(tokenizer, "_modelfleet_special_ids",
+                    lambda: frozenset(getattr(tokenizer, "all_special_ids", ()) or ()))
+
+
+def _kept_on(tokenizer: Any, name: str, compute: Callable[[], T]) -> T:
+    """`compute()`, worked out once per tokenizer and kept on it as `name` (where it takes attributes)."""
+    cached = getattr(tokenizer, name, None)
     if cached is None:
-        cached = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        cached = compute()
         with contextlib.suppress(AttributeError):
-            tokenizer._modelfleet_special_ids = cached
+            setattr(tokenizer, name, cached)
     return cached
 
 
 def _is_byte_level(tokenizer: Any) -> bool:
-    cached = getattr(tokenizer, "_modelfleet_byte_level", None)
-    if cached is None:
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        decoder = getattr(backend, "decoder", None)
-        cached = decoder is not None and type(decoder).__name__ == "ByteLevel"
-        try:
-            tokenizer._modelfleet_byte_level = cached
-        except AttributeError:
-            pass
-    return bool(cached)
+    def byte_level() -> bool:
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        return decoder is not None and type(decoder).__name__ == "ByteLevel"
+
+    return _kept_on(tokenizer, "_modelfleet_byte_level", byte_level)
 
 
 def as_openai(tokenizer: Any, entries: list[Entry], start: int = 0) -> list[dict]:
