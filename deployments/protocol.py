@@ -991,10 +991,6 @@ class SpeechRequest(RequestModel):
     voice: str | CustomVoice | None = None
     """Voice name (or OpenAI's custom-voice object, whose id is taken as the name); models with a single
     voice ignore it."""
-
-    @property
-    def voice_name(self) -> str | None:
-        return self.voice.id if isinstance(self.voice, CustomVoice) else self.voice
     response_format: SpeechFormat | None = None
     """Audio container/encoding; `pcm` is raw 16-bit little-endian mono. Left out: `mp3`, as OpenAI's (`wav`
     where this machine's libsndfile cannot write mp3)."""
@@ -1008,6 +1004,10 @@ class SpeechRequest(RequestModel):
     `speech.audio.delta` (base64 audio) then `speech.audio.done` (usage)."""
 
     _check_input = field_validator("input")(_not_blank)
+
+    @property
+    def voice_name(self) -> str | None:
+        return self.voice.id if isinstance(self.voice, CustomVoice) else self.voice
 
 
 class SpeechUsage(OpenAIBaseModel):
