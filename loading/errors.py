@@ -11,6 +11,15 @@ def _rebuild(cls: type, args: tuple, kwargs: dict) -> Exception:
     return cls(*args, **kwargs)
 
 
+def short_error(exc: BaseException) -> str:
+    """One line for a failure: its first line and, where that only introduces the details ("Error(s) in
+    loading state_dict for X:"), the first detail line after it (torch adds lines to a CUDA error on
+    CUDA_LAUNCH_BLOCKING and TORCH_USE_CUDA_DSA)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
 class PicklableError(Exception):
     """An exception that survives pickling whatever its __init__ signature.
 

@@ -22,7 +22,13 @@ import torch
 from .adapters import adapter_misfit, adapter_targets
 from .config import ModelSpec
 from .cpu_kernels import pack_linears
-from .errors import AllStrategiesFailedError, LoadingError, UnreadableModelError, UnsupportedModelError
+from .errors import (
+    AllStrategiesFailedError,
+    LoadingError,
+    UnreadableModelError,
+    UnsupportedModelError,
+    short_error,
+)
 from .families import auto_class
 from .model_source import Progress, ResolvedModel, ensure_demo_model, no_progress, resolve_model
 from .offline import offline_for_libraries
@@ -38,14 +44,6 @@ log = logging.getLogger(__name__)
 #: models loading at once in one replica (its background loads run in threads) could get each other's
 #: patches: seen as a tied lm_head left on the meta device. Reentrant: a GGUF conversion loads inside a load.
 WEIGHTS_LOCK = threading.RLock()
-
-
-def _short(exc: BaseException) -> str:
-    """One line for a failure: its first line and, where that only introduces the details ("Error(s) in
-    loading state_dict for X:"), the first detail line after it."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
-    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def load_model(
@@ -153,8 +151,8 @@ def _load_weights(
         except LoadingError:  # about the model's files, not the strategy: another strategy cannot fix it
             raise
         except Exception as exc:  # any other failure moves on to the next strategy; the reason is kept
-            report.attempts.append(Attempt(strategy.name, "failed", _short(exc), time.perf_counter() - t0))
-            log.warning("%s: %s failed (%s); falling back", spec.name, strategy.name, _short(exc))
+            report.attempts.append(Attempt(strategy.name, "failed", short_error(exc), time.perf_counter() - t0))
+            log.warning("%s: %s failed (%s); falling back", spec.name, strategy.name, short_error(exc))
             _free_memory()
             continue
         report.attempts.append(Attempt(strategy.name, "loaded", "", time.perf_counter() - t0))
@@ -208,7 +206,7 @@ def _apply_adapter(model: Any, found: ResolvedModel, base_name: str) -> Any:
     except Exception as exc:
         base = f"{base_name} ({found.model_dir})" if base_name and base_name != str(found.model_dir) \
             else str(found.model_dir)
-        raise adapter_misfit(model, found.adapter.path, base, _short(exc)) from exc
+        raise adapter_misfit(model, found.adapter.path, base, short_error(exc)) from exc
 
 
 def _free_memory() -> None:
@@ -260,7 +258,7 @@ def attach_adapter(
             if first:  # it injects its layers before it loads the weights: take them out again
                 strip_lora_layers(plain)
             raise adapter_misfit(plain, adapter.path, f"{base.report.name} ({base.report.resolved_path})",
-                                 _short(exc)) from exc
+                                 short_error(exc)) from exc
         base.model.eval()
         try:
             targets, idle = adapter_targets(base.model, spec.name, spec.source)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import DevicePreference
-from .errors import NoDeviceError, UnreadableModelError
+from .errors import NoDeviceError, UnreadableModelError, short_error
 from .resolve import WEIGHT_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -113,12 +113,6 @@ class UnusableGpu:
         return f"{self.device} cannot be opened ({self.reason})"
 
 
-def _error_line(exc: BaseException) -> str:
-    """One line for a CUDA error (torch adds lines on CUDA_LAUNCH_BLOCKING and TORCH_USE_CUDA_DSA)."""
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {first[:300]}"
-
-
 def survey_gpus() -> tuple[list[GpuInfo], list[UnusableGpu]]:
     """The GPUs CUDA lists, each opened to read its free memory: those that answer, and those that do not
     with why (exclusive-process mode held by another process, "busy or unavailable", an ECC/Xid-wedged
@@ -127,7 +121,7 @@ def survey_gpus() -> tuple[list[GpuInfo], list[UnusableGpu]]:
     try:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception as exc:  # noqa: BLE001 - whatever CUDA raises, the CPU is still there
-        unusable = [UnusableGpu("CUDA", _error_line(exc))]
+        unusable = [UnusableGpu("CUDA", short_error(exc))]
         log.warning("GPUs left out: %s", unusable[0])
         return [], unusable
     gpus: list[GpuInfo] = []
@@ -138,7 +132,7 @@ def survey_gpus() -> tuple[list[GpuInfo], list[UnusableGpu]]:
             name = torch.cuda.get_device_name(index)
             free, total = torch.cuda.mem_get_info(index)
         except Exception as exc:  # noqa: BLE001 - one device's failure leaves it out, nothing more
-            unusable.append(UnusableGpu(f"cuda:{index}" + (f" ({name})" if name else ""), _error_line(exc)))
+            unusable.append(UnusableGpu(f"cuda:{index}" + (f" ({name})" if name else ""), short_error(exc)))
             log.warning("GPU left out: %s", unusable[-1])
             continue
         gpus.append(GpuInfo(index, name, free, total))

@@ -259,7 +259,7 @@ def test_an_adapter_that_does_not_fit_its_base_is_one_error_not_a_strategy_failu
 
 
 def test_a_failed_strategy_keeps_the_first_detail_line():
-    from loading.loader import _short
+    from loading.errors import short_error as _short
 
     error = RuntimeError("Error(s) in loading state_dict for M:\n\n\tsize mismatch for w: shape [2] vs [4].\n\tmore")
     assert _short(error) == "RuntimeError: Error(s) in loading state_dict for M: size mismatch for w: shape [2] vs [4]."
