@@ -175,23 +175,21 @@ def hub_status(settings: Settings, environ: Mapping[str, str] | None = None, *, 
     """Offline if declared; otherwise one TCP connect (cached for 30 s) to the endpoint, or to the proxy
     huggingface_hub's client would reach it through (`probe_target`)."""
     declared = declared_offline(environ)
-    env = dict(os.environ if environ is None else environ)
     if declared:
         return HubStatus(False, f"offline mode declared by {declared}")
-    target = probe_target(settings.hub_endpoint, env)
-    host, port, key = target.host, target.port, str(target)
+    target = probe_target(settings.hub_endpoint, os.environ if environ is None else environ)
+    key = str(target)
     now = time.monotonic()
     if use_cache and key in _probe_cache and now - _probe_cache[key][0] < _PROBE_TTL_S:
         return _probe_cache[key][1]
-    started = time.monotonic()
     try:
-        connect_within(host, port, settings.hub_probe_timeout_s)
+        connect_within(target.host, target.port, settings.hub_probe_timeout_s)
         status = HubStatus(True, f"{key} reachable")
     except OSError as exc:
         status = HubStatus(
             False,
             f"{key} unreachable within {settings.hub_probe_timeout_s:g} s ({type(exc).__name__}: {exc}; "
-            f"gave up after {time.monotonic() - started:.2f} s); treating the Hub as offline",
+            f"gave up after {time.monotonic() - now:.2f} s); treating the Hub as offline",
         )
     _probe_cache[key] = (now, status)
     return status
