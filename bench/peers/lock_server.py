@@ -31,6 +31,8 @@ import uvicorn
 from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from deployments.generation import RowStream
+
 app = FastAPI()
 lock = threading.Lock()  # the model's: one request at a time
 stream_lock = asyncio.Lock()  # streams queue for `lock` here, on the event loop
@@ -83,35 +85,21 @@ def chat(body: dict):
 
 
 class _LoopStreamer:
-    """generate()'s streamer, called in the generation thread: decodes each new token and hands its text to
-    the event loop's queue (None at the end), so that the stream waits on the loop, not in a pool thread.
+    """generate()'s streamer, called in the generation thread: hands each new token's text to the event
+    loop's queue (None at the end), so that the stream waits on the loop, not in a pool thread.
 
-    Per token, as `transformers serve` streams (tokenizers' DecodeStream): a token's text goes out as soon
-    as it is whole. (transformers' TextStreamer would hold text back to the last space, so the first
-    content chunk, the time to first token a client measures, would come several tokens late.)"""
+    A token's text goes out as soon as it is whole, as ours and `transformers serve` (tokenizers'
+    DecodeStream) stream: deployments.generation.RowStream's incremental decoding, with no stop strings.
+    (transformers' TextStreamer would hold text back to the last space, so the first content chunk, the
+    time to first token a client measures, would come several tokens late.)"""
 
     def __init__(self, tok, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
         self.loop, self.queue, self.cancelled, self.prompt = loop, queue, False, True
-        self.tok, self.ids, self.sent = tok, [], 0
-        self.fast = getattr(tok, "_tokenizer", None)  # the Rust tokenizer, when there is one
-        if self.fast is not None:
-            from tokenizers.decoders import DecodeStream
-
-            self.decoder = DecodeStream([], skip_special_tokens=True)
+        # no end tokens or limit of its own: generate() stops; a special token's text is skipped
+        self.row = RowStream(tok, self._send, [], limit=2**62, end_ids=set())
 
     def _send(self, item) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    def _text(self, token: int) -> str | None:
-        if self.fast is not None:
-            return self.decoder.step(self.fast, token)
-        # a slow tokenizer: decode what came so far, send the new text once its last character is whole
-        self.ids.append(token)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or len(text) <= self.sent:
-            return None
-        new, self.sent = text[self.sent:], len(text)
-        return new
 
     def put(self, value) -> None:
         if self.cancelled:  # the client left: stop generating
@@ -120,8 +108,7 @@ class _LoopStreamer:
             self.prompt = False
             return
         for token in value.reshape(-1).tolist():
-            if text := self._text(token):
-                self._send(text)
+            self.row.push(token)
 
     def end(self) -> None:
         self._send(None)
