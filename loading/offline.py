@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlparse
+from urllib.parse import ParseResult, urlparse
 
 from .settings import OFFLINE_VARIABLES, Settings
 
@@ -150,25 +150,23 @@ def probe_target(endpoint: str, environ: Mapping[str, str]) -> ProbeTarget:
     declared a directly reachable mirror offline when that proxy was down."""
     url = urlparse(endpoint)
     scheme = url.scheme.lower() or "https"
-    host = url.hostname or "huggingface.co"
-    try:
-        explicit_port = url.port
-    except ValueError:
-        explicit_port = None
-    port = explicit_port or _DEFAULT_PORTS.get(scheme, 443)
+    host, port = _host_port(url, "huggingface.co", 443)
     proxies = proxies_from_env(environ)
     no_proxy = proxies.get("no", ("", ""))[0]
     proxy = proxies.get(scheme) or proxies.get("all")
     if proxy is None or bypasses_proxy(no_proxy, scheme, host, None if port == _DEFAULT_PORTS.get(scheme) else port):
         return ProbeTarget(host, port)
     value, variable = proxy
-    proxy_url = urlparse(value if "://" in value else f"http://{value}")
+    return ProbeTarget(*_host_port(urlparse(value if "://" in value else f"http://{value}"), host, 80), variable)
+
+
+def _host_port(url: ParseResult, default_host: str, default_port: int) -> tuple[str, int]:
+    """The host and port `url` names; its scheme's default port where it names none (or not a valid one)."""
     try:
-        proxy_port = proxy_url.port
+        port = url.port
     except ValueError:
-        proxy_port = None
-    return ProbeTarget(proxy_url.hostname or host, proxy_port or _DEFAULT_PORTS.get(proxy_url.scheme.lower(), 80),
-                       variable)
+        port = None
+    return url.hostname or default_host, port or _DEFAULT_PORTS.get(url.scheme.lower(), default_port)
 
 
 def hub_status(settings: Settings, environ: Mapping[str, str] | None = None, *, use_cache: bool = True) -> HubStatus:
