@@ -39,11 +39,12 @@ log = logging.getLogger("bench.overload")
 
 
 _WAV = workloads.wav_bytes()
-WORKLOADS = {  # family -> a request of its load (the LLM's: numbered_chat's in main, per server)
-    "llm": lambda i: workloads.chat("tiny-llm", 32, stream=True, request=i),
-    "vlm": lambda i: workloads.image_chat("tiny-llava", 16),
-    "stt": lambda i: workloads.transcription("tiny-whisper", _WAV),
-    "tts": lambda i: workloads.speech("tiny-vits"),
+WORKLOADS = {  # family -> (server url -> a request of its load)
+    # the chats numbered from the server's running count: no load resends a question it has answered
+    "llm": lambda url: workloads.numbered_chat(url, "tiny-llm", 32, stream=True),
+    "vlm": lambda url: lambda i: workloads.image_chat("tiny-llava", 16),
+    "stt": lambda url: lambda i: workloads.transcription("tiny-whisper", _WAV),
+    "tts": lambda url: lambda i: workloads.speech("tiny-vits"),
 }
 
 
@@ -91,13 +92,11 @@ def main(argv=None) -> int:
     root = HERE / "runs" / "models"
     result: dict = {"meta": report.machine_meta(), "family": args.family, "setting": args.setting,
                     "requests": args.requests, "runs": []}
-    make = WORKLOADS[args.family]
     for value in [int(v) for v in args.values.split(",")]:
         config = with_settings(servers.bench_serve_config(8300, root, None, device="cpu"),
                                [f"families.{args.family}.{args.setting}={value}"])
         with servers.serve_run(config, run_dir, f"{args.setting}-{value}") as server:
-            if args.family == "llm":  # no load resends a question the server has answered
-                make = workloads.numbered_chat(server.url, "tiny-llm", 32, stream=True)
+            make = WORKLOADS[args.family](server.url)
             run_load(server.url, make, 2, 6)  # warm-up
             for load in args.loads.split(","):
                 stats = measure(server, load, args.requests, make)
