@@ -101,20 +101,19 @@ def main(argv=None) -> int:
 
 
 def run_ours(result: dict, setting: dict, dirs: dict, run_dir: Path, device: str, only: list[str]) -> None:
+    llm_dir = dirs["llm"] if setting["model_size"] != "tiny" else None
+    config = servers.bench_serve_config(PORT_OURS, HERE / "runs" / "models", llm_dir, device=device)
     inproc = None
     if "overhead" in only:
         from .inprocess import InProcess
 
         # the LLM replica's own options (prefix cache, batch size): the in-process chat computes as it does
-        bench_config = servers.bench_serve_config(PORT_OURS, HERE / "runs" / "models", None)
-        inproc = InProcess(dirs, chat_options=bench_config["applications"][0]["args"]["families"]["llm"])
-    llm_dir = dirs["llm"] if setting["model_size"] != "tiny" else None
+        inproc = InProcess(dirs, chat_options=config["applications"][0]["args"]["families"]["llm"])
     conc, mt = setting["concurrency"], setting["max_tokens"]
     audio = workloads.wav_bytes()
     for mode in setting["proxy_modes"]:
         section("ours, proxy mode %s: serve run", mode)
         entry = result["ours"].setdefault(mode, {"env": PROXY_MODES[mode]})
-        config = servers.bench_serve_config(PORT_OURS, HERE / "runs" / "models", llm_dir, device=device)
         with servers.serve_run(config, run_dir, mode, mode) as server:
             entry["cold_start"] = {k: v for k, v in server.timings.items() if k != "health"}
             entry["devices"] = {n: m.get("device") for n, m in server.timings["health"]["models"].items()}
