@@ -130,14 +130,14 @@ async def _read_stream(resp: aiohttp.ClientResponse, started: float) -> Sample:
     that ends with neither `[DONE]` nor a finish_reason (the connection closed mid-answer) failed too.
     `transformers serve` ends its streams with the finish_reason (and usage) chunk, no `[DONE]`: that is a
     complete stream."""
-    ttft, chunks, usage_tokens, done, finished, error = None, 0, None, False, False, ""
+    ttft, chunks, usage_tokens, complete, error = None, 0, None, False, ""  # complete: [DONE] or a finish_reason
     async for line in resp.content:
         line = line.strip()
         if not line.startswith(b"data:"):
             continue
         data = line[5:].strip()
         if data == b"[DONE]":
-            done = True
+            complete = True
             break
         event = json.loads(data)
         if event.get("error") is not None:
@@ -149,13 +149,13 @@ async def _read_stream(resp: aiohttp.ClientResponse, started: float) -> Sample:
             usage_tokens = event["usage"].get("completion_tokens")
         for choice in event.get("choices") or []:
             if choice.get("finish_reason"):
-                finished = True
+                complete = True
             if (choice.get("delta") or {}).get("content"):
                 chunks += 1
                 if ttft is None:
                     ttft = time.perf_counter() - started
     latency = time.perf_counter() - started
-    if not error and not (done or finished):
+    if not error and not complete:
         error = "stream ended without [DONE] or a finish_reason"
     if error:
         return Sample(latency, False, error=error)
