@@ -79,16 +79,11 @@ def hf_cache_paths(env: Mapping[str, str]) -> tuple[str, str]:
 
 def _expanduser(path: str, env: Mapping[str, str]) -> str:
     """os.path.expanduser with `env` for os.environ: ~ is $HOME where `env` sets it, else the password
-    database's home; ~user is always the password database's."""
-    if not path.startswith("~"):
-        return path
-    end = path.find("/", 1)
-    end = len(path) if end < 0 else end
-    if end > 1 or "HOME" not in env:
-        home = os.path.expanduser(path[:end]) if end > 1 else _password_home()
-    else:
-        home = env["HOME"]
-    return (home.rstrip("/") + path[end:]) or "/"
+    database's home; ~user is always the password database's (os.path.expanduser reads no variable for it)."""
+    if path != "~" and not path.startswith("~/"):
+        return os.path.expanduser(path)  # ~user, or no ~ at all
+    home = env["HOME"] if "HOME" in env else _password_home()
+    return (home.rstrip("/") + path[1:]) or "/"
 
 
 def _password_home() -> str:
