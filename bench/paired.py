@@ -153,15 +153,16 @@ def markdown(result: dict) -> str:
     lines += ["", f"Errors: {summary['errors']}. Cores each used while measured (median): {a} {busy[a]}, "
               f"{b} {busy[b]}; at rest while the other was measured: {a} {rest[a]}, {b} {rest[b]}.", ""]
     if s.get("rate"):  # how far the client fell behind its schedule (latencies count that wait)
-        lag = {n: [r[n][k]["extra"].get("lag_max_ms") for r in result["rounds"] for k in ("stream", "plain")]
-               for n in (a, b)}
-        sent = {n: _median([r[n][k]["extra"].get("offered_rps") for r in result["rounds"] for k in ("stream", "plain")])
-                for n in (a, b)}
+        def phases(name: str, key: str) -> list[float]:  # every round's stream and plain phase that has it
+            return [x for r in result["rounds"] for k in ("stream", "plain")
+                    if (x := r[name][k]["extra"].get(key)) is not None]
+
+        sent = {n: _median(phases(n, "offered_rps")) for n in (a, b)}
+        lag = {n: max(phases(n, "lag_max_ms"), default=None) for n in (a, b)}
         lines += [f"Open loop, asked {s['rate']}/s: actually sent (median of the phases) {a} {_f(sent[a])}/s, "
                   f"{b} {_f(sent[b])}/s; latest a request went out after its scheduled arrival: {a} "
-                  f"{_f(max((x for x in lag[a] if x is not None), default=None), 0)} ms, {b} "
-                  f"{_f(max((x for x in lag[b] if x is not None), default=None), 0)} ms (latencies and TTFT "
-                  "count from the scheduled arrival).", ""]
+                  f"{_f(lag[a], 0)} ms, {b} {_f(lag[b], 0)} ms (latencies and TTFT count from the scheduled "
+                  "arrival).", ""]
     return "\n".join(lines)
 
 
