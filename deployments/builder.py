@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -148,17 +149,26 @@ def gpu_shortage_notes(gpus: dict[str, float], demand: dict[str, int], available
     return [note]
 
 
+def models_settings(local_models_dir: str | None) -> loading.Settings:
+    """The environment's loading settings, with the app's LOCAL_MODELS_DIR where it sets one (as its replicas get)."""
+    settings = loading.Settings.from_env()
+    return settings if local_models_dir is None else replace(settings, local_models_dir=Path(local_models_dir))
+
+
 def build_app(args: dict[str, Any]) -> Application:
     config = AppConfig.model_validate(args)
-    for spec in config.models:
-        if spec.family is None:  # an adapter on a served model: that model's source is where its base is
-            spec.family = loading.detect_family(with_served_base(spec, config.models))
     env = {}
     models_dir = config.local_models_dir or os.environ.get("LOCAL_MODELS_DIR")
     if models_dir or any(spec.is_demo for spec in config.models):
         # replicas run in other working directories: hand them an absolute path
         env["LOCAL_MODELS_DIR"] = str(Path(models_dir or "models").expanduser().resolve())
         config.local_models_dir = env["LOCAL_MODELS_DIR"]
+    if any(spec.family is None for spec in config.models):
+        # found where the replicas will look: args.local_models_dir, not only this process's LOCAL_MODELS_DIR
+        settings = models_settings(config.local_models_dir)
+        for spec in config.models:
+            if spec.family is None:  # an adapter on a served model: that model's source is where its base is
+                spec.family = loading.detect_family(with_served_base(spec, config.models), settings)
     available = cluster_gpus()
     num_gpus, notes = plan_gpus(config.device, available)
     told = bool(notes)

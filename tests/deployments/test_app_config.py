@@ -384,3 +384,22 @@ def test_a_request_timeout_below_a_generation_timeout_is_noted():
     notes = timeout_notes(AppConfig.model_validate({"models": models, "request_timeout_s": 60}))
     assert len(notes) == 1 and "request_timeout_s=60" in notes[0] and "'a'" in notes[0] and "'b'" not in notes[0]
     assert timeout_notes(AppConfig.model_validate({"models": models, "request_timeout_s": 120})) == []
+
+
+def test_a_model_named_under_the_apps_local_models_dir_has_its_family_detected_there(tiny_llm_dirs, tmp_path,
+                                                                                       monkeypatch):
+    """`args.local_models_dir` is the replicas' LOCAL_MODELS_DIR (and doctor's, and fetch's): a model named by its
+    directory there, without `family:`, must be found there when the app is built too. The family was detected
+    with this process's LOCAL_MODELS_DIR alone (./models when unset), and `serve run` refused to build the app:
+    "cannot detect the family of model 'chat' ... Set `family:`", though doctor said the model was fine."""
+    from deployments.builder import build_app
+
+    base_dir, _ = tiny_llm_dirs
+    monkeypatch.delenv("LOCAL_MODELS_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # no ./models here
+    models_dir = base_dir.parent
+    deployments = bound_deployments(build_app({"device": "cpu", "local_models_dir": str(models_dir),
+                                               "models": [{"name": "chat", "source": base_dir.name}]}))
+    assert set(deployments) == {"ingress", "llm"}
+    assert deployments["llm"].ray_actor_options["runtime_env"]["env_vars"]["LOCAL_MODELS_DIR"] == str(models_dir)
