@@ -130,8 +130,20 @@ def fetch(config: Path, to_local_dir: bool, out: TextIO | None = None) -> int:
         except LoadingError as exc:
             failures += 1
             print(f"[FAIL] {spec.name}: {exc}", file=out)
+        except OSError as exc:  # a directory it must write to that is not one, not writable, or full
+            failures += 1
+            print(f"[FAIL] {spec.name}: {_write_failure(exc, app_settings(settings, app))}", file=out)
     print(f"{len(specs) - failures} of {len(specs)} models available locally.", file=out)
     return 1 if failures else 0
+
+
+def _write_failure(exc: OSError, settings: Settings) -> str:
+    """What a fetch whose files could not be written says: the path and why, where fetch writes, and the fix."""
+    where = f" on {exc.filename}" if exc.filename else ""
+    return (f"{type(exc).__name__}{where}: {exc.strerror or exc}. fetch writes models into "
+            f"LOCAL_MODELS_DIR={settings.local_models_dir} (demo models, GGUF conversions, --local-models-dir) and "
+            f"the HF cache {settings.hf_hub_cache} (downloads): make them writable directories with room, or point "
+            "LOCAL_MODELS_DIR (or the app's args.local_models_dir) and HF_HOME elsewhere")
 
 
 def _fetch_one(spec: ModelSpec, settings: Settings, hub: HubStatus, to_local_dir: bool, out: TextIO) -> None:

@@ -222,6 +222,26 @@ def test_fetch_builds_demo_model_and_reports_adapter_base(isolated_env, tmp_path
     assert (models / "tiny-llm-lora" / "adapter_config.json").is_file()
 
 
+def test_fetch_into_a_models_dir_it_cannot_write_fails_that_model_naming_the_dir_not_a_traceback(
+        isolated_env, tmp_path, monkeypatch, capsys):
+    """LOCAL_MODELS_DIR on a path that is no writable directory (a read-only mount, a typo into a file): fetch
+    died with a Python traceback (NotADirectoryError from deep in the demo build) and checked no other model."""
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    config = _serve_config(tmp_path / "demo.yaml", [
+        {"name": "tiny-llm", "source": "tiny-llm", "build_tiny": "llm"},
+        {"name": "missing", "source": "Org/Missing"},
+    ])
+    monkeypatch.setenv("LOCAL_MODELS_DIR", str(not_a_dir / "models"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["fetch", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert f"[FAIL] tiny-llm: NotADirectoryError on {not_a_dir / 'models'}" in out
+    assert f"LOCAL_MODELS_DIR={not_a_dir / 'models'}" in out and "writable directories" in out
+    assert "[FAIL] missing: Model 'Org/Missing' was not found" in out  # the next model is still checked
+    assert "0 of 2 models available locally." in out
+
+
 def test_missing_config_file(tmp_path, capsys):
     assert main(["doctor", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
