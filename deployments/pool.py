@@ -17,11 +17,14 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from loading import LoadedModel, LoadingMode, ModelHandle, ModelSpec, State
+from loading import LoadedModel, LoadingMode, ModelHandle, ModelLoadingInProgress, ModelSpec, State
 
 from .errors import UnknownModelError
 
 log = logging.getLogger(__name__)
+
+# How often a request waiting for a model that is still loading (X-Wait-For-Model) looks again
+LOAD_POLL_S = 0.05
 
 
 def _node_id() -> str | None:
@@ -114,13 +117,10 @@ class ModelPool:
         """The loaded model, or ModelLoadingInProgress / ModelLoadFailed straight away (or after wait_s)."""
         if name not in self.aliases and name in self.retired:  # removed at run time: its requests finish
             spec, retired = self.retired[name]
-            return spec, await asyncio.to_thread(retired.get, wait_s)
+            return spec, await loaded_within(retired, wait_s)
         name = self.canonical(name)
         handle = self.handles[name]
-        if handle.state is State.READY:
-            loaded = handle.get(0)
-        else:
-            loaded = await asyncio.to_thread(handle.get, wait_s)
+        loaded = handle.get(0) if handle.state is State.READY else await loaded_within(handle, wait_s)
         self._touch(name)
         return self.specs[name], loaded
 
@@ -158,3 +158,21 @@ class ModelPool:
                             adapter=report.adapter_path, base=report.base_resolved_from, fallbacks=fallbacks)
             out.append(info)
         return out
+
+
+async def loaded_within(handle: ModelHandle, wait_s: float) -> LoadedModel:
+    """`handle.get(wait_s)` without a thread blocked for the wait: the event loop looks again every
+    LOAD_POLL_S. Waiting in `asyncio.to_thread` held one of the replica's few default-executor threads
+    (cores + 4) per waiting request for up to wait_s (600 s), even after its client left, and every other
+    request's thread work (a long prompt's tokenizing, a grammar's compiling, an image's processing, an
+    upload's VAD and resampling) queued behind them until the model loaded."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        try:
+            return handle.get(0)  # starts a lazy load; never blocks
+        except ModelLoadingInProgress:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise
+            await asyncio.sleep(min(LOAD_POLL_S, left))
