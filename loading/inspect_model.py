@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from .config import Family, ModelSpec
 from .errors import LoadingError, UnsupportedModelError
 from .gguf import check_supported, conversion_state, is_gguf_source, locate, read_info
+from .loader import load_processor
 from .model_source import ResolvedModel, find_base, read_config, resolve_model, tiny_target
 from .offline import HubStatus
 from .placement import GpuInfo, count_parameters, device_shortfall, plan_device
@@ -37,7 +38,8 @@ class Inspection:
 
 
 def inspect_model(spec: ModelSpec, settings: Settings, hub: HubStatus, gpus: list[GpuInfo]) -> Inspection:
-    """Resolve without downloading, read the config, and plan device and strategy."""
+    """Resolve without downloading, read the config, load the tokenizer or processor, and plan device and
+    strategy."""
     result = Inspection(spec.name, spec.source)
     demo_dir = tiny_target(spec.source, settings)
     if spec.build_tiny and not is_model_dir(demo_dir):
@@ -58,6 +60,7 @@ def inspect_model(spec: ModelSpec, settings: Settings, hub: HubStatus, gpus: lis
         assert found.family is not None
         result.family = found.family.family.value
         result.model_class = found.family.model_class_name(found.config.model_type)
+        load_processor(found, spec.trust_remote_code)  # as a replica does first: its files, the packages it needs
         _plan(result, spec, found, gpus)
         if spec.is_demo:
             result.notes.append("random weights: output is gibberish")

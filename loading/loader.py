@@ -62,10 +62,7 @@ def load_model(
     _report_resolution(spec, found, report)
 
     progress("loading processor", 0.25)
-    # A fine-tune often saves its (possibly extended) tokenizer next to the adapter: prefer it.
-    processor = _load_processor(
-        report.processor_class, found.path if found.has_own_processor else found.model_dir, spec.trust_remote_code
-    )
+    processor = load_processor(found, spec.trust_remote_code)
 
     progress("planning placement", 0.3)
     gpus, unusable = survey_gpus() if gpus is None else (gpus, [])  # a GPU that cannot be opened: left out
@@ -118,6 +115,14 @@ def _report_resolution(spec: ModelSpec, found: ResolvedModel, report: LoadReport
     log.info("%s: %s -> family %s, %s", spec.name, model_type, report.family, report.model_class)
 
 
+def load_processor(found: ResolvedModel, trust_remote_code: bool = False) -> Any:
+    """The tokenizer or processor `found` is served with (`load_model`; `modelfleet doctor` loads it too). A
+    fine-tune often saves its (possibly extended) tokenizer next to its adapter: that one is preferred."""
+    assert found.family is not None  # resolve_model with its config always chooses one
+    return _load_processor(found.family.processor_class(found.config.model_type),
+                           found.path if found.has_own_processor else found.model_dir, trust_remote_code)
+
+
 def _load_processor(processor_class: str, directory: Path, trust_remote_code: bool = False) -> Any:
     try:
         processor = auto_class(processor_class).from_pretrained(
@@ -127,6 +132,12 @@ def _load_processor(processor_class: str, directory: Path, trust_remote_code: bo
         raise UnreadableModelError(str(directory), f"the {processor_class} of {directory} cannot be loaded "
                                    f"({type(exc).__name__}: {str(exc)[:300]}): its tokenizer or processor files "
                                    "are missing or broken; download the model again") from None
+    except ImportError as exc:  # a part of it needs a package that is not installed (Qwen2-VL's video processor)
+        needs = " ".join(str(exc).split()).split(". Check out", 1)[0].removesuffix(".")
+        raise UnsupportedModelError(str(directory), f"the {processor_class} of {directory} cannot be loaded here: "
+                                    f"{needs}. Install it where the replicas run (Qwen2-VL and Qwen2.5-VL "
+                                    "processors: `pip install torchvision`, the build that matches this machine's "
+                                    "torch), then start again") from None
     _prepare_for_batching(processor)
     return processor
 

@@ -84,6 +84,46 @@ def test_doctor_broken_config(isolated_env, qwen_vl, tiny, tmp_path, monkeypatch
     assert "1 of 3 models can load." in out
 
 
+@pytest.fixture
+def qwen_vl_with_processor(qwen_vl, tiny, tmp_path) -> Path:
+    """A tiny Qwen2-VL checkpoint as the Hub has one: with its tokenizer and (image and video) processor files."""
+    import json
+    import shutil
+
+    model = tmp_path / "qwen2-vl"
+    shutil.copytree(qwen_vl["qwen2_vl"], model)
+    for file in tiny["llm"].iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(file, model / file.name)
+    sizes = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+    (model / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor", **sizes}))
+    (model / "video_preprocessor_config.json").write_text(json.dumps(
+        {"video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2VLProcessor", **sizes}))
+    return model
+
+
+def test_a_processor_that_needs_a_missing_package_fails_doctor_and_the_load_naming_it(
+        isolated_env, qwen_vl_with_processor, tmp_path, monkeypatch, capsys):
+    """serve_config.gpu.yaml's Qwen2.5-VL: its processor's video part needs torchvision, which nothing installs.
+    doctor said '[ok  ]' (it never loaded the processor), and the replica failed with transformers' bare
+    ImportError. Now doctor loads the processor as a replica does, and both say what to install."""
+    import importlib.util
+
+    from loading import ModelSpec, UnsupportedModelError, load_model
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed here: the processor loads")
+    config = _serve_config(tmp_path / "vl.yaml", [{"name": "qwen-vl", "source": str(qwen_vl_with_processor)}])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["doctor", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] qwen-vl:" in out and "family: vlm" in out
+    assert "Qwen2VLVideoProcessor requires the Torchvision library" in out and "pip install torchvision" in out
+    with pytest.raises(UnsupportedModelError, match="pip install torchvision"):
+        load_model(ModelSpec(name="qwen-vl", source=str(qwen_vl_with_processor)))
+
+
 def test_fetch_offline_missing_fails_fast_and_cached_succeeds(isolated_env, tiny, tmp_path, monkeypatch, capsys):
     config = _serve_config(tmp_path / "fetch.yaml", [{"name": "tiny", "source": "modelfleet-test/tiny-llm"}])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
