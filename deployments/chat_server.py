@@ -55,7 +55,7 @@ class ChatServer(FamilyServer):
         to its end: looked up again by name after generating, one evicted or re-added meanwhile answered a
         finished request with a 503 "still loading"."""
         spec, loaded = await self.pool.get(params.model, params.wait_s)
-        params.model = spec.name
+        params.model, params.served = spec.name, (spec, loaded)
         self.validate(spec, loaded, params)
         features = params.loop_features()
         if features and not uses_decode_loop(loaded):

@@ -123,12 +123,17 @@ class FamilyServer:
 
     async def _run_groups(self, batch: list, key: Callable[[Any], tuple], work: Callable) -> list:
         """Run `work(spec, loaded, items)` once per group of batched requests that share a model and
-        `key(item)`. A group's failure goes back to that group's requests only, as the exception."""
+        `key(item)`. A group's failure goes back to that group's requests only, as the exception.
+
+        Each request runs on the model it was admitted with (`item.served`), not on what its name finds in
+        the pool now: looked up again here, one evicted meanwhile (max_loaded_models) answered a request
+        admitted with its model loaded with a 503 "still loading", and started loading it once more."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for index, item in enumerate(batch):
-            groups[(item.model, key(item))].append(index)
+            served = getattr(item, "served", None)
+            groups[(item.model, id(served[1]) if served else None, key(item))].append(index)
         results: list[Any] = [None] * len(batch)
-        for (model, _), indices in groups.items():
+        for (model, _, _), indices in groups.items():
             items = [batch[i] for i in indices]
             self.batch_stats["model_calls"] += 1
             self.batch_stats["requests"] += len(items)
@@ -138,7 +143,7 @@ class FamilyServer:
                 if (running := getattr(item, "running", None)) is not None:
                     running()
             try:
-                spec, loaded = await self.pool.get(model)
+                spec, loaded = items[0].served or await self.pool.get(model)
                 outputs = await self._infer_model(loaded, work, spec, loaded, items)
             except Exception as exc:
                 outputs = [exc] * len(items)

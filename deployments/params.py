@@ -63,6 +63,8 @@ class ChatParams:
     # Set inside the replica: called once, on the inference thread, when the first token is made (metrics)
     running: Callable[[], None] | None = field(default=None, repr=False, compare=False)
     first_token_at: float | None = field(default=None, repr=False, compare=False)  # time.monotonic()
+    # Set inside the replica: the (spec, loaded model) it was admitted with, which serves it to its end
+    served: tuple[Any, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def prompt_length(self) -> int:
@@ -134,6 +136,8 @@ class TranscribeParams:
     cancelled: threading.Event | None = field(default=None, repr=False, compare=False)
     # Set inside the replica: called when its model call starts (metrics)
     running: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    # Set inside the replica: the (spec, loaded model) it was admitted with, which serves it to its end
+    served: tuple[Any, Any] | None = field(default=None, repr=False, compare=False)
 
     def batch_key(self) -> tuple:
         return (self.language, self.prompt, self.temperature, self.detect_language, self.task, self.word_timestamps)

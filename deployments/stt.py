@@ -43,7 +43,7 @@ class STTServer(FamilyServer):
         """Checks that fail this request alone (4xx), then holds the working memory it may need for the
         block; yields the loaded model."""
         spec, loaded = await self.pool.get(params.model, params.wait_s)
-        params.model = spec.name
+        params.model, params.served = spec.name, (spec, loaded)
         _transcription().validate(spec, loaded, params)  # a 400 for this request, not a failed batch
         # The samples came with the request: held from here on, so the audio of a request that waits for
         # the rest of its estimate stays counted.
