@@ -89,14 +89,14 @@ class ChatServer(FamilyServer):
                 params.inputs = await to_thread_held(self.encode, loaded, params)
             prompt_tokens = params.prompt_length
             if prompt_tokens > prompt_limit:
-                raise context_length_exceeded(limit_name, prompt_limit, prompt_tokens)
+                raise context_length_exceeded(limit_name, prompt_limit, prompt_tokens, param=params.prompt_param)
             params.max_new_tokens = resolve_max_new_tokens(spec, params.max_new_tokens, prompt_tokens, context,
-                                                           params.max_tokens_param)
+                                                           params.max_tokens_param, params.prompt_param)
             if params.constraint is not None:
                 params.grammar = await to_thread_held(self._compile, loaded, params, width)
             need = chat_request_bytes(loaded.config, prompt_tokens, params.max_new_tokens, len(params.images), decoded,
                                       padding=self.options.batch_length_ratio)
-            await held.grow(need, "this chat request", param="messages")
+            await held.grow(need, "this chat request", param=params.prompt_param)
             yield spec, loaded
 
     def _compile(self, loaded: LoadedModel, params: ChatParams, width: int) -> Any:
@@ -123,7 +123,8 @@ class ChatServer(FamilyServer):
             longest = self._longest_token[id(tokenizer)] = max((len(t) for t in tokenizer.get_vocab()), default=1)
         chars = sum(len(text) for text in rendered_texts(params))
         if chars > limit * longest:
-            raise context_length_exceeded(limit_name, limit, chars // longest, at_least=True)
+            raise context_length_exceeded(limit_name, limit, chars // longest, at_least=True,
+                                          param=params.prompt_param)
 
     # -- serving ----------------------------------------------------------------------------------
     async def chat(self, params: ChatParams) -> ChatResult:
@@ -412,9 +413,10 @@ def prompt_token_limit(spec: ModelSpec, context: int | None) -> tuple[int, str]:
 
 
 def resolve_max_new_tokens(spec: ModelSpec, requested: int | None, prompt_tokens: int = 0,
-                           context: int | None = None, param: str = "max_tokens") -> int:
+                           context: int | None = None, param: str = "max_tokens",
+                           prompt_param: str = "messages") -> int:
     """The request's generation limit: at most the model's max_new_tokens; an explicit request must also
-    fit the context with the prompt (400), a default is cut to what fits."""
+    fit the context with the prompt (400 on `prompt_param`), a default is cut to what fits."""
     room = context - prompt_tokens if context else None
     if requested is None:
         return max(1, min(spec.max_new_tokens, room if room is not None else spec.max_new_tokens))
@@ -425,7 +427,8 @@ def resolve_max_new_tokens(spec: ModelSpec, requested: int | None, prompt_tokens
             param=param,
         )
     if room is not None and requested > room:
-        raise context_length_exceeded("maximum context length", context, prompt_tokens, requested)
+        raise context_length_exceeded("maximum context length", context, prompt_tokens, requested,
+                                      param=prompt_param)
     return requested
 
 

@@ -143,15 +143,16 @@ class RequestTooLargeError(APIError):
 
 
 def context_length_exceeded(limit_name: str, limit: int, prompt_tokens: int, new_tokens: int = 0,
-                            *, at_least: bool = False) -> InvalidRequestError:
+                            *, at_least: bool = False, param: str = "messages") -> InvalidRequestError:
     """OpenAI's answer when a prompt (plus its completion) cannot fit: 400 `context_length_exceeded`
-    on `messages`. `at_least`: the prompt was refused from its length before being tokenized."""
+    on `param` (a chat's `messages`, /v1/completions' `prompt`). `at_least`: the prompt was refused
+    from its length before being tokenized."""
     prompt = f"at least {prompt_tokens}" if at_least else str(prompt_tokens)
-    asked = f"{prompt} tokens in the messages" + (f" and {new_tokens} in the completion" if new_tokens else "")
+    asked = f"{prompt} tokens in the {param}" + (f" and {new_tokens} in the completion" if new_tokens else "")
     return InvalidRequestError(
         f"This model's {limit_name} is {limit} tokens, but you requested {asked}. "
-        "Please reduce the length of the messages" + (" or the completion." if new_tokens else "."),
-        param="messages", code="context_length_exceeded",
+        f"Please reduce the length of the {param}" + (" or the completion." if new_tokens else "."),
+        param=param, code="context_length_exceeded",
     )
 
 

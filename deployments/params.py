@@ -71,6 +71,12 @@ class ChatParams:
         """Tokens of the encoded prompt (0 before it is encoded)."""
         return int(self.inputs["input_ids"].shape[-1]) if self.inputs and "input_ids" in self.inputs else 0
 
+    @property
+    def prompt_param(self) -> str:
+        """The request field that holds the prompt, for a refusal to name: /v1/completions' `prompt`, a chat's
+        `messages`."""
+        return "prompt" if self.prompt is not None else "messages"
+
     def sampling_key(self, length_ratio: float = 2.0) -> tuple:
         """Requests with equal keys can share one batched generate call:
         - the same sampling; a seeded sampled request batches with none (generate() draws every row from

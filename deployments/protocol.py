@@ -639,6 +639,9 @@ Prompt = Annotated[
 ]
 
 
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens of a text completion
+
+
 class CompletionRequest(RequestModel):
     model: str
     """Model id or alias (LLM or VLM; the prompt is used as it is, without a chat template)."""
@@ -646,8 +649,9 @@ class CompletionRequest(RequestModel):
     """The text to continue: a string, several (one choice each), token ids, or lists of them."""
     suffix: str | None = None
     """Refused when set: insertion (fill-in-the-middle) is not served."""
-    max_tokens: int | None = Field(default=16, ge=1)
-    """Upper bound on generated tokens per choice (OpenAI's default 16)."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Upper bound on generated tokens per choice. Left out or null: OpenAI's default, 16, or the model's
+    `max_new_tokens` where that is lower (`default_max_tokens`)."""
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     """Sampling temperature; 0 means greedy decoding. Omitted: the model's generation_config.json's, else 1
     (OpenAI's default)."""
@@ -704,6 +708,11 @@ class CompletionRequest(RequestModel):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def default_max_tokens(self, model_limit: int) -> int:
+        """`max_tokens`, or where the client left it out, OpenAI's default within the model's own limit: a
+        default the client never sent is not refused as if it had asked for more than the model allows."""
+        return self.max_tokens if self.max_tokens is not None else min(COMPLETION_MAX_TOKENS, model_limit)
 
     def prompts(self) -> list[str | list[int]]:
         if isinstance(self.prompt, str):

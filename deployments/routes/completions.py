@@ -38,10 +38,11 @@ async def create_completion(body: CompletionRequest, ingress: IngressDep, wait_s
     check_chat(1, body.stop_list(), ingress.limits)
     check_generation_features(0, len(body.logit_bias or {}), [], ingress.limits)
     spec = ingress.spec(body.model, Family.LLM, Family.VLM)
+    max_tokens = body.default_max_tokens(spec.max_new_tokens)
     choices: list[ChatParams] = []
     for prompt in prompts:
         params = await ingress.chat_params(
-            spec, [], wait_s, prompt=prompt, echo=body.echo, max_new_tokens=body.max_tokens,
+            spec, [], wait_s, prompt=prompt, echo=body.echo, max_new_tokens=max_tokens,
             temperature=body.temperature, top_p=body.top_p, stop=body.stop_list(), seed=body.seed,
             priority=body.priority,
             logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0,
