@@ -80,13 +80,14 @@ class UnknownModelError(APIError):
     status = 404
     type = "invalid_request_error"
 
-    def __init__(self, name: str, available: list[str], param: str = "model"):
+    def __init__(self, name: str, available: list[str], param: str = "model", family: str | None = None):
+        """`family`: the family of a served model that this route does not take (an STT model sent to chat)."""
         self.name = name
         self.available = list(available)
         choices = ", ".join(sorted(self.available)) or "none"
-        super().__init__(
-            f"The model {name!r} does not exist. Available models: {choices}.", param=param, code="model_not_found"
-        )
+        said = (f"The model {name!r} is of the {family} family, which this route does not serve. Models it serves: "
+                if family else f"The model {name!r} does not exist. Available models: ")
+        super().__init__(f"{said}{choices}.", param=param, code="model_not_found")
 
 
 class ServiceUnavailableError(APIError):

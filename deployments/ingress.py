@@ -91,7 +91,7 @@ class Ingress:
         spec = self.catalog.get(name)
         if spec is None or (families and spec.family not in families):
             fitting = [s.name for s in self.served_models() if not families or s.family in families]
-            raise UnknownModelError(name, fitting, param)
+            raise UnknownModelError(name, fitting, param, family=family_name(spec) if spec is not None else None)
         label_request(spec.family.value if spec.family else "", spec.name)
         return spec
 

@@ -238,6 +238,20 @@ def test_best_of_other_than_n_is_refused(client):
     assert client.post("/v1/completions", json={**body, "best_of": 2}).status_code == 200
 
 
+def test_a_served_model_of_another_family_is_named_as_such_not_as_missing(client):
+    """An STT model sent to chat was 'The model 'stt' does not exist', though /v1/models lists it."""
+    client, families = client
+    for path, body, model, served in (
+            (CHAT, {"messages": [{"role": "user", "content": "hi"}]}, "stt", "llm, vlm"),
+            ("/v1/audio/speech", {"input": "hi"}, "llm", "tts")):
+        refused = error(client.post(path, json={"model": model, **body}), 404)
+        assert (refused["param"], refused["code"]) == ("model", "model_not_found")
+        assert refused["message"] == (f"The model {model!r} is of the {model} family, which this route does not "
+                                      f"serve. Models it serves: {served}."), refused
+    missing = error(client.post(CHAT, json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]}), 404)
+    assert missing["message"] == "The model 'nope' does not exist. Available models: llm, vlm."
+
+
 # -- the OpenAPI document ----------------------------------------------------------------------------
 
 
