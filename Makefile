@@ -41,8 +41,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# `modelfleet validate` first: `serve run` answers a config it refuses (a misspelt field, a bad value) with Ray's
+# tracebacks, retries the build, and then blocks for good; validate names the field and exits 2 in a second.
 serve: install
 	mkdir -p $(HAPROXY_STATE) && chmod 700 $(HAPROXY_STATE)
+	$(VENV)/bin/modelfleet validate --config serve_config.yaml
 	$(VENV)/bin/python -m deployments.serve_env check-ports
 	$(VENV)/bin/serve run serve_config.yaml
 

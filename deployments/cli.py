@@ -1,6 +1,7 @@
 """The `modelfleet` console script: `check` talks to a running server (deployments/check.py); `doctor`
-and `fetch` prepare a machine (loading/cli.py). Each is imported only when asked for, so `modelfleet
-check` starts without torch.
+and `fetch` prepare a machine (loading/cli.py); `validate` checks a config as `serve run` does, and nothing
+else (`make serve` runs it first: `serve run` answers a config it refuses with Ray's tracebacks, and then
+blocks). Each is imported only when asked for, so `modelfleet check` starts without torch.
 
 `doctor` and `fetch` first check each application of the config that this project builds (import_path
 deployments.builder:build_app) the way `serve run` does (AppConfig: no unknown field, at least one model):
@@ -15,6 +16,8 @@ from typing import Any
 
 CHECK_USAGE = ("modelfleet check [--url URL] [--api-key KEY] [--json] [--timeout S]: "
                "every family of a running server answers a real request (see `modelfleet check --help`)")
+VALIDATE_USAGE = ("modelfleet validate [--config FILE]: the config's fields, as `serve run` checks them (no model "
+                  "is looked for: that is `modelfleet doctor`)")
 
 
 def check_serve_config(path: Path) -> None:
@@ -102,19 +105,45 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
+def validate(argv: list[str]) -> int:
+    """`modelfleet validate`: 0 for a config `serve run` takes (as far as its fields go), 2 naming each field it
+    refuses. Reads no model and asks no Hub, so it answers in a second or two."""
+    import argparse
+
+    from loading.config import ServeConfigError, apps_from_serve_config
+
+    parser = argparse.ArgumentParser(prog="modelfleet validate", description=VALIDATE_USAGE.split(": ", 1)[1])
+    parser.add_argument("--config", type=Path, default=Path("serve_config.yaml"), help="Serve config file")
+    args = parser.parse_args(argv)
+    if not args.config.is_file():
+        print(f"config file {args.config} not found (pass --config PATH)", file=sys.stderr)
+        return 2
+    try:
+        check_serve_config(args.config)
+        apps = apps_from_serve_config(args.config)  # bad YAML, not a Serve config: loading's words for it
+    except ServeConfigError as exc:
+        print(f"modelfleet validate: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: valid ({len(apps)} application(s) of modelfleet, "
+          f"{sum(len(app.models) for app in apps)} model(s))")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["check"]:
         from .check import main as check
 
         return check(argv[1:])
+    if argv[:1] == ["validate"]:
+        return validate(argv[1:])
     from loading.cli import main as loading_main
 
-    if argv[:1] in ([], ["-h"], ["--help"]):  # loading's help knows doctor and fetch: name check too
+    if argv[:1] in ([], ["-h"], ["--help"]):  # loading's help knows doctor and fetch: name check and validate too
         try:
             return loading_main(argv)
         finally:
-            print(f"\nalso: {CHECK_USAGE}", file=sys.stdout if argv else sys.stderr)
+            print(f"\nalso: {CHECK_USAGE}\n      {VALIDATE_USAGE}", file=sys.stdout if argv else sys.stderr)
     return loading_main(argv, check_config=check_serve_config)
 
 

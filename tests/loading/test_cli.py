@@ -488,3 +488,27 @@ def test_another_applications_args_are_its_own(isolated_env, tmp_path, monkeypat
          "args": {"model": "BAAI/bge-small-en-v1.5", "modles": "theirs"}}]}))
     assert modelfleet(["doctor", "--config", str(path)]) == 0, capsys.readouterr()
     assert "1 of 1 models can load." in capsys.readouterr().out
+
+
+def test_make_serve_validates_the_config_first_and_names_a_misspelt_field(isolated_env, tmp_path, capsys):
+    """`serve run` answers a config it refuses with Ray's tracebacks (4 builds: Ray retries the task), then blocks
+    until Ctrl-C: a first start of `make serve` with `max_tokens:` for `max_new_tokens:` never came back.
+    `modelfleet validate` checks the fields as the builder does, in a second, and `make serve` runs it first."""
+    from deployments.cli import main as console_script
+
+    good = _app_args(tmp_path / "good.yaml", {"models": TINY_DEMO})
+    typo = _app_args(tmp_path / "typo.yaml", {"models": [{**TINY_DEMO[0], "max_tokens": 16}]})
+    assert console_script(["validate", "--config", str(good)]) == 0
+    assert "valid (1 application(s) of modelfleet, 1 model(s))" in capsys.readouterr().out
+    assert console_script(["validate", "--config", str(typo)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"modelfleet validate: {typo}: applications[0].args.models[0].max_tokens: Extra inputs "
+                          "are not permitted (did you mean `max_new_tokens`?)"), err
+    assert console_script(["validate", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert not any(isolated_env["models"].iterdir())  # nothing built
+
+    repo = Path(__file__).resolve().parents[2]
+    plan = subprocess.run(["make", "-n", "-o", ".venv/.installed", "serve"], cwd=repo, capture_output=True,
+                          text=True, check=True).stdout.splitlines()
+    validate = next(i for i, line in enumerate(plan) if "modelfleet validate --config serve_config.yaml" in line)
+    assert validate < next(i for i, line in enumerate(plan) if "serve run serve_config.yaml" in line), plan
