@@ -190,12 +190,17 @@ class IngressCatalog:
         self._actor: Any = None
         self._read_at = 0.0
         self._reading: asyncio.Task | None = None
+        self._unread = False  # the catalog is to be read once before this ingress's first family calls
 
     def prepare(self) -> None:
-        """Make the actor now (a Ray worker takes seconds to start), not at the first admin call."""
+        """Make the actor now (a Ray worker takes seconds to start), not at the first admin call; read it at
+        the first call: a restarted ingress gets a new actor (the last one went with it), and family replicas
+        that hold what the last one held drop it once they see the new actor's token, instead of keeping the
+        forgotten additions in memory and in /health for good."""
         app = app_name()
         if app is not None and self._actor is None:
             self._actor = make_actor(app)
+            self._unread = True
 
     @property
     def token(self) -> str:
@@ -225,7 +230,8 @@ class IngressCatalog:
         raise RuntimeError("the runtime catalog actor could not be reached")
 
     def _apply(self, snapshot: Snapshot | None) -> None:
-        if snapshot is not None and snapshot.token != self.snapshot.token:
+        # a read that started before a change and ended after it must not take the change back
+        if snapshot is not None and is_newer(snapshot.token, self.snapshot.token):
             self.snapshot = snapshot
             self.on_change(snapshot)
 
@@ -236,8 +242,9 @@ class IngressCatalog:
         self._apply(await self._call("remove", name))
 
     def maybe_refresh(self) -> None:
-        """With other ingress replicas: read their changes, at most every poll_s, off the request's path."""
-        if not self.others or time.monotonic() - self._read_at < self.poll_s:
+        """With other ingress replicas: read their changes, at most every poll_s, off the request's path;
+        alone, once (see `prepare`)."""
+        if not (self.others or self._unread) or time.monotonic() - self._read_at < self.poll_s:
             return
         if self._reading is None or self._reading.done():
             self._read_at = time.monotonic()
@@ -246,6 +253,7 @@ class IngressCatalog:
     async def _refresh(self) -> None:
         try:
             self._apply(await self._call("snapshot", create=False))
+            self._unread = False
         except Exception as exc:  # the next request tries again
             log.warning("could not read the runtime catalog: %s", exc)
 

@@ -9,6 +9,7 @@ chat with the official openai client.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -351,3 +352,41 @@ def test_a_model_or_adapter_whose_files_cannot_be_read_is_a_400_naming_the_file(
         error = response.json()["error"]
         assert error["param"] == param and words in error["message"], error
     assert "listed" not in listed(app)
+
+
+# -- last: restarts the ingress ----------------------------------------------------------------------------------
+
+def test_a_restarted_ingress_forgets_its_additions_on_the_family_replicas_too(app):
+    """The catalog actor goes with the only ingress replica that made it, and the new ingress knows no addition
+    (404, not listed), as the README says. The family replicas kept them for good: still attached, in memory and
+    in /health as 'ready' (reproduced: three adapters on the LLM replica 20 s after the restart, until the next
+    admin change). They now drop them once the restarted ingress has read its new catalog."""
+    import ray
+
+    with_adapter(app)
+    assert replica_pids(app, "rt-lora"), "the adapter is on no LLM replica"
+    ingress = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith("SERVE_REPLICA::runtime#ingress#")]
+    assert len(ingress) == 1, ingress
+    ray.kill(ray.get_actor(ingress[0]["name"], namespace=ingress[0]["namespace"]), no_restart=True)
+    deadline = time.monotonic() + 90
+    while True:  # Serve starts another ingress replica
+        assert time.monotonic() < deadline, "the ingress did not come back"
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(app.url + "/health", timeout=5).status_code == 200:
+                break
+        time.sleep(0.5)
+    assert "rt-lora" not in listed(app)
+    with pytest.raises(openai.NotFoundError):
+        greedy(app, "rt-lora")
+    runtime = {"rt-lora", "rt-vlm"}
+    clean: set[int] = set()  # LLM replicas seen without any addition
+    deadline = time.monotonic() + 30
+    while len(clean) < 2:
+        models = health(app)["models"]
+        held = runtime & set(models)
+        assert time.monotonic() < deadline, f"the family replicas still hold {sorted(held)} after the restart"
+        if not held:
+            clean.add(models["tiny-llm"]["replica"]["pid"])
+        greedy(app, "tiny-llm", tokens=1)
+        time.sleep(0.2)
