@@ -131,9 +131,11 @@ def check_chat(messages: int, stops: list[str], limits: RequestLimits) -> None:
                     f"{limits.max_stop_chars}", "stop")
 
 
-def check_choices(choices: int, limits: RequestLimits, param: str = "n") -> None:
+def check_choices(choices: int, limits: RequestLimits, param: str = "n", counted: str = "") -> None:
+    """`counted`: how the choices add up, where more than `n` makes them (/v1/completions' prompts times n)."""
     if choices > limits.max_choices:
-        _refuse(f"{choices} choices asked for; at most max_choices={limits.max_choices}", param)
+        how = f" ({counted})" if counted else ""
+        _refuse(f"{choices} choices asked for{how}; at most max_choices={limits.max_choices}", param)
 
 
 def check_generation_features(tools: int, logit_bias: int, schemas: list[tuple[str, object]],

@@ -34,7 +34,9 @@ router = APIRouter(tags=["completions"], responses=ERRORS)
 )
 async def create_completion(body: CompletionRequest, ingress: IngressDep, wait_s: WaitDep):
     prompts = body.prompts()
-    check_choices(len(prompts) * body.n, ingress.limits)
+    if len(prompts) > 1:  # each prompt is n choices: the list of prompts is what a client may not know to shorten
+        check_choices(len(prompts) * body.n, ingress.limits, "prompt", f"{len(prompts)} prompts times n={body.n}")
+    check_choices(body.n, ingress.limits)
     check_chat(1, body.stop_list(), ingress.limits)
     check_generation_features(0, len(body.logit_bias or {}), [], ingress.limits)
     spec = ingress.spec(body.model, Family.LLM, Family.VLM)

@@ -252,6 +252,18 @@ def test_a_served_model_of_another_family_is_named_as_such_not_as_missing(client
     assert missing["message"] == "The model 'nope' does not exist. Available models: llm, vlm."
 
 
+def test_too_many_completion_choices_name_the_prompts_when_they_make_them(client):
+    """Nine prompts (n=1) were refused as '9 choices asked for' on `n`, a field the client had left at 1."""
+    client, families = client
+    calls = len(families["llm"].calls)
+    for body, param, words in (({"prompt": ["a"] * 9}, "prompt", "9 prompts times n=1"),
+                               ({"prompt": ["a"] * 3, "n": 3}, "prompt", "3 prompts times n=3"),
+                               ({"prompt": "a", "n": 9}, "n", "9 choices asked for;")):
+        refused = error(client.post("/v1/completions", json={"model": "llm", **body}), 400)
+        assert refused["param"] == param and words in refused["message"] and "max_choices=8" in refused["message"]
+    assert len(families["llm"].calls) == calls
+
+
 # -- the OpenAPI document ----------------------------------------------------------------------------
 
 
