@@ -59,7 +59,9 @@ def client(tiny_llm_dirs, tmp_path_factory):
         "models": [{"name": "tiny", "source": source, "family": "llm", "max_new_tokens": MODEL_LIMIT}],
         "local_models_dir": str(tmp_path_factory.mktemp("models"))})
     app = build_api(Ingress({"llm": _Handle(server)}, config))
-    return TestClient(app, raise_server_exceptions=False, headers={"x-wait-for-model": "60"})
+    # one event loop for the module's requests (the replica's decode loop runs on it), closed at the end
+    with TestClient(app, raise_server_exceptions=False, headers={"x-wait-for-model": "60"}) as client:
+        yield client
 
 
 def test_a_max_tokens_left_out_is_openais_default_within_the_models_limit(client):
