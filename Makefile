@@ -46,7 +46,7 @@ install: $(VENV)/.installed
 serve: install
 	mkdir -p $(HAPROXY_STATE) && chmod 700 $(HAPROXY_STATE)
 	$(VENV)/bin/modelfleet validate --config serve_config.yaml
-	$(VENV)/bin/python -m deployments.serve_env check-ports
+	$(VENV)/bin/python -m deployments.serve_env check-ports serve_config.yaml
 	$(VENV)/bin/serve run serve_config.yaml
 
 test: install

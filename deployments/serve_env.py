@@ -177,14 +177,40 @@ def _listening_ports() -> set[int] | None:
     return ports if found else None
 
 
-def check_ports(env: Mapping[str, str], out: TextIO = sys.stderr) -> int:
-    """0 if the instance `env` would start can have Ray's ports; else 1, naming them and the fix (2: a port
-    variable of `env` is not a port number)."""
+#: Ray Serve's HTTP port where a config's http_options names none
+RAY_HTTP_PORT = 8000
+
+
+def http_port(config: Path) -> int | None:
+    """The port `serve run <config>` answers HTTP on: its http_options.port, else Ray's 8000; None where the file
+    says no valid one (`modelfleet validate` and `serve run` say why)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(config.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    options = (data.get("http_options") if isinstance(data, dict) else None) or {}
+    port = options.get("port", RAY_HTTP_PORT) if isinstance(options, dict) else None
+    return port if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536 else None
+
+
+def check_ports(env: Mapping[str, str], out: TextIO = sys.stderr, config: Path | None = None) -> int:
+    """0 if the instance `env` would start can have Ray's ports, and `config`'s http_options.port (where given);
+    else 1, naming them and the fix (2: a port variable of `env` is not a port number)."""
     try:
         held = held_ports(env)
     except ValueError as exc:
         print(f"serve: {exc}", file=out)
         return 2
+    port = http_port(config) if config is not None else None
+    if port is not None and port in (_listening_ports() or set()):
+        # HAProxy would fail to bind it only after Ray has started: a Ray traceback some 15 s later, ending in
+        # "cannot bind socket (Address already in use)", and serve run exits
+        print(f"serve: port {port} (http_options.port in {config}) is held already by another process (`ss -ltnp "
+              f"'sport = :{port}'` names it): stop it, or set http_options.port in {config} to a free port",
+              file=out)
+        return 1
     if not held:
         return 0
     names = ", ".join(f"{port} ({key})" for key, port in held)
@@ -197,7 +223,7 @@ def check_ports(env: Mapping[str, str], out: TextIO = sys.stderr) -> int:
     return 1
 
 
-if __name__ == "__main__":  # `make serve` runs `python -m deployments.serve_env check-ports` before Ray starts
-    if sys.argv[1:] != ["check-ports"]:
-        sys.exit("usage: python -m deployments.serve_env check-ports")
-    sys.exit(check_ports(os.environ))
+if __name__ == "__main__":  # `make serve` runs `python -m deployments.serve_env check-ports CONFIG` before Ray starts
+    if sys.argv[1:2] != ["check-ports"] or len(sys.argv) > 3:
+        sys.exit("usage: python -m deployments.serve_env check-ports [SERVE_CONFIG]")
+    sys.exit(check_ports(os.environ, config=Path(sys.argv[2]) if len(sys.argv) > 2 else None))

@@ -154,3 +154,31 @@ def test_check_ports_names_a_port_variable_that_is_not_a_port(value):
     assert out.getvalue().startswith(f"serve: RAY_SERVE_FALLBACK_PROXY_HTTP_PORT={value!r} is not a port number"), \
         out.getvalue()
     assert "unset it for Ray's 8500" in out.getvalue()
+
+
+def test_make_serve_stops_where_another_process_holds_the_configs_http_port(tmp_path):
+    """Port 8000 held by another program (a notebook, an http.server): make serve started Ray, and ~15 s later
+    serve run died with a Ray traceback ending in HAProxy's "cannot bind socket (Address already in use) for
+    [127.0.0.1:8000]". check-ports now reads http_options.port from the config serve run is given."""
+    import io
+    import socket
+
+    from deployments import serve_env
+
+    free = serve_env._free_block(4, __import__("random").Random(5))
+    env = {key: str(free + i) for i, key in enumerate(serve_env.RAY_PORTS)}
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = tmp_path / "serve_config.yaml"
+        config.write_text(f"http_options:\n  host: 127.0.0.1\n  port: {port}\napplications: []\n")
+        out = io.StringIO()
+        assert serve_env.check_ports(env, out, config) == 1
+        assert out.getvalue().startswith(f"serve: port {port} (http_options.port in {config}) is held already"), \
+            out.getvalue()
+        assert f"set http_options.port in {config} to a free port" in out.getvalue()
+    assert serve_env.check_ports(env, io.StringIO(), config) == 0  # free again
+    assert serve_env.http_port(tmp_path / "missing.yaml") is None
+    (tmp_path / "default.yaml").write_text("applications: []\n")
+    assert serve_env.http_port(tmp_path / "default.yaml") == 8000  # Ray's, where the config names none
