@@ -128,22 +128,49 @@ _PEFT_PREFIX = "base_model.model."
 #: An adapter tensor kind -> (its axis, the base layer's attribute that axis must equal).
 _LORA_AXES = {"lora_A": (1, "in_features"), "lora_B": (0, "out_features"),
               "lora_embedding_A": (1, "num_embeddings"), "lora_embedding_B": (0, "embedding_dim")}
+#: An adapter tensor kind -> its axis of the LoRA rank.
+_RANK_AXIS = {"lora_A": 0, "lora_B": 1, "lora_embedding_A": 0, "lora_embedding_B": 1}
 
 
 def adapter_misfit(model: Any, adapter: Path, base: str, reason: str) -> AdapterMismatchError:
     """The error for an adapter that PEFT could not apply to `model` (which failed with `reason`), naming
-    its first tensor that does not fit the base, where its safetensors file shows one."""
-    return AdapterMismatchError(str(adapter), base, _first_misfit(model, adapter) or reason)
+    its first tensor that does not fit the base, where its safetensors file shows one. A weights file that
+    is cut short is an UnreadableModelError (download it again), and one whose LoRA rank is not its
+    adapter_config.json's `r` says so: neither was made for another model."""
+    file = adapter / "adapter_model.safetensors"
+    header = safetensors_header(file) if file.is_file() else {}
+    rank = _rank_misfit(adapter, header)
+    if rank is not None:
+        return AdapterMismatchError(str(adapter), base, rank, fix=(
+            "Its adapter_config.json and its weights are not of one adapter: save the adapter again, or "
+            "correct `r` there."))
+    return AdapterMismatchError(str(adapter), base, _first_misfit(model, header) or reason)
 
 
-def _first_misfit(model: Any, adapter: Path) -> str | None:
+def _rank_misfit(adapter: Path, header: dict) -> str | None:
+    """'<tensor> has rank <n>, but adapter_config.json has r=<r>' for the first LoRA tensor whose rank is not
+    the config's (PEFT makes every layer of rank `r` unless `rank_pattern` says otherwise); None if all agree."""
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    rank = config.get("r") if isinstance(config, dict) else None
+    if not isinstance(rank, int) or config.get("rank_pattern"):
+        return None
+    for key, meta in header.items():
+        kind = key.removeprefix(_PEFT_PREFIX).partition(".lora_")[2].split(".")[0]
+        axis = _RANK_AXIS.get("lora_" + kind) if kind else None
+        if axis is not None and len(meta["shape"]) == 2 and meta["shape"][axis] != rank:
+            return (f"tensor {key} has rank {meta['shape'][axis]} (shape {meta['shape']}), but adapter_config.json "
+                    f"has r={rank}")
+    return None
+
+
+def _first_misfit(model: Any, header: dict) -> str | None:
     """'<tensor> has shape [..], but the base's <module> has <attribute>=<n>' for the adapter's first LoRA
     tensor that does not fit the base's layer (or names a layer the base lacks); None when all fit."""
-    file = adapter / "adapter_model.safetensors"
-    if not file.is_file():
-        return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for key, meta in safetensors_header(file).items():
+    for key, meta in header.items():
         module_name, _, rest = key.removeprefix(_PEFT_PREFIX).partition(".lora_")
         axis_attr = _LORA_AXES.get("lora_" + rest.split(".")[0]) if rest else None
         if axis_attr is None:

@@ -80,14 +80,14 @@ class AdapterMismatchError(LoadingError):
     """An adapter whose weights do not fit its base (another model, or another size of it): no load
     strategy can change that, so it is one error, not a failed strategy."""
 
-    def __init__(self, adapter: str, base: str, detail: str):
+    ANOTHER_MODEL = ("It was made for another model (or another size of it): check base_model_name_or_path in its "
+                     "adapter_config.json, or set `base_model:` to the model it was trained on.")
+
+    def __init__(self, adapter: str, base: str, detail: str, fix: str = ANOTHER_MODEL):
         self.adapter = adapter
         self.base = base
         self.detail = detail
-        super().__init__(
-            f"Adapter {adapter!r} cannot be applied to its base model {base!r}: {detail}. It was made for another "
-            "model (or another size of it): check base_model_name_or_path in its adapter_config.json, or set "
-            "`base_model:` to the model it was trained on.")
+        super().__init__(f"Adapter {adapter!r} cannot be applied to its base model {base!r}: {detail}. {fix}")
 
 
 class UnreadableModelError(LoadingError):

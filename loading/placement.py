@@ -84,6 +84,13 @@ def safetensors_header(file: Path) -> dict:
         except (ValueError, UnicodeDecodeError) as exc:
             raise UnreadableModelError(str(file), f"{file} has a corrupt safetensors header ({exc}): download it "
                                        "again.") from None
+    ends = [meta["data_offsets"][1] for name, meta in header.items() if name != "__metadata__"
+            and isinstance(meta.get("data_offsets"), list) and len(meta["data_offsets"]) == 2
+            and isinstance(meta["data_offsets"][1], int)]
+    needed = 8 + header_len + max(ends, default=0)
+    if needed > size:  # the header is whole but the tensors after it are cut short
+        raise UnreadableModelError(str(file), f"{file} is not a complete safetensors file ({size:,} bytes, its "
+                                   f"tensors need {needed:,}): download it again.")
     return header
 
 

@@ -258,6 +258,34 @@ def test_an_adapter_that_does_not_fit_its_base_is_one_error_not_a_strategy_failu
     assert f"{name} has shape [64, 4], but the base's " in str(info.value) and "out_features=32" in str(info.value)
 
 
+def test_a_cut_short_or_rank_inconsistent_adapter_is_not_called_one_for_another_model(isolated_env, tiny, tmp_path):
+    """Both were 'It was made for another model (or another size of it): check base_model_name_or_path', a fix
+    that does not apply: a weights file missing its last bytes (an interrupted copy; PEFT: 'incomplete
+    metadata, file not fully covered') is to be fetched again, and an adapter_config.json whose `r` is not
+    its weights' rank does not belong with them."""
+    import json
+
+    from loading import AdapterMismatchError, UnreadableModelError, attach_adapter
+
+    base = load_model(ModelSpec(name="tiny", source=str(tiny["llm"])))
+    cut = copy_model(tiny["llm-lora"], tmp_path / "cut")
+    weights = cut / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(UnreadableModelError, match="not a complete safetensors file.*download it again") as info:
+        attach_adapter(ModelSpec(name="cut", source=str(cut), base_model="tiny"), base)
+    assert "another model" not in str(info.value)
+
+    ranked = copy_model(tiny["llm-lora"], tmp_path / "ranked")
+    config = json.loads((ranked / "adapter_config.json").read_text())
+    (ranked / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] * 4}))
+    with pytest.raises(AdapterMismatchError) as info:
+        attach_adapter(ModelSpec(name="ranked", source=str(ranked), base_model="tiny"), base)
+    message = str(info.value)
+    assert f"has rank {config['r']} " in message and f"adapter_config.json has r={config['r'] * 4}" in message
+    assert "another model" not in message and "save the adapter again" in message
+    assert not hasattr(base.model, "peft_config")  # the base goes on as it was
+
+
 def test_a_failed_strategy_keeps_the_first_detail_line():
     from loading.errors import short_error as _short
 
