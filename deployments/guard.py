@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
+import uuid
 from typing import Any
 
 from python_multipart.multipart import parse_options_header
@@ -151,7 +152,8 @@ class RequestGuard:
             return
         _, body, _ = to_error(UnauthorizedError(
             "a valid API key is required: send 'Authorization: Bearer <key>' (the openai client's api_key)"))
-        event = {"type": "error", "event_id": None, "error": body.error.model_dump()}
+        # every server event has an id (OpenAI's ErrorEvent requires one; realtime.py's are made the same way)
+        event = {"type": "error", "event_id": f"event_{uuid.uuid4().hex[:20]}", "error": body.error.model_dump()}
         await send({"type": "websocket.accept", "subprotocol": realtime_subprotocol(headers)})
         await send({"type": "websocket.send", "text": json.dumps(event)})
         await send({"type": "websocket.close", "code": 1008, "reason": "invalid_api_key"})

@@ -448,7 +448,14 @@ def test_a_realtime_refusal_for_its_key_chooses_the_realtime_subprotocol(monkeyp
         assert ws.receive_json()["error"]["code"] == "invalid_api_key"
         assert ws.accepted_subprotocol == "realtime"  # never the key's
     with client.websocket_connect("/v1/realtime?model=llm") as ws:  # offered none (the openai client): none chosen
-        assert ws.receive_json()["error"]["code"] == "invalid_api_key" and ws.accepted_subprotocol is None
+        event = ws.receive_json()
+        assert event["error"]["code"] == "invalid_api_key" and ws.accepted_subprotocol is None
+    # OpenAI's error event, as its client types it: the event's own id is a string (it was null here)
+    from openai.types.beta.realtime.error_event import ErrorEvent
+    from openai.types.realtime.realtime_error_event import RealtimeErrorEvent
+
+    for shape in (ErrorEvent, RealtimeErrorEvent):
+        assert shape.model_validate(event).event_id.startswith("event_")
 
 
 def test_a_realtime_refusal_past_the_session_limit_chooses_the_realtime_subprotocol(monkeypatch):
