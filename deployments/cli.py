@@ -16,14 +16,16 @@ from typing import Any
 
 CHECK_USAGE = ("modelfleet check [--url URL] [--api-key KEY] [--json] [--timeout S]: "
                "every family of a running server answers a real request (see `modelfleet check --help`)")
-VALIDATE_USAGE = ("modelfleet validate [--config FILE]: the config's fields, as `serve run` checks them (no model "
-                  "is looked for: that is `modelfleet doctor`)")
+VALIDATE_USAGE = ("modelfleet validate [--config FILE]: the config's fields and API keys, as `serve run` checks "
+                  "them (no model is looked for: that is `modelfleet doctor`)")
 
 
-def check_serve_config(path: Path) -> None:
+def check_serve_config(path: Path, with_keys: bool = False) -> None:
     """Raise loading's ServeConfigError (`modelfleet doctor|fetch` exit 2 with it) for a config that `serve run`
     refuses: an application of ours whose `args` AppConfig refuses, or no application of ours. A file that is no
-    Serve config at all (bad YAML, not a mapping) is left to loading, which says so."""
+    Serve config at all (bad YAML, not a mapping) is left to loading, which says so. `with_keys`: also the API and
+    admin keys as the builder reads them, from this process's environment (`modelfleet validate`, run where
+    `serve run` starts Ray; doctor and fetch may run elsewhere)."""
     import yaml
     from pydantic import ValidationError
 
@@ -55,10 +57,19 @@ def check_serve_config(path: Path) -> None:
         if not isinstance(args, dict):
             continue  # loading refuses it, naming it
         try:
-            AppConfig.model_validate(args)
+            config = AppConfig.model_validate(args)
         except ValidationError as exc:
             problems += [f"applications[{index}].args{_where(error['loc'])}: {error['msg']}{_hint(error)}"
                          for error in exc.errors()]
+            continue
+        if with_keys:
+            from .auth import AuthConfigError, load_admin_keys, load_keys
+
+            try:  # build_app refuses these: a key file it cannot read, a key too short, no key with auth.required
+                load_keys(config.auth)
+                load_admin_keys(config.auth)
+            except AuthConfigError as exc:
+                problems.append(f"applications[{index}].args.auth: {exc}")
     if problems:
         raise ServeConfigError(f"{path}: " + "; ".join(problems)
                                + " (`serve run` refuses this config: fix the fields named)")
@@ -119,7 +130,7 @@ def validate(argv: list[str]) -> int:
         print(f"config file {args.config} not found (pass --config PATH)", file=sys.stderr)
         return 2
     try:
-        check_serve_config(args.config)
+        check_serve_config(args.config, with_keys=True)
         apps = apps_from_serve_config(args.config)  # bad YAML, not a Serve config: loading's words for it
     except ServeConfigError as exc:
         print(f"modelfleet validate: {exc}", file=sys.stderr)

@@ -512,3 +512,29 @@ def test_make_serve_validates_the_config_first_and_names_a_misspelt_field(isolat
                           text=True, check=True).stdout.splitlines()
     validate = next(i for i, line in enumerate(plan) if "modelfleet validate --config serve_config.yaml" in line)
     assert validate < next(i for i, line in enumerate(plan) if "serve run serve_config.yaml" in line), plan
+
+
+def test_validate_refuses_what_the_builder_refuses_of_the_keys(isolated_env, tmp_path, monkeypatch, capsys):
+    """build_app refuses auth.required without a key (serve_config.gpu.yaml sets it), a key file it cannot read
+    and a short key; serve run answers that as it answers a misspelt field: tracebacks, then it blocks. validate
+    (make serve's first step) said 'valid' for all three."""
+    from deployments.cli import main as console_script
+
+    monkeypatch.delenv("MODELFLEET_API_KEYS", raising=False)
+    monkeypatch.delenv("MODELFLEET_ADMIN_KEYS", raising=False)
+    required = _app_args(tmp_path / "required.yaml", {"models": TINY_DEMO, "auth": {"required": True}})
+    assert console_script(["validate", "--config", str(required)]) == 2
+    err = capsys.readouterr().err
+    assert "applications[0].args.auth: auth.required is set but no API key is configured: set MODELFLEET_API_KEYS=" \
+        in err, err
+    monkeypatch.setenv("MODELFLEET_API_KEYS", "k" * 32)
+    assert console_script(["validate", "--config", str(required)]) == 0
+    capsys.readouterr()
+    unreadable = _app_args(tmp_path / "file.yaml", {"models": TINY_DEMO,
+                                                    "auth": {"admin_keys_file": str(tmp_path / "no-such-file")}})
+    assert console_script(["validate", "--config", str(unreadable)]) == 2
+    assert f"applications[0].args.auth: auth.admin_keys_file '{tmp_path / 'no-such-file'}' cannot be read" \
+        in capsys.readouterr().err
+    monkeypatch.setenv("MODELFLEET_API_KEYS", "short")
+    assert console_script(["validate", "--config", str(required)]) == 2
+    assert "shorter than auth.min_key_chars=16" in capsys.readouterr().err
