@@ -66,9 +66,10 @@ def take_images(messages: list[dict[str, Any]], limits: RequestLimits, allowed_d
 
 
 def load_image(url: str, limits: RequestLimits, allowed_dirs: list[str], param: str) -> bytes:
-    if url.startswith("data:"):
+    scheme = url[:7].lower()  # a URL's scheme is case-insensitive (RFC 3986): DATA: is a data: URI
+    if scheme.startswith("data:"):
         data = _from_data_uri(url, limits, param)
-    elif url.startswith("file://") or url.startswith("/"):
+    elif scheme == "file://" or url.startswith("/"):
         data = _from_local_file(url, limits, allowed_dirs, param)
     else:
         raise InvalidRequestError(
@@ -181,22 +182,34 @@ def as_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+#: ASCII whitespace, which a browser's "forgiving-base64 decode" of a data: URL skips (WHATWG Infra)
+_BASE64_BLANKS = str.maketrans("", "", " \t\n\r\f")
+
+
 def _from_data_uri(url: str, limits: RequestLimits, param: str) -> bytes:
+    """The bytes of a base64 data: URI, read as a browser reads one: line breaks and blanks in the base64 (a
+    `base64` command wraps its output at 76 columns) and its missing `=` padding are no error."""
     header, _, payload = url.partition(",")
-    if ";base64" not in header or not payload:
+    if ";base64" not in header.lower():
         raise InvalidRequestError("image data URIs must be base64: data:image/png;base64,<data>", param=param)
+    payload = payload.translate(_BASE64_BLANKS)
+    if not payload:
+        raise InvalidRequestError("the image data URI holds no data after 'base64,'", param=param)
     if len(payload) * 3 // 4 > limits.max_image_bytes:
         raise RequestTooLargeError(
             f"the image is larger than max_image_bytes={limits.max_image_bytes:,} bytes", param=param,
             code="image_too_large")
+    if len(payload) % 4 and not payload.endswith("="):
+        payload += "=" * (-len(payload) % 4)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidRequestError("the image data URI is not valid base64", param=param) from None
+        raise InvalidRequestError("the image data URI is not valid base64 (A-Z, a-z, 0-9, '+', '/', '=' padding)",
+                                  param=param) from None
 
 
 def _from_local_file(url: str, limits: RequestLimits, allowed_dirs: list[str], param: str) -> bytes:
-    path = unquote(urlparse(url).path) if url.startswith("file://") else url
+    path = unquote(urlparse(url).path) if url[:7].lower() == "file://" else url
     # realpath follows every symlink and `..`: what is checked is what would be read
     if "\0" in path:
         raise InvalidRequestError("a local image path cannot contain a NUL character", param=param)
