@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Annotated, Any, TypeVar
 
@@ -40,8 +41,10 @@ async def wait_for_model(
     try:
         value = float(x_wait_for_model)
     except ValueError:
-        raise InvalidRequestError(f"header x-wait-for-model={x_wait_for_model[:40]!r} must be a number of seconds",
-                                  param="x-wait-for-model") from None
+        value = math.nan
+    if math.isnan(value):  # 'nan' parses as a float, and a replica waited on it with no end while the model loaded
+        raise InvalidRequestError(f"header x-wait-for-model={x_wait_for_model[:40]!r} must be a number of seconds "
+                                  f"(0 to {MAX_WAIT_S:g})", param="x-wait-for-model")
     return min(max(value, 0.0), MAX_WAIT_S)
 
 

@@ -264,6 +264,19 @@ def test_too_many_completion_choices_name_the_prompts_when_they_make_them(client
     assert len(families["llm"].calls) == calls
 
 
+def test_a_wait_header_that_is_not_a_number_of_seconds_is_refused(client):
+    """'nan' parsed as a float and reached the replica as wait_s=nan, where waiting for a loading model
+    never ended (nan is neither past nor before a deadline) until request_timeout_s cut it."""
+    client, families = client
+    chat = {"model": "llm", "messages": [{"role": "user", "content": "hi"}]}
+    for value in ("nan", "NaN", "-nan", "soon"):
+        refused = error(client.post(CHAT, json=chat, headers={"x-wait-for-model": value}), 400)
+        assert refused["param"] == "x-wait-for-model" and repr(value) in refused["message"], refused
+    for value, wait_s in (("inf", 600.0), ("-1", 0.0), ("2.5", 2.5)):  # numbers: within 0..600 s
+        assert client.post(CHAT, json=chat, headers={"x-wait-for-model": value}).status_code == 200
+        assert families["llm"].calls[-1][1].wait_s == wait_s
+
+
 # -- the OpenAPI document ----------------------------------------------------------------------------
 
 
