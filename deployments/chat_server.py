@@ -208,7 +208,7 @@ class ChatServer(FamilyServer):
         # asyncio.run calls) never completes here, so it must not keep a new request from a run of its own
         decoding = self._decoding
         if decoding is None or decoding.done() or decoding.get_loop() is not asyncio.get_running_loop():
-            self._decoding = asyncio.ensure_future(self._infer(self._decoder.run))
+            self._decoding = asyncio.ensure_future(self._infer(self._decoder.run, self._calls_waiting))
             self._decoding.add_done_callback(lambda _: self._decoder.busy() and self._keep_decoding())
 
     async def _chat_batch_call(self, batch: list[ChatParams]) -> list[ChatResult | BaseException]:

@@ -206,9 +206,14 @@ class DecodeLoop:
     def busy(self) -> bool:
         return not self.pending.empty() or bool(self.held) or any(group.rows for group in self.groups.values())
 
-    def run(self) -> None:
-        """Step every model's rows until no row is left and nothing waits."""
+    def run(self, yield_to: Callable[[], bool] | None = None) -> None:
+        """Step every model's rows until no row is left and nothing waits; or, as soon as `yield_to()` says
+        another call waits for this thread (a generate() batch of a model the loop cannot run, an adapter's
+        removal), return after the current step so that it runs next: its rows stay here and the next run
+        goes on with them."""
         while self.busy():
+            if yield_to is not None and yield_to():
+                return
             self._admit()
             for key, group in list(self.groups.items()):
                 if group.rows:

@@ -105,6 +105,14 @@ class FamilyServer:
 
         return await asyncio.get_running_loop().run_in_executor(self._inference, timed)
 
+    def _calls_waiting(self) -> bool:
+        """Whether model calls wait for the inference thread (submitted, not started): the decode loop, which
+        runs as one call for as long as requests keep coming, lets them go first. Without it a generate()
+        batch (a Qwen2-VL-kind model beside a decode-loop model in one replica) waited as long as the loop had
+        a row: 20 s and no answer beside 8 clients of the other model."""
+        queue = getattr(self._inference, "_work_queue", None)  # ThreadPoolExecutor's queue of work not started
+        return queue is not None and not queue.empty()
+
     def _progressed(self) -> None:
         """From the inference thread, after each bounded piece of a long call (the decode loop's steps,
         which run as one call for as long as requests keep coming): the call is not stuck. Without it a
