@@ -32,6 +32,7 @@ class TTSServer(FamilyServer):
         with self._observed() as running:
             async with self.memory.hold(need, "this text", param="input"):
                 running()
+                self.batch_stats["requests"] += 1
                 started = time.monotonic()
                 result = await self._until_cancelled(params, self._infer_model(
                     loaded, synthesis.synthesize, spec, loaded, params, self.options.max_chars_per_call))
@@ -49,6 +50,9 @@ class TTSServer(FamilyServer):
         return SpeechResult(np.zeros(int(rate * seconds), dtype=np.float32), rate)
 
     def _count(self, model: str, result: SpeechResult, seconds: float) -> None:
+        """One model call (a whole text, or a streamed piece), in /health's batching figures and the metrics."""
+        self.batch_stats["model_calls"] += 1
+        self.batch_stats["largest_batch"] = 1  # one request per call
         self.metrics.batch(model, 1)
         self.metrics.audio(model, True, len(result.waveform) / result.sample_rate, seconds)
 
@@ -70,6 +74,7 @@ class TTSServer(FamilyServer):
         with self._observed() as running:
             async with self.memory.hold(need, "this text", param="input"):
                 running()
+                self.batch_stats["requests"] += 1
                 spoken, started = 0, time.monotonic()
                 for index, piece in enumerate(pieces):
                     if index and synthesis.past_timeout(spec, started, len(pieces) - index):

@@ -171,3 +171,12 @@ def test_a_voice_reply_with_nothing_speakable_is_a_pause_on_a_voice_without_punc
     streamed = client.post("/v1/audio/chat", files=form, data={"stream": "true"})
     kinds = [json.loads(line[6:]).get("type") for line in streamed.text.splitlines() if line.startswith("data: ")]
     assert kinds[-2:] == ["audio.delta", "done"], streamed.text[-500:]
+
+
+def test_health_counts_the_syntheses_a_replica_made(vits_dirs):
+    """/health's batching figures of a TTS replica stayed {model_calls: 0, requests: 0} however much it spoke
+    (only `cancelled` moved): a whole text is one request and one model call, a stream one call per piece."""
+    server = _server(vits_dirs[0])
+    plain, pieces = _say(server, TEXT)
+    stats = server.batch_stats
+    assert (stats["requests"], stats["model_calls"], stats["largest_batch"]) == (2, 1 + len(pieces), 1)
