@@ -124,7 +124,7 @@ def test_text_completions_plain_listed_echoed_streamed(app):
 @pytest.mark.parametrize("path,body,param,words", [
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix", "not served"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of", "best_of"),
-    ("/v1/completions", {"prompt": ["a"] * 9}, "n", "max_choices"),
+    ("/v1/completions", {"prompt": ["a"] * 9}, "prompt", "(9 prompts times n=1); at most max_choices"),
     ("/v1/completions", {"prompt": [], "max_tokens": 2}, "prompt", "prompt must be"),
     ("/v1/chat/completions", {"messages": ASK, "audio": {"voice": "alloy", "format": "wav"}}, "audio", "speech"),
     ("/v1/chat/completions", {"messages": ASK, "modalities": ["text", "audio"]}, "modalities", "text"),
