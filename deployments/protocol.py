@@ -11,16 +11,43 @@ import json
 import re
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SerializerFunctionWrapHandler,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 
 class OpenAIBaseModel(BaseModel):
     """Shared base: attribute docstrings become field descriptions in the OpenAPI schema."""
 
     model_config = ConfigDict(use_attribute_docstrings=True)
+
+
+class NullKeysModel(OpenAIBaseModel):
+    """A response part whose `null_keys` OpenAI always sends, as null when unset: they stay in its JSON when
+    the rest is written with `exclude_none` (stream chunks are), for clients that read `finish_reason: null`
+    as "not finished" and a missing key as something else."""
+
+    null_keys: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")  # no return annotation: the OpenAPI schema stays the model's own
+    def _keep_null_keys(self, handler: SerializerFunctionWrapHandler):
+        out = handler(self)
+        if isinstance(out, dict):
+            for key in self.null_keys:
+                out.setdefault(key, None)
+        return out
 
 
 class RequestModel(OpenAIBaseModel):
@@ -583,7 +610,9 @@ class DeltaMessage(OpenAIBaseModel):
     """Newly generated pieces of tool calls."""
 
 
-class ChatCompletionChunkChoice(OpenAIBaseModel):
+class ChatCompletionChunkChoice(NullKeysModel):
+    null_keys = ("logprobs", "finish_reason")
+
     index: int = 0
     """Position of this choice."""
     delta: DeltaMessage
@@ -733,7 +762,9 @@ class CompletionLogprobs(OpenAIBaseModel):
     """Where each token starts in `text`."""
 
 
-class CompletionChoice(OpenAIBaseModel):
+class CompletionChoice(NullKeysModel):
+    null_keys = ("logprobs", "finish_reason")
+
     text: str
     """The completion (after the prompt, with `echo`)."""
     index: int

@@ -36,7 +36,7 @@ async def chat_events(model: str, chunks: AsyncIterator[tuple[int, dict]], inclu
 
     def event(parts: list, usage: UsageInfo | None = None) -> str:
         chunk = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=parts, usage=usage)
-        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+        return f"data: {with_null_usage(chunk.model_dump_json(exclude_none=True), include_usage and usage is None)}\n\n"
 
     # Each string yielded is one write to the socket, and one more segment for HAProxy and the client to
     # handle: the role chunks go out with the first delta, a finish_reason with what follows it.
@@ -63,6 +63,12 @@ async def chat_events(model: str, chunks: AsyncIterator[tuple[int, dict]], inclu
     except Exception as exc:  # headers are sent: report the failure in-band, then end the stream
         held.append(error_sse_event(exc))
     yield "".join(held) + DONE
+
+
+def with_null_usage(chunk_json: str, null_usage: bool) -> str:
+    """A chunk's JSON with `"usage": null`, as OpenAI writes every chunk before the usage one when
+    `stream_options.include_usage` is on (without it the key is left out)."""
+    return chunk_json[:-1] + ',"usage":null}' if null_usage else chunk_json
 
 
 async def merged(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int, dict]]:

@@ -19,7 +19,7 @@ from ..errors import error_sse_event
 from ..limits import check_chat, check_choices, check_generation_features
 from ..params import ChatParams, ChatResult
 from ..protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
-from ..sse import DONE, merged, prepend
+from ..sse import DONE, merged, prepend, with_null_usage
 from .chat import fan_out
 from .common import ERRORS, IngressDep, WaitDep, all_or_cancelled, first_items
 
@@ -119,7 +119,7 @@ async def completion_events(model: str, items: AsyncIterator[tuple[int, dict]], 
 
     def event(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
         chunk = response.model_copy(update={"choices": choices, "usage": usage})
-        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+        return f"data: {with_null_usage(chunk.model_dump_json(exclude_none=True), include_usage and usage is None)}\n\n"
 
     held: list[str] = []  # a finish_reason goes out with what follows it: one write to the socket, not two
     try:
