@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
-from typing import ClassVar
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -15,6 +15,8 @@ from .family_server import FamilyServer
 from .options import SpeechOptions
 from .params import SpeechParams, SpeechResult
 from .text_split import stream_pieces
+
+T = TypeVar("T")
 
 
 class TTSServer(FamilyServer):
@@ -31,11 +33,11 @@ class TTSServer(FamilyServer):
         need = speech_request_bytes(loaded.config, min(len(params.text), self.options.max_chars_per_call), params.speed)
         with self._observed() as running:
             async with self.memory.hold(need, "this text", param="input"):
-                running()
                 self.batch_stats["requests"] += 1
                 started = time.monotonic()
                 result = await self._until_cancelled(params, self._infer_model(
-                    loaded, synthesis.synthesize, spec, loaded, params, self.options.max_chars_per_call))
+                    loaded, _running_from_start(running, synthesis.synthesize), spec, loaded, params,
+                    self.options.max_chars_per_call))
         self._count(spec.name, result, time.monotonic() - started)
         return result
 
@@ -73,14 +75,14 @@ class TTSServer(FamilyServer):
         need = speech_request_bytes(loaded.config, max((len(p) for p in pieces), default=1), params.speed)
         with self._observed() as running:
             async with self.memory.hold(need, "this text", param="input"):
-                running()
                 self.batch_stats["requests"] += 1
                 spoken, started = 0, time.monotonic()
+                synthesize_piece = _running_from_start(running, synthesis.synthesize_piece)
                 for index, piece in enumerate(pieces):
                     if index and synthesis.past_timeout(spec, started, len(pieces) - index):
                         break  # the last model call took longer than its bound: the speech ends there
                     started = time.monotonic()
-                    work = self._infer_model(loaded, synthesis.synthesize_piece, loaded, piece, kwargs)
+                    work = self._infer_model(loaded, synthesize_piece, loaded, piece, kwargs)
                     result = await self._until_cancelled(params, work)
                     if result is not None:
                         self._count(spec.name, result, time.monotonic() - started)
@@ -88,3 +90,15 @@ class TTSServer(FamilyServer):
                         yield result
                 if not spoken:
                     raise synthesis.nothing_to_say()
+
+
+def _running_from_start(running: Callable[[], None], fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn` for the inference thread, counting its request as running (metrics) once the call starts: one
+    waiting for the thread behind others' syntheses (up to max_ongoing_requests, 80) is queued. Counted running
+    from its memory hold on, 20 requests of which one computed showed queue_depth 0, running_requests 20."""
+
+    def call(*args: Any) -> T:
+        running()
+        return fn(*args)
+
+    return call

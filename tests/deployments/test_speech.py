@@ -180,3 +180,28 @@ def test_health_counts_the_syntheses_a_replica_made(vits_dirs):
     plain, pieces = _say(server, TEXT)
     stats = server.batch_stats
     assert (stats["requests"], stats["model_calls"], stats["largest_batch"]) == (2, 1 + len(pieces), 1)
+
+
+def test_a_synthesis_waiting_for_the_inference_thread_is_queued_not_running(vits_dirs):
+    """The metrics counted a TTS request running from its memory hold on, though it waited for the one
+    inference thread behind others' syntheses: 20 requests of which one computed showed queue_depth 0 and
+    running_requests 20."""
+    import time
+
+    server = _server(vits_dirs[0])
+
+    async def scenario():
+        await server.synthesize(SpeechParams(model="vits", text="hi", wait_s=60))
+        busy = asyncio.ensure_future(server._infer(time.sleep, 0.5))  # another call holds the thread
+        await asyncio.sleep(0.05)
+        plain = asyncio.ensure_future(server.synthesize(SpeechParams(model="vits", text=TEXT)))
+        stream = server.synthesize_stream(SpeechParams(model="vits", text=TEXT))
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.2)
+        waiting = (server.metrics._queued, server.metrics._running)
+        await asyncio.gather(busy, plain, first)
+        await stream.aclose()
+        return waiting, (server.metrics._queued, server.metrics._running)
+
+    waiting, after = asyncio.run(scenario())
+    assert waiting == (2, 0) and after == (0, 0)
