@@ -129,7 +129,7 @@ class ChatServer(FamilyServer):
     # -- serving ----------------------------------------------------------------------------------
     async def chat(self, params: ChatParams) -> ChatResult:
         arrived = time.monotonic()
-        with self._observed() as params.running:
+        with self._observed(params) as params.running:
             async with self._admitted(params) as (spec, loaded):
                 result = raise_if_error(await self._until_cancelled(params, self._generate(params, spec, loaded)))
         self.metrics.generated(params.model, arrived, params.first_token_at, result.prompt_tokens,
@@ -230,7 +230,7 @@ class ChatServer(FamilyServer):
         A stream joins the same batches as plain requests: its deltas come from the batch's generate
         call through `params.sink`, and its final text from the batch's result for it."""
         arrived = time.monotonic()
-        with self._observed() as params.running:
+        with self._observed(params) as params.running:
             async for item in self._chat_stream(params):
                 yield item
                 if "usage" in item:

@@ -170,8 +170,9 @@ class FamilyServer:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            params.cancelled.set()
-            self.batch_stats["cancelled"] += 1
+            if not params.cancelled.is_set():  # once per request: a stream's pieces share its event
+                params.cancelled.set()
+                self.batch_stats["cancelled"] += 1
             self._cancelled()
             await settle(task, self._stuck_after_s)
             raise
@@ -180,9 +181,11 @@ class FamilyServer:
         """A request of this replica was just flagged cancelled (a family with a queue of its own wakes it)."""
 
     @contextlib.contextmanager
-    def _observed(self) -> Iterator[Callable[[], None]]:
+    def _observed(self, params: Any) -> Iterator[Callable[[], None]]:
         """Count a request in the replica's queue_depth metric until the `running` it yields is called
-        (from any thread: when its output starts), then in running_requests until the block ends."""
+        (from any thread: when its output starts), then in running_requests until the block ends; and in
+        /health's `cancelled` if its caller leaves before a model call dropped it (`_until_cancelled` counts
+        those): one that left while it waited for memory, or for its audio's cuts, was counted nowhere."""
         loop = asyncio.get_running_loop()
         state = {"running": False, "closed": False}
 
@@ -198,6 +201,10 @@ class FamilyServer:
         self.metrics.queued(1)
         try:
             yield running
+        except (asyncio.CancelledError, GeneratorExit):  # the caller left (a stream: closed before its end)
+            if not cancelled(params):
+                self.batch_stats["cancelled"] += 1
+            raise
         finally:
             state["closed"] = True
             if state["running"]:

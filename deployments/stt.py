@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -64,7 +65,7 @@ class STTServer(FamilyServer):
         _transcription().check_language(spec, loaded, language)
 
     async def transcribe(self, params: TranscribeParams) -> TranscribeResult:
-        with self._observed() as params.running:
+        with self._observed(params) as params.running:
             async with self._admitted(params):
                 # the cuts are found off the inference thread (onnxruntime releases the GIL)
                 params.cuts = await to_thread_held(_transcription().plan, np.asarray(params.audio, dtype=np.float32),
@@ -75,7 +76,7 @@ class STTServer(FamilyServer):
         """Yields {"segment": Segment, "words": [Word]} per piece of the audio, in order, then
         {"result": TranscribeResult}. The cuts are found as the scan goes, the first piece goes alone
         (the first text comes after one model call), the rest up to max_chunks_per_call at a time."""
-        with self._observed() as params.running:
+        with self._observed(params) as params.running:
             async for item in self._transcribe_stream(params):
                 yield item
 
@@ -91,6 +92,7 @@ class STTServer(FamilyServer):
             language = params.language
             window: deque[asyncio.Future] = deque()
             segments, words, texts, index = [], [], [], 0
+            params.cancelled = params.cancelled or threading.Event()  # its pieces': a cancel counts once
 
             async def next_cut() -> tuple[int, int] | None:
                 cut = await to_thread_held(next, cuts, None)

@@ -31,7 +31,7 @@ class TTSServer(FamilyServer):
         from . import synthesis  # torch side, imported on first use (loaded with the model by then)
 
         need = speech_request_bytes(loaded.config, min(len(params.text), self.options.max_chars_per_call), params.speed)
-        with self._observed() as running:
+        with self._observed(params) as running:
             async with self.memory.hold(need, "this text", param="input"):
                 self.batch_stats["requests"] += 1
                 started = time.monotonic()
@@ -73,7 +73,7 @@ class TTSServer(FamilyServer):
         kwargs = synthesis.model_kwargs(spec, loaded, params)
         pieces = stream_pieces(params.text, self.options.max_chars_per_call)
         need = speech_request_bytes(loaded.config, max((len(p) for p in pieces), default=1), params.speed)
-        with self._observed() as running:
+        with self._observed(params) as running:
             async with self.memory.hold(need, "this text", param="input"):
                 self.batch_stats["requests"] += 1
                 spoken, started = 0, time.monotonic()

@@ -125,3 +125,50 @@ def test_a_request_cancelled_in_a_generate_batch_keeps_its_hold_until_the_batch_
     assert calls == 1  # the two rows shared one generate call
     assert during == (False, both), "the cancelled row's memory was released while its batch kept it"
     assert longer.completion_tokens == 150 and after == 0
+
+
+def test_health_counts_a_request_whose_caller_left_before_any_model_call_once(tiny_llm_dirs, tmp_path):
+    """/health's `cancelled` counted a request only if a model call dropped it: one whose client left while it
+    waited for memory (the STT's queue under load) was counted nowhere (20 of 60 transcriptions cancelled in a
+    run here: 0), nor a transcription stream closed between its pieces; one with several pieces in flight counted
+    each of them. Now each request whose caller left counts once."""
+    import numpy as np
+
+    from deployments.options import TranscriptionOptions
+    from deployments.params import TranscribeParams
+    from deployments.stt import STTServer
+    from loading.tiny import build_tiny
+
+    spec = ModelSpec(name="m", source=str(tiny_llm_dirs[0]), max_new_tokens=200, debug_step_delay_s=0.02)
+    chat_server = LLMServer([spec], ChatOptions())
+    stt = ModelSpec(name="w", source=str(build_tiny("stt", tmp_path / "w")), max_new_tokens=8)
+    stt_server = STTServer([stt], TranscriptionOptions(max_chunks_per_call=2))
+    audio = (np.random.default_rng(0).standard_normal(16000 * 150) * 0.1).astype(np.float32)  # 5+ pieces
+
+    def chat() -> ChatParams:
+        return ChatParams(model="m", messages=[{"role": "user", "content": "hi"}], max_new_tokens=100,
+                          temperature=0, wait_s=60)
+
+    async def scenario():
+        await chat_server.chat(chat())
+        chat_server.memory._budget = chat_server.memory.in_use + 200_000  # room for one request
+        running = asyncio.ensure_future(chat_server.chat(chat()))
+        await asyncio.sleep(0.3)
+        waiting = asyncio.ensure_future(chat_server.chat(chat()))  # waits for memory
+        await asyncio.sleep(0.2)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        left_waiting = chat_server.batch_stats["cancelled"]
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        counts = [left_waiting, chat_server.batch_stats["cancelled"]]
+        for items in (1, 2):  # a stream closed at its first piece (none in flight), then one with pieces in flight
+            stream = stt_server.transcribe_stream(TranscribeParams(model="w", audio=audio, sample_rate=16000,
+                                                                   language="en", wait_s=60))
+            for _ in range(items):
+                await stream.__anext__()
+            await stream.aclose()
+            counts.append(stt_server.batch_stats["cancelled"])
+        return counts
+
+    assert asyncio.run(scenario()) == [1, 2, 1, 2]
