@@ -88,6 +88,9 @@ class Ingress:
         self.catalog = {n: s for s in self.served_models() for n in s.all_names}
 
     def spec(self, name: str, *families: Family, param: str = "model") -> ModelSpec:
+        # here, not only before family calls: a request for a model another ingress replica added is refused
+        # (404) before any family call, and one whose every request was for it never read the catalog again
+        self.runtime.maybe_refresh()
         spec = self.catalog.get(name)
         if spec is None or (families and spec.family not in families):
             fitting = [s.name for s in self.served_models() if not families or s.family in families]

@@ -211,16 +211,18 @@ class IngressCatalog:
         return {record.spec.name: record for record in self.snapshot.records}
 
     async def _call(self, method: str, *args: Any, create: bool = True) -> Snapshot | None:
-        """A catalog method; a lost actor is made again and given back what this ingress knows."""
+        """A catalog method; a lost actor is made again (or found: another ingress replica's, made since) and
+        given back what this ingress knows before the call (given back only when the old one failed a call,
+        they were lost when a later call found the replacement that a restarted ingress replica made)."""
         import ray
 
         app = app_name()
-        for attempt in (1, 2):
+        for _ in (1, 2):
             if self._actor is None:
                 self._actor = make_actor(app or "default") if create else find_actor(app)
                 if self._actor is None:
                     return None
-                if attempt == 2 and self.snapshot.records:
+                if self.snapshot.records:
                     await self._actor.restore.remote(list(self.snapshot.records))
             try:  # an exception raised in the actor (NameTaken) arrives as itself
                 return await getattr(self._actor, method).remote(*args)
@@ -230,6 +232,10 @@ class IngressCatalog:
         raise RuntimeError("the runtime catalog actor could not be reached")
 
     def _apply(self, snapshot: Snapshot | None) -> None:
+        if self.others and snapshot is not None and snapshot.token.endswith(":0"):
+            # a new actor nothing was written to: an ingress replica that holds additions gives them back to it
+            # at its next read; the family replicas told this empty catalog first dropped them meanwhile
+            return
         # a read that started before a change and ended after it must not take the change back
         if snapshot is not None and is_newer(snapshot.token, self.snapshot.token):
             self.snapshot = snapshot
