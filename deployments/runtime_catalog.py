@@ -367,7 +367,10 @@ class ReplicaCatalog:
         if handle.state is State.LOADING:  # a load still running ends first (its result is dropped)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(handle.get, None)
-        if record.kind == "adapter":
+        again = self.records.get(name)
+        if record.kind == "adapter" and (again is None or again.uid != record.uid):  # not given back as it was
+            # (an addition given back, e.g. by a surviving ingress replica to a new catalog, is attached again
+            # under its PEFT name: deleting that name would take the adapter from the copy now serving)
             base_name = record.spec.base_model or ""
             stale = self.stale.setdefault(base_name, set())
             stale.add(record.peft_name)

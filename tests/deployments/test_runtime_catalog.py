@@ -91,3 +91,43 @@ def test_a_removed_copy_goes_once_its_own_requests_end_not_those_of_a_copy_added
     assert released, "the removed copy waited for the traffic of the copy added again under its name"
     assert old_gone
     assert result.completion_tokens > 0 and state["in_flight"] == {"x": 0}
+
+
+def test_an_adapter_dropped_and_given_back_as_it_was_keeps_serving(tiny_llm_dirs):
+    """With several ingress replicas a family replica can be told a catalog without an adapter, then one with
+    the very same addition again (an admin change on a restarted ingress replica before the survivor gave its
+    additions back). The addition came back under its old PEFT name while the removed copy waited for its
+    requests to end, and then deleted the adapter from the base: every later request for it failed (ValueError:
+    Adapter runtime_... not found)."""
+    base_dir, lora_dir = tiny_llm_dirs
+    server = LLMServer([ModelSpec(name="base", source=str(base_dir), family=Family.LLM)], ChatOptions())
+
+    def lora(name: str) -> RuntimeRecord:
+        return RuntimeRecord("adapter", ModelSpec(name=name, source=str(lora_dir), family=Family.LLM,
+                                                  base_model="base", debug_step_delay_s=0.02))
+
+    adapter, other = lora("a"), lora("b")  # two: PEFT's last adapter on a base is never deleted
+
+    def ask(tokens: int) -> ChatParams:
+        return ChatParams(model="a", messages=[{"role": "user", "content": "hi"}], max_new_tokens=tokens,
+                          temperature=0, wait_s=60)
+
+    async def scenario():
+        server.runtime._apply(Snapshot("e1:2", (other, adapter)))
+        before = await server.call("", "chat", ask(8))
+        running, first = ask(100), asyncio.Event()
+        running.sink = lambda text: first.set()
+        request = asyncio.ensure_future(server.call("", "chat", running))  # ~2 s
+        await asyncio.wait_for(first.wait(), 60)
+        server.runtime._apply(Snapshot("e2:1", (other,)))
+        server.runtime._apply(Snapshot("e2:2", (other, adapter)))
+        await asyncio.to_thread(server.pool.handles["a"].get, 30)  # attached again while the request runs
+        await asyncio.wait_for(request, 60)
+        deadline = time.monotonic() + 30
+        while adapter.uid in server.runtime.retiring and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert adapter.uid not in server.runtime.retiring, "the removed copy was never released"
+        return before, await server.call("", "chat", ask(8))
+
+    before, after = asyncio.run(scenario())
+    assert after.text == before.text and after.completion_tokens == before.completion_tokens
