@@ -49,8 +49,12 @@ JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: no room for a mod
 MAX_CLOSING_NODES = 10000  # candidate tokens the closing search of a new request may try
 MAX_PROOF_NODES = 4000  # ... and the exhaustive search that may prove no closing fits (the only 400)
 MAX_STEP_NODES = 2000  # ... and a search during a decode step (when the previous closing no longer closes)
-MAX_CLOSING_S = 0.25  # wall-time backstop of a new request's search (past it: served without a guard, never cached)
+# The searches' time bounds are CPU seconds of the searching thread (search_clock), not wall time: on a loaded
+# machine (other processes, or the event loop holding the GIL) a wall bound cut a search after a third of its
+# work, and a request an idle server guards was served unguarded (a tool call cut into raw text by max_tokens).
+MAX_CLOSING_S = 0.25  # backstop of a new request's search (past it: served without a guard, never cached)
 MAX_STEP_S = 0.02  # ... and of a decode step's (past it the row ends with the closing it has)
+search_clock = time.thread_time
 MAX_HINT = 8192  # bytes of a pattern's sample the search spells whole
 LOOKAHEAD = 4  # candidates compared by their greedy completion where the grammar offers a choice
 CACHE_SIZE = 256  # compiled grammars kept per replica
@@ -387,7 +391,7 @@ class RowGrammar:
         self.closing: list[int] = []
         self.guarded = True  # False: the search was capped before finding a closing; the row runs without one
         self.forced_closes = 0
-        self.timed_out = False  # whether the last find_closing stopped at its wall-time bound
+        self.timed_out = False  # whether the last find_closing stopped at its time bound
         self.hints = [vocab.tokenizer.tokenize_bytes(text) for text in hints(constraint.source)]
 
     def start(self, budget: int, key: Any = None) -> None:
@@ -461,7 +465,7 @@ class RowGrammar:
             return None
         if old and len(old) <= room and self._closes(self.matcher, old):
             return None  # e.g. one more character inside a string: the same closing still closes
-        closing = self._greedy(self.matcher, room, [0, time.monotonic() + MAX_STEP_S])  # cheap; enough mostly
+        closing = self._greedy(self.matcher, room, [0, search_clock() + MAX_STEP_S])  # cheap; enough mostly
         if closing is None:
             closing = self.find_closing(room, MAX_STEP_NODES, MAX_STEP_S)
         if closing is None:
@@ -493,7 +497,7 @@ class RowGrammar:
         are taken whole; bounded in nodes and time."""
         if self.matcher.is_accepting():
             return []
-        counter: list[float] = [0, time.monotonic() + max_s]
+        counter: list[float] = [0, search_clock() + max_s]
         stack: list[tuple[llguidance.LLMatcher, list[int], Any]] = []
         state: tuple[llguidance.LLMatcher, list[int]] | None = (self.matcher.deep_copy(), [])
         while True:
@@ -514,7 +518,7 @@ class RowGrammar:
                     return path + done
                 stack.append((matcher, path, iter(moves)))
             if not stack or _spent(counter, max_nodes):
-                self.timed_out = time.monotonic() > counter[1]
+                self.timed_out = search_clock() > counter[1]
                 return None
             matcher, path, candidates = stack[-1]
             for branch, tokens in candidates:
@@ -559,7 +563,7 @@ class RowGrammar:
             else:
                 tokens = next(self._candidates(trial, check=True), None)
                 counter[0] += 1
-                if counter[0] % 64 == 0 and time.monotonic() > counter[1]:
+                if counter[0] % 64 == 0 and search_clock() > counter[1]:
                     return None
                 if tokens is None or not trial.consume_tokens(tokens):
                     return None
@@ -598,11 +602,11 @@ class RowGrammar:
         forced bytes take more tokens than are left. (closing, True) if one is found, (None, True) if none
         exists (the proof behind a 400), (None, False) if `max_nodes` tokens or `max_s` did not suffice to
         tell (`timed_out` says which)."""
-        nodes, deadline = 0, time.monotonic() + max_s
+        nodes, deadline = 0, search_clock() + max_s
         self.timed_out = False
         stack = [(self.matcher.deep_copy(), [])]
         while stack:
-            if time.monotonic() > deadline:
+            if search_clock() > deadline:
                 self.timed_out = True
                 return None, False
             matcher, path = stack.pop()
@@ -629,7 +633,7 @@ class RowGrammar:
 
 def _spent(counter: list[float], max_nodes: int) -> bool:
     """A search's [nodes, deadline] past either bound."""
-    return counter[0] > max_nodes or time.monotonic() > counter[1]
+    return counter[0] > max_nodes or search_clock() > counter[1]
 
 
 def compile_row(constraint: Constraint, hf_tokenizer: Any, n_vocab: int, end_ids: set[int], budget: int,

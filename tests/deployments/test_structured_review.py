@@ -4,6 +4,7 @@ reply side through tools.py and the finish_reason rule)."""
 from __future__ import annotations
 
 import json
+import time
 
 import jsonschema
 import pytest
@@ -54,19 +55,40 @@ def test_satisfiable_schemas_get_a_closing(tokenizer, name):
 
 
 def test_a_search_cut_by_its_time_bound_is_served_and_not_remembered(tokenizer, monkeypatch):
-    """A busy replica's search may stop at the wall-time backstop: that proves nothing, so the request is
-    served (unguarded) and the next one searches again and finds the closing."""
+    """A search may stop at its time backstop: that proves nothing, so the request is served (unguarded)
+    and the next one searches again and finds the closing."""
     schema = {"type": "object", "properties": {f"f{i}": {"type": "integer"} for i in range(100)},
               "required": [f"f{i}" for i in range(100)], "additionalProperties": False}
     failures = dict(structured.CACHE.failures)
-    clock = iter(range(0, 10**9, 10))  # a busy machine: 10 s pass between two looks at the clock
-    monkeypatch.setattr(structured.time, "monotonic", lambda: float(next(clock)))
+    clock = iter(range(0, 10**9, 10))  # 10 s of the search's CPU between two looks at the clock
+    monkeypatch.setattr(structured, "search_clock", lambda: float(next(clock)))
     monkeypatch.setattr(structured, "MAX_PROOF_NODES", 10)  # nor does the exhaustive search conclude
     row = compile_row(tokenizer, schema, 1000)
     monkeypatch.undo()
     assert not row.guarded
     assert structured.CACHE.failures == failures
     row = compile_row(tokenizer, schema, 1000)
+    assert row.guarded and json.loads(tokenizer.decode(row.closing)).keys() == schema["properties"].keys()
+
+
+def test_a_search_is_bounded_by_its_own_cpu_not_by_time_it_waits(tokenizer, monkeypatch):
+    """The backstop counted wall time: on a loaded machine (or with the replica's event loop holding the
+    GIL) a search was cut after a third of its work, and a tool call an idle server guards was served
+    unguarded, max_tokens cutting it into raw `<tool_call>` text. Here every candidate look waits 10 ms
+    without computing, as a thread waiting for a core or the GIL does: the search still finds its closing
+    (~4 s; with the wall-time bound it stopped at 253 of its 400 looks and served the row unguarded)."""
+    schema = {"type": "object", "properties": {f"g{i}": {"type": "integer"} for i in range(100)},
+              "required": [f"g{i}" for i in range(100)], "additionalProperties": False}
+    candidates = structured.RowGrammar._candidates
+
+    def waiting(self, *args, **kwargs):
+        time.sleep(0.01)
+        return candidates(self, *args, **kwargs)
+
+    monkeypatch.setattr(structured.RowGrammar, "_candidates", waiting)
+    started = time.monotonic()
+    row = compile_row(tokenizer, schema, 1000)
+    assert time.monotonic() - started > structured.MAX_CLOSING_S  # it did wait past the bound
     assert row.guarded and json.loads(tokenizer.decode(row.closing)).keys() == schema["properties"].keys()
 
 
@@ -127,7 +149,7 @@ def test_the_proof_stops_at_the_time_backstop_and_proves_nothing(tokenizer, monk
     request in it, for each new max_tokens."""
     row = unstarted(tokenizer, {"enum": [f"{i:04d}" + "x" * 2000 for i in range(100)]})
     clock = iter(range(0, 10**9, 10))  # 10 s between two looks at the clock
-    monkeypatch.setattr(structured.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr(structured, "search_clock", lambda: float(next(clock)))
     assert row.prove(12, max_nodes=10**9) == (None, False) and row.timed_out
 
 
