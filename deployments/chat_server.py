@@ -209,7 +209,9 @@ class ChatServer(FamilyServer):
         decoding = self._decoding
         if decoding is None or decoding.done() or decoding.get_loop() is not asyncio.get_running_loop():
             self._decoding = asyncio.ensure_future(self._infer(self._decoder.run, self._calls_waiting))
-            self._decoding.add_done_callback(lambda _: self._decoder.busy() and self._keep_decoding())
+            # (a run cancelled is its event loop closing: a run started then would never be awaited)
+            self._decoding.add_done_callback(
+                lambda run: not run.cancelled() and self._decoder.busy() and self._keep_decoding())
 
     async def _chat_batch_call(self, batch: list[ChatParams]) -> list[ChatResult | BaseException]:
         results = await self._run_groups(
