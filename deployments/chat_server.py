@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
@@ -36,7 +37,9 @@ class ChatServer(FamilyServer):
         self._decoding: asyncio.Future | None = None  # the inference thread's run of the loop
         self._chat_batch = Batcher(self._chat_batch_call, options.max_batch_size, options.batch_wait_timeout_s,
                                    priority=lambda params: params.priority, abandoned=cancelled)
-        self._longest_token: dict[int, int] = {}  # id(tokenizer) -> most characters one token decodes to
+        # tokenizer -> most characters one token decodes to (weakly: keyed by id(), a tokenizer loaded after
+        # another's unload could take its id and its figure, and its prompts be refused by a wrong bound)
+        self._longest_token: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.batch_stats["scheduling_policy"] = options.scheduling_policy  # shown in /health beside the counters
 
     # -- to be provided by the family --------------------------------------------------------------
@@ -118,9 +121,9 @@ class ChatServer(FamilyServer):
         """A prompt whose characters cannot fit in `limit` tokens is refused before it is tokenized (no
         token decodes to more than the vocabulary's longest entry, so chars / longest <= tokens)."""
         tokenizer = loaded.tokenizer
-        longest = self._longest_token.get(id(tokenizer))
+        longest = self._longest_token.get(tokenizer)
         if longest is None:
-            longest = self._longest_token[id(tokenizer)] = max((len(t) for t in tokenizer.get_vocab()), default=1)
+            longest = self._longest_token[tokenizer] = max((len(t) for t in tokenizer.get_vocab()), default=1)
         chars = sum(len(text) for text in rendered_texts(params))
         if chars > limit * longest:
             raise context_length_exceeded(limit_name, limit, chars // longest, at_least=True,

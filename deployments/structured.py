@@ -33,8 +33,10 @@ import logging
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import count
 from typing import Any
 
 import llguidance
@@ -95,6 +97,7 @@ class Vocabulary:
         import llguidance.hf
 
         started = time.perf_counter()
+        self.serial = next(_VOCAB_SERIALS)  # the grammar cache's key: unlike id(), never that of a later one
         self.n_vocab = n_vocab
         self.end_ids = sorted(end_ids)
         self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=n_vocab, eos_token=self.end_ids or None)
@@ -149,18 +152,21 @@ class Vocabulary:
         return np.unpackbits(words.view(np.uint8), bitorder="little")[: self.n_vocab].view(bool)
 
 
-_VOCABS: dict[tuple[int, int], tuple[Any, Vocabulary]] = {}
+# Per tokenizer object, weakly: a model unloaded at run time takes its tokenizer's vocabularies with it (they
+# were kept, with the tokenizer, for the replica's life: tens of MB per load/unload of a large vocabulary).
+_VOCABS: weakref.WeakKeyDictionary[Any, dict[int, Vocabulary]] = weakref.WeakKeyDictionary()
 _VOCAB_LOCK = threading.Lock()
+_VOCAB_SERIALS = count()
 
 
 def vocabulary(hf_tokenizer: Any, n_vocab: int, end_ids: set[int]) -> Vocabulary:
     """One Vocabulary per tokenizer and logits width, built on first use (~0.1 s per 10k tokens)."""
-    key = (id(hf_tokenizer), n_vocab)
     with _VOCAB_LOCK:
-        entry = _VOCABS.get(key)
-        if entry is None or entry[0] is not hf_tokenizer:
-            entry = _VOCABS[key] = (hf_tokenizer, Vocabulary(hf_tokenizer, n_vocab, end_ids))
-        return entry[1]
+        widths = _VOCABS.setdefault(hf_tokenizer, {})
+        vocab = widths.get(n_vocab)
+        if vocab is None:
+            vocab = widths[n_vocab] = Vocabulary(hf_tokenizer, n_vocab, end_ids)
+        return vocab
 
 
 # --- compiling -------------------------------------------------------------------------------------
@@ -169,6 +175,7 @@ class GrammarCache:
 
     def __init__(self, size: int = CACHE_SIZE):
         self.size = size
+        # keyed by (Vocabulary.serial, grammar): a vocabulary gone with its model leaves its entries to age out
         self.entries: OrderedDict[tuple[int, str], llguidance.LLMatcher] = OrderedDict()
         self.closings: dict[tuple[int, str], list[int]] = {}  # a closing of the empty output, per entry
         self.failures: dict[tuple[int, str], int] = {}  # the largest budget no closing was proven to fit
@@ -180,7 +187,7 @@ class GrammarCache:
                 ) -> tuple[llguidance.LLMatcher, tuple[int, str]]:
         """A fresh matcher for the constraint (a copy of the cached one) and its cache key."""
         grammar = constraint.grammar()
-        key = (id(vocab), grammar)
+        key = (vocab.serial, grammar)
         with self.lock:
             template = self.entries.get(key)
             if template is not None:

@@ -186,3 +186,21 @@ def test_complete_calls_that_cannot_be_followed_end_as_stop():
     assert _advance_constrained(complete, 7, 1.0) == "stop" and taken == []
     cut, taken = row([5, 6])
     assert _advance_constrained(cut, 7, 1.0) == "length" and taken == [5, 6]
+
+
+def test_a_tokenizer_gone_with_its_model_takes_its_vocabulary_along():
+    """_VOCABS kept every tokenizer that ever served a constrained request, with its vocabulary (tens of MB
+    for a large one), for the replica's life: a model loaded and unloaded at run time leaked both each time.
+    Now they go with the model; the grammar cache is keyed by a serial no later vocabulary takes (by id(), a
+    new vocabulary at the old one's address would have been handed the old tokenizer's compiled grammars)."""
+    import gc
+    import weakref
+
+    tokenizer = build_chatml_tokenizer()
+    row = compile_row(tokenizer, {"type": "integer"}, 8)
+    serial, gone = row.vocab.serial, (weakref.ref(tokenizer), weakref.ref(row.vocab))
+    del row, tokenizer
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]
+    later = compile_row(build_chatml_tokenizer(), {"type": "integer"}, 8)
+    assert later.vocab.serial != serial and later.guarded
