@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -32,6 +33,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from loading import ModelSpec, State, adapter_layers
+
+from .pool import loaded_within
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +348,7 @@ class ReplicaCatalog:
             base = self.pool.handles.get(record.spec.base_model or "") if record else None
             if handle is not None and record is not None and base is not None and base.state is State.READY:
                 with contextlib.suppress(Exception):  # a failure is the handle's state, shown by /health
-                    await asyncio.to_thread(handle.get, record.attach_wait_s)
+                    await loaded_within(handle, record.attach_wait_s)
 
     def _retire(self, name: str) -> None:
         record = self.records.pop(name)
@@ -366,7 +369,7 @@ class ReplicaCatalog:
             del self.retired_uids[name]
         if handle.state is State.LOADING:  # a load still running ends first (its result is dropped)
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(handle.get, None)
+                await loaded_within(handle, math.inf)
         again = self.records.get(name)
         if record.kind == "adapter" and (again is None or again.uid != record.uid):  # not given back as it was
             # (an addition given back, e.g. by a surviving ingress replica to a new catalog, is attached again
@@ -424,7 +427,7 @@ class ReplicaCatalog:
         adapters = [name for name in names if name in self.records and self.records[name].kind == "adapter"]
         for name in adapters if wait_s > 0 else []:
             with contextlib.suppress(Exception):  # a failure is in the status below
-                await asyncio.to_thread(self.pool.handles[name].get, wait_s)
+                await loaded_within(self.pool.handles[name], wait_s)
         models = {info["name"]: info for info in self.pool.status() if info["name"] in names}
         return {"models": models, "in_flight": {name: self._named_in_flight(name) for name in names}}
 
