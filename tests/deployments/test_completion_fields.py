@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from local_handles import LocalHandle
 
 from deployments.api import build_api
 from deployments.app_config import AppConfig
@@ -17,39 +18,6 @@ from loading import ModelSpec
 MODEL_LIMIT = 8  # the model's max_new_tokens: below OpenAI's default max_tokens of a completion (16)
 
 
-class _Call:
-    """What `handle.method.remote(...)` returns: awaitable, or iterable for a stream."""
-
-    def __init__(self, result):
-        self.result = result
-
-    def __await__(self):
-        return self.result.__await__()
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        return await self.result.__anext__()
-
-    def cancel(self):
-        pass
-
-
-class _Handle:
-    """A DeploymentHandle's surface over the replica's object, in this process."""
-
-    def __init__(self, server):
-        self.server = server
-
-    def options(self, **_):
-        return self
-
-    def __getattr__(self, method):
-        function = getattr(self.server, method)
-        return type("Method", (), {"remote": staticmethod(lambda *args: _Call(function(*args)))})
-
-
 @pytest.fixture(scope="module")
 def client(tiny_llm_dirs, tmp_path_factory):
     source = str(tiny_llm_dirs[0])
@@ -58,7 +26,7 @@ def client(tiny_llm_dirs, tmp_path_factory):
     config = AppConfig.model_validate({
         "models": [{"name": "tiny", "source": source, "family": "llm", "max_new_tokens": MODEL_LIMIT}],
         "local_models_dir": str(tmp_path_factory.mktemp("models"))})
-    app = build_api(Ingress({"llm": _Handle(server)}, config))
+    app = build_api(Ingress({"llm": LocalHandle(server)}, config))
     # one event loop for the module's requests (the replica's decode loop runs on it), closed at the end
     with TestClient(app, raise_server_exceptions=False, headers={"x-wait-for-model": "60"}) as client:
         yield client

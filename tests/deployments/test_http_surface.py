@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
+from local_handles import LocalHandle
 from PIL import Image
 
 from deployments import media
@@ -62,42 +63,11 @@ class Family:
         yield SpeechResult(np.zeros(1600, np.float32), 16000, 3)
 
 
-class _Call:
-    def __init__(self, result):
-        self.result = result
-
-    def __await__(self):
-        return self.result.__await__()
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        return await self.result.__anext__()
-
-    def cancel(self):
-        pass
-
-
-class Handle:
-    """A DeploymentHandle's surface: `handle.method.remote(*args)`, `.options(stream=True)`."""
-
-    def __init__(self, family: Family):
-        self.family = family
-
-    def options(self, **_):
-        return self
-
-    def __getattr__(self, method):
-        function = getattr(self.family, method)
-        return type("Method", (), {"remote": staticmethod(lambda *args: _Call(function(*args)))})
-
-
 def make(**args) -> tuple[TestClient, dict[str, Family]]:
     families = {name: Family() for name in ("llm", "stt", "tts", "vlm")}
     config = AppConfig.model_validate({"models": [{"name": n, "source": n, "family": f} for n, f in MODELS],
                                        "local_models_dir": "/nonexistent", **args})
-    app = build_api(Ingress({name: Handle(family) for name, family in families.items()}, config))
+    app = build_api(Ingress({name: LocalHandle(family) for name, family in families.items()}, config))
     return TestClient(app, raise_server_exceptions=False), families
 
 
@@ -375,7 +345,7 @@ def test_a_model_added_at_run_time_is_shown_unavailable_when_its_family_is_down(
     families = {name: Family() for name in ("llm", "stt", "tts", "vlm")}
     config = AppConfig.model_validate({"models": [{"name": n, "source": n, "family": f} for n, f in MODELS],
                                        "local_models_dir": "/nonexistent", "status_timeout_s": 1})
-    ingress = Ingress({name: Handle(family) for name, family in families.items()}, config)
+    ingress = Ingress({name: LocalHandle(family) for name, family in families.items()}, config)
     added = config.models[0].model_copy(update={"name": "added", "aliases": []})
     ingress.runtime._apply(Snapshot("e:1", (RuntimeRecord("model", added),)))
 
@@ -409,7 +379,7 @@ def _with_added(added_at: float = 1_900_000_000.7) -> tuple[TestClient, Ingress,
     families = {name: Family() for name in ("llm", "stt", "tts", "vlm")}
     config = AppConfig.model_validate({"models": [{"name": n, "source": n, "family": f} for n, f in MODELS],
                                        "local_models_dir": "/nonexistent", "status_timeout_s": 1})
-    ingress = Ingress({name: Handle(family) for name, family in families.items()}, config)
+    ingress = Ingress({name: LocalHandle(family) for name, family in families.items()}, config)
     added = config.models[0].model_copy(update={"name": "added", "aliases": []})
     ingress.runtime._apply(Snapshot("e:1", (RuntimeRecord("model", added, added_at=added_at),)))
     return TestClient(build_api(ingress), raise_server_exceptions=False), ingress, families
@@ -537,7 +507,7 @@ def test_a_refused_prompt_among_several_cancels_the_others(stream):
     family = RefusingOne()
     config = AppConfig.model_validate({"models": [{"name": n, "source": n, "family": f} for n, f in MODELS],
                                        "local_models_dir": "/nonexistent"})
-    ingress = Ingress({name: Handle(family if name == "llm" else Family()) for name, _ in MODELS}, config)
+    ingress = Ingress({name: LocalHandle(family if name == "llm" else Family()) for name, _ in MODELS}, config)
     body = CompletionRequest.model_validate({"model": "llm", "prompt": ["good", "bad", "fine"], "n": 2,
                                              "stream": stream})
 
@@ -556,7 +526,7 @@ def test_a_request_its_client_left_before_any_answer_is_counted_499_not_500(monk
     family = Family(answer_after_s=30)
     config = AppConfig.model_validate({"models": [{"name": n, "source": n, "family": f} for n, f in MODELS],
                                        "local_models_dir": "/nonexistent"})
-    app = build_api(Ingress({name: Handle(family if name == "llm" else Family()) for name, _ in MODELS}, config))
+    app = build_api(Ingress({name: LocalHandle(family if name == "llm" else Family()) for name, _ in MODELS}, config))
     body = b'{"model": "llm", "messages": [{"role": "user", "content": "hi"}]}'
 
     async def scenario() -> None:

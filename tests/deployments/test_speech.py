@@ -137,8 +137,8 @@ def test_a_voice_reply_with_nothing_speakable_is_a_pause_on_a_voice_without_punc
 
     import soundfile as sf
     from fastapi.testclient import TestClient
+    from local_handles import LocalHandle as Handle
     from test_http_surface import Family as StandIn
-    from test_http_surface import Handle
 
     from deployments.api import build_api
     from deployments.app_config import AppConfig
