@@ -13,7 +13,6 @@ shared system turn and nothing of the question.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 
 from . import workloads
@@ -21,10 +20,9 @@ from .inprocess import InProcess, time_calls
 from .load import percentile, sequential
 
 
-def routes(inproc: InProcess, audio: bytes, numbers: Iterator[int] | None = None) -> dict[str, tuple]:
+def routes(inproc: InProcess, audio: bytes, numbers: Iterator[int]) -> dict[str, tuple]:
     """route -> (in-process callable, HTTP request factory); `numbers`: the HTTP chats' request numbers
     (the server's running count, workloads.request_numbers)."""
-    numbers = numbers if numbers is not None else itertools.count(workloads.OVERHEAD_NUMBERS)
     return {
         "chat (max_tokens=1)": (inproc.chat(1), lambda i: workloads.chat("tiny-llm", 1, request=next(numbers))),
         "transcription (1 s)": (inproc.transcribe(audio), lambda i: workloads.transcription("tiny-whisper", audio)),
