@@ -149,12 +149,6 @@ def gpu_shortage_notes(gpus: dict[str, float], demand: dict[str, int], available
     return [note]
 
 
-def models_settings(local_models_dir: str | None) -> loading.Settings:
-    """The environment's loading settings, with the app's LOCAL_MODELS_DIR where it sets one (as its replicas get)."""
-    settings = loading.Settings.from_env()
-    return settings if local_models_dir is None else replace(settings, local_models_dir=Path(local_models_dir))
-
-
 def build_app(args: dict[str, Any]) -> Application:
     config = AppConfig.model_validate(args)
     env = {}
@@ -165,7 +159,9 @@ def build_app(args: dict[str, Any]) -> Application:
         config.local_models_dir = env["LOCAL_MODELS_DIR"]
     if any(spec.family is None for spec in config.models):
         # found where the replicas will look: args.local_models_dir, not only this process's LOCAL_MODELS_DIR
-        settings = models_settings(config.local_models_dir)
+        settings = loading.Settings.from_env()
+        if config.local_models_dir is not None:
+            settings = replace(settings, local_models_dir=Path(config.local_models_dir))
         for spec in config.models:
             if spec.family is None:  # an adapter on a served model: that model's source is where its base is
                 spec.family = loading.detect_family(with_served_base(spec, config.models), settings)
