@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import weakref
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
@@ -37,9 +36,6 @@ class ChatServer(FamilyServer):
         self._decoding: asyncio.Future | None = None  # the inference thread's run of the loop
         self._chat_batch = Batcher(self._chat_batch_call, options.max_batch_size, options.batch_wait_timeout_s,
                                    priority=lambda params: params.priority, abandoned=cancelled)
-        # tokenizer -> most characters one token decodes to (weakly: keyed by id(), a tokenizer loaded after
-        # another's unload could take its id and its figure, and its prompts be refused by a wrong bound)
-        self._longest_token: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.batch_stats["scheduling_policy"] = options.scheduling_policy  # shown in /health beside the counters
 
     # -- to be provided by the family --------------------------------------------------------------
@@ -120,10 +116,11 @@ class ChatServer(FamilyServer):
     def _refuse_overlong_text(self, loaded: LoadedModel, params: ChatParams, limit: int, limit_name: str) -> None:
         """A prompt whose characters cannot fit in `limit` tokens is refused before it is tokenized (no
         token decodes to more than the vocabulary's longest entry, so chars / longest <= tokens)."""
+        from .row_logits import kept_on
+
         tokenizer = loaded.tokenizer
-        longest = self._longest_token.get(tokenizer)
-        if longest is None:
-            longest = self._longest_token[tokenizer] = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        longest = kept_on(tokenizer, "_modelfleet_longest_token",  # most characters one token decodes to
+                          lambda: max((len(t) for t in tokenizer.get_vocab()), default=1))
         chars = sum(len(text) for text in rendered_texts(params))
         if chars > limit * longest:
             raise context_length_exceeded(limit_name, limit, chars // longest, at_least=True,

@@ -117,12 +117,13 @@ METASPACE = "\u2581"  # SentencePiece's word boundary, "▁"
 
 def special_ids(tokenizer: Any) -> frozenset[int]:
     """The tokenizer's special ids (asked for every logprob entry)."""
-    return _kept_on(tokenizer, "_modelfleet_special_ids",
+    return kept_on(tokenizer, "_modelfleet_special_ids",
                     lambda: frozenset(getattr(tokenizer, "all_special_ids", ()) or ()))
 
 
-def _kept_on(tokenizer: Any, name: str, compute: Callable[[], T]) -> T:
-    """`compute()`, worked out once per tokenizer and kept on it as `name` (where it takes attributes)."""
+def kept_on(tokenizer: Any, name: str, compute: Callable[[], T]) -> T:
+    """`compute()`, worked out once per tokenizer and kept on it as `name` (where it takes attributes): it goes
+    with its tokenizer, and a tokenizer loaded after another's unload does not find the other's figure."""
     cached = getattr(tokenizer, name, None)
     if cached is None:
         cached = compute()
@@ -136,7 +137,7 @@ def _is_byte_level(tokenizer: Any) -> bool:
         decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
         return decoder is not None and type(decoder).__name__ == "ByteLevel"
 
-    return _kept_on(tokenizer, "_modelfleet_byte_level", byte_level)
+    return kept_on(tokenizer, "_modelfleet_byte_level", byte_level)
 
 
 def as_openai(tokenizer: Any, entries: list[Entry], start: int = 0) -> list[dict]:
