@@ -128,8 +128,6 @@ _PEFT_PREFIX = "base_model.model."
 #: An adapter tensor kind -> (its axis, the base layer's attribute that axis must equal).
 _LORA_AXES = {"lora_A": (1, "in_features"), "lora_B": (0, "out_features"),
               "lora_embedding_A": (1, "num_embeddings"), "lora_embedding_B": (0, "embedding_dim")}
-#: An adapter tensor kind -> its axis of the LoRA rank.
-_RANK_AXIS = {"lora_A": 0, "lora_B": 1, "lora_embedding_A": 0, "lora_embedding_B": 1}
 
 
 def adapter_misfit(model: Any, adapter: Path, base: str, reason: str) -> AdapterMismatchError:
@@ -158,12 +156,18 @@ def _rank_misfit(adapter: Path, header: dict) -> str | None:
     if not isinstance(rank, int) or config.get("rank_pattern"):
         return None
     for key, meta in header.items():
-        kind = key.removeprefix(_PEFT_PREFIX).partition(".lora_")[2].split(".")[0]
-        axis = _RANK_AXIS.get("lora_" + kind) if kind else None
+        axis_attr = _lora_axis(key)[1]
+        axis = 1 - axis_attr[0] if axis_attr is not None else None  # the rank: a LoRA matrix's other axis
         if axis is not None and len(meta["shape"]) == 2 and meta["shape"][axis] != rank:
             return (f"tensor {key} has rank {meta['shape'][axis]} (shape {meta['shape']}), but adapter_config.json "
                     f"has r={rank}")
     return None
+
+
+def _lora_axis(key: str) -> tuple[str, tuple[int, str] | None]:
+    """An adapter tensor's module name and its _LORA_AXES entry (None for a tensor that is not a LoRA matrix)."""
+    module_name, _, rest = key.removeprefix(_PEFT_PREFIX).partition(".lora_")
+    return module_name, _LORA_AXES.get("lora_" + rest.split(".")[0]) if rest else None
 
 
 def _first_misfit(model: Any, header: dict) -> str | None:
@@ -171,8 +175,7 @@ def _first_misfit(model: Any, header: dict) -> str | None:
     tensor that does not fit the base's layer (or names a layer the base lacks); None when all fit."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for key, meta in header.items():
-        module_name, _, rest = key.removeprefix(_PEFT_PREFIX).partition(".lora_")
-        axis_attr = _LORA_AXES.get("lora_" + rest.split(".")[0]) if rest else None
+        module_name, axis_attr = _lora_axis(key)
         if axis_attr is None:
             continue
         try:
