@@ -125,14 +125,15 @@ def fetch(config: Path, to_local_dir: bool, out: TextIO | None = None) -> int:
     specs = [(app, spec) for app in apps for spec in app.models]
     failures = 0
     for app, spec in specs:
+        app_env = app_settings(settings, app)
         try:
-            _fetch_one(with_served_base(spec, app.models), app_settings(settings, app), hub, to_local_dir, out)
+            _fetch_one(with_served_base(spec, app.models), app_env, hub, to_local_dir, out)
         except LoadingError as exc:
             failures += 1
             print(f"[FAIL] {spec.name}: {exc}", file=out)
         except OSError as exc:  # a directory it must write to that is not one, not writable, or full
             failures += 1
-            print(f"[FAIL] {spec.name}: {_write_failure(exc, app_settings(settings, app))}", file=out)
+            print(f"[FAIL] {spec.name}: {_write_failure(exc, app_env)}", file=out)
     print(f"{len(specs) - failures} of {len(specs)} models available locally.", file=out)
     return 1 if failures else 0
 
