@@ -132,12 +132,14 @@ class ChatServer(FamilyServer):
         with self._observed(params) as params.running:
             async with self._admitted(params) as (spec, loaded):
                 result = raise_if_error(await self._until_cancelled(params, self._generate(params, spec, loaded)))
+                echoed = await self._echo(loaded, params) if params.echo else None
         self.metrics.generated(params.model, arrived, params.first_token_at, result.prompt_tokens,
                                result.completion_tokens, result.cached_tokens)
-        return self._finish_result(params, result, loaded)
+        return self._finish_result(params, result, loaded, echoed)
 
-    def _finish_result(self, params: ChatParams, result: ChatResult, loaded: LoadedModel) -> ChatResult:
-        """Logprobs as OpenAI writes them, and tool calls parsed out of the reply."""
+    def _finish_result(self, params: ChatParams, result: ChatResult, loaded: LoadedModel,
+                       echoed: tuple[str, list[dict]] | None) -> ChatResult:
+        """Logprobs as OpenAI writes them, tool calls parsed out of the reply, and the `echo`ed prompt."""
         if result.logprobs is not None:
             from .row_logits import as_openai
 
@@ -147,32 +149,40 @@ class ChatServer(FamilyServer):
             if calls:
                 result.tool_calls, result.content = calls, content  # a call max_tokens cut stays 'length'
                 result.finish_reason = "tool_calls" if result.finish_reason == "stop" else result.finish_reason
-        if params.echo:
-            text, entries = self._echo(loaded, params)
+        if echoed is not None:
+            text, entries = echoed
             result.text = text + result.text
             if result.logprobs is not None:
                 result.logprobs = entries + result.logprobs
         return result
 
-    @staticmethod
-    def _echo(loaded: LoadedModel, params: ChatParams) -> tuple[str, list[dict]]:
-        """/v1/completions `echo`: the prompt's text, and its tokens as logprob entries (logprob None)."""
-        from .row_logits import special_ids, token_bytes
+    async def _echo(self, loaded: LoadedModel, params: ChatParams) -> tuple[str, list[dict]]:
+        """/v1/completions `echo`: the prompt's text and, with `logprobs`, its tokens' logprob entries
+        (the model's figures, deployments/prompt_logprobs.py: one forward of the prompt)."""
+        from .prompt_logprobs import prompt_logprobs
+        from .row_logits import as_openai, special_ids, token_bytes
 
         tokenizer = loaded.tokenizer
         assert params.inputs is not None
         ids = params.inputs["input_ids"][0].tolist()
         text = params.prompt if isinstance(params.prompt, str) else tokenizer.decode(ids)
+        if not params.logprobs:
+            return text, []
+        scored = await self._infer_model(loaded, prompt_logprobs, loaded, ids, params.top_logprobs)
         if isinstance(params.prompt, str):
             # a start token the tokenizer added (Llama's <s>, <|begin_of_text|>) is not in the client's text:
-            # its entry made every text_offset after the prompt point that many characters too far
+            # its entry made every text_offset after the prompt point that many characters too far (the
+            # tokens after it keep their figures, which it conditioned)
             while ids and ids[0] in special_ids(tokenizer) and not text.startswith(tokenizer.decode(ids[:1])):
-                ids = ids[1:]
+                ids, scored = ids[1:], scored[1:]
         entries = []
-        for i, token in enumerate(ids if params.logprobs else []):
-            data = token_bytes(tokenizer, token, first=i == 0)  # a SentencePiece decoder strips the first space
-            entries.append({"token": data.decode("utf-8", errors="replace"), "logprob": None, "bytes": list(data),
-                            "top_logprobs": []})
+        for i, (token, entry) in enumerate(zip(ids, scored, strict=True)):
+            if entry is None:  # the first token: nothing before it to score it by
+                data = token_bytes(tokenizer, token, first=i == 0)  # a SentencePiece decoder strips the first space
+                entries.append({"token": data.decode("utf-8", errors="replace"), "logprob": None,
+                                "bytes": list(data), "top_logprobs": []})
+            else:
+                entries += as_openai(tokenizer, [entry], start=i)
         return text, entries
 
     async def _generate(self, params: ChatParams, spec: ModelSpec, loaded: LoadedModel) -> ChatResult | BaseException:
@@ -256,7 +266,7 @@ class ChatServer(FamilyServer):
             sent, entries, emitted = "", [], 0
             try:  # from here on, however the stream ends, the generation is cancelled with it
                 if params.echo:
-                    text, echoed = self._echo(loaded, params)
+                    text, echoed = await self._echo(loaded, params)
                     yield {"delta": text, "logprobs": echoed or None}
                 options = self.options
                 interval_ms = options.voice_stream_interval_ms if params.spoken else options.stream_interval_ms

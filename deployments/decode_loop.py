@@ -98,6 +98,13 @@ class Row:
         self.stream.push(token, entry)  # a streamed entry goes out with its token's text
 
 
+def cache_argument(model: Any) -> str:
+    """The name of a model's KV-cache argument: transformers 5.x renames `past_key_values` to `cache`
+    model by model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
 class Group:
     """The running rows of one model (a base and its adapters count as one) and their KV cache."""
 
@@ -155,11 +162,8 @@ class Group:
 
     @cached_property
     def cache_argument(self) -> str:
-        """transformers 5.x renames `past_key_values` to `cache` model by model (read once: inspecting
-        the signature cost ~2% of a tiny model's decode step)."""
-        model = self.loaded.model
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+        """Read once: inspecting the signature cost ~2% of a tiny model's decode step."""
+        return cache_argument(self.loaded.model)
 
     @cached_property
     def step_mask_prepared(self) -> bool:

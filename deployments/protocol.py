@@ -699,7 +699,8 @@ class CompletionRequest(RequestModel):
     logprobs: int | None = Field(default=None, ge=0, le=5)
     """Log probabilities of each output token and of this many most likely alternatives (0-5)."""
     echo: bool = False
-    """The prompt is returned before the completion (its tokens carry no logprobs)."""
+    """The prompt is returned before the completion; with `logprobs`, its tokens' log probabilities too (the
+    first token's null: nothing comes before it)."""
     stop: Stop | None = None
     """Sequences at which generation stops (at most `limits.max_stop_sequences`, 4 by default)."""
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -755,7 +756,7 @@ class CompletionLogprobs(OpenAIBaseModel):
     tokens: list[str] = Field(default_factory=list)
     """Each token's text."""
     token_logprobs: list[float | None] = Field(default_factory=list)
-    """Each token's log probability (null for echoed prompt tokens)."""
+    """Each token's log probability (null for an echoed prompt's first token)."""
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     """The most likely tokens at each position, text -> logprob."""
     text_offset: list[int] = Field(default_factory=list)

@@ -2,7 +2,8 @@
 
 The prompt is continued as it is (no chat template), by the same LLM and VLM replicas and decode
 loop as chats: each prompt times `n` is one row. `suffix` is refused (no insertion); `echo` returns
-the prompt first (its tokens carry null logprobs); `logprobs` (0-5) gives OpenAI's legacy shape.
+the prompt first (with `logprobs`, its tokens' own: what evaluation harnesses score a text by);
+`logprobs` (0-5) gives OpenAI's legacy shape.
 """
 
 from __future__ import annotations

@@ -245,30 +245,3 @@ def test_a_streamed_completions_text_offsets_follow_the_tokens_not_the_chunks():
 
     assert asyncio.run(offsets()) == [0, 5, 11]
 
-
-def test_echo_leaves_out_the_start_token_the_client_did_not_send(tiny_llm_dirs, tmp_path):
-    """Llama's tokenizers add a start token (<|begin_of_text|>, <s>) that is not in the echoed prompt: its
-    logprob entry moved every text_offset after the prompt by its length (13 here, past the text's end)."""
-    import shutil
-    from types import SimpleNamespace
-
-    from transformers import AutoTokenizer
-
-    from deployments.chat_server import ChatServer
-
-    where = tmp_path / "bos"
-    shutil.copytree(tiny_llm_dirs[0], where)
-    spec = json.loads((where / "tokenizer.json").read_text())
-    start = {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}
-    spec["post_processor"] = {"type": "TemplateProcessing", "single": [start, {"Sequence": {"id": "A", "type_id": 0}}],
-                              "pair": [start, {"Sequence": {"id": "A", "type_id": 0}},
-                                       {"Sequence": {"id": "B", "type_id": 1}}],
-                              "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0],
-                                                                   "tokens": ["<|endoftext|>"]}}}
-    (where / "tokenizer.json").write_text(json.dumps(spec))
-    tokenizer = AutoTokenizer.from_pretrained(where)
-    params = ChatParams(model="m", messages=[], prompt="Hello there", logprobs=True, echo=True)
-    params.inputs = encode_prompt(tokenizer, params)
-    assert params.inputs["input_ids"][0, 0].item() == 0  # the start token is in the prompt the model reads
-    text, entries = ChatServer._echo(SimpleNamespace(tokenizer=tokenizer), params)
-    assert text == "Hello there" and bytes(b for e in entries for b in e["bytes"]).decode() == text
