@@ -128,6 +128,20 @@ def test_max_tokens_is_honoured_with_finish_reason_length(demo_app, alone):
     assert alone[prompt].startswith(reply.choices[0].message.content) and reply.choices[0].message.content
 
 
+def test_echoed_logprobs_score_a_true_continuation_above_false_ones(demo_app):
+    """How an evaluation harness scores answers (lm-evaluation-harness's local-completions: echo,
+    logprobs 1, max_tokens 1): the prompt's own tokens' logprobs. Measured in-process: Paris -0.26,
+    London -4.38, banana -13.88."""
+    def score(continuation: str) -> float:
+        choice = demo_app.openai().completions.create(
+            model=MODEL, prompt="The capital of France is" + continuation, echo=True, logprobs=1, max_tokens=1,
+            temperature=0).choices[0]
+        return choice.logprobs.token_logprobs[-3]  # the continuation's word (then "." and the completion's token)
+
+    paris, london, banana = score(" Paris."), score(" London."), score(" banana.")
+    assert paris > -1.0 and paris > london + 2 and london > banana
+
+
 def test_the_voice_round_trip_answers_with_the_real_model(demo_app):
     response = demo_app.post("/v1/audio/chat", files={"file": ("q.wav", wav_bytes(1.0))},
                              data={"max_tokens": "8", "temperature": "0"})
