@@ -289,8 +289,9 @@ class RealtimeSession:
                     break
                 await self.handle(message["text"] if message.get("text") is not None else message.get("bytes") or b"")
         finally:
+            client_left = self._closed  # stop() sets it too: read first, or the server never closes its side
             await self.stop()
-            if self.ws.application_state == WebSocketState.CONNECTED and not self._closed:
+            if self.ws.application_state == WebSocketState.CONNECTED and not client_left:
                 with contextlib.suppress(Exception):
                     await self.ws.close(1000)
 

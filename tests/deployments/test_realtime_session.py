@@ -726,3 +726,35 @@ def test_session_texts_are_bounded_and_a_long_append_is_heard_off_the_event_loop
     assert session.config.transcription is None  # the refused update changed nothing
     assert fed_on[0] and not any(fed_on[1:]) and len(fed_on) >= 2
     assert [kind for kind, _ in turns(socket)] == ["started", "stopped", "started", "stopped"]  # heard as before
+
+
+class ListeningSocket(Socket):
+    """A client that stays connected and says nothing: receive() waits until the server closes."""
+
+    def __init__(self):
+        super().__init__()
+        self.closed_with: list[int] = []
+        self._gone = asyncio.Event()
+
+    async def receive(self) -> dict:
+        await self._gone.wait()
+        return {"type": "websocket.disconnect", "code": 1000}
+
+    async def close(self, code: int = 1000) -> None:
+        self.closed_with.append(code)
+        self.application_state = WebSocketState.DISCONNECTED
+        self._gone.set()
+
+
+def test_a_session_past_max_realtime_session_s_is_closed_cleanly():
+    """It sent `session_expired` and then left the socket unclosed (run() read the 'client left' flag after
+    stop() had set it), so the client saw an abnormal closure (1006, no close frame) through the live app."""
+    async def scenario():
+        socket = ListeningSocket()
+        session = RealtimeSession(socket, ScriptedIngress(RequestLimits(max_realtime_session_s=0.2)), None)
+        await asyncio.wait_for(session.run(), 5)
+        return socket
+
+    socket = asyncio.run(scenario())
+    assert [event["error"]["code"] for event in socket.of("error")] == ["session_expired"]
+    assert socket.closed_with == [1000]
