@@ -606,8 +606,17 @@ class DeltaMessage(OpenAIBaseModel):
     """Set on the first chunk only."""
     content: str | None = None
     """Newly generated text."""
+    refusal: str | None = None
+    """Null on the first chunk (OpenAI's), left out after: the server never refuses in words."""
     tool_calls: list[ToolCallDelta] | None = None
     """Newly generated pieces of tool calls."""
+
+    @model_serializer(mode="wrap")  # no return annotation: the OpenAPI schema stays the model's own
+    def _refusal_with_role(self, handler: SerializerFunctionWrapHandler):
+        out = handler(self)
+        if isinstance(out, dict) and self.role is not None:
+            out.setdefault("refusal", None)
+        return out
 
 
 class ChatCompletionChunkChoice(NullKeysModel):

@@ -37,6 +37,9 @@ def test_chat_chunks_carry_finish_reason_logprobs_and_usage_as_null(include_usag
             assert "finish_reason" in choice and "logprobs" in choice
             assert choice["logprobs"] is None
         assert ("usage" in chunk) is include_usage
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks if chunk["choices"]]
+    assert deltas[0] == {"role": "assistant", "content": "", "refusal": None}  # OpenAI's first delta
+    assert all("refusal" not in delta for delta in deltas[1:])  # and only there
     content = [chunk for chunk in chunks if chunk["choices"] and chunk["choices"][0]["delta"].get("content")]
     assert content and all(chunk["choices"][0]["finish_reason"] is None for chunk in content)
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
