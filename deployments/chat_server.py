@@ -186,6 +186,10 @@ class ChatServer(FamilyServer):
         return text, entries
 
     async def _generate(self, params: ChatParams, spec: ModelSpec, loaded: LoadedModel) -> ChatResult | BaseException:
+        if params.max_new_tokens == 0:  # /v1/completions' max_tokens 0 with echo: the prompt alone, scored by _echo
+            assert params.inputs is not None
+            return ChatResult("", int(params.inputs["input_ids"].shape[1]), 0, "length",
+                              logprobs=[] if params.logprobs else None)
         if not uses_decode_loop(loaded):
             return await self._chat_batch(params)
         event_loop = asyncio.get_running_loop()

@@ -687,9 +687,10 @@ class CompletionRequest(RequestModel):
     """The text to continue: a string, several (one choice each), token ids, or lists of them."""
     suffix: str | None = None
     """Refused when set: insertion (fill-in-the-middle) is not served."""
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0)
     """Upper bound on generated tokens per choice. Left out or null: OpenAI's default, 16, or the model's
-    `max_new_tokens` where that is lower (`default_max_tokens`)."""
+    `max_new_tokens` where that is lower (`default_max_tokens`). 0 only with `echo`: the prompt alone (scored
+    with `logprobs`), nothing generated, as OpenAI's legacy models served it."""
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     """Sampling temperature; 0 means greedy decoding. Omitted: the model's generation_config.json's, else 1
     (OpenAI's default)."""

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from loading import Family
 
-from ..errors import error_sse_event
+from ..errors import InvalidRequestError, error_sse_event
 from ..limits import check_chat, check_choices, check_generation_features
 from ..params import ChatParams, ChatResult
 from ..protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
@@ -35,6 +35,9 @@ router = APIRouter(tags=["completions"], responses=ERRORS)
 )
 async def create_completion(body: CompletionRequest, ingress: IngressDep, wait_s: WaitDep):
     prompts = body.prompts()
+    if body.max_tokens == 0 and not body.echo:
+        raise InvalidRequestError("max_tokens=0 generates nothing: it is served with echo (the prompt returned, "
+                                  "scored with logprobs); send max_tokens >= 1 otherwise", param="max_tokens")
     if len(prompts) > 1:  # each prompt is n choices: the list of prompts is what a client may not know to shorten
         check_choices(len(prompts) * body.n, ingress.limits, "prompt", f"{len(prompts)} prompts times n={body.n}")
     check_choices(body.n, ingress.limits)

@@ -119,3 +119,29 @@ def test_echo_leaves_out_the_start_token_the_client_did_not_send_and_keeps_what_
     assert logprobs["text_offset"][shown] == len("Hello there")  # the completion's first token starts after it
     expected = reference(dirs["bos"], ids)
     assert logprobs["token_logprobs"][0] == pytest.approx(expected[0, ids[1]].item(), abs=1e-4)
+
+
+def test_max_tokens_zero_with_echo_returns_the_prompt_alone_scored(client, dirs):
+    """OpenAI's legacy models (and vLLM) serve max_tokens 0 with echo: the prompt scored, nothing generated,
+    which evaluation tools send to score a text. It was a 422-style 400 on max_tokens (ge=1)."""
+    ids = list(range(40, 60))
+    for stream in (False, True):
+        response = client.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 0, "echo": True,
+                                                        "logprobs": 1, "stream": stream,
+                                                        **({"stream_options": {"include_usage": True}} if stream else {})})
+        assert response.status_code == 200, response.text
+        if stream:
+            chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+            choices = [c["choices"][0] for c in chunks if c["choices"]]
+            logprobs = [lp for choice in choices if choice.get("logprobs") for lp in choice["logprobs"]["token_logprobs"]]
+            finish, usage = choices[-1]["finish_reason"], chunks[-1]["usage"]
+        else:
+            choice = response.json()["choices"][0]
+            logprobs, finish, usage = choice["logprobs"]["token_logprobs"], choice["finish_reason"], response.json()["usage"]
+        assert len(logprobs) == len(ids) and logprobs[0] is None  # the prompt's tokens, no more
+        expected = reference(dirs["tiny"], ids)
+        assert logprobs[1:] == pytest.approx([expected[i - 1, ids[i]].item() for i in range(1, len(ids))], abs=1e-4)
+        assert finish == "length" and (usage["prompt_tokens"], usage["completion_tokens"]) == (len(ids), 0)
+    refused = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 0})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+    assert "echo" in refused.json()["error"]["message"]
