@@ -170,3 +170,47 @@ def test_a_stream_resampled_piece_by_piece_equals_the_whole_resampled_at_once(ra
     streamed = np.concatenate(pieces)
     assert len(streamed) == len(whole)
     assert np.max(np.abs(streamed - whole)) < 1e-4
+
+
+def _flac_at(rate: int, seconds: float) -> bytes:
+    """A silent FLAC whose header says `rate` (libsndfile writes only the usual rates: one is written at
+    192 kHz and its STREAMINFO rate, 20 bits at byte 18, rewritten, as other encoders write any rate)."""
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(int(192000 * seconds), np.float32), 192000, format="FLAC", subtype="PCM_16")
+    data = bytearray(buffer.getvalue())
+    field = int.from_bytes(data[18:21], "big")
+    data[18:21] = ((rate << 4) | (field & 0xF)).to_bytes(3, "big")
+    return bytes(data)
+
+
+def test_an_upload_at_a_rate_sharing_no_factor_with_16k_decodes_as_fast_as_any(monkeypatch):
+    """resample_poly designs a filter of 20 x max(up, down) taps per call: at 191999 Hz (16000/191999 exact)
+    a 71 kB FLAC of 120 s took 33 s of the ingress's CPU to decode (0.3 s per second of audio; 1800 s, the
+    default limit, about 8 minutes), against 2 s at 192000 Hz. The ratio is now the nearest with terms of
+    at most 1000, off by 5 ppm here; every rate in use keeps its exact ratio."""
+    import scipy.signal
+
+    from deployments import audio
+
+    terms: list[int] = []
+    real = scipy.signal.resample_poly
+    monkeypatch.setattr(scipy.signal, "resample_poly",
+                        lambda x, up, down, **kw: terms.append(max(up, down)) or real(x, up, down, **kw))
+    samples, rate = decode_audio(_flac_at(191999, 12.0))
+    assert rate == 16000 and sf.info(io.BytesIO(_flac_at(191999, 0.1))).samplerate == 191999
+    assert len(samples) == pytest.approx(12.0 * 16000, rel=1e-4)
+    assert terms and max(terms) <= 2000, terms  # before: 191999 on every block
+    assert resample(sine(16000), 16000, 191999).size == pytest.approx(191999, rel=1e-4)
+    for common, ratio in ((44100, (160, 441)), (11025, (640, 441)), (22050, (320, 441)), (48000, (1, 3)),
+                          (8000, (2, 1)), (37800, (80, 189))):
+        assert audio.resample_ratio(common, 16000) == ratio
+    assert audio.resample_ratio(22050, 24000) == (160, 147)
+    for odd in (191999, 44099, 8001, 176089, 47952):  # the nearest ratio is off by at most 0.05%
+        up, down = audio.resample_ratio(odd, 16000)
+        assert abs(up / down * odd / 16000 - 1) < 5.1e-4 and max(up, down) <= 2 * audio.MAX_RATIO_TERMS
+    # a stream resampled piece by piece still equals the whole, at such a ratio too
+    noise = np.random.default_rng(0).standard_normal(50000).astype(np.float32)
+    stream = StreamResampler(44099, 16000)
+    streamed = np.concatenate([stream.feed(noise[i:i + 777]) for i in range(0, len(noise), 777)] + [stream.flush()])
+    whole = resample(noise, 44099, 16000)
+    assert len(streamed) == len(whole) and np.max(np.abs(streamed - whole)) < 1e-4
