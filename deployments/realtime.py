@@ -666,6 +666,7 @@ class RealtimeSession:
         output_index = content_index = 0
         base = {"response_id": response_id}
         status, details, usage, text = "completed", None, {}, ""
+        opened = 0  # 1: its output item was announced (output_item.added), 2: its content part too
 
         def response(status_: str, output: list, usage_: dict | None = None, details_: Any = None) -> dict:
             return {"id": response_id, "object": "realtime.response", "status": status_, "status_details": details_,
@@ -696,12 +697,14 @@ class RealtimeSession:
             history = self._prompt_items()
             chat = await ask(history)
             previous = self._add(item)
-            await self.send("response.output_item.added", output_index=output_index,
-                            item=item.render("in_progress"), **base)
+            opened = 1  # sent whole even if a cancel lands (shield), so that its .done event closes it
+            await asyncio.shield(self.send("response.output_item.added", output_index=output_index,
+                                           item=item.render("in_progress"), **base))
             await self.send("conversation.item.created", previous_item_id=previous, item=item.render("in_progress"))
             part = {"type": "audio", "transcript": ""} if spoken else {"type": "text", "text": ""}
             where = {**base, "item_id": item.id, "output_index": output_index, "content_index": content_index}
-            await self.send("response.content_part.added", part=part, **where)
+            opened = 2
+            await asyncio.shield(self.send("response.content_part.added", part=part, **where))
             tts = self.ingress.default_model(Family.TTS)
             speech = SpeechParams(model=tts, text="", voice=voice) if spoken else None
             while True:
@@ -744,17 +747,21 @@ class RealtimeSession:
             await self.send_exception(exc)
         item.text = text
         self.response_closing = True  # from here on a cancel waits for response.done instead
-        if status in ("completed", "incomplete") and item in self.items:
-            where = {**base, "item_id": item.id, "output_index": output_index, "content_index": content_index}
-            if spoken:
-                await self.send("response.audio.done", **where)
-                await self.send("response.audio_transcript.done", transcript=text, **where)
-                await self.send("response.content_part.done", part={"type": "audio", "transcript": text}, **where)
-            else:
-                await self.send("response.text.done", text=text, **where)
-                await self.send("response.content_part.done", part={"type": "text", "text": text}, **where)
-            await self.send("response.output_item.done", output_index=output_index, item=item.render(), **base)
-        output = [item.render("completed" if status == "completed" else "incomplete")] if item in self.items else []
+        item_status = "completed" if status == "completed" else "incomplete"
+        # what was opened is closed however the response ended: OpenAI sends these .done events "also when a
+        # Response is interrupted, incomplete, or cancelled", and clients mark the item done by them
+        where = {**base, "item_id": item.id, "output_index": output_index, "content_index": content_index}
+        if opened == 2 and spoken:
+            await self.send("response.audio.done", **where)
+            await self.send("response.audio_transcript.done", transcript=text, **where)
+            await self.send("response.content_part.done", part={"type": "audio", "transcript": text}, **where)
+        elif opened == 2:
+            await self.send("response.text.done", text=text, **where)
+            await self.send("response.content_part.done", part={"type": "text", "text": text}, **where)
+        if opened:
+            await self.send("response.output_item.done", output_index=output_index, item=item.render(item_status),
+                            **base)
+        output = [item.render(item_status)] if item in self.items else []
         await self.send("response.done", response=response(status, output, usage, details))
         self.cancel_reason = "client_cancelled"
         if self.respond_after and status != "cancelled":

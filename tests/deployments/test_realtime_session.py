@@ -758,3 +758,54 @@ def test_a_session_past_max_realtime_session_s_is_closed_cleanly():
     socket = asyncio.run(scenario())
     assert [event["error"]["code"] for event in socket.of("error")] == ["session_expired"]
     assert socket.closed_with == [1000]
+
+
+def _closing_events(socket: Socket, response_id: str) -> list[tuple[str, str | None]]:
+    """(type, the item's status where the event carries the item) of a response's events after its deltas."""
+    kinds = ("response.audio.done", "response.audio_transcript.done", "response.text.done",
+             "response.content_part.done", "response.output_item.done", "response.done")
+    out = []
+    for event in socket.sent:
+        if event["type"] in kinds and response_id in (event.get("response_id"), event.get("response", {}).get("id")):
+            item = event.get("item") or next(iter(event.get("response", {}).get("output") or []), None)
+            out.append((event["type"], item["status"] if item else None))
+    return out
+
+
+def test_every_part_a_response_opened_is_closed_however_it_ends():
+    """A cancelled response (response.cancel, barge-in) sent output_item.added and content_part.added but none
+    of their .done events, which OpenAI sends 'also when a Response is interrupted, incomplete, or cancelled'
+    (clients such as the Agents SDK mark the item done by output_item.done: it stayed in_progress); and a
+    reply cut at max_output_tokens had output_item.done say 'completed' while response.done said 'incomplete'."""
+    class LongReplies(ScriptedIngress):
+        async def chat_stream(self, params: ChatParams):
+            async for chunk in super().chat_stream(params):
+                if "finish_reason" in chunk:
+                    chunk = {**chunk, "finish_reason": "length"}
+                yield chunk
+
+    async def scenario():
+        socket = Socket()
+        session = RealtimeSession(socket, LongReplies(words=30, word_s=0.02), None)
+        await session.handle(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
+        await session.handle(_say("hi"))
+        await session.handle(json.dumps({"type": "response.create"}))
+        for _ in range(100):
+            if socket.of("response.audio_transcript.delta"):
+                break
+            await asyncio.sleep(0.01)
+        await session.handle(json.dumps({"type": "response.cancel"}))
+        await settle(session)
+        await session.handle(json.dumps({"type": "response.create", "response": {"modalities": ["text"]}}))
+        await settle(session)
+        return socket
+
+    socket = asyncio.run(scenario())
+    cancelled, cut = (event["response"]["id"] for event in socket.of("response.created"))
+    assert _closing_events(socket, cancelled) == [
+        ("response.audio.done", None), ("response.audio_transcript.done", None), ("response.content_part.done", None),
+        ("response.output_item.done", "incomplete"), ("response.done", "incomplete")]
+    assert [e["response"]["status"] for e in socket.of("response.done")] == ["cancelled", "incomplete"]
+    assert _closing_events(socket, cut) == [
+        ("response.text.done", None), ("response.content_part.done", None),
+        ("response.output_item.done", "incomplete"), ("response.done", "incomplete")]
