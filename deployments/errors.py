@@ -133,6 +133,20 @@ class BodyTooLargeError(HTTPException):
         return (type(self), (self.limit_name, self.limit, self.size))
 
 
+class BodyTimeoutError(HTTPException):
+    """A request body that stopped arriving (limits.body_timeout_s, body_min_bytes_per_s): its request held
+    one of the ingress's max_concurrent_requests places while it waited. An HTTPException, as BodyTooLargeError."""
+
+    def __init__(self, received: int, waited_s: float, timeout_s: float, min_rate: int):
+        self.received, self.waited_s, self.timeout_s, self.min_rate = received, waited_s, timeout_s, min_rate
+        super().__init__(408, f"the request body stopped arriving: {received:,} bytes came in {waited_s:.1f} s, and "
+                              f"the server waits body_timeout_s={timeout_s:g} s plus 1 s per body_min_bytes_per_s="
+                              f"{min_rate:,} bytes received; send the whole body without pausing")
+
+    def __reduce__(self):
+        return (type(self), (self.received, self.waited_s, self.timeout_s, self.min_rate))
+
+
 class RequestTooLargeError(APIError):
     """A request whose content (pixels, samples, tokens, memory) passes a configured limit."""
 
@@ -262,6 +276,8 @@ _MAPPERS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], Call
     (UnsupportedAudioFormat, lambda exc: InvalidRequestError(str(exc), param="response_format")),
     (PromptRefused, lambda exc: InvalidRequestError(str(exc), param=exc.param)),
     (BodyTooLargeError, lambda exc: RequestTooLargeError(str(exc.detail), code="request_too_large")),
+    (BodyTimeoutError, lambda exc: APIError(str(exc.detail), status=408, type="invalid_request_error",
+                                            code="body_timeout")),
     (HTTPException, _http_exception),
     (loading.ModelLoadingInProgress, _loading_in_progress),
     (loading.ModelLoadFailed, lambda exc: ServiceUnavailableError(str(exc), code="model_load_failed")),

@@ -2,7 +2,8 @@
 API key check only: see `_websocket`).
 
 In order: a bound on requests in flight (503 + Retry-After past it), the API key (401), the
-body size (413, from Content-Length before a byte is read, else counted while reading), and
+body size (413, from Content-Length before a byte is read, else counted while reading) and the time
+it takes to arrive (408, limits.body_timeout_s), and
 for JSON bodies a structural check (400): nesting depth, huge integers, lone surrogates. The
 body the routes see is the one checked here, replayed; nothing is read twice from the client.
 
@@ -28,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import KeyChecker
 from .errors import (
+    BodyTimeoutError,
     BodyTooLargeError,
     InvalidRequestError,
     OverloadedError,
@@ -108,7 +110,7 @@ class RequestGuard:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._refuse(scope, receive, send, BodyTooLargeError(limit_name, limit, int(declared)))
             return
-        counted = _CountingReceive(receive, limit, limit_name)
+        counted = _CountingReceive(receive, limit, limit_name, self.limits)
         if is_form:  # parsed as it streams in (files spool to disk); the count stops it at the limit
             try:
                 _check_form_charset(headers.get("content-type", ""))
@@ -124,7 +126,7 @@ class RequestGuard:
                     check_json(body, self.limits)
                 else:
                     await asyncio.to_thread(check_json, body, self.limits)
-        except (BodyTooLargeError, InvalidRequestError) as exc:
+        except (BodyTooLargeError, BodyTimeoutError, InvalidRequestError) as exc:
             await self._refuse(scope, receive, send, exc)
             return
         await self.app(scope, _replay(body, receive), send)
@@ -183,18 +185,33 @@ def _route_path(scope: Scope) -> str:
 
 
 class _CountingReceive:
-    """Passes the client's body through, raising BodyTooLargeError once it passes the limit."""
+    """Passes the client's body through, raising BodyTooLargeError once it passes the limit, and
+    BodyTimeoutError where it stops coming (limits.body_timeout_s, body_min_bytes_per_s); once the body is
+    in, a wait for the client's disconnect (a streamed answer's) is not bounded."""
 
-    def __init__(self, receive: Receive, limit: int, limit_name: str):
+    def __init__(self, receive: Receive, limit: int, limit_name: str, limits: RequestLimits):
         self.receive, self.limit, self.limit_name = receive, limit, limit_name
+        self.timeout_s, self.min_rate = limits.body_timeout_s, limits.body_min_bytes_per_s
         self.total = 0
+        self.started = asyncio.get_running_loop().time()
+        self.complete = False
 
     async def __call__(self) -> Message:
-        message = await self.receive()
+        if self.complete:
+            return await self.receive()
+        loop = asyncio.get_running_loop()
+        deadline = self.started + self.timeout_s + self.total / self.min_rate
+        try:
+            message = await asyncio.wait_for(self.receive(), max(deadline - loop.time(), 0))
+        except asyncio.TimeoutError:
+            raise BodyTimeoutError(self.total, loop.time() - self.started, self.timeout_s, self.min_rate) from None
         if message["type"] == "http.request":
             self.total += len(message.get("body", b""))
             if self.total > self.limit:
                 raise BodyTooLargeError(self.limit_name, self.limit)
+            self.complete = not message.get("more_body", False)
+        else:
+            self.complete = True
         return message
 
     async def read_all(self) -> bytes:

@@ -27,6 +27,14 @@ class RequestLimits(BaseModel):
     a ~12 MB image as a base64 data URI; a chat prompt hits `max_prompt_tokens` long before."""
     max_upload_bytes: int = Field(default=25 * MiB, ge=1024)
     """Largest multipart request body (413 past it), counted while it is read. OpenAI's 25 MB."""
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    """How long the ingress waits for a request body, plus 1 s per `body_min_bytes_per_s` bytes received
+    (Apache's mod_reqtimeout rule): a body that stops coming is a 408. HAProxy waits an hour for a silent
+    client, and a request waiting for its body holds one of `max_concurrent_requests`' places: 256
+    connections that sent headers and no body refused every other request, /health included."""
+    body_min_bytes_per_s: int = Field(default=32 * 1024, ge=1)
+    """The slowest a body may come in on average after its first `body_timeout_s` (32 KiB/s = 256 kbit/s:
+    a 25 MiB upload may take ~830 s)."""
     max_json_depth: int = Field(default=32, ge=4)
     """Deepest nesting of arrays/objects in a JSON body (a chat with image parts uses 6)."""
     max_json_integer: int = Field(default=2**63 - 1, ge=2**31)
