@@ -1,4 +1,5 @@
-"""`modelfleet-haproxy`: Ray's bundled HAProxy, started on its config minus `option splice-request`.
+"""`modelfleet-haproxy`: Ray's bundled HAProxy, started on its config minus `option splice-request` and
+with a `timeout http-request`.
 
 serve.env points RAY_SERVE_HAPROXY_BINARY_PATH here. Ray's config template (Ray 2.60, HAProxy 2.8.25)
 has `http-reuse always` with `option splice-request` and `option abortonclose`; with those three,
@@ -7,6 +8,13 @@ core and the backend never told: the generation runs to its last token for nobod
 a core, no disconnect at the ingress; without splice-request: 0%, disconnect at once). Splicing
 saves a copy of large request bodies only; our bodies are parsed by the ingress anyway.
 tests/serve/test_guard.py's disconnect tests run after requests that fill the connection pool.
+
+Ray's template sets no `timeout http-request`, so HAProxy waits `timeout client` (3600 s) for a request's
+headers: a connection that sends none, or sends them a byte at a time (slow-loris), is held an hour, and
+4,200 of them took every one of HAProxy's `maxconn` 4096 places (measured on a live `serve run`: no one
+else was answered, /health included). The shim adds one, MODELFLEET_HAPROXY_HTTP_REQUEST_TIMEOUT_S
+(serve.env; default 10 s): HAProxy then answers such a connection 408 and closes it. It bounds the
+headers only; the ingress bounds the body (limits.body_timeout_s).
 """
 
 from __future__ import annotations
@@ -14,12 +22,39 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 
 DROPPED = ("option splice-request",)
+REQUEST_TIMEOUT_ENV = "MODELFLEET_HAPROXY_HTTP_REQUEST_TIMEOUT_S"
+DEFAULT_REQUEST_TIMEOUT_S = 10.0
 
 
 def without_dropped_options(config: str) -> str:
     return "".join(line for line in config.splitlines(keepends=True) if line.strip() not in DROPPED)
+
+
+def with_request_timeout(config: str, seconds: float) -> str:
+    """`timeout http-request` in the defaults section, unless the config sets one already."""
+    lines = config.splitlines(keepends=True)
+    if any(line.strip().startswith("timeout http-request") for line in lines):
+        return config
+    return "".join(line + (f"    timeout http-request {round(seconds * 1000)}ms\n" if line.strip() == "defaults"
+                           else "") for line in lines)
+
+
+def request_timeout_s(environ: Mapping[str, str] = os.environ) -> float:
+    """MODELFLEET_HAPROXY_HTTP_REQUEST_TIMEOUT_S, a positive number of seconds (an error names it otherwise)."""
+    raw = environ.get(REQUEST_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_REQUEST_TIMEOUT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{REQUEST_TIMEOUT_ENV}={raw!r} is not a positive number of seconds: set it to how long "
+                         f"HAProxy waits for a request's headers (e.g. {DEFAULT_REQUEST_TIMEOUT_S:g}), or unset it")
+    return seconds
 
 
 def bundled_haproxy() -> str:
@@ -47,7 +82,7 @@ def main() -> None:
         path = args[args.index("-f") + 1]
         with open(path) as f:
             config = f.read()
-        cleaned = without_dropped_options(config)
+        cleaned = with_request_timeout(without_dropped_options(config), request_timeout_s())
         if cleaned != config:
             with open(path, "w") as f:
                 f.write(cleaned)

