@@ -2,8 +2,9 @@
 API key check only: see `_websocket`).
 
 In order: a bound on requests in flight (503 + Retry-After past it), the API key (401), the
-body size (413, from Content-Length before a byte is read, else counted while reading) and the time
-it takes to arrive (408, limits.body_timeout_s), and
+body's encoding (415 for a compressed one: nothing here decompresses), its size (413, from Content-Length
+before a byte is read, else counted while reading) and the time it takes to arrive (408,
+limits.body_timeout_s), and
 for JSON bodies a structural check (400): nesting depth, huge integers, lone surrogates. The
 body the routes see is the one checked here, replayed; nothing is read twice from the client.
 
@@ -100,6 +101,13 @@ class RequestGuard:
             return
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
+            return
+        encoding = headers.get("content-encoding", "").strip()
+        if encoding.lower() not in ("", "identity"):  # read as is, a gzip body was "not valid UTF-8 at byte 1"
+            await self._refuse(scope, receive, send, InvalidRequestError(
+                f"Content-Encoding {encoding[:40]!r} is not accepted: send the request body uncompressed (no "
+                "Content-Encoding header)", param="content-encoding", code="unsupported_content_encoding",
+                status=415))
             return
         content_type = headers.get("content-type", "").lower()  # media types are case-insensitive (RFC 9110)
         # the route, not the client's Content-Type, says which limit applies

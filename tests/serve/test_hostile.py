@@ -8,9 +8,11 @@ Ray's memory monitor killed every worker on the node (shared/FACTS.md, "Hostile 
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -287,6 +289,13 @@ def corpus() -> list[Case]:
                                                                      "best_of": 1}}, "best_of"),
         Case("GET /v1/realtime over plain HTTP: a WebSocket endpoint", "/v1/realtime", 426, method="GET",
              code="websocket_required", mentions="WebSocket"),
+        # found by the operations review: read as is, a gzip body was "not valid UTF-8 at byte 1"
+        Case("gzip bomb (200 kB inflating to 200 MB)", CHAT, 415, {"data": gzip.compress(b" " * 200 * MB), "headers": {
+            "content-type": "application/json", "content-encoding": "gzip"}}, "content-encoding",
+             "unsupported_content_encoding", mentions="'gzip'"),
+        Case("a deflated upload", STT, 415, {"data": zlib.compress(b"--x--\r\n"), "headers": {
+            "content-type": "multipart/form-data; boundary=x", "content-encoding": "deflate"}}, "content-encoding",
+             "unsupported_content_encoding"),
         Case("stream_options without stream", "/v1/chat/completions", 400, {"json": {
             "model": "tiny-llm", "messages": [{"role": "user", "content": "hi"}],
             "stream_options": {"include_usage": True}}}, "stream_options"),
