@@ -251,6 +251,9 @@ class RealtimeSession:
 
     async def send_error(self, message: str, code: str | None, param: str | None = None,
                          kind: str = "invalid_request_error", event_id: str | None = None) -> None:
+        if self.ga and param:  # the field as the GA client wrote it, not its beta twin it was translated to
+            ga_param = _ga_param(param)
+            message, param = message.replace(param, ga_param), ga_param
         await self.send("error", error={"type": kind, "code": code, "message": message, "param": param,
                                         "event_id": event_id})
 
@@ -830,6 +833,27 @@ def _to_ga(value: Any) -> Any:
     return out
 
 
+# beta field -> where a GA event has it (the longest prefix first: errors name the GA client's own field)
+_GA_PARAMS = (
+    ("session.input_audio_transcription", "session.audio.input.transcription"),
+    ("session.turn_detection", "session.audio.input.turn_detection"),
+    ("session.input_audio_format", "session.audio.input.format"),
+    ("session.output_audio_format", "session.audio.output.format"),
+    ("session.voice", "session.audio.output.voice"),
+    ("session.modalities", "session.output_modalities"),
+    ("session.max_response_output_tokens", "session.max_output_tokens"),
+    ("response.modalities", "response.output_modalities"),
+    ("response.voice", "response.audio.output.voice"),
+)
+
+
+def _ga_param(param: str) -> str:
+    for beta, ga in _GA_PARAMS:
+        if param == beta or param.startswith(beta + "."):
+            return ga + param[len(beta):]
+    return param
+
+
 def _object(value: Any, param: str) -> dict:
     """A GA event's nested object, absent as {}; anything but an object is the client's error."""
     if value is None:
@@ -856,10 +880,16 @@ def _from_ga(event: dict) -> dict:
         for key, beta_key in (("transcription", "input_audio_transcription"), ("turn_detection", "turn_detection")):
             if key in given:
                 beta[beta_key] = given[key]
-        for side, fmt_key in ((given, "input_audio_format"), (output, "output_audio_format")):
-            fmt = side.get("format")
-            if isinstance(fmt, dict):
-                beta[fmt_key] = "pcm16" if fmt.get("type") == "audio/pcm" and fmt.get("rate", RATE) == RATE else fmt
+        for side, name, fmt_key in ((given, "input", "input_audio_format"), (output, "output", "output_audio_format")):
+            if side.get("format") is None:
+                continue
+            fmt = side["format"]
+            if not (isinstance(fmt, dict) and fmt.get("type") == "audio/pcm" and fmt.get("rate", RATE) == RATE):
+                shown = json.dumps(fmt)[:200]
+                raise SessionError(f"session.audio.{name}.format {shown} is not supported; this server's audio is "
+                                   f'{{"type": "audio/pcm", "rate": {RATE}}} (pcm16, 24 kHz, mono)', "invalid_value",
+                                   f"session.audio.{name}.format")
+            beta[fmt_key] = "pcm16"
         if "voice" in output:
             beta["voice"] = output["voice"]
         return {**event, "session": beta}

@@ -809,3 +809,36 @@ def test_every_part_a_response_opened_is_closed_however_it_ends():
     assert _closing_events(socket, cut) == [
         ("response.text.done", None), ("response.content_part.done", None),
         ("response.output_item.done", "incomplete"), ("response.done", "incomplete")]
+
+
+def test_ga_errors_name_the_field_the_ga_client_sent():
+    """A GA session.update was refused naming the beta field it had been translated to: a bad
+    session.audio.input.turn_detection.type came back as 'session.turn_detection.type', and an
+    audio.input.format of audio/pcmu as 'session.input_audio_format', 'Input should be pcm16' (a value
+    the GA client cannot send)."""
+    async def scenario():
+        socket = Socket(ga=True)
+        session = RealtimeSession(socket, ScriptedIngress(), None)
+        for update in ({"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}},
+                       {"audio": {"input": {"format": {"type": "audio/pcmu"}}}},
+                       {"audio": {"output": {"format": {"type": "audio/pcm", "rate": 16000}}}},
+                       {"audio": {"input": {"transcription": {"model": "nope"}}}},
+                       {"audio": {"output": {"voice": "v" * 65}}},
+                       {"output_modalities": ["video"]},
+                       {"max_output_tokens": 0},
+                       {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}}},
+                        "output_modalities": ["text"]}):
+            await session.handle(json.dumps({"type": "session.update", "session": {"type": "realtime", **update}}))
+        await session.handle(json.dumps({"type": "response.create", "response": {"output_modalities": []}}))
+        return socket
+
+    socket = asyncio.run(scenario())
+    errors = [event["error"] for event in socket.of("error")]
+    assert [e["param"] for e in errors] == [
+        "session.audio.input.turn_detection.type", "session.audio.input.format", "session.audio.output.format",
+        "session.audio.input.transcription.model", "session.audio.output.voice", "session.output_modalities.0",
+        "session.max_output_tokens", "response.output_modalities"]
+    assert "'session.audio.input.turn_detection.type'" in errors[0]["message"]
+    assert "audio/pcmu" in errors[1]["message"] and '"rate": 24000' in errors[1]["message"]
+    assert "pcm16'" not in errors[1]["message"]
+    assert len(socket.of("session.updated")) == 1  # the valid update went through
