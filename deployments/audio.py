@@ -60,13 +60,18 @@ def decode_audio(data: bytes, bounds: AudioBounds = AudioBounds()) -> tuple[np.n
         raise AudioDecodeError(f"The audio file is empty. Supported formats: {DECODABLE}.")
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            _check_header(f.samplerate, f.channels, f.frames, bounds)
+            # an MP3's frame count is an estimate unless a Xing/Info header states it: one without (VBR, or
+            # a big ID3 tag) was over-stated 2-80x, a false 413; its length is bounded as it is decoded
+            _check_header(f.samplerate, f.channels, 0 if f.format == "MP3" else f.frames, bounds)
             rate = int(f.samplerate)
             out_rate = min(rate, bounds.target_rate)
             max_frames = int(bounds.max_seconds * rate)
             pieces, frames = [], 0
             resampler = StreamResampler(rate, out_rate)  # one stream: no seam at each block's edges
-            for block in f.blocks(blocksize=BLOCK_FRAMES, dtype="float32", always_2d=True):
+            # read until the decoder has no more: SoundFile.blocks() reads as many frames as the header
+            # says, and past the real end yields its reused buffer (an MP3 without a Xing header decoded
+            # its last block again and again: 57.5 s of speech heard as 132.6 s)
+            while len(block := f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)):
                 frames += block.shape[0]
                 if frames > max_frames:  # a header that under-states the length (e.g. a stream)
                     raise AudioTooLongError(_too_long(frames / rate, bounds))

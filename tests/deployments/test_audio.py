@@ -214,3 +214,37 @@ def test_an_upload_at_a_rate_sharing_no_factor_with_16k_decodes_as_fast_as_any(m
     streamed = np.concatenate([stream.feed(noise[i:i + 777]) for i in range(0, len(noise), 777)] + [stream.flush()])
     whole = resample(noise, 44099, 16000)
     assert len(streamed) == len(whole) and np.max(np.abs(streamed - whole)) < 1e-4
+
+
+def _without_xing_header(mp3: bytes) -> bytes:
+    """The MP3 less its first frame, the Xing/Info frame LAME writes with the frame count (an encoder that
+    cannot seek back, streams and many recorders leave none)."""
+    header = int.from_bytes(mp3[:4], "big")
+    assert header >> 21 == 0x7FF and (header >> 19) & 3 == 3, "an MPEG-1 frame"
+    bitrate = (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)[(header >> 12) & 15] * 1000
+    length = 144 * bitrate // (44100, 48000, 32000)[(header >> 10) & 3] + ((header >> 9) & 1)
+    assert b"Xing" in mp3[:length] or b"Info" in mp3[:length]
+    return mp3[length:]
+
+
+@pytest.mark.skipif("mp3" not in SPEECH_FORMATS, reason="this libsndfile cannot write mp3")
+def test_an_mp3_without_a_xing_header_decodes_to_its_real_length():
+    """libsndfile estimates such an MP3's frame count (here 2.3x too many), and SoundFile.blocks() read that
+    many: past the real end it yielded its reused buffer, so 28.8 s of speech decoded as 66.3 s, the last
+    block heard again (a transcript saying it twice), and a limit between the two was a false 413."""
+    from pathlib import Path
+
+    speech, rate = sf.read(Path(__file__).parents[1] / "serve" / "data" / "speech.flac", dtype="float32")
+    spoken = resample(np.concatenate([speech] * 3), rate, 44100)  # 28.7 s: more than one decoded block
+    data, _ = encode_audio(spoken, 44100, "mp3")
+    bare = _without_xing_header(data)
+    with sf.SoundFile(io.BytesIO(bare)) as f:
+        stated, real = f.frames / 44100, len(f.read()) / 44100
+    assert stated > 1.5 * real  # what the header says: the case under test
+    samples, out_rate = decode_audio(bare)
+    assert len(samples) / out_rate == pytest.approx(real, abs=0.05)
+    assert len(samples) / out_rate == pytest.approx(decode_audio(data)[0].size / 16000, abs=0.1)
+    limit = AudioBounds(max_seconds=real * 1.2)
+    assert len(decode_audio(bare, limit)[0]) == len(samples)  # before: 413, "the audio is 66.3 s long"
+    with pytest.raises(AudioDecodeError, match="max_audio_seconds"):  # still bounded as it is decoded
+        decode_audio(bare, AudioBounds(max_seconds=real / 2))
