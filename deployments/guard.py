@@ -5,7 +5,8 @@ In order: a bound on requests in flight (503 + Retry-After past it), the API key
 body's encoding (415 for a compressed one: nothing here decompresses), its size (413, from Content-Length
 before a byte is read, else counted while reading) and the time it takes to arrive (408,
 limits.body_timeout_s), and
-for JSON bodies a structural check (400): nesting depth, huge integers, lone surrogates. The
+for JSON bodies a structural check (400): nesting depth, huge integers, NaN and infinities, lone
+surrogates. The
 body the routes see is the one checked here, replayed; nothing is read twice from the client.
 
 Which size limit a body gets is the route's to say, never the client's Content-Type: the multipart
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
+import math
 import uuid
 from typing import Any
 
@@ -288,6 +290,10 @@ def _check_tree(root: Any, limits: RequestLimits) -> None:
                 stack.append((item, path + (key,), depth + 1))
         elif isinstance(value, str):
             check_text(value, path)
+        elif isinstance(value, float) and not math.isfinite(value):  # Python's json reads NaN, Infinity and 1e999
+            raise InvalidRequestError(
+                f"'{_dotted(path)}' is {value} (NaN and Infinity are not JSON, and a number past 1.8e308 reads as "
+                "infinity): send a finite number", param=_dotted(path) or None, code="invalid_number")
         elif (isinstance(value, int) and not isinstance(value, bool)
               and not -limits.max_json_integer - 1 <= value <= limits.max_json_integer):  # int64's range
             raise InvalidRequestError(

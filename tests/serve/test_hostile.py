@@ -293,6 +293,9 @@ def corpus() -> list[Case]:
         Case("gzip bomb (200 kB inflating to 200 MB)", CHAT, 415, {"data": gzip.compress(b" " * 200 * MB), "headers": {
             "content-type": "application/json", "content-encoding": "gzip"}}, "content-encoding",
              "unsupported_content_encoding", mentions="'gzip'"),
+        Case("temperature NaN (Python's json reads it; JSON has none)", CHAT, 400, raw_json(
+            '{"model": "tiny-llm", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'),
+             "temperature", "invalid_number"),
         Case("a deflated upload", STT, 415, {"data": zlib.compress(b"--x--\r\n"), "headers": {
             "content-type": "multipart/form-data; boundary=x", "content-encoding": "deflate"}}, "content-encoding",
              "unsupported_content_encoding"),
