@@ -365,8 +365,13 @@ class RealtimeSession:
             config.transcription = fields.input_audio_transcription
         if "turn_detection" in sent:
             config.turn_detection = fields.turn_detection
-            self._detect_from(fields.turn_detection)
-            self.speech_start = None
+            if fields.turn_detection is not None and self.detector is not None:
+                # server VAD stays on: the detector hears on, a turn under way included, with the new knobs
+                # (clients send their whole session, this turn_detection too, with any update)
+                self.detector.options = fields.turn_detection.vad()
+            else:
+                self._detect_from(fields.turn_detection)
+                self.speech_start = None
         await self.send("session.updated", session=config.render(self.id, self.llm))
 
     def _check_text_length(self, text: str | None, param: str) -> None:

@@ -842,3 +842,32 @@ def test_ga_errors_name_the_field_the_ga_client_sent():
     assert "audio/pcmu" in errors[1]["message"] and '"rate": 24000' in errors[1]["message"]
     assert "pcm16'" not in errors[1]["message"]
     assert len(socket.of("session.updated")) == 1  # the valid update went through
+
+
+def test_a_session_update_mid_speech_keeps_the_turn_under_way():
+    """Any session.update that carried turn_detection (clients send their whole session with each update,
+    here only new instructions) made a new detector: the turn under way was dropped (its speech_started
+    never stopped nor committed), the new detector heard the rest as a new turn, and the audio before the
+    update was cut from it (on the live app: 0.62 s of the 0.95 s turn transcribed)."""
+    detection = {"type": "server_vad", "silence_duration_ms": 400, "create_response": False}
+
+    async def scenario(update: bool):
+        socket, ingress = Socket(), ScriptedIngress()
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(json.dumps({"type": "session.update", "session": {"turn_detection": detection}}))
+        audio = np.concatenate([speech((0.0, 1.5)), silence(1.0)])
+        await append(session, audio[:int(0.6 * RATE)])
+        if update:
+            await session.handle(json.dumps({"type": "session.update", "session": {
+                "instructions": "Be brief.", "turn_detection": {**detection, "threshold": 0.6}}}))
+        await append(session, audio[int(0.6 * RATE):])
+        await settle(session)
+        return turns(socket), ingress.heard, socket, session
+
+    plain_turns, plain_heard, _, _ = asyncio.run(scenario(update=False))
+    detected, heard, socket, session = asyncio.run(scenario(update=True))
+    assert detected == plain_turns and len(detected) == 2
+    assert heard == plain_heard
+    started, committed = socket.of("input_audio_buffer.speech_started"), socket.of("input_audio_buffer.committed")
+    assert [e["item_id"] for e in started] == [e["item_id"] for e in committed]
+    assert session.detector is not None and session.detector.options.threshold == 0.6  # the new knobs apply
