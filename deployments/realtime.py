@@ -572,6 +572,9 @@ class RealtimeSession:
         if len(text) > self.limits.max_form_field_chars:
             raise SessionError(f"the item has {len(text)} characters; at most max_form_field_chars="
                                f"{self.limits.max_form_field_chars}", "string_above_max_length", "item.content")
+        if parsed.id is not None and any(item.id == parsed.id for item in self.items):
+            raise SessionError(f"the conversation has an item {parsed.id!r} already; give the new item another id, "
+                               "or leave 'id' out for one the server makes", "invalid_value", "item.id")
         at = self._insert_at(event.get("previous_item_id"))
         item = Item(parsed.id or _id("item"), parsed.role, text)
         previous = self._add(item, at)

@@ -871,3 +871,21 @@ def test_a_session_update_mid_speech_keeps_the_turn_under_way():
     started, committed = socket.of("input_audio_buffer.speech_started"), socket.of("input_audio_buffer.committed")
     assert [e["item_id"] for e in started] == [e["item_id"] for e in committed]
     assert session.detector is not None and session.detector.options.threshold == 0.6  # the new knobs apply
+
+
+def test_an_item_id_the_conversation_has_already_is_refused():
+    """conversation.item.create took an id the conversation had already: two items 'a', so previous_item_id
+    'a' (and where a truncated prompt starts) meant the first of them, whichever the client meant."""
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress(words=1)
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(_say("first", item_id="a"))
+        await session.handle(_say("second", item_id="a"))
+        await session.handle(_say("third", item_id="b"))
+        return socket, session
+
+    socket, session = asyncio.run(scenario())
+    assert [item.id for item in session.items] == ["a", "b"]
+    [error] = socket.of("error")
+    assert (error["error"]["param"], error["error"]["code"]) == ("item.id", "invalid_value")
+    assert "'a'" in error["error"]["message"]
