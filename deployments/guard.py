@@ -131,6 +131,8 @@ class RequestGuard:
             return
         try:
             body = await counted.read_all()
+            if body is None:  # the client hung up before its body ended: nothing to run, no one to answer
+                return
             if body and "json" in content_type or (body and not content_type):
                 if len(body) <= INLINE_JSON_BYTES:  # parsed here: a thread hop would cost more
                     check_json(body, self.limits)
@@ -224,12 +226,15 @@ class _CountingReceive:
             self.complete = True
         return message
 
-    async def read_all(self) -> bytes:
+    async def read_all(self) -> bytes | None:
+        """The whole body, or None where the client hung up before its end. (Run on what came, a body whose
+        Content-Length promised more was served to no one: the disconnect was taken here, so no one upstream
+        saw it and cancelled the work; a generation ran to its last token.)"""
         parts = []
         while True:
             message = await self()
             if message["type"] == "http.disconnect":
-                break
+                return None
             parts.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break

@@ -46,6 +46,7 @@ class HTTPMetrics:
         labels = {"family": "", "model": ""}
         token = REQUEST_LABELS.set(labels)
         status: int | None = None  # the answer's, once it starts
+        client_left = False  # the client's disconnect passed through
 
         async def send_seen(message: Message) -> None:
             nonlocal status
@@ -53,17 +54,24 @@ class HTTPMetrics:
                 status = message["status"]
             await send(message)
 
+        async def receive_seen() -> Message:
+            nonlocal client_left
+            message = await receive()
+            client_left = client_left or message["type"] == "http.disconnect"
+            return message
+
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
         try:
-            await self.app(scope, receive, send_seen)
+            await self.app(scope, receive_seen, send_seen)
         except asyncio.CancelledError:
             # Serve cancels a request whose client hung up: before any answer that is no server error but
             # nginx's 499 (client closed request); it was counted 500, so 5xx alerts fired on client timeouts
             status = status or CLIENT_CLOSED
             raise
         finally:
-            status = status or 500  # the app failed before it answered
+            # no answer: the client left (the guard drops a request whose client hung up mid-body), else the app failed
+            status = status or (CLIENT_CLOSED if client_left else 500)
             REQUEST_LABELS.reset(token)
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
