@@ -875,6 +875,12 @@ def _from_ga(event: dict) -> dict:
     """A GA client event as its beta twin (session and response shapes)."""
     if event.get("type") == "session.update" and isinstance(event.get("session"), dict):
         ga, beta = event["session"], {}
+        if ga.get("type") not in (None, "realtime"):  # a transcription session makes no responses: not this one
+            shown = json.dumps(ga["type"])[:64]
+            raise SessionError(f"session.type {shown} is not supported: this server's Realtime sessions are "
+                               "conversations (type 'realtime'); to transcribe only, set "
+                               "audio.input.turn_detection.create_response to false, or stream the audio to "
+                               "/v1/audio/transcriptions with stream=true", "invalid_value", "session.type")
         if "output_modalities" in ga:
             beta["modalities"] = ga["output_modalities"]
         for key in ("instructions", "tools"):

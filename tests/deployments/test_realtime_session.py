@@ -889,3 +889,21 @@ def test_an_item_id_the_conversation_has_already_is_refused():
     [error] = socket.of("error")
     assert (error["error"]["param"], error["error"]["code"]) == ("item.id", "invalid_value")
     assert "'a'" in error["error"]["message"]
+
+
+def test_a_ga_transcription_session_is_refused_by_name():
+    """A GA session.update with type 'transcription' (a session that only transcribes) was taken as a
+    conversation: session.updated said type 'realtime', and every turn was then answered by the LLM."""
+    async def scenario():
+        socket = Socket(ga=True)
+        session = RealtimeSession(socket, ScriptedIngress(), None)
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "type": "transcription", "audio": {"input": {"transcription": {"model": "stt"}}}}}))
+        await session.handle(json.dumps({"type": "session.update", "session": {"type": "realtime"}}))
+        return socket, session
+
+    socket, session = asyncio.run(scenario())
+    [error] = socket.of("error")
+    assert (error["error"]["param"], error["error"]["code"]) == ("session.type", "invalid_value")
+    assert '"transcription"' in error["error"]["message"] and "create_response" in error["error"]["message"]
+    assert session.config.transcription is None and len(socket.of("session.updated")) == 1
