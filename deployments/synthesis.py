@@ -36,7 +36,8 @@ def model_kwargs(spec: ModelSpec, loaded: LoadedModel, params: SpeechParams) -> 
     if "speaking_rate" in accepted:
         kwargs["speaking_rate"] = params.speed
     elif params.speed != 1.0:
-        raise InvalidRequestError(f"model {spec.name!r} does not support speed", param="speed")
+        raise InvalidRequestError(f"model {spec.name!r} speaks at one speed only; speed={params.speed:g} cannot be "
+                                  "honoured: leave speed out or send 1.0", param="speed")
     speakers = int(getattr(loaded.model.config, "num_speakers", 1) or 1)
     if speakers > 1 and "speaker_id" in accepted:
         kwargs["speaker_id"] = speaker_id(spec, params.voice, speakers)

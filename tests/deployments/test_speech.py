@@ -205,3 +205,25 @@ def test_a_synthesis_waiting_for_the_inference_thread_is_queued_not_running(vits
 
     waiting, after = asyncio.run(scenario())
     assert waiting == (2, 0) and after == (0, 0)
+
+
+def test_a_speed_the_model_cannot_honour_is_a_400_naming_the_value_and_the_fix():
+    """A model whose forward takes no speaking_rate answered 'model ... does not support speed': neither the
+    value sent nor what to send instead."""
+    from types import SimpleNamespace
+
+    from deployments import synthesis
+
+    class OneSpeed:
+        config = SimpleNamespace(num_speakers=1)
+
+        def forward(self, input_ids=None, attention_mask=None):
+            raise AssertionError("not called")
+
+    loaded = SimpleNamespace(model=OneSpeed())
+    spec = ModelSpec(name="one-speed", source="x", family=Family.TTS)
+    with pytest.raises(InvalidRequestError) as refused:
+        synthesis.model_kwargs(spec, loaded, SpeechParams(model="one-speed", text="hi", speed=1.5))
+    assert refused.value.param == "speed"
+    assert "speed=1.5" in refused.value.message and "leave speed out or send 1.0" in refused.value.message
+    assert synthesis.model_kwargs(spec, loaded, SpeechParams(model="one-speed", text="hi")) == {}
