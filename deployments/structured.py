@@ -227,6 +227,36 @@ def check_grammar(constraint: Constraint) -> None:
         raise grammar_error(constraint, str(exc)) from None
     if failed:
         raise grammar_error(constraint, messages[0] if messages else "invalid grammar")
+    if constraint.kind == "json_schema":
+        refuse_repeatable_min_properties(constraint)
+
+
+def refuse_repeatable_min_properties(constraint: Constraint) -> None:
+    """A 400 for `minProperties` that only keys outside `properties` can reach. The grammar lets such keys
+    repeat and counts them as written, while JSON keeps one of duplicate keys: the closing wrote `"":""` over
+    and over ({"type": "object", "minProperties": 5} ended as '{"Hi":{},"":"","":"","":"","":""}', 2
+    properties). Listed properties cannot repeat, and one open key more is distinct from them."""
+    stack: list[tuple[Any, list[str]]] = [(json.loads(constraint.source), [])]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, list):
+            stack.extend((child, path + [str(i)]) for i, child in enumerate(node))
+            continue
+        if not isinstance(node, dict):
+            continue
+        least, listed = node.get("minProperties"), node.get("properties")
+        listed = len(listed) if isinstance(listed, dict) else 0
+        open_keys = node.get("additionalProperties", True) is not False or bool(node.get("patternProperties"))
+        if isinstance(least, int) and not isinstance(least, bool) and open_keys and least > listed + 1:
+            where = ".".join(path + ["minProperties"])
+            raise InvalidRequestError(
+                f"{constraint.name or constraint.param} cannot be enforced: minProperties={least} needs "
+                f"{least - listed} keys outside 'properties', which the grammar cannot keep distinct (a repeated "
+                f"key counts once in JSON; at {where}); list the properties you need in 'properties' and "
+                f"'required', or send minProperties at most {listed + 1}",
+                param=f"{constraint.param}.{where}", code="invalid_schema")
+        stack.extend((child, path + [key]) for key, child in node.items()
+                     if key not in ("enum", "const", "default", "examples"))
 
 
 def grammar_error(constraint: Constraint, message: str) -> InvalidRequestError:

@@ -164,3 +164,34 @@ def test_the_closing_search_tries_every_branch_and_a_larger_budget_does_not_refu
     structured.compile_row(constraint, tokenizer, len(tokenizer), end, 64)  # a long closing may be cached first
     row = structured.compile_row(constraint, tokenizer, len(tokenizer), end, tokens)
     assert len(row.closing) <= tokens
+
+
+@pytest.mark.parametrize("schema,param", [
+    ({"type": "object", "minProperties": 3}, "rf.schema.minProperties"),
+    ({"type": "object", "properties": {"meta": {"type": "object", "additionalProperties": {"type": "integer"},
+                                                "minProperties": 2}}, "required": ["meta"]},
+     "rf.schema.properties.meta.minProperties"),
+])
+def test_min_properties_on_open_keys_is_refused_naming_it(schema, param):
+    """The grammar counts keys as written and lets keys outside `properties` repeat; JSON keeps one of
+    duplicate keys. The closing itself wrote `"":""` again and again: {"type": "object", "minProperties": 5}
+    ended as '{"Hi":{},"":"","":"","":"","":""}' from SmolLM2 (2 properties), every such forced close
+    failed the schema. A 400 naming the keyword, as uniqueItems is."""
+    with pytest.raises(InvalidRequestError) as caught:
+        structured.check_grammar(structured.json_schema_constraint(schema, "rf.schema", "the schema"))
+    assert caught.value.param == param and "minProperties" in caught.value.message
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "minProperties": 1},  # one key is one distinct key
+    {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"],
+     "minProperties": 3},  # a and b cannot repeat: the one key more makes three
+    {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"],
+     "additionalProperties": False, "minProperties": 2},
+    {"type": "object", "properties": {"minProperties": {"type": "integer"}}},  # a property of that name
+])
+def test_min_properties_the_grammar_keeps_distinct_is_served(tokenizer, schema):
+    structured.check_grammar(structured.json_schema_constraint(schema, "rf.schema"))
+    for seed in range(4):
+        text, _, _ = decode_row(tokenizer, schema, 64, seed)
+        jsonschema.validate(json.loads(text), schema)
