@@ -49,6 +49,14 @@ INLINE_DETECT_SAMPLES = RATE  # appends up to a second are detected on the event
 MIN_COMMIT_MS = 100  # OpenAI refuses to commit less than this
 
 
+def _asks_beta(headers: Any) -> bool:
+    """The client speaks the beta protocol: the `OpenAI-Beta: realtime=v1` header (the openai package's
+    beta client), or the `openai-beta.realtime-v1` subprotocol, which browsers send instead (they cannot
+    set headers on a WebSocket)."""
+    offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
+    return "realtime=v1" in headers.get("openai-beta", "") or "openai-beta.realtime-v1" in offered
+
+
 def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
@@ -206,8 +214,8 @@ class SessionError(Exception):
 class RealtimeSession:
     def __init__(self, websocket: WebSocket, ingress: Ingress, model: str | None):
         self.ws, self.ingress, self.limits = websocket, ingress, ingress.limits
-        # the beta protocol (OpenAI-Beta: realtime=v1) is the one spoken; the GA one is translated at the edges
-        self.ga = "realtime=v1" not in websocket.headers.get("openai-beta", "")
+        # the beta protocol is the one spoken; the GA one is translated at the edges
+        self.ga = not _asks_beta(websocket.headers)
         self.id = _id("sess")
         self.llm = ingress.default_model(Family.LLM)
         self.requested_model = model

@@ -907,3 +907,26 @@ def test_a_ga_transcription_session_is_refused_by_name():
     assert (error["error"]["param"], error["error"]["code"]) == ("session.type", "invalid_value")
     assert '"transcription"' in error["error"]["message"] and "create_response" in error["error"]["message"]
     assert session.config.transcription is None and len(socket.of("session.updated")) == 1
+
+
+def test_a_browser_asking_for_the_beta_protocol_by_subprotocol_gets_it():
+    """Browsers cannot set OpenAI-Beta on a WebSocket; OpenAI's beta has them offer the subprotocol
+    'openai-beta.realtime-v1' instead (as the openai-realtime-api-beta client does). Such a client was
+    spoken to in GA: its session.update's 'modalities' was dropped unread and its text came as
+    response.output_text.delta, which a beta client does not know."""
+    async def scenario(protocols: str):
+        socket = Socket(ga=True)
+        socket.headers = {"sec-websocket-protocol": protocols}
+        session = RealtimeSession(socket, ScriptedIngress(), None)
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "modalities": ["text"], "turn_detection": None}}))
+        await session.handle(_say("hi"))
+        await session.handle(json.dumps({"type": "response.create"}))
+        await settle(session)
+        return socket
+
+    beta = asyncio.run(scenario("realtime, openai-insecure-api-key.sk-x, openai-beta.realtime-v1"))
+    assert beta.of("session.updated")[0]["session"]["modalities"] == ["text"]
+    assert beta.of("response.text.delta") and not beta.of("response.output_text.delta")
+    ga = asyncio.run(scenario("realtime, openai-insecure-api-key.sk-x"))
+    assert "output_modalities" in ga.of("session.updated")[0]["session"]
