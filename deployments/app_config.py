@@ -154,6 +154,22 @@ class AppConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _the_ingress_takes_what_its_limits_let_in(self) -> AppConfig:
+        """Serve hands an ingress replica at most ingress.max_ongoing_requests at once (HTTP requests and Realtime
+        sockets together); past it, requests wait in Serve's queue, then get its plain-text 503 "Request dropped due
+        to backpressure", and the guard's bound (its 503 overloaded in OpenAI's shape) never comes into play.
+        Measured with limits.max_concurrent_requests: 1000 and 600 / 800 requests in flight: a chat waited 27 s, or
+        got Serve's text 503."""
+        needed = self.limits.max_concurrent_requests + self.limits.max_realtime_sessions
+        if self.ingress.max_ongoing_requests <= needed:
+            raise ValueError(
+                f"ingress.max_ongoing_requests={self.ingress.max_ongoing_requests} is not above limits."
+                f"max_concurrent_requests={self.limits.max_concurrent_requests} plus limits.max_realtime_sessions="
+                f"{self.limits.max_realtime_sessions}: Serve would hold or refuse (as plain text) requests the "
+                f"ingress lets in; set ingress.max_ongoing_requests to at least {needed + 1}, or lower the limits")
+        return self
+
+    @model_validator(mode="after")
     def _gpu_models_need_gpu_replicas(self) -> AppConfig:
         """A model that must be on a GPU can only fail to load where its replica asks Ray for none."""
         if self.device == "cpu":

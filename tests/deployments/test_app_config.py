@@ -104,6 +104,13 @@ BAD_ARGS = [
                  id="zero-ingress-replicas"),
     pytest.param(args(limits={"max_concurrent_requests": 0}), "limits.max_concurrent_requests",
                  "greater than or equal to 1", id="zero-max-concurrent-requests"),
+    # Serve holds (then refuses as plain text) what its ingress replica takes past max_ongoing_requests: raised
+    # alone, max_concurrent_requests did nothing past 512 (a chat waited 27 s with 600 in flight, got Serve's
+    # text 503 with 800)
+    pytest.param(args(limits={"max_concurrent_requests": 1000}), "",
+                 "ingress.max_ongoing_requests=512 is not above limits.max_concurrent_requests=1000 plus "
+                 "limits.max_realtime_sessions=64", id="max-concurrent-requests-past-the-ingress"),
+    pytest.param(args(ingress={"max_ongoing_requests": 300}), "", "at least 321", id="ingress-below-its-limits"),
     pytest.param(args(limits={"min_sample_rate": 48000, "max_sample_rate": 44100}), "limits",
                  "limits.min_sample_rate=48000 is above limits.max_sample_rate=44100", id="sample-rates-inverted"),
     pytest.param(args(models=[{**LLM, "max_new_tokens": -5}]), "models.0.max_new_tokens",
