@@ -102,9 +102,6 @@ async def _transcript_events(items: AsyncGenerator[dict, None]) -> AsyncGenerato
 async def _transcribe(ingress: Ingress, params: TranscribeParams, fmt: str, granularities: list[str],
                       stream: bool) -> Response:
     if stream:
-        if fmt not in ("json", "text"):
-            raise InvalidRequestError(f"stream=true answers with server-sent events; response_format={fmt!r} cannot "
-                                      "be streamed (use json or text)", param="stream")
         items = ingress.transcribe_stream(params)
         first = await items.__anext__()  # errors before the first event are plain HTTP errors
         return StreamingResponse(guarded(_transcript_events(prepend(first, items))), media_type="text/event-stream")
@@ -120,6 +117,9 @@ async def create_transcription(form: Annotated[TranscriptionForm, MULTIPART], in
     if words and form.response_format != "verbose_json":
         raise InvalidRequestError("word timestamps need response_format=verbose_json",
                                   param="timestamp_granularities")
+    if form.stream and form.response_format not in ("json", "text"):  # refused before the upload is decoded
+        raise InvalidRequestError(f"stream=true answers with server-sent events; response_format="
+                                  f"{form.response_format!r} cannot be streamed (use json or text)", param="stream")
     chunking = form.vad_options()
     vad = None if chunking is None else VadOptions(chunking.threshold, chunking.prefix_padding_ms,
                                                    chunking.silence_duration_ms)

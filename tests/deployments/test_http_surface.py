@@ -553,3 +553,23 @@ def test_a_request_its_client_left_before_any_answer_is_counted_499_not_500(monk
 
     asyncio.run(scenario())
     assert [(route, status) for route, _, status, _, _ in seen] == [(CHAT, 499)]
+
+
+def test_a_stream_in_a_format_that_cannot_be_streamed_is_refused_before_the_upload_is_decoded(client, monkeypatch):
+    """stream=true with response_format srt/vtt/verbose_json was refused only after the whole upload was decoded
+    (a 24 MiB WAV: 1.8 s against 0.4 s for the word-timestamps refusal next to it), on one of the ingress's
+    limits.media_workers decoders; a file that could not be decoded was refused on `file` instead."""
+    client, families = client
+    decoded = []
+
+    async def decode_audio(data, model=None):
+        decoded.append(len(data))
+        return np.zeros(16000, np.float32), 16000
+
+    monkeypatch.setattr(client.app.state.ingress, "decode_audio", decode_audio)
+    calls = len(families["stt"].calls)
+    for fmt in ("srt", "vtt", "verbose_json"):
+        refused = error(client.post(STT, files={"file": ("a.wav", b"not audio")},
+                                    data={"model": "stt", "stream": "true", "response_format": fmt}), 400)
+        assert refused["param"] == "stream" and repr(fmt) in refused["message"], refused
+    assert decoded == [] and len(families["stt"].calls) == calls
