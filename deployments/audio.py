@@ -39,6 +39,8 @@ class AudioBounds:
     max_rate: int = 192000
     max_channels: int = 8
     max_seconds: float = 1800.0
+    #: streams of a chained Ogg file (files joined end to end), each opened and decoded in turn
+    max_links: int = 64
     #: decoded audio above this rate is resampled down to it block by block (speech models take 16 kHz)
     target_rate: int = 16000
 
@@ -58,45 +60,66 @@ def decode_audio(data: bytes, bounds: AudioBounds = AudioBounds()) -> tuple[np.n
     compresses well (a silent 8-channel FLAC is ~4000:1) never expands into gigabytes."""
     if not data:
         raise AudioDecodeError(f"The audio file is empty. Supported formats: {DECODABLE}.")
+    pieces: list[np.ndarray] = []
+    out_rate, seconds = 0, 0.0  # the first link's rate (at most target_rate), the seconds decoded so far
     try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
-            # an MP3's frame count is an estimate unless a Xing/Info header states it: one without (VBR, or
-            # a big ID3 tag) was over-stated 2-80x, a false 413; its length is bounded as it is decoded
-            _check_header(f.samplerate, f.channels, 0 if f.format == "MP3" else f.frames, bounds)
-            rate = int(f.samplerate)
-            out_rate = min(rate, bounds.target_rate)
-            max_frames = int(bounds.max_seconds * rate)
-            pieces, frames = [], 0
-            resampler = StreamResampler(rate, out_rate)  # one stream: no seam at each block's edges
-            # read until the decoder has no more: SoundFile.blocks() reads as many frames as the header
-            # says, and past the real end yields its reused buffer (an MP3 without a Xing header decoded
-            # its last block again and again: 57.5 s of speech heard as 132.6 s)
-            while len(block := f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)):
-                frames += block.shape[0]
-                if frames > max_frames:  # a header that under-states the length (e.g. a stream)
-                    raise AudioTooLongError(_too_long(frames / rate, bounds))
-                mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
-                # float files may hold NaN, inf or values past full scale: one NaN made every
-                # log-mel feature NaN (a 200 with a garbage transcript)
-                mono = np.clip(np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
-                pieces.append(resampler.feed(np.ascontiguousarray(mono)))
-            pieces.append(resampler.flush())
+        for link in _ogg_links(data, bounds.max_links) if data.startswith(b"OggS") else [data]:
+            with sf.SoundFile(io.BytesIO(link)) as f:
+                # an MP3's frame count is an estimate unless a Xing/Info header states it: one without (VBR, or
+                # a big ID3 tag) was over-stated 2-80x, a false 413; its length is bounded as it is decoded
+                _check_header(f.samplerate, f.channels, 0 if f.format == "MP3" else f.frames, bounds, seconds)
+                rate = int(f.samplerate)
+                out_rate = out_rate or min(rate, bounds.target_rate)
+                frames = 0
+                resampler = StreamResampler(rate, out_rate)  # one stream: no seam at each block's edges
+                # read until the decoder has no more: SoundFile.blocks() reads as many frames as the header
+                # says, and past the real end yields its reused buffer (an MP3 without a Xing header decoded
+                # its last block again and again: 57.5 s of speech heard as 132.6 s)
+                while len(block := f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)):
+                    frames += block.shape[0]
+                    if seconds + frames / rate > bounds.max_seconds:  # a header that under-states the length
+                        raise AudioTooLongError(_too_long(seconds + frames / rate, bounds))
+                    mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
+                    # float files may hold NaN, inf or values past full scale: one NaN made every
+                    # log-mel feature NaN (a 200 with a garbage transcript)
+                    mono = np.clip(np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
+                    pieces.append(resampler.feed(np.ascontiguousarray(mono)))
+                pieces.append(resampler.flush())
+                seconds += frames / rate
     except AudioDecodeError:
         raise
     except (sf.SoundFileError, sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         # libsndfile's own words, not the exception's text (it quotes a Python object repr)
         reason = getattr(exc, "error_string", None) or type(exc).__name__
         raise AudioDecodeError(f"Could not decode the audio file ({reason}). Supported formats: {DECODABLE}.") from exc
-    if frames == 0:
+    if seconds == 0:
         raise AudioDecodeError("The audio file contains no samples.")
     return np.ascontiguousarray(np.concatenate(pieces), dtype=np.float32), out_rate
+
+
+def _ogg_links(data: bytes, max_links: int) -> list[bytes]:
+    """A chained Ogg file's links, each a whole Ogg file. Streams one after another (files joined end to end,
+    a radio dump) are one valid Ogg file, and libsndfile decodes only the first: the rest was dropped without
+    a word. A link starts at a page that begins a stream (BOS) right after one that ended one (EOS); streams
+    that begin together (multiplexed) stay one link. Bytes that are not Ogg pages stay with the last link."""
+    starts, pos, ended = [0], 0, False
+    while pos + 27 <= len(data) and data.startswith(b"OggS", pos):
+        kind, count = data[pos + 5], data[pos + 26]
+        if kind & 0x02 and ended:
+            if len(starts) == max_links:  # each costs a decoder's set-up (~1 ms), whatever audio it holds
+                raise AudioDecodeError(f"The Ogg file chains more than {max_links} streams; at most "
+                                       f"max_audio_links={max_links} are accepted.")
+            starts.append(pos)
+        ended = bool(kind & 0x04)
+        pos += 27 + count + sum(data[pos + 27:pos + 27 + count])
+    return [data[a:b] for a, b in zip(starts, [*starts[1:], len(data)], strict=True)]
 
 
 def _too_long(seconds: float, bounds: AudioBounds) -> str:
     return f"The audio is {seconds:,.1f} s long; the limit is max_audio_seconds={bounds.max_seconds:g} s."
 
 
-def _check_header(rate: int, channels: int, frames: int, bounds: AudioBounds) -> None:
+def _check_header(rate: int, channels: int, frames: int, bounds: AudioBounds, before_s: float = 0.0) -> None:
     if not bounds.min_rate <= rate <= bounds.max_rate:
         raise AudioDecodeError(
             f"The audio's sample rate is {rate} Hz; accepted are {bounds.min_rate}-{bounds.max_rate} Hz "
@@ -104,8 +127,8 @@ def _check_header(rate: int, channels: int, frames: int, bounds: AudioBounds) ->
     if channels > bounds.max_channels:
         raise AudioDecodeError(
             f"The audio has {channels} channels; at most max_audio_channels={bounds.max_channels} are accepted.")
-    if 0 < frames and frames / rate > bounds.max_seconds:
-        raise AudioTooLongError(_too_long(frames / rate, bounds))
+    if 0 < frames and before_s + frames / rate > bounds.max_seconds:
+        raise AudioTooLongError(_too_long(before_s + frames / rate, bounds))
 
 
 def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:

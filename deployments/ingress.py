@@ -129,7 +129,8 @@ class Ingress:
         spec = self.catalog.get(model or "")
         if spec is not None and spec.max_audio_seconds is not None:
             seconds = min(seconds, spec.max_audio_seconds)
-        bounds = AudioBounds(limits.min_sample_rate, limits.max_sample_rate, limits.max_audio_channels, seconds)
+        bounds = AudioBounds(limits.min_sample_rate, limits.max_sample_rate, limits.max_audio_channels, seconds,
+                             limits.max_audio_links)
         return await self._off_loop(decode_audio, data, bounds)
 
     def _orders_by_priority(self, spec: ModelSpec) -> bool:

@@ -69,6 +69,9 @@ class RequestLimits(BaseModel):
     """Most channels in an uploaded audio file (they are mixed down to one)."""
     max_audio_seconds: float = Field(default=1800.0, gt=0)
     """Longest upload, from its header, before decoding (a model's own `max_audio_seconds` may be lower)."""
+    max_audio_links: int = Field(default=64, ge=1)
+    """Streams one chained Ogg upload may hold (Ogg files joined end to end): each is decoded in turn, and
+    opening one costs ~1 ms whatever audio it holds (a 25 MiB upload could chain ~200,000 empty ones)."""
     max_choices: int = Field(default=8, ge=1)
     """Choices one request may ask for: chat `n`; completions `n` times the prompts (each is a row of
     the decode loop, so this bounds what one request takes of a batch)."""

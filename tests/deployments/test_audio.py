@@ -13,6 +13,7 @@ from deployments.audio import (
     SPEECH_FORMATS,
     AudioBounds,
     AudioDecodeError,
+    AudioTooLongError,
     StreamEncoder,
     StreamResampler,
     UnsupportedAudioFormat,
@@ -248,3 +249,30 @@ def test_an_mp3_without_a_xing_header_decodes_to_its_real_length():
     assert len(decode_audio(bare, limit)[0]) == len(samples)  # before: 413, "the audio is 66.3 s long"
     with pytest.raises(AudioDecodeError, match="max_audio_seconds"):  # still bounded as it is decoded
         decode_audio(bare, AudioBounds(max_seconds=real / 2))
+
+
+def _ogg(seconds: float, rate: int, subtype: str) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, sine(rate, seconds), rate, format="OGG", subtype=subtype)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("subtype, rates", [("OPUS", (48000, 48000)), ("VORBIS", (16000, 44100))])
+def test_a_chained_ogg_file_decodes_every_link(subtype, rates):
+    """Ogg streams one after another (files joined end to end, a radio dump) are one valid Ogg file, and
+    libsndfile decodes only its first link: 2 + 3 + 1 s decoded as 2 s, the rest dropped without a word.
+    Each link is decoded now, at its own rate; the length limit counts them all."""
+    chained = _ogg(2.0, rates[0], subtype) + _ogg(3.0, rates[1], subtype) + _ogg(1.0, rates[0], subtype)
+    samples, rate = decode_audio(chained)
+    assert rate == 16000 and len(samples) / rate == pytest.approx(6.0, abs=0.05)  # before: 2.0
+    assert peak_hz(samples[-16000:], rate) == pytest.approx(440, abs=5)
+    with pytest.raises(AudioTooLongError, match="max_audio_seconds=5"):
+        decode_audio(chained, AudioBounds(max_seconds=5))
+    assert len(decode_audio(_ogg(2.0, rates[0], subtype))[0]) == pytest.approx(32000, abs=20)  # one link as before
+
+
+def test_the_links_of_a_chained_ogg_file_are_bounded():
+    link = _ogg(0.05, 48000, "OPUS")
+    assert len(decode_audio(link * 4, AudioBounds(max_links=4))[0]) == pytest.approx(4 * 800, abs=20)
+    with pytest.raises(AudioDecodeError, match="max_audio_links=4"):
+        decode_audio(link * 5, AudioBounds(max_links=4))
