@@ -2,12 +2,12 @@
 API key check only: see `_websocket`).
 
 In order: a bound on requests in flight (503 + Retry-After past it), the API key (401), the
-body's encoding (415 for a compressed one: nothing here decompresses), its size (413, from Content-Length
-before a byte is read, else counted while reading) and the time it takes to arrive (408,
-limits.body_timeout_s), and
-for JSON bodies a structural check (400): nesting depth, huge integers, NaN and infinities, lone
-surrogates. The
-body the routes see is the one checked here, replayed; nothing is read twice from the client.
+body's encoding (415 for a compressed one: nothing here decompresses), its size (413, from
+Content-Length before a byte is read, else counted while reading) and the time it takes to arrive
+(408, limits.body_timeout_s), and for JSON bodies a structural check (400): nesting depth, huge
+integers, NaN and infinities, lone surrogates. A client that hangs up before its body ends is
+neither served nor answered. The body the routes see is the one checked here, replayed; nothing is
+read twice from the client.
 
 Which size limit a body gets is the route's to say, never the client's Content-Type: the multipart
 routes (`form_paths`: transcriptions, translations, the voice round trip, /stt) take
