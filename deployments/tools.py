@@ -76,8 +76,12 @@ def fallback_messages(messages: list[dict], tools: list[dict] | None) -> list[di
     if tools:
         listing = "\n".join(json.dumps(t, separators=(",", ":")) for t in tools)
         prompt = FALLBACK_PROMPT.format(tools=listing)
-        if out and out[0].get("role") == "system" and isinstance(out[0].get("content"), str):
-            out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + prompt}
+        first = out[0].get("content") if out and out[0].get("role") == "system" else None
+        if isinstance(first, str):
+            out[0] = {**out[0], "content": first + "\n\n" + prompt}
+        elif isinstance(first, list):  # text parts (a VLM's images among them): one more part, which a text
+            # model's parts, joined by newlines (chat_encoding.as_text), make the same text as a string's
+            out[0] = {**out[0], "content": [*first, {"type": "text", "text": "\n" + prompt}]}
         else:
             out.insert(0, {"role": "system", "content": prompt})
     return out
