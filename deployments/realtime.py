@@ -684,6 +684,7 @@ class RealtimeSession:
         item = Item(_id("item"), "assistant", "", audio=spoken)
         output_index = content_index = 0
         base = {"response_id": response_id}
+        where = {**base, "item_id": item.id, "output_index": output_index, "content_index": content_index}
         status, details, usage, text = "completed", None, {}, ""
         opened = 0  # 1: its output item was announced (output_item.added), 2: its content part too
 
@@ -721,7 +722,6 @@ class RealtimeSession:
                                            item=item.render("in_progress"), **base))
             await self.send("conversation.item.created", previous_item_id=previous, item=item.render("in_progress"))
             part = {"type": "audio", "transcript": ""} if spoken else {"type": "text", "text": ""}
-            where = {**base, "item_id": item.id, "output_index": output_index, "content_index": content_index}
             opened = 2
             await asyncio.shield(self.send("response.content_part.added", part=part, **where))
             tts = self.ingress.default_model(Family.TTS)
@@ -769,7 +769,6 @@ class RealtimeSession:
         item_status = "completed" if status == "completed" else "incomplete"
         # what was opened is closed however the response ended: OpenAI sends these .done events "also when a
         # Response is interrupted, incomplete, or cancelled", and clients mark the item done by them
-        where = {**base, "item_id": item.id, "output_index": output_index, "content_index": content_index}
         if opened == 2 and spoken:
             await self.send("response.audio.done", **where)
             await self.send("response.audio_transcript.done", transcript=text, **where)
