@@ -155,9 +155,7 @@ def resample_ratio(from_rate: int, to_rate: int) -> tuple[int, int]:
     every call, so a rate sharing no factor with the target (191999 Hz -> 16 kHz: 16000/191999) took 0.3 s
     of CPU per second of audio: a 71 kB FLAC of 120 s cost 33 s to decode, 1800 s about 8 minutes. The
     nearest ratio is off by at most 0.05% (5 ppm for 191999 Hz), a pitch and time error no one hears."""
-    ratio = Fraction(int(to_rate), int(from_rate))
-    if ratio.denominator > MAX_RATIO_TERMS:
-        ratio = ratio.limit_denominator(MAX_RATIO_TERMS)
+    ratio = Fraction(int(to_rate), int(from_rate)).limit_denominator(MAX_RATIO_TERMS)  # exact where it fits
     return ratio.numerator, ratio.denominator
 
 
