@@ -38,9 +38,11 @@ def prompt_logprobs(loaded: Any, ids: list[int], top: int) -> list[Entry | None]
             targets = ids[start + 1:start + 1 + chunk.shape[1]]
             logprobs = torch.log_softmax(out.logits[0, :len(targets)].float(), dim=-1)
             picked = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
-            best = torch.topk(logprobs, top, dim=-1) if top else None
-            for i, token in enumerate(targets):
-                alternatives = (list(zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True))
-                                if best is not None else [])
-                entries.append((token, picked[i], alternatives))
+            if top:  # read off the device once per chunk, not per token (each .tolist() is a copy and a sync)
+                best = torch.topk(logprobs, top, dim=-1)
+                alternatives = [list(zip(tokens, values, strict=True))
+                                for tokens, values in zip(best.indices.tolist(), best.values.tolist(), strict=True)]
+            else:
+                alternatives = [[] for _ in targets]
+            entries.extend(zip(targets, picked, alternatives, strict=True))
     return entries
