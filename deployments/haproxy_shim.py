@@ -24,9 +24,11 @@ import shutil
 import sys
 from collections.abc import Mapping
 
+from loading.settings import seconds_from_env
+
 DROPPED = ("option splice-request",)
 REQUEST_TIMEOUT_ENV = "MODELFLEET_HAPROXY_HTTP_REQUEST_TIMEOUT_S"
-DEFAULT_REQUEST_TIMEOUT_S = 10.0
+DEFAULT_REQUEST_TIMEOUT_S = "10"
 
 
 def without_dropped_options(config: str) -> str:
@@ -43,18 +45,11 @@ def with_request_timeout(config: str, seconds: float) -> str:
 
 
 def request_timeout_s(environ: Mapping[str, str] = os.environ) -> float:
-    """MODELFLEET_HAPROXY_HTTP_REQUEST_TIMEOUT_S, a positive number of seconds (an error names it otherwise)."""
-    raw = environ.get(REQUEST_TIMEOUT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_REQUEST_TIMEOUT_S
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = float("nan")
-    if not seconds > 0 or seconds == float("inf"):
-        raise ValueError(f"{REQUEST_TIMEOUT_ENV}={raw!r} is not a positive number of seconds: set it to how long "
-                         f"HAProxy waits for a request's headers (e.g. {DEFAULT_REQUEST_TIMEOUT_S:g}), or unset it")
-    return seconds
+    """MODELFLEET_HAPROXY_HTTP_REQUEST_TIMEOUT_S, a positive number of seconds (an error names it otherwise);
+    set but empty, the default."""
+    if not environ.get(REQUEST_TIMEOUT_ENV, "").strip():
+        environ = {}
+    return seconds_from_env(environ, REQUEST_TIMEOUT_ENV, DEFAULT_REQUEST_TIMEOUT_S)
 
 
 def bundled_haproxy() -> str:
