@@ -195,3 +195,23 @@ def test_min_properties_the_grammar_keeps_distinct_is_served(tokenizer, schema):
     for seed in range(4):
         text, _, _ = decode_row(tokenizer, schema, 64, seed)
         jsonschema.validate(json.loads(text), schema)
+
+
+def test_a_long_min_length_closes_in_few_tokens_where_the_vocabulary_has_long_runs():
+    """A string's minLength was met one character per token (the closing wrote '}}}}...'), so with SmolLM2
+    (60 spaces are 3 tokens) {"summary": minLength 60} at max_tokens 64 found no closing and was served
+    unguarded: max_tokens could cut its JSON. Runs of spaces are spelled whole now."""
+    import string
+
+    tokenizer = build_chatml_tokenizer()
+    # as a large vocabulary has them: many short tokens (which the search tries first) and runs of spaces
+    tokenizer.add_tokens([a + b for a in string.ascii_lowercase for b in string.ascii_lowercase] + [" " * 32, " " * 8])
+    schema = {"type": "object", "properties": {"summary": {"type": "string", "minLength": 60, "maxLength": 70}},
+              "required": ["summary"], "additionalProperties": False}
+    end = {tokenizer.eos_token_id}
+    row = structured.compile_row(structured.json_schema_constraint(schema, "rf"), tokenizer, len(tokenizer), end, 24)
+    assert row.guarded and len(row.closing) <= 24
+    for seed in range(6):
+        text, _, used = decode_row(tokenizer, schema, 24, seed)
+        assert used <= 24
+        jsonschema.validate(json.loads(text), schema)
