@@ -58,6 +58,10 @@ MAX_CLOSING_S = 0.25  # backstop of a new request's search (past it: served with
 MAX_STEP_S = 0.02  # ... and of a decode step's (past it the row ends with the closing it has)
 search_clock = time.thread_time
 MAX_HINT = 8192  # bytes of a pattern's sample the search spells whole
+# ... and of the longest run of spaces it spells for a minLength. Runs of thousands, validated at every node (and
+# hints longer in tokens than the budget, which never fit), made a search that cannot close (minLength 3000 in
+# max_tokens 32) end at its time bound, so on every request, instead of at its node bound once (remembered)
+MAX_RUN = 256
 LOOKAHEAD = 4  # candidates compared by their greedy completion where the grammar offers a choice
 CACHE_SIZE = 256  # compiled grammars kept per replica
 # The closing search tries these first: they end a string, an object, an array, or are the shortest value.
@@ -348,7 +352,7 @@ def hints(source: str) -> tuple[bytes, ...]:
             spelled = json.dumps(sample, ensure_ascii=False)[1:-1].encode()
             if spelled not in found:
                 found.append(spelled)
-    longest = min(max((int(m.group(1)) for m in _MIN_LENGTHS.finditer(source)), default=0), MAX_HINT)
+    longest = min(max(map(int, _MIN_LENGTHS.findall(source)), default=0), MAX_RUN)
     run = 1 << (longest.bit_length() - 1) if longest > 1 else 0
     while run > 1:
         found.append(b" " * run)
@@ -450,6 +454,7 @@ class RowGrammar:
         if cached is None and key is not None and CACHE.failures.get(key, -1) >= budget:
             raise self._no_closing(budget)  # proven before, with at least this budget
         capped = CACHE.capped.get(key, set()) if key is not None else set()
+        self.hints = [hint for hint in self.hints if len(hint) <= budget]  # longer ones never fit: not tried
         closing = cached
         if closing is None and budget not in capped:
             closing = self.find_closing(budget, MAX_CLOSING_NODES, MAX_CLOSING_S)

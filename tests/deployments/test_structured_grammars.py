@@ -215,3 +215,15 @@ def test_a_long_min_length_closes_in_few_tokens_where_the_vocabulary_has_long_ru
         text, _, used = decode_row(tokenizer, schema, 24, seed)
         assert used <= 24
         jsonschema.validate(json.loads(text), schema)
+
+
+def test_a_min_length_no_budget_holds_is_searched_once(tokenizer):
+    """The runs of spaces stop at MAX_RUN: runs of up to 8192 validated at every node made a search that
+    cannot close (minLength 3000 in max_tokens 32) end at its time bound, so it was not remembered and
+    every such request cost the search's whole 0.25 s again."""
+    constraint = structured.json_schema_constraint({"type": "string", "minLength": 3000}, "rf")
+    end = {tokenizer.eos_token_id}
+    row = structured.compile_row(constraint, tokenizer, len(tokenizer), end, 32)
+    assert not row.guarded and not row.timed_out
+    key = structured.CACHE.matcher(row.vocab, constraint)[1]
+    assert 32 in structured.CACHE.capped[key]  # the next request is served at once, unguarded
