@@ -168,7 +168,7 @@ def test_a_chat_stream_writes_its_role_with_the_first_delta_and_its_finish_with_
     assert len(writes) == 3
     events = [[json.loads(e[6:]) if e != "data: [DONE]" else "[DONE]" for e in w.split("\n\n") if e]
               for w in writes]
-    assert [c["choices"][0]["delta"] for c in events[0]] == [{"role": "assistant", "content": ""},
+    assert [c["choices"][0]["delta"] for c in events[0]] == [{"role": "assistant", "content": "", "refusal": None},
                                                              {"content": "Hel"}]
     assert events[1][0]["choices"][0]["delta"] == {"content": "lo"}
     assert events[2][0]["choices"][0]["finish_reason"] == "stop"
