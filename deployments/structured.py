@@ -35,6 +35,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import count
 from typing import Any
@@ -242,14 +243,7 @@ def refuse_repeatable_min_properties(constraint: Constraint) -> None:
     repeat and counts them as written, while JSON keeps one of duplicate keys: the closing wrote `"":""` over
     and over ({"type": "object", "minProperties": 5} ended as '{"Hi":{},"":"","":"","":"","":""}', 2
     properties). Listed properties cannot repeat, and one open key more is distinct from them."""
-    stack: list[tuple[Any, list[str]]] = [(json.loads(constraint.source), [])]
-    while stack:
-        node, path = stack.pop()
-        if isinstance(node, list):
-            stack.extend((child, path + [str(i)]) for i, child in enumerate(node))
-            continue
-        if not isinstance(node, dict):
-            continue
+    for node, path in _schema_objects(json.loads(constraint.source), []):
         least, listed = node.get("minProperties"), node.get("properties")
         listed = len(listed) if isinstance(listed, dict) else 0
         open_keys = node.get("additionalProperties", True) is not False or bool(node.get("patternProperties"))
@@ -261,8 +255,6 @@ def refuse_repeatable_min_properties(constraint: Constraint) -> None:
                 f"key counts once in JSON; at {where}); list the properties you need in 'properties' and "
                 f"'required', or send minProperties at most {listed + 1}",
                 param=f"{constraint.param}.{where}", code="invalid_schema")
-        stack.extend((child, path + [key]) for key, child in node.items()
-                     if key not in ("enum", "const", "default", "examples"))
 
 
 def grammar_error(constraint: Constraint, message: str) -> InvalidRequestError:
@@ -300,28 +292,25 @@ def locate(constraint: Constraint, message: str) -> str:
     if "Pointer '" in message:
         needles.append(("$ref", "#" + message.split("Pointer '", 1)[1].split("'", 1)[0]))
     for key, value in needles:
-        path = _find(schema, key, value, [])
-        if path is not None:
-            return ".".join(path)
+        for node, path in _schema_objects(schema, []):
+            if key in node and (value is None or node[key] == value):
+                return ".".join(path + [key])
     return ""
 
 
-def _find(node: Any, key: str, value: Any, path: list[str]) -> list[str] | None:
+def _schema_objects(node: Any, path: list[str]) -> Iterator[tuple[dict, list[str]]]:
+    """Every object in a schema with its path, in document order, less the values of `enum`, `const`,
+    `default` and `examples` (data, not schema)."""
     if isinstance(node, dict):
-        if key in node and (value is None or node[key] == value or (isinstance(value, str) and node[key] == value)):
-            return path + [key]
-        items = node.items()
+        yield node, path
+        items: Any = node.items()
     elif isinstance(node, list):
         items = ((str(i), v) for i, v in enumerate(node))
     else:
-        return None
+        return
     for name, child in items:
-        if name in ("enum", "const", "default", "examples"):
-            continue
-        found = _find(child, key, value, path + [str(name)])
-        if found is not None:
-            return found
-    return None
+        if name not in ("enum", "const", "default", "examples"):
+            yield from _schema_objects(child, path + [str(name)])
 
 
 # --- one row ---------------------------------------------------------------------------------------
