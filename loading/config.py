@@ -255,6 +255,9 @@ def apps_from_serve_config(path: str | Path) -> list[ServeApp]:
         data: Any = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as exc:
         raise ServeConfigError(f"{path} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:  # a binary file, or text saved as UTF-16/Latin-1: YAML read as UTF-8 here
+        raise ServeConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save the Serve config "
+                               "as UTF-8 YAML") from None
     if data is None:
         data = {}
     if not isinstance(data, dict) or not isinstance(data.get("applications", []), list):

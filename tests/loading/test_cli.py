@@ -311,6 +311,21 @@ def test_a_config_that_cannot_be_read_exits_2_naming_where(command, content, say
     assert captured.err.startswith(f"modelfleet {command}: {path}") and says in captured.err, captured.err
 
 
+@pytest.mark.parametrize("command", ["validate", "doctor", "fetch"])
+def test_a_config_that_is_not_utf8_exits_2_naming_the_file_and_the_fix(command, isolated_env, tmp_path, capsys):
+    """A config saved as UTF-16 (Windows editors do) was a traceback of `modelfleet validate` (exit 1: the
+    UnicodeDecodeError of reading it) and, from doctor and fetch, only 'UnicodeDecodeError: ...' without the file."""
+    from deployments.cli import main as console_script
+
+    path = tmp_path / "utf16.yaml"
+    path.write_bytes("applications: []\n".encode("utf-16"))
+    assert console_script([command, "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"modelfleet {command}: {path} is not UTF-8 text") \
+        and "save the Serve config as UTF-8 YAML" in captured.err, captured.err
+
+
 def test_two_applications_may_serve_one_name(isolated_env, tiny, tmp_path, monkeypatch, capsys):
     """Names are unique per application, as Serve routes them (each app at its route prefix)."""
     model = {"name": "tiny-llm", "source": str(tiny["llm"])}
