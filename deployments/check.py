@@ -33,6 +33,7 @@ import requests
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 60.0
+MAX_TIMEOUT_S = 86400.0  # a day; a socket takes no timeout past ~9.2e9 s (OverflowError inside requests)
 CONNECT_TIMEOUT_S = 3.0  # an unreachable server is reported in seconds, whatever --timeout says
 FAMILIES = ("llm", "vlm", "stt", "tts")
 EXIT_OK, EXIT_FAILED, EXIT_UNCHECKED = 0, 1, 2
@@ -438,10 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
     parser.add_argument("--timeout", metavar="S", type=float, default=DEFAULT_TIMEOUT_S,
                         help=f"seconds per request, waiting for a model still loading included "
-                             f"(default {DEFAULT_TIMEOUT_S:g})")
+                             f"(default {DEFAULT_TIMEOUT_S:g}, at most {MAX_TIMEOUT_S:g})")
     args = parser.parse_args(argv)
-    if not args.timeout > 0:  # nan too
-        parser.error("--timeout must be positive")
+    if not 0 < args.timeout <= MAX_TIMEOUT_S:  # nan and inf too
+        parser.error(f"--timeout {args.timeout:g} is out of range: give seconds above 0 and at most "
+                     f"{MAX_TIMEOUT_S:g} (default {DEFAULT_TIMEOUT_S:g})")
     report = check(args.url, args.api_key, args.timeout)
     if args.json:
         print(json.dumps(report, indent=2))

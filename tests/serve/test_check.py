@@ -154,6 +154,23 @@ def test_a_url_the_check_cannot_use_exits_2_naming_it(url, says):
     assert says in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("timeout", ["inf", "1e10", "0", "nan"])
+def test_a_timeout_no_socket_takes_exits_2_naming_it_and_the_range(timeout):
+    """--timeout inf (or 1e10: past ~9.2e9 s) was accepted and then, once a server took the connection, a
+    traceback of urllib3's sock.settimeout (OverflowError: timestamp out of range), exit 1. A server that
+    accepts and never answers is enough: the error came when the check waited for the first answer."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        proc, _ = modelfleet("check", "--url", url, "--timeout", timeout, timeout=30)
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+    assert f"--timeout {float(timeout):g} is out of range: give seconds above 0 and at most 86400" in proc.stderr, \
+        proc.stderr
+
+
 @pytest.mark.parametrize("key", [None, "wrong-key-0123456789abcdef"])
 def test_a_missing_or_wrong_api_key_exits_2_naming_the_401(healthy, key):
     proc, _ = modelfleet("check", "--url", healthy.url, *(["--api-key", key] if key else []))
