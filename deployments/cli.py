@@ -16,6 +16,7 @@ from typing import Any
 
 CHECK_USAGE = ("modelfleet check [--url URL] [--api-key KEY] [--json] [--timeout S]: "
                "every family of a running server answers a real request (see `modelfleet check --help`)")
+COMMANDS = ("check", "validate", "doctor", "fetch")
 VALIDATE_USAGE = ("modelfleet validate [--config FILE]: the config's fields and API keys, as `serve run` checks "
                   "them (no model is looked for: that is `modelfleet doctor`)")
 
@@ -148,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         return check(argv[1:])
     if argv[:1] == ["validate"]:
         return validate(argv[1:])
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:  # loading's parser knows only doctor, fetch
+        near = get_close_matches(argv[0], COMMANDS, n=1)
+        print(f"modelfleet: unknown command {argv[0]!r}" + (f" (did you mean `{near[0]}`?)" if near else "")
+              + f": the commands are {', '.join(COMMANDS)} (see `modelfleet --help`)", file=sys.stderr)
+        return 2
     from loading.cli import main as loading_main
 
     if argv[:1] in ([], ["-h"], ["--help"]):  # loading's help knows doctor and fetch: name check and validate too

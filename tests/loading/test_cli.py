@@ -529,6 +529,20 @@ def test_make_serve_validates_the_config_first_and_names_a_misspelt_field(isolat
     assert validate < next(i for i, line in enumerate(plan) if "serve run serve_config.yaml" in line), plan
 
 
+@pytest.mark.parametrize("command,says", [
+    ("chek", "unknown command 'chek' (did you mean `check`?): the commands are check, validate, doctor, fetch"),
+    ("bogus", "unknown command 'bogus': the commands are check, validate, doctor, fetch"),
+])
+def test_an_unknown_command_names_all_four(command, says, capsys):
+    """It was loading's argparse error, 'invalid choice: ... (choose from 'doctor', 'fetch')': a typo of check or
+    validate was told that those two do not exist."""
+    from deployments.cli import main as console_script
+
+    assert console_script([command, "--url", "http://127.0.0.1:1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and says in captured.err, captured.err
+
+
 def test_validate_refuses_what_the_builder_refuses_of_the_keys(isolated_env, tmp_path, monkeypatch, capsys):
     """build_app refuses auth.required without a key (serve_config.gpu.yaml sets it), a key file it cannot read
     and a short key; serve run answers that as it answers a misspelt field: tracebacks, then it blocks. validate
