@@ -44,8 +44,8 @@ from .protocol import (
     VoiceUsage,
 )
 from .runtime_catalog import IngressCatalog, Snapshot
-from .sse import event, guarded
-from .voice import AudioPiece, TextDelta, drain, spoken_reply
+from .sse import event, guarded, prepend
+from .voice import AudioPiece, ReplyEvent, TextDelta, drain, spoken_reply
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -304,20 +304,27 @@ class Ingress:
                                  models={family.value: name for family, name in names.items()})
 
     async def voice_chat_stream(self, form: VoiceChatForm, upload: bytes, wait_s: float) -> AsyncIterator[str]:
-        """The round trip as server-sent events. Speech-to-text and the checks run before the first
-        event (their errors are plain HTTP errors); later failures are in-band error events."""
+        """The round trip as server-sent events. Speech-to-text, the checks and the LLM's start run before
+        the first event (their errors, the LLM's refusals and 503s included, are plain HTTP errors, as a
+        streamed chat's); later failures are in-band error events."""
         names, heard, chat = await self._voice_turn(form, upload, wait_s)
         models = {family.value: name for family, name in names.items()}
-        return guarded(self._voice_events(form, names, heard, chat, models, wait_s))
+        reply = spoken_reply(self, chat, self._speech_template(names[Family.TTS], wait_s), self._tts_chars(),
+                             self.config.ingress.voice_first_piece_chars)
+        try:
+            first = await reply.__anext__()  # the reply's first text (or its end)
+        except BaseException:
+            await reply.aclose()
+            raise
+        return guarded(self._voice_events(form, names, heard, first, reply, models, wait_s))
 
     async def _voice_events(self, form: VoiceChatForm, names: dict[Family, str], heard: TranscribeResult,
-                            chat: ChatParams, models: dict[str, str], wait_s: float) -> AsyncGenerator[str, None]:
+                            first: ReplyEvent, reply: AsyncGenerator[ReplyEvent, None], models: dict[str, str],
+                            wait_s: float) -> AsyncGenerator[str, None]:
         yield event(VoiceTranscriptEvent(text=heard.text))
         encoder: StreamEncoder | None = None
-        async with contextlib.aclosing(spoken_reply(
-                self, chat, self._speech_template(names[Family.TTS], wait_s), self._tts_chars(),
-                self.config.ingress.voice_first_piece_chars)) as reply:
-            async for item in reply:
+        async with contextlib.aclosing(reply):  # the client gone: the LLM and the TTS stop at once
+            async for item in prepend(first, reply):
                 if isinstance(item, TextDelta):
                     yield event(VoiceReplyDelta(delta=item.text))
                 elif isinstance(item, AudioPiece):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import time
 from typing import Any
 
@@ -17,10 +18,11 @@ from fastapi.testclient import TestClient
 from local_handles import LocalHandle
 from PIL import Image
 
+import loading
 from deployments import media
 from deployments.api import build_api, form_paths
 from deployments.app_config import AppConfig
-from deployments.errors import InvalidRequestError
+from deployments.errors import InvalidRequestError, to_error
 from deployments.ingress import Ingress
 from deployments.limits import RequestLimits
 from deployments.params import ChatResult, SpeechResult, TranscribeResult
@@ -573,3 +575,37 @@ def test_a_stream_in_a_format_that_cannot_be_streamed_is_refused_before_the_uplo
                                     data={"model": "stt", "stream": "true", "response_format": fmt}), 400)
         assert refused["param"] == "stream" and repr(fmt) in refused["message"], refused
     assert decoded == [] and len(families["stt"].calls) == calls
+
+
+@pytest.mark.parametrize(("refusal", "status"), [
+    (lambda: InvalidRequestError("max_tokens=999 exceeds the limit of model 'llm'", param="max_tokens"), 400),
+    (lambda: loading.ModelLoadingInProgress("llm", "reading weights", 0.5, 7), 503),
+])
+def test_a_streamed_voice_round_trip_the_llm_refuses_is_an_http_error_not_a_200(refusal, status):
+    """/v1/audio/chat with stream=true sent its 200 and the transcript event before the LLM was asked, so the LLM's
+    refusals came as an in-band error event of a 200: on a live serve run max_tokens=100000 (SmolLM2's limit is
+    128) and a system_prompt past tiny-llm's context, which the same request unstreamed answers with a 400, and a
+    chat model still loading, whose 503 lost its Retry-After. As a streamed chat completion does, the reply's
+    first text is awaited before the headers."""
+    client, families = make()
+
+    async def chat_stream(params):
+        families["llm"].calls.append(("chat_stream", params))
+        raise refusal()
+        yield  # an async generator, as the family's
+
+    families["llm"].chat_stream = chat_stream
+    response = client.post(VOICE, files={"file": ("q.wav", wav(), "audio/wav")},
+                           data={"stream": "true", "max_tokens": "999"})
+    refused = error(response, status)
+    assert refused["message"] == to_error(refusal())[1].error.message
+    if status == 503:
+        assert response.headers["retry-after"] == "7" and refused["code"] == "model_loading"
+    else:
+        assert refused["param"] == "max_tokens"
+    # and a reply the LLM does give still streams, the transcript first
+    families["llm"].chat_stream = Family().chat_stream
+    events = [json.loads(line[6:]) for line in client.post(
+        VOICE, files={"file": ("q.wav", wav(), "audio/wav")}, data={"stream": "true"}).text.splitlines()
+        if line.startswith("data: ")]
+    assert [e["type"] for e in events][:2] == ["transcript", "reply.delta"] and events[-1]["type"] == "done"
