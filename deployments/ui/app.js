@@ -237,7 +237,6 @@ function setupChat(card) {
     const content = image ? [{ type: "text", text }, { type: "image_url", image_url: { url: image } }] : text;
     const message = { role: "user", content };
     const start = performance.now();
-    let reply = null;
     controller = new AbortController();
     send.disabled = true;
     stop.disabled = false;
@@ -250,13 +249,23 @@ function setupChat(card) {
         max_tokens: Number($(card, ".max-tokens").value) || undefined,
         temperature: Number($(card, ".temperature").value),
       };
-      bubble("user", text, image);
+      const asked = bubble("user", text, image).parentElement;
       prompt.value = "";
       const out = bubble("assistant", "");
       out.parentElement.classList.add("streaming");
       let finish = null;
       let usage = null;
-      reply = "";
+      let reply = "";
+      // The log shows what the model is sent next: a reply stopped (or failed) after some text stays, with
+      // its question, in the history; a call that gave no text leaves neither, and its text is back in the box.
+      const remember = () => {
+        history.push(message, { role: "assistant", content: reply });
+        image = null; // the image went with this message (and stays in the history)
+        if (imageInput) {
+          imageInput.value = "";
+          preview.hidden = true;
+        }
+      };
       setMeta(card, "waiting for the first token…");
       try {
         for await (const data of sseData(await postJson("v1/chat/completions", body, controller.signal))) {
@@ -273,15 +282,19 @@ function setupChat(card) {
           if (choice && choice.finish_reason) finish = choice.finish_reason;
           if (chunk.usage) usage = chunk.usage;
         }
+      } catch (err) {
+        if (reply) {
+          remember();
+        } else {
+          asked.remove();
+          out.parentElement.remove();
+          if (!prompt.value) prompt.value = text;
+        }
+        throw err;
       } finally {
         out.parentElement.classList.remove("streaming");
       }
-      history.push(message, { role: "assistant", content: reply });
-      image = null; // the image went with this message (and stays in the history)
-      if (imageInput) {
-        imageInput.value = "";
-        preview.hidden = true;
-      }
+      remember();
       const tokens = usage ? `, ${usage.prompt_tokens} prompt + ${usage.completion_tokens} completion tokens` : "";
       setMeta(card, `${body.model}: finish_reason ${finish}${tokens}, ${seconds(start)}`);
     });

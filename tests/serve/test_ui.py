@@ -291,3 +291,61 @@ def test_the_playground_in_chromium(app, browser, tmp_path):
     assert screenshot.stat().st_size > 10_000
     assert console_errors(driver) == []
     assert driver.execute_script("return window.__pageErrors;") == []
+
+
+@pytest.mark.skipif(bool(browser_missing()), reason=browser_missing() or "runs")
+def test_the_chat_log_is_what_the_model_is_sent_next(app, browser):
+    """A reply stopped with Stop stayed in the log but was left out of the history, with its question: the next
+    message went out alone ([user 'And then?']) and SmolLM2 answered as if nothing had been said. A call refused
+    before any text left its question in the log (never sent again) and cleared the text box."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver = browser
+    find = driver.find_element
+    driver.get(app.url + "/ui")
+    if not find(By.ID, "api-key").get_attribute("value"):
+        find(By.ID, "api-key").send_keys(KEY + Keys.TAB)
+    wait(driver, "document.querySelector('#models-status').textContent.includes('models:')", 30, "the model list")
+    driver.execute_script("""
+        window.__sent = [];
+        const plain = window.fetch;
+        window.fetch = (url, init) => {
+            if (String(url).endsWith('v1/chat/completions')) window.__sent.push(JSON.parse(init.body).messages);
+            return plain(url, init);
+        };""")
+    card = "#chat"
+
+    def ask(model: str, max_tokens: int, text: str) -> None:
+        driver.execute_script(f"document.querySelector('{card} select.model').value = '{model}';")
+        find(By.CSS_SELECTOR, f"{card} .max-tokens").clear()
+        find(By.CSS_SELECTOR, f"{card} .max-tokens").send_keys(str(max_tokens))
+        find(By.CSS_SELECTOR, f"{card} .prompt").send_keys(text)
+        find(By.CSS_SELECTOR, f"{card} .send").click()
+
+    def shown() -> list[tuple[str, str]]:
+        return driver.execute_script(f"""return [...document.querySelectorAll('{card} .log .msg')]
+            .map(m => [m.classList.contains('user') ? 'user' : 'assistant', m.querySelector('.text').textContent]);""")
+
+    # refused before any text (max_tokens over tiny-llm's 64): nothing stays in the log, the text is back in the box
+    ask("tiny-llm", 1000, "A question refused")
+    wait(driver, f"document.querySelector('{card}').dataset.state === 'error'", 30, "the refusal")
+    assert "max_tokens" in find(By.CSS_SELECTOR, f"{card} .error").text
+    assert shown() == []
+    assert find(By.CSS_SELECTOR, f"{card} .prompt").get_attribute("value") == "A question refused"
+    find(By.CSS_SELECTOR, f"{card} .prompt").clear()
+
+    # stopped after its first words: the question and those words are what the next message follows
+    ask("smollm2-135m-instruct", 128, "Tell me a long story about a dragon.")
+    wait(driver, f"document.querySelector('{card} .msg.assistant .text')?.textContent.length > 0", 60, "the first words")
+    find(By.CSS_SELECTOR, f"{card} .stop").click()
+    wait(driver, f"document.querySelector('{card}').dataset.state === 'done'", 30, "the stop")
+    assert find(By.CSS_SELECTOR, f"{card} .meta").text == "stopped"  # stopped mid-reply, not finished
+    ask("smollm2-135m-instruct", 8, "And then?")
+    card_done(driver, "chat")
+    log = shown()
+    assert [role for role, _ in log] == ["user", "assistant", "user", "assistant"], log
+    assert driver.execute_script("return window.__sent;")[-1] == [
+        {"role": role, "content": text} for role, text in log[:3]], log
+    errors = console_errors(driver)  # Chromium's notes of the refused requests (the page's 401 without a key), no more
+    assert all(e["source"] == "network" and (" 400 " in e["message"] or " 401 " in e["message"]) for e in errors), errors
