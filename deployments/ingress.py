@@ -281,7 +281,8 @@ class Ingress:
         messages = [{"role": "system", "content": form.system_prompt}] if form.system_prompt else []
         messages.append({"role": "user", "content": heard.text or "(silence)"})
         chat = await self.chat_params(llm, messages, wait_s, max_new_tokens=form.max_tokens,
-                                      temperature=form.temperature, priority=self.voice_priority(llm))
+                                      temperature=form.temperature, priority=self.voice_priority(llm),
+                                      messages_param="system_prompt" if form.system_prompt else "file")
         return names, heard, chat
 
     def _speech_template(self, model: str, wait_s: float) -> SpeechParams:

@@ -30,6 +30,7 @@ class ChatParams:
     images: list[bytes] = field(default_factory=list)  # encoded, headers checked; in order of appearance
     max_new_tokens: int | None = None
     max_tokens_param: str = "max_tokens"  # the field the client set it with, for a refusal to name
+    messages_param: str = "messages"  # the field a refusal of the prompt's length names (voice: system_prompt, file)
     temperature: float | None = None
     top_p: float | None = None
     stop: list[str] = field(default_factory=list)
@@ -74,8 +75,8 @@ class ChatParams:
     @property
     def prompt_param(self) -> str:
         """The request field that holds the prompt, for a refusal to name: /v1/completions' `prompt`, a chat's
-        `messages`."""
-        return "prompt" if self.prompt is not None else "messages"
+        `messages` (the voice round trip's: its `system_prompt`, else the `file` whose transcript it is)."""
+        return "prompt" if self.prompt is not None else self.messages_param
 
     def sampling_key(self, length_ratio: float = 2.0) -> tuple:
         """Requests with equal keys can share one batched generate call:

@@ -609,3 +609,24 @@ def test_a_streamed_voice_round_trip_the_llm_refuses_is_an_http_error_not_a_200(
         VOICE, files={"file": ("q.wav", wav(), "audio/wav")}, data={"stream": "true"}).text.splitlines()
         if line.startswith("data: ")]
     assert [e["type"] for e in events][:2] == ["transcript", "reply.delta"] and events[-1]["type"] == "done"
+
+
+@pytest.mark.parametrize("stream", ["false", "true"])
+def test_a_voice_prompt_too_long_for_the_llm_names_a_field_of_the_form(stream):
+    """/v1/audio/chat's prompt too long for the LLM's context was refused on param `messages` ('Please reduce the
+    length of the messages'), a field the form does not have: on a live serve run, a 3000-word system_prompt to
+    tiny-llm (511 tokens). It names the system_prompt where one was sent, else the file whose transcript it is."""
+    from deployments.errors import context_length_exceeded
+
+    client, families = make()
+
+    async def chat_stream(params):
+        raise context_length_exceeded("maximum context length", 511, 1158, param=params.prompt_param)
+        yield  # an async generator, as the family's
+
+    families["llm"].chat_stream = chat_stream
+    for form, param in (({"system_prompt": "word " * 3000}, "system_prompt"), ({}, "file")):
+        refused = error(client.post(VOICE, files={"file": ("q.wav", wav(), "audio/wav")},
+                                    data={"stream": stream, **form}), 400)
+        assert (refused["param"], refused["code"]) == (param, "context_length_exceeded"), refused
+        assert f"reduce the length of the {param}" in refused["message"], refused
