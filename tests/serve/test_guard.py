@@ -126,8 +126,14 @@ def test_past_max_concurrent_requests_the_ingress_answers_503_with_retry_after(a
     threads = [threading.Thread(target=slow) for _ in range(6)]
     for thread in threads:
         thread.start()
-    time.sleep(1.5)  # all six are generating (2 s each)
-    refused = requests.get(app.url + "/v1/models", headers=with_key(KEYS[0]), timeout=30)
+    # once all six are in (each generates for ~2 s), the next request is refused; on a loaded machine the
+    # six may take longer than a fixed sleep to arrive (CI: a 200 after 1.5 s), so ask until they have
+    deadline = time.monotonic() + 30
+    while True:
+        time.sleep(0.1)
+        refused = requests.get(app.url + "/v1/models", headers=with_key(KEYS[0]), timeout=30)
+        if refused.status_code != 200 or time.monotonic() > deadline or not any(t.is_alive() for t in threads):
+            break
     for thread in threads:
         thread.join()
     assert refused.status_code == 503, refused.text
