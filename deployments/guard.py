@@ -58,11 +58,15 @@ INLINE_JSON_BYTES = 64 * 1024
 FORM_CHARSETS = frozenset({"utf-8", "ascii"})
 
 
+def offered_subprotocols(headers: Headers) -> list[str]:
+    """The subprotocols a WebSocket client offered (Sec-WebSocket-Protocol)."""
+    return [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
+
+
 def realtime_subprotocol(headers: Headers) -> str | None:
     """The subprotocol a Realtime socket is accepted with, refused or not: "realtime" where the client offered
     it (a browser fails a handshake that chooses none of those it offered), never the key's, else none."""
-    offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
-    return "realtime" if "realtime" in offered else None
+    return "realtime" if "realtime" in offered_subprotocols(headers) else None
 
 
 class RequestGuard:
@@ -153,9 +157,9 @@ class RequestGuard:
         one the socket is accepted, told why in an `error` event (401's body, OpenAI's Realtime shape),
         and closed with 1008 (policy violation): a client sees the reason, not a failed handshake."""
         headers = Headers(scope=scope)
-        offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
-        keys = [headers.get("authorization")] + [
-            f"Bearer {p[len(INSECURE_KEY_PROTOCOL):]}" for p in offered if p.startswith(INSECURE_KEY_PROTOCOL)]
+        keys = [headers.get("authorization")] + [f"Bearer {p[len(INSECURE_KEY_PROTOCOL):]}"
+                                                 for p in offered_subprotocols(headers)
+                                                 if p.startswith(INSECURE_KEY_PROTOCOL)]
         authorized = any(self.keys.allows(key) for key in keys) or not self.keys.enabled
         scope.setdefault("state", {})[AUTHORIZED] = authorized
         if authorized:

@@ -34,7 +34,7 @@ from loading import Family
 
 from .audio import StreamResampler, resample
 from .errors import as_api_error, to_error
-from .guard import INLINE_JSON_BYTES, check_json, realtime_subprotocol
+from .guard import INLINE_JSON_BYTES, check_json, offered_subprotocols, realtime_subprotocol
 from .params import ChatParams, SpeechParams, TranscribeParams
 from .vad import TurnDetector, VadOptions
 from .voice import AudioPiece, ReplyDone, TextDelta, spoken_reply
@@ -53,8 +53,7 @@ def _asks_beta(headers: Any) -> bool:
     """The client speaks the beta protocol: the `OpenAI-Beta: realtime=v1` header (the openai package's
     beta client), or the `openai-beta.realtime-v1` subprotocol, which browsers send instead (they cannot
     set headers on a WebSocket)."""
-    offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
-    return "realtime=v1" in headers.get("openai-beta", "") or "openai-beta.realtime-v1" in offered
+    return "realtime=v1" in headers.get("openai-beta", "") or "openai-beta.realtime-v1" in offered_subprotocols(headers)
 
 
 def _id(prefix: str) -> str:
