@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Family, ModelSpec
-from .errors import LoadingError, ModelNotFoundError
+from .errors import LoadingError, ModelNotFoundError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,13 @@ def locate_model(model_id: str, revision: str | None, family: Family | None, all
         raise RuntimeSourceError(f"{model_id!r} ({found.path}) is a LoRA adapter: add it with "
                                  "POST /v1/load_lora_adapter", param="model_id")
     config = read_config_file(found.path, model_id)
-    chosen = select_family(config, family, model_id).family
+    try:
+        chosen = select_family(config, family, model_id).family
+    except UnsupportedModelError as exc:
+        if family is None:
+            raise
+        select_family(config, None, model_id)  # a model of no family at all is the model_id's fault
+        raise RuntimeSourceError(str(exc), param="family", code="family_mismatch") from None
     return ModelCheck(str(found.path), chosen, found.origin)
 
 

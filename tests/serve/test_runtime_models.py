@@ -334,7 +334,8 @@ def test_a_model_that_is_nowhere_is_a_404_and_downloads_stay_off(app):
 
 def test_a_model_or_adapter_whose_files_cannot_be_read_is_a_400_naming_the_file(app, adapters, tmp_path):
     """A config.json that is not JSON, a model_type transformers does not know, an adapter_config.json
-    that is a list: each was a 500 (or a 503 as if our model were down), not the admin's bad input."""
+    that is a list: each was a 500 (or a 503 as if our model were down), not the admin's bad input. A model
+    of another family than the body's `family` is that field's fault, not model_id's."""
     bad_json = Path(shutil.copytree(adapters["model"], tmp_path / "bad-json"))
     (bad_json / "config.json").write_text("{'model_type': 'llama'}")
     unknown = Path(shutil.copytree(adapters["model"], tmp_path / "unknown-type"))
@@ -345,6 +346,8 @@ def test_a_model_or_adapter_whose_files_cannot_be_read_is_a_400_naming_the_file(
     for path, body, param, words in (
             ("/models/load", {"model_id": str(bad_json)}, "model_id", "config.json cannot be read"),
             ("/models/load", {"model_id": str(unknown)}, "model_id", "'nosucharch'"),
+            ("/models/load", {"model_id": str(adapters["model"]), "family": "vlm"}, "family",
+             "configured as family 'vlm' but its config is a LLM"),
             ("/v1/load_lora_adapter", {"lora_name": "listed", "lora_path": str(listed_lora)}, "lora_path",
              "is not a JSON object")):
         response = admin(app, path, body)
