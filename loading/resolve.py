@@ -78,6 +78,19 @@ def is_model_dir(path: Path) -> bool:
     return any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir())
 
 
+def _not_a_model(path: Path) -> str:
+    """Why an existing path is not a model directory, for the not-found message: a config saved without
+    its weights (an adapter's `save_pretrained` interrupted, or only its JSON copied) says so."""
+    try:
+        configs = [name for name in MARKER_FILES if (path / name).is_file()] if path.is_dir() else []
+    except OSError:
+        configs = []
+    if not configs:
+        return "no config.json/adapter_config.json with weights"
+    return (f"has {configs[0]} but no weight files ({', '.join(sorted(WEIGHT_SUFFIXES))}): copy or save the "
+            "weights with it")
+
+
 def missing_weight_files(path: Path) -> list[str]:
     """Weight files a model directory links or names but lacks: a symlink to a blob never downloaded
     (an interrupted HF cache download), a shard its index lists that is not there."""
@@ -357,8 +370,7 @@ def resolve_source(
                 origin = "adapter's parent directory"
             log.info("%s %s resolved to %s (%s)", what, source, candidate, origin)
             return Resolved(candidate.resolve(), origin, looked_at)
-        state = "no config.json/adapter_config.json with weights" if exists else "does not exist"
-        looked_at.append(f"{candidate} ({state})")
+        looked_at.append(f"{candidate} ({_not_a_model(candidate) if exists else 'does not exist'})")
 
     if not is_repo_id(source):
         raise ModelNotFoundError(

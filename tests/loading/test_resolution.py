@@ -179,10 +179,16 @@ def test_missing_local_path_is_not_treated_as_a_hub_id(isolated_env, tmp_path):
     assert str(tmp_path / "gone" / "model") + " (does not exist)" in str(info.value)
 
 
-def test_dir_without_weights_is_not_a_model(isolated_env, tmp_path):
+@pytest.mark.parametrize("config", ["config.json", "adapter_config.json"])
+def test_dir_without_weights_is_not_a_model_and_says_the_weights_are_missing(isolated_env, config):
+    """An adapter saved or copied without adapter_model.safetensors was reported as 'no
+    config.json/adapter_config.json with weights', which reads as if its adapter_config.json were missing."""
     half = isolated_env["models"] / "half-copied"
     half.mkdir()
-    (half / "config.json").write_text("{}")
+    (half / config).write_text("{}")
+    with pytest.raises(ModelNotFoundError, match=f"has {config} but no weight files "):
+        resolve_source("half-copied", Settings.from_env(), allow_download=False)
+    (half / config).unlink()
     with pytest.raises(ModelNotFoundError, match="no config.json/adapter_config.json with weights"):
         resolve_source("half-copied", Settings.from_env(), allow_download=False)
 
