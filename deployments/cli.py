@@ -122,13 +122,14 @@ def validate(argv: list[str]) -> int:
     refuses. Reads no model and asks no Hub, so it answers in a second or two."""
     import argparse
 
+    from loading.cli import config_file_problem
     from loading.config import ServeConfigError, apps_from_serve_config
 
     parser = argparse.ArgumentParser(prog="modelfleet validate", description=VALIDATE_USAGE.split(": ", 1)[1])
     parser.add_argument("--config", type=Path, default=Path("serve_config.yaml"), help="Serve config file")
     args = parser.parse_args(argv)
-    if not args.config.is_file():
-        print(f"config file {args.config} not found (pass --config PATH)", file=sys.stderr)
+    if (problem := config_file_problem(args.config)) is not None:
+        print(problem, file=sys.stderr)
         return 2
     try:
         check_serve_config(args.config, with_keys=True)

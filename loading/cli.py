@@ -164,6 +164,16 @@ def _fetch_one(spec: ModelSpec, settings: Settings, hub: HubStatus, to_local_dir
         print(f"       adapter base: {found.base.path} ({found.base.origin})", file=out)
 
 
+
+def config_file_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as the Serve config, or None: a directory given for the file (a shell's tab
+    completion stops at one) is named as such, not reported 'not found' while it is there."""
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return f"config file {path} is a directory: pass the YAML file in it (--config {path / DEFAULT_CONFIG})"
+    return f"config file {path} not found (pass --config PATH)"
+
 def main(argv: list[str] | None = None, check_config: Callable[[Path], None] | None = None) -> int:
     """`check_config`: called with the config file before doctor or fetch read it; a ServeConfigError it raises
     exits 2 with its message, as one of loading's own (the `modelfleet` console script checks there each
@@ -180,8 +190,8 @@ def main(argv: list[str] | None = None, check_config: Callable[[Path], None] | N
                                   "args.local_models_dir, where set, is its LOCAL_MODELS_DIR)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not args.config.is_file():
-        print(f"config file {args.config} not found (pass --config PATH)", file=sys.stderr)
+    if (problem := config_file_problem(args.config)) is not None:
+        print(problem, file=sys.stderr)
         return 2
     try:
         if check_config is not None:

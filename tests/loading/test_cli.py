@@ -287,6 +287,16 @@ def test_missing_config_file(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["validate", "doctor", "fetch"])
+def test_a_directory_given_as_the_config_is_named_as_one(command, tmp_path, capsys):
+    """It was 'config file DIR not found' while DIR was there."""
+    from deployments.cli import main as console_script
+
+    assert console_script([command, "--config", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"config file {tmp_path} is a directory: pass the YAML file in it" in err and "not found" not in err, err
+
+
 @pytest.mark.parametrize("command", ["doctor", "fetch"])
 @pytest.mark.parametrize("content,says", [
     pytest.param({"models": [{"name": "m", "source": "tiny-llm", "max_tokens": 5}]},
