@@ -50,13 +50,14 @@ def _serve(name: str, request: Request) -> Response:
     return Response(body, media_type=PLAYGROUND[name], headers=headers)
 
 
-@router.get("/ui")
+# HEAD too, as a static file server answers it (link checkers, `curl -I`); the server sends no body for it.
+@router.api_route("/ui", methods=["GET", "HEAD"])
 async def playground(request: Request) -> Response:
     """The playground page (its assets are linked as ui/<file>, relative to this path)."""
     return _serve(INDEX, request)
 
 
-@router.get("/ui/{asset}")
+@router.api_route("/ui/{asset}", methods=["GET", "HEAD"])
 async def playground_asset(asset: str, request: Request) -> Response:
     if asset not in PLAYGROUND or asset == INDEX:
         raise HTTPException(404, f"the playground has no file {asset[:60]!r} (it is /ui, /ui/app.js, /ui/style.css)")

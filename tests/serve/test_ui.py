@@ -60,6 +60,9 @@ def test_the_page_and_its_assets_answer_without_a_key_with_type_and_cache_header
     etag = response.headers["etag"]
     again = requests.get(app.url + path, headers={"If-None-Match": etag}, timeout=30)
     assert (again.status_code, again.content, again.headers["etag"]) == (304, b"", etag)
+    head = requests.head(app.url + path, timeout=30)  # was a 405
+    assert (head.status_code, head.content, head.headers["etag"]) == (200, b"", etag), head.headers
+    assert head.headers["content-type"] == media_type
     if path == "/ui":
         csp = response.headers["content-security-policy"]
         assert "connect-src 'self'" in csp and "script-src 'self'" in csp and "default-src 'none'" in csp
