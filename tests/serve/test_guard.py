@@ -84,6 +84,8 @@ def test_health_shows_details_only_to_a_caller_with_a_key(app):
     assert all(set(info) <= {"name", "family", "state", "phase", "progress", "demo"} for info in public["models"].values())
     assert "ingress" in private and all("replica" in info for info in private["models"].values())
     assert "/" not in str(public)  # no paths, no errors, no pids
+    head = requests.head(app.url + "/health", timeout=30)  # an uptime monitor's probe: was a 405
+    assert (head.status_code, head.content) == (200, b""), head.headers
 
 
 def test_the_openai_client_works_with_either_key_and_fails_clearly_without(app):
