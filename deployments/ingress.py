@@ -22,6 +22,7 @@ from loading import Family, ModelSpec
 from .app_config import AppConfig
 from .audio import AudioBounds, StreamEncoder, decode_audio, encode_audio_with_rate
 from .auth import KeyChecker, load_admin_keys, load_keys
+from .chat_server import resolve_max_new_tokens
 from .errors import (
     SERVE_UNAVAILABLE,
     InvalidRequestError,
@@ -149,6 +150,8 @@ class Ingress:
                 f"priority={priority}, but the {family.value} family serves requests in arrival order (its "
                 f"scheduling_policy is fcfs); send priority 0, or set families.{family.value}.scheduling_policy: "
                 "priority in serve_config.yaml", param="priority")
+        if (requested := sampling.get("max_new_tokens")) is not None:  # before any image is decoded
+            resolve_max_new_tokens(spec, requested, param=sampling.get("max_tokens_param", "max_tokens"))
         has_images = any(part.get("type") == "image" for m in messages if isinstance(m.get("content"), list)
                          for part in m["content"])
         if has_images and spec.family is not Family.VLM:  # refused before any image is decoded
@@ -275,6 +278,8 @@ class Ingress:
         stt = self.spec(names[Family.STT], Family.STT, param="stt_model")
         llm = self.spec(names[Family.LLM], Family.LLM, Family.VLM, param="llm_model")
         self.spec(names[Family.TTS], Family.TTS, param="tts_model")
+        if form.max_tokens is not None:  # refused before the upload is decoded and heard
+            resolve_max_new_tokens(llm, form.max_tokens)
         audio, rate = await self.decode_audio(upload, stt.name)
         heard = await self.transcribe(TranscribeParams(model=names[Family.STT], audio=audio, sample_rate=rate,
                                                        language=form.language, wait_s=wait_s))

@@ -596,7 +596,7 @@ def test_a_streamed_voice_round_trip_the_llm_refuses_is_an_http_error_not_a_200(
 
     families["llm"].chat_stream = chat_stream
     response = client.post(VOICE, files={"file": ("q.wav", wav(), "audio/wav")},
-                           data={"stream": "true", "max_tokens": "999"})
+                           data={"stream": "true", "max_tokens": "16"})  # under the limit: the LLM refuses
     refused = error(response, status)
     assert refused["message"] == to_error(refusal())[1].error.message
     if status == 503:
@@ -630,3 +630,23 @@ def test_a_voice_prompt_too_long_for_the_llm_names_a_field_of_the_form(stream):
                                     data={"stream": stream, **form}), 400)
         assert (refused["param"], refused["code"]) == (param, "context_length_exceeded"), refused
         assert f"reduce the length of the {param}" in refused["message"], refused
+
+
+@pytest.mark.parametrize("stream", ["false", "true"])
+def test_a_max_tokens_over_the_models_limit_is_refused_before_the_upload_or_image_is_read(stream):
+    """/v1/audio/chat decoded and transcribed the upload before the LLM refused its max_tokens (0.87 s of a
+    23 MB upload on a live serve run), and a VLM chat decoded its images first: the limit is the model's
+    config, known to the ingress, so it is refused first (an undecodable upload or image shows the order)."""
+    client, families = make()
+    response = client.post(VOICE, files={"file": ("q.wav", b"not audio", "audio/wav")},
+                           data={"max_tokens": "100000", "stream": stream})
+    refused = error(response, 400)
+    assert refused["param"] == "max_tokens" and "max_tokens=100000 exceeds the limit of model 'llm'" \
+        in refused["message"], refused
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}
+    response = client.post("/v1/chat/completions", json={
+        "model": "vlm", "max_completion_tokens": 100000, "stream": stream == "true",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "what is it?"}, image]}]})
+    refused = error(response, 400)
+    assert refused["param"] == "max_completion_tokens" and "exceeds the limit of model 'vlm'" in refused["message"]
+    assert not any(family.calls for family in families.values())
