@@ -51,7 +51,9 @@ class HTTPMetrics:
         async def send_seen(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
+                # an answer to a client already gone (FastAPI's 400 for a multipart body cut off mid-upload)
+                # reaches no one: the hang-up is what happened, as when nothing is answered
+                status = CLIENT_CLOSED if client_left else message["status"]
             await send(message)
 
         async def receive_seen() -> Message:

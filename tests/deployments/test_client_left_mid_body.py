@@ -42,15 +42,16 @@ def answered(monkeypatch) -> list[int]:
     return statuses
 
 
-def post(parts: list[tuple[bytes, bool]] | None, declared: int, hang_up: bool) -> tuple[LLM, list[dict]]:
+def post(parts: list[tuple[bytes, bool]] | None, declared: int, hang_up: bool, path: str = CHAT,
+         content_type: bytes = b"application/json") -> tuple[LLM, list[dict]]:
     """POST `parts` ((body, more_body) each), then the client's disconnect if `hang_up`; what was sent back."""
     llm = LLM()
     config = AppConfig.model_validate({"models": [{"name": "llm", "source": "llm", "family": "llm"}],
                                        "local_models_dir": "/nonexistent"})
     asgi = build_api(Ingress({"llm": LocalHandle(llm)}, config))
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": CHAT, "raw_path": CHAT.encode(), "root_path": "", "query_string": b"",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(declared).encode())],
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", content_type), (b"content-length", str(declared).encode())],
              "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
     messages = [{"type": "http.request", "body": body, "more_body": more} for body, more in parts or []]
     sent: list[dict] = []
@@ -88,3 +89,14 @@ def test_a_whole_body_is_served(answered):
     assert llm.calls == 1
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
     assert answered == [200]
+
+
+def test_a_client_that_hangs_up_mid_upload_is_counted_499_not_400(answered):
+    """A multipart upload cut off by its client: FastAPI's form parser answers the broken body with a 400 (to
+    no one), which the metrics counted as the client's bad request; a disconnect seen before the answer
+    starts makes it the client's hang-up, as for a JSON body."""
+    head = (b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+            b"Content-Type: audio/wav\r\n\r\n" + b"RIFF" + bytes(4000))
+    llm, _ = post([(head, True)], len(head) + 100_000, hang_up=True, path="/v1/audio/transcriptions",
+                  content_type=b"multipart/form-data; boundary=b0undary")
+    assert answered == [499]
