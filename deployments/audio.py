@@ -1,15 +1,16 @@
-"""Audio in and out without ffmpeg or torchaudio: libsndfile (via soundfile) and scipy.
+"""Audio in and out without an ffmpeg binary or torchaudio: libsndfile (via soundfile), PyAV and scipy.
 
-Decoding accepts whatever libsndfile reads (WAV, FLAC, OGG Vorbis/Opus, MP3 since
-libsndfile 1.1, AIFF, ...). Encoding formats are registered only when this libsndfile can
-write them, so `SPEECH_FORMATS` says what this machine can actually produce.
+Decoding: libsndfile for what it reads well and cheaply (WAV, FLAC, Ogg Vorbis/Opus, AIFF), PyAV (`audio_av`)
+for what browsers and phones record (WebM, MP4/M4A, AAC) and for MP3, which libsndfile cuts short.
+Encoding formats are registered only when this machine can write them, so `SPEECH_FORMATS` says what it
+can actually produce.
 """
 
 from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -17,11 +18,13 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-DECODABLE = "WAV, FLAC, OGG (Vorbis/Opus), MP3, AIFF"
+from .audio_av import AAC_RATES, AdtsEncoder, AvAudio, AvDecodeError, demuxer_for
+
+DECODABLE = "WAV, FLAC, OGG (Vorbis/Opus), MP3, WebM (Opus/Vorbis), MP4/M4A (AAC/ALAC), AAC (ADTS), AIFF"
 
 
 class AudioDecodeError(ValueError):
-    """The uploaded bytes are empty or not audio libsndfile can read."""
+    """The uploaded bytes are empty or not audio that can be decoded here."""
 
 
 class UnsupportedAudioFormat(ValueError):
@@ -55,39 +58,39 @@ class AudioTooLongError(AudioDecodeError):
 def decode_audio(data: bytes, bounds: AudioBounds = AudioBounds()) -> tuple[np.ndarray, int]:
     """Decode an audio file to float32 mono samples in [-1, 1] and its sample rate.
 
-    The header is read first: rates, channels and duration out of bounds are refused before a sample
-    is decoded. Decoding runs block by block, mixing down and resampling each block, so a file that
-    compresses well (a silent 8-channel FLAC is ~4000:1) never expands into gigabytes."""
+    WAV, FLAC, Ogg and AIFF go to libsndfile; WebM, MP4/M4A, AAC and MP3 to PyAV (`audio_av`), chosen by the
+    first bytes. The header is read first: rates, channels and a stated duration out of bounds are refused
+    before a sample is decoded. Decoding runs block by block, mixing down and resampling each block, and
+    stops at the first block past the length limit, so a file that compresses well (a silent 8-channel FLAC
+    is ~4000:1) never expands into gigabytes."""
     if not data:
         raise AudioDecodeError(f"The audio file is empty. Supported formats: {DECODABLE}.")
+    demuxer = demuxer_for(data)
     pieces: list[np.ndarray] = []
-    out_rate, seconds = 0, 0.0  # the first link's rate (at most target_rate), the seconds decoded so far
+    out_rate, seconds = 0, 0.0  # the first block's rate (at most target_rate), the seconds decoded so far
     try:
-        for link in _ogg_links(data, bounds.max_links) if data.startswith(b"OggS") else [data]:
-            with sf.SoundFile(io.BytesIO(link)) as f:
-                # an MP3's frame count is an estimate unless a Xing/Info header states it: one without (VBR, or
-                # a big ID3 tag) was over-stated 2-80x, a false 413; its length is bounded as it is decoded
-                _check_header(f.samplerate, f.channels, 0 if f.format == "MP3" else f.frames, bounds, seconds)
-                rate = int(f.samplerate)
-                out_rate = out_rate or min(rate, bounds.target_rate)
-                frames = 0
-                resampler = StreamResampler(rate, out_rate)  # one stream: no seam at each block's edges
-                # read until the decoder has no more: SoundFile.blocks() reads as many frames as the header
-                # says, and past the real end yields its reused buffer (an MP3 without a Xing header decoded
-                # its last block again and again: 57.5 s of speech heard as 132.6 s)
-                while len(block := f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)):
-                    frames += block.shape[0]
-                    if seconds + frames / rate > bounds.max_seconds:  # a header that under-states the length
-                        raise AudioTooLongError(_too_long(seconds + frames / rate, bounds))
-                    mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
-                    # float files may hold NaN, inf or values past full scale: one NaN made every
-                    # log-mel feature NaN (a 200 with a garbage transcript)
-                    mono = np.clip(np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
-                    pieces.append(resampler.feed(np.ascontiguousarray(mono)))
-                pieces.append(resampler.flush())
-                seconds += frames / rate
+        for source in _av_sources(data, demuxer) if demuxer else _sndfile_sources(data, bounds):
+            _check_header(source.rate, source.channels, source.frames, bounds, seconds)
+            rate, resampler = 0, StreamResampler(1, 1)  # replaced at the first block
+            for block_rate, block in source.blocks:
+                _check_header(block_rate, block.shape[1], 0, bounds)  # a stream may change both (joined MP3s)
+                if block_rate != rate:  # one resampler per run of a rate: no seam at each block's edges
+                    pieces.append(resampler.flush())
+                    rate, out_rate = block_rate, out_rate or min(block_rate, bounds.target_rate)
+                    resampler = StreamResampler(rate, out_rate)
+                seconds += block.shape[0] / rate
+                if seconds > bounds.max_seconds:  # a header that under-states the length, or states none
+                    raise AudioTooLongError(_too_long(seconds, bounds))
+                mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
+                # float files may hold NaN, inf or values past full scale: one NaN made every
+                # log-mel feature NaN (a 200 with a garbage transcript)
+                mono = np.clip(np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
+                pieces.append(resampler.feed(np.ascontiguousarray(mono)))
+            pieces.append(resampler.flush())
     except AudioDecodeError:
         raise
+    except AvDecodeError as exc:
+        raise AudioDecodeError(f"{exc} Supported formats: {DECODABLE}.") from exc
     except (sf.SoundFileError, sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         # libsndfile's own words, not the exception's text (it quotes a Python object repr)
         reason = getattr(exc, "error_string", None) or type(exc).__name__
@@ -95,6 +98,38 @@ def decode_audio(data: bytes, bounds: AudioBounds = AudioBounds()) -> tuple[np.n
     if seconds == 0:
         raise AudioDecodeError("The audio file contains no samples.")
     return np.ascontiguousarray(np.concatenate(pieces), dtype=np.float32), out_rate
+
+
+@dataclass
+class _Source:
+    """One stream to decode: its header (frames 0: not stated, or only estimated) and its (rate, block) pairs,
+    each block float32 of shape (frames, channels)."""
+
+    rate: int
+    channels: int
+    frames: int
+    blocks: Iterator[tuple[int, np.ndarray]]
+
+
+def _sndfile_sources(data: bytes, bounds: AudioBounds) -> Iterator[_Source]:
+    """Each link of a chained Ogg file, or the one file, read by libsndfile."""
+    for link in _ogg_links(data, bounds.max_links) if data.startswith(b"OggS") else [data]:
+        with sf.SoundFile(io.BytesIO(link)) as f:
+            # an MP3's frame count is an estimate unless a Xing/Info header states it (MP3s go to PyAV, but one
+            # with bytes before its first frame comes here): over-stated 2-80x, a false 413
+            yield _Source(int(f.samplerate), f.channels, 0 if f.format == "MP3" else f.frames, _sndfile_blocks(f))
+
+
+def _sndfile_blocks(f: sf.SoundFile) -> Iterator[tuple[int, np.ndarray]]:
+    # read until the decoder has no more: SoundFile.blocks() reads as many frames as the header says, and past
+    # the real end yields its reused buffer (57.5 s of speech heard as 132.6 s)
+    while len(block := f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)):
+        yield int(f.samplerate), block
+
+
+def _av_sources(data: bytes, demuxer: str) -> Iterator[_Source]:
+    with AvAudio(data, demuxer) as audio:
+        yield _Source(audio.rate, audio.channels, audio.frames, audio.blocks())
 
 
 def _ogg_links(data: bytes, max_links: int) -> list[bytes]:
@@ -263,6 +298,12 @@ def _pcm16_at_pcm_rate(samples: np.ndarray, rate: int) -> tuple[bytes, int]:
     return _pcm16(resample(samples, rate, PCM_RATE), PCM_RATE)
 
 
+def _aac(samples: np.ndarray, rate: int) -> tuple[bytes, int]:
+    target = _supported_rate(rate, AAC_RATES)
+    encoder = AdtsEncoder(target)
+    return encoder.write(resample(samples, rate, target)) + encoder.close(), target
+
+
 def _writable(format: str, subtype: str) -> bool:
     return format in sf.available_formats() and subtype in sf.available_subtypes(format)
 
@@ -274,6 +315,7 @@ _CANDIDATES: dict[str, tuple[str, Callable[[np.ndarray, int], tuple[bytes, int]]
     "pcm": ("audio/pcm", _pcm16_at_pcm_rate, None),
     "mp3": ("audio/mpeg", _soundfile_encoder("MP3", "MPEG_LAYER_III", _MP3_RATES), ("MP3", "MPEG_LAYER_III")),
     "opus": ("audio/ogg", _soundfile_encoder("OGG", "OPUS", _OPUS_RATES), ("OGG", "OPUS")),
+    "aac": ("audio/aac", _aac, None),  # ADTS, through PyAV's AAC encoder
 }
 
 SPEECH_FORMATS: Mapping[str, tuple[str, Callable[[np.ndarray, int], tuple[bytes, int]]]] = {
@@ -289,7 +331,7 @@ DEFAULT_SPEECH_FORMAT = "mp3" if "mp3" in SPEECH_FORMATS else "wav"
 def encode_audio_with_rate(waveform: np.ndarray, rate: int, fmt: str) -> tuple[bytes, str, int]:
     """Like `encode_audio`, also returning the sample rate actually written.
 
-    mp3 and opus accept only some rates; other rates are resampled up to a supported one.
+    mp3, opus and aac accept only some rates; other rates are resampled up to a supported one.
     """
     try:
         media_type, encoder = SPEECH_FORMATS[fmt]
@@ -311,7 +353,7 @@ def encode_audio(waveform: np.ndarray, rate: int, fmt: str) -> tuple[bytes, str]
 
 #: formats whose bytes can be sent while later audio is still being made; the others (flac, mp3) are
 #: written once the audio is complete (libsndfile rewrites their headers when it closes them)
-STREAMED_FORMATS = ("pcm", "wav", "opus")
+STREAMED_FORMATS = ("pcm", "wav", "opus", "aac")
 
 
 def streaming_wav_header(rate: int) -> bytes:
@@ -325,8 +367,8 @@ def streaming_wav_header(rate: int) -> bytes:
 
 class StreamEncoder:
     """Encodes audio that arrives piece by piece into one `fmt` byte stream: `write(piece)` returns the
-    bytes that piece adds (pcm and wav at once, opus page by page), `close()` the rest (all of it for
-    flac and mp3). The source rate must stay the same across pieces."""
+    bytes that piece adds (pcm and wav at once, opus page by page, aac frame by frame), `close()` the rest
+    (all of it for flac and mp3). The source rate must stay the same across pieces."""
 
     def __init__(self, fmt: str, rate: int):
         if fmt not in SPEECH_FORMATS:
@@ -335,10 +377,11 @@ class StreamEncoder:
         self.fmt, self.rate = fmt, int(rate)
         self.media_type = SPEECH_FORMATS[fmt][0]
         self.streamed = fmt in STREAMED_FORMATS
-        self.written_rate = {"opus": _supported_rate(self.rate, _OPUS_RATES), "pcm": PCM_RATE}.get(fmt, self.rate)
+        self.written_rate = {"opus": _supported_rate(self.rate, _OPUS_RATES), "pcm": PCM_RATE,
+                             "aac": _supported_rate(self.rate, AAC_RATES)}.get(fmt, self.rate)
         self._held: list[np.ndarray] = []  # flac/mp3: the whole audio, encoded at close
         self._file: Any = None
-        self._resampler = StreamResampler(self.rate, self.written_rate)  # opus, pcm: one stream, no seams
+        self._resampler = StreamResampler(self.rate, self.written_rate)  # opus, pcm, aac: one stream, no seams
         self._buffer = io.BytesIO()
         self._sent = 0
         self._started = False
@@ -358,6 +401,9 @@ class StreamEncoder:
                                           format="OGG", subtype="OPUS")
             self._file.write(self._resampler.feed(samples))
             return self._take()
+        if self.fmt == "aac":
+            self._file = self._file or AdtsEncoder(self.written_rate)
+            return self._file.write(self._resampler.feed(samples))
         self._held.append(samples)
         return b""
 
@@ -374,6 +420,10 @@ class StreamEncoder:
                 self._file.write(rest)
             self._file.close()
             return self._take()
+        if self.fmt == "aac":
+            if self._file is None:
+                return b""
+            return self._file.write(self._resampler.flush()) + self._file.close()
         data, _, self.written_rate = encode_audio_with_rate(
             np.concatenate(self._held) if self._held else np.zeros(0, dtype=np.float32), self.rate, self.fmt)
         return data

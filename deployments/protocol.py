@@ -854,7 +854,8 @@ class TranscriptionForm(FormModel):
     """The multipart form of `/v1/audio/transcriptions`."""
 
     file: UploadFile
-    """The audio file: WAV, FLAC, OGG (Vorbis/Opus), MP3 or AIFF; any rate (8-192 kHz), mixed to mono."""
+    """The audio file: WAV, FLAC, OGG (Vorbis/Opus), MP3, WebM (Opus), MP4/M4A (AAC, ALAC), AAC (ADTS) or AIFF,
+    told apart by its bytes (not its name); any rate (8-192 kHz), mixed to mono."""
     model: str
     """Speech-to-text model id or alias."""
     language: str | None = None
@@ -938,7 +939,8 @@ class TranslationForm(FormModel):
     to English text)."""
 
     file: UploadFile
-    """The audio file: WAV, FLAC, OGG (Vorbis/Opus), MP3 or AIFF; any rate (8-192 kHz), mixed to mono."""
+    """The audio file: WAV, FLAC, OGG (Vorbis/Opus), MP3, WebM (Opus), MP4/M4A (AAC, ALAC), AAC (ADTS) or AIFF,
+    told apart by its bytes (not its name); any rate (8-192 kHz), mixed to mono."""
     model: str
     """Speech-to-text model id or alias (a multilingual Whisper)."""
     prompt: str | None = None
@@ -1026,7 +1028,7 @@ class TranscriptTextDone(OpenAIBaseModel):
     """Token counts."""
 
 
-SpeechFormat = Literal["wav", "flac", "pcm", "mp3", "opus"]
+SpeechFormat = Literal["wav", "flac", "pcm", "mp3", "opus", "aac"]
 
 
 class CustomVoice(RequestModel):
@@ -1043,15 +1045,15 @@ class SpeechRequest(RequestModel):
     """Voice name (or OpenAI's custom-voice object, whose id is taken as the name); models with a single
     voice ignore it."""
     response_format: SpeechFormat | None = None
-    """Audio container/encoding; `pcm` is raw 16-bit little-endian mono. Left out: `mp3`, as OpenAI's (`wav`
-    where this machine's libsndfile cannot write mp3)."""
+    """Audio container/encoding; `pcm` is raw 16-bit little-endian mono, `aac` ADTS. Left out: `mp3`, as OpenAI's
+    (`wav` where this machine's libsndfile cannot write mp3)."""
     speed: float = Field(default=1.0, ge=0.25, le=4.0)
     """Playback speed factor."""
     instructions: str | None = None
     """Style instructions; models that cannot follow them ignore them."""
     stream_format: Literal["audio", "sse"] = "audio"
     """`audio`: the audio itself, sent as it is synthesized (sentence by sentence) for `pcm`, `wav` (a
-    streaming header) and `opus`, at once for `flac` and `mp3`; `sse`: server-sent events
+    streaming header), `opus` and `aac`, at once for `flac` and `mp3`; `sse`: server-sent events
     `speech.audio.delta` (base64 audio) then `speech.audio.done` (usage)."""
 
     _check_input = field_validator("input")(_not_blank)

@@ -48,7 +48,7 @@ from .common import ERRORS, MULTIPART, UPLOAD_LIMITS, IngressDep, WaitDep, check
 
 router = APIRouter(tags=["audio"], responses=ERRORS)
 
-_AUDIO_TYPES = {"audio/wav": {}, "audio/flac": {}, "audio/pcm": {}, "audio/mpeg": {}, "audio/ogg": {}}
+_AUDIO_TYPES = {"audio/wav": {}, "audio/flac": {}, "audio/pcm": {}, "audio/mpeg": {}, "audio/ogg": {}, "audio/aac": {}}
 _TRANSCRIPT_RESPONSES = {200: {
     "model": TranscriptionResponse | TranscriptionVerboseResponse,
     "content": {"text/plain": {}, "text/vtt": {}, "text/event-stream": {}},
@@ -174,7 +174,7 @@ async def _encode(encoder: StreamEncoder, fn, *args) -> bytes:
 @router.post("/v1/audio/speech", response_class=Response,
              responses={200: {"content": {**_AUDIO_TYPES, "text/event-stream": {}},
                               "description": "The audio in `response_format`, sent as it is synthesized (pcm, wav, "
-                                             "opus); with `stream_format: sse`, speech.audio.delta events"}})
+                                             "opus, aac); with `stream_format: sse`, speech.audio.delta events"}})
 async def create_speech(body: SpeechRequest, ingress: IngressDep, wait_s: WaitDep) -> Response:
     check_speech_text(body.input, ingress.limits, "input")
     params = SpeechParams(model=body.model, text=body.input, voice=body.voice_name, speed=body.speed, wait_s=wait_s)

@@ -2,6 +2,7 @@
 
 import io
 import itertools
+import re
 from types import SimpleNamespace
 from typing import get_args
 
@@ -67,7 +68,10 @@ def test_encode_decode_round_trip(fmt, rate):
     # no header to say otherwise); the others keep the rate
     expected_rate = 24000 if (fmt, rate) == ("opus", 22050) or fmt == "pcm" else rate
     assert written_rate == expected_rate
-    assert len(samples) / decoded_rate == pytest.approx(1.0, abs=0.03)
+    # ADTS cannot say where the audio starts and ends: an AAC decoder gives the encoder's 1024 samples of
+    # priming first and the last frame whole (1024 samples)
+    extra = 2048 / written_rate if fmt == "aac" else 0.0
+    assert len(samples) / decoded_rate == pytest.approx(1.0 + extra / 2, abs=0.03 + extra / 2)
     assert peak_hz(samples, decoded_rate) == pytest.approx(440, abs=5)
     # RMS, not peak: lossy codecs overshoot where the sine is cut off at the end
     assert np.sqrt(np.mean(samples**2)) == pytest.approx(0.5 / np.sqrt(2), abs=0.03)
@@ -93,7 +97,7 @@ def test_encode_clips_and_accepts_model_shapes():
 
 def test_unknown_output_format():
     with pytest.raises(UnsupportedAudioFormat, match="choose one of: wav"):
-        encode_audio(sine(16000), 16000, "aac")
+        encode_audio(sine(16000), 16000, "wma")
 
 
 def test_decode_mixes_channels_down():
@@ -276,3 +280,101 @@ def test_the_links_of_a_chained_ogg_file_are_bounded():
     assert len(decode_audio(link * 4, AudioBounds(max_links=4))[0]) == pytest.approx(4 * 800, abs=20)
     with pytest.raises(AudioDecodeError, match="max_audio_links=4"):
         decode_audio(link * 5, AudioBounds(max_links=4))
+
+
+# --- what browsers and phones record, and MP3s libsndfile cut short (PyAV) ---------------------------------
+
+
+def av_file(samples: np.ndarray, rate: int, container: str, codec: str, layout: str = "mono",
+            options: dict | None = None) -> bytes:
+    """`samples` encoded by PyAV (ffmpeg's muxers and encoders), as a browser or phone would write them."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container, options=options or {}) as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        planes = np.tile(samples[None], (stream.layout.nb_channels, 1)).astype(np.float32)
+        frame = av.AudioFrame.from_ndarray(planes, format="fltp", layout=layout)
+        frame.sample_rate, frame.pts = rate, 0
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name, rate, container, codec, layout, options", [
+    ("Chrome/Firefox MediaRecorder: WebM Opus, live (no duration, no cues)", 48000, "webm", "libopus", "mono",
+     {"live": "1"}),
+    ("WebM Opus, stereo", 48000, "webm", "libopus", "stereo", None),
+    ("Safari MediaRecorder / iPhone voice memo: M4A AAC", 44100, "mp4", "aac", "stereo", None),
+    ("ADTS AAC", 22050, "adts", "aac", "mono", None),
+    ("M4A ALAC", 44100, "ipod", "alac", "mono", None),
+])
+def test_what_browsers_and_phones_record_decodes(name, rate, container, codec, layout, options):
+    data = av_file(sine(rate, seconds=2.0), rate, container, codec, layout, options)
+    with pytest.raises(sf.LibsndfileError):  # none of them did before
+        sf.info(io.BytesIO(data))
+    samples, out_rate = decode_audio(data)
+    assert out_rate == 16000
+    # AAC's last frame comes whole (1024 samples); in ADTS also the encoder's priming (MP4's edit list drops it)
+    extra = {"adts": 2048, "mp4": 1024}.get(container, 0) / rate
+    assert len(samples) / out_rate == pytest.approx(2.0 + extra / 2, abs=0.01 + extra / 2)
+    assert peak_hz(samples, out_rate) == pytest.approx(440, abs=5)
+    assert np.sqrt(np.mean(samples**2)) == pytest.approx(0.5 / np.sqrt(2), abs=0.03)
+
+
+def test_mp3s_that_libsndfile_cut_short_decode_whole():
+    """libsndfile reads an MP3 as far as the frame count it estimates or a Xing header states: a VBR MP3 without
+    a Xing header whose loud start made the estimate low (2 s of noise, then 30 s of quiet) decoded as 4.3 s, and
+    two MP3s joined end to end (at two rates, here) stopped after the first. ffmpeg decodes every frame."""
+    noisy = np.concatenate([0.5 * np.random.default_rng(0).standard_normal(2 * 44100).astype(np.float32),
+                            sine(44100, 30.0, amplitude=0.01)])
+    bare = _without_xing_header(encode_audio(noisy, 44100, "mp3")[0])
+    with sf.SoundFile(io.BytesIO(bare)) as f:
+        assert len(f.read()) / 44100 < 5  # the fault
+    samples, rate = decode_audio(bare)
+    assert len(samples) / rate == pytest.approx(32.0, abs=0.1)
+
+    joined = encode_audio(sine(44100, 2.0), 44100, "mp3")[0] + encode_audio(sine(22050, 3.0), 22050, "mp3")[0]
+    with sf.SoundFile(io.BytesIO(joined)) as f:
+        assert len(f.read()) / 44100 == pytest.approx(2.0, abs=0.1)  # the fault
+    samples, rate = decode_audio(joined)
+    assert rate == 16000 and len(samples) / rate == pytest.approx(5.0, abs=0.1)
+    assert peak_hz(samples[-16000:], rate) == pytest.approx(440, abs=5)  # the second part, resampled on its own
+    with pytest.raises(AudioTooLongError, match="max_audio_seconds=4"):
+        decode_audio(joined, AudioBounds(max_seconds=4))
+
+
+def test_the_length_limit_holds_before_and_while_decoding():
+    """An MP4 states its length: refused from the header. A MediaRecorder WebM states none: refused as it is
+    decoded, at the first block past the limit (the message gives what was decoded by then, not 60 s)."""
+    tone = sine(48000, seconds=60.0, amplitude=0.1)
+    with pytest.raises(AudioTooLongError, match=r"is 60\.0 s long; the limit is max_audio_seconds=5 s"):
+        decode_audio(av_file(tone, 48000, "mp4", "aac"), AudioBounds(max_seconds=5))
+    with pytest.raises(AudioTooLongError, match="max_audio_seconds=5 s") as refused:
+        decode_audio(av_file(tone, 48000, "webm", "libopus", options={"live": "1"}), AudioBounds(max_seconds=5))
+    assert float(str(refused.value).split()[3]) < 7  # "The audio is 6.4 s long; ..."
+    with pytest.raises(AudioDecodeError, match="max_audio_channels=1"):
+        decode_audio(av_file(sine(48000), 48000, "webm", "libopus", "stereo"), AudioBounds(max_channels=1))
+
+
+def test_a_corrupt_truncated_or_foreign_file_names_its_problem():
+    m4a = av_file(sine(44100, 2.0), 44100, "mp4", "aac")
+    webm = av_file(sine(48000, 2.0), 48000, "webm", "libopus")
+    alac = av_file(sine(44100, 0.5), 44100, "ipod", "alac")
+    cookie = alac.index(bytes.fromhex("00000024616c616300000000")) + 12  # ALAC's frame length: 4096
+    huge_frames = alac[:cookie] + (4096 * 4096).to_bytes(4, "big") + alac[cookie + 4:]
+    cases = {
+        "Could not read the audio file as MP4/M4A: it has no index (moov atom)": m4a[:len(m4a) // 2],
+        "Could not read the audio file as WebM/Matroska": webm[:40] + b"\x00garbage" * 200,
+        # ffmpeg skips the damage without an error: 1.0 s of the 2.0 s decoded, and 0.2 s
+        "The WebM/Matroska file states 2.0 s of audio, but only 1.0 s of it decode: the file is damaged":
+            webm[:len(webm) // 2] + bytes(range(256)) * 40 + webm[len(webm) // 2:],
+        "but only 0.2 s of it decode": bytes(b ^ 0x5A if 2000 < i < 4000 else b for i, b in enumerate(webm)),
+        "audio is ac3; accepted codecs are AAC, Opus": av_file(sine(48000), 48000, "mp4", "ac3"),
+        "ALAC audio states frames of more than 65536 samples": huge_frames,
+        "Format not recognised": b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n",
+        "Format not recognised.": b"ffconcat version 1.0\nfile /etc/passwd\n",
+    }
+    for message, data in cases.items():
+        with pytest.raises(AudioDecodeError, match=re.escape(message)):
+            decode_audio(data)

@@ -159,7 +159,7 @@ def test_transcription_form_defaults_and_checks():
         ({"input": "  \n\t"}, ("input",)),
         ({"speed": 0.1}, ("speed",)),
         ({"speed": 4.5}, ("speed",)),
-        ({"response_format": "aac"}, ("response_format",)),
+        ({"response_format": "wma"}, ("response_format",)),
     ],
 )
 def test_bad_speech_requests_fail_naming_the_field(fields, loc):

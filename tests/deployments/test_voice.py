@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from deployments import vad
-from deployments.audio import StreamEncoder
+from deployments.audio import StreamEncoder, decode_audio
 from deployments.params import SpeechResult
 from deployments.text_split import SentenceStream, split_text, stream_pieces
 from deployments.voice import AudioPiece, ReplyDone, TextDelta, spoken_reply
@@ -96,20 +96,20 @@ def test_the_first_piece_ends_at_its_first_clause_or_after_first_chars_later_one
     assert out == ["word word word word word word"] and len(stream.buffer) > 100
 
 
-@pytest.mark.parametrize("fmt", ["pcm", "wav", "opus", "flac", "mp3"])
+@pytest.mark.parametrize("fmt", ["pcm", "wav", "opus", "aac", "flac", "mp3"])
 def test_stream_encoders_give_one_decodable_stream(fmt):
     wave = (0.3 * np.sin(np.arange(16000) / 10)).astype(np.float32)
     encoder = StreamEncoder(fmt, 16000)
     parts = [encoder.write(wave) for _ in range(3)] + [encoder.close()]
     data = b"".join(parts)
-    if fmt in ("pcm", "wav", "opus"):
+    if fmt in ("pcm", "wav", "opus", "aac"):
         assert parts[0] and parts[1]  # sent as it comes
     if fmt == "pcm":  # at 24 kHz whatever the model's rate
         assert len(data) == 3 * 2 * 24000
         return
     if fmt == "wav":
         assert struct.unpack("<I", data[40:44])[0] == 0xFFFFFFFF
-    samples, rate = sf.read(io.BytesIO(data), dtype="float32")
+    samples, rate = decode_audio(data) if fmt == "aac" else sf.read(io.BytesIO(data), dtype="float32")
     assert abs(len(samples) / rate - 3.0) < 0.2
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import av
 import numpy as np
 import pytest
 import requests
@@ -118,8 +119,22 @@ def chunked(data: bytes, piece: int = MB):
         yield data[i:i + piece]
 
 
+def av_audio(container: str, codec: str, seconds: float = 1.0, rate: int = 48000) -> bytes:
+    """A tone as PyAV (ffmpeg) writes it: WebM/Opus as Chrome records, MP4/AAC as Safari does."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        tone = 0.2 * np.sin(2 * np.pi * 220 * np.arange(int(seconds * rate)) / rate)
+        frame = av.AudioFrame.from_ndarray(tone[None].astype(np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = rate, 0
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
 def corpus() -> list[Case]:
     short = wav_bytes(0.5)
+    webm, m4a = av_audio("webm", "libopus"), av_audio("mp4", "aac", rate=44100)
     return [
         # -- sizes: the two that took the whole node down, and their kin
         Case("50 MB chat body (Content-Length)", CHAT, 413, {"data": big_body(50 * MB)}, mentions="max_json_body_bytes"),
@@ -199,8 +214,8 @@ def corpus() -> list[Case]:
         Case("speech input of 5000 chars", SPEECH, 400, {"json": {"model": "tiny-vits", "input": "a" * 5000}},
              "input", mentions="max_speech_input_chars"),
         Case("speech input blank", SPEECH, 400, {"json": {"model": "tiny-vits", "input": "  "}}, "input"),
-        Case("speech format aac", SPEECH, 400, {"json": {"model": "tiny-vits", "input": "hi",
-                                                         "response_format": "aac"}}, "response_format"),
+        Case("speech format wma", SPEECH, 400, {"json": {"model": "tiny-vits", "input": "hi",
+                                                         "response_format": "wma"}}, "response_format"),
         Case("speech speed 10", SPEECH, 400, {"json": {"model": "tiny-vits", "input": "hi", "speed": 10}}, "speed"),
         Case("speech with an LLM", SPEECH, 404, {"json": {"model": "tiny-llm", "input": "hi"}}, "model"),
         # -- transcriptions
@@ -218,6 +233,12 @@ def corpus() -> list[Case]:
              mentions="max_audio_seconds"),
         Case("31 min of audio by an alias", STT, 413,
              stt(audio_bytes(1860, rate=8000, fmt="FLAC", silent=True), model="whisper-1"), "file", "audio_too_long"),
+        Case("WebM: a MediaRecorder header, then garbage", STT, 400, stt(webm[:60] + b"\x00garbage" * 500), "file",
+             "invalid_audio", mentions="WebM"),
+        Case("M4A cut short (its index, the moov atom, is at the end)", STT, 400, stt(m4a[:len(m4a) // 2]), "file",
+             "invalid_audio", mentions="moov"),
+        Case("MP4 of AC-3 audio (a decoder not accepted)", STT, 400, stt(av_audio("mp4", "ac3")), "file",
+             mentions="accepted codecs"),
         Case("language not a code", STT, 400, stt(short, language="english"), "language"),
         Case("response_format docx", STT, 400, stt(short, response_format="docx"), "response_format"),
         Case("prompt of 40k chars", STT, 400, stt(short, prompt="a" * 40_000), "prompt"),
@@ -227,7 +248,7 @@ def corpus() -> list[Case]:
         Case("JSON to a multipart route", STT, 400, {"json": {"model": "tiny-whisper"}}),
         # -- voice round trip
         Case("voice: no file", VOICE, 400, {"data": {"response_format": "wav"}}, "file"),
-        Case("voice: bad response_format", VOICE, 400, voice(short, response_format="aac"), "response_format"),
+        Case("voice: bad response_format", VOICE, 400, voice(short, response_format="wma"), "response_format"),
         Case("voice: 40k-char system prompt", VOICE, 400, voice(short, system_prompt="a" * 40_000), "system_prompt"),
         Case("voice: unknown llm_model", VOICE, 404, voice(short, llm_model="gpt-5"), "llm_model"),
         Case("voice: an LLM as tts_model", VOICE, 404, voice(short, tts_model="tiny-llm"), "tts_model"),
