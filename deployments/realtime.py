@@ -178,8 +178,43 @@ class Item:
     role: str
     text: str
     audio: bool = False  # an input_audio user item, or an assistant item that was spoken
+    status: str = "completed"  # an assistant item's, once its response ended (in_progress until then)
+    # an assistant item's speech as it was sent: [sentence number, its text, milliseconds of audio]
+    spoken: list[list] = field(default_factory=list)
 
-    def render(self, status: str = "completed") -> dict:
+    def add_audio(self, sentence: int, text: str, ms: float) -> None:
+        if self.spoken and self.spoken[-1][0] == sentence:
+            self.spoken[-1][2] += ms
+        else:
+            self.spoken.append([sentence, text, ms])
+
+    @property
+    def audio_ms(self) -> float:
+        return sum(ms for _, _, ms in self.spoken)
+
+    def heard(self, end_ms: float) -> str:
+        """The text its first `end_ms` of audio spoke (conversation.item.truncate): the sentences played
+        whole, then the played share of the one cut, by characters, back to the end of a word. Text after the
+        last sentence spoken is kept only if it has nothing to speak (a trailing symbol): a reply cancelled
+        while the TTS was behind the LLM wrote words no one heard."""
+        position, elapsed = 0, 0.0
+        for _, sentence, ms in self.spoken:
+            found = self.text.find(sentence.strip(), position)
+            start = found if found >= 0 else position
+            end = start + len(sentence.strip())
+            if elapsed + ms <= end_ms:
+                position, elapsed = end, elapsed + ms
+                continue
+            cut = start + int(len(sentence.strip()) * max(0.0, end_ms - elapsed) / ms)
+            partial = self.text[start:cut]
+            if partial and not partial[-1].isspace() and cut < len(self.text) and self.text[cut].isalnum():
+                partial = partial[:len(partial) - len(partial.split()[-1])]  # cut inside a word: not said whole
+            return (self.text[:start] + partial).rstrip()
+        rest = self.text[position:]
+        return self.text if not any(c.isalnum() for c in rest) else self.text[:position].rstrip()
+
+    def render(self, status: str | None = None) -> dict:
+        status = status or self.status
         if self.role == "user" and self.audio:
             content = [{"type": "input_audio", "transcript": self.text or None}]
         elif self.role == "assistant":
@@ -234,6 +269,7 @@ class RealtimeSession:
         self.speech_item: str | None = None
         self.response: asyncio.Task | None = None
         self.response_id: str | None = None  # the id of `response`, for response.cancel's response_id
+        self.response_item: Item | None = None  # the assistant item `response` writes
         self.response_started = False  # its task ran: it will send response.done however it ends
         self.response_closing = False  # it is sending its closing events: a cancel waits for them
         self.respond_after = False  # a turn was transcribed while a response ran: answer it next
@@ -587,6 +623,60 @@ class RealtimeSession:
         previous = self._add(item, at)
         await self.send("conversation.item.created", previous_item_id=previous, item=item.render())
 
+    def _item(self, event: dict) -> Item:
+        """The item an event's `item_id` names (an error event naming it when there is none)."""
+        item_id = event.get("item_id")
+        if not isinstance(item_id, str):
+            raise SessionError(f"{event['type']} needs 'item_id', the id of an item of this conversation",
+                               "invalid_value", "item_id")
+        for item in self.items:
+            if item.id == item_id:
+                return item
+        raise SessionError(f"item_id {item_id[:64]!r} is no item of this conversation", "item_not_found", "item_id")
+
+    async def _stop_writing(self, item: Item) -> None:
+        """A truncate or delete of the item the response in progress writes ends that response first (the
+        client says the user heard only so much, or wants it gone: the rest must not be made)."""
+        if item is self.response_item and self.response is not None and not self.response.done():
+            await self.cancel_response("client_cancelled")
+
+    async def item_truncate(self, event: dict) -> None:
+        """What the user heard of an assistant's spoken item (a client that stopped its playback at a barge-in):
+        its transcript is cut to what its first `audio_end_ms` said, so later prompts hold only what was heard.
+        OpenAI's models keep the heard audio instead; ours read text, so the words heard stay."""
+        item = self._item(event)
+        if item.role != "assistant" or not item.audio:
+            raise SessionError(f"item {item.id!r} is not an assistant's audio item; only those can be truncated",
+                               "invalid_value", "item_id")
+        if event.get("content_index", 0) != 0:
+            raise SessionError(f"content_index {str(event.get('content_index'))[:32]} does not exist: the item has one "
+                               "content part, index 0", "invalid_value", "content_index")
+        end_ms = event.get("audio_end_ms")
+        if not isinstance(end_ms, int) or isinstance(end_ms, bool) or end_ms < 0:
+            raise SessionError("audio_end_ms must be a whole number of milliseconds, 0 or more: how much of the "
+                               "item's audio was played", "invalid_value", "audio_end_ms")
+        await self._stop_writing(item)
+        if end_ms > round(item.audio_ms):
+            raise SessionError(f"audio_end_ms={end_ms} is past the end of item {item.id!r}'s audio "
+                               f"({round(item.audio_ms)} ms)", "invalid_value", "audio_end_ms")
+        item.text = item.heard(end_ms)
+        item.spoken = [[0, item.text, float(end_ms)]]  # what is left is what was heard
+        await self.send("conversation.item.truncated", item_id=item.id, content_index=0, audio_end_ms=end_ms)
+
+    async def item_delete(self, event: dict) -> None:
+        item = self._item(event)
+        await self._stop_writing(item)
+        if item in self.items:  # (the cancelled response left it there)
+            index = self.items.index(item)
+            self.items.remove(item)
+            if self.prompt_from == item.id:  # prompts started at it: they start at the item after it now
+                self.prompt_from = self.items[index].id if index < len(self.items) else None
+        await self.send("conversation.item.deleted", item_id=item.id)
+
+    async def item_retrieve(self, event: dict) -> None:
+        item = self._item(event)
+        await self.send("conversation.item.retrieved", item=item.render())
+
     def _prompt_items(self) -> list[Item]:
         """The items a response shows the LLM: those from where the last response had to start (the
         older ones were left out to fit its context), and every system item."""
@@ -680,7 +770,8 @@ class RealtimeSession:
         voice = fields.voice or config.voice
         limit = next((value for value in (fields.max_output_tokens, fields.max_response_output_tokens)
                       if value is not None), config.max_output_tokens)
-        item = Item(_id("item"), "assistant", "", audio=spoken)
+        item = Item(_id("item"), "assistant", "", audio=spoken, status="in_progress")
+        self.response_item = item
         output_index = content_index = 0
         base = {"response_id": response_id}
         where = {**base, "item_id": item.id, "output_index": output_index, "content_index": content_index}
@@ -738,6 +829,7 @@ class RealtimeSession:
                                 await self.send(kind, delta=piece.text, **where)
                             elif isinstance(piece, AudioPiece):
                                 pcm = _pcm24(piece.speech.waveform, piece.speech.sample_rate)
+                                item.add_audio(piece.sentence, piece.text, len(pcm) / 2 / RATE * 1000)
                                 await self.send("response.audio.delta", delta=base64.b64encode(pcm).decode(),
                                                 **where)
                             elif isinstance(piece, ReplyDone):
@@ -765,7 +857,7 @@ class RealtimeSession:
             await self.send_exception(exc)
         item.text = text
         self.response_closing = True  # from here on a cancel waits for response.done instead
-        item_status = "completed" if status == "completed" else "incomplete"
+        item_status = item.status = "completed" if status == "completed" else "incomplete"
         # what was opened is closed however the response ended: OpenAI sends these .done events "also when a
         # Response is interrupted, incomplete, or cancelled", and clients mark the item done by them
         if opened == 2 and spoken:
@@ -931,6 +1023,9 @@ HANDLERS = {
     "input_audio_buffer.commit": RealtimeSession.commit,
     "input_audio_buffer.clear": RealtimeSession.clear,
     "conversation.item.create": RealtimeSession.item_create,
+    "conversation.item.truncate": RealtimeSession.item_truncate,
+    "conversation.item.delete": RealtimeSession.item_delete,
+    "conversation.item.retrieve": RealtimeSession.item_retrieve,
     "response.create": RealtimeSession.response_create,
     "response.cancel": RealtimeSession.response_cancel,
 }

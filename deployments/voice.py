@@ -33,6 +33,7 @@ class TextDelta:
 class AudioPiece:
     speech: SpeechResult
     text: str  # the sentence (or clause) it speaks
+    sentence: int = 0  # which of the reply's spoken sentences (a sentence's speech may come in several pieces)
 
 
 @dataclass
@@ -78,16 +79,18 @@ async def spoken_reply(ingress: Ingress, chat: ChatParams, speech: SpeechParams 
 
     async def speak() -> None:
         nonlocal tts_tokens
+        spoken = 0
         while (sentence := await sentences.get()) is not _END:
             if speech is None or not any(c.isalnum() for c in sentence):
                 continue
+            spoken += 1
             params = SpeechParams(model=speech.model, text=sentence, voice=speech.voice, speed=speech.speed,
                                   wait_s=speech.wait_s)
             try:
                 async with contextlib.aclosing(ingress.synthesize_stream(params)) as pieces:
                     async for piece in pieces:
                         tts_tokens += piece.tokens
-                        await out.put(AudioPiece(piece, sentence))
+                        await out.put(AudioPiece(piece, sentence, spoken))
             except Exception as exc:
                 if _nothing_to_say(exc):  # a sentence of symbols only: skip it, speak the rest
                     continue

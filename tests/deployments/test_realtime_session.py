@@ -570,7 +570,8 @@ def test_a_language_the_stt_model_does_not_know_is_refused_at_session_update(tmp
     answered. /v1/audio/transcriptions refuses it (400 on `language`); so does session.update now, and the
     check costs no model call."""
     source = build_tiny("stt", tmp_path / "tiny-whisper")
-    server = STTServer([ModelSpec(name="stt", source=str(source))], TranscriptionOptions(memory_budget_mb=4096))
+    server = STTServer([ModelSpec(name="stt", source=str(source))],
+                       TranscriptionOptions(memory_budget_mb=4096, fallback_temperatures=[0.0]))
 
     async def scenario():
         await server.transcribe(TranscribeParams(model="stt", audio=np.zeros(1600, np.float32), sample_rate=16000,
@@ -930,3 +931,70 @@ def test_a_browser_asking_for_the_beta_protocol_by_subprotocol_gets_it():
     assert beta.of("response.text.delta") and not beta.of("response.output_text.delta")
     ga = asyncio.run(scenario("realtime, openai-insecure-api-key.sk-x"))
     assert "output_modalities" in ga.of("session.updated")[0]["session"]
+
+
+class SpokenSentences(ScriptedIngress):
+    """A reply of three sentences, each spoken in two 50 ms pieces: 100 ms of audio a sentence."""
+
+    REPLY = ("One two three. ", "Four five six. ", "Seven eight nine.")
+
+    async def chat_stream(self, params: ChatParams):
+        for part in self.REPLY:
+            await asyncio.sleep(self.word_s)
+            yield {"delta": part}
+        yield {"finish_reason": "stop", "usage": {"prompt_tokens": 1, "completion_tokens": 9}}
+
+    async def synthesize_stream(self, params):
+        for _ in range(2):
+            yield SpeechResult(np.zeros(1200, dtype=np.float32), RATE, tokens=1)
+
+
+def _event(kind: str, **fields) -> str:
+    return json.dumps({"type": kind, **fields})
+
+
+def test_truncate_keeps_what_was_heard_and_delete_and_retrieve_serve_items():
+    """conversation.item.truncate (a client that stopped playback at a barge-in), .delete and .retrieve were
+    refused as unknown events, so the next prompt held every word of a reply the user heard a third of."""
+
+    async def scenario():
+        socket, ingress = Socket(), SpokenSentences()
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(_event("session.update", session={"turn_detection": None}))
+        await session.handle(_say("hello", item_id="q1"))
+        await session.handle(_event("response.create"))
+        await settle(session)
+        reply = socket.of("response.done")[-1]["response"]["output"][0]["id"]
+        for bad, param in (({"item_id": "nope", "audio_end_ms": 10}, "item_id"),
+                           ({"item_id": "q1", "audio_end_ms": 10}, "item_id"),
+                           ({"item_id": reply, "audio_end_ms": 301}, "audio_end_ms"),
+                           ({"item_id": reply, "audio_end_ms": -1}, "audio_end_ms"),
+                           ({"item_id": reply, "audio_end_ms": 10, "content_index": 1}, "content_index")):
+            await session.handle(_event("conversation.item.truncate", **bad))
+            assert socket.sent[-1]["type"] == "error" and socket.sent[-1]["error"]["param"] == param, socket.sent[-1]
+        await session.handle(_event("conversation.item.truncate", item_id=reply, content_index=0, audio_end_ms=150))
+        truncated = socket.sent[-1]
+        await session.handle(_event("conversation.item.retrieve", item_id=reply))
+        retrieved = socket.sent[-1]
+        await session.handle(_say("go on"))
+        await session.handle(_event("conversation.item.delete", item_id="q1"))
+        deleted = socket.sent[-1]
+        await session.handle(_event("response.create", response={"modalities": ["text"]}))
+        await settle(session)
+        # a truncate of the item a response is still writing ends that response first
+        ingress.word_s = 0.5
+        await session.handle(_event("response.create"))
+        await asyncio.sleep(0.1)
+        await session.handle(_event("conversation.item.truncate", item_id=session.response_item.id, audio_end_ms=0))
+        return socket, ingress, session, truncated, retrieved, deleted
+
+    socket, ingress, session, truncated, retrieved, deleted = asyncio.run(scenario())
+    assert (truncated["type"], truncated["audio_end_ms"], truncated["content_index"]) == \
+        ("conversation.item.truncated", 150, 0), truncated
+    # 150 ms: the first sentence whole, half of the second ('Four fi'), back to the last whole word
+    assert retrieved["item"]["content"] == [{"type": "audio", "transcript": "One two three. Four"}], retrieved
+    assert (deleted["type"], deleted["item_id"]) == ("conversation.item.deleted", "q1")
+    assert ingress.chats[1] == [{"role": "assistant", "content": "One two three. Four"},
+                                {"role": "user", "content": "go on"}]
+    assert socket.of("response.done")[-1]["response"]["status"] == "cancelled"
+    assert socket.sent[-1]["type"] == "conversation.item.truncated" and session.response_item.text == ""

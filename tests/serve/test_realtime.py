@@ -89,9 +89,16 @@ def test_a_spoken_turn_is_detected_transcribed_answered_in_text_and_audio(demo_a
             assert updated[-1].session.turn_detection.silence_duration_ms == 400
             # "Hello there." then silence: one turn
             await append_audio(conn, speech_pcm24((0.0, 1.4)) + silence_pcm24(0.8))
-            return await events_until(conn, "response.done", timeout=90)
+            events = await events_until(conn, "response.done", timeout=90)
+            # the user heard half of the reply's audio (a client that stopped playback at a barge-in)
+            item = events[-1].response.output[0]
+            played = sum(len(base64.b64decode(e.delta)) for e in events if e.type == "response.audio.delta")
+            half_ms = played // 2 * 1000 // (2 * RATE)
+            await conn.conversation.item.truncate(item_id=item.id, content_index=0, audio_end_ms=half_ms)
+            await conn.conversation.item.retrieve(item_id=item.id)
+            return events, await events_until(conn, "conversation.item.retrieved", stop_on_error=True)
 
-    events = run(scenario())
+    events, after = run(scenario())
     kinds = [e.type for e in events]
     order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
              "conversation.item.input_audio_transcription.completed", "response.created",
@@ -115,6 +122,10 @@ def test_a_spoken_turn_is_detected_transcribed_answered_in_text_and_audio(demo_a
     assert done.status in ("completed", "incomplete") and done.output[0].role == "assistant"
     assert done.usage.output_tokens > 0 and done.usage.input_tokens > 0
     assert done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
+    truncated, retrieved = after[-2], after[-1]
+    assert (truncated.type, truncated.item_id) == ("conversation.item.truncated", done.output[0].id), after
+    heard = retrieved.item.content[0].transcript
+    assert done_transcript.startswith(heard) and (len(heard) < len(done_transcript) or not audio), (heard, done_transcript)
 
 
 def test_text_turns_without_turn_detection_and_protocol_errors_keep_the_session(demo_app):
