@@ -6,7 +6,6 @@
 
 const API_BASE = location.pathname.replace(/\/ui\/?$/, "/"); // the page is <route prefix>/ui
 const KEY_STORAGE = "modelfleet.apiKey";
-const RECORD_RATE = 16000; // recordings are sent as 16 kHz mono 16-bit WAV (what speech models read)
 
 const byId = (id) => document.getElementById(id);
 const $ = (root, selector) => root.querySelector(selector);
@@ -304,42 +303,14 @@ function setupChat(card) {
   });
 }
 
-// --- audio: recording to WAV, streamed WAV headers ----------------------------------------------
+// --- audio: recordings as the browser makes them, streamed WAV headers -------------------------------
 
-function encodeWav(samples, rate) {
-  const bytes = new ArrayBuffer(44 + samples.length * 2);
-  const view = new DataView(bytes);
-  const ascii = (offset, text) => [...text].forEach((c, i) => view.setUint8(offset + i, c.charCodeAt(0)));
-  ascii(0, "RIFF");
-  view.setUint32(4, 36 + samples.length * 2, true);
-  ascii(8, "WAVE");
-  ascii(12, "fmt ");
-  view.setUint32(16, 16, true);
-  view.setUint16(20, 1, true); // PCM
-  view.setUint16(22, 1, true); // mono
-  view.setUint32(24, rate, true);
-  view.setUint32(28, rate * 2, true);
-  view.setUint16(32, 2, true);
-  view.setUint16(34, 16, true);
-  ascii(36, "data");
-  view.setUint32(40, samples.length * 2, true);
-  samples.forEach((sample, i) => {
-    const s = Math.max(-1, Math.min(1, sample));
-    view.setInt16(44 + i * 2, s < 0 ? s * 0x8000 : s * 0x7fff, true);
-  });
-  return new Blob([bytes], { type: "audio/wav" });
-}
+// The server decodes what MediaRecorder writes (Chrome and Firefox: WebM/Opus, Safari: MP4/AAC), so a
+// recording is sent as it is: a fraction of the bytes of WAV, and no decoding in the page.
+const RECORDING_EXTENSIONS = { "audio/webm": "webm", "audio/ogg": "ogg", "audio/mp4": "m4a", "audio/wav": "wav" };
 
-// What MediaRecorder made (webm/ogg, the browser's choice) as 16 kHz mono WAV.
-async function toWav(blob) {
-  const decoded = await new OfflineAudioContext(1, 1, RECORD_RATE).decodeAudioData(await blob.arrayBuffer());
-  const frames = Math.max(1, Math.ceil(decoded.duration * RECORD_RATE));
-  const mixer = new OfflineAudioContext(1, frames, RECORD_RATE); // resamples and downmixes to mono
-  const source = mixer.createBufferSource();
-  source.buffer = decoded;
-  source.connect(mixer.destination);
-  source.start();
-  return encodeWav((await mixer.startRendering()).getChannelData(0), RECORD_RATE);
+function recordingName(mimeType) {
+  return `recording.${RECORDING_EXTENSIONS[(mimeType || "").split(";")[0]] || "webm"}`;
 }
 
 // A WAV streamed as it was synthesized says "unknown length" (0xFFFFFFFF) in its header; once the whole
@@ -367,7 +338,7 @@ function playInto(audio, card, buffer, type) {
   audio.play().catch(() => setMeta(card, `${$(card, ".meta").textContent} (press play to listen)`));
 }
 
-// The audio a card will send: recorded from the microphone (as WAV) or a chosen file.
+// The audio a card will send: recorded from the microphone (as the browser encodes it) or a chosen file.
 function setupAudioInput(card, onReady) {
   const recordButton = $(card, ".record");
   const fileInput = $(card, ".audio-file");
@@ -406,17 +377,13 @@ function setupAudioInput(card, onReady) {
     const chunks = [];
     const recorder = new MediaRecorder(stream);
     recorder.ondataavailable = (event) => event.data.size && chunks.push(event.data);
-    recorder.onstop = async () => {
+    recorder.onstop = () => {
       stream.getTracks().forEach((track) => track.stop());
       state.recorder = null;
       recordButton.textContent = "Record";
       recordButton.classList.remove("recording");
-      try {
-        use(await toWav(new Blob(chunks, { type: recorder.mimeType })), "recording.wav");
-        fileInput.value = "";
-      } catch (err) {
-        showError(card, `the recording could not be decoded: ${err.message || err}`);
-      }
+      use(new Blob(chunks, { type: recorder.mimeType }), recordingName(recorder.mimeType));
+      fileInput.value = "";
     };
     state.recorder = recorder;
     recorder.start();

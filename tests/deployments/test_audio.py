@@ -305,7 +305,9 @@ def av_file(samples: np.ndarray, rate: int, container: str, codec: str, layout: 
     ("Chrome/Firefox MediaRecorder: WebM Opus, live (no duration, no cues)", 48000, "webm", "libopus", "mono",
      {"live": "1"}),
     ("WebM Opus, stereo", 48000, "webm", "libopus", "stereo", None),
-    ("Safari MediaRecorder / iPhone voice memo: M4A AAC", 44100, "mp4", "aac", "stereo", None),
+    ("iPhone voice memo: M4A AAC", 44100, "mp4", "aac", "stereo", None),
+    ("Safari MediaRecorder: fragmented MP4 AAC (no length in its header)", 48000, "mp4", "aac", "mono",
+     {"movflags": "frag_keyframe+empty_moov+default_base_moof"}),
     ("ADTS AAC", 22050, "adts", "aac", "mono", None),
     ("M4A ALAC", 44100, "ipod", "alac", "mono", None),
 ])
