@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
+
+if TYPE_CHECKING:
+    import av
 
 #: demuxer -> what the caller is told it was
 CONTAINERS = {"matroska": "WebM/Matroska", "mov": "MP4/M4A", "aac": "AAC (ADTS)", "mp3": "MP3"}
@@ -69,6 +72,8 @@ class AvAudio:
     container only estimates it), then `blocks()`. Use as a context manager."""
 
     def __init__(self, data: bytes, demuxer: str):
+        import av  # here, not at the top: 17 MB and 35 ms in every process that imports errors.py, most never decode
+
         name = CONTAINERS[demuxer]
         try:
             self._container = av.open(io.BytesIO(data), "r", format=demuxer, options=_OPTIONS)
@@ -110,6 +115,8 @@ class AvAudio:
         """(rate, float32 samples of shape (frames, channels)) as decoded, in blocks of ~BLOCK_FRAMES: a new
         block where the rate or the channel count changes (joined MP3s of other rates). The caller stops
         iterating past its length limit: nothing beyond one block past it is decoded."""
+        import av
+
         held: list[np.ndarray] = []
         rate = frames = 0
         seconds = 0.0
@@ -182,6 +189,8 @@ class AdtsEncoder:
     first, as from any AAC encoder)."""
 
     def __init__(self, rate: int):
+        import av
+
         self._sink = _Sink()
         # flush_packets: each frame reaches the sink at once, not when avio's 32 kB buffer fills
         self._container = av.open(self._sink, "w", format="adts", options={"flush_packets": "1"})
@@ -190,6 +199,8 @@ class AdtsEncoder:
         self._rate, self._pts = rate, 0
 
     def write(self, samples: np.ndarray) -> bytes:
+        import av
+
         if len(samples):
             frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples, dtype=np.float32)[None], format="fltp",
                                                layout="mono")
