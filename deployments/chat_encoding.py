@@ -26,12 +26,20 @@ class PromptRefused(ValueError):
         self.param = param
 
 
-def render_chat(render: Any, messages: list[dict], tools: list[dict] | None) -> str:
-    """`render` (a tokenizer's or processor's apply_chat_template) for a reply's prompt."""
+def render_chat(render: Any, messages: list[dict], tools: list[dict] | None, params: ChatParams) -> str:
+    """`render` (a tokenizer's or processor's apply_chat_template) for a reply's prompt: the generation
+    prompt after the messages, or (/tokenize's continue_final_message) the last message left open."""
     try:
-        return render(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        return render(messages, tools=tools, add_generation_prompt=params.add_generation_prompt,
+                      continue_final_message=params.continue_final_message, tokenize=False)
     except TemplateError as exc:
         raise PromptRefused(f"the model's chat template refused these messages: {exc}") from None
+    except ValueError as exc:
+        if not params.continue_final_message:
+            raise
+        # transformers' own check: the last message must be there, with text the template writes
+        raise PromptRefused(f"continue_final_message cannot continue these messages: {exc}",
+                            param="continue_final_message") from None
     except (TypeError, KeyError, IndexError) as exc:  # a message shape the template does not handle
         raise PromptRefused(f"the model's chat template cannot render these messages ({type(exc).__name__}: "
                             f"{exc}); send each message's content as a string") from None
@@ -58,7 +66,7 @@ def encode_prompt(tokenizer: Any, params: ChatParams) -> dict[str, Any]:
     if isinstance(params.prompt, list):
         ids = torch.tensor([params.prompt], dtype=torch.long)
     else:
-        ids = tokenizer(params.prompt, return_tensors="pt")["input_ids"]
+        ids = tokenizer(params.prompt, return_tensors="pt", add_special_tokens=params.add_special_tokens)["input_ids"]
     if ids.shape[-1] == 0:  # "" (OpenAI continues from its start token) was a 500 in the model's forward
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if start is None:
@@ -74,7 +82,7 @@ def encode_text_chat(tokenizer: Any, params: ChatParams) -> dict[str, Any]:
     if params.prompt is not None:
         return encode_prompt(tokenizer, params)
     messages, tools = template_inputs(tokenizer.chat_template, params)
-    text = render_chat(tokenizer.apply_chat_template, [as_text(message) for message in messages], tools)
+    text = render_chat(tokenizer.apply_chat_template, [as_text(message) for message in messages], tools, params)
     return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
 
 

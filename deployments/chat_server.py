@@ -16,12 +16,13 @@ from typing import Any, ClassVar
 
 from loading import LoadedModel, ModelSpec
 
-from .admission import chat_request_bytes, decoded_image_bytes, settle, to_thread_held
+from . import tokenization
+from .admission import Held, chat_request_bytes, decoded_image_bytes, settle, to_thread_held
 from .batching import Batcher
 from .errors import InvalidRequestError, context_length_exceeded
 from .family_server import FamilyServer, cancelled, raise_if_error
 from .options import ChatOptions
-from .params import ChatParams, ChatResult
+from .params import ChatParams, ChatResult, TokenizeResult, TokenizerQuery
 from .wakeups import call_soon
 
 
@@ -53,6 +54,24 @@ class ChatServer(FamilyServer):
         memory it may need for the block; yields the model it is served by. The request keeps that model
         to its end: looked up again by name after generating, one evicted or re-added meanwhile answered a
         finished request with a 503 "still loading"."""
+        async with self._encoded(params) as (spec, loaded, held, decoded):
+            prompt_tokens = params.prompt_length
+            params.max_new_tokens = resolve_max_new_tokens(spec, params.max_new_tokens, prompt_tokens,
+                                                           context_length(loaded), params.max_tokens_param,
+                                                           params.prompt_param)
+            if params.constraint is not None:
+                params.grammar = await to_thread_held(self._compile, loaded, params, logits_width(loaded))
+            need = chat_request_bytes(loaded.config, prompt_tokens, params.max_new_tokens, len(params.images), decoded,
+                                      padding=self.options.batch_length_ratio)
+            await held.grow(need, "this chat request", param=params.prompt_param)
+            yield spec, loaded
+
+    @contextlib.asynccontextmanager
+    async def _encoded(self, params: ChatParams) -> AsyncIterator[tuple[ModelSpec, LoadedModel, Held, int]]:
+        """The request's model and checks, then its prompt encoded (`params.inputs`) within the model's prompt
+        limit, the memory of its decoded images held for the block: what a chat is admitted with, and what
+        /tokenize counts (so its count is a chat's usage.prompt_tokens). Yields the model, the hold and the
+        decoded images' bytes."""
         spec, loaded = await self.pool.get(params.model, params.wait_s)
         params.model, params.served = spec.name, (spec, loaded)
         self.validate(spec, loaded, params)
@@ -72,8 +91,7 @@ class ChatServer(FamilyServer):
             if top >= rows:
                 raise InvalidRequestError(f"prompt holds token {top}, but model {spec.name!r} has {rows} tokens "
                                           f"(0-{rows - 1})", param="prompt")
-        context = context_length(loaded)
-        prompt_limit, limit_name = prompt_token_limit(spec, context)
+        prompt_limit, limit_name = prompt_token_limit(spec, context_length(loaded))
         self._refuse_overlong_text(loaded, params, prompt_limit, limit_name)
         # images arrive encoded; decoding them (in encode) is held to the memory budget like generation
         image_processor = getattr(loaded.processor, "image_processor", None) if params.images else None
@@ -86,17 +104,38 @@ class ChatServer(FamilyServer):
                 params.inputs = self.encode(loaded, params)
             else:
                 params.inputs = await to_thread_held(self.encode, loaded, params)
-            prompt_tokens = params.prompt_length
-            if prompt_tokens > prompt_limit:
-                raise context_length_exceeded(limit_name, prompt_limit, prompt_tokens, param=params.prompt_param)
-            params.max_new_tokens = resolve_max_new_tokens(spec, params.max_new_tokens, prompt_tokens, context,
-                                                           params.max_tokens_param, params.prompt_param)
-            if params.constraint is not None:
-                params.grammar = await to_thread_held(self._compile, loaded, params, width)
-            need = chat_request_bytes(loaded.config, prompt_tokens, params.max_new_tokens, len(params.images), decoded,
-                                      padding=self.options.batch_length_ratio)
-            await held.grow(need, "this chat request", param=params.prompt_param)
-            yield spec, loaded
+            if params.prompt_length > prompt_limit:
+                raise context_length_exceeded(limit_name, prompt_limit, params.prompt_length,
+                                              param=params.prompt_param)
+            yield spec, loaded, held, decoded
+
+    # -- the tokenizer routes: /tokenize, /detokenize, /tokenizer_info ---------------------------------
+    async def tokenize(self, params: ChatParams, with_strs: bool = False) -> TokenizeResult:
+        """The prompt's tokens as a chat completion (or a completion) of the same request counts them: the
+        same checks and encoding (`_encoded`), nothing generated."""
+        if params.prompt == "":  # a completion continues "" from the start token; here: what the tokenizer says
+            spec, loaded = await self.pool.get(params.model, params.wait_s)
+            ids = list(loaded.tokenizer("", add_special_tokens=params.add_special_tokens)["input_ids"])
+        else:
+            async with self._encoded(params) as (spec, loaded, _, _):
+                assert params.inputs is not None
+                ids = params.inputs["input_ids"][0].tolist()
+        strs = tokenization.token_strs(loaded.tokenizer, ids) if with_strs else None
+        return TokenizeResult(ids, context_length(loaded), strs)
+
+    async def detokenize(self, query: TokenizerQuery) -> str:
+        spec, loaded = await self.pool.get(query.model, query.wait_s)
+        limit = context_length(loaded) or prompt_token_limit(spec, None)[0]
+        tokenization.check_ids(loaded.tokenizer, query.tokens, spec.name, limit)
+        if len(query.tokens) <= INLINE_ENCODE_CHARS:  # ~ms: cheaper than a hop to a thread
+            return tokenization.detokenize(loaded.tokenizer, query.tokens)
+        return await asyncio.to_thread(tokenization.detokenize, loaded.tokenizer, query.tokens)
+
+    async def tokenizer_info(self, query: TokenizerQuery) -> dict[str, Any]:
+        _, loaded = await self.pool.get(query.model, query.wait_s)
+        # the template chats are rendered with: a VLM's processor's, else the tokenizer's
+        template = getattr(loaded.processor, "chat_template", None) or getattr(loaded.tokenizer, "chat_template", None)
+        return tokenization.tokenizer_info(loaded.tokenizer, template if isinstance(template, str) else None)
 
     def _compile(self, loaded: LoadedModel, params: ChatParams, width: int) -> Any:
         """The request's grammar for its row (cached per grammar and tokenizer); 400 if it cannot be

@@ -34,7 +34,16 @@ from .errors import (
 from .health import HealthMonitor
 from .http_metrics import label_request
 from .media import take_images
-from .params import ChatParams, ChatResult, SpeechParams, SpeechResult, TranscribeParams, TranscribeResult
+from .params import (
+    ChatParams,
+    ChatResult,
+    SpeechParams,
+    SpeechResult,
+    TokenizeResult,
+    TokenizerQuery,
+    TranscribeParams,
+    TranscribeResult,
+)
 from .protocol import (
     VoiceAudioDelta,
     VoiceChatForm,
@@ -246,6 +255,27 @@ class Ingress:
                 yield chunk
         finally:
             generator.cancel()  # a no-op once it has finished; stops the family's work if the client left
+
+    # -- the tokenizer routes (routes/tokenize.py): answered by the replica that holds the tokenizer ---------
+    def tokenizer_model(self, name: str | None) -> ModelSpec:
+        """The LLM or VLM a tokenizer route asks (404 for another); none named: the first configured LLM,
+        else VLM, as vLLM answers for its one model (lm-evaluation-harness's remote tokenizer names none)."""
+        if name is None:
+            name = next((s.name for f in (Family.LLM, Family.VLM) for s in self.config.models if s.family is f), None)
+            if name is None:
+                raise InvalidRequestError("this app serves no LLM or VLM model, whose tokenizer this route uses",
+                                          param="model")
+        return self.spec(name, Family.LLM, Family.VLM)
+
+    async def tokenize(self, params: ChatParams, with_strs: bool) -> TokenizeResult:
+        return await self._call(chat_family(self.spec(params.model, Family.LLM, Family.VLM)), "tokenize", params,
+                                with_strs)
+
+    async def detokenize(self, query: TokenizerQuery) -> str:
+        return await self._call(chat_family(self.spec(query.model, Family.LLM, Family.VLM)), "detokenize", query)
+
+    async def tokenizer_info(self, query: TokenizerQuery) -> dict[str, Any]:
+        return await self._call(chat_family(self.spec(query.model, Family.LLM, Family.VLM)), "tokenizer_info", query)
 
     def synthesize_stream(self, params: SpeechParams) -> AsyncGenerator[SpeechResult, None]:
         """The speech piece by piece (sentence, or clause), as the TTS family makes it."""

@@ -50,6 +50,11 @@ class ChatParams:
     logit_bias: dict[int, float] | None = None
     prompt: str | list[int] | None = None  # /v1/completions: raw text (or token ids), no chat template
     echo: bool = False  # /v1/completions: the prompt is part of the returned text
+    # How the prompt is made (a chat's are fixed; /tokenize may set them, as vLLM's does): the template's
+    # generation prompt or the last message left open, and a text prompt's tokenizer-added special tokens
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = True
     # Set inside the replica for a streamed request: called with each text delta, on the inference thread.
     sink: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
     # ... and (with `logprobs`) with the logprob entries of the tokens a delta's text comes from, just before it
@@ -108,6 +113,22 @@ class ChatParams:
                     "logprobs": self.logprobs, "presence_penalty": bool(self.presence_penalty),
                     "frequency_penalty": bool(self.frequency_penalty), "logit_bias": bool(self.logit_bias)}
         return [name for name, used in features.items() if used]
+
+
+@dataclass
+class TokenizerQuery:
+    """A /detokenize or /tokenizer_info call: the model whose tokenizer answers it."""
+
+    model: str
+    wait_s: float = 0.0
+    tokens: list[int] = field(default_factory=list)  # /detokenize's ids
+
+
+@dataclass
+class TokenizeResult:
+    tokens: list[int]
+    max_model_len: int | None  # the model's context (prompt + completion), where its config says
+    token_strs: list[str] | None = None  # the vocabulary's spelling of each token, when asked for
 
 
 @dataclass

@@ -18,7 +18,7 @@ class VLMServer(ChatServer):
         if params.prompt is not None:
             return encode_prompt(loaded.tokenizer, params)
         messages, tools = template_inputs(getattr(processor, "chat_template", None), params)
-        text = render_chat(processor.apply_chat_template, without_placeholders(processor, messages), tools)
+        text = render_chat(processor.apply_chat_template, without_placeholders(processor, messages), tools, params)
         images = [decode_image(data, f"image {i}") for i, data in enumerate(params.images)]
         try:
             return dict(processor(text=[text], images=images or None, return_tensors="pt"))

@@ -82,6 +82,20 @@ def test_request_for_a_loading_model_gets_503_with_retry_after_and_phase(states_
         assert time.monotonic() - started >= 1.0  # it did wait before giving up
 
 
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("post", "/tokenize", {"model": "stuck-llm", "prompt": "hi"}),
+    ("post", "/detokenize", {"model": "stuck-llm", "tokens": [1, 2]}),
+    ("get", "/tokenizer_info?model=stuck-llm", None),
+], ids=["tokenize", "detokenize", "tokenizer_info"])
+def test_the_tokenizer_routes_of_a_loading_model_get_503_with_retry_after(states_app, method, path, body):
+    """The tokenizer lives in the family replica with the model: until it is loaded, a chat's answer."""
+    states_app.wait_for(stuck_in_delay, timeout=90)
+    response = getattr(states_app, method)(path, **({"json": body} if body else {}))
+    assert response.status_code == 503, response.text
+    assert int(response.headers["retry-after"]) >= 1
+    assert response.json()["error"]["code"] == "model_loading", response.text
+
+
 def test_a_client_may_ask_to_wait_for_the_model(states_app):
     response = chat(states_app, "slow-llm", headers={"x-wait-for-model": "60"})
     assert response.status_code == 200, response.text
