@@ -380,3 +380,24 @@ def test_a_corrupt_truncated_or_foreign_file_names_its_problem():
     for message, data in cases.items():
         with pytest.raises(AudioDecodeError, match=re.escape(message)):
             decode_audio(data)
+
+
+def test_ffmpeg_opens_no_file_or_url_an_upload_names(tmp_path):
+    """ffmpeg's hls demuxer, given a playlist in memory, reads the local files and URLs it lists (the classic
+    ffmpeg file-disclosure upload). Uploads never reach such a demuxer (theirs is chosen from the first bytes:
+    a playlist is libsndfile's "Format not recognised"), and the options every upload is opened with allow no
+    nested open even if a demuxer tried."""
+    import av
+
+    from deployments.audio_av import _OPTIONS
+
+    secret = tmp_path / "secret.aac"
+    secret.write_bytes(av_file(sine(16000), 16000, "adts", "aac"))
+    playlist = f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nfile://{secret}\n#EXT-X-ENDLIST\n".encode()
+    with av.open(io.BytesIO(playlist), "r", format="hls") as plain:  # the attack, without our options
+        assert sum(frame.samples for frame in plain.decode(audio=0)) > 16000
+    with pytest.raises(av.error.FFmpegError):
+        with av.open(io.BytesIO(playlist), "r", format="hls", options=dict(_OPTIONS)) as guarded:
+            list(guarded.decode(audio=0))
+    with pytest.raises(AudioDecodeError, match="Format not recognised"):
+        decode_audio(playlist)
