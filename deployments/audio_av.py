@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 #: demuxer -> what the caller is told it was
 CONTAINERS = {"matroska": "WebM/Matroska", "mov": "MP4/M4A", "aac": "AAC (ADTS)", "mp3": "MP3"}
-#: the decoders run (others, of ffmpeg's ~250 audio decoders, are refused by name before a packet is decoded)
+#: the decoders run, and raw PCM (others, of ffmpeg's ~250 audio decoders, are refused by name before a packet
+#: is decoded)
 CODECS = frozenset({"aac", "opus", "vorbis", "mp3float", "mp2float", "flac", "alac"})
 #: ALAC's cookie states its frame length (Apple writes 4096); ffmpeg takes up to 4096 * 4096 and sizes its
 #: buffers by it: 64 MiB per channel for a few bytes of upload
@@ -86,9 +87,9 @@ class AvAudio:
                 raise AvDecodeError(f"The {name} file has no audio stream.")
             self._stream = self._container.streams.audio[0]
             context = self._stream.codec_context
-            if context.name not in CODECS:
+            if context.name not in CODECS and not context.name.startswith("pcm_"):
                 raise AvDecodeError(f"The {name} file's audio is {context.name}; accepted codecs are AAC, Opus, "
-                                    "Vorbis, MP3, FLAC and ALAC.")
+                                    "Vorbis, MP3, FLAC, ALAC and PCM.")
             if context.name == "alac" and int.from_bytes((context.extradata or b"")[12:16], "big") > MAX_ALAC_FRAME:
                 raise AvDecodeError(f"The ALAC audio states frames of more than {MAX_ALAC_FRAME} samples.")
             self.name, self.rate, self.channels = name, int(context.sample_rate), int(context.channels)

@@ -310,6 +310,7 @@ def av_file(samples: np.ndarray, rate: int, container: str, codec: str, layout: 
      {"movflags": "frag_keyframe+empty_moov+default_base_moof"}),
     ("ADTS AAC", 22050, "adts", "aac", "mono", None),
     ("M4A ALAC", 44100, "ipod", "alac", "mono", None),
+    ("a camera's MOV: 24-bit PCM", 48000, "mov", "pcm_s24le", "stereo", None),
 ])
 def test_what_browsers_and_phones_record_decodes(name, rate, container, codec, layout, options):
     data = av_file(sine(rate, seconds=2.0), rate, container, codec, layout, options)
