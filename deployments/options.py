@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .params import TemperatureFallback
+
 
 def ray_autoscaling_fields() -> list[str]:
     """The fields of Ray Serve's own `autoscaling_config` (ray.serve.config.AutoscalingConfig), read from the
@@ -250,6 +252,42 @@ class TranscriptionOptions(BatchingOptions):
         default=8, ge=1,
         description="30 s chunks per encoder/generate call: long audio runs in sub-batches of this many.",
     )
+    # openai-whisper's transcribe() defaults, which OpenAI's `temperature: 0` describes ("increase the temperature
+    # until certain thresholds are hit")
+    fallback_temperatures: list[float] = Field(
+        default_factory=lambda: list(TemperatureFallback.temperatures), min_length=1, description=(
+            "Temperature fallback: a transcription at temperature 0 (or none given) decodes each piece at these "
+            "temperatures in turn (the first greedily, the rest sampling) while a threshold below fails; the last "
+            "decode stands. Each is a decode of the failing pieces again, so a piece costs at most this many. "
+            "Starts at 0, increasing, at most 1; [0] turns the fallback off."),
+    )
+    compression_ratio_threshold: float | None = Field(
+        default=TemperatureFallback.compression_ratio_threshold, gt=0, description=(
+            "A piece whose text's length over its zlib-compressed length is above this is decoded again at the next "
+            "temperature (a repetitive transcript, likely a loop). null: not checked."),
+    )
+    logprob_threshold: float | None = Field(
+        default=TemperatureFallback.logprob_threshold, le=0, description=(
+            "A piece whose tokens' average log-probability is below this is decoded again at the next temperature. "
+            "null: not checked."),
+    )
+    no_speech_threshold: float | None = Field(
+        default=TemperatureFallback.no_speech_threshold, ge=0, le=1, description=(
+            "A piece whose <|nospeech|> probability is above this and whose average log-probability is at most "
+            "logprob_threshold is silence: not decoded again, and it gives no text (no segment). null: never."),
+    )
+
+    @field_validator("fallback_temperatures")
+    @classmethod
+    def _fallback_temperatures(cls, value: list[float]) -> list[float]:
+        if value[0] != 0 or any(b <= a for a, b in zip(value, value[1:], strict=False)) or value[-1] > 1:
+            raise ValueError(f"must start at 0 and increase, each at most 1 (such as [0, 0.2, 0.4, 0.6, 0.8, 1]; "
+                             f"[0] turns the fallback off), got {value}")
+        return value
+
+    def fallback(self) -> TemperatureFallback:
+        return TemperatureFallback(tuple(self.fallback_temperatures), self.compression_ratio_threshold,
+                                   self.logprob_threshold, self.no_speech_threshold)
 
 
 class SpeechOptions(FamilyOptions):

@@ -171,6 +171,35 @@ class TranscribeParams:
         return (self.language, self.prompt, self.temperature, self.detect_language, self.task, self.word_timestamps)
 
 
+@dataclass(frozen=True)
+class TemperatureFallback:
+    """openai-whisper's temperature fallback (its transcribe() and decode_with_fallback()), from the STT
+    family's options: a piece asked for at temperature 0 is decoded greedily, then again at each next
+    temperature (sampling) while its decode fails a threshold; the last decode stands. A threshold of None
+    is not checked. A piece asked for at a temperature above 0 is decoded once, at that temperature."""
+
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    compression_ratio_threshold: float | None = 2.4  # above: a repetitive (looping) transcript
+    logprob_threshold: float | None = -1.0  # below: an unlikely transcript
+    no_speech_threshold: float | None = 0.6  # above, with a low avg_logprob: silence, not a failed decode
+
+    def temperatures_for(self, temperature: float) -> tuple[float, ...]:
+        return self.temperatures if temperature == 0 else (temperature,)
+
+    def is_silence(self, avg_logprob: float, no_speech_prob: float) -> bool:
+        """<|nospeech|> likely and the text not (openai-whisper's skip): the piece gives no segment."""
+        if self.no_speech_threshold is None or no_speech_prob <= self.no_speech_threshold:
+            return False
+        return self.logprob_threshold is None or avg_logprob <= self.logprob_threshold
+
+    def needs_fallback(self, avg_logprob: float, compression_ratio: float, no_speech_prob: float) -> bool:
+        ratio, logprob, no_speech = self.compression_ratio_threshold, self.logprob_threshold, self.no_speech_threshold
+        failed = (ratio is not None and compression_ratio > ratio) or (logprob is not None and avg_logprob < logprob)
+        silent = (no_speech is not None and logprob is not None
+                  and no_speech_prob > no_speech and avg_logprob < logprob)  # not a failed decode: nothing said
+        return failed and not silent
+
+
 @dataclass
 class Word:
     word: str
@@ -185,7 +214,7 @@ class Segment:
     end: float
     text: str
     token_ids: list[int] = field(default_factory=list)  # those of its text, as the model generated them
-    temperature: float = 0.0
+    temperature: float = 0.0  # of the decode that stands (a fallback's: above the request's 0)
     avg_logprob: float = 0.0  # of its tokens and the end token, as Whisper reports it
     compression_ratio: float = 0.0  # its text's length over its zlib-compressed length (> 2.4: repetitive)
     no_speech_prob: float = 0.0  # of <|nospeech|> right after <|startoftranscript|>

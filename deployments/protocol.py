@@ -850,6 +850,19 @@ class FormModel(OpenAIBaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def _stt_temperature(value: Any) -> Any:
+    """OpenAI's range for transcriptions and translations, 0 to 1, with the value sent in the refusal (a form
+    sends text: "nan" and "inf" parse as floats)."""
+    try:
+        temperature = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"must be a number from 0 to 1, got {value!r}") from None
+    if not 0 <= temperature <= 1:
+        raise ValueError(f"must be from 0 to 1 (0, the default, decodes greedily and falls back to higher "
+                         f"temperatures where Whisper's thresholds fail), got {value}")
+    return value
+
+
 class TranscriptionForm(FormModel):
     """The multipart form of `/v1/audio/transcriptions`."""
 
@@ -865,7 +878,8 @@ class TranscriptionForm(FormModel):
     response_format: TranscriptionResponseFormat = "json"
     """Output format."""
     temperature: float = Field(default=0.0, ge=0.0, le=1.0)
-    """Sampling temperature; 0 means greedy decoding."""
+    """0 (the default): greedy, and each piece of the audio that fails Whisper's thresholds is decoded again at
+    higher temperatures (the STT family's `fallback_temperatures`); above 0: sampled at that temperature."""
     timestamp_granularities: list[Literal["segment", "word"]] = Field(
         default_factory=lambda: ["segment"], alias="timestamp_granularities[]")
     """Timestamp detail for `verbose_json` (the openai client sends `timestamp_granularities[]`): `segment`
@@ -887,6 +901,11 @@ class TranscriptionForm(FormModel):
     chunking_strategy_silence_duration_ms: int | None = Field(
         default=None, ge=0, le=10000, alias="chunking_strategy[silence_duration_ms]")
     """A pause at least this long is preferred for a cut (default 500 ms)."""
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _temperature(cls, value: Any) -> Any:
+        return _stt_temperature(value)
 
     @field_validator("language")
     @classmethod
@@ -948,7 +967,12 @@ class TranslationForm(FormModel):
     response_format: TranscriptionResponseFormat = "json"
     """Output format."""
     temperature: float = Field(default=0.0, ge=0.0, le=1.0)
-    """Sampling temperature; 0 means greedy decoding."""
+    """0 (the default): greedy, with Whisper's temperature fallback; above 0: sampled at that temperature."""
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _temperature(cls, value: Any) -> Any:
+        return _stt_temperature(value)
 
 
 class TranscriptionWord(OpenAIBaseModel):
@@ -974,7 +998,7 @@ class TranscriptionSegment(OpenAIBaseModel):
     tokens: list[int] = []
     """Token ids of the text."""
     temperature: float = 0.0
-    """Sampling temperature it was decoded with."""
+    """Temperature of the decode that stands (above the request's 0 where the temperature fallback ran)."""
     avg_logprob: float = 0.0
     """Average log-probability of its tokens and the end token (below -1: the decoding is doubtful)."""
     compression_ratio: float = 0.0

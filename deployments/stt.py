@@ -131,11 +131,11 @@ class STTServer(FamilyServer):
                                           _transcription().language_name(language))}
 
     async def _transcribe_batch_call(self, batch: list[TranscribeParams]) -> list[Any]:
-        chunks = self.options.max_chunks_per_call
+        chunks, fallback = self.options.max_chunks_per_call, self.options.fallback()
         started = time.monotonic()
         results = await self._run_groups(
             batch, TranscribeParams.batch_key,
-            lambda spec, loaded, items: _transcription().transcribe_batch(spec, loaded, items, chunks),
+            lambda spec, loaded, items: _transcription().transcribe_batch(spec, loaded, items, chunks, fallback),
         )
         spent = (time.monotonic() - started) / max(1, len(batch))  # each request's share of the calls
         for params, result in zip(batch, results, strict=True):

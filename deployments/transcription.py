@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,13 +17,14 @@ from loading import LoadedModel, ModelSpec
 
 from .audio import resample
 from .errors import InvalidRequestError
-from .params import Segment, TranscribeParams, TranscribeResult, Word
+from .params import Segment, TemperatureFallback, TranscribeParams, TranscribeResult, Word
 from .transformers_logs import quiet_generation_warnings
 from .vad import ChunkPlanner, VadOptions
 
 quiet_generation_warnings()
 
 CHUNK_S = 30.0  # Whisper's receptive field
+ONCE = TemperatureFallback((0.0,), None, None, None)  # no fallback, no threshold
 TIME_PRECISION = 0.02  # seconds per encoder position (1500 of them in 30 s)
 FORCED_START_TOKENS = 5  # <|startoftranscript|> <|lang|> <|task|> <|notimestamps|> (+ <|startofprev|>)
 
@@ -108,10 +110,13 @@ def detect_languages(loaded: LoadedModel, model: Any, features: torch.Tensor) ->
 
 
 def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[TranscribeParams],
-                     chunks_per_call: int = 8) -> list[TranscribeResult]:
+                     chunks_per_call: int = 8, fallback: TemperatureFallback | None = None) -> list[TranscribeResult]:
     """Requests that share a model, language, prompt and temperature: their 30 s chunks go through
-    the model `chunks_per_call` at a time (long audio never becomes one giant batch); chunks of a
-    request whose caller went away are skipped, and its rows end at the next decoding step."""
+    the model `chunks_per_call` at a time (long audio never becomes one giant batch), each chunk decoded
+    again at higher temperatures while it fails `fallback`'s thresholds; chunks of a request whose caller
+    went away are skipped, and its rows end at the next decoding step. No `fallback`: each chunk is decoded
+    once, at the requests' temperature, and none is dropped as silence."""
+    fallback = fallback or ONCE
     rate = loaded.processor.feature_extractor.sampling_rate
     pieces: list[tuple[int, float, np.ndarray]] = []  # (request index, start s, samples)
     durations = []
@@ -142,20 +147,18 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
     outputs: list[_Output] = [_Output("")] * len(pieces)
     cancelled = [params.cancelled for params in batch]
     for group in _groups(list(range(len(pieces))), chunks_per_call):
-        group = [i for i in group if not _is_set(cancelled[pieces[i][0]])]
-        if group:
-            made = _generate(spec, loaded, first, [pieces[i] for i in group], languages, cancelled, rate)
-            for i, output in zip(group, made, strict=True):
-                outputs[i] = output
+        _decode_with_fallback(spec, loaded, first, pieces, group, outputs, languages, cancelled, rate, fallback)
 
     segments: list[list[Segment]] = [[] for _ in batch]
     words: list[list[Word]] = [[] for _ in batch]
     for (index, start, samples), output in zip(pieces, outputs, strict=True):
+        if fallback.is_silence(output.avg_logprob, output.no_speech_prob):
+            continue  # openai-whisper's no-speech skip: what a model hears in silence is not a transcript
         seg, offset = segments[index], batch[index].offset_s
         end = start + len(samples) / rate
         seg.append(Segment(len(seg), round(offset + start, 3), round(offset + end, 3), output.text.strip(),
-                           output.token_ids, batch[index].temperature,
-                           output.avg_logprob, compression_ratio(output.text.strip()), output.no_speech_prob))
+                           output.token_ids, output.temperature,
+                           output.avg_logprob, output.compression_ratio, output.no_speech_prob))
         words[index] += [Word(w.word, round(offset + min(start + w.start, end), 3),
                               round(offset + min(start + w.end, end), 3)) for w in output.words]
     return [
@@ -165,15 +168,44 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
     ]
 
 
+def _decode_with_fallback(spec: ModelSpec, loaded: LoadedModel, first: TranscribeParams,
+                          pieces: list[tuple[int, float, np.ndarray]], group: list[int], outputs: list[_Output],
+                          languages: list[str | None], cancelled: list[Any], rate: int,
+                          fallback: TemperatureFallback) -> None:
+    """openai-whisper's decode_with_fallback over some chunks at once: all are decoded at the first temperature,
+    then only those that failed a threshold at the next, and so on; each chunk keeps its last decode. Every
+    pass after the first runs within what the first left of generation_timeout_s (none starts past it), so
+    the passes together take at most that long."""
+    deadline = time.monotonic() + spec.generation_timeout_s
+    temperatures = fallback.temperatures_for(first.temperature)
+    for n, temperature in enumerate(temperatures):
+        group = [i for i in group if not _is_set(cancelled[pieces[i][0]])]
+        left = deadline - time.monotonic()
+        if not group or (n and left <= 0):
+            return
+        made = _generate(spec, loaded, first, [pieces[i] for i in group], languages, cancelled, rate,
+                         temperature, left)
+        for i, output in zip(group, made, strict=True):
+            outputs[i] = output
+        group = [i for i in group if fallback.needs_fallback(
+            outputs[i].avg_logprob, outputs[i].compression_ratio, outputs[i].no_speech_prob)]
+
+
 @dataclass
 class _Output:
-    """What one chunk gave: its text and tokens, its words (times within the chunk), and its scores."""
+    """What one chunk gave: its text and tokens, its words (times within the chunk), its scores and the
+    temperature it was decoded at."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     words: list[Word] = field(default_factory=list)
     avg_logprob: float = 0.0
     no_speech_prob: float = 0.0
+    temperature: float = 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return compression_ratio(self.text.strip())
 
 
 def compression_ratio(text: str) -> float:
@@ -265,14 +297,15 @@ class _DropCancelledRows(StoppingCriteria):
 
 def _generate(spec: ModelSpec, loaded: LoadedModel, first: TranscribeParams,
               pieces: list[tuple[int, float, np.ndarray]],
-              languages: list[str | None], cancelled: list[Any], rate: int) -> list[_Output]:
-    """One generate call over some chunks (each of request `pieces[i][0]`)."""
+              languages: list[str | None], cancelled: list[Any], rate: int,
+              temperature: float, max_time: float) -> list[_Output]:
+    """One generate call over some chunks (each of request `pieces[i][0]`), at one temperature."""
     inputs = _features(loaded, [p[2] for p in pieces], rate)
     tokenizer = loaded.processor.tokenizer
     scores = _SegmentScores(tokenizer.convert_tokens_to_ids("<|startoftranscript|>"),
                             loaded.model.generation_config.no_timestamps_token_id - 1)  # transformers' choice too
     kwargs: dict[str, Any] = {"max_new_tokens": token_budget(spec, loaded, first.prompt),
-                              "max_time": spec.generation_timeout_s,
+                              "max_time": max_time,
                               "logits_processor": LogitsProcessorList([scores.processor]),
                               "stopping_criteria": StoppingCriteriaList(
                                   [_DropCancelledRows([cancelled[p[0]] for p in pieces]), scores.criterion])}
@@ -284,8 +317,8 @@ def _generate(spec: ModelSpec, loaded: LoadedModel, first: TranscribeParams,
             kwargs["language"] = [languages[index] for index, _, _ in pieces]
     if first.prompt:
         kwargs["prompt_ids"] = prompt_ids(loaded, first.prompt)
-    if first.temperature > 0:
-        kwargs.update(do_sample=True, temperature=first.temperature)
+    if temperature > 0:  # sampled from the whole distribution, as openai-whisper samples (no top-k of 50)
+        kwargs.update(do_sample=True, temperature=temperature, top_k=0)
     if first.word_timestamps:
         kwargs["return_token_timestamps"] = True
     with loaded.active() as model, torch.inference_mode(), scores.watching(model):
@@ -303,7 +336,7 @@ def _generate(spec: ModelSpec, loaded: LoadedModel, first: TranscribeParams,
             language = first.language or languages[pieces[row][0]]  # detected: Chinese words are not spaced
             words = _words(tokenizer, sequence, times[row].tolist(), language, len(pieces[row][2]) / rate)
         avg_logprob, no_speech_prob = scores.row(row, tokenizer.eos_token_id)
-        results.append(_Output(text, tokens, words, avg_logprob, no_speech_prob))
+        results.append(_Output(text, tokens, words, avg_logprob, no_speech_prob, temperature))
     return results
 
 

@@ -142,7 +142,7 @@ def test_health_counts_a_request_whose_caller_left_before_any_model_call_once(ti
     spec = ModelSpec(name="m", source=str(tiny_llm_dirs[0]), max_new_tokens=200, debug_step_delay_s=0.02)
     chat_server = LLMServer([spec], ChatOptions())
     stt = ModelSpec(name="w", source=str(build_tiny("stt", tmp_path / "w")), max_new_tokens=8)
-    stt_server = STTServer([stt], TranscriptionOptions(max_chunks_per_call=2))
+    stt_server = STTServer([stt], TranscriptionOptions(max_chunks_per_call=2, fallback_temperatures=[0.0]))
     audio = (np.random.default_rng(0).standard_normal(16000 * 150) * 0.1).astype(np.float32)  # 5+ pieces
 
     def chat() -> ChatParams:

@@ -48,7 +48,7 @@ def test_a_batched_transcription_keeps_the_model_it_was_admitted_with(tmp_path):
     from loading.tiny import build_tiny
 
     spec = ModelSpec(name="w", source=str(build_tiny("stt", tmp_path / "w")), max_new_tokens=8, loading="lazy")
-    server = STTServer([spec], TranscriptionOptions())
+    server = STTServer([spec], TranscriptionOptions(fallback_temperatures=[0.0]))
     looked_up = server.pool.get
 
     async def evicted_after_admission(name, wait_s=0.0):

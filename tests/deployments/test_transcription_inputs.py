@@ -50,7 +50,8 @@ def test_an_english_only_whisper_transcribes(whisper_dir, tmp_path):
     for key in ("lang_to_id", "task_to_id"):
         config.pop(key, None)
     (english / "generation_config.json").write_text(json.dumps(config))
-    server = STTServer([ModelSpec(name="en", source=str(english))], TranscriptionOptions(memory_budget_mb=2048))
+    server = STTServer([ModelSpec(name="en", source=str(english))],
+                       TranscriptionOptions(memory_budget_mb=2048, fallback_temperatures=[0.0]))
     plain = transcribe(server, "en")
     assert transcribe(server, "en", language="en").text == plain.text
     detected = transcribe(server, "en", detect_language=True)
@@ -61,7 +62,8 @@ def test_an_english_only_whisper_transcribes(whisper_dir, tmp_path):
 
 
 def test_a_prompt_holding_a_special_tokens_text_is_a_400(whisper_dir):
-    server = STTServer([ModelSpec(name="w", source=str(whisper_dir))], TranscriptionOptions(memory_budget_mb=2048))
+    server = STTServer([ModelSpec(name="w", source=str(whisper_dir))],
+                       TranscriptionOptions(memory_budget_mb=2048, fallback_temperatures=[0.0]))
     with pytest.raises(InvalidRequestError) as info:
         transcribe(server, "w", prompt="Notes from the <|en|> meeting")
     status, body, _ = to_error(info.value)
@@ -71,7 +73,8 @@ def test_a_prompt_holding_a_special_tokens_text_is_a_400(whisper_dir):
 def test_the_prompt_is_not_cut_off_the_front_of_the_transcript(whisper_dir, monkeypatch):
     """generate() returns only the new tokens: the prompt was nevertheless stripped from the front of
     the text, so speech that began like the prompt lost its first words."""
-    server = STTServer([ModelSpec(name="w", source=str(whisper_dir))], TranscriptionOptions(memory_budget_mb=2048))
+    server = STTServer([ModelSpec(name="w", source=str(whisper_dir))],
+                       TranscriptionOptions(memory_budget_mb=2048, fallback_temperatures=[0.0]))
     transcribe(server, "w")  # loaded
     loaded = server.pool.handles["w"].get(0)
     tokenizer = loaded.processor.tokenizer

@@ -29,7 +29,8 @@ SPEECH = Path(__file__).parents[1] / "serve" / "data" / "speech.flac"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> STTServer:
     source = build_tiny("stt", tmp_path_factory.mktemp("stt") / "tiny-whisper")
-    return STTServer([ModelSpec(name="w", source=str(source))], TranscriptionOptions(memory_budget_mb=4096))
+    return STTServer([ModelSpec(name="w", source=str(source))],
+                     TranscriptionOptions(memory_budget_mb=4096, fallback_temperatures=[0.0]))
 
 
 def speech(seconds: float | None = None) -> tuple[np.ndarray, int]:

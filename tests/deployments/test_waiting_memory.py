@@ -73,7 +73,7 @@ def test_a_waiting_image_chat_holds_its_images_and_answers_once_there_is_room(tm
 
 def test_a_waiting_transcription_holds_its_samples_and_answers_once_there_is_room(tmp_path):
     spec = ModelSpec(name="tiny-whisper", source=str(build_tiny("stt", tmp_path / "tiny-whisper")))
-    server = STTServer([spec], TranscriptionOptions(memory_budget_mb=512))
+    server = STTServer([spec], TranscriptionOptions(memory_budget_mb=512, fallback_temperatures=[0.0]))
     audio = (0.1 * np.sin(np.arange(16000) / 16000 * 2 * np.pi * 440)).astype(np.float32)
     samples = len(audio) * FLOAT_BYTES
 
