@@ -1007,9 +1007,20 @@ class TranscriptionSegment(OpenAIBaseModel):
     """Probability of the <|nospeech|> token at the start of the segment (high with a low avg_logprob: silence)."""
 
 
+class TranscriptionDurationUsage(OpenAIBaseModel):
+    """whisper-1's usage: billed by the audio's length."""
+
+    type: Literal["duration"] = "duration"
+    """Always `duration`."""
+    seconds: int
+    """The decoded audio's duration, rounded up to a whole second as OpenAI's (8.47 s: 9)."""
+
+
 class TranscriptionResponse(OpenAIBaseModel):
     text: str
     """The transcript."""
+    usage: TranscriptionDurationUsage | None = None
+    """The audio's duration (transcriptions; a translation has none, as OpenAI's)."""
 
 
 class TranscriptionVerboseResponse(OpenAIBaseModel):
@@ -1025,6 +1036,8 @@ class TranscriptionVerboseResponse(OpenAIBaseModel):
     """Timed segments of the transcript (with `timestamp_granularities[]=segment`, the default)."""
     words: list[TranscriptionWord] | None = None
     """Timed words (with `timestamp_granularities[]=word`)."""
+    usage: TranscriptionDurationUsage | None = None
+    """The audio's duration (transcriptions; a translation has none, as OpenAI's)."""
 
 
 class TranscriptionUsage(OpenAIBaseModel):

@@ -30,6 +30,7 @@ from ..protocol import (
     SpeechAudioDone,
     SpeechRequest,
     SpeechUsage,
+    TranscriptionDurationUsage,
     TranscriptionForm,
     TranscriptionResponse,
     TranscriptionSegment,
@@ -63,12 +64,14 @@ def _usage(result: TranscribeResult) -> TranscriptionUsage:
 
 
 def _render(result: TranscribeResult, fmt: str, granularities: list[str], task: str) -> Response:
+    # whisper-1's usage (gpt-4o-transcribe's is tokens, as the stream's done event has); none on translations
+    usage = TranscriptionDurationUsage(seconds=math.ceil(result.duration)) if task == "transcribe" else None
     segments = [TranscriptionSegment(id=s.id, seek=round(s.start * 100), start=s.start, end=s.end, text=s.text,
                                      tokens=s.token_ids, temperature=s.temperature, avg_logprob=s.avg_logprob,
                                      compression_ratio=s.compression_ratio, no_speech_prob=s.no_speech_prob)
                 for s in result.segments]
     if fmt == "json":
-        return JSONResponse({"text": result.text})
+        return JSONResponse(TranscriptionResponse(text=result.text, usage=usage).model_dump(exclude_none=True))
     if fmt == "text":
         return PlainTextResponse(result.text)
     if fmt == "srt":
@@ -81,7 +84,7 @@ def _render(result: TranscribeResult, fmt: str, granularities: list[str], task: 
         duration=result.duration, text=result.text,
         segments=segments if "segment" in granularities else None,
         words=[TranscriptionWord(word=w.word, start=w.start, end=w.end) for w in result.words]
-        if "word" in granularities else None)
+        if "word" in granularities else None, usage=usage)
     return JSONResponse(verbose.model_dump(exclude_none=True))
 
 

@@ -82,6 +82,7 @@ def test_temperature_0_decodes_again_while_a_piece_fails_and_its_segment_says_so
     assert segment.temperature == 1.0 and segment.avg_logprob < -1.0  # the last decode stands, as openai-whisper's
     data = segment.text.encode()
     assert segment.compression_ratio == pytest.approx(len(data) / len(zlib.compress(data)), abs=1e-3)
+    assert (fell.usage.type, fell.usage.seconds) == ("duration", 10)  # 9.58 s of audio
 
     calls.clear()
     sampled = client.audio.transcriptions.create(model="w", file=upload, response_format="verbose_json",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import re
 
 import numpy as np
@@ -284,7 +285,7 @@ def test_transcription_formats_have_their_content_type_and_the_same_text(transcr
     response = transcripts[fmt]
     assert response.headers["content-type"].split(";")[0] == TRANSCRIPT_MEDIA_TYPES[fmt]
     text = transcripts["json"].json()["text"]
-    assert set(transcripts["json"].json()) == {"text"}
+    assert set(transcripts["json"].json()) == {"text", "usage"}
     assert text.strip(), "the tiny Whisper says something (gibberish), so an empty body cannot pass"
     if fmt == "text":
         assert response.text == text  # the bare text: no JSON, no quotes, no cue numbers
@@ -298,14 +299,17 @@ def test_transcription_formats_have_their_content_type_and_the_same_text(transcr
 
 @pytest.mark.parametrize("fmt", ["json", "text", "srt", "vtt", "verbose_json"])
 def test_transcription_in_every_response_format(demo_app, transcripts, fmt):
-    """The same through the openai client, which parses each format its own way."""
+    """The same through the openai client, which parses each format its own way. json and verbose_json carry
+    whisper-1's usage: the audio's seconds, rounded up as OpenAI's (its 8.47 s example: 9), so 1.5 s is 2."""
     result = demo_app.openai().audio.transcriptions.create(
         model="tiny-whisper", file=("speech.wav", wav_bytes(1.5)), response_format=fmt, language="en")
     text = transcripts["json"].json()["text"]
     if fmt == "json":
         assert result.text == text
+        assert (result.usage.type, result.usage.seconds) == ("duration", 2), result.usage
     elif fmt == "verbose_json":
         assert result.text == text
+        assert (result.usage.type, result.usage.seconds) == ("duration", 2), result.usage
         assert result.duration == pytest.approx(1.5, abs=0.01)
         assert result.language == "english"  # OpenAI names it
         assert len(result.segments) == 1 and result.segments[0].end == pytest.approx(1.5, abs=0.01)
@@ -322,6 +326,7 @@ def test_long_stereo_44k_flac_is_resampled_and_chunked(demo_app):
     result = demo_app.openai().audio.transcriptions.create(
         model="whisper-1", file=("long.flac", audio), response_format="verbose_json")
     assert result.duration == pytest.approx(35.0, abs=0.05)
+    assert result.usage.seconds == math.ceil(result.duration)  # of the whole upload, over its pieces
     assert [(s.start, s.end) for s in result.segments] == [(0.0, 30.0), (30.0, pytest.approx(35.0, abs=0.05))]
     assert result.language in LANGUAGES.values()  # detected, since none was given, and named as OpenAI does
 

@@ -168,9 +168,11 @@ def test_translation_in_every_format(demo_app, fmt):
                                                          response_format=fmt)
     if fmt == "json":
         assert isinstance(result.text, str) and result.text
+        assert "usage" not in result.model_extra  # as OpenAI's Translation: text alone
     elif fmt == "verbose_json":
         assert result.language == "english" and result.duration == pytest.approx(1.5, abs=0.01)
         assert result.model_extra.get("task") == "translate" and len(result.segments) == 1
+        assert "usage" not in result.model_extra
     elif fmt == "srt":
         assert result.startswith("1\n00:00:00,000 --> 00:00:01,500\n")
     elif fmt == "vtt":
