@@ -32,6 +32,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from loading import Family
 
+from . import g711
 from .audio import StreamResampler, resample
 from .errors import as_api_error, to_error
 from .guard import INLINE_JSON_BYTES, check_json, offered_subprotocols, realtime_subprotocol
@@ -61,6 +62,9 @@ def _id(prefix: str) -> str:
 
 
 # --- what the client may set ---------------------------------------------------------------------
+
+# pcm16 at 24 kHz, or the telephone's G.711 at 8 kHz (g711.py); the session works in pcm16 at 24 kHz inside
+AudioFormat = Literal["pcm16", "g711_ulaw", "g711_alaw"]
 
 
 class TurnDetection(BaseModel):
@@ -93,8 +97,8 @@ class SessionFields(BaseModel):
     modalities: list[Literal["text", "audio"]] | None = Field(default=None, min_length=1)
     instructions: str | None = None
     voice: str | None = Field(default=None, max_length=64)
-    input_audio_format: Literal["pcm16"] | None = None
-    output_audio_format: Literal["pcm16"] | None = None
+    input_audio_format: AudioFormat | None = None
+    output_audio_format: AudioFormat | None = None
     input_audio_transcription: InputTranscription | None = None
     turn_detection: TurnDetection | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -158,12 +162,14 @@ class Session:
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
     temperature: float | None = None
     max_output_tokens: int | str = "inf"
+    input_audio_format: str = "pcm16"
+    output_audio_format: str = "pcm16"
 
     def render(self, session_id: str, model: str) -> dict:
         return {
             "id": session_id, "object": "realtime.session", "model": model, "modalities": self.modalities,
             "instructions": self.instructions, "voice": self.voice,
-            "input_audio_format": "pcm16", "output_audio_format": "pcm16",
+            "input_audio_format": self.input_audio_format, "output_audio_format": self.output_audio_format,
             "input_audio_transcription": self.transcription.model_dump() if self.transcription else None,
             "turn_detection": self.turn_detection.model_dump() if self.turn_detection else None,
             "tools": [], "tool_choice": "none",
@@ -263,6 +269,7 @@ class RealtimeSession:
         self.streamed = 0  # samples appended in the whole session
         self.detector: TurnDetector | None = None
         self.vad_input = StreamResampler(RATE, 16000)  # what the detector hears, resampled as one stream
+        self.g711_in = StreamResampler(g711.RATE, RATE)  # G.711 input to the session's 24 kHz, as one stream
         self.detector_origin = 0  # the stream sample the detector's first sample is
         self._detect_from(self.config.turn_detection)
         self.speech_start: int | None = None  # stream sample where the current speech began
@@ -399,7 +406,9 @@ class RealtimeSession:
         if fields.instructions is not None:
             config.instructions = fields.instructions
         sent = event.get("session") or {}
-        for name in ("modalities", "voice", "temperature"):
+        if fields.input_audio_format is not None and fields.input_audio_format != config.input_audio_format:
+            self.g711_in = StreamResampler(g711.RATE, RATE)  # a new stream from here
+        for name in ("modalities", "voice", "temperature", "input_audio_format", "output_audio_format"):
             if getattr(fields, name) is not None:
                 setattr(config, name, getattr(fields, name))
         if fields.max_response_output_tokens is not None:
@@ -445,17 +454,21 @@ class RealtimeSession:
         self.detector_origin = self.streamed
 
     async def append(self, event: dict) -> None:
-        audio = event.get("audio")
+        audio, fmt = event.get("audio"), self.config.input_audio_format
         if not isinstance(audio, str):
-            raise SessionError("input_audio_buffer.append needs 'audio': base64 pcm16 (24 kHz mono)",
-                               "invalid_value", "audio")
+            shown = "pcm16 (24 kHz mono)" if fmt == "pcm16" else f"{fmt} (8 kHz mono)"
+            raise SessionError(f"input_audio_buffer.append needs 'audio': base64 {shown}", "invalid_value", "audio")
         try:
             data = base64.b64decode(audio, validate=True)
         except (binascii.Error, ValueError):
             raise SessionError("'audio' is not valid base64", "invalid_value", "audio") from None
-        if len(data) % 2:
+        if fmt != "pcm16":
+            pcm = self.g711_in.feed(g711.decode(data, fmt).astype(np.float32))
+            samples = np.clip(pcm.round(), -32768, 32767).astype("<i2")
+        elif len(data) % 2:
             raise SessionError("'audio' must be 16-bit samples (an even number of bytes)", "invalid_value", "audio")
-        samples = np.frombuffer(data, dtype="<i2")
+        else:
+            samples = np.frombuffer(data, dtype="<i2")
         limit = int(self.limits.max_realtime_buffer_seconds * RATE)
         if self.detector is not None and self.speech_start is None:
             # server VAD, no speech under way: the oldest audio makes room, so a session that listens to
@@ -768,6 +781,7 @@ class RealtimeSession:
         modalities = fields.modalities or config.modalities
         spoken = "audio" in modalities
         voice = fields.voice or config.voice
+        output_format = config.output_audio_format  # as the response starts: its audio is of one format
         limit = next((value for value in (fields.max_output_tokens, fields.max_response_output_tokens)
                       if value is not None), config.max_output_tokens)
         item = Item(_id("item"), "assistant", "", audio=spoken, status="in_progress")
@@ -780,7 +794,8 @@ class RealtimeSession:
 
         def response(status_: str, output: list, usage_: dict | None = None, details_: Any = None) -> dict:
             return {"id": response_id, "object": "realtime.response", "status": status_, "status_details": details_,
-                    "output": output, "modalities": modalities, "voice": voice, "output_audio_format": "pcm16",
+                    "output": output, "modalities": modalities, "voice": voice,
+                    "output_audio_format": output_format,
                     "usage": usage_}
 
         self.response_started = True
@@ -828,9 +843,10 @@ class RealtimeSession:
                                 kind = "response.audio_transcript.delta" if spoken else "response.text.delta"
                                 await self.send(kind, delta=piece.text, **where)
                             elif isinstance(piece, AudioPiece):
-                                pcm = _pcm24(piece.speech.waveform, piece.speech.sample_rate)
-                                item.add_audio(piece.sentence, piece.text, len(pcm) / 2 / RATE * 1000)
-                                await self.send("response.audio.delta", delta=base64.b64encode(pcm).decode(),
+                                waveform, rate = piece.speech.waveform, piece.speech.sample_rate
+                                item.add_audio(piece.sentence, piece.text, len(waveform) / rate * 1000)
+                                data = _encoded(waveform, rate, output_format)
+                                await self.send("response.audio.delta", delta=base64.b64encode(data).decode(),
                                                 **where)
                             elif isinstance(piece, ReplyDone):
                                 usage = _usage(piece)
@@ -890,10 +906,12 @@ def _messages(instructions: str, items: list[Item]) -> list[dict]:
     return messages
 
 
-def _pcm24(waveform: Any, rate: int) -> bytes:
+def _encoded(waveform: Any, rate: int, fmt: str) -> bytes:
+    """A piece of speech as the session's output format: pcm16 at 24 kHz, or G.711 at 8 kHz."""
     samples = np.nan_to_num(np.asarray(waveform, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
-    samples = resample(samples, rate, RATE)
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    samples = resample(samples, rate, RATE if fmt == "pcm16" else g711.RATE)
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2")
+    return pcm.tobytes() if fmt == "pcm16" else g711.encode(pcm, fmt)
 
 
 def _usage(done: ReplyDone) -> dict:
@@ -912,7 +930,9 @@ GA_NAMES = {
     "response.audio_transcript.done": "response.output_audio_transcript.done",
     "conversation.item.created": "conversation.item.added",
 }
-_PCM = {"type": "audio/pcm", "rate": RATE}
+# the GA protocol's audio formats, by the beta names the session keeps
+_GA_FORMATS = {"pcm16": {"type": "audio/pcm", "rate": RATE}, "g711_ulaw": {"type": "audio/pcmu"},
+               "g711_alaw": {"type": "audio/pcma"}}
 
 
 def _to_ga(value: Any) -> Any:
@@ -926,9 +946,10 @@ def _to_ga(value: Any) -> Any:
                 "output_modalities": ["audio"] if "audio" in value["modalities"] else ["text"],
                 "instructions": value["instructions"], "max_output_tokens": value["max_response_output_tokens"],
                 "tools": [], "tool_choice": "auto",
-                "audio": {"input": {"format": _PCM, "transcription": value["input_audio_transcription"],
+                "audio": {"input": {"format": _GA_FORMATS[value["input_audio_format"]],
+                                    "transcription": value["input_audio_transcription"],
                                     "turn_detection": value["turn_detection"]},
-                          "output": {"format": _PCM, "voice": value["voice"]}}}
+                          "output": {"format": _GA_FORMATS[value["output_audio_format"]], "voice": value["voice"]}}}
     out = {key: _to_ga(v) for key, v in value.items()}
     if out.get("type") == "audio" and "transcript" in out:
         out["type"] = "output_audio"
@@ -969,6 +990,17 @@ def _object(value: Any, param: str) -> dict:
     return value
 
 
+def _beta_format(fmt: Any) -> str | None:
+    """The beta name of a GA audio format object, or None (pcm16's rate, if given, must be 24 kHz; G.711's 8)."""
+    if not isinstance(fmt, dict):
+        return None
+    for beta_name, known in _GA_FORMATS.items():
+        rate = known.get("rate", g711.RATE)
+        if fmt.get("type") == known["type"] and fmt.get("rate", rate) == rate:
+            return beta_name
+    return None
+
+
 def _from_ga(event: dict) -> dict:
     """A GA client event as its beta twin (session and response shapes)."""
     if event.get("type") == "session.update" and isinstance(event.get("session"), dict):
@@ -996,12 +1028,14 @@ def _from_ga(event: dict) -> dict:
             if side.get("format") is None:
                 continue
             fmt = side["format"]
-            if not (isinstance(fmt, dict) and fmt.get("type") == "audio/pcm" and fmt.get("rate", RATE) == RATE):
+            beta_name = _beta_format(fmt)
+            if beta_name is None:
                 shown = json.dumps(fmt)[:200]
                 raise SessionError(f"session.audio.{name}.format {shown} is not supported; this server's audio is "
-                                   f'{{"type": "audio/pcm", "rate": {RATE}}} (pcm16, 24 kHz, mono)', "invalid_value",
+                                   f'{{"type": "audio/pcm", "rate": {RATE}}} (pcm16, 24 kHz, mono), or G.711 at 8 kHz: '
+                                   '{"type": "audio/pcmu"} or {"type": "audio/pcma"}', "invalid_value",
                                    f"session.audio.{name}.format")
-            beta[fmt_key] = "pcm16"
+            beta[fmt_key] = beta_name
         if "voice" in output:
             beta["voice"] = output["voice"]
         return {**event, "session": beta}

@@ -821,7 +821,7 @@ def test_ga_errors_name_the_field_the_ga_client_sent():
         socket = Socket(ga=True)
         session = RealtimeSession(socket, ScriptedIngress(), None)
         for update in ({"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}},
-                       {"audio": {"input": {"format": {"type": "audio/pcmu"}}}},
+                       {"audio": {"input": {"format": {"type": "audio/pcmu", "rate": 16000}}}},  # G.711 is 8 kHz
                        {"audio": {"output": {"format": {"type": "audio/pcm", "rate": 16000}}}},
                        {"audio": {"input": {"transcription": {"model": "nope"}}}},
                        {"audio": {"output": {"voice": "v" * 65}}},
@@ -998,3 +998,49 @@ def test_truncate_keeps_what_was_heard_and_delete_and_retrieve_serve_items():
                                 {"role": "user", "content": "go on"}]
     assert socket.of("response.done")[-1]["response"]["status"] == "cancelled"
     assert socket.sent[-1]["type"] == "conversation.item.truncated" and session.response_item.text == ""
+
+
+@pytest.mark.parametrize("law", ["g711_ulaw", "g711_alaw"])
+def test_a_phone_line_session_speaks_g711_both_ways(law):
+    """`g711_ulaw`/`g711_alaw` (what Twilio's Media Streams carry) were refused ('Input should be pcm16'), so a
+    voice agent on a phone line had to transcode both ways itself. The same speech sent as G.711 at 8 kHz is
+    heard as the same turns as pcm16 at 24 kHz, and the reply's audio comes back as G.711 at 8 kHz."""
+    from deployments import g711
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress()
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(_event("session.update", session={"input_audio_format": law,
+                                                               "output_audio_format": law}))
+        pcm8k = (resample(np.concatenate([silence(2.0), speech(), silence(1.0)]) / 32768, RATE, 8000) * 32767)
+        data = g711.encode(pcm8k.round().astype("<i2"), law)
+        for i in range(0, len(data), 160):  # 20 ms frames, as a phone line sends them
+            await session.handle(_event("input_audio_buffer.append", audio=base64.b64encode(data[i:i + 160]).decode()))
+        await settle(session)
+        return socket, ingress
+
+    socket, ingress = asyncio.run(scenario())
+    assert socket.of("session.updated")[0]["session"]["input_audio_format"] == law
+    # as pcm16 hears them, within 40 ms (test_turns_do_not_depend_on_how_the_audio_is_cut_into_appends: 19956,
+    # 20992, 21684, 23680 ms after 20 s of silence; 2 s here)
+    heard = turns(socket)[:4]  # measured: 1972, 2976, 3700, 5664 ms
+    assert [kind for kind, _ in heard] == ["started", "stopped", "started", "stopped"], heard
+    assert all(abs(ms - want) <= 40 for (_, ms), want in zip(heard, (1956, 2992, 3684, 5680), strict=True)), heard
+    done = socket.of("response.done")[0]["response"]
+    assert done["output_audio_format"] == law and done["status"] == "completed"
+    audio = b"".join(base64.b64decode(e["delta"]) for e in socket.of("response.audio.delta"))
+    assert len(audio) == len(socket.of("response.audio.delta")) * 800  # 100 ms of speech each, a byte a sample
+    assert np.abs(g711.decode(audio, law)).max() <= 64  # the scripted speech is silence: G.711's zero codes
+
+
+def test_g711_matches_the_reference_codec():
+    """Every 16-bit sample encodes, and every code decodes, as CPython's audioop (G.711's reference, Sun's g711.c)."""
+    audioop = pytest.importorskip("audioop")  # removed in Python 3.13
+    from deployments import g711
+
+    samples = np.arange(-32768, 32768, dtype=np.int16)
+    codes = bytes(range(256))
+    for law, encode, decode in (("g711_ulaw", audioop.lin2ulaw, audioop.ulaw2lin),
+                                ("g711_alaw", audioop.lin2alaw, audioop.alaw2lin)):
+        assert g711.encode(samples, law) == encode(samples.astype("<i2").tobytes(), 2)
+        assert g711.decode(codes, law).astype("<i2").tobytes() == decode(codes, 2)
