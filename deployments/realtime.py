@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from loading import Family
@@ -140,8 +140,17 @@ class ResponseFields(BaseModel):
 class ItemContent(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    type: Literal["input_text", "text", "output_text"]
-    text: str
+    type: Literal["input_text", "text", "output_text", "input_audio"]
+    text: str | None = None
+    audio: str | None = None  # input_audio's: base64, in the session's input_audio_format
+
+    @model_validator(mode="after")
+    def _has_its_payload(self) -> ItemContent:
+        if self.type == "input_audio" and self.audio is None:
+            raise ValueError("an input_audio part needs 'audio': base64 audio in the session's input_audio_format")
+        if self.type != "input_audio" and self.text is None:
+            raise ValueError(f"a {self.type} part needs 'text'")
+        return self
 
 
 class ConversationItem(BaseModel):
@@ -624,7 +633,8 @@ class RealtimeSession:
         if not isinstance(raw, dict):
             raise SessionError("conversation.item.create needs an 'item'", "invalid_value", "item")
         parsed = _parse(ConversationItem, raw, "item")
-        text = "".join(part.text for part in parsed.content)
+        audio = self._item_audio(parsed)
+        text = "".join(part.text or "" for part in parsed.content)
         if len(text) > self.limits.max_form_field_chars:
             raise SessionError(f"the item has {len(text)} characters; at most max_form_field_chars="
                                f"{self.limits.max_form_field_chars}", "string_above_max_length", "item.content")
@@ -632,9 +642,43 @@ class RealtimeSession:
             raise SessionError(f"the conversation has an item {parsed.id!r} already; give the new item another id, "
                                "or leave 'id' out for one the server makes", "invalid_value", "item.id")
         at = self._insert_at(event.get("previous_item_id"))
-        item = Item(parsed.id or _id("item"), parsed.role, text)
+        item = Item(parsed.id or _id("item"), parsed.role, text, audio=audio is not None)
         previous = self._add(item, at)
         await self.send("conversation.item.created", previous_item_id=previous, item=item.render())
+        if audio is not None:  # heard as a committed turn is (its transcription events), never answered unasked
+            task = asyncio.ensure_future(self._transcribe(item, audio, auto_respond=False))
+            self.transcriptions.add(task)
+            task.add_done_callback(self.transcriptions.discard)
+
+    def _item_audio(self, item: ConversationItem) -> np.ndarray | None:
+        """An item's input_audio as the session's pcm16 at 24 kHz (a user's turn sent whole, not through the
+        buffer), or None; bounded as the buffer is (max_realtime_buffer_seconds)."""
+        parts = [part for part in item.content if part.type == "input_audio"]
+        if not parts:
+            return None
+        if item.role != "user" or len(item.content) > 1:
+            raise SessionError("an input_audio part is a user's whole item: send it alone, in a user item",
+                               "invalid_value", "item.content")
+        try:
+            data = base64.b64decode(parts[0].audio or "", validate=True)
+        except (binascii.Error, ValueError):
+            raise SessionError("item.content[0].audio is not valid base64", "invalid_value",
+                               "item.content.0.audio") from None
+        fmt = self.config.input_audio_format
+        if fmt != "pcm16":
+            resampler = StreamResampler(g711.RATE, RATE)
+            pcm = np.concatenate([resampler.feed(g711.decode(data, fmt).astype(np.float32)), resampler.flush()])
+            samples = np.clip(pcm.round(), -32768, 32767).astype("<i2")
+        elif len(data) % 2:
+            raise SessionError("item.content[0].audio must be 16-bit samples (an even number of bytes)",
+                               "invalid_value", "item.content.0.audio")
+        else:
+            samples = np.frombuffer(data, dtype="<i2")
+        seconds, limit = len(samples) / RATE, self.limits.max_realtime_buffer_seconds
+        if not samples.size or seconds > limit:
+            raise SessionError(f"item.content[0].audio holds {seconds:.1f} s of {fmt}; it must hold some, and at most "
+                               f"max_realtime_buffer_seconds={limit:g} s", "invalid_value", "item.content.0.audio")
+        return samples
 
     def _item(self, event: dict) -> Item:
         """The item an event's `item_id` names (an error event naming it when there is none)."""

@@ -1044,3 +1044,37 @@ def test_g711_matches_the_reference_codec():
                                 ("g711_alaw", audioop.lin2alaw, audioop.alaw2lin)):
         assert g711.encode(samples, law) == encode(samples.astype("<i2").tobytes(), 2)
         assert g711.decode(codes, law).astype("<i2").tobytes() == decode(codes, 2)
+
+
+def test_a_user_item_of_input_audio_is_heard_and_answered_when_asked():
+    """conversation.item.create with an input_audio part (a turn recorded whole, sent without the buffer) was
+    refused ('Input should be input_text, text or output_text')."""
+    clip = speech((0.0, 1.0))
+    b64 = base64.b64encode(clip.tobytes()).decode()
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress()
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(_event("session.update", session={
+            "turn_detection": None, "input_audio_transcription": {"model": "stt"}}))
+        for bad in ({"role": "assistant", "content": [{"type": "input_audio", "audio": b64}]},
+                    {"role": "user", "content": [{"type": "input_audio", "audio": b64},
+                                                 {"type": "input_text", "text": "and this"}]},
+                    {"role": "user", "content": [{"type": "input_audio", "audio": "AAA"}]},  # 3 bytes... not base64
+                    {"role": "user", "content": [{"type": "input_audio", "audio": ""}]},
+                    {"role": "user", "content": [{"type": "input_audio"}]}):
+            await session.handle(_event("conversation.item.create", item={"type": "message", **bad}))
+        await session.handle(_event("conversation.item.create", item={
+            "type": "message", "role": "user", "content": [{"type": "input_audio", "audio": b64}]}))
+        await session.handle(_event("response.create", response={"modalities": ["text"]}))
+        await settle(session)
+        return socket, ingress
+
+    socket, ingress = asyncio.run(scenario())
+    errors = [e["error"] for e in socket.of("error")]
+    assert [e["param"] for e in errors] == ["item.content", "item.content", "item.content.0.audio",
+                                            "item.content.0.audio", "item.content.0"], errors
+    created = socket.of("conversation.item.created")[0]["item"]
+    assert created["content"] == [{"type": "input_audio", "transcript": None}]
+    assert socket.of("conversation.item.input_audio_transcription.completed")[0]["transcript"] == "turn1"
+    assert [round(s, 2) for s in ingress.heard] == [1.0] and ingress.chats[-1] == [{"role": "user", "content": "turn1"}]
