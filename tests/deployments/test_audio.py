@@ -402,3 +402,26 @@ def test_ffmpeg_opens_no_file_or_url_an_upload_names(tmp_path):
             list(guarded.decode(audio=0))
     with pytest.raises(AudioDecodeError, match="Format not recognised"):
         decode_audio(playlist)
+
+
+def test_a_video_gives_its_audio_track():
+    """OpenAI's `mp4` is as often a video (a phone's): its audio track is decoded, its video packets skipped."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        video = out.add_stream("mpeg4", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = out.add_stream("aac", rate=44100, layout="mono")
+        for i in range(20):
+            picture = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")
+            picture.pts = i
+            out.mux(video.encode(picture))
+        out.mux(video.encode(None))
+        frame = av.AudioFrame.from_ndarray(sine(44100, 2.0)[None], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 44100, 0
+        out.mux(audio.encode(frame))
+        out.mux(audio.encode(None))
+    samples, rate = decode_audio(buffer.getvalue())
+    assert len(samples) / rate == pytest.approx(2.0, abs=1024 / 44100 + 0.01)
+    assert peak_hz(samples, rate) == pytest.approx(440, abs=5)
