@@ -232,6 +232,8 @@ class TranscribeResult:
     segments: list[Segment]
     words: list[Word] = field(default_factory=list)
     language_name: str | None = None  # as OpenAI's verbose_json gives it ("english" for "en")
+    fallback_decodes: int = 0  # its pieces' decodes past their first (the temperature fallback's cost)
+    silent_pieces: int = 0  # its pieces dropped as silence (no segment)
 
     @property
     def tokens(self) -> int:

@@ -36,6 +36,7 @@ class STTServer(FamilyServer):
 
     def __init__(self, specs: list[ModelSpec], options: TranscriptionOptions):
         super().__init__(specs, options)
+        self.batch_stats.update(fallback_decodes=0, silent_pieces=0)  # the temperature fallback's work, in /health
         self._transcribe_batch: Batcher[TranscribeParams] = Batcher(self._transcribe_batch_call, options.max_batch_size,
                                          options.batch_wait_timeout_s, abandoned=cancelled)
 
@@ -92,6 +93,7 @@ class STTServer(FamilyServer):
             language = params.language
             window: deque[asyncio.Future] = deque()
             segments, words, texts, index = [], [], [], 0
+            redecoded = silent = 0
             params.cancelled = params.cancelled or threading.Event()  # its pieces': a cancel counts once
 
             async def next_cut() -> tuple[int, int] | None:
@@ -120,6 +122,7 @@ class STTServer(FamilyServer):
                         texts.append(segment.text)
                         yield {"segment": segment, "words": piece_result.words}
                     words += piece_result.words
+                    redecoded, silent = redecoded + piece_result.fallback_decodes, silent + piece_result.silent_pieces
                     language = language or piece_result.language
             finally:
                 for future in window:
@@ -128,7 +131,7 @@ class STTServer(FamilyServer):
                     await settle(future)
         yield {"result": TranscribeResult(" ".join(t for t in texts if t).strip(), language,
                                           round(len(audio) / rate, 3), segments, words,
-                                          _transcription().language_name(language))}
+                                          _transcription().language_name(language), redecoded, silent)}
 
     async def _transcribe_batch_call(self, batch: list[TranscribeParams]) -> list[Any]:
         chunks, fallback = self.options.max_chunks_per_call, self.options.fallback()
@@ -140,6 +143,8 @@ class STTServer(FamilyServer):
         spent = (time.monotonic() - started) / max(1, len(batch))  # each request's share of the calls
         for params, result in zip(batch, results, strict=True):
             if not isinstance(result, BaseException):
+                self.batch_stats["fallback_decodes"] += result.fallback_decodes
+                self.batch_stats["silent_pieces"] += result.silent_pieces
                 self.metrics.audio(params.model, False, len(params.audio) / params.sample_rate, spent)
         return results
 

@@ -151,8 +151,11 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
 
     segments: list[list[Segment]] = [[] for _ in batch]
     words: list[list[Word]] = [[] for _ in batch]
+    redecoded, silent = [0] * len(batch), [0] * len(batch)
     for (index, start, samples), output in zip(pieces, outputs, strict=True):
+        redecoded[index] += max(output.decodes - 1, 0)
         if fallback.is_silence(output.avg_logprob, output.no_speech_prob):
+            silent[index] += 1
             continue  # openai-whisper's no-speech skip: what a model hears in silence is not a transcript
         seg, offset = segments[index], batch[index].offset_s
         end = start + len(samples) / rate
@@ -163,8 +166,9 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
                               round(offset + min(start + w.end, end), 3)) for w in output.words]
     return [
         TranscribeResult(" ".join(s.text for s in segs if s.text).strip(), language, round(duration, 3), segs, w,
-                         language_name(language))
-        for language, segs, duration, w in zip(languages, segments, durations, words, strict=True)
+                         language_name(language), again, quiet)
+        for language, segs, duration, w, again, quiet in zip(languages, segments, durations, words, redecoded, silent,
+                                                             strict=True)
     ]
 
 
@@ -186,7 +190,7 @@ def _decode_with_fallback(spec: ModelSpec, loaded: LoadedModel, first: Transcrib
         made = _generate(spec, loaded, first, [pieces[i] for i in group], languages, cancelled, rate,
                          temperature, left)
         for i, output in zip(group, made, strict=True):
-            outputs[i] = output
+            output.decodes, outputs[i] = n + 1, output
         group = [i for i in group if fallback.needs_fallback(
             outputs[i].avg_logprob, outputs[i].compression_ratio, outputs[i].no_speech_prob)]
 
@@ -202,6 +206,7 @@ class _Output:
     avg_logprob: float = 0.0
     no_speech_prob: float = 0.0
     temperature: float = 0.0
+    decodes: int = 0  # how many times the chunk was decoded (the last stands)
 
     @property
     def compression_ratio(self) -> float:

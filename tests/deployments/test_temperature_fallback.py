@@ -66,6 +66,10 @@ def decodes(server: STTServer, monkeypatch) -> list[float]:
     return calls
 
 
+def batching(server: STTServer) -> dict:
+    return asyncio.run(server.status())[0]["replica"]["batching"]
+
+
 def test_temperature_0_decodes_again_while_a_piece_fails_and_its_segment_says_so(whisper_dir, monkeypatch):
     server = stt_server(whisper_dir)  # the defaults: TEMPERATURES, 2.4, -1.0, 0.6
     config = AppConfig.model_validate({"models": [{"name": "w", "source": str(whisper_dir), "family": "stt"}],
@@ -83,6 +87,7 @@ def test_temperature_0_decodes_again_while_a_piece_fails_and_its_segment_says_so
     data = segment.text.encode()
     assert segment.compression_ratio == pytest.approx(len(data) / len(zlib.compress(data)), abs=1e-3)
     assert (fell.usage.type, fell.usage.seconds) == ("duration", 10)  # 9.58 s of audio
+    assert batching(server)["fallback_decodes"] == 5  # /health shows what the fallback cost
 
     calls.clear()
     sampled = client.audio.transcriptions.create(model="w", file=upload, response_format="verbose_json",
@@ -114,6 +119,7 @@ def test_a_piece_that_passes_keeps_its_greedy_decode_in_long_audio_and_in_the_st
         return items[-1]["result"]
 
     for result in (transcribe(server, audio, rate), asyncio.run(stream())):
+        assert 1 <= result.fallback_decodes <= 5  # the tone's piece alone was decoded again
         tone_piece, speech_piece = result.segments
         assert (speech_piece.temperature, speech_piece.token_ids) == (0.0, greedy.segments[1].token_ids)
         assert tone_piece.temperature > 0 and tone_piece.token_ids != greedy.segments[0].token_ids
@@ -127,8 +133,11 @@ def test_silence_is_not_decoded_again_and_gives_no_text(whisper_dir, monkeypatch
     every piece silence."""
     server = stt_server(whisper_dir, no_speech_threshold=0.0)
     calls = decodes(server, monkeypatch)
+    before = batching(server)
     result = transcribe(server, *speech())
     assert calls == [0.0] and result.segments == [] and result.text == ""
+    after = batching(server)
+    assert (after["silent_pieces"] - before["silent_pieces"], after["fallback_decodes"]) == (1, 0)
 
 
 def test_the_decodes_together_stay_within_generation_timeout_s(whisper_dir, monkeypatch):
