@@ -295,6 +295,10 @@ class Ingress:
         """A 400 on `language` where the STT model cannot transcribe in it."""
         await self._call(Family.STT, "check_language", self.spec(model, Family.STT).name, language)
 
+    async def check_speech_speed(self, model: str, speed: float) -> None:
+        """A 400 on `speed` where the TTS model speaks at one speed only."""
+        await self._call(Family.TTS, "check_speed", self.spec(model, Family.TTS).name, speed)
+
     async def synthesize(self, params: SpeechParams) -> SpeechResult:
         params.model = self.spec(params.model, Family.TTS).name  # canonical: metric labels and logs
         return await self._call(Family.TTS, "synthesize", params)

@@ -103,6 +103,7 @@ class SessionFields(BaseModel):
     turn_detection: TurnDetection | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_response_output_tokens: Annotated[int, Field(ge=1)] | Literal["inf"] | None = None
+    speed: float | None = Field(default=None, ge=0.25, le=1.5)  # of the spoken reply, as OpenAI's bounds
     tools: list[Any] | None = None
 
 
@@ -173,6 +174,7 @@ class Session:
     max_output_tokens: int | str = "inf"
     input_audio_format: str = "pcm16"
     output_audio_format: str = "pcm16"
+    speed: float = 1.0
 
     def render(self, session_id: str, model: str) -> dict:
         return {
@@ -183,7 +185,7 @@ class Session:
             "turn_detection": self.turn_detection.model_dump() if self.turn_detection else None,
             "tools": [], "tool_choice": "none",
             "temperature": self.temperature if self.temperature is not None else 0.8,
-            "max_response_output_tokens": self.max_output_tokens,
+            "max_response_output_tokens": self.max_output_tokens, "speed": self.speed,
         }
 
 
@@ -412,12 +414,14 @@ class RealtimeSession:
                               param="session.input_audio_transcription.model")
         if fields.input_audio_transcription is not None and fields.input_audio_transcription.language:
             await self._check_language(fields.input_audio_transcription)
+        if fields.speed is not None and fields.speed != 1.0:
+            await self._check_speed(fields.speed)
         if fields.instructions is not None:
             config.instructions = fields.instructions
         sent = event.get("session") or {}
         if fields.input_audio_format is not None and fields.input_audio_format != config.input_audio_format:
             self.g711_in = StreamResampler(g711.RATE, RATE)  # a new stream from here
-        for name in ("modalities", "voice", "temperature", "input_audio_format", "output_audio_format"):
+        for name in ("modalities", "voice", "temperature", "input_audio_format", "output_audio_format", "speed"):
             if getattr(fields, name) is not None:
                 setattr(config, name, getattr(fields, name))
         if fields.max_response_output_tokens is not None:
@@ -455,6 +459,16 @@ class RealtimeSession:
             if error.param == "language":
                 raise SessionError(error.message, error.code or "invalid_value",
                                    "session.input_audio_transcription.language") from None
+
+    async def _check_speed(self, speed: float) -> None:
+        """A speed the TTS model cannot speak at is refused now, as /v1/audio/speech refuses it, not taken and
+        then fail every spoken response. Where it cannot be checked (the model still loading), it goes through."""
+        try:
+            await self.ingress.check_speech_speed(self.ingress.default_model(Family.TTS), speed)
+        except Exception as exc:
+            error = as_api_error(exc)
+            if error.param == "speed":
+                raise SessionError(error.message, error.code or "invalid_value", "session.speed") from None
 
     def _detect_from(self, detection: TurnDetection | None) -> None:
         """A new detector (or none) that hears the stream from its current sample on."""
@@ -874,7 +888,7 @@ class RealtimeSession:
             opened = 2
             await asyncio.shield(self.send("response.content_part.added", part=part, **where))
             tts = self.ingress.default_model(Family.TTS)
-            speech = SpeechParams(model=tts, text="", voice=voice) if spoken else None
+            speech = SpeechParams(model=tts, text="", voice=voice, speed=config.speed) if spoken else None
             while True:
                 reply_events = spoken_reply(self.ingress, chat, speech, self.ingress._tts_chars(),
                                              self.ingress.config.ingress.voice_first_piece_chars)
@@ -993,7 +1007,8 @@ def _to_ga(value: Any) -> Any:
                 "audio": {"input": {"format": _GA_FORMATS[value["input_audio_format"]],
                                     "transcription": value["input_audio_transcription"],
                                     "turn_detection": value["turn_detection"]},
-                          "output": {"format": _GA_FORMATS[value["output_audio_format"]], "voice": value["voice"]}}}
+                          "output": {"format": _GA_FORMATS[value["output_audio_format"]], "voice": value["voice"],
+                                     "speed": value["speed"]}}}
     out = {key: _to_ga(v) for key, v in value.items()}
     if out.get("type") == "audio" and "transcript" in out:
         out["type"] = "output_audio"
@@ -1011,6 +1026,7 @@ _GA_PARAMS = (
     ("session.input_audio_format", "session.audio.input.format"),
     ("session.output_audio_format", "session.audio.output.format"),
     ("session.voice", "session.audio.output.voice"),
+    ("session.speed", "session.audio.output.speed"),
     ("session.modalities", "session.output_modalities"),
     ("session.max_response_output_tokens", "session.max_output_tokens"),
     ("response.modalities", "response.output_modalities"),
@@ -1080,8 +1096,9 @@ def _from_ga(event: dict) -> dict:
                                    '{"type": "audio/pcmu"} or {"type": "audio/pcma"}', "invalid_value",
                                    f"session.audio.{name}.format")
             beta[fmt_key] = beta_name
-        if "voice" in output:
-            beta["voice"] = output["voice"]
+        for key in ("voice", "speed"):
+            if key in output:
+                beta[key] = output[key]
         return {**event, "session": beta}
     if event.get("type") == "response.create" and isinstance(event.get("response"), dict):
         ga = dict(event["response"])

@@ -28,16 +28,21 @@ OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "no
                  "marin", "cedar")
 
 
+def check_speed(spec: ModelSpec, loaded: LoadedModel, speed: float) -> None:
+    """A 400 on `speed` where the model cannot speak at it (its forward takes no speaking_rate)."""
+    if speed != 1.0 and "speaking_rate" not in inspect.signature(loaded.model.forward).parameters:
+        raise InvalidRequestError(f"model {spec.name!r} speaks at one speed only; speed={speed:g} cannot be "
+                                  "honoured: leave speed out or send 1.0", param="speed")
+
+
 def model_kwargs(spec: ModelSpec, loaded: LoadedModel, params: SpeechParams) -> dict[str, Any]:
     """What the model's forward takes besides the text: the speed (a 400 for one it cannot honour) and,
     for a model with several speakers, the one `voice` names."""
     accepted = inspect.signature(loaded.model.forward).parameters
     kwargs: dict[str, Any] = {}
+    check_speed(spec, loaded, params.speed)
     if "speaking_rate" in accepted:
         kwargs["speaking_rate"] = params.speed
-    elif params.speed != 1.0:
-        raise InvalidRequestError(f"model {spec.name!r} speaks at one speed only; speed={params.speed:g} cannot be "
-                                  "honoured: leave speed out or send 1.0", param="speed")
     speakers = int(getattr(loaded.model.config, "num_speakers", 1) or 1)
     if speakers > 1 and "speaker_id" in accepted:
         kwargs["speaker_id"] = speaker_id(spec, params.voice, speakers)

@@ -41,6 +41,14 @@ class TTSServer(FamilyServer):
         self._count(spec.name, result, time.monotonic() - started)
         return result
 
+    async def check_speed(self, model: str, speed: float) -> None:
+        """400 on `speed` if the model speaks at one speed only, as a synthesis would answer (Realtime's
+        session.update asks before its responses need it). Needs the model loaded: a loading model's 503 passes."""
+        spec, loaded = await self.pool.get(model, 0)
+        from . import synthesis
+
+        synthesis.check_speed(spec, loaded, speed)
+
     async def silence(self, params: SpeechParams, seconds: float = 0.3) -> SpeechResult:
         """`seconds` of silence at the model's rate: the voice round trip's answer to a reply with nothing
         speakable. Not synthesized: a voice whose vocabulary has no punctuation (MMS-TTS) pronounces

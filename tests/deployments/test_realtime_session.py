@@ -1078,3 +1078,50 @@ def test_a_user_item_of_input_audio_is_heard_and_answered_when_asked():
     assert created["content"] == [{"type": "input_audio", "transcript": None}]
     assert socket.of("conversation.item.input_audio_transcription.completed")[0]["transcript"] == "turn1"
     assert [round(s, 2) for s in ingress.heard] == [1.0] and ingress.chats[-1] == [{"role": "user", "content": "turn1"}]
+
+
+class OneSpeedTTS(ScriptedIngress):
+    """A TTS model that speaks at one speed (as MMS-TTS or Bark: no speaking_rate), and the speeds it was asked."""
+
+    def __init__(self, one_speed: bool):
+        super().__init__()
+        self.one_speed, self.speeds = one_speed, []
+
+    async def check_speech_speed(self, model: str, speed: float) -> None:
+        if self.one_speed:  # as synthesis.check_speed answers
+            raise InvalidRequestError(f"model {model!r} speaks at one speed only; speed={speed:g} cannot be "
+                                      "honoured: leave speed out or send 1.0", param="speed")
+
+    async def synthesize_stream(self, params):
+        self.speeds.append(params.speed)
+        async for piece in super().synthesize_stream(params):
+            yield piece
+
+
+@pytest.mark.parametrize("ga", [False, True])
+def test_session_speed_is_spoken_at_or_refused_for_a_one_speed_voice(ga):
+    """session.update's `speed` (GA: audio.output.speed) was accepted and ignored: every reply at 1.0."""
+    update = (lambda speed: {"type": "realtime", "audio": {"output": {"speed": speed}}}) if ga \
+        else (lambda speed: {"speed": speed})
+
+    async def scenario(one_speed: bool):
+        socket, ingress = Socket(ga=ga), OneSpeedTTS(one_speed)
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(_event("session.update", session={**update(1.25), **(
+            {} if ga else {"turn_detection": None})}))
+        await session.handle(_event("session.update", session=update(2.0)))  # past OpenAI's 1.5
+        await session.handle(_say("hello"))
+        await session.handle(_event("response.create"))
+        await settle(session)
+        return socket, ingress
+
+    socket, ingress = asyncio.run(scenario(False))
+    param = "session.audio.output.speed" if ga else "session.speed"
+    assert [e["error"]["param"] for e in socket.of("error")] == [param]
+    updated = socket.of("session.updated")[0]["session"]
+    assert (updated["audio"]["output"]["speed"] if ga else updated["speed"]) == 1.25
+    assert ingress.speeds and set(ingress.speeds) == {1.25}
+    socket, ingress = asyncio.run(scenario(True))
+    errors = [e["error"] for e in socket.of("error")]
+    assert [e["param"] for e in errors] == [param, param] and "speaks at one speed only" in errors[0]["message"]
+    assert set(ingress.speeds) == {1.0}  # the refused update changed nothing

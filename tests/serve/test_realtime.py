@@ -84,9 +84,10 @@ def test_a_spoken_turn_is_detected_transcribed_answered_in_text_and_audio(demo_a
                 "input_audio_format": "pcm16", "output_audio_format": "pcm16",
                 "input_audio_transcription": {"model": "whisper-1"},
                 "turn_detection": {"type": "server_vad", "silence_duration_ms": 400, "prefix_padding_ms": 300},
-                "max_response_output_tokens": 40})
+                "max_response_output_tokens": 40, "speed": 1.25})
             updated = await events_until(conn, "session.updated")
             assert updated[-1].session.turn_detection.silence_duration_ms == 400
+            assert updated[-1].session.speed == 1.25  # checked with the TTS model (VITS: speaking_rate)
             # "Hello there." then silence: one turn
             await append_audio(conn, speech_pcm24((0.0, 1.4)) + silence_pcm24(0.8))
             events = await events_until(conn, "response.done", timeout=90)
