@@ -52,10 +52,8 @@ class InProcess:
         if uses_decode_loop(loaded) and self._decoder is None:
             from deployments.decode_loop import DecodeLoop
 
-            options = self.chat_options
-            self._decoder = DecodeLoop(options.max_batch_size, {"model_calls": 0, "requests": 0, "largest_batch": 0},
-                                       prefix_cache_bytes=int(options.prefix_cache_mb * 2**20),
-                                       length_ratio=options.batch_length_ratio)
+            self._decoder = DecodeLoop.for_options(self.chat_options,
+                                                   {"model_calls": 0, "requests": 0, "largest_batch": 0})
 
         def call():
             body = chat_body(spec.name, max_tokens, request=next(self._numbers))

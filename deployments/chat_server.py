@@ -238,9 +238,8 @@ class ChatServer(FamilyServer):
             call_soon(event_loop, lambda: outcome.done() or outcome.set_result(result))
 
         if self._decoder is None:
-            self._decoder = _decode_loop().DecodeLoop(self.options.max_batch_size, self.batch_stats, self._stepped,
-                                                      self.threads.computing, int(self.options.prefix_cache_mb * 2**20),
-                                                      self.options.batch_length_ratio)
+            self._decoder = _decode_loop().DecodeLoop.for_options(self.options, self.batch_stats, self._stepped,
+                                                                  self.threads.computing)
         self._decoder.submit(spec, loaded, params, done)
         self._keep_decoding()
         return await outcome

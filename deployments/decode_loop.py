@@ -199,6 +199,13 @@ class DecodeLoop:
         self.serial = 0
         self.walk_held = False  # set (from any thread) when a request is cancelled: it may be a held row
 
+
+    @classmethod
+    def for_options(cls, options: Any, stats: dict[str, int], on_step: Callable[[str, int], None] | None = None,
+                    computing: Callable[[LoadedModel], AbstractContextManager] | None = None) -> DecodeLoop:
+        """The loop a chat family's options (ChatOptions) configure: the replica's, and the benchmarks'."""
+        return cls(options.max_batch_size, stats, on_step, computing, int(options.prefix_cache_mb * 2**20),
+                   options.batch_length_ratio)
     def submit(self, spec: ModelSpec, loaded: LoadedModel, params: ChatParams, done: Done) -> None:
         self.pending.put((spec, loaded, params, done))
 
