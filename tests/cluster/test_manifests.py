@@ -90,6 +90,64 @@ def test_rayservice_carries_what_kuberay_requires():
     assert serve_config["applications"][0]["args"]["device"] == "gpu"
 
 
+# KubeRay's RayService CRD (ray-operator/config/crd/bases/ray.io_rayservices.yaml at ray-project/kuberay
+# feeaf72f, v1.7.0-rc.0+5, 2026-08-19), gzipped: the schema the API server checks a RayService against
+KUBERAY_CRD = Path(__file__).parent / "data" / "kuberay-rayservice-crd.yaml.gz"
+
+
+def _kubernetes_schema(schema):
+    """A CRD's structural schema as JSON Schema: int-or-string fields take either."""
+    if isinstance(schema, list):
+        return [_kubernetes_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _kubernetes_schema(value) for key, value in schema.items()}
+    if out.pop("x-kubernetes-int-or-string", False):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    return out
+
+
+def _pruned(value, schema, path=()):
+    """Fields the API server would drop without a word (not in the schema, nor kept by
+    x-kubernetes-preserve-unknown-fields): a misspelt field `kubectl apply` takes and KubeRay never sees."""
+    if isinstance(value, list) and isinstance(schema, dict) and "items" in schema:
+        return [p for i, item in enumerate(value) for p in _pruned(item, schema["items"], (*path, i))]
+    if not isinstance(value, dict) or not isinstance(schema, dict) or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    found = []
+    for key, item in value.items():
+        if key in schema.get("properties", {}):
+            found += _pruned(item, schema["properties"][key], (*path, key))
+        elif isinstance(schema.get("additionalProperties"), dict):
+            found += _pruned(item, schema["additionalProperties"], (*path, key))
+        elif "properties" in schema and path[:1] != ("metadata",):  # ObjectMeta: the API server's own
+            found.append(".".join(map(str, (*path, key))))
+    return found
+
+
+def test_rayservice_validates_against_kuberays_crd_with_no_field_dropped():
+    """The checks above are what we know KubeRay needs; this is the CRD the API server applies: types, enums,
+    required fields, and no field it would prune (a misspelling is dropped silently, not refused)."""
+    import gzip
+
+    import jsonschema
+
+    crd = yaml.load(gzip.decompress(KUBERAY_CRD.read_bytes()), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    service = load("rayservice.yaml")
+    errors = [f"{'.'.join(map(str, e.path))}: {e.message[:200]}"
+              for e in jsonschema.Draft7Validator(_kubernetes_schema(schema)).iter_errors(service)]
+    assert not errors, errors
+    assert _pruned(service, schema) == []
+    # the checks bite: a wrong type, and a misspelt field that the API server would drop
+    broken = yaml.safe_load(yaml.safe_dump(service))
+    broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] = "four"
+    broken["spec"]["rayClusterConfig"]["enableInTreeAutoscalling"] = True
+    assert list(jsonschema.Draft7Validator(_kubernetes_schema(schema)).iter_errors(broken))
+    assert _pruned(broken, schema) == ["spec.rayClusterConfig.enableInTreeAutoscalling"]
+
+
 # -- Ray cluster launcher --------------------------------------------------------------------------------
 def test_cluster_yaml_validates_against_rays_own_schema():
     from ray.autoscaler._private.util import prepare_config, validate_config
