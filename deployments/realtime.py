@@ -577,6 +577,7 @@ class RealtimeSession:
             self.buffer_start += cut
 
     async def commit(self, event: dict) -> None:
+        self._end_g711_stream()
         if self.buffered * 1000 // RATE < MIN_COMMIT_MS:
             raise SessionError(f"the input audio buffer holds {self.buffered * 1000 // RATE} ms; a commit needs at "
                                f"least {MIN_COMMIT_MS} ms", "input_audio_buffer_commit_empty")
@@ -635,7 +636,20 @@ class RealtimeSession:
             return
         self._start_response(ResponseFields())
 
+    def _end_g711_stream(self) -> None:
+        """A commit by the client ends its G.711 stream: what the resampler still holds back (its filter's
+        reach, ~4 ms) joins the buffer, and the next append starts a stream of its own. Held back, 100 ms of
+        G.711 committed was refused as 98 ms, and each turn's last milliseconds began the next one."""
+        tail = self.g711_in.flush()
+        self.g711_in = StreamResampler(g711.RATE, RATE)
+        if tail.size:
+            samples = np.clip(tail.round(), -32768, 32767).astype("<i2")
+            self.buffer.append(samples)
+            self.buffered += len(samples)
+            self.streamed += len(samples)
+
     async def clear(self, event: dict) -> None:
+        self.g711_in = StreamResampler(g711.RATE, RATE)  # what it held back is cleared too
         self.buffer, self.buffered, self.buffer_start = [], 0, self.streamed
         self.speech_start = None
         if self.detector is not None:

@@ -1033,6 +1033,34 @@ def test_a_phone_line_session_speaks_g711_both_ways(law):
     assert np.abs(g711.decode(audio, law)).max() <= 64  # the scripted speech is silence: G.711's zero codes
 
 
+def test_a_g711_commit_holds_every_sample_sent_and_a_clear_leaves_none_behind():
+    """The G.711 resampler held back its filter's reach (~4 ms) at a commit: 100 ms sent in five 20 ms phone
+    frames was refused ('holds 98 ms; a commit needs at least 100 ms'), each committed turn lost its last
+    milliseconds to the next one, and audio cleared away came back at the start of the next turn."""
+    from deployments import g711
+
+    def frames(ms: int) -> list[str]:
+        data = g711.encode((np.sin(np.arange(8 * ms) / 5) * 8000).astype("<i2"), "g711_ulaw")
+        return [_event("input_audio_buffer.append", audio=base64.b64encode(data[i:i + 160]).decode())
+                for i in range(0, len(data), 160)]
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress()
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(_event("session.update", session={"turn_detection": None,
+                                                               "input_audio_format": "g711_ulaw"}))
+        for plan in ((100, False), (60, True), (120, False)):  # ms sent, then cleared (else committed)
+            for frame in frames(plan[0]):
+                await session.handle(frame)
+            await session.handle(_event("input_audio_buffer.clear" if plan[1] else "input_audio_buffer.commit"))
+            await settle(session)
+        return socket, ingress
+
+    socket, ingress = asyncio.run(scenario())
+    assert socket.of("error") == [], socket.of("error")
+    assert ingress.heard == [0.1, 0.12], ingress.heard  # each turn exactly what was sent for it
+
+
 def test_g711_matches_the_reference_codec():
     """Every 16-bit sample encodes, and every code decodes, as CPython's audioop (G.711's reference, Sun's g711.c)."""
     audioop = pytest.importorskip("audioop")  # removed in Python 3.13
