@@ -79,15 +79,26 @@ def test_temperature_0_decodes_again_while_a_piece_fails_and_its_segment_says_so
     calls = decodes(server, monkeypatch)
     upload = ("speech.flac", SPEECH.read_bytes())
 
-    fell = client.audio.transcriptions.create(model="w", file=upload, response_format="verbose_json", language="en")
+    fell = client.audio.transcriptions.create(model="w", file=upload, response_format="verbose_json",
+                                              timestamp_granularities=["segment", "word"])
     # every decode failed (the tiny model is never confident): one pass per temperature, no more
     assert calls == TEMPERATURES
     segment = fell.segments[0]
     assert segment.temperature == 1.0 and segment.avg_logprob < -1.0  # the last decode stands, as openai-whisper's
     data = segment.text.encode()
     assert segment.compression_ratio == pytest.approx(len(data) / len(zlib.compress(data)), abs=1e-3)
+    assert fell.words and all(0 <= w.start <= w.end <= fell.duration for w in fell.words)  # of the last decode
     assert (fell.usage.type, fell.usage.seconds) == ("duration", 10)  # 9.58 s of audio
     assert batching(server)["fallback_decodes"] == 5  # /health shows what the fallback cost
+
+    calls.clear()  # json, no language: each pass's generate() detects it from the encoder's states, run once
+    encoded = []
+    hook = server.pool.handles["w"].get(0).model.get_encoder().register_forward_hook(lambda *_: encoded.append(1))
+    try:
+        assert client.audio.transcriptions.create(model="w", file=upload).text
+    finally:
+        hook.remove()
+    assert calls == TEMPERATURES and len(encoded) == 1
 
     calls.clear()
     sampled = client.audio.transcriptions.create(model="w", file=upload, response_format="verbose_json",
