@@ -141,17 +141,24 @@ class ResponseFields(BaseModel):
 class ItemContent(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    type: Literal["input_text", "text", "output_text", "input_audio"]
+    # an assistant's spoken part is `audio` (beta) or `output_audio` (GA), as the server's own items render it
+    type: Literal["input_text", "text", "output_text", "input_audio", "audio", "output_audio"]
     text: str | None = None
     audio: str | None = None  # input_audio's: base64, in the session's input_audio_format
+    transcript: str | None = None  # an assistant's audio part's words, which the LLM reads
 
     @model_validator(mode="after")
     def _has_its_payload(self) -> ItemContent:
         if self.type == "input_audio" and self.audio is None:
             raise ValueError("an input_audio part needs 'audio': base64 audio in the session's input_audio_format")
-        if self.type != "input_audio" and self.text is None:
+        if self.type in SPOKEN_PARTS and self.transcript is None:
+            raise ValueError(f"an {self.type} part needs 'transcript': its words, which this server's models read")
+        if self.type not in ("input_audio", *SPOKEN_PARTS) and self.text is None:
             raise ValueError(f"a {self.type} part needs 'text'")
         return self
+
+
+SPOKEN_PARTS = ("audio", "output_audio")
 
 
 class ConversationItem(BaseModel):
@@ -662,7 +669,8 @@ class RealtimeSession:
             raise SessionError("conversation.item.create needs an 'item'", "invalid_value", "item")
         parsed = _parse(ConversationItem, raw, "item")
         audio = self._item_audio(parsed)
-        text = "".join(part.text or "" for part in parsed.content)
+        spoken_ms = self._spoken_ms(parsed)
+        text = "".join(part.transcript if part.type in SPOKEN_PARTS else part.text or "" for part in parsed.content)
         if len(text) > self.limits.max_form_field_chars:
             raise SessionError(f"the item has {len(text)} characters; at most max_form_field_chars="
                                f"{self.limits.max_form_field_chars}", "string_above_max_length", "item.content")
@@ -670,13 +678,33 @@ class RealtimeSession:
             raise SessionError(f"the conversation has an item {parsed.id!r} already; give the new item another id, "
                                "or leave 'id' out for one the server makes", "invalid_value", "item.id")
         at = self._insert_at(event.get("previous_item_id"))
-        item = Item(parsed.id or _id("item"), parsed.role, text, audio=audio is not None)
+        item = Item(parsed.id or _id("item"), parsed.role, text, audio=audio is not None or spoken_ms is not None)
+        if spoken_ms:
+            item.spoken = [[0, text, spoken_ms]]  # what a later truncate cuts
         previous = self._add(item, at)
         await self.send("conversation.item.created", previous_item_id=previous, item=item.render())
         if audio is not None:  # heard as a committed turn is (its transcription events), never answered unasked
             task = asyncio.ensure_future(self._transcribe(item, audio, auto_respond=False))
             self.transcriptions.add(task)
             task.add_done_callback(self.transcriptions.discard)
+
+    def _spoken_ms(self, item: ConversationItem) -> float | None:
+        """An assistant's spoken item (a conversation restored from the items this server sent): the
+        milliseconds of its `audio` in the session's output_audio_format (0 without it), or None for another
+        item. Its words are its `transcript`."""
+        parts = [part for part in item.content or [] if part.type in SPOKEN_PARTS]
+        if not parts:
+            return None
+        if item.role != "assistant" or len(item.content or []) > 1:
+            raise SessionError(f"an {parts[0].type} part is an assistant's whole item (a user's audio is "
+                               "input_audio): send it alone, in an assistant item", "invalid_value", "item.content")
+        try:
+            data = base64.b64decode(parts[0].audio or "", validate=True)
+        except (binascii.Error, ValueError):
+            raise SessionError("item.content[0].audio is not valid base64", "invalid_value",
+                               "item.content.0.audio") from None
+        pcm16 = self.config.output_audio_format == "pcm16"
+        return len(data) / (2 * RATE if pcm16 else g711.RATE) * 1000
 
     def _item_audio(self, item: ConversationItem) -> np.ndarray | None:
         """An item's input_audio as the session's pcm16 at 24 kHz (a user's turn sent whole, not through the

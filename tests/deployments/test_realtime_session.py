@@ -1000,6 +1000,46 @@ def test_truncate_keeps_what_was_heard_and_delete_and_retrieve_serve_items():
     assert socket.sent[-1]["type"] == "conversation.item.truncated" and session.response_item.text == ""
 
 
+@pytest.mark.parametrize("ga", [False, True])
+def test_an_assistants_spoken_item_as_the_server_sent_it_can_be_created_again(ga):
+    """A client restoring a conversation in a new session sends back the items it was sent; an assistant's
+    spoken item (beta content type `audio`, GA `output_audio`, with its `transcript`) was refused ("Input
+    should be 'input_text', 'text', 'output_text' or 'input_audio'"), though it is what this server renders."""
+
+    async def scenario():
+        socket, ingress = Socket(ga=ga), SpokenSentences()
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(_say("hello"))
+        await session.handle(_event("response.create"))
+        await settle(session)
+        sent = socket.of("response.done")[-1]["response"]["output"][0]
+        restored_socket = Socket(ga=ga)
+        restored = RealtimeSession(restored_socket, ingress, None)
+        await restored.handle(_say("hello"))
+        played = base64.b64encode(bytes(2 * RATE * 300 // 1000)).decode()  # its 300 ms, as pcm16
+        part = {**sent["content"][0], "audio": played}
+        await restored.handle(_event("conversation.item.create", item={"type": "message", "role": "assistant",
+                                                                       "id": "a1", "content": [part]}))
+        for bad in ({"role": "assistant", "content": [{"type": part["type"]}]},
+                    {"role": "user", "content": [part]}):
+            await restored.handle(_event("conversation.item.create", item={"type": "message", **bad}))
+        await restored.handle(_event("conversation.item.truncate", item_id="a1", content_index=0, audio_end_ms=100))
+        await restored.handle(_say("go on"))
+        await restored.handle(_event("response.create", response={"modalities" if not ga else "output_modalities":
+                                                                  ["text"]}))
+        await settle(restored)
+        return sent, restored_socket, ingress
+
+    sent, socket, ingress = asyncio.run(scenario())
+    assert sent["content"][0]["type"] == ("output_audio" if ga else "audio")
+    created = [e["item"] for e in socket.sent if e["type"].startswith("conversation.item.") and "item" in e]
+    assert created[1]["content"] == sent["content"], created
+    assert [e["error"]["param"] for e in socket.of("error")] == ["item.content.0", "item.content"], socket.of("error")
+    assert socket.of("conversation.item.truncated")[0]["audio_end_ms"] == 100
+    assert ingress.chats[-1] == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "One two three."},
+                                 {"role": "user", "content": "go on"}], ingress.chats[-1]
+
+
 @pytest.mark.parametrize("law", ["g711_ulaw", "g711_alaw"])
 def test_a_phone_line_session_speaks_g711_both_ways(law):
     """`g711_ulaw`/`g711_alaw` (what Twilio's Media Streams carry) were refused ('Input should be pcm16'), so a
