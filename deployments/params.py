@@ -234,6 +234,7 @@ class TranscribeResult:
     language_name: str | None = None  # as OpenAI's verbose_json gives it ("english" for "en")
     fallback_decodes: int = 0  # its pieces' decodes past their first (the temperature fallback's cost)
     silent_pieces: int = 0  # its pieces dropped as silence (no segment)
+    prompt_tokens: int = 0  # the text tokens of its prompt the decoder read (its last half-context's worth)
 
     @property
     def tokens(self) -> int:

@@ -1040,15 +1040,24 @@ class TranscriptionVerboseResponse(OpenAIBaseModel):
     """The audio's duration (transcriptions; a translation has none, as OpenAI's)."""
 
 
+class TranscriptionInputTokenDetails(OpenAIBaseModel):
+    audio_tokens: int
+    """The encoder positions the audio took (Whisper: 50 per second)."""
+    text_tokens: int
+    """The prompt's tokens the decoder read."""
+
+
 class TranscriptionUsage(OpenAIBaseModel):
     type: Literal["tokens"] = "tokens"
     """Always `tokens`."""
     input_tokens: int
-    """Audio tokens: the encoder positions the audio took (Whisper: 50 per second)."""
+    """Audio tokens and the prompt's text tokens."""
     output_tokens: int
     """Text tokens generated."""
     total_tokens: int
     """Sum of the two."""
+    input_token_details: TranscriptionInputTokenDetails
+    """The input tokens by kind, as OpenAI's."""
 
 
 class TranscriptTextDelta(OpenAIBaseModel):

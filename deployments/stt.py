@@ -93,7 +93,7 @@ class STTServer(FamilyServer):
             language = params.language
             window: deque[asyncio.Future] = deque()
             segments, words, texts, index = [], [], [], 0
-            redecoded = silent = 0
+            redecoded = silent = prompted = 0
             params.cancelled = params.cancelled or threading.Event()  # its pieces': a cancel counts once
 
             async def next_cut() -> tuple[int, int] | None:
@@ -123,6 +123,7 @@ class STTServer(FamilyServer):
                         yield {"segment": segment, "words": piece_result.words}
                     words += piece_result.words
                     redecoded, silent = redecoded + piece_result.fallback_decodes, silent + piece_result.silent_pieces
+                    prompted = piece_result.prompt_tokens  # one prompt, read by every piece: counted once
                     language = language or piece_result.language
             finally:
                 for future in window:
@@ -131,7 +132,7 @@ class STTServer(FamilyServer):
                     await settle(future)
         yield {"result": TranscribeResult(" ".join(t for t in texts if t).strip(), language,
                                           round(len(audio) / rate, 3), segments, words,
-                                          _transcription().language_name(language), redecoded, silent)}
+                                          _transcription().language_name(language), redecoded, silent, prompted)}
 
     async def _transcribe_batch_call(self, batch: list[TranscribeParams]) -> list[Any]:
         chunks, fallback = self.options.max_chunks_per_call, self.options.fallback()

@@ -153,6 +153,7 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
     segments: list[list[Segment]] = [[] for _ in batch]
     words: list[list[Word]] = [[] for _ in batch]
     redecoded, silent = [0] * len(batch), [0] * len(batch)
+    prompted = len(prompt_ids(loaded, first.prompt)) - 1 if first.prompt else 0  # less <|startofprev|>
     for (index, start, samples), output in zip(pieces, outputs, strict=True):
         redecoded[index] += max(output.decodes - 1, 0)
         if fallback.is_silence(output.avg_logprob, output.no_speech_prob):
@@ -167,7 +168,7 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
                               round(offset + min(start + w.end, end), 3)) for w in output.words]
     return [
         TranscribeResult(" ".join(s.text for s in segs if s.text).strip(), language, round(duration, 3), segs, w,
-                         language_name(language), again, quiet)
+                         language_name(language), again, quiet, prompted)
         for language, segs, duration, w, again, quiet in zip(languages, segments, durations, words, redecoded, silent,
                                                              strict=True)
     ]

@@ -32,6 +32,7 @@ from ..protocol import (
     SpeechUsage,
     TranscriptionDurationUsage,
     TranscriptionForm,
+    TranscriptionInputTokenDetails,
     TranscriptionResponse,
     TranscriptionSegment,
     TranscriptionUsage,
@@ -60,7 +61,10 @@ AUDIO_TOKENS_PER_S = 50  # Whisper's encoder positions: 1500 per 30 s window
 
 def _usage(result: TranscribeResult) -> TranscriptionUsage:
     audio = math.ceil(result.duration * AUDIO_TOKENS_PER_S)
-    return TranscriptionUsage(input_tokens=audio, output_tokens=result.tokens, total_tokens=audio + result.tokens)
+    given = audio + result.prompt_tokens
+    return TranscriptionUsage(input_tokens=given, output_tokens=result.tokens, total_tokens=given + result.tokens,
+                              input_token_details=TranscriptionInputTokenDetails(audio_tokens=audio,
+                                                                                 text_tokens=result.prompt_tokens))
 
 
 def _render(result: TranscribeResult, fmt: str, granularities: list[str], task: str) -> Response:

@@ -8,6 +8,7 @@ piece (avg_logprob ~ -2.4 < -1), and a 440 Hz tone's fails the compression-ratio
 from __future__ import annotations
 
 import asyncio
+import io
 import zlib
 from pathlib import Path
 
@@ -70,12 +71,17 @@ def batching(server: STTServer) -> dict:
     return asyncio.run(server.status())[0]["replica"]["batching"]
 
 
-def test_temperature_0_decodes_again_while_a_piece_fails_and_its_segment_says_so(whisper_dir, monkeypatch):
-    server = stt_server(whisper_dir)  # the defaults: TEMPERATURES, 2.4, -1.0, 0.6
+def openai_client(server: STTServer, whisper_dir: Path) -> openai.OpenAI:
+    """The openai client on the real HTTP app (routes, form parsing, audio decoding) over `server`."""
     config = AppConfig.model_validate({"models": [{"name": "w", "source": str(whisper_dir), "family": "stt"}],
                                        "local_models_dir": "/nonexistent"})
     http = TestClient(build_api(Ingress({"stt": LocalHandle(server)}, config)), raise_server_exceptions=False)
-    client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http)
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http)
+
+
+def test_temperature_0_decodes_again_while_a_piece_fails_and_its_segment_says_so(whisper_dir, monkeypatch):
+    server = stt_server(whisper_dir)  # the defaults: TEMPERATURES, 2.4, -1.0, 0.6
+    client = openai_client(server, whisper_dir)
     calls = decodes(server, monkeypatch)
     upload = ("speech.flac", SPEECH.read_bytes())
 
@@ -136,6 +142,22 @@ def test_a_piece_that_passes_keeps_its_greedy_decode_in_long_audio_and_in_the_st
         assert tone_piece.temperature > 0 and tone_piece.token_ids != greedy.segments[0].token_ids
         # it stopped at the first temperature that passed, or ran out of them
         assert tone_piece.compression_ratio <= 2.4 or tone_piece.temperature == 1.0, tone_piece
+
+
+def test_a_streamed_transcription_counts_its_prompt_as_text_input_tokens(whisper_dir):
+    """transcript.text.done's usage, as gpt-4o-transcribe's: input tokens are the audio's and the prompt's, told
+    apart in input_token_details (the prompt's were not counted)."""
+    server = stt_server(whisper_dir, fallback_temperatures=[0.0])
+    samples, rate = speech()
+    buffer = io.BytesIO()
+    sf.write(buffer, samples[:2 * rate], rate, format="WAV")
+    prompt = "Glossary: Ray, Serve, Whisper"
+    events = list(openai_client(server, whisper_dir).audio.transcriptions.create(
+        model="w", file=("two.wav", buffer.getvalue()), language="en", prompt=prompt, stream=True))
+    usage = events[-1].usage
+    text = len(server.pool.handles["w"].get(0).processor.get_prompt_ids(prompt)) - 1  # less <|startofprev|>
+    assert (usage.input_token_details.audio_tokens, usage.input_token_details.text_tokens) == (100, text)
+    assert text > 3 and usage.input_tokens == 100 + text and usage.total_tokens == usage.input_tokens + usage.output_tokens
 
 
 def test_silence_is_not_decoded_again_and_gives_no_text(whisper_dir, monkeypatch):
