@@ -768,10 +768,12 @@ class RealtimeSession:
         if not isinstance(end_ms, int) or isinstance(end_ms, bool) or end_ms < 0:
             raise SessionError("audio_end_ms must be a whole number of milliseconds, 0 or more: how much of the "
                                "item's audio was played", "invalid_value", "audio_end_ms")
-        await self._stop_writing(item)
+        # checked before the response writing it is ended: a refused truncate changes nothing (the audio sent
+        # so far is all a client can have played, and it only grows)
         if end_ms > round(item.audio_ms):
             raise SessionError(f"audio_end_ms={end_ms} is past the end of item {item.id!r}'s audio "
                                f"({round(item.audio_ms)} ms)", "invalid_value", "audio_end_ms")
+        await self._stop_writing(item)
         item.text = item.heard(end_ms)
         item.spoken = [[0, item.text, float(end_ms)]]  # what is left is what was heard
         await self.send("conversation.item.truncated", item_id=item.id, content_index=0, audio_end_ms=end_ms)

@@ -1000,6 +1000,28 @@ def test_truncate_keeps_what_was_heard_and_delete_and_retrieve_serve_items():
     assert socket.sent[-1]["type"] == "conversation.item.truncated" and session.response_item.text == ""
 
 
+def test_a_refused_truncate_of_the_item_being_written_leaves_its_response_running():
+    """A truncate of the item a response was writing ended that response before its audio_end_ms was checked:
+    one past the audio sent so far got its error event and the reply was cancelled all the same."""
+
+    async def scenario():
+        socket, ingress = Socket(), SpokenSentences(word_s=0.3)
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(_event("session.update", session={"turn_detection": None}))
+        await session.handle(_say("hello"))
+        await session.handle(_event("response.create"))
+        await asyncio.sleep(0.45)  # its first sentence spoken (100 ms of audio), the rest on its way
+        await session.handle(_event("conversation.item.truncate", item_id=session.response_item.id,
+                                    audio_end_ms=99999))
+        refused = socket.sent[-1]
+        await settle(session)
+        return socket, refused
+
+    socket, refused = asyncio.run(scenario())
+    assert refused["type"] == "error" and refused["error"]["param"] == "audio_end_ms", refused
+    assert socket.of("response.done")[-1]["response"]["status"] == "completed"
+
+
 @pytest.mark.parametrize("ga", [False, True])
 def test_an_assistants_spoken_item_as_the_server_sent_it_can_be_created_again(ga):
     """A client restoring a conversation in a new session sends back the items it was sent; an assistant's
