@@ -17,6 +17,11 @@ MODEL_DOC = ("Model id or alias (an LLM or VLM, or a LoRA adapter on one); left 
              "LLM, else VLM (vLLM serves one model, and lm-evaluation-harness's remote tokenizer sends none).")
 
 
+def _null_is_false(value: Any) -> Any:
+    """vLLM types return_token_strs `bool | None`: null is its default, false."""
+    return False if value is None else value
+
+
 class TokenizeCompletionRequest(RequestModel):
     model: str | None = Field(default=None, description=MODEL_DOC)
     prompt: str
@@ -24,7 +29,9 @@ class TokenizeCompletionRequest(RequestModel):
     add_special_tokens: bool = True
     """Add the tokenizer's own special tokens (a BOS, where the tokenizer adds one), as a completion does."""
     return_token_strs: bool = False
-    """Also return each token as the vocabulary spells it (`token_strs`)."""
+    """Also return each token as the vocabulary spells it (`token_strs`); null: false."""
+
+    _strs = field_validator("return_token_strs", mode="before")(_null_is_false)
 
 
 def _refuse_true(value: bool) -> bool:
@@ -79,6 +86,7 @@ class TokenizeChatRequest(RequestModel):
     """vLLM's; refused."""
 
     _special = field_validator("add_special_tokens")(_refuse_true)
+    _strs = field_validator("return_token_strs", mode="before")(_null_is_false)
     _unserved = field_validator(*UNSERVED_CHAT_FIELDS)(_refuse_given)
 
     @field_validator("continue_final_message")
@@ -98,7 +106,8 @@ class TokenizeChatRequest(RequestModel):
 
 def _tokenize_kind(value: Any) -> str | None:
     if isinstance(value, dict):
-        prompt, messages = "prompt" in value, "messages" in value
+        # the other kind's field sent as null is left out (vLLM's union takes such a body too)
+        prompt, messages = value.get("prompt") is not None, value.get("messages") is not None
         return None if prompt == messages else "TokenizeCompletionRequest" if prompt else "TokenizeChatRequest"
     return type(value).__name__
 

@@ -183,3 +183,24 @@ def test_legacy_requests_reject_empty_text():
     with pytest.raises(ValidationError) as exc_info:
         TtsRequest(text="   ")
     assert error_locs(exc_info) == [("text",)]
+
+
+@pytest.mark.parametrize(("body", "kind"), [
+    ({"prompt": "hi", "messages": None}, "TokenizeCompletionRequest"),
+    ({"messages": [USER], "prompt": None}, "TokenizeChatRequest"),
+    ({"prompt": "hi", "return_token_strs": None}, "TokenizeCompletionRequest"),
+    ({"messages": [USER], "return_token_strs": None}, "TokenizeChatRequest"),
+])
+def test_a_tokenize_body_with_its_unused_fields_sent_as_null_is_served_as_vllms(body, kind):
+    """vLLM's /tokenize takes a body whose other kind's field is null ({"prompt": "hi", "messages": null}: a
+    client that serializes every field) and types return_token_strs `bool | None`; both were 400s here
+    ("has either 'prompt' ... or 'messages'", "Input should be a valid boolean")."""
+    from pydantic import TypeAdapter
+
+    from deployments.tokenize_protocol import TokenizeRequest
+
+    parsed = TypeAdapter(TokenizeRequest).validate_python(body)
+    assert type(parsed).__name__ == kind and parsed.return_token_strs is False
+    for neither in ({}, {"prompt": None, "messages": None}, {"prompt": "hi", "messages": [USER]}):
+        with pytest.raises(ValidationError, match="either 'prompt'"):
+            TypeAdapter(TokenizeRequest).validate_python(neither)
