@@ -69,7 +69,7 @@ def decode_audio(data: bytes, bounds: AudioBounds = AudioBounds()) -> tuple[np.n
     pieces: list[np.ndarray] = []
     out_rate, seconds = 0, 0.0  # the first block's rate (at most target_rate), the seconds decoded so far
     try:
-        for source in _av_sources(data, demuxer) if demuxer else _sndfile_sources(data, bounds):
+        for source in _av_sources(data, demuxer, bounds) if demuxer else _sndfile_sources(data, bounds):
             _check_header(source.rate, source.channels, source.frames, bounds, seconds)
             rate, resampler = 0, StreamResampler(1, 1)  # replaced at the first block
             for block_rate, block in source.blocks:
@@ -127,8 +127,8 @@ def _sndfile_blocks(f: sf.SoundFile) -> Iterator[tuple[int, np.ndarray]]:
         yield int(f.samplerate), block
 
 
-def _av_sources(data: bytes, demuxer: str) -> Iterator[_Source]:
-    with AvAudio(data, demuxer) as audio:
+def _av_sources(data: bytes, demuxer: str, bounds: AudioBounds) -> Iterator[_Source]:
+    with AvAudio(data, demuxer, bounds.max_channels) as audio:
         yield _Source(audio.rate, audio.channels, audio.frames, audio.blocks())
 
 

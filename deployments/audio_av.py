@@ -30,6 +30,13 @@ CODECS = frozenset({"aac", "opus", "vorbis", "mp3float", "mp2float", "flac", "al
 MAX_ALAC_FRAME = 1 << 16
 #: decoded frames are gathered into blocks of about this many frames for the caller (mixing, resampling)
 BLOCK_FRAMES = 1 << 16
+#: the share of an upload's packets that may fail to decode (each skipped, a few ms of audio lost) or of the
+#: length it states that may be missing, before it is refused as damaged rather than transcribed with gaps
+MAX_DAMAGED_SHARE = 0.1
+#: PyAV's to_ndarray reads a planar frame's planes from a fixed array of 8 (AV_NUM_DATA_POINTERS): an AAC frame
+#: whose program config element states 35 channels (found in 25 MiB of random bytes behind an ADTS header)
+#: crashed the process with a segmentation fault. Frames with more channels are refused before conversion.
+MAX_PLANES = 8
 # no nested open (a reference in a file to another file or URL) can succeed; the demuxer is never probed
 _OPTIONS = {"protocol_whitelist": "none"}
 
@@ -70,9 +77,9 @@ def _reason(exc: BaseException) -> str:
 
 class AvAudio:
     """One upload opened with PyAV: its first audio stream's rate, channels and stated length (0 where the
-    container only estimates it), then `blocks()`. Use as a context manager."""
+    container only estimates it), then `blocks()`, none of more than `max_channels`. Use as a context manager."""
 
-    def __init__(self, data: bytes, demuxer: str):
+    def __init__(self, data: bytes, demuxer: str, max_channels: int = MAX_PLANES):
         import av  # here, not at the top: 17 MB and 35 ms in every process that imports errors.py, most never decode
 
         name = CONTAINERS[demuxer]
@@ -87,12 +94,15 @@ class AvAudio:
                 raise AvDecodeError(f"The {name} file has no audio stream.")
             self._stream = self._container.streams.audio[0]
             context = self._stream.codec_context
-            if context.name not in CODECS and not context.name.startswith("pcm_"):
-                raise AvDecodeError(f"The {name} file's audio is {context.name}; accepted codecs are AAC, Opus, "
+            # no decoder in this ffmpeg for the codec the file names (a damaged codec id): PyAV gives no context
+            codec = context.codec.name if context is not None else "a codec ffmpeg does not know"
+            if codec not in CODECS and not codec.startswith("pcm_"):
+                raise AvDecodeError(f"The {name} file's audio is {codec}; accepted codecs are AAC, Opus, "
                                     "Vorbis, MP3, FLAC, ALAC and PCM.")
-            if context.name == "alac" and int.from_bytes((context.extradata or b"")[12:16], "big") > MAX_ALAC_FRAME:
+            if codec == "alac" and int.from_bytes((context.extradata or b"")[12:16], "big") > MAX_ALAC_FRAME:
                 raise AvDecodeError(f"The ALAC audio states frames of more than {MAX_ALAC_FRAME} samples.")
             self.name, self.rate, self.channels = name, int(context.sample_rate), int(context.channels)
+            self.max_channels = max_channels
             # MP4 and Matroska state the length (a MediaRecorder WebM does not); ADTS and MP3 only estimate it
             # from the bit rate (a VBR MP3 without a Xing header: 2-80x off, a false 413)
             self.stated_s = 0.0
@@ -115,34 +125,60 @@ class AvAudio:
     def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         """(rate, float32 samples of shape (frames, channels)) as decoded, in blocks of ~BLOCK_FRAMES: a new
         block where the rate or the channel count changes (joined MP3s of other rates). The caller stops
-        iterating past its length limit: nothing beyond one block past it is decoded."""
+        iterating past its length limit: nothing beyond one block past it is decoded.
+
+        A packet the decoder refuses is skipped, as ffmpeg's command line and every player do (one flipped byte
+        in an M4A loses 21 ms of audio, not the upload), up to MAX_DAMAGED_SHARE of the packets."""
         import av
 
         held: list[np.ndarray] = []
-        rate = frames = 0
-        seconds = 0.0
+        rate = frames = packets = damaged = 0
+        seconds, reason = 0.0, ""
         try:
-            for frame in self._container.decode(self._stream):
-                samples = _float_frames(frame)
-                if held and (frame.sample_rate != rate or samples.shape[1] != held[0].shape[1]):
-                    yield rate, np.concatenate(held)
-                    held, frames = [], 0
-                rate = frame.sample_rate
-                held.append(samples)
-                frames += len(samples)
-                seconds += len(samples) / rate
-                if frames >= BLOCK_FRAMES:
-                    yield rate, np.concatenate(held)
-                    held, frames = [], 0
-        except av.error.FFmpegError as exc:
-            raise AvDecodeError(f"The {self.name} audio is corrupt {seconds:.1f} s in ({_reason(exc)}).") from exc
+            for packet in self._container.demux(self._stream):  # the last, empty, packet flushes the decoder
+                packets += packet.size > 0
+                try:
+                    decoded = packet.decode()
+                except av.error.FFmpegError as exc:
+                    damaged, reason = damaged + 1, reason or _reason(exc)
+                    continue
+                for frame in decoded:
+                    if frame.sample_rate <= 0 or not frame.samples:  # random bytes decoded so: no audio
+                        damaged += 1
+                        continue
+                    self._check_channels(frame.layout.nb_channels, seconds)  # a stream's frames may differ
+                    samples = _float_frames(frame)
+                    if held and (frame.sample_rate != rate or samples.shape[1] != held[0].shape[1]):
+                        yield rate, np.concatenate(held)
+                        held, frames = [], 0
+                    rate = frame.sample_rate
+                    held.append(samples)
+                    frames += len(samples)
+                    seconds += len(samples) / rate
+                    if frames >= BLOCK_FRAMES:
+                        yield rate, np.concatenate(held)
+                        held, frames = [], 0
+        except av.error.FFmpegError as exc:  # the container itself, past its header
+            raise AvDecodeError(f"The {self.name} file is damaged {seconds:.1f} s in ({_reason(exc)}).") from exc
+        if damaged > MAX_DAMAGED_SHARE * packets:
+            raise AvDecodeError(f"{damaged} of the {packets} packets of the {self.name} audio do not decode "
+                                f"({reason}): the file is damaged.")
         if held:
             yield rate, np.concatenate(held)
         # ffmpeg's demuxers skip damaged bytes to the next readable block without an error (a WebM with 10 kB of
         # garbage mid-way decoded half its length): where the file states its length, far less is refused
-        if seconds < 0.9 * self.stated_s - 0.1:
+        if seconds < (1 - MAX_DAMAGED_SHARE) * self.stated_s - 0.1:
             raise AvDecodeError(f"The {self.name} file states {self.stated_s:.1f} s of audio, but only "
                                 f"{seconds:.1f} s of it decode: the file is damaged or cut short.")
+
+
+    def _check_channels(self, channels: int, seconds: float) -> None:
+        if channels > self.max_channels:
+            raise AvDecodeError(f"The audio has {channels} channels ({seconds:.1f} s in); at most "
+                                f"max_audio_channels={self.max_channels} are accepted.")
+        if channels > MAX_PLANES:
+            raise AvDecodeError(f"The {self.name} audio has {channels} channels ({seconds:.1f} s in); at most "
+                                f"{MAX_PLANES} are decoded from {self.name}.")
 
 
 _FULL_SCALE = {"s16": 32768.0, "s32": 2147483648.0, "s64": 9223372036854775808.0}
@@ -151,7 +187,7 @@ _FULL_SCALE = {"s16": 32768.0, "s32": 2147483648.0, "s64": 9223372036854775808.0
 def _float_frames(frame: av.AudioFrame) -> np.ndarray:
     """A decoded frame as float32 (frames, channels) in [-1, 1]: planar or packed, float or integer."""
     array = frame.to_ndarray()
-    channels = len(frame.layout.channels)
+    channels = frame.layout.nb_channels
     samples = array.T if frame.format.is_planar else array.reshape(-1, channels)
     kind = frame.format.name.rstrip("p")
     if kind == "u8":

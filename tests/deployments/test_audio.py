@@ -374,6 +374,7 @@ def test_a_corrupt_truncated_or_foreign_file_names_its_problem():
             webm[:len(webm) // 2] + bytes(range(256)) * 40 + webm[len(webm) // 2:],
         "but only 0.2 s of it decode": bytes(b ^ 0x5A if 2000 < i < 4000 else b for i, b in enumerate(webm)),
         "audio is ac3; accepted codecs are AAC, Opus": av_file(sine(48000), 48000, "mp4", "ac3"),
+        "audio is a codec ffmpeg does not know": webm.replace(b"A_OPUS", b"A_QQQQ"),  # was a 500 (AttributeError)
         "ALAC audio states frames of more than 65536 samples": huge_frames,
         "Format not recognised": b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n",
         "Format not recognised.": b"ffconcat version 1.0\nfile /etc/passwd\n",
@@ -425,3 +426,47 @@ def test_a_video_gives_its_audio_track():
     samples, rate = decode_audio(buffer.getvalue())
     assert len(samples) / rate == pytest.approx(2.0, abs=1024 / 44100 + 0.01)
     assert peak_hz(samples, rate) == pytest.approx(440, abs=5)
+
+
+def test_a_frame_of_more_channels_than_pyav_converts_is_refused_not_a_crash():
+    """25 MiB of random bytes (seed 1) behind an ADTS header: ffmpeg skips what does not decode, and ~1.6 MB in
+    decodes an AAC frame whose program config element states 35 channels. PyAV's to_ndarray read its planes
+    from a fixed array of 8, and the process died (SIGSEGV): an upload took the ingress down. Such a frame is
+    refused by its channel count before conversion, whatever max_audio_channels allows. In a child process,
+    so that a regression fails this test rather than ending the session."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """if True:
+        import numpy as np
+        from deployments.audio import AudioBounds, AudioDecodeError, decode_audio
+        data = b"\\xff\\xf1\\x50\\x80" + np.random.default_rng(1).integers(0, 256, 25 * 2**20, dtype=np.uint8).tobytes()
+        for max_channels in (8, 64):
+            try:
+                decode_audio(data, AudioBounds(max_channels=max_channels))
+            except AudioDecodeError as exc:
+                print(exc)
+    """
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           cwd=Path(__file__).parents[2])
+    assert child.returncode == 0, (child.returncode, child.stderr[-3000:])
+    said = child.stdout.splitlines()
+    assert len(said) == 2, child.stdout
+    assert said[0].startswith("The audio has 35 channels (0.1 s in); at most max_audio_channels=8"), said[0]
+    assert said[1].startswith("The AAC (ADTS) audio has 35 channels (0.1 s in); at most 8 are decoded"), said[1]
+
+
+def test_a_few_packets_that_do_not_decode_are_skipped_and_many_refused():
+    """A packet the decoder refuses is skipped, as ffmpeg's command line and players do: 16 random bytes in an
+    ADTS file lost one frame (46 ms) and its upload was a 400. Past MAX_DAMAGED_SHARE of the packets, the file
+    is refused as damaged; random bytes behind a header have nearly none that decode."""
+    adts = av_file(sine(22050, 4.0), 22050, "adts", "aac")
+    middle = len(adts) // 2
+    samples, rate = decode_audio(adts[:middle] + bytes(range(100, 116)) + adts[middle + 16:])
+    assert len(samples) / rate == pytest.approx(4.0, abs=0.2)
+    damaged = bytearray(adts)
+    for start in range(200, len(adts), 1000):  # every few frames
+        damaged[start:start + 64] = bytes(range(64))
+    with pytest.raises(AudioDecodeError, match=r"of the \d+ packets of the AAC \(ADTS\) audio do not decode"):
+        decode_audio(bytes(damaged))
