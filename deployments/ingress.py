@@ -55,7 +55,7 @@ from .protocol import (
 )
 from .runtime_catalog import IngressCatalog, Snapshot
 from .sse import event, guarded, prepend
-from .voice import AudioPiece, ReplyEvent, TextDelta, drain, spoken_reply
+from .voice import AudioPiece, ReplyDone, ReplyEvent, TextDelta, drain, spoken_reply
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -372,7 +372,7 @@ class Ingress:
                     data = await self._off_loop(encoder.write, item.speech.waveform)
                     if data:
                         yield event(VoiceAudioDelta(audio=base64.b64encode(data).decode()))
-                else:
+                elif isinstance(item, ReplyDone):  # (no ToolCall: the round trip asks for no tools)
                     if encoder is None:  # nothing speakable in the reply
                         pause = await self._pause(names[Family.TTS], wait_s)
                         encoder = StreamEncoder(form.response_format, pause.sample_rate)

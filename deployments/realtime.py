@@ -34,11 +34,11 @@ from loading import Family
 
 from . import g711
 from .audio import StreamResampler, resample
-from .errors import as_api_error, to_error
+from .errors import APIError, as_api_error, to_error
 from .guard import INLINE_JSON_BYTES, check_json, offered_subprotocols, realtime_subprotocol
 from .params import ChatParams, SpeechParams, TranscribeParams
 from .vad import TurnDetector, VadOptions
-from .voice import AudioPiece, ReplyDone, TextDelta, spoken_reply
+from .voice import AudioPiece, ReplyDone, TextDelta, ToolCall, spoken_reply
 
 if TYPE_CHECKING:
     from .ingress import Ingress
@@ -89,6 +89,17 @@ class InputTranscription(BaseModel):
     prompt: str | None = None
 
 
+class RealtimeTool(BaseModel):
+    """A function the model may call (Realtime's flat shape: name, description, parameters at the top)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"] = "function"
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
 class SessionFields(BaseModel):
     """`session.update`'s session (beta names); fields left out keep their values."""
 
@@ -104,7 +115,8 @@ class SessionFields(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_response_output_tokens: Annotated[int, Field(ge=1)] | Literal["inf"] | None = None
     speed: float | None = Field(default=None, ge=0.25, le=1.5)  # of the spoken reply, as OpenAI's bounds
-    tools: list[Any] | None = None
+    tools: list[RealtimeTool] | None = None
+    tool_choice: Any = None  # "auto" | "none" | "required" | {"type": "function", "name": ...}
 
 
 class ResponseFields(BaseModel):
@@ -118,11 +130,14 @@ class ResponseFields(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_output_tokens: Annotated[int, Field(ge=1)] | Literal["inf"] | None = None
     max_response_output_tokens: Annotated[int, Field(ge=1)] | Literal["inf"] | None = None
+    tools: list[RealtimeTool] | None = None  # this response's, instead of the session's
+    tool_choice: Any = None
     # OpenAI's, not served here: named so that asking for them is refused rather than ignored (refused())
     conversation: Any = None
     input: Any = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+
+    def tools_given(self) -> list[dict]:
+        return [tool.model_dump(exclude={"type"}, exclude_none=True) for tool in self.tools or []]
 
     def refused(self) -> tuple[str, str] | None:
         """(message, param) for an option this server does not serve, or None."""
@@ -131,10 +146,6 @@ class ResponseFields(BaseModel):
                     "a response always answers the session's conversation", "response.conversation")
         if self.input is not None:
             return "a response's own input is not supported; add items with conversation.item.create", "response.input"
-        if self.tools:
-            return "tools (function calling) are not supported by this server", "response.tools"
-        if self.tool_choice not in (None, "auto", "none"):
-            return "tool_choice needs tools, which this server does not support", "response.tool_choice"
         return None
 
 
@@ -165,9 +176,22 @@ class ConversationItem(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     id: str | None = Field(default=None, max_length=64)
-    type: Literal["message"] = "message"
-    role: Literal["user", "assistant", "system"]
-    content: list[ItemContent] = Field(min_length=1, max_length=16)
+    type: Literal["message", "function_call", "function_call_output"] = "message"
+    role: Literal["user", "assistant", "system"] | None = None
+    content: list[ItemContent] | None = Field(default=None, min_length=1, max_length=16)
+    call_id: str | None = Field(default=None, min_length=1, max_length=64)  # a function call's, and its output's
+    name: str | None = Field(default=None, max_length=64)  # function_call
+    arguments: str | None = None  # function_call: JSON text
+    output: str | None = None  # function_call_output: what the function answered, as text
+
+    @model_validator(mode="after")
+    def _has_its_fields(self) -> ConversationItem:
+        needs = {"message": ("role", "content"), "function_call": ("call_id", "name", "arguments"),
+                 "function_call_output": ("call_id", "output")}[self.type]
+        missing = [name for name in needs if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"a {self.type} item needs {', '.join(repr(m) for m in missing)}")
+        return self
 
 
 @dataclass
@@ -182,6 +206,8 @@ class Session:
     input_audio_format: str = "pcm16"
     output_audio_format: str = "pcm16"
     speed: float = 1.0
+    tools: list[dict] = field(default_factory=list)  # RealtimeTool's fields, as chat completions' functions take them
+    tool_choice: Any = "auto"
 
     def render(self, session_id: str, model: str) -> dict:
         return {
@@ -190,7 +216,7 @@ class Session:
             "input_audio_format": self.input_audio_format, "output_audio_format": self.output_audio_format,
             "input_audio_transcription": self.transcription.model_dump() if self.transcription else None,
             "turn_detection": self.turn_detection.model_dump() if self.turn_detection else None,
-            "tools": [], "tool_choice": "none",
+            "tools": [{"type": "function", **tool} for tool in self.tools], "tool_choice": self.tool_choice,
             "temperature": self.temperature if self.temperature is not None else 0.8,
             "max_response_output_tokens": self.max_output_tokens, "speed": self.speed,
         }
@@ -205,6 +231,10 @@ class Item:
     status: str = "completed"  # an assistant item's, once its response ended (in_progress until then)
     # an assistant item's speech as it was sent: [sentence number, its text, milliseconds of audio]
     spoken: list[list] = field(default_factory=list)
+    type: str = "message"  # or function_call (role assistant), function_call_output (role tool)
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""  # a function_call's; a function_call_output's answer is its `text`
 
     def add_audio(self, sentence: int, text: str, ms: float) -> None:
         if self.spoken and self.spoken[-1][0] == sentence:
@@ -239,6 +269,12 @@ class Item:
 
     def render(self, status: str | None = None) -> dict:
         status = status or self.status
+        if self.type == "function_call":
+            return {"id": self.id, "object": "realtime.item", "type": "function_call", "status": status,
+                    "call_id": self.call_id, "name": self.name, "arguments": self.arguments}
+        if self.type == "function_call_output":
+            return {"id": self.id, "object": "realtime.item", "type": "function_call_output", "call_id": self.call_id,
+                    "output": self.text}
         if self.role == "user" and self.audio:
             content = [{"type": "input_audio", "transcript": self.text or None}]
         elif self.role == "assistant":
@@ -413,9 +449,11 @@ class RealtimeSession:
         if fields.input_audio_transcription is not None:  # tokenized at every turn in the STT replica
             self._check_text_length(fields.input_audio_transcription.prompt,
                                     "session.input_audio_transcription.prompt")
-        if fields.tools:
-            raise SessionError("tools (function calling) are not supported by this server", "unsupported",
-                               "session.tools")
+        tools = [tool.model_dump(exclude={"type"}, exclude_none=True) for tool in fields.tools] \
+            if fields.tools is not None else config.tools
+        tool_choice = fields.tool_choice if fields.tool_choice is not None else config.tool_choice
+        if fields.tools is not None or fields.tool_choice is not None:
+            self._tool_features(tools, tool_choice, "session")  # refused now, not at every response
         if fields.input_audio_transcription is not None and fields.input_audio_transcription.model:
             self.ingress.spec(fields.input_audio_transcription.model, Family.STT,
                               param="session.input_audio_transcription.model")
@@ -428,6 +466,7 @@ class RealtimeSession:
         sent = event.get("session") or {}
         if fields.input_audio_format is not None and fields.input_audio_format != config.input_audio_format:
             self.g711_in = StreamResampler(g711.RATE, RATE)  # a new stream from here
+        config.tools, config.tool_choice = tools, tool_choice
         for name in ("modalities", "voice", "temperature", "input_audio_format", "output_audio_format", "speed"):
             if getattr(fields, name) is not None:
                 setattr(config, name, getattr(fields, name))
@@ -445,6 +484,27 @@ class RealtimeSession:
                 self._detect_from(fields.turn_detection)
                 self.speech_start = None
         await self.send("session.updated", session=config.render(self.id, self.llm))
+
+    def _tool_features(self, tools: list[dict], choice: Any, where: str) -> dict[str, Any]:
+        """The chat request fields that `tools` and `choice` make (the grammar of a forced call among them),
+        checked as /v1/chat/completions checks its own: an error names `<where>.tools...` / `.tool_choice`."""
+        from .protocol import ChatCompletionRequest
+        from .routes.chat import chat_features
+
+        if isinstance(choice, dict):  # Realtime's {"type": "function", "name"}: chat's names the function within
+            choice = {"type": "function", "function": {"name": choice.get("name")}}
+        try:
+            body = ChatCompletionRequest.model_validate({
+                "model": self.llm, "messages": [{"role": "user", "content": "-"}], "tool_choice": choice,
+                "tools": [{"type": "function", "function": tool} for tool in tools] or None})
+            features = chat_features(body, self.limits)
+        except (ValidationError, APIError) as exc:
+            _, error, _ = to_error(exc)
+            param = (error.error.param or "tools").replace(".function", "")
+            raise SessionError(error.error.message.replace(".function.", "."), error.error.code or "invalid_value",
+                               f"{where}.{param}") from None
+        return {key: value for key, value in features.items() if key in ("constraint", "tools", "tool_choice",
+                                                                           "parallel_tool_calls")}
 
     def _check_text_length(self, text: str | None, param: str) -> None:
         """A text field the session keeps is bounded as the HTTP routes bound theirs: a 3.9 M-character
@@ -636,6 +696,8 @@ class RealtimeSession:
             return
         if not auto_respond:
             return
+        if item not in self.items:
+            return  # the client deleted the turn while it was heard: there is nothing to answer
         if self.speech_start is not None:
             return  # the user speaks again: the next turn's answer covers this one too
         if self.response is not None and not self.response.done():
@@ -668,6 +730,9 @@ class RealtimeSession:
         if not isinstance(raw, dict):
             raise SessionError("conversation.item.create needs an 'item'", "invalid_value", "item")
         parsed = _parse(ConversationItem, raw, "item")
+        if parsed.type != "message":
+            await self._function_item_create(parsed, event.get("previous_item_id"))
+            return
         audio = self._item_audio(parsed)
         spoken_ms = self._spoken_ms(parsed)
         text = "".join(part.transcript if part.type in SPOKEN_PARTS else part.text or "" for part in parsed.content)
@@ -705,6 +770,27 @@ class RealtimeSession:
                                "item.content.0.audio") from None
         pcm16 = self.config.output_audio_format == "pcm16"
         return len(data) / (2 * RATE if pcm16 else g711.RATE) * 1000
+
+    async def _function_item_create(self, parsed: ConversationItem, previous_item_id: Any) -> None:
+        """A function call (a history the client replays) or a function's output (what the client's code
+        answered a call with: the next response reads it as a `tool` message)."""
+        text = parsed.output if parsed.type == "function_call_output" else parsed.arguments
+        assert text is not None and parsed.call_id is not None
+        if len(text) > self.limits.max_form_field_chars:
+            field_name = "output" if parsed.type == "function_call_output" else "arguments"
+            raise SessionError(f"item.{field_name} has {len(text)} characters; at most max_form_field_chars="
+                               f"{self.limits.max_form_field_chars}", "string_above_max_length", f"item.{field_name}")
+        if parsed.id is not None and any(item.id == parsed.id for item in self.items):
+            raise SessionError(f"the conversation has an item {parsed.id!r} already; give the new item another id, "
+                               "or leave 'id' out for one the server makes", "invalid_value", "item.id")
+        at = self._insert_at(previous_item_id)
+        if parsed.type == "function_call":
+            item = Item(parsed.id or _id("item"), "assistant", "", type="function_call", call_id=parsed.call_id,
+                        name=parsed.name or "", arguments=text)
+        else:
+            item = Item(parsed.id or _id("item"), "tool", text, type="function_call_output", call_id=parsed.call_id)
+        previous = self._add(item, at)
+        await self.send("conversation.item.created", previous_item_id=previous, item=item.render())
 
     def _item_audio(self, item: ConversationItem) -> np.ndarray | None:
         """An item's input_audio as the session's pcm16 at 24 kHz (a user's turn sent whole, not through the
@@ -842,6 +928,10 @@ class RealtimeSession:
         if refused is not None:
             raise SessionError(refused[0], "unsupported", refused[1])
         self._check_text_length(fields.instructions, "response.instructions")
+        if fields.tools is not None or fields.tool_choice is not None:
+            self._tool_features(fields.tools_given() if fields.tools is not None else self.config.tools,
+                                fields.tool_choice if fields.tool_choice is not None else self.config.tool_choice,
+                                "response")
         self._start_response(fields)
 
     async def response_cancel(self, event: dict) -> None:
@@ -888,11 +978,45 @@ class RealtimeSession:
                       if value is not None), config.max_output_tokens)
         item = Item(_id("item"), "assistant", "", audio=spoken, status="in_progress")
         self.response_item = item
-        output_index = content_index = 0
+        outputs: list[Item] = []  # the response's output items in order: its message, its function calls
         base = {"response_id": response_id}
-        where = {**base, "item_id": item.id, "output_index": output_index, "content_index": content_index}
+        where = {**base, "item_id": item.id, "output_index": 0, "content_index": 0}
         status, details, usage, text = "completed", None, {}, ""
         opened = 0  # 1: its output item was announced (output_item.added), 2: its content part too
+        tools, tool_choice = (fields.tools_given(), fields.tool_choice) if fields.tools is not None else \
+            (config.tools, config.tool_choice)
+        if fields.tool_choice is not None:
+            tool_choice = fields.tool_choice
+
+        async def open_message() -> None:
+            nonlocal opened
+            where["output_index"] = len(outputs)
+            outputs.append(item)
+            previous = self._add(item)
+            opened = 1  # sent whole even if a cancel lands (shield), so that its .done event closes it
+            await asyncio.shield(self.send("response.output_item.added", output_index=where["output_index"],
+                                           item=item.render("in_progress"), **base))
+            await self.send("conversation.item.created", previous_item_id=previous, item=item.render("in_progress"))
+            part = {"type": "audio", "transcript": ""} if spoken else {"type": "text", "text": ""}
+            opened = 2
+            await asyncio.shield(self.send("response.content_part.added", part=part, **where))
+
+        async def function_call(call: dict) -> None:
+            """A call the model made: an output item of its own, announced and closed at once (it comes whole)."""
+            function = call["function"]
+            called = Item(_id("item"), "assistant", "", type="function_call", call_id=call["id"],
+                          name=function["name"], arguments=function["arguments"])
+            index = len(outputs)
+            outputs.append(called)
+            previous = self._add(called)
+            on = {**base, "item_id": called.id, "output_index": index, "call_id": called.call_id}
+            await asyncio.shield(self.send("response.output_item.added", output_index=index,
+                                           item=called.render("in_progress"), **base))
+            await self.send("conversation.item.created", previous_item_id=previous, item=called.render("in_progress"))
+            await self.send("response.function_call_arguments.delta", delta=called.arguments, **on)
+            await self.send("response.function_call_arguments.done", name=called.name, arguments=called.arguments,
+                            **on)
+            await self.send("response.output_item.done", output_index=index, item=called.render(), **base)
 
         def response(status_: str, output: list, usage_: dict | None = None, details_: Any = None) -> dict:
             return {"id": response_id, "object": "realtime.response", "status": status_, "status_details": details_,
@@ -916,21 +1040,17 @@ class RealtimeSession:
             max_new: int | None = llm.max_new_tokens if capped else int(limit)
             temperature = fields.temperature if fields.temperature is not None else config.temperature
 
+            features = self._tool_features(tools, tool_choice, "response" if fields.tools is not None else "session")
+
             async def ask(history: list[Item]) -> ChatParams:
                 return await self.ingress.chat_params(
                     llm, _messages(instructions, history), 0.0, max_new_tokens=max_new, temperature=temperature,
-                    priority=self.ingress.voice_priority(llm))
+                    priority=self.ingress.voice_priority(llm), **features)
 
             history = self._prompt_items()
             chat = await ask(history)
-            previous = self._add(item)
-            opened = 1  # sent whole even if a cancel lands (shield), so that its .done event closes it
-            await asyncio.shield(self.send("response.output_item.added", output_index=output_index,
-                                           item=item.render("in_progress"), **base))
-            await self.send("conversation.item.created", previous_item_id=previous, item=item.render("in_progress"))
-            part = {"type": "audio", "transcript": ""} if spoken else {"type": "text", "text": ""}
-            opened = 2
-            await asyncio.shield(self.send("response.content_part.added", part=part, **where))
+            if not tools:  # with tools the reply may be calls only: its message is opened at its first text
+                await open_message()
             tts = self.ingress.default_model(Family.TTS)
             speech = SpeechParams(model=tts, text="", voice=voice, speed=config.speed) if spoken else None
             while True:
@@ -939,6 +1059,11 @@ class RealtimeSession:
                 try:
                     async with contextlib.aclosing(reply_events) as reply:
                         async for piece in reply:
+                            if isinstance(piece, ToolCall):
+                                await function_call(piece.call)
+                                continue
+                            if isinstance(piece, (TextDelta, AudioPiece)) and opened < 2:
+                                await open_message()
                             if isinstance(piece, TextDelta):
                                 text += piece.text
                                 item.text = text
@@ -986,9 +1111,9 @@ class RealtimeSession:
             await self.send("response.text.done", text=text, **where)
             await self.send("response.content_part.done", part={"type": "text", "text": text}, **where)
         if opened:
-            await self.send("response.output_item.done", output_index=output_index, item=item.render(item_status),
-                            **base)
-        output = [item.render(item_status)] if item in self.items else []
+            await self.send("response.output_item.done", output_index=where["output_index"],
+                            item=item.render(item_status), **base)
+        output = [out.render(item_status if out is item else None) for out in outputs if out in self.items]
         await self.send("response.done", response=response(status, output, usage, details))
         self.cancel_reason = "client_cancelled"
         if self.respond_after and status != "cancelled":
@@ -1000,12 +1125,32 @@ def _messages(instructions: str, items: list[Item]) -> list[dict]:
     """The LLM's prompt: the instructions, then the conversation. An item with no text is left out (a
     response that failed, or was cut before its first word, said nothing: shown as the assistant saying
     "(silence)", the model imitates it), except a user's turn of audio with no words in it: "(silence)"."""
-    messages = [{"role": "system", "content": instructions}] if instructions else []
-    messages += [{"role": i.role, "content": i.text or "(silence)"} for i in items
-                 if i.text or (i.role == "user" and i.audio)]
+    messages: list[dict] = [{"role": "system", "content": instructions}] if instructions else []
+    for i in items:
+        if i.type == "function_call":  # calls in a row are one assistant turn, as chat completions write them
+            call = {"id": i.call_id, "type": "function",
+                    "function": {"name": i.name, "arguments": _arguments(i.arguments)}}
+            if messages and messages[-1]["role"] == "assistant" and "tool_calls" in messages[-1]:
+                messages[-1]["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif i.type == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": i.call_id, "content": i.text})
+        elif i.text or (i.role == "user" and i.audio):
+            messages.append({"role": i.role, "content": i.text or "(silence)"})
     if not any(m["role"] == "user" for m in messages):
         messages.append({"role": "user", "content": "(silence)"})
     return messages
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments as chat templates take them (a mapping; text that is not a JSON object stays text),
+    as protocol.ChatMessage.to_dict gives a chat completion's."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 def _encoded(waveform: Any, rate: int, fmt: str) -> bytes:
@@ -1047,7 +1192,7 @@ def _to_ga(value: Any) -> Any:
         return {"type": "realtime", "object": "realtime.session", "id": value["id"], "model": value["model"],
                 "output_modalities": ["audio"] if "audio" in value["modalities"] else ["text"],
                 "instructions": value["instructions"], "max_output_tokens": value["max_response_output_tokens"],
-                "tools": [], "tool_choice": "auto",
+                "tools": value["tools"], "tool_choice": value["tool_choice"],
                 "audio": {"input": {"format": _GA_FORMATS[value["input_audio_format"]],
                                     "transcription": value["input_audio_transcription"],
                                     "turn_detection": value["turn_detection"]},
@@ -1117,7 +1262,7 @@ def _from_ga(event: dict) -> dict:
                                "/v1/audio/transcriptions with stream=true", "invalid_value", "session.type")
         if "output_modalities" in ga:
             beta["modalities"] = ga["output_modalities"]
-        for key in ("instructions", "tools"):
+        for key in ("instructions", "tools", "tool_choice"):
             if key in ga:
                 beta[key] = ga[key]
         if "max_output_tokens" in ga:

@@ -37,13 +37,18 @@ class AudioPiece:
 
 
 @dataclass
+class ToolCall:
+    call: dict  # a whole call, as a chat stream's tool_calls delta: id, type, function {name, arguments}
+
+
+@dataclass
 class ReplyDone:
     text: str
     finish_reason: str
     usage: dict[str, int] = field(default_factory=dict)  # prompt_tokens, completion_tokens (LLM), tts_tokens
 
 
-ReplyEvent = TextDelta | AudioPiece | ReplyDone
+ReplyEvent = TextDelta | AudioPiece | ToolCall | ReplyDone
 _END = object()
 
 
@@ -63,12 +68,14 @@ async def spoken_reply(ingress: Ingress, chat: ChatParams, speech: SpeechParams 
         try:
             async with contextlib.aclosing(ingress.chat_stream(chat)) as chunks:
                 async for chunk in chunks:
-                    if "delta" in chunk:
+                    for call in chunk.get("tool_calls") or []:  # a call is never spoken
+                        await out.put(ToolCall(call))
+                    if chunk.get("delta"):
                         text += chunk["delta"]
                         await out.put(TextDelta(chunk["delta"]))
                         for sentence in splitter.feed(chunk["delta"]):
                             await sentences.put(sentence)
-                    else:
+                    if "finish_reason" in chunk:
                         finish, usage = chunk["finish_reason"], dict(chunk.get("usage") or {})
             rest = splitter.flush()
             if rest:

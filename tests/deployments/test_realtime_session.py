@@ -245,7 +245,8 @@ def test_a_refused_session_update_changes_nothing_and_limits_are_checked():
         socket = Socket()
         session = RealtimeSession(socket, ScriptedIngress(), None)
         await session.handle(json.dumps({"type": "session.update", "session": {
-            "instructions": "Answer in pirate speak.", "tools": [{"type": "function", "name": "f"}]}}))
+            "instructions": "Answer in pirate speak.", "tools": [{"type": "function", "name": "f",
+                                                                 "parameters": {"type": "string"}}]}}))
         await session.handle(json.dumps({"type": "session.update", "session": {
             "instructions": "Be terse.", "input_audio_transcription": {"model": "nope"}}}))
         await session.handle(json.dumps({"type": "session.update", "session": {"max_response_output_tokens": -5}}))
@@ -254,7 +255,7 @@ def test_a_refused_session_update_changes_nothing_and_limits_are_checked():
 
     socket, session = asyncio.run(scenario())
     params = [event["error"]["param"] for event in socket.of("error")]
-    assert params == ["session.tools", "session.input_audio_transcription.model",
+    assert params == ["session.tools.0.parameters", "session.input_audio_transcription.model",
                       "session.max_response_output_tokens", "response.max_output_tokens"]
     assert session.config.instructions == "" and socket.of("session.updated") == []
     assert session.response is None
@@ -352,8 +353,9 @@ def test_speech_after_silence_past_the_buffer_bound_is_one_turn():
 
 
 def test_response_create_refuses_what_it_does_not_serve():
-    """`conversation: none` (out of band), `input`, `tools` and `tool_choice` were dropped in silence: an
-    out-of-band request ran over the whole conversation and its answer joined it."""
+    """`conversation: none` (out of band) and `input` were dropped in silence: an out-of-band request ran over
+    the whole conversation and its answer joined it. (A response's `tools` and `tool_choice` are served now:
+    a tool_choice that needs tools, with none, is refused.)"""
 
     async def scenario(response: dict) -> list[dict]:
         socket, ingress = Socket(), ScriptedIngress()
@@ -365,12 +367,12 @@ def test_response_create_refuses_what_it_does_not_serve():
         return [e for e in socket.sent if e["type"] in ("error", "response.created")]
 
     for response, param in [({"conversation": "none"}, "response.conversation"),
-                            ({"input": [{"type": "message", "role": "user", "content": []}]}, "response.input"),
-                            ({"tools": [{"type": "function", "name": "f"}]}, "response.tools"),
-                            ({"tool_choice": "required"}, "response.tool_choice")]:
+                            ({"input": [{"type": "message", "role": "user", "content": []}]}, "response.input")]:
         sent = asyncio.run(scenario(response))
         assert [(e["type"], e["error"]["param"], e["error"]["code"]) for e in sent] == [
             ("error", param, "unsupported")], (response, sent)
+    sent = asyncio.run(scenario({"tool_choice": "required"}))
+    assert [(e["type"], e["error"]["param"]) for e in sent] == [("error", "response.tool_choice")], sent
     assert [e["type"] for e in asyncio.run(scenario({"conversation": "auto", "tool_choice": "none"}))] == [
         "response.created"]
 
@@ -1215,3 +1217,71 @@ def test_session_speed_is_spoken_at_or_refused_for_a_one_speed_voice(ga):
     errors = [e["error"] for e in socket.of("error")]
     assert [e["param"] for e in errors] == [param, param] and "speaks at one speed only" in errors[0]["message"]
     assert set(ingress.speeds) == {1.0}  # the refused update changed nothing
+
+
+class CallingModel(ScriptedIngress):
+    """A model that calls get_weather when tools are offered and no function has answered yet, else says text."""
+
+    async def chat_stream(self, params: ChatParams):
+        answered = any(m["role"] == "tool" for m in params.messages)
+        if params.tools and not answered:
+            await asyncio.sleep(self.word_s)
+            yield {"delta": "", "tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+            yield {"finish_reason": "tool_calls", "usage": {"prompt_tokens": 5, "completion_tokens": 9}}
+            return
+        async for chunk in super().chat_stream(params):
+            yield chunk
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+@pytest.mark.parametrize("ga", [False, True])
+def test_a_voice_agent_calls_a_function_and_answers_with_its_output(ga):
+    """Function calling, the voice agent's way of doing things (book, look up, hang up), was refused by name
+    ('tools (function calling) are not supported'). The reply's call is an output item of its own (no message,
+    nothing spoken), the client's function_call_output goes into the next prompt as a `tool` message."""
+
+    async def scenario():
+        socket, ingress = Socket(ga=ga), CallingModel()
+        session = RealtimeSession(socket, ingress, None)
+        kind = {"type": "realtime"} if ga else {"turn_detection": None}
+        for bad in ({"tools": [{**WEATHER, "parameters": {"type": "string"}}]},
+                    {"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}},
+                    {"tool_choice": "required"}):
+            await session.handle(_event("session.update", session={**kind, **bad}))
+        await session.handle(_event("session.update", session={**kind, "tools": [WEATHER], "tool_choice": "auto"}))
+        await session.handle(_say("What is the weather in Paris?"))
+        await session.handle(_event("response.create"))
+        await settle(session)
+        await session.handle(_event("conversation.item.create", item={"type": "function_call_output"}))  # no call_id
+        await session.handle(_event("conversation.item.create", item={
+            "type": "function_call_output", "call_id": "call_1", "output": '{"celsius": 21}'}))
+        await session.handle(_event("response.create"))
+        await settle(session)
+        return socket, ingress
+
+    socket, ingress = asyncio.run(scenario())
+    errors = [e["error"]["param"] for e in socket.of("error")]
+    assert errors == ["session.tools.0.parameters", "session.tool_choice.name", "session.tool_choice", "item"], errors
+    tools = socket.of("session.updated")[-1]["session"]["tools"]
+    assert tools == [WEATHER], tools
+    first, second = socket.of("response.done")
+    assert first["response"]["status"] == "completed"
+    assert [(o["type"], o["name"], o["call_id"], o["arguments"]) for o in first["response"]["output"]] == [
+        ("function_call", "get_weather", "call_1", '{"city": "Paris"}')]
+    done = socket.of("response.function_call_arguments.done")[0]
+    assert (done["call_id"], done["name"], done["arguments"], done["output_index"]) == (
+        "call_1", "get_weather", '{"city": "Paris"}', 0)
+    assert socket.of("response.function_call_arguments.delta")[0]["delta"] == '{"city": "Paris"}'
+    assert ingress.calls[0].tools == [{k: v for k, v in WEATHER.items() if k != "type"}]
+    assert ingress.calls[0].tool_choice == "auto"
+    # the second prompt: the call, then what the function answered
+    assert ingress.chats[1][-2:] == [
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"celsius": 21}'}]
+    spoken = second["response"]["output"]
+    assert [o["type"] for o in spoken] == ["message"] and spoken[0]["content"][0]["transcript"] == "w0 w1 w2 "

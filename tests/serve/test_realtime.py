@@ -204,6 +204,49 @@ def test_barge_in_and_response_cancel_stop_the_response_at_once(demo_app):
     assert after[-1].response.status in ("completed", "incomplete")
 
 
+def test_a_function_call_and_its_output_through_the_openai_client(demo_app):
+    """SmolLM2 made to call (tool_choice required: its reply is grammar-constrained to a call whose arguments
+    fit the schema), then told the function's output, answers in words."""
+    weather = {"type": "function", "name": "get_weather", "description": "The current weather in a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                              "required": ["city"], "additionalProperties": False}}
+
+    async def scenario():
+        async with async_client(demo_app.url).beta.realtime.connect(model=DEFAULT_LLM) as conn:
+            await events_until(conn, "session.created")
+            await conn.session.update(session={"modalities": ["text"], "turn_detection": None, "tools": [weather],
+                                               "tool_choice": "required"})
+            await events_until(conn, "session.updated")
+            await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "What is the weather in Paris?"}]})
+            await conn.response.create(response={"max_output_tokens": 40})
+            called = await events_until(conn, "response.done", stop_on_error=True)
+            call = called[-1].response.output[0]
+            await conn.conversation.item.create(item={"type": "function_call_output", "call_id": call.call_id,
+                                                      "output": '{"celsius": 21, "sky": "clear"}'})
+            await conn.response.create(response={"tool_choice": "none", "max_output_tokens": 24})
+            return called, await events_until(conn, "response.done", stop_on_error=True)
+
+    called, answered = run(scenario())
+    done = called[-1].response
+    assert done.status == "completed" and [o.type for o in done.output] == ["function_call"], done
+    call = done.output[0]
+    assert call.name == "get_weather" and set(json.loads(call.arguments)) == {"city"}, call
+    arguments = [e for e in called if e.type == "response.function_call_arguments.done"]
+    assert arguments[0].arguments == call.arguments and arguments[0].call_id == call.call_id
+    reply = answered[-1].response
+    assert reply.status in ("completed", "incomplete") and reply.output[0].type == "message", reply
+    # the answer's prompt was the conversation with the call and its output in it, as a chat completion renders
+    # it (the tokenizer route counts with the chat's own encoding; tool_choice none lists no tools)
+    history = [{"role": "user", "content": "What is the weather in Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": [{"id": call.call_id, "type": "function",
+                                                                     "function": {"name": call.name,
+                                                                                  "arguments": call.arguments}}]},
+               {"role": "tool", "tool_call_id": call.call_id, "content": '{"celsius": 21, "sky": "clear"}'}]
+    counted = requests.post(demo_app.url + "/tokenize", json={"model": DEFAULT_LLM, "messages": history}, timeout=30)
+    assert reply.output[0].content[0].text and reply.usage.input_tokens == counted.json()["count"], counted.text
+
+
 def test_an_unknown_model_gets_an_error_event_and_the_default_llm(demo_app):
     async def scenario():
         async with async_client(demo_app.url).beta.realtime.connect(model="gpt-4o-realtime-preview") as conn:
