@@ -52,7 +52,8 @@ def demuxer_for(data: bytes) -> str | None:
         return "matroska"
     if data[4:8] == b"ftyp":  # ISO base media: MP4, M4A, MOV, 3GP
         return "mov"
-    head = data[_id3_size(data):][:2]
+    start = _id3_size(data)
+    head = data[start:start + 2]  # not data[start:][:2]: a copy of the whole upload
     if len(head) == 2 and head[0] == 0xFF:
         if head[1] & 0xF6 == 0xF0:  # ADTS: 12 sync bits, layer 00
             return "aac"
