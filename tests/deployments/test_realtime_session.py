@@ -1002,6 +1002,25 @@ def test_truncate_keeps_what_was_heard_and_delete_and_retrieve_serve_items():
     assert socket.sent[-1]["type"] == "conversation.item.truncated" and session.response_item.text == ""
 
 
+def test_a_turn_deleted_while_it_is_transcribed_is_not_answered():
+    """Server VAD committed a turn and the client deleted its item (conversation.item.delete) before the
+    transcript came: the turn was answered all the same, a reply to a prompt of '(silence)' (or, later in a
+    conversation, a second answer to the turn before it)."""
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress(transcribe_s=0.5)
+        session = RealtimeSession(socket, ingress, None)
+        await append(session, np.concatenate([silence(0.5), speech((0.0, 1.2)), silence(1.0)]))
+        turn = socket.of("input_audio_buffer.committed")[0]["item_id"]
+        await session.handle(_event("conversation.item.delete", item_id=turn))
+        await settle(session)
+        return socket, ingress
+
+    socket, ingress = asyncio.run(scenario())
+    assert socket.of("conversation.item.deleted") and ingress.heard, socket.sent
+    assert socket.of("response.created") == [] and ingress.chats == [], ingress.chats
+
+
 def test_a_refused_truncate_of_the_item_being_written_leaves_its_response_running():
     """A truncate of the item a response was writing ended that response before its audio_end_ms was checked:
     one past the audio sent so far got its error event and the reply was cancelled all the same."""
