@@ -86,8 +86,7 @@ def chat_features(body: ChatCompletionRequest, limits: Any) -> dict[str, Any]:
     checked here (400 naming the field) before any replica is asked."""
     tools = [tool.function.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     names = [tool["name"] for tool in tools or []]
-    if len(set(names)) < len(names):
-        raise InvalidRequestError("two tools have the same function name", param="tools")
+    check_unique_names(tools or [])
     choice: Any = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in names:
@@ -123,13 +122,7 @@ def chat_features(body: ChatCompletionRequest, limits: Any) -> dict[str, Any]:
                 check_grammar(json_schema_constraint(tool["parameters"], f"tools.{i}.function.parameters",
                                                      f"the parameters of tool {tool['name']!r}"))
         constraint = call_constraint(tools, choice, body.parallel_tool_calls is not False)
-    for i, tool in enumerate(tools or []):  # a call's arguments are an object (after the schema checks above)
-        parameters = tool.get("parameters")
-        if parameters is not None and (not isinstance(parameters, dict)
-                                       or parameters.get("type", "object") != "object"):
-            raise InvalidRequestError(f"the parameters of tool {tool['name']!r} must be a JSON Schema of type "
-                                      "'object' (a call's arguments are an object)",
-                                      param=f"tools.{i}.function.parameters")
+    check_object_parameters(tools or [])  # after the schema checks above
     if constraint is not None:
         check_grammar(constraint)
         if body.stop_list():
@@ -143,3 +136,21 @@ def chat_features(body: ChatCompletionRequest, limits: Any) -> dict[str, Any]:
         "presence_penalty": body.presence_penalty or 0.0, "frequency_penalty": body.frequency_penalty or 0.0,
         "logit_bias": {int(k): float(v) for k, v in body.logit_bias.items()} if body.logit_bias else None,
     }
+
+
+def check_unique_names(tools: list[dict]) -> None:
+    """A call names its function: two tools of one name could not be told apart."""
+    names = [tool["name"] for tool in tools]
+    if len(set(names)) < len(names):
+        raise InvalidRequestError("two tools have the same function name", param="tools")
+
+
+def check_object_parameters(tools: list[dict]) -> None:
+    """A call's arguments are an object: each function's parameters must be a schema of one."""
+    for i, tool in enumerate(tools):
+        parameters = tool.get("parameters")
+        if parameters is not None and (not isinstance(parameters, dict)
+                                       or parameters.get("type", "object") != "object"):
+            raise InvalidRequestError(f"the parameters of tool {tool['name']!r} must be a JSON Schema of type "
+                                      "'object' (a call's arguments are an object)",
+                                      param=f"tools.{i}.function.parameters")

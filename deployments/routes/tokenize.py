@@ -20,6 +20,7 @@ from ..tokenize_protocol import (
     TokenizeResponse,
     TokenizerInfoResponse,
 )
+from .chat import check_object_parameters, check_unique_names
 from .common import ERRORS, IngressDep, WaitDep
 
 router = APIRouter(tags=["tokenizer"], responses=ERRORS)
@@ -34,6 +35,8 @@ async def tokenize(body: TokenizeRequest, ingress: IngressDep, wait_s: WaitDep) 
         schemas = [(f"tools.{i}.function.parameters", t["parameters"]) for i, t in enumerate(tools or [])
                    if t.get("parameters") is not None]
         check_generation_features(len(tools or []), 0, schemas, ingress.limits)
+        check_unique_names(tools or [])  # refused as a chat with these tools is: its count would be no chat's
+        check_object_parameters(tools or [])
         # tools render as a chat completion's do with tool_choice auto (required and named render the same)
         params = await ingress.chat_params(spec, body.to_messages(), wait_s, tools=tools,
                                            tool_choice="auto" if tools else "none",

@@ -650,3 +650,29 @@ def test_a_max_tokens_over_the_models_limit_is_refused_before_the_upload_or_imag
     refused = error(response, 400)
     assert refused["param"] == "max_completion_tokens" and "exceeds the limit of model 'vlm'" in refused["message"]
     assert not any(family.calls for family in families.values())
+
+
+def test_tokenize_refuses_the_tools_a_chat_refuses():
+    """/tokenize counted a chat whose tools /v1/chat/completions refuses (two functions of one name, parameters
+    that are no object schema): a 200 count of a request that gets a 400."""
+    from deployments.params import TokenizeResult
+
+    class Counting(Family):
+        async def tokenize(self, params, with_strs):
+            self.calls.append(("tokenize", params))
+            return TokenizeResult([1, 2, 3], 512)
+
+    families = {name: Counting() for name in ("llm", "stt", "tts", "vlm")}
+    config = AppConfig.model_validate({"models": [{"name": n, "source": n, "family": f} for n, f in MODELS],
+                                       "local_models_dir": "/nonexistent"})
+    client = TestClient(build_api(Ingress({n: LocalHandle(f) for n, f in families.items()}, config)),
+                        raise_server_exceptions=False)
+    ask = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    listed = {"type": "function", "function": {"name": "g", "parameters": {"type": "array"}}}
+    for tools, param in (([tool, tool], "tools"), ([tool, listed], "tools.1.function.parameters")):
+        for path in (CHAT, "/tokenize"):
+            response = client.post(path, json={"model": "llm", "messages": ask, "tools": tools})
+            assert response.status_code == 400 and response.json()["error"]["param"] == param, (path, response.text)
+    assert client.post("/tokenize", json={"model": "llm", "messages": ask, "tools": [tool]}).json()["count"] == 3
+    assert [kind for kind, _ in families["llm"].calls] == ["tokenize"]
