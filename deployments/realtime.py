@@ -136,8 +136,10 @@ class ResponseFields(BaseModel):
     conversation: Any = None
     input: Any = None
 
-    def tools_given(self) -> list[dict]:
-        return [tool.model_dump(exclude={"type"}, exclude_none=True) for tool in self.tools or []]
+    def tools_for(self, session: Session) -> tuple[list[dict], Any]:
+        """(tools, tool_choice) this response offers: its own where it sets them, else the session's."""
+        return (_tool_dicts(self.tools) if self.tools is not None else session.tools,
+                self.tool_choice if self.tool_choice is not None else session.tool_choice)
 
     def refused(self) -> tuple[str, str] | None:
         """(message, param) for an option this server does not serve, or None."""
@@ -449,8 +451,7 @@ class RealtimeSession:
         if fields.input_audio_transcription is not None:  # tokenized at every turn in the STT replica
             self._check_text_length(fields.input_audio_transcription.prompt,
                                     "session.input_audio_transcription.prompt")
-        tools = [tool.model_dump(exclude={"type"}, exclude_none=True) for tool in fields.tools] \
-            if fields.tools is not None else config.tools
+        tools = _tool_dicts(fields.tools) if fields.tools is not None else config.tools
         tool_choice = fields.tool_choice if fields.tool_choice is not None else config.tool_choice
         if fields.tools is not None or fields.tool_choice is not None:
             self._tool_features(tools, tool_choice, "session")  # refused now, not at every response
@@ -554,7 +555,7 @@ class RealtimeSession:
             raise SessionError("'audio' is not valid base64", "invalid_value", "audio") from None
         if fmt != "pcm16":
             pcm = self.g711_in.feed(g711.decode(data, fmt).astype(np.float32))
-            samples = np.clip(pcm.round(), -32768, 32767).astype("<i2")
+            samples = _int16(pcm)
         elif len(data) % 2:
             raise SessionError("'audio' must be 16-bit samples (an even number of bytes)", "invalid_value", "audio")
         else:
@@ -712,7 +713,7 @@ class RealtimeSession:
         tail = self.g711_in.flush()
         self.g711_in = StreamResampler(g711.RATE, RATE)
         if tail.size:
-            samples = np.clip(tail.round(), -32768, 32767).astype("<i2")
+            samples = _int16(tail)
             self.buffer.append(samples)
             self.buffered += len(samples)
             self.streamed += len(samples)
@@ -739,9 +740,7 @@ class RealtimeSession:
         if len(text) > self.limits.max_form_field_chars:
             raise SessionError(f"the item has {len(text)} characters; at most max_form_field_chars="
                                f"{self.limits.max_form_field_chars}", "string_above_max_length", "item.content")
-        if parsed.id is not None and any(item.id == parsed.id for item in self.items):
-            raise SessionError(f"the conversation has an item {parsed.id!r} already; give the new item another id, "
-                               "or leave 'id' out for one the server makes", "invalid_value", "item.id")
+        self._check_new_id(parsed.id)
         at = self._insert_at(event.get("previous_item_id"))
         item = Item(parsed.id or _id("item"), parsed.role, text, audio=audio is not None or spoken_ms is not None)
         if spoken_ms:
@@ -771,6 +770,12 @@ class RealtimeSession:
         pcm16 = self.config.output_audio_format == "pcm16"
         return len(data) / (2 * RATE if pcm16 else g711.RATE) * 1000
 
+    def _check_new_id(self, item_id: str | None) -> None:
+        """A client's id for a new item must be one the conversation has not."""
+        if item_id is not None and any(item.id == item_id for item in self.items):
+            raise SessionError(f"the conversation has an item {item_id!r} already; give the new item another id, "
+                               "or leave 'id' out for one the server makes", "invalid_value", "item.id")
+
     async def _function_item_create(self, parsed: ConversationItem, previous_item_id: Any) -> None:
         """A function call (a history the client replays) or a function's output (what the client's code
         answered a call with: the next response reads it as a `tool` message)."""
@@ -780,9 +785,7 @@ class RealtimeSession:
             field_name = "output" if parsed.type == "function_call_output" else "arguments"
             raise SessionError(f"item.{field_name} has {len(text)} characters; at most max_form_field_chars="
                                f"{self.limits.max_form_field_chars}", "string_above_max_length", f"item.{field_name}")
-        if parsed.id is not None and any(item.id == parsed.id for item in self.items):
-            raise SessionError(f"the conversation has an item {parsed.id!r} already; give the new item another id, "
-                               "or leave 'id' out for one the server makes", "invalid_value", "item.id")
+        self._check_new_id(parsed.id)
         at = self._insert_at(previous_item_id)
         if parsed.type == "function_call":
             item = Item(parsed.id or _id("item"), "assistant", "", type="function_call", call_id=parsed.call_id,
@@ -810,7 +813,7 @@ class RealtimeSession:
         if fmt != "pcm16":
             resampler = StreamResampler(g711.RATE, RATE)
             pcm = np.concatenate([resampler.feed(g711.decode(data, fmt).astype(np.float32)), resampler.flush()])
-            samples = np.clip(pcm.round(), -32768, 32767).astype("<i2")
+            samples = _int16(pcm)
         elif len(data) % 2:
             raise SessionError("item.content[0].audio must be 16-bit samples (an even number of bytes)",
                                "invalid_value", "item.content.0.audio")
@@ -929,9 +932,7 @@ class RealtimeSession:
             raise SessionError(refused[0], "unsupported", refused[1])
         self._check_text_length(fields.instructions, "response.instructions")
         if fields.tools is not None or fields.tool_choice is not None:
-            self._tool_features(fields.tools_given() if fields.tools is not None else self.config.tools,
-                                fields.tool_choice if fields.tool_choice is not None else self.config.tool_choice,
-                                "response")
+            self._tool_features(*fields.tools_for(self.config), "response")
         self._start_response(fields)
 
     async def response_cancel(self, event: dict) -> None:
@@ -983,10 +984,7 @@ class RealtimeSession:
         where = {**base, "item_id": item.id, "output_index": 0, "content_index": 0}
         status, details, usage, text = "completed", None, {}, ""
         opened = 0  # 1: its output item was announced (output_item.added), 2: its content part too
-        tools, tool_choice = (fields.tools_given(), fields.tool_choice) if fields.tools is not None else \
-            (config.tools, config.tool_choice)
-        if fields.tool_choice is not None:
-            tool_choice = fields.tool_choice
+        tools, tool_choice = fields.tools_for(config)
 
         async def open_message() -> None:
             nonlocal opened
@@ -1141,6 +1139,16 @@ def _messages(instructions: str, items: list[Item]) -> list[dict]:
     if not any(m["role"] == "user" for m in messages):
         messages.append({"role": "user", "content": "(silence)"})
     return messages
+
+
+def _tool_dicts(tools: list[RealtimeTool]) -> list[dict]:
+    """Realtime's tools as chat completions' functions take them (name, description, parameters)."""
+    return [tool.model_dump(exclude={"type"}, exclude_none=True) for tool in tools]
+
+
+def _int16(samples: np.ndarray) -> np.ndarray:
+    """Resampled G.711 input as the session's pcm16 samples."""
+    return np.clip(samples.round(), -32768, 32767).astype("<i2")
 
 
 def _arguments(text: str) -> Any:
