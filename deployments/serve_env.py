@@ -90,18 +90,30 @@ PORT_BLOCK_RANGE = (20000, 29999)  # below Linux's ephemeral ports (32768-60999)
 def instance_ports_env(rng: random.Random | None = None) -> dict[str, str]:
     """Ports no other instance on the machine holds: HAProxy's stats page and Prometheus exporter (Ray:
     8404, 9101), the fallback proxy actor's HTTP and gRPC ports (8500, 9500), and a block each for the
-    ingress replicas' own HTTP and gRPC servers (30000 and 40000 up)."""
+    ingress replicas' own HTTP and gRPC servers (30000 and 40000 up).
+
+    All come from PORT_BLOCK_RANGE, below the ephemeral ports: a port the kernel had just handed out (bind
+    to port 0) was free when chosen, but any outgoing connection could take it before HAProxy bound it, and
+    HAProxy then exited with "cannot bind socket" for its stats page (seen once in CI on 51053)."""
     rng = rng or random.Random()
-    http, grpc = _free_block(INGRESS_PORT_BLOCK, rng), _free_block(INGRESS_PORT_BLOCK, rng)
-    while grpc == http:
-        grpc = _free_block(INGRESS_PORT_BLOCK, rng)
-    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
-            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+    http, grpc, single = _distinct_blocks(3, INGRESS_PORT_BLOCK, rng)
+    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(single), "RAY_SERVE_HAPROXY_METRICS_PORT": str(single + 1),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(single + 2),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(single + 3),
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + INGRESS_PORT_BLOCK - 1),
             "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
             "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + INGRESS_PORT_BLOCK - 1)}
+
+
+def _distinct_blocks(count: int, size: int, rng: random.Random) -> list[int]:
+    """`count` different free blocks of `size` ports (blocks are aligned to `size`, so they never overlap)."""
+    starts: list[int] = []
+    while len(starts) < count:
+        start = _free_block(size, rng)
+        if start not in starts:
+            starts.append(start)
+    return starts
 
 
 def _free_block(size: int, rng: random.Random, tries: int = 200) -> int:
@@ -125,10 +137,19 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SINGLE_PORT_RANGE = (10000, 19999)  # below the ephemeral ports too, apart from the blocks'
+
+
+def unclaimed_port(rng: random.Random | None = None, tries: int = 200) -> int:
+    """A port for a server to bind a moment later (a test's HTTP port, Ray's metrics exporter): one the
+    kernel never hands out as an outgoing connection's port, unlike a bind to port 0."""
+    rng = rng or random.Random()
+    low, high = SINGLE_PORT_RANGE
+    for _ in range(tries):
+        port = rng.randint(low, high)
+        if _bindable(port):
+            return port
+    raise RuntimeError(f"no free port in {low}-{high} after {tries} tries")
 
 
 # The first port Ray takes for each, unless the environment moves it (Ray's defaults).

@@ -12,7 +12,6 @@ Timings printed here (scale-up, scale-down, node replacement) are the ones clust
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from collections import Counter
@@ -21,6 +20,8 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
+from deployments.serve_env import unclaimed_port
+
 pytestmark = pytest.mark.cluster
 
 NODE_IP = "127.0.0.2"
@@ -28,9 +29,7 @@ GPU_WORKERS = 2
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return unclaimed_port()  # outside the ephemeral range: see serve_env.unclaimed_port
 
 
 @contextlib.contextmanager

@@ -198,6 +198,12 @@ def test_each_instance_gets_ingress_and_fallback_ports_of_its_own():
         assert high - low + 1 == serve_env.INGRESS_PORT_BLOCK and not 30000 <= low <= 31000
         assert env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] != "8500" and env["RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"] != "9500"
         assert env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"] != env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]
+        # no port from the ephemeral range: an outgoing connection could take it before HAProxy binds it
+        # (CI: "cannot bind socket ... for [0.0.0.0:51053]" for the stats page), and all are different
+        ephemeral_low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+        ports = [int(port) for port in env.values()]
+        assert max(ports) < ephemeral_low and len(set(ports)) == len(ports)
+        assert serve_env.unclaimed_port() < ephemeral_low
 
     # a block with one port already held (with SO_REUSEPORT, as Ray's ingress holds it) is passed over
     taken = serve_env._free_block(serve_env.INGRESS_PORT_BLOCK, random.Random(7))

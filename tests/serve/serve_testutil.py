@@ -6,7 +6,6 @@ import atexit
 import base64
 import io
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -17,15 +16,17 @@ import soundfile as sf
 import yaml
 from PIL import Image
 
+from deployments.serve_env import unclaimed_port
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO_KEY = "demo-key-0123456789abcdef"  # the API key of conftest's keyed_demo_app
 SESSION_APPS = ("modelfleet", "playground", "chat")  # names of conftest's session-wide apps
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port outside the ephemeral range (serve_env.unclaimed_port: HAProxy once failed to bind a
+    port an outgoing connection had taken since it was chosen)."""
+    return unclaimed_port()
 
 
 def short_state_dir() -> Path:
