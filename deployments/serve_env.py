@@ -84,7 +84,8 @@ def serve_process_env(state_dir: Path) -> dict[str, str]:
 # its HAProxy sent every request to the first instance's app (seen through the fallback proxy port 8500,
 # also fixed). A block of this many ports per instance is room for its ingress replicas on the node.
 INGRESS_PORT_BLOCK = 32
-PORT_BLOCK_RANGE = (20000, 29999)  # below Linux's ephemeral ports (32768-60999) and Ray's defaults
+# Below Linux's ephemeral ports (32768-60999), above Ray's worker ports (10002-19999), apart from Ray's defaults.
+PORT_BLOCK_RANGE = (20000, 27999)
 
 
 def instance_ports_env(rng: random.Random | None = None) -> dict[str, str]:
@@ -137,7 +138,7 @@ def _bindable(port: int) -> bool:
     return True
 
 
-SINGLE_PORT_RANGE = (10000, 19999)  # below the ephemeral ports too, apart from the blocks'
+SINGLE_PORT_RANGE = (28000, 29999)  # as PORT_BLOCK_RANGE, apart from its blocks
 
 
 def unclaimed_port(rng: random.Random | None = None, tries: int = 200) -> int:
