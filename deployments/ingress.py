@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -20,7 +21,7 @@ import numpy as np
 from loading import Family, ModelSpec
 
 from .app_config import AppConfig
-from .audio import AudioBounds, StreamEncoder, decode_audio, encode_audio_with_rate
+from .audio import AudioBounds, AudioDecodeError, AudioTooLongError, StreamEncoder, encode_audio_with_rate
 from .auth import KeyChecker, load_admin_keys, load_keys
 from .chat_server import resolve_max_new_tokens
 from .errors import (
@@ -33,6 +34,7 @@ from .errors import (
 )
 from .health import HealthMonitor
 from .http_metrics import label_request
+from .isolated import IsolatedPool, WorkerCrashed, WorkerTimedOut
 from .media import take_images
 from .params import (
     ChatParams,
@@ -81,6 +83,9 @@ class Ingress:
         self.health = HealthMonitor(config, self._call, list(handles), self.notes, dict(resources or {}),
                                     served=self.served_models)
         self._media = asyncio.Semaphore(self.limits.media_workers)  # decodes off the event loop, bounded
+        # audio decoders in processes of their own (isolated.py): a crash or a hang fails one request
+        self.decoders = IsolatedPool({"AudioDecodeError": AudioDecodeError, "AudioTooLongError": AudioTooLongError})
+        self.decoders.prestart()
         if self.keys.enabled:
             log.info("API keys: %d configured; every route but /health needs one", len(self.keys._digests))
 
@@ -141,7 +146,17 @@ class Ingress:
             seconds = min(seconds, spec.max_audio_seconds)
         bounds = AudioBounds(limits.min_sample_rate, limits.max_sample_rate, limits.max_audio_channels, seconds,
                              limits.max_audio_links)
-        return await self._off_loop(decode_audio, data, bounds)
+        timeout = limits.media_decode_timeout_s
+        try:
+            return await self._off_loop(functools.partial(self.decoders.run, "decode_audio", timeout_s=timeout),
+                                        data, bounds)
+        except WorkerCrashed as exc:
+            raise AudioDecodeError(f"The audio decoder crashed on this file ({exc.how}); no other request was "
+                                   "affected. Check that the file plays, or convert it to WAV or FLAC.") from None
+        except WorkerTimedOut:
+            raise AudioDecodeError(f"Decoding this audio file took longer than limits.media_decode_timeout_s="
+                                   f"{timeout:g} s and was stopped. Convert it to WAV or FLAC, or raise the limit.") \
+                from None
 
     def _orders_by_priority(self, spec: ModelSpec) -> bool:
         """Whether the chat family serving `spec` takes waiting requests by `priority` (else in arrival order)."""

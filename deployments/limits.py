@@ -87,7 +87,13 @@ class RequestLimits(BaseModel):
     max_logit_bias: int = Field(default=300, ge=0)
     """Entries of `logit_bias` (OpenAI's 300)."""
     media_workers: int = Field(default=2, ge=1)
-    """Audio/image decodes the ingress runs at once, off its event loop (more wait their turn)."""
+    """Audio/image decodes the ingress runs at once, off its event loop (more wait their turn). Audio is
+    decoded in as many worker processes of the ingress (isolated.py): a decoder that crashes costs its
+    own request a 400, never the ingress."""
+    media_decode_timeout_s: float = Field(default=60.0, gt=0)
+    """Longest an audio decode may run. One past it is stopped (its worker process killed) and the request
+    refused with a 400 naming this limit: a decoder caught in a loop would otherwise hold a media turn for
+    good. A 30-minute FLAC decodes in ~4 s here."""
     max_realtime_sessions: int = Field(default=64, ge=1)
     """Realtime WebSocket sessions the ingress holds at once; one more gets an `error` event
     (`max_realtime_sessions`) and is closed (1013, try again later). Each holds at most its audio buffer."""

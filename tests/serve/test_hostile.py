@@ -11,9 +11,12 @@ import base64
 import gzip
 import io
 import json
+import os
+import signal
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -436,3 +439,60 @@ def test_requests_within_the_limits_that_carry_over_4_mib_between_replicas_are_s
     assert not failures, "\n".join(failures)
     assert answers_of_every_family(live.url) == {"llm": 200, "vlm": 200, "stt": 200, "tts": 200}
     assert live.replica_pids() == pids_before, "a replica was replaced"
+
+
+def decode_workers(ingress_pid: int) -> list[int]:
+    """The ingress's audio decoder processes (deployments/isolated.py), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if ppid == ingress_pid and b"deployments.decode_worker" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def busy_worker(pids: list[int], within_s: float = 30) -> int:
+    """The one of `pids` that starts using CPU (decoding) within `within_s`."""
+    def ticks(pid: int) -> int:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    start, deadline = {pid: ticks(pid) for pid in pids}, time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        for pid in pids:
+            if ticks(pid) - start[pid] >= 5:
+                return pid
+        time.sleep(0.01)
+    raise AssertionError(f"no decoder of {pids} started decoding")
+
+
+def test_a_decoder_that_crashes_costs_only_its_own_request(live):
+    """libsndfile and ffmpeg parse the uploads in processes of the ingress's own: a segfault there (fuzzing
+    found one in PyAV) is that request's 400, and the ingress, its other requests and every family go on."""
+    pids_before = live.replica_pids()
+    rate = 48000
+    noise = np.random.default_rng(0).integers(-3, 4, size=rate * 590).astype(np.int16)
+    buffer = io.BytesIO()
+    sf.write(buffer, noise, rate, format="FLAC", subtype="PCM_16")  # ~12 MB, ~1 s to decode
+    deadline = time.monotonic() + 30
+    while not decode_workers(pids_before["ingress"]):  # one is started with the ingress
+        assert time.monotonic() < deadline, "the ingress has no audio decoder process"
+        time.sleep(0.1)
+    with ThreadPoolExecutor(1) as pool:
+        doomed = pool.submit(requests.post, live.url + STT, timeout=120, **stt(buffer.getvalue()))
+        victim = busy_worker(decode_workers(pids_before["ingress"]))
+        os.kill(victim, signal.SIGSEGV)
+        response = doomed.result()
+    assert response.status_code == 400, response.text[:300]
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("file", "invalid_audio")
+    assert "crashed on this file (signal SIGSEGV)" in error["message"]
+    assert answers_of_every_family(live.url) == {"llm": 200, "vlm": 200, "stt": 200, "tts": 200}
+    assert live.replica_pids() == pids_before, "a replica was replaced"
+    assert victim not in decode_workers(pids_before["ingress"])

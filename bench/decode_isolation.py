@@ -1,0 +1,66 @@
+"""What decoding audio in a worker process costs against decoding it in a thread of the ingress.
+
+    python -m bench.decode_isolation [--rounds 7]
+
+Prints a Markdown table: median ms per decode of WAV and FLAC uploads, in-process (`audio.decode_audio`) and
+through `isolated.IsolatedPool` (the upload pickled to the worker, the samples back), plus a worker's start
+and its idle RSS. Results are written down in bench/HOSTILE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+
+import numpy as np
+import soundfile as sf
+
+from deployments.audio import AudioBounds, decode_audio
+from deployments.isolated import IsolatedPool
+
+
+def upload(seconds: float, fmt: str, rate: int = 16000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    buffer = io.BytesIO()
+    sf.write(buffer, (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate, format=fmt, subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def median_ms(fn, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def rss_mb(pid: int) -> float:
+    status = open(f"/proc/{pid}/status").read()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+def main(argv=None) -> None:
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--rounds", type=int, default=7)
+    rounds = args.parse_args(argv).rounds
+    bounds = AudioBounds()
+    started = time.perf_counter()
+    pool = IsolatedPool()
+    pool.run("decode_audio", upload(1, "WAV"), bounds, timeout_s=60)
+    first_ms = (time.perf_counter() - started) * 1000
+    print("| upload | bytes | in a thread (ms) | in a worker process (ms) |\n|---|---:|---:|---:|")
+    for seconds, fmt in ((5, "WAV"), (30, "WAV"), (30, "FLAC"), (600, "WAV"), (600, "FLAC")):
+        data = upload(seconds, fmt)
+        thread = median_ms(lambda data=data: decode_audio(data, bounds), rounds)
+        worker = median_ms(lambda data=data: pool.run("decode_audio", data, bounds, timeout_s=60), rounds)
+        print(f"| {seconds} s {fmt} | {len(data):,} | {thread:.1f} | {worker:.1f} |")
+    print(f"\nA worker's start plus a 1 s decode: {first_ms:.0f} ms; idle RSS after these decodes: "
+          f"{', '.join(f'{rss_mb(pid):.0f} MB' for pid in pool.pids())}")
+    pool.close()
+
+
+if __name__ == "__main__":
+    main()

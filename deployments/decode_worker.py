@@ -1,0 +1,48 @@
+"""The worker process of `isolated.IsolatedPool`: runs the tasks it is sent, one at a time, until its pipe closes.
+
+`python -m deployments.decode_worker TASK_FD RESULT_FD`. Messages (isolated.send_message): in, (task name, args);
+out, ("ok", value) or ("error", class name, message). Stdout and stderr stay the parent's, for logs: nothing a
+library prints can break the protocol.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .audio import decode_audio
+from .isolated import receive_message, send_message
+
+#: what a worker runs, by name: the parsers of untrusted bytes
+TASKS: dict[str, Callable[..., Any]] = {"decode_audio": decode_audio}
+
+
+def serve(task_fd: int, result_fd: int) -> None:
+    while True:
+        try:
+            name, args = receive_message(task_fd)  # from the parent, which holds the other end of this pipe
+        except EOFError:
+            return  # the parent has gone
+        # bytes sent out of band arrive as a read-only view of the bytearray read: the bytearray itself
+        args = tuple(arg.obj if isinstance(arg, memoryview) and isinstance(arg.obj, bytearray) else arg
+                     for arg in args)
+        try:
+            answer: tuple = ("ok", TASKS[name](*args))
+        except Exception as exc:  # the task's own refusal (bad audio): the parent maps it by name
+            answer = ("error", type(exc).__name__, str(exc))
+        send_message(result_fd, answer)
+        del args, answer
+        _release_memory()  # a long file's buffers would otherwise stay in the worker's heap (~190 MB idle)
+
+
+def _release_memory() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]), int(sys.argv[2]))

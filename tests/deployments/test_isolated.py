@@ -1,0 +1,172 @@
+"""Audio decoded in worker processes (deployments/isolated.py): real child processes, real decodes, real signals."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from deployments.audio import AudioBounds, AudioDecodeError, AudioTooLongError, decode_audio
+from deployments.isolated import IsolatedPool, WorkerCrashed, WorkerError, WorkerTimedOut, _DataUnpickler
+
+ERRORS = {"AudioDecodeError": AudioDecodeError, "AudioTooLongError": AudioTooLongError}
+
+
+def flac(seconds: float, rate: int = 48000) -> bytes:
+    """Quiet noise: ~1.3 s to decode per 10 minutes at 48 kHz on this VM, ~2.5 MB a minute."""
+    samples = np.random.default_rng(0).integers(-3, 4, size=int(rate * seconds)).astype(np.int16)
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def wait_until_busy(pid: int, within_s: float = 20) -> None:
+    start, deadline = cpu_ticks(pid), time.monotonic() + within_s
+    while cpu_ticks(pid) - start < 5:  # 50 ms of CPU: it is decoding, not starting
+        assert time.monotonic() < deadline, "the worker never started decoding"
+        time.sleep(0.01)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def pool():
+    pool = IsolatedPool(ERRORS)
+    yield pool
+    pool.close()
+
+
+def test_a_decode_in_a_worker_equals_one_in_process_and_refusals_keep_their_class(pool):
+    data = flac(2.0, 16000)
+    samples, rate = pool.run("decode_audio", data, AudioBounds(), timeout_s=30)
+    expected, expected_rate = decode_audio(data)
+    assert rate == expected_rate == 16000 and np.array_equal(samples, expected) and samples.flags.writeable
+    with pytest.raises(AudioDecodeError, match="Could not decode the audio file"):
+        pool.run("decode_audio", b"not audio at all", AudioBounds(), timeout_s=30)
+    with pytest.raises(AudioTooLongError, match="the limit is max_audio_seconds=1 s"):
+        pool.run("decode_audio", data, AudioBounds(max_seconds=1.0), timeout_s=30)
+    with pytest.raises(WorkerError, match="AttributeError"):  # a bug, not a refusal: not dressed as one
+        pool.run("decode_audio", data, None, timeout_s=30)
+    assert len(pool.pids()) == 1  # refusals and errors leave the worker in service
+    assert pool.crashed == pool.timed_out == 0
+
+
+def test_a_worker_that_dies_mid_decode_fails_that_decode_alone(pool):
+    long, short = flac(300), flac(1.0, 16000)
+    with ThreadPoolExecutor(2) as threads:
+        doomed = threads.submit(pool.run, "decode_audio", long, AudioBounds(), timeout_s=60)
+        deadline = time.monotonic() + 20
+        while not pool.pids():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        victim = pool.pids()[0]
+        wait_until_busy(victim)
+        other = threads.submit(pool.run, "decode_audio", short, AudioBounds(), timeout_s=60)  # a worker of its own
+        assert other.result()[1] == 16000
+        os.kill(victim, signal.SIGSEGV)
+        with pytest.raises(WorkerCrashed, match="signal SIGSEGV") as caught:
+            doomed.result()
+    assert caught.value.how == "signal SIGSEGV"
+    assert pool.crashed == 1 and victim not in pool.pids() and not alive(victim)
+    assert pool.run("decode_audio", short, AudioBounds(), timeout_s=30)[1] == 16000  # the pool goes on
+
+
+def test_a_decode_past_its_deadline_is_stopped_with_its_worker(pool):
+    started = time.monotonic()
+    with pytest.raises(WorkerTimedOut, match="longer than 0.3 s"):
+        pool.run("decode_audio", flac(300), AudioBounds(), timeout_s=0.3)
+    assert time.monotonic() - started < 5
+    assert pool.timed_out == 1 and pool.pids() == []
+    assert pool.run("decode_audio", flac(1.0, 16000), AudioBounds(), timeout_s=30)[1] == 16000
+
+
+def test_a_worker_killed_while_idle_is_replaced_without_failing_the_next_task(pool):
+    pool.run("decode_audio", flac(0.5, 16000), AudioBounds(), timeout_s=30)
+    (idle,) = pool.pids()
+    os.kill(idle, signal.SIGKILL)
+    while alive(idle):
+        time.sleep(0.01)
+    assert pool.run("decode_audio", flac(0.5, 16000), AudioBounds(), timeout_s=30)[1] == 16000
+    assert idle not in pool.pids() and pool.crashed == 0
+
+
+def test_prestart_has_a_worker_waiting_before_the_first_task(pool):
+    pool.prestart()
+    deadline = time.monotonic() + 20
+    while not pool.pids():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    (first,) = pool.pids()
+    pool.run("decode_audio", flac(0.5, 16000), AudioBounds(), timeout_s=30)
+    assert pool.pids() == [first]
+
+
+def test_an_answer_naming_any_class_but_numpy_is_not_unpickled():
+    """A worker has parsed hostile bytes: what it sends back may name only numpy's classes."""
+    array = np.arange(4, dtype=np.float32)
+    assert np.array_equal(_DataUnpickler(io.BytesIO(pickle.dumps(("ok", (array, 16000)), protocol=5))).load()[1][0],
+                          array)
+    with pytest.raises(pickle.UnpicklingError, match="subprocess.Popen"):
+        _DataUnpickler(io.BytesIO(pickle.dumps(("ok", subprocess.Popen)))).load()
+
+
+def test_workers_end_when_the_process_that_started_them_dies(tmp_path):
+    """An ingress replica killed by Ray leaves no decoder behind: a worker reads EOF on its task pipe."""
+    script = textwrap.dedent("""
+        import sys, time
+        from deployments.isolated import IsolatedPool
+        pool = IsolatedPool()
+        pool.prestart()
+        while not pool.pids():
+            time.sleep(0.01)
+        print(pool.pids()[0], flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    try:
+        worker = int(parent.stdout.readline())
+        assert alive(worker)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while alive(worker):
+            assert time.monotonic() < deadline, "the worker outlived the process that started it"
+            time.sleep(0.05)
+    finally:
+        parent.kill()
+
+
+def test_concurrent_tasks_each_get_a_worker(pool):
+    data = flac(0.5, 16000)
+    barrier = threading.Barrier(3)
+
+    def decode():
+        barrier.wait()
+        return pool.run("decode_audio", data, AudioBounds(), timeout_s=30)[1]
+
+    with ThreadPoolExecutor(3) as threads:
+        assert [f.result() for f in [threads.submit(decode) for _ in range(3)]] == [16000] * 3
+    assert 1 <= len(pool.pids()) <= 3
