@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,8 @@ class _Worker:
         for fd in (self._task_w, self._result_r):  # decoded audio is MBs: fewer, larger pipe transfers
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        # a worker dropped without stop() (its pool garbage-collected) still ends, and its pipes close
+        self._finalizer = weakref.finalize(self, _end, self.process, (self._task_w, self._result_r))
 
     @property
     def alive(self) -> bool:
@@ -119,14 +122,17 @@ class _Worker:
 
     def stop(self) -> None:
         """Kill the process (it holds nothing worth a graceful end) and close the pipes."""
-        if self.alive:
-            self.process.kill()
-        self._returncode()
-        for fd in (self._task_w, self._result_r):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._finalizer()
+
+
+def _end(process: subprocess.Popen, fds: tuple[int, ...]) -> None:
+    if process.poll() is None:
+        process.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class _DataUnpickler(pickle.Unpickler):

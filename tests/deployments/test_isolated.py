@@ -170,3 +170,18 @@ def test_concurrent_tasks_each_get_a_worker(pool):
     with ThreadPoolExecutor(3) as threads:
         assert [f.result() for f in [threads.submit(decode) for _ in range(3)]] == [16000] * 3
     assert 1 <= len(pool.pids()) <= 3
+
+
+def test_a_pool_dropped_without_close_leaves_no_worker_behind():
+    """An Ingress built and dropped (the tests build several in one process) must not leak its decoders."""
+    import gc
+
+    pool = IsolatedPool()
+    pool.run("decode_audio", flac(0.5, 16000), AudioBounds(), timeout_s=30)
+    (worker,) = pool.pids()
+    del pool
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while alive(worker):
+        assert time.monotonic() < deadline, "the worker outlived its pool"
+        time.sleep(0.05)
