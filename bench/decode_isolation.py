@@ -2,9 +2,9 @@
 
     python -m bench.decode_isolation [--rounds 7]
 
-Prints a Markdown table: median ms per decode of WAV and FLAC uploads, in-process (`audio.decode_audio`) and
-through `isolated.IsolatedPool` (the upload pickled to the worker, the samples back), plus a worker's start
-and its idle RSS. Results are written down in bench/HOSTILE.md.
+Prints Markdown tables: median ms per decode of WAV and FLAC uploads (the ingress) and of JPEG and PNG images
+(the VLM replica), in-process and through `isolated.IsolatedPool` (the bytes to the worker, the samples or
+pixels back), plus a worker's start and its idle RSS. Results are written down in bench/HOSTILE.md.
 """
 
 from __future__ import annotations
@@ -16,15 +16,28 @@ import time
 
 import numpy as np
 import soundfile as sf
+from PIL import Image
 
 from deployments.audio import AudioBounds, decode_audio
 from deployments.isolated import IsolatedPool
+from deployments.media import decode_image
+from deployments.vlm import decode_in_worker
 
 
 def upload(seconds: float, fmt: str, rate: int = 16000) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
     buffer = io.BytesIO()
     sf.write(buffer, (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate, format=fmt, subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def image(side: int, fmt: str) -> bytes:
+    """A photo-like picture (smooth gradients and noise), as a camera or a screenshot tool would send."""
+    y, x = np.mgrid[0:side, 0:side]
+    noise = np.random.default_rng(0).integers(0, 24, (side, side, 3))
+    pixels = np.stack([x * 255 // side, y * 255 // side, (x + y) * 127 // side], axis=-1) + noise
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format=fmt)
     return buffer.getvalue()
 
 
@@ -57,6 +70,12 @@ def main(argv=None) -> None:
         thread = median_ms(lambda data=data: decode_audio(data, bounds), rounds)
         worker = median_ms(lambda data=data: pool.run("decode_audio", data, bounds, timeout_s=60), rounds)
         print(f"| {seconds} s {fmt} | {len(data):,} | {thread:.1f} | {worker:.1f} |")
+    print("\n| image | bytes | in a thread (ms) | in a worker process (ms) |\n|---|---:|---:|---:|")
+    for side, fmt in ((512, "JPEG"), (1024, "JPEG"), (1024, "PNG"), (4096, "JPEG")):
+        data = image(side, fmt)
+        thread = median_ms(lambda data=data: decode_image(data), rounds)
+        worker = median_ms(lambda data=data: decode_in_worker(pool, data, "the image", 60), rounds)
+        print(f"| {side}x{side} {fmt} | {len(data):,} | {thread:.1f} | {worker:.1f} |")
     print(f"\nA worker's start plus a 1 s decode: {first_ms:.0f} ms; idle RSS after these decodes: "
           f"{', '.join(f'{rss_mb(pid):.0f} MB' for pid in pool.pids())}")
     pool.close()

@@ -14,9 +14,10 @@ from typing import Any
 
 from .audio import decode_audio
 from .isolated import receive_message, send_message
+from .pixels import decode_pixels
 
 #: what a worker runs, by name: the parsers of untrusted bytes
-TASKS: dict[str, Callable[..., Any]] = {"decode_audio": decode_audio}
+TASKS: dict[str, Callable[..., Any]] = {"decode_audio": decode_audio, "decode_image": decode_pixels}
 
 
 def serve(task_fd: int, result_fd: int) -> None:

@@ -14,30 +14,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
-import threading
-import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .errors import InvalidRequestError, RequestTooLargeError
 from .limits import RequestLimits
-
-_PILLOW_BOUND = threading.Lock()  # Image.MAX_IMAGE_PIXELS is Pillow's module global
-
-
-def follow_pixel_limit(pixels: int) -> None:
-    """Raise Pillow's decompression-bomb bound to `pixels` where it is lower; it is never lowered (our
-    own header check applies the configured limit, whatever Pillow's is)."""
-    with _PILLOW_BOUND:
-        bound = Image.MAX_IMAGE_PIXELS
-        if bound is not None and pixels > bound:
-            Image.MAX_IMAGE_PIXELS = pixels
+from .pixels import decode_pixels, follow_checked_image, follow_pixel_limit, header_size
 
 
 def take_images(messages: list[dict[str, Any]], limits: RequestLimits, allowed_dirs: list[str]) -> list[bytes]:
@@ -84,7 +70,7 @@ def load_image(url: str, limits: RequestLimits, allowed_dirs: list[str], param: 
 def _check_header(data: bytes, limits: RequestLimits, param: str) -> None:
     """Format and size from the header alone; no pixel is decoded."""
     try:
-        width, height = _header_size(data)
+        width, height = header_size(data)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # Pillow's own guard fires in Image.open for huge headers, before our check could
         raise RequestTooLargeError(
@@ -104,82 +90,19 @@ def _check_header(data: bytes, limits: RequestLimits, param: str) -> None:
             "scale its short side up to its input size)", param=param, code="image_aspect_ratio")
 
 
-def _header_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from an encoded image's header, under Pillow's bound (the ingress's check)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
-
-
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the header of an image the ingress has checked; in the model's replica."""
-    _follow_checked_image(data)
-    return _header_size(data)
-
-
-def _follow_checked_image(data: bytes) -> None:
-    """In the replica, which has no limits: an image the ingress let through may be past Pillow's bound
-    (limits.max_image_pixels set above it). Its header is read once with Pillow's bound off, and the bound
-    raised to its size; frames inside it (a GIF's, an ICO's) are still held to that bound as they decode."""
-    try:
-        _header_size(data)
-        return
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        pass
-    except Exception:
-        return  # not an image Pillow reads: decode_image says so
-    with _PILLOW_BOUND:
-        bound, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-        except Exception:
-            return
-        finally:
-            Image.MAX_IMAGE_PIXELS = bound
-    follow_pixel_limit(width * height)
+    follow_checked_image(data)
+    return header_size(data)
 
 
 def decode_image(data: bytes, what: str = "the image") -> Image.Image:
-    """An encoded image (header checked by the ingress) as RGB pixels; in the model's replica."""
+    """An encoded image (header checked by the ingress) as RGB pixels, in this process (the VLM replica
+    decodes in a worker process of its own: vlm.py)."""
     try:
-        _follow_checked_image(data)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data))
-            opened.load()
-        return as_rgb(upright(opened))
+        return Image.fromarray(decode_pixels(data))
     except Exception as exc:  # any plugin's error on crafted data, a decompression bomb included
         raise InvalidRequestError(f"{what} could not be decoded ({type(exc).__name__})", param="messages") from None
-
-
-def upright(image: Image.Image) -> Image.Image:
-    """The image turned as its EXIF orientation says, as a browser (and OpenAI) shows a phone's photo; as
-    stored where that metadata cannot be read (an eXIf chunk without a TIFF header: no rotation, not no image)."""
-    try:
-        return ImageOps.exif_transpose(image)
-    except Exception:
-        return image
-
-
-def as_rgb(image: Image.Image) -> Image.Image:
-    """The picture the client sees, as RGB: transparency painted onto white (as transformers' convert_to_rgb
-    and vLLM do; a plain convert drops alpha, so a logo's transparent background became black, and a GIF's
-    transparent colour made the processor whiten every pixel of that colour), and 16-bit grey scaled to 8
-    bits (Pillow's convert clips it: a 16-bit scan came out all white)."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        pixels = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(pixels.max()), 1.0)
-        grey = np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        clear = image.info.get("transparency")  # a grey level drawn transparent: kept as alpha (LA)
-        image = (Image.fromarray(np.stack([grey, np.where(pixels == clear, 0, 255).astype(np.uint8)], axis=-1))
-                 if isinstance(clear, int) else Image.fromarray(grey))
-    if "A" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 #: ASCII whitespace, which a browser's "forgiving-base64 decode" of a data: URL skips (WHATWG Infra)

@@ -204,6 +204,15 @@ class ChatOptions(BatchingOptions):
         ),
     )
 
+    image_decode_timeout_s: float = Field(
+        default=30.0, gt=0, description=(
+            "VLM: longest one image's decode may run. Images are decoded in a worker process of the replica "
+            "(isolated.py), so a decoder that crashes on a file costs that request a 400, not the replica and "
+            "its batch; one past this bound is stopped (its worker killed) and refused with a 400 naming it. "
+            "A 4096x4096 PNG decodes in well under a second."
+        ),
+    )
+
     batch_length_ratio: float = Field(
         default=2.0, ge=1.0, le=16.0, description=(
             "A request shares a batch only with requests whose prompt + max_tokens is within this factor of its "

@@ -4,26 +4,52 @@ from __future__ import annotations
 
 from typing import Any
 
-from loading import LoadedModel
+from PIL import Image
+
+from loading import LoadedModel, ModelSpec
 
 from .chat_encoding import PromptRefused, encode_prompt, render_chat, template_inputs
 from .chat_server import ChatServer
-from .media import decode_image
+from .errors import InvalidRequestError
+from .isolated import IsolatedPool, WorkerCrashed, WorkerError, WorkerTimedOut
+from .options import ChatOptions
 from .params import ChatParams
 
 
 class VLMServer(ChatServer):
+    def __init__(self, specs: list[ModelSpec], options: ChatOptions):
+        super().__init__(specs, options)
+        # Pillow's decoders (C) parse client bytes: in processes of their own, a crash costs one request
+        self.image_decoders = IsolatedPool()
+        self.image_decoders.prestart()
+        self.image_decode_timeout_s = options.image_decode_timeout_s
+
     def encode(self, loaded: LoadedModel, params: ChatParams) -> dict[str, Any]:
         processor = loaded.processor
         if params.prompt is not None:
             return encode_prompt(loaded.tokenizer, params)
         messages, tools = template_inputs(getattr(processor, "chat_template", None), params)
         text = render_chat(processor.apply_chat_template, without_placeholders(processor, messages), tools, params)
-        images = [decode_image(data, f"image {i}") for i, data in enumerate(params.images)]
+        images = [decode_in_worker(self.image_decoders, data, f"image {i}", self.image_decode_timeout_s)
+                  for i, data in enumerate(params.images)]
         try:
             return dict(processor(text=[text], images=images or None, return_tensors="pt"))
         except ValueError as exc:  # e.g. the text holds the image placeholder ('<image>') with no image for it
             raise PromptRefused(f"the model's processor refused this request: {exc}") from None
+
+
+def decode_in_worker(pool: IsolatedPool, data: bytes, what: str, timeout_s: float) -> Image.Image:
+    """One image's pixels, decoded by a worker of `pool`; every way it can fail is this request's 400."""
+    try:
+        return Image.fromarray(pool.run("decode_image", data, timeout_s=timeout_s))
+    except WorkerError as exc:  # Pillow's refusal of the file, as media.decode_image words it
+        raise InvalidRequestError(f"{what} could not be decoded ({exc.name})", param="messages") from None
+    except WorkerCrashed as exc:
+        raise InvalidRequestError(f"{what} crashed the image decoder ({exc.how}); no other request was affected",
+                                  param="messages") from None
+    except WorkerTimedOut:
+        raise InvalidRequestError(f"decoding {what} took longer than image_decode_timeout_s={timeout_s:g} s and "
+                                  "was stopped", param="messages") from None
 
 
 PLACEHOLDER_BREAK = "\u2060"  # WORD JOINER: invisible, and no token of the placeholder's spelling

@@ -185,3 +185,63 @@ def test_a_pool_dropped_without_close_leaves_no_worker_behind():
     while alive(worker):
         assert time.monotonic() < deadline, "the worker outlived its pool"
         time.sleep(0.05)
+
+
+def png(width: int, height: int, mode: str = "RGBA") -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(1).integers(0, 256, (height, width, len(mode)), dtype=np.uint8)
+    Image.fromarray(pixels, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_image_decoded_by_the_vlm_s_worker_equals_one_decoded_in_process(pool):
+    from deployments.errors import InvalidRequestError
+    from deployments.media import decode_image
+    from deployments.vlm import decode_in_worker
+
+    data = png(64, 48)  # transparency painted onto white, as in process
+    assert np.array_equal(np.asarray(decode_in_worker(pool, data, "image 0", 30)), np.asarray(decode_image(data)))
+    for bad in (b"not an image", data[:200]):
+        with pytest.raises(InvalidRequestError) as worker_refusal:
+            decode_in_worker(pool, bad, "image 0", 30)
+        with pytest.raises(InvalidRequestError) as in_process:
+            decode_image(bad, "image 0")
+        assert str(worker_refusal.value) == str(in_process.value)  # e.g. "image 0 could not be decoded (OSError)"
+        assert worker_refusal.value.param == "messages"
+
+
+def frozen_worker(pool: IsolatedPool) -> int:
+    """The pool's one idle worker, stopped (SIGSTOP): a task sent to it waits until the test kills it, so the
+    crash lands mid-task every time, whatever the machine's speed."""
+    pool.run("decode_image", png(8, 8), timeout_s=30)
+    (pid,) = pool.pids()
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+def test_an_image_decoder_that_dies_mid_decode_is_that_request_s_400(pool):
+    from deployments.errors import InvalidRequestError
+    from deployments.vlm import decode_in_worker
+
+    victim = frozen_worker(pool)
+    with ThreadPoolExecutor(1) as threads:
+        decoding = threads.submit(decode_in_worker, pool, png(32, 32), "image 1", 30)
+        time.sleep(0.2)
+        assert not decoding.done()
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(InvalidRequestError, match=r"image 1 crashed the image decoder \(signal SIGKILL\)"):
+            decoding.result()
+    assert pool.crashed == 1 and not alive(victim)
+    assert np.asarray(decode_in_worker(pool, png(8, 8), "image 0", 30)).shape == (8, 8, 3)  # a new worker
+
+
+def test_an_image_decode_past_its_deadline_is_a_400_naming_the_option(pool):
+    from deployments.errors import InvalidRequestError
+    from deployments.vlm import decode_in_worker
+
+    victim = frozen_worker(pool)
+    with pytest.raises(InvalidRequestError, match="image_decode_timeout_s=0.5 s"):
+        decode_in_worker(pool, png(32, 32), "image 0", 0.5)
+    assert pool.timed_out == 1 and not alive(victim)
