@@ -33,7 +33,10 @@ def serve(task_fd: int, result_fd: int) -> None:
             answer: tuple = ("ok", TASKS[name](*args))
         except Exception as exc:  # the task's own refusal (bad audio): the parent maps it by name
             answer = ("error", type(exc).__name__, str(exc))
-        send_message(result_fd, answer)
+        try:
+            send_message(result_fd, answer)
+        except BrokenPipeError:
+            return  # the parent went while this task ran (its replica stopped): nobody waits for the answer
         del args, answer
         _release_memory()  # a long file's buffers would otherwise stay in the worker's heap (~190 MB idle)
 
