@@ -55,21 +55,23 @@ def chat_request_bytes(config: Any, prompt_tokens: int, new_tokens: int, images:
     return batch * (kv_cache + prefill + logits) + vision + image_bytes
 
 
-def decoded_image_bytes(images: list[bytes], image_processor: Any = None) -> int:
+def decoded_image_bytes(images: list[bytes], image_processor: Any = None,
+                        size_of: Callable[[bytes], tuple[int, int]] | None = None) -> int:
     """Decoded RGB pixels of encoded images (sizes from their headers), as bytes, a float copy and the
     processor's output; at the size the image processor resizes to when that is larger. Its `size` (a
     dict, or transformers' SizeDict) is read two ways:
     - Qwen2-VL's kind (it merges patches: `merge_size`) bounds an image's pixel count: `shortest_edge`
       is min_pixels, so a smaller image is scaled up to that many pixels;
     - otherwise `shortest_edge` is an edge that the short side is scaled up to (CLIP's, LLaVA's), so
-      a thin image grows by the square of that factor."""
+      a thin image grows by the square of that factor.
+    `size_of` reads an image's (width, height) from its header (the VLM's: in a decoder process)."""
     from .media import image_size
 
     size = getattr(image_processor, "size", None)
     shortest = size.get("shortest_edge") if size is not None and hasattr(size, "get") else None
     pixel_bounds = getattr(image_processor, "merge_size", None) is not None
     total = 0
-    for width, height in map(image_size, images):
+    for width, height in map(size_of or image_size, images):
         pixels = width * height
         if shortest and pixel_bounds:
             pixels = max(pixels, int(shortest))

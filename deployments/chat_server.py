@@ -44,6 +44,12 @@ class ChatServer(FamilyServer):
         """One request's model inputs (batch dimension 1)."""
         raise NotImplementedError
 
+    def image_size(self, data: bytes) -> tuple[int, int]:
+        """An image's (width, height) from its header, for the memory estimate (called in a thread)."""
+        from .media import image_size
+
+        return image_size(data)
+
     def validate(self, spec: ModelSpec, loaded: LoadedModel, params: ChatParams) -> None:
         """Per-request checks that must fail this request alone (400), not its batch."""
 
@@ -95,7 +101,8 @@ class ChatServer(FamilyServer):
         self._refuse_overlong_text(loaded, params, prompt_limit, limit_name)
         # images arrive encoded; decoding them (in encode) is held to the memory budget like generation
         image_processor = getattr(loaded.processor, "image_processor", None) if params.images else None
-        decoded = decoded_image_bytes(params.images, image_processor)
+        decoded = (await asyncio.to_thread(decoded_image_bytes, params.images, image_processor, self.image_size)
+                   if params.images else 0)
         # The decoded size is held from the decode on: a request waiting for the rest of its estimate keeps
         # its processed images (up to ~300 MB per image for Qwen2-VL's largest), and they stay counted.
         async with self.memory.hold(decoded, "the images of this request", param="messages",

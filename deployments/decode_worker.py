@@ -14,10 +14,15 @@ from typing import Any
 
 from .audio import decode_audio
 from .isolated import receive_message, send_message
-from .pixels import decode_pixels
+from .pixels import bounded_header_size, checked_image_size, decode_pixels
 
 #: what a worker runs, by name: the parsers of untrusted bytes
-TASKS: dict[str, Callable[..., Any]] = {"decode_audio": decode_audio, "decode_image": decode_pixels}
+TASKS: dict[str, Callable[..., Any]] = {
+    "decode_audio": decode_audio,  # the ingress: uploads to transcribe
+    "image_header": bounded_header_size,  # the ingress: an image's format and size, before it is accepted
+    "image_size": checked_image_size,  # the VLM replica: sizes for its memory estimate
+    "decode_image": decode_pixels,  # the VLM replica: pixels
+}
 
 
 def serve(task_fd: int, result_fd: int) -> None:

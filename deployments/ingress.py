@@ -83,7 +83,8 @@ class Ingress:
         self.health = HealthMonitor(config, self._call, list(handles), self.notes, dict(resources or {}),
                                     served=self.served_models)
         self._media = asyncio.Semaphore(self.limits.media_workers)  # decodes off the event loop, bounded
-        # audio decoders in processes of their own (isolated.py): a crash or a hang fails one request
+        # audio decoders and image header readers in processes of their own (isolated.py): a crash or a
+        # hang fails one request
         self.decoders = IsolatedPool({"AudioDecodeError": AudioDecodeError, "AudioTooLongError": AudioTooLongError})
         self.decoders.prestart()
         if self.keys.enabled:
@@ -186,7 +187,8 @@ class Ingress:
             )
         images = []
         if has_images:
-            images = await self._off_loop(take_images, messages, self.limits, self.config.allowed_media_dirs)
+            images = await self._off_loop(take_images, messages, self.limits, self.config.allowed_media_dirs,
+                                          self.decoders)
         return ChatParams(model=spec.name, messages=messages, images=images, wait_s=wait_s, **sampling)
 
     # -- calls through handles --------------------------------------------------------------------

@@ -22,11 +22,13 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 
 from .errors import InvalidRequestError, RequestTooLargeError
+from .isolated import IsolatedPool, WorkerCrashed, WorkerError, WorkerTimedOut
 from .limits import RequestLimits
-from .pixels import decode_pixels, follow_checked_image, follow_pixel_limit, header_size
+from .pixels import checked_image_size, decode_pixels, follow_pixel_limit, header_size
 
 
-def take_images(messages: list[dict[str, Any]], limits: RequestLimits, allowed_dirs: list[str]) -> list[bytes]:
+def take_images(messages: list[dict[str, Any]], limits: RequestLimits, allowed_dirs: list[str],
+                decoders: IsolatedPool | None = None) -> list[bytes]:
     """The image parts of chat messages, in order of appearance, as encoded bytes whose header (format,
     pixels) has been checked; each part keeps `{"type": "image"}` for the chat template, its url is
     consumed. Pixels are decoded by the model's replica, under its memory budget (`decode_image`):
@@ -47,11 +49,12 @@ def take_images(messages: list[dict[str, Any]], limits: RequestLimits, allowed_d
         raise RequestTooLargeError(
             f"the request carries {len(parts)} images; at most max_images={limits.max_images} are accepted",
             param="messages")
-    return [load_image(part.pop("url"), limits, allowed_dirs, f"messages.{m}.content.{p}.image_url")
+    return [load_image(part.pop("url"), limits, allowed_dirs, f"messages.{m}.content.{p}.image_url", decoders)
             for m, p, part in parts]
 
 
-def load_image(url: str, limits: RequestLimits, allowed_dirs: list[str], param: str) -> bytes:
+def load_image(url: str, limits: RequestLimits, allowed_dirs: list[str], param: str,
+               decoders: IsolatedPool | None = None) -> bytes:
     scheme = url[:7].lower()  # a URL's scheme is case-insensitive (RFC 3986): DATA: is a data: URI
     if scheme.startswith("data:"):
         data = _from_data_uri(url, limits, param)
@@ -63,21 +66,30 @@ def load_image(url: str, limits: RequestLimits, allowed_dirs: list[str], param: 
             "data:image/...;base64 URI",
             param=param,
         )
-    _check_header(data, limits, param)
+    _check_header(data, limits, param, decoders)
     return data
 
 
-def _check_header(data: bytes, limits: RequestLimits, param: str) -> None:
-    """Format and size from the header alone; no pixel is decoded."""
+def _check_header(data: bytes, limits: RequestLimits, param: str, decoders: IsolatedPool | None = None) -> None:
+    """Format and size from the header alone; no pixel is decoded. With `decoders`, Pillow reads the header
+    in one of their worker processes: some of its plugins open a file in C (WebP's, AVIF's), and a crash
+    there would end the ingress."""
     try:
-        width, height = header_size(data)
+        width, height = _read_header(data, limits, decoders)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # Pillow's own guard fires in Image.open for huge headers, before our check could
         raise RequestTooLargeError(
             f"the image has more than {Image.MAX_IMAGE_PIXELS:,} pixels; at most max_image_pixels="
             f"{limits.max_image_pixels:,} are accepted", param=param, code="image_too_large") from None
+    except WorkerCrashed as exc:
+        raise InvalidRequestError(f"the image crashed the image decoder ({exc.how}); no other request was affected",
+                                  param=param) from None
+    except WorkerTimedOut:
+        raise InvalidRequestError(f"reading the image's header took longer than limits.media_decode_timeout_s="
+                                  f"{limits.media_decode_timeout_s:g} s and was stopped", param=param) from None
     except Exception as exc:  # a crafted header: Pillow's plugins raise NotImplementedError, ...
-        raise InvalidRequestError(f"the image could not be decoded ({type(exc).__name__})", param=param) from None
+        name = exc.name if isinstance(exc, WorkerError) else type(exc).__name__
+        raise InvalidRequestError(f"the image could not be decoded ({name})", param=param) from None
     if width * height > limits.max_image_pixels:
         raise RequestTooLargeError(
             f"the image is {width}x{height} = {width * height:,} pixels; at most "
@@ -90,10 +102,23 @@ def _check_header(data: bytes, limits: RequestLimits, param: str) -> None:
             "scale its short side up to its input size)", param=param, code="image_aspect_ratio")
 
 
+_BOMB = ("DecompressionBombError", "DecompressionBombWarning")
+
+
+def _read_header(data: bytes, limits: RequestLimits, decoders: IsolatedPool | None) -> tuple[int, int]:
+    if decoders is None:
+        return header_size(data)
+    try:
+        return decoders.run("image_header", data, limits.max_image_pixels, timeout_s=limits.media_decode_timeout_s)
+    except WorkerError as exc:
+        if exc.name in _BOMB:
+            raise Image.DecompressionBombError(str(exc)) from None
+        raise
+
+
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the header of an image the ingress has checked; in the model's replica."""
-    follow_checked_image(data)
-    return header_size(data)
+    return checked_image_size(data)
 
 
 def decode_image(data: bytes, what: str = "the image") -> Image.Image:

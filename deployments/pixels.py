@@ -58,6 +58,18 @@ def follow_checked_image(data: bytes) -> None:
     follow_pixel_limit(width * height)
 
 
+def bounded_header_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """header_size with Pillow's bound following `max_pixels` (limits.max_image_pixels): the ingress's check."""
+    follow_pixel_limit(max_pixels)
+    return header_size(data)
+
+
+def checked_image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header of an image the ingress has checked; in the model's replica."""
+    follow_checked_image(data)
+    return header_size(data)
+
+
 def decode_pixels(data: bytes) -> np.ndarray:
     """An encoded image (header checked by the ingress) as RGB pixels (height, width, 3) of uint8, turned as its
     EXIF says. Raises whatever Pillow raises on a file it cannot decode."""

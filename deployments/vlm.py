@@ -24,6 +24,9 @@ class VLMServer(ChatServer):
         self.image_decoders.prestart()
         self.image_decode_timeout_s = options.image_decode_timeout_s
 
+    def image_size(self, data: bytes) -> tuple[int, int]:
+        return tuple(in_worker(self.image_decoders, "image_size", data, "an image", self.image_decode_timeout_s))
+
     def encode(self, loaded: LoadedModel, params: ChatParams) -> dict[str, Any]:
         processor = loaded.processor
         if params.prompt is not None:
@@ -40,8 +43,13 @@ class VLMServer(ChatServer):
 
 def decode_in_worker(pool: IsolatedPool, data: bytes, what: str, timeout_s: float) -> Image.Image:
     """One image's pixels, decoded by a worker of `pool`; every way it can fail is this request's 400."""
+    return Image.fromarray(in_worker(pool, "decode_image", data, what, timeout_s))
+
+
+def in_worker(pool: IsolatedPool, task: str, data: bytes, what: str, timeout_s: float) -> Any:
+    """`task` on one image in a worker of `pool`; every way it can fail is this request's 400."""
     try:
-        return Image.fromarray(pool.run("decode_image", data, timeout_s=timeout_s))
+        return pool.run(task, data, timeout_s=timeout_s)
     except WorkerError as exc:  # Pillow's refusal of the file, as media.decode_image words it
         raise InvalidRequestError(f"{what} could not be decoded ({exc.name})", param="messages") from None
     except WorkerCrashed as exc:

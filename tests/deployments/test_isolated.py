@@ -245,3 +245,63 @@ def test_an_image_decode_past_its_deadline_is_a_400_naming_the_option(pool):
     with pytest.raises(InvalidRequestError, match="image_decode_timeout_s=0.5 s"):
         decode_in_worker(pool, png(32, 32), "image 0", 0.5)
     assert pool.timed_out == 1 and not alive(victim)
+
+
+def image_of(width: int, height: int, fmt: str, mode: str = "1") -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def crafted_dds() -> bytes:
+    data = bytearray(image_of(16, 16, "DDS", "RGB"))
+    data[80:84] = (0x80).to_bytes(4, "little")  # pixel-format flags naming no format: NotImplementedError
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name, data", [
+    ("a PNG", image_of(40, 30, "PNG")),
+    ("a WebP (Pillow opens it in C)", image_of(40, 30, "WEBP", "RGB")),
+    ("bytes that are no image", b"GIF89a" + bytes(40)),
+    ("a crafted DDS header", crafted_dds()),
+    ("past max_image_pixels", image_of(5000, 4000, "PNG")),
+    ("past Pillow's own bound", image_of(20000, 20000, "PNG")),
+    ("too thin", image_of(1, 400, "PNG")),
+])
+def test_the_ingress_s_header_check_in_a_worker_answers_as_in_process(pool, name, data):
+    """The ingress reads an image's header in a decoder process: the same size, or the same refusal word for
+    word (the 413 of Pillow's decompression-bomb guard included)."""
+    from deployments.errors import APIError
+    from deployments.limits import RequestLimits
+    from deployments.media import load_image
+
+    limits = RequestLimits(max_image_pixels=16_000_000, max_image_aspect_ratio=200)
+    url = "data:image/png;base64," + __import__("base64").b64encode(data).decode()
+
+    def outcome(decoders):
+        try:
+            return ("ok", load_image(url, limits, [], "messages.0.content.0.image_url", decoders))
+        except APIError as exc:
+            return (type(exc).__name__, str(exc), exc.param, exc.code)
+
+    assert outcome(pool) == outcome(None)
+
+
+def test_an_image_header_that_crashes_its_reader_is_a_400_not_the_ingress_s_end(pool):
+    from deployments.errors import InvalidRequestError
+    from deployments.limits import RequestLimits
+    from deployments.media import load_image
+
+    pool.run("image_header", image_of(8, 8, "PNG"), 100, timeout_s=30)
+    (victim,) = pool.pids()
+    os.kill(victim, signal.SIGSTOP)
+    url = "data:image/png;base64," + __import__("base64").b64encode(image_of(8, 8, "PNG")).decode()
+    with ThreadPoolExecutor(1) as threads:
+        reading = threads.submit(load_image, url, RequestLimits(), [], "messages.0.content.0.image_url", pool)
+        time.sleep(0.2)
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(InvalidRequestError, match=r"the image crashed the image decoder \(signal SIGKILL\)"):
+            reading.result()
+    assert pool.crashed == 1
