@@ -102,10 +102,11 @@ def plan(audio: np.ndarray, rate: int, vad: VadOptions | None) -> list[tuple[int
     return list(ChunkPlanner(audio, vad, CHUNK_S).cuts())
 
 
-def detect_languages(loaded: LoadedModel, model: Any, features: torch.Tensor) -> list[str]:
-    """Whisper's language detection on one chunk per request (costs one encoder pass each); `model`: what
-    `loaded.active()` holds (a base shared with adapters answers through its base view)."""
-    ids = model.detect_language(features)
+def detect_languages(loaded: LoadedModel, model: Any, encoded: torch.Tensor) -> list[str]:
+    """Whisper's language detection on one chunk per request, from the encoder's states (`encoded`: kept to
+    decode those chunks with, not computed again); `model`: what `loaded.active()` holds (a base shared with
+    adapters answers through its base view)."""
+    ids = model.detect_language(encoder_outputs=BaseModelOutput(last_hidden_state=encoded))
     tokens = loaded.processor.tokenizer.convert_ids_to_tokens(ids.reshape(-1).tolist())
     return [t.strip("<|>") for t in tokens]
 
@@ -132,6 +133,7 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
     # One language per request, detected on its first piece: left to generate(), each piece of a long
     # upload would be detected on its own (a pause heard as another language is then decoded in it)
     detect = not first.language and (first.detect_language or len(pieces) > len(batch))
+    encoded: dict[int, torch.Tensor] = {}  # piece -> its encoder states, kept from detection for decoding
     if detect and not multilingual(loaded):
         languages = ["en"] * len(batch)  # an English-only model: nothing to detect
     elif detect:
@@ -142,13 +144,16 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
         for group in _groups(list(starts.values()), chunks_per_call):
             inputs = _features(loaded, [pieces[i][2] for i in group], rate)
             with loaded.active() as model, torch.inference_mode():
-                found += detect_languages(loaded, model, inputs["input_features"])
+                states = model.get_encoder()(inputs["input_features"]).last_hidden_state
+                found += detect_languages(loaded, model, states)
+            encoded.update(zip(group, states, strict=True))
         detected = dict(zip(starts, found, strict=True))
         languages = [detected.get(index) for index in range(len(batch))]
     outputs: list[_Output] = [_Output("")] * len(pieces)
     cancelled = [params.cancelled for params in batch]
     for group in _groups(list(range(len(pieces))), chunks_per_call):
-        _decode_with_fallback(spec, loaded, first, pieces, group, outputs, languages, cancelled, rate, fallback)
+        _decode_with_fallback(spec, loaded, first, pieces, group, outputs, languages, cancelled, rate, fallback,
+                              encoded)
 
     segments: list[list[Segment]] = [[] for _ in batch]
     words: list[list[Word]] = [[] for _ in batch]
@@ -177,7 +182,7 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
 def _decode_with_fallback(spec: ModelSpec, loaded: LoadedModel, first: TranscribeParams,
                           pieces: list[tuple[int, float, np.ndarray]], group: list[int], outputs: list[_Output],
                           languages: list[str | None], cancelled: list[Any], rate: int,
-                          fallback: TemperatureFallback) -> None:
+                          fallback: TemperatureFallback, known: dict[int, torch.Tensor] | None = None) -> None:
     """openai-whisper's decode_with_fallback over some chunks at once: all are decoded at the first temperature,
     then only those that failed a threshold at the next, and so on; each chunk keeps its last decode. Every
     pass after the first runs within what the first left of generation_timeout_s (none starts past it), so
@@ -189,10 +194,13 @@ def _decode_with_fallback(spec: ModelSpec, loaded: LoadedModel, first: Transcrib
     if not group:
         return
     inputs = _features(loaded, [pieces[i][2] for i in group], rate)
+    known = known or {}
+    # generate() would detect a chunk's language with an encoder pass of its own, then run the encoder
+    # again to decode: given the states, it does both from them
+    detects = multilingual(loaded) and not first.language and not all(languages[pieces[i][0]] for i in group)
     encoded = None
-    if len(temperatures) > 1:
-        with loaded.active() as model, torch.inference_mode():
-            encoded = model.get_encoder()(inputs["input_features"]).last_hidden_state
+    if len(temperatures) > 1 or detects or any(i in known for i in group):
+        encoded = _encoder_states(loaded, inputs["input_features"], [known.get(i) for i in group])
     rows = list(range(len(group)))  # of `inputs`: group[row] is the chunk
     for n, temperature in enumerate(temperatures):
         rows = [r for r in rows if not _is_set(cancelled[pieces[group[r]][0]])]
@@ -205,6 +213,18 @@ def _decode_with_fallback(spec: ModelSpec, loaded: LoadedModel, first: Transcrib
             output.decodes, outputs[group[r]] = n + 1, output
         rows = [r for r in rows if fallback.needs_fallback(
             outputs[group[r]].avg_logprob, outputs[group[r]].compression_ratio, outputs[group[r]].no_speech_prob)]
+
+
+def _encoder_states(loaded: LoadedModel, features: torch.Tensor, known: list[torch.Tensor | None]) -> torch.Tensor:
+    """The encoder's states for each row of `features`, computed only for the rows `known` has none for."""
+    missing = [row for row, states in enumerate(known) if states is None]
+    if missing:
+        with loaded.active() as model, torch.inference_mode():
+            index = torch.tensor(missing, device=features.device)
+            computed = model.get_encoder()(features.index_select(0, index)).last_hidden_state
+        for row, states in zip(missing, computed, strict=True):
+            known[row] = states
+    return torch.stack([states for states in known if states is not None])
 
 
 def _rows(inputs: dict[str, torch.Tensor], encoded: torch.Tensor | None, rows: list[int]) -> dict[str, Any]:
