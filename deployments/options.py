@@ -286,6 +286,15 @@ class TranscriptionOptions(BatchingOptions):
             "logprob_threshold is silence: not decoded again, and it gives no text (no segment). null: never."),
     )
 
+    fallback_best_of: int = Field(
+        default=TemperatureFallback.best_of, ge=1, le=16, description=(
+            "At each fallback temperature above 0, a failing piece is sampled this many times and the sample with "
+            "the highest average log-probability stands (openai-whisper's best_of, 5 by default): one sample at 1.0 "
+            "is as often worse as better than the greedy decode it replaces. The samples go through the decoder "
+            "in sub-batches of at most max_chunks_per_call rows. 1: one sample. A request's own temperature "
+            "above 0 is sampled once, as asked."),
+    )
+
     @field_validator("fallback_temperatures")
     @classmethod
     def _fallback_temperatures(cls, value: list[float]) -> list[float]:
@@ -296,7 +305,7 @@ class TranscriptionOptions(BatchingOptions):
 
     def fallback(self) -> TemperatureFallback:
         return TemperatureFallback(tuple(self.fallback_temperatures), self.compression_ratio_threshold,
-                                   self.logprob_threshold, self.no_speech_threshold)
+                                   self.logprob_threshold, self.no_speech_threshold, self.fallback_best_of)
 
 
 class SpeechOptions(FamilyOptions):

@@ -182,6 +182,7 @@ class TemperatureFallback:
     compression_ratio_threshold: float | None = 2.4  # above: a repetitive (looping) transcript
     logprob_threshold: float | None = -1.0  # below: an unlikely transcript
     no_speech_threshold: float | None = 0.6  # above, with a low avg_logprob: silence, not a failed decode
+    best_of: int = 5  # samples drawn at each fallback temperature above 0; the likeliest stands
 
     def temperatures_for(self, temperature: float) -> tuple[float, ...]:
         return self.temperatures if temperature == 0 else (temperature,)

@@ -153,7 +153,7 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
     cancelled = [params.cancelled for params in batch]
     for group in _groups(list(range(len(pieces))), chunks_per_call):
         _decode_with_fallback(spec, loaded, first, pieces, group, outputs, languages, cancelled, rate, fallback,
-                              encoded)
+                              encoded, chunks_per_call)
 
     segments: list[list[Segment]] = [[] for _ in batch]
     words: list[list[Word]] = [[] for _ in batch]
@@ -182,12 +182,15 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
 def _decode_with_fallback(spec: ModelSpec, loaded: LoadedModel, first: TranscribeParams,
                           pieces: list[tuple[int, float, np.ndarray]], group: list[int], outputs: list[_Output],
                           languages: list[str | None], cancelled: list[Any], rate: int,
-                          fallback: TemperatureFallback, known: dict[int, torch.Tensor] | None = None) -> None:
+                          fallback: TemperatureFallback, known: dict[int, torch.Tensor] | None = None,
+                          rows_per_call: int = 8) -> None:
     """openai-whisper's decode_with_fallback over some chunks at once: all are decoded at the first temperature,
     then only those that failed a threshold at the next, and so on; each chunk keeps its last decode. Every
     pass after the first runs within what the first left of generation_timeout_s (none starts past it), so
     the passes together take at most that long. Where a chunk may be decoded again, the encoder runs once for
-    all the passes (whisper-base's shape on one CPU thread, 6 passes of 60 tokens: 11.2 s -> 7.4-9.3 s)."""
+    all the passes (whisper-base's shape on one CPU thread, 6 passes of 60 tokens: 11.2 s -> 7.4-9.3 s). At a
+    temperature above 0 each chunk is sampled `fallback.best_of` times, at most `rows_per_call` rows a call, and
+    its likeliest sample stands (openai-whisper's best_of)."""
     deadline = time.monotonic() + spec.generation_timeout_s
     temperatures = fallback.temperatures_for(first.temperature)
     group = [i for i in group if not _is_set(cancelled[pieces[i][0]])]
@@ -204,12 +207,24 @@ def _decode_with_fallback(spec: ModelSpec, loaded: LoadedModel, first: Transcrib
     rows = list(range(len(group)))  # of `inputs`: group[row] is the chunk
     for n, temperature in enumerate(temperatures):
         rows = [r for r in rows if not _is_set(cancelled[pieces[group[r]][0]])]
-        left = deadline - time.monotonic()
-        if not rows or (n and left <= 0):
+        if not rows or (n and deadline - time.monotonic() <= 0):
             return
-        made = _generate(spec, loaded, first, [pieces[group[r]] for r in rows], _rows(inputs, encoded, rows),
-                         languages, cancelled, temperature, left)
-        for r, output in zip(rows, made, strict=True):
+        draws = fallback.best_of if n and temperature > 0 else 1  # openai-whisper's best_of, in the fallback
+        repeated = [r for r in rows for _ in range(draws)]
+        made: list[_Output] = []
+        per_call = max(rows_per_call, len(group))  # the rows admission counted a request for (max_chunks_per_call)
+        for start in range(0, len(repeated), per_call):
+            part = repeated[start:start + per_call]
+            left = deadline - time.monotonic()
+            if made and left <= 0:
+                break  # a piece keeps the samples drawn so far
+            made += _generate(spec, loaded, first, [pieces[group[r]] for r in part], _rows(inputs, encoded, part),
+                              languages, cancelled, temperature, left)
+        for k, r in enumerate(rows):
+            samples = made[k * draws:(k + 1) * draws]
+            if not samples:
+                break
+            output = max(samples, key=lambda o: o.avg_logprob)  # openai-whisper's sum_logprob / length
             output.decodes, outputs[group[r]] = n + 1, output
         rows = [r for r in rows if fallback.needs_fallback(
             outputs[group[r]].avg_logprob, outputs[group[r]].compression_ratio, outputs[group[r]].no_speech_prob)]

@@ -186,3 +186,32 @@ def test_the_decodes_together_stay_within_generation_timeout_s(whisper_dir, monk
 def test_fallback_temperatures_start_at_0_and_increase_to_at_most_1(temperatures):
     with pytest.raises(ValidationError, match="fallback_temperatures"):
         TranscriptionOptions(fallback_temperatures=temperatures)
+
+
+def test_each_fallback_temperature_samples_best_of_and_the_likeliest_sample_stands(whisper_dir, monkeypatch):
+    """openai-whisper draws best_of samples at each fallback temperature above 0 and keeps the one with the
+    highest average log-probability: one sample at 1.0 is as often worse as better than what it replaces."""
+    from deployments import transcription
+
+    server = stt_server(whisper_dir, fallback_best_of=3, max_chunks_per_call=2)
+    transcribe(server, np.zeros(1600, np.float32), 16000, temperature=0.5)  # loaded
+    calls: list[tuple[float, list[float]]] = []  # (temperature, each row's avg_logprob)
+    real = transcription._generate
+
+    def generate(spec, loaded, first, pieces, inputs, languages, cancelled, temperature, max_time):
+        made = real(spec, loaded, first, pieces, inputs, languages, cancelled, temperature, max_time)
+        calls.append((temperature, [output.avg_logprob for output in made]))
+        return made
+
+    monkeypatch.setattr(transcription, "_generate", generate)
+    audio, rate = speech()
+    result = transcribe(server, audio, rate)  # one piece; every decode fails (the tiny model is never confident)
+    # greedy once; then 3 samples at each temperature, in calls of at most max_chunks_per_call rows
+    assert [(t, len(rows)) for t, rows in calls] == [(0.0, 1)] + [(t, n) for t in TEMPERATURES[1:] for n in (2, 1)]
+    last = calls[-2][1] + calls[-1][1]  # the three samples at 1.0
+    assert result.segments[0].temperature == 1.0 and result.segments[0].avg_logprob == pytest.approx(max(last))
+    assert batching(server)["fallback_decodes"] == 5  # a temperature's samples are one decode of the piece
+
+    calls.clear()  # a request's own temperature above 0 is sampled once, as asked
+    transcribe(server, audio, rate, temperature=0.4)
+    assert [(t, len(rows)) for t, rows in calls] == [(0.4, 1)]
