@@ -289,8 +289,8 @@ class TranscriptionOptions(BatchingOptions):
     fallback_best_of: int = Field(
         default=TemperatureFallback.best_of, ge=1, le=16, description=(
             "At each fallback temperature above 0, a failing piece is sampled this many times and the sample with "
-            "the highest average log-probability stands (openai-whisper's best_of, 5 by default): one sample at 1.0 "
-            "is as often worse as better than the greedy decode it replaces. The samples go through the decoder "
+            "the highest average log-probability stands (openai-whisper's best_of, 5 by default): a single sample "
+            "at a high temperature is a draw of chance. The samples go through the decoder "
             "in sub-batches of at most max_chunks_per_call rows. 1: one sample. A request's own temperature "
             "above 0 is sampled once, as asked."),
     )

@@ -190,7 +190,7 @@ def test_fallback_temperatures_start_at_0_and_increase_to_at_most_1(temperatures
 
 def test_each_fallback_temperature_samples_best_of_and_the_likeliest_sample_stands(whisper_dir, monkeypatch):
     """openai-whisper draws best_of samples at each fallback temperature above 0 and keeps the one with the
-    highest average log-probability: one sample at 1.0 is as often worse as better than what it replaces."""
+    highest average log-probability, where a single sample at a high temperature is a draw of chance."""
     from deployments import transcription
 
     server = stt_server(whisper_dir, fallback_best_of=3, max_chunks_per_call=2)
