@@ -12,6 +12,7 @@ from .chat_encoding import PromptRefused, encode_prompt, render_chat, template_i
 from .chat_server import ChatServer
 from .errors import InvalidRequestError
 from .isolated import IsolatedPool, WorkerCrashed, WorkerError, WorkerTimedOut
+from .media import decode_image
 from .options import ChatOptions
 from .params import ChatParams
 
@@ -34,6 +35,7 @@ class VLMServer(ChatServer):
         messages, tools = template_inputs(getattr(processor, "chat_template", None), params)
         text = render_chat(processor.apply_chat_template, without_placeholders(processor, messages), tools, params)
         images = [decode_in_worker(self.image_decoders, data, f"image {i}", self.image_decode_timeout_s)
+                  if self is not None else decode_image(data, f"image {i}")  # called unbound: in this process
                   for i, data in enumerate(params.images)]
         try:
             return dict(processor(text=[text], images=images or None, return_tensors="pt"))
