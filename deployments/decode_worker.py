@@ -8,6 +8,7 @@ library prints can break the protocol.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -46,10 +47,18 @@ def serve(task_fd: int, result_fd: int) -> None:
         _release_memory()  # a long file's buffers would otherwise stay in the worker's heap (~190 MB idle)
 
 
+#: above this resident size a worker hands freed memory back to the system after a task. Not after every
+#: task: the next one would page in its buffers afresh (a 1024x1024 JPEG decoded in 8.8 ms after a trim, 4.5 without)
+TRIM_ABOVE_BYTES = 96 * 2**20
+
+
 def _release_memory() -> None:
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
+        with open("/proc/self/statm") as statm:
+            resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        if resident > TRIM_ABOVE_BYTES:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError, ValueError):  # not Linux, or not glibc
         pass
 
 
