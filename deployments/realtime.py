@@ -955,7 +955,8 @@ class RealtimeSession:
         task = self.response
         if task is None or task.done():
             return
-        self.respond_after = False  # the user cancelled or spoke: what waited to be answered is answered with it
+        if reason != "client_cancelled":
+            self.respond_after = False  # the user spoke again: the next turn's answer covers the waiting one too
         if not self.response_started:
             await asyncio.sleep(0)  # let it start (response.created), so that it can end with response.done
         if not self.response_closing:
@@ -1113,8 +1114,10 @@ class RealtimeSession:
                             item=item.render(item_status), **base)
         output = [out.render(item_status if out is item else None) for out in outputs if out in self.items]
         await self.send("response.done", response=response(status, output, usage, details))
-        self.cancel_reason = "client_cancelled"
-        if self.respond_after and status != "cancelled":
+        reason, self.cancel_reason = self.cancel_reason, "client_cancelled"
+        # a turn that waited for this response is answered now, also when the client cancelled this one
+        # (response.cancel stops a response, not the user's next turn); not when the session is ending
+        if self.respond_after and not self._closed and (status != "cancelled" or reason == "client_cancelled"):
             self.respond_after = False
             self._start_response(ResponseFields())
 

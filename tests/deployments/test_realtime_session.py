@@ -226,6 +226,36 @@ def test_response_cancel_does_not_cancel_the_users_transcription():
     assert [item.text for item in session.items if item.role == "user"] == ["turn1"]
 
 
+def test_response_cancel_stops_the_response_and_the_turn_waiting_for_it_is_answered():
+    """Turn 2 was transcribed while turn 1's answer ran (interrupt_response off), so it waited for that answer
+    to end; a response.cancel of turn 1's answer dropped turn 2 too, and it was never answered. response.cancel
+    stops a response, not the user's next turn."""
+
+    async def until(condition, seconds: float = 10) -> None:
+        for _ in range(int(seconds / 0.02)):
+            if condition():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the session never got there")
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress(words=12, word_s=0.25, transcribe_s=0.2)
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "turn_detection": {"type": "server_vad", "interrupt_response": False}}}))
+        await append(session, np.concatenate([speech((0.2, 1.0)), silence(1.5)]))  # one turn
+        await until(lambda: socket.of("response.created"))
+        await append(session, np.concatenate([speech((0.2, 1.0)), silence(1.5)]))  # one turn
+        await until(lambda: session.respond_after)  # turn 2 is heard and waits for the answer in progress
+        await session.handle(json.dumps({"type": "response.cancel"}))
+        await settle(session, 20)
+        return socket, ingress
+
+    socket, ingress = asyncio.run(scenario())
+    assert [e["response"]["status"] for e in socket.of("response.done")] == ["cancelled", "completed"]
+    assert [m["content"] for m in ingress.chats[-1] if m["role"] == "user"][-1] == "turn2"
+
+
 def test_a_response_cancelled_as_it_starts_still_ends_with_response_done():
     async def scenario():
         socket = Socket(send_delay=0.02)
