@@ -8,6 +8,7 @@ installed.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from jinja2 import TemplateError
@@ -26,12 +27,15 @@ class PromptRefused(ValueError):
         self.param = param
 
 
-def render_chat(render: Any, messages: list[dict], tools: list[dict] | None, params: ChatParams) -> str:
-    """`render` (a tokenizer's or processor's apply_chat_template) for a reply's prompt: the generation
-    prompt after the messages, or (/tokenize's continue_final_message) the last message left open."""
+def render_chat(owner: Any, messages: list[dict], tools: list[dict] | None, params: ChatParams) -> str:
+    """`owner`'s (a tokenizer's or processor's) apply_chat_template for a reply's prompt: the generation
+    prompt after the messages, or (/tokenize's continue_final_message) the last message left open; with the
+    request's chat_template_kwargs, each a variable of the template's own."""
+    extra = template_kwargs(owner, params.template_kwargs)
     try:
-        return render(messages, tools=tools, add_generation_prompt=params.add_generation_prompt,
-                      continue_final_message=params.continue_final_message, tokenize=False)
+        return owner.apply_chat_template(messages, tools=tools, add_generation_prompt=params.add_generation_prompt,
+                                         continue_final_message=params.continue_final_message, tokenize=False,
+                                         **extra)
     except TemplateError as exc:
         raise PromptRefused(f"the model's chat template refused these messages: {exc}") from None
     except ValueError as exc:
@@ -43,6 +47,55 @@ def render_chat(render: Any, messages: list[dict], tools: list[dict] | None, par
     except (TypeError, KeyError, IndexError) as exc:  # a message shape the template does not handle
         raise PromptRefused(f"the model's chat template cannot render these messages ({type(exc).__name__}: "
                             f"{exc}); send each message's content as a string") from None
+
+
+# Set by the server, never by a request's chat_template_kwargs: the conversation and what the request's own
+# fields decide, and transformers' helpers (the special tokens' names are added per tokenizer).
+RESERVED_TEMPLATE_VARIABLES = frozenset({
+    "messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
+    "return_assistant_tokens_mask", "raise_exception", "strftime_now"})
+
+
+def template_kwargs(owner: Any, requested: dict[str, Any] | None) -> dict[str, Any]:
+    """A request's chat_template_kwargs (vLLM's field: Qwen3's `enable_thinking`, a template's date or
+    persona), each checked to be a variable the model's template reads. vLLM drops the others without a
+    word; a key the template does not read would change nothing, so it is refused, naming those it reads."""
+    if not requested:
+        return {}
+    tokenizer = getattr(owner, "tokenizer", owner)
+    special = set(getattr(tokenizer, "special_tokens_map", None) or {})
+    offered = template_variables(getattr(owner, "chat_template", None)) - RESERVED_TEMPLATE_VARIABLES - special
+    for key in requested:
+        if key not in offered:
+            reads = ", ".join(sorted(offered)) or "none a request may set"
+            raise PromptRefused(f"chat_template_kwargs sets {key[:64]!r}, which this model's chat template does "
+                                f"not take from a request (it takes: {reads})", param="chat_template_kwargs")
+    return dict(requested)
+
+
+@functools.lru_cache(maxsize=64)
+def _variables(template: str) -> frozenset[str]:
+    import jinja2
+    import jinja2.meta
+
+    try:  # transformers' own environment, with its {% generation %} tag (private: a plain one if it moves)
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        environment = _compile_jinja_template(template).environment
+    except Exception:
+        environment = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+    try:
+        names = jinja2.meta.find_undeclared_variables(environment.parse(template))
+    except jinja2.TemplateError:
+        return frozenset()
+    return frozenset(names) - set(environment.globals)  # range, dict, namespace, ...: Jinja's, not inputs
+
+
+def template_variables(template: str | dict[str, str] | None) -> frozenset[str]:
+    """The variables a chat template reads from its context (a tokenizer's named templates: all of theirs)."""
+    if isinstance(template, dict):
+        return frozenset().union(*(_variables(t) for t in template.values() if isinstance(t, str)))
+    return _variables(template) if isinstance(template, str) else frozenset()
 
 
 def template_inputs(template: str | None, params: ChatParams) -> tuple[list[dict], list[dict] | None]:
@@ -82,7 +135,7 @@ def encode_text_chat(tokenizer: Any, params: ChatParams) -> dict[str, Any]:
     if params.prompt is not None:
         return encode_prompt(tokenizer, params)
     messages, tools = template_inputs(tokenizer.chat_template, params)
-    text = render_chat(tokenizer.apply_chat_template, [as_text(message) for message in messages], tools, params)
+    text = render_chat(tokenizer, [as_text(message) for message in messages], tools, params)
     return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
 
 

@@ -8,6 +8,7 @@ Per-model bounds (prompt tokens, audio seconds, new tokens) live on `loading.Mod
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -86,6 +87,8 @@ class RequestLimits(BaseModel):
     `{"type": "object", "properties": {"a": {...}}}` is 2 deep at `a`)."""
     max_logit_bias: int = Field(default=300, ge=0)
     """Entries of `logit_bias` (OpenAI's 300)."""
+    max_template_kwargs_chars: int = Field(default=4096, ge=2)
+    """`chat_template_kwargs` (vLLM's), as compact JSON: values the template renders into every prompt."""
     media_workers: int = Field(default=2, ge=1)
     """Audio/image decodes the ingress runs at once, off its event loop (more wait their turn). Audio is
     decoded in as many worker processes of the ingress (isolated.py): a decoder that crashes costs its
@@ -146,6 +149,14 @@ def check_chat(messages: int, stops: list[str], limits: RequestLimits) -> None:
         if len(stop) > limits.max_stop_chars:
             _refuse(f"stop sequence {index} has {len(stop)} characters; at most max_stop_chars="
                     f"{limits.max_stop_chars}", "stop")
+
+
+def check_template_kwargs(kwargs: dict[str, Any] | None, limits: RequestLimits) -> None:
+    if kwargs:
+        size = len(json.dumps(kwargs, separators=(",", ":"), ensure_ascii=False))
+        if size > limits.max_template_kwargs_chars:
+            _refuse(f"chat_template_kwargs is {size} characters as JSON; at most max_template_kwargs_chars="
+                    f"{limits.max_template_kwargs_chars}", "chat_template_kwargs")
 
 
 def check_choices(choices: int, limits: RequestLimits, param: str = "n", counted: str = "") -> None:

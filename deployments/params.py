@@ -55,6 +55,7 @@ class ChatParams:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = True
+    template_kwargs: dict[str, Any] | None = None  # chat_template_kwargs: variables of the model's template
     # Set inside the replica for a streamed request: called with each text delta, on the inference thread.
     sink: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
     # ... and (with `logprobs`) with the logprob entries of the tokens a delta's text comes from, just before it

@@ -342,6 +342,11 @@ class ChatCompletionRequest(RequestModel):
     """vLLM's extension: where requests wait in a replica (a full batch, the memory budget), lower values go
     first, arrivals in order among equals; running requests are not preempted. Only with the family's
     `scheduling_policy: priority`; otherwise anything but 0 is refused (400)."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """vLLM's extension: variables for the model's chat template, such as Qwen3's `{"enable_thinking": false}`.
+    Each key must be a variable the template reads and the request's other fields do not set (`messages`,
+    `tools`, the special tokens...); another is refused (400) naming those it reads. At most
+    `limits.max_template_kwargs_chars` characters as JSON."""
     stream: bool = False
     """Stream the reply as server-sent events."""
     stream_options: StreamOptions | None = None

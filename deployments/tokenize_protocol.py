@@ -52,7 +52,6 @@ def _refuse_given(value: Any, info: ValidationInfo) -> Any:
 
 UNSERVED_CHAT_FIELDS = {
     "chat_template": "a request's own chat template is not served (chats here render the model's)",
-    "chat_template_kwargs": "template arguments are not served (chats here render the model's template as it is)",
     "mm_processor_kwargs": "processor arguments are not served (chats here use the model's processor as it is)",
     "media_io_kwargs": "media arguments are not served",
 }
@@ -79,7 +78,8 @@ class TokenizeChatRequest(RequestModel):
     chat_template: str | None = None
     """vLLM's; refused: chats here render the model's own template."""
     chat_template_kwargs: dict[str, Any] | None = None
-    """vLLM's; refused: chats here pass the template no arguments of the request's."""
+    """Variables for the model's chat template, as a chat completion's `chat_template_kwargs` (the count is that
+    chat's)."""
     mm_processor_kwargs: dict[str, Any] | None = None
     """vLLM's; refused."""
     media_io_kwargs: dict[str, Any] | None = None

@@ -33,7 +33,7 @@ class VLMServer(ChatServer):
         if params.prompt is not None:
             return encode_prompt(loaded.tokenizer, params)
         messages, tools = template_inputs(getattr(processor, "chat_template", None), params)
-        text = render_chat(processor.apply_chat_template, without_placeholders(processor, messages), tools, params)
+        text = render_chat(processor, without_placeholders(processor, messages), tools, params)
         images = [decode_in_worker(self.image_decoders, data, f"image {i}", self.image_decode_timeout_s)
                   if self is not None else decode_image(data, f"image {i}")  # called unbound: in this process
                   for i, data in enumerate(params.images)]

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from loading import Family
 
 from ..errors import InvalidRequestError
-from ..limits import check_chat, check_choices, check_generation_features
+from ..limits import check_chat, check_choices, check_generation_features, check_template_kwargs
 from ..params import ChatParams, ChatResult
 from ..protocol import (
     ChatCompletionChoice,
@@ -42,13 +42,14 @@ router = APIRouter(tags=["chat"], responses=ERRORS)
 async def create_chat_completion(body: ChatCompletionRequest, ingress: IngressDep, wait_s: WaitDep):
     check_chat(len(body.messages), body.stop_list(), ingress.limits)
     check_choices(body.n, ingress.limits)
+    check_template_kwargs(body.chat_template_kwargs, ingress.limits)
     spec = ingress.spec(body.model, Family.LLM, Family.VLM)
     features = chat_features(body, ingress.limits)
     params = await ingress.chat_params(
         spec, body.to_messages(), wait_s, max_new_tokens=body.requested_max_tokens(),
         max_tokens_param="max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
         temperature=body.temperature, top_p=body.top_p, stop=body.stop_list(), seed=body.seed,
-        priority=body.priority, **features,
+        priority=body.priority, template_kwargs=body.chat_template_kwargs, **features,
     )
     choices = fan_out(params, body.n)
     if body.stream:

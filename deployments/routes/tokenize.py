@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from ..limits import check_chat, check_generation_features
+from ..limits import check_chat, check_generation_features, check_template_kwargs
 from ..params import TokenizerQuery
 from ..tokenize_protocol import (
     MODEL_DOC,
@@ -31,6 +31,7 @@ async def tokenize(body: TokenizeRequest, ingress: IngressDep, wait_s: WaitDep) 
     spec = ingress.tokenizer_model(body.model)
     if isinstance(body, TokenizeChatRequest):
         check_chat(len(body.messages), [], ingress.limits)
+        check_template_kwargs(body.chat_template_kwargs, ingress.limits)
         tools = [tool.function.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
         schemas = [(f"tools.{i}.function.parameters", t["parameters"]) for i, t in enumerate(tools or [])
                    if t.get("parameters") is not None]
@@ -41,7 +42,8 @@ async def tokenize(body: TokenizeRequest, ingress: IngressDep, wait_s: WaitDep) 
         params = await ingress.chat_params(spec, body.to_messages(), wait_s, tools=tools,
                                            tool_choice="auto" if tools else "none",
                                            add_generation_prompt=body.generation_prompt(),
-                                           continue_final_message=body.continue_final_message)
+                                           continue_final_message=body.continue_final_message,
+                                           template_kwargs=body.chat_template_kwargs)
     else:
         params = await ingress.chat_params(spec, [], wait_s, prompt=body.prompt,
                                            add_special_tokens=body.add_special_tokens)
