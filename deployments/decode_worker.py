@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -63,4 +64,7 @@ def _release_memory() -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C of `serve run` reaches the whole process group: the worker ends when its parent does (EOF on
+    # its task pipe), not with a KeyboardInterrupt traceback in the replica's log
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     serve(int(sys.argv[1]), int(sys.argv[2]))

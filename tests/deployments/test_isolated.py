@@ -305,3 +305,15 @@ def test_an_image_header_that_crashes_its_reader_is_a_400_not_the_ingress_s_end(
         with pytest.raises(InvalidRequestError, match=r"the image crashed the image decoder \(signal SIGKILL\)"):
             reading.result()
     assert pool.crashed == 1
+
+
+def test_a_ctrl_c_reaching_the_workers_leaves_them_serving(pool):
+    """Ctrl-C of `serve run` signals the whole process group: a worker went down with a KeyboardInterrupt
+    traceback in the replica's log; it ends with its parent instead."""
+    pool.run("decode_audio", flac(0.5, 16000), AudioBounds(), timeout_s=30)
+    (worker,) = pool.pids()
+    os.kill(worker, signal.SIGINT)
+    time.sleep(0.2)
+    assert alive(worker)
+    assert pool.run("decode_audio", flac(0.5, 16000), AudioBounds(), timeout_s=30)[1] == 16000
+    assert pool.pids() == [worker]
