@@ -91,8 +91,8 @@ class RequestLimits(BaseModel):
     """`chat_template_kwargs` (vLLM's), as compact JSON: values the template renders into every prompt."""
     media_workers: int = Field(default=2, ge=1)
     """Audio/image decodes the ingress runs at once, off its event loop (more wait their turn). Audio is
-    decoded in as many worker processes of the ingress (isolated.py): a decoder that crashes costs its
-    own request a 400, never the ingress."""
+    decoded, and image headers read, in as many worker processes of the ingress (isolated.py): a decoder
+    that crashes costs its own request a 400, never the ingress."""
     media_decode_timeout_s: float = Field(default=60.0, gt=0)
     """Longest an audio decode may run. One past it is stopped (its worker process killed) and the request
     refused with a 400 naming this limit: a decoder caught in a loop would otherwise hold a media turn for

@@ -81,15 +81,9 @@ def _check_header(data: bytes, limits: RequestLimits, param: str, decoders: Isol
         raise RequestTooLargeError(
             f"the image has more than {Image.MAX_IMAGE_PIXELS:,} pixels; at most max_image_pixels="
             f"{limits.max_image_pixels:,} are accepted", param=param, code="image_too_large") from None
-    except WorkerCrashed as exc:
-        raise InvalidRequestError(f"the image crashed the image decoder ({exc.how}); no other request was affected",
-                                  param=param) from None
-    except WorkerTimedOut:
-        raise InvalidRequestError(f"reading the image's header took longer than limits.media_decode_timeout_s="
-                                  f"{limits.media_decode_timeout_s:g} s and was stopped", param=param) from None
     except Exception as exc:  # a crafted header: Pillow's plugins raise NotImplementedError, ...
-        name = exc.name if isinstance(exc, WorkerError) else type(exc).__name__
-        raise InvalidRequestError(f"the image could not be decoded ({name})", param=param) from None
+        raise image_refusal(exc, "the image", "reading the image's header", "limits.media_decode_timeout_s",
+                            param) from None
     if width * height > limits.max_image_pixels:
         raise RequestTooLargeError(
             f"the image is {width}x{height} = {width * height:,} pixels; at most "
@@ -116,9 +110,7 @@ def _read_header(data: bytes, limits: RequestLimits, decoders: IsolatedPool | No
         raise
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header of an image the ingress has checked; in the model's replica."""
-    return checked_image_size(data)
+image_size = checked_image_size  # (width, height) of an image the ingress has checked; in the model's replica
 
 
 def decode_image(data: bytes, what: str = "the image") -> Image.Image:
@@ -127,7 +119,19 @@ def decode_image(data: bytes, what: str = "the image") -> Image.Image:
     try:
         return Image.fromarray(decode_pixels(data))
     except Exception as exc:  # any plugin's error on crafted data, a decompression bomb included
-        raise InvalidRequestError(f"{what} could not be decoded ({type(exc).__name__})", param="messages") from None
+        raise image_refusal(exc, what, f"decoding {what}", "image_decode_timeout_s", "messages") from None
+
+
+def image_refusal(exc: Exception, what: str, doing: str, limit: str, param: str) -> InvalidRequestError:
+    """How reading an image failed, as that request's 400, in this process or in a decoder process: Pillow's
+    refusal (by its exception's name), the decoder's crash, or `limit` (named) stopping it while `doing`."""
+    if isinstance(exc, WorkerCrashed):
+        return InvalidRequestError(f"{what} crashed the image decoder ({exc.how}); no other request was affected",
+                                   param=param)
+    if isinstance(exc, WorkerTimedOut):
+        return InvalidRequestError(f"{doing} took longer than {limit}={exc.seconds:g} s and was stopped", param=param)
+    name = exc.name if isinstance(exc, WorkerError) else type(exc).__name__
+    return InvalidRequestError(f"{what} could not be decoded ({name})", param=param)
 
 
 #: ASCII whitespace, which a browser's "forgiving-base64 decode" of a data: URL skips (WHATWG Infra)

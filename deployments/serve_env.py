@@ -117,9 +117,10 @@ def _distinct_blocks(count: int, size: int, rng: random.Random) -> list[int]:
     return starts
 
 
-def _free_block(size: int, rng: random.Random, tries: int = 200) -> int:
-    """The first port of `size` consecutive ports that nothing on the machine has bound, at random."""
-    low, high = PORT_BLOCK_RANGE
+def _free_block(size: int, rng: random.Random, tries: int = 200,
+                span: tuple[int, int] = PORT_BLOCK_RANGE) -> int:
+    """The first port of `size` consecutive ports in `span` that nothing on the machine has bound, at random."""
+    low, high = span
     for _ in range(tries):
         start = rng.randrange(low, high - size + 1, size) if high - low + 1 >= size else low
         if all(_bindable(port) for port in range(start, start + size)):
@@ -144,13 +145,7 @@ SINGLE_PORT_RANGE = (28000, 29999)  # as PORT_BLOCK_RANGE, apart from its blocks
 def unclaimed_port(rng: random.Random | None = None, tries: int = 200) -> int:
     """A port for a server to bind a moment later (a test's HTTP port, Ray's metrics exporter): one the
     kernel never hands out as an outgoing connection's port, unlike a bind to port 0."""
-    rng = rng or random.Random()
-    low, high = SINGLE_PORT_RANGE
-    for _ in range(tries):
-        port = rng.randint(low, high)
-        if _bindable(port):
-            return port
-    raise RuntimeError(f"no free port in {low}-{high} after {tries} tries")
+    return _free_block(1, rng or random.Random(), tries, SINGLE_PORT_RANGE)
 
 
 # The first port Ray takes for each, unless the environment moves it (Ray's defaults).

@@ -143,8 +143,8 @@ def transcribe_batch(spec: ModelSpec, loaded: LoadedModel, batch: list[Transcrib
         found: list[str] = []
         for group in _groups(list(starts.values()), chunks_per_call):
             inputs = _features(loaded, [pieces[i][2] for i in group], rate)
+            states = _encoder_states(loaded, inputs["input_features"], [None] * len(group))
             with loaded.active() as model, torch.inference_mode():
-                states = model.get_encoder()(inputs["input_features"]).last_hidden_state
                 found += detect_languages(loaded, model, states)
             encoded.update(zip(group, states, strict=True))
         detected = dict(zip(starts, found, strict=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from PIL import Image
@@ -10,9 +11,8 @@ from loading import LoadedModel, ModelSpec
 
 from .chat_encoding import PromptRefused, encode_prompt, render_chat, template_inputs
 from .chat_server import ChatServer
-from .errors import InvalidRequestError
 from .isolated import IsolatedPool, WorkerCrashed, WorkerError, WorkerTimedOut
-from .media import decode_image
+from .media import decode_image, image_refusal
 from .options import ChatOptions
 from .params import ChatParams
 
@@ -29,18 +29,26 @@ class VLMServer(ChatServer):
         return tuple(in_worker(self.image_decoders, "image_size", data, "an image", self.image_decode_timeout_s))
 
     def encode(self, loaded: LoadedModel, params: ChatParams) -> dict[str, Any]:
-        processor = loaded.processor
-        if params.prompt is not None:
-            return encode_prompt(loaded.tokenizer, params)
-        messages, tools = template_inputs(getattr(processor, "chat_template", None), params)
-        text = render_chat(processor, without_placeholders(processor, messages), tools, params)
-        images = [decode_in_worker(self.image_decoders, data, f"image {i}", self.image_decode_timeout_s)
-                  if self is not None else decode_image(data, f"image {i}")  # called unbound: in this process
-                  for i, data in enumerate(params.images)]
-        try:
-            return dict(processor(text=[text], images=images or None, return_tensors="pt"))
-        except ValueError as exc:  # e.g. the text holds the image placeholder ('<image>') with no image for it
-            raise PromptRefused(f"the model's processor refused this request: {exc}") from None
+        return encode_vlm_chat(loaded, params, self._decode)
+
+    def _decode(self, data: bytes, what: str) -> Image.Image:
+        return decode_in_worker(self.image_decoders, data, what, self.image_decode_timeout_s)
+
+
+def encode_vlm_chat(loaded: LoadedModel, params: ChatParams,
+                    decode: Callable[[bytes, str], Image.Image] = decode_image) -> dict[str, Any]:
+    """A VLM's inputs (batch dimension 1), its images decoded by `decode` (the replica's: in a decoder process;
+    by default in this one, as tests and in-process benchmarks use it)."""
+    processor = loaded.processor
+    if params.prompt is not None:
+        return encode_prompt(loaded.tokenizer, params)
+    messages, tools = template_inputs(getattr(processor, "chat_template", None), params)
+    text = render_chat(processor, without_placeholders(processor, messages), tools, params)
+    images = [decode(data, f"image {i}") for i, data in enumerate(params.images)]
+    try:
+        return dict(processor(text=[text], images=images or None, return_tensors="pt"))
+    except ValueError as exc:  # e.g. the text holds the image placeholder ('<image>') with no image for it
+        raise PromptRefused(f"the model's processor refused this request: {exc}") from None
 
 
 def decode_in_worker(pool: IsolatedPool, data: bytes, what: str, timeout_s: float) -> Image.Image:
@@ -52,14 +60,8 @@ def in_worker(pool: IsolatedPool, task: str, data: bytes, what: str, timeout_s: 
     """`task` on one image in a worker of `pool`; every way it can fail is this request's 400."""
     try:
         return pool.run(task, data, timeout_s=timeout_s)
-    except WorkerError as exc:  # Pillow's refusal of the file, as media.decode_image words it
-        raise InvalidRequestError(f"{what} could not be decoded ({exc.name})", param="messages") from None
-    except WorkerCrashed as exc:
-        raise InvalidRequestError(f"{what} crashed the image decoder ({exc.how}); no other request was affected",
-                                  param="messages") from None
-    except WorkerTimedOut:
-        raise InvalidRequestError(f"decoding {what} took longer than image_decode_timeout_s={timeout_s:g} s and "
-                                  "was stopped", param="messages") from None
+    except (WorkerError, WorkerCrashed, WorkerTimedOut) as exc:
+        raise image_refusal(exc, what, f"decoding {what}", "image_decode_timeout_s", "messages") from None
 
 
 PLACEHOLDER_BREAK = "\u2060"  # WORD JOINER: invisible, and no token of the placeholder's spelling

@@ -13,7 +13,7 @@ from deployments.decode_loop import DecodeLoop
 from deployments.generation import generate_batch
 from deployments.llm import LLMServer
 from deployments.params import ChatParams
-from deployments.vlm import VLMServer
+from deployments.vlm import encode_vlm_chat
 from loading import ModelSpec, attach_adapter, load_model
 from loading.cpu_kernels import cpu_computes_bf16
 from loading.tiny import build_tiny
@@ -56,7 +56,7 @@ def request(models, name: str, i: int) -> ChatParams:
     content = [{"type": "text", "text": f"What is written here? ({i})"}, {"type": "image"}]
     params = ChatParams(model=name, messages=[{"role": "user", "content": content}], max_new_tokens=10,
                         temperature=0, images=[png(40 * i)])
-    params.inputs = VLMServer.encode(None, loaded, params)  # type: ignore[arg-type]
+    params.inputs = encode_vlm_chat(loaded, params)
     return params
 
 

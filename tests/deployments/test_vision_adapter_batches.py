@@ -17,7 +17,7 @@ from PIL import Image
 from deployments.decode_loop import DecodeLoop
 from deployments.generation import generate_batch
 from deployments.params import ChatParams
-from deployments.vlm import VLMServer
+from deployments.vlm import encode_vlm_chat
 from loading import ModelSpec, attach_adapter, load_model
 from loading.tiny import build_tiny
 
@@ -49,7 +49,7 @@ def request(models, name: str, images: int) -> ChatParams:
     content = [{"type": "text", "text": "What is written here?"}] + [{"type": "image"}] * images
     params = ChatParams(model=name, messages=[{"role": "user", "content": content}], max_new_tokens=10,
                         temperature=0, images=[png(60 * i) for i in range(images)])
-    params.inputs = VLMServer.encode(None, models[name][1], params)  # type: ignore[arg-type]
+    params.inputs = encode_vlm_chat(models[name][1], params)
     return params
 
 
