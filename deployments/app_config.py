@@ -14,7 +14,7 @@ from loading import DevicePreference, Family, ModelSpec
 from loading.config import validate_unique_names
 
 from .auth import AuthConfig
-from .limits import RequestLimits
+from .limits import RequestLimits, image_decode_mb
 from .options import ChatOptions, IngressOptions, SpeechOptions, TranscriptionOptions
 from .runtime_catalog import AdminConfig
 
@@ -167,6 +167,18 @@ class AppConfig(BaseModel):
                 f"max_concurrent_requests={self.limits.max_concurrent_requests} plus limits.max_realtime_sessions="
                 f"{self.limits.max_realtime_sessions}: Serve would hold or refuse (as plain text) requests the "
                 f"ingress lets in; set ingress.max_ongoing_requests to at least {needed + 1}, or lower the limits")
+        return self
+
+    @model_validator(mode="after")
+    def _vlm_decoders_hold_the_largest_image(self) -> AppConfig:
+        vlm = self.families.vlm
+        needed = image_decode_mb(self.limits.max_image_pixels)
+        if vlm.image_decode_memory_mb < needed:
+            raise ValueError(
+                f"families.vlm.image_decode_memory_mb={vlm.image_decode_memory_mb} is below the ~{needed} MB a "
+                f"decoder needs for an image of limits.max_image_pixels={self.limits.max_image_pixels:,}: such "
+                f"images would be refused; raise image_decode_memory_mb to at least {needed}, or lower "
+                "max_image_pixels")
         return self
 
     @model_validator(mode="after")

@@ -1,14 +1,15 @@
 """The worker process of `isolated.IsolatedPool`: runs the tasks it is sent, one at a time, until its pipe closes.
 
-`python -m deployments.decode_worker TASK_FD RESULT_FD`. Messages (isolated.send_message): in, (task name, args);
-out, ("ok", value) or ("error", class name, message). Stdout and stderr stay the parent's, for logs: nothing a
-library prints can break the protocol.
+`python -m deployments.decode_worker TASK_FD RESULT_FD [MEMORY_LIMIT_MB]`. Messages (isolated.send_message): in,
+(task name, args); out, ("ok", value) or ("error", class name, message). Stdout and stderr stay the parent's,
+for logs: nothing a library prints can break the protocol. MEMORY_LIMIT_MB bounds the worker's data (limit_memory).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable
@@ -63,8 +64,20 @@ def _release_memory() -> None:
         pass
 
 
+def limit_memory(limit_mb: int) -> None:
+    """At most `limit_mb` of data (RLIMIT_DATA, the soft limit; the hard one where lower): past it an allocation
+    fails, which numpy raises as MemoryError and C libraries report as their own errors, in this process only.
+    RLIMIT_DATA rather than RLIMIT_AS: it counts writable private memory (heap, arrays, thread stacks), not the
+    libraries' code and read-only mappings nor the allocator's reserved, inaccessible arenas."""
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = limit_mb * 2**20 if hard == resource.RLIM_INFINITY else min(limit_mb * 2**20, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+
+
 if __name__ == "__main__":
     # Ctrl-C of `serve run` reaches the whole process group: the worker ends when its parent does (EOF on
     # its task pipe), not with a KeyboardInterrupt traceback in the replica's log
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if len(sys.argv) > 3:
+        limit_memory(int(sys.argv[3]))
     serve(int(sys.argv[1]), int(sys.argv[2]))

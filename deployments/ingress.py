@@ -34,7 +34,7 @@ from .errors import (
 )
 from .health import HealthMonitor
 from .http_metrics import label_request
-from .isolated import IsolatedPool, WorkerCrashed, WorkerTimedOut
+from .isolated import IsolatedPool, WorkerCrashed, WorkerOutOfMemory, WorkerTimedOut
 from .media import take_images
 from .params import (
     ChatParams,
@@ -85,7 +85,8 @@ class Ingress:
         self._media = asyncio.Semaphore(self.limits.media_workers)  # decodes off the event loop, bounded
         # audio decoders and image header readers in processes of their own (isolated.py): a crash or a
         # hang fails one request
-        self.decoders = IsolatedPool({"AudioDecodeError": AudioDecodeError, "AudioTooLongError": AudioTooLongError})
+        self.decoders = IsolatedPool({"AudioDecodeError": AudioDecodeError, "AudioTooLongError": AudioTooLongError},
+                                     self.limits.media_worker_memory_mb, "limits.media_worker_memory_mb")
         self.decoders.prestart()
         if self.keys.enabled:
             log.info("API keys: %d configured; every route but /health needs one", len(self.keys._digests))
@@ -154,6 +155,10 @@ class Ingress:
         except WorkerCrashed as exc:
             raise AudioDecodeError(f"The audio decoder crashed on this file ({exc.how}); no other request was "
                                    "affected. Check that the file plays, or convert it to WAV or FLAC.") from None
+        except WorkerOutOfMemory as exc:
+            raise AudioDecodeError(f"Decoding this audio file needed more memory than {exc.setting}={exc.limit_mb} MB "
+                                   "and was stopped; no other request was affected. Convert it to WAV or FLAC, "
+                                   "or raise the limit.") from None
         except WorkerTimedOut:
             raise AudioDecodeError(f"Decoding this audio file took longer than limits.media_decode_timeout_s="
                                    f"{timeout:g} s and was stopped. Convert it to WAV or FLAC, or raise the limit.") \

@@ -65,6 +65,14 @@ class WorkerTimedOut(RuntimeError):
         super().__init__(f"the task ran longer than {seconds:g} s and its worker was stopped")
 
 
+class WorkerOutOfMemory(RuntimeError):
+    """The task needed more memory than its worker may hold (`setting`, `limit_mb`); the worker was replaced."""
+
+    def __init__(self, setting: str, limit_mb: int):
+        self.setting, self.limit_mb = setting, limit_mb
+        super().__init__(f"the task needed more than {setting}={limit_mb} MB and was stopped")
+
+
 class WorkerError(RuntimeError):
     """The task raised an exception the caller did not list in `errors`: its class name and message."""
 
@@ -76,14 +84,15 @@ class WorkerError(RuntimeError):
 class _Worker:
     """One child process and its two pipes."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory_limit_mb: int | None = None) -> None:
         task_r, self._task_w = os.pipe()
         self._result_r, result_w = os.pipe()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env.get("PYTHONPATH", "")) if p)
         env["OMP_NUM_THREADS"] = "1"  # a decoder needs no thread pool of its own
         try:
-            self.process = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, str(task_r), str(result_w)],
+            limit = [] if memory_limit_mb is None else [str(memory_limit_mb)]
+            self.process = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, str(task_r), str(result_w), *limit],
                                             pass_fds=(task_r, result_w), stdin=subprocess.DEVNULL, env=env,
                                             close_fds=True)
         finally:
@@ -188,15 +197,23 @@ class IsolatedPool:
 
     `run` blocks (call it from a thread). Idle workers are kept; one that has died is replaced when next
     taken. The caller bounds concurrency (the ingress's media semaphore); the pool starts a worker for a
-    task that finds none idle."""
+    task that finds none idle.
 
-    def __init__(self, errors: dict[str, type[Exception]] | None = None):
+    `memory_limit_mb` bounds each worker's data (RLIMIT_DATA: its heap and private mappings, the interpreter
+    and libraries' ~100 MB included), named `memory_setting` in errors. A crafted file that makes a decoder
+    allocate without end fails that task (WorkerOutOfMemory, or WorkerCrashed where a C library aborts)
+    instead of growing the replica's process tree until Ray's memory monitor kills workers of the node."""
+
+    def __init__(self, errors: dict[str, type[Exception]] | None = None, memory_limit_mb: int | None = None,
+                 memory_setting: str = "memory_limit_mb"):
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        self.memory_limit_mb, self.memory_setting = memory_limit_mb, memory_setting
         self._errors = dict(errors or {})  # class name in the worker -> the class raised here
         self._lock = threading.Lock()
         self._workers: set[_Worker] = set()
         self.crashed = 0  # tasks whose worker died under them
         self.timed_out = 0  # tasks whose worker was stopped at the deadline
+        self.out_of_memory = 0  # tasks that needed more than the worker's memory limit
 
     def prestart(self) -> None:
         """Start one worker now (from a background thread), so the first task does not wait for it."""
@@ -204,7 +221,7 @@ class IsolatedPool:
                          daemon=True).start()
 
     def _start(self) -> _Worker:
-        worker = _Worker()
+        worker = _Worker(self.memory_limit_mb)
         with self._lock:
             self._workers.add(worker)
         return worker
@@ -241,10 +258,18 @@ class IsolatedPool:
         except BaseException:
             self._drop(worker)  # the protocol is out of step (an interrupt mid-message): not reusable
             raise
-        self._idle.put(worker)
         if answer[0] == "ok":
+            self._idle.put(worker)
             return answer[1]
         _, name, message = answer
+        if name == "MemoryError" and self.memory_limit_mb is not None:
+            # a decoder that hit the limit may have left its library's state half-built: a fresh worker
+            self.out_of_memory += 1
+            log.warning("media worker pid %d: out of its %d MB (task %s)", worker.process.pid,
+                        self.memory_limit_mb, task)
+            self._drop(worker)
+            raise WorkerOutOfMemory(self.memory_setting, self.memory_limit_mb)
+        self._idle.put(worker)
         raise self._errors[name](message) if name in self._errors else WorkerError(name, message)
 
     def pids(self) -> list[int]:

@@ -97,6 +97,12 @@ class RequestLimits(BaseModel):
     """Longest an audio decode may run. One past it is stopped (its worker process killed) and the request
     refused with a 400 naming this limit: a decoder caught in a loop would otherwise hold a media turn for
     good. A 30-minute FLAC decodes in ~4 s here."""
+    media_worker_memory_mb: int = Field(default=1024, ge=256)
+    """Most memory one of the ingress's decoder processes may hold (RLIMIT_DATA: heap and arrays, ~100 MB of it
+    the interpreter and its libraries). A file whose decode needs more is refused with a 400 naming this limit
+    and its worker replaced, where it would otherwise grow the ingress until Ray's memory monitor killed workers
+    across the node. Audio needs ~130 MB plus ~0.25 MB per second (a 30-minute Opus file: ~500 MB measured); a
+    `max_audio_seconds` this cannot hold is refused at start."""
     max_realtime_sessions: int = Field(default=64, ge=1)
     """Realtime WebSocket sessions the ingress holds at once; one more gets an `error` event
     (`max_realtime_sessions`) and is closed (1013, try again later). Each holds at most its audio buffer."""
@@ -121,6 +127,30 @@ class RequestLimits(BaseModel):
                 f"{self.max_sample_rate}: every audio upload would be refused; lower min_sample_rate or raise "
                 "max_sample_rate")
         return self
+
+    @model_validator(mode="after")
+    def _decoders_hold_the_longest_upload(self) -> RequestLimits:
+        needed = audio_decode_mb(self.max_audio_seconds)
+        if self.media_worker_memory_mb < needed:
+            raise ValueError(
+                f"limits.media_worker_memory_mb={self.media_worker_memory_mb} is below the ~{needed} MB a decoder "
+                f"needs for an upload of limits.max_audio_seconds={self.max_audio_seconds:g} s: every upload that "
+                f"long would be refused; raise media_worker_memory_mb to at least {needed}, or lower "
+                "max_audio_seconds")
+        return self
+
+
+def audio_decode_mb(seconds: float) -> int:
+    """Memory a decoder process needs for `seconds` of audio: its ~130 MB at rest and the samples at their
+    largest (a 1,790 s Opus file at 48 kHz stereo decoded within a 504 MB limit, not below; an 8 kHz WAV of the
+    same length within 241 MB). Rounded up, so that what this admits decodes."""
+    return int(128 + 0.25 * seconds) + 1
+
+
+def image_decode_mb(pixels: int) -> int:
+    """Memory a decoder process needs for an image of `pixels`: ~130 MB at rest, the RGB pixels and Pillow's
+    buffers (a 4096x4096 JPEG or PNG decoded within 326 MB, not below: ~13.5 bytes a pixel)."""
+    return int(128 + 14 * pixels / MiB) + 1
 
 
 # --- checks of parsed requests against the limits (the schema in protocol.py checks the shape) ---

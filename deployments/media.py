@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 
 from .errors import InvalidRequestError, RequestTooLargeError
-from .isolated import IsolatedPool, WorkerCrashed, WorkerError, WorkerTimedOut
+from .isolated import IsolatedPool, WorkerCrashed, WorkerError, WorkerOutOfMemory, WorkerTimedOut
 from .limits import RequestLimits
 from .pixels import checked_image_size, decode_pixels, follow_pixel_limit, header_size
 
@@ -127,6 +127,9 @@ def image_refusal(exc: Exception, what: str, doing: str, limit: str, param: str)
     refusal (by its exception's name), the decoder's crash, or `limit` (named) stopping it while `doing`."""
     if isinstance(exc, WorkerCrashed):
         return InvalidRequestError(f"{what} crashed the image decoder ({exc.how}); no other request was affected",
+                                   param=param)
+    if isinstance(exc, WorkerOutOfMemory):
+        return InvalidRequestError(f"{doing} needed more memory than {exc.setting}={exc.limit_mb} MB and was stopped",
                                    param=param)
     if isinstance(exc, WorkerTimedOut):
         return InvalidRequestError(f"{doing} took longer than {limit}={exc.seconds:g} s and was stopped", param=param)

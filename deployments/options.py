@@ -212,6 +212,15 @@ class ChatOptions(BatchingOptions):
             "A 4096x4096 PNG decodes in well under a second."
         ),
     )
+    image_decode_memory_mb: int = Field(
+        default=1024, ge=256, description=(
+            "VLM: most memory one of the replica's image decoder processes may hold (RLIMIT_DATA, ~100 MB of it "
+            "the interpreter and Pillow). An image whose decode needs more is refused with a 400 naming this "
+            "option and its worker replaced, instead of growing the replica until Ray's memory monitor kills "
+            "workers of the node. A 4096x4096 image needs ~330 MB; a limits.max_image_pixels this cannot hold "
+            "is refused at start."
+        ),
+    )
 
     batch_length_ratio: float = Field(
         default=2.0, ge=1.0, le=16.0, description=(

@@ -11,7 +11,7 @@ from loading import LoadedModel, ModelSpec
 
 from .chat_encoding import PromptRefused, encode_prompt, render_chat, template_inputs
 from .chat_server import ChatServer
-from .isolated import IsolatedPool, WorkerCrashed, WorkerError, WorkerTimedOut
+from .isolated import IsolatedPool, WorkerCrashed, WorkerError, WorkerOutOfMemory, WorkerTimedOut
 from .media import decode_image, image_refusal
 from .options import ChatOptions
 from .params import ChatParams
@@ -21,7 +21,8 @@ class VLMServer(ChatServer):
     def __init__(self, specs: list[ModelSpec], options: ChatOptions):
         super().__init__(specs, options)
         # Pillow's decoders (C) parse client bytes: in processes of their own, a crash costs one request
-        self.image_decoders = IsolatedPool()
+        self.image_decoders = IsolatedPool(memory_limit_mb=options.image_decode_memory_mb,
+                                           memory_setting="image_decode_memory_mb")
         self.image_decoders.prestart()
         self.image_decode_timeout_s = options.image_decode_timeout_s
 
@@ -60,7 +61,7 @@ def in_worker(pool: IsolatedPool, task: str, data: bytes, what: str, timeout_s: 
     """`task` on one image in a worker of `pool`; every way it can fail is this request's 400."""
     try:
         return pool.run(task, data, timeout_s=timeout_s)
-    except (WorkerError, WorkerCrashed, WorkerTimedOut) as exc:
+    except (WorkerError, WorkerCrashed, WorkerTimedOut, WorkerOutOfMemory) as exc:
         raise image_refusal(exc, what, f"decoding {what}", "image_decode_timeout_s", "messages") from None
 
 

@@ -18,7 +18,14 @@ import pytest
 import soundfile as sf
 
 from deployments.audio import AudioBounds, AudioDecodeError, AudioTooLongError, decode_audio
-from deployments.isolated import IsolatedPool, WorkerCrashed, WorkerError, WorkerTimedOut, _DataUnpickler
+from deployments.isolated import (
+    IsolatedPool,
+    WorkerCrashed,
+    WorkerError,
+    WorkerOutOfMemory,
+    WorkerTimedOut,
+    _DataUnpickler,
+)
 
 ERRORS = {"AudioDecodeError": AudioDecodeError, "AudioTooLongError": AudioTooLongError}
 
@@ -245,6 +252,73 @@ def test_an_image_decode_past_its_deadline_is_a_400_naming_the_option(pool):
     with pytest.raises(InvalidRequestError, match="image_decode_timeout_s=0.5 s"):
         decode_in_worker(pool, png(32, 32), "image 0", 0.5)
     assert pool.timed_out == 1 and not alive(victim)
+
+
+def silent_flac(seconds: float, rate: int = 48000) -> bytes:
+    """Silence compresses ~4000:1: a half-hour upload of a few hundred KB that decodes to ~115 MB of samples."""
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(int(rate * seconds), dtype=np.int16), rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def worker_data_kb(pid: int) -> int:
+    return int(next(line.split()[1] for line in open(f"/proc/{pid}/status") if line.startswith("VmData:")))
+
+
+def test_a_decode_past_the_worker_s_memory_limit_fails_alone_and_the_worker_is_replaced():
+    """limits.media_worker_memory_mb: a file whose decode outgrows it costs its request and its worker, not the
+    ingress (which Ray's memory monitor would kill, and every request it held, once the node ran short). The
+    same file decodes under the default limit: a legitimate half hour fits (limits.audio_decode_mb)."""
+    from deployments.limits import RequestLimits, audio_decode_mb
+
+    data = silent_flac(1790)
+    default = RequestLimits().media_worker_memory_mb
+    assert audio_decode_mb(1790) <= default
+    small = IsolatedPool(ERRORS, memory_limit_mb=256, memory_setting="limits.media_worker_memory_mb")
+    roomy = IsolatedPool(ERRORS, memory_limit_mb=default)
+    try:
+        short = flac(1.0, 16000)
+        small.run("decode_audio", short, AudioBounds(), timeout_s=30)
+        (first,) = small.pids()
+        with pytest.raises(WorkerOutOfMemory, match="needed more than limits.media_worker_memory_mb=256 MB"):
+            small.run("decode_audio", data, AudioBounds(), timeout_s=120)
+        assert small.out_of_memory == 1 and small.crashed == 0 and not alive(first)
+        samples, rate = small.run("decode_audio", short, AudioBounds(), timeout_s=30)  # a new worker
+        assert rate == 16000 and samples.size == 16000 and small.pids() != [first]
+        assert worker_data_kb(small.pids()[0]) < 256 * 1024  # a worker at rest is well inside the limit
+
+        samples, rate = roomy.run("decode_audio", data, AudioBounds(), timeout_s=120)
+        assert rate == 16000 and samples.size == 1790 * 16000 and not samples.any()
+        assert roomy.out_of_memory == 0
+    finally:
+        small.close()
+        roomy.close()
+
+
+def test_an_image_past_the_vlm_s_decoder_memory_is_a_400_naming_the_option():
+    from PIL import Image
+
+    from deployments.errors import InvalidRequestError
+    from deployments.limits import image_decode_mb
+    from deployments.options import ChatOptions
+    from deployments.vlm import decode_in_worker
+
+    ramp = np.linspace(0, 255, 4096).astype(np.uint8)  # smooth: a small file, 4096x4096 pixels all the same
+    pixels = np.stack([np.tile(ramp, (4096, 1)), np.tile(ramp[:, None], (1, 4096)), np.full((4096, 4096), 90,
+                                                                                           np.uint8)], -1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=50)
+    data = buffer.getvalue()
+    assert image_decode_mb(4096 * 4096) <= ChatOptions().image_decode_memory_mb  # the default holds the default max
+    small = IsolatedPool(memory_limit_mb=256, memory_setting="image_decode_memory_mb")
+    try:
+        with pytest.raises(InvalidRequestError, match="decoding image 0 needed more memory than "
+                                                      "image_decode_memory_mb=256 MB") as refused:
+            decode_in_worker(small, data, "image 0", 60)
+        assert refused.value.param == "messages" and small.out_of_memory == 1
+        assert decode_in_worker(small, image_of(64, 64, "PNG", "RGB"), "image 0", 30).size == (64, 64)
+    finally:
+        small.close()
 
 
 def image_of(width: int, height: int, fmt: str, mode: str = "1") -> bytes:

@@ -42,7 +42,7 @@ def test_the_grpc_bound_between_replicas_carries_what_the_default_limits_admit()
     assert bound >= largest_family_call_bytes(RequestLimits()) >= 1800 * 16000 * 4
     assert grpc_bound_notes(RequestLimits(), True, bound) == []
     assert grpc_bound_notes(RequestLimits(), False, 4 << 20) == []  # Ray's default path has no such bound
-    note = grpc_bound_notes(RequestLimits(max_audio_seconds=7200), True, bound)
+    note = grpc_bound_notes(RequestLimits(max_audio_seconds=7200, media_worker_memory_mb=2048), True, bound)
     assert len(note) == 1 and f"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH={bound}" in note[0]
     refused = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                    details="Received message larger than max (6292623 vs. 4194304)")
