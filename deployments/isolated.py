@@ -101,6 +101,9 @@ class _Worker:
         for fd in (self._task_w, self._result_r):  # decoded audio is MBs: fewer, larger pipe transfers
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        # an upload larger than the pipe is written as the worker reads it: without blocking, so that a worker that
+        # stopped reading holds the task to its deadline, not for good
+        os.set_blocking(self._task_w, False)
         # a worker dropped without stop() (its pool garbage-collected) still ends, and its pipes close
         self._finalizer = weakref.finalize(self, _end, self.process, (self._task_w, self._result_r))
 
@@ -112,14 +115,14 @@ class _Worker:
         """Send one task and wait for its answer, at most `timeout_s`."""
         deadline = time.monotonic() + timeout_s
 
-        def wait() -> None:
+        def wait(readable: list[int], writable: list[int]) -> None:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._result_r], [], [], left)[0]:
+            if left <= 0 or not any(select.select(readable, writable, [], left)[:2]):
                 raise WorkerTimedOut(timeout_s)
 
         try:
-            send_message(self._task_w, (task, args))
-            return receive_message(self._result_r, _DataUnpickler, wait)
+            send_message(self._task_w, (task, args), lambda: wait([], [self._task_w]))
+            return receive_message(self._result_r, _DataUnpickler, lambda: wait([self._result_r], []))
         except (BrokenPipeError, EOFError):
             raise WorkerCrashed(self._returncode()) from None
 
@@ -158,14 +161,20 @@ class _DataUnpickler(pickle.Unpickler):
 # An upload and decoded samples (MBs) travel as raw buffers, outside the pickle: no copy into it or out of it
 # (10 minutes of audio: 240 -> 140 ms in all, against 70 in a thread).
 
-def send_message(fd: int, value: Any) -> None:
+def send_message(fd: int, value: Any, wait: Callable[[], None] | None = None) -> None:
+    """`value` on `fd`; on a non-blocking `fd`, `wait` is called whenever the pipe is full (it raises to give up)."""
     buffers: list[pickle.PickleBuffer] = []
     body = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     parts = [memoryview(body)] + [buffer.raw() for buffer in buffers]
     head = struct.pack(f">I{len(parts)}Q", len(parts), *(part.nbytes for part in parts))
     for part in [memoryview(head)] + parts:
         while part.nbytes:
-            part = part[os.write(fd, part):]
+            try:
+                part = part[os.write(fd, part):]
+            except BlockingIOError:
+                if wait is None:
+                    raise
+                wait()
 
 
 def receive_message(fd: int, unpickler: type[pickle.Unpickler] = pickle.Unpickler,

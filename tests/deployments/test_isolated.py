@@ -321,6 +321,19 @@ def test_an_image_past_the_vlm_s_decoder_memory_is_a_400_naming_the_option():
         small.close()
 
 
+def test_an_upload_to_a_worker_that_stopped_reading_is_held_to_the_deadline(pool):
+    """An upload larger than the pipe (1 MB) is written as the worker reads it: one that no longer reads (stopped,
+    or stuck before its read) must not hold the writing thread, and the media turn it took, for good."""
+    victim = frozen_worker(pool)
+    started = time.monotonic()
+    with pytest.raises(WorkerTimedOut):
+        pool.run("decode_audio", flac(120), AudioBounds(), timeout_s=1.0)  # ~5 MB
+    assert time.monotonic() - started < 10
+    assert pool.timed_out == 1 and not alive(victim)
+    samples, _ = pool.run("decode_audio", flac(1.0, 16000), AudioBounds(), timeout_s=30)  # a new worker
+    assert samples.size == 16000
+
+
 def image_of(width: int, height: int, fmt: str, mode: str = "1") -> bytes:
     from PIL import Image
 
