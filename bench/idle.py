@@ -26,10 +26,9 @@ import multiprocessing
 import os
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from . import models, report, servers, workloads
+from . import report, servers, workloads
 from .load import run_load
 
 HERE = Path(__file__).resolve().parent
@@ -37,27 +36,11 @@ log = logging.getLogger("bench.idle")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def session_cpu(session: int) -> dict[int, tuple[str, int]]:
-    """pid -> (process name, CPU ticks so far) for the live processes of a session."""
-    out = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{name}/stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        if int(fields[3]) == session:
-            out[int(name)] = (text[text.index("(") + 1:text.rindex(")")], int(fields[11]) + int(fields[12]))
-    return out
-
-
 def at_rest(server: servers.Server, seconds: float) -> dict:
     """Cores used at rest by the server's processes (by process name, summed), over `seconds`."""
-    before = session_cpu(server.process.pid)
+    before = servers.session_cpu(server.process.pid)
     time.sleep(seconds)
-    after = session_cpu(server.process.pid)
+    after = servers.session_cpu(server.process.pid)
     by_name: dict[str, float] = {}
     for pid, (name, ticks) in after.items():
         if pid in before:
@@ -157,13 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s bench %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    run_dir = HERE / "runs" / f"idle-{stamp}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    root = HERE / "runs" / "models"
-    dirs = models.model_dirs(root, args.model_size)
+    run = servers.start_run("idle", args.model_size)
+    stamp, run_dir, root, dirs = run.stamp, run.dir, run.models_root, run.dirs
     if args.in_process:
         measured = in_process(dirs["llm"], args.threads, args.background_cores, args.rounds, args.requests,
                               args.max_tokens)
@@ -171,15 +150,13 @@ def main(argv=None) -> int:
             {"meta": report.machine_meta(), "setting": vars(args), **measured}, indent=1))
         print(json.dumps(measured))
         return 0
-    llm_dir = dirs["llm"] if args.model_size != "tiny" else None
-    device = "auto" if args.model_size != "tiny" else "cpu"
     variants = dict([("default", {})] + [parse_variant(v) for v in args.variant])
     result: dict = {"meta": report.machine_meta(), "setting": vars(args), "variants": variants, "rounds": []}
     for i in range(args.rounds):
         entry = {}
         for name, settings in variants.items():
             servers.PROXY_MODES[f"idle-{name}"] = {**servers.PROXY_MODES["default"], **settings}
-            config = servers.bench_serve_config(8300, root, llm_dir, device=device)
+            config = servers.bench_serve_config(8300, root, run.llm_dir, device=run.device)
             with servers.serve_run(config, run_dir, name, mode=f"idle-{name}") as server:
                 one_client(server, "tiny-llm", 3, args.max_tokens)  # warm-up
                 time.sleep(5)

@@ -32,7 +32,8 @@ from pathlib import Path
 
 from . import report, servers, workloads
 from .load import Request, run_load, run_open_loop
-from .paired import session_cpu_s, with_settings
+from .paired import with_settings
+from .servers import session_cpu_s
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("bench.overload")

@@ -29,9 +29,7 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import statistics
-from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -44,28 +42,11 @@ log = logging.getLogger("bench.paired")
 PEERS = ("tf-cb", "tf", "lock")
 
 
-def session_cpu_s(session: int) -> float:
-    """CPU seconds used so far by the live processes of a session (a server and everything it started)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{name}/stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        if int(fields[3]) == session:
-            total += int(fields[11]) + int(fields[12])
-    return total / ticks
-
-
 def measure(server: servers.Server, idle: servers.Server, model: str, clients: int, requests: int,
             max_tokens: int, rate: float | None = None, seed: int = 0) -> dict:
     """`rate`: requests arrive at this mean rate (open loop, arrival times from `seed`) instead of coming
     from `clients` closed-loop clients."""
-    before = {s.name: session_cpu_s(s.process.pid) for s in (server, idle)}
+    before = {s.name: servers.session_cpu_s(s.process.pid) for s in (server, idle)}
 
     def load(stream: bool) -> dict:
         # numbered from the server's running count: no phase or round resends a question it has answered
@@ -76,7 +57,7 @@ def measure(server: servers.Server, idle: servers.Server, model: str, clients: i
 
     streamed, plain = load(True), load(False)
     wall = streamed["wall_s"] + plain["wall_s"]
-    after = {s.name: session_cpu_s(s.process.pid) for s in (server, idle)}
+    after = {s.name: servers.session_cpu_s(s.process.pid) for s in (server, idle)}
     return {"stream": streamed, "plain": plain,
             "cores_busy": round((after[server.name] - before[server.name]) / wall, 2),
             "other_at_rest_cores": round((after[idle.name] - before[idle.name]) / wall, 3)}
@@ -189,15 +170,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s bench %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    run_dir = HERE / "runs" / f"paired-{stamp}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    root = HERE / "runs" / "models"
-    dirs = models.model_dirs(root, args.model_size)
-    llm_dir = dirs["llm"] if args.model_size != "tiny" else None
-    device = "auto" if args.model_size != "tiny" else "cpu"
+    run = servers.start_run("paired", args.model_size)
+    stamp, run_dir, root, dirs, llm_dir, device = run.stamp, run.dir, run.models_root, run.dirs, run.llm_dir, run.device
     ours_name = "ours" + "".join(f" {s}" for s in args.set)
     peer_names = {"tf-cb": "transformers serve --continuous-batching", "tf": "transformers serve",
                   "lock": "lock server"}

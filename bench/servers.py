@@ -7,6 +7,7 @@ another Ray cluster on this machine; peers run as plain processes. Every server 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import requests
@@ -22,7 +24,7 @@ import yaml
 
 from deployments.serve_env import read_serve_env, serve_process_env
 
-from . import workloads
+from . import models, workloads
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -58,6 +60,52 @@ class Server:
     log_path: Path
     started_at: float
     timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class BenchRun:
+    """One benchmark command's run: its stamp, its directory of logs and configs, and the models it serves."""
+
+    stamp: str
+    dir: Path
+    models_root: Path
+    dirs: dict[str, Path]  # family -> model directory (the LLM's per --model-size)
+    llm_dir: Path | None  # the LLM in tiny-llm's place in our config, None for the tiny one
+    device: str  # args.device of our config
+
+
+def start_run(kind: str, model_size: str) -> BenchRun:
+    """Logging set up, bench/runs/<kind>-<stamp>/ made, the models built or found (bench/runs/models)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s bench %(message)s", datefmt="%H:%M:%S")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    runs = REPO / "bench" / "runs"
+    run_dir = runs / f"{kind}-{stamp}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dirs = models.model_dirs(runs / "models", model_size)
+    tiny = model_size == "tiny"
+    return BenchRun(stamp, run_dir, runs / "models", dirs, None if tiny else dirs["llm"], "cpu" if tiny else "auto")
+
+
+def session_cpu(session: int) -> dict[int, tuple[str, int]]:
+    """pid -> (process name, CPU ticks so far) for the live processes of a session (a server and everything it
+    started)."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if int(fields[3]) == session:
+            out[int(name)] = (text[text.index("(") + 1:text.rindex(")")], int(fields[11]) + int(fields[12]))
+    return out
+
+
+def session_cpu_s(session: int) -> float:
+    """CPU seconds used so far by the live processes of a session."""
+    return sum(ticks for _, ticks in session_cpu(session).values()) / os.sysconf("SC_CLK_TCK")
 
 
 def base_env(extra: dict[str, str] | None = None, repo: Path = REPO) -> dict[str, str]:
