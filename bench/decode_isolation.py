@@ -1,10 +1,14 @@
 """What decoding audio in a worker process costs against decoding it in a thread of the ingress.
 
     python -m bench.decode_isolation [--rounds 7]
+    python -m bench.decode_isolation --memory
 
 Prints Markdown tables: median ms per decode of WAV and FLAC uploads (the ingress) and of JPEG and PNG images
 (the VLM replica), in-process and through `isolated.IsolatedPool` (the bytes to the worker, the samples or
-pixels back), plus a worker's start and its idle RSS. Results are written down in bench/HOSTILE.md.
+pixels back), plus a worker's start and its idle RSS. `--memory`: the lowest worker memory limit (MB,
+RLIMIT_DATA, by bisection) at which the largest uploads and images the default limits admit still decode,
+against what `limits.audio_decode_mb` / `image_decode_mb` reserve for them. Results are written down in
+bench/HOSTILE.md.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import soundfile as sf
 from PIL import Image
 
 from deployments.audio import AudioBounds, decode_audio
-from deployments.isolated import IsolatedPool
+from deployments.isolated import IsolatedPool, WorkerOutOfMemory
+from deployments.limits import audio_decode_mb, image_decode_mb
 from deployments.media import decode_image
 from deployments.vlm import decode_in_worker
 
@@ -55,10 +60,64 @@ def rss_mb(pid: int) -> float:
     return int(status.split("VmRSS:")[1].split()[0]) / 1024
 
 
+def opus(seconds: int) -> bytes:
+    """Stereo 48 kHz noise as Ogg Opus at 16 kbit/s: the longest upload at the highest rate a phone records,
+    in few bytes (a half hour is ~3 MB)."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="ogg") as container:
+        stream = container.add_stream("libopus", rate=48000)
+        stream.bit_rate, stream.layout = 16000, "stereo"
+        rng = np.random.default_rng(0)
+        for second in range(seconds):
+            frame = av.AudioFrame.from_ndarray((0.05 * rng.standard_normal((2, 48000))).astype(np.float32),
+                                               format="fltp", layout="stereo")
+            frame.sample_rate, frame.pts = 48000, second * 48000
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def lowest_limit_mb(task: str, *args, low: int = 128, high: int = 2048) -> int:
+    """The lowest memory limit (MB, within 8) at which `task` on `args` succeeds in a fresh worker."""
+    while high - low > 8:
+        middle = (low + high) // 2
+        pool = IsolatedPool(memory_limit_mb=middle)
+        try:
+            pool.run(task, *args, timeout_s=300)
+            high = middle
+        except WorkerOutOfMemory:
+            low = middle
+        finally:
+            pool.close()
+    return high
+
+
+def memory() -> None:
+    print("| input | bytes | lowest limit that decodes it (MB) | reserved for it (MB) |\n|---|---:|---:|---:|")
+    bounds = AudioBounds()
+    for name, data, seconds in (("1790 s Opus, 48 kHz stereo", opus(1790), 1790),
+                                ("1790 s WAV, 8 kHz mono", upload(1790, "WAV", 8000), 1790)):
+        print(f"| {name} | {len(data):,} | {lowest_limit_mb('decode_audio', data, bounds)} | "
+              f"{audio_decode_mb(seconds, len(data))} |")
+    for fmt in ("JPEG", "PNG"):
+        data = image(4096, fmt)
+        print(f"| 4096x4096 {fmt} | {len(data):,} | {lowest_limit_mb('decode_image', data)} | "
+              f"{image_decode_mb(4096 * 4096, len(data))} |")
+
+
 def main(argv=None) -> None:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--rounds", type=int, default=7)
-    rounds = args.parse_args(argv).rounds
+    args.add_argument("--memory", action="store_true", help="the lowest worker memory limits instead")
+    parsed = args.parse_args(argv)
+    if parsed.memory:
+        memory()
+        return
+    rounds = parsed.rounds
     bounds = AudioBounds()
     started = time.perf_counter()
     pool = IsolatedPool()

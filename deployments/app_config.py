@@ -172,13 +172,13 @@ class AppConfig(BaseModel):
     @model_validator(mode="after")
     def _vlm_decoders_hold_the_largest_image(self) -> AppConfig:
         vlm = self.families.vlm
-        needed = image_decode_mb(self.limits.max_image_pixels)
+        needed = image_decode_mb(self.limits.max_image_pixels, self.limits.max_image_bytes)
         if vlm.image_decode_memory_mb < needed:
             raise ValueError(
                 f"families.vlm.image_decode_memory_mb={vlm.image_decode_memory_mb} is below the ~{needed} MB a "
-                f"decoder needs for an image of limits.max_image_pixels={self.limits.max_image_pixels:,}: such "
-                f"images would be refused; raise image_decode_memory_mb to at least {needed}, or lower "
-                "max_image_pixels")
+                f"decoder needs for an image of limits.max_image_pixels={self.limits.max_image_pixels:,} in up to "
+                f"limits.max_image_bytes={self.limits.max_image_bytes:,}: such images would be refused; raise "
+                f"image_decode_memory_mb to at least {needed}, or lower the other two")
         return self
 
     @model_validator(mode="after")

@@ -101,8 +101,8 @@ class RequestLimits(BaseModel):
     """Most memory one of the ingress's decoder processes may hold (RLIMIT_DATA: heap and arrays, ~100 MB of it
     the interpreter and its libraries). A file whose decode needs more is refused with a 400 naming this limit
     and its worker replaced, where it would otherwise grow the ingress until Ray's memory monitor killed workers
-    across the node. Audio needs ~130 MB plus ~0.25 MB per second (a 30-minute Opus file: ~500 MB measured); a
-    `max_audio_seconds` this cannot hold is refused at start."""
+    across the node. Audio needs ~130 MB, ~0.25 MB per second and ~3x the upload's size (a 30-minute Opus file:
+    ~430 MB measured); a `max_audio_seconds` and `max_upload_bytes` this cannot hold are refused at start."""
     max_realtime_sessions: int = Field(default=64, ge=1)
     """Realtime WebSocket sessions the ingress holds at once; one more gets an `error` event
     (`max_realtime_sessions`) and is closed (1013, try again later). Each holds at most its audio buffer."""
@@ -130,27 +130,29 @@ class RequestLimits(BaseModel):
 
     @model_validator(mode="after")
     def _decoders_hold_the_longest_upload(self) -> RequestLimits:
-        needed = audio_decode_mb(self.max_audio_seconds)
+        needed = audio_decode_mb(self.max_audio_seconds, self.max_upload_bytes)
         if self.media_worker_memory_mb < needed:
             raise ValueError(
                 f"limits.media_worker_memory_mb={self.media_worker_memory_mb} is below the ~{needed} MB a decoder "
-                f"needs for an upload of limits.max_audio_seconds={self.max_audio_seconds:g} s: every upload that "
-                f"long would be refused; raise media_worker_memory_mb to at least {needed}, or lower "
-                "max_audio_seconds")
+                f"needs for an upload of limits.max_audio_seconds={self.max_audio_seconds:g} s in up to "
+                f"limits.max_upload_bytes={self.max_upload_bytes:,}: such uploads would be refused; raise "
+                f"media_worker_memory_mb to at least {needed}, or lower the other two")
         return self
 
 
-def audio_decode_mb(seconds: float) -> int:
-    """Memory a decoder process needs for `seconds` of audio: its ~130 MB at rest and the samples at their
-    largest (a 1,790 s Opus file at 48 kHz stereo decoded within a 504 MB limit, not below; an 8 kHz WAV of the
-    same length within 241 MB). Rounded up, so that what this admits decodes."""
-    return int(128 + 0.25 * seconds) + 1
+def audio_decode_mb(seconds: float, upload_bytes: int = 0) -> int:
+    """Memory a decoder process needs for `seconds` of audio sent as `upload_bytes`: its ~130 MB at rest, the
+    upload (held whole, and read through buffers), and the samples at their largest (bench/HOSTILE.md: a 1,790 s
+    Opus file at 48 kHz stereo decoded within 428 MB, not below; a 28 MB 8 kHz WAV of the same length in 195 MB).
+    Rounded up, so that what this admits decodes."""
+    return int(128 + 0.25 * seconds + 3 * upload_bytes / MiB) + 1
 
 
-def image_decode_mb(pixels: int) -> int:
-    """Memory a decoder process needs for an image of `pixels`: ~130 MB at rest, the RGB pixels and Pillow's
-    buffers (a 4096x4096 JPEG or PNG decoded within 326 MB, not below: ~13.5 bytes a pixel)."""
-    return int(128 + 14 * pixels / MiB) + 1
+def image_decode_mb(pixels: int, image_bytes: int = 0) -> int:
+    """Memory a decoder process needs for an image of `pixels` sent as `image_bytes`: ~130 MB at rest, the
+    encoded image, the RGB pixels and Pillow's buffers (bench/HOSTILE.md: a 4096x4096 JPEG of 1.5 MB decoded
+    within 285 MB, a PNG of 33 MB within 360 MB: ~9 bytes a pixel and ~2.4 per encoded byte over the rest)."""
+    return int(128 + 14 * pixels / MiB + 3 * image_bytes / MiB) + 1
 
 
 # --- checks of parsed requests against the limits (the schema in protocol.py checks the shape) ---

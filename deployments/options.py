@@ -217,8 +217,8 @@ class ChatOptions(BatchingOptions):
             "VLM: most memory one of the replica's image decoder processes may hold (RLIMIT_DATA, ~100 MB of it "
             "the interpreter and Pillow). An image whose decode needs more is refused with a 400 naming this "
             "option and its worker replaced, instead of growing the replica until Ray's memory monitor kills "
-            "workers of the node. A 4096x4096 image needs ~330 MB; a limits.max_image_pixels this cannot hold "
-            "is refused at start."
+            "workers of the node. A 4096x4096 image needs ~290-360 MB; a limits.max_image_pixels and "
+            "max_image_bytes this cannot hold are refused at start."
         ),
     )
 

@@ -114,11 +114,13 @@ BAD_ARGS = [
     pytest.param(args(limits={"min_sample_rate": 48000, "max_sample_rate": 44100}), "limits",
                  "limits.min_sample_rate=48000 is above limits.max_sample_rate=44100", id="sample-rates-inverted"),
     pytest.param(args(limits={"max_audio_seconds": 7200}), "limits",
-                 "limits.media_worker_memory_mb=1024 is below the ~1929 MB a decoder needs for an upload of "
-                 "limits.max_audio_seconds=7200 s", id="audio-past-the-decoder-memory"),
+                 "limits.media_worker_memory_mb=1024 is below the ~2004 MB a decoder needs for an upload of "
+                 "limits.max_audio_seconds=7200 s in up to limits.max_upload_bytes=26,214,400",
+                 id="audio-past-the-decoder-memory"),
     pytest.param(args(limits={"max_image_pixels": 8192 * 8192}), "",
-                 "families.vlm.image_decode_memory_mb=1024 is below the ~1025 MB a decoder needs for an image of "
-                 "limits.max_image_pixels=67,108,864", id="images-past-the-vlm-decoder-memory"),
+                 "families.vlm.image_decode_memory_mb=1024 is below the ~1061 MB a decoder needs for an image of "
+                 "limits.max_image_pixels=67,108,864 in up to limits.max_image_bytes=12,582,912",
+                 id="images-past-the-vlm-decoder-memory"),
     pytest.param(args(models=[{**LLM, "max_new_tokens": -5}]), "models.0.max_new_tokens",
                  "greater than or equal to 1", id="negative-max-new-tokens"),
     pytest.param(args(models=[{**LLM, "generation_timeout_s": 0}]), "models.0.generation_timeout_s",

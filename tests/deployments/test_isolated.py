@@ -273,7 +273,7 @@ def test_a_decode_past_the_worker_s_memory_limit_fails_alone_and_the_worker_is_r
 
     data = silent_flac(1790)
     default = RequestLimits().media_worker_memory_mb
-    assert audio_decode_mb(1790) <= default
+    assert audio_decode_mb(1790, RequestLimits().max_upload_bytes) <= default
     small = IsolatedPool(ERRORS, memory_limit_mb=256, memory_setting="limits.media_worker_memory_mb")
     roomy = IsolatedPool(ERRORS, memory_limit_mb=default)
     try:
@@ -309,7 +309,8 @@ def test_an_image_past_the_vlm_s_decoder_memory_is_a_400_naming_the_option():
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=50)
     data = buffer.getvalue()
-    assert image_decode_mb(4096 * 4096) <= ChatOptions().image_decode_memory_mb  # the default holds the default max
+    # the default holds the largest image the default limits admit
+    assert image_decode_mb(4096 * 4096, 12 * 2**20) <= ChatOptions().image_decode_memory_mb
     small = IsolatedPool(memory_limit_mb=256, memory_setting="image_decode_memory_mb")
     try:
         with pytest.raises(InvalidRequestError, match="decoding image 0 needed more memory than "
