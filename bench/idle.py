@@ -56,8 +56,14 @@ def one_client(server: servers.Server, model: str, requests: int, max_tokens: in
             "stream_p50_ms": streamed["p50_ms"], "errors": plain["errors"] + streamed["errors"]}
 
 
-def _bursts(share: float, stop) -> None:
-    """Busy `share` of every 10 ms, asleep the rest: a process of timers at `share` of a core."""
+def _bursts(share: float, stop, priority: str = "0") -> None:
+    """Busy `share` of every 10 ms, asleep the rest: a process of timers at `share` of a core.
+
+    `priority`: a nice value, or "idle" for SCHED_IDLE (what Ray's daemons could be given)."""
+    if priority == "idle":
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    else:
+        os.nice(int(priority))
     while not stop.is_set():
         started = time.perf_counter()
         while time.perf_counter() - started < 0.01 * share:
@@ -66,7 +72,7 @@ def _bursts(share: float, stop) -> None:
 
 
 def in_process(model_dir: Path, threads: int, background_cores: float, rounds: int, requests: int,
-               max_tokens: int) -> dict:
+               max_tokens: int, background_priority: str = "0") -> dict:
     """p50 of one chat at a time through the decode loop, without and with a background, alternated by round."""
     import torch
 
@@ -95,12 +101,14 @@ def in_process(model_dir: Path, threads: int, background_cores: float, rounds: i
         return time.perf_counter() - started
 
     chat()
-    out: dict = {"threads": threads, "background_cores": background_cores, "quiet_ms": [], "background_ms": []}
+    out: dict = {"threads": threads, "background_cores": background_cores,
+                 "background_priority": background_priority, "quiet_ms": [], "background_ms": []}
     processes = max(1, round(background_cores / 0.1))  # bursts of 1 ms in 10 from each
     for _ in range(rounds):
         out["quiet_ms"].append(round(statistics.median(chat() for _ in range(requests)) * 1000, 1))
         stop = multiprocessing.Event()
-        burners = [multiprocessing.Process(target=_bursts, args=(background_cores / processes, stop))
+        share = background_cores / processes
+        burners = [multiprocessing.Process(target=_bursts, args=(share, stop, background_priority))
                    for _ in range(processes)]
         for burner in burners:
             burner.start()
@@ -135,6 +143,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--in-process", action="store_true", help="the decode loop in this process, with and without "
                    "--background-cores of bursts (no server)")
     p.add_argument("--background-cores", type=float, default=0.2)
+    p.add_argument("--background-priority", default="0",
+                   help='the bursts\' nice value, or "idle" for SCHED_IDLE (--in-process)')
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (--in-process)")
     return p.parse_args(argv)
 
@@ -145,7 +155,7 @@ def main(argv=None) -> int:
     stamp, run_dir, root, dirs = run.stamp, run.dir, run.models_root, run.dirs
     if args.in_process:
         measured = in_process(dirs["llm"], args.threads, args.background_cores, args.rounds, args.requests,
-                              args.max_tokens)
+                              args.max_tokens, args.background_priority)
         (HERE / "runs" / f"idle-inprocess-{stamp}.json").write_text(json.dumps(
             {"meta": report.machine_meta(), "setting": vars(args), **measured}, indent=1))
         print(json.dumps(measured))

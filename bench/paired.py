@@ -147,6 +147,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def with_env(label: str, settings: list[str]) -> str:
+    """A proxy mode of servers.PROXY_MODES: serve.env's default one plus `settings` (KEY=VALUE)."""
+    if not settings:
+        return "default"
+    servers.PROXY_MODES[f"paired-{label}"] = {**servers.PROXY_MODES["default"],
+                                               **dict(item.split("=", 1) for item in settings)}
+    return f"paired-{label}"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.paired", description=__doc__.splitlines()[0])
     p.add_argument("--peer", default="tf-cb", choices=PEERS,
@@ -157,6 +166,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a setting of our app for this run, a dotted path under serve_config.yaml's app args "
                    "(families.llm.stream_interval_ms=50); repeatable")
     p.add_argument("--against-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="the same, for --against's server")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment setting over serve.env for our `serve run` (RAY_worker_niceness=15); "
+                   "repeatable")
+    p.add_argument("--against-env", action="append", default=[], metavar="KEY=VALUE",
                    help="the same, for --against's server")
     p.add_argument("--model-size", default="tiny", choices=sorted(models.SIZES))
     p.add_argument("--clients", type=int, default=16)
@@ -173,23 +187,25 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     run = servers.start_run("paired", args.model_size)
     stamp, run_dir, root, dirs, llm_dir, device = run.stamp, run.dir, run.models_root, run.dirs, run.llm_dir, run.device
-    ours_name = "ours" + "".join(f" {s}" for s in args.set)
+    ours_name = "ours" + "".join(f" {s}" for s in args.set + args.env)
     peer_names = {"tf-cb": "transformers serve --continuous-batching", "tf": "transformers serve",
                   "lock": "lock server"}
-    other_name = (f"ours at {args.against.resolve().name}" + "".join(f" {s}" for s in args.against_set)
+    other_name = (f"ours at {args.against.resolve().name}" + "".join(f" {s}" for s in args.against_set +
+                                                                         args.against_env)
                   if args.against else peer_names[args.peer])
     result: dict = {"meta": report.machine_meta(), "names": [ours_name, other_name], "rounds": [],
                     "setting": {**{k: v for k, v in vars(args).items() if k != "against"},
                                 "against": str(args.against) if args.against else None}}
     with contextlib.ExitStack() as stack:
         ours = stack.enter_context(servers.serve_run(
-            with_settings(servers.bench_serve_config(8300, root, llm_dir, device=device), args.set), run_dir, "ours"))
+            with_settings(servers.bench_serve_config(8300, root, llm_dir, device=device), args.set), run_dir, "ours",
+            mode=with_env("ours", args.env)))
         ours.name = ours_name
         if args.against:
             repo = args.against.resolve()
             config = servers.bench_serve_config(8302, root, llm_dir, device=device, repo=repo)
             other = stack.enter_context(servers.serve_run(with_settings(config, args.against_set), run_dir, "against",
-                                                          repo=repo))
+                                                          mode=with_env("against", args.against_env), repo=repo))
             other_model = "tiny-llm"
         elif args.peer == "lock":
             other = stack.enter_context(servers.lock_server("llm", dirs["llm"], 8311, run_dir))
