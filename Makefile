@@ -11,7 +11,7 @@ export LOCAL_MODELS_DIR ?= $(CURDIR)/models
 # Only `serve` runs under them: tests and benchmarks set them per Ray instance they start
 # (deployments/serve_env.py), and the multi-node test cluster must not inherit them.
 include serve.env
-SERVE_ENV_VARS := $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' serve.env)
+SERVE_ENV_VARS := $(shell sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p' serve.env)
 # HAProxy's config and sockets private to this user instead of Ray's shared /tmp/haproxy-serve
 # (short: HAProxy refuses socket paths over 97 characters, and Ray adds a 56-character node id)
 HAPROXY_STATE := /tmp/modelfleet-haproxy-$(shell id -u)

@@ -32,6 +32,7 @@ from .ingress import Ingress
 from .limits import RequestLimits, largest_family_call_bytes
 from .llm import LLMServer
 from .options import FamilyOptions
+from .ray_daemons import configured_nice
 from .stt import STTServer
 from .tts import TTSServer
 from .vlm import VLMServer
@@ -151,6 +152,7 @@ def gpu_shortage_notes(gpus: dict[str, float], demand: dict[str, int], available
 
 def build_app(args: dict[str, Any]) -> Application:
     config = AppConfig.model_validate(args)
+    configured_nice()  # a bad MODELFLEET_RAY_DAEMONS_NICE fails `serve run` here, naming itself
     env = {}
     models_dir = config.local_models_dir or os.environ.get("LOCAL_MODELS_DIR")
     if models_dir or any(spec.is_demo for spec in config.models):

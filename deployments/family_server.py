@@ -22,6 +22,7 @@ from .admission import MB, MemoryGate, free_memory, settle
 from .metrics import FamilyMetrics
 from .options import FamilyOptions
 from .pool import ModelPool
+from .ray_daemons import lower_at_replica_start
 from .runtime_catalog import ReplicaCatalog
 from .threads import ComputeThreads
 from .wakeups import call_soon
@@ -41,6 +42,7 @@ class FamilyServer:
 
     def __init__(self, specs: list[ModelSpec], options: FamilyOptions):
         self.options = options
+        lower_at_replica_start()  # before the model's threads start computing
         self.threads = ComputeThreads(options)  # before the pool: its loads import torch
         self.pool = ModelPool(list(specs), options.max_loaded_models, self.threads.threads)
         budget = None if options.memory_budget_mb is None else int(options.memory_budget_mb * MB)

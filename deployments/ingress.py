@@ -55,6 +55,7 @@ from .protocol import (
     VoiceTranscriptEvent,
     VoiceUsage,
 )
+from .ray_daemons import lower_at_replica_start
 from .runtime_catalog import IngressCatalog, Snapshot
 from .sse import event, guarded, prepend
 from .voice import AudioPiece, ReplyDone, ReplyEvent, TextDelta, drain, spoken_reply
@@ -67,6 +68,7 @@ class Ingress:
     def __init__(self, handles: dict[str, Any], config: AppConfig, notes: list[str] | None = None,
                  resources: dict[str, dict[str, float]] | None = None):
         self.config = config
+        lower_at_replica_start()
         self.limits = config.limits
         self.admin_keys = KeyChecker(load_admin_keys(config.auth))  # none: the admin routes answer 403
         # fails the replica with a clear message if keys are required; an admin key is an API key too

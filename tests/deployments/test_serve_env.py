@@ -276,3 +276,12 @@ def test_make_serve_stops_where_another_process_holds_the_configs_http_port(tmp_
     assert serve_env.http_port(tmp_path / "missing.yaml") is None
     (tmp_path / "default.yaml").write_text("applications: []\n")
     assert serve_env.http_port(tmp_path / "default.yaml") == 8000  # Ray's, where the config names none
+
+
+def test_make_serve_exports_every_setting_of_serve_env():
+    """The Makefile lists serve.env's keys with a sed pattern; a key it misses (RAY_worker_niceness has lower
+    case) would be read by make and never reach `serve run`."""
+    repo = Path(__file__).resolve().parents[2]
+    listed = subprocess.run(["make", "--no-print-directory", "--eval=showvars: ; @echo $(SERVE_ENV_VARS)", "showvars"],
+                            cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    assert set(read_serve_env()) <= set(listed)

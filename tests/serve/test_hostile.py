@@ -496,3 +496,34 @@ def test_a_decoder_that_crashes_costs_only_its_own_request(live):
     assert answers_of_every_family(live.url) == {"llm": 200, "vlm": 200, "stt": 200, "tts": 200}
     assert live.replica_pids() == pids_before, "a replica was replaced"
     assert victim not in decode_workers(pids_before["ingress"])
+
+
+def test_rays_off_path_processes_leave_the_cpu_to_the_serving_ones(live):
+    """serve.env: Ray's workers at nice 0 (RAY_worker_niceness), and MODELFLEET_RAY_DAEMONS_NICE (19): the
+    replicas lowered the dashboard, its modules, the log monitor, the dashboard agent and (HAProxy answering) the
+    HTTP proxy actor of this `serve run` to 19 and the controller to 15; the raylet, the GCS, HAProxy and every
+    thread of every replica run at the priority `serve run` started with (deployments/ray_daemons.py)."""
+    from deployments.ray_daemons import daemon_markers
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    markers = daemon_markers({"RAY_SERVE_ENABLE_HA_PROXY": "1"})
+    seen: dict[str, set[int]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(pid)) != live.process.pid:
+                continue
+            arguments = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace").split("\0")[:4]
+            nices = {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+        except (OSError, ProcessLookupError):
+            continue
+        kind = next((k for k, m in markers.items() if any(m in a for a in arguments)), None)
+        if kind is None:
+            kind = next((k for k in ("raylet", "gcs_server", "ServeReplica", "haproxy")
+                         if any(k in a for a in arguments)), None)
+        if kind is not None:
+            seen.setdefault(kind, set()).update(nices)
+    for lowered in ("dashboard", "dashboard module", "dashboard agent", "log monitor", "http proxy actor"):
+        assert seen.get(lowered) == {19}, (lowered, seen)
+    assert seen.get("serve controller") == {15}, seen
+    for kept in ("raylet", "gcs_server", "ServeReplica", "haproxy"):
+        assert seen.get(kept) == {base}, (kept, seen)
