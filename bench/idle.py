@@ -165,9 +165,9 @@ def main(argv=None) -> int:
     for i in range(args.rounds):
         entry = {}
         for name, settings in variants.items():
-            servers.PROXY_MODES[f"idle-{name}"] = {**servers.PROXY_MODES["default"], **settings}
+            mode = servers.mode_with(f"idle-{name}", settings)
             config = servers.bench_serve_config(8300, root, run.llm_dir, device=run.device)
-            with servers.serve_run(config, run_dir, name, mode=f"idle-{name}") as server:
+            with servers.serve_run(config, run_dir, name, mode=mode) as server:
                 one_client(server, "tiny-llm", 3, args.max_tokens)  # warm-up
                 time.sleep(5)
                 entry[name] = {"at_rest": at_rest(server, args.idle_s),

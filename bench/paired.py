@@ -151,9 +151,7 @@ def with_env(label: str, settings: list[str]) -> str:
     """A proxy mode of servers.PROXY_MODES: serve.env's default one plus `settings` (KEY=VALUE)."""
     if not settings:
         return "default"
-    servers.PROXY_MODES[f"paired-{label}"] = {**servers.PROXY_MODES["default"],
-                                               **dict(item.split("=", 1) for item in settings)}
-    return f"paired-{label}"
+    return servers.mode_with(f"paired-{label}", dict(item.split("=", 1) for item in settings))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -43,6 +43,12 @@ PROXY_MODES: dict[str, dict[str, str]] = {
 }
 
 
+def mode_with(name: str, settings: dict[str, str]) -> str:
+    """Register proxy mode `name`: serve.env's default one plus `settings` (an A/B of an environment setting)."""
+    PROXY_MODES[name] = {**PROXY_MODES["default"], **settings}
+    return name
+
+
 def parse_proxy_modes(text: str) -> list[str]:
     """'default,haproxy' -> ["default", "haproxy"], naming the choices when one is unknown."""
     modes = [m.strip() for m in text.split(",") if m.strip()]

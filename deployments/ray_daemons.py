@@ -35,13 +35,13 @@ OFF_PATH_DAEMONS: dict[str, str] = {
     "dashboard agent": "ray::DashboardAgent",
     "log monitor": "ray/_private/log_monitor.py",
     "autoscaler monitor": "ray/autoscaler/_private/monitor.py",
+    "serve controller": "ray::ServeController",
 }
 # the HTTP proxy actor, only while HAProxy answers the HTTP port (RAY_SERVE_ENABLE_HA_PROXY=1)
 HTTP_PROXY_ACTOR = "ray::ProxyActor"
 # kind -> the lowest priority it is given whatever the setting: the Serve controller at Ray's own worker_niceness
 # (15), where Ray puts it by default; lower, on a loaded node it would health-check and scale late
 MOST_NICE: dict[str, int] = {"serve controller": 15}
-CONTROL_PLANE: dict[str, str] = {"serve controller": "ray::ServeController"}
 
 
 def configured_nice(environ: Mapping[str, str] | None = None) -> int:
@@ -61,7 +61,7 @@ def configured_nice(environ: Mapping[str, str] | None = None) -> int:
 
 def daemon_markers(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """kind -> marker of every process this node's pass lowers."""
-    markers = {**OFF_PATH_DAEMONS, **CONTROL_PLANE}
+    markers = dict(OFF_PATH_DAEMONS)
     if (os.environ if environ is None else environ).get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1":
         markers["http proxy actor"] = HTTP_PROXY_ACTOR
     return markers
@@ -79,21 +79,19 @@ class Lowered:
         return f"Ray's off-path processes at nice {self.nice}: {found}"
 
 
-def _first_arguments(pid: str, proc: str) -> list[str]:
+def kind_of(pid: int | str, markers: Mapping[str, str], proc: str = "/proc") -> str | None:
+    """The kind whose marker is in one of the process's first four arguments, if any (OSError if it ended)."""
     with open(f"{proc}/{pid}/cmdline", "rb") as f:
-        return f.read().decode(errors="replace").split("\0")[:4]
+        arguments = f.read().decode(errors="replace").split("\0")[:4]
+    return next((kind for kind, marker in markers.items() if any(marker in a for a in arguments)), None)
 
 
-def _lower_threads(pid: str, nice: int, proc: str) -> bool:
+def _lower_threads(pid: str, nice: int, proc: str) -> None:
     """Every thread of `pid` to at least `nice` (nice is per thread on Linux; new threads inherit their
     creator's). Raising a process's own nice needs no privilege; lowering it would, so none is lowered."""
-    changed = False
     for tid in os.listdir(f"{proc}/{pid}/task"):
-        current = os.getpriority(os.PRIO_PROCESS, int(tid))
-        if current < nice:
+        if os.getpriority(os.PRIO_PROCESS, int(tid)) < nice:
             os.setpriority(os.PRIO_PROCESS, int(tid), nice)
-            changed = True
-    return changed
 
 
 def lower_off_path_daemons(nice: int | None = None, environ: Mapping[str, str] | None = None,
@@ -113,8 +111,7 @@ def lower_off_path_daemons(nice: int | None = None, environ: Mapping[str, str] |
         try:
             if os.stat(f"{proc}/{pid}").st_uid != uid:
                 continue
-            arguments = _first_arguments(pid, proc)
-            kind = next((kind for kind, marker in markers.items() if any(marker in a for a in arguments)), None)
+            kind = kind_of(pid, markers, proc)
             if kind is None:
                 continue
             _lower_threads(pid, min(nice, MOST_NICE.get(kind, nice)), proc)

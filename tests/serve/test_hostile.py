@@ -503,25 +503,21 @@ def test_rays_off_path_processes_leave_the_cpu_to_the_serving_ones(live):
     replicas lowered the dashboard, its modules, the log monitor, the dashboard agent and (HAProxy answering) the
     HTTP proxy actor of this `serve run` to 19 and the controller to 15; the raylet, the GCS, HAProxy and every
     thread of every replica run at the priority `serve run` started with (deployments/ray_daemons.py)."""
-    from deployments.ray_daemons import daemon_markers
+    from deployments.ray_daemons import daemon_markers, kind_of
 
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    markers = daemon_markers({"RAY_SERVE_ENABLE_HA_PROXY": "1"})
+    # what the replicas lowered, and what must keep `serve run`'s priority
+    markers = {**daemon_markers({"RAY_SERVE_ENABLE_HA_PROXY": "1"}),
+               **{kept: kept for kept in ("raylet", "gcs_server", "ServeReplica", "haproxy")}}
     seen: dict[str, set[int]] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if os.getsid(int(pid)) != live.process.pid:
+            if os.getsid(int(pid)) != live.process.pid or (kind := kind_of(pid, markers)) is None:
                 continue
-            arguments = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace").split("\0")[:4]
-            nices = {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+            seen.setdefault(kind, set()).update(
+                os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task"))
         except (OSError, ProcessLookupError):
             continue
-        kind = next((k for k, m in markers.items() if any(m in a for a in arguments)), None)
-        if kind is None:
-            kind = next((k for k in ("raylet", "gcs_server", "ServeReplica", "haproxy")
-                         if any(k in a for a in arguments)), None)
-        if kind is not None:
-            seen.setdefault(kind, set()).update(nices)
     for lowered in ("dashboard", "dashboard module", "dashboard agent", "log monitor", "http proxy actor"):
         assert seen.get(lowered) == {19}, (lowered, seen)
     assert seen.get("serve controller") == {15}, seen
