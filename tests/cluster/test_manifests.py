@@ -248,6 +248,37 @@ def test_ray_starts_with_the_api_keys_so_the_workers_that_build_and_serve_the_ap
     assert not any("MODELFLEET_API_KEYS=" in line and "serve deploy" in line for line in commands_shown)
 
 
+# serve.env's settings that hold on a cluster as on one machine. Its others stay Ray's there: HAProxy and the
+# throughput-optimized mode change the request path (README: "On a cluster the manifests keep Ray's defaults"),
+# its slower timers trade reaction time that an autoscaling cluster needs, and its 2 s draining suits HAProxy on
+# the same machine, not a cloud load balancer.
+CLUSTER_SETTINGS = ["RAY_worker_niceness"]
+
+
+@pytest.mark.parametrize("key", CLUSTER_SETTINGS)
+def test_every_node_starts_ray_with_serve_envs_cpu_priorities(key, tmp_path):
+    """The twenty-second session set RAY_worker_niceness=0 in serve.env (Ray's workers, the replicas' event loops
+    among them, ran at nice 15 below Ray's daemons), and neither manifest carried it: every replica on a cluster
+    stayed at 15. Each pod's container and each node's `ray start` now set serve.env's value; the start command
+    is run here with `ray start` swapped for printing the variable."""
+    from deployments.serve_env import read_serve_env
+
+    wanted = read_serve_env()[key]
+    service = load("rayservice.yaml")["spec"]["rayClusterConfig"]
+    for group in [service["headGroupSpec"], *service["workerGroupSpecs"]]:
+        env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert env.get(key) == wanted, (group.get("groupName", "head"), env.get(key), wanted)
+    config = load("cluster.yaml")
+    for commands in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in config[commands] if "ray start" in c)
+        (tmp_path / "modelfleet-secrets").mkdir(exist_ok=True)
+        (tmp_path / "modelfleet-secrets" / "api_keys").write_text("a-long-enough-key-0123456789\n")
+        done = subprocess.run(["bash", "-c", f"{start[:start.index('ray start')]}printenv {key}"], cwd=REPO,
+                              env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                              timeout=60)
+        assert (done.returncode, done.stdout.strip()) == (0, wanted), (commands, done.stderr)
+
+
 def test_rays_dashboard_is_never_opened_to_the_network():
     head = " ".join(load("cluster.yaml")["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head
