@@ -216,6 +216,12 @@ def test_the_gpu_config_requires_api_keys_and_says_how_to_give_them(monkeypatch)
     build_app(args)  # binds every deployment; nothing is deployed without a cluster
 
 
+def before_ray_start(config: dict, commands: str) -> str:
+    """What a node's start command runs before `ray start`: the environment Ray's processes start with."""
+    start = next(c for c in config[commands] if "ray start" in c)
+    return start[:start.index("ray start")]
+
+
 @pytest.mark.parametrize("commands", ["head_start_ray_commands", "worker_start_ray_commands"])
 def test_ray_starts_with_the_api_keys_so_the_workers_that_build_and_serve_the_app_have_them(commands, tmp_path):
     """`serve deploy` only sends the config: build_app and the ingress run in Ray workers, whose environment
@@ -225,8 +231,7 @@ def test_ray_starts_with_the_api_keys_so_the_workers_that_build_and_serve_the_ap
     from deployments.auth import AuthConfig
 
     config = load("cluster.yaml")
-    start = next(c for c in config[commands] if "ray start" in c)
-    before_ray = start[:start.index("ray start")]
+    before_ray = before_ray_start(config, commands)
     assert "MODELFLEET_API_KEYS=" in before_ray
     remote = next(r for r, local in config["file_mounts"].items() if Path(local) == Path("cluster/secrets"))
     assert "~/modelfleet-secrets/api_keys" in before_ray and remote == "~/modelfleet-secrets"
@@ -269,11 +274,10 @@ def test_every_node_starts_ray_with_serve_envs_cpu_priorities(key, tmp_path):
         env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
         assert env.get(key) == wanted, (group.get("groupName", "head"), env.get(key), wanted)
     config = load("cluster.yaml")
+    (tmp_path / "modelfleet-secrets").mkdir()
+    (tmp_path / "modelfleet-secrets" / "api_keys").write_text("a-long-enough-key-0123456789\n")
     for commands in ("head_start_ray_commands", "worker_start_ray_commands"):
-        start = next(c for c in config[commands] if "ray start" in c)
-        (tmp_path / "modelfleet-secrets").mkdir(exist_ok=True)
-        (tmp_path / "modelfleet-secrets" / "api_keys").write_text("a-long-enough-key-0123456789\n")
-        done = subprocess.run(["bash", "-c", f"{start[:start.index('ray start')]}printenv {key}"], cwd=REPO,
+        done = subprocess.run(["bash", "-c", f"{before_ray_start(config, commands)}printenv {key}"], cwd=REPO,
                               env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
                               timeout=60)
         assert (done.returncode, done.stdout.strip()) == (0, wanted), (commands, done.stderr)
