@@ -117,8 +117,11 @@ def test_a_spoken_turn_is_detected_transcribed_answered_in_text_and_audio(demo_a
     done_transcript = events[kinds.index("response.audio_transcript.done")].transcript
     assert "".join(deltas) == done_transcript and deltas
     audio = b"".join(base64.b64decode(e.delta) for e in events if e.type == "response.audio.delta")
-    if any(c.isalnum() for c in done_transcript):
-        assert len(audio) > 0.05 * RATE * 2 and len(audio) % 2 == 0  # pcm16 at 24 kHz
+    # The demo's tiny VITS gives every input token at least one frame of 64 samples at 16 kHz (96 at 24 kHz),
+    # and each ASCII letter or digit is a token (its tokenizer drops what its vocabulary lacks): a bound that
+    # holds for any reply the LLM samples, "Hi!" included
+    spoken = sum(c.isascii() and c.isalnum() for c in done_transcript)
+    assert len(audio) >= 2 * 96 * spoken and len(audio) % 2 == 0  # pcm16
     done = events[-1].response
     assert done.status in ("completed", "incomplete") and done.output[0].role == "assistant"
     assert done.usage.output_tokens > 0 and done.usage.input_tokens > 0
