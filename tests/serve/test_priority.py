@@ -49,15 +49,27 @@ def test_waiting_requests_get_the_batch_place_by_priority_and_the_running_one_is
         replies[name] = reply
         finished.append(name)
 
-    # `running` holds the only place for ~3 s; the others arrive meanwhile, the most urgent last
+    def batching() -> dict:
+        return app.get("/health").json()["models"]["slow-llm"]["replica"]["batching"]
+
+    def wait_for(done, what: str) -> None:
+        deadline = time.monotonic() + 20
+        while not done(batching()):
+            assert time.monotonic() < deadline, f"{what}: {batching()}"
+            time.sleep(0.05)
+
+    # `running` holds the only place for ~3 s; the others arrive meanwhile, the most urgent last. Each is sent
+    # once the one before waits in the replica (not a fixed 150 ms later): equals take the place in arrival
+    # order, and on a loaded machine a request can overtake one sent 150 ms before it
+    prefilled = batching().get("requests", 0)
     running = threading.Thread(target=ask, args=("running", 10, 30))
     running.start()
-    time.sleep(0.6)
+    wait_for(lambda b: b.get("requests", 0) > prefilled, "running never got the place")
     waiting = []
-    for name, priority in [("low", 5), ("normal", 0), ("also-normal", 0), ("urgent", -3)]:
+    for count, (name, priority) in enumerate([("low", 5), ("normal", 0), ("also-normal", 0), ("urgent", -3)], 1):
         waiting.append(threading.Thread(target=ask, args=(name, priority, 3)))
         waiting[-1].start()
-        time.sleep(0.15)
+        wait_for(lambda b, count=count: b.get("waiting_for_place") == count, f"{name} never waited for the place")
     for thread in [running, *waiting]:
         thread.join(60)
     tokens = {name: reply.usage.completion_tokens for name, reply in replies.items()}
