@@ -203,7 +203,9 @@ class Session:
     voice: str = "alloy"
     transcription: InputTranscription | None = None
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
-    temperature: float | None = None
+    # OpenAI's Realtime default, reported in session.created and used where neither the session nor the
+    # response sets one (the chat routes' default, the model's generation_config or 1, is not Realtime's)
+    temperature: float = 0.8
     max_output_tokens: int | str = "inf"
     input_audio_format: str = "pcm16"
     output_audio_format: str = "pcm16"
@@ -219,7 +221,7 @@ class Session:
             "input_audio_transcription": self.transcription.model_dump() if self.transcription else None,
             "turn_detection": self.turn_detection.model_dump() if self.turn_detection else None,
             "tools": [{"type": "function", **tool} for tool in self.tools], "tool_choice": self.tool_choice,
-            "temperature": self.temperature if self.temperature is not None else 0.8,
+            "temperature": self.temperature,
             "max_response_output_tokens": self.max_output_tokens, "speed": self.speed,
         }
 

@@ -1334,3 +1334,26 @@ def test_a_voice_agent_calls_a_function_and_answers_with_its_output(ga):
         {"role": "tool", "tool_call_id": "call_1", "content": '{"celsius": 21}'}]
     spoken = second["response"]["output"]
     assert [o["type"] for o in spoken] == ["message"] and spoken[0]["content"][0]["transcript"] == "w0 w1 w2 "
+
+
+def test_the_temperature_a_session_reports_is_the_one_its_responses_sample_at():
+    """A session reported OpenAI's default 0.8 and asked the LLM for none, which sampled at its own (1.0)."""
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress()
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "turn_detection": None, "modalities": ["text"]}}))
+        await session.handle(_say("hi"))
+        for response in ({}, {"temperature": 0.6}):
+            await session.handle(json.dumps({"type": "response.create", "response": response}))
+            await settle(session)
+        await session.handle(json.dumps({"type": "session.update", "session": {"temperature": 1.1}}))
+        await session.handle(json.dumps({"type": "response.create", "response": {}}))
+        await settle(session)
+        return socket, ingress
+
+    socket, ingress = asyncio.run(scenario())
+    assert socket.of("error") == []
+    assert [e["session"]["temperature"] for e in socket.of("session.updated")] == [0.8, 1.1]
+    assert [call.temperature for call in ingress.calls] == [0.8, 0.6, 1.1]
