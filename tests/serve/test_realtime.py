@@ -217,7 +217,7 @@ def test_a_function_call_and_its_output_through_the_openai_client(demo_app):
     async def scenario():
         async with async_client(demo_app.url).beta.realtime.connect(model=DEFAULT_LLM) as conn:
             await events_until(conn, "session.created")
-            # greedy: sampled at the model's temperature 1, the city's string ran past max_output_tokens in 3 of
+            # greedy: sampled (at temperature 1), the city's string ran past max_output_tokens in 3 of
             # 1,024 draws (a 40-token call, closed by the grammar: status `incomplete`); the protocol is under test
             await conn.session.update(session={"modalities": ["text"], "turn_detection": None, "tools": [weather],
                                                "tool_choice": "required", "temperature": 0})
