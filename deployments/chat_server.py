@@ -38,6 +38,7 @@ class ChatServer(FamilyServer):
         self._chat_batch = Batcher(self._chat_batch_call, options.max_batch_size, options.batch_wait_timeout_s,
                                    priority=lambda params: params.priority, abandoned=cancelled)
         self.batch_stats["scheduling_policy"] = options.scheduling_policy  # shown in /health beside the counters
+        self.batch_stats["turn_ends_weighed"] = 0  # Realtime semantic_vad pauses scored (end_of_turn)
 
     # -- to be provided by the family --------------------------------------------------------------
     def encode(self, loaded: LoadedModel, params: ChatParams) -> dict[str, Any]:
@@ -143,6 +144,22 @@ class ChatServer(FamilyServer):
         # the template chats are rendered with: a VLM's processor's, else the tokenizer's
         template = getattr(loaded.processor, "chat_template", None) or getattr(loaded.tokenizer, "chat_template", None)
         return tokenization.tokenizer_info(loaded.tokenizer, template if isinstance(template, str) else None)
+
+    # -- Realtime's semantic_vad -----------------------------------------------------------------------
+    async def end_of_turn(self, model: str, heard: str, answered: str | None) -> float | None:
+        """The probability that the user's words `heard` (after the reply `answered`) end their message
+        (end_of_turn.py); None where the model's chat template gives nothing to score."""
+        from . import end_of_turn
+
+        _, loaded = await self.pool.get(model, 0)
+        owner = loaded.processor if getattr(loaded.processor, "chat_template", None) else loaded.tokenizer
+        try:
+            ids, closing = end_of_turn.turn_prefix(owner, heard, answered)
+        except end_of_turn.NoTurnEnd:
+            return None
+        probability = await self._infer_model(loaded, end_of_turn.closing_probability, loaded, ids, closing)
+        self.batch_stats["turn_ends_weighed"] += 1
+        return probability
 
     def _compile(self, loaded: LoadedModel, params: ChatParams, width: int) -> Any:
         """The request's grammar for its row (cached per grammar and tokenizer); 400 if it cannot be

@@ -323,6 +323,12 @@ class Ingress:
         """A 400 on `speed` where the TTS model speaks at one speed only."""
         await self._call(Family.TTS, "check_speed", self.spec(model, Family.TTS).name, speed)
 
+    async def end_of_turn(self, model: str, heard: str, answered: str | None) -> float | None:
+        """The chat model's probability that a speaker's words `heard` end their turn (Realtime's
+        semantic_vad); None where its chat template gives nothing to score."""
+        spec = self.spec(model, Family.LLM, Family.VLM)
+        return await self._call(chat_family(spec), "end_of_turn", spec.name, heard, answered)
+
     async def synthesize(self, params: SpeechParams) -> SpeechResult:
         params.model = self.spec(params.model, Family.TTS).name  # canonical: metric labels and logs
         return await self._call(Family.TTS, "synthesize", params)

@@ -32,11 +32,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from loading import Family
 
-from . import g711
+from . import g711, semantic_vad
 from .audio import StreamResampler, resample
 from .errors import APIError, as_api_error, to_error
 from .guard import INLINE_JSON_BYTES, check_json, offered_subprotocols, realtime_subprotocol
-from .params import ChatParams, SpeechParams, TranscribeParams
+from .params import ChatParams, SpeechParams, TranscribeParams, TranscribeResult
 from .vad import TurnDetector, VadOptions
 from .voice import AudioPiece, ReplyDone, TextDelta, ToolCall, spoken_reply
 
@@ -68,17 +68,33 @@ AudioFormat = Literal["pcm16", "g711_ulaw", "g711_alaw"]
 
 
 class TurnDetection(BaseModel):
+    """`server_vad`: a turn ends after `silence_duration_ms` of silence. `semantic_vad`: after a silence
+    that is longer the less the words heard sound finished (semantic_vad.py), at most 8/4/2 s for
+    `eagerness` low/medium (auto)/high; its speech is found with server_vad's defaults."""
+
     model_config = ConfigDict(extra="ignore")
 
-    type: Literal["server_vad"] = "server_vad"
+    type: Literal["server_vad", "semantic_vad"] = "server_vad"
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     prefix_padding_ms: int = Field(default=300, ge=0, le=10000)
     silence_duration_ms: int = Field(default=500, ge=0, le=10000)
+    eagerness: Literal["low", "medium", "high", "auto"] = "auto"
     create_response: bool = True
     interrupt_response: bool = True
 
+    @property
+    def semantic(self) -> bool:
+        return self.type == "semantic_vad"
+
     def vad(self) -> VadOptions:
+        if self.semantic:  # OpenAI's semantic_vad has no VAD knobs: speech is found as server_vad's defaults find it
+            return VadOptions(silence_duration_ms=semantic_vad.PAUSE_MS)
         return VadOptions(self.threshold, self.prefix_padding_ms, self.silence_duration_ms)
+
+    def render(self) -> dict:
+        """The fields OpenAI's session shows for this type."""
+        shown = ({"eagerness"} if self.semantic else {"threshold", "prefix_padding_ms", "silence_duration_ms"})
+        return self.model_dump(include={"type", "create_response", "interrupt_response", *shown})
 
 
 class InputTranscription(BaseModel):
@@ -219,7 +235,7 @@ class Session:
             "instructions": self.instructions, "voice": self.voice,
             "input_audio_format": self.input_audio_format, "output_audio_format": self.output_audio_format,
             "input_audio_transcription": self.transcription.model_dump() if self.transcription else None,
-            "turn_detection": self.turn_detection.model_dump() if self.turn_detection else None,
+            "turn_detection": self.turn_detection.render() if self.turn_detection else None,
             "tools": [{"type": "function", **tool} for tool in self.tools], "tool_choice": self.tool_choice,
             "temperature": self.temperature,
             "max_response_output_tokens": self.max_output_tokens, "speed": self.speed,
@@ -309,6 +325,16 @@ class SessionError(Exception):
         self.message, self.code, self.param = message, code, param
 
 
+@dataclass
+class Pause:
+    """semantic_vad: where a turn's speech paused, and what weighing its words found so far."""
+
+    at: int  # the stream sample (24 kHz) where the speech paused
+    task: asyncio.Task = field(init=False)  # transcribes the turn so far, then scores its words
+    transcript: TranscribeResult | None = None  # the turn's, if it ends at this pause
+    wait: int | None = None  # samples of silence after which the turn ends, once scored
+
+
 class RealtimeSession:
     def __init__(self, websocket: WebSocket, ingress: Ingress, model: str | None):
         self.ws, self.ingress, self.limits = websocket, ingress, ingress.limits
@@ -332,6 +358,8 @@ class RealtimeSession:
         self._detect_from(self.config.turn_detection)
         self.speech_start: int | None = None  # stream sample where the current speech began
         self.speech_item: str | None = None
+        self.pause: Pause | None = None  # semantic_vad: the turn's speech paused, its words being weighed
+        self._turn_lock = asyncio.Lock()  # appends and a weighed pause's end change the turn one at a time
         self.response: asyncio.Task | None = None
         self.response_id: str | None = None  # the id of `response`, for response.cancel's response_id
         self.response_item: Item | None = None  # the assistant item `response` writes
@@ -408,6 +436,8 @@ class RealtimeSession:
 
     async def stop(self) -> None:
         tasks = [t for t in [self.response, *self.transcriptions] if t is not None and not t.done()]
+        if self.pause is not None:
+            tasks.append(self.pause.task)
         self._closed = True
         for task in tasks:
             task.cancel()
@@ -478,14 +508,18 @@ class RealtimeSession:
         if "input_audio_transcription" in sent:
             config.transcription = fields.input_audio_transcription
         if "turn_detection" in sent:
-            config.turn_detection = fields.turn_detection
-            if fields.turn_detection is not None and self.detector is not None:
-                # server VAD stays on: the detector hears on, a turn under way included, with the new knobs
-                # (clients send their whole session, this turn_detection too, with any update)
-                self.detector.options = fields.turn_detection.vad()
-            else:
-                self._detect_from(fields.turn_detection)
-                self.speech_start = None
+            async with self._turn_lock:  # not while a weighed pause ends its turn
+                config.turn_detection = fields.turn_detection
+                if fields.turn_detection is not None and self.detector is not None:
+                    # VAD stays on: the detector hears on, a turn under way included, with the new knobs
+                    # (clients send their whole session, this turn_detection too, with any update)
+                    self.detector.options = fields.turn_detection.vad()
+                    if self.pause is not None and not fields.turn_detection.semantic:
+                        await self._end_turn(self.pause.at)  # server_vad from here: the pause heard ends the turn
+                else:
+                    self._drop_pause()
+                    self._detect_from(fields.turn_detection)
+                    self.speech_start = None
         await self.send("session.updated", session=config.render(self.id, self.llm))
 
     def _tool_features(self, tools: list[dict], choice: Any, where: str) -> dict[str, Any]:
@@ -562,6 +596,10 @@ class RealtimeSession:
             raise SessionError("'audio' must be 16-bit samples (an even number of bytes)", "invalid_value", "audio")
         else:
             samples = np.frombuffer(data, dtype="<i2")
+        async with self._turn_lock:  # a weighed pause may end the turn meanwhile (semantic_vad)
+            await self._append(samples)
+
+    async def _append(self, samples: np.ndarray) -> None:
         limit = int(self.limits.max_realtime_buffer_seconds * RATE)
         if self.detector is not None and self.speech_start is None:
             # server VAD, no speech under way: the oldest audio makes room, so a session that listens to
@@ -583,6 +621,7 @@ class RealtimeSession:
         self.streamed += len(samples)
         if self.detector is not None:
             await self._detect(samples)
+            await self._end_if_paused_long_enough()
 
     async def _detect(self, samples: np.ndarray) -> None:
         assert self.detector is not None
@@ -595,7 +634,9 @@ class RealtimeSession:
             turns = await asyncio.to_thread(self._turns, samples)
         for turn in turns:
             at = self.detector_origin + turn.sample * RATE // 16000  # stream sample, 24 kHz
-            if turn.kind == "started":
+            if turn.kind == "started" and self.pause is not None:
+                self._drop_pause()  # semantic_vad: the user goes on after a pause; the same turn continues
+            elif turn.kind == "started":
                 self.speech_start, self.speech_item = at, _id("item")
                 # the turn begins at its padded start: the silence kept before it (up to the bound) would
                 # otherwise leave the buffer full, and the turn's next append would commit it cut short
@@ -607,8 +648,51 @@ class RealtimeSession:
                 active = self.response is not None and not self.response.done()
                 if active and detection and detection.interrupt_response:
                     await self.cancel_response("turn_detected")
+            elif self.speech_start is not None and self.config.turn_detection and self.config.turn_detection.semantic:
+                self._weigh_pause(at)
             elif self.speech_start is not None:
                 await self._end_turn(at)
+
+    # -- semantic_vad: a pause ends the turn once its silence is as long as its words ask (semantic_vad.py) --
+    def _weigh_pause(self, at: int) -> None:
+        """The turn's speech paused at stream sample `at`: transcribe the turn so far and score its words."""
+        assert self.speech_start is not None
+        self._drop_pause()
+        audio = self._take(self._padded_start(self.speech_start), at)
+        last = self.items[-1] if self.items else None  # a reply the user answers gives the words their sense
+        answered = last.text if last is not None and last.role == "assistant" and last.type == "message" else None
+        self.pause = Pause(at)
+        self.pause.task = asyncio.ensure_future(self._score_pause(self.pause, audio, answered))
+
+    async def _score_pause(self, pause: Pause, audio: np.ndarray, answered: str | None) -> None:
+        probability = None
+        try:
+            pause.transcript = await self._heard(audio)
+            probability = await self.ingress.end_of_turn(self.llm, pause.transcript.text, answered)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # unscored: the turn ends after the unscored wait; its commit reports failures
+            log.info("semantic_vad could not weigh a pause: %s", exc)
+        detection = self.config.turn_detection
+        eagerness = detection.eagerness if detection else "auto"
+        pause.wait = int(semantic_vad.wait_s(probability, eagerness) * RATE)
+        async with self._turn_lock:  # the silence since may already be long enough
+            await self._end_if_paused_long_enough()
+
+    async def _end_if_paused_long_enough(self) -> None:
+        pause, detection = self.pause, self.config.turn_detection
+        if pause is None or detection is None:
+            return
+        silence = self.streamed - pause.at
+        longest = int(semantic_vad.LONGEST_WAIT_S[detection.eagerness] * RATE)
+        if silence >= longest or (pause.wait is not None and silence >= pause.wait):
+            await self._end_turn(pause.at)
+
+    def _drop_pause(self) -> None:
+        if self.pause is not None:
+            if self.pause.task is not asyncio.current_task():
+                self.pause.task.cancel()
+            self.pause = None
 
     def _turns(self, samples: np.ndarray) -> list:
         assert self.detector is not None
@@ -617,16 +701,22 @@ class RealtimeSession:
     def _padded_start(self, at: int) -> int:
         """Where a turn whose speech starts at stream sample `at` begins: prefix_padding_ms before it."""
         detection = self.config.turn_detection
-        pad = (detection.prefix_padding_ms if detection else 300) * RATE // 1000
+        pad = (detection.vad().prefix_padding_ms if detection else 300) * RATE // 1000
         return max(self.buffer_start, at - pad)
 
     async def _end_turn(self, at: int) -> None:
-        """Server VAD: the speech that began at `speech_start` ended at stream sample `at`; commit it."""
-        assert self.speech_start is not None
+        """Server VAD: the speech that began at `speech_start` ended at stream sample `at`; commit it. A pause
+        weighed at `at` (semantic_vad) has transcribed this very audio: its transcript is the turn's."""
+        start = self.speech_start
+        assert start is not None
+        pause, self.pause = self.pause, None
+        heard = pause.transcript if pause is not None and pause.at == at else None
+        if pause is not None and pause.task is not asyncio.current_task():
+            pause.task.cancel()  # its score is no longer needed (its transcript, if any, is taken above)
         await self.send("input_audio_buffer.speech_stopped", audio_end_ms=at * 1000 // RATE, item_id=self.speech_item)
         detection = self.config.turn_detection
-        await self._commit(self._padded_start(self.speech_start), at, self.speech_item or _id("item"),
-                           auto_respond=bool(detection and detection.create_response))
+        await self._commit(self._padded_start(start), at, self.speech_item or _id("item"),
+                           auto_respond=bool(detection and detection.create_response), heard=heard)
         self.speech_start = None
 
     def _take(self, begin: int, end: int) -> np.ndarray:
@@ -647,16 +737,22 @@ class RealtimeSession:
             self.buffer_start += cut
 
     async def commit(self, event: dict) -> None:
+        async with self._turn_lock:
+            await self._commit_buffer()
+
+    async def _commit_buffer(self) -> None:
         self._end_g711_stream()
         if self.buffered * 1000 // RATE < MIN_COMMIT_MS:
             raise SessionError(f"the input audio buffer holds {self.buffered * 1000 // RATE} ms; a commit needs at "
                                f"least {MIN_COMMIT_MS} ms", "input_audio_buffer_commit_empty")
+        self._drop_pause()
         await self._commit(self.buffer_start, self.streamed, self.speech_item or _id("item"), auto_respond=False)
         self.speech_start = None
         if self.detector is not None:
             self.detector.reset()
 
-    async def _commit(self, begin: int, end: int, item_id: str, auto_respond: bool) -> None:
+    async def _commit(self, begin: int, end: int, item_id: str, auto_respond: bool,
+                      heard: TranscribeResult | None = None) -> None:
         audio = self._take(begin, end)
         self._drop_before(end)
         if end >= self.streamed:
@@ -666,25 +762,31 @@ class RealtimeSession:
         self.speech_item = None
         await self.send("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
         await self.send("conversation.item.created", previous_item_id=previous, item=item.render())
-        task = asyncio.ensure_future(self._transcribe(item, audio, auto_respond))
+        task = asyncio.ensure_future(self._transcribe(item, audio, auto_respond, heard))
         self.transcriptions.add(task)
         task.add_done_callback(self.transcriptions.discard)
 
-    async def _transcribe(self, item: Item, audio: np.ndarray, auto_respond: bool) -> None:
+    async def _heard(self, audio: np.ndarray) -> TranscribeResult:
+        """The session's STT model's transcript of `audio` (pcm16 at 24 kHz)."""
         config = self.config.transcription
         model = (config.model if config and config.model else None) or self.ingress.default_model(Family.STT)
+        samples = resample(audio.astype(np.float32) / 32768.0, RATE, 16000)
+        return await self.ingress.transcribe(TranscribeParams(
+            model=self.ingress.spec(model, Family.STT).name, audio=samples, sample_rate=16000,
+            language=config.language if config else None, prompt=config.prompt if config else None))
+
+    async def _transcribe(self, item: Item, audio: np.ndarray, auto_respond: bool,
+                          heard: TranscribeResult | None = None) -> None:
+        config = self.config.transcription
         try:
-            samples = resample(audio.astype(np.float32) / 32768.0, RATE, 16000)
-            result = await self.ingress.transcribe(TranscribeParams(
-                model=self.ingress.spec(model, Family.STT).name, audio=samples, sample_rate=16000,
-                language=config.language if config else None, prompt=config.prompt if config else None))
+            result = heard if heard is not None else await self._heard(audio)
             item.text = result.text
             if config is not None:
                 await self.send("conversation.item.input_audio_transcription.delta", item_id=item.id,
                                 content_index=0, delta=result.text)
                 await self.send("conversation.item.input_audio_transcription.completed", item_id=item.id,
                                 content_index=0, transcript=result.text,
-                                usage={"type": "duration", "seconds": round(len(samples) / 16000, 3)})
+                                usage={"type": "duration", "seconds": round(len(audio) / RATE, 3)})
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -721,8 +823,13 @@ class RealtimeSession:
             self.streamed += len(samples)
 
     async def clear(self, event: dict) -> None:
+        async with self._turn_lock:
+            await self._clear()
+
+    async def _clear(self) -> None:
         self.g711_in = StreamResampler(g711.RATE, RATE)  # what it held back is cleared too
         self.buffer, self.buffered, self.buffer_start = [], 0, self.streamed
+        self._drop_pause()
         self.speech_start = None
         if self.detector is not None:
             self.detector.reset()

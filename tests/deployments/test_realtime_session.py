@@ -50,12 +50,14 @@ class ScriptedIngress:
     """The session's view of the app: a reply of `words`, silent speech, and `transcripts` in turn."""
 
     def __init__(self, limits: RequestLimits | None = None, words: int = 3, word_s: float = 0.01,
-                 transcribe_s: float = 0.01, max_new_tokens: int = 256):
+                 transcribe_s: float = 0.01, max_new_tokens: int = 256, closing: float | None = None):
         self.limits = limits or RequestLimits()
         self.max_new_tokens = max_new_tokens  # the LLM's, as its ModelSpec's
         self.config = SimpleNamespace(ingress=SimpleNamespace(voice_first_piece_chars=80))
         self.words, self.word_s, self.transcribe_s = words, word_s, transcribe_s
         self.heard: list[float] = []  # seconds of audio each transcription was given
+        self.closing = closing  # the LLM's end-of-turn probability for any words (semantic_vad)
+        self.weighed: list[tuple[str, str | None]] = []  # the words end_of_turn was asked about, and the reply
         self.chats: list[list[dict]] = []
         self.calls: list[ChatParams] = []
 
@@ -98,6 +100,11 @@ class ScriptedIngress:
     async def check_transcription_language(self, model: str, language: str) -> None:
         """Every language is known to the scripted STT."""
 
+    async def end_of_turn(self, model: str, heard: str, answered: str | None) -> float | None:
+        self.weighed.append((heard, answered))
+        await asyncio.sleep(0.01)
+        return self.closing
+
 
 def speech(seconds: tuple[float, float] = (0.0, 4.0)) -> np.ndarray:
     samples, rate = sf.read(SPEECH, dtype="float32")
@@ -119,7 +126,8 @@ async def append(session: RealtimeSession, audio: np.ndarray, block: int = 2400,
 
 async def settle(session: RealtimeSession, timeout: float = 10.0) -> None:
     for _ in range(int(timeout / 0.02)):
-        busy = [t for t in [session.response, *session.transcriptions] if t is not None and not t.done()]
+        weighing = session.pause.task if session.pause is not None else None
+        busy = [t for t in [session.response, *session.transcriptions, weighing] if t is not None and not t.done()]
         if not busy:
             return
         await asyncio.sleep(0.02)
@@ -852,7 +860,7 @@ def test_ga_errors_name_the_field_the_ga_client_sent():
     async def scenario():
         socket = Socket(ga=True)
         session = RealtimeSession(socket, ScriptedIngress(), None)
-        for update in ({"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}},
+        for update in ({"audio": {"input": {"turn_detection": {"type": "push_to_talk"}}}},
                        {"audio": {"input": {"format": {"type": "audio/pcmu", "rate": 16000}}}},  # G.711 is 8 kHz
                        {"audio": {"output": {"format": {"type": "audio/pcm", "rate": 16000}}}},
                        {"audio": {"input": {"transcription": {"model": "nope"}}}},
@@ -1357,3 +1365,132 @@ def test_the_temperature_a_session_reports_is_the_one_its_responses_sample_at():
     assert socket.of("error") == []
     assert [e["session"]["temperature"] for e in socket.of("session.updated")] == [0.8, 1.1]
     assert [call.temperature for call in ingress.calls] == [0.8, 0.6, 1.1]
+
+
+# -- semantic_vad: a turn ends after a silence as long as its words ask (deployments/semantic_vad.py) ---------
+def _semantic(eagerness: str = "auto", create_response: bool = False, **more) -> str:
+    return json.dumps({"type": "session.update", "session": {"turn_detection": {
+        "type": "semantic_vad", "eagerness": eagerness, "create_response": create_response, **more}}})
+
+
+def test_semantic_vad_keeps_the_turn_open_across_a_pause_after_words_that_trail_off():
+    """Words the LLM does not expect to end ("Set a timer for") wait the eagerness's longest silence (2 s
+    for high): the 1 s pause in the fixture's speech is not a turn, and the turn ends where the speech did."""
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress(transcribe_s=0, closing=1e-9)
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(_semantic("high"))
+        await append(session, np.concatenate([speech(), silence(1.5)]), pace_s=0.01)
+        await settle(session)
+        before = (turns(socket), len(socket.of("input_audio_buffer.committed")))
+        await append(session, silence(1.0), pace_s=0.01)  # 2.8 s of silence after the speech
+        await settle(session)
+        return socket, ingress, before
+
+    socket, ingress, before = asyncio.run(scenario())
+    assert socket.of("error") == []
+    assert before == ([("started", 0)], 0)  # 1.8 s of silence after words that trail off: still listening
+    assert turns(socket) == [("started", 0), ("stopped", 3680)]  # one turn; it ends where its speech did
+    assert len(socket.of("input_audio_buffer.committed")) == 1
+    assert [heard for heard, _ in ingress.weighed] == ["turn1", "turn2"]  # at each pause, the words so far
+    assert ingress.heard[-1] > 3.6  # the turn holds both utterances
+    # the commit's transcript is the one made at the pause it ended at: no second transcription
+    assert len(ingress.heard) == 2
+    assert socket.of("conversation.item.input_audio_transcription.completed") == []  # none asked for
+
+
+def test_semantic_vad_ends_the_turn_at_the_pause_after_finished_words_and_reuses_their_transcript():
+    """Words that sound finished end the turn at the first pause (300 ms of silence): two turns, as server
+    VAD finds them, each transcribed once (the transcript the pause was weighed on is the turn's), and the
+    words after a reply are weighed with that reply (what they answer)."""
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress(transcribe_s=0, closing=0.5)
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "modalities": ["text"], "input_audio_transcription": {"model": "stt"}}}))
+        await session.handle(_semantic("low", create_response=True, interrupt_response=False))
+        await append(session, np.concatenate([speech(), silence(1.0)]), pace_s=0.01)
+        await settle(session)
+        return socket, ingress
+
+    socket, ingress = asyncio.run(scenario())
+    assert socket.of("error") == []
+    assert turns(socket) == [("started", 0), ("stopped", 992), ("started", 1684), ("stopped", 3680)]
+    assert [e["transcript"] for e in socket.of("conversation.item.input_audio_transcription.completed")] == [
+        "turn1", "turn2"]
+    assert len(ingress.heard) == 2
+    assert ingress.weighed[0] == ("turn1", None)
+    heard, answered = ingress.weighed[1]
+    assert heard == "turn2" and answered is not None and answered.startswith("w0")  # the reply to turn 1
+
+
+@pytest.mark.parametrize(("closing", "eagerness", "wait_s"), [
+    (10 ** -5.5, "medium", 2.0),  # halfway between finished (1e-3) and trailing off (1e-8) on a log scale
+    (None, "auto", 1.0),  # no score (the template has nothing to score, the LLM is away): a quarter
+    (1e-12, "low", 8.0),  # trailing off: the longest wait of low
+])
+def test_semantic_vad_waits_the_share_of_the_longest_silence_that_the_words_score(closing, eagerness, wait_s):
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress(transcribe_s=0, closing=closing)
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(_semantic(eagerness))
+        # speech ends at 0.99 s: 0.19 s less silence than the wait, then 0.4 s more
+        await append(session, np.concatenate([speech((0.0, 1.2)), silence(wait_s - 0.4)]), pace_s=0.01)
+        await settle(session)
+        before = len(socket.of("input_audio_buffer.committed"))
+        await append(session, silence(0.4), pace_s=0.01)
+        await settle(session)
+        return socket, before
+
+    socket, before = asyncio.run(scenario())
+    assert before == 0 and len(socket.of("input_audio_buffer.committed")) == 1
+    assert turns(socket) == [("started", 0), ("stopped", 992)]
+
+
+def test_semantic_vad_is_shown_in_openais_shape_and_switches_with_server_vad():
+    async def scenario(ga: bool):
+        socket = Socket(ga=ga)
+        session = RealtimeSession(socket, ScriptedIngress(), None)
+        detection = {"type": "semantic_vad", "eagerness": "low", "threshold": 0.9}  # no threshold in semantic_vad
+        session_fields = ({"type": "realtime", "audio": {"input": {"turn_detection": detection}}} if ga
+                          else {"turn_detection": detection})
+        await session.handle(json.dumps({"type": "session.update", "session": session_fields}))
+        await session.handle(json.dumps({"type": "session.update", "session": (
+            {"type": "realtime", "audio": {"input": {"turn_detection": {"type": "server_vad"}}}} if ga
+            else {"turn_detection": {"type": "server_vad"}})}))
+        return socket
+
+    semantic = {"type": "semantic_vad", "eagerness": "low", "create_response": True, "interrupt_response": True}
+    server = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
+              "create_response": True, "interrupt_response": True}
+    beta = asyncio.run(scenario(False))
+    assert beta.of("error") == []
+    assert [e["session"]["turn_detection"] for e in beta.of("session.updated")] == [semantic, server]
+    ga = asyncio.run(scenario(True))
+    assert ga.of("error") == []
+    assert [e["session"]["audio"]["input"]["turn_detection"] for e in ga.of("session.updated")] == [semantic, server]
+
+
+def test_a_switch_to_server_vad_during_a_weighed_pause_ends_the_turn_there():
+    """Under semantic_vad the detector has heard the pause already; server VAD from then on would never hear
+    it again, and the turn would stay open until the next speech."""
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress(transcribe_s=0, closing=1e-9)
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(_semantic("high"))
+        await append(session, np.concatenate([speech((0.0, 1.2)), silence(0.6)]), pace_s=0.01)
+        await settle(session)
+        before = turns(socket)
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "turn_detection": {"type": "server_vad", "create_response": False}}}))
+        await settle(session)
+        return socket, ingress, before
+
+    socket, ingress, before = asyncio.run(scenario())
+    assert socket.of("error") == []
+    assert before == [("started", 0)]
+    assert turns(socket) == [("started", 0), ("stopped", 992)]
+    assert len(socket.of("input_audio_buffer.committed")) == 1 and len(ingress.heard) == 1

@@ -289,6 +289,91 @@ def test_the_ga_client_speaks_the_same_session_with_ga_names(demo_app):
     assert answer[-1].response.output[0].content[0].type == "output_audio"
 
 
+def test_semantic_vad_ends_a_spoken_turn_as_the_agents_sdk_asks_for_it(demo_app):
+    """OpenAI's Agents SDK and many GA clients ask for `semantic_vad`; it was refused with an error event. Here
+    the silence after the words comes in real time, as a microphone's: the LLM weighs the words at the pause,
+    the turn ends once the silence is as long as their score asks (semantic_vad.wait_s, at most 2 s for
+    `eagerness` high), where the speech ended, and is answered."""
+    from deployments.semantic_vad import wait_s
+
+    def weighed() -> int:
+        return demo_app.get("/health").json()["models"][DEFAULT_LLM]["replica"]["batching"]["turn_ends_weighed"]
+
+    async def scenario():
+        async with async_client(demo_app.url).realtime.connect(model=DEFAULT_LLM) as conn:
+            await events_until(conn, "session.created")
+            await conn.session.update(session={
+                "type": "realtime", "output_modalities": ["text"], "instructions": "Be brief.",
+                "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
+                                    "transcription": {"model": "whisper-1"},
+                                    "turn_detection": {"type": "semantic_vad", "eagerness": "high"}}},
+                "max_output_tokens": 12})
+            updated = await events_until(conn, "session.updated")
+            await append_audio(conn, speech_pcm24((0.0, 1.4)))  # "Hello there.": speech ends at 0.99 s
+            sent = [0.0]  # seconds of silence sent after it
+
+            async def microphone():
+                while sent[0] < 6:
+                    await append_audio(conn, silence_pcm24(0.1))
+                    sent[0] += 0.1
+                    await asyncio.sleep(0.1)
+
+            sending = asyncio.ensure_future(microphone())
+            events, committed_after = [], None
+            try:
+                async def collect():
+                    nonlocal committed_after
+                    async for event in conn:
+                        events.append(event)
+                        if event.type == "input_audio_buffer.committed":
+                            committed_after = sent[0]
+                        if event.type in ("response.done", "error"):
+                            return
+
+                await asyncio.wait_for(collect(), 90)
+            finally:
+                sending.cancel()
+            return updated, events, committed_after
+
+    before = weighed()
+    updated, events, committed_after = run(scenario())
+    assert updated[-1].session.audio.input.turn_detection.type == "semantic_vad"
+    assert updated[-1].session.audio.input.turn_detection.eagerness == "high"
+    kinds = [e.type for e in events]
+    assert "error" not in kinds, events
+    order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+             "conversation.item.input_audio_transcription.completed", "response.created", "response.done"]
+    positions = [kinds.index(kind) for kind in order]
+    assert positions == sorted(positions), kinds
+    assert kinds.count("input_audio_buffer.speech_started") == 1
+    stopped = events[kinds.index("input_audio_buffer.speech_stopped")]
+    assert 800 <= stopped.audio_end_ms <= 1300  # where the speech ended, not where the wait did
+    assert events[-1].response.status in ("completed", "incomplete")
+    assert weighed() > before  # the LLM deployment weighed the words
+    # the turn ended after the silence its transcript's score asks for (the same score, asked again): 0.41 s
+    # of silence came with the speech, the rest in real time. (The tiny Whisper's words are noise, which
+    # SmolLM2 scores ~5e-9: the longest wait. Unscored, the turn would end after a quarter of it.)
+    transcript = events[kinds.index("conversation.item.input_audio_transcription.completed")].transcript
+    from ray import serve
+
+    score = serve.get_deployment_handle("llm", demo_app.name).end_of_turn.remote(
+        DEFAULT_LLM, transcript, None).result(timeout_s=60)
+    wait = wait_s(score, "high")
+    assert wait - 0.41 - 0.25 <= committed_after <= max(wait - 0.41, 0) + 3.0, (transcript, score, committed_after)
+
+
+def test_the_llm_deployment_weighs_whether_words_end_a_turn(demo_app):
+    """The score semantic_vad waits by, from the LLM deployment the session calls: the demo's SmolLM2."""
+    from ray import serve
+
+    llm = serve.get_deployment_handle("llm", demo_app.name)
+    finished = llm.end_of_turn.remote(DEFAULT_LLM, "Set a timer for five minutes.", None).result(timeout_s=60)
+    cut = llm.end_of_turn.remote(DEFAULT_LLM, "Set a timer for", None).result(timeout_s=60)
+    answer = llm.end_of_turn.remote(DEFAULT_LLM, "Paris.", "Which city are you in?").result(timeout_s=60)
+    assert finished > 1e-3 > 1e-7 > cut and answer > 1e-3, (finished, cut, answer)
+    assert llm.end_of_turn.remote(DEFAULT_LLM, "  ", None).result(timeout_s=60) is None  # no words: nothing to score
+
+
 # -- the API key on the socket ---------------------------------------------------------------------------
 KEY = "sk-realtime-test-key"
 
