@@ -133,6 +133,9 @@ class SessionFields(BaseModel):
     speed: float | None = Field(default=None, ge=0.25, le=1.5)  # of the spoken reply, as OpenAI's bounds
     tools: list[RealtimeTool] | None = None
     tool_choice: Any = None  # "auto" | "none" | "required" | {"type": "function", "name": ...}
+    # GA's session.type (beta's transcription_session.update sets "transcription"): a transcription session
+    # transcribes each turn and makes no responses
+    type: Literal["realtime", "transcription"] | None = None
 
 
 class ResponseFields(BaseModel):
@@ -229,7 +232,13 @@ class Session:
     tools: list[dict] = field(default_factory=list)  # RealtimeTool's fields, as chat completions' functions take them
     tool_choice: Any = "auto"
 
-    def render(self, session_id: str, model: str) -> dict:
+    def render(self, session_id: str, model: str, transcription: bool = False) -> dict:
+        if transcription:  # beta's transcription session object (_to_ga writes GA's)
+            return {"id": session_id, "object": "realtime.transcription_session", "modalities": ["text"],
+                    "input_audio_format": self.input_audio_format,
+                    "input_audio_transcription": self.transcription.model_dump() if self.transcription else None,
+                    "turn_detection": self.turn_detection.render() if self.turn_detection else None,
+                    "input_audio_noise_reduction": None, "include": None}
         return {
             "id": session_id, "object": "realtime.session", "model": model, "modalities": self.modalities,
             "instructions": self.instructions, "voice": self.voice,
@@ -336,7 +345,7 @@ class Pause:
 
 
 class RealtimeSession:
-    def __init__(self, websocket: WebSocket, ingress: Ingress, model: str | None):
+    def __init__(self, websocket: WebSocket, ingress: Ingress, model: str | None, intent: str | None = None):
         self.ws, self.ingress, self.limits = websocket, ingress, ingress.limits
         # the beta protocol is the one spoken; the GA one is translated at the edges
         self.ga = not _asks_beta(websocket.headers)
@@ -344,6 +353,11 @@ class RealtimeSession:
         self.llm = ingress.default_model(Family.LLM)
         self.requested_model = model
         self.config = Session()
+        # a transcription session (the URL's intent=transcription, or session.type): turns are transcribed,
+        # never answered
+        self.transcribing = intent == "transcription"
+        if self.transcribing:
+            self.config.transcription = InputTranscription()
         self.items: list[Item] = []
         self.prompt_from: str | None = None  # the oldest item prompts show (older ones outgrew the context)
         # the input buffer: pcm16 samples at 24 kHz, and where its first sample is in the session's stream
@@ -400,16 +414,28 @@ class RealtimeSession:
         await self.send_error(error.message, error.code, error.param, error.type, event_id)
 
     # -- the session -------------------------------------------------------------------------------------
-    async def run(self) -> None:
+    def _rendered(self) -> dict:
+        return self.config.render(self.id, self.llm, transcription=self.transcribing)
+
+    def _session_event(self, kind: str) -> str:
+        """`session.created`/`updated`; beta's transcription session has events of its own name."""
+        return f"transcription_session.{kind}" if self.transcribing and not self.ga else f"session.{kind}"
+
+    async def announce(self) -> None:
+        """The session's opening events: its configuration, its conversation, and the model that answers."""
         model = self.requested_model
-        await self.send("session.created", session=self.config.render(self.id, self.llm))
-        await self.send("conversation.created", conversation={"id": _id("conv"), "object": "realtime.conversation"})
-        if model and model not in (self.llm,):
+        await self.send(self._session_event("created"), session=self._rendered())
+        if not self.transcribing:  # a transcription session has no conversation to announce (as OpenAI's)
+            await self.send("conversation.created", conversation={"id": _id("conv"), "object": "realtime.conversation"})
+        if model and model not in (self.llm,) and not self.transcribing:
             try:
                 self.llm = self.ingress.spec(model, Family.LLM, Family.VLM).name
-                await self.send("session.updated", session=self.config.render(self.id, self.llm))
+                await self.send("session.updated", session=self._rendered())
             except Exception as exc:  # an OpenAI model name: say which model answers instead
                 await self.send_exception(exc)
+
+    async def run(self) -> None:
+        await self.announce()
         deadline = time.monotonic() + self.limits.max_realtime_session_s
         try:
             while not self._closed:
@@ -478,7 +504,15 @@ class RealtimeSession:
     async def session_update(self, event: dict) -> None:
         fields = _parse(SessionFields, event.get("session"), "session")
         config = self.config
+        sent = event.get("session") or {}
         # every check first: a refused update changes nothing
+        transcribing = self.transcribing if fields.type is None else fields.type == "transcription"
+        if transcribing != self.transcribing and (self.items or self.response is not None):
+            raise SessionError(f"session.type cannot become {fields.type!r}: this session has a conversation "
+                               "already; open a new session of that type", "invalid_value", "session.type")
+        if transcribing and "input_audio_transcription" in sent and fields.input_audio_transcription is None:
+            raise SessionError("a transcription session transcribes every turn: input_audio_transcription cannot "
+                               "be null", "invalid_value", "session.input_audio_transcription")
         self._check_text_length(fields.instructions, "session.instructions")
         if fields.input_audio_transcription is not None:  # tokenized at every turn in the STT replica
             self._check_text_length(fields.input_audio_transcription.prompt,
@@ -496,7 +530,9 @@ class RealtimeSession:
             await self._check_speed(fields.speed)
         if fields.instructions is not None:
             config.instructions = fields.instructions
-        sent = event.get("session") or {}
+        self.transcribing = transcribing
+        if transcribing and config.transcription is None:
+            config.transcription = InputTranscription()
         if fields.input_audio_format is not None and fields.input_audio_format != config.input_audio_format:
             self.g711_in = StreamResampler(g711.RATE, RATE)  # a new stream from here
         config.tools, config.tool_choice = tools, tool_choice
@@ -520,7 +556,15 @@ class RealtimeSession:
                     self._drop_pause()
                     self._detect_from(fields.turn_detection)
                     self.speech_start = None
-        await self.send("session.updated", session=config.render(self.id, self.llm))
+        await self.send(self._session_event("updated"), session=self._rendered())
+
+    async def transcription_session_update(self, event: dict) -> None:
+        """Beta's update of a transcription session (input_audio_format, input_audio_transcription,
+        turn_detection): session.update's, the session made (or kept) a transcription one."""
+        session = event.get("session")
+        if session is not None and not isinstance(session, dict):
+            raise SessionError("'session' must be an object", "invalid_value", "session")
+        await self.session_update({**event, "session": {**(session or {}), "type": "transcription"}})
 
     def _tool_features(self, tools: list[dict], choice: Any, where: str) -> dict[str, Any]:
         """The chat request fields that `tools` and `choice` make (the grammar of a forced call among them),
@@ -715,8 +759,9 @@ class RealtimeSession:
             pause.task.cancel()  # its score is no longer needed (its transcript, if any, is taken above)
         await self.send("input_audio_buffer.speech_stopped", audio_end_ms=at * 1000 // RATE, item_id=self.speech_item)
         detection = self.config.turn_detection
-        await self._commit(self._padded_start(start), at, self.speech_item or _id("item"),
-                           auto_respond=bool(detection and detection.create_response), heard=heard)
+        answer = bool(detection and detection.create_response) and not self.transcribing
+        await self._commit(self._padded_start(start), at, self.speech_item or _id("item"), auto_respond=answer,
+                           heard=heard)
         self.speech_start = None
 
     def _take(self, begin: int, end: int) -> np.ndarray:
@@ -1032,6 +1077,9 @@ class RealtimeSession:
         return self.items[index - 1].id if index else None
 
     async def response_create(self, event: dict) -> None:
+        if self.transcribing:
+            raise SessionError("a transcription session makes no responses: it transcribes each turn; open a "
+                               "Realtime session (session.type 'realtime') for answers", "invalid_value", "type")
         if self.response is not None and not self.response.done():
             raise SessionError("a response is in progress; cancel it (response.cancel) or wait for response.done",
                                "conversation_already_has_active_response")
@@ -1308,6 +1356,12 @@ def _to_ga(value: Any) -> Any:
         return [_to_ga(v) for v in value]
     if not isinstance(value, dict):
         return value
+    if value.get("object") == "realtime.transcription_session":
+        return {"type": "transcription", "object": value["object"], "id": value["id"],
+                "audio": {"input": {"format": _GA_FORMATS[value["input_audio_format"]],
+                                    "transcription": value["input_audio_transcription"],
+                                    "turn_detection": value["turn_detection"], "noise_reduction": None}},
+                "include": None}
     if value.get("object") == "realtime.session":
         return {"type": "realtime", "object": "realtime.session", "id": value["id"], "model": value["model"],
                 "output_modalities": ["audio"] if "audio" in value["modalities"] else ["text"],
@@ -1374,12 +1428,13 @@ def _from_ga(event: dict) -> dict:
     """A GA client event as its beta twin (session and response shapes)."""
     if event.get("type") == "session.update" and isinstance(event.get("session"), dict):
         ga, beta = event["session"], {}
-        if ga.get("type") not in (None, "realtime"):  # a transcription session makes no responses: not this one
+        if ga.get("type") not in (None, "realtime", "transcription"):
             shown = json.dumps(ga["type"])[:64]
-            raise SessionError(f"session.type {shown} is not supported: this server's Realtime sessions are "
-                               "conversations (type 'realtime'); to transcribe only, set "
-                               "audio.input.turn_detection.create_response to false, or stream the audio to "
-                               "/v1/audio/transcriptions with stream=true", "invalid_value", "session.type")
+            raise SessionError(f"session.type {shown} is not supported: 'realtime' (a conversation) or "
+                               "'transcription' (each turn transcribed, none answered)", "invalid_value",
+                               "session.type")
+        if ga.get("type") is not None:
+            beta["type"] = ga["type"]
         if "output_modalities" in ga:
             beta["modalities"] = ga["output_modalities"]
         for key in ("instructions", "tools", "tool_choice"):
@@ -1423,6 +1478,7 @@ def _from_ga(event: dict) -> dict:
 
 HANDLERS = {
     "session.update": RealtimeSession.session_update,
+    "transcription_session.update": RealtimeSession.transcription_session_update,
     "input_audio_buffer.append": RealtimeSession.append,
     "input_audio_buffer.commit": RealtimeSession.commit,
     "input_audio_buffer.clear": RealtimeSession.clear,

@@ -13,9 +13,10 @@ router = APIRouter(tags=["realtime"])
 
 
 @router.websocket("/v1/realtime")
-async def realtime(websocket: WebSocket, model: str | None = None) -> None:
+async def realtime(websocket: WebSocket, model: str | None = None, intent: str | None = None) -> None:
     """`model`: the LLM that answers (a served LLM or VLM; another name, such as an OpenAI model's, gets an
-    `error` event and the default LLM). Audio in and out is pcm16, 24 kHz, mono."""
+    `error` event and the default LLM). `intent=transcription`: a transcription session (each turn
+    transcribed, none answered). Audio in and out is pcm16, 24 kHz, mono."""
     state, ingress = websocket.app.state, websocket.app.state.ingress
     limit = ingress.limits.max_realtime_sessions
     active = getattr(state, "realtime_sessions", 0)
@@ -26,7 +27,7 @@ async def realtime(websocket: WebSocket, model: str | None = None) -> None:
     state.realtime_sessions = active + 1
     try:
         await websocket.accept(subprotocol=realtime_subprotocol(websocket.headers))
-        await RealtimeSession(websocket, ingress, model).run()
+        await RealtimeSession(websocket, ingress, model, intent).run()
     finally:
         state.realtime_sessions -= 1
 

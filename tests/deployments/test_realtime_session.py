@@ -932,22 +932,23 @@ def test_an_item_id_the_conversation_has_already_is_refused():
     assert "'a'" in error["error"]["message"]
 
 
-def test_a_ga_transcription_session_is_refused_by_name():
-    """A GA session.update with type 'transcription' (a session that only transcribes) was taken as a
-    conversation: session.updated said type 'realtime', and every turn was then answered by the LLM."""
+def test_a_session_type_is_realtime_or_transcription_and_changes_only_before_a_conversation():
+    """A GA session.update with type 'transcription' was once taken as a conversation (session.updated said
+    'realtime', every turn answered); then refused. Now it makes a transcription session; any other type is
+    refused by name, and the type may change while the session has no conversation yet."""
     async def scenario():
         socket = Socket(ga=True)
         session = RealtimeSession(socket, ScriptedIngress(), None)
-        await session.handle(json.dumps({"type": "session.update", "session": {
-            "type": "transcription", "audio": {"input": {"transcription": {"model": "stt"}}}}}))
-        await session.handle(json.dumps({"type": "session.update", "session": {"type": "realtime"}}))
+        for kind in ("translation", "transcription", "realtime"):
+            await session.handle(json.dumps({"type": "session.update", "session": {"type": kind}}))
         return socket, session
 
     socket, session = asyncio.run(scenario())
     [error] = socket.of("error")
     assert (error["error"]["param"], error["error"]["code"]) == ("session.type", "invalid_value")
-    assert '"transcription"' in error["error"]["message"] and "create_response" in error["error"]["message"]
-    assert session.config.transcription is None and len(socket.of("session.updated")) == 1
+    assert '"translation"' in error["error"]["message"] and "'transcription'" in error["error"]["message"]
+    assert [e["session"]["type"] for e in socket.of("session.updated")] == ["transcription", "realtime"]
+    assert not session.transcribing
 
 
 def test_a_browser_asking_for_the_beta_protocol_by_subprotocol_gets_it():
@@ -1494,3 +1495,71 @@ def test_a_switch_to_server_vad_during_a_weighed_pause_ends_the_turn_there():
     assert before == [("started", 0)]
     assert turns(socket) == [("started", 0), ("stopped", 992)]
     assert len(socket.of("input_audio_buffer.committed")) == 1 and len(ingress.heard) == 1
+
+
+# -- transcription sessions (GA session.type "transcription", beta intent=transcription) ------------------------
+def test_a_ga_transcription_session_transcribes_each_turn_and_answers_none():
+    """Live captioning over the Realtime protocol: GA `session.type: transcription` was refused with an error
+    event pointing elsewhere."""
+
+    async def scenario():
+        socket, ingress = Socket(ga=True), ScriptedIngress()
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "type": "transcription", "audio": {"input": {
+                "format": {"type": "audio/pcm", "rate": 24000}, "transcription": {"model": "stt", "language": "en"},
+                "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}}}))
+        await append(session, np.concatenate([speech(), silence(1.0)]), pace_s=0.01)
+        await settle(session)
+        await session.handle(json.dumps({"type": "response.create"}))
+        await session.handle(json.dumps({"type": "session.update", "session": {"type": "realtime"}}))
+        return socket, ingress
+
+    socket, ingress = asyncio.run(scenario())
+    updated = socket.of("session.updated")[0]["session"]
+    assert updated == {"type": "transcription", "object": "realtime.transcription_session", "id": updated["id"],
+                       "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
+                                           "transcription": {"model": "stt", "language": "en", "prompt": None},
+                                           "turn_detection": {"type": "server_vad", "threshold": 0.5,
+                                                              "prefix_padding_ms": 300, "silence_duration_ms": 500,
+                                                              "create_response": True, "interrupt_response": True},
+                                           "noise_reduction": None}},
+                       "include": None}
+    assert turns(socket) == [("started", 0), ("stopped", 992), ("started", 1684), ("stopped", 3680)]
+    assert [e["transcript"] for e in socket.of("conversation.item.input_audio_transcription.completed")] == [
+        "turn1", "turn2"]
+    assert len(socket.of("conversation.item.added")) == 2 and ingress.calls == []  # no LLM call, no response
+    assert socket.of("response.created") == []
+    errors = [e["error"] for e in socket.of("error")]
+    assert [e["param"] for e in errors] == ["type", "session.type"]  # no responses; the type stays
+    assert "makes no responses" in errors[0]["message"] and "open a new session" in errors[1]["message"]
+
+
+def test_a_beta_transcription_session_from_the_urls_intent_speaks_its_own_event_names():
+    """OpenAI's beta transcription sessions (`?intent=transcription`) open with transcription_session.created,
+    announce no conversation, and are updated with transcription_session.update."""
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress()
+        session = RealtimeSession(socket, ingress, None, intent="transcription")
+        await session.announce()
+        await session.handle(json.dumps({"type": "transcription_session.update", "session": {
+            "input_audio_transcription": {"model": "stt", "prompt": "names: Ada"},
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": 600}}}))
+        await session.handle(json.dumps({"type": "transcription_session.update", "session": {
+            "input_audio_transcription": None}}))
+        await append(session, np.concatenate([speech((0.0, 1.2)), silence(1.0)]))
+        await settle(session)
+        return socket
+
+    socket = asyncio.run(scenario())
+    kinds = [event["type"] for event in socket.sent]
+    assert kinds[0] == "transcription_session.created" and "conversation.created" not in kinds
+    created, updated = socket.sent[0]["session"], socket.of("transcription_session.updated")
+    assert created["object"] == "realtime.transcription_session" and created["input_audio_transcription"] == {
+        "model": None, "language": None, "prompt": None}  # transcribing from the start, with the default STT
+    assert len(updated) == 1 and updated[0]["session"]["input_audio_transcription"]["prompt"] == "names: Ada"
+    assert updated[0]["session"]["turn_detection"]["silence_duration_ms"] == 600
+    assert [e["error"]["param"] for e in socket.of("error")] == ["session.input_audio_transcription"]
+    assert [e["transcript"] for e in socket.of("conversation.item.input_audio_transcription.completed")] == ["turn1"]
+    assert socket.of("response.created") == []

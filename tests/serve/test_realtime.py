@@ -374,6 +374,44 @@ def test_the_llm_deployment_weighs_whether_words_end_a_turn(demo_app):
     assert llm.end_of_turn.remote(DEFAULT_LLM, "  ", None).result(timeout_s=60) is None  # no words: nothing to score
 
 
+def test_a_transcription_session_captions_each_turn_and_answers_none(demo_app):
+    """Live captioning through the GA client: `intent=transcription` in the URL, a `session.type: transcription`
+    update with an OpenAI transcription model's name (an alias of the demo's STT), the two utterances of the
+    fixture each committed and transcribed, no response."""
+
+    async def scenario():
+        client = async_client(demo_app.url).realtime
+        async with client.connect(extra_query={"intent": "transcription"}) as conn:
+            created = await events_until(conn, "session.created")
+            await conn.session.update(session={
+                "type": "transcription", "audio": {"input": {
+                    "format": {"type": "audio/pcm", "rate": 24000},
+                    "transcription": {"model": "gpt-4o-mini-transcribe", "language": "en"},
+                    "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
+            updated = await events_until(conn, "session.updated", stop_on_error=True)
+            await append_audio(conn, speech_pcm24((0.0, 4.0)) + silence_pcm24(1.0))
+            events = []
+            while len([e for e in events if e.type.endswith("input_audio_transcription.completed")]) < 2:
+                events += await events_until(conn, "conversation.item.input_audio_transcription.completed",
+                                             stop_on_error=True)
+                assert events[-1].type != "error", events[-1]
+            await conn.response.create()
+            refused = await events_until(conn, "error")
+            return created, updated, events, refused
+
+    created, updated, events, refused = run(scenario())
+    assert created[-1].session.type == "transcription" and updated[-1].session.type == "transcription"
+    assert "conversation.created" not in [e.type for e in created]
+    assert updated[-1].session.audio.input.transcription.model == "gpt-4o-mini-transcribe"
+    kinds = [e.type for e in events]
+    assert kinds.count("input_audio_buffer.committed") == 2 and kinds.count("conversation.item.added") == 2
+    done = [e for e in events if e.type == "conversation.item.input_audio_transcription.completed"]
+    committed = [e.item_id for e in events if e.type == "input_audio_buffer.committed"]
+    assert [e.item_id for e in done] == committed and all(isinstance(e.transcript, str) for e in done)
+    assert not [kind for kind in kinds + [e.type for e in refused[:-1]] if kind.startswith("response.")]
+    assert refused[-1].error.param == "type" and "makes no responses" in refused[-1].error.message
+
+
 # -- the API key on the socket ---------------------------------------------------------------------------
 KEY = "sk-realtime-test-key"
 
