@@ -34,7 +34,7 @@ from loading import Family
 
 from . import g711, semantic_vad
 from .audio import StreamResampler, resample
-from .errors import APIError, as_api_error, to_error
+from .errors import APIError, ServiceUnavailableError, as_api_error, to_error
 from .guard import INLINE_JSON_BYTES, check_json, offered_subprotocols, realtime_subprotocol
 from .params import ChatParams, SpeechParams, TranscribeParams, TranscribeResult
 from .vad import TurnDetector, VadOptions
@@ -350,7 +350,7 @@ class RealtimeSession:
         # the beta protocol is the one spoken; the GA one is translated at the edges
         self.ga = not _asks_beta(websocket.headers)
         self.id = _id("sess")
-        self.llm = ingress.default_model(Family.LLM)
+        self.llm = _chat_model(ingress)  # None in an app with no LLM or VLM: transcription sessions work all the same
         self.requested_model = model
         self.config = Session()
         # a transcription session (the URL's intent=transcription, or session.type): turns are transcribed,
@@ -576,7 +576,7 @@ class RealtimeSession:
             choice = {"type": "function", "function": {"name": choice.get("name")}}
         try:
             body = ChatCompletionRequest.model_validate({
-                "model": self.llm, "messages": [{"role": "user", "content": "-"}], "tool_choice": choice,
+                "model": self.llm or "-", "messages": [{"role": "user", "content": "-"}], "tool_choice": choice,
                 "tools": [{"type": "function", "function": tool} for tool in tools] or None})
             features = chat_features(body, self.limits)
         except (ValidationError, APIError) as exc:
@@ -712,7 +712,8 @@ class RealtimeSession:
         probability = None
         try:
             pause.transcript = await self._heard(audio)
-            probability = await self.ingress.end_of_turn(self.llm, pause.transcript.text, answered)
+            if self.llm is not None:  # no LLM in the app: the turn ends after the unscored wait
+                probability = await self.ingress.end_of_turn(self.llm, pause.transcript.text, answered)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # unscored: the turn ends after the unscored wait; its commit reports failures
@@ -1188,6 +1189,10 @@ class RealtimeSession:
                 # response must not cancel them (shield): their items get their transcripts all the same
                 await asyncio.gather(*(asyncio.shield(t) for t in self.transcriptions), return_exceptions=True)
             instructions = fields.instructions if fields.instructions is not None else config.instructions
+            if self.llm is None:
+                raise ServiceUnavailableError("this app serves no LLM or VLM model to answer with: add one to "
+                                              "serve_config.yaml, or open a transcription session "
+                                              "(?intent=transcription)")
             llm = self.ingress.spec(self.llm)
             # capped at the model's max_new_tokens, not refused ("inf" and OpenAI's 4096 mean "all it may"),
             # and asked for: the prompt must leave the reply that room, or the oldest items are left out (as
@@ -1277,6 +1282,16 @@ class RealtimeSession:
         if self.respond_after and not self._closed and (status != "cancelled" or reason == "client_cancelled"):
             self.respond_after = False
             self._start_response(ResponseFields())
+
+
+def _chat_model(ingress: Ingress) -> str | None:
+    """The model that answers unless the session asks for another: the app's first LLM, else its first VLM."""
+    for family in (Family.LLM, Family.VLM):
+        try:
+            return ingress.default_model(family)
+        except ServiceUnavailableError:
+            continue
+    return None
 
 
 def _messages(instructions: str, items: list[Item]) -> list[dict]:

@@ -1563,3 +1563,37 @@ def test_a_beta_transcription_session_from_the_urls_intent_speaks_its_own_event_
     assert [e["error"]["param"] for e in socket.of("error")] == ["session.input_audio_transcription"]
     assert [e["transcript"] for e in socket.of("conversation.item.input_audio_transcription.completed")] == ["turn1"]
     assert socket.of("response.created") == []
+
+
+class CaptionsOnlyIngress(ScriptedIngress):
+    """An app that serves an STT model and nothing to answer with (a captioning deployment)."""
+
+    def default_model(self, family: Family) -> str:
+        if family is not Family.STT:
+            raise ServiceUnavailableError(f"no {family.value} model is configured in serve_config.yaml")
+        return "stt"
+
+
+def test_an_app_without_an_llm_serves_transcription_sessions_and_says_why_it_cannot_answer():
+    """The session looked up its LLM when it opened: in an app without one, every socket failed at once."""
+
+    async def scenario(intent: str | None):
+        socket = Socket()
+        session = RealtimeSession(socket, CaptionsOnlyIngress(), None, intent=intent)
+        await session.announce()
+        if intent is None:
+            await session.handle(json.dumps({"type": "session.update", "session": {
+                "modalities": ["text"], "turn_detection": {"type": "semantic_vad", "eagerness": "high"}}}))
+        await append(session, np.concatenate([speech((0.0, 1.2)), silence(2.5)]), pace_s=0.01)
+        await settle(session)
+        return socket
+
+    captions = asyncio.run(scenario("transcription"))
+    assert captions.of("error") == []
+    assert [e["transcript"] for e in captions.of("conversation.item.input_audio_transcription.completed")] == ["turn1"]
+    conversation = asyncio.run(scenario(None))
+    assert conversation.sent[0]["session"]["model"] is None
+    assert len(conversation.of("input_audio_buffer.committed")) == 1  # semantic_vad unscored: a quarter of 2 s
+    [done] = conversation.of("response.done")
+    assert done["response"]["status"] == "failed"
+    assert "no LLM or VLM" in done["response"]["status_details"]["error"]["message"]
