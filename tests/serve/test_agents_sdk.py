@@ -68,3 +68,36 @@ def test_a_voice_agent_of_the_agents_sdk_hears_answers_and_takes_a_typed_turn(de
     assert isinstance(history[0].content[0].transcript, str)
     statuses = [item.status for item in history if item.type == "message" and item.role == "assistant"]
     assert set(statuses) <= {"completed", "incomplete"}, statuses  # the SDK saw each reply end (24 tokens may cut it)
+
+
+def test_a_barge_in_interrupts_the_agent_and_the_sdk_truncates_what_was_heard(demo_app):
+    """The user speaks while the agent's answer plays: the server cancels the response, the SDK reports the
+    interruption and truncates the assistant's item to the audio it had played, which the server takes."""
+    from agents.realtime import RealtimeAgent, RealtimeRunner
+
+    runner = RealtimeRunner(starting_agent=RealtimeAgent(name="Assistant", instructions="Answer at length."),
+                            config={"model_settings": {"max_output_tokens": 200}})
+    url = demo_app.url.replace("http://", "ws://") + f"/v1/realtime?model={DEFAULT_LLM}"
+
+    async def scenario():
+        seen: list = []
+        async with await runner.run(model_config={"url": url, "api_key": "unused"}) as session:
+            await session.send_message("Tell me about the history of Rome.")
+            # the first audio is the reply's first sentence (80 characters at most); SmolLM2 at the session's 0.8
+            # ran past 40 tokens (146+ characters) in 320 of 320 draws of this prompt: there is more to cut
+            await _until(session, "audio", seen)
+            await session.send_audio(speech_pcm24((0.0, 1.4)))  # the user cuts in
+            await _until(session, "audio_interrupted", seen)
+            await session.send_audio(silence_pcm24(5.0))
+            await _until(session, "server:conversation.item.truncated", seen)  # the SDK's truncate, taken
+        return seen
+
+    seen = asyncio.run(scenario())
+    kinds = [_kind(event) for event in seen]
+    assert not {"error", "model:exception", "model:error"} & set(kinds), [
+        e for e in seen if _kind(e) in ("error", "model:exception", "model:error")]
+    assert kinds.index("audio_interrupted") < kinds.index("server:response.done")
+    [done] = [e.data.data["response"] for e in seen if _kind(e) == "server:response.done"]
+    assert done["status"] == "cancelled" and done["status_details"]["reason"] == "turn_detected"
+    truncated = next(e.data.data for e in seen if _kind(e) == "server:conversation.item.truncated")
+    assert truncated["item_id"] == done["output"][0]["id"]  # the answer, cut where its playback was
