@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 RATE = 24000  # pcm16 in and out, as OpenAI's Realtime API
 INLINE_DETECT_SAMPLES = RATE  # appends up to a second are detected on the event loop (~10 ms); longer in a thread
 MIN_COMMIT_MS = 100  # OpenAI refuses to commit less than this
+MAX_RESPONSE_INPUT_ITEMS = 64  # a response's own input (out of band): as many items as a conversation keeps by default
 
 
 def _asks_beta(headers: Any) -> bool:
@@ -151,22 +152,27 @@ class ResponseFields(BaseModel):
     max_response_output_tokens: Annotated[int, Field(ge=1)] | Literal["inf"] | None = None
     tools: list[RealtimeTool] | None = None  # this response's, instead of the session's
     tool_choice: Any = None
-    # OpenAI's, not served here: named so that asking for them is refused rather than ignored (refused())
-    conversation: Any = None
-    input: Any = None
+    # out of band: "none" leaves the conversation as it is (the response's items are not added to it), and
+    # `input` (items, or {"type": "item_reference", "id"}) is its prompt instead of the conversation
+    conversation: Literal["auto", "none"] | None = None
+    input: list[dict] | None = Field(default=None, max_length=MAX_RESPONSE_INPUT_ITEMS)
+    metadata: dict[str, str] | None = None  # echoed in the response: how a client tells its responses apart
 
     def tools_for(self, session: Session) -> tuple[list[dict], Any]:
         """(tools, tool_choice) this response offers: its own where it sets them, else the session's."""
         return (_tool_dicts(self.tools) if self.tools is not None else session.tools,
                 self.tool_choice if self.tool_choice is not None else session.tool_choice)
 
+    @property
+    def out_of_band(self) -> bool:
+        return self.conversation == "none"
+
     def refused(self) -> tuple[str, str] | None:
         """(message, param) for an option this server does not serve, or None."""
-        if self.conversation not in (None, "auto"):
-            return ("out-of-band responses (conversation other than 'auto') are not supported by this server; "
-                    "a response always answers the session's conversation", "response.conversation")
-        if self.input is not None:
-            return "a response's own input is not supported; add items with conversation.item.create", "response.input"
+        metadata = self.metadata or {}
+        if len(metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in metadata.items()):
+            return ("metadata holds at most 16 pairs, keys of at most 64 characters and values of at most 512 "
+                    "(OpenAI's bounds)", "response.metadata")
         return None
 
 
@@ -359,6 +365,7 @@ class RealtimeSession:
         if self.transcribing:
             self.config.transcription = InputTranscription()
         self.items: list[Item] = []
+        self.conversation_id = _id("conv")
         self.prompt_from: str | None = None  # the oldest item prompts show (older ones outgrew the context)
         # the input buffer: pcm16 samples at 24 kHz, and where its first sample is in the session's stream
         self.buffer: list[np.ndarray] = []
@@ -377,6 +384,7 @@ class RealtimeSession:
         self.response: asyncio.Task | None = None
         self.response_id: str | None = None  # the id of `response`, for response.cancel's response_id
         self.response_item: Item | None = None  # the assistant item `response` writes
+        self.response_out_of_band = False  # `response` writes nothing into the conversation (speech does not stop it)
         self.response_started = False  # its task ran: it will send response.done however it ends
         self.response_closing = False  # it is sending its closing events: a cancel waits for them
         self.respond_after = False  # a turn was transcribed while a response ran: answer it next
@@ -426,7 +434,8 @@ class RealtimeSession:
         model = self.requested_model
         await self.send(self._session_event("created"), session=self._rendered())
         if not self.transcribing:  # a transcription session has no conversation to announce (as OpenAI's)
-            await self.send("conversation.created", conversation={"id": _id("conv"), "object": "realtime.conversation"})
+            await self.send("conversation.created", conversation={"id": self.conversation_id,
+                                                                  "object": "realtime.conversation"})
         if model and model not in (self.llm,) and not self.transcribing:
             try:
                 self.llm = self.ingress.spec(model, Family.LLM, Family.VLM).name
@@ -689,8 +698,8 @@ class RealtimeSession:
                 await self.send("input_audio_buffer.speech_started",
                                 audio_start_ms=self._padded_start(at) * 1000 // RATE, item_id=self.speech_item)
                 detection = self.config.turn_detection
-                active = self.response is not None and not self.response.done()
-                if active and detection and detection.interrupt_response:
+                active = self.response is not None and not self.response.done() and not self.response_out_of_band
+                if active and detection and detection.interrupt_response:  # OpenAI's: the conversation's response
                     await self.cancel_response("turn_detected")
             elif self.speech_start is not None and self.config.turn_detection and self.config.turn_detection.semantic:
                 self._weigh_pause(at)
@@ -1091,7 +1100,44 @@ class RealtimeSession:
         self._check_text_length(fields.instructions, "response.instructions")
         if fields.tools is not None or fields.tool_choice is not None:
             self._tool_features(*fields.tools_for(self.config), "response")
-        self._start_response(fields)
+        prompt = self._response_input(fields.input) if fields.input is not None else None
+        self._start_response(fields, prompt)
+
+    def _response_input(self, entries: list[dict]) -> list[Item]:
+        """A response's own input: items written out (text messages, function calls and their outputs), or
+        references to items of the conversation ({"type": "item_reference", "id"}); none is added to it."""
+        items = []
+        for i, raw in enumerate(entries):
+            where = f"response.input.{i}"
+            if raw.get("type") == "item_reference":
+                ref = raw.get("id")
+                found = next((item for item in self.items if item.id == ref), None) if isinstance(ref, str) else None
+                if found is None:
+                    raise SessionError(f"{where} refers to {str(ref)[:64]!r}, which is no item of this conversation",
+                                       "item_not_found", f"{where}.id")
+                items.append(found)
+                continue
+            parsed = _parse(ConversationItem, raw, where)
+            if parsed.type == "function_call":
+                assert parsed.call_id is not None and parsed.arguments is not None
+                item = Item(parsed.id or _id("item"), "assistant", "", type="function_call", call_id=parsed.call_id,
+                            name=parsed.name or "", arguments=parsed.arguments)
+            elif parsed.type == "function_call_output":
+                assert parsed.call_id is not None and parsed.output is not None
+                item = Item(parsed.id or _id("item"), "tool", parsed.output, type="function_call_output",
+                            call_id=parsed.call_id)
+            else:
+                assert parsed.role is not None and parsed.content is not None
+                if any(part.type == "input_audio" for part in parsed.content):
+                    raise SessionError(f"{where} holds input_audio, which a response's own input does not transcribe: "
+                                       "create the item in the conversation (it is transcribed) and refer to it with "
+                                       '{"type": "item_reference", "id": ...}', "invalid_value", f"{where}.content")
+                text = "".join(part.transcript if part.type in SPOKEN_PARTS else part.text or ""
+                               for part in parsed.content)
+                item = Item(parsed.id or _id("item"), parsed.role, text)
+            self._check_text_length(item.text or item.arguments, f"{where}.content")
+            items.append(item)
+        return items
 
     async def response_cancel(self, event: dict) -> None:
         named = event.get("response_id")
@@ -1123,13 +1169,16 @@ class RealtimeSession:
         await asyncio.gather(task, return_exceptions=True)
 
     # -- a response ----------------------------------------------------------------------------------------
-    def _start_response(self, fields: ResponseFields) -> None:
+    def _start_response(self, fields: ResponseFields, prompt: list[Item] | None = None) -> None:
+        """`prompt`: the response's own input (out of band), else the conversation."""
         self.response_started = self.response_closing = False
         self.response_id = _id("resp")
-        self.response = asyncio.ensure_future(self._respond(fields, self.response_id))
+        self.response_out_of_band = fields.out_of_band
+        self.response = asyncio.ensure_future(self._respond(fields, self.response_id, prompt))
 
-    async def _respond(self, fields: ResponseFields, response_id: str) -> None:
+    async def _respond(self, fields: ResponseFields, response_id: str, prompt: list[Item] | None = None) -> None:
         config = self.config
+        in_conversation = not fields.out_of_band  # its items join the conversation (with conversation.item events)
         modalities = fields.modalities or config.modalities
         spoken = "audio" in modalities
         voice = fields.voice or config.voice
@@ -1149,11 +1198,13 @@ class RealtimeSession:
             nonlocal opened
             where["output_index"] = len(outputs)
             outputs.append(item)
-            previous = self._add(item)
+            previous = self._add(item) if in_conversation else None
             opened = 1  # sent whole even if a cancel lands (shield), so that its .done event closes it
             await asyncio.shield(self.send("response.output_item.added", output_index=where["output_index"],
                                            item=item.render("in_progress"), **base))
-            await self.send("conversation.item.created", previous_item_id=previous, item=item.render("in_progress"))
+            if in_conversation:
+                await self.send("conversation.item.created", previous_item_id=previous,
+                                item=item.render("in_progress"))
             part = {"type": "audio", "transcript": ""} if spoken else {"type": "text", "text": ""}
             opened = 2
             await asyncio.shield(self.send("response.content_part.added", part=part, **where))
@@ -1165,11 +1216,13 @@ class RealtimeSession:
                           name=function["name"], arguments=function["arguments"])
             index = len(outputs)
             outputs.append(called)
-            previous = self._add(called)
+            previous = self._add(called) if in_conversation else None
             on = {**base, "item_id": called.id, "output_index": index, "call_id": called.call_id}
             await asyncio.shield(self.send("response.output_item.added", output_index=index,
                                            item=called.render("in_progress"), **base))
-            await self.send("conversation.item.created", previous_item_id=previous, item=called.render("in_progress"))
+            if in_conversation:
+                await self.send("conversation.item.created", previous_item_id=previous,
+                                item=called.render("in_progress"))
             await self.send("response.function_call_arguments.delta", delta=called.arguments, **on)
             await self.send("response.function_call_arguments.done", name=called.name, arguments=called.arguments,
                             **on)
@@ -1177,9 +1230,9 @@ class RealtimeSession:
 
         def response(status_: str, output: list, usage_: dict | None = None, details_: Any = None) -> dict:
             return {"id": response_id, "object": "realtime.response", "status": status_, "status_details": details_,
-                    "output": output, "modalities": modalities, "voice": voice,
-                    "output_audio_format": output_format,
-                    "usage": usage_}
+                    "output": output, "conversation_id": self.conversation_id if in_conversation else None,
+                    "modalities": modalities, "voice": voice, "output_audio_format": output_format,
+                    "metadata": fields.metadata, "usage": usage_}
 
         self.response_started = True
         try:
@@ -1208,7 +1261,7 @@ class RealtimeSession:
                     llm, _messages(instructions, history), 0.0, max_new_tokens=max_new, temperature=temperature,
                     priority=self.ingress.voice_priority(llm), **features)
 
-            history = self._prompt_items()
+            history = prompt if prompt is not None else self._prompt_items()
             chat = await ask(history)
             if not tools:  # with tools the reply may be calls only: its message is opened at its first text
                 await open_message()
@@ -1245,7 +1298,8 @@ class RealtimeSession:
                 except Exception as exc:
                     error = as_api_error(exc)  # mapped once: an unexpected error is logged once
                     too_long = error.code == "context_length_exceeded" and not text
-                    shorter = self._shorter(history) if too_long else None
+                    # a response's own input is its client's to fit: the conversation's truncation is not for it
+                    shorter = self._shorter(history) if too_long and prompt is None else None
                     if shorter is not None:
                         history = shorter  # OpenAI's truncation 'auto': the oldest items are left out of the prompt
                     elif too_long and capped and max_new is not None:
@@ -1274,7 +1328,8 @@ class RealtimeSession:
         if opened:
             await self.send("response.output_item.done", output_index=where["output_index"],
                             item=item.render(item_status), **base)
-        output = [out.render(item_status if out is item else None) for out in outputs if out in self.items]
+        output = [out.render(item_status if out is item else None) for out in outputs
+                  if out in self.items or not in_conversation]
         await self.send("response.done", response=response(status, output, usage, details))
         reason, self.cancel_reason = self.cancel_reason, "client_cancelled"
         # a turn that waited for this response is answered now, also when the client cancelled this one

@@ -392,8 +392,9 @@ def test_speech_after_silence_past_the_buffer_bound_is_one_turn():
 
 def test_response_create_refuses_what_it_does_not_serve():
     """`conversation: none` (out of band) and `input` were dropped in silence: an out-of-band request ran over
-    the whole conversation and its answer joined it. (A response's `tools` and `tool_choice` are served now:
-    a tool_choice that needs tools, with none, is refused.)"""
+    the whole conversation and its answer joined it; then they were refused; now they are served (the tests of
+    out-of-band responses below), and what cannot be is refused by name. (A response's `tools` and
+    `tool_choice` are served: a tool_choice that needs tools, with none, is refused.)"""
 
     async def scenario(response: dict) -> list[dict]:
         socket, ingress = Socket(), ScriptedIngress()
@@ -404,11 +405,11 @@ def test_response_create_refuses_what_it_does_not_serve():
         await settle(session)
         return [e for e in socket.sent if e["type"] in ("error", "response.created")]
 
-    for response, param in [({"conversation": "none"}, "response.conversation"),
-                            ({"input": [{"type": "message", "role": "user", "content": []}]}, "response.input")]:
+    for response, param in [({"conversation": "conv_elsewhere"}, "response.conversation"),
+                            ({"input": [{"type": "message", "role": "user", "content": []}]},
+                             "response.input.0.content")]:
         sent = asyncio.run(scenario(response))
-        assert [(e["type"], e["error"]["param"], e["error"]["code"]) for e in sent] == [
-            ("error", param, "unsupported")], (response, sent)
+        assert [(e["type"], e["error"]["param"]) for e in sent] == [("error", param)], (response, sent)
     sent = asyncio.run(scenario({"tool_choice": "required"}))
     assert [(e["type"], e["error"]["param"]) for e in sent] == [("error", "response.tool_choice")], sent
     assert [e["type"] for e in asyncio.run(scenario({"conversation": "auto", "tool_choice": "none"}))] == [
@@ -1597,3 +1598,88 @@ def test_an_app_without_an_llm_serves_transcription_sessions_and_says_why_it_can
     [done] = conversation.of("response.done")
     assert done["response"]["status"] == "failed"
     assert "no LLM or VLM" in done["response"]["status_details"]["error"]["message"]
+
+
+# -- out-of-band responses (conversation: none, a response's own input) ------------------------------------------
+def _respond(**response) -> str:
+    return json.dumps({"type": "response.create", "response": response})
+
+
+def test_an_out_of_band_response_answers_its_own_input_and_leaves_the_conversation_as_it_was():
+    """Voice agents ask side questions (classify the last turn, summarize) with `conversation: none`: it was
+    refused with an error event."""
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress()
+        session = RealtimeSession(socket, ingress, None)
+        await session.announce()
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "turn_detection": None, "modalities": ["text"], "instructions": "Be kind."}}))
+        await session.handle(_say("my order is late", item_id="turn1"))
+        await session.handle(_respond(conversation="none", metadata={"purpose": "classify"}, instructions="Label it.",
+                                      input=[{"type": "item_reference", "id": "turn1"},
+                                             {"type": "message", "role": "user",
+                                              "content": [{"type": "input_text", "text": "complaint or question?"}]}]))
+        await settle(session)
+        await session.handle(_respond(conversation="none"))  # no input: the conversation is its prompt
+        await settle(session)
+        await session.handle(_respond())  # the conversation's own response sees no out-of-band reply
+        await settle(session)
+        return socket, ingress, session
+
+    socket, ingress, session = asyncio.run(scenario())
+    assert socket.of("error") == []
+    conversation_id = socket.of("conversation.created")[0]["conversation"]["id"]
+    first, second, third = (e["response"] for e in socket.of("response.done"))
+    assert (first["conversation_id"], first["metadata"]) == (None, {"purpose": "classify"})
+    assert second["conversation_id"] is None and third["conversation_id"] == conversation_id
+    assert all(r["status"] == "completed" and r["output"][0]["role"] == "assistant" for r in (first, second, third))
+    assert ingress.chats[0] == [{"role": "system", "content": "Label it."},
+                                {"role": "user", "content": "my order is late"},
+                                {"role": "user", "content": "complaint or question?"}]
+    assert ingress.chats[1] == ingress.chats[2] == [{"role": "system", "content": "Be kind."},
+                                                    {"role": "user", "content": "my order is late"}]
+    # only the conversation's response was added to it, and announced as its item
+    assert [item.id for item in session.items] == ["turn1", third["output"][0]["id"]]
+    assert [e["item"]["id"] for e in socket.of("conversation.item.created")] == ["turn1", third["output"][0]["id"]]
+
+
+def test_a_response_input_is_checked_before_the_response_starts():
+    async def scenario():
+        socket = Socket()
+        session = RealtimeSession(socket, ScriptedIngress(), None)
+        await session.handle(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
+        for response in ({"conversation": "none", "input": [{"type": "item_reference", "id": "nope"}]},
+                         {"input": [{"type": "message", "role": "user",
+                                     "content": [{"type": "input_audio", "audio": "AAAA"}]}]},
+                         {"input": [{"type": "message", "role": "user"}]},
+                         {"conversation": "conv_other"},
+                         {"conversation": "none", "metadata": {f"k{i}": "v" for i in range(17)}}):
+            await session.handle(_respond(**response))
+        return socket
+
+    socket = asyncio.run(scenario())
+    assert [e["error"]["param"] for e in socket.of("error")] == [
+        "response.input.0.id", "response.input.0.content", "response.input.0", "response.conversation",
+        "response.metadata"]
+    assert socket.of("response.created") == []
+
+
+def test_speech_does_not_cancel_an_out_of_band_response():
+    """OpenAI's interrupt_response cancels the response that writes into the conversation, not a side one."""
+
+    async def scenario():
+        socket, ingress = Socket(), ScriptedIngress(words=12, word_s=0.1)
+        session = RealtimeSession(socket, ingress, None)
+        await session.handle(json.dumps({"type": "session.update", "session": {
+            "modalities": ["text"], "turn_detection": {"type": "server_vad", "create_response": False}}}))
+        await session.handle(_respond(conversation="none", input=[
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "summarize"}]}]))
+        await append(session, np.concatenate([speech((0.0, 1.2)), silence(0.8)]), pace_s=0.01)
+        await settle(session)
+        return socket
+
+    socket = asyncio.run(scenario())
+    assert turns(socket)[0][0] == "started"
+    [done] = socket.of("response.done")
+    assert done["response"]["status"] == "completed"

@@ -158,9 +158,23 @@ def test_text_turns_without_turn_detection_and_protocol_errors_keep_the_session(
             await events_until(conn, "conversation.item.created")
             await conn.response.create(response={"max_output_tokens": 12})
             answer = await events_until(conn, "response.done")
-            return errors, answer
+            # a side question out of band, about that turn: answered, and the conversation left as it was
+            turn = next(e.item.id for e in answer if e.type == "response.output_item.done")
+            await conn.response.create(response={
+                "conversation": "none", "metadata": {"purpose": "summary"}, "max_output_tokens": 8,
+                "input": [{"type": "item_reference", "id": turn},
+                          {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Sum up."}]}]})
+            side = await events_until(conn, "response.done")
+            await conn.conversation.item.retrieve(item_id=side[-1].response.output[0].id)
+            missing = await events_until(conn, "error")
+            return errors, answer, side, missing
 
-    errors, answer = run(scenario())
+    errors, answer, side, missing = run(scenario())
+    assert side[-1].response.conversation_id is None and side[-1].response.metadata == {"purpose": "summary"}
+    assert side[-1].response.status in ("completed", "incomplete")
+    assert answer[-1].response.conversation_id is not None
+    assert "conversation.item.created" not in [e.type for e in side]
+    assert missing[-1].error.code == "item_not_found"  # the out-of-band reply never joined the conversation
     codes = [(e.error.code, e.error.param) for e in errors]
     assert codes == [("input_audio_buffer_commit_empty", None), ("invalid_value", "audio"), ("unknown_event", "type"),
                      ("response_cancel_not_active", None), (codes[4][0], "session.temperature"),
