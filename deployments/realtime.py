@@ -211,6 +211,20 @@ class ConversationItem(BaseModel):
     arguments: str | None = None  # function_call: JSON text
     output: str | None = None  # function_call_output: what the function answered, as text
 
+    def words(self) -> str:
+        """A message's text as the LLM reads it: its text parts, and its spoken parts' transcripts."""
+        return "".join(part.transcript if part.type in SPOKEN_PARTS else part.text or "" for part in self.content or [])
+
+    def function_item(self) -> Item:
+        """A function_call or function_call_output item as the session keeps it."""
+        assert self.call_id is not None
+        if self.type == "function_call":
+            assert self.arguments is not None
+            return Item(self.id or _id("item"), "assistant", "", type="function_call", call_id=self.call_id,
+                        name=self.name or "", arguments=self.arguments)
+        assert self.output is not None
+        return Item(self.id or _id("item"), "tool", self.output, type="function_call_output", call_id=self.call_id)
+
     @model_validator(mode="after")
     def _has_its_fields(self) -> ConversationItem:
         needs = {"message": ("role", "content"), "function_call": ("call_id", "name", "arguments"),
@@ -743,9 +757,9 @@ class RealtimeSession:
             await self._end_turn(pause.at)
 
     def _drop_pause(self) -> None:
+        """The pause weighed is over (speech again, a clear, a commit, VAD off): its weighing is not needed."""
         if self.pause is not None:
-            if self.pause.task is not asyncio.current_task():
-                self.pause.task.cancel()
+            self.pause.task.cancel()
             self.pause = None
 
     def _turns(self, samples: np.ndarray) -> list:
@@ -900,7 +914,7 @@ class RealtimeSession:
             return
         audio = self._item_audio(parsed)
         spoken_ms = self._spoken_ms(parsed)
-        text = "".join(part.transcript if part.type in SPOKEN_PARTS else part.text or "" for part in parsed.content)
+        text = parsed.words()
         if len(text) > self.limits.max_form_field_chars:
             raise SessionError(f"the item has {len(text)} characters; at most max_form_field_chars="
                                f"{self.limits.max_form_field_chars}", "string_above_max_length", "item.content")
@@ -951,11 +965,7 @@ class RealtimeSession:
                                f"{self.limits.max_form_field_chars}", "string_above_max_length", f"item.{field_name}")
         self._check_new_id(parsed.id)
         at = self._insert_at(previous_item_id)
-        if parsed.type == "function_call":
-            item = Item(parsed.id or _id("item"), "assistant", "", type="function_call", call_id=parsed.call_id,
-                        name=parsed.name or "", arguments=text)
-        else:
-            item = Item(parsed.id or _id("item"), "tool", text, type="function_call_output", call_id=parsed.call_id)
+        item = parsed.function_item()
         previous = self._add(item, at)
         await self.send("conversation.item.created", previous_item_id=previous, item=item.render())
 
@@ -1118,23 +1128,15 @@ class RealtimeSession:
                 items.append(found)
                 continue
             parsed = _parse(ConversationItem, raw, where)
-            if parsed.type == "function_call":
-                assert parsed.call_id is not None and parsed.arguments is not None
-                item = Item(parsed.id or _id("item"), "assistant", "", type="function_call", call_id=parsed.call_id,
-                            name=parsed.name or "", arguments=parsed.arguments)
-            elif parsed.type == "function_call_output":
-                assert parsed.call_id is not None and parsed.output is not None
-                item = Item(parsed.id or _id("item"), "tool", parsed.output, type="function_call_output",
-                            call_id=parsed.call_id)
+            if parsed.type != "message":
+                item = parsed.function_item()
             else:
                 assert parsed.role is not None and parsed.content is not None
                 if any(part.type == "input_audio" for part in parsed.content):
                     raise SessionError(f"{where} holds input_audio, which a response's own input does not transcribe: "
                                        "create the item in the conversation (it is transcribed) and refer to it with "
                                        '{"type": "item_reference", "id": ...}', "invalid_value", f"{where}.content")
-                text = "".join(part.transcript if part.type in SPOKEN_PARTS else part.text or ""
-                               for part in parsed.content)
-                item = Item(parsed.id or _id("item"), parsed.role, text)
+                item = Item(parsed.id or _id("item"), parsed.role, parsed.words())
             self._check_text_length(item.text or item.arguments, f"{where}.content")
             items.append(item)
         return items
